@@ -1,0 +1,64 @@
+"""Checkpoints: model, optimizer, schedule state (step, trigger history), RNG; written atomically, read with
+``weights_only=True`` and checked against the model they are loaded into."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import torch
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict,
+                    model_name: str) -> None:
+    payload = {
+        "model_name": model_name,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "state": state,
+        "rng_torch": torch.get_rng_state(),
+        "rng_python": list(random.getstate()[1]),
+        "rng_python_pos": random.getstate()[2],
+    }
+    if torch.cuda.is_available():
+        payload["rng_cuda"] = torch.cuda.get_rng_state_all()
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, model_name: str) -> dict:
+    """Restore model, optimizer and RNG; return the saved trainer state. Clear errors for foreign checkpoints."""
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint to resume from at {path}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file
+        raise CheckpointError(f"{path}: not a readable pst-dist checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(payload, dict) or "model" not in payload:
+        raise CheckpointError(f"{path}: not a pst-dist checkpoint")
+    if payload.get("model_name") != model_name:
+        raise CheckpointError(f"{path}: checkpoint is of model {payload.get('model_name')!r}, config says "
+                              f"{model_name!r}")
+    own = model.state_dict()
+    theirs = payload["model"]
+    bad = [k for k in own if k not in theirs or theirs[k].shape != own[k].shape]
+    extra = [k for k in theirs if k not in own]
+    if bad or extra:
+        k = (bad or extra)[0]
+        found = tuple(theirs[k].shape) if k in theirs else "missing"
+        want = tuple(own[k].shape) if k in own else "absent"
+        raise CheckpointError(f"{path}: checkpoint does not fit this model ({len(bad) + len(extra)} mismatched "
+                              f"tensors; e.g. {k}: checkpoint {found}, model {want})")
+    model.load_state_dict(theirs)
+    optimizer.load_state_dict(payload["optimizer"])
+    torch.set_rng_state(payload["rng_torch"])
+    random.setstate((3, tuple(payload["rng_python"]), payload["rng_python_pos"]))
+    if "rng_cuda" in payload and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(payload["rng_cuda"])
+    return payload["state"]

@@ -1,0 +1,447 @@
+"""One typed config tree: nested dataclasses loaded from TOML, overridable as ``--section.key=value``.
+
+Unknown keys and wrong types are errors that name the key. ``__post_init__`` validates values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A config key or value is wrong; the message names it."""
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic"
+    """synthetic | fashion-mnist | cifar10 | cifar100 | imagefolder"""
+    root: str = ""
+    """Directory of the data set files; empty = the source's default (fashion-mnist: /usr/share/datasets/fashion-mnist)."""
+    num_classes: int = 10
+    """Classes of the synthetic set (other sources know their own)."""
+    synthetic_train: int = 5000
+    """Training images the synthetic source generates (its test set is a fifth of it)."""
+    img_size: int = 32
+    """Synthetic image side; imagefolder images are resized to this side."""
+    train_size: int = 0
+    """Use only the first N (shuffled) training images; 0 = all."""
+    val_size: int = 1000
+    """Clean validation images, disjoint from test. Schedules are selected on it, never on test."""
+    val_from: str = "train"
+    """train: carve val from the training set (before poisoning); test: carve it from the test set."""
+    test_size: int = 0
+    """Use only the first N test images; 0 = all."""
+    probe_size: int = 512
+    """Images of the poisoned training set the detectors look at (a fixed slice)."""
+    augment: str = "crop_flip"
+    """Training augmentation: none | crop_flip | crop (pad-crop, no flip)."""
+    seed: int = 0
+    """Seed of the synthetic generator and of the split shuffles."""
+
+    def __post_init__(self) -> None:
+        _check(self.source in SOURCES, f"data.source={self.source!r}: expected one of {sorted(SOURCES)}")
+        _check(self.val_from in ("train", "test"), f"data.val_from={self.val_from!r}: expected 'train' or 'test'")
+        _check(self.augment in ("none", "crop_flip", "crop"), f"data.augment={self.augment!r}: expected none|crop|crop_flip")
+        for key in ("train_size", "val_size", "test_size", "probe_size"):
+            _check(getattr(self, key) >= 0, f"data.{key}={getattr(self, key)}: must be >= 0")
+        _check(self.num_classes >= 2, f"data.num_classes={self.num_classes}: must be >= 2")
+        _check(self.img_size >= 8, f"data.img_size={self.img_size}: must be >= 8")
+
+
+SOURCES = {"synthetic", "fashion-mnist", "cifar10", "cifar100", "imagefolder"}
+POISONS = {"none", "classwise_noise", "patch_noise"}
+
+
+@dataclass
+class PoisonConfig:
+    kind: str = "none"
+    """none | classwise_noise (per-pixel uniform +-eps, one pattern per class) | patch_noise (LSP-like +-eps patches)."""
+    eps: float = 8 / 255
+    """L-inf budget in [0, 1] pixel units; must lie in (0, 1]."""
+    patch_size: int = 4
+    """patch_noise: side of the constant patches the class pattern is made of."""
+    seed: int = 0
+    """The poison's own seed (class patterns)."""
+
+    def __post_init__(self) -> None:
+        _check(self.kind in POISONS, f"poison.kind={self.kind!r}: expected one of {sorted(POISONS)}")
+        _check(0 < self.eps <= 1, f"poison.eps={self.eps}: must lie in (0, 1]")
+        _check(self.patch_size >= 1, f"poison.patch_size={self.patch_size}: must be >= 1")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "resnet18"
+    """Any timm model name (resnet18, vgg11_bn, vit_tiny_patch16_224, ...)."""
+    small_stem: bool = True
+    """ResNet: 3x3 stride-1 stem without max-pool, for 28-32 px inputs."""
+    stem_pool: bool = False
+    """ResNet with small_stem: keep a 2x max-pool after the stem (4x cheaper, for fast CPU runs)."""
+    width: float = 1.0
+    """ResNet: channel multiplier on (64, 128, 256, 512)."""
+    patch_size: int = 4
+    """ViT: patch side (the image size comes from data)."""
+    block_groups: int = 4
+    """Most layer groups the blocks between stem and head are merged into (ViT: chunks of blocks)."""
+    drop_rate: float = 0.0
+    """Dropout before the classifier."""
+
+    def __post_init__(self) -> None:
+        _check(bool(self.name), "model.name is empty")
+        _check(self.width > 0, f"model.width={self.width}: must be > 0")
+        _check(self.block_groups >= 1, f"model.block_groups={self.block_groups}: must be >= 1")
+
+
+TRIGGERS = {"shortcut_gap", "train_acc", "cluster"}
+VIEWS = {"blur", "downup", "gray", "jpeg", "quantize"}
+
+
+@dataclass
+class TriggerConfig:
+    kind: str = "shortcut_gap"
+    """shortcut_gap: acc(probe) - acc(view(probe)) > threshold; train_acc: probe acc > threshold;
+    cluster: between/within scatter ratio of a group's activations on the probe > threshold."""
+    threshold: float = 0.2
+    """The value above which the trigger fires."""
+    group: int = 0
+    """cluster: which layer group's activations to measure."""
+    view: str = "blur"
+    """shortcut_gap: the perturbation-suppressing view of the probe."""
+
+    def __post_init__(self) -> None:
+        _check(self.kind in TRIGGERS, f"trigger.kind={self.kind!r}: expected one of {sorted(TRIGGERS)}")
+        _check(self.view in VIEWS, f"trigger.view={self.view!r}: expected one of {sorted(VIEWS)}")
+        _check(self.group >= 0, f"trigger.group={self.group}: must be >= 0")
+
+
+@dataclass
+class LossConfig:
+    ce: float = 1.0
+    """Weight of cross-entropy on the raw (poisoned) batch."""
+    view_ce: float = 0.0
+    """Weight of cross-entropy on the perturbation-suppressing view of the batch."""
+    consistency: float = 0.0
+    """Weight of KL(p(view) || p(raw)) with the view's prediction as a fixed target."""
+    cluster_penalty: float = 0.0
+    """Weight of the between/within scatter ratio of ``cluster_group``'s pooled activations."""
+    cluster_group: int = 0
+    """Group whose activation clustering the penalty targets."""
+    label_smoothing: float = 0.0
+    """Label smoothing of both cross-entropy terms."""
+    view: str = "blur"
+    """The perturbation-suppressing view used by view_ce and consistency."""
+    view_strength: float = 1.0
+    """blur: sigma in pixels; downup: factor; jpeg: quality = 100/strength... see pst.views."""
+
+    def __post_init__(self) -> None:
+        for key in ("ce", "view_ce", "consistency", "cluster_penalty"):
+            _check(getattr(self, key) >= 0, f"loss.{key}={getattr(self, key)}: must be >= 0")
+        _check(self.ce + self.view_ce + self.consistency > 0, "loss: ce, view_ce and consistency are all 0")
+        _check(0 <= self.label_smoothing < 1, f"loss.label_smoothing={self.label_smoothing}: must lie in [0, 1)")
+        _check(self.view in VIEWS, f"loss.view={self.view!r}: expected one of {sorted(VIEWS)}")
+        _check(self.view_strength > 0, f"loss.view_strength={self.view_strength}: must be > 0")
+
+
+@dataclass
+class StageConfig:
+    name: str = ""
+    """A label for logs."""
+    epochs: float = 0.0
+    """Fixed length in epochs (fractions allowed); 0 = use steps, or run to the end if both are 0."""
+    steps: int = 0
+    """Fixed length in optimizer steps (used when epochs is 0)."""
+    trigger: TriggerConfig | None = None
+    """End the stage early when this detector fires; epochs/steps is then the maximum."""
+    min_epochs: float = 0.0
+    """The trigger is not consulted before this many epochs of the stage."""
+    lr_mult: float = 1.0
+    """Learning-rate multiplier of every group not listed in freeze / group_mults."""
+    freeze: list[int] = field(default_factory=list)
+    """Groups frozen in this stage (lr and weight decay 0, no grad, BatchNorm stats fixed)."""
+    group_mults: dict[str, float] = field(default_factory=dict)
+    """Per-group multipliers, keyed by group index as a string: {"0" = 0.1}. 0 = frozen."""
+    reinit_head: bool = False
+    """Re-initialise the head (last group) at the start of this stage."""
+    loss: LossConfig = field(default_factory=LossConfig)
+    """The stage's loss terms."""
+
+    def __post_init__(self) -> None:
+        _check(self.epochs >= 0, f"stage {self.name!r}: epochs={self.epochs} must be >= 0")
+        _check(self.steps >= 0, f"stage {self.name!r}: steps={self.steps} must be >= 0")
+        _check(self.lr_mult >= 0, f"stage {self.name!r}: lr_mult={self.lr_mult} must be >= 0")
+        for g in self.freeze:
+            _check(g >= 0, f"stage {self.name!r}: freeze names group {g}; indices are >= 0")
+        for k, v in self.group_mults.items():
+            _check(k.lstrip("-").isdigit() and int(k) >= 0,
+                   f"stage {self.name!r}: group_mults key {k!r} is not a group index")
+            _check(v >= 0, f"stage {self.name!r}: group_mults[{k}]={v} must be >= 0")
+
+    def mults(self, num_groups: int) -> list[float]:
+        """The per-group lr multipliers of this stage (0 = frozen)."""
+        out = [self.lr_mult] * num_groups
+        for k, v in self.group_mults.items():
+            out[int(k)] = v
+        for g in self.freeze:
+            out[g] = 0.0
+        return out
+
+    def max_group(self) -> int:
+        idx = list(self.freeze) + [int(k) for k in self.group_mults]
+        if self.trigger is not None and self.trigger.kind == "cluster":
+            idx.append(self.trigger.group)
+        if self.loss.cluster_penalty > 0:
+            idx.append(self.loss.cluster_group)
+        return max(idx, default=-1)
+
+
+@dataclass
+class ScheduleConfig:
+    stages: list[StageConfig] = field(default_factory=lambda: [StageConfig(name="standard")])
+    """Ordered stages; after the last one ends, the last stage's settings continue to the end of training."""
+    freeze_bn_stats: bool = True
+    """Keep BatchNorm running statistics of frozen groups fixed (modules in eval mode)."""
+    check_every: int = 0
+    """Run the detectors every N steps; 0 = at the end of each epoch."""
+
+    def __post_init__(self) -> None:
+        _check(len(self.stages) > 0, "schedule.stages is empty: a schedule needs at least one stage")
+        _check(self.check_every >= 0, f"schedule.check_every={self.check_every}: must be >= 0")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    """Total training length."""
+    batch_size: int = 128
+    """Per-process batch size."""
+    optimizer: str = "sgd"
+    """sgd (Nesterov momentum 0.9) | adamw."""
+    lr: float = 0.1
+    """Base learning rate (peak of the schedule)."""
+    weight_decay: float = 5e-4
+    """Weight decay (0 for frozen groups)."""
+    lr_schedule: str = "cosine"
+    """Base lr shape within each stage: cosine | constant | step (x0.1 at 50% and 75%)."""
+    warmup_steps: int = 0
+    """Linear warm-up at the start of each stage."""
+    bf16: bool = False
+    """bf16 autocast for the forward pass."""
+    seed: int = 0
+    """Seed of model init, data order and augmentation."""
+    num_workers: int = 0
+    """DataLoader workers."""
+    eval_every: int = 1
+    """Evaluate every N epochs (and always at the last)."""
+    checkpoint_every: int = 1
+    """Checkpoint every N epochs; 0 = only at the end."""
+    device: str = "auto"
+    """auto | cpu | cuda."""
+    deterministic: bool = True
+    """torch.use_deterministic_algorithms (bit-identical resume on CPU)."""
+    threads: int = 0
+    """torch intra-op threads; 0 = leave torch's default."""
+
+    def __post_init__(self) -> None:
+        _check(self.epochs >= 1, f"train.epochs={self.epochs}: must be >= 1")
+        _check(self.batch_size >= 1, f"train.batch_size={self.batch_size}: must be >= 1")
+        _check(self.optimizer in ("sgd", "adamw"), f"train.optimizer={self.optimizer!r}: expected sgd|adamw")
+        _check(self.lr > 0, f"train.lr={self.lr}: must be > 0")
+        _check(self.weight_decay >= 0, f"train.weight_decay={self.weight_decay}: must be >= 0")
+        _check(self.lr_schedule in ("cosine", "constant", "step"),
+               f"train.lr_schedule={self.lr_schedule!r}: expected cosine|constant|step")
+        _check(self.device in ("auto", "cpu", "cuda"), f"train.device={self.device!r}: expected auto|cpu|cuda")
+        _check(self.eval_every >= 1, f"train.eval_every={self.eval_every}: must be >= 1")
+
+
+@dataclass
+class LogConfig:
+    run_dir: str = "runs/default"
+    """Where config, metrics.jsonl, TensorBoard events and checkpoints go."""
+    tensorboard: bool = True
+    """Write TensorBoard scalars and the poisoned sample grid."""
+    progress: bool = True
+    """tqdm progress bars."""
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    poison: PoisonConfig = field(default_factory=PoisonConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# dict <-> dataclass with type checking
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` (converting ints to floats); raise naming ``key``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(value, inner, key)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a table, got {type(value).__name__} {value!r}")
+        return from_dict(tp, value, key)
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        _, inner = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a table, got {type(value).__name__} {value!r}")
+        return {str(k): _coerce(v, inner, f"{key}.{k}") for k, v in value.items()}
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key}: expected a number, got {type(value).__name__} {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {type(value).__name__} {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {type(value).__name__} {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {type(value).__name__} {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {_type_name(tp)}")
+
+
+def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from ``data``; unknown keys and wrong types raise ConfigError naming the key."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for k in data:
+        if k not in names:
+            where = f"{prefix}.{k}" if prefix else k
+            raise ConfigError(f"unknown config key {where!r} (known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for k, v in data.items():
+        kwargs[k] = _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k)
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        raise ConfigError(f"{prefix}: {e}" if prefix and not str(e).startswith(prefix) else str(e)) from None
+
+
+def to_dict(cfg: Any) -> Any:
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, list):
+        return [to_dict(v) for v in cfg]
+    if isinstance(cfg, dict):
+        return {k: to_dict(v) for k, v in cfg.items()}
+    return cfg
+
+
+def _parse_value(text: str) -> Any:
+    """Parse an override's value as a TOML value; bare words are strings."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply ``--section.key=value`` (or ``section.key=value``) overrides to a raw config dict."""
+    for item in overrides:
+        body = item[2:] if item.startswith("--") else item
+        if "=" not in body:
+            raise ConfigError(f"override {item!r}: expected --section.key=value")
+        dotted, text = body.split("=", 1)
+        parts = dotted.split(".")
+        if len(parts) < 2:
+            raise ConfigError(f"override {item!r}: expected --section.key=value")
+        node = raw
+        for p in parts[:-1]:
+            if p.isdigit() and isinstance(node, list):
+                idx = int(p)
+                if idx >= len(node):
+                    raise ConfigError(f"override {item!r}: index {idx} out of range (have {len(node)})")
+                node = node[idx]
+            else:
+                node = node.setdefault(p, {})
+            if not isinstance(node, dict | list):
+                raise ConfigError(f"override {item!r}: {p!r} is not a table")
+        node[parts[-1]] = _parse_value(text)
+    return raw
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a Config from a TOML file (or defaults) plus overrides."""
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            raw = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    raw = apply_overrides(raw, overrides or [])
+    # defaults for a stage list given by override only
+    return from_dict(Config, raw)
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{json.dumps(k)} = {_toml_value(x)}" for k, x in v.items() if x is not None) + "}"
+    raise TypeError(f"cannot write {type(v).__name__} to TOML")
+
+
+def dump_toml(cfg: Config) -> str:
+    """Serialise a Config to TOML that ``load_config`` reads back to an equal Config."""
+    out: list[str] = []
+    for section, body in to_dict(cfg).items():
+        arrays = {k: v for k, v in body.items() if isinstance(v, list) and v and isinstance(v[0], dict)}
+        out.append(f"[{section}]")
+        out += [f"{k} = {_toml_value(v)}" for k, v in body.items() if k not in arrays and v is not None]
+        out.append("")
+        for k, items in arrays.items():
+            for item in items:
+                out.append(f"[[{section}.{k}]]")
+                out += [f"{kk} = {_toml_value(vv)}" for kk, vv in item.items() if vv is not None]
+                out.append("")
+    return "\n".join(out)
+
+
+def eprint(*args: Any) -> None:
+    print(*args, file=sys.stderr)

@@ -1,0 +1,77 @@
+"""One metrics path: rank 0 writes namespaced scalars (train/loss, eval/test_acc, pst/stage, ...) to TensorBoard and
+to metrics.jsonl; the run directory also holds the resolved config, git SHA and library versions."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def git_sha() -> str:
+    try:
+        here = Path(__file__).resolve().parent
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def library_versions() -> dict[str, str]:
+    import numpy
+    import timm
+    import torchvision
+
+    out = {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
+           "timm": timm.__version__, "numpy": numpy.__version__}
+    for mod in ("deepspeed", "ray", "ffcv"):
+        if mod in sys.modules:
+            out[mod] = getattr(sys.modules[mod], "__version__", "?")
+    return out
+
+
+class Metrics:
+    """Rank-0 writer; a no-op on other ranks."""
+
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool):
+        self.enabled = enabled
+        self.tb = None
+        self._file = None
+        if enabled:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            self._file = open(run_dir / "metrics.jsonl", "a")
+            if tensorboard:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(run_dir / "tb"))
+
+    def log(self, step: int, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        self._file.write(json.dumps({"step": step, **values}) + "\n")
+        self._file.flush()
+        if self.tb is not None:
+            for k, v in values.items():
+                if isinstance(v, int | float):
+                    self.tb.add_scalar(k, v, step)
+
+    def image(self, tag: str, grid: torch.Tensor, step: int = 0) -> None:
+        if self.enabled and self.tb is not None:
+            self.tb.add_image(tag, grid, step)
+
+    def close(self) -> None:
+        if self._file:
+            self._file.close()
+        if self.tb is not None:
+            self.tb.close()

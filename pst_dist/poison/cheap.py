@@ -1,0 +1,43 @@
+"""Cheap class-wise poisons (no model): class-wise uniform noise and LSP-like patch noise.
+
+Perturbations are integers in uint8 pixel units, added to uint8 images and clipped: lossless and exact.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..config import PoisonConfig
+
+
+def class_patterns(cfg: PoisonConfig, num_classes: int, shape: tuple[int, int, int]) -> torch.Tensor:
+    """One perturbation per class, int16 in pixel units, shape K x C x H x W, |delta| <= round(eps * 255)."""
+    c, h, w = shape
+    g = torch.Generator().manual_seed(cfg.seed)
+    amp = int(round(cfg.eps * 255))
+    if amp < 1:
+        raise ValueError(f"poison.eps={cfg.eps} is below one pixel level (1/255)")
+    if cfg.kind == "classwise_noise":
+        delta = torch.randint(-amp, amp + 1, (num_classes, c, h, w), generator=g)
+    elif cfg.kind == "patch_noise":
+        p = cfg.patch_size
+        gh, gw = math.ceil(h / p), math.ceil(w / p)
+        signs = torch.randint(0, 2, (num_classes, c, gh, gw), generator=g) * 2 - 1
+        delta = (signs * amp).repeat_interleave(p, 2).repeat_interleave(p, 3)[:, :, :h, :w]
+    else:
+        raise ValueError(f"poison.kind={cfg.kind!r} has no class patterns")
+    return delta.to(torch.int16).contiguous()
+
+
+def apply_poison(images: torch.Tensor, labels: torch.Tensor, cfg: PoisonConfig, num_classes: int) -> torch.Tensor:
+    """Return poisoned uint8 images (a new tensor); asserts the L-inf budget holds exactly."""
+    if cfg.kind == "none":
+        return images.clone()
+    delta = class_patterns(cfg, num_classes, tuple(images.shape[1:]))
+    out = (images.to(torch.int16) + delta[labels]).clamp(0, 255).to(torch.uint8)
+    linf = int((out.to(torch.int16) - images.to(torch.int16)).abs().max())
+    budget = int(round(cfg.eps * 255))
+    assert linf <= budget, f"poison L-inf {linf}/255 exceeds budget {budget}/255"
+    return out

@@ -1,0 +1,67 @@
+"""Cheap detectors of perturbation learning. None of them looks at the clean test set: they read a fixed probe slice
+of the (poisoned) training set."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .freeze import GroupActivations, GroupedModel
+from .views import apply_view
+
+
+def scatter_ratio(feats: torch.Tensor, labels: torch.Tensor) -> float:
+    """Between-class / within-class scatter (trace ratio) of ``feats`` (N x D): high = tightly class-clustered."""
+    feats = feats.double()
+    mu = feats.mean(0)
+    between, within = 0.0, 0.0
+    for c in labels.unique():
+        fc = feats[labels == c]
+        mc = fc.mean(0)
+        between += len(fc) * float(((mc - mu) ** 2).sum())
+        within += float(((fc - mc) ** 2).sum())
+    return between / max(within, 1e-12)
+
+
+def scatter_ratio_torch(feats: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Differentiable scatter ratio, for the activation-clustering loss penalty."""
+    onehot = torch.nn.functional.one_hot(labels, num_classes).to(feats.dtype)
+    counts = onehot.sum(0).clamp_min(1)
+    means = (onehot.T @ feats) / counts[:, None]
+    mu = feats.mean(0)
+    between = (counts[:, None] * (means - mu) ** 2).sum()
+    within = ((feats - means[labels]) ** 2).sum()
+    return between / within.clamp_min(1e-12)
+
+
+@torch.no_grad()
+def probe_metrics(gm: GroupedModel, probe_x: torch.Tensor, probe_y: torch.Tensor, normalize, view: str,
+                  view_strength: float = 1.0) -> dict[str, float]:
+    """All detector values on the probe: raw and view accuracy, their gap, and each group's scatter ratio.
+
+    ``probe_x`` is float in [0, 1]; ``normalize`` maps it to model input.
+    """
+    model: nn.Module = gm.model
+    was = model.training
+    model.eval()
+    with GroupActivations(gm) as ga:
+        raw_logits = model(normalize(probe_x))
+    view_logits = model(normalize(apply_view(probe_x, view, view_strength)))
+    model.train(was)
+    acc = float((raw_logits.argmax(1) == probe_y).float().mean())
+    vacc = float((view_logits.argmax(1) == probe_y).float().mean())
+    out = {"probe_acc": acc, "probe_view_acc": vacc, "shortcut_gap": acc - vacc}
+    for g, feat in sorted(ga.acts.items()):
+        out[f"cluster/group_{g}"] = scatter_ratio(feat.cpu(), probe_y.cpu())
+    return out
+
+
+def trigger_value(kind: str, metrics: dict[str, float], group: int) -> float:
+    """The scalar a trigger compares with its threshold."""
+    if kind == "shortcut_gap":
+        return metrics["shortcut_gap"]
+    if kind == "train_acc":
+        return metrics["probe_acc"]
+    if kind == "cluster":
+        return metrics[f"cluster/group_{group}"]
+    raise ValueError(f"unknown trigger {kind!r}")

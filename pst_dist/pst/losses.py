@@ -1,0 +1,46 @@
+"""Per-stage loss terms: cross-entropy on the raw batch and on a perturbation-suppressing view, a consistency term
+between them, and a penalty on a group's activation clustering."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..config import LossConfig
+from .detectors import scatter_ratio_torch
+from .freeze import GroupActivations, GroupedModel
+from .views import apply_view
+
+
+def stage_loss(gm: GroupedModel, x: torch.Tensor, y: torch.Tensor, cfg: LossConfig, normalize, num_classes: int,
+               autocast) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+    """Loss of one batch (``x`` float in [0, 1]). Returns (loss, logits of the raw batch, parts for logging)."""
+    model = gm.model
+    parts: dict[str, float] = {}
+    total = torch.zeros((), device=x.device)
+    need_view = cfg.view_ce > 0 or cfg.consistency > 0
+    with autocast():
+        if cfg.cluster_penalty > 0:
+            with GroupActivations(gm, [cfg.cluster_group], detach=False) as ga:
+                logits = model(normalize(x))
+            pen = scatter_ratio_torch(ga.acts[cfg.cluster_group], y, num_classes)
+            total = total + cfg.cluster_penalty * pen
+            parts["loss/cluster_penalty"] = float(pen.detach())
+        else:
+            logits = model(normalize(x))
+        if cfg.ce > 0:
+            ce = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+            total = total + cfg.ce * ce
+            parts["loss/ce"] = float(ce.detach())
+        if need_view:
+            v_logits = model(normalize(apply_view(x, cfg.view, cfg.view_strength)))
+            if cfg.view_ce > 0:
+                vce = F.cross_entropy(v_logits.float(), y, label_smoothing=cfg.label_smoothing)
+                total = total + cfg.view_ce * vce
+                parts["loss/view_ce"] = float(vce.detach())
+            if cfg.consistency > 0:
+                target = F.softmax(v_logits.float().detach(), 1)
+                cons = F.kl_div(F.log_softmax(logits.float(), 1), target, reduction="batchmean")
+                total = total + cfg.consistency * cons
+                parts["loss/consistency"] = float(cons.detach())
+    return total, logits, parts

@@ -1,0 +1,86 @@
+"""Stages as data. ``stage_at(step, history)`` is a pure function: resuming recomputes the same stage, multipliers
+and next switch from the step count and the trigger history alone."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from ..config import ConfigError, StageConfig
+
+# history: sorted tuple of (stage_index, step) pairs: "stage i's trigger fired after `step` optimizer steps"
+History = tuple[tuple[int, int], ...]
+
+
+@dataclass(frozen=True)
+class ActiveStage:
+    index: int
+    start: int  # first step of the stage
+    planned_end: int  # the step the stage ends at if its trigger does not fire (total_steps for an open end)
+    config: StageConfig
+    mults: tuple[float, ...]
+
+    @property
+    def frozen(self) -> tuple[int, ...]:
+        return tuple(i for i, m in enumerate(self.mults) if m == 0)
+
+
+class Schedule:
+    """A validated list of stages over ``total_steps`` optimizer steps of ``steps_per_epoch`` each."""
+
+    def __init__(self, stages: list[StageConfig], num_groups: int, steps_per_epoch: int, total_steps: int):
+        if not stages:
+            raise ConfigError("schedule.stages is empty: a schedule needs at least one stage")
+        for i, st in enumerate(stages):
+            if st.max_group() >= num_groups:
+                raise ConfigError(f"schedule.stages[{i}] ({st.name!r}) names group {st.max_group()}, but the model "
+                                  f"has {num_groups} groups (0..{num_groups - 1})")
+            if i < len(stages) - 1 and self._length(st, steps_per_epoch) is None and st.trigger is None:
+                raise ConfigError(f"schedule.stages[{i}] ({st.name!r}) has no length (epochs/steps) and no trigger, "
+                                  f"so the stages after it can never run")
+        self.stages, self.num_groups = stages, num_groups
+        self.steps_per_epoch, self.total_steps = steps_per_epoch, total_steps
+
+    @staticmethod
+    def _length(st: StageConfig, steps_per_epoch: int) -> int | None:
+        if st.epochs > 0:
+            return max(1, int(round(st.epochs * steps_per_epoch)))
+        if st.steps > 0:
+            return st.steps
+        return None
+
+    def stage_at(self, step: int, history: History = ()) -> ActiveStage:
+        """The stage governing optimizer step ``step`` (0-based), given the trigger history."""
+        fired = {i: s for i, s in history}
+        start = 0
+        for i, st in enumerate(self.stages):
+            length = self._length(st, self.steps_per_epoch)
+            planned_end = self.total_steps if length is None else start + length
+            end = planned_end
+            if i in fired and start <= fired[i] < end:
+                end = fired[i]
+            if i == len(self.stages) - 1 or step < end:
+                return ActiveStage(i, start, max(planned_end, start + 1), st, tuple(st.mults(self.num_groups)))
+            start = end
+        raise AssertionError("unreachable")
+
+    def can_fire(self, stage: ActiveStage, step: int) -> bool:
+        """Whether ``stage``'s trigger may be consulted after ``step`` optimizer steps."""
+        st = stage.config
+        if st.trigger is None or stage.index == len(self.stages) - 1:
+            return False
+        return step - stage.start >= st.min_epochs * self.steps_per_epoch and step < stage.planned_end
+
+
+def lr_factor(stage: ActiveStage, step: int, shape: str, warmup_steps: int) -> float:
+    """Base-lr factor within a stage: warm-up, then cosine / constant / step decay over the stage's planned span."""
+    t = step - stage.start
+    span = max(1, stage.planned_end - stage.start)
+    if warmup_steps and t < warmup_steps:
+        return (t + 1) / warmup_steps
+    frac = min(1.0, t / span)
+    if shape == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * frac))
+    if shape == "step":
+        return 1.0 if frac < 0.5 else 0.1 if frac < 0.75 else 0.01
+    return 1.0

@@ -1,0 +1,246 @@
+"""The training loop, top to bottom: schedule -> freeze -> forward/backward -> step -> log -> eval/checkpoint.
+
+Setup lives in small ``build_*`` functions. The loop takes any iterable of (uint8 images, labels) batches with a
+``set_epoch`` method (optional) and a length, so FFCV or DeepSpeed data paths plug in without touching it.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+from .checkpoint import load_checkpoint, save_checkpoint
+from .config import Config, dump_toml
+from .data.loaders import TensorBatches
+from .data.sources import Splits, load_splits
+from .distributed import DistInfo, all_reduce_grads, init_distributed, teardown
+from .metrics import Metrics, git_sha, library_versions, write_atomic
+from .models import build_model
+from .poison import apply_poison
+from .pst.detectors import probe_metrics, trigger_value
+from .pst.freeze import GroupedModel, drop_frozen_grads, param_groups, set_group_lrs, trace_units
+from .pst.groups import layer_groups
+from .pst.losses import stage_loss
+from .pst.schedule import ActiveStage, Schedule, lr_factor
+
+
+@dataclass
+class Data:
+    splits: Splits
+    poisoned_train: torch.Tensor  # uint8, what the model is trained on
+    mean: torch.Tensor
+    std: torch.Tensor
+
+
+class Normalize:
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor, device: torch.device):
+        self.mean, self.std = mean.view(1, -1, 1, 1).to(device), std.view(1, -1, 1, 1).to(device)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+def build_data(cfg: Config) -> Data:
+    splits = load_splits(cfg.data)
+    poisoned = apply_poison(splits.train.images, splits.train.labels, cfg.poison, splits.num_classes)
+    x = splits.train.images.float() / 255
+    return Data(splits, poisoned, x.mean(dim=(0, 2, 3)), x.std(dim=(0, 2, 3)).clamp_min(1e-3))
+
+
+def build_device(cfg: Config) -> torch.device:
+    if cfg.train.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.train.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device='cuda' but no CUDA device is available")
+    return torch.device(cfg.train.device)
+
+
+def build_optimizer(cfg: Config, model: nn.Module, gm: GroupedModel) -> torch.optim.Optimizer:
+    groups = param_groups(model, gm.groups, cfg.train.lr, cfg.train.weight_decay)
+    if cfg.train.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.train.lr, momentum=0.9, nesterov=True)
+    return torch.optim.AdamW(groups, lr=cfg.train.lr)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, normalize: Normalize,
+             device: torch.device, batch_size: int = 512) -> float:
+    model.eval()
+    correct = 0
+    for i in range(0, len(labels), batch_size):
+        x = images[i: i + batch_size].to(device).float() / 255
+        correct += int((model(normalize(x)).argmax(1).cpu() == labels[i: i + batch_size]).sum())
+    return correct / max(1, len(labels))
+
+
+def write_run_header(run_dir: Path, cfg: Config) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_atomic(run_dir / "config.toml", dump_toml(cfg))
+    meta = {"git_sha": git_sha(), "versions": library_versions(), "argv": sys.argv}
+    write_atomic(run_dir / "meta.json", json.dumps(meta, indent=2))
+
+
+def setup_seed(cfg: Config) -> None:
+    torch.manual_seed(cfg.train.seed)
+    random.seed(cfg.train.seed)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    torch.use_deterministic_algorithms(cfg.train.deterministic, warn_only=True)
+
+
+def reinit_head(gm: GroupedModel, seed: int) -> None:
+    """Re-initialise every module of the head group, deterministically from ``seed``."""
+    head = gm.groups[-1].index
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for u in gm.units:
+            if u.group == head:
+                for m in u.module.modules():
+                    if hasattr(m, "reset_parameters"):
+                        m.reset_parameters()
+
+
+def train(cfg: Config, resume: bool = False, data: Data | None = None, loader=None) -> dict:
+    """Train one configuration; returns the summary (final/peak accuracies). Writes everything to cfg.log.run_dir."""
+    device = build_device(cfg)
+    dist_info: DistInfo = init_distributed(device.type)
+    setup_seed(cfg)
+    data = data or build_data(cfg)
+    s = data.splits
+    run_dir = Path(cfg.log.run_dir)
+    if dist_info.is_primary:
+        write_run_header(run_dir, cfg)
+    loader = loader or TensorBatches(data.poisoned_train, s.train.labels, cfg.train.batch_size, shuffle=True,
+                                     augment=cfg.data.augment, seed=cfg.train.seed, drop_last=True,
+                                     rank=dist_info.rank, world_size=dist_info.world_size)
+    model = build_model(cfg.model, s.num_classes, s.shape[0], s.shape[1]).to(device)
+    gm = trace_units(model, layer_groups(model, cfg.model.block_groups), data.poisoned_train[:2].to(device).float())
+    steps_per_epoch = len(loader)
+    total_steps = steps_per_epoch * cfg.train.epochs
+    schedule = Schedule(cfg.schedule.stages, gm.num_groups, steps_per_epoch, total_steps)
+    optimizer = build_optimizer(cfg, model, gm)
+    normalize = Normalize(data.mean, data.std, device)
+    probe_n = min(cfg.data.probe_size, len(s.train))
+    probe_x = data.poisoned_train[:probe_n].to(device).float() / 255
+    probe_y = s.train.labels[:probe_n].to(device)
+    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.bf16)
+    metrics = Metrics(run_dir, dist_info.is_primary, cfg.log.tensorboard)
+    from torchvision.utils import make_grid
+
+    metrics.image("data/poisoned_samples", make_grid(data.poisoned_train[:64], nrow=8))
+
+    st = {"step": 0, "epoch": 0, "history": [], "entered": -1, "records": [], "peak_test": 0.0, "peak_epoch": -1}
+    ckpt = run_dir / "checkpoint.pt"
+    if resume:
+        st = load_checkpoint(ckpt, model, optimizer, cfg.model.name)
+    history = tuple(tuple(h) for h in st["history"])
+
+    def check(stage: ActiveStage, step: int) -> dict[str, float]:
+        """Run the detectors on the probe; fire the stage's trigger when its value crosses the threshold."""
+        nonlocal history
+        trig = stage.config.trigger
+        vals = probe_metrics(gm, probe_x, probe_y, normalize, trig.view if trig else "blur")
+        if trig is not None and step > stage.start and schedule.can_fire(stage, step):
+            value = trigger_value(trig.kind, vals, trig.group)
+            vals["pst/trigger_value"] = value
+            if value > trig.threshold:
+                history = tuple(sorted(history + ((stage.index, step),)))
+                vals["pst/trigger_fired"] = float(stage.index)
+        return {f"detect/{k}" if "/" not in k or k.startswith("cluster") else k: v for k, v in vals.items()}
+
+    step = st["step"]
+    for epoch in range(st["epoch"], cfg.train.epochs):
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch)
+        model.train()
+        stage = schedule.stage_at(step, history)
+        gm.fix_frozen_bn(stage.mults) if cfg.schedule.freeze_bn_stats else None
+        seen = correct = 0
+        loss_sum = 0.0
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", leave=False,
+                   disable=not (cfg.log.progress and dist_info.is_primary))
+        for x, y in bar:
+            stage = schedule.stage_at(step, history)
+            if stage.index != st["entered"]:  # entering a stage: freeze / unfreeze / rescale / re-init head
+                if stage.config.reinit_head and stage.index > st["entered"]:
+                    reinit_head(gm, cfg.train.seed * 1000 + stage.index)
+                gm.set_frozen_prefix(stage.mults)
+                model.train()
+                gm.fix_frozen_bn(stage.mults) if cfg.schedule.freeze_bn_stats else None
+                st["entered"] = stage.index
+                metrics.log(step, {"pst/stage": stage.index})
+            gm.set_frozen_prefix(stage.mults)  # idempotent; re-installs hooks after a resume
+            lr = cfg.train.lr * lr_factor(stage, step, cfg.train.lr_schedule, cfg.train.warmup_steps)
+            set_group_lrs(optimizer, lr, stage.mults)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            xf = x.float() / 255 if x.dtype == torch.uint8 else x.float()
+            loss, logits, parts = stage_loss(gm, xf, y, stage.config.loss, normalize, s.num_classes, autocast)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            drop_frozen_grads(optimizer, stage.mults)
+            all_reduce_grads(list(model.parameters()), dist_info.world_size)
+            optimizer.step()
+            step += 1
+            seen += len(y)
+            correct += int((logits.argmax(1) == y).sum())
+            loss_sum += float(loss) * len(y)
+            if step % 50 == 0:
+                bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", stage=stage.index)
+                metrics.log(step, {"train/loss_step": float(loss), "train/lr": lr, **parts})
+            if cfg.schedule.check_every and step % cfg.schedule.check_every == 0:
+                metrics.log(step, check(schedule.stage_at(step, history), step))
+        # ---- end of epoch: detectors, eval, log, checkpoint ----
+        stage_now = schedule.stage_at(step, history)
+        logs = {"train/loss": loss_sum / max(seen, 1), "train/acc": correct / max(seen, 1), "epoch": epoch + 1,
+                "pst/stage": stage.index}
+        logs.update({f"pst/group_{i}/lr_mult": m for i, m in enumerate(stage.mults)})
+        if not cfg.schedule.check_every:
+            logs.update(check(stage_now, step))
+        last = epoch + 1 == cfg.train.epochs
+        if (epoch + 1) % cfg.train.eval_every == 0 or last:
+            logs["eval/val_acc"] = evaluate(model, s.val.images, s.val.labels, normalize, device)
+            logs["eval/test_acc"] = evaluate(model, s.test.images, s.test.labels, normalize, device)
+            if logs["eval/test_acc"] > st["peak_test"]:
+                st["peak_test"], st["peak_epoch"] = logs["eval/test_acc"], epoch + 1
+        metrics.log(step, logs)
+        st["records"].append({k: v for k, v in logs.items() if isinstance(v, int | float)})
+        st.update(step=step, epoch=epoch + 1, history=[list(h) for h in history])
+        if dist_info.is_primary and (last or (cfg.train.checkpoint_every and (epoch + 1) % cfg.train.checkpoint_every
+                                              == 0)):
+            save_checkpoint(ckpt, model, optimizer, st, cfg.model.name)
+        if dist_info.is_primary:
+            tqdm.write(f"[{run_dir.name}] epoch {epoch + 1}: loss {logs['train/loss']:.3f} train {logs['train/acc']:.3f}"
+                       f" val {logs.get('eval/val_acc', float('nan')):.3f} test {logs.get('eval/test_acc', float('nan')):.3f}"
+                       f" stage {stage.index} gap {logs.get('detect/shortcut_gap', float('nan')):+.3f}")
+    summary = summarize(st)
+    if dist_info.is_primary:
+        write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
+    metrics.close()
+    teardown()
+    return summary
+
+
+def summarize(st: dict) -> dict:
+    recs = [r for r in st["records"] if "eval/test_acc" in r]
+    best_val = max(recs, key=lambda r: r["eval/val_acc"]) if recs else {}
+    return {
+        "final_test_acc": recs[-1]["eval/test_acc"] if recs else float("nan"),
+        "final_val_acc": recs[-1]["eval/val_acc"] if recs else float("nan"),
+        "peak_test_acc": st["peak_test"],
+        "peak_epoch": st["peak_epoch"],
+        "best_val_epoch": best_val.get("epoch"),
+        "test_acc_at_best_val": best_val.get("eval/test_acc"),
+        "stage_history": st["history"],
+        "test_curve": [r["eval/test_acc"] for r in recs],
+        "val_curve": [r["eval/val_acc"] for r in recs],
+        "train_acc_curve": [r["train/acc"] for r in st["records"]],
+        "steps": st["step"],
+    }
+
