@@ -107,8 +107,28 @@ def reinit_head(gm: GroupedModel, seed: int) -> None:
                         m.reset_parameters()
 
 
-def train(cfg: Config, resume: bool = False, data: Data | None = None, loader=None) -> dict:
-    """Train one configuration; returns the summary (final/peak accuracies). Writes everything to cfg.log.run_dir."""
+def train_step(gm: GroupedModel, optimizer: torch.optim.Optimizer, stage: ActiveStage, x: torch.Tensor,
+               y: torch.Tensor, lr: float, normalize: Normalize, num_classes: int, autocast,
+               world_size: int = 1) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+    """One optimizer step under ``stage``: frozen prefix under no_grad, frozen groups get no grad, lr or wd."""
+    gm.set_frozen_prefix(stage.mults)  # idempotent; re-installs hooks after a resume
+    set_group_lrs(optimizer, lr, stage.mults)
+    xf = x.float() / 255 if x.dtype == torch.uint8 else x.float()
+    loss, logits, parts = stage_loss(gm, xf, y, stage.config.loss, normalize, num_classes, autocast)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    drop_frozen_grads(optimizer, stage.mults)
+    all_reduce_grads(list(gm.model.parameters()), world_size)
+    optimizer.step()
+    return loss.detach(), logits.detach(), parts
+
+
+def train(cfg: Config, resume: bool = False, data: Data | None = None, loader=None,
+          stop_after_epochs: int | None = None) -> dict:
+    """Train one configuration; returns the summary (final/peak accuracies). Writes everything to cfg.log.run_dir.
+
+    ``stop_after_epochs`` ends the run early as an interruption would (after that epoch's checkpoint).
+    """
     device = build_device(cfg)
     dist_info: DistInfo = init_distributed(device.type)
     setup_seed(cfg)
@@ -153,7 +173,7 @@ def train(cfg: Config, resume: bool = False, data: Data | None = None, loader=No
             if value > trig.threshold:
                 history = tuple(sorted(history + ((stage.index, step),)))
                 vals["pst/trigger_fired"] = float(stage.index)
-        return {f"detect/{k}" if "/" not in k or k.startswith("cluster") else k: v for k, v in vals.items()}
+        return {k if k.startswith("pst/") else f"detect/{k}": v for k, v in vals.items()}
 
     step = st["step"]
     for epoch in range(st["epoch"], cfg.train.epochs):
@@ -176,17 +196,10 @@ def train(cfg: Config, resume: bool = False, data: Data | None = None, loader=No
                 gm.fix_frozen_bn(stage.mults) if cfg.schedule.freeze_bn_stats else None
                 st["entered"] = stage.index
                 metrics.log(step, {"pst/stage": stage.index})
-            gm.set_frozen_prefix(stage.mults)  # idempotent; re-installs hooks after a resume
             lr = cfg.train.lr * lr_factor(stage, step, cfg.train.lr_schedule, cfg.train.warmup_steps)
-            set_group_lrs(optimizer, lr, stage.mults)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            xf = x.float() / 255 if x.dtype == torch.uint8 else x.float()
-            loss, logits, parts = stage_loss(gm, xf, y, stage.config.loss, normalize, s.num_classes, autocast)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            drop_frozen_grads(optimizer, stage.mults)
-            all_reduce_grads(list(model.parameters()), dist_info.world_size)
-            optimizer.step()
+            loss, logits, parts = train_step(gm, optimizer, stage, x, y, lr, normalize, s.num_classes, autocast,
+                                             dist_info.world_size)
             step += 1
             seen += len(y)
             correct += int((logits.argmax(1) == y).sum())
@@ -219,6 +232,8 @@ def train(cfg: Config, resume: bool = False, data: Data | None = None, loader=No
             tqdm.write(f"[{run_dir.name}] epoch {epoch + 1}: loss {logs['train/loss']:.3f} train {logs['train/acc']:.3f}"
                        f" val {logs.get('eval/val_acc', float('nan')):.3f} test {logs.get('eval/test_acc', float('nan')):.3f}"
                        f" stage {stage.index} gap {logs.get('detect/shortcut_gap', float('nan')):+.3f}")
+        if stop_after_epochs is not None and epoch + 1 >= stop_after_epochs:
+            break
     summary = summarize(st)
     if dist_info.is_primary:
         write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))

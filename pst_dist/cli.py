@@ -1,0 +1,87 @@
+"""``pst-dist`` command line: train, demo, show-config, report."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .checkpoint import CheckpointError
+from .config import ConfigError, dump_toml, load_config
+from .data.sources import DataError
+
+
+def _split_overrides(rest: list[str]) -> list[str]:
+    bad = [r for r in rest if not r.startswith("--") or "=" not in r]
+    if bad:
+        raise ConfigError(f"unexpected argument {bad[0]!r}: overrides look like --section.key=value")
+    return rest
+
+
+def cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
+    from .train import train
+
+    cfg = load_config(args.config, _split_overrides(rest))
+    summary = train(cfg, resume=args.resume)
+    print(json.dumps({k: v for k, v in summary.items() if not k.endswith("_curve")}, indent=2))
+    return 0
+
+
+def cmd_show_config(args: argparse.Namespace, rest: list[str]) -> int:
+    print(dump_toml(load_config(args.config, _split_overrides(rest))))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace, rest: list[str]) -> int:
+    from .demo import run_demo
+
+    run_demo(args.config, _split_overrides(rest), Path(args.out), seeds=args.seeds)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace, rest: list[str]) -> int:
+    """Aggregate summary.json files of runs named <label>_seed<k> into a mean +- std table."""
+    from .demo import format_table
+
+    groups: dict[str, list[dict]] = {}
+    for path in sorted(Path(args.runs).glob("*/summary.json")):
+        label = path.parent.name.rsplit("_seed", 1)[0]
+        groups.setdefault(label, []).append(json.loads(path.read_text()))
+    if not groups:
+        raise DataError(f"no */summary.json under {args.runs}")
+    print(format_table(groups))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="pst-dist", description="Progressive Staged Training against unlearnable "
+                                     "examples. Config overrides: --section.key=value")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("train", help="train one configuration")
+    p.add_argument("--config", help="TOML recipe, e.g. launch/configs/fmnist_pst.toml")
+    p.add_argument("--resume", action="store_true", help="continue from <run_dir>/checkpoint.pt")
+    p.set_defaults(fn=cmd_train)
+    p = sub.add_parser("demo", help="poison, then train clean / poisoned / PST and print the table")
+    p.add_argument("--config", default=None, help="base recipe (default: launch/configs/demo.toml settings)")
+    p.add_argument("--out", default="runs/demo", help="output directory")
+    p.add_argument("--seeds", type=int, default=1, help="seeds per condition")
+    p.set_defaults(fn=cmd_demo)
+    p = sub.add_parser("show-config", help="print the resolved config as TOML")
+    p.add_argument("--config")
+    p.set_defaults(fn=cmd_show_config)
+    p = sub.add_parser("report", help="mean +- std table over runs/<label>_seed<k>/summary.json")
+    p.add_argument("runs")
+    p.set_defaults(fn=cmd_report)
+    args, rest = parser.parse_known_args(argv)
+    try:
+        return args.fn(args, rest)
+    except (ConfigError, DataError, CheckpointError) as e:
+        print(f"pst-dist: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+

@@ -1,0 +1,95 @@
+"""The main job: poison the default data set, then train (a) standard on clean data, (b) standard on poisoned data,
+(c) PST on poisoned data; print final and peak clean test accuracy and plot the test-accuracy curves."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+from .config import Config, load_config
+from .data.sources import FMNIST_DEFAULT
+from .metrics import write_atomic
+
+DEMO_RECIPE = Path(__file__).resolve().parent.parent / "launch" / "configs" / "demo.toml"
+
+
+def conditions(base: Config) -> dict[str, list[str]]:
+    """Overrides per condition; the PST condition keeps the recipe's schedule, the others train standard."""
+    standard = ['--schedule.stages=[{name="standard"}]']
+    return {
+        "clean_standard": ["--poison.kind=none", *standard],
+        "poisoned_standard": standard,
+        "poisoned_pst": [],
+    }
+
+
+def run_demo(config: str | None, overrides: list[str], out: Path, seeds: int = 1) -> dict[str, list[dict]]:
+    from .train import train
+
+    recipe = config or str(DEMO_RECIPE)
+    base = load_config(recipe, overrides)
+    if base.data.source == "fashion-mnist" and not Path(base.data.root or FMNIST_DEFAULT).is_dir():
+        print(f"demo: Fashion-MNIST not found at {FMNIST_DEFAULT}; using the synthetic data set instead")
+        overrides = [*overrides, "--data.source=synthetic"]
+    results: dict[str, list[dict]] = {}
+    for label, extra in conditions(base).items():
+        for seed in range(seeds):
+            run_dir = out / f"{label}_seed{seed}"
+            cfg = load_config(recipe, [*overrides, *extra, f"--train.seed={seed}", f"--log.run_dir={run_dir}"])
+            summary_file = run_dir / "summary.json"
+            if summary_file.is_file():
+                print(f"demo: {run_dir} already finished, reusing it")
+                summary = json.loads(summary_file.read_text())
+            else:
+                print(f"demo: training {label} (seed {seed}) -> {run_dir}")
+                summary = train(cfg)
+            results.setdefault(label, []).append(summary)
+    table = format_table(results)
+    print("\nClean test accuracy (%), poison: "
+          f"{base.poison.kind} eps={base.poison.eps * 255:.0f}/255 patch={base.poison.patch_size}\n")
+    print(table)
+    write_atomic(out / "results.md", table + "\n")
+    plot_curves(results, out / "test_accuracy.png")
+    print(f"\nwrote {out / 'results.md'}, {out / 'test_accuracy.png'}; TensorBoard: tensorboard --logdir {out}")
+    return results
+
+
+def _mean_std(xs: list[float]) -> str:
+    if len(xs) == 1:
+        return f"{100 * xs[0]:.1f}"
+    return f"{100 * statistics.mean(xs):.1f} ± {100 * statistics.stdev(xs):.1f}"
+
+
+def format_table(results: dict[str, list[dict]]) -> str:
+    rows = ["| condition | seeds | final-epoch test acc | peak test acc | test acc at best val epoch |",
+            "|---|---:|---:|---:|---:|"]
+    for label, runs in results.items():
+        rows.append(f"| {label} | {len(runs)} | {_mean_std([r['final_test_acc'] for r in runs])} | "
+                    f"{_mean_std([r['peak_test_acc'] for r in runs])} | "
+                    f"{_mean_std([r['test_acc_at_best_val'] for r in runs])} |")
+    return "\n".join(rows)
+
+
+def plot_curves(results: dict[str, list[dict]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    for i, (label, runs) in enumerate(results.items()):
+        for j, r in enumerate(runs):
+            curve = [100 * a for a in r["test_curve"]]
+            ax.plot(range(1, len(curve) + 1), curve, color=f"C{i}", alpha=0.9 if j == 0 else 0.5,
+                    label=label if j == 0 else None, marker="o", ms=3)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("clean test accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)

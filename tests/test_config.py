@@ -1,0 +1,58 @@
+import subprocess
+import sys
+
+import pytest
+import tomllib
+
+from pst_dist.config import Config, ConfigError, dump_toml, from_dict, load_config
+
+
+def test_defaults_and_overrides():
+    cfg = load_config(None, ["--train.lr=0.05", "--model.name=vgg11_bn", "--poison.kind=patch_noise"])
+    assert cfg.train.lr == 0.05 and cfg.model.name == "vgg11_bn" and cfg.poison.kind == "patch_noise"
+
+
+def test_toml_roundtrip(tmp_path):
+    cfg = load_config(None, ['--schedule.stages=[{name="a",epochs=1,freeze=[0],trigger={kind="cluster",group=1}},'
+                             '{name="b",group_mults={"2"=0.1},loss={view_ce=1.0}}]'])
+    again = from_dict(Config, tomllib.loads(dump_toml(cfg)))
+    assert again == cfg
+    p = tmp_path / "c.toml"
+    p.write_text(dump_toml(cfg))
+    assert load_config(p) == cfg
+
+
+@pytest.mark.parametrize("override,needle", [
+    (["--train.lrr=0.1"], "train.lrr"),
+    (["--nosuch.key=1"], "nosuch"),
+    (["--train.lr=fast"], "train.lr"),
+    (["--train.epochs=1.5"], "train.epochs"),
+    (["--poison.eps=0"], "poison.eps"),
+    (["--poison.eps=1.5"], "poison.eps"),
+    (["--schedule.stages=[]"], "empty"),
+    (['--schedule.stages=[{name="a",bogus=1}]'], "bogus"),
+    (["--data.source=mnist"], "data.source"),
+])
+def test_bad_config_names_the_key(override, needle):
+    with pytest.raises(ConfigError, match=needle):
+        load_config(None, override)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.toml")
+
+
+def test_cli_bad_key_exits_nonzero(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "pst_dist.cli", "train", "--train.lrr=0.1",
+                          f"--log.run_dir={tmp_path / 'run'}"], capture_output=True, text=True)
+    assert out.returncode == 2
+    assert "train.lrr" in out.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_recipes_load():
+    from pathlib import Path
+
+    for p in sorted(Path(__file__).parent.parent.glob("launch/configs/*.toml")):
+        load_config(p)

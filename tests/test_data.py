@@ -1,0 +1,139 @@
+import gzip
+import pickle
+import struct
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pst_dist.config import DataConfig
+from pst_dist.data.loaders import TensorBatches
+from pst_dist.data.sources import DataError, load_splits, synthetic_images
+
+
+def write_idx(path, arr, gz=True):
+    raw = struct.pack(">HBB", 0, 8, arr.ndim) + struct.pack(f">{arr.ndim}I", *arr.shape) + arr.astype(np.uint8).tobytes()
+    path.write_bytes(gzip.compress(raw) if gz else raw)
+
+
+def make_fmnist(root, n_train=60, n_test=30, gz=True):
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    sfx = ".gz" if gz else ""
+    write_idx(root / f"train-images-idx3-ubyte{sfx}", rng.integers(0, 256, (n_train, 28, 28)), gz)
+    write_idx(root / f"train-labels-idx1-ubyte{sfx}", np.arange(n_train) % 10, gz)
+    write_idx(root / f"t10k-images-idx3-ubyte{sfx}", rng.integers(0, 256, (n_test, 28, 28)), gz)
+    write_idx(root / f"t10k-labels-idx1-ubyte{sfx}", np.arange(n_test) % 10, gz)
+
+
+def test_synthetic_deterministic_and_not_colour_separable():
+    a, b = synthetic_images(200, 10, 32, 3), synthetic_images(200, 10, 32, 3)
+    assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+    assert not torch.equal(a.images, synthetic_images(200, 10, 32, 4).images)
+    # mean colour does not carry the label: a nearest-class-mean classifier on it is near chance (0.1)
+    d = synthetic_images(4000, 10, 32, 5)
+    feats = d.images.float().mean(dim=(2, 3))
+    tr, te = slice(0, 3000), slice(3000, None)
+    means = torch.stack([feats[tr][d.labels[tr] == c].mean(0) for c in range(10)])
+    acc = (torch.cdist(feats[te], means).argmin(1) == d.labels[te]).float().mean()
+    assert acc < 0.2, f"colour alone predicts the class with accuracy {acc:.2f}"
+
+
+def test_splits_disjoint_val_from_train_and_test():
+    cfg = DataConfig(synthetic_train=300, val_size=50)
+    s = load_splits(cfg)
+    assert len(s.val) == 50 and len(s.train) == 300
+    key = lambda x: {bytes(im.numpy()) for im in x.images}
+    assert not key(s.val) & key(s.test) and not key(s.val) & key(s.train)
+    s2 = load_splits(DataConfig(synthetic_train=300, val_size=20, val_from="test"))
+    assert not key(s2.val) & key(s2.test) and len(s2.train) == 300
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_fashion_mnist_idx(tmp_path, gz):
+    make_fmnist(tmp_path / "fm", gz=gz)
+    s = load_splits(DataConfig(source="fashion-mnist", root=str(tmp_path / "fm"), val_size=10))
+    assert s.shape == (1, 28, 28) and len(s.train) == 50 and len(s.test) == 30 and s.num_classes == 10
+
+
+def test_fashion_mnist_errors(tmp_path):
+    with pytest.raises(DataError, match="not found"):
+        load_splits(DataConfig(source="fashion-mnist", root=str(tmp_path / "missing")))
+    make_fmnist(tmp_path / "fm")
+    p = tmp_path / "fm" / "train-images-idx3-ubyte.gz"
+    p.write_bytes(gzip.compress(gzip.decompress(p.read_bytes())[:-100]))  # truncated payload
+    with pytest.raises(DataError, match="train-images"):
+        load_splits(DataConfig(source="fashion-mnist", root=str(tmp_path / "fm"), val_size=10))
+    p.write_bytes(b"garbage, not gzip")
+    with pytest.raises(DataError, match="train-images"):
+        load_splits(DataConfig(source="fashion-mnist", root=str(tmp_path / "fm"), val_size=10))
+
+
+def make_cifar10(root, n=20):
+    d = root / "cifar-10-batches-py"
+    d.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"labels": list(np.arange(n) % 10)}
+        (d / name).write_bytes(pickle.dumps(batch, protocol=2))
+    return d
+
+
+def test_cifar10_and_100(tmp_path):
+    make_cifar10(tmp_path / "c10")
+    s = load_splits(DataConfig(source="cifar10", root=str(tmp_path / "c10"), val_size=10))
+    assert s.shape == (3, 32, 32) and len(s.train) == 90 and len(s.test) == 20
+    d = tmp_path / "c100" / "cifar-100-python"
+    d.mkdir(parents=True)
+    for name in ("train", "test"):
+        batch = {b"data": np.zeros((30, 3072), np.uint8), b"fine_labels": list(np.arange(30) % 100),
+                 b"coarse_labels": [0] * 30}
+        (d / name).write_bytes(pickle.dumps(batch, protocol=2))
+    s = load_splits(DataConfig(source="cifar100", root=str(tmp_path / "c100"), val_size=5))
+    assert s.num_classes == 100 and len(s.train) == 25
+
+
+class Evil:
+    def __reduce__(self):
+        return (open, ("/tmp/pst_dist_pwned", "w"))
+
+
+def test_cifar_restricted_unpickler_refuses_code(tmp_path):
+    d = make_cifar10(tmp_path / "c10")
+    (d / "data_batch_1").write_bytes(pickle.dumps({b"data": Evil(), b"labels": []}))
+    with pytest.raises(DataError, match="forbidden global"):
+        load_splits(DataConfig(source="cifar10", root=str(tmp_path / "c10"), val_size=10))
+    (d / "data_batch_1").write_bytes(b"\x80\x02corrupt")
+    with pytest.raises(DataError, match="data_batch_1"):
+        load_splits(DataConfig(source="cifar10", root=str(tmp_path / "c10"), val_size=10))
+
+
+def test_imagefolder_any_resolution(tmp_path):
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 6), ("val", 2)):
+        for c in ("n01", "n02"):
+            (tmp_path / split / c).mkdir(parents=True)
+            for i in range(n):
+                h, w = rng.integers(20, 90, 2)
+                im = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+                im.save(tmp_path / split / c / f"{i}.{'JPEG' if i % 2 else 'png'}")
+    s = load_splits(DataConfig(source="imagefolder", root=str(tmp_path), img_size=24, val_size=2))
+    assert s.shape == (3, 24, 24) and len(s.train) == 10 and len(s.test) == 4 and s.num_classes == 2
+    (tmp_path / "train" / "n01" / "bad.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match="bad.png"):
+        load_splits(DataConfig(source="imagefolder", root=str(tmp_path), img_size=24, val_size=2))
+
+
+def test_loader_deterministic_and_sharded():
+    x = torch.arange(40, dtype=torch.uint8).view(40, 1, 1, 1).expand(40, 1, 8, 8).contiguous()
+    y = torch.arange(40)
+    a = TensorBatches(x, y, 8, augment="crop_flip", seed=1)
+    a.set_epoch(3)
+    b = TensorBatches(x, y, 8, augment="crop_flip", seed=1)
+    b.set_epoch(3)
+    assert all(torch.equal(p[0], q[0]) and torch.equal(p[1], q[1]) for p, q in zip(a, b, strict=True))
+    shards = [TensorBatches(x, y, 4, rank=r, world_size=2, seed=1) for r in range(2)]
+    seen = [torch.cat([lab for _, lab in s]) for s in shards]
+    assert set(seen[0].tolist()).isdisjoint(seen[1].tolist())
+    assert sorted(seen[0].tolist() + seen[1].tolist()) == list(range(40))

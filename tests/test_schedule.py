@@ -1,0 +1,48 @@
+import pytest
+
+from pst_dist.config import ConfigError, StageConfig, TriggerConfig
+from pst_dist.pst.schedule import Schedule, lr_factor
+
+
+def make():
+    stages = [StageConfig(name="a", epochs=2, trigger=TriggerConfig(kind="train_acc", threshold=0.9)),
+              StageConfig(name="b", steps=5, freeze=[0, 1]),
+              StageConfig(name="c", group_mults={"0": 0.1}, reinit_head=True)]
+    return Schedule(stages, num_groups=4, steps_per_epoch=10, total_steps=100)
+
+
+def test_fixed_lengths():
+    s = make()
+    assert [s.stage_at(t).index for t in (0, 19, 20, 24, 25, 99)] == [0, 0, 1, 1, 2, 2]
+    assert s.stage_at(20).mults == (0, 0, 1, 1) and s.stage_at(30).mults == (0.1, 1, 1, 1)
+
+
+def test_trigger_history_is_pure():
+    s = make()
+    h = ((0, 7),)
+    assert [s.stage_at(t, h).index for t in (6, 7, 11, 12)] == [0, 1, 1, 2]
+    assert s.stage_at(12, h) == s.stage_at(12, h)  # same inputs, same stage (no hidden state)
+    assert s.stage_at(12, h).start == 12
+    assert s.can_fire(s.stage_at(5), 5) and not s.can_fire(s.stage_at(30), 30)
+
+
+def test_group_index_out_of_range():
+    with pytest.raises(ConfigError, match="group 4"):
+        Schedule([StageConfig(freeze=[4])], num_groups=4, steps_per_epoch=10, total_steps=10)
+
+
+def test_unreachable_stage():
+    with pytest.raises(ConfigError, match="no length"):
+        Schedule([StageConfig(name="x"), StageConfig(name="y")], 4, 10, 10)
+
+
+def test_empty():
+    with pytest.raises(ConfigError, match="empty"):
+        Schedule([], 4, 10, 10)
+
+
+def test_lr_factor_cosine_per_stage():
+    s = make()
+    st = s.stage_at(0)
+    assert lr_factor(st, 0, "cosine", 0) == 1.0 and lr_factor(st, 19, "cosine", 0) < 0.05
+    assert lr_factor(s.stage_at(20), 20, "cosine", 0) == 1.0

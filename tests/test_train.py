@@ -1,0 +1,65 @@
+import json
+
+import pytest
+import torch
+
+from pst_dist.checkpoint import CheckpointError, load_checkpoint
+from pst_dist.config import load_config
+from pst_dist.train import build_optimizer, train
+
+from .conftest import TINY
+
+PST = ('--schedule.stages=[{name="warm",epochs=2,trigger={kind="train_acc",threshold=0.0},'
+       'loss={ce=1.0,view_ce=0.5}},{name="mid",epochs=1.5,freeze=[0,1],reinit_head=true,'
+       'loss={ce=0.5,view_ce=1.0,consistency=1.0,cluster_penalty=0.1,cluster_group=2}},'
+       '{name="late",group_mults={"0"=0.1,"1"=0.1}}]')
+
+
+def test_end_to_end_writes_run_dir(tmp_path):
+    cfg = load_config(None, [*TINY, "--poison.kind=patch_noise", PST, f"--log.run_dir={tmp_path}",
+                             "--schedule.check_every=3"])
+    s = train(cfg)
+    for f in ("config.toml", "meta.json", "metrics.jsonl", "summary.json", "checkpoint.pt"):
+        assert (tmp_path / f).is_file(), f
+    assert list((tmp_path / "tb").glob("events.*"))
+    keys = set().union(*(json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()))
+    for k in ("train/loss", "train/acc", "eval/val_acc", "eval/test_acc", "pst/stage", "pst/group_0/lr_mult",
+              "detect/shortcut_gap", "detect/cluster/group_0"):
+        assert k in keys, k
+    assert s["stage_history"], "the always-true trigger should have fired"
+    assert 0 <= s["final_test_acc"] <= 1 and s["peak_test_acc"] >= s["final_test_acc"]
+    assert json.loads((tmp_path / "meta.json").read_text())["versions"]["torch"] == torch.__version__
+
+
+def test_resume_mid_stage_is_bit_identical(tmp_path):
+    base = [*TINY, "--train.epochs=3", "--poison.kind=patch_noise", PST, "--train.optimizer=adamw",
+            "--train.lr=0.01", "--data.augment=crop_flip"]
+    full = train(load_config(None, [*base, f"--log.run_dir={tmp_path / 'full'}"]))
+    part_cfg = load_config(None, [*base, f"--log.run_dir={tmp_path / 'part'}", "--train.epochs=3"])
+    # interrupt after epoch 2 (inside the schedule): train 2 epochs writing a checkpoint, then resume to 3
+    train(load_config(None, [*base, f"--log.run_dir={tmp_path / 'part'}", "--train.epochs=3",
+                             "--train.checkpoint_every=1"]), stop_after_epochs=2)
+    resumed = train(part_cfg, resume=True)
+    a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "part" / "checkpoint.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert full["stage_history"] == resumed["stage_history"] and full["test_curve"] == resumed["test_curve"]
+
+
+def test_checkpoint_from_another_model(tmp_path):
+    cfg = load_config(None, [*TINY, "--train.epochs=1", f"--log.run_dir={tmp_path}"])
+    train(cfg)
+    other = load_config(None, [*TINY, "--model.width=0.25"])
+    from pst_dist.models import build_model
+    from pst_dist.pst.freeze import trace_units
+    from pst_dist.pst.groups import layer_groups
+
+    m = build_model(other.model, 10, 3, 16)
+    opt = build_optimizer(other, m, trace_units(m, layer_groups(m), torch.zeros(1, 3, 16, 16)))
+    with pytest.raises(CheckpointError, match="does not fit"):
+        load_checkpoint(tmp_path / "checkpoint.pt", m, opt, "resnet18")
+    with pytest.raises(CheckpointError, match="model 'resnet18'"):
+        load_checkpoint(tmp_path / "checkpoint.pt", m, opt, "vgg11_bn")
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    with pytest.raises(CheckpointError, match="not a readable"):
+        load_checkpoint(tmp_path / "junk.pt", m, opt, "resnet18")
