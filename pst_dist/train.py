@@ -235,6 +235,8 @@ def train(cfg: Config, resume: bool = False, data: Data | None = None, loader=No
         if stop_after_epochs is not None and epoch + 1 >= stop_after_epochs:
             break
     summary = summarize(st)
+    summary["model_checksum"] = float(sum(p.detach().double().abs().sum() for p in model.parameters()))
+    summary["world_size"] = dist_info.world_size
     if dist_info.is_primary:
         write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
     metrics.close()
