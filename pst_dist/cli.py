@@ -51,6 +51,10 @@ def cmd_report(args: argparse.Namespace, rest: list[str]) -> int:
     if not groups:
         raise DataError(f"no */summary.json under {args.runs}")
     print(format_table(groups))
+    if args.plot:
+        from .demo import plot_curves
+
+        plot_curves(groups, Path(args.plot))
     return 0
 
 
@@ -72,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(fn=cmd_show_config)
     p = sub.add_parser("report", help="mean +- std table over runs/<label>_seed<k>/summary.json")
     p.add_argument("runs")
+    p.add_argument("--plot", help="also write a PNG of the test-accuracy curves here")
     p.set_defaults(fn=cmd_report)
     args, rest = parser.parse_known_args(argv)
     try:

@@ -8,12 +8,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
-import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 
 class ConfigError(ValueError):
@@ -30,7 +31,8 @@ class DataConfig:
     source: str = "synthetic"
     """synthetic | fashion-mnist | cifar10 | cifar100 | imagefolder"""
     root: str = ""
-    """Directory of the data set files; empty = the source's default (fashion-mnist: /usr/share/datasets/fashion-mnist)."""
+    """Directory of the data set files; empty = the source's default
+    (fashion-mnist: /usr/share/datasets/fashion-mnist; cifar: data/<source>)."""
     num_classes: int = 10
     """Classes of the synthetic set (other sources know their own)."""
     synthetic_train: int = 5000
@@ -55,7 +57,8 @@ class DataConfig:
     def __post_init__(self) -> None:
         _check(self.source in SOURCES, f"data.source={self.source!r}: expected one of {sorted(SOURCES)}")
         _check(self.val_from in ("train", "test"), f"data.val_from={self.val_from!r}: expected 'train' or 'test'")
-        _check(self.augment in ("none", "crop_flip", "crop"), f"data.augment={self.augment!r}: expected none|crop|crop_flip")
+        _check(self.augment in ("none", "crop_flip", "crop"),
+               f"data.augment={self.augment!r}: expected none|crop|crop_flip")
         for key in ("train_size", "val_size", "test_size", "probe_size"):
             _check(getattr(self, key) >= 0, f"data.{key}={getattr(self, key)}: must be >= 0")
         _check(self.num_classes >= 2, f"data.num_classes={self.num_classes}: must be >= 2")
@@ -69,7 +72,8 @@ POISONS = {"none", "classwise_noise", "patch_noise"}
 @dataclass
 class PoisonConfig:
     kind: str = "none"
-    """none | classwise_noise (per-pixel uniform +-eps, one pattern per class) | patch_noise (LSP-like +-eps patches)."""
+    """none | classwise_noise (per-pixel uniform +-eps, one pattern per class) |
+    patch_noise (LSP-like +-eps patches)."""
     eps: float = 8 / 255
     """L-inf budget in [0, 1] pixel units; must lie in (0, 1]."""
     patch_size: int = 4

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from torchvision.utils import make_grid
 from tqdm import tqdm
 
 from .checkpoint import load_checkpoint, save_checkpoint
@@ -135,8 +136,6 @@ def train(cfg: Config, resume: bool = False, data: Data | None = None, loader=No
     data = data or build_data(cfg)
     s = data.splits
     run_dir = Path(cfg.log.run_dir)
-    if dist_info.is_primary:
-        write_run_header(run_dir, cfg)
     loader = loader or TensorBatches(data.poisoned_train, s.train.labels, cfg.train.batch_size, shuffle=True,
                                      augment=cfg.data.augment, seed=cfg.train.seed, drop_last=True,
                                      rank=dist_info.rank, world_size=dist_info.world_size)
@@ -144,22 +143,21 @@ def train(cfg: Config, resume: bool = False, data: Data | None = None, loader=No
     gm = trace_units(model, layer_groups(model, cfg.model.block_groups), data.poisoned_train[:2].to(device).float())
     steps_per_epoch = len(loader)
     total_steps = steps_per_epoch * cfg.train.epochs
-    schedule = Schedule(cfg.schedule.stages, gm.num_groups, steps_per_epoch, total_steps)
+    schedule = Schedule(cfg.schedule.stages, gm.num_groups, steps_per_epoch, total_steps)  # validates group indices
     optimizer = build_optimizer(cfg, model, gm)
     normalize = Normalize(data.mean, data.std, device)
     probe_n = min(cfg.data.probe_size, len(s.train))
     probe_x = data.poisoned_train[:probe_n].to(device).float() / 255
     probe_y = s.train.labels[:probe_n].to(device)
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.bf16)
-    metrics = Metrics(run_dir, dist_info.is_primary, cfg.log.tensorboard)
-    from torchvision.utils import make_grid
-
-    metrics.image("data/poisoned_samples", make_grid(data.poisoned_train[:64], nrow=8))
-
     st = {"step": 0, "epoch": 0, "history": [], "entered": -1, "records": [], "peak_test": 0.0, "peak_epoch": -1}
     ckpt = run_dir / "checkpoint.pt"
     if resume:
         st = load_checkpoint(ckpt, model, optimizer, cfg.model.name)
+    if dist_info.is_primary:  # only now that every input has been validated
+        write_run_header(run_dir, cfg)
+    metrics = Metrics(run_dir, dist_info.is_primary, cfg.log.tensorboard)
+    metrics.image("data/poisoned_samples", make_grid(data.poisoned_train[:64], nrow=8))
     history = tuple(tuple(h) for h in st["history"])
 
     def check(stage: ActiveStage, step: int) -> dict[str, float]:
@@ -229,9 +227,11 @@ def train(cfg: Config, resume: bool = False, data: Data | None = None, loader=No
                                               == 0)):
             save_checkpoint(ckpt, model, optimizer, st, cfg.model.name)
         if dist_info.is_primary:
-            tqdm.write(f"[{run_dir.name}] epoch {epoch + 1}: loss {logs['train/loss']:.3f} train {logs['train/acc']:.3f}"
-                       f" val {logs.get('eval/val_acc', float('nan')):.3f} test {logs.get('eval/test_acc', float('nan')):.3f}"
-                       f" stage {stage.index} gap {logs.get('detect/shortcut_gap', float('nan')):+.3f}")
+            nan = float("nan")
+            tqdm.write(f"[{run_dir.name}] epoch {epoch + 1}: loss {logs['train/loss']:.3f} "
+                       f"train {logs['train/acc']:.3f} val {logs.get('eval/val_acc', nan):.3f} "
+                       f"test {logs.get('eval/test_acc', nan):.3f} stage {stage.index} "
+                       f"gap {logs.get('detect/shortcut_gap', nan):+.3f}")
         if stop_after_epochs is not None and epoch + 1 >= stop_after_epochs:
             break
     summary = summarize(st)

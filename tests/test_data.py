@@ -13,7 +13,8 @@ from pst_dist.data.sources import DataError, load_splits, synthetic_images
 
 
 def write_idx(path, arr, gz=True):
-    raw = struct.pack(">HBB", 0, 8, arr.ndim) + struct.pack(f">{arr.ndim}I", *arr.shape) + arr.astype(np.uint8).tobytes()
+    header = struct.pack(">HBB", 0, 8, arr.ndim) + struct.pack(f">{arr.ndim}I", *arr.shape)
+    raw = header + arr.astype(np.uint8).tobytes()
     path.write_bytes(gzip.compress(raw) if gz else raw)
 
 
