@@ -4,7 +4,7 @@
 #   launch/science_fmnist.sh            (JOBS=2 runs in parallel, one thread each; SEEDS=3; OUT=runs/fmnist_science)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-CFG=${CFG:-launch/configs/fmnist_science.toml}
+CFG=${CFG:-launch/configs/fmnist_pst.toml}
 OUT=${OUT:-runs/fmnist_science}
 SEEDS=${SEEDS:-3}
 JOBS=${JOBS:-2}
@@ -26,7 +26,7 @@ for seed in $(seq 0 $((SEEDS - 1))); do
   done
 done
 mkdir -p "$OUT"
-xargs -P "$JOBS" -I{} bash -c '{}' < "$jobs_file"
+xargs -d '\n' -P "$JOBS" -I{} bash -c '{}' < "$jobs_file"
 rm -f "$jobs_file"
 mkdir -p docs/results
 $PST report "$OUT" --plot docs/results/fmnist_science_curves.png > "$OUT/table.md"
