@@ -174,6 +174,7 @@ def train(cfg: Config, resume: bool = False, data: Data | None = None, loader=No
         return {k if k.startswith("pst/") else f"detect/{k}": v for k, v in vals.items()}
 
     step = st["step"]
+    last_detect: dict[str, float] = {}
     for epoch in range(st["epoch"], cfg.train.epochs):
         if hasattr(loader, "set_epoch"):
             loader.set_epoch(epoch)
@@ -206,14 +207,16 @@ def train(cfg: Config, resume: bool = False, data: Data | None = None, loader=No
                 bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", stage=stage.index)
                 metrics.log(step, {"train/loss_step": float(loss), "train/lr": lr, **parts})
             if cfg.schedule.check_every and step % cfg.schedule.check_every == 0:
-                metrics.log(step, check(schedule.stage_at(step, history), step))
+                last_detect = check(schedule.stage_at(step, history), step)
+                metrics.log(step, last_detect)
         # ---- end of epoch: detectors, eval, log, checkpoint ----
         stage_now = schedule.stage_at(step, history)
         logs = {"train/loss": loss_sum / max(seen, 1), "train/acc": correct / max(seen, 1), "epoch": epoch + 1,
                 "pst/stage": stage.index}
         logs.update({f"pst/group_{i}/lr_mult": m for i, m in enumerate(stage.mults)})
         if not cfg.schedule.check_every:
-            logs.update(check(stage_now, step))
+            last_detect = check(stage_now, step)
+            logs.update(last_detect)
         last = epoch + 1 == cfg.train.epochs
         if (epoch + 1) % cfg.train.eval_every == 0 or last:
             logs["eval/val_acc"] = evaluate(model, s.val.images, s.val.labels, normalize, device)
@@ -231,7 +234,7 @@ def train(cfg: Config, resume: bool = False, data: Data | None = None, loader=No
             tqdm.write(f"[{run_dir.name}] epoch {epoch + 1}: loss {logs['train/loss']:.3f} "
                        f"train {logs['train/acc']:.3f} val {logs.get('eval/val_acc', nan):.3f} "
                        f"test {logs.get('eval/test_acc', nan):.3f} stage {stage.index} "
-                       f"gap {logs.get('detect/shortcut_gap', nan):+.3f}")
+                       f"gap {last_detect.get('detect/shortcut_gap', nan):+.3f}")
         if stop_after_epochs is not None and epoch + 1 >= stop_after_epochs:
             break
     summary = summarize(st)
