@@ -62,12 +62,13 @@ def _mean_std(xs: list[float]) -> str:
 
 
 def format_table(results: dict[str, list[dict]]) -> str:
-    rows = ["| condition | seeds | final-epoch test acc | peak test acc | test acc at best val epoch |",
-            "|---|---:|---:|---:|---:|"]
+    rows = ["| condition | seeds | final-epoch test acc | peak test acc | test acc at best val epoch | final val acc |",
+            "|---|---:|---:|---:|---:|---:|"]
     for label, runs in results.items():
         rows.append(f"| {label} | {len(runs)} | {_mean_std([r['final_test_acc'] for r in runs])} | "
                     f"{_mean_std([r['peak_test_acc'] for r in runs])} | "
-                    f"{_mean_std([r['test_acc_at_best_val'] for r in runs])} |")
+                    f"{_mean_std([r['test_acc_at_best_val'] for r in runs])} | "
+                    f"{_mean_std([r['final_val_acc'] for r in runs])} |")
     return "\n".join(rows)
 
 
@@ -77,7 +78,7 @@ def plot_curves(results: dict[str, list[dict]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    fig, ax = plt.subplots(figsize=(8, 4), dpi=100)
     for i, (label, runs) in enumerate(results.items()):
         for j, r in enumerate(runs):
             curve = [100 * a for a in r["test_curve"]]
@@ -87,7 +88,8 @@ def plot_curves(results: dict[str, list[dict]], path: Path) -> None:
     ax.set_ylabel("clean test accuracy (%)")
     ax.set_ylim(0, 100)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8)
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp)
