@@ -1,0 +1,1 @@
+"""Data sources (uint8 splits) and the in-memory batch loader."""
