@@ -49,6 +49,8 @@ def main() -> None:
     model.train()
 
     def timed(stage) -> float:
+        model.train()
+        gm.fix_frozen_bn(stage.mults)  # as the trainer does on entering a stage (freeze_bn_stats = true)
         t = time.perf_counter()
         train_step(gm, opt, stage, x, y, 0.01, norm, 10, noauto)
         return time.perf_counter() - t
