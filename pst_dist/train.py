@@ -180,7 +180,8 @@ def train(cfg: Config, resume: bool = False, data: Data | None = None, loader=No
             loader.set_epoch(epoch)
         model.train()
         stage = schedule.stage_at(step, history)
-        gm.fix_frozen_bn(stage.mults) if cfg.schedule.freeze_bn_stats else None
+        if cfg.schedule.freeze_bn_stats:
+            gm.fix_frozen_bn(stage.mults)
         seen = correct = 0
         loss_sum = 0.0
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", leave=False,
@@ -192,7 +193,8 @@ def train(cfg: Config, resume: bool = False, data: Data | None = None, loader=No
                     reinit_head(gm, cfg.train.seed * 1000 + stage.index)
                 gm.set_frozen_prefix(stage.mults)
                 model.train()
-                gm.fix_frozen_bn(stage.mults) if cfg.schedule.freeze_bn_stats else None
+                if cfg.schedule.freeze_bn_stats:
+                    gm.fix_frozen_bn(stage.mults)
                 st["entered"] = stage.index
                 metrics.log(step, {"pst/stage": stage.index})
             lr = cfg.train.lr * lr_factor(stage, step, cfg.train.lr_schedule, cfg.train.warmup_steps)

@@ -63,3 +63,12 @@ def test_checkpoint_from_another_model(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"junk")
     with pytest.raises(CheckpointError, match="not a readable"):
         load_checkpoint(tmp_path / "junk.pt", m, opt, "resnet18")
+
+
+def test_bf16_autocast_and_vit(tmp_path):
+    cfg = load_config(None, [*TINY, "--train.epochs=1", "--train.bf16=true", "--train.optimizer=adamw",
+                             "--train.lr=0.001", "--model.name=vit_tiny_patch16_224", "--model.patch_size=4",
+                             '--schedule.stages=[{name="a",steps=2},{name="b",freeze=[0,1],loss={view_ce=1.0}}]',
+                             f"--log.run_dir={tmp_path}", "--log.tensorboard=false"])
+    s = train(cfg)
+    assert s["steps"] == 8 and 0 <= s["final_test_acc"] <= 1
