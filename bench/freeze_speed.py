@@ -2,7 +2,7 @@
 ``train_step`` (schedule stages, per-group param groups, no-grad prefix). Same model, same batch, one run,
 interleaved A/B measurements; prints the median ratio.
 
-    .venv/bin/python bench/freeze_speed.py [--model resnet18] [--batch 64] [--steps 8]
+    .venv/bin/python bench/freeze_speed.py [--model resnet18] [--batch 64] [--steps 8] [--threads N]
 """
 
 from __future__ import annotations
@@ -28,7 +28,10 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--size", type=int, default=32)
     ap.add_argument("--steps", type=int, default=8, help="timed steps per setting (after 2 warm-up steps)")
+    ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch's default)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = build_model(ModelConfig(name=args.model, width=args.width), 10, 3, args.size)
     gm = trace_units(model, layer_groups(model), torch.zeros(2, 3, args.size, args.size))
