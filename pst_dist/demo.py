@@ -30,7 +30,9 @@ def run_demo(config: str | None, overrides: list[str], out: Path, seeds: int = 1
     recipe = config or str(DEMO_RECIPE)
     base = load_config(recipe, overrides)
     if base.data.source == "fashion-mnist" and not Path(base.data.root or FMNIST_DEFAULT).is_dir():
-        print(f"demo: Fashion-MNIST not found at {FMNIST_DEFAULT}; using the synthetic data set instead")
+        print(f"demo: Fashion-MNIST not found at {FMNIST_DEFAULT}; using the synthetic data set instead. Note: the "
+              f"recipe's few epochs are tuned for Fashion-MNIST; on the synthetic set the models are still learning "
+              f"when they stop, so the table shows the machinery, not the effect (raise --train.epochs for that)")
         overrides = [*overrides, "--data.source=synthetic"]
     results: dict[str, list[dict]] = {}
     for label, extra in conditions(base).items():
