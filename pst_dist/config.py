@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -413,7 +412,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{path}: not valid TOML: {e}") from None
     raw = apply_overrides(raw, overrides or [])
-    # defaults for a stage list given by override only
     return from_dict(Config, raw)
 
 
@@ -445,7 +443,3 @@ def dump_toml(cfg: Config) -> str:
                 out += [f"{kk} = {_toml_value(vv)}" for kk, vv in item.items() if vv is not None]
                 out.append("")
     return "\n".join(out)
-
-
-def eprint(*args: Any) -> None:
-    print(*args, file=sys.stderr)

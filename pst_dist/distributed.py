@@ -44,17 +44,6 @@ def all_reduce_grads(params: list[torch.nn.Parameter], world_size: int) -> None:
             p.grad /= world_size
 
 
-def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized():
-        dist.all_reduce(values)
-    return values
-
-
-def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
 def teardown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -20,10 +20,6 @@ class ActiveStage:
     config: StageConfig
     mults: tuple[float, ...]
 
-    @property
-    def frozen(self) -> tuple[int, ...]:
-        return tuple(i for i, m in enumerate(self.mults) if m == 0)
-
 
 class Schedule:
     """A validated list of stages over ``total_steps`` optimizer steps of ``steps_per_epoch`` each."""
