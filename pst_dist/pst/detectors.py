@@ -10,24 +10,16 @@ from .freeze import GroupActivations, GroupedModel
 from .views import apply_view
 
 
-def scatter_ratio(feats: torch.Tensor, labels: torch.Tensor) -> float:
-    """Between-class / within-class scatter (trace ratio) of ``feats`` (N x D): high = tightly class-clustered."""
-    feats = feats.double()
-    mu = feats.mean(0)
-    between, within = 0.0, 0.0
-    for c in labels.unique():
-        fc = feats[labels == c]
-        mc = fc.mean(0)
-        between += len(fc) * float(((mc - mu) ** 2).sum())
-        within += float(((fc - mc) ** 2).sum())
-    return between / max(within, 1e-12)
+def scatter_ratio(feats: torch.Tensor, labels: torch.Tensor, num_classes: int | None = None) -> torch.Tensor:
+    """Between-class / within-class scatter (trace ratio) of ``feats`` (N x D): high = tightly class-clustered.
 
-
-def scatter_ratio_torch(feats: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Differentiable scatter ratio, for the activation-clustering loss penalty."""
+    Differentiable (the activation-clustering loss penalty uses it); classes absent from the batch contribute
+    nothing.
+    """
+    num_classes = num_classes or int(labels.max()) + 1
     onehot = torch.nn.functional.one_hot(labels, num_classes).to(feats.dtype)
-    counts = onehot.sum(0).clamp_min(1)
-    means = (onehot.T @ feats) / counts[:, None]
+    counts = onehot.sum(0)
+    means = (onehot.T @ feats) / counts.clamp_min(1)[:, None]
     mu = feats.mean(0)
     between = (counts[:, None] * (means - mu) ** 2).sum()
     within = ((feats - means[labels]) ** 2).sum()
@@ -52,7 +44,7 @@ def probe_metrics(gm: GroupedModel, probe_x: torch.Tensor, probe_y: torch.Tensor
     vacc = float((view_logits.argmax(1) == probe_y).float().mean())
     out = {"probe_acc": acc, "probe_view_acc": vacc, "shortcut_gap": acc - vacc}
     for g, feat in sorted(ga.acts.items()):
-        out[f"cluster/group_{g}"] = scatter_ratio(feat.cpu(), probe_y.cpu())
+        out[f"cluster/group_{g}"] = float(scatter_ratio(feat.double(), probe_y))
     return out
 
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import LossConfig
-from .detectors import scatter_ratio_torch
+from .detectors import scatter_ratio
 from .freeze import GroupActivations, GroupedModel
 from .views import apply_view
 
@@ -23,7 +23,7 @@ def stage_loss(gm: GroupedModel, x: torch.Tensor, y: torch.Tensor, cfg: LossConf
         if cfg.cluster_penalty > 0:
             with GroupActivations(gm, [cfg.cluster_group], detach=False) as ga:
                 logits = model(normalize(x))
-            pen = scatter_ratio_torch(ga.acts[cfg.cluster_group], y, num_classes)
+            pen = scatter_ratio(ga.acts[cfg.cluster_group], y, num_classes)
             total = total + cfg.cluster_penalty * pen
             parts["loss/cluster_penalty"] = float(pen.detach())
         else:
