@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from pst_dist.config import ModelConfig, StageConfig, TrainConfig
+from pst_dist.config import Config, ModelConfig, StageConfig
 from pst_dist.models import build_model
 from pst_dist.pst.freeze import trace_units
 from pst_dist.pst.groups import layer_groups
@@ -41,10 +41,7 @@ def main() -> None:
     sched = Schedule(stages, k, steps_per_epoch=1, total_steps=2)
     full, frozen = sched.stage_at(0), sched.stage_at(1)
 
-    class Cfg:  # the optimizer builder reads cfg.train
-        train = TrainConfig(lr=0.1)
-
-    opt = build_optimizer(Cfg, model, gm)
+    opt = build_optimizer(Config(), model, gm)  # the trainer's default: SGD, lr 0.1, one param group per layer group
     x = torch.randint(0, 256, (args.batch, 3, args.size, args.size), dtype=torch.uint8)
     y = torch.randint(0, 10, (args.batch,))
     norm = Normalize(torch.full((3,), 0.5), torch.full((3,), 0.25), torch.device("cpu"))

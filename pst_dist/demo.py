@@ -7,14 +7,14 @@ import json
 import statistics
 from pathlib import Path
 
-from .config import Config, load_config
+from .config import load_config
 from .data.sources import FMNIST_DEFAULT
 from .metrics import write_atomic
 
 DEMO_RECIPE = Path(__file__).resolve().parent.parent / "launch" / "configs" / "demo.toml"
 
 
-def conditions(base: Config) -> dict[str, list[str]]:
+def conditions() -> dict[str, list[str]]:
     """Overrides per condition; the PST condition keeps the recipe's schedule, the others train standard."""
     standard = ['--schedule.stages=[{name="standard"}]']
     return {
@@ -35,7 +35,7 @@ def run_demo(config: str | None, overrides: list[str], out: Path, seeds: int = 1
               f"when they stop, so the table shows the machinery, not the effect (raise --train.epochs for that)")
         overrides = [*overrides, "--data.source=synthetic"]
     results: dict[str, list[dict]] = {}
-    for label, extra in conditions(base).items():
+    for label, extra in conditions().items():
         for seed in range(seeds):
             run_dir = out / f"{label}_seed{seed}"
             cfg = load_config(recipe, [*overrides, *extra, f"--train.seed={seed}", f"--log.run_dir={run_dir}"])

@@ -34,10 +34,8 @@ def init_distributed(device: str) -> DistInfo:
     return DistInfo(rank, world, local)
 
 
-def all_reduce_grads(params: list[torch.nn.Parameter], world_size: int) -> None:
+def all_reduce_grads(params, world_size: int) -> None:
     """Average gradients across ranks (plain data parallelism; the DeepSpeed engine does this itself)."""
-    if world_size == 1:
-        return
     for p in params:
         if p.grad is not None:
             dist.all_reduce(p.grad)

@@ -119,7 +119,8 @@ def train_step(gm: GroupedModel, optimizer: torch.optim.Optimizer, stage: Active
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     drop_frozen_grads(optimizer, stage.mults)
-    all_reduce_grads(list(gm.model.parameters()), world_size)
+    if world_size > 1:
+        all_reduce_grads(gm.model.parameters(), world_size)
     optimizer.step()
     return loss.detach(), logits.detach(), parts
 
@@ -150,7 +151,7 @@ def train(cfg: Config, resume: bool = False, data: Data | None = None, loader=No
     probe_x = data.poisoned_train[:probe_n].to(device).float() / 255
     probe_y = s.train.labels[:probe_n].to(device)
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.bf16)
-    st = {"step": 0, "epoch": 0, "history": [], "entered": -1, "records": [], "peak_test": 0.0, "peak_epoch": -1}
+    st = {"step": 0, "epoch": 0, "history": [], "entered": -1, "records": []}
     ckpt = run_dir / "checkpoint.pt"
     if resume:
         st = load_checkpoint(ckpt, model, optimizer, cfg.model.name)
@@ -173,15 +174,17 @@ def train(cfg: Config, resume: bool = False, data: Data | None = None, loader=No
                 vals["pst/trigger_fired"] = float(stage.index)
         return {k if k.startswith("pst/") else f"detect/{k}": v for k, v in vals.items()}
 
+    def set_train_mode(stage: ActiveStage) -> None:
+        model.train()
+        if cfg.schedule.freeze_bn_stats:  # frozen groups' BatchNorm keeps its running statistics
+            gm.fix_frozen_bn(stage.mults)
+
     step = st["step"]
     last_detect: dict[str, float] = {}
     for epoch in range(st["epoch"], cfg.train.epochs):
         if hasattr(loader, "set_epoch"):
             loader.set_epoch(epoch)
-        model.train()
-        stage = schedule.stage_at(step, history)
-        if cfg.schedule.freeze_bn_stats:
-            gm.fix_frozen_bn(stage.mults)
+        set_train_mode(schedule.stage_at(step, history))
         seen = correct = 0
         loss_sum = 0.0
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", leave=False,
@@ -191,10 +194,7 @@ def train(cfg: Config, resume: bool = False, data: Data | None = None, loader=No
             if stage.index != st["entered"]:  # entering a stage: freeze / unfreeze / rescale / re-init head
                 if stage.config.reinit_head and stage.index > st["entered"]:
                     reinit_head(gm, cfg.train.seed * 1000 + stage.index)
-                gm.set_frozen_prefix(stage.mults)
-                model.train()
-                if cfg.schedule.freeze_bn_stats:
-                    gm.fix_frozen_bn(stage.mults)
+                set_train_mode(stage)
                 st["entered"] = stage.index
                 metrics.log(step, {"pst/stage": stage.index})
             lr = cfg.train.lr * lr_factor(stage, step, cfg.train.lr_schedule, cfg.train.warmup_steps)
@@ -223,8 +223,6 @@ def train(cfg: Config, resume: bool = False, data: Data | None = None, loader=No
         if (epoch + 1) % cfg.train.eval_every == 0 or last:
             logs["eval/val_acc"] = evaluate(model, s.val.images, s.val.labels, normalize, device)
             logs["eval/test_acc"] = evaluate(model, s.test.images, s.test.labels, normalize, device)
-            if logs["eval/test_acc"] > st["peak_test"]:
-                st["peak_test"], st["peak_epoch"] = logs["eval/test_acc"], epoch + 1
         metrics.log(step, logs)
         st["records"].append({k: v for k, v in logs.items() if isinstance(v, int | float)})
         st.update(step=step, epoch=epoch + 1, history=[list(h) for h in history])
@@ -252,11 +250,12 @@ def train(cfg: Config, resume: bool = False, data: Data | None = None, loader=No
 def summarize(st: dict) -> dict:
     recs = [r for r in st["records"] if "eval/test_acc" in r]
     best_val = max(recs, key=lambda r: r["eval/val_acc"]) if recs else {}
+    peak = max(recs, key=lambda r: r["eval/test_acc"]) if recs else {}
     return {
         "final_test_acc": recs[-1]["eval/test_acc"] if recs else float("nan"),
         "final_val_acc": recs[-1]["eval/val_acc"] if recs else float("nan"),
-        "peak_test_acc": st["peak_test"],
-        "peak_epoch": st["peak_epoch"],
+        "peak_test_acc": peak.get("eval/test_acc", float("nan")),
+        "peak_epoch": peak.get("epoch"),
         "best_val_epoch": best_val.get("epoch"),
         "test_acc_at_best_val": best_val.get("eval/test_acc"),
         "stage_history": st["history"],
