@@ -28,10 +28,15 @@ def _check(cond: bool, msg: str) -> None:
 @dataclass
 class DataConfig:
     source: str = "synthetic"
-    """synthetic | fashion-mnist | cifar10 | cifar100 | imagefolder"""
+    """synthetic | fashion-mnist | cifar10 | cifar100 | imagefolder | beton (a directory written by
+    ``pst-dist write-beton``: poisoned train, clean val and test, already split)"""
     root: str = ""
     """Directory of the data set files; empty = the source's default
-    (fashion-mnist: /usr/share/datasets/fashion-mnist; cifar: data/<source>)."""
+    (fashion-mnist: /usr/share/datasets/fashion-mnist; cifar: data/<source>). For beton: the written directory."""
+    loader: str = "auto"
+    """auto (FFCV for a .beton, else the in-memory torch path) | ffcv | torch (a .beton decoded into memory)."""
+    loader_workers: int = 2
+    """FFCV decoding threads per process."""
     num_classes: int = 10
     """Classes of the synthetic set (other sources know their own)."""
     synthetic_train: int = 5000
@@ -49,30 +54,37 @@ class DataConfig:
     probe_size: int = 512
     """Images of the poisoned training set the detectors look at (a fixed slice)."""
     augment: str = "crop_flip"
-    """Training augmentation: none | crop_flip | crop (pad-crop, no flip)."""
+    """Training augmentation: none | crop (pad-crop by side/8) | crop_flip | rrc_flip (random resized crop,
+    scale 0.35-1, and flip: for ImageNet-like data)."""
     seed: int = 0
     """Seed of the synthetic generator and of the split shuffles."""
 
     def __post_init__(self) -> None:
         _check(self.source in SOURCES, f"data.source={self.source!r}: expected one of {sorted(SOURCES)}")
         _check(self.val_from in ("train", "test"), f"data.val_from={self.val_from!r}: expected 'train' or 'test'")
-        _check(self.augment in ("none", "crop_flip", "crop"),
-               f"data.augment={self.augment!r}: expected none|crop|crop_flip")
+        _check(self.augment in AUGMENTS, f"data.augment={self.augment!r}: expected one of {'|'.join(AUGMENTS)}")
+        _check(self.loader in ("auto", "ffcv", "torch"), f"data.loader={self.loader!r}: expected auto|ffcv|torch")
+        _check(self.loader_workers >= 1, f"data.loader_workers={self.loader_workers}: must be >= 1")
         for key in ("train_size", "val_size", "test_size", "probe_size"):
             _check(getattr(self, key) >= 0, f"data.{key}={getattr(self, key)}: must be >= 0")
         _check(self.num_classes >= 2, f"data.num_classes={self.num_classes}: must be >= 2")
         _check(self.img_size >= 8, f"data.img_size={self.img_size}: must be >= 8")
 
 
-SOURCES = {"synthetic", "fashion-mnist", "cifar10", "cifar100", "imagefolder"}
-POISONS = {"none", "classwise_noise", "patch_noise"}
+SOURCES = {"synthetic", "fashion-mnist", "cifar10", "cifar100", "imagefolder", "beton"}
+POISONS = {"none", "classwise_noise", "patch_noise", "file"}
+AUGMENTS = ("none", "crop", "crop_flip", "rrc_flip")
 
 
 @dataclass
 class PoisonConfig:
     kind: str = "none"
     """none | classwise_noise (per-pixel uniform +-eps, one pattern per class) |
-    patch_noise (LSP-like +-eps patches)."""
+    patch_noise (LSP-like +-eps patches) | file (a poison made elsewhere, see ``path``)."""
+    path: str = ""
+    """kind=file: .pt (loaded with weights_only=True) or .npy, one row per image of the source's training split
+    in its own order, N x C x H x W or N x H x W x C: float offsets in [0, 1] pixel units, or uint8 poisoned
+    images. Its L-inf norm must stay within eps."""
     eps: float = 8 / 255
     """L-inf budget in [0, 1] pixel units; must lie in (0, 1]."""
     patch_size: int = 4
@@ -84,6 +96,8 @@ class PoisonConfig:
         _check(self.kind in POISONS, f"poison.kind={self.kind!r}: expected one of {sorted(POISONS)}")
         _check(0 < self.eps <= 1, f"poison.eps={self.eps}: must lie in (0, 1]")
         _check(self.patch_size >= 1, f"poison.patch_size={self.patch_size}: must be >= 1")
+        _check((self.kind == "file") == bool(self.path),
+               f"poison.path={self.path!r}: set it exactly when poison.kind='file' (kind={self.kind!r})")
 
 
 @dataclass

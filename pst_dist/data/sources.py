@@ -26,16 +26,20 @@ class DataError(ValueError):
 class Split:
     images: torch.Tensor  # uint8, N x C x H x W
     labels: torch.Tensor  # int64, N
+    index: torch.Tensor | None = None
+    """Row of each image in the source's own split (before shuffles and subsets); imported poisons align on it."""
 
     def __post_init__(self) -> None:
         assert self.images.dtype == torch.uint8 and self.images.ndim == 4, self.images.shape
         assert self.labels.dtype == torch.int64 and len(self.labels) == len(self.images)
+        if self.index is None:
+            self.index = torch.arange(len(self.labels))
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def subset(self, idx: torch.Tensor) -> Split:
-        return Split(self.images[idx].contiguous(), self.labels[idx].contiguous())
+        return Split(self.images[idx].contiguous(), self.labels[idx].contiguous(), self.index[idx])
 
 
 @dataclass
@@ -45,6 +49,8 @@ class Splits:
     test: Split
     num_classes: int
     name: str
+    source_train_size: int = 0
+    """Images in the source's training split, before validation carving and subsets."""
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -53,9 +59,12 @@ class Splits:
 
 def load_splits(cfg: DataConfig) -> Splits:
     """Load ``cfg.source`` and carve the clean validation split (from train or test, never overlapping test)."""
+    if cfg.source == "beton":
+        raise DataError("data.source='beton' is read by pst_dist.data.beton (build_data), not load_splits")
     loader = {"synthetic": _synthetic, "fashion-mnist": _fashion_mnist, "cifar10": _cifar, "cifar100": _cifar,
               "imagefolder": _imagefolder}[cfg.source]
     train, test, num_classes = loader(cfg)
+    source_train_size = len(train)
     g = torch.Generator().manual_seed(cfg.seed)
     train = train.subset(torch.randperm(len(train), generator=g))
     if cfg.val_from == "train":
@@ -71,7 +80,7 @@ def load_splits(cfg: DataConfig) -> Splits:
         train = train.subset(torch.arange(min(cfg.train_size, len(train))))
     if cfg.test_size:
         test = test.subset(torch.arange(min(cfg.test_size, len(test))))
-    return Splits(train, val, test, num_classes, cfg.source)
+    return Splits(train, val, test, num_classes, cfg.source, source_train_size)
 
 
 # ---------------------------------------------------------------------------------------------------------------

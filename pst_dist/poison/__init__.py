@@ -1,5 +1,20 @@
-"""Availability poisons (unlearnable examples). This issue ships the cheap class-wise ones."""
+"""Availability poisons (unlearnable examples): the cheap class-wise ones, and poisons imported from files."""
 
+from __future__ import annotations
+
+import torch
+
+from ..config import PoisonConfig
 from .cheap import apply_poison, class_patterns
+from .imported import PoisonFileError, import_poison, norms
 
-__all__ = ["apply_poison", "class_patterns"]
+
+def poison_train(images: torch.Tensor, labels: torch.Tensor, index: torch.Tensor, source_size: int,
+                 cfg: PoisonConfig, num_classes: int) -> torch.Tensor:
+    """Poisoned uint8 copy of a training split (``index``: rows in the source's split of ``source_size``)."""
+    if cfg.kind == "file":
+        return import_poison(images, index, source_size, cfg)
+    return apply_poison(images, labels, cfg, num_classes)
+
+
+__all__ = ["PoisonFileError", "apply_poison", "class_patterns", "import_poison", "norms", "poison_train"]
