@@ -1,4 +1,4 @@
-"""``pst-dist`` command line: train, demo, show-config, report."""
+"""``pst-dist`` command line: train, demo, show-config, report, write-beton."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 from .checkpoint import CheckpointError
 from .config import ConfigError, dump_toml, load_config
 from .data.sources import DataError
+from .poison import PoisonFileError
 
 
 def _split_overrides(rest: list[str]) -> list[str]:
@@ -25,6 +26,20 @@ def cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
     cfg = load_config(args.config, _split_overrides(rest))
     summary = train(cfg, resume=args.resume)
     print(json.dumps({k: v for k, v in summary.items() if not k.endswith("_curve")}, indent=2))
+    return 0
+
+
+def cmd_write_beton(args: argparse.Namespace, rest: list[str]) -> int:
+    from .data.beton import write_betons
+
+    cfg = load_config(args.config, _split_overrides(rest))
+    meta = write_betons(cfg, Path(args.out), write_mode=args.mode, jpeg_quality=args.jpeg_quality,
+                        num_workers=args.workers, log=lambda m: print(m, file=sys.stderr))
+    n = meta["poison"]["norms"]
+    print(f"{args.out}: {meta['write_mode']} {meta['source']} {meta['shape']}, "
+          + ", ".join(f"{k} {v['num_samples']}" for k, v in meta["splits"].items())
+          + f"; poison {meta['poison']['kind']} Linf {n['linf'] * 255:.0f}/255 L2 {n['l2_mean']:.3f}"
+          + f"; {meta['seconds']} s")
     return 0
 
 
@@ -71,6 +86,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="runs/demo", help="output directory")
     p.add_argument("--seeds", type=int, default=1, help="seeds per condition")
     p.set_defaults(fn=cmd_demo)
+    p = sub.add_parser("write-beton", help="write the (poisoned) data set as FFCV .beton files (lossless)")
+    p.add_argument("--config", help="TOML recipe: its [data] and [poison] sections are written")
+    p.add_argument("--out", required=True, help="output directory (train/val/test.beton + beton.json)")
+    p.add_argument("--mode", choices=("raw", "jpg"), default="raw",
+                   help="raw (default, exact pixels) or jpg (lossy: itself a JPEG defense, warns)")
+    p.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality for --mode jpg")
+    p.add_argument("--workers", type=int, default=2, help="writer processes")
+    p.set_defaults(fn=cmd_write_beton)
     p = sub.add_parser("show-config", help="print the resolved config as TOML")
     p.add_argument("--config")
     p.set_defaults(fn=cmd_show_config)
@@ -81,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     args, rest = parser.parse_known_args(argv)
     try:
         return args.fn(args, rest)
-    except (ConfigError, DataError, CheckpointError) as e:
+    except (ConfigError, DataError, CheckpointError, PoisonFileError) as e:
         print(f"pst-dist: error: {e}", file=sys.stderr)
         return 2
 

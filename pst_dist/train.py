@@ -24,7 +24,7 @@ from .data.sources import Splits, load_splits
 from .distributed import DistInfo, all_reduce_grads, init_distributed, teardown
 from .metrics import Metrics, git_sha, library_versions, write_atomic
 from .models import build_model
-from .poison import apply_poison
+from .poison import poison_train
 from .pst.detectors import probe_metrics, trigger_value
 from .pst.freeze import GroupedModel, drop_frozen_grads, param_groups, set_group_lrs, trace_units
 from .pst.groups import layer_groups
@@ -35,9 +35,10 @@ from .pst.schedule import ActiveStage, Schedule, lr_factor
 @dataclass
 class Data:
     splits: Splits
-    poisoned_train: torch.Tensor  # uint8, what the model is trained on
+    poisoned_train: torch.Tensor  # uint8, what the model is trained on (for a .beton: its first images only)
     mean: torch.Tensor
     std: torch.Tensor
+    beton: object | None = None  # pst_dist.data.beton.BetonDir when the training split lives in a .beton
 
 
 class Normalize:
@@ -49,10 +50,43 @@ class Normalize:
 
 
 def build_data(cfg: Config) -> Data:
+    if cfg.data.source == "beton":
+        from .data.beton import beton_data
+
+        return beton_data(cfg)
     splits = load_splits(cfg.data)
-    poisoned = apply_poison(splits.train.images, splits.train.labels, cfg.poison, splits.num_classes)
-    x = splits.train.images.float() / 255
+    tr = splits.train
+    poisoned = poison_train(tr.images, tr.labels, tr.index, splits.source_train_size, cfg.poison, splits.num_classes)
+    x = tr.images.float() / 255
     return Data(splits, poisoned, x.mean(dim=(0, 2, 3)), x.std(dim=(0, 2, 3)).clamp_min(1e-3))
+
+
+def build_loader(cfg: Config, data: Data, dist_info: DistInfo, device: torch.device):
+    """The training batches: FFCV over a .beton where there is one (data.loader=auto|ffcv), else in-memory torch
+    batches. Says which on stderr (primary rank)."""
+    common = dict(shuffle=True, augment=cfg.data.augment, seed=cfg.train.seed, rank=dist_info.rank,
+                  world_size=dist_info.world_size)
+    if data.beton is not None and cfg.data.loader != "torch":
+        loader = data.beton.batches("train", cfg.train.batch_size, device=device,
+                                    num_workers=cfg.data.loader_workers, **common)
+        why = f"FFCV Loader over {data.beton.file('train')} ({data.beton.meta['write_mode']}, " \
+              f"{cfg.data.loader_workers} workers)"
+    else:
+        if cfg.data.loader == "ffcv":
+            from .config import ConfigError
+
+            raise ConfigError("data.loader='ffcv' needs a .beton: write one with `pst-dist write-beton` and set "
+                              "data.source='beton', data.root=<that directory>")
+        if data.beton is not None:
+            tr = data.beton.read_split("train", num_workers=cfg.data.loader_workers)
+            images, labels, why = tr.images, tr.labels, "torch in-memory batches over the decoded .beton"
+        else:
+            images, labels = data.poisoned_train, data.splits.train.labels
+            why = "torch in-memory batches (the data is not a .beton)"
+        loader = TensorBatches(images, labels, cfg.train.batch_size, drop_last=True, **common)
+    if dist_info.is_primary:
+        print(f"[data] {why}; rank 0 of {dist_info.world_size} gets {len(loader)} batches/epoch", file=sys.stderr)
+    return loader
 
 
 def build_device(cfg: Config) -> torch.device:
@@ -137,9 +171,7 @@ def train(cfg: Config, resume: bool = False, data: Data | None = None, loader=No
     data = data or build_data(cfg)
     s = data.splits
     run_dir = Path(cfg.log.run_dir)
-    loader = loader or TensorBatches(data.poisoned_train, s.train.labels, cfg.train.batch_size, shuffle=True,
-                                     augment=cfg.data.augment, seed=cfg.train.seed, drop_last=True,
-                                     rank=dist_info.rank, world_size=dist_info.world_size)
+    loader = loader or build_loader(cfg, data, dist_info, device)
     model = build_model(cfg.model, s.num_classes, s.shape[0], s.shape[1]).to(device)
     gm = trace_units(model, layer_groups(model, cfg.model.block_groups), data.poisoned_train[:2].to(device).float())
     steps_per_epoch = len(loader)

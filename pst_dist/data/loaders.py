@@ -5,11 +5,41 @@ from __future__ import annotations
 
 import torch
 
+RRC_SCALE = (0.35, 1.0)
+RRC_RATIO = (3 / 4, 4 / 3)
+
+
+def rrc_params(h: int, w: int, g: torch.Generator, scale=RRC_SCALE, ratio=RRC_RATIO) -> tuple[int, int, int, int]:
+    """Random-resized-crop box (top, left, height, width), torchvision's rule, drawn from ``g``."""
+    area = h * w
+    log_r = torch.log(torch.tensor(ratio))
+    for _ in range(10):
+        a = area * float(torch.empty(1).uniform_(*scale, generator=g))
+        r = float(torch.exp(torch.empty(1).uniform_(float(log_r[0]), float(log_r[1]), generator=g)))
+        cw, ch = int(round((a * r) ** 0.5)), int(round((a / r) ** 0.5))
+        if 0 < cw <= w and 0 < ch <= h:
+            top = int(torch.randint(0, h - ch + 1, (1,), generator=g))
+            left = int(torch.randint(0, w - cw + 1, (1,), generator=g))
+            return top, left, ch, cw
+    return 0, 0, h, w  # fallback: whole image
+
 
 def augment_batch(x: torch.Tensor, mode: str, g: torch.Generator) -> torch.Tensor:
-    """Pad-crop (pad = side/8, reflect-free zero pad) and horizontal flip on a uint8 batch, per sample."""
+    """Pad-crop (pad = side/8, reflect-free zero pad) and horizontal flip on a uint8 batch, per sample;
+    or random resized crop + flip (``rrc_flip``), per sample, back to the input size."""
     if mode == "none":
         return x
+    if mode == "rrc_flip":
+        from torchvision.transforms.v2 import functional as F
+
+        n, _, h, w = x.shape
+        out = torch.empty_like(x)
+        flips = torch.rand(n, generator=g) < 0.5
+        for i in range(n):
+            top, left, ch, cw = rrc_params(h, w, g)
+            img = F.resized_crop(x[i], top, left, ch, cw, [h, w], antialias=True)
+            out[i] = img.flip(-1) if flips[i] else img
+        return out
     n, c, h, w = x.shape
     pad = max(1, h // 8)
     xp = torch.nn.functional.pad(x, (pad, pad, pad, pad))

@@ -1,0 +1,250 @@
+"""FFCV .beton path: lossless round trip, sharding over 2 real processes, bad files, atomic writes, imported
+poisons, and the trainer consuming a .beton (real ffcv, real files)."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pst_dist.config import load_config
+from pst_dist.data import beton as B
+from pst_dist.data.sources import DataError
+from pst_dist.poison import PoisonFileError, class_patterns
+from pst_dist.train import build_data, train
+
+from .conftest import TINY
+
+FMNIST = ["--data.source=fashion-mnist", "--data.train_size=300", "--data.val_size=100", "--data.test_size=200"]
+SMALL = ["--data.source=synthetic", "--data.synthetic_train=300", "--data.val_size=60", "--data.img_size=16"]
+
+
+def cfg_of(*over):
+    return load_config(None, list(over))
+
+
+@pytest.fixture(scope="module")
+def synth_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("b") / "synth"
+    B.write_betons(cfg_of(*SMALL, "--poison.kind=patch_noise"), out, log=lambda m: None)
+    return out
+
+
+@pytest.mark.parametrize("over", [SMALL, FMNIST], ids=["rgb", "gray"])
+def test_raw_round_trip_is_exact(tmp_path, over):
+    if over is FMNIST and not Path("/usr/share/datasets/fashion-mnist").is_dir():
+        pytest.skip("dataset-fashion-mnist not installed")
+    cfg = cfg_of(*over, "--poison.kind=classwise_noise")
+    B.write_betons(cfg, tmp_path / "d", log=lambda m: None)
+    data = build_data(cfg)
+    b = B.BetonDir(tmp_path / "d")
+    got = {k: b.read_split(k, num_workers=1) for k in B.SPLITS}
+    want = {"train": (data.poisoned_train, data.splits.train.labels),
+            "val": (data.splits.val.images, data.splits.val.labels),
+            "test": (data.splits.test.images, data.splits.test.labels)}
+    for k, (x, y) in want.items():
+        assert got[k].images.shape == x.shape, k
+        assert torch.equal(got[k].images, x), f"{k}: decoded pixels differ from the source"
+        assert torch.equal(got[k].labels, y), f"{k}: labels differ"
+    m = b.meta
+    assert m["write_mode"] == "raw" and not m["lossy"] and m["poison"]["kind"] == "classwise_noise"
+    assert abs(m["poison"]["norms"]["linf"] * 255 - 8) < 1e-6
+    assert m["fingerprint"]["clean_train_sha256"] == B.fingerprint(data.splits.train)
+
+
+def test_jpg_mode_warns_and_is_lossy(tmp_path):
+    said = []
+    B.write_betons(cfg_of(*SMALL, "--poison.kind=patch_noise"), tmp_path / "j", write_mode="jpg", jpeg_quality=50,
+                   log=said.append)
+    assert any("defense" in s and "JPEG" in s for s in said)
+    b = B.BetonDir(tmp_path / "j")
+    assert b.meta["lossy"] and b.meta["jpeg_quality"] == 50
+    x = b.read_split("train", num_workers=1).images
+    ref = build_data(cfg_of(*SMALL, "--poison.kind=patch_noise")).poisoned_train
+    diff = (x.float() - ref.float()).abs()
+    other = (x.float() - ref.roll(1, 0).float()).abs()  # each image against another one
+    assert diff.max() > 0 and diff.mean() < 0.5 * other.mean()  # compressed, still the same images
+
+
+def test_trainer_consumes_beton_on_both_paths(tmp_path, synth_dir, capfd):
+    base = [*TINY, "--train.epochs=1", "--data.source=beton", f"--data.root={synth_dir}"]
+    s_ffcv = train(cfg_of(*base, f"--log.run_dir={tmp_path / 'f'}"))
+    err = capfd.readouterr().err
+    assert "[data] FFCV Loader" in err
+    s_torch = train(cfg_of(*base, "--data.loader=torch", f"--log.run_dir={tmp_path / 't'}"))
+    assert "[data] torch in-memory batches over the decoded .beton" in capfd.readouterr().err
+    assert s_ffcv["steps"] == s_torch["steps"] == 300 // 32
+    for s in (s_ffcv, s_torch):
+        assert 0 <= s["final_test_acc"] <= 1 and np.isfinite(s["model_checksum"])
+    train(cfg_of(*TINY, "--train.epochs=1", f"--log.run_dir={tmp_path / 'n'}"))
+    assert "(the data is not a .beton)" in capfd.readouterr().err
+
+
+def test_beton_source_refuses_a_second_poison(synth_dir):
+    with pytest.raises(DataError, match="already holds its poison"):
+        build_data(cfg_of("--data.source=beton", f"--data.root={synth_dir}", "--poison.kind=patch_noise"))
+
+
+@pytest.mark.multiproc
+def test_two_ranks_shard_one_epoch_each_sample_once(tmp_path):
+    n = 203  # odd, and not a multiple of the batch: exercises both remainders
+    d = tmp_path / "ids"
+    d.mkdir()
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(rng.integers(0, 256, (n, 3, 8, 8), dtype=np.uint8))
+    ids = torch.arange(n)
+    for k in B.SPLITS:
+        B.write_split(d / f"{k}.beton", x, ids, num_workers=1)
+    meta = {"format": B.FORMAT, "shape": [3, 8, 8], "write_mode": "raw", "lossy": False,
+            "splits": {k: {"num_samples": n, "bytes": (d / f"{k}.beton").stat().st_size} for k in B.SPLITS}}
+    (d / B.META).write_text(json.dumps(meta))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(Path(__file__).parent / "beton_shard_worker.py"), str(d), str(tmp_path)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={"OMP_NUM_THREADS": "1",
+                         "PATH": "/usr/bin:/bin", "PYTHONPATH": str(Path(__file__).parent.parent)})
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = [json.loads((tmp_path / f"shard{k}.json").read_text()) for k in (0, 1)]
+    full = r[0]["False"] + r[1]["False"]
+    assert len(full) == len(set(full)) == n - n % 2, "without drop_last: every sample once, less n mod 2"
+    assert not set(r[0]["False"]) & set(r[1]["False"])
+    kept = r[0]["True"] + r[1]["True"]
+    per_rank = (n // 2) // 16 * 16  # drop_last drops each rank's partial batch
+    assert len(kept) == len(set(kept)) == 2 * per_rank and r[0]["len_True"] == per_rank // 16
+    # same permutation as the torch path (TensorBatches) for the same seed and epoch
+    from pst_dist.data.loaders import TensorBatches
+
+    tb = [TensorBatches(x, ids, 16, seed=3, rank=k, world_size=2) for k in (0, 1)]
+    for k in (0, 1):
+        tb[k].set_epoch(2)
+        assert [int(v) for _, y in tb[k] for v in y] == r[k]["False"]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# bad input: clear errors, nothing half-written
+
+
+def test_truncated_foreign_and_missing_files(tmp_path, synth_dir):
+    d = tmp_path / "copy"
+    shutil.copytree(synth_dir, d)
+    with open(d / "train.beton", "r+b") as f:
+        f.truncate((d / "train.beton").stat().st_size // 2)
+    with pytest.raises(DataError, match="truncated"):
+        B.BetonDir(d)
+    with pytest.raises(DataError, match="truncated"):  # also without beton.json's size to compare against
+        B.check_beton(d / "train.beton")
+    (d / "train.beton").write_bytes(b"not a beton" * 100)
+    with pytest.raises(DataError, match="train.beton"):
+        B.check_beton(d / "train.beton")
+    from ffcv.fields import IntField, NDArrayField
+    from ffcv.writer import DatasetWriter
+
+    w = DatasetWriter(str(d / "train.beton"), {"img": NDArrayField(np.dtype("uint8"), (4,)), "target": IntField()},
+                      num_workers=1)
+    w.from_indexed_dataset([(np.zeros(4, np.uint8), 1)] * 3)
+    with pytest.raises(DataError, match="foreign .beton.*found"):
+        B.check_beton(d / "train.beton")
+    shutil.copy(synth_dir / "train.beton", d / "train.beton")
+    B.BetonDir(d)  # intact again
+    (d / "val.beton").unlink()
+    with pytest.raises(DataError, match="missing split file.*val.beton"):
+        B.BetonDir(d)
+    with pytest.raises(DataError, match="not found"):
+        B.BetonDir(tmp_path / "nowhere")
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(DataError, match="no beton.json"):
+        B.BetonDir(tmp_path / "plain")
+
+
+def test_interrupted_write_leaves_nothing_and_keeps_the_old_directory(tmp_path, synth_dir, monkeypatch):
+    out = tmp_path / "out"
+    shutil.copytree(synth_dir, out)
+    before = (out / B.META).read_text()
+    real = B.write_split
+    calls = []
+
+    def dies_on_test_split(path, *a, **k):
+        calls.append(path.name)
+        if path.name == "test.beton":
+            raise KeyboardInterrupt
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(B, "write_split", dies_on_test_split)
+    with pytest.raises(KeyboardInterrupt):
+        B.write_betons(cfg_of(*SMALL), out, log=lambda m: None)
+    assert calls == ["train.beton", "val.beton", "test.beton"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"], "a partial directory was left behind"
+    assert (out / B.META).read_text() == before
+
+
+def test_poison_shape_mismatch_writes_nothing(tmp_path):
+    bad = tmp_path / "p.npy"
+    np.save(bad, np.zeros((359, 3, 15, 16), np.float32))  # synthetic source: 300 + 60 images of 3 x 16 x 16
+    cfg = cfg_of(*SMALL, "--poison.kind=file", f"--poison.path={bad}")
+    want = r"expected \(N, C, H, W\) = \(360, 3, 16, 16\).*found \(359, 3, 15, 16\)"
+    with pytest.raises(PoisonFileError, match=want):
+        B.write_betons(cfg, tmp_path / "out", log=lambda m: None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.npy"]
+
+
+def test_cli_write_beton_errors_exit_2(tmp_path):
+    from pst_dist.cli import main
+
+    assert main(["write-beton", "--out", str(tmp_path / "o"), *SMALL, "--poison.kind=file",
+                 f"--poison.path={tmp_path / 'missing.npy'}"]) == 2
+    assert not (tmp_path / "o").exists()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# imported poisons
+
+
+
+
+@pytest.mark.parametrize("layout,kind", [("nchw", "float"), ("nhwc", "float"), ("nchw", "uint8")])
+def test_imported_poison_matches_the_generated_one(tmp_path, layout, kind):
+    ref_cfg = cfg_of(*SMALL, "--poison.kind=classwise_noise")
+    ref = build_data(ref_cfg)
+    tr = ref.splits.train
+    n_src = ref.splits.source_train_size
+    from pst_dist.data.sources import load_splits
+
+    # rebuild the source-ordered clean training split, then its poisoned version, as an outside tool would save it
+    clean = torch.zeros((n_src, *ref.splits.shape), dtype=torch.uint8)
+    labels = torch.zeros(n_src, dtype=torch.int64)
+    full = load_splits(ref_cfg.data)
+    for s in (full.train, full.val):
+        clean[s.index], labels[s.index] = s.images, s.labels
+    delta = class_patterns(ref_cfg.poison, 10, ref.splits.shape)[labels]
+    if kind == "float":
+        t = delta.float() / 255
+    else:
+        t = (clean.to(torch.int16) + delta).clamp(0, 255).to(torch.uint8)
+    if layout == "nhwc":
+        t = t.permute(0, 2, 3, 1).contiguous()
+    path = tmp_path / ("p.npy" if kind == "float" else "p.pt")
+    np.save(path, t.numpy()) if kind == "float" else torch.save(t, path)
+    got = build_data(cfg_of(*SMALL, "--poison.kind=file", f"--poison.path={path}"))
+    assert torch.equal(got.poisoned_train, ref.poisoned_train)
+    assert torch.equal(got.splits.train.index, tr.index)
+
+
+def test_imported_poison_errors(tmp_path):
+    def err(t, name="p.npy", eps=None, match=""):
+        path = tmp_path / name
+        np.save(path, t) if name.endswith(".npy") else torch.save(t, path)
+        over = [*SMALL, "--poison.kind=file", f"--poison.path={path}"] + ([f"--poison.eps={eps}"] if eps else [])
+        with pytest.raises(PoisonFileError, match=match):
+            build_data(cfg_of(*over))
+
+    err(np.full((360, 3, 16, 16), 0.2, np.float32), match="L-inf 51/255 exceeds poison.eps = 8/255")
+    err(np.full((360, 3, 16, 16), 3.0, np.float32), eps=1.0, match=r"\[-1, 1\].*255 units")
+    err(np.zeros((360, 3, 16, 16), np.int32), match="dtype")
+    err(np.full((360, 3, 16, 16), np.nan, np.float32), match="NaN")
+    err({"not": "a tensor"}, name="p.pt", match="expected a tensor")
+    (tmp_path / "evil.pt").write_bytes(b"\x80\x04cbuiltins\nexec\n.")
+    with pytest.raises(PoisonFileError, match="cannot read"):
+        build_data(cfg_of(*SMALL, "--poison.kind=file", f"--poison.path={tmp_path / 'evil.pt'}"))
