@@ -17,16 +17,19 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-# Debian packages: Fashion-MNIST IDX files. Skipped with a message where apt-get cannot run;
-# everything else still works (the synthetic data set needs nothing).
+# Debian packages: FFCV's build and runtime libraries (required: pip builds ffcv against them) and the
+# Fashion-MNIST IDX files (optional: the synthetic data set needs nothing).
+FFCV_APT := pkg-config libturbojpeg0-dev libopencv-dev
+DATA_APT := dataset-fashion-mnist
 system-deps:
-	@if [ -d /usr/share/datasets/fashion-mnist ] && ls /usr/share/datasets/fashion-mnist/*ubyte* >/dev/null 2>&1; then \
-	  echo "system-deps: Fashion-MNIST already present"; \
+	@missing=$$(for p in $(FFCV_APT) $(DATA_APT); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -z "$$missing" ]; then \
+	  echo "system-deps: all present ($(FFCV_APT) $(DATA_APT))"; \
 	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
-	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist) \
-	  || echo "system-deps: WARNING could not install dataset-fashion-mnist; Fashion-MNIST runs will be unavailable"; \
+	  echo "system-deps: apt-get install $$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	else \
-	  echo "system-deps: apt-get unavailable or not root; skipping dataset-fashion-mnist (synthetic data still works)"; \
+	  echo "system-deps: need root apt-get for: $$missing (FFCV needs $(FFCV_APT); Fashion-MNIST is optional)"; \
 	fi
 
 demo: $(STAMP)
