@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -25,7 +26,12 @@ def cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
 
     cfg = load_config(args.config, _split_overrides(rest))
     summary = train(cfg, resume=args.resume)
-    print(json.dumps({k: v for k, v in summary.items() if not k.endswith("_curve")}, indent=2))
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps({k: v for k, v in summary.items() if not k.endswith("_curve")}, indent=2))
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # the process group is gone; skip interpreter teardown, which
+        sys.stdout.flush()                           # now and then aborts with "terminate called without an active
+        sys.stderr.flush()                           # exception" after multi-process DeepSpeed runs
+        os._exit(0)
     return 0
 
 

@@ -295,6 +295,35 @@ class LogConfig:
 
 
 @dataclass
+class DeepSpeedConfig:
+    enabled: bool = False
+    """Train through a DeepSpeed engine (any launcher: python, torchrun, deepspeed, Ray Train workers)."""
+    zero_stage: int = 0
+    """ZeRO stage 0-3. PST freezing is by per-group lr / weight decay 0, which holds at every stage."""
+    bf16: bool = False
+    """bf16 weights and compute (DeepSpeed's bf16 mode; fp32 master weights in the optimizer)."""
+    fp16: bool = False
+    """fp16 with dynamic loss scaling."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step (train.batch_size is the micro-batch per process)."""
+    grad_clip: float = 0.0
+    """Global gradient-norm clipping; 0 = off."""
+    offload_optimizer: bool = False
+    """ZeRO 1-3: optimizer state in CPU memory."""
+    offload_param: bool = False
+    """ZeRO 3: parameters in CPU memory."""
+
+    def __post_init__(self) -> None:
+        _check(self.zero_stage in (0, 1, 2, 3), f"deepspeed.zero_stage={self.zero_stage}: expected 0, 1, 2 or 3")
+        _check(not (self.bf16 and self.fp16), "deepspeed.bf16 and deepspeed.fp16 are both true: pick one")
+        _check(self.grad_accum >= 1, f"deepspeed.grad_accum={self.grad_accum}: must be >= 1")
+        _check(self.grad_clip >= 0, f"deepspeed.grad_clip={self.grad_clip}: must be >= 0")
+        _check(not self.offload_optimizer or self.zero_stage >= 1,
+               "deepspeed.offload_optimizer needs deepspeed.zero_stage >= 1")
+        _check(not self.offload_param or self.zero_stage == 3, "deepspeed.offload_param needs deepspeed.zero_stage = 3")
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     poison: PoisonConfig = field(default_factory=PoisonConfig)
@@ -302,6 +331,7 @@ class Config:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
 
 
 # ----------------------------------------------------------------------------------------------------------------

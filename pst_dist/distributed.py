@@ -3,8 +3,11 @@ Ray Train workers, all of which set RANK / WORLD_SIZE / LOCAL_RANK (and MASTER_A
 
 from __future__ import annotations
 
+import contextlib
 import os
+import random
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -42,6 +45,216 @@ def all_reduce_grads(params, world_size: int) -> None:
             p.grad /= world_size
 
 
+def broadcast_buffers(module: torch.nn.Module) -> None:
+    """Copy rank 0's buffers (BatchNorm running statistics) to every rank, as DDP does before each forward: each
+    rank's batches would otherwise drift its statistics apart, and frozen BatchNorm (eval mode) would then compute
+    different functions on different ranks, and a resume (from rank 0's checkpoint) would not reproduce rank 1."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for b in module.buffers():
+        by_dtype.setdefault(b.dtype, []).append(b)
+    for bufs in by_dtype.values():
+        flat = torch._utils._flatten_dense_tensors([b.detach() for b in bufs])
+        dist.broadcast(flat, src=0)
+        for b, v in zip(bufs, torch._utils._unflatten_dense_tensors(flat, bufs), strict=True):
+            b.copy_(v)
+
+
+def mean_across_ranks(value: float) -> float:
+    """The mean of a scalar over all ranks (the value itself on one process)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    t = torch.tensor([float(value)], dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t) / dist.get_world_size()
+
+
 def teardown() -> None:
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Engines: the trainer talks to one of these; PST freezing is the same for both (one param group per layer group,
+# lr and weight decay 0 while frozen, no backward through the frozen prefix), so it holds under every ZeRO stage.
+
+
+class TorchEngine:
+    """Plain torch: the optimizer as built, gradients averaged by all-reduce when there is more than one process."""
+
+    zero_stage = -1
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, world_size: int):
+        self.module, self.optimizer, self.world_size = model, optimizer, world_size
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+
+    def step(self, mults: tuple[float, ...]) -> None:
+        from .pst.freeze import drop_frozen_grads
+
+        drop_frozen_grads(self.optimizer, mults)
+        if self.world_size > 1:
+            all_reduce_grads(self.module.parameters(), self.world_size)
+        self.optimizer.step()
+
+    def gathered(self):
+        return contextlib.nullcontext()
+
+    def module_changed(self) -> None:
+        """Parameters were modified in place (head re-init): nothing to resynchronise here."""
+
+    def save(self, run_dir: Path, state: dict, model_name: str, is_primary: bool) -> None:
+        from .checkpoint import save_checkpoint
+
+        if is_primary:
+            save_checkpoint(run_dir / "checkpoint.pt", self.module, self.optimizer, state, model_name)
+
+    def load(self, run_dir: Path, model_name: str) -> dict:
+        from .checkpoint import load_checkpoint
+
+        return load_checkpoint(run_dir / "checkpoint.pt", self.module, self.optimizer, model_name)
+
+
+class DeepSpeedEngine:
+    """A DeepSpeed engine around the model and the torch optimizer (per-layer-group param groups), ZeRO 0-3.
+
+    Checkpoints go through ``engine.save_checkpoint`` / ``load_checkpoint`` under ``<run_dir>/ds_checkpoint`` with
+    the trainer state as client state and each rank's RNG beside it; before DeepSpeed unpickles them (it does so
+    without ``weights_only``), every file is checked to reference only allow-listed globals.
+    """
+
+    def __init__(self, cfg, model: torch.nn.Module, optimizer: torch.optim.Optimizer, info: DistInfo):
+        import deepspeed
+
+        self.cfg, self.info = cfg, info
+        self.zero_stage = cfg.deepspeed.zero_stage
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                                                 config=deepspeed_config(cfg, info.world_size))
+        self.module = self.engine.module
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
+
+    def step(self, mults: tuple[float, ...]) -> None:
+        if self.zero_stage == 0 and not (self.cfg.deepspeed.bf16 or self.cfg.deepspeed.fp16):
+            from .pst.freeze import drop_frozen_grads  # the torch optimizer itself: keep frozen moments still
+
+            drop_frozen_grads(self.optimizer, mults)
+        boundary = self.engine.is_gradient_accumulation_boundary()
+        self.engine.step()
+        flat = getattr(self.optimizer, "grad_partitions_flat_buffer", None)  # ZeRO-3
+        if boundary and flat is not None:
+            # ZeRO-3 overwrites the gradient partitions of parameters that received a gradient and leaves the others
+            # as they were: a frozen group (no backward through it) would feed its last trainable-stage gradient
+            # to Adam's moments at every frozen step, and a resumed run (zeros) would not reproduce that.
+            flat.zero_()
+
+    def gathered(self):
+        """Full parameters on every rank (ZeRO-3 partitions them); modifications made inside are kept."""
+        if self.zero_stage != 3:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=0)
+
+    def module_changed(self) -> None:
+        """Copy in-place parameter changes into the optimizer's fp32 master partitions (ZeRO >= 1 or bf16/fp16),
+        or the next step would write the old weights back."""
+        restore = getattr(self.optimizer, "_restore_from_bit16_weights", None)
+        if restore is not None:
+            restore()
+
+    def save(self, run_dir: Path, state: dict, model_name: str, is_primary: bool) -> None:
+        ckpt = run_dir / "ds_checkpoint"
+        tag = f"step{state['step']}"
+        self.engine.save_checkpoint(str(ckpt), tag=tag, client_state={"pst_state": state, "model_name": model_name})
+        rng = {"torch": torch.get_rng_state(), "python": torch.tensor(list(random.getstate()[1]), dtype=torch.int64),
+               "python_pos": random.getstate()[2]}
+        tmp = ckpt / tag / f".rng_rank{self.info.rank}.pt.tmp"
+        torch.save(rng, tmp)
+        os.replace(tmp, ckpt / tag / f"rng_rank{self.info.rank}.pt")
+        if dist.is_initialized():
+            dist.barrier()
+
+    def load(self, run_dir: Path, model_name: str) -> dict:
+        from .checkpoint import CheckpointError
+
+        ckpt = run_dir / "ds_checkpoint"
+        latest = ckpt / "latest"
+        if not latest.is_file():
+            raise CheckpointError(f"no DeepSpeed checkpoint to resume from under {ckpt}")
+        tag = latest.read_text().strip()
+        check_ds_checkpoint(ckpt / tag)
+        path, client = self.engine.load_checkpoint(str(ckpt), tag=tag)
+        if path is None:
+            raise CheckpointError(f"{ckpt / tag}: DeepSpeed could not load it")
+        if client.get("model_name") != model_name:
+            raise CheckpointError(f"{ckpt / tag}: checkpoint is of model {client.get('model_name')!r}, config says "
+                                  f"{model_name!r}")
+        rng = torch.load(ckpt / tag / f"rng_rank{self.info.rank}.pt", weights_only=True)
+        torch.set_rng_state(rng["torch"])
+        random.setstate((3, tuple(int(v) for v in rng["python"]), rng["python_pos"]))
+        return client["pst_state"]
+
+
+# Globals DeepSpeed's own checkpoints reference (besides tensors and containers). Anything else in a checkpoint
+# file is refused before DeepSpeed's unrestricted torch.load sees it.
+DS_SAFE_GLOBALS = {
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler", "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "deepspeed.runtime.zero.config.ZeroStageEnum", "deepspeed.utils.tensor_fragment.fragment_address",
+    "deepspeed.checkpoint.constants.OPTIMIZER_STATE_DICT", "collections.OrderedDict", "torch._utils._rebuild_tensor_v2",
+    "torch.BFloat16Storage", "torch.FloatStorage", "torch.HalfStorage", "torch.LongStorage", "torch.ByteStorage",
+    "torch.IntStorage", "torch.serialization._get_layout", "torch.float32", "torch.bfloat16", "torch.float16",
+    "torch._utils._rebuild_parameter", "argparse.Namespace", "collections.defaultdict", "builtins.set",
+}
+
+
+def check_ds_checkpoint(tag_dir: Path) -> None:
+    """Refuse a DeepSpeed checkpoint file that references globals outside :data:`DS_SAFE_GLOBALS`."""
+    from .checkpoint import CheckpointError
+
+    files = sorted(tag_dir.glob("*.pt"))
+    if not files:
+        raise CheckpointError(f"{tag_dir}: no checkpoint files")
+    for f in files:
+        try:
+            unsafe = set(torch.serialization.get_unsafe_globals_in_checkpoint(str(f)))
+        except Exception as e:  # noqa: BLE001 - unreadable is refused
+            raise CheckpointError(f"{f}: not a readable checkpoint ({type(e).__name__}: {e})") from None
+        bad = sorted(unsafe - DS_SAFE_GLOBALS)
+        if bad:
+            raise CheckpointError(f"{f}: references globals outside the DeepSpeed allow-list: {bad}")
+
+
+def deepspeed_config(cfg, world_size: int) -> dict:
+    """The ``[deepspeed]`` section (and train.batch_size as the per-process micro-batch) as a DeepSpeed config."""
+    d = cfg.deepspeed
+    zero: dict = {"stage": d.zero_stage}
+    if d.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if d.offload_param:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if d.zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    return {
+        "train_micro_batch_size_per_gpu": cfg.train.batch_size,
+        "gradient_accumulation_steps": d.grad_accum,
+        "train_batch_size": cfg.train.batch_size * d.grad_accum * world_size,
+        "gradient_clipping": d.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": d.bf16},
+        "fp16": {"enabled": d.fp16},
+        "zero_allow_untested_optimizer": True,  # the torch optimizer with per-layer-group param groups
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+
+
+def build_engine(cfg, model: torch.nn.Module, optimizer: torch.optim.Optimizer, info: DistInfo):
+    if cfg.deepspeed.enabled:
+        return DeepSpeedEngine(cfg, model, optimizer, info)
+    return TorchEngine(model, optimizer, info.world_size)

@@ -6,6 +6,7 @@ Setup lives in small ``build_*`` functions. The loop takes any iterable of (uint
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import sys
@@ -17,16 +18,24 @@ import torch.nn as nn
 from torchvision.utils import make_grid
 from tqdm import tqdm
 
-from .checkpoint import load_checkpoint, save_checkpoint
 from .config import Config, dump_toml
 from .data.loaders import TensorBatches
 from .data.sources import Splits, load_splits
-from .distributed import DistInfo, all_reduce_grads, init_distributed, teardown
+from .distributed import (
+    DeepSpeedEngine,
+    DistInfo,
+    TorchEngine,
+    broadcast_buffers,
+    build_engine,
+    init_distributed,
+    mean_across_ranks,
+    teardown,
+)
 from .metrics import Metrics, git_sha, library_versions, write_atomic
 from .models import build_model
 from .poison import poison_train
 from .pst.detectors import probe_metrics, trigger_value
-from .pst.freeze import GroupedModel, drop_frozen_grads, param_groups, set_group_lrs, trace_units
+from .pst.freeze import GroupedModel, param_groups, set_group_lrs, trace_units
 from .pst.groups import layer_groups
 from .pst.losses import stage_loss
 from .pst.schedule import ActiveStage, Schedule, lr_factor
@@ -142,28 +151,31 @@ def reinit_head(gm: GroupedModel, seed: int) -> None:
                         m.reset_parameters()
 
 
-def train_step(gm: GroupedModel, optimizer: torch.optim.Optimizer, stage: ActiveStage, x: torch.Tensor,
-               y: torch.Tensor, lr: float, normalize: Normalize, num_classes: int, autocast,
+def train_step(gm: GroupedModel, engine: TorchEngine | DeepSpeedEngine | torch.optim.Optimizer, stage: ActiveStage,
+               x: torch.Tensor, y: torch.Tensor, lr: float, normalize: Normalize, num_classes: int, autocast,
                world_size: int = 1) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
-    """One optimizer step under ``stage``: frozen prefix under no_grad, frozen groups get no grad, lr or wd."""
+    """One optimizer step under ``stage``: frozen prefix under no_grad, frozen groups get no grad, lr or wd.
+    ``engine`` is a TorchEngine / DeepSpeedEngine, or a bare torch optimizer (wrapped in a TorchEngine)."""
+    if isinstance(engine, torch.optim.Optimizer):
+        engine = TorchEngine(gm.model, engine, world_size)
     gm.set_frozen_prefix(stage.mults)  # idempotent; re-installs hooks after a resume
-    set_group_lrs(optimizer, lr, stage.mults)
+    set_group_lrs(engine.optimizer, lr, stage.mults)
+    with torch.no_grad():
+        broadcast_buffers(gm.model)  # one BatchNorm state on every rank (no-op on one process)
     xf = x.float() / 255 if x.dtype == torch.uint8 else x.float()
     loss, logits, parts = stage_loss(gm, xf, y, stage.config.loss, normalize, num_classes, autocast)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    drop_frozen_grads(optimizer, stage.mults)
-    if world_size > 1:
-        all_reduce_grads(gm.model.parameters(), world_size)
-    optimizer.step()
+    engine.backward(loss)
+    engine.step(stage.mults)
     return loss.detach(), logits.detach(), parts
 
 
 def train(cfg: Config, resume: bool = False, data: Data | None = None, loader=None,
-          stop_after_epochs: int | None = None) -> dict:
+          stop_after_epochs: int | None = None, on_epoch=None) -> dict:
     """Train one configuration; returns the summary (final/peak accuracies). Writes everything to cfg.log.run_dir.
 
     ``stop_after_epochs`` ends the run early as an interruption would (after that epoch's checkpoint).
+    ``on_epoch(epoch, logs, gm, engine)`` is called on every rank after each epoch's checkpoint (a reporting hook
+    for Ray Tune and for tests; under ZeRO-3 use ``engine.gathered()`` to see full parameters).
     """
     device = build_device(cfg)
     dist_info: DistInfo = init_distributed(device.type)
@@ -177,16 +189,17 @@ def train(cfg: Config, resume: bool = False, data: Data | None = None, loader=No
     steps_per_epoch = len(loader)
     total_steps = steps_per_epoch * cfg.train.epochs
     schedule = Schedule(cfg.schedule.stages, gm.num_groups, steps_per_epoch, total_steps)  # validates group indices
-    optimizer = build_optimizer(cfg, model, gm)
+    engine = build_engine(cfg, model, build_optimizer(cfg, model, gm), dist_info)
     normalize = Normalize(data.mean, data.std, device)
     probe_n = min(cfg.data.probe_size, len(s.train))
     probe_x = data.poisoned_train[:probe_n].to(device).float() / 255
     probe_y = s.train.labels[:probe_n].to(device)
-    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.bf16)
+    bf16 = cfg.train.bf16 or (cfg.deepspeed.enabled and cfg.deepspeed.bf16)  # DeepSpeed bf16 = bf16 weights
+    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+    eval_ctx = autocast if cfg.deepspeed.enabled and cfg.deepspeed.bf16 else contextlib.nullcontext
     st = {"step": 0, "epoch": 0, "history": [], "entered": -1, "records": []}
-    ckpt = run_dir / "checkpoint.pt"
     if resume:
-        st = load_checkpoint(ckpt, model, optimizer, cfg.model.name)
+        st = engine.load(run_dir, cfg.model.name)
     if dist_info.is_primary:  # only now that every input has been validated
         write_run_header(run_dir, cfg)
     metrics = Metrics(run_dir, dist_info.is_primary, cfg.log.tensorboard)
@@ -199,7 +212,7 @@ def train(cfg: Config, resume: bool = False, data: Data | None = None, loader=No
         trig = stage.config.trigger
         vals = probe_metrics(gm, probe_x, probe_y, normalize, trig.view if trig else "blur")
         if trig is not None and step > stage.start and schedule.can_fire(stage, step):
-            value = trigger_value(trig.kind, vals, trig.group)
+            value = mean_across_ranks(trigger_value(trig.kind, vals, trig.group))  # every rank switches together
             vals["pst/trigger_value"] = value
             if value > trig.threshold:
                 history = tuple(sorted(history + ((stage.index, step),)))
@@ -225,13 +238,15 @@ def train(cfg: Config, resume: bool = False, data: Data | None = None, loader=No
             stage = schedule.stage_at(step, history)
             if stage.index != st["entered"]:  # entering a stage: freeze / unfreeze / rescale / re-init head
                 if stage.config.reinit_head and stage.index > st["entered"]:
-                    reinit_head(gm, cfg.train.seed * 1000 + stage.index)
+                    with engine.gathered():
+                        reinit_head(gm, cfg.train.seed * 1000 + stage.index)
+                    engine.module_changed()
                 set_train_mode(stage)
                 st["entered"] = stage.index
                 metrics.log(step, {"pst/stage": stage.index})
             lr = cfg.train.lr * lr_factor(stage, step, cfg.train.lr_schedule, cfg.train.warmup_steps)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            loss, logits, parts = train_step(gm, optimizer, stage, x, y, lr, normalize, s.num_classes, autocast,
+            loss, logits, parts = train_step(gm, engine, stage, x, y, lr, normalize, s.num_classes, autocast,
                                              dist_info.world_size)
             step += 1
             seen += len(y)
@@ -241,7 +256,8 @@ def train(cfg: Config, resume: bool = False, data: Data | None = None, loader=No
                 bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", stage=stage.index)
                 metrics.log(step, {"train/loss_step": float(loss), "train/lr": lr, **parts})
             if cfg.schedule.check_every and step % cfg.schedule.check_every == 0:
-                last_detect = check(schedule.stage_at(step, history), step)
+                with eval_ctx():
+                    last_detect = check(schedule.stage_at(step, history), step)
                 metrics.log(step, last_detect)
         # ---- end of epoch: detectors, eval, log, checkpoint ----
         stage_now = schedule.stage_at(step, history)
@@ -249,18 +265,21 @@ def train(cfg: Config, resume: bool = False, data: Data | None = None, loader=No
                 "pst/stage": stage.index}
         logs.update({f"pst/group_{i}/lr_mult": m for i, m in enumerate(stage.mults)})
         if not cfg.schedule.check_every:
-            last_detect = check(stage_now, step)
+            with eval_ctx():
+                last_detect = check(stage_now, step)
             logs.update(last_detect)
         last = epoch + 1 == cfg.train.epochs
         if (epoch + 1) % cfg.train.eval_every == 0 or last:
-            logs["eval/val_acc"] = evaluate(model, s.val.images, s.val.labels, normalize, device)
-            logs["eval/test_acc"] = evaluate(model, s.test.images, s.test.labels, normalize, device)
+            with eval_ctx():
+                logs["eval/val_acc"] = evaluate(model, s.val.images, s.val.labels, normalize, device)
+                logs["eval/test_acc"] = evaluate(model, s.test.images, s.test.labels, normalize, device)
         metrics.log(step, logs)
         st["records"].append({k: v for k, v in logs.items() if isinstance(v, int | float)})
         st.update(step=step, epoch=epoch + 1, history=[list(h) for h in history])
-        if dist_info.is_primary and (last or (cfg.train.checkpoint_every and (epoch + 1) % cfg.train.checkpoint_every
-                                              == 0)):
-            save_checkpoint(ckpt, model, optimizer, st, cfg.model.name)
+        if last or (cfg.train.checkpoint_every and (epoch + 1) % cfg.train.checkpoint_every == 0):
+            engine.save(run_dir, st, cfg.model.name, dist_info.is_primary)
+        if on_epoch is not None:
+            on_epoch(epoch + 1, logs, gm, engine)
         if dist_info.is_primary:
             nan = float("nan")
             tqdm.write(f"[{run_dir.name}] epoch {epoch + 1}: loss {logs['train/loss']:.3f} "
@@ -270,7 +289,8 @@ def train(cfg: Config, resume: bool = False, data: Data | None = None, loader=No
         if stop_after_epochs is not None and epoch + 1 >= stop_after_epochs:
             break
     summary = summarize(st)
-    summary["model_checksum"] = float(sum(p.detach().double().abs().sum() for p in model.parameters()))
+    with engine.gathered():
+        summary["model_checksum"] = float(sum(p.detach().double().abs().sum() for p in model.parameters()))
     summary["world_size"] = dist_info.world_size
     if dist_info.is_primary:
         write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Several nodes through the DeepSpeed launcher and a hostfile ("node1 slots=8" per line); run on the first node,
+# which must reach the others by passwordless ssh, each with this repository at the same path and `make` done.
+#   HOSTFILE=hosts launch/deepspeed_multinode.sh --config launch/configs/vit_large_imagenet_mini.toml
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN=${BIN:-.venv/bin}
+: "${HOSTFILE:?set HOSTFILE to a DeepSpeed hostfile (lines: <host> slots=<gpus>)}"
+[ -f "$HOSTFILE" ] || { echo "hostfile not found: $HOSTFILE" >&2; exit 2; }
+exec "$BIN/deepspeed" --hostfile "$HOSTFILE" --master_port "${MASTER_PORT:-29500}" --no_local_rank --module pst_dist.cli train "$@"

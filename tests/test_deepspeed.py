@@ -1,0 +1,88 @@
+"""The DeepSpeed engine with 2 real processes on CPU (gloo): PST freezing under ZeRO 0/1/2/3 with AdamW, and a
+kill -9 in the middle of a stage followed by --resume."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pst_dist.config import ConfigError, load_config
+from pst_dist.distributed import deepspeed_config
+
+from .conftest import TINY
+
+HERE = Path(__file__).parent
+BASE = [*TINY, "--train.optimizer=adamw", "--train.lr=0.003", "--train.weight_decay=0.05", "--deepspeed.enabled=true",
+        "--poison.kind=patch_noise"]
+FREEZE = '--schedule.stages=[{name="a",epochs=1},{name="b",epochs=1,freeze=[0,1]},{name="c"}]'
+
+
+def torchrun(out: Path, *args: str, timeout: int = 400) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(HERE / "ds_worker.py"), str(out), *args]
+    env = {"OMP_NUM_THREADS": "1", "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+           "PYTHONPATH": str(HERE.parent), "HOME": os.environ.get("HOME", "/tmp")}
+    if "TORCH_EXTENSIONS_DIR" in os.environ:
+        env["TORCH_EXTENSIONS_DIR"] = os.environ["TORCH_EXTENSIONS_DIR"]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, start_new_session=True)
+
+
+def ranks(out: Path, suffix: str = "") -> list[dict]:
+    return [json.loads((out / f"rank{r}{suffix}.json").read_text()) for r in (0, 1)]
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_freeze_train_unfreeze_under_zero(tmp_path, stage):
+    p = torchrun(tmp_path, *BASE, "--train.epochs=3", FREEZE, f"--deepspeed.zero_stage={stage}",
+                 f"--log.run_dir={tmp_path / 'run'}")
+    assert p.returncode == 0, p.stderr[-3000:]
+    r0, r1 = ranks(tmp_path)
+    e1, e2, e3 = (r["groups"] for r in r0["records"])
+    assert [r["groups"] for r in r0["records"]] == [r["groups"] for r in r1["records"]], "ranks differ"
+    assert e2[0] == e1[0] and e2[1] == e1[1], "a frozen group moved during the frozen stage"
+    assert all(e2[g] != e1[g] for g in range(2, len(e1))), "an unfrozen group did not update"
+    assert e3[0] != e2[0] and e3[1] != e2[1], "released groups did not update after unfreezing"
+    losses = [r["loss"] for r in r0["records"]]
+    assert all(v == v and abs(v) < 1e6 for v in losses) and losses[-1] < losses[0], losses
+    assert r0["summary"]["world_size"] == 2
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("stage", [pytest.param(0, marks=pytest.mark.slow), pytest.param(1, marks=pytest.mark.slow),
+                                   2, 3])
+def test_kill_9_mid_stage_then_resume_matches_uninterrupted(tmp_path, stage):
+    args = [*BASE, "--train.epochs=4", f"--deepspeed.zero_stage={stage}",
+            '--schedule.stages=[{name="a",epochs=1},{name="b",epochs=2,freeze=[0,1]},{name="c"}]']
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    full.mkdir(), cut.mkdir()
+    p = torchrun(full, *args, f"--log.run_dir={full / 'run'}")
+    assert p.returncode == 0, p.stderr[-3000:]
+    p = torchrun(cut, *args, f"--log.run_dir={cut / 'run'}", "--kill-at=1,2")  # epoch 2 (stage b), third batch
+    assert p.returncode != 0 and not (cut / "rank0.json").exists(), "the job was not killed"
+    assert (cut / "run/ds_checkpoint/latest").read_text().strip() == "step4", "expected the epoch-1 checkpoint"
+    p = torchrun(cut, *args, f"--log.run_dir={cut / 'run'}", "--resume")
+    assert p.returncode == 0, p.stderr[-3000:]
+    a, b = ranks(full), ranks(cut, "_resumed")
+    assert [r["epoch"] for r in b[0]["records"]] == [2, 3, 4]
+    for r in (0, 1):
+        assert a[r]["records"][-1]["groups"] == b[r]["records"][-1]["groups"], f"rank {r}: final weights differ"
+        assert a[r]["records"][1:] == b[r]["records"], "per-epoch weights or losses differ after the resume"
+    assert a[0]["summary"]["final_test_acc"] == b[0]["summary"]["final_test_acc"]
+
+
+def test_deepspeed_config_from_the_section():
+    cfg = load_config(None, ["--deepspeed.enabled=true", "--deepspeed.zero_stage=3", "--deepspeed.bf16=true",
+                             "--deepspeed.grad_accum=4", "--deepspeed.grad_clip=1.0", "--train.batch_size=16",
+                             "--deepspeed.offload_optimizer=true"])
+    d = deepspeed_config(cfg, world_size=8)
+    assert d["train_batch_size"] == 16 * 4 * 8 and d["train_micro_batch_size_per_gpu"] == 16
+    assert d["zero_optimization"]["stage"] == 3 and d["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert d["bf16"]["enabled"] and not d["fp16"]["enabled"] and d["gradient_clipping"] == 1.0
+    for bad, msg in [("--deepspeed.zero_stage=4", "zero_stage=4"), ("--deepspeed.offload_param=true", "offload_param"),
+                     ("--deepspeed.grad_accum=0", "grad_accum=0")]:
+        with pytest.raises(ConfigError, match=msg):
+            load_config(None, [bad])
