@@ -179,6 +179,12 @@ class DeepSpeedEngine:
         os.replace(tmp, ckpt / tag / f"rng_rank{self.info.rank}.pt")
         if dist.is_initialized():
             dist.barrier()
+        if is_primary:  # keep the newest two tags ('latest' names the newest)
+            import shutil
+
+            tags = sorted((p for p in ckpt.glob("step*") if p.is_dir()), key=lambda p: int(p.name[4:]))
+            for old in tags[:-2]:
+                shutil.rmtree(old, ignore_errors=True)
 
     def load(self, run_dir: Path, model_name: str) -> dict:
         from .checkpoint import CheckpointError
