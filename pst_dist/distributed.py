@@ -135,6 +135,12 @@ class DeepSpeedEngine:
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                                  config=deepspeed_config(cfg, info.world_size))
         self.module = self.engine.module
+        if cfg.deepspeed.bf16 or cfg.deepspeed.fp16:
+            # DeepSpeed casts parameters, not buffers: BatchNorm needs its running statistics in the same dtype
+            dtype = torch.bfloat16 if cfg.deepspeed.bf16 else torch.float16
+            for b in self.module.buffers():
+                if b.is_floating_point():
+                    b.data = b.data.to(dtype)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)

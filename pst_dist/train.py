@@ -51,11 +51,15 @@ class Data:
 
 
 class Normalize:
-    def __init__(self, mean: torch.Tensor, std: torch.Tensor, device: torch.device):
+    """(x - mean) / std, cast to ``dtype`` (the model's own dtype when DeepSpeed holds bf16 / fp16 weights)."""
+
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor, device: torch.device,
+                 dtype: torch.dtype = torch.float32):
         self.mean, self.std = mean.view(1, -1, 1, 1).to(device), std.view(1, -1, 1, 1).to(device)
+        self.dtype = dtype
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean) / self.std
+        return ((x - self.mean) / self.std).to(self.dtype)
 
 
 def build_data(cfg: Config) -> Data:
@@ -194,9 +198,11 @@ def train(cfg: Config, resume: bool = False, data: Data | None = None, loader=No
     probe_n = min(cfg.data.probe_size, len(s.train))
     probe_x = data.poisoned_train[:probe_n].to(device).float() / 255
     probe_y = s.train.labels[:probe_n].to(device)
-    bf16 = cfg.train.bf16 or (cfg.deepspeed.enabled and cfg.deepspeed.bf16)  # DeepSpeed bf16 = bf16 weights
-    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
-    eval_ctx = autocast if cfg.deepspeed.enabled and cfg.deepspeed.bf16 else contextlib.nullcontext
+    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.bf16)
+    ds = cfg.deepspeed
+    if ds.enabled and (ds.bf16 or ds.fp16):  # DeepSpeed holds the weights in that dtype: feed it, no autocast
+        normalize = Normalize(data.mean, data.std, device, torch.bfloat16 if ds.bf16 else torch.float16)
+        autocast = contextlib.nullcontext
     st = {"step": 0, "epoch": 0, "history": [], "entered": -1, "records": []}
     if resume:
         st = engine.load(run_dir, cfg.model.name)
@@ -256,8 +262,7 @@ def train(cfg: Config, resume: bool = False, data: Data | None = None, loader=No
                 bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", stage=stage.index)
                 metrics.log(step, {"train/loss_step": float(loss), "train/lr": lr, **parts})
             if cfg.schedule.check_every and step % cfg.schedule.check_every == 0:
-                with eval_ctx():
-                    last_detect = check(schedule.stage_at(step, history), step)
+                last_detect = check(schedule.stage_at(step, history), step)
                 metrics.log(step, last_detect)
         # ---- end of epoch: detectors, eval, log, checkpoint ----
         stage_now = schedule.stage_at(step, history)
@@ -265,14 +270,12 @@ def train(cfg: Config, resume: bool = False, data: Data | None = None, loader=No
                 "pst/stage": stage.index}
         logs.update({f"pst/group_{i}/lr_mult": m for i, m in enumerate(stage.mults)})
         if not cfg.schedule.check_every:
-            with eval_ctx():
-                last_detect = check(stage_now, step)
+            last_detect = check(stage_now, step)
             logs.update(last_detect)
         last = epoch + 1 == cfg.train.epochs
         if (epoch + 1) % cfg.train.eval_every == 0 or last:
-            with eval_ctx():
-                logs["eval/val_acc"] = evaluate(model, s.val.images, s.val.labels, normalize, device)
-                logs["eval/test_acc"] = evaluate(model, s.test.images, s.test.labels, normalize, device)
+            logs["eval/val_acc"] = evaluate(model, s.val.images, s.val.labels, normalize, device)
+            logs["eval/test_acc"] = evaluate(model, s.test.images, s.test.labels, normalize, device)
         metrics.log(step, logs)
         st["records"].append({k: v for k, v in logs.items() if isinstance(v, int | float)})
         st.update(step=step, epoch=epoch + 1, history=[list(h) for h in history])

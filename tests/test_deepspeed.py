@@ -35,10 +35,11 @@ def ranks(out: Path, suffix: str = "") -> list[dict]:
 
 
 @pytest.mark.multiproc
-@pytest.mark.parametrize("stage", [0, 1, 2, 3])
-def test_freeze_train_unfreeze_under_zero(tmp_path, stage):
+@pytest.mark.parametrize("stage,bf16", [(0, False), (1, False), (2, False), (3, False), (3, True)],
+                         ids=["zero0", "zero1", "zero2", "zero3", "zero3-bf16"])
+def test_freeze_train_unfreeze_under_zero(tmp_path, stage, bf16):
     p = torchrun(tmp_path, *BASE, "--train.epochs=3", FREEZE, f"--deepspeed.zero_stage={stage}",
-                 f"--log.run_dir={tmp_path / 'run'}")
+                 f"--deepspeed.bf16={str(bf16).lower()}", f"--log.run_dir={tmp_path / 'run'}")
     assert p.returncode == 0, p.stderr[-3000:]
     r0, r1 = ranks(tmp_path)
     e1, e2, e3 = (r["groups"] for r in r0["records"])
