@@ -50,7 +50,7 @@ def run_steps(gm, engine, stage, x, y, n: int) -> float:
     noauto = lambda: torch.autocast("cpu", enabled=False)
     t = time.perf_counter()
     for _ in range(n):
-        train_step(gm, engine, stage, x, y, 1e-3, norm, 10, noauto, engine_world(engine))
+        train_step(gm, engine, stage, x, y, 1e-3, norm, 10, noauto)
     return time.perf_counter() - t
 
 
@@ -58,10 +58,6 @@ def batch(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, 256, (64, 3, 32, 32), generator=g, dtype=torch.uint8), torch.randint(0, 10, (64,),
                                                                                                  generator=g)
-
-
-def engine_world(engine) -> int:
-    return getattr(engine, "world_size", 1)
 
 
 def free_port() -> int:

@@ -215,13 +215,9 @@ class DeepSpeedEngine:
 
 # Globals DeepSpeed's own checkpoints reference (besides tensors and containers). Anything else in a checkpoint
 # file is refused before DeepSpeed's unrestricted torch.load sees it.
-DS_SAFE_GLOBALS = {
+DS_SAFE_GLOBALS = {  # beyond torch's own weights_only allow-list
     "deepspeed.runtime.fp16.loss_scaler.LossScaler", "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
     "deepspeed.runtime.zero.config.ZeroStageEnum", "deepspeed.utils.tensor_fragment.fragment_address",
-    "deepspeed.checkpoint.constants.OPTIMIZER_STATE_DICT", "collections.OrderedDict", "torch._utils._rebuild_tensor_v2",
-    "torch.BFloat16Storage", "torch.FloatStorage", "torch.HalfStorage", "torch.LongStorage", "torch.ByteStorage",
-    "torch.IntStorage", "torch.serialization._get_layout", "torch.float32", "torch.bfloat16", "torch.float16",
-    "torch._utils._rebuild_parameter", "argparse.Namespace", "collections.defaultdict", "builtins.set",
 }
 
 

@@ -87,3 +87,20 @@ def test_deepspeed_config_from_the_section():
                      ("--deepspeed.grad_accum=0", "grad_accum=0")]:
         with pytest.raises(ConfigError, match=msg):
             load_config(None, [bad])
+
+
+def test_checkpoint_with_foreign_globals_is_refused(tmp_path):
+    import argparse
+
+    import torch
+
+    from pst_dist.checkpoint import CheckpointError
+    from pst_dist.distributed import check_ds_checkpoint
+
+    torch.save({"w": torch.zeros(2)}, tmp_path / "mp_rank_00_model_states.pt")
+    check_ds_checkpoint(tmp_path)  # tensors only: accepted
+    torch.save({"args": argparse.Namespace(a=1)}, tmp_path / "zero_pp_rank_0_optim_states.pt")
+    with pytest.raises(CheckpointError, match="argparse.Namespace"):
+        check_ds_checkpoint(tmp_path)
+    with pytest.raises(CheckpointError, match="no checkpoint files"):
+        check_ds_checkpoint(tmp_path / "empty")
