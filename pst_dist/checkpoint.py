@@ -14,6 +14,17 @@ class CheckpointError(ValueError):
     pass
 
 
+def rng_state() -> dict:
+    """This process's torch and Python RNG states as tensors and ints (loadable with ``weights_only=True``)."""
+    py = random.getstate()
+    return {"rng_torch": torch.get_rng_state(), "rng_python": list(py[1]), "rng_python_pos": py[2]}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["rng_torch"])
+    random.setstate((3, tuple(state["rng_python"]), state["rng_python_pos"]))
+
+
 def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict,
                     model_name: str) -> None:
     payload = {
@@ -21,9 +32,7 @@ def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "state": state,
-        "rng_torch": torch.get_rng_state(),
-        "rng_python": list(random.getstate()[1]),
-        "rng_python_pos": random.getstate()[2],
+        **rng_state(),
     }
     if torch.cuda.is_available():
         payload["rng_cuda"] = torch.cuda.get_rng_state_all()
@@ -57,8 +66,7 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
                               f"tensors; e.g. {k}: checkpoint {found}, model {want})")
     model.load_state_dict(theirs)
     optimizer.load_state_dict(payload["optimizer"])
-    torch.set_rng_state(payload["rng_torch"])
-    random.setstate((3, tuple(payload["rng_python"]), payload["rng_python_pos"]))
+    set_rng_state(payload)
     if "rng_cuda" in payload and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(payload["rng_cuda"])
     return payload["state"]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,8 +82,6 @@ def teardown() -> None:
 
 class TorchEngine:
     """Plain torch: the optimizer as built, gradients averaged by all-reduce when there is more than one process."""
-
-    zero_stage = -1
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, world_size: int):
         self.module, self.optimizer, self.world_size = model, optimizer, world_size
@@ -178,10 +175,10 @@ class DeepSpeedEngine:
         ckpt = run_dir / "ds_checkpoint"
         tag = f"step{state['step']}"
         self.engine.save_checkpoint(str(ckpt), tag=tag, client_state={"pst_state": state, "model_name": model_name})
-        rng = {"torch": torch.get_rng_state(), "python": torch.tensor(list(random.getstate()[1]), dtype=torch.int64),
-               "python_pos": random.getstate()[2]}
+        from .checkpoint import rng_state
+
         tmp = ckpt / tag / f".rng_rank{self.info.rank}.pt.tmp"
-        torch.save(rng, tmp)
+        torch.save(rng_state(), tmp)
         os.replace(tmp, ckpt / tag / f"rng_rank{self.info.rank}.pt")
         if dist.is_initialized():
             dist.barrier()
@@ -193,7 +190,7 @@ class DeepSpeedEngine:
                 shutil.rmtree(old, ignore_errors=True)
 
     def load(self, run_dir: Path, model_name: str) -> dict:
-        from .checkpoint import CheckpointError
+        from .checkpoint import CheckpointError, set_rng_state
 
         ckpt = run_dir / "ds_checkpoint"
         latest = ckpt / "latest"
@@ -207,9 +204,7 @@ class DeepSpeedEngine:
         if client.get("model_name") != model_name:
             raise CheckpointError(f"{ckpt / tag}: checkpoint is of model {client.get('model_name')!r}, config says "
                                   f"{model_name!r}")
-        rng = torch.load(ckpt / tag / f"rng_rank{self.info.rank}.pt", weights_only=True)
-        torch.set_rng_state(rng["torch"])
-        random.setstate((3, tuple(int(v) for v in rng["python"]), rng["python_pos"]))
+        set_rng_state(torch.load(ckpt / tag / f"rng_rank{self.info.rank}.pt", weights_only=True))
         return client["pst_state"]
 
 
