@@ -4,26 +4,18 @@
 # docs/results/beton_equivalence.md:   launch/beton_equivalence.sh   (SEEDS=2, JOBS=2, OUT=runs/beton_equivalence)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source launch/_jobs.sh
 CFG=${CFG:-launch/configs/demo.toml}
 OUT=${OUT:-runs/beton_equivalence}
 SEEDS=${SEEDS:-2}
-JOBS=${JOBS:-2}
 PST=.venv/bin/pst-dist
 mkdir -p "$OUT"
 [ -f "$OUT/beton/beton.json" ] || $PST write-beton --config "$CFG" --out "$OUT/beton"
-jobs_file=$(mktemp)
 for seed in $(seq 0 $((SEEDS - 1))); do
-  for path in torch ffcv; do
-    run="$OUT/${path}_seed${seed}"
-    [ -f "$run/summary.json" ] && continue
-    extra=()
-    [ "$path" = ffcv ] && extra=(--data.source=beton --data.root="$OUT/beton" --poison.kind=none --data.loader_workers=1)
-    printf '%q ' "$PST" train --config "$CFG" --train.seed="$seed" --train.threads=1 --log.progress=false \
-      --log.run_dir="$run" "${extra[@]}" >> "$jobs_file"
-    printf '> %q 2>&1\n' "$run.log" >> "$jobs_file"
-  done
+  queue_run "$OUT/torch_seed$seed" --config "$CFG" --train.seed="$seed"
+  queue_run "$OUT/ffcv_seed$seed" --config "$CFG" --train.seed="$seed" --data.source=beton --data.root="$OUT/beton" \
+    --poison.kind=none --data.loader_workers=1
 done
-xargs -d '\n' -P "$JOBS" -I{} bash -c '{}' < "$jobs_file"
-rm -f "$jobs_file"
+run_queued
 $PST report "$OUT" > "$OUT/table.md"
 cat "$OUT/table.md"

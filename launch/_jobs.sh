@@ -1,0 +1,20 @@
+# Sourced by the result scripts: queue `pst-dist train` runs, then run them JOBS at a time, one thread each.
+#   queue_run RUN_DIR [train args...]   skips a run whose summary.json exists; logs to RUN_DIR.log
+#   run_queued                          runs the queue with JOBS (default 2) in parallel
+JOBS=${JOBS:-2}
+_queue=$(mktemp)
+trap 'rm -f "$_queue"' EXIT
+
+queue_run() {
+  local run=$1
+  shift
+  [ -f "$run/summary.json" ] && return 0
+  mkdir -p "$(dirname "$run")"
+  printf '%q ' .venv/bin/pst-dist train "$@" --train.threads=1 --log.progress=false --log.run_dir="$run" >> "$_queue"
+  printf '> %q 2>&1\n' "$run.log" >> "$_queue"
+}
+
+run_queued() {
+  xargs -d '\n' -P "$JOBS" -I{} bash -c '{}' < "$_queue"
+  : > "$_queue"
+}
