@@ -23,17 +23,37 @@ class DistInfo:
         return self.rank == 0
 
 
-def init_distributed(device: str) -> DistInfo:
-    """Read the launcher's environment; join the process group when there is more than one process."""
+_OWN_GROUP = False  # whether this module created the process group (Ray Train creates and destroys its own)
+
+
+def init_distributed(device: str, single_process_group: bool = False) -> DistInfo:
+    """Read the launcher's environment; join the process group when there is more than one process.
+
+    ``single_process_group``: also create a one-process group when no launcher set one up (DeepSpeed needs a
+    process group, and without RANK / WORLD_SIZE in the environment it would try MPI discovery)."""
+    global _OWN_GROUP
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    if world > 1 and not dist.is_initialized():
+    if device == "cuda":
+        torch.cuda.set_device(local)
+    if (world > 1 or single_process_group) and not dist.is_initialized():
         backend = "nccl" if device == "cuda" else "gloo"
-        if device == "cuda":
-            torch.cuda.set_device(local)
-        dist.init_process_group(backend=backend, rank=rank, world_size=world)
+        if world > 1 or "MASTER_ADDR" in os.environ:
+            dist.init_process_group(backend=backend, rank=rank, world_size=world)
+        else:  # DeepSpeed also reads these
+            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+            dist.init_process_group(backend=backend, rank=0, world_size=1, init_method=f"tcp://127.0.0.1:{_free_port()}")
+        _OWN_GROUP = True
     return DistInfo(rank, world, local)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def all_reduce_grads(params, world_size: int) -> None:
@@ -70,9 +90,13 @@ def mean_across_ranks(value: float) -> float:
 
 
 def teardown() -> None:
+    """Leave the process group this module created (one that Ray Train set up is Ray's to destroy)."""
+    global _OWN_GROUP
     if dist.is_initialized():
         dist.barrier()
-        dist.destroy_process_group()
+        if _OWN_GROUP:
+            dist.destroy_process_group()
+            _OWN_GROUP = False
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -129,8 +153,8 @@ class DeepSpeedEngine:
 
         self.cfg, self.info = cfg, info
         self.zero_stage = cfg.deepspeed.zero_stage
-        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                                                 config=deepspeed_config(cfg, info.world_size))
+        ds_config = deepspeed_config(cfg, info.world_size, sum(p.numel() for p in model.parameters()))
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
         self.module = self.engine.module
         if cfg.deepspeed.bf16 or cfg.deepspeed.fp16:
             # DeepSpeed casts parameters, not buffers: BatchNorm needs its running statistics in the same dtype
@@ -233,10 +257,15 @@ def check_ds_checkpoint(tag_dir: Path) -> None:
             raise CheckpointError(f"{f}: references globals outside the DeepSpeed allow-list: {bad}")
 
 
-def deepspeed_config(cfg, world_size: int) -> dict:
+def deepspeed_config(cfg, world_size: int, num_params: int | None = None) -> dict:
     """The ``[deepspeed]`` section (and train.batch_size as the per-process micro-batch) as a DeepSpeed config."""
     d = cfg.deepspeed
     zero: dict = {"stage": d.zero_stage}
+    bucket = d.bucket_size or (min(500_000_000, max(num_params, 1_000_000)) if num_params else 0)
+    if bucket and d.zero_stage >= 1:
+        zero.update(reduce_bucket_size=bucket, allgather_bucket_size=bucket)
+        if d.zero_stage == 3:
+            zero.update(stage3_prefetch_bucket_size=bucket)
     if d.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     if d.offload_param:

@@ -182,7 +182,7 @@ def train(cfg: Config, resume: bool = False, data: Data | None = None, loader=No
     for Ray Tune and for tests; under ZeRO-3 use ``engine.gathered()`` to see full parameters).
     """
     device = build_device(cfg)
-    dist_info: DistInfo = init_distributed(device.type)
+    dist_info: DistInfo = init_distributed(device.type, single_process_group=cfg.deepspeed.enabled)
     setup_seed(cfg)
     data = data or build_data(cfg)
     s = data.splits
