@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # on GPU machines the same pins come from the registry.
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test test-all lint system-deps clean
+.PHONY: install demo test test-all lint system-deps clean
 
 $(STAMP): pyproject.toml Makefile
 	@$(MAKE) --no-print-directory system-deps
@@ -31,6 +31,10 @@ system-deps:
 	else \
 	  echo "system-deps: need root apt-get for: $$missing (FFCV needs $(FFCV_APT); Fashion-MNIST is optional)"; \
 	fi
+
+# The whole install (apt prerequisites, venv, pinned torch, pst-dist with deepspeed / ffcv / ray[tune]); demo and
+# test do it first, and the cluster recipes in cluster/ run it on every node.
+install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/pst-dist demo

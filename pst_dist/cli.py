@@ -1,4 +1,4 @@
-"""``pst-dist`` command line: train, demo, show-config, report, write-beton."""
+"""``pst-dist`` command line: train, demo, tune, show-config, report, write-beton."""
 
 from __future__ import annotations
 
@@ -47,6 +47,19 @@ def cmd_write_beton(args: argparse.Namespace, rest: list[str]) -> int:
           + f"; poison {meta['poison']['kind']} Linf {n['linf'] * 255:.0f}/255 L2 {n['l2_mean']:.3f}"
           + f"; {meta['seconds']} s")
     return 0
+
+
+def cmd_tune(args: argparse.Namespace, rest: list[str]) -> int:
+    try:
+        from tune.search import run_search
+    except ImportError as e:
+        raise ConfigError(f"pst-dist tune needs Ray Tune and the repository's tune/ package ({e}); "
+                          f"install with `make`") from None
+
+    cfg = load_config(args.config, _split_overrides(rest))
+    summary = run_search(cfg, resume=args.resume)
+    print(json.dumps({k: v for k, v in summary.items()}, indent=2))
+    return 0 if not summary["errors"] and summary["best"] is not None else 1
 
 
 def cmd_show_config(args: argparse.Namespace, rest: list[str]) -> int:
@@ -100,6 +113,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality for --mode jpg")
     p.add_argument("--workers", type=int, default=2, help="writer processes")
     p.set_defaults(fn=cmd_write_beton)
+    p = sub.add_parser("tune", help="Ray Tune search over PST schedules ([tune] section); local Ray unless "
+                       "RAY_ADDRESS names a cluster")
+    p.add_argument("--config", help="TOML recipe with a [tune] section, e.g. launch/configs/tune_fmnist.toml")
+    p.add_argument("--resume", action="store_true", help="continue the interrupted search in tune.out/tune.name")
+    p.set_defaults(fn=cmd_tune)
     p = sub.add_parser("show-config", help="print the resolved config as TOML")
     p.add_argument("--config")
     p.set_defaults(fn=cmd_show_config)

@@ -312,15 +312,98 @@ class DeepSpeedConfig:
     """ZeRO 1-3: optimizer state in CPU memory."""
     offload_param: bool = False
     """ZeRO 3: parameters in CPU memory."""
+    bucket_size: int = 0
+    """ZeRO 1-3 reduce / all-gather bucket, in elements; 0 = auto: DeepSpeed's 5e8, or the model's parameter count
+    when smaller (every step fills the bucket: 5e8 costs about a second per step on a CPU for a tiny model)."""
 
     def __post_init__(self) -> None:
         _check(self.zero_stage in (0, 1, 2, 3), f"deepspeed.zero_stage={self.zero_stage}: expected 0, 1, 2 or 3")
         _check(not (self.bf16 and self.fp16), "deepspeed.bf16 and deepspeed.fp16 are both true: pick one")
         _check(self.grad_accum >= 1, f"deepspeed.grad_accum={self.grad_accum}: must be >= 1")
         _check(self.grad_clip >= 0, f"deepspeed.grad_clip={self.grad_clip}: must be >= 0")
+        _check(self.bucket_size >= 0, f"deepspeed.bucket_size={self.bucket_size}: must be >= 0")
         _check(not self.offload_optimizer or self.zero_stage >= 1,
                "deepspeed.offload_optimizer needs deepspeed.zero_stage >= 1")
         _check(not self.offload_param or self.zero_stage == 3, "deepspeed.offload_param needs deepspeed.zero_stage = 3")
+
+
+SCHEDULERS = ("asha", "pbt", "fifo")
+
+
+@dataclass
+class TuneConfig:
+    """The Ray Tune search over PST schedules (``pst-dist tune``). The base config's schedule is the template:
+    its first stage is the warm-up (loss, trigger kind and view), its second the frozen stage (loss, head re-init),
+    its last the release stage (loss). A trial's schedule is: warm-up, all of ``unfreeze_groups`` frozen, then one
+    release stage per group in the trial's unfreeze order, each releasing one more group at its own lr multiplier.
+    Orders and lengths that do not fit in train.epochs are never sampled. The objective is clean validation
+    accuracy (eval/val_acc); test accuracy is only logged."""
+
+    num_samples: int = 8
+    """Trials (random search); with search='grid', repeats of the full grid."""
+    search: str = "random"
+    """random (sample num_samples schedules) | grid (every combination: the exhaustive search)."""
+    scheduler: str = "asha"
+    """asha (stop weak trials early) | pbt (population based training, checkpoints every pbt_interval epochs;
+    mutates thresholds and lr multipliers) | fifo (run every trial to the end)."""
+    workers: int = 2
+    """Ray Train workers (processes) per trial; each runs the DeepSpeed engine when [deepspeed] is enabled."""
+    cpus_per_worker: float = 1.0
+    """CPUs each worker reserves."""
+    use_gpu: str = "auto"
+    """auto (one GPU per worker when the cluster has GPUs) | yes | no."""
+    max_concurrent: int = 0
+    """Trials at once; 0 = as many as the cluster's CPUs (and GPUs) hold."""
+    warm_epochs: list[float] = field(default_factory=lambda: [1.0])
+    """Choices for the warm-up stage's maximum length (its trigger may end it earlier)."""
+    thresholds: list[float] = field(default_factory=lambda: [0.2])
+    """Choices for the warm-up trigger's threshold (ignored when the template's first stage has no trigger)."""
+    freeze_epochs: list[float] = field(default_factory=lambda: [1.0, 2.0])
+    """Choices for the length of the stage with every group of ``unfreeze_groups`` frozen."""
+    release_epochs: list[float] = field(default_factory=lambda: [1.0])
+    """Choices for the length of each release stage but the last (the last runs to the end)."""
+    unfreeze_groups: list[int] = field(default_factory=lambda: [0, 1])
+    """Groups frozen after the warm-up; the unfreeze order is a permutation of them. Never the head."""
+    unfreeze_orders: list[str] = field(default_factory=list)
+    """Allowed orders as "1-0" strings; empty = every permutation of unfreeze_groups."""
+    release_mults: list[float] = field(default_factory=lambda: [0.1, 1.0])
+    """Choices for each release stage's lr multiplier of the groups released so far."""
+    grace_period: int = 1
+    """ASHA: epochs every trial gets before it can be stopped."""
+    reduction_factor: int = 3
+    """ASHA: keep the top 1/reduction_factor at each rung."""
+    pbt_interval: int = 1
+    """PBT: epochs between exploit/explore steps (one checkpoint each)."""
+    max_failures: int = 2
+    """Retries of a trial whose worker died (Ray Train, from the last checkpoint) and of a failed trial (Tune)."""
+    out: str = "runs/tune"
+    """Search directory: Ray's experiment state, trials' run directories (TensorBoard), results and best schedule."""
+    name: str = "pst_search"
+    """Experiment name (a subdirectory of out)."""
+    seed: int = 0
+    """Seed of the search's sampler."""
+
+    def __post_init__(self) -> None:
+        _check(self.num_samples >= 1, f"tune.num_samples={self.num_samples}: must be >= 1")
+        _check(self.search in ("random", "grid"), f"tune.search={self.search!r}: expected random|grid")
+        _check(self.scheduler in SCHEDULERS, f"tune.scheduler={self.scheduler!r}: expected {'|'.join(SCHEDULERS)}")
+        _check(self.workers >= 1, f"tune.workers={self.workers}: must be >= 1")
+        _check(self.cpus_per_worker > 0, f"tune.cpus_per_worker={self.cpus_per_worker}: must be > 0")
+        _check(self.use_gpu in ("auto", "yes", "no"), f"tune.use_gpu={self.use_gpu!r}: expected auto|yes|no")
+        _check(self.max_concurrent >= 0, f"tune.max_concurrent={self.max_concurrent}: must be >= 0")
+        for key in ("warm_epochs", "thresholds", "freeze_epochs", "release_epochs", "release_mults"):
+            vals = getattr(self, key)
+            _check(len(vals) > 0, f"tune.{key} is empty: give at least one choice")
+            _check(all(v >= 0 for v in vals), f"tune.{key}={vals}: choices must be >= 0")
+        _check(len(self.unfreeze_groups) > 0, "tune.unfreeze_groups is empty: name the groups to freeze and release")
+        _check(len(set(self.unfreeze_groups)) == len(self.unfreeze_groups),
+               f"tune.unfreeze_groups={self.unfreeze_groups}: a group appears twice")
+        _check(all(g >= 0 for g in self.unfreeze_groups), f"tune.unfreeze_groups={self.unfreeze_groups}: must be >= 0")
+        _check(self.grace_period >= 1, f"tune.grace_period={self.grace_period}: must be >= 1")
+        _check(self.reduction_factor >= 2, f"tune.reduction_factor={self.reduction_factor}: must be >= 2")
+        _check(self.pbt_interval >= 1, f"tune.pbt_interval={self.pbt_interval}: must be >= 1")
+        _check(self.max_failures >= 0, f"tune.max_failures={self.max_failures}: must be >= 0")
+        _check(bool(self.name) and "/" not in self.name, f"tune.name={self.name!r}: a non-empty name without '/'")
 
 
 @dataclass
@@ -332,6 +415,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     log: LogConfig = field(default_factory=LogConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
 
 
 # ----------------------------------------------------------------------------------------------------------------

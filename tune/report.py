@@ -1,0 +1,145 @@
+"""What a search leaves behind: results.csv, results.md, trials.png and best_schedule.toml.
+
+The best schedule is chosen on clean **validation** accuracy at the final epoch, among trials that ran every epoch
+(an ASHA-stopped trial's early accuracy says nothing about its end); test accuracy is reported beside it, never used.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import json
+import math
+from pathlib import Path
+
+from pst_dist.config import Config, dump_toml
+from pst_dist.metrics import write_atomic
+
+from .space import describe, trial_config
+
+COLUMNS = ["trial", "status", "epochs", "final_val_acc", "peak_val_acc", "final_test_acc", "peak_test_acc",
+           "warm_epochs", "freeze_epochs", "release_epochs", "unfreeze_order", "threshold"]
+
+
+def trial_rows(cfg: Config, results) -> list[dict]:
+    rows = []
+    for r in results:
+        df = r.metrics_dataframe
+        curve = [] if df is None or "epoch" not in df else \
+            df.dropna(subset=["epoch"]).drop_duplicates("epoch", keep="last").sort_values("epoch")
+        trial = Path(r.path).name.split("_")[1] if r.path else "?"
+        row = {"trial": (r.metrics or {}).get("trial_id", trial), **describe(r.config)}
+        if len(curve):
+            row.update(epochs=int(curve["epoch"].iloc[-1]), final_val_acc=float(curve["val_acc"].iloc[-1]),
+                       peak_val_acc=float(curve["val_acc"].max()), final_test_acc=float(curve["test_acc"].iloc[-1]),
+                       peak_test_acc=float(curve["test_acc"].max()),
+                       curve_epoch=[int(e) for e in curve["epoch"]], curve_val=[float(v) for v in curve["val_acc"]],
+                       curve_test=[float(v) for v in curve["test_acc"]])
+        else:
+            row.update(epochs=0, final_val_acc=math.nan, peak_val_acc=math.nan, final_test_acc=math.nan,
+                       peak_test_acc=math.nan, curve_epoch=[], curve_val=[], curve_test=[])
+        row["status"] = "error" if r.error else ("completed" if row["epochs"] >= cfg.train.epochs else "stopped")
+        row["params"] = dict(r.config)
+        rows.append(row)
+    return sorted(rows, key=lambda x: (-x["final_val_acc"] if x["status"] == "completed" else 2, x["trial"]))
+
+
+def best_row(rows: list[dict]) -> dict | None:
+    done = [r for r in rows if r["status"] == "completed" and not math.isnan(r["final_val_acc"])]
+    return max(done, key=lambda r: r["final_val_acc"]) if done else None
+
+
+def _fmt(key: str, v) -> str:
+    if isinstance(v, float):
+        return "" if math.isnan(v) else (f"{100 * v:.2f}" if key.endswith("_acc") else f"{v:g}")
+    return str(v)
+
+
+def _columns(rows: list[dict]) -> list[str]:
+    mults = sorted({k for r in rows for k in r if k.startswith("mult_")})
+    return COLUMNS + mults
+
+
+def results_csv(rows: list[dict]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=_columns(rows), extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    return buf.getvalue()
+
+
+def results_md(cfg: Config, rows: list[dict], best: dict | None, total_epochs: int) -> str:
+    cols = _columns(rows)
+    lines = [f"# PST schedule search `{cfg.tune.name}`", "",
+             f"search={cfg.tune.search}, scheduler={cfg.tune.scheduler}, {len(rows)} trials, "
+             f"{total_epochs} training epochs in all (a full run is {cfg.train.epochs}); "
+             f"objective: clean validation accuracy at the final epoch; accuracies in %.", "",
+             "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(_fmt(c, r.get(c, "")) for c in cols) + " |" for r in rows]
+    if best is not None:
+        lines += ["", f"Best (validation): trial {best['trial']}, final val {100 * best['final_val_acc']:.2f} %, "
+                  f"its test accuracy {100 * best['final_test_acc']:.2f} % (reported, not used). "
+                  f"Run it again: `pst-dist train --config best_schedule.toml`."]
+    return "\n".join(lines) + "\n"
+
+
+def plot_trials(rows: list[dict], best: dict | None, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharex=True)
+    for r in rows:
+        if not r["curve_epoch"]:
+            continue
+        is_best = best is not None and r["trial"] == best["trial"]
+        kw = dict(lw=2.5, color="C3", zorder=3, label=f"best {r['trial']}") if is_best else dict(lw=1, alpha=0.6)
+        axes[0].plot(r["curve_epoch"], [100 * v for v in r["curve_val"]], marker="o", ms=3, **kw)
+        axes[1].plot(r["curve_epoch"], [100 * v for v in r["curve_test"]], marker="o", ms=3, **kw)
+    axes[0].set_title("clean validation accuracy (the objective)")
+    axes[1].set_title("clean test accuracy (reported only)")
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("%")
+        ax.grid(alpha=0.3)
+    if best is not None:
+        axes[0].legend(loc="lower right")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def best_schedule_toml(cfg: Config, best: dict) -> str:
+    out = copy.deepcopy(trial_config(cfg, best["params"]))
+    out.log.run_dir = f"runs/{cfg.tune.name}_best"
+    header = (f"# Best schedule of the search {cfg.tune.name!r} (trial {best['trial']}), chosen on clean validation "
+              f"accuracy at the final epoch: {100 * best['final_val_acc']:.2f} %.\n"
+              f"# Search parameters: {json.dumps(best['params'])}\n"
+              f"# Run it: pst-dist train --config best_schedule.toml\n\n")
+    return header + dump_toml(out)
+
+
+def write_reports(cfg: Config, results, search_dir: Path, log) -> dict:
+    rows = trial_rows(cfg, results)
+    best = best_row(rows)
+    total = sum(r["epochs"] for r in rows)
+    search_dir.mkdir(parents=True, exist_ok=True)
+    write_atomic(search_dir / "results.csv", results_csv(rows))
+    md = results_md(cfg, rows, best, total)
+    write_atomic(search_dir / "results.md", md)
+    plot_trials(rows, best, search_dir / "trials.png")
+    if best is not None:
+        write_atomic(search_dir / "best_schedule.toml", best_schedule_toml(cfg, best))
+    log(md)
+    errors = [r["trial"] for r in rows if r["status"] == "error"]
+    log(f"[tune] wrote {search_dir}/results.csv, results.md, trials.png"
+        + (", best_schedule.toml" if best else " (no trial completed: no best schedule)")
+        + (f"; trials that failed: {errors}" if errors else ""))
+    return {"trials": len(rows), "total_epochs": total, "errors": errors,
+            "best": None if best is None else {k: best[k] for k in ("trial", "final_val_acc", "final_test_acc",
+                                                                    "params")},
+            "search_dir": str(search_dir)}

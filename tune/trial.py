@@ -1,0 +1,161 @@
+"""One trial = one Ray Train ``TorchTrainer`` with N workers running ``pst_dist.train.train`` (DeepSpeed when
+``[deepspeed]`` is enabled). The Tune trial is a thin driver around it:
+
+- ASHA / FIFO: one ``fit()``; every worker reports each epoch's metrics and checkpoint to Ray Train, and
+  ``TuneReportCallback`` forwards them to Tune. A dead worker makes Ray Train restart the worker group from the last
+  checkpoint (Train ``FailureConfig``); a dead driver is retried by Tune, and its new ``TorchTrainer`` (same run
+  name, same storage) restores the same Train run from its last checkpoint.
+- PBT: one ``fit()`` per ``pbt_interval`` epochs, each followed by ``tune.report`` with the checkpoint, so PBT can
+  copy a strong trial's weights into a weak one (exploit) before changing its parameters (explore).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+from pst_dist.config import Config, from_dict, to_dict
+
+from .space import trial_config
+
+# metrics.jsonl name -> the name Ray sees (Tune flattens nested keys on '/', so the reported names have none)
+REPORTED = {"epoch": "epoch", "eval/val_acc": "val_acc", "eval/test_acc": "test_acc", "train/loss": "train_loss",
+            "train/acc": "train_acc", "pst/stage": "stage", "detect/shortcut_gap": "shortcut_gap"}
+
+
+def _restore(src: Path, run_dir: Path) -> int:
+    """Lay a reported checkpoint (a copy of the run directory's checkpoint files) into ``run_dir``; returns the
+    epoch it was taken at."""
+    if (src / "ds_checkpoint").is_dir():
+        shutil.rmtree(run_dir / "ds_checkpoint", ignore_errors=True)  # tags newer than the restored one are stale
+    run_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(src, run_dir, dirs_exist_ok=True, ignore=shutil.ignore_patterns("pst_epoch.json"))
+    return json.loads((src / "pst_epoch.json").read_text())["epoch"]
+
+
+def _stage_checkpoint(run_dir: Path, epoch: int, rank: int, local_rank: int) -> Path | None:
+    """Hard-link the files of this epoch's checkpoint that this process should upload into a fresh directory.
+
+    One process per node uploads what its node holds (on one node: rank 0, everything); Ray merges the uploads of
+    all workers into one checkpoint directory."""
+    if local_rank != 0:
+        return None
+    stage = run_dir / "ray_upload" / f"epoch{epoch}_rank{rank}"
+    shutil.rmtree(stage, ignore_errors=True)
+    ds = run_dir / "ds_checkpoint"
+    if (ds / "latest").is_file():
+        tag = (ds / "latest").read_text().strip()
+        shutil.copytree(ds / tag, stage / "ds_checkpoint" / tag, copy_function=os.link)
+        if rank == 0:
+            shutil.copy2(ds / "latest", stage / "ds_checkpoint" / "latest")
+    elif rank == 0 and (run_dir / "checkpoint.pt").is_file():
+        stage.mkdir(parents=True)
+        os.link(run_dir / "checkpoint.pt", stage / "checkpoint.pt")
+    else:
+        return None
+    if rank == 0:
+        (stage / "pst_epoch.json").write_text(json.dumps({"epoch": epoch}))
+    return stage
+
+
+def worker_loop(loop: dict) -> None:
+    """The function every Ray Train worker runs: restore the trial's last checkpoint if there is one, then train,
+    reporting each epoch."""
+    import ray.train
+    import torch.distributed as dist
+
+    from pst_dist.train import train
+
+    cfg: Config = from_dict(Config, loop["cfg"])
+    run_dir = Path(cfg.log.run_dir)
+    ctx = ray.train.get_context()
+    rank, local_rank = ctx.get_world_rank(), ctx.get_local_rank()
+    source = ray.train.get_checkpoint()  # set after a worker failure, or when a retried driver restores its run
+    if source is None and loop.get("resume_from"):
+        source = ray.train.Checkpoint(loop["resume_from"])  # PBT: this trial's (or the exploited trial's) checkpoint
+    resume = source is not None
+    if resume:
+        with source.as_directory() as d:
+            if local_rank == 0:
+                epoch = _restore(Path(d), run_dir)
+                with open(run_dir / "restores.jsonl", "a") as f:  # the evidence a fault test looks for
+                    f.write(json.dumps({"rank": rank, "epoch": epoch, "from": str(source.path)}) + "\n")
+        if dist.is_initialized():
+            dist.barrier()
+
+    def on_epoch(epoch: int, logs: dict, gm, engine) -> None:
+        metrics = {REPORTED[k]: float(v) for k, v in logs.items() if k in REPORTED}
+        stage = _stage_checkpoint(run_dir, epoch, rank, local_rank)
+        ckpt = ray.train.Checkpoint.from_directory(str(stage)) if stage is not None else None
+        ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"epoch_{epoch:04d}")
+        if stage is not None:
+            shutil.rmtree(stage.parent, ignore_errors=True)
+
+    train(cfg, resume=resume, stop_after_epochs=loop.get("stop_after"), on_epoch=on_epoch)
+
+
+def _use_gpu(cfg: Config) -> bool:
+    import ray
+
+    if cfg.tune.use_gpu == "auto":
+        return ray.cluster_resources().get("GPU", 0) >= 1
+    return cfg.tune.use_gpu == "yes"
+
+
+def _trainer(cfg: Config, loop: dict, name: str, storage: str, callbacks: list):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    gpu = _use_gpu(cfg)
+    resources = {"CPU": cfg.tune.cpus_per_worker, **({"GPU": 1} if gpu else {})}
+    return TorchTrainer(
+        worker_loop, train_loop_config=loop,
+        scaling_config=ScalingConfig(num_workers=cfg.tune.workers, use_gpu=gpu, resources_per_worker=resources),
+        torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
+        run_config=RunConfig(name=name, storage_path=storage, callbacks=callbacks,
+                             failure_config=FailureConfig(max_failures=cfg.tune.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)))
+
+
+def trial_run_config(base: Config, params: dict, search_dir: Path, trial_id: str) -> Config:
+    """The training config a trial runs: the trial's schedule, its own run directory (TensorBoard, metrics), an
+    evaluation and a checkpoint every epoch (ASHA decides on each epoch's validation accuracy)."""
+    cfg = trial_config(base, params)
+    cfg.log.run_dir = str(search_dir / "trials" / trial_id)
+    cfg.log.progress = False
+    cfg.train.eval_every = 1
+    cfg.train.checkpoint_every = 1
+    return cfg
+
+
+def run_trial(params: dict, base: dict, search_dir: str) -> None:
+    """The Tune trainable (a function trial): build this trial's ``TorchTrainer`` and run it."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    base_cfg: Config = from_dict(Config, base)
+    trial_id = tune.get_context().get_trial_id()
+    cfg = trial_run_config(base_cfg, params, Path(search_dir), trial_id)
+    storage = str(Path(search_dir) / "train")
+    tune_ckpt = tune.get_checkpoint()
+    loop = {"cfg": to_dict(cfg), "resume_from": None}
+    if cfg.tune.scheduler != "pbt":
+        if tune_ckpt is not None:
+            loop["resume_from"] = tune_ckpt.path
+        _trainer(cfg, loop, trial_id, storage, [TuneReportCallback()]).fit()
+        return
+    epoch = 0
+    if tune_ckpt is not None:
+        loop["resume_from"] = tune_ckpt.path
+        with tune_ckpt.as_directory() as d:
+            epoch = json.loads((Path(d) / "pst_epoch.json").read_text())["epoch"]
+    while epoch < cfg.train.epochs:
+        loop["stop_after"] = min(cfg.train.epochs, epoch + cfg.tune.pbt_interval)
+        # a fresh Train run per generation (a reused name would restore that run's own last checkpoint)
+        result = _trainer(cfg, loop, f"{trial_id}_e{loop['stop_after']}_{uuid.uuid4().hex[:6]}", storage, []).fit()
+        epoch = int(result.metrics["epoch"])
+        loop["resume_from"] = result.checkpoint.path
+        tune.report(dict(result.metrics), checkpoint=tune.Checkpoint(result.checkpoint.path))
