@@ -1,0 +1,231 @@
+"""The Ray Tune schedule search: the search space (pure), and real searches on a real local Ray (no mocks): a
+``ray job submit`` of a tiny search to a ``ray start --head`` cluster whose best schedule ``pst-dist train`` runs,
+and a search that survives a Ray Train worker killed with SIGKILL."""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pst_dist.config import ConfigError, load_config
+from pst_dist.pst.schedule import Schedule
+from tune.space import grid_size, schedule_stages, skeletons, valid_orders
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "tests" / "configs" / "tune_tiny.toml"
+BIN = Path(sys.executable).parent
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the search space
+
+
+def test_orders_are_permutations_that_never_name_the_head_or_a_missing_group():
+    cfg = load_config(TINY, ["--tune.unfreeze_groups=[0, 1, 2]"])
+    assert sorted(valid_orders(cfg, num_groups=6)) == sorted(itertools.permutations([0, 1, 2]))
+    with pytest.raises(ConfigError, match="group 5: the head"):
+        valid_orders(load_config(TINY, ["--tune.unfreeze_groups=[0, 5]"]), 6)
+    with pytest.raises(ConfigError, match="group 7: a group the model lacks"):
+        valid_orders(load_config(TINY, ["--tune.unfreeze_groups=[0, 7]"]), 6)
+    with pytest.raises(ConfigError, match="'0-2' is not a permutation"):
+        valid_orders(load_config(TINY, ['--tune.unfreeze_orders=["0-2"]']), 6)
+    with pytest.raises(ConfigError, match="appears twice"):
+        load_config(TINY, ["--tune.unfreeze_groups=[1, 1]"])
+    only = load_config(TINY, ['--tune.unfreeze_orders=["1-0"]'])
+    assert valid_orders(only, 6) == [(1, 0)]
+
+
+def test_schedules_that_do_not_fit_in_training_are_never_offered():
+    cfg = load_config(TINY, ["--train.epochs=4", "--tune.freeze_epochs=[1.0, 3.0]"])
+    offered = skeletons(cfg, 6)  # warm 1 + freeze 3 + release 1 = 5 epochs before the last stage: does not fit in 4
+    assert {s.freeze for s in offered} == {1.0} and len(offered) == 2  # two orders
+    assert grid_size(cfg, 6) == 2 * 1 * 2 ** 2  # skeletons x thresholds x mults per release stage
+    with pytest.raises(ConfigError, match="no schedule fits.*train.epochs=2"):
+        skeletons(load_config(TINY, ["--train.epochs=2"]), 6)
+
+
+def test_a_trial_schedule_releases_groups_in_its_order_at_its_multipliers():
+    cfg = load_config(TINY, ["--tune.unfreeze_groups=[0, 1, 2]", "--train.epochs=8"])
+    params = {"skeleton": "warm=1,freeze=2,release=1,order=2-0-1", "threshold": 0.3,
+              "mult_0": 0.1, "mult_1": 0.5, "mult_2": 1.0}
+    stages = schedule_stages(cfg, params)
+    assert [s.name for s in stages] == ["warm", "frozen", "release_2", "release_0", "release_1"]
+    assert [tuple(s.mults(6)) for s in stages] == [
+        (1, 1, 1, 1, 1, 1), (0, 0, 0, 1, 1, 1), (0, 0, 0.1, 1, 1, 1), (0.5, 0, 0.5, 1, 1, 1), (1, 1, 1, 1, 1, 1)]
+    assert stages[0].trigger.threshold == 0.3 and stages[0].trigger.view == "quantize"  # from the template
+    assert stages[1].reinit_head and stages[-1].epochs == 0  # the last stage runs to the end
+    sched = Schedule(stages, 6, steps_per_epoch=10, total_steps=80)
+    assert [sched.stage_at(step).index for step in (0, 9, 10, 29, 30, 40, 50, 79)] == [0, 0, 1, 1, 2, 3, 4, 4]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# real searches on a real local Ray
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(PATH=f"{BIN}:{env.get('PATH', '')}", RAY_AUTH_MODE="token", RAY_USAGE_STATS_ENABLED="0",
+               PYTHONPATH=str(ROOT))
+    return env
+
+
+@pytest.fixture
+def ray_head(tmp_path_factory):
+    """``ray start --head`` on 127.0.0.1 with its own ports and temp dir; stopped afterwards."""
+    temp = Path(f"/tmp/pst-ray-{os.getpid()}")  # Ray's socket paths must stay short
+    ports = {"port": _free_port(), "dashboard-port": _free_port(), "ray-client-server-port": _free_port(),
+             "node-manager-port": _free_port(), "object-manager-port": _free_port(),
+             "dashboard-agent-listen-port": _free_port(), "metrics-export-port": _free_port()}
+    cmd = [str(BIN / "ray"), "start", "--head", "--num-cpus=2", "--dashboard-host=127.0.0.1", f"--temp-dir={temp}",
+           "--disable-usage-stats", *[f"--{k}={v}" for k, v in ports.items()]]
+    out = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    yield f"http://127.0.0.1:{ports['dashboard-port']}", f"127.0.0.1:{ports['port']}"
+    subprocess.run([str(BIN / "ray"), "stop", "--force"], env=_env(), capture_output=True, timeout=120)
+    shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.mark.multiproc
+def test_job_submit_of_a_tiny_search_then_train_its_best_schedule(ray_head, tmp_path):
+    dashboard, _ = ray_head
+    out = tmp_path / "search"
+    job = subprocess.run(
+        [str(BIN / "ray"), "job", "submit", "--address", dashboard, "--",
+         sys.executable, str(ROOT / "tune" / "run.py"), "--config", str(TINY), f"--tune.out={out}",
+         "--tune.num_samples=2"],
+        env=_env(), capture_output=True, text=True, timeout=600)
+    assert job.returncode == 0, (job.stdout + job.stderr)[-4000:]
+    assert "succeeded" in job.stdout + job.stderr
+    search = out / "tiny"
+    rows = list(csv.DictReader(open(search / "results.csv")))
+    assert len(rows) == 2 and all(r["status"] == "completed" and r["epochs"] == "4" for r in rows)
+    assert (search / "trials.png").stat().st_size > 1000
+    for r in rows:  # TensorBoard per trial
+        assert list((search / "trials" / r["trial"] / "tb").glob("events.out.tfevents.*"))
+    best = search / "best_schedule.toml"
+    text = best.read_text()
+    assert "chosen on clean validation accuracy" in text
+    vals = {r["trial"]: float(r["final_val_acc"]) for r in rows}
+    assert max(vals.values()) == pytest.approx(float(text.split("final epoch: ")[1].split(" %")[0]) / 100, abs=1e-4)
+    run = subprocess.run([str(BIN / "pst-dist"), "train", "--config", str(best), f"--log.run_dir={tmp_path / 'best'}"],
+                         env=_env(), capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    summary = json.loads((tmp_path / "best" / "summary.json").read_text())
+    assert len(summary["val_curve"]) == 4 and summary["stage_history"] is not None
+
+
+def _descendants(pid: int):
+    import psutil
+
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+@pytest.mark.multiproc
+def test_a_killed_worker_is_retried_from_its_checkpoint_and_the_search_completes(tmp_path):
+    out = tmp_path / "search"
+    proc = subprocess.Popen(
+        [str(BIN / "pst-dist"), "tune", "--config", str(TINY), f"--tune.out={out}", "--tune.scheduler=fifo",
+         "--tune.num_samples=2", "--tune.workers=2", "--tune.max_failures=2", "--data.synthetic_train=2400"],
+        env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    killed = None
+    try:
+        deadline = time.time() + 400
+        while killed is None and time.time() < deadline and proc.poll() is None:
+            if list((out / "tiny" / "train").glob("*/epoch_0001")):  # a trial has checkpointed its first epoch
+                workers = [p for p in _descendants(proc.pid) if "RayTrainWorker" in " ".join(p.cmdline())]
+                if workers:
+                    killed = workers[-1].pid
+                    os.kill(killed, signal.SIGKILL)
+                    break
+            time.sleep(0.2)
+        output, _ = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert killed is not None, "no Ray Train worker to kill"
+    assert proc.returncode == 0, output[-5000:]
+    rows = list(csv.DictReader(open(out / "tiny" / "results.csv")))
+    assert len(rows) == 2 and all(r["status"] == "completed" and r["epochs"] == "4" for r in rows), rows
+    restores = [json.loads(line) for f in (out / "tiny" / "trials").glob("*/restores.jsonl") for line in open(f)]
+    assert restores, "no trial restored from a checkpoint after the kill"
+    assert all(r["epoch"] >= 1 for r in restores)  # resumed from a reported checkpoint, not from scratch
+    for r in rows:  # every epoch of every trial reported once to the end (a restart re-runs only the lost epoch)
+        records = [json.loads(line) for line in open(out / "tiny" / "trials" / r["trial"] / "metrics.jsonl")]
+        epochs = [int(x["epoch"]) for x in records if "eval/val_acc" in x]
+        assert epochs[-1] == 4 and set(epochs) == {1, 2, 3, 4}
+
+
+@pytest.mark.slow
+@pytest.mark.multiproc
+def test_pbt_search_exploits_through_checkpoints(tmp_path):
+    out = tmp_path / "search"
+    run = subprocess.run(
+        [str(BIN / "pst-dist"), "tune", "--config", str(TINY), f"--tune.out={out}", "--tune.scheduler=pbt",
+         "--tune.num_samples=2", "--train.epochs=3", "--tune.freeze_epochs=[0.5]", "--tune.warm_epochs=[0.5]"],
+        env=_env(), capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-5000:]
+    rows = list(csv.DictReader(open(out / "tiny" / "results.csv")))
+    assert len(rows) == 2 and all(r["epochs"] == "3" for r in rows)
+    assert list((out / "tiny").glob("run_trial_*/checkpoint_*"))  # Tune-level checkpoints, one per generation
+
+
+def test_tune_cli_refuses_bad_input_before_starting_ray(tmp_path):
+    cases = [(["--tune.unfreeze_groups=[0, 5]"], "group 5: the head"),
+             (["--train.epochs=2"], "no schedule fits"),
+             (["--tune.scheduler=hyperband"], "tune.scheduler='hyperband'"),
+             (["--resume"], "--resume: no search to continue")]
+    for extra, message in cases:
+        run = subprocess.run([str(BIN / "pst-dist"), "tune", "--config", str(TINY), f"--tune.out={tmp_path}", *extra],
+                             env=_env(), capture_output=True, text=True, timeout=120)
+        assert run.returncode == 2 and message in run.stderr, (extra, run.stderr[-2000:])
+        assert "Started a local Ray" not in run.stderr
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+@pytest.mark.slow
+@pytest.mark.multiproc
+def test_an_interrupted_search_resumes_without_retraining_finished_trials(tmp_path):
+    out = tmp_path / "search"
+    args = [str(BIN / "pst-dist"), "tune", "--config", str(TINY), f"--tune.out={out}", "--tune.scheduler=fifo",
+            "--tune.num_samples=3", "--tune.max_concurrent=1"]
+    proc = subprocess.Popen(args, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 400
+        while time.time() < deadline and proc.poll() is None and not list((out / "tiny").glob("trials/*/summary.json")):
+            time.sleep(0.5)
+        assert proc.poll() is None, "the search ended before it could be interrupted"
+        os.kill(proc.pid, signal.SIGINT)  # Ctrl-C: Tune saves its state and stops
+        proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    finished = {p.parent.name for p in (out / "tiny").glob("trials/*/summary.json")}
+    assert finished
+    run = subprocess.run([*args, "--resume"], env=_env(), capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-5000:]
+    rows = list(csv.DictReader(open(out / "tiny" / "results.csv")))
+    assert len(rows) == 3 and all(r["status"] == "completed" and r["epochs"] == "4" for r in rows), rows
+    for trial in finished:  # trained once: four epochs in its metrics, not eight
+        records = [json.loads(line) for line in open(out / "tiny" / "trials" / trial / "metrics.jsonl")]
+        assert [int(x["epoch"]) for x in records if "eval/val_acc" in x] == [1, 2, 3, 4]
