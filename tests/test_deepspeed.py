@@ -83,6 +83,12 @@ def test_deepspeed_config_from_the_section():
     assert d["train_batch_size"] == 16 * 4 * 8 and d["train_micro_batch_size_per_gpu"] == 16
     assert d["zero_optimization"]["stage"] == 3 and d["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     assert d["bf16"]["enabled"] and not d["fp16"]["enabled"] and d["gradient_clipping"] == 1.0
+    z = deepspeed_config(cfg, world_size=8, num_params=120_000)["zero_optimization"]  # bucket sized to the model
+    assert z["reduce_bucket_size"] == z["allgather_bucket_size"] == z["stage3_prefetch_bucket_size"] == 1_000_000
+    big = deepspeed_config(cfg, world_size=8, num_params=2_000_000_000)["zero_optimization"]
+    assert big["reduce_bucket_size"] == 500_000_000  # never above DeepSpeed's own default
+    fixed = load_config(None, ["--deepspeed.zero_stage=2", "--deepspeed.bucket_size=12345"])
+    assert deepspeed_config(fixed, 1, num_params=10)["zero_optimization"]["reduce_bucket_size"] == 12345
     for bad, msg in [("--deepspeed.zero_stage=4", "zero_stage=4"), ("--deepspeed.offload_param=true", "offload_param"),
                      ("--deepspeed.grad_accum=0", "grad_accum=0")]:
         with pytest.raises(ConfigError, match=msg):
@@ -104,3 +110,13 @@ def test_checkpoint_with_foreign_globals_is_refused(tmp_path):
         check_ds_checkpoint(tmp_path)
     with pytest.raises(CheckpointError, match="no checkpoint files"):
         check_ds_checkpoint(tmp_path / "empty")
+
+
+def test_deepspeed_in_a_plain_single_process(tmp_path):
+    """No launcher, no RANK / WORLD_SIZE: pst-dist makes its own one-process group (DeepSpeed would try MPI)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
+    run = subprocess.run([sys.executable, "-m", "pst_dist.cli", "train", *TINY, "--deepspeed.enabled=true",
+                          "--deepspeed.zero_stage=1", f"--log.run_dir={tmp_path}"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert (tmp_path / "ds_checkpoint" / "latest").is_file() and (tmp_path / "summary.json").is_file()
