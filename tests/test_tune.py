@@ -145,13 +145,15 @@ def test_a_killed_worker_is_retried_from_its_checkpoint_and_the_search_completes
     out = tmp_path / "search"
     proc = subprocess.Popen(
         [str(BIN / "pst-dist"), "tune", "--config", str(TINY), f"--tune.out={out}", "--tune.scheduler=fifo",
-         "--tune.num_samples=2", "--tune.workers=2", "--tune.max_failures=2", "--data.synthetic_train=2400"],
+         "--tune.num_samples=2", "--tune.workers=2", "--tune.max_failures=2", "--data.synthetic_train=4800"],
         env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     killed = None
     try:
         deadline = time.time() + 400
         while killed is None and time.time() < deadline and proc.poll() is None:
-            if list((out / "tiny" / "train").glob("*/epoch_0001")):  # a trial has checkpointed its first epoch
+            # a trial's first checkpoint has reached Tune (so Ray Train's controller registered it: a report still in
+            # flight when its worker dies is lost with it)
+            if any(f.stat().st_size for f in (out / "tiny").glob("run_trial_*/result.json")):
                 workers = [p for p in _descendants(proc.pid) if "RayTrainWorker" in " ".join(p.cmdline())]
                 if workers:
                     killed = workers[-1].pid
@@ -185,8 +187,18 @@ def test_pbt_search_exploits_through_checkpoints(tmp_path):
         env=_env(), capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, (run.stdout + run.stderr)[-5000:]
     rows = list(csv.DictReader(open(out / "tiny" / "results.csv")))
-    assert len(rows) == 2 and all(r["epochs"] == "3" for r in rows)
+    assert len(rows) == 2 and all(r["status"] == "completed" and r["epochs"] == "3" for r in rows), rows
     assert list((out / "tiny").glob("run_trial_*/checkpoint_*"))  # Tune-level checkpoints, one per generation
+    exploits = (out / "tiny" / "pbt_global.txt").read_text().splitlines()
+    assert exploits  # a weaker trial was cloned from a stronger one's checkpoint ...
+    cloned = []  # restores of a trial from another trial's Tune checkpoint
+    for row in rows:
+        restores = out / "tiny" / "trials" / row["trial"] / "restores.jsonl"
+        for r in (json.loads(line) for line in open(restores)) if restores.is_file() else []:
+            if "/checkpoint_" in r["from"] and f"run_trial_{row['trial']}_" not in r["from"]:
+                cloned.append(r)
+    assert cloned, "no trial resumed from another trial's checkpoint"
+    assert (out / "tiny" / "best_schedule.toml").is_file()
 
 
 def test_tune_cli_refuses_bad_input_before_starting_ray(tmp_path):

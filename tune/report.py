@@ -11,6 +11,7 @@ import csv
 import io
 import json
 import math
+import re
 from pathlib import Path
 
 from pst_dist.config import Config, dump_toml
@@ -18,27 +19,38 @@ from pst_dist.metrics import write_atomic
 
 from .space import describe, trial_config
 
-COLUMNS = ["trial", "status", "epochs", "final_val_acc", "peak_val_acc", "final_test_acc", "peak_test_acc",
-           "warm_epochs", "freeze_epochs", "release_epochs", "unfreeze_order", "threshold"]
+COLUMNS = ["trial", "status", "epochs", "epochs_trained", "final_val_acc", "peak_val_acc", "final_test_acc",
+           "peak_test_acc", "warm_epochs", "freeze_epochs", "release_epochs", "unfreeze_order", "threshold"]
 
 
-def trial_rows(cfg: Config, results) -> list[dict]:
+def _curve(metrics_file: Path) -> tuple[list[dict], int]:
+    """Per epoch, the last evaluation record of a trial's run (an epoch redone after a restart or a PBT exploit
+    counts once), and how many epochs were trained in all (redone ones too)."""
+    if not metrics_file.is_file():
+        return [], 0
+    records = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+    evals = [r for r in records if "eval/val_acc" in r]
+    last = {int(r["epoch"]): r for r in evals}
+    return [last[e] for e in sorted(last)], len(evals)
+
+
+def trial_rows(cfg: Config, results, search_dir: Path) -> list[dict]:
+    """One row per trial, from the trial's own run directory (metrics.jsonl, written by pst_dist on rank 0)."""
     rows = []
     for r in results:
-        df = r.metrics_dataframe
-        curve = [] if df is None or "epoch" not in df else \
-            df.dropna(subset=["epoch"]).drop_duplicates("epoch", keep="last").sort_values("epoch")
-        trial = Path(r.path).name.split("_")[1] if r.path else "?"
-        row = {"trial": (r.metrics or {}).get("trial_id", trial), **describe(r.config)}
-        if len(curve):
-            row.update(epochs=int(curve["epoch"].iloc[-1]), final_val_acc=float(curve["val_acc"].iloc[-1]),
-                       peak_val_acc=float(curve["val_acc"].max()), final_test_acc=float(curve["test_acc"].iloc[-1]),
-                       peak_test_acc=float(curve["test_acc"].max()),
-                       curve_epoch=[int(e) for e in curve["epoch"]], curve_val=[float(v) for v in curve["val_acc"]],
-                       curve_test=[float(v) for v in curve["test_acc"]])
+        m = re.search(r"run_trial_([0-9a-f]+_\d+)_", Path(r.path).name if r.path else "")
+        trial = m.group(1) if m else "?"
+        curve, trained = _curve(search_dir / "trials" / trial / "metrics.jsonl")
+        row = {"trial": trial, **describe(r.config), "epochs_trained": trained,
+               "curve_epoch": [int(c["epoch"]) for c in curve], "curve_val": [c["eval/val_acc"] for c in curve],
+               "curve_test": [c["eval/test_acc"] for c in curve]}
+        if curve:
+            row.update(epochs=int(curve[-1]["epoch"]), final_val_acc=curve[-1]["eval/val_acc"],
+                       peak_val_acc=max(row["curve_val"]), final_test_acc=curve[-1]["eval/test_acc"],
+                       peak_test_acc=max(row["curve_test"]))
         else:
             row.update(epochs=0, final_val_acc=math.nan, peak_val_acc=math.nan, final_test_acc=math.nan,
-                       peak_test_acc=math.nan, curve_epoch=[], curve_val=[], curve_test=[])
+                       peak_test_acc=math.nan)
         row["status"] = "error" if r.error else ("completed" if row["epochs"] >= cfg.train.epochs else "stopped")
         row["params"] = dict(r.config)
         rows.append(row)
@@ -124,9 +136,9 @@ def best_schedule_toml(cfg: Config, best: dict) -> str:
 
 
 def write_reports(cfg: Config, results, search_dir: Path, log) -> dict:
-    rows = trial_rows(cfg, results)
+    rows = trial_rows(cfg, results, search_dir)
     best = best_row(rows)
-    total = sum(r["epochs"] for r in rows)
+    total = sum(r["epochs_trained"] for r in rows)
     search_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(search_dir / "results.csv", results_csv(rows))
     md = results_md(cfg, rows, best, total)

@@ -95,7 +95,7 @@ def build_tuner(cfg: Config, search_dir: Path, resume: bool, groups: int):
     elif t.scheduler == "pbt":
         mutations = {"threshold": list(t.thresholds), **{k: list(t.release_mults) for k in mult_keys(cfg)}}
         scheduler = PopulationBasedTraining(time_attr="epoch", perturbation_interval=t.pbt_interval,
-                                            quantile_fraction=0.25, hyperparam_mutations=mutations)
+                                            quantile_fraction=0.25, hyperparam_mutations=mutations, synch=True)
     else:
         scheduler = FIFOScheduler()
     return tune.Tuner(
