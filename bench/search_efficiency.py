@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import shutil
 import statistics
 import sys
 import time
@@ -85,12 +86,16 @@ def main() -> int:
         f"- Test accuracy of the two picks (reported, not used for selection): exhaustive "
         f"{100 * ex['best']['final_test_acc']:.2f}, ASHA {100 * asha['best']['final_test_acc']:.2f}.",
         f"- Exhaustive pick: `{json.dumps(ex['best']['params'])}`; ASHA pick: `{json.dumps(asha['best']['params'])}`.",
+        "", "![ASHA trials](search_efficiency_asha.png) ![exhaustive trials](search_efficiency_fifo.png)",
         "", f"Regenerate: `.venv/bin/python bench/search_efficiency.py --md {args.md or 'FILE.md'}`",
     ]
     text = "\n".join(lines) + "\n"
     print(text)
     if args.md:
-        write_atomic(Path(args.md), text)
+        md = Path(args.md)
+        for s in runs:  # the two searches' trial curves beside the table
+            shutil.copyfile(Path(runs[s]["search_dir"]) / "trials.png", md.with_name(f"{md.stem}_{s}.png"))
+        write_atomic(md, text)
     return 0
 
 
