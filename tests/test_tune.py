@@ -79,6 +79,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _tune(out: Path, *extra: str) -> list[str]:
+    """``pst-dist tune`` of the tiny config into ``out``."""
+    return [str(BIN / "pst-dist"), "tune", "--config", str(TINY), f"--tune.out={out}", *extra]
+
+
 def _env() -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update(PATH=f"{BIN}:{env.get('PATH', '')}", RAY_AUTH_MODE="token", RAY_USAGE_STATS_ENABLED="0",
@@ -144,8 +149,8 @@ def _descendants(pid: int):
 def test_a_killed_worker_is_retried_from_its_checkpoint_and_the_search_completes(tmp_path):
     out = tmp_path / "search"
     proc = subprocess.Popen(
-        [str(BIN / "pst-dist"), "tune", "--config", str(TINY), f"--tune.out={out}", "--tune.scheduler=fifo",
-         "--tune.num_samples=2", "--tune.workers=2", "--tune.max_failures=2", "--data.synthetic_train=4800"],
+        _tune(out, "--tune.scheduler=fifo", "--tune.num_samples=2", "--tune.workers=2", "--tune.max_failures=2",
+              "--data.synthetic_train=4800"),
         env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     killed = None
     try:
@@ -182,8 +187,8 @@ def test_a_killed_worker_is_retried_from_its_checkpoint_and_the_search_completes
 def test_pbt_search_exploits_through_checkpoints(tmp_path):
     out = tmp_path / "search"
     run = subprocess.run(
-        [str(BIN / "pst-dist"), "tune", "--config", str(TINY), f"--tune.out={out}", "--tune.scheduler=pbt",
-         "--tune.num_samples=2", "--train.epochs=3", "--tune.freeze_epochs=[0.5]", "--tune.warm_epochs=[0.5]"],
+        _tune(out, "--tune.scheduler=pbt", "--tune.num_samples=2", "--train.epochs=3", "--tune.freeze_epochs=[0.5]",
+              "--tune.warm_epochs=[0.5]"),
         env=_env(), capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, (run.stdout + run.stderr)[-5000:]
     rows = list(csv.DictReader(open(out / "tiny" / "results.csv")))
@@ -207,7 +212,7 @@ def test_tune_cli_refuses_bad_input_before_starting_ray(tmp_path):
              (["--tune.scheduler=hyperband"], "tune.scheduler='hyperband'"),
              (["--resume"], "--resume: no search to continue")]
     for extra, message in cases:
-        run = subprocess.run([str(BIN / "pst-dist"), "tune", "--config", str(TINY), f"--tune.out={tmp_path}", *extra],
+        run = subprocess.run(_tune(tmp_path, *extra),
                              env=_env(), capture_output=True, text=True, timeout=120)
         assert run.returncode == 2 and message in run.stderr, (extra, run.stderr[-2000:])
         assert "Started a local Ray" not in run.stderr
@@ -218,8 +223,7 @@ def test_tune_cli_refuses_bad_input_before_starting_ray(tmp_path):
 @pytest.mark.multiproc
 def test_an_interrupted_search_resumes_without_retraining_finished_trials(tmp_path):
     out = tmp_path / "search"
-    args = [str(BIN / "pst-dist"), "tune", "--config", str(TINY), f"--tune.out={out}", "--tune.scheduler=fifo",
-            "--tune.num_samples=3", "--tune.max_concurrent=1"]
+    args = _tune(out, "--tune.scheduler=fifo", "--tune.num_samples=3", "--tune.max_concurrent=1")
     proc = subprocess.Popen(args, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     try:
