@@ -58,7 +58,7 @@ def cmd_tune(args: argparse.Namespace, rest: list[str]) -> int:
 
     cfg = load_config(args.config, _split_overrides(rest))
     summary = run_search(cfg, resume=args.resume)
-    print(json.dumps({k: v for k, v in summary.items()}, indent=2))
+    print(json.dumps(summary, indent=2))
     return 0 if not summary["errors"] and summary["best"] is not None else 1
 
 

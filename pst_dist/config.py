@@ -340,7 +340,7 @@ class TuneConfig:
     accuracy (eval/val_acc); test accuracy is only logged."""
 
     num_samples: int = 8
-    """Trials (random search); with search='grid', repeats of the full grid."""
+    """Trials of the random search (search='grid' runs every combination once and ignores it)."""
     search: str = "random"
     """random (sample num_samples schedules) | grid (every combination: the exhaustive search)."""
     scheduler: str = "asha"
