@@ -72,7 +72,7 @@ class DataConfig:
 
 
 SOURCES = {"synthetic", "fashion-mnist", "cifar10", "cifar100", "imagefolder", "beton"}
-POISONS = {"none", "classwise_noise", "patch_noise", "file"}
+POISONS = {"none", "classwise_noise", "patch_noise", "lsp", "ar", "ops", "conv_blur", "file"}
 AUGMENTS = ("none", "crop", "crop_flip", "rrc_flip")
 
 
@@ -80,7 +80,10 @@ AUGMENTS = ("none", "crop", "crop_flip", "rrc_flip")
 class PoisonConfig:
     kind: str = "none"
     """none | classwise_noise (per-pixel uniform +-eps, one pattern per class) |
-    patch_noise (LSP-like +-eps patches) | file (a poison made elsewhere, see ``path``)."""
+    patch_noise (LSP-like +-eps patches, L-inf eps) | lsp (class-wise patch clusters, L2 budget ``l2``) |
+    ar (class-wise autoregressive filters, a draw per image, L2 budget ``l2``) | ops (one pixel per image, position and
+    colour searched per class: L0 = 1) | conv_blur (class-wise random convolution, no Lp bound) |
+    file (a poison made elsewhere, see ``path``)."""
     path: str = ""
     """kind=file: .pt (loaded with weights_only=True) or .npy, one row per image of the source's training split
     in its own order, N x C x H x W or N x H x W x C: float offsets in [0, 1] pixel units, or uint8 poisoned
@@ -88,7 +91,12 @@ class PoisonConfig:
     eps: float = 8 / 255
     """L-inf budget in [0, 1] pixel units; must lie in (0, 1]."""
     patch_size: int = 4
-    """patch_noise: side of the constant patches the class pattern is made of."""
+    """patch_noise, lsp: side of the constant patches the class pattern is made of."""
+    l2: float = 0.0
+    """lsp, ar: per-image L2 budget in [0, 1] pixel units; 0 = scaled from the CIFAR-10 reference to this data's
+    C x H x W: lsp 6/255 * sqrt(CHW) (APBench), ar sqrt(CHW / 3072) (1.0 on 3 x 32 x 32)."""
+    blur_kernel: int = 3
+    """conv_blur: side of the class kernels (odd)."""
     seed: int = 0
     """The poison's own seed (class patterns)."""
 
@@ -96,6 +104,9 @@ class PoisonConfig:
         _check(self.kind in POISONS, f"poison.kind={self.kind!r}: expected one of {sorted(POISONS)}")
         _check(0 < self.eps <= 1, f"poison.eps={self.eps}: must lie in (0, 1]")
         _check(self.patch_size >= 1, f"poison.patch_size={self.patch_size}: must be >= 1")
+        _check(self.l2 >= 0, f"poison.l2={self.l2}: must be >= 0 (0 = the default for the data size)")
+        _check(self.blur_kernel >= 1 and self.blur_kernel % 2 == 1,
+               f"poison.blur_kernel={self.blur_kernel}: must be an odd number >= 1")
         _check((self.kind == "file") == bool(self.path),
                f"poison.path={self.path!r}: set it exactly when poison.kind='file' (kind={self.kind!r})")
 

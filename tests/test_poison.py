@@ -34,3 +34,62 @@ def test_eps_outside_unit_interval(eps):
 def test_none_is_identity():
     x = torch.randint(0, 256, (4, 1, 8, 8), dtype=torch.uint8)
     assert torch.equal(apply_poison(x, torch.zeros(4, dtype=torch.long), PoisonConfig(), 2), x)
+
+
+SHORTCUTS = ["lsp", "ar", "ops", "conv_blur"]
+
+
+def _data(chans: int, n: int = 60, side: int = 12):
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, 256, (n, chans, side, side), dtype=torch.uint8, generator=g), torch.arange(n) % 5
+
+
+@pytest.mark.parametrize("kind", SHORTCUTS)
+@pytest.mark.parametrize("chans", [1, 3])
+def test_shortcut_attacks_budget_and_determinism(kind, chans):
+    from pst_dist.poison.shortcuts import l2_budget
+
+    x, y = _data(chans)
+    cfg = PoisonConfig(kind=kind, patch_size=3, seed=1)
+    p1, p2 = apply_poison(x, y, cfg, 5), apply_poison(x, y, cfg, 5)
+    assert p1.dtype == torch.uint8 and p1.shape == x.shape and torch.equal(p1, p2)
+    assert not torch.equal(p1, x)
+    other = apply_poison(x, y, PoisonConfig(kind=kind, patch_size=3, seed=2), 5)
+    d = (p1.float() - x.float()) / 255
+    if kind in ("lsp", "ar"):
+        budget = l2_budget(cfg, (chans, 12, 12))
+        assert d.flatten(1).norm(dim=1).max() <= budget + 1e-6
+        assert d.flatten(1).norm(dim=1).max() >= 0.8 * budget  # uses its budget (clipping takes a little)
+        assert not torch.equal(p1, other)
+    if kind == "ops":
+        assert int((p1 != x).any(dim=1).flatten(1).sum(1).max()) == 1  # L0 = 1
+        # one position and colour per class: every changed pixel of a class sits at one place, with one colour
+        for k in range(5):
+            pos = {int(i) for i in (p1[y == k] != x[y == k]).any(dim=1).flatten(1).float().argmax(1)}
+            assert len(pos) == 1
+        assert torch.equal(p1, other)  # OPS is a search, not a draw: the seed does not enter it
+    if kind == "conv_blur":
+        assert not torch.equal(p1, other)
+        # class-wise: two images of one class equal before are equal after; the kernel differs between classes
+        same = x.clone()
+        same[5] = same[0]  # both class 0
+        q = apply_poison(same, y, cfg, 5)
+        assert torch.equal(q[5], q[0])
+
+
+def test_lsp_is_constant_within_a_class_and_ar_differs_per_image():
+    x = torch.full((20, 3, 16, 16), 128, dtype=torch.uint8)  # mid-grey: no clipping
+    y = torch.arange(20) % 2
+    lsp = apply_poison(x, y, PoisonConfig(kind="lsp", patch_size=4), 2).to(torch.int16) - 128
+    assert torch.equal(lsp[0], lsp[2]) and not torch.equal(lsp[0], lsp[1])
+    assert torch.equal(lsp[0, :, :4, :4], lsp[0, :, :1, :1].expand(3, 4, 4))  # constant 4x4 patches
+    ar = apply_poison(x, y, PoisonConfig(kind="ar"), 2).to(torch.int16) - 128
+    assert not torch.equal(ar[0], ar[2])  # a draw per image from its class's filter
+
+
+@pytest.mark.parametrize("bad, msg", [("--poison.l2=-1", "poison.l2"), ("--poison.blur_kernel=4", "blur_kernel=4")])
+def test_shortcut_config_errors(bad, msg):
+    from pst_dist.config import load_config
+
+    with pytest.raises(ConfigError, match=msg):
+        load_config(None, ["--poison.kind=lsp", bad])

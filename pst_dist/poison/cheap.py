@@ -32,9 +32,13 @@ def class_patterns(cfg: PoisonConfig, num_classes: int, shape: tuple[int, int, i
 
 
 def apply_poison(images: torch.Tensor, labels: torch.Tensor, cfg: PoisonConfig, num_classes: int) -> torch.Tensor:
-    """Return poisoned uint8 images (a new tensor); asserts the L-inf budget holds exactly."""
+    """Return poisoned uint8 images (a new tensor); asserts the attack's budget holds exactly."""
     if cfg.kind == "none":
         return images.clone()
+    from .shortcuts import ATTACKS
+
+    if cfg.kind in ATTACKS:
+        return ATTACKS[cfg.kind](images, labels, cfg, num_classes)
     delta = class_patterns(cfg, num_classes, tuple(images.shape[1:]))
     out = (images.to(torch.int16) + delta[labels]).clamp(0, 255).to(torch.uint8)
     linf = int((out.to(torch.int16) - images.to(torch.int16)).abs().max())
