@@ -1,4 +1,4 @@
-"""``pst-dist`` command line: train, demo, tune, show-config, report, write-beton."""
+"""``pst-dist`` command line: train, demo, tune, poison, show-config, report, write-beton."""
 
 from __future__ import annotations
 
@@ -62,6 +62,18 @@ def cmd_tune(args: argparse.Namespace, rest: list[str]) -> int:
     return 0 if not summary["errors"] and summary["best"] is not None else 1
 
 
+def cmd_poison(args: argparse.Namespace, rest: list[str]) -> int:
+    from .poison.store import write_poisoned
+
+    cfg = load_config(args.config, _split_overrides(rest))
+    meta = write_poisoned(cfg, Path(args.out), log=lambda m: print(m, file=sys.stderr))
+    n = meta["norms"]
+    print(f"{args.out}: {meta['attack']} on {meta['source']} {meta['shape']}; Linf {n['linf'] * 255:.0f}/255, "
+          f"L2 mean {n['l2_mean']:.3f} max {n['l2_max']:.3f}, L0 mean {n['l0_mean']:.1f}; {meta['seconds']} s. "
+          f"Train on it: --poison.kind=file --poison.path={args.out}")
+    return 0
+
+
 def cmd_show_config(args: argparse.Namespace, rest: list[str]) -> int:
     print(dump_toml(load_config(args.config, _split_overrides(rest))))
     return 0
@@ -118,6 +130,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", help="TOML recipe with a [tune] section, e.g. launch/configs/tune_fmnist.toml")
     p.add_argument("--resume", action="store_true", help="continue the interrupted search in tune.out/tune.name")
     p.set_defaults(fn=cmd_tune)
+    p = sub.add_parser("poison", help="generate [poison] on the whole training split and store it losslessly")
+    p.add_argument("--config", help="TOML recipe: its [data] and [poison] sections")
+    p.add_argument("--out", required=True, help="output directory (train_images.npy + poison.json)")
+    p.set_defaults(fn=cmd_poison)
     p = sub.add_parser("show-config", help="print the resolved config as TOML")
     p.add_argument("--config")
     p.set_defaults(fn=cmd_show_config)

@@ -87,7 +87,8 @@ class PoisonConfig:
     path: str = ""
     """kind=file: .pt (loaded with weights_only=True) or .npy, one row per image of the source's training split
     in its own order, N x C x H x W or N x H x W x C: float offsets in [0, 1] pixel units, or uint8 poisoned
-    images. Its L-inf norm must stay within eps."""
+    images; its L-inf norm must stay within eps. Or a directory written by ``pst-dist poison`` (checked against
+    its recorded norms and file hash)."""
     eps: float = 8 / 255
     """L-inf budget in [0, 1] pixel units; must lie in (0, 1]."""
     patch_size: int = 4

@@ -93,3 +93,44 @@ def test_shortcut_config_errors(bad, msg):
 
     with pytest.raises(ConfigError, match=msg):
         load_config(None, ["--poison.kind=lsp", bad])
+
+
+def test_stored_poison_round_trip_and_validation(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from pst_dist.config import load_config
+    from pst_dist.poison import PoisonFileError
+    from pst_dist.train import build_data
+
+    data = ["--data.source=synthetic", "--data.synthetic_train=300", "--data.img_size=12", "--data.num_classes=5",
+            "--data.val_from=test", "--data.val_size=20"]  # the synthetic source sizes its split by val_from
+    out = tmp_path / "lsp"
+    run = subprocess.run([sys.executable, "-m", "pst_dist.cli", "poison", *data, "--poison.kind=lsp",
+                          "--poison.patch_size=3", f"--out={out}"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    meta = json.loads((out / "poison.json").read_text())
+    assert meta["attack"] == "lsp" and meta["shape"] == [300, 3, 12, 12] and meta["norms"]["l2_max"] > 0
+    assert not list(tmp_path.glob(".lsp.partial-*"))
+    # training reads it back: the subset it trains on equals generating the class-wise poison on that subset
+    cfg = load_config(None, [*data, "--data.train_size=100", "--poison.kind=file", f"--poison.path={out}"])
+    d = build_data(cfg)
+    ref = apply_poison(d.splits.train.images, d.splits.train.labels,
+                       PoisonConfig(kind="lsp", patch_size=3), 5)
+    assert torch.equal(d.poisoned_train, ref)
+    # a poison made for another data set, and a changed file, are refused with the reason
+    other = load_config(None, [*data, "--data.seed=1", "--poison.kind=file", f"--poison.path={out}"])
+    with pytest.raises(PoisonFileError, match="does not fit this data set"):
+        build_data(other)
+    arr = np.load(out / "train_images.npy")
+    arr[0, 0, 0, 0] ^= 1
+    np.save(out / "train_images.npy", arr)
+    with pytest.raises(PoisonFileError, match="changed since it was written"):
+        build_data(cfg)
+    bad = subprocess.run([sys.executable, "-m", "pst_dist.cli", "poison", *data, f"--out={tmp_path / 'x'}"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "poison.kind='none' is not an attack" in bad.stderr
+    assert not (tmp_path / "x").exists()

@@ -47,6 +47,10 @@ def to_nchw(t: torch.Tensor, n: int, chw: tuple[int, int, int], path: Path) -> t
 def import_poison(images: torch.Tensor, index: torch.Tensor, source_size: int, cfg: PoisonConfig) -> torch.Tensor:
     """Poisoned uint8 images for ``images`` (rows ``index`` of the source's training split of ``source_size``)."""
     path = Path(cfg.path)
+    if path.is_dir():  # written by `pst-dist poison`: checked against its own metadata, not against poison.eps
+        from .store import read_stored
+
+        return read_stored(path, images, index, source_size)
     t = read_tensor(path)
     t = to_nchw(t, source_size, tuple(images.shape[1:]), path)[index]
     if t.dtype == torch.uint8:
