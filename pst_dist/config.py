@@ -339,6 +339,19 @@ class DeepSpeedConfig:
         _check(not self.offload_param or self.zero_stage == 3, "deepspeed.offload_param needs deepspeed.zero_stage = 3")
 
 
+@dataclass
+class DefenseConfig:
+    kind: str = "none"
+    """none | jpeg (ISS: the training images through JPEG at jpeg_quality) | grayscale (ISS: training images to
+    grayscale; a no-op on 1-channel data). Applied to the training images only, after the poison."""
+    jpeg_quality: int = 10
+    """JPEG quality for kind=jpeg (ISS uses 10)."""
+
+    def __post_init__(self) -> None:
+        _check(self.kind in ("none", "jpeg", "grayscale"), f"defense.kind={self.kind!r}: expected none|jpeg|grayscale")
+        _check(1 <= self.jpeg_quality <= 100, f"defense.jpeg_quality={self.jpeg_quality}: must lie in 1..100")
+
+
 SCHEDULERS = ("asha", "pbt", "fifo")
 
 
@@ -422,6 +435,7 @@ class TuneConfig:
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     poison: PoisonConfig = field(default_factory=PoisonConfig)
+    defense: DefenseConfig = field(default_factory=DefenseConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

@@ -21,6 +21,7 @@ from tqdm import tqdm
 from .config import Config, dump_toml
 from .data.loaders import TensorBatches
 from .data.sources import Splits, load_splits
+from .defenses import squeeze_train
 from .distributed import (
     DeepSpeedEngine,
     DistInfo,
@@ -64,12 +65,18 @@ class Normalize:
 
 def build_data(cfg: Config) -> Data:
     if cfg.data.source == "beton":
+        from .config import ConfigError
         from .data.beton import beton_data
+
+        if cfg.defense.kind != "none":
+            raise ConfigError(f"defense.kind={cfg.defense.kind!r} with data.source='beton': the .beton holds the "
+                              f"training images as written; train from the data set's own source with the defense")
 
         return beton_data(cfg)
     splits = load_splits(cfg.data)
     tr = splits.train
     poisoned = poison_train(tr.images, tr.labels, tr.index, splits.source_train_size, cfg.poison, splits.num_classes)
+    poisoned = squeeze_train(poisoned, cfg.defense)  # a baseline defense on the training images (none by default)
     x = tr.images.float() / 255
     return Data(splits, poisoned, x.mean(dim=(0, 2, 3)), x.std(dim=(0, 2, 3)).clamp_min(1e-3))
 

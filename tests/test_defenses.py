@@ -1,0 +1,39 @@
+import pytest
+import torch
+
+from pst_dist.config import ConfigError, load_config
+from pst_dist.defenses import grayscale, jpeg
+from pst_dist.train import build_data
+
+from .conftest import TINY
+
+
+@pytest.mark.parametrize("chans", [1, 3])
+def test_jpeg_squeezing_is_lossy_deterministic_and_keeps_shape(chans):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (8, chans, 16, 16), dtype=torch.uint8, generator=g)
+    j = jpeg(x, 10)
+    assert j.shape == x.shape and j.dtype == torch.uint8 and torch.equal(j, jpeg(x, 10))
+    err10 = (j.float() - x.float()).abs().mean()
+    err95 = (jpeg(x, 95).float() - x.float()).abs().mean()
+    assert err10 > err95 > 0  # quality 10 removes more (noise-like detail) than quality 95
+
+
+def test_grayscale_squeezing():
+    x = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
+    gray = grayscale(x)
+    assert gray.shape == x.shape and torch.equal(gray[:, 0], gray[:, 1]) and torch.equal(gray[:, 1], gray[:, 2])
+    one = x[:, :1]
+    assert torch.equal(grayscale(one), one)  # already gray
+
+
+def test_defense_touches_training_images_only():
+    base = build_data(load_config(None, TINY + ["--poison.kind=patch_noise"]))
+    sq = build_data(load_config(None, TINY + ["--poison.kind=patch_noise", "--defense.kind=jpeg"]))
+    assert torch.equal(sq.poisoned_train, jpeg(base.poisoned_train, 10))
+    assert torch.equal(sq.splits.val.images, base.splits.val.images)
+    assert torch.equal(sq.splits.test.images, base.splits.test.images)
+    with pytest.raises(ConfigError, match="defense.kind='blur'"):
+        load_config(None, ["--defense.kind=blur"])
+    with pytest.raises(ConfigError, match="data.source='beton'"):
+        build_data(load_config(None, ["--data.source=beton", "--data.root=/nonexistent", "--defense.kind=jpeg"]))
