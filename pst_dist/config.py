@@ -55,7 +55,8 @@ class DataConfig:
     """Images of the poisoned training set the detectors look at (a fixed slice)."""
     augment: str = "crop_flip"
     """Training augmentation: none | crop (pad-crop by side/8) | crop_flip | rrc_flip (random resized crop,
-    scale 0.35-1, and flip: for ImageNet-like data)."""
+    scale 0.35-1, and flip: for ImageNet-like data) | ueraser (crop_flip, then heavy per-sample brightness /
+    contrast / channel shuffle / posterise / erasing: the UEraser-lite baseline defense; torch loader only)."""
     seed: int = 0
     """Seed of the synthetic generator and of the split shuffles."""
 
@@ -73,7 +74,7 @@ class DataConfig:
 
 SOURCES = {"synthetic", "fashion-mnist", "cifar10", "cifar100", "imagefolder", "beton"}
 POISONS = {"none", "classwise_noise", "patch_noise", "lsp", "ar", "ops", "conv_blur", "file"}
-AUGMENTS = ("none", "crop", "crop_flip", "rrc_flip")
+AUGMENTS = ("none", "crop", "crop_flip", "rrc_flip", "ueraser")
 
 
 @dataclass

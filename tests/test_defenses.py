@@ -37,3 +37,19 @@ def test_defense_touches_training_images_only():
         load_config(None, ["--defense.kind=blur"])
     with pytest.raises(ConfigError, match="data.source='beton'"):
         build_data(load_config(None, ["--data.source=beton", "--data.root=/nonexistent", "--defense.kind=jpeg"]))
+
+
+@pytest.mark.parametrize("chans", [1, 3])
+def test_ueraser_lite_augmentation_is_heavy_per_sample_and_reproducible(chans):
+    from pst_dist.data.loaders import augment_batch
+
+    x = torch.randint(0, 256, (64, chans, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    a = augment_batch(x, "ueraser", torch.Generator().manual_seed(1))
+    b = augment_batch(x, "ueraser", torch.Generator().manual_seed(1))
+    assert a.shape == x.shape and a.dtype == torch.uint8 and torch.equal(a, b)
+    assert not torch.equal(a, augment_batch(x, "ueraser", torch.Generator().manual_seed(2)))
+    light = augment_batch(x, "crop_flip", torch.Generator().manual_seed(1))
+    assert (a.float() - light.float()).abs().mean() > 20  # far heavier than crop + flip
+    same = x[:1].expand(64, -1, -1, -1).contiguous()  # one image, 64 times: each copy augmented differently
+    out = augment_batch(same, "ueraser", torch.Generator().manual_seed(3))
+    assert len({bytes(o.numpy()) for o in out}) == 64

@@ -316,6 +316,10 @@ class BetonBatches:
         from .loaders import RRC_RATIO, RRC_SCALE
 
         c, h, w = shape
+        if augment not in ("none", "crop", "crop_flip", "rrc_flip"):
+            from ..config import ConfigError
+
+            raise ConfigError(f"data.augment={augment!r} has no FFCV pipeline: use data.loader='torch' for it")
         self.channels = c
         device = torch.device(device)
         if augment == "rrc_flip":

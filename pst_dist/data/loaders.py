@@ -24,11 +24,44 @@ def rrc_params(h: int, w: int, g: torch.Generator, scale=RRC_SCALE, ratio=RRC_RA
     return 0, 0, h, w  # fallback: whole image
 
 
+def ueraser_lite(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Heavy random augmentation against shortcut perturbations (UEraser-style, lighter), per sample on a uint8
+    batch already pad-cropped and flipped: brightness and contrast x U(0.4, 1.6), channel shuffle (3 channels,
+    p = 0.5), posterise to 3-6 bits, and one random-valued erased rectangle (p = 0.5, up to half of each side)."""
+    n, c, h, w = x.shape
+    f = x.float()
+    bright = torch.empty(n, 1, 1, 1).uniform_(0.4, 1.6, generator=g)
+    contrast = torch.empty(n, 1, 1, 1).uniform_(0.4, 1.6, generator=g)
+    mean = f.mean(dim=(1, 2, 3), keepdim=True)
+    f = ((f * bright - mean * bright) * contrast + mean * bright).clamp(0, 255)
+    if c == 3:
+        perm = torch.argsort(torch.rand(n, 3, generator=g), dim=1)
+        shuffle = torch.rand(n, generator=g) < 0.5
+        perm = torch.where(shuffle[:, None], perm, torch.arange(3)[None])
+        f = f.gather(1, perm[:, :, None, None].expand(n, c, h, w))
+    levels = 2 ** torch.randint(3, 7, (n, 1, 1, 1), generator=g).float()
+    f = (f / 256 * levels).floor() * (255 / (levels - 1))  # posterise: levels evenly spread over 0..255
+    eh = (torch.rand(n, generator=g) * h / 2).long() + 1
+    ew = (torch.rand(n, generator=g) * w / 2).long() + 1
+    top = (torch.rand(n, generator=g) * (h - eh + 1)).long()
+    left = (torch.rand(n, generator=g) * (w - ew + 1)).long()
+    rows, cols = torch.arange(h)[None, :], torch.arange(w)[None, :]
+    box = (((rows >= top[:, None]) & (rows < (top + eh)[:, None]))[:, :, None]
+           & ((cols >= left[:, None]) & (cols < (left + ew)[:, None]))[:, None, :])  # n x h x w
+    box &= (torch.rand(n, generator=g) < 0.5)[:, None, None]
+    fill = torch.randint(0, 256, (n, c, h, w), generator=g).float()
+    f = torch.where(box[:, None], fill, f)
+    return f.round().clamp(0, 255).to(torch.uint8)
+
+
 def augment_batch(x: torch.Tensor, mode: str, g: torch.Generator) -> torch.Tensor:
     """Pad-crop (pad = side/8, reflect-free zero pad) and horizontal flip on a uint8 batch, per sample;
-    or random resized crop + flip (``rrc_flip``), per sample, back to the input size."""
+    or random resized crop + flip (``rrc_flip``), per sample, back to the input size; ``ueraser``: crop + flip, then
+    :func:`ueraser_lite`."""
     if mode == "none":
         return x
+    if mode == "ueraser":
+        return ueraser_lite(augment_batch(x, "crop_flip", g), g)
     if mode == "rrc_flip":
         from torchvision.transforms.v2 import functional as F
 
