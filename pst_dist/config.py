@@ -344,13 +344,24 @@ class DeepSpeedConfig:
 class DefenseConfig:
     kind: str = "none"
     """none | jpeg (ISS: the training images through JPEG at jpeg_quality) | grayscale (ISS: training images to
-    grayscale; a no-op on 1-channel data). Applied to the training images only, after the poison."""
+    grayscale; a no-op on 1-channel data) | adv (PGD adversarial training: every batch replaced by its PGD
+    examples). jpeg and grayscale touch the training images only, after the poison."""
     jpeg_quality: int = 10
     """JPEG quality for kind=jpeg (ISS uses 10)."""
+    adv_eps: float = 8 / 255
+    """kind=adv: L-inf radius of the PGD examples, [0, 1] pixel units."""
+    adv_step: float = 2 / 255
+    """kind=adv: PGD step size."""
+    adv_steps: int = 10
+    """kind=adv: PGD steps (from a uniform random start)."""
 
     def __post_init__(self) -> None:
-        _check(self.kind in ("none", "jpeg", "grayscale"), f"defense.kind={self.kind!r}: expected none|jpeg|grayscale")
+        _check(self.kind in ("none", "jpeg", "grayscale", "adv"),
+               f"defense.kind={self.kind!r}: expected none|jpeg|grayscale|adv")
         _check(1 <= self.jpeg_quality <= 100, f"defense.jpeg_quality={self.jpeg_quality}: must lie in 1..100")
+        _check(0 < self.adv_eps <= 1 and 0 < self.adv_step <= 1 and self.adv_steps >= 1,
+               f"defense: adv_eps={self.adv_eps}, adv_step={self.adv_step} must lie in (0, 1], adv_steps="
+               f"{self.adv_steps} >= 1")
 
 
 SCHEDULERS = ("asha", "pbt", "fifo")

@@ -1,5 +1,5 @@
-"""Baseline defenses applied to the (poisoned) training images before training: ISS image shortcut squeezing
-(JPEG at a low quality, grayscale). The clean validation and test images are never touched."""
+"""Baseline defenses: ISS image shortcut squeezing of the (poisoned) training images before training (JPEG at a low
+quality, grayscale), and the PGD examples of adversarial training. Validation and test images are never touched."""
 
 from __future__ import annotations
 
@@ -30,3 +30,23 @@ def squeeze_train(images: torch.Tensor, cfg: DefenseConfig) -> torch.Tensor:
     if cfg.kind == "grayscale":
         return grayscale(images)
     return images
+
+
+def pgd_examples(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, normalize,
+                 cfg: DefenseConfig) -> torch.Tensor:
+    """L-inf PGD examples of ``x`` (floats in [0, 1]) that raise the model's cross-entropy: a uniform random start in
+    the eps-ball, ``adv_steps`` signed-gradient steps of ``adv_step``. The model's modules are in eval mode during the
+    attack (BatchNorm statistics untouched) and get their own modes back after; parameter gradients are not touched."""
+    modes = [m.training for m in model.modules()]
+    model.eval()
+    try:
+        delta = (torch.rand_like(x) * 2 - 1) * cfg.adv_eps
+        for _ in range(cfg.adv_steps):
+            xa = (x + delta).clamp(0, 1).requires_grad_(True)
+            loss = torch.nn.functional.cross_entropy(model(normalize(xa)).float(), y)
+            (grad,) = torch.autograd.grad(loss, xa)
+            delta = (delta + cfg.adv_step * grad.sign()).clamp(-cfg.adv_eps, cfg.adv_eps)
+    finally:
+        for m, mode in zip(model.modules(), modes, strict=True):
+            m.training = mode
+    return (x + delta).clamp(0, 1).detach()

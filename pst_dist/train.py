@@ -164,16 +164,22 @@ def reinit_head(gm: GroupedModel, seed: int) -> None:
 
 def train_step(gm: GroupedModel, engine: TorchEngine | DeepSpeedEngine | torch.optim.Optimizer, stage: ActiveStage,
                x: torch.Tensor, y: torch.Tensor, lr: float, normalize: Normalize, num_classes: int, autocast,
-               world_size: int = 1) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+               world_size: int = 1, defense=None) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
     """One optimizer step under ``stage``: frozen prefix under no_grad, frozen groups get no grad, lr or wd.
-    ``engine`` is a TorchEngine / DeepSpeedEngine, or a bare torch optimizer (wrapped in a TorchEngine)."""
+    ``engine`` is a TorchEngine / DeepSpeedEngine, or a bare torch optimizer (wrapped in a TorchEngine).
+    ``defense`` (a DefenseConfig) with kind 'adv' trains on PGD adversarial examples of the batch."""
     if isinstance(engine, torch.optim.Optimizer):
         engine = TorchEngine(gm.model, engine, world_size)
-    gm.set_frozen_prefix(stage.mults)  # idempotent; re-installs hooks after a resume
-    set_group_lrs(engine.optimizer, lr, stage.mults)
     with torch.no_grad():
         broadcast_buffers(gm.model)  # one BatchNorm state on every rank (no-op on one process)
     xf = x.float() / 255 if x.dtype == torch.uint8 else x.float()
+    if defense is not None and defense.kind == "adv":
+        from .defenses import pgd_examples
+
+        gm.set_frozen_prefix((1.0,) * gm.num_groups)  # the attack needs the gradient down to the input
+        xf = pgd_examples(gm.model, xf, y, normalize, defense)
+    gm.set_frozen_prefix(stage.mults)  # idempotent; re-installs hooks after a resume
+    set_group_lrs(engine.optimizer, lr, stage.mults)
     loss, logits, parts = stage_loss(gm, xf, y, stage.config.loss, normalize, num_classes, autocast)
     engine.backward(loss)
     engine.step(stage.mults)
@@ -260,7 +266,7 @@ def train(cfg: Config, resume: bool = False, data: Data | None = None, loader=No
             lr = cfg.train.lr * lr_factor(stage, step, cfg.train.lr_schedule, cfg.train.warmup_steps)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             loss, logits, parts = train_step(gm, engine, stage, x, y, lr, normalize, s.num_classes, autocast,
-                                             dist_info.world_size)
+                                             dist_info.world_size, cfg.defense)
             step += 1
             seen += len(y)
             correct += int((logits.argmax(1) == y).sum())

@@ -53,3 +53,37 @@ def test_ueraser_lite_augmentation_is_heavy_per_sample_and_reproducible(chans):
     same = x[:1].expand(64, -1, -1, -1).contiguous()  # one image, 64 times: each copy augmented differently
     out = augment_batch(same, "ueraser", torch.Generator().manual_seed(3))
     assert len({bytes(o.numpy()) for o in out}) == 64
+
+
+def test_pgd_examples_stay_in_the_ball_raise_the_loss_and_leave_the_model_alone():
+    import torch.nn.functional as F
+
+    from pst_dist.config import DefenseConfig, ModelConfig
+    from pst_dist.defenses import pgd_examples
+    from pst_dist.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(width=0.125), 5, 3, 16)
+    model.train()
+    x, y = torch.rand(16, 3, 16, 16), torch.arange(16) % 5
+    bn = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = DefenseConfig(kind="adv", adv_eps=8 / 255, adv_step=2 / 255, adv_steps=5)
+    xa = pgd_examples(model, x, y, lambda t: t, cfg)
+    assert (xa - x).abs().max() <= 8 / 255 + 1e-6 and xa.min() >= 0 and xa.max() <= 1
+    model.eval()
+    with torch.no_grad():
+        assert F.cross_entropy(model(xa), y) > F.cross_entropy(model(x), y)
+    model.train()
+    assert all(m.training for m in model.modules())  # modes given back
+    assert all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(v, bn[k]) for k, v in model.state_dict().items())  # BatchNorm statistics untouched
+
+
+def test_adversarial_training_runs_with_a_frozen_stage(tmp_path):
+    from pst_dist.train import train
+
+    cfg = load_config(None, TINY + ["--defense.kind=adv", "--defense.adv_steps=2", f"--log.run_dir={tmp_path}",
+                                    "--log.tensorboard=false",
+                                    '--schedule.stages=[{epochs = 1.0}, {freeze = [0, 1]}]'])
+    s = train(cfg)
+    assert s["steps"] > 0 and 0 <= s["final_test_acc"] <= 1
