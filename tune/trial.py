@@ -26,6 +26,11 @@ REPORTED = {"epoch": "epoch", "eval/val_acc": "val_acc", "eval/test_acc": "test_
             "train/acc": "train_acc", "pst/stage": "stage", "detect/shortcut_gap": "shortcut_gap"}
 
 
+def checkpoint_epoch(ckpt_dir: Path) -> int:
+    """The epoch a reported checkpoint was taken at (rank 0 writes it beside the checkpoint files)."""
+    return json.loads((ckpt_dir / "pst_epoch.json").read_text())["epoch"]
+
+
 def _restore(src: Path, run_dir: Path) -> int:
     """Lay a reported checkpoint (a copy of the run directory's checkpoint files) into ``run_dir``; returns the
     epoch it was taken at."""
@@ -33,7 +38,7 @@ def _restore(src: Path, run_dir: Path) -> int:
         shutil.rmtree(run_dir / "ds_checkpoint", ignore_errors=True)  # tags newer than the restored one are stale
     run_dir.mkdir(parents=True, exist_ok=True)
     shutil.copytree(src, run_dir, dirs_exist_ok=True, ignore=shutil.ignore_patterns("pst_epoch.json"))
-    return json.loads((src / "pst_epoch.json").read_text())["epoch"]
+    return checkpoint_epoch(src)
 
 
 def _stage_checkpoint(run_dir: Path, epoch: int, rank: int, local_rank: int) -> Path | None:
@@ -151,7 +156,7 @@ def run_trial(params: dict, base: dict, search_dir: str) -> None:
     if tune_ckpt is not None:
         loop["resume_from"] = tune_ckpt.path
         with tune_ckpt.as_directory() as d:
-            epoch = json.loads((Path(d) / "pst_epoch.json").read_text())["epoch"]
+            epoch = checkpoint_epoch(Path(d))
     while epoch < cfg.train.epochs:
         loop["stop_after"] = min(cfg.train.epochs, epoch + cfg.tune.pbt_interval)
         # a fresh Train run per generation (a reused name would restore that run's own last checkpoint)

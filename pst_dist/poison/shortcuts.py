@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import PoisonConfig
+from .imported import norms
 
 
 def l2_budget(cfg: PoisonConfig, shape: tuple[int, int, int]) -> float:
@@ -44,7 +45,7 @@ def _add(images: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
 
 
 def _check_l2(images: torch.Tensor, out: torch.Tensor, budget: float, name: str) -> None:
-    l2 = float(((out.float() - images.float()) / 255).flatten(1).norm(dim=1).max()) if len(out) else 0.0
+    l2 = norms(images, out)["l2_max"]
     assert l2 <= budget + 1e-6, f"{name}: per-image L2 {l2:.4f} exceeds its budget {budget:.4f}"
 
 
