@@ -73,7 +73,8 @@ class DataConfig:
 
 
 SOURCES = {"synthetic", "fashion-mnist", "cifar10", "cifar100", "imagefolder", "beton"}
-POISONS = {"none", "classwise_noise", "patch_noise", "lsp", "ar", "ops", "conv_blur", "file"}
+POISONS = {"none", "classwise_noise", "patch_noise", "lsp", "ar", "ops", "conv_blur", "em", "rem", "tap", "file"}
+MODEL_POISONS = {"em", "rem", "tap"}
 AUGMENTS = ("none", "crop", "crop_flip", "rrc_flip", "ueraser")
 
 
@@ -84,12 +85,15 @@ class PoisonConfig:
     patch_noise (LSP-like +-eps patches, L-inf eps) | lsp (class-wise patch clusters, L2 budget ``l2``) |
     ar (class-wise autoregressive filters, a draw per image, L2 budget ``l2``) | ops (one pixel per image, position and
     colour searched per class: L0 = 1) | conv_blur (class-wise random convolution, no Lp bound) |
-    file (a poison made elsewhere, see ``path``)."""
+    em (error-minimizing noise against a surrogate from [model], ``granularity`` sample or class) | rem (robust EM:
+    min-min-max, adversarial radius ``adv_eps``) | tap (targeted PGD towards class y+1 against a [model] trained
+    here on the clean images) | file (a poison made elsewhere, see ``path``)."""
     path: str = ""
     """kind=file: .pt (loaded with weights_only=True) or .npy, one row per image of the source's training split
     in its own order, N x C x H x W or N x H x W x C: float offsets in [0, 1] pixel units, or uint8 poisoned
     images; its L-inf norm must stay within eps. Or a directory written by ``pst-dist poison`` (checked against
-    its recorded norms and file hash)."""
+    its recorded norms and file hash). Or a folder of image files, one per training image named by its row
+    (``00042.png``), flat or in numeric class folders (``3/00042.png``, checked against the labels); L-inf <= eps."""
     eps: float = 8 / 255
     """L-inf budget in [0, 1] pixel units; must lie in (0, 1]."""
     patch_size: int = 4
@@ -100,9 +104,43 @@ class PoisonConfig:
     blur_kernel: int = 3
     """conv_blur: side of the class kernels (odd)."""
     seed: int = 0
-    """The poison's own seed (class patterns)."""
+    """The poison's own seed (class patterns; the surrogate's init and data order of em/rem/tap)."""
+    granularity: str = "sample"
+    """em: sample (a noise per image) | class (one noise per class)."""
+    steps: int = 20
+    """em/rem: PGD steps on the noise per round; tap: targeted PGD steps."""
+    step_size: float = 0.0
+    """em/rem/tap: PGD step size in [0, 1] pixel units; 0 = eps/10 for em/rem (0.8/255), eps/4 for tap."""
+    train_steps: int = 10
+    """em/rem: surrogate SGD steps (batches) per round."""
+    stop_error: float = 0.01
+    """em/rem: stop once the surrogate's error on the poisoned training data (rem: robust error) is at most this."""
+    max_rounds: int = 30
+    """em/rem: at most this many rounds, whether or not stop_error was reached (the log and poison.json say)."""
+    adv_eps: float = 4 / 255
+    """rem: radius of the adversarial perturbation the noise must withstand (PGD, adv_steps steps)."""
+    adv_steps: int = 5
+    """rem: PGD steps of the inner maximisation (step 2.5 * adv_eps / adv_steps)."""
+    model_epochs: int = 5
+    """tap: epochs of clean training of the model it attacks."""
+    batch_size: int = 256
+    """em/rem/tap: batch size of the surrogate's steps and of the noise updates."""
+    lr: float = 0.1
+    """em/rem/tap: the surrogate's SGD learning rate (momentum 0.9, weight decay 5e-4)."""
+    check_size: int = 2048
+    """rem: images of the fixed subset the robust error is measured on after each round."""
 
     def __post_init__(self) -> None:
+        _check(self.granularity in ("sample", "class"),
+               f"poison.granularity={self.granularity!r}: expected sample|class")
+        _check(self.steps >= 1 and self.train_steps >= 0 and self.max_rounds >= 1 and self.adv_steps >= 1
+               and self.model_epochs >= 0 and self.batch_size >= 1 and self.check_size >= 1,
+               f"poison: steps={self.steps}, max_rounds={self.max_rounds}, adv_steps={self.adv_steps}, batch_size="
+               f"{self.batch_size}, check_size={self.check_size} must be >= 1; train_steps={self.train_steps}, "
+               f"model_epochs={self.model_epochs} >= 0")
+        _check(0 <= self.step_size <= 1 and 0 < self.adv_eps <= 1 and 0 <= self.stop_error < 1 and self.lr > 0,
+               f"poison: step_size={self.step_size} must lie in [0, 1], adv_eps={self.adv_eps} in (0, 1], "
+               f"stop_error={self.stop_error} in [0, 1), lr={self.lr} > 0")
         _check(self.kind in POISONS, f"poison.kind={self.kind!r}: expected one of {sorted(POISONS)}")
         _check(0 < self.eps <= 1, f"poison.eps={self.eps}: must lie in (0, 1]")
         _check(self.patch_size >= 1, f"poison.patch_size={self.patch_size}: must be >= 1")
@@ -443,6 +481,47 @@ class TuneConfig:
         _check(bool(self.name) and "/" not in self.name, f"tune.name={self.name!r}: a non-empty name without '/'")
 
 
+BENCH_DEFENSES = ("standard", "early_stop", "jpeg10", "grayscale", "ueraser", "adv", "pst")
+
+
+@dataclass
+class BenchConfig:
+    """The attack x defense matrix (``pst-dist bench``); every other section is the recipe each cell starts from
+    (its [schedule] is the PST schedule; the other defenses train one standard stage)."""
+
+    attacks: list[str] = field(default_factory=lambda: ["classwise_noise", "lsp", "ar", "ops", "conv_blur", "em",
+                                                        "rem", "tap"])
+    """poison.kind names; "none" adds the clean-data reference row."""
+    defenses: list[str] = field(default_factory=lambda: ["standard", "early_stop", "jpeg10", "adv", "pst"])
+    """standard | early_stop (read off the standard run: test accuracy at its best validation epoch) | jpeg10 |
+    grayscale | ueraser | adv | pst."""
+    seeds: int = 2
+    """Seeds 0..seeds-1; seed k sets both poison.seed and train.seed."""
+    jobs: int = 1
+    """Cells (and poisons) run at once, each in its own process with cpu_count / jobs torch threads."""
+    out: str = "runs/bench"
+    """Output directory: poisons/, cells/ (a run directory per cell), results.csv, results.md, heatmap.png."""
+    attack_overrides: dict[str, list[str]] = field(default_factory=dict)
+    """Per attack, config overrides for its poison and cells, e.g. em = ["poison.max_rounds=10"]."""
+    defense_overrides: dict[str, list[str]] = field(default_factory=dict)
+    """Per training run (standard, jpeg10, grayscale, ueraser, adv, pst), config overrides, e.g.
+    adv = ["defense.adv_steps=10"]."""
+
+    def __post_init__(self) -> None:
+        bad = [a for a in self.attacks if a not in POISONS or a == "file"]
+        _check(not bad and bool(self.attacks), f"bench.attacks={self.attacks}: {bad or 'empty'}; expected names from "
+               f"{sorted(POISONS - {'file'})}")
+        bad = [d for d in self.defenses if d not in BENCH_DEFENSES]
+        _check(not bad and bool(self.defenses), f"bench.defenses={self.defenses}: {bad or 'empty'}; expected names "
+               f"from {list(BENCH_DEFENSES)}")
+        _check(self.seeds >= 1 and self.jobs >= 1, f"bench.seeds={self.seeds}, bench.jobs={self.jobs}: must be >= 1")
+        runs = {"standard", "jpeg10", "grayscale", "ueraser", "adv", "pst"}
+        bad = [k for k in self.defense_overrides if k not in runs]
+        _check(not bad, f"bench.defense_overrides: unknown run(s) {bad}; expected from {sorted(runs)}")
+        bad = [k for k in self.attack_overrides if k not in POISONS or k == "file"]
+        _check(not bad, f"bench.attack_overrides: unknown attack(s) {bad}; expected from {sorted(POISONS - {'file'})}")
+
+
 @dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
@@ -454,6 +533,7 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
 
 
 # ----------------------------------------------------------------------------------------------------------------

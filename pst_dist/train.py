@@ -63,7 +63,9 @@ class Normalize:
         return ((x - self.mean) / self.std).to(self.dtype)
 
 
-def build_data(cfg: Config) -> Data:
+def build_data(cfg: Config, poisoned: torch.Tensor | None = None) -> Data:
+    """The splits and the training images the model sees: ``cfg.poison`` applied (or ``poisoned``, the same
+    training split already poisoned, e.g. cached by ``pst-dist bench``), then ``cfg.defense``'s squeezing."""
     if cfg.data.source == "beton":
         from .config import ConfigError
         from .data.beton import beton_data
@@ -75,7 +77,12 @@ def build_data(cfg: Config) -> Data:
         return beton_data(cfg)
     splits = load_splits(cfg.data)
     tr = splits.train
-    poisoned = poison_train(tr.images, tr.labels, tr.index, splits.source_train_size, cfg.poison, splits.num_classes)
+    if poisoned is None:
+        poisoned = poison_train(tr.images, tr.labels, tr.index, splits.source_train_size, cfg.poison,
+                                splits.num_classes, full=cfg)
+    elif poisoned.shape != tr.images.shape or poisoned.dtype != torch.uint8:
+        raise ValueError(f"poisoned training images: expected uint8 {tuple(tr.images.shape)}, found "
+                         f"{poisoned.dtype} {tuple(poisoned.shape)}")
     poisoned = squeeze_train(poisoned, cfg.defense)  # a baseline defense on the training images (none by default)
     x = tr.images.float() / 255
     return Data(splits, poisoned, x.mean(dim=(0, 2, 3)), x.std(dim=(0, 2, 3)).clamp_min(1e-3))

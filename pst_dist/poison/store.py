@@ -28,9 +28,10 @@ FORMAT = "pst-dist-poison/1"
 
 def write_poisoned(cfg: Config, out: Path, log=print) -> dict:
     """Poison every training image of ``cfg.data``'s source with ``cfg.poison`` and store it at ``out``."""
-    from ..data.beton import fingerprint, sha256
+    from ..data.beton import fingerprint
     from ..data.sources import Split, load_splits
     from . import poison_train
+    from .model_based import LAST_RUN
 
     if cfg.poison.kind in ("none", "file"):
         raise ConfigError(f"pst-dist poison: poison.kind={cfg.poison.kind!r} is not an attack to generate")
@@ -43,21 +44,37 @@ def write_poisoned(cfg: Config, out: Path, log=print) -> dict:
         raise ConfigError(f"pst-dist poison: expected all {splits.source_train_size} training images, got {len(order)}")
     clean = Split(tr.images[order], tr.labels[order], tr.index[order])
     t0 = time.time()
+    LAST_RUN.clear()
     poisoned = poison_train(clean.images, clean.labels, clean.index, splits.source_train_size, cfg.poison,
-                            splits.num_classes)
+                            splits.num_classes, full=cfg)
     seconds = time.time() - t0
     log(f"[poison] {cfg.poison.kind} on {len(clean)} images of {cfg.data.source}: {seconds:.1f} s")
+    meta = {"format": FORMAT, "attack": cfg.poison.kind, "parameters": asdict(cfg.poison),
+            "seed": cfg.poison.seed, "source": cfg.data.source, "shape": list(poisoned.shape),
+            "fingerprint": {"clean_train_sha256": fingerprint(clean)}, "norms": norms(clean.images, poisoned),
+            "seconds": round(seconds, 2), "model_based": dict(LAST_RUN) if LAST_RUN.get("attack") == cfg.poison.kind
+            else {}}
+    save_dir(out, {"train_images.npy": lambda f: np.save(f, poisoned.numpy())}, meta, "poison.json",
+             hash_of="train_images.npy")
+    return meta
+
+
+def save_dir(out: Path, files: dict, meta: dict, meta_name: str, hash_of: str | None = None) -> None:
+    """Write ``files`` (name -> writer taking a path) and ``meta`` as JSON into a fresh directory, renamed to ``out``
+    only once complete: an interrupted write leaves no directory that looks finished; a previous ``out`` is
+    replaced only then. ``hash_of``: record that file's SHA-256 in the metadata."""
+    from ..data.beton import sha256
+
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        np.save(tmp / "train_images.npy", poisoned.numpy())
-        meta = {"format": FORMAT, "attack": cfg.poison.kind, "parameters": asdict(cfg.poison),
-                "seed": cfg.poison.seed, "source": cfg.data.source, "shape": list(poisoned.shape),
-                "fingerprint": {"clean_train_sha256": fingerprint(clean)}, "norms": norms(clean.images, poisoned),
-                "seconds": round(seconds, 2), "train_images_sha256": sha256(tmp / "train_images.npy")}
-        (tmp / "poison.json").write_text(json.dumps(meta, indent=2))
-        if out.exists():  # replace a previous one only now that the new one is complete
+        for name, write in files.items():
+            write(tmp / name)
+        if hash_of is not None:
+            meta[f"{Path(hash_of).stem}_sha256"] = sha256(tmp / hash_of)
+        (tmp / meta_name).write_text(json.dumps(meta, indent=2))
+        if out.exists():
             old = out.parent / f".{out.name}.old-{os.getpid()}"
             out.rename(old)
             tmp.rename(out)
@@ -66,7 +83,6 @@ def write_poisoned(cfg: Config, out: Path, log=print) -> dict:
             tmp.rename(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return meta
 
 
 def read_stored(path: Path, images: torch.Tensor, index: torch.Tensor, source_size: int) -> torch.Tensor:

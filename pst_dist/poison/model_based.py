@@ -1,0 +1,311 @@
+"""Model-based poisons, written from their papers' ideas: EM (error-minimizing noise, Huang et al. 2021; sample-wise
+or class-wise; bi-level min-min against a surrogate), REM (robust EM, Fu et al. 2022: min-min-max, the noise must
+keep the error low even under an adversarial perturbation of radius ``adv_eps``) and TAP (targeted adversarial
+poisoning, Fowl et al. 2021: targeted PGD towards a permuted class against a model trained here on the clean data).
+
+The surrogate comes from the model factory (``[model]``), on the training device (``train.device``), with the
+trainer's bf16 autocast (``train.bf16``). Under a process group (``torchrun``/DeepSpeed launch) the work is
+data-parallel like training: surrogate gradients and BatchNorm buffers are averaged / broadcast, each rank perturbs
+its share of the images and the shares are summed back, so every rank ends with the same poison.
+
+Each returns poisoned uint8 images, deterministic from ``poison.seed`` (on one device type and process count), and
+asserts the L-inf budget on what it returns."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+import time
+from collections.abc import Iterator
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from ..config import Config, DefenseConfig
+
+LAST_RUN: dict = {}  # what the last model-based attack did (rounds, train error, seconds): for poison.json and logs
+
+
+class _Seams:
+    """Device, autocast and the process group the attack runs under, as in training."""
+
+    def __init__(self, cfg: Config):
+        from ..train import build_device
+
+        self.device = build_device(cfg)
+        self.bf16 = cfg.train.bf16
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+
+    def autocast(self):
+        if not self.bf16:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+    def sum_(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            dist.all_reduce(t)
+        return t
+
+
+def _surrogate(cfg: Config, num_classes: int, shape: tuple[int, int, int], seams: _Seams, seed: int):
+    from ..models import build_model
+
+    torch.manual_seed(seed)
+    model = build_model(cfg.model, num_classes, shape[0], shape[1]).to(seams.device)
+    p = cfg.poison
+    opt = torch.optim.SGD(model.parameters(), lr=p.lr, momentum=0.9, weight_decay=5e-4)
+    return model, opt
+
+
+def _batches(n: int, batch: int, g: torch.Generator) -> Iterator[torch.Tensor]:
+    """Shuffled index batches forever (a new permutation per pass), the same on every rank."""
+    while True:
+        perm = torch.randperm(n, generator=g)
+        for i in range(0, n - batch + 1 if n >= batch else 1, batch):
+            yield perm[i: i + batch]
+
+
+class _Attack:
+    """Shared state: images as floats in [0, 1] on the device, labels, normalisation, the surrogate and its steps."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, cfg: Config, num_classes: int):
+        self.cfg, self.p, self.num_classes = cfg, cfg.poison, num_classes
+        self.seams = _Seams(cfg)
+        dev = self.seams.device
+        self.x = images.to(dev).float() / 255
+        self.y = labels.to(dev)
+        self.n = len(labels)
+        mean = self.x.mean(dim=(0, 2, 3)).view(1, -1, 1, 1)
+        std = self.x.std(dim=(0, 2, 3)).clamp_min(1e-3).view(1, -1, 1, 1)
+        self.normalize = lambda t: (t - mean) / std
+        self.g = torch.Generator().manual_seed(self.p.seed)
+        self.model, self.opt = _surrogate(cfg, num_classes, tuple(images.shape[1:]), self.seams, self.p.seed)
+        self.bs = min(self.p.batch_size, self.n)
+        self.stream = _batches(self.n, self.bs, self.g)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        with self.seams.autocast():
+            return self.model(self.normalize(x)).float()
+
+    def my_share(self, idx: torch.Tensor) -> torch.Tensor:
+        return idx[self.seams.rank:: self.seams.world]
+
+    def train_steps(self, steps: int, delta_of) -> None:
+        """``steps`` SGD steps of the surrogate on poisoned batches (``delta_of(idx, x)`` gives their perturbation)."""
+        from ..distributed import all_reduce_grads, broadcast_buffers
+
+        self.model.train()
+        for _ in range(steps):
+            idx = self.my_share(next(self.stream))
+            idx_d = idx.to(self.seams.device)
+            xb = self.x[idx_d]
+            xb = (xb + delta_of(idx_d, xb)).clamp(0, 1).detach()
+            loss = F.cross_entropy(self.logits(xb), self.y[idx_d])
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if self.seams.world > 1:
+                all_reduce_grads(self.model.parameters(), self.seams.world)
+            self.opt.step()
+        broadcast_buffers(self.model)
+
+    def input_grad(self, xb: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        xb = xb.clamp(0, 1).detach().requires_grad_(True)
+        loss = F.cross_entropy(self.logits(xb), target)
+        (grad,) = torch.autograd.grad(loss, xb)
+        return grad
+
+    @torch.no_grad()
+    def error(self, delta_of, idx: torch.Tensor | None = None) -> float:
+        """Surrogate error (eval mode) on the poisoned images (``idx``: a subset), over all ranks' shares."""
+        self.model.eval()
+        idx = torch.arange(self.n) if idx is None else idx
+        wrong = torch.zeros(2, dtype=torch.float64)
+        for i in range(0, len(idx), 1024):
+            b = self.my_share(idx[i: i + 1024]).to(self.seams.device)
+            xb = (self.x[b] + delta_of(b, self.x[b])).clamp(0, 1)
+            wrong += torch.tensor([float((self.logits(xb).argmax(1) != self.y[b]).sum()), float(len(b))],
+                                  dtype=torch.float64)
+        wrong = self.seams.sum_(wrong)
+        return float(wrong[0] / wrong[1].clamp_min(1))
+
+    def finish(self, images: torch.Tensor, delta: torch.Tensor, name: str, info: dict) -> torch.Tensor:
+        budget = int(round(self.p.eps * 255))
+        step = (delta.cpu() * 255).round().clamp(-budget, budget).to(torch.int16)
+        out = (images.to(torch.int16) + step).clamp(0, 255).to(torch.uint8)
+        linf = int((out.to(torch.int16) - images.to(torch.int16)).abs().max()) if len(out) else 0
+        assert linf <= budget, f"{name}: L-inf {linf}/255 exceeds its budget {budget}/255"
+        LAST_RUN.clear()
+        LAST_RUN.update(attack=name, **info)
+        return out
+
+
+def _project(delta: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
+    """Into the L-inf ball and the valid pixel range."""
+    delta = delta.clamp(-eps, eps)
+    return (x + delta).clamp(0, 1) - x
+
+
+def _log(msg: str) -> None:
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(f"[poison] {msg}", file=sys.stderr, flush=True)
+
+
+def _step_size(p, default_fraction: float) -> float:
+    return p.step_size if p.step_size > 0 else p.eps * default_fraction
+
+
+def em(images: torch.Tensor, labels: torch.Tensor, cfg: Config, num_classes: int, robust: bool = False
+       ) -> torch.Tensor:
+    """EM (``robust``: REM). Rounds of: ``train_steps`` surrogate steps on the poisoned data (REM: on its PGD
+    examples of radius ``adv_eps``), then ``steps`` signed-gradient descent steps of size ``step_size`` on the noise
+    for every image (REM: each step against a fresh PGD example), until the surrogate's error on the poisoned data
+    (REM: robust error on a fixed subset) is at most ``stop_error`` or ``max_rounds`` have run."""
+    t0 = time.time()
+    a = _Attack(images, labels, cfg, num_classes)
+    p, dev = a.p, a.seams.device
+    name = "rem" if robust else "em"
+    classwise = p.granularity == "class"
+    alpha = _step_size(p, 0.1)
+    # uniform random start in the ball (as EM's reference does), drawn on the CPU from the poison's seed
+    shape = (num_classes if classwise else a.n, *images.shape[1:])
+    delta = ((torch.rand(shape, generator=a.g) * 2 - 1) * p.eps).to(dev)
+    adv = DefenseConfig(kind="adv", adv_eps=p.adv_eps, adv_step=2.5 * p.adv_eps / p.adv_steps, adv_steps=p.adv_steps)
+
+    def delta_of(idx: torch.Tensor, xb: torch.Tensor) -> torch.Tensor:
+        d = delta[a.y[idx]] if classwise else delta[idx]
+        return _project(d, xb, p.eps)
+
+    def robust_of(idx: torch.Tensor, xb: torch.Tensor) -> torch.Tensor:
+        """REM: the poisoned batch's PGD example, as an offset from the clean batch."""
+        from ..defenses import pgd_examples
+
+        xu = (xb + delta_of(idx, xb)).clamp(0, 1)
+        with torch.enable_grad():
+            return pgd_examples(a.model, xu, a.y[idx], a.normalize, adv) - xb
+
+    train_delta = robust_of if robust else delta_of
+    check_idx = torch.randperm(a.n, generator=a.g)[: min(a.n, p.check_size)] if robust else None
+    err, rounds = 1.0, 0
+    bar = _progress(p.max_rounds, f"{name} rounds")
+    for r in range(1, p.max_rounds + 1):
+        rounds = r
+        a.train_steps(p.train_steps, train_delta)
+        a.model.eval()
+        order = torch.randperm(a.n, generator=a.g)
+        nb = max(1, a.n // a.bs) if classwise else math.ceil(a.n / a.bs)
+        for bi in range(nb):
+            idx = order[bi * a.bs: (bi + 1) * a.bs]
+            b = a.my_share(idx).to(dev)
+            xb, yb = a.x[b], a.y[b]
+            d = (delta[yb] if classwise else delta[b]).clone()
+            for _ in range(p.steps):
+                if robust:  # the noise must keep the loss low at a PGD example around the poisoned image
+                    from ..defenses import pgd_examples
+
+                    xu = (xb + _project(d, xb, p.eps)).clamp(0, 1).detach()
+                    xadv = pgd_examples(a.model, xu, yb, a.normalize, adv)
+                    g = _grad_through(a, xb, d, xadv - xu, yb)
+                else:
+                    g = a.input_grad(xb + _project(d, xb, p.eps), yb)
+                if classwise:  # one step per class from the summed gradient of its images (all ranks)
+                    gc = a.seams.sum_(torch.zeros_like(delta).index_add_(0, yb, g))
+                    delta = (delta - alpha * gc.sign()).clamp(-p.eps, p.eps)
+                    d = delta[yb]
+                else:
+                    d = _project(d - alpha * g.sign(), xb, p.eps)
+            if not classwise:
+                delta[b] = d
+        if not classwise and a.seams.world > 1:  # each rank holds its own images' noise: sum the shares
+            mine = torch.zeros(a.n, dtype=torch.bool, device=dev)
+            for bi in range(nb):
+                mine[a.my_share(order[bi * a.bs: (bi + 1) * a.bs]).to(dev)] = True
+            delta = a.seams.sum_(delta * mine.view(-1, *([1] * (delta.ndim - 1))))
+        err = a.error(train_delta, check_idx)
+        bar.update(1)
+        bar.set_postfix({"train_error": f"{err:.4f}"})
+        if err <= p.stop_error:
+            break
+    bar.close()
+    stopped = "reached" if err <= p.stop_error else "not reached (max_rounds)"
+    _log(f"{name}: {rounds} rounds, surrogate {'robust ' if robust else ''}train error {err:.4f} "
+         f"(stop_error {p.stop_error}: {stopped}), {time.time() - t0:.1f} s")
+    full = delta[a.y] if classwise else delta
+    full = _project(full, a.x, p.eps)
+    return a.finish(images, full, name, dict(rounds=rounds, train_error=err, stop_error_reached=err <= p.stop_error,
+                                             seconds=round(time.time() - t0, 2)))
+
+
+def _grad_through(a: _Attack, xb: torch.Tensor, d: torch.Tensor, adv_offset: torch.Tensor, yb: torch.Tensor
+                  ) -> torch.Tensor:
+    """d/dd of the cross-entropy at x + d + (fixed) adversarial offset: REM's outer minimisation step."""
+    d = d.detach().requires_grad_(True)
+    loss = F.cross_entropy(a.logits((xb + d + adv_offset).clamp(0, 1)), yb)
+    (g,) = torch.autograd.grad(loss, d)
+    return g
+
+
+def rem(images: torch.Tensor, labels: torch.Tensor, cfg: Config, num_classes: int) -> torch.Tensor:
+    return em(images, labels, cfg, num_classes, robust=True)
+
+
+def tap(images: torch.Tensor, labels: torch.Tensor, cfg: Config, num_classes: int) -> torch.Tensor:
+    """TAP: train the factory model on the clean images for ``model_epochs`` epochs (SGD, cosine lr), then for
+    every image ``steps`` targeted signed-gradient steps of ``step_size`` towards class (y + 1) mod K."""
+    t0 = time.time()
+    a = _Attack(images, labels, cfg, num_classes)
+    p, dev = a.p, a.seams.device
+    steps_per_epoch = max(1, a.n // a.bs)
+    total = p.model_epochs * steps_per_epoch
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(a.opt, max(1, total))
+    zero = lambda idx, xb: torch.zeros_like(xb)
+    bar = _progress(p.model_epochs, "tap: training its model")
+    for _ in range(p.model_epochs):
+        for _ in range(steps_per_epoch):
+            a.train_steps(1, zero)
+            sched.step()
+        bar.update(1)
+    bar.close()
+    clean_err = a.error(zero)
+    alpha = _step_size(p, 0.25)
+    a.model.eval()
+    delta = torch.zeros_like(a.x)
+    target = (a.y + 1) % num_classes
+    mine = torch.zeros(a.n, dtype=torch.bool, device=dev)
+    for i in range(0, a.n, a.bs):
+        b = a.my_share(torch.arange(i, min(a.n, i + a.bs))).to(dev)
+        mine[b] = True
+        xb, d = a.x[b], torch.zeros_like(a.x[b])
+        for _ in range(p.steps):
+            d = _project(d - alpha * a.input_grad(xb + d, target[b]).sign(), xb, p.eps)
+        delta[b] = d
+    if a.seams.world > 1:
+        delta = a.seams.sum_(delta * mine.view(-1, 1, 1, 1))
+    hit = _target_rate(a, delta, target)
+    _log(f"tap: model clean train error {clean_err:.4f}; targeted success {hit:.4f}; {time.time() - t0:.1f} s")
+    return a.finish(images, delta, "tap", dict(model_train_error=clean_err, target_success=hit,
+                                                seconds=round(time.time() - t0, 2)))
+
+
+@torch.no_grad()
+def _target_rate(a: _Attack, delta: torch.Tensor, target: torch.Tensor) -> float:
+    a.model.eval()
+    hits = torch.zeros(2, dtype=torch.float64)
+    for i in range(0, a.n, 1024):
+        b = a.my_share(torch.arange(i, min(a.n, i + 1024))).to(a.seams.device)
+        pred = a.logits((a.x[b] + delta[b]).clamp(0, 1)).argmax(1)
+        hits += torch.tensor([float((pred == target[b]).sum()), float(len(b))], dtype=torch.float64)
+    hits = a.seams.sum_(hits)
+    return float(hits[0] / hits[1].clamp_min(1))
+
+
+def _progress(total: int, desc: str):
+    from tqdm import tqdm
+
+    quiet = dist.is_initialized() and dist.get_rank() != 0
+    return tqdm(total=total, desc=desc, file=sys.stderr, disable=quiet, leave=False)
+
+
+ATTACKS = {"em": em, "rem": rem, "tap": tap}
