@@ -44,15 +44,23 @@ def to_nchw(t: torch.Tensor, n: int, chw: tuple[int, int, int], path: Path) -> t
                           f"{(n, h, w, c)} (N = the source's training images), found {tuple(t.shape)}")
 
 
-def import_poison(images: torch.Tensor, index: torch.Tensor, source_size: int, cfg: PoisonConfig) -> torch.Tensor:
+def import_poison(images: torch.Tensor, index: torch.Tensor, source_size: int, cfg: PoisonConfig,
+                  labels: torch.Tensor | None = None) -> torch.Tensor:
     """Poisoned uint8 images for ``images`` (rows ``index`` of the source's training split of ``source_size``)."""
     path = Path(cfg.path)
-    if path.is_dir():  # written by `pst-dist poison`: checked against its own metadata, not against poison.eps
-        from .store import read_stored
+    if path.is_dir() and (path / "poison.json").is_file():  # written by `pst-dist poison`: checked against its
+        from .store import read_stored  # own metadata, not against poison.eps
 
         return read_stored(path, images, index, source_size)
-    t = read_tensor(path)
-    t = to_nchw(t, source_size, tuple(images.shape[1:]), path)[index]
+    if path.is_dir():  # a folder of poisoned image files
+        from .folder import read_folder
+
+        if labels is None:
+            raise ValueError("importing a folder of images needs the training labels")
+        t = read_folder(path, images, labels, index, source_size)
+    else:
+        t = read_tensor(path)
+        t = to_nchw(t, source_size, tuple(images.shape[1:]), path)[index]
     if t.dtype == torch.uint8:
         out = t.contiguous()
     elif t.is_floating_point():
