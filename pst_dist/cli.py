@@ -1,4 +1,4 @@
-"""``pst-dist`` command line: train, demo, tune, poison, show-config, report, write-beton."""
+"""``pst-dist`` command line: train, demo, tune, poison, bench, diagnose, show-config, report, write-beton."""
 
 from __future__ import annotations
 
@@ -74,6 +74,32 @@ def cmd_poison(args: argparse.Namespace, rest: list[str]) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace, rest: list[str]) -> int:
+    from .bench import run_bench
+
+    if args.config is None:
+        raise ConfigError("pst-dist bench needs --config (e.g. launch/configs/bench_fmnist.toml)")
+    if not Path(args.config).is_file():
+        raise ConfigError(f"config file not found: {args.config}")
+    summary = run_bench(args.config, _split_overrides(rest))
+    return 0 if not summary["errors"] else 1
+
+
+def cmd_diagnose(args: argparse.Namespace, rest: list[str]) -> int:
+    from .diagnose import run_diagnose
+
+    over = _split_overrides(rest)
+    if args.standard:
+        over = ['--schedule.stages=[{name="standard"}]', *over]
+    cfg = load_config(args.config, over)
+    if cfg.poison.kind == "none":
+        print("pst-dist diagnose: poison.kind='none': poisoned and clean probes are the same images", file=sys.stderr)
+    run_diagnose(cfg, Path(args.out), probe_size=args.probe_size)
+    print(f"wrote {Path(args.out) / 'diagnose.png'}, {Path(args.out) / 'diagnose.jsonl'}; TensorBoard: "
+          f"tensorboard --logdir {args.out}")
+    return 0
+
+
 def cmd_show_config(args: argparse.Namespace, rest: list[str]) -> int:
     print(dump_toml(load_config(args.config, _split_overrides(rest))))
     return 0
@@ -134,6 +160,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", help="TOML recipe: its [data] and [poison] sections")
     p.add_argument("--out", required=True, help="output directory (train_images.npy + poison.json)")
     p.set_defaults(fn=cmd_poison)
+    p = sub.add_parser("bench", help="attack x defense matrix over seeds ([bench] section): CSV, markdown table, "
+                       "heatmap; resumes, skipping finished cells")
+    p.add_argument("--config", help="TOML recipe with a [bench] section, e.g. launch/configs/bench_fmnist.toml")
+    p.set_defaults(fn=cmd_bench)
+    p = sub.add_parser("diagnose", help="train, and after each epoch measure per-group linear-probe accuracy and "
+                       "activation clustering on poisoned vs clean training images; plot them")
+    p.add_argument("--config", help="TOML recipe (its [poison] is the one diagnosed)")
+    p.add_argument("--out", default="runs/diagnose", help="output directory (diagnose.png, diagnose.jsonl, run/)")
+    p.add_argument("--standard", action="store_true", help="train one standard stage instead of the recipe's schedule")
+    p.add_argument("--probe-size", type=int, default=2000, help="training images probed (half fit, half score)")
+    p.set_defaults(fn=cmd_diagnose)
     p = sub.add_parser("show-config", help="print the resolved config as TOML")
     p.add_argument("--config")
     p.set_defaults(fn=cmd_show_config)

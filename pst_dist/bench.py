@@ -1,0 +1,356 @@
+"""``pst-dist bench``: the attack x defense matrix over seeds.
+
+Every attack is generated once per seed on the recipe's training split and cached losslessly under
+``<out>/poisons/<attack>_seed<k>/`` (uint8 .npy + poison.json with parameters, measured norms and generation time).
+Every (attack, defense, seed) cell is one training run with its own run directory (TensorBoard, metrics, summary)
+under ``<out>/cells/``; a cell whose summary.json exists is skipped, a cell with a checkpoint resumes from it.
+``early_stop`` is read off the ``standard`` run (test accuracy at the epoch of peak clean validation accuracy: the
+model early stopping would return), so it costs nothing. Results: ``results.csv``, ``results.md`` (final-epoch and
+peak clean test accuracy, mean +- std over seeds, plus generation times), ``heatmap.png``.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import json
+import os
+import statistics
+import sys
+import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import asdict
+from multiprocessing import get_context
+from pathlib import Path
+
+import torch
+
+from .config import Config, ConfigError, apply_overrides, from_dict, to_dict
+from .metrics import write_atomic
+
+STANDARD = [{"name": "standard"}]
+
+
+def defense_overrides(defense: str) -> tuple[str, list[str]]:
+    """(the run it is read from, the config overrides of that run)."""
+    std = ['schedule.stages=[{name="standard"}]']
+    return {
+        "standard": ("standard", std),
+        "early_stop": ("standard", std),
+        "jpeg10": ("jpeg10", [*std, 'defense.kind="jpeg"', "defense.jpeg_quality=10"]),
+        "grayscale": ("grayscale", [*std, 'defense.kind="grayscale"']),
+        "ueraser": ("ueraser", [*std, 'data.augment="ueraser"']),
+        "adv": ("adv", [*std, 'defense.kind="adv"']),
+        "pst": ("pst", []),
+    }[defense]
+
+
+def _cfg(base: dict, overrides: list[str]) -> Config:
+    return from_dict(Config, apply_overrides(copy.deepcopy(base), overrides))
+
+
+def poison_cfg(base: dict, attack: str, seed: int) -> Config:
+    b = base["bench"] if "bench" in base else {}
+    extra = list(b.get("attack_overrides", {}).get(attack, []))
+    return _cfg(base, [f'poison.kind="{attack}"', f"poison.seed={seed}", f"train.seed={seed}", *extra])
+
+
+def cell_cfg(base: dict, attack: str, run: str, seed: int, out: Path) -> Config:
+    _, over = defense_overrides(run)
+    b = base.get("bench", {})
+    extra = list(b.get("defense_overrides", {}).get(run, []))
+    cfg = _cfg(base, [f'poison.kind="{attack}"', f"poison.seed={seed}", f"train.seed={seed}", *over, *extra,
+                      *b.get("attack_overrides", {}).get(attack, [])])
+    cfg.log.run_dir = str(out / "cells" / attack / run / f"seed{seed}")
+    cfg.log.progress = False
+    return cfg
+
+
+# ---------------------------------------------------------------- work done in pool processes
+
+def _threads(n: int) -> None:
+    torch.set_num_threads(max(1, n))
+
+
+def make_poison(base: dict, attack: str, seed: int, path: str, threads: int) -> dict:
+    """Generate one attack on the training split and store it at ``path`` (atomic directory rename)."""
+    import numpy as np
+
+    from .data.beton import fingerprint
+    from .data.sources import load_splits
+    from .poison import norms, poison_train
+    from .poison.model_based import LAST_RUN
+    from .poison.store import save_dir
+
+    _threads(threads)
+    cfg = poison_cfg(base, attack, seed)
+    splits = load_splits(cfg.data)
+    tr = splits.train
+    LAST_RUN.clear()
+    t0 = time.time()
+    poisoned = poison_train(tr.images, tr.labels, tr.index, splits.source_train_size, cfg.poison, splits.num_classes,
+                            full=cfg)
+    seconds = time.time() - t0
+    meta = {"attack": attack, "seed": seed, "parameters": asdict(cfg.poison), "seconds": round(seconds, 2),
+            "norms": norms(tr.images, poisoned), "clean_train_sha256": fingerprint(tr), "rows": len(tr),
+            "model_based": dict(LAST_RUN), "model": asdict(cfg.model)}
+    save_dir(Path(path), {"train_images.npy": lambda f: np.save(f, poisoned.numpy())}, meta, "poison.json")
+    return meta
+
+
+def run_cell(base: dict, attack: str, run: str, seed: int, out: str, poison_dir: str | None, threads: int) -> dict:
+    import numpy as np
+
+    from .train import build_data, train
+
+    _threads(threads)
+    cfg = cell_cfg(base, attack, run, seed, Path(out))
+    cfg.train.threads = max(1, threads)
+    poisoned = None
+    if poison_dir is not None:
+        poisoned = torch.from_numpy(np.load(Path(poison_dir) / "train_images.npy", allow_pickle=False))
+    run_dir = Path(cfg.log.run_dir)
+    resume = (run_dir / "checkpoint.pt").is_file()
+    t0 = time.time()
+    data = build_data(cfg, poisoned=poisoned)
+    summary = train(cfg, resume=resume, data=data)
+    return {"attack": attack, "run": run, "seed": seed, "seconds": round(time.time() - t0, 1), "resumed": resume,
+            **{k: summary[k] for k in ("final_test_acc", "peak_test_acc", "test_acc_at_best_val", "final_val_acc")}}
+
+
+# ---------------------------------------------------------------- the driver
+
+def runs_needed(defenses: list[str]) -> list[str]:
+    runs: list[str] = []
+    for d in defenses:
+        r = defense_overrides(d)[0]
+        if r not in runs:
+            runs.append(r)
+    return runs
+
+
+def run_bench(config: str, overrides: list[str]) -> dict:
+    import tomllib
+
+    raw = tomllib.loads(Path(config).read_text()) if config else {}
+    raw = apply_overrides(raw, overrides)
+    cfg = from_dict(Config, raw)  # validates everything once, before any work
+    b = cfg.bench
+    base = to_dict(cfg)
+    if "pst" in b.defenses and len(cfg.schedule.stages) < 2:
+        raise ConfigError(f"bench.defenses has 'pst' but the recipe's [schedule] has {len(cfg.schedule.stages)} "
+                          f"stage(s): give the PST schedule in the recipe")
+    for a in b.attacks:  # each attack's own overrides must make a valid config
+        poison_cfg(base, a, 0)
+    out = Path(b.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / "bench.json", json.dumps({"config": config, "overrides": overrides, "resolved": base},
+                                                indent=2))
+    seeds = list(range(b.seeds))
+    runs = runs_needed(b.defenses)
+    jobs = max(1, b.jobs)
+    threads = max(1, (os.cpu_count() or 1) // jobs) if not cfg.train.threads else cfg.train.threads
+    say = lambda m: print(f"[bench] {m}", file=sys.stderr, flush=True)
+    say(f"{len(b.attacks)} attacks x {len(b.defenses)} defenses ({len(runs)} training runs each: "
+        f"{', '.join(runs)}) x {len(seeds)} seeds; {jobs} job(s) x {threads} thread(s); out {out}")
+
+    t_start = time.time()
+    gen: dict[tuple[str, int], dict] = {}
+    todo_p = []
+    for a in b.attacks:
+        for s in seeds:
+            pdir = out / "poisons" / f"{a}_seed{s}"
+            if a == "none":
+                continue
+            if (pdir / "poison.json").is_file():
+                gen[(a, s)] = json.loads((pdir / "poison.json").read_text())
+            else:
+                todo_p.append((a, s, pdir))
+    cells = [(a, r, s) for s in seeds for a in b.attacks for r in runs]
+    done: dict[tuple[str, str, int], dict] = {}
+    todo_c = []
+    for a, r, s in cells:
+        f = Path(cell_cfg(base, a, r, s, out).log.run_dir) / "summary.json"
+        if f.is_file():
+            sm = json.loads(f.read_text())
+            done[(a, r, s)] = {"attack": a, "run": r, "seed": s, "seconds": None, "resumed": False,
+                               **{k: sm[k] for k in ("final_test_acc", "peak_test_acc", "test_acc_at_best_val",
+                                                     "final_val_acc")}}
+        else:
+            todo_c.append((a, r, s))
+    say(f"poisons: {len(gen)} cached, {len(todo_p)} to make; cells: {len(done)} finished (skipped), "
+        f"{len(todo_c)} to run")
+    # the costliest runs first, so the two workers finish together
+    cost = {"adv": 0, "pst": 1}
+    todo_c.sort(key=lambda c: (cost.get(c[1], 2), c[2]))
+    errors: list[str] = []
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(todo_p) + len(todo_c), desc="bench", file=sys.stderr)
+    ctx = get_context("spawn")
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+        pending = {pool.submit(make_poison, base, a, s, str(p), threads): ("poison", a, s) for a, s, p in todo_p}
+        waiting = list(todo_c)
+
+        def submit_ready():
+            for c in list(waiting):
+                a, r, s = c
+                if a == "none" or (a, s) in gen:
+                    pdir = None if a == "none" else str(out / "poisons" / f"{a}_seed{s}")
+                    pending[pool.submit(run_cell, base, a, r, s, str(out), pdir, threads)] = ("cell", a, r, s)
+                    waiting.remove(c)
+
+        submit_ready()
+        while pending:
+            fin, _ = wait(list(pending), return_when=FIRST_COMPLETED)
+            for f in fin:
+                what = pending.pop(f)
+                bar.update(1)
+                try:
+                    res = f.result()
+                except Exception as e:  # noqa: BLE001 - one failed cell must not lose the others
+                    errors.append(f"{what}: {type(e).__name__}: {e}")
+                    say(f"FAILED {what}: {type(e).__name__}: {e}")
+                    if what[0] == "poison":  # its cells cannot run
+                        waiting[:] = [c for c in waiting if (c[0], c[2]) != (what[1], what[2])]
+                    continue
+                if what[0] == "poison":
+                    gen[(what[1], what[2])] = res
+                    say(f"poison {what[1]} seed {what[2]}: {res['seconds']:.1f} s, Linf "
+                        f"{res['norms']['linf'] * 255:.0f}/255, L2 {res['norms']['l2_mean']:.3f}, L0 "
+                        f"{res['norms']['l0_mean']:.0f}" + (f", {res['model_based']}" if res['model_based'] else ""))
+                    submit_ready()
+                else:
+                    done[what[1:]] = res
+                    say(f"cell {what[1]} / {what[2]} / seed {what[3]}: final {100 * res['final_test_acc']:.1f}, peak "
+                        f"{100 * res['peak_test_acc']:.1f} ({res['seconds']:.0f} s)")
+            write_results(out, b.attacks, b.defenses, seeds, done, gen)
+    bar.close()
+    table = write_results(out, b.attacks, b.defenses, seeds, done, gen)
+    print(table)
+    say(f"{len(done)} of {len(cells)} cells finished, {len(errors)} failed; {time.time() - t_start:.0f} s; wrote "
+        f"{out / 'results.csv'}, {out / 'results.md'}, {out / 'heatmap.png'}; TensorBoard: tensorboard --logdir "
+        f"{out / 'cells'}")
+    return {"done": len(done), "cells": len(cells), "errors": errors}
+
+
+def cell_value(done: dict, attack: str, defense: str, seed: int) -> tuple[float, float] | None:
+    """(final, peak) clean test accuracy of one cell; early_stop: the standard run's test accuracy at its best
+    validation epoch, as both."""
+    run = defense_overrides(defense)[0]
+    r = done.get((attack, run, seed))
+    if r is None:
+        return None
+    if defense == "early_stop":
+        return r["test_acc_at_best_val"], r["test_acc_at_best_val"]
+    return r["final_test_acc"], r["peak_test_acc"]
+
+
+def _ms(xs: list[float]) -> str:
+    if not xs:
+        return "—"
+    if len(xs) == 1:
+        return f"{100 * xs[0]:.1f}"
+    return f"{100 * statistics.mean(xs):.1f} ± {100 * statistics.stdev(xs):.1f}"
+
+
+def write_results(out: Path, attacks: list[str], defenses: list[str], seeds: list[int], done: dict, gen: dict) -> str:
+    rows = []
+    for a in attacks:
+        for d in defenses:
+            for s in seeds:
+                v = cell_value(done, a, d, s)
+                if v is not None:
+                    rows.append({"attack": a, "defense": d, "seed": s, "final_test_acc": round(v[0], 5),
+                                 "peak_test_acc": round(v[1], 5)})
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=["attack", "defense", "seed", "final_test_acc", "peak_test_acc"])
+    w.writeheader()
+    w.writerows(rows)
+    write_atomic(out / "results.csv", buf.getvalue())
+
+    def vals(a, d, i):
+        return [v[i] for s in seeds if (v := cell_value(done, a, d, s)) is not None]
+
+    lines = ["Clean test accuracy (%), mean ± std over seeds: **final epoch** / peak over epochs "
+             "(early_stop: the epoch of peak clean validation accuracy, both).", "",
+             "| attack | " + " | ".join(defenses) + " |", "|---|" + "---:|" * len(defenses)]
+    for a in attacks:
+        cells = []
+        for d in defenses:
+            n = len(vals(a, d, 0))
+            cells.append(f"**{_ms(vals(a, d, 0))}** / {_ms(vals(a, d, 1))}" + (f" (n={n})" if n != len(seeds) else ""))
+        lines.append(f"| {a} | " + " | ".join(cells) + " |")
+    if "pst" in defenses:
+        lines += ["", _verdicts(attacks, defenses, vals)]
+    if gen:
+        lines += ["", "Poison generation on the training split (seconds per seed; measured norms in [0, 1] units):", "",
+                  "| attack | seconds | L-inf | L2 mean | L0 mean | surrogate |", "|---|---:|---:|---:|---:|---|"]
+        for a in attacks:
+            ms = [gen[(a, s)] for s in seeds if (a, s) in gen]
+            if not ms:
+                continue
+            secs = ", ".join(f"{m['seconds']:.1f}" for m in ms)
+            n = ms[0]["norms"]
+            mb = ms[0].get("model_based") or {}
+            info = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in mb.items()
+                             if k not in ("attack", "seconds"))
+            lines.append(f"| {a} | {secs} | {n['linf'] * 255:.0f}/255 | {n['l2_mean']:.3f} | {n['l0_mean']:.0f} | "
+                         f"{info or '—'} |")
+    table = "\n".join(lines)
+    write_atomic(out / "results.md", table + "\n")
+    _heatmap(out / "heatmap.png", attacks, defenses, vals)
+    return table
+
+
+def _verdicts(attacks, defenses, vals) -> str:
+    """The acceptance questions, answered from the table: does standard training collapse; is PST >= JPEG-10 and
+    >= 80 % at the final epoch."""
+    out = []
+    mean = lambda xs: statistics.mean(xs) if xs else None
+    ge_jpeg = [a for a in attacks if "jpeg10" in defenses and mean(vals(a, "pst", 0)) is not None
+               and mean(vals(a, "jpeg10", 0)) is not None and mean(vals(a, "pst", 0)) >= mean(vals(a, "jpeg10", 0))]
+    ge80 = [a for a in attacks if (m := mean(vals(a, "pst", 0))) is not None and m >= 0.80]
+    poisoned = [a for a in attacks if a != "none"]
+    if "jpeg10" in defenses:
+        out.append(f"- PST final >= JPEG-10 final on {len([a for a in ge_jpeg if a != 'none'])} of {len(poisoned)} "
+                   f"attacks ({', '.join(a for a in ge_jpeg if a != 'none') or 'none'}).")
+    out.append(f"- PST final >= 80 % on {len([a for a in ge80 if a != 'none'])} of {len(poisoned)} attacks "
+               f"(below: {', '.join(a for a in poisoned if a not in ge80) or 'none'}).")
+    if "standard" in defenses:
+        std = {a: mean(vals(a, "standard", 0)) for a in attacks}
+        out.append("- Standard training, final: " + ", ".join(f"{a} {100 * v:.1f}" for a, v in std.items()
+                                                               if v is not None) + ".")
+    return "\n".join(out)
+
+
+def _heatmap(path: Path, attacks, defenses, vals) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    m = np.full((len(attacks), len(defenses)), np.nan)
+    for i, a in enumerate(attacks):
+        for j, d in enumerate(defenses):
+            xs = vals(a, d, 0)
+            if xs:
+                m[i, j] = 100 * statistics.mean(xs)
+    fig, ax = plt.subplots(figsize=(1.3 * len(defenses) + 2, 0.5 * len(attacks) + 1.5), dpi=100)
+    im = ax.imshow(m, vmin=0, vmax=100, cmap="viridis")
+    for i in range(len(attacks)):
+        for j in range(len(defenses)):
+            if not np.isnan(m[i, j]):
+                ax.text(j, i, f"{m[i, j]:.1f}", ha="center", va="center", fontsize=8,
+                        color="white" if m[i, j] < 60 else "black")
+    ax.set_xticks(range(len(defenses)), defenses)
+    ax.set_yticks(range(len(attacks)), attacks)
+    ax.set_title("final-epoch clean test accuracy (%), mean over seeds", fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.03)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
