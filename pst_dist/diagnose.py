@@ -1,0 +1,158 @@
+"""``pst-dist diagnose``: which layer groups learn the perturbation, and when.
+
+Trains the recipe (its own schedule; ``--standard`` for one standard stage) and after every epoch reads each layer
+group's pooled activations on a fixed probe of training images, once poisoned (as trained on) and once clean (the
+same images without the poison). Per group and epoch:
+
+- **linear-probe accuracy**: a ridge-regression probe (one-hot targets, standardised features) fitted on one half of
+  the probe and scored on the other half. High on poisoned but low on clean images = the group encodes the
+  perturbation rather than the object;
+- **activation clustering**: k-means (k = classes) on the features, scored by cluster purity against the labels,
+  and the between/within-class scatter ratio the PST cluster detector uses.
+
+Written to ``<out>/diagnose.jsonl`` and TensorBoard (``diagnose/...``), plotted to ``<out>/diagnose.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from .config import Config
+from .metrics import write_atomic
+
+
+def ridge_probe_accuracy(feats: torch.Tensor, labels: torch.Tensor, num_classes: int, lam: float = 1e-2) -> float:
+    """Fit on the first half, score on the second: a linear probe in closed form."""
+    n = len(labels) // 2
+    f = feats.double()
+    mu, sd = f[:n].mean(0), f[:n].std(0).clamp_min(1e-6)
+    f = torch.cat([(f - mu) / sd, torch.ones(len(f), 1, dtype=f.dtype)], dim=1)
+    a, b = f[:n], f[n:]
+    t = torch.nn.functional.one_hot(labels[:n], num_classes).double()
+    w = torch.linalg.solve(a.T @ a + lam * n * torch.eye(a.shape[1], dtype=f.dtype), a.T @ t)
+    return float(((b @ w).argmax(1) == labels[n:]).double().mean())
+
+
+def kmeans_purity(feats: torch.Tensor, labels: torch.Tensor, k: int, seed: int = 0, iters: int = 30,
+                  restarts: int = 4) -> float:
+    """k-means (k-means++ starts, seeded; the best of ``restarts`` by inertia) on standardised features; purity =
+    share of images whose cluster's majority label is their own (about 1/k for clusters unrelated to the labels)."""
+    g = torch.Generator().manual_seed(seed)
+    f = feats.double()
+    f = (f - f.mean(0)) / f.std(0).clamp_min(1e-6)
+    best, best_inertia = None, float("inf")
+    for _ in range(restarts):
+        centres = f[torch.randint(len(f), (1,), generator=g)]
+        for _ in range(1, k):
+            d = torch.cdist(f, centres).min(1).values ** 2
+            centres = torch.cat([centres, f[torch.multinomial(d / d.sum().clamp_min(1e-12), 1, generator=g)]])
+        for _ in range(iters):
+            assign = torch.cdist(f, centres).argmin(1)
+            for j in range(k):
+                members = f[assign == j]
+                if len(members):
+                    centres[j] = members.mean(0)
+        dist = torch.cdist(f, centres)
+        assign = dist.argmin(1)
+        inertia = float((dist.min(1).values ** 2).sum())
+        if inertia < best_inertia:
+            best, best_inertia = assign, inertia
+    majority = sum(int(torch.bincount(labels[best == j], minlength=k).max()) for j in range(k)
+                   if bool((best == j).any()))
+    return majority / len(labels)
+
+
+def group_metrics(gm, x: torch.Tensor, y: torch.Tensor, normalize, num_classes: int) -> dict[int, dict[str, float]]:
+    from .pst.detectors import scatter_ratio
+    from .pst.freeze import GroupActivations
+
+    model = gm.model
+    was = model.training
+    model.eval()
+    feats: dict[int, list[torch.Tensor]] = {}
+    with torch.no_grad():
+        for i in range(0, len(x), 512):
+            with GroupActivations(gm) as ga:
+                model(normalize(x[i: i + 512]))
+            for g, f in ga.acts.items():
+                feats.setdefault(g, []).append(f.cpu())
+    model.train(was)
+    out = {}
+    for g, fs in sorted(feats.items()):
+        f = torch.cat(fs)
+        out[g] = {"probe_acc": ridge_probe_accuracy(f, y.cpu(), num_classes),
+                  "kmeans_purity": kmeans_purity(f, y.cpu(), num_classes),
+                  "scatter": float(scatter_ratio(f.double(), y.cpu(), num_classes))}
+    return out
+
+
+def run_diagnose(cfg: Config, out: Path, probe_size: int = 2000) -> list[dict]:
+    from torch.utils.tensorboard import SummaryWriter
+
+    from .train import Normalize, build_data, build_device, train
+
+    out.mkdir(parents=True, exist_ok=True)
+    cfg.log.run_dir = str(out / "run")
+    data = build_data(cfg)
+    s = data.splits
+    n = min(probe_size, len(s.train))
+    if n < 2 * s.num_classes:
+        raise ValueError(f"probe of {n} images is too small for {s.num_classes} classes")
+    device = build_device(cfg)
+    probe = {"poisoned": data.poisoned_train[:n].to(device).float() / 255,
+             "clean": s.train.images[:n].to(device).float() / 255}
+    labels = s.train.labels[:n]
+    normalize = Normalize(data.mean, data.std, device)
+    rows: list[dict] = []
+    tb = SummaryWriter(str(out / "tb"))
+
+    def on_epoch(epoch, logs, gm, engine):
+        row = {"epoch": epoch, "stage": logs.get("pst/stage"), "test_acc": logs.get("eval/test_acc")}
+        for which, x in probe.items():
+            for g, m in group_metrics(gm, x, labels, normalize, s.num_classes).items():
+                for k, v in m.items():
+                    row[f"{which}/group_{g}/{k}"] = v
+                    tb.add_scalar(f"diagnose/{which}/{k}/group_{g}", v, epoch)
+        rows.append(row)
+        print(f"[diagnose] epoch {epoch}: linear probe poisoned/clean per group " + ", ".join(
+            f"g{g} {row[f'poisoned/group_{g}/probe_acc']:.2f}/{row[f'clean/group_{g}/probe_acc']:.2f}"
+            for g in range(len(gm.groups)) if f"clean/group_{g}/probe_acc" in row), file=sys.stderr)
+        write_atomic(out / "diagnose.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+
+    train(cfg, data=data, on_epoch=on_epoch)
+    tb.close()
+    plot(rows, out / "diagnose.png", title=f"{cfg.poison.kind} poison, {cfg.model.name}")
+    return rows
+
+
+def plot(rows: list[dict], path: Path, title: str = "") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = sorted({int(k.split("/")[1].split("_")[1]) for k in rows[0] if k.startswith("poisoned/group_")})
+    epochs = [r["epoch"] for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), dpi=80)
+    for ax, metric, name in ((axes[0], "probe_acc", "linear-probe accuracy"),
+                             (axes[1], "kmeans_purity", "k-means cluster purity")):
+        for g in groups:
+            for which, style in (("poisoned", "-"), ("clean", "--")):
+                ax.plot(epochs, [100 * r[f"{which}/group_{g}/{metric}"] for r in rows], style, color=f"C{g}",
+                        marker="o", ms=3, label=f"group {g} {which}")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(f"{name} (%)")
+        ax.set_ylim(0, 100)
+        ax.grid(alpha=0.3)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    axes[1].legend(fontsize=6, ncol=2, loc="lower right")
+    fig.suptitle(f"{title}: per-group features on poisoned (solid) vs clean (dashed) training images", fontsize=9)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
