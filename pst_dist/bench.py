@@ -16,6 +16,7 @@ import csv
 import io
 import json
 import os
+import shlex
 import statistics
 import sys
 import time
@@ -145,13 +146,16 @@ def run_bench(config: str, overrides: list[str]) -> dict:
         poison_cfg(base, a, 0)
     out = Path(b.out)
     out.mkdir(parents=True, exist_ok=True)
+    command = " ".join(["pst-dist bench --config", config, *(shlex.quote(o) for o in overrides)])
     write_atomic(out / "bench.json", json.dumps({"config": config, "overrides": overrides, "resolved": base},
                                                 indent=2))
     seeds = list(range(b.seeds))
     runs = runs_needed(b.defenses)
     jobs = max(1, b.jobs)
     threads = max(1, (os.cpu_count() or 1) // jobs) if not cfg.train.threads else cfg.train.threads
-    say = lambda m: print(f"[bench] {m}", file=sys.stderr, flush=True)
+    from tqdm import tqdm
+
+    say = lambda m: tqdm.write(f"[bench] {m}", file=sys.stderr)
     say(f"{len(b.attacks)} attacks x {len(b.defenses)} defenses ({len(runs)} training runs each: "
         f"{', '.join(runs)}) x {len(seeds)} seeds; {jobs} job(s) x {threads} thread(s); out {out}")
 
@@ -185,8 +189,6 @@ def run_bench(config: str, overrides: list[str]) -> dict:
     cost = {"adv": 0, "pst": 1}
     todo_c.sort(key=lambda c: (cost.get(c[1], 2), c[2]))
     errors: list[str] = []
-    from tqdm import tqdm
-
     bar = tqdm(total=len(todo_p) + len(todo_c), desc="bench", file=sys.stderr)
     ctx = get_context("spawn")
     with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
@@ -225,9 +227,9 @@ def run_bench(config: str, overrides: list[str]) -> dict:
                     done[what[1:]] = res
                     say(f"cell {what[1]} / {what[2]} / seed {what[3]}: final {100 * res['final_test_acc']:.1f}, peak "
                         f"{100 * res['peak_test_acc']:.1f} ({res['seconds']:.0f} s)")
-            write_results(out, b.attacks, b.defenses, seeds, done, gen)
+            write_results(out, b.attacks, b.defenses, seeds, done, gen, command)
     bar.close()
-    table = write_results(out, b.attacks, b.defenses, seeds, done, gen)
+    table = write_results(out, b.attacks, b.defenses, seeds, done, gen, command)
     print(table)
     say(f"{len(done)} of {len(cells)} cells finished, {len(errors)} failed; {time.time() - t_start:.0f} s; wrote "
         f"{out / 'results.csv'}, {out / 'results.md'}, {out / 'heatmap.png'}; TensorBoard: tensorboard --logdir "
@@ -255,7 +257,8 @@ def _ms(xs: list[float]) -> str:
     return f"{100 * statistics.mean(xs):.1f} ± {100 * statistics.stdev(xs):.1f}"
 
 
-def write_results(out: Path, attacks: list[str], defenses: list[str], seeds: list[int], done: dict, gen: dict) -> str:
+def write_results(out: Path, attacks: list[str], defenses: list[str], seeds: list[int], done: dict, gen: dict,
+                  command: str = "") -> str:
     rows = []
     for a in attacks:
         for d in defenses:
@@ -273,7 +276,8 @@ def write_results(out: Path, attacks: list[str], defenses: list[str], seeds: lis
     def vals(a, d, i):
         return [v[i] for s in seeds if (v := cell_value(done, a, d, s)) is not None]
 
-    lines = ["Clean test accuracy (%), mean ± std over seeds: **final epoch** / peak over epochs "
+    lines = ([f"Regenerate: `{command}`", ""] if command else []) + [
+             "Clean test accuracy (%), mean ± std over seeds: **final epoch** / peak over epochs "
              "(early_stop: the epoch of peak clean validation accuracy, both).", "",
              "| attack | " + " | ".join(defenses) + " |", "|---|" + "---:|" * len(defenses)]
     for a in attacks:

@@ -93,7 +93,10 @@ def group_metrics(gm, x: torch.Tensor, y: torch.Tensor, normalize, num_classes: 
 def run_diagnose(cfg: Config, out: Path, probe_size: int = 2000) -> list[dict]:
     from torch.utils.tensorboard import SummaryWriter
 
-    from .train import Normalize, build_data, build_device, train
+    from .models import build_model
+    from .pst.freeze import trace_units
+    from .pst.groups import layer_groups
+    from .train import Normalize, build_data, build_device, setup_seed, train
 
     out.mkdir(parents=True, exist_ok=True)
     cfg.log.run_dir = str(out / "run")
@@ -110,7 +113,7 @@ def run_diagnose(cfg: Config, out: Path, probe_size: int = 2000) -> list[dict]:
     rows: list[dict] = []
     tb = SummaryWriter(str(out / "tb"))
 
-    def on_epoch(epoch, logs, gm, engine):
+    def on_epoch(epoch, logs, gm, engine=None):
         row = {"epoch": epoch, "stage": logs.get("pst/stage"), "test_acc": logs.get("eval/test_acc")}
         for which, x in probe.items():
             for g, m in group_metrics(gm, x, labels, normalize, s.num_classes).items():
@@ -123,6 +126,12 @@ def run_diagnose(cfg: Config, out: Path, probe_size: int = 2000) -> list[dict]:
             for g in range(len(gm.groups)) if f"clean/group_{g}/probe_acc" in row), file=sys.stderr)
         write_atomic(out / "diagnose.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
 
+    # epoch 0: the network as train() initialises it (same seed), before any step: the floor random features give
+    setup_seed(cfg)
+    model0 = build_model(cfg.model, s.num_classes, s.shape[0], s.shape[1]).to(device)
+    gm0 = trace_units(model0, layer_groups(model0, cfg.model.block_groups), probe["clean"][:2])
+    on_epoch(0, {"pst/stage": 0}, gm0)
+    del model0, gm0
     train(cfg, data=data, on_epoch=on_epoch)
     tb.close()
     plot(rows, out / "diagnose.png", title=f"{cfg.poison.kind} poison, {cfg.model.name}")

@@ -211,7 +211,7 @@ def test_diagnose_writes_per_group_curves_for_poisoned_and_clean(tmp_path):
                        capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr
     rows = [json.loads(line) for line in (tmp_path / "diagnose.jsonl").read_text().splitlines()]
-    assert [row["epoch"] for row in rows] == [1, 2]
+    assert [row["epoch"] for row in rows] == [0, 1, 2]
     groups = {k.split("/")[1] for k in rows[0] if k.startswith("clean/")}
     assert len(groups) >= 3
     for row in rows:

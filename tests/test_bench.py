@@ -34,6 +34,7 @@ def test_bench_matrix_tables_heatmap_and_resume(tmp_path):
     assert len(cells) == 12 and all(list(c.glob("events.out.tfevents*")) or list((c / "tb").glob("*"))
                                     for c in cells), "a TensorBoard run per cell"
     md = (out / "results.md").read_text()
+    assert md.startswith("Regenerate: `pst-dist bench --config")
     assert "| classwise_noise |" in md and " ± " in md and "| em |" in md and "seconds" in md
     assert (out / "heatmap.png").stat().st_size > 1000
     assert "poison em seed 0" in r.stderr and "rounds" in r.stderr  # generation time and surrogate run printed
