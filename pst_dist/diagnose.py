@@ -126,7 +126,7 @@ def run_diagnose(cfg: Config, out: Path, probe_size: int = 2000) -> list[dict]:
             for g in range(len(gm.groups)) if f"clean/group_{g}/probe_acc" in row), file=sys.stderr)
         write_atomic(out / "diagnose.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
 
-    # epoch 0: the network as train() initialises it (same seed), before any step: the floor random features give
+    # epoch 0: an untrained network from the same factory and seed: what random features already separate
     setup_seed(cfg)
     model0 = build_model(cfg.model, s.num_classes, s.shape[0], s.shape[1]).to(device)
     gm0 = trace_units(model0, layer_groups(model0, cfg.model.block_groups), probe["clean"][:2])

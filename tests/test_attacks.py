@@ -219,3 +219,12 @@ def test_diagnose_writes_per_group_curves_for_poisoned_and_clean(tmp_path):
             for gname in groups:
                 assert 0 <= row[f"{which}/{gname}/probe_acc"] <= 1 and 0 < row[f"{which}/{gname}/kmeans_purity"] <= 1
     assert (tmp_path / "diagnose.png").stat().st_size > 1000
+
+
+def test_em_under_the_trainers_bf16_autocast():
+    torch.set_num_threads(1)
+    x, y, cfg = tiny("em", 3)
+    cfg.train.bf16 = True
+    p = gen(x, y, cfg)
+    d = p.to(torch.int16) - x.to(torch.int16)
+    assert 0 < int(d.abs().max()) <= 8 and LAST_RUN["rounds"] == 2
