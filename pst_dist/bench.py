@@ -226,7 +226,8 @@ def run_bench(config: str, overrides: list[str]) -> dict:
                 else:
                     done[what[1:]] = res
                     say(f"cell {what[1]} / {what[2]} / seed {what[3]}: final {100 * res['final_test_acc']:.1f}, peak "
-                        f"{100 * res['peak_test_acc']:.1f} ({res['seconds']:.0f} s)")
+                        f"{100 * res['peak_test_acc']:.1f} ({res['seconds']:.0f} s"
+                        + (", resumed from its checkpoint)" if res["resumed"] else ")"))
             write_results(out, b.attacks, b.defenses, seeds, done, gen, command)
     bar.close()
     table = write_results(out, b.attacks, b.defenses, seeds, done, gen, command)

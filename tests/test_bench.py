@@ -44,13 +44,15 @@ def test_bench_matrix_tables_heatmap_and_resume(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "cells: 12 finished (skipped), 0 to run" in r.stderr and "poisons: 4 cached, 0 to make" in r.stderr
     assert all((c / "summary.json").stat().st_mtime == m for c, m in mtimes.items())
-    # a missing cell is run again, alone
+    # a cell without its summary resumes from its checkpoint (here: the last epoch's), alone, to the same result
     victim = out / "cells" / "em" / "pst" / "seed1"
     (victim / "summary.json").unlink()
     r = bench(out)
     assert r.returncode == 0 and "cells: 11 finished (skipped), 1 to run" in r.stderr
+    assert "cell em / pst / seed 1" in r.stderr and "resumed from its checkpoint" in r.stderr
     assert (victim / "summary.json").is_file()
-    assert len(list(csv.DictReader((out / "results.csv").open()))) == 16
+    again = list(csv.DictReader((out / "results.csv").open()))
+    assert again == rows
 
 
 def test_bench_config_errors_name_the_bad_value(tmp_path):
