@@ -24,6 +24,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from ..config import Config, DefenseConfig
+from ..defenses import pgd_examples
 
 LAST_RUN: dict = {}  # what the last model-based attack did (rounds, train error, seconds): for poison.json and logs
 
@@ -180,8 +181,6 @@ def em(images: torch.Tensor, labels: torch.Tensor, cfg: Config, num_classes: int
 
     def robust_of(idx: torch.Tensor, xb: torch.Tensor) -> torch.Tensor:
         """REM: the poisoned batch's PGD example, as an offset from the clean batch."""
-        from ..defenses import pgd_examples
-
         xu = (xb + delta_of(idx, xb)).clamp(0, 1)
         with torch.enable_grad():
             return pgd_examples(a.model, xu, a.y[idx], a.normalize, adv) - xb
@@ -203,8 +202,6 @@ def em(images: torch.Tensor, labels: torch.Tensor, cfg: Config, num_classes: int
             d = (delta[yb] if classwise else delta[b]).clone()
             for _ in range(p.steps):
                 if robust:  # the noise must keep the loss low at a PGD example around the poisoned image
-                    from ..defenses import pgd_examples
-
                     xu = (xb + _project(d, xb, p.eps)).clamp(0, 1).detach()
                     xadv = pgd_examples(a.model, xu, yb, a.normalize, adv)
                     g = _grad_through(a, xb, d, xadv - xu, yb)
