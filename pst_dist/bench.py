@@ -291,7 +291,7 @@ def write_results(out: Path, attacks: list[str], defenses: list[str], seeds: lis
         lines += ["", _verdicts(attacks, defenses, vals)]
     if gen:
         lines += ["", "Poison generation on the training split (seconds per seed; measured norms in [0, 1] units):", "",
-                  "| attack | seconds | L-inf | L2 mean | L0 mean | surrogate |", "|---|---:|---:|---:|---:|---|"]
+                  "| attack | seconds | L-inf | L2 mean | L0 mean | surrogate (first seed) |", "|---|---:|---:|---:|---:|---|"]
         for a in attacks:
             ms = [gen[(a, s)] for s in seeds if (a, s) in gen]
             if not ms:
