@@ -343,14 +343,14 @@ def _heatmap(path: Path, attacks, defenses, vals) -> None:
             xs = vals(a, d, 0)
             if xs:
                 m[i, j] = 100 * statistics.mean(xs)
-    fig, ax = plt.subplots(figsize=(1.3 * len(defenses) + 2, 0.5 * len(attacks) + 1.5), dpi=100)
-    im = ax.imshow(m, vmin=0, vmax=100, cmap="viridis")
+    fig, ax = plt.subplots(figsize=(1.0 * len(defenses) + 2.6, 0.42 * len(attacks) + 1.5), dpi=90)
+    im = ax.imshow(m, vmin=0, vmax=100, cmap="viridis", aspect="auto")
     for i in range(len(attacks)):
         for j in range(len(defenses)):
             if not np.isnan(m[i, j]):
                 ax.text(j, i, f"{m[i, j]:.1f}", ha="center", va="center", fontsize=8,
                         color="white" if m[i, j] < 60 else "black")
-    ax.set_xticks(range(len(defenses)), defenses)
+    ax.set_xticks(range(len(defenses)), defenses, rotation=30, ha="right")
     ax.set_yticks(range(len(attacks)), attacks)
     ax.set_title("final-epoch clean test accuracy (%), mean over seeds", fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.03)
