@@ -27,13 +27,13 @@ from pathlib import Path
 
 import torch
 
-from .config import Config, ConfigError, apply_overrides, from_dict, to_dict
+from .config import Config, ConfigError, apply_overrides, from_dict, load_config, to_dict
 from .metrics import write_atomic
 
 STANDARD = [{"name": "standard"}]
 
 
-def defense_overrides(defense: str) -> tuple[str, list[str]]:
+def run_of(defense: str) -> tuple[str, list[str]]:
     """(the run it is read from, the config overrides of that run)."""
     std = ['schedule.stages=[{name="standard"}]']
     return {
@@ -52,17 +52,15 @@ def _cfg(base: dict, overrides: list[str]) -> Config:
 
 
 def poison_cfg(base: dict, attack: str, seed: int) -> Config:
-    b = base["bench"] if "bench" in base else {}
-    extra = list(b.get("attack_overrides", {}).get(attack, []))
+    extra = list(base["bench"]["attack_overrides"].get(attack, []))
     return _cfg(base, [f'poison.kind="{attack}"', f"poison.seed={seed}", f"train.seed={seed}", *extra])
 
 
 def cell_cfg(base: dict, attack: str, run: str, seed: int, out: Path) -> Config:
-    _, over = defense_overrides(run)
-    b = base.get("bench", {})
-    extra = list(b.get("defense_overrides", {}).get(run, []))
-    cfg = _cfg(base, [f'poison.kind="{attack}"', f"poison.seed={seed}", f"train.seed={seed}", *over, *extra,
-                      *b.get("attack_overrides", {}).get(attack, [])])
+    _, over = run_of(run)
+    b = base["bench"]
+    cfg = _cfg(base, [f'poison.kind="{attack}"', f"poison.seed={seed}", f"train.seed={seed}", *over,
+                      *b["defense_overrides"].get(run, []), *b["attack_overrides"].get(attack, [])])
     cfg.log.run_dir = str(out / "cells" / attack / run / f"seed{seed}")
     cfg.log.progress = False
     return cfg
@@ -125,18 +123,14 @@ def run_cell(base: dict, attack: str, run: str, seed: int, out: str, poison_dir:
 def runs_needed(defenses: list[str]) -> list[str]:
     runs: list[str] = []
     for d in defenses:
-        r = defense_overrides(d)[0]
+        r = run_of(d)[0]
         if r not in runs:
             runs.append(r)
     return runs
 
 
 def run_bench(config: str, overrides: list[str]) -> dict:
-    import tomllib
-
-    raw = tomllib.loads(Path(config).read_text()) if config else {}
-    raw = apply_overrides(raw, overrides)
-    cfg = from_dict(Config, raw)  # validates everything once, before any work
+    cfg = load_config(config, overrides)  # validates everything once, before any work
     b = cfg.bench
     base = to_dict(cfg)
     if "pst" in b.defenses and len(cfg.schedule.stages) < 2:
@@ -241,7 +235,7 @@ def run_bench(config: str, overrides: list[str]) -> dict:
 def cell_value(done: dict, attack: str, defense: str, seed: int) -> tuple[float, float] | None:
     """(final, peak) clean test accuracy of one cell; early_stop: the standard run's test accuracy at its best
     validation epoch, as both."""
-    run = defense_overrides(defense)[0]
+    run = run_of(defense)[0]
     r = done.get((attack, run, seed))
     if r is None:
         return None
@@ -291,7 +285,8 @@ def write_results(out: Path, attacks: list[str], defenses: list[str], seeds: lis
         lines += ["", _verdicts(attacks, defenses, vals)]
     if gen:
         lines += ["", "Poison generation on the training split (seconds per seed; measured norms in [0, 1] units):", "",
-                  "| attack | seconds | L-inf | L2 mean | L0 mean | surrogate (first seed) |", "|---|---:|---:|---:|---:|---|"]
+                  "| attack | seconds | L-inf | L2 mean | L0 mean | surrogate (first seed) |",
+                  "|---|---:|---:|---:|---:|---|"]
         for a in attacks:
             ms = [gen[(a, s)] for s in seeds if (a, s) in gen]
             if not ms:
