@@ -73,7 +73,7 @@ class _Attack:
     """Shared state: images as floats in [0, 1] on the device, labels, normalisation, the surrogate and its steps."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, cfg: Config, num_classes: int):
-        self.cfg, self.p, self.num_classes = cfg, cfg.poison, num_classes
+        self.p = cfg.poison
         self.seams = _Seams(cfg)
         dev = self.seams.device
         self.x = images.to(dev).float() / 255
@@ -119,18 +119,29 @@ class _Attack:
         return grad
 
     @torch.no_grad()
-    def error(self, delta_of, idx: torch.Tensor | None = None) -> float:
-        """Surrogate error (eval mode) on the poisoned images (``idx``: a subset), over all ranks' shares."""
+    def rate(self, delta_of, want: torch.Tensor, idx: torch.Tensor | None = None) -> float:
+        """Share of the perturbed images (``idx``: a subset) the surrogate (eval mode) assigns to class ``want``,
+        over all ranks' shares."""
         self.model.eval()
         idx = torch.arange(self.n) if idx is None else idx
-        wrong = torch.zeros(2, dtype=torch.float64)
+        hits = torch.zeros(2, dtype=torch.float64)
         for i in range(0, len(idx), 1024):
             b = self.my_share(idx[i: i + 1024]).to(self.seams.device)
             xb = (self.x[b] + delta_of(b, self.x[b])).clamp(0, 1)
-            wrong += torch.tensor([float((self.logits(xb).argmax(1) != self.y[b]).sum()), float(len(b))],
-                                  dtype=torch.float64)
-        wrong = self.seams.sum_(wrong)
-        return float(wrong[0] / wrong[1].clamp_min(1))
+            hits += torch.tensor([float((self.logits(xb).argmax(1) == want[b]).sum()), float(len(b))],
+                                 dtype=torch.float64)
+        hits = self.seams.sum_(hits)
+        return float(hits[0] / hits[1].clamp_min(1))
+
+    def error(self, delta_of, idx: torch.Tensor | None = None) -> float:
+        """Surrogate error on the poisoned images (``idx``: a subset)."""
+        return 1 - self.rate(delta_of, self.y, idx)
+
+    def merge_shares(self, delta: torch.Tensor, mine: torch.Tensor) -> torch.Tensor:
+        """Each rank perturbed only its own rows (``mine``): sum the shares so every rank holds all of them."""
+        if self.seams.world == 1:
+            return delta
+        return self.seams.sum_(delta * mine.view(-1, *([1] * (delta.ndim - 1))))
 
     def finish(self, images: torch.Tensor, delta: torch.Tensor, name: str, info: dict) -> torch.Tensor:
         budget = int(round(self.p.eps * 255))
@@ -195,9 +206,11 @@ def em(images: torch.Tensor, labels: torch.Tensor, cfg: Config, num_classes: int
         a.model.eval()
         order = torch.randperm(a.n, generator=a.g)
         nb = max(1, a.n // a.bs) if classwise else math.ceil(a.n / a.bs)
+        mine = torch.zeros(a.n, dtype=torch.bool, device=dev)
         for bi in range(nb):
             idx = order[bi * a.bs: (bi + 1) * a.bs]
             b = a.my_share(idx).to(dev)
+            mine[b] = True
             xb, yb = a.x[b], a.y[b]
             d = (delta[yb] if classwise else delta[b]).clone()
             for _ in range(p.steps):
@@ -215,11 +228,8 @@ def em(images: torch.Tensor, labels: torch.Tensor, cfg: Config, num_classes: int
                     d = _project(d - alpha * g.sign(), xb, p.eps)
             if not classwise:
                 delta[b] = d
-        if not classwise and a.seams.world > 1:  # each rank holds its own images' noise: sum the shares
-            mine = torch.zeros(a.n, dtype=torch.bool, device=dev)
-            for bi in range(nb):
-                mine[a.my_share(order[bi * a.bs: (bi + 1) * a.bs]).to(dev)] = True
-            delta = a.seams.sum_(delta * mine.view(-1, *([1] * (delta.ndim - 1))))
+        if not classwise:  # class noise is already shared (its gradients were summed over ranks)
+            delta = a.merge_shares(delta, mine)
         err = a.error(train_delta, check_idx)
         bar.update(1)
         bar.set_postfix({"train_error": f"{err:.4f}"})
@@ -278,24 +288,11 @@ def tap(images: torch.Tensor, labels: torch.Tensor, cfg: Config, num_classes: in
         for _ in range(p.steps):
             d = _project(d - alpha * a.input_grad(xb + d, target[b]).sign(), xb, p.eps)
         delta[b] = d
-    if a.seams.world > 1:
-        delta = a.seams.sum_(delta * mine.view(-1, 1, 1, 1))
-    hit = _target_rate(a, delta, target)
+    delta = a.merge_shares(delta, mine)
+    hit = a.rate(lambda idx, xb: delta[idx], target)
     _log(f"tap: model clean train error {clean_err:.4f}; targeted success {hit:.4f}; {time.time() - t0:.1f} s")
     return a.finish(images, delta, "tap", dict(model_train_error=clean_err, target_success=hit,
                                                 seconds=round(time.time() - t0, 2)))
-
-
-@torch.no_grad()
-def _target_rate(a: _Attack, delta: torch.Tensor, target: torch.Tensor) -> float:
-    a.model.eval()
-    hits = torch.zeros(2, dtype=torch.float64)
-    for i in range(0, a.n, 1024):
-        b = a.my_share(torch.arange(i, min(a.n, i + 1024))).to(a.seams.device)
-        pred = a.logits((a.x[b] + delta[b]).clamp(0, 1)).argmax(1)
-        hits += torch.tensor([float((pred == target[b]).sum()), float(len(b))], dtype=torch.float64)
-    hits = a.seams.sum_(hits)
-    return float(hits[0] / hits[1].clamp_min(1))
 
 
 def _progress(total: int, desc: str):

@@ -52,8 +52,7 @@ def write_poisoned(cfg: Config, out: Path, log=print) -> dict:
     meta = {"format": FORMAT, "attack": cfg.poison.kind, "parameters": asdict(cfg.poison),
             "seed": cfg.poison.seed, "source": cfg.data.source, "shape": list(poisoned.shape),
             "fingerprint": {"clean_train_sha256": fingerprint(clean)}, "norms": norms(clean.images, poisoned),
-            "seconds": round(seconds, 2), "model_based": dict(LAST_RUN) if LAST_RUN.get("attack") == cfg.poison.kind
-            else {}}
+            "seconds": round(seconds, 2), "model_based": dict(LAST_RUN)}  # cleared above: filled only by em/rem/tap
     save_dir(out, {"train_images.npy": lambda f: np.save(f, poisoned.numpy())}, meta, "poison.json",
              hash_of="train_images.npy")
     return meta
