@@ -156,13 +156,21 @@ def run_bench(config: str, overrides: list[str]) -> dict:
     t_start = time.time()
     gen: dict[tuple[str, int], dict] = {}
     todo_p = []
+    poison_dir = lambda a, s: out / "poisons" / f"{a}_seed{s}"
     for a in b.attacks:
         for s in seeds:
-            pdir = out / "poisons" / f"{a}_seed{s}"
+            pdir = poison_dir(a, s)
             if a == "none":
                 continue
             if (pdir / "poison.json").is_file():
-                gen[(a, s)] = json.loads((pdir / "poison.json").read_text())
+                meta = json.loads((pdir / "poison.json").read_text())
+                want = asdict(poison_cfg(base, a, s).poison)
+                old = meta["parameters"]
+                if old != want:  # a resumed bench must not reuse a poison made with other settings
+                    diff = {k: (old.get(k), v) for k, v in want.items() if old.get(k) != v}
+                    raise ConfigError(f"{pdir} was made with other poison settings (cached, now): {diff}; remove it "
+                                      f"or choose another bench.out")
+                gen[(a, s)] = meta
             else:
                 todo_p.append((a, s, pdir))
     cells = [(a, r, s) for s in seeds for a in b.attacks for r in runs]
@@ -193,7 +201,7 @@ def run_bench(config: str, overrides: list[str]) -> dict:
             for c in list(waiting):
                 a, r, s = c
                 if a == "none" or (a, s) in gen:
-                    pdir = None if a == "none" else str(out / "poisons" / f"{a}_seed{s}")
+                    pdir = None if a == "none" else str(poison_dir(a, s))
                     pending[pool.submit(run_cell, base, a, r, s, str(out), pdir, threads)] = ("cell", a, r, s)
                     waiting.remove(c)
 

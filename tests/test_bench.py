@@ -63,3 +63,12 @@ def test_bench_config_errors_name_the_bad_value(tmp_path):
     r = bench(tmp_path / "b", '--schedule.stages=[{name="standard"}]')
     assert r.returncode == 2 and "give the PST schedule" in r.stderr
     assert not (tmp_path / "b").exists(), "nothing written for a bad config"
+
+
+def test_a_resumed_bench_refuses_a_cached_poison_made_with_other_settings(tmp_path):
+    out = tmp_path / "b"
+    one = ['--bench.attacks=["classwise_noise"]', '--bench.defenses=["standard"]', "--bench.seeds=1", "--bench.jobs=1",
+           "--train.epochs=1"]
+    assert bench(out, *one).returncode == 0
+    r = bench(out, *one, "--poison.eps=0.0627")
+    assert r.returncode == 2 and "made with other poison settings" in r.stderr and "'eps'" in r.stderr
