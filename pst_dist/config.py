@@ -175,7 +175,15 @@ class ModelConfig:
 
 
 TRIGGERS = {"shortcut_gap", "train_acc", "cluster"}
-VIEWS = {"blur", "downup", "gray", "jpeg", "quantize"}
+
+
+def _check_view(key: str, view: str, strength: float = 1.0) -> None:
+    from .pst.views import parse_view
+
+    try:
+        parse_view(view, strength)
+    except ValueError as e:
+        raise ConfigError(f"{key}={view!r}: {e}") from None
 
 
 @dataclass
@@ -188,11 +196,12 @@ class TriggerConfig:
     group: int = 0
     """cluster: which layer group's activations to measure."""
     view: str = "blur"
-    """shortcut_gap: the perturbation-suppressing view of the probe."""
+    """shortcut_gap: the perturbation-suppressing view of the probe (at strength 1 unless the view names its own,
+    e.g. ``"randblur:1.5+quantize:3"``)."""
 
     def __post_init__(self) -> None:
         _check(self.kind in TRIGGERS, f"trigger.kind={self.kind!r}: expected one of {sorted(TRIGGERS)}")
-        _check(self.view in VIEWS, f"trigger.view={self.view!r}: expected one of {sorted(VIEWS)}")
+        _check_view("trigger.view", self.view)
         _check(self.group >= 0, f"trigger.group={self.group}: must be >= 0")
 
 
@@ -211,7 +220,9 @@ class LossConfig:
     label_smoothing: float = 0.0
     """Label smoothing of both cross-entropy terms."""
     view: str = "blur"
-    """The perturbation-suppressing view used by view_ce and consistency."""
+    """The perturbation-suppressing view used by view_ce and consistency: blur | randblur | downup | gray | jpeg |
+    quantize, or several joined by ``+`` (applied left to right), each optionally at its own strength
+    (``"randblur:1.5+quantize:3"``)."""
     view_strength: float = 1.0
     """blur: sigma in pixels; downup: factor; jpeg: quality = 100/strength... see pst.views."""
 
@@ -220,8 +231,8 @@ class LossConfig:
             _check(getattr(self, key) >= 0, f"loss.{key}={getattr(self, key)}: must be >= 0")
         _check(self.ce + self.view_ce + self.consistency > 0, "loss: ce, view_ce and consistency are all 0")
         _check(0 <= self.label_smoothing < 1, f"loss.label_smoothing={self.label_smoothing}: must lie in [0, 1)")
-        _check(self.view in VIEWS, f"loss.view={self.view!r}: expected one of {sorted(VIEWS)}")
         _check(self.view_strength > 0, f"loss.view_strength={self.view_strength}: must be > 0")
+        _check_view("loss.view", self.view, self.view_strength)
 
 
 @dataclass

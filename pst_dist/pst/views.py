@@ -3,18 +3,51 @@ and the view / consistency loss terms."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torchvision.io import decode_jpeg, encode_jpeg
 from torchvision.transforms.functional import gaussian_blur
 
+VIEWS = ("blur", "randblur", "downup", "gray", "jpeg", "quantize")
+
+
+def parse_view(view: str, strength: float = 1.0) -> list[tuple[str, float]]:
+    """``"randblur:1.5+quantize:3"`` -> [("randblur", 1.5), ("quantize", 3.0)]: views applied left to right, each
+    at its own strength (``name:strength``) or at ``strength``. Raises ValueError naming a bad part."""
+    out = []
+    for part in view.split("+"):
+        name, _, st = part.strip().partition(":")
+        if name not in VIEWS:
+            raise ValueError(f"unknown view {name!r} in {view!r}: expected one of {sorted(VIEWS)}, joined by '+'")
+        try:
+            s = float(st) if st else float(strength)
+        except ValueError:
+            raise ValueError(f"view {part!r}: strength {st!r} is not a number") from None
+        if not s > 0:
+            raise ValueError(f"view {part!r}: strength {s} must be > 0")
+        out.append((name, s))
+    return out
+
 
 def apply_view(x: torch.Tensor, view: str, strength: float = 1.0) -> torch.Tensor:
-    """``blur``: Gaussian, sigma = strength px; ``downup``: average-pool by round(1 + strength) then bilinear up;
+    """Apply a view or a composition of views (see ``parse_view``)."""
+    for name, s in parse_view(view, strength):
+        x = _one_view(x, name, s)
+    return x
+
+
+def _one_view(x: torch.Tensor, view: str, strength: float) -> torch.Tensor:
+    """``blur``: Gaussian, sigma = strength px; ``randblur``: a random anisotropic Gaussian per image (sigmas
+    uniform in [0, strength] px along a random direction: a class-wise blur or sharpening becomes one blur among
+    many); ``downup``: average-pool by round(1 + strength) then bilinear up;
     ``gray``: channel mean; ``jpeg``: quality round(10 / strength); ``quantize``: round(2 + 6 / strength) levels."""
     if view == "blur":
         k = 2 * int(3 * strength) + 1
         return gaussian_blur(x, [k, k], [strength, strength])
+    if view == "randblur":
+        return random_blur(x, strength)
     if view == "downup":
         f = int(round(1 + strength))
         h, w = x.shape[-2:]
@@ -29,4 +62,25 @@ def apply_view(x: torch.Tensor, view: str, strength: float = 1.0) -> torch.Tenso
     if view == "quantize":
         levels = max(2, int(round(2 + 6 / strength)))
         return torch.round(x * (levels - 1)) / (levels - 1)
-    raise ValueError(f"unknown view {view!r}")
+    raise ValueError(f"unknown view {view!r}")  # unreachable: parse_view checked it
+
+
+def random_blur(x: torch.Tensor, max_sigma: float) -> torch.Tensor:
+    """Each image convolved (reflect padding) with its own rotated Gaussian: sigmas ~ U(0, max_sigma) on two axes
+    at a uniform random angle. Draws from torch's global generator (seeded by the run)."""
+    n, c, h, w = x.shape
+    r = max(1, int(math.ceil(3 * max_sigma)))
+    r = min(r, h - 1, w - 1)
+    sig = (torch.rand(n, 2, device=x.device) * max_sigma).clamp_min(0.1)
+    theta = torch.rand(n, device=x.device) * math.pi
+    cos, sin = torch.cos(theta), torch.sin(theta)
+    d = torch.arange(-r, r + 1, device=x.device, dtype=torch.float32)
+    dy, dx = torch.meshgrid(d, d, indexing="ij")
+    # coordinates along the two rotated axes, per image: n x k x k
+    u = cos[:, None, None] * dx + sin[:, None, None] * dy
+    v = -sin[:, None, None] * dx + cos[:, None, None] * dy
+    ker = torch.exp(-0.5 * ((u / sig[:, 0, None, None]) ** 2 + (v / sig[:, 1, None, None]) ** 2))
+    ker = ker / ker.sum(dim=(1, 2), keepdim=True)
+    weight = ker.repeat_interleave(c, 0)[:, None].to(x.dtype)  # (n*c) x 1 x k x k
+    xp = F.pad(x.reshape(1, n * c, h, w), (r, r, r, r), mode="reflect")
+    return F.conv2d(xp, weight, groups=n * c).reshape(n, c, h, w)
