@@ -120,6 +120,39 @@ def run_cell(base: dict, attack: str, run: str, seed: int, out: str, poison_dir:
 
 # ---------------------------------------------------------------- the driver
 
+def _recipe(cfg: Config) -> dict[str, object]:
+    """The settings a cell's result depends on, flattened to dotted keys (not [bench], [log] or thread counts)."""
+    d = to_dict(cfg)
+    for section in ("bench", "log"):
+        d.pop(section, None)
+    d["train"].pop("threads", None)
+    flat: dict[str, object] = {}
+
+    def walk(prefix: str, v: object) -> None:
+        if isinstance(v, dict):
+            for k, x in v.items():
+                walk(f"{prefix}.{k}" if prefix else k, x)
+        else:
+            flat[prefix] = v
+
+    walk("", d)
+    return flat
+
+
+def recipe_change(run_dir: Path, cfg: Config) -> dict[str, tuple]:
+    """{key: (recorded, now)} where the cell already begun in ``run_dir`` ran another recipe than ``cfg``; empty
+    when there is no such cell or nothing that matters changed."""
+    f = run_dir / "config.toml"
+    if not f.is_file():
+        return {}
+    try:
+        was = _recipe(load_config(f))
+    except ConfigError as e:  # a config this version cannot read counts as changed
+        return {"config.toml": (str(e), "this version's")}
+    now = _recipe(cfg)
+    return {k: (was.get(k), now.get(k)) for k in sorted(set(was) | set(now)) if was.get(k) != now.get(k)}
+
+
 def runs_needed(defenses: list[str]) -> list[str]:
     runs: list[str] = []
     for d in defenses:
@@ -177,7 +210,15 @@ def run_bench(config: str, overrides: list[str]) -> dict:
     done: dict[tuple[str, str, int], dict] = {}
     todo_c = []
     for a, r, s in cells:
-        f = Path(cell_cfg(base, a, r, s, out).log.run_dir) / "summary.json"
+        run_dir = Path(cell_cfg(base, a, r, s, out).log.run_dir)
+        changed = recipe_change(run_dir, cell_cfg(base, a, r, s, out))
+        if changed:  # a cell run (or begun) with another recipe is run again from scratch; the old run is kept
+            old = out / "superseded" / a / r / f"seed{s}-{time.strftime('%Y%m%d-%H%M%S')}"
+            old.parent.mkdir(parents=True, exist_ok=True)
+            run_dir.rename(old)
+            say(f"cell {a} / {r} / seed {s}: its recipe changed (was, now: {changed}); running it again, the old "
+                f"run moved to {old}")
+        f = run_dir / "summary.json"
         if f.is_file():
             sm = json.loads(f.read_text())
             done[(a, r, s)] = {"attack": a, "run": r, "seed": s, "seconds": None, "resumed": False,
@@ -267,11 +308,13 @@ def write_results(out: Path, attacks: list[str], defenses: list[str], seeds: lis
         for d in defenses:
             for s in seeds:
                 v = cell_value(done, a, d, s)
-                if v is not None:
+                if v is not None:  # final validation accuracy: what schedules are chosen on (not for early_stop)
+                    val = "" if d == "early_stop" else round(done[(a, run_of(d)[0], s)]["final_val_acc"], 5)
                     rows.append({"attack": a, "defense": d, "seed": s, "final_test_acc": round(v[0], 5),
-                                 "peak_test_acc": round(v[1], 5)})
+                                 "peak_test_acc": round(v[1], 5), "final_val_acc": val})
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=["attack", "defense", "seed", "final_test_acc", "peak_test_acc"])
+    w = csv.DictWriter(buf, fieldnames=["attack", "defense", "seed", "final_test_acc", "peak_test_acc",
+                                        "final_val_acc"])
     w.writeheader()
     w.writerows(rows)
     write_atomic(out / "results.csv", buf.getvalue())

@@ -72,3 +72,23 @@ def test_a_resumed_bench_refuses_a_cached_poison_made_with_other_settings(tmp_pa
     assert bench(out, *one).returncode == 0
     r = bench(out, *one, "--poison.eps=0.0627")
     assert r.returncode == 2 and "made with other poison settings" in r.stderr and "'eps'" in r.stderr
+
+
+def test_a_resumed_bench_reruns_the_cells_whose_recipe_changed(tmp_path):
+    out = tmp_path / "b"
+    one = ['--bench.attacks=["classwise_noise"]', '--bench.defenses=["standard", "pst"]', "--bench.seeds=1",
+           "--bench.jobs=1", "--train.epochs=1"]
+    assert bench(out, *one).returncode == 0
+    std = out / "cells" / "classwise_noise" / "standard" / "seed0" / "summary.json"
+    before = std.stat().st_mtime
+    # the thread count and [bench] do not change a recipe; the PST stages' view does
+    r = bench(out, *one, "--bench.jobs=2")
+    assert r.returncode == 0 and "cells: 2 finished (skipped), 0 to run" in r.stderr, r.stderr[-2000:]
+    r = bench(out, *one, '--schedule.stages.0.loss.view="randblur"')
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "cell classwise_noise / pst / seed 0: its recipe changed" in r.stderr and "randblur" in r.stderr
+    assert "cells: 1 finished (skipped), 1 to run" in r.stderr
+    assert std.stat().st_mtime == before, "the unchanged standard cell is kept"
+    [old] = (out / "superseded" / "classwise_noise" / "pst").glob("seed0-*")
+    assert (old / "summary.json").is_file() and "quantize" in (old / "config.toml").read_text()
+    assert '"randblur"' in (out / "cells" / "classwise_noise" / "pst" / "seed0" / "config.toml").read_text()
