@@ -121,7 +121,8 @@ def run_cell(base: dict, attack: str, run: str, seed: int, out: str, poison_dir:
 # ---------------------------------------------------------------- the driver
 
 def _recipe(cfg: Config) -> dict[str, object]:
-    """The settings a cell's result depends on, flattened to dotted keys (not [bench], [log] or thread counts)."""
+    """The settings a cell's result depends on, flattened to dotted keys, list items by index (not [bench], [log]
+    or thread counts)."""
     d = to_dict(cfg)
     for section in ("bench", "log"):
         d.pop(section, None)
@@ -132,6 +133,9 @@ def _recipe(cfg: Config) -> dict[str, object]:
         if isinstance(v, dict):
             for k, x in v.items():
                 walk(f"{prefix}.{k}" if prefix else k, x)
+        elif isinstance(v, list) and v and isinstance(v[0], dict):  # e.g. schedule.stages.0.loss.view
+            for i, x in enumerate(v):
+                walk(f"{prefix}.{i}", x)
         else:
             flat[prefix] = v
 
