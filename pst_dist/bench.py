@@ -214,8 +214,9 @@ def run_bench(config: str, overrides: list[str]) -> dict:
     done: dict[tuple[str, str, int], dict] = {}
     todo_c = []
     for a, r, s in cells:
-        run_dir = Path(cell_cfg(base, a, r, s, out).log.run_dir)
-        changed = recipe_change(run_dir, cell_cfg(base, a, r, s, out))
+        ccfg = cell_cfg(base, a, r, s, out)
+        run_dir = Path(ccfg.log.run_dir)
+        changed = recipe_change(run_dir, ccfg)
         if changed:  # a cell run (or begun) with another recipe is run again from scratch; the old run is kept
             old = out / "superseded" / a / r / f"seed{s}-{time.strftime('%Y%m%d-%H%M%S')}"
             old.parent.mkdir(parents=True, exist_ok=True)
