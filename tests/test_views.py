@@ -55,5 +55,5 @@ def test_composed_views_apply_left_to_right_at_their_own_strength():
                                           ("blur:0", "strength 0.0 must be > 0")])
 def test_bad_views_are_config_errors_naming_the_part(view, needle):
     with pytest.raises(ConfigError) as e:
-        load_config(None, ['schedule.stages=[{name="warm", loss={view="%s", view_ce=1.0}}]' % view])
+        load_config(None, [f'schedule.stages=[{{name="warm", loss={{view="{view}", view_ce=1.0}}}}]'])
     assert needle in str(e.value) and "loss.view" in str(e.value)

@@ -40,8 +40,9 @@ def apply_view(x: torch.Tensor, view: str, strength: float = 1.0) -> torch.Tenso
 
 def _one_view(x: torch.Tensor, view: str, strength: float) -> torch.Tensor:
     """``blur``: Gaussian, sigma = strength px; ``randblur``: a random anisotropic Gaussian per image (sigmas
-    uniform in [0, strength] px along a random direction: a class-wise blur becomes one blur among many); ``downup``: average-pool by round(1 + strength) then bilinear up;
-    ``gray``: channel mean; ``jpeg``: quality round(10 / strength); ``quantize``: round(2 + 6 / strength) levels."""
+    uniform in [0, strength] px along a random direction: a class-wise blur becomes one blur among many);
+    ``downup``: average-pool by round(1 + strength) then bilinear up; ``gray``: channel mean; ``jpeg``: quality
+    round(10 / strength); ``quantize``: round(2 + 6 / strength) levels."""
     if view == "blur":
         k = 2 * int(3 * strength) + 1
         return gaussian_blur(x, [k, k], [strength, strength])
