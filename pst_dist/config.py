@@ -177,9 +177,29 @@ class ModelConfig:
 TRIGGERS = {"shortcut_gap", "train_acc", "cluster"}
 
 
-def _check_view(key: str, view: str, strength: float = 1.0) -> None:
-    from .pst.views import parse_view
+VIEWS = ("blur", "randblur", "downup", "gray", "jpeg", "quantize")
 
+
+def parse_view(view: str, strength: float = 1.0) -> list[tuple[str, float]]:
+    """``"randblur:1.5+quantize:3"`` -> [("randblur", 1.5), ("quantize", 3.0)]: views applied left to right, each
+    at its own strength (``name:strength``) or at ``strength``. Raises ValueError naming a bad part. (Here, not in
+    pst.views, so that reading a config needs no torch.)"""
+    out = []
+    for part in view.split("+"):
+        name, _, st = part.strip().partition(":")
+        if name not in VIEWS:
+            raise ValueError(f"unknown view {name!r} in {view!r}: expected one of {sorted(VIEWS)}, joined by '+'")
+        try:
+            s = float(st) if st else float(strength)
+        except ValueError:
+            raise ValueError(f"view {part!r}: strength {st!r} is not a number") from None
+        if not s > 0:
+            raise ValueError(f"view {part!r}: strength {s} must be > 0")
+        out.append((name, s))
+    return out
+
+
+def _check_view(key: str, view: str, strength: float = 1.0) -> None:
     try:
         parse_view(view, strength)
     except ValueError as e:

@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pst_dist.config import ConfigError, PoisonConfig, load_config
+from pst_dist.config import ConfigError, PoisonConfig, load_config, parse_view
 from pst_dist.poison.shortcuts import blur_kernels
-from pst_dist.pst.views import apply_view, parse_view
+from pst_dist.pst.views import apply_view
 
 
 def test_random_blur_keeps_mass_range_and_draws_one_kernel_per_image():

@@ -10,29 +10,11 @@ import torch.nn.functional as F
 from torchvision.io import decode_jpeg, encode_jpeg
 from torchvision.transforms.functional import gaussian_blur
 
-VIEWS = ("blur", "randblur", "downup", "gray", "jpeg", "quantize")
-
-
-def parse_view(view: str, strength: float = 1.0) -> list[tuple[str, float]]:
-    """``"randblur:1.5+quantize:3"`` -> [("randblur", 1.5), ("quantize", 3.0)]: views applied left to right, each
-    at its own strength (``name:strength``) or at ``strength``. Raises ValueError naming a bad part."""
-    out = []
-    for part in view.split("+"):
-        name, _, st = part.strip().partition(":")
-        if name not in VIEWS:
-            raise ValueError(f"unknown view {name!r} in {view!r}: expected one of {sorted(VIEWS)}, joined by '+'")
-        try:
-            s = float(st) if st else float(strength)
-        except ValueError:
-            raise ValueError(f"view {part!r}: strength {st!r} is not a number") from None
-        if not s > 0:
-            raise ValueError(f"view {part!r}: strength {s} must be > 0")
-        out.append((name, s))
-    return out
+from ..config import parse_view
 
 
 def apply_view(x: torch.Tensor, view: str, strength: float = 1.0) -> torch.Tensor:
-    """Apply a view or a composition of views (see ``parse_view``)."""
+    """Apply a view or a composition of views (see ``config.parse_view``)."""
     for name, s in parse_view(view, strength):
         x = _one_view(x, name, s)
     return x
