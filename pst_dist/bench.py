@@ -153,7 +153,11 @@ def recipe_change(run_dir: Path, cfg: Config) -> dict[str, tuple]:
         was = _recipe(load_config(f))
     except ConfigError as e:  # a config this version cannot read counts as changed
         return {"config.toml": (str(e), "this version's")}
-    now = _recipe(cfg)
+    return changes(was, _recipe(cfg))
+
+
+def changes(was: dict, now: dict) -> dict[str, tuple]:
+    """{key: (was, now)} for every key whose value differs (missing counts as None)."""
     return {k: (was.get(k), now.get(k)) for k in sorted(set(was) | set(now)) if was.get(k) != now.get(k)}
 
 
@@ -203,8 +207,7 @@ def run_bench(config: str, overrides: list[str]) -> dict:
                 meta = json.loads((pdir / "poison.json").read_text())
                 want = asdict(poison_cfg(base, a, s).poison)
                 old = meta["parameters"]
-                if old != want:  # a resumed bench must not reuse a poison made with other settings
-                    diff = {k: (old.get(k), v) for k, v in want.items() if old.get(k) != v}
+                if diff := changes(old, want):  # a resumed bench must not reuse a poison made with other settings
                     raise ConfigError(f"{pdir} was made with other poison settings (cached, now): {diff}; remove it "
                                       f"or choose another bench.out")
                 gen[(a, s)] = meta
@@ -286,16 +289,17 @@ def run_bench(config: str, overrides: list[str]) -> dict:
     return {"done": len(done), "cells": len(cells), "errors": errors}
 
 
-def cell_value(done: dict, attack: str, defense: str, seed: int) -> tuple[float, float] | None:
-    """(final, peak) clean test accuracy of one cell; early_stop: the standard run's test accuracy at its best
-    validation epoch, as both."""
+def cell_value(done: dict, attack: str, defense: str, seed: int) -> tuple[float, float, float | None] | None:
+    """(final, peak) clean test accuracy of one cell and its final validation accuracy (what schedules are chosen
+    on); early_stop: the standard run's test accuracy at its best validation epoch, as both, and no validation
+    figure."""
     run = run_of(defense)[0]
     r = done.get((attack, run, seed))
     if r is None:
         return None
     if defense == "early_stop":
-        return r["test_acc_at_best_val"], r["test_acc_at_best_val"]
-    return r["final_test_acc"], r["peak_test_acc"]
+        return r["test_acc_at_best_val"], r["test_acc_at_best_val"], None
+    return r["final_test_acc"], r["peak_test_acc"], r["final_val_acc"]
 
 
 def _ms(xs: list[float]) -> str:
@@ -313,10 +317,10 @@ def write_results(out: Path, attacks: list[str], defenses: list[str], seeds: lis
         for d in defenses:
             for s in seeds:
                 v = cell_value(done, a, d, s)
-                if v is not None:  # final validation accuracy: what schedules are chosen on (not for early_stop)
-                    val = "" if d == "early_stop" else round(done[(a, run_of(d)[0], s)]["final_val_acc"], 5)
+                if v is not None:
                     rows.append({"attack": a, "defense": d, "seed": s, "final_test_acc": round(v[0], 5),
-                                 "peak_test_acc": round(v[1], 5), "final_val_acc": val})
+                                 "peak_test_acc": round(v[1], 5), "final_val_acc": "" if v[2] is None else
+                                 round(v[2], 5)})
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=["attack", "defense", "seed", "final_test_acc", "peak_test_acc",
                                         "final_val_acc"])
