@@ -39,7 +39,7 @@ def cmd_write_beton(args: argparse.Namespace, rest: list[str]) -> int:
     from .data.beton import write_betons
 
     cfg = load_config(args.config, _split_overrides(rest))
-    meta = write_betons(cfg, Path(args.out), write_mode=args.mode, jpeg_quality=args.jpeg_quality,
+    meta = write_betons(cfg, Path(args.out), overwrite=args.overwrite, write_mode=args.mode, jpeg_quality=args.jpeg_quality,
                         num_workers=args.workers, log=lambda m: print(m, file=sys.stderr))
     n = meta["poison"]["norms"]
     print(f"{args.out}: {meta['write_mode']} {meta['source']} {meta['shape']}, "
@@ -66,7 +66,7 @@ def cmd_poison(args: argparse.Namespace, rest: list[str]) -> int:
     from .poison.store import write_poisoned
 
     cfg = load_config(args.config, _split_overrides(rest))
-    meta = write_poisoned(cfg, Path(args.out), log=lambda m: print(m, file=sys.stderr))
+    meta = write_poisoned(cfg, Path(args.out), overwrite=args.overwrite, log=lambda m: print(m, file=sys.stderr))
     n = meta["norms"]
     print(f"{args.out}: {meta['attack']} on {meta['source']} {meta['shape']}; Linf {n['linf'] * 255:.0f}/255, "
           f"L2 mean {n['l2_mean']:.3f} max {n['l2_max']:.3f}, L0 mean {n['l0_mean']:.1f}; {meta['seconds']} s. "
@@ -150,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="raw (default, exact pixels) or jpg (lossy: itself a JPEG defense, warns)")
     p.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality for --mode jpg")
     p.add_argument("--workers", type=int, default=2, help="writer processes")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier write-beton output in --out")
     p.set_defaults(fn=cmd_write_beton)
     p = sub.add_parser("tune", help="Ray Tune search over PST schedules ([tune] section); local Ray unless "
                        "RAY_ADDRESS names a cluster")
@@ -159,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("poison", help="generate [poison] on the whole training split and store it losslessly")
     p.add_argument("--config", help="TOML recipe: its [data] and [poison] sections")
     p.add_argument("--out", required=True, help="output directory (train_images.npy + poison.json)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier `pst-dist poison` output in --out")
     p.set_defaults(fn=cmd_poison)
     p = sub.add_parser("bench", help="attack x defense matrix over seeds ([bench] section): CSV, markdown table, "
                        "heatmap; resumes, skipping finished cells")

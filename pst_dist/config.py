@@ -13,7 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import tomllib
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the same parser as the tomli package
+    import tomli as tomllib
 
 
 class ConfigError(ValueError):
@@ -59,6 +62,9 @@ class DataConfig:
     contrast / channel shuffle / posterise / erasing: the UEraser-lite baseline defense; torch loader only)."""
     seed: int = 0
     """Seed of the synthetic generator and of the split shuffles."""
+    verify: bool = True
+    """Check stored inputs against their recorded SHA-256 when opened (a .beton directory's files, a poison store's
+    array): about 1 s per GB read on one core. false skips it (the sizes and structure are still checked)."""
 
     def __post_init__(self) -> None:
         _check(self.source in SOURCES, f"data.source={self.source!r}: expected one of {sorted(SOURCES)}")

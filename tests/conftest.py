@@ -14,3 +14,53 @@ def _seed():
 TINY = ["--data.source=synthetic", "--data.synthetic_train=256", "--data.val_size=64", "--data.img_size=16",
         "--data.probe_size=64", "--model.width=0.125", "--train.batch_size=32", "--train.epochs=2",
         "--log.progress=false"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# bad-input tests: a refused command exits non-zero, names the bad value, keeps what the user had, leaves no partial
+
+MARKER_TEXT = "a file of the user's: pst-dist must never delete or change it\n"
+PARTIAL = (".partial-", ".tmp", ".old-")
+
+
+def place_marker(directory) -> "Path":
+    """A user's file beside (or inside) an output location; :func:`assert_refused` checks that it survives."""
+    from pathlib import Path
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    marker = directory / "USER_FILE.txt"
+    marker.write_text(MARKER_TEXT)
+    return marker
+
+
+def partial_files(root) -> list[str]:
+    """Hidden temporary / partial / set-aside names pst-dist uses while writing, anywhere under ``root``."""
+    from pathlib import Path
+
+    return sorted(str(p) for p in Path(root).rglob("*") if any(t in p.name for t in PARTIAL))
+
+
+def run_cli(*args, timeout=600, env=None, cwd=None):
+    """``python -m pst_dist.cli ARGS`` in a subprocess; returns the CompletedProcess (text)."""
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "pst_dist.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=cwd)
+
+
+def assert_refused(out, names, markers=(), root=None, code=None) -> None:
+    """``out`` (a CompletedProcess) failed cleanly: non-zero exit (``code`` if given), a one-line ``pst-dist: error``
+    naming each of ``names``, no traceback; each marker file intact; no partial files under ``root``."""
+    assert out.returncode != 0, f"exit 0; stdout: {out.stdout[-1500:]}"
+    if code is not None:
+        assert out.returncode == code, (out.returncode, out.stderr[-2000:])
+    assert "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert "pst-dist: error:" in out.stderr or "pst-dist: " in out.stderr, out.stderr[-2000:]
+    for n in [names] if isinstance(names, str) else names:
+        assert n in out.stderr, f"{n!r} not named in: {out.stderr[-2000:]}"
+    for m in markers:
+        assert m.is_file() and m.read_text() == MARKER_TEXT, f"{m} was changed or removed"
+    if root is not None:
+        assert not partial_files(root), partial_files(root)
