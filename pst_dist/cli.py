@@ -11,6 +11,7 @@ from pathlib import Path
 from .checkpoint import CheckpointError
 from .config import ConfigError, dump_toml, load_config
 from .data.sources import DataError
+from .io import OutputError
 from .poison import PoisonFileError
 
 
@@ -25,7 +26,7 @@ def cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
     from .train import train
 
     cfg = load_config(args.config, _split_overrides(rest))
-    summary = train(cfg, resume=args.resume)
+    summary = train(cfg, resume=args.resume, overwrite=args.overwrite)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({k: v for k, v in summary.items() if not k.endswith("_curve")}, indent=2))
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # the process group is gone; skip interpreter teardown, which
@@ -39,8 +40,9 @@ def cmd_write_beton(args: argparse.Namespace, rest: list[str]) -> int:
     from .data.beton import write_betons
 
     cfg = load_config(args.config, _split_overrides(rest))
-    meta = write_betons(cfg, Path(args.out), overwrite=args.overwrite, write_mode=args.mode, jpeg_quality=args.jpeg_quality,
-                        num_workers=args.workers, log=lambda m: print(m, file=sys.stderr))
+    meta = write_betons(cfg, Path(args.out), overwrite=args.overwrite, write_mode=args.mode,
+                        jpeg_quality=args.jpeg_quality, num_workers=args.workers,
+                        log=lambda m: print(m, file=sys.stderr))
     n = meta["poison"]["norms"]
     print(f"{args.out}: {meta['write_mode']} {meta['source']} {meta['shape']}, "
           + ", ".join(f"{k} {v['num_samples']}" for k, v in meta["splits"].items())
@@ -115,15 +117,24 @@ def cmd_demo(args: argparse.Namespace, rest: list[str]) -> int:
 def cmd_report(args: argparse.Namespace, rest: list[str]) -> int:
     """Aggregate summary.json files of runs named <label>_seed<k> into a mean +- std table."""
     from .demo import format_table
+    from .io import read_json
 
     groups: dict[str, list[dict]] = {}
+    failed: list[str] = []
     for path in sorted(Path(args.runs).glob("*/summary.json")):
         label = path.parent.name.rsplit("_seed", 1)[0]
-        groups.setdefault(label, []).append(json.loads(path.read_text()))
-    if not groups:
+        summary = read_json(path, "a run summary", DataError)
+        if summary.get("status", "finished") != "finished":
+            failed.append(f"{path.parent.name}: FAILED: {summary.get('error', summary.get('status'))}")
+            continue
+        groups.setdefault(label, []).append(summary)
+    if not groups and not failed:
         raise DataError(f"no */summary.json under {args.runs}")
-    print(format_table(groups))
-    if args.plot:
+    if groups:
+        print(format_table(groups))
+    for line in failed:  # never averaged in: a diverged run has no accuracy to report
+        print(line)
+    if args.plot and groups:
         from .demo import plot_curves
 
         plot_curves(groups, Path(args.plot))
@@ -136,7 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("train", help="train one configuration")
     p.add_argument("--config", help="TOML recipe, e.g. launch/configs/fmnist_pst.toml")
-    p.add_argument("--resume", action="store_true", help="continue from <run_dir>/checkpoint.pt")
+    p.add_argument("--resume", action="store_true", help="continue the run in log.run_dir from its last checkpoint "
+                   "(the config must be the recorded one; more train.epochs and [log] keys may change)")
+    p.add_argument("--overwrite", action="store_true", help="replace the run in log.run_dir (its run files only)")
     p.set_defaults(fn=cmd_train)
     p = sub.add_parser("demo", help="poison, then train clean / poisoned / PST and print the table")
     p.add_argument("--config", default=None, help="base recipe (default: launch/configs/demo.toml settings)")
@@ -183,9 +196,25 @@ def main(argv: list[str] | None = None) -> int:
     args, rest = parser.parse_known_args(argv)
     try:
         return args.fn(args, rest)
-    except (ConfigError, DataError, CheckpointError, PoisonFileError) as e:
+    except (ConfigError, DataError, CheckpointError, PoisonFileError, OutputError) as e:
         print(f"pst-dist: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"pst-dist: interrupted (Ctrl-C); {args.cmd} stopped. Files are complete or absent; a training run "
+              f"keeps its last checkpoint (continue it with --resume)", file=sys.stderr)
+        return 130
+    except OSError as e:  # a full disk, a path that cannot be written: one line, not a traceback
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"pst-dist: error: {where}{e.strerror or e} ({type(e).__name__}); nothing half-written was left",
+              file=sys.stderr)
+        return 1
+    except Exception as e:  # noqa: BLE001 - user-facing failures of training itself
+        from .train import TrainingDiverged
+
+        if isinstance(e, TrainingDiverged):
+            print(f"pst-dist: error: {e}", file=sys.stderr)
+            return 3
+        raise
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ Unknown keys and wrong types are errors that name the key. ``__post_init__`` val
 from __future__ import annotations
 
 import dataclasses
-import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -381,6 +381,14 @@ class LogConfig:
     progress: bool = True
     """tqdm progress bars."""
 
+    def __post_init__(self) -> None:
+        _check(bool(self.run_dir.strip()), f"log.run_dir={self.run_dir!r}: empty; name the run directory")
+        try:
+            self.run_dir.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ConfigError(f"log.run_dir={self.run_dir!r}: holds bytes that are not UTF-8, which config.toml "
+                              f"cannot record; rename it") from None
+
 
 @dataclass
 class DeepSpeedConfig:
@@ -607,6 +615,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{key}: expected a number, got {type(value).__name__} {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}={value}: expected a finite number")
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -691,11 +701,33 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            raw = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as e:
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"{path}: not valid TOML: {e}") from None
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read the config ({e.strerror or e})") from None
     raw = apply_overrides(raw, overrides or [])
     return from_dict(Config, raw)
+
+
+_TOML_ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r"}
+
+
+def toml_string(s: str) -> str:
+    """A TOML basic string: quotes, backslashes and control characters (U+0000-U+001F, U+007F) escaped, every
+    other character as itself (UTF-8). (JSON's escapes are not TOML's: it writes characters beyond U+FFFF as
+    surrogate pairs and leaves U+007F raw, both invalid TOML.)"""
+    out = []
+    for ch in s:
+        if ch in _TOML_ESCAPES:
+            out.append(_TOML_ESCAPES[ch])
+        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
+            out.append(f"\\u{ord(ch):04X}")
+        elif 0xD800 <= ord(ch) <= 0xDFFF:
+            raise ConfigError(f"{s!r}: holds a lone surrogate (bytes that are not UTF-8), which TOML cannot hold")
+        else:
+            out.append(ch)
+    return '"' + "".join(out) + '"'
 
 
 def _toml_value(v: Any) -> str:
@@ -704,11 +736,11 @@ def _toml_value(v: Any) -> str:
     if isinstance(v, int | float):
         return repr(v)
     if isinstance(v, str):
-        return json.dumps(v)
+        return toml_string(v)
     if isinstance(v, list):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     if isinstance(v, dict):
-        return "{" + ", ".join(f"{json.dumps(k)} = {_toml_value(x)}" for k, x in v.items() if x is not None) + "}"
+        return "{" + ", ".join(f"{toml_string(k)} = {_toml_value(x)}" for k, x in v.items() if x is not None) + "}"
     raise TypeError(f"cannot write {type(v).__name__} to TOML")
 
 
@@ -726,3 +758,39 @@ def dump_toml(cfg: Config) -> str:
                 out += [f"{kk} = {_toml_value(vv)}" for kk, vv in item.items() if vv is not None]
                 out.append("")
     return "\n".join(out)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# comparing configs (resume, bench cells)
+
+
+def flat_config(cfg: Config, drop: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The config as dotted keys (list-of-table items by index: ``schedule.stages.2.loss.view``), without the
+    sections / keys whose dotted name starts with one of ``drop``."""
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, v: Any) -> None:
+        if isinstance(v, dict) and not (prefix.endswith("group_mults") or prefix.endswith("_overrides")):
+            for k, x in v.items():
+                walk(f"{prefix}.{k}" if prefix else k, x)
+        elif isinstance(v, list) and v and isinstance(v[0], dict):
+            for i, x in enumerate(v):
+                walk(f"{prefix}.{i}", x)
+        elif not any(prefix == d or prefix.startswith(d.rstrip(".") + ".") for d in drop):
+            flat[prefix] = v
+
+    walk("", to_dict(cfg))
+    return flat
+
+
+def config_changes(was: dict, now: dict) -> dict[str, tuple]:
+    """{key: (was, now)} for every key whose value differs (a key missing on one side counts as None)."""
+    return {k: (was.get(k), now.get(k)) for k in sorted(set(was) | set(now)) if was.get(k) != now.get(k)}
+
+
+RESUME_MAY_CHANGE = ("train.epochs", "train.threads", "train.num_workers", "train.checkpoint_every",
+                     "data.loader_workers", "data.verify", "log", "tune", "bench")
+"""What ``--resume`` accepts as changed against the run's recorded config.toml: more ``train.epochs`` (never fewer
+than already trained; the cosine base lr then stretches over the new length, and meta.json records the change),
+thread / worker counts, checkpoint frequency, hash verification, and the [log], [tune] and [bench] sections, which
+do not change what is trained. Everything else is refused, naming each differing key."""

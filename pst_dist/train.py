@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import random
 import sys
 from dataclasses import dataclass
@@ -18,9 +19,9 @@ import torch.nn as nn
 from torchvision.utils import make_grid
 from tqdm import tqdm
 
-from .config import Config, dump_toml
+from .config import Config, ConfigError, dump_toml
 from .data.loaders import TensorBatches
-from .data.sources import Splits, load_splits
+from .data.sources import Splits, channel_stats, load_splits
 from .defenses import squeeze_train
 from .distributed import (
     DeepSpeedEngine,
@@ -32,7 +33,8 @@ from .distributed import (
     mean_across_ranks,
     teardown,
 )
-from .metrics import Metrics, git_sha, library_versions, write_atomic
+from .io import write_atomic
+from .metrics import Metrics, git_sha, library_versions
 from .models import build_model
 from .poison import poison_train
 from .pst.detectors import probe_metrics, trigger_value
@@ -40,6 +42,7 @@ from .pst.freeze import GroupedModel, param_groups, set_group_lrs, trace_units
 from .pst.groups import layer_groups
 from .pst.losses import stage_loss
 from .pst.schedule import ActiveStage, Schedule, lr_factor
+from .rundir import RunDirError, check_run_dir, keep_metrics_until, remove_run_files
 
 
 @dataclass
@@ -67,7 +70,6 @@ def build_data(cfg: Config, poisoned: torch.Tensor | None = None) -> Data:
     """The splits and the training images the model sees: ``cfg.poison`` applied (or ``poisoned``, the same
     training split already poisoned, e.g. cached by ``pst-dist bench``), then ``cfg.defense``'s squeezing."""
     if cfg.data.source == "beton":
-        from .config import ConfigError
         from .data.beton import beton_data
 
         if cfg.defense.kind != "none":
@@ -84,8 +86,8 @@ def build_data(cfg: Config, poisoned: torch.Tensor | None = None) -> Data:
         raise ValueError(f"poisoned training images: expected uint8 {tuple(tr.images.shape)}, found "
                          f"{poisoned.dtype} {tuple(poisoned.shape)}")
     poisoned = squeeze_train(poisoned, cfg.defense)  # a baseline defense on the training images (none by default)
-    x = tr.images.float() / 255
-    return Data(splits, poisoned, x.mean(dim=(0, 2, 3)), x.std(dim=(0, 2, 3)).clamp_min(1e-3))
+    mean, std = channel_stats(tr.images)  # refuses a constant channel (std 0 would train to NaN)
+    return Data(splits, poisoned, mean, std.clamp_min(1e-3))
 
 
 def build_loader(cfg: Config, data: Data, dist_info: DistInfo, device: torch.device):
@@ -100,8 +102,6 @@ def build_loader(cfg: Config, data: Data, dist_info: DistInfo, device: torch.dev
               f"{cfg.data.loader_workers} workers)"
     else:
         if cfg.data.loader == "ffcv":
-            from .config import ConfigError
-
             raise ConfigError("data.loader='ffcv' needs a .beton: write one with `pst-dist write-beton` and set "
                               "data.source='beton', data.root=<that directory>")
         if data.beton is not None:
@@ -111,6 +111,11 @@ def build_loader(cfg: Config, data: Data, dist_info: DistInfo, device: torch.dev
             images, labels = data.poisoned_train, data.splits.train.labels
             why = "torch in-memory batches (the data is not a .beton)"
         loader = TensorBatches(images, labels, cfg.train.batch_size, drop_last=True, **common)
+    if len(loader) == 0:
+        n = len(data.beton) if data.beton is not None else len(data.splits.train)
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size} is larger than the {n // dist_info.world_size} "
+                          f"training images each of the {dist_info.world_size} process(es) gets: no full batch to "
+                          f"train on (the last partial batch is dropped); lower train.batch_size")
     if dist_info.is_primary:
         print(f"[data] {why}; rank 0 of {dist_info.world_size} gets {len(loader)} batches/epoch", file=sys.stderr)
     return loader
@@ -142,10 +147,22 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, norma
     return correct / max(1, len(labels))
 
 
-def write_run_header(run_dir: Path, cfg: Config) -> None:
+def write_run_header(run_dir: Path, cfg: Config, resumed_at: int | None = None,
+                     changes: dict[str, tuple] | None = None) -> None:
+    """config.toml (what trains from now on) and meta.json (git SHA, versions, argv; on a resume, appended to its
+    ``resumes`` list: the epoch resumed from and every config key that changed, so the record never hides it)."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_atomic(run_dir / "config.toml", dump_toml(cfg))
     meta = {"git_sha": git_sha(), "versions": library_versions(), "argv": sys.argv}
+    if resumed_at is not None:
+        old = run_dir / "meta.json"
+        try:
+            first = json.loads(old.read_text(encoding="utf-8")) if old.is_file() else {}
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            first = {}
+        resumes = list(first.get("resumes", [])) if isinstance(first, dict) else []
+        resumes.append({"epoch": resumed_at, "changes": {k: list(v) for k, v in (changes or {}).items()}, **meta})
+        meta = {**(first if isinstance(first, dict) else {}), "resumes": resumes}
+    write_atomic(run_dir / "config.toml", dump_toml(cfg))
     write_atomic(run_dir / "meta.json", json.dumps(meta, indent=2))
 
 
@@ -193,16 +210,53 @@ def train_step(gm: GroupedModel, engine: TorchEngine | DeepSpeedEngine | torch.o
     return loss.detach(), logits.detach(), parts
 
 
+class TrainingDiverged(RuntimeError):
+    """The loss or the weights became NaN / inf; the run stopped, its last good checkpoint kept."""
+
+
+def _on_every_rank(fn):
+    """``fn()`` on the primary rank; its result, or its error, reaches every rank (so all raise together instead of
+    the others waiting forever in the next collective)."""
+    import torch.distributed as dist
+
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return fn()
+    box = [None]
+    if dist.get_rank() == 0:
+        try:
+            box[0] = ("ok", fn())
+        except ConfigError as e:
+            box[0] = ("error", str(e))
+    dist.broadcast_object_list(box, src=0)
+    kind, value = box[0]
+    if kind == "error":
+        raise RunDirError(value)
+    return value
+
+
+def all_finite(model: nn.Module) -> bool:
+    """Whether every parameter is finite, on every rank (a rank's ZeRO-3 partition included)."""
+    local = all(bool(torch.isfinite(p.detach()).all()) for p in model.parameters() if p.numel())
+    return mean_across_ranks(float(local)) == 1.0
+
+
 def train(cfg: Config, resume: bool = False, data: Data | None = None, loader=None,
-          stop_after_epochs: int | None = None, on_epoch=None) -> dict:
+          stop_after_epochs: int | None = None, on_epoch=None, overwrite: bool = False,
+          allow_changes: bool = False) -> dict:
     """Train one configuration; returns the summary (final/peak accuracies). Writes everything to cfg.log.run_dir.
 
+    A run directory that already holds a run needs ``resume`` (same config, but for what
+    :data:`pst_dist.config.RESUME_MAY_CHANGE` lists; ``allow_changes`` lifts that, e.g. for a PBT trial that adopts
+    another trial's checkpoint) or ``overwrite`` (its run files are removed, nothing else).
     ``stop_after_epochs`` ends the run early as an interruption would (after that epoch's checkpoint).
     ``on_epoch(epoch, logs, gm, engine)`` is called on every rank after each epoch's checkpoint (a reporting hook
     for Ray Tune and for tests; under ZeRO-3 use ``engine.gathered()`` to see full parameters).
+    A NaN / inf loss or weight raises :class:`TrainingDiverged` after writing a summary with ``status = "failed"``;
+    the last good checkpoint stays.
     """
     device = build_device(cfg)
     dist_info: DistInfo = init_distributed(device.type, single_process_group=cfg.deepspeed.enabled)
+    changes = _on_every_rank(lambda: check_run_dir(cfg, resume, overwrite, allow_changes))  # before any work
     setup_seed(cfg)
     data = data or build_data(cfg)
     s = data.splits
@@ -226,8 +280,15 @@ def train(cfg: Config, resume: bool = False, data: Data | None = None, loader=No
     st = {"step": 0, "epoch": 0, "history": [], "entered": -1, "records": []}
     if resume:
         st = engine.load(run_dir, cfg.model.name)
+        if st["epoch"] > cfg.train.epochs:
+            raise RunDirError(f"--resume: train.epochs={cfg.train.epochs} but {run_dir} already trained "
+                              f"{st['epoch']} epochs")
     if dist_info.is_primary:  # only now that every input has been validated
-        write_run_header(run_dir, cfg)
+        if overwrite:
+            remove_run_files(run_dir)
+        if resume:
+            keep_metrics_until(run_dir, st["step"])
+        write_run_header(run_dir, cfg, st["epoch"] if resume else None, changes)
     metrics = Metrics(run_dir, dist_info.is_primary, cfg.log.tensorboard)
     metrics.image("data/poisoned_samples", make_grid(data.poisoned_train[:64], nrow=8))
     history = tuple(tuple(h) for h in st["history"])
@@ -252,10 +313,26 @@ def train(cfg: Config, resume: bool = False, data: Data | None = None, loader=No
 
     step = st["step"]
     last_detect: dict[str, float] = {}
+    saved_epoch = st["epoch"]
+
+    def stop_diverged(what: str, epoch: int, lr: float) -> None:
+        """Record the failure (summary.json, status failed) and stop every rank; the last checkpoint stays."""
+        kept = f"its last good checkpoint (epoch {saved_epoch}) is kept" if saved_epoch else "no checkpoint was written"
+        msg = (f"{what} at epoch {epoch + 1}, step {step} (train.lr={cfg.train.lr}, lr at that step {lr:.3g}): "
+               f"training stopped; {kept} in {run_dir}")
+        failed = {**summarize(st), "status": "failed", "error": msg, "world_size": dist_info.world_size}
+        if dist_info.is_primary:
+            write_atomic(run_dir / "summary.json", json.dumps(failed, indent=2))
+        metrics.close()
+        teardown()
+        raise TrainingDiverged(msg)
+
     for epoch in range(st["epoch"], cfg.train.epochs):
         if hasattr(loader, "set_epoch"):
             loader.set_epoch(epoch)
-        set_train_mode(schedule.stage_at(step, history))
+        stage = schedule.stage_at(step, history)  # the stage of the epoch's last step (logged at its end)
+        lr = cfg.train.lr * lr_factor(stage, step, cfg.train.lr_schedule, cfg.train.warmup_steps)
+        set_train_mode(stage)
         seen = correct = 0
         loss_sum = 0.0
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", leave=False,
@@ -279,12 +356,18 @@ def train(cfg: Config, resume: bool = False, data: Data | None = None, loader=No
             correct += int((logits.argmax(1) == y).sum())
             loss_sum += float(loss) * len(y)
             if step % 50 == 0:
+                if not math.isfinite(mean_across_ranks(loss_sum)):  # every rank checks at the same steps
+                    stop_diverged(f"non-finite training loss ({float(loss)})", epoch, lr)
                 bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", stage=stage.index)
                 metrics.log(step, {"train/loss_step": float(loss), "train/lr": lr, **parts})
             if cfg.schedule.check_every and step % cfg.schedule.check_every == 0:
                 last_detect = check(schedule.stage_at(step, history), step)
                 metrics.log(step, last_detect)
-        # ---- end of epoch: detectors, eval, log, checkpoint ----
+        # ---- end of epoch: divergence, detectors, eval, log, checkpoint ----
+        if not math.isfinite(mean_across_ranks(loss_sum)):
+            stop_diverged(f"non-finite training loss ({loss_sum / max(seen, 1)})", epoch, lr)
+        if not all_finite(model):  # a NaN / inf gradient step leaves the weights non-finite: never checkpoint them
+            stop_diverged("non-finite weights after an optimizer step", epoch, lr)
         stage_now = schedule.stage_at(step, history)
         logs = {"train/loss": loss_sum / max(seen, 1), "train/acc": correct / max(seen, 1), "epoch": epoch + 1,
                 "pst/stage": stage.index}
@@ -301,6 +384,7 @@ def train(cfg: Config, resume: bool = False, data: Data | None = None, loader=No
         st.update(step=step, epoch=epoch + 1, history=[list(h) for h in history])
         if last or (cfg.train.checkpoint_every and (epoch + 1) % cfg.train.checkpoint_every == 0):
             engine.save(run_dir, st, cfg.model.name, dist_info.is_primary)
+            saved_epoch = epoch + 1
         if on_epoch is not None:
             on_epoch(epoch + 1, logs, gm, engine)
         if dist_info.is_primary:
@@ -311,7 +395,7 @@ def train(cfg: Config, resume: bool = False, data: Data | None = None, loader=No
                        f"gap {last_detect.get('detect/shortcut_gap', nan):+.3f}")
         if stop_after_epochs is not None and epoch + 1 >= stop_after_epochs:
             break
-    summary = summarize(st)
+    summary = {**summarize(st), "status": "finished"}
     with engine.gathered():
         summary["model_checksum"] = float(sum(p.detach().double().abs().sum() for p in model.parameters()))
     summary["world_size"] = dist_info.world_size

@@ -1,0 +1,117 @@
+"""Run directories: what a new run, ``--resume`` and ``--overwrite`` may do with ``log.run_dir``.
+
+- A new run goes into a directory that holds no run (absent, empty, or with none of the files a run writes).
+  A directory that holds a run is refused, naming ``--resume`` and ``--overwrite``.
+- ``--overwrite`` removes only the files and folders a run writes (:data:`RUN_FILES`); anything else stays.
+- ``--resume`` compares the config with the run's recorded ``config.toml`` and refuses every difference but the
+  few that :data:`pst_dist.config.RESUME_MAY_CHANGE` lists; the accepted ones are recorded in ``meta.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from .config import RESUME_MAY_CHANGE, Config, ConfigError, config_changes, flat_config, load_config
+
+RUN_MARKERS = ("config.toml", "checkpoint.pt", "ds_checkpoint", "summary.json", "metrics.jsonl")
+"""Any of these in a directory means it holds a run."""
+RUN_FILES = (*RUN_MARKERS, "meta.json", "tb", "restores.jsonl", "ray_upload")
+"""Everything a run writes into its directory (what ``--overwrite`` removes, and nothing else)."""
+
+
+class RunDirError(ConfigError):
+    """``log.run_dir`` cannot be used as asked; the message names it and the way out."""
+
+
+def _writable_ancestor(path: Path) -> None:
+    """Refuse a run directory that could not be created: an ancestor that is a file, or not writable."""
+    p = path.absolute()
+    while not p.exists():
+        p = p.parent
+    if not p.is_dir():
+        raise RunDirError(f"log.run_dir={str(path)!r}: {p} is a file, not a directory")
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise RunDirError(f"log.run_dir={str(path)!r}: {p} is not writable")
+
+
+def holds_run(run_dir: Path) -> list[str]:
+    """The run files present in ``run_dir`` (empty when it holds no run)."""
+    return [n for n in RUN_MARKERS if (run_dir / n).exists()]
+
+
+def check_run_dir(cfg: Config, resume: bool, overwrite: bool, allow_changes: bool = False) -> dict[str, tuple]:
+    """Validate ``cfg.log.run_dir`` for a new run, a resume or an overwrite before any work is done. Returns the
+    config changes a resume accepts ({key: (recorded, now)}; empty otherwise). ``allow_changes``: accept any change
+    (a PBT trial adopting another trial's checkpoint with mutated settings); they are still recorded."""
+    run_dir = Path(cfg.log.run_dir)
+    if resume and overwrite:
+        raise RunDirError("--resume and --overwrite together: continue the run or replace it, not both")
+    if run_dir.is_symlink() and not run_dir.is_dir() or run_dir.exists() and not run_dir.is_dir():
+        raise RunDirError(f"log.run_dir={str(run_dir)!r}: exists and is not a directory")
+    _writable_ancestor(run_dir)
+    present = holds_run(run_dir) if run_dir.is_dir() else []
+    if not resume:
+        if present and not overwrite:
+            raise RunDirError(f"log.run_dir={str(run_dir)!r} already holds a run ({', '.join(present)}): pass "
+                              f"--resume to continue it, --overwrite to replace it (only the run's own files are "
+                              f"removed), or choose another log.run_dir")
+        return {}
+    recorded_file = run_dir / "config.toml"
+    if not recorded_file.is_file():
+        what = "no checkpoint" if not {"checkpoint.pt", "ds_checkpoint"} & set(present) else "no config.toml"
+        raise RunDirError(f"--resume: {what} to resume from at {run_dir}")
+    try:
+        recorded = load_config(recorded_file)
+    except ConfigError as e:
+        raise RunDirError(f"--resume: the run's recorded config cannot be read ({e})") from None
+    changes = config_changes(flat_config(recorded), flat_config(cfg))
+    refused = {k: v for k, v in changes.items() if not _may_change(k)}
+    if refused and not allow_changes:
+        listed = "; ".join(f"{k}: {was!r} -> {now!r}" for k, (was, now) in refused.items())
+        raise RunDirError(f"--resume: the config differs from the one {run_dir} was trained with ({listed}). A resumed "
+                          f"run must train what its record says; only {', '.join(RESUME_MAY_CHANGE)} may change. "
+                          f"Start a new run (another log.run_dir) for other settings")
+    if recorded.train.epochs > cfg.train.epochs:
+        raise RunDirError(f"--resume: train.epochs={cfg.train.epochs} is fewer than the run's recorded "
+                          f"{recorded.train.epochs}: resume with at least as many epochs")
+    return changes
+
+
+def _may_change(key: str) -> bool:
+    return any(key == k or key.startswith(k + ".") for k in RESUME_MAY_CHANGE)
+
+
+def remove_run_files(run_dir: Path) -> list[str]:
+    """``--overwrite``: remove the files and folders a run writes (:data:`RUN_FILES`), nothing else."""
+    removed = []
+    for name in RUN_FILES:
+        p = run_dir / name
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        elif p.exists() or p.is_symlink():
+            p.unlink()
+        else:
+            continue
+        removed.append(name)
+    return removed
+
+
+def keep_metrics_until(run_dir: Path, step: int) -> None:
+    """On resume: drop metrics.jsonl lines logged after the checkpoint's step (they are logged again), so the file
+    holds each step once."""
+    from .io import write_atomic
+
+    f = run_dir / "metrics.jsonl"
+    if not f.is_file():
+        return
+    kept = []
+    for line in f.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                kept.append(line + "\n")
+        except json.JSONDecodeError:  # a line torn by a kill: the run logs it again
+            continue
+    write_atomic(f, "".join(kept))
