@@ -3,11 +3,12 @@
 
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 
 import torch
+
+from .io import save_stream_atomic
 
 
 class CheckpointError(ValueError):
@@ -36,9 +37,7 @@ def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     }
     if torch.cuda.is_available():
         payload["rng_cuda"] = torch.cuda.get_rng_state_all()
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    save_stream_atomic(path, lambda f: torch.save(payload, f))  # a full disk: the last checkpoint stays, no temp file
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, model_name: str) -> dict:

@@ -96,7 +96,7 @@ def cmd_diagnose(args: argparse.Namespace, rest: list[str]) -> int:
     cfg = load_config(args.config, over)
     if cfg.poison.kind == "none":
         print("pst-dist diagnose: poison.kind='none': poisoned and clean probes are the same images", file=sys.stderr)
-    run_diagnose(cfg, Path(args.out), probe_size=args.probe_size)
+    run_diagnose(cfg, Path(args.out), probe_size=args.probe_size, overwrite=args.overwrite)
     print(f"wrote {Path(args.out) / 'diagnose.png'}, {Path(args.out) / 'diagnose.jsonl'}; TensorBoard: "
           f"tensorboard --logdir {args.out}")
     return 0
@@ -185,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="runs/diagnose", help="output directory (diagnose.png, diagnose.jsonl, run/)")
     p.add_argument("--standard", action="store_true", help="train one standard stage instead of the recipe's schedule")
     p.add_argument("--probe-size", type=int, default=2000, help="training images probed (half fit, half score)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier diagnose output in --out")
     p.set_defaults(fn=cmd_diagnose)
     p = sub.add_parser("show-config", help="print the resolved config as TOML")
     p.add_argument("--config")

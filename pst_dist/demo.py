@@ -3,13 +3,12 @@
 
 from __future__ import annotations
 
-import json
 import statistics
 from pathlib import Path
 
 from .config import load_config
 from .data.sources import FMNIST_DEFAULT
-from .metrics import write_atomic
+from .io import savefig_atomic, write_atomic
 
 DEMO_RECIPE = Path(__file__).resolve().parent.parent / "launch" / "configs" / "demo.toml"
 
@@ -39,13 +38,13 @@ def run_demo(config: str | None, overrides: list[str], out: Path, seeds: int = 1
         for seed in range(seeds):
             run_dir = out / f"{label}_seed{seed}"
             cfg = load_config(recipe, [*overrides, *extra, f"--train.seed={seed}", f"--log.run_dir={run_dir}"])
-            summary_file = run_dir / "summary.json"
-            if summary_file.is_file():
-                print(f"demo: {run_dir} already finished, reusing it")
-                summary = json.loads(summary_file.read_text())
-            else:
-                print(f"demo: training {label} (seed {seed}) -> {run_dir}")
-                summary = train(cfg)
+            summary = _finished(run_dir, cfg)
+            if summary is not None:
+                print(f"demo: {run_dir} already finished with this config, reusing it")
+            else:  # continue an interrupted run of the same config; a new run refuses a dir holding another run
+                resume = (run_dir / "checkpoint.pt").is_file() and (run_dir / "config.toml").is_file()
+                print(f"demo: {'resuming' if resume else 'training'} {label} (seed {seed}) -> {run_dir}")
+                summary = train(cfg, resume=resume)
             results.setdefault(label, []).append(summary)
     table = format_table(results)
     print("\nClean test accuracy (%), poison: "
@@ -55,6 +54,31 @@ def run_demo(config: str | None, overrides: list[str], out: Path, seeds: int = 1
     plot_curves(results, out / "test_accuracy.png")
     print(f"\nwrote {out / 'results.md'}, {out / 'test_accuracy.png'}; TensorBoard: tensorboard --logdir {out}")
     return results
+
+
+def _finished(run_dir: Path, cfg) -> dict | None:
+    """The summary of a finished run of exactly ``cfg`` in ``run_dir`` (None when there is none). A finished run of
+    another config is refused, naming the differing keys, rather than reported as this one."""
+    from .config import ConfigError, config_changes, flat_config
+    from .io import read_json
+    from .rundir import RunDirError
+
+    f = run_dir / "summary.json"
+    if not f.is_file():
+        return None
+    summary = read_json(f, "a run summary", RunDirError)
+    if summary.get("status", "finished") != "finished":
+        return None  # a failed run: train() refuses the directory and says how to replace it
+    try:
+        recorded = load_config(run_dir / "config.toml")
+    except ConfigError as e:
+        raise RunDirError(f"{run_dir}: finished, but its config.toml cannot be read ({e})") from None
+    drop = ("log", "tune", "bench", "train.threads", "data.loader_workers", "data.verify")
+    diff = config_changes(flat_config(recorded, drop), flat_config(cfg, drop))
+    if diff:
+        raise RunDirError(f"{run_dir} holds a finished run of other settings ({diff}); choose another --out or "
+                          f"move it away")
+    return summary
 
 
 def _mean_std(xs: list[float]) -> str:
@@ -93,7 +117,5 @@ def plot_curves(results: dict[str, list[dict]], path: Path) -> None:
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
+    savefig_atomic(fig, path)
     plt.close(fig)
-    tmp.replace(path)

@@ -16,6 +16,7 @@ Written to ``<out>/diagnose.jsonl`` and TensorBoard (``diagnose/...``), plotted 
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -90,21 +91,33 @@ def group_metrics(gm, x: torch.Tensor, y: torch.Tensor, normalize, num_classes: 
     return out
 
 
-def run_diagnose(cfg: Config, out: Path, probe_size: int = 2000) -> list[dict]:
+DIAGNOSE_FILES = ("diagnose.png", "diagnose.jsonl", "tb", "run")
+
+
+def run_diagnose(cfg: Config, out: Path, probe_size: int = 2000, overwrite: bool = False) -> list[dict]:
+    """Train ``cfg`` into ``out/run`` and measure every layer group after each epoch (see module docstring). ``out``
+    must be new, empty, or an earlier diagnose output (replaced only with ``overwrite``)."""
     from torch.utils.tensorboard import SummaryWriter
 
+    from .config import ConfigError
+    from .io import check_out_dir
     from .models import build_model
     from .pst.freeze import trace_units
     from .pst.groups import layer_groups
     from .train import Normalize, build_data, build_device, setup_seed, train
 
-    out.mkdir(parents=True, exist_ok=True)
+    earlier = check_out_dir(out, command="diagnose", marker="diagnose.jsonl", owned=DIAGNOSE_FILES,
+                            overwrite=overwrite)
     cfg.log.run_dir = str(out / "run")
     data = build_data(cfg)
     s = data.splits
     n = min(probe_size, len(s.train))
     if n < 2 * s.num_classes:
-        raise ValueError(f"probe of {n} images is too small for {s.num_classes} classes")
+        raise ConfigError(f"--probe-size {probe_size}: a probe of {n} images is too small for {s.num_classes} "
+                          f"classes (need >= {2 * s.num_classes})")
+    out.mkdir(parents=True, exist_ok=True)
+    if earlier:  # --overwrite of an earlier diagnose output: its TensorBoard events go (run/ is train()'s to replace)
+        shutil.rmtree(out / "tb", ignore_errors=True)
     device = build_device(cfg)
     probe = {"poisoned": data.poisoned_train[:n].to(device).float() / 255,
              "clean": s.train.images[:n].to(device).float() / 255}
@@ -132,7 +145,7 @@ def run_diagnose(cfg: Config, out: Path, probe_size: int = 2000) -> list[dict]:
     gm0 = trace_units(model0, layer_groups(model0, cfg.model.block_groups), probe["clean"][:2])
     on_epoch(0, {"pst/stage": 0}, gm0)
     del model0, gm0
-    train(cfg, data=data, on_epoch=on_epoch)
+    train(cfg, data=data, on_epoch=on_epoch, overwrite=overwrite)
     tb.close()
     plot(rows, out / "diagnose.png", title=f"{cfg.poison.kind} poison, {cfg.model.name}")
     return rows

@@ -200,10 +200,9 @@ class DeepSpeedEngine:
         tag = f"step{state['step']}"
         self.engine.save_checkpoint(str(ckpt), tag=tag, client_state={"pst_state": state, "model_name": model_name})
         from .checkpoint import rng_state
+        from .io import save_stream_atomic
 
-        tmp = ckpt / tag / f".rng_rank{self.info.rank}.pt.tmp"
-        torch.save(rng_state(), tmp)
-        os.replace(tmp, ckpt / tag / f"rng_rank{self.info.rank}.pt")
+        save_stream_atomic(ckpt / tag / f"rng_rank{self.info.rank}.pt", lambda f: torch.save(rng_state(), f))
         if dist.is_initialized():
             dist.barrier()
         if is_primary:  # keep the newest two tags ('latest' names the newest)

@@ -47,10 +47,47 @@ def save_atomic(path: Path, write: Callable[[Path], None]) -> None:
     try:
         write(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             tmp.unlink()
+        if isinstance(e, OSError) and e.filename is None and e.errno is not None:  # name the file being written
+            raise OSError(e.errno, e.strerror, str(path)) from None
         raise
+
+
+class _RecordingFile:
+    """A binary file whose ``write`` remembers the OSError it raised: libraries that write through a file object
+    (torch.save) turn that error into their own RuntimeError; :func:`save_stream_atomic` raises the real one."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, b) -> int:
+        try:
+            return self.f.write(b)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def save_stream_atomic(path: Path, write: Callable[[object], None]) -> None:
+    """``write(f)`` into a binary file object, atomically as :func:`save_atomic`; a failed disk write (a full
+    disk) is raised as its OSError even when ``write`` (e.g. ``torch.save``) wraps it in another exception."""
+
+    def go(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            rec = _RecordingFile(f)
+            try:
+                write(rec)
+            except Exception:
+                if rec.error is not None:
+                    raise rec.error from None
+                raise
+
+    save_atomic(path, go)
 
 
 def write_atomic(path: Path, text: str) -> None:

@@ -4,7 +4,6 @@ to metrics.jsonl; the run directory also holds the resolved config, git SHA and 
 from __future__ import annotations
 
 import json
-import os
 import platform
 import subprocess
 import sys
@@ -12,11 +11,7 @@ from pathlib import Path
 
 import torch
 
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+from .io import write_atomic  # noqa: F401 - re-exported: bench, diagnose, tune/report import it here
 
 
 def git_sha() -> str:
@@ -50,7 +45,7 @@ class Metrics:
         self._file = None
         if enabled:
             run_dir.mkdir(parents=True, exist_ok=True)
-            self._file = open(run_dir / "metrics.jsonl", "a")
+            self._file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
             if tensorboard:
                 from torch.utils.tensorboard import SummaryWriter
 

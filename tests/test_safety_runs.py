@@ -1,0 +1,210 @@
+"""Run directories and the training record: a new run never replaces an old one, --resume refuses another config,
+NaN/inf stops the run, and every refusal is one line naming the bad value, a non-zero exit, a user's file intact and
+nothing half-written. Each case runs the real CLI in a subprocess on the tiny synthetic set."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pst_dist.config import ConfigError, dump_toml, load_config
+
+from .conftest import TINY, assert_refused, partial_files, place_marker, run_cli
+
+FAST = [*TINY, "--log.tensorboard=false"]
+
+
+def _bytes(run_dir: Path) -> dict[str, bytes]:
+    return {n: (run_dir / n).read_bytes() for n in ("config.toml", "checkpoint.pt", "summary.json", "metrics.jsonl")}
+
+
+def _epochs(run_dir: Path) -> list[int]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(x)["epoch"] for x in lines if '"epoch"' in x]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> Path:
+    """A finished 2-epoch run (made once; tests copy it)."""
+    run_dir = tmp_path_factory.mktemp("finished") / "run"
+    out = run_cli("train", *FAST, f"--log.run_dir={run_dir}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    return run_dir
+
+
+@pytest.fixture
+def run_copy(finished, tmp_path) -> Path:
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished, run_dir)
+    return run_dir
+
+
+def test_a_new_run_into_a_finished_run_is_refused_and_changes_nothing(run_copy, tmp_path):
+    inside, beside = place_marker(run_copy), place_marker(tmp_path)
+    before = _bytes(run_copy)
+    out = run_cli("train", *FAST, f"--log.run_dir={run_copy}")
+    assert_refused(out, [str(run_copy), "--resume", "--overwrite", "config.toml"], [inside, beside], tmp_path, code=2)
+    assert _bytes(run_copy) == before
+
+
+def test_overwrite_replaces_the_run_files_only(run_copy, tmp_path):
+    inside = place_marker(run_copy)
+    (run_copy / "notes").mkdir()
+    out = run_cli("train", *FAST, "--train.epochs=1", f"--log.run_dir={run_copy}", "--overwrite")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert inside.read_text() and (run_copy / "notes").is_dir()
+    assert _epochs(run_copy) == [1], "metrics.jsonl must hold the new run alone"
+    assert load_config(run_copy / "config.toml").train.epochs == 1
+    assert not partial_files(tmp_path)
+
+
+@pytest.mark.parametrize("value", ["", " "])
+def test_an_empty_run_dir_is_refused(tmp_path, value):
+    marker = place_marker(tmp_path)
+    out = run_cli("train", *FAST, f"--log.run_dir={value}", cwd=tmp_path)
+    assert_refused(out, "log.run_dir", [marker], tmp_path, code=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["USER_FILE.txt"]
+
+
+@pytest.mark.parametrize("override,key", [
+    ("--train.lr=0.05", "train.lr: 0.1 -> 0.05"),
+    ("--poison.kind=classwise_noise", "poison.kind: 'none' -> 'classwise_noise'"),
+    ("--data.img_size=24", "data.img_size: 16 -> 24"),
+    ("--train.seed=1", "train.seed: 0 -> 1"),
+    ("--train.optimizer=adamw", "train.optimizer: 'sgd' -> 'adamw'"),
+    ("--train.epochs=1", "train.epochs=1 is fewer than the run's recorded 2"),
+])
+def test_resume_refuses_a_changed_config_naming_the_key(run_copy, tmp_path, override, key):
+    marker = place_marker(tmp_path)
+    before = _bytes(run_copy)
+    out = run_cli("train", *FAST, f"--log.run_dir={run_copy}", "--resume", override)
+    assert_refused(out, ["--resume", key], [marker], tmp_path, code=2)
+    assert _bytes(run_copy) == before, "a refused resume must not rewrite config.toml or anything else"
+
+
+def test_resume_with_more_epochs_is_recorded_and_metrics_hold_each_epoch_once(run_copy):
+    with open(run_copy / "metrics.jsonl", "a") as f:  # an epoch logged after the checkpoint, then killed
+        f.write(json.dumps({"step": 10_000, "epoch": 3, "train/loss": 1.0}) + "\n")
+    out = run_cli("train", *FAST, f"--log.run_dir={run_copy}", "--resume", "--train.epochs=3",
+                  "--log.progress=true", "--train.threads=1")
+    assert out.returncode == 0, out.stderr[-3000:]
+    meta = json.loads((run_copy / "meta.json").read_text())
+    (resume,) = meta["resumes"]
+    assert resume["epoch"] == 2 and resume["changes"]["train.epochs"] == [2, 3]
+    assert resume["changes"]["log.progress"] == [False, True]
+    assert load_config(run_copy / "config.toml").train.epochs == 3
+    assert _epochs(run_copy) == [1, 2, 3]
+
+
+@pytest.mark.parametrize("override,named", [("--train.lr=inf", "train.lr=inf"), ("--train.lr=nan", "train.lr=nan"),
+                                            ("--poison.eps=-inf", "poison.eps=-inf")])
+def test_non_finite_config_numbers_are_config_errors(tmp_path, override, named):
+    with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
+        load_config(None, [override])
+    if override == "--train.lr=inf":  # and through the CLI, once
+        marker = place_marker(tmp_path)
+        out = run_cli("train", *FAST, override, f"--log.run_dir={tmp_path / 'r'}")
+        assert_refused(out, named, [marker], tmp_path, code=2)
+        assert not (tmp_path / "r").exists()
+
+
+def test_a_diverging_run_stops_keeps_its_last_checkpoint_and_report_marks_it_failed(tmp_path):
+    run_dir = tmp_path / "runs" / "diverge_seed0"
+    marker = place_marker(tmp_path)
+    # epoch 1 at lr 1e6 x 1e-9 (trains), epoch 2 at lr 1e6 (diverges)
+    stages = '--schedule.stages=[{name="calm",epochs=1,lr_mult=1e-9},{name="wild"}]'
+    out = run_cli("train", *FAST, "--train.lr=1e6", "--train.lr_schedule=constant", stages,
+                  f"--log.run_dir={run_dir}")
+    assert_refused(out, ["non-finite", "epoch 2", "train.lr=1000000.0", "last good checkpoint (epoch 1)"],
+                   [marker], tmp_path, code=3)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "failed" and "non-finite" in summary["error"]
+    import torch
+
+    ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    assert ckpt["state"]["epoch"] == 1
+    assert all(bool(torch.isfinite(v).all()) for v in ckpt["model"].values() if v.is_floating_point())
+    rep = run_cli("report", tmp_path / "runs")
+    assert rep.returncode == 0 and "diverge_seed0: FAILED: non-finite" in rep.stdout, rep.stdout + rep.stderr
+    assert "| diverge |" not in rep.stdout, "a failed run must not be averaged into the table"
+
+
+def test_a_batch_larger_than_the_training_set_is_refused_before_anything_is_written(tmp_path):
+    marker = place_marker(tmp_path)
+    out = run_cli("train", *FAST, "--train.batch_size=1000", f"--log.run_dir={tmp_path / 'r'}")
+    assert_refused(out, ["train.batch_size=1000", "256 training images"], [marker], tmp_path, code=2)
+    assert not (tmp_path / "r").exists()
+
+
+def test_ctrl_c_is_one_line_and_keeps_the_last_checkpoint(tmp_path):
+    run_dir = tmp_path / "r"
+    marker = place_marker(tmp_path)
+    proc = subprocess.Popen([sys.executable, "-m", "pst_dist.cli", "train", *FAST, "--train.epochs=200",
+                             f"--log.run_dir={run_dir}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not (run_dir / "checkpoint.pt").is_file() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert (run_dir / "checkpoint.pt").is_file(), "training never checkpointed"
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    out = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+    assert_refused(out, ["interrupted", "--resume"], [marker], tmp_path, code=130)
+    assert len(stderr.strip().splitlines()) <= 2, stderr
+    import torch
+
+    assert torch.load(run_dir / "checkpoint.pt", weights_only=True)["state"]["epoch"] >= 1
+
+
+@pytest.mark.parametrize("kind", ["file", "under_a_file"])
+def test_a_run_dir_that_cannot_be_a_directory_is_refused(tmp_path, kind):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a user's file\n")
+    run_dir = blocker if kind == "file" else blocker / "run"
+    marker = place_marker(tmp_path)
+    out = run_cli("train", *FAST, f"--log.run_dir={run_dir}")
+    assert_refused(out, [str(run_dir)], [marker], tmp_path, code=2)
+    assert blocker.read_text() == "a user's file\n"
+
+
+def _limit_file_size(limit: int):
+    def apply() -> None:  # in the child: writes past `limit` bytes fail with EFBIG, as on a full disk
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+def test_a_full_disk_while_checkpointing_keeps_the_last_checkpoint_and_no_temp_file(run_copy, tmp_path):
+    marker = place_marker(tmp_path)
+    before = (run_copy / "checkpoint.pt").read_bytes()
+    assert len(before) > 300_000
+    proc = subprocess.run([sys.executable, "-m", "pst_dist.cli", "train", *FAST, f"--log.run_dir={run_copy}",
+                           "--resume", "--train.epochs=3"], capture_output=True, text=True, timeout=600,
+                          preexec_fn=_limit_file_size(200_000))
+    assert_refused(proc, ["File too large", "checkpoint.pt"], [marker], tmp_path, code=1)
+    assert (run_copy / "checkpoint.pt").read_bytes() == before
+
+
+def test_a_run_dir_with_characters_toml_must_escape_round_trips_and_resumes(tmp_path):
+    run_dir = tmp_path / 'q"uo\\te d\tir\x7f \u00e9\U0001f600'
+    out = run_cli("train", *FAST, "--train.epochs=1", f"--log.run_dir={run_dir}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    cfg = load_config(run_dir / "config.toml")
+    assert cfg.log.run_dir == str(run_dir)
+    assert dump_toml(cfg) == (run_dir / "config.toml").read_text(encoding="utf-8")
+    again = run_cli("train", *FAST, "--train.epochs=2", f"--log.run_dir={run_dir}", "--resume")
+    assert again.returncode == 0, again.stderr[-3000:]
+
+
+def test_a_run_dir_of_bytes_that_are_not_utf8_is_refused(tmp_path):
+    marker = place_marker(tmp_path)
+    bad = os.fsdecode(bytes(tmp_path) + b"/run\xff")
+    out = run_cli("train", *FAST, f"--log.run_dir={bad}")
+    assert_refused(out, ["log.run_dir", "not UTF-8"], [marker], tmp_path, code=2)
