@@ -69,6 +69,14 @@ def test_fashion_mnist_errors(tmp_path):
     p.write_bytes(b"garbage, not gzip")
     with pytest.raises(DataError, match="train-images"):
         load_splits(DataConfig(source="fashion-mnist", root=str(tmp_path / "fm"), val_size=10))
+    huge = struct.pack(">HBB", 0, 8, 4) + struct.pack(">4I", *[2**32 - 1] * 4)  # 2^128 bytes: np.prod would wrap
+    p.write_bytes(gzip.compress(huge))
+    with pytest.raises(DataError, match=r"train-images-idx3-ubyte.gz: IDX header says dims \(4294967295, "):
+        load_splits(DataConfig(source="fashion-mnist", root=str(tmp_path / "fm"), val_size=10))
+    write_idx(p, np.zeros((0, 28, 28)))
+    write_idx(tmp_path / "fm" / "train-labels-idx1-ubyte.gz", np.zeros(0))
+    with pytest.raises(DataError, match="train-images-idx3-ubyte.gz: holds no images"):
+        load_splits(DataConfig(source="fashion-mnist", root=str(tmp_path / "fm"), val_size=10))
 
 
 def make_cifar10(root, n=20):

@@ -1,21 +1,31 @@
 """Data sources: each returns clean train / validation / test splits as uint8 N x C x H x W tensors.
 
-Validation is disjoint from test. Files are read defensively: a corrupt file is a clear DataError.
+Validation is disjoint from test. Files are read defensively: a corrupt or malformed file (wrong types, values out of
+range, images of another bit depth, splits that do not fit together) is a one-line DataError naming the file and the
+value found, never a traceback or silently wrong pixels.
 """
 
 from __future__ import annotations
 
 import gzip
 import io
+import math
 import pickle
+import re
 import struct
+import warnings
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from ..config import DataConfig
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 
 class DataError(ValueError):
@@ -61,9 +71,12 @@ def load_splits(cfg: DataConfig) -> Splits:
     """Load ``cfg.source`` and carve the clean validation split (from train or test, never overlapping test)."""
     if cfg.source == "beton":
         raise DataError("data.source='beton' is read by pst_dist.data.beton (build_data), not load_splits")
+    if cfg.val_size < 1:  # schedules and triggers are selected on validation accuracy: none would read as 0 %
+        raise DataError(f"data.val_size={cfg.val_size} leaves no validation images; set it to at least 1")
     loader = {"synthetic": _synthetic, "fashion-mnist": _fashion_mnist, "cifar10": _cifar, "cifar100": _cifar,
               "imagefolder": _imagefolder}[cfg.source]
     train, test, num_classes = loader(cfg)
+    _check_splits(cfg, train, test, num_classes)
     source_train_size = len(train)
     g = torch.Generator().manual_seed(cfg.seed)
     train = train.subset(torch.randperm(len(train), generator=g))
@@ -81,6 +94,52 @@ def load_splits(cfg: DataConfig) -> Splits:
     if cfg.test_size:
         test = test.subset(torch.arange(min(cfg.test_size, len(test))))
     return Splits(train, val, test, num_classes, cfg.source, source_train_size)
+
+
+def _check_splits(cfg: DataConfig, train: Split, test: Split, num_classes: int) -> None:
+    """The sources check their own files; this is the common backstop: both splits non-empty, labels in range,
+    and test images of the training images' C x H x W (a model built for one cannot score the other)."""
+    where = f"data.source={cfg.source!r}" + (f" at {cfg.root}" if cfg.root else "")
+    for name, s in (("train", train), ("test", test)):
+        if len(s) == 0:
+            raise DataError(f"{where}: the {name} split holds no images")
+        lo, hi = int(s.labels.min()), int(s.labels.max())
+        if lo < 0 or hi >= num_classes:
+            raise DataError(f"{where}: {name} labels span {lo}..{hi}, expected 0..{num_classes - 1}")
+    if train.images.shape[1:] != test.images.shape[1:]:
+        raise DataError(f"{where}: test images are C x H x W = {_chw(test.images)} but training images are "
+                        f"{_chw(train.images)}; both splits must have one shape")
+
+
+def _chw(images: torch.Tensor) -> str:
+    return "x".join(str(int(d)) for d in images.shape[1:])
+
+
+def channel_stats(images: torch.Tensor, where: str = "training images") -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and (unbiased) std per channel, in [0, 1] units, of uint8 N x C x H x W ``images``: float32 C each.
+
+    Exact (integer sums, in chunks: no float copy of the whole set). DataError naming the channel and its std when a
+    channel is constant (std below 1e-6, e.g. a folder of blank images): normalizing by it would divide by ~0."""
+    if images.dtype != torch.uint8 or images.ndim != 4:
+        raise DataError(f"{where}: expected uint8 N x C x H x W images, found {images.dtype} {tuple(images.shape)}")
+    n_img, c = images.shape[:2]
+    count = n_img * images.shape[2] * images.shape[3]
+    if count < 2:
+        raise DataError(f"{where}: {count} pixel(s) per channel: too few to compute a standard deviation")
+    s = [0] * c
+    sq = [0] * c
+    step = max(1, (1 << 22) // max(1, images[0].numel()))  # ~4M values a chunk: 32 MiB as int64
+    for i in range(0, n_img, step):  # int64 sums of 4M squares of <= 255 are exact (< 2^38)
+        x = images[i: i + step].to(torch.int64)
+        s = [a + int(b) for a, b in zip(s, x.sum(dim=(0, 2, 3)).tolist(), strict=True)]
+        sq = [a + int(b) for a, b in zip(sq, (x * x).sum(dim=(0, 2, 3)).tolist(), strict=True)]
+    mean = [v / count / 255 for v in s]
+    std = [math.sqrt((count * q - v * v) / (count * (count - 1))) / 255 for v, q in zip(s, sq, strict=True)]
+    for ch, sd in enumerate(std):
+        if sd < 1e-6:
+            raise DataError(f"{where}: channel {ch} has std {sd:.3g} (every pixel {mean[ch] * 255:.4g}/255, e.g. blank "
+                            f"images): cannot normalize by it")
+    return torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -150,8 +209,8 @@ def read_idx(path: Path) -> np.ndarray:
     """Read an IDX file (uint8 data), gzipped or not, validating magic number and sizes."""
     try:
         raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-    except (OSError, EOFError, gzip.BadGzipFile) as e:
-        raise DataError(f"{path}: cannot read IDX file ({e})") from None
+    except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError; a corrupt stream a zlib.error
+        raise DataError(f"{path}: cannot read IDX file ({type(e).__name__}: {e})") from None
     if len(raw) < 4:
         raise DataError(f"{path}: too short for an IDX header ({len(raw)} bytes)")
     zero, dtype_code, ndim = struct.unpack(">HBB", raw[:4])
@@ -160,7 +219,7 @@ def read_idx(path: Path) -> np.ndarray:
     if len(raw) < 4 + 4 * ndim:
         raise DataError(f"{path}: truncated IDX header")
     dims = struct.unpack(f">{ndim}I", raw[4: 4 + 4 * ndim])
-    expected = 4 + 4 * ndim + int(np.prod(dims))
+    expected = 4 + 4 * ndim + math.prod(dims)  # Python ints: np.prod would wrap around for absurd header dims
     if len(raw) != expected:
         raise DataError(f"{path}: IDX header says dims {dims} ({expected} bytes) but the file has {len(raw)} bytes")
     return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
@@ -180,13 +239,19 @@ def _fashion_mnist(cfg: DataConfig) -> tuple[Split, Split, int]:
                         f"data.root)")
     out = []
     for prefix in ("train", "t10k"):
-        x = read_idx(_find(root, f"{prefix}-images-idx3-ubyte"))
-        y = read_idx(_find(root, f"{prefix}-labels-idx1-ubyte"))
+        xp, yp = _find(root, f"{prefix}-images-idx3-ubyte"), _find(root, f"{prefix}-labels-idx1-ubyte")
+        x, y = read_idx(xp), read_idx(yp)
         if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
-            raise DataError(f"{root}: {prefix} images {x.shape} and labels {y.shape} do not match")
+            raise DataError(f"{root}: {prefix} images {x.shape} ({xp.name}) and labels {y.shape} ({yp.name}) do not "
+                            f"match: expected N x H x W images and N labels")
+        if len(y) == 0:
+            raise DataError(f"{xp}: holds no images")
         if y.max() >= 10:
-            raise DataError(f"{root}: {prefix} labels contain {int(y.max())}, expected 0..9")
+            raise DataError(f"{yp}: labels contain {int(y.max())}, expected 0..9")
         out.append(Split(torch.from_numpy(x.copy())[:, None], torch.from_numpy(y.astype(np.int64))))
+    if out[0].images.shape[1:] != out[1].images.shape[1:]:
+        raise DataError(f"{root}: t10k images are {_chw(out[1].images)} (C x H x W) but train images are "
+                        f"{_chw(out[0].images)}; both splits must have one shape")
     return out[0], out[1], 10
 
 
@@ -210,29 +275,108 @@ def load_cifar_batch(path: Path) -> dict:
     """Unpickle one CIFAR batch file safely (no code execution), returning a dict with str keys."""
     try:
         with open(path, "rb") as f:
-            d = _RestrictedUnpickler(io.BytesIO(f.read()), encoding="bytes").load()
+            raw = f.read()
     except FileNotFoundError:
         raise DataError(f"missing CIFAR batch file {path}") from None
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as e:
-        raise DataError(f"{path}: not a valid CIFAR batch ({e})") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read CIFAR batch ({type(e).__name__}: {e.strerror or e})") from None
+    try:
+        d = _RestrictedUnpickler(io.BytesIO(raw), encoding="bytes").load()
+    except Exception as e:  # noqa: BLE001 - a crafted pickle can fail in any way (RecursionError, MemoryError too)
+        raise DataError(f"{path}: not a valid CIFAR batch ({type(e).__name__}: {_one_line(e)})") from None
     if not isinstance(d, dict):
-        raise DataError(f"{path}: not a valid CIFAR batch (top level is {type(d).__name__})")
-    return {k.decode() if isinstance(k, bytes) else k: v for k, v in d.items()}
+        raise DataError(f"{path}: not a valid CIFAR batch (top level is {type(d).__name__}, expected dict)")
+    return {k.decode("utf-8", "replace") if isinstance(k, bytes) else k: v for k, v in d.items()}
 
 
-def _cifar_split(files: list[Path], label_key: str) -> Split:
+def _one_line(e: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(e).split())
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _describe(v: object) -> str:
+    """A short name for a value found where integers were expected (never its full repr: it may be huge or deep)."""
+    if isinstance(v, (str, bytes)):  # np.str_ / np.bytes_ too, shown as the builtin
+        b = str(v) if isinstance(v, str) else bytes(v)
+        return f"{type(b).__name__} {b[:20]!r}" + ("..." if len(b) > 20 else "")
+    if isinstance(v, (float, np.floating)):
+        return f"float {float(v)!r}"
+    return type(v).__name__
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+def _first_non_integer(v: np.ndarray | list) -> tuple[str, object] | None:
+    """Where the first item that is not an integer is, and the item: in the original list (np.asarray would have
+    turned [1, "cat"] into strings), looking one level into rows (a list of pixel rows)."""
+    if isinstance(v, np.ndarray):
+        return next(((f"[{i}]", x) for i, x in enumerate(v.flat) if not _is_int(x)), None)
+    for i, x in enumerate(v):
+        if isinstance(x, list):
+            inner = next(((j, y) for j, y in enumerate(x) if not _is_int(y)), None)
+            if inner is not None:
+                return f"[{i}][{inner[0]}]", inner[1]
+        elif not _is_int(x):
+            return f"[{i}]", x
+    return None
+
+
+def _cifar_array(d: dict, key: str, path: Path, expect: str) -> np.ndarray:
+    """``d[key]`` as an integer numpy array of any shape, or DataError naming what was found instead (``expect``: what
+    should be there). The types are checked before any conversion: ``np.asarray(x, dtype=np.uint8)`` would wrap 300
+    to 44 and -1 to 255, and ``dtype=np.int64`` would truncate 2.7 to 2."""
+    v = d[key]
+    if not isinstance(v, (np.ndarray, list)):
+        raise DataError(f"{path}: {key!r} is a {_describe(v)}, expected {expect}")
+    try:
+        arr = np.asarray(v)
+    except (ValueError, TypeError, OverflowError, RecursionError, MemoryError) as e:  # ragged or deeply nested lists
+        raise DataError(f"{path}: {key!r} is not an array of integers ({type(e).__name__}: {_one_line(e)}), expected "
+                        f"{expect}") from None
+    if arr.dtype.kind in "OUS":  # a list holding something else than plain integers (strings, dicts, ...)
+        bad = _first_non_integer(v)
+        found = f"a {_describe(bad[1])} at {bad[0]}" if bad is not None else "integers beyond 64 bits"
+        raise DataError(f"{path}: {key!r} holds {found}, expected {expect}")
+    if arr.dtype.kind not in "iu":  # bool, float, complex, structured
+        raise DataError(f"{path}: {key!r} has dtype {arr.dtype}, expected {expect}")
+    return arr
+
+
+def _cifar_split(files: list[Path], label_key: str, num_classes: int) -> Split:
     xs, ys = [], []
     for p in files:
-        d = load_cifar_batch(p)
-        if "data" not in d or label_key not in d:
-            raise DataError(f"{p}: CIFAR batch lacks 'data' or {label_key!r} (keys: {sorted(d)})")
-        x = np.asarray(d["data"], dtype=np.uint8)
-        y = np.asarray(d[label_key], dtype=np.int64)
-        if x.ndim != 2 or x.shape[1] != 3072 or len(x) != len(y):
-            raise DataError(f"{p}: data has shape {x.shape} for {len(y)} labels, expected N x 3072")
-        xs.append(x.reshape(-1, 3, 32, 32))
+        try:
+            x, y = _cifar_batch_arrays(p, label_key, num_classes)
+        except RecursionError:  # a crafted batch nested deeper than any check can walk
+            raise DataError(f"{p}: not a valid CIFAR batch (values nested too deeply to inspect)") from None
+        xs.append(x)
         ys.append(y)
     return Split(torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys)))
+
+
+def _cifar_batch_arrays(p: Path, label_key: str, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 N x 3 x 32 x 32 images and int64 labels of one batch file, every type and value checked."""
+    d = load_cifar_batch(p)
+    if "data" not in d or label_key not in d:
+        keys = ", ".join(repr(k) if isinstance(k, (str, bytes, int)) else type(k).__name__ for k in list(d)[:10])
+        raise DataError(f"{p}: CIFAR batch lacks 'data' or {label_key!r} (keys: {keys})")
+    x = _cifar_array(d, "data", p, "uint8 pixels (N x 3072)")
+    y = _cifar_array(d, label_key, p, "integer labels")
+    if x.ndim != 2 or x.shape[1] != 3072 or y.ndim != 1 or len(x) != len(y):
+        raise DataError(f"{p}: 'data' has shape {x.shape} and {label_key!r} shape {y.shape}: expected N x 3072 "
+                        f"pixels and N labels")
+    if len(x) == 0:
+        raise DataError(f"{p}: holds no images")
+    if x.dtype != np.uint8:  # e.g. int64: accepted only when every value is a pixel value
+        lo, hi = int(x.min()), int(x.max())
+        if lo < 0 or hi > 255:
+            raise DataError(f"{p}: 'data' ({x.dtype}) holds values {lo}..{hi}, expected pixels in 0..255")
+    lo, hi = int(y.min()), int(y.max())
+    if lo < 0 or hi >= num_classes:
+        raise DataError(f"{p}: {label_key!r} hold values {lo}..{hi}, expected 0..{num_classes - 1}")
+    return x.astype(np.uint8).reshape(-1, 3, 32, 32), y.astype(np.int64)
 
 
 def _cifar(cfg: DataConfig) -> tuple[Split, Split, int]:
@@ -243,16 +387,13 @@ def _cifar(cfg: DataConfig) -> tuple[Split, Split, int]:
     if not base.is_dir():
         _try_download(cfg.source, root)
         base = root / sub
-    if ten:
-        train = _cifar_split([base / f"data_batch_{i}" for i in range(1, 6)], "labels")
-        test = _cifar_split([base / "test_batch"], "labels")
-    else:
-        train = _cifar_split([base / "train"], "fine_labels")
-        test = _cifar_split([base / "test"], "fine_labels")
     n = 10 if ten else 100
-    for name, s in (("train", train), ("test", test)):
-        if int(s.labels.max()) >= n or int(s.labels.min()) < 0:
-            raise DataError(f"{base}: {name} labels outside 0..{n - 1}")
+    if ten:
+        train = _cifar_split([base / f"data_batch_{i}" for i in range(1, 6)], "labels", n)
+        test = _cifar_split([base / "test_batch"], "labels", n)
+    else:
+        train = _cifar_split([base / "train"], "fine_labels", n)
+        test = _cifar_split([base / "test"], "fine_labels", n)
     return train, test, n
 
 
@@ -273,31 +414,95 @@ def _try_download(source: str, root: Path) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # ImageFolder (ImageNet-mini): root/train/<class>/*, root/val/<class>/* (used as the test split)
 
-IMG_EXT = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff", ".JPEG"}
+IMG_EXT = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff"}  # compared lower-case
+
+IMAGE_MODES = {"1": "L", "L": "L", "LA": "L", "P": "RGB", "PA": "RGB", "RGB": "RGB", "RGBA": "RGB", "CMYK": "RGB",
+               "YCbCr": "RGB"}
+"""8-bit PIL modes :func:`decode_image` reads, and the mode each becomes. Alpha is discarded (the stored colour is
+kept, not composited onto a background); "1" becomes 0 / 255; P / PA go through their palette; CMYK and YCbCr
+through PIL's conversion to RGB."""
+
+_DEEP_MODES = {"I;16": "16-bit integer", "I;16L": "16-bit integer", "I;16B": "16-bit integer",
+               "I;16N": "16-bit integer", "I;16S": "16-bit signed integer", "I": "32-bit integer", "F": "32-bit float"}
+# PNG / TIFF rawmodes of 16 bits a channel that PIL opens as 8-bit RGB / LA; not BMP's "BGR;16" (5-6-5 bits a pixel)
+_DEEP_RAW = re.compile(r";16[BLN]$")
 
 
-def _read_folder(root: Path, classes: list[str], size: int) -> Split:
-    from PIL import Image, UnidentifiedImageError
+def _refusal(im: Image.Image, size: tuple[int, int] | None) -> str | None:
+    """Why the opened (not yet decoded) PIL image ``im`` cannot be read exactly as 8 bits a channel, or None."""
+    mode = im.mode
+    if mode not in IMAGE_MODES:
+        kind = _DEEP_MODES.get(mode, "not an 8-bit mode")
+        return (f"image mode {mode!r} ({kind}): pst-dist reads 8 bits a channel only (modes "
+                f"{', '.join(IMAGE_MODES)}); convert it to 8-bit first, scaled as you intend")
+    for tile in im.tile:
+        args = tile[3]
+        raw = args if isinstance(args, str) else args[0] if isinstance(args, tuple) and args else ""
+        if isinstance(raw, str) and _DEEP_RAW.search(raw):  # PIL would keep the high byte of each value
+            return (f"image stored with 16 bits a channel (mode {mode!r}, raw {raw!r}): pst-dist reads 8 bits a "
+                    f"channel only; convert it to 8-bit first, scaled as you intend")
+    w, h = im.size
+    if size is not None and (w, h) != size:
+        return f"image size {w}x{h}: expected {size[0]}x{size[1]} (width x height)"
+    return None
+
+
+def decode_image(path: Path, error: type[Exception] = DataError, size: tuple[int, int] | None = None
+                 ) -> Image.Image:
+    """Decode one image file to a loaded 8-bit PIL image of mode "L" (from 1, L, LA) or "RGB" (from the other
+    :data:`IMAGE_MODES`); alpha is discarded. Anything else is ``error`` naming the file and what was found, before
+    any pixel is decoded: 16-bit / 32-bit / float images (which PIL would clip or truncate), an image over PIL's
+    decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``), another size than ``size`` (width, height) when given,
+    and files PIL cannot decode (unreadable, truncated). Shared by the imagefolder source and poison folders."""
+    from PIL import Image
+
+    problem = None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # over the limit: refuse, never decode
+            with Image.open(path) as im:
+                problem = _refusal(im, size)
+                if problem is None:
+                    im.load()
+                    target = IMAGE_MODES[im.mode]
+                    src = im.convert("RGBA") if im.mode in ("P", "PA") else im  # palette transparency: no warning
+                    out = src.convert(target)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise error(f"{path}: image too large to decode ({_one_line(e)})") from None
+    except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, zlib.error... on bad files
+        raise error(f"{path}: cannot decode image ({type(e).__name__}: {_one_line(e)})") from None
+    if problem is not None:
+        raise error(f"{path}: {problem}")
+    return out
+
+
+def _read_folder(root: Path, classes: list[str], size: int, train_dir: Path) -> Split:
+    from PIL import Image
     from torchvision.transforms import functional as F
 
+    extra = sorted(d.name for d in root.iterdir() if d.is_dir() and d.name not in set(classes))
+    if extra:
+        raise DataError(f"{root}: class folder(s) {', '.join(map(repr, extra))} not in {train_dir} (classes: "
+                        f"{', '.join(classes[:10])}{', ...' if len(classes) > 10 else ''})")
     xs, ys = [], []
     for ci, cname in enumerate(classes):
         cdir = root / cname
         if not cdir.is_dir():
-            raise DataError(f"{root}: class folder {cname!r} missing (present in train)")
-        for p in sorted(cdir.iterdir()):
-            if p.suffix.lower() not in {e.lower() for e in IMG_EXT}:
-                continue
-            try:
-                with Image.open(p) as im:
-                    im = im.convert("RGB")
-                    im = F.center_crop(F.resize(im, size), [size, size])
-                    xs.append(torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1))
-            except (UnidentifiedImageError, OSError) as e:
-                raise DataError(f"{p}: cannot decode image ({e})") from None
+            raise DataError(f"{root}: class folder {cname!r} missing (present in {train_dir})")
+        files = sorted(cdir.iterdir())
+        images = [p for p in files if p.is_file() and p.suffix.lower() in IMG_EXT]
+        if not images:
+            raise DataError(f"{cdir}: class folder holds no images (other entries: {len(files)}; image suffixes: "
+                            f"{', '.join(sorted(IMG_EXT))})")
+        for p in images:
+            im = decode_image(p)
+            w, h = im.size
+            # torchvision resizes the shorter side to `size`: a long thin image would grow without bound
+            if max(w, h) * size / min(w, h) * size > (Image.MAX_IMAGE_PIXELS or math.inf):
+                raise DataError(f"{p}: image size {w}x{h}: too elongated to resize to a {size}-pixel short side")
+            im = F.center_crop(F.resize(im.convert("RGB"), size), [size, size])
+            xs.append(torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1))
             ys.append(ci)
-    if not xs:
-        raise DataError(f"{root}: no images found")
     return Split(torch.stack(xs), torch.tensor(ys, dtype=torch.int64))
 
 
@@ -312,4 +517,5 @@ def _imagefolder(cfg: DataConfig) -> tuple[Split, Split, int]:
     classes = sorted(d.name for d in train_dir.iterdir() if d.is_dir())
     if len(classes) < 2:
         raise DataError(f"{train_dir}: found {len(classes)} class folders, need at least 2")
-    return _read_folder(train_dir, classes, cfg.img_size), _read_folder(test_dir, classes, cfg.img_size), len(classes)
+    return (_read_folder(train_dir, classes, cfg.img_size, train_dir),
+            _read_folder(test_dir, classes, cfg.img_size, train_dir), len(classes))

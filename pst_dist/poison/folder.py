@@ -1,7 +1,9 @@
 """Poisons made elsewhere as a folder of image files: one file per training image, named by its row in the source's
 training split (``00042.png``, any zero padding), either flat or in one subfolder per class (``3/00042.png``, the
 folder name being the label, checked). PNG / BMP / TIFF are lossless; JPEG files are read but warned about (JPEG is
-itself a defense against these poisons, so results on them measure poison + JPEG)."""
+itself a defense against these poisons, so results on them measure poison + JPEG). Files are decoded by
+:func:`pst_dist.data.sources.decode_image`, as image folders are: 8-bit modes only (alpha discarded), 16-bit / float
+images and decompression bombs refused by name."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..data.sources import decode_image
 from .imported import PoisonFileError
 
 IMAGE_SUFFIXES = {".png", ".bmp", ".tif", ".tiff", ".jpg", ".jpeg", ".webp"}
@@ -49,8 +52,6 @@ def index_files(path: Path, source_size: int) -> dict[int, tuple[Path, int | Non
 def read_folder(path: Path, images: torch.Tensor, labels: torch.Tensor, index: torch.Tensor, source_size: int
                 ) -> torch.Tensor:
     """uint8 poisoned images for ``images`` (rows ``index`` of the source's training split), read from ``path``."""
-    from PIL import Image
-
     files = index_files(path, source_size)
     if len(files) != source_size:
         missing = [r for r in range(source_size) if r not in files][:5]
@@ -64,13 +65,8 @@ def read_folder(path: Path, images: torch.Tensor, labels: torch.Tensor, index: t
         if label is not None and label != int(labels[i]):
             raise PoisonFileError(f"{f}: in class folder {label}, but training row {row} has label {int(labels[i])}")
         lossy += f.suffix.lower() in (".jpg", ".jpeg", ".webp")
-        with Image.open(f) as im:
-            mode = im.mode
-            if im.size != (w, h):
-                raise PoisonFileError(f"{f}: image size {im.size[0]}x{im.size[1]}: expected {w}x{h} (width x height)")
-            if mode not in ("L", "RGB"):
-                raise PoisonFileError(f"{f}: image mode {mode!r}: expected 8-bit 'L' (gray) or 'RGB'")
-            arr = np.asarray(im)
+        im = decode_image(f, PoisonFileError, size=(w, h))  # "L" or "RGB"; another size is refused before decoding
+        mode, arr = im.mode, np.asarray(im)
         if arr.ndim == 2:
             arr = arr[:, :, None]
         if arr.shape[2] != c:
