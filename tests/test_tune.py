@@ -1,6 +1,11 @@
 """The Ray Tune schedule search: the search space (pure), and real searches on a real local Ray (no mocks): a
 ``ray job submit`` of a tiny search to a ``ray start --head`` cluster whose best schedule ``pst-dist train`` runs,
-and a search that survives a Ray Train worker killed with SIGKILL."""
+and a search that survives a Ray Train worker killed with SIGKILL.
+
+Every test that starts Ray owns all of its state (:class:`OwnRay`): a HOME of its own (nothing is read from or
+written to the user's ``~/.ray``), a fresh random token (``RAY_AUTH_TOKEN``), a temp dir of its own (``RAY_TMPDIR``
+and ``--temp-dir``), and at teardown it stops the Ray processes it started and no others (never ``ray stop``, which
+stops every Ray on the machine)."""
 
 from __future__ import annotations
 
@@ -8,12 +13,15 @@ import csv
 import itertools
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -70,7 +78,7 @@ def test_a_trial_schedule_releases_groups_in_its_order_at_its_multipliers():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# real searches on a real local Ray
+# Ray state a test owns, and stopping only the Ray processes it started
 
 
 def _free_port() -> int:
@@ -79,43 +87,154 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _names(temp: str, cmdline: list[str]) -> bool:
+    """Whether a command line names ``temp`` (or a path under it) as a whole path, not as a prefix of another."""
+    return any(f"{temp}/" in f"{arg}/" for arg in cmdline)
+
+
+@dataclass
+class OwnRay:
+    """Everything Ray-related one test starts: an empty HOME, a random token, a short temp dir under /tmp (Ray's
+    unix socket paths must stay under ~107 characters), and the process groups of its ``ray start`` runs."""
+
+    home: Path
+    temp: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="pst-ray-", dir="/tmp")))
+    token: str = field(default_factory=lambda: secrets.token_hex(32))  # as ``ray get-auth-token --generate`` makes
+    pgids: list[int] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.home.mkdir(parents=True, exist_ok=True)
+
+    def env(self) -> dict:
+        """The environment of every process the test starts: no RAY_* of the caller's, token auth with this test's
+        token (``RAY_AUTH_TOKEN`` comes first in Ray's lookup, so no ``~/.ray/auth_token`` is read or written), Ray's
+        temp files (a local ``ray.init``'s session, Ray Tune's lock files) under ``temp``."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+        env.update(PATH=f"{BIN}:{env.get('PATH', '')}", PYTHONPATH=str(ROOT), HOME=str(self.home),
+                   RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=self.token, RAY_TMPDIR=str(self.temp),
+                   RAY_USAGE_STATS_ENABLED="0")
+        return env
+
+    def start_head(self, env: dict | None = None) -> tuple[str, str]:
+        """``ray start --head`` on 127.0.0.1 with free ports and this test's temp dir, in a session of its own (so
+        every process it leaves running is in one process group that :meth:`stop` knows). Returns the dashboard
+        URL and the GCS address."""
+        ports = {"port": _free_port(), "dashboard-port": _free_port(), "ray-client-server-port": _free_port(),
+                 "node-manager-port": _free_port(), "object-manager-port": _free_port(),
+                 "dashboard-agent-listen-port": _free_port(), "metrics-export-port": _free_port()}
+        cmd = [str(BIN / "ray"), "start", "--head", "--num-cpus=2", "--dashboard-host=127.0.0.1",
+               f"--temp-dir={self.temp}", "--disable-usage-stats", *[f"--{k}={v}" for k, v in ports.items()]]
+        proc = subprocess.Popen(cmd, env=env or self.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, start_new_session=True)
+        self.pgids.append(proc.pid)  # its own session: process group id = its pid, inherited by what it starts
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, (out + err)[-3000:]
+        return f"http://127.0.0.1:{ports['dashboard-port']}", f"127.0.0.1:{ports['port']}"
+
+    def processes(self) -> list:
+        """The live processes this test started through Ray, and only those: the members of its ``ray start``
+        process groups, every process whose command line names its temp dir (GCS, raylet, dashboard, monitors of
+        a ``ray start`` or of a local ``ray.init``), and every descendant of those (Ray workers, job drivers and
+        dashboard modules: a worker gets a process group of its own and retitles itself ``ray::...``)."""
+        import psutil
+
+        roots = {}
+        for p in psutil.process_iter():
+            try:
+                if p.pid != os.getpid() and (os.getpgid(p.pid) in self.pgids or _names(str(self.temp), p.cmdline())):
+                    roots[p.pid] = p
+            except (psutil.Error, OSError):
+                pass
+        found = dict(roots)
+        for p in roots.values():
+            try:
+                found.update((c.pid, c) for c in p.children(recursive=True))
+            except psutil.Error:
+                pass
+        found.pop(os.getpid(), None)
+        return [p for p in found.values() if _alive(p)]
+
+    def stop(self, grace: float = 3, wait: float = 20) -> list[str]:
+        """SIGTERM the processes :meth:`processes` finds (a raylet then stops its workers), SIGKILL whatever is left
+        after ``grace`` seconds (the GCS and the autoscaler monitor ignore SIGTERM for longer); return what is still
+        alive after ``wait`` seconds more (nothing, or the test fails). Every process found in any round is watched,
+        so a worker whose raylet died first is not lost."""
+        import psutil
+
+        seen = {}
+        for sig, timeout in ((signal.SIGTERM, grace), (signal.SIGKILL, wait)):
+            seen.update((p.pid, p) for p in self.processes())
+            for p in seen.values():
+                try:
+                    if _alive(p):
+                        p.send_signal(sig)
+                except psutil.Error:
+                    pass
+            deadline = time.time() + timeout
+            while any(_alive(p) for p in seen.values()) and time.time() < deadline:
+                time.sleep(0.1)
+        seen.update((p.pid, p) for p in self.processes())
+        return [_describe(p) for p in seen.values() if _alive(p)]
+
+    def close(self) -> list[str]:
+        left = self.stop()
+        shutil.rmtree(self.temp, ignore_errors=True)
+        return left
+
+
+def _describe(p) -> str:
+    import psutil
+
+    try:
+        return f"{p.pid} {' '.join(p.cmdline())[:200]}"
+    except psutil.Error:
+        return f"{p.pid} (gone)"
+
+
+def _alive(p) -> bool:
+    import psutil
+
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+@pytest.fixture
+def own_ray(tmp_path):
+    """A test's own Ray state (:class:`OwnRay`); afterwards, the Ray processes it started are stopped (and only
+    those) and its temp dir removed."""
+    state = OwnRay(tmp_path / "home")
+    yield state
+    left = state.close()
+    assert not left, f"Ray processes still running after teardown: {left}"
+
+
+@pytest.fixture
+def ray_head(own_ray):
+    """``ray start --head`` on 127.0.0.1 with its own ports, temp dir, HOME and token; only it is stopped afterwards."""
+    dashboard, gcs = own_ray.start_head()
+    return dashboard, gcs, own_ray.env()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# real searches on a real local Ray
+
+
 def _tune(out: Path, *extra: str) -> list[str]:
     """``pst-dist tune`` of the tiny config into ``out``."""
     return [str(BIN / "pst-dist"), "tune", "--config", str(TINY), f"--tune.out={out}", *extra]
 
 
-def _env() -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env.update(PATH=f"{BIN}:{env.get('PATH', '')}", RAY_AUTH_MODE="token", RAY_USAGE_STATS_ENABLED="0",
-               PYTHONPATH=str(ROOT))
-    return env
-
-
-@pytest.fixture
-def ray_head(tmp_path_factory):
-    """``ray start --head`` on 127.0.0.1 with its own ports and temp dir; stopped afterwards."""
-    temp = Path(f"/tmp/pst-ray-{os.getpid()}")  # Ray's socket paths must stay short
-    ports = {"port": _free_port(), "dashboard-port": _free_port(), "ray-client-server-port": _free_port(),
-             "node-manager-port": _free_port(), "object-manager-port": _free_port(),
-             "dashboard-agent-listen-port": _free_port(), "metrics-export-port": _free_port()}
-    cmd = [str(BIN / "ray"), "start", "--head", "--num-cpus=2", "--dashboard-host=127.0.0.1", f"--temp-dir={temp}",
-           "--disable-usage-stats", *[f"--{k}={v}" for k, v in ports.items()]]
-    out = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr[-3000:]
-    yield f"http://127.0.0.1:{ports['dashboard-port']}", f"127.0.0.1:{ports['port']}"
-    subprocess.run([str(BIN / "ray"), "stop", "--force"], env=_env(), capture_output=True, timeout=120)
-    shutil.rmtree(temp, ignore_errors=True)
-
-
 @pytest.mark.multiproc
 def test_job_submit_of_a_tiny_search_then_train_its_best_schedule(ray_head, tmp_path):
-    dashboard, _ = ray_head
+    dashboard, _, env = ray_head
     out = tmp_path / "search"
     job = subprocess.run(
         [str(BIN / "ray"), "job", "submit", "--address", dashboard, "--",
          sys.executable, str(ROOT / "tune" / "run.py"), "--config", str(TINY), f"--tune.out={out}",
          "--tune.num_samples=2"],
-        env=_env(), capture_output=True, text=True, timeout=600)
+        env=env, capture_output=True, text=True, timeout=600)
     assert job.returncode == 0, (job.stdout + job.stderr)[-4000:]
     assert "succeeded" in job.stdout + job.stderr
     search = out / "tiny"
@@ -130,7 +249,7 @@ def test_job_submit_of_a_tiny_search_then_train_its_best_schedule(ray_head, tmp_
     vals = {r["trial"]: float(r["final_val_acc"]) for r in rows}
     assert max(vals.values()) == pytest.approx(float(text.split("final epoch: ")[1].split(" %")[0]) / 100, abs=1e-4)
     run = subprocess.run([str(BIN / "pst-dist"), "train", "--config", str(best), f"--log.run_dir={tmp_path / 'best'}"],
-                         env=_env(), capture_output=True, text=True, timeout=300)
+                         env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     summary = json.loads((tmp_path / "best" / "summary.json").read_text())
     assert len(summary["val_curve"]) == 4 and summary["stage_history"] is not None
@@ -146,12 +265,13 @@ def _descendants(pid: int):
 
 
 @pytest.mark.multiproc
-def test_a_killed_worker_is_retried_from_its_checkpoint_and_the_search_completes(tmp_path):
+def test_a_killed_worker_is_retried_from_its_checkpoint_and_the_search_completes(own_ray, tmp_path):
     out = tmp_path / "search"
     proc = subprocess.Popen(
         _tune(out, "--tune.scheduler=fifo", "--tune.num_samples=2", "--tune.workers=2", "--tune.max_failures=2",
               "--data.synthetic_train=4800"),
-        env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        env=own_ray.env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    own_ray.pgids.append(proc.pid)  # the driver and what its local ray.init starts: stopped at teardown
     killed = None
     try:
         deadline = time.time() + 400
@@ -184,12 +304,12 @@ def test_a_killed_worker_is_retried_from_its_checkpoint_and_the_search_completes
 
 @pytest.mark.slow
 @pytest.mark.multiproc
-def test_pbt_search_exploits_through_checkpoints(tmp_path):
+def test_pbt_search_exploits_through_checkpoints(own_ray, tmp_path):
     out = tmp_path / "search"
     run = subprocess.run(
         _tune(out, "--tune.scheduler=pbt", "--tune.num_samples=2", "--train.epochs=3", "--tune.freeze_epochs=[0.5]",
               "--tune.warm_epochs=[0.5]"),
-        env=_env(), capture_output=True, text=True, timeout=900)
+        env=own_ray.env(), capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, (run.stdout + run.stderr)[-5000:]
     rows = list(csv.DictReader(open(out / "tiny" / "results.csv")))
     assert len(rows) == 2 and all(r["status"] == "completed" and r["epochs"] == "3" for r in rows), rows
@@ -206,26 +326,29 @@ def test_pbt_search_exploits_through_checkpoints(tmp_path):
     assert (out / "tiny" / "best_schedule.toml").is_file()
 
 
-def test_tune_cli_refuses_bad_input_before_starting_ray(tmp_path):
+def test_tune_cli_refuses_bad_input_before_starting_ray(own_ray, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
     cases = [(["--tune.unfreeze_groups=[0, 5]"], "group 5: the head"),
              (["--train.epochs=2"], "no schedule fits"),
              (["--tune.scheduler=hyperband"], "tune.scheduler='hyperband'"),
              (["--resume"], "--resume: no search to continue")]
     for extra, message in cases:
-        run = subprocess.run(_tune(tmp_path, *extra),
-                             env=_env(), capture_output=True, text=True, timeout=120)
+        run = subprocess.run(_tune(out, *extra), env=own_ray.env(), capture_output=True, text=True, timeout=120)
         assert run.returncode == 2 and message in run.stderr, (extra, run.stderr[-2000:])
         assert "Started a local Ray" not in run.stderr
-    assert not list(tmp_path.iterdir())  # nothing written
+    assert not list(out.iterdir())  # nothing written
+    assert not own_ray.processes() and not list(own_ray.temp.iterdir())  # no Ray started
 
 
 @pytest.mark.slow
 @pytest.mark.multiproc
-def test_an_interrupted_search_resumes_without_retraining_finished_trials(tmp_path):
+def test_an_interrupted_search_resumes_without_retraining_finished_trials(own_ray, tmp_path):
     out = tmp_path / "search"
     args = _tune(out, "--tune.scheduler=fifo", "--tune.num_samples=3", "--tune.max_concurrent=1")
-    proc = subprocess.Popen(args, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    proc = subprocess.Popen(args, env=own_ray.env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
+    own_ray.pgids.append(proc.pid)
     try:
         deadline = time.time() + 400
         while time.time() < deadline and proc.poll() is None and not list((out / "tiny").glob("trials/*/summary.json")):
@@ -238,7 +361,7 @@ def test_an_interrupted_search_resumes_without_retraining_finished_trials(tmp_pa
             os.killpg(proc.pid, signal.SIGKILL)
     finished = {p.parent.name for p in (out / "tiny").glob("trials/*/summary.json")}
     assert finished
-    run = subprocess.run([*args, "--resume"], env=_env(), capture_output=True, text=True, timeout=900)
+    run = subprocess.run([*args, "--resume"], env=own_ray.env(), capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, (run.stdout + run.stderr)[-5000:]
     rows = list(csv.DictReader(open(out / "tiny" / "results.csv")))
     assert len(rows) == 3 and all(r["status"] == "completed" and r["epochs"] == "4" for r in rows), rows
