@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,10 +24,8 @@ MARKER_TEXT = "a file of the user's: pst-dist must never delete or change it\n"
 PARTIAL = (".partial-", ".tmp", ".old-")
 
 
-def place_marker(directory) -> "Path":
+def place_marker(directory) -> Path:
     """A user's file beside (or inside) an output location; :func:`assert_refused` checks that it survives."""
-    from pathlib import Path
-
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     marker = directory / "USER_FILE.txt"
@@ -36,8 +35,6 @@ def place_marker(directory) -> "Path":
 
 def partial_files(root) -> list[str]:
     """Hidden temporary / partial / set-aside names pst-dist uses while writing, anywhere under ``root``."""
-    from pathlib import Path
-
     return sorted(str(p) for p in Path(root).rglob("*") if any(t in p.name for t in PARTIAL))
 
 

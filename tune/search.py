@@ -60,8 +60,9 @@ def init_ray(cfg: Config) -> str:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)  # attaches to the cluster RAY_ADDRESS names (set by ray job submit / ray submit)
         return f"cluster at {os.environ['RAY_ADDRESS']}"
-    ray.init(dashboard_host="127.0.0.1", include_dashboard=None)
-    return "a local Ray (dashboard on 127.0.0.1)"
+    # address="local": always a new Ray of this process's own, never a cluster someone started on this machine
+    ray.init(address="local", dashboard_host="127.0.0.1", include_dashboard=None)
+    return "a new local Ray (dashboard on 127.0.0.1)"
 
 
 def max_concurrent(cfg: Config) -> int:

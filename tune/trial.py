@@ -99,7 +99,10 @@ def worker_loop(loop: dict) -> None:
         if stage is not None:
             shutil.rmtree(stage.parent, ignore_errors=True)
 
-    train(cfg, resume=resume, stop_after_epochs=loop.get("stop_after"), on_epoch=on_epoch)
+    # the trial directory is the search's own: a retried trial without a checkpoint replaces its partial run; a PBT
+    # generation resumes with the settings PBT mutated (train() records each change in the run's meta.json)
+    train(cfg, resume=resume, stop_after_epochs=loop.get("stop_after"), on_epoch=on_epoch, overwrite=not resume,
+          allow_changes=resume and cfg.tune.scheduler == "pbt")
 
 
 def _use_gpu(cfg: Config) -> bool:

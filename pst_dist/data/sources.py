@@ -118,28 +118,21 @@ def _chw(images: torch.Tensor) -> str:
 def channel_stats(images: torch.Tensor, where: str = "training images") -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and (unbiased) std per channel, in [0, 1] units, of uint8 N x C x H x W ``images``: float32 C each.
 
-    Exact (integer sums, in chunks: no float copy of the whole set). DataError naming the channel and its std when a
-    channel is constant (std below 1e-6, e.g. a folder of blank images): normalizing by it would divide by ~0."""
+    Computed in float32 exactly as the trainer always has (so normalisation, and with it every result, stays
+    bit-identical to earlier runs). DataError naming the channel and its std when a channel is constant (std below
+    1e-6, e.g. a folder of blank images): normalizing by it would divide by ~0."""
     if images.dtype != torch.uint8 or images.ndim != 4:
         raise DataError(f"{where}: expected uint8 N x C x H x W images, found {images.dtype} {tuple(images.shape)}")
-    n_img, c = images.shape[:2]
-    count = n_img * images.shape[2] * images.shape[3]
+    count = images.shape[0] * images.shape[2] * images.shape[3]
     if count < 2:
         raise DataError(f"{where}: {count} pixel(s) per channel: too few to compute a standard deviation")
-    s = [0] * c
-    sq = [0] * c
-    step = max(1, (1 << 22) // max(1, images[0].numel()))  # ~4M values a chunk: 32 MiB as int64
-    for i in range(0, n_img, step):  # int64 sums of 4M squares of <= 255 are exact (< 2^38)
-        x = images[i: i + step].to(torch.int64)
-        s = [a + int(b) for a, b in zip(s, x.sum(dim=(0, 2, 3)).tolist(), strict=True)]
-        sq = [a + int(b) for a, b in zip(sq, (x * x).sum(dim=(0, 2, 3)).tolist(), strict=True)]
-    mean = [v / count / 255 for v in s]
-    std = [math.sqrt((count * q - v * v) / (count * (count - 1))) / 255 for v, q in zip(s, sq, strict=True)]
-    for ch, sd in enumerate(std):
-        if sd < 1e-6:
-            raise DataError(f"{where}: channel {ch} has std {sd:.3g} (every pixel {mean[ch] * 255:.4g}/255, e.g. blank "
-                            f"images): cannot normalize by it")
-    return torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32)
+    x = images.float() / 255
+    mean, std = x.mean(dim=(0, 2, 3)), x.std(dim=(0, 2, 3))
+    for ch, sd in enumerate(std.tolist()):
+        if not sd >= 1e-6:
+            raise DataError(f"{where}: channel {ch} has std {sd:.3g} (every pixel {float(mean[ch]) * 255:.4g}/255, "
+                            f"e.g. blank images): cannot normalize by it")
+    return mean, std
 
 
 # ---------------------------------------------------------------------------------------------------------------
