@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from .config import Config, ConfigError, dump_toml
 from .data.loaders import TensorBatches
-from .data.sources import Splits, channel_stats, load_splits
+from .data.sources import DataError, Splits, channel_stats, load_splits
 from .defenses import squeeze_train
 from .distributed import (
     DeepSpeedEngine,
@@ -83,7 +83,7 @@ def build_data(cfg: Config, poisoned: torch.Tensor | None = None) -> Data:
         poisoned = poison_train(tr.images, tr.labels, tr.index, splits.source_train_size, cfg.poison,
                                 splits.num_classes, full=cfg)
     elif poisoned.shape != tr.images.shape or poisoned.dtype != torch.uint8:
-        raise ValueError(f"poisoned training images: expected uint8 {tuple(tr.images.shape)}, found "
+        raise DataError(f"poisoned training images: expected uint8 {tuple(tr.images.shape)}, found "
                          f"{poisoned.dtype} {tuple(poisoned.shape)}")
     poisoned = squeeze_train(poisoned, cfg.defense)  # a baseline defense on the training images (none by default)
     mean, std = channel_stats(tr.images)  # refuses a constant channel (std 0 would train to NaN)
