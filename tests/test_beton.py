@@ -99,8 +99,10 @@ def test_two_ranks_shard_one_epoch_each_sample_once(tmp_path):
     ids = torch.arange(n)
     for k in B.SPLITS:
         B.write_split(d / f"{k}.beton", x, ids, num_workers=1)
-    meta = {"format": B.FORMAT, "shape": [3, 8, 8], "write_mode": "raw", "lossy": False,
-            "splits": {k: {"num_samples": n, "bytes": (d / f"{k}.beton").stat().st_size} for k in B.SPLITS}}
+    meta = {"format": B.FORMAT, "shape": [3, 8, 8], "write_mode": "raw", "lossy": False, "source": "ids",
+            "num_classes": n, "mean": [0.5] * 3, "std": [0.3] * 3,
+            "splits": {k: {"num_samples": n, "bytes": (d / f"{k}.beton").stat().st_size,
+                           "sha256": B.sha256(d / f"{k}.beton")} for k in B.SPLITS}}
     (d / B.META).write_text(json.dumps(meta))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(Path(__file__).parent / "beton_shard_worker.py"), str(d), str(tmp_path)]
@@ -159,6 +161,56 @@ def test_truncated_foreign_and_missing_files(tmp_path, synth_dir):
         B.BetonDir(tmp_path / "plain")
 
 
+def _flip_pixel_bytes(beton: Path, n: int = 64) -> None:
+    from ffcv.reader import Reader
+
+    ptr = int(Reader(str(beton)).metadata["f0"]["data_ptr"][0])  # sample 0's raw pixels
+    with open(beton, "r+b") as f:
+        f.seek(ptr)
+        pixels = f.read(n)
+        f.seek(ptr)
+        f.write(bytes(b ^ 0xFF for b in pixels))
+
+
+def test_verify_false_skips_only_the_hash(tmp_path, synth_dir):
+    d = tmp_path / "copy"
+    shutil.copytree(synth_dir, d)
+    _flip_pixel_bytes(d / "train.beton")
+    with pytest.raises(DataError, match=r"train.beton: changed since it was written.*1 s per GB.*--data.verify=false"):
+        B.BetonDir(d)
+    assert len(B.BetonDir(d, verify=False)) == 300  # same size and structure: only the hash tells
+    with open(d / "val.beton", "r+b") as f:
+        f.truncate((d / "val.beton").stat().st_size - 1)
+    with pytest.raises(DataError, match="val.beton.*truncated"):
+        B.BetonDir(d, verify=False)
+
+
+@pytest.mark.parametrize("change, match", [
+    ("[1, 2]", "beton.json is not a JSON object"),
+    ("{", "beton.json is not valid JSON"),
+    ({"num_classes": 1}, r"key 'num_classes' = 1: expected an integer >= 2"),
+    ({"std": [0.2, 0.0, 0.2]}, r"key 'std' = \[0.2, 0.0, 0.2\]: expected 3 finite numbers .* each > 0"),
+    ({"std": [float("nan")] * 3}, r"key 'std' = \[nan, nan, nan\]"),
+    ({"mean": [float("inf")] * 3}, r"key 'mean' = \[inf, inf, inf\]"),
+    ({"mean": [0.5]}, r"key 'mean' = \[0.5\]: expected 3 finite numbers"),
+    ({"std": None}, r"key 'std' = None"),
+    ({"shape": [3, 16]}, r"key 'shape' = \[3, 16\]: expected 3 positive integers"),
+    ({"shape": [3, 16, "16"]}, r"key 'shape' = \[3, 16, '16'\]"),
+    ({"splits": {"train": {}}}, r"key 'splits.train.num_samples' = None"),
+    ({"splits": None}, r"key 'splits' = None"),
+    ({"format": "other/1"}, r"key 'format' = 'other/1'"),
+    ({"write_mode": "png"}, r"key 'write_mode' = 'png'"),
+])
+def test_beton_json_values_are_validated(tmp_path, synth_dir, change, match):
+    d = tmp_path / "copy"
+    shutil.copytree(synth_dir, d)
+    meta = json.loads((d / B.META).read_text())
+    (d / B.META).write_text(change if isinstance(change, str) else json.dumps({**meta, **change}))
+    with pytest.raises(DataError, match=match) as e:
+        B.BetonDir(d)
+    assert str(d / B.META) in str(e.value) and "\n" not in str(e.value)
+
+
 def test_interrupted_write_leaves_nothing_and_keeps_the_old_directory(tmp_path, synth_dir, monkeypatch):
     out = tmp_path / "out"
     shutil.copytree(synth_dir, out)
@@ -174,10 +226,40 @@ def test_interrupted_write_leaves_nothing_and_keeps_the_old_directory(tmp_path, 
 
     monkeypatch.setattr(B, "write_split", dies_on_test_split)
     with pytest.raises(KeyboardInterrupt):
-        B.write_betons(cfg_of(*SMALL), out, log=lambda m: None)
+        B.write_betons(cfg_of(*SMALL), out, overwrite=True, log=lambda m: None)
     assert calls == ["train.beton", "val.beton", "test.beton"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"], "a partial directory was left behind"
     assert (out / B.META).read_text() == before
+
+
+def test_full_disk_stops_the_ffcv_writer(tmp_path, synth_dir):
+    """A write that fails inside an FFCV writer process (a full disk; here a file size limit: EFBIG) is raised at
+    once, naming --out, where FFCV 1.0.2's own loop waits forever for the dead worker's samples; the earlier output
+    is unchanged and nothing partial is left. (The CLI side, for `pst-dist poison`: test_bad_files.)"""
+    import resource
+    import signal
+
+    out = tmp_path / "out"
+    shutil.copytree(synth_dir, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def hung(*_):
+        raise TimeoutError("write_betons still running after 120 s: the FFCV writer hangs on a failed worker")
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGALRM, hung)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, hard))  # train.beton needs 4 MiB; Python ignores SIGXFSZ
+    signal.alarm(120)
+    try:
+        with pytest.raises(OSError, match="writing it failed: File too large") as e:
+            B.write_betons(cfg_of(*SMALL), out, overwrite=True, log=lambda m: None)
+    finally:
+        signal.alarm(0)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGALRM, previous)
+    assert str(out) in str(e.value)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"], "a partial directory was left behind"
 
 
 def test_poison_shape_mismatch_writes_nothing(tmp_path):

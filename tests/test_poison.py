@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -134,3 +136,90 @@ def test_stored_poison_round_trip_and_validation(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "poison.kind='none' is not an attack" in bad.stderr
     assert not (tmp_path / "x").exists()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# a stored poison's metadata and budget, checked when it is read (the CLI side: tests/test_bad_files.py)
+
+
+def _store(tmp_path, attack: str, clean: torch.Tensor, stored: torch.Tensor, **params) -> Path:
+    """A store as `pst-dist poison` writes it, with metadata that agrees with ``stored`` (norms, hash)."""
+    import numpy as np
+
+    from pst_dist.poison import norms
+    from pst_dist.poison.store import FORMAT, save_dir
+
+    out = tmp_path / attack
+    meta = {"format": FORMAT, "attack": attack, "parameters": {"eps": 8 / 255, "l2": 0.0, **params},
+            "shape": list(stored.shape), "norms": norms(clean, stored)}
+    save_dir(out, {"train_images.npy": lambda f: np.save(f, stored.numpy())}, meta, "poison.json",
+             hash_of="train_images.npy")
+    return out
+
+
+@pytest.mark.parametrize("attack, change, match", [
+    ("lsp", "l2", r"L2 of the stored perturbation is .* above the budget of the lsp attack"),
+    ("ar", "l2", r"L2 of the stored perturbation .* the ar attack"),
+    ("ops", "two_pixels", r"changes 2 pixels of some image; the ops attack changes at most 1"),
+    ("em", "linf", r"L-inf of the stored perturbation is 9/255, above the budget of the em attack .*8/255"),
+])
+def test_stored_poison_beyond_its_attacks_budget(tmp_path, attack, change, match):
+    from pst_dist.poison import PoisonFileError
+    from pst_dist.poison.shortcuts import l2_budget
+    from pst_dist.poison.store import read_stored
+
+    clean, _ = _data(3, n=8)
+    clean = clean.clamp(40, 200)  # no clipping, no wrap-around: the perturbation is exactly what is added
+    d = torch.zeros(clean.shape, dtype=torch.int16)
+    if change == "l2":
+        budget = l2_budget(PoisonConfig(kind=attack), tuple(clean.shape[1:]))
+        d[:, :, :4, :4] = int(budget * 255 / 4) + 2  # 16 pixels x 3 channels: L2 above the budget
+    elif change == "two_pixels":
+        d[:, 0, 0, 0], d[:, 0, 5, 5] = 9, 9
+    else:
+        d[:, :, 0, 0] = 9
+    stored = (clean.to(torch.int16) + d).to(torch.uint8)
+    path = _store(tmp_path, attack, clean, stored)
+    with pytest.raises(PoisonFileError, match=match):
+        read_stored(path, clean, torch.arange(8), 8, eps=1.0)
+    within = (clean.to(torch.int16) + d.clamp(-1, 1) * (change != "two_pixels")).to(torch.uint8)
+    ok = _store(tmp_path / "ok", attack, clean, within)
+    assert torch.equal(read_stored(ok, clean, torch.arange(8), 8, eps=1.0), within)
+
+
+def test_stored_conv_blur_says_it_has_no_bound(tmp_path, capsys):
+    from pst_dist.poison.store import read_stored
+
+    clean, _ = _data(1, n=4)
+    stored = 255 - clean
+    read_stored(_store(tmp_path, "conv_blur", clean, stored), clean, torch.arange(4), 4)
+    assert "conv_blur has no Lp bound" in capsys.readouterr().err
+
+
+_GOOD = {"format": "pst-dist-poison/1", "attack": "classwise_noise", "shape": [4, 3, 8, 8],
+         "train_images_sha256": "0" * 64, "parameters": {"eps": 8 / 255}, "norms": {"linf": 0.03, "l2_max": 0.5}}
+
+
+@pytest.mark.parametrize("text, match", [
+    ("{not json", "poison.json is not valid JSON"),
+    ("[1, 2]", "poison.json is not a JSON object"),
+    ({"norms": None}, r"key 'norms' = None: expected a JSON object"),
+    ({"shape": "4x3x8x8"}, r"key 'shape' = '4x3x8x8': expected 4 positive integers"),
+    ({"shape": [4, 3, 8.0, 8]}, r"key 'shape' = \[4, 3, 8.0, 8\]"),
+    ({"attack": "magic"}, r"key 'attack' = 'magic': expected one of"),
+    ({"format": None}, r"key 'format' = None"),
+    ({"train_images_sha256": 5}, r"key 'train_images_sha256' = 5"),
+    ({"parameters": {"eps": "8/255"}}, r"key 'parameters.eps' = '8/255': expected a finite number"),
+    ({"norms": {"linf": float("nan"), "l2_max": 0.5}}, r"key 'norms.linf' = nan"),
+    ({"attack": "lsp", "parameters": {}}, r"key 'parameters.l2' = None"),
+])
+def test_stored_poison_metadata_errors(tmp_path, text, match):
+    import json
+
+    from pst_dist.poison import PoisonFileError
+    from pst_dist.poison.store import read_meta
+
+    (tmp_path / "poison.json").write_text(text if isinstance(text, str) else json.dumps({**_GOOD, **text}))
+    with pytest.raises(PoisonFileError, match=match) as e:
+        read_meta(tmp_path)
+    assert str(tmp_path / "poison.json") in str(e.value) and "\n" not in str(e.value)

@@ -2,7 +2,8 @@
 
 A beton directory holds ``train.beton`` (poisoned), ``val.beton`` and ``test.beton`` (clean) and ``beton.json``
 (what was written: source, poison and its measured norms, the data set fingerprint, normalisation statistics,
-each file's size and SHA-256). Images are stored ``raw`` (exact uint8) unless ``jpg`` is asked for explicitly:
+each file's size and SHA-256, checked when the directory is opened: about 1 s per GB, skipped with
+``--data.verify=false``). Images are stored ``raw`` (exact uint8) unless ``jpg`` is asked for explicitly:
 JPEG is itself a defense against unlearnable examples and would contaminate every result.
 
 Grayscale images are stored as three equal channels (FFCV's image field is RGB) and read back as one.
@@ -10,10 +11,13 @@ Grayscale images are stored as three equal channels (FFCV's image field is RGB) 
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import functools
 import hashlib
 import json
+import math
 import os
-import shutil
 import sys
 import time
 from dataclasses import asdict
@@ -23,10 +27,13 @@ import numpy as np
 import torch
 
 from ..config import Config
+from ..io import OutputError, atomic_dir, check_out_dir, read_json
+from ..io import sha256 as sha256  # re-exported: older callers import it from here
 from .sources import DataError, Split, Splits
 
 SPLITS = ("train", "val", "test")
 META = "beton.json"
+OWNED = (*(f"{k}.beton" for k in SPLITS), META)  # everything write-beton writes into --out: nothing else is replaced
 FORMAT = "pst-dist-beton/1"
 JPEG_WARNING = ("WARNING: write_mode='jpg' stores JPEG-compressed images (quality {q}). JPEG compression is itself "
                 "a defense against unlearnable examples (ISS), so every result on these files measures poison + "
@@ -60,12 +67,82 @@ class _Rows:
         return np.ascontiguousarray(img), int(self.y[i])
 
 
+def _ffcv_worker(work_fn, failures, *args) -> None:
+    """Run one FFCV writer worker; on any failure (a full disk: EFBIG, ENOSPC) report it to the parent and exit
+    quietly: the parent raises it as one error, instead of a worker traceback and a parent that waits forever."""
+    try:
+        work_fn(*args)
+    except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises it
+        failures.put((getattr(e, "errno", None), f"{type(e).__name__}: {e}"))
+        failures.close()
+        failures.join_thread()
+        os._exit(1)
+
+
+@functools.cache
+def _safe_writer_cls():
+    """FFCV 1.0.2's DatasetWriter with a parent loop that notices a failed worker. FFCV's own loop polls a sample
+    counter until every sample is written, so one worker dying (a full disk) hangs ``write-beton`` forever, and the
+    other workers spin waiting for the dead one's page."""
+    import ctypes
+    import queue
+    from multiprocessing import Process, Queue, Value
+
+    from ffcv.memory_allocator import MemoryAllocator
+    from ffcv.writer import DatasetWriter
+
+    class SafeWriter(DatasetWriter):
+        def _write_common(self, num_samples, queue_content, work_fn, extra_worker_args) -> None:
+            self.num_samples = num_samples
+            self.prepare()  # writes the header, creates the shared metadata block
+            work, allocations, failures = Queue(), Queue(), Queue()
+            for todo in queue_content:
+                work.put(todo)
+            for _ in range(self.num_workers):
+                work.put(None)  # one stop token per worker
+            done = Value(ctypes.c_uint64, 0)
+            allocator = MemoryAllocator(self.fname, self.data_region_start, self.page_size)
+            args = (work, self.metadata_sm, self.metadata_type, self.fields, allocator, done, allocations,
+                    *extra_worker_args)
+            procs = [Process(target=_ffcv_worker, args=(work_fn, failures, *args)) for _ in range(self.num_workers)]
+            try:
+                for p in procs:
+                    p.start()
+                table = []
+                while len(table) < len(procs):  # each worker sends its allocations once, when it is done
+                    try:
+                        table.append(allocations.get(timeout=0.2))
+                    except queue.Empty:
+                        dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+                        if dead:
+                            self._failed(failures, dead[0])
+                self.finalize([a for t in table for a in t])
+            except BaseException:
+                work.cancel_join_thread()  # unread chunks must not block this process's exit
+                raise
+            finally:
+                for p in procs:
+                    if p.is_alive():
+                        p.terminate()
+                    p.join()
+                self.metadata_sm.close()
+                self.metadata_sm.unlink()
+
+        def _failed(self, failures, exitcode: int) -> None:
+            try:
+                code, what = failures.get(timeout=5)
+            except queue.Empty:  # killed before it could say why (out of memory: exit code -9)
+                code, what = None, f"exit code {exitcode}"
+            raise OSError(code, os.strerror(code) if code else f"an FFCV writer process stopped ({what})", self.fname)
+
+    return SafeWriter
+
+
 def write_split(path: Path, images: torch.Tensor, labels: torch.Tensor, *, write_mode: str = "raw",
                 jpeg_quality: int = 90, num_workers: int = 2) -> None:
     """One split to one .beton at ``path`` (written in place: callers write into a temporary directory)."""
     _need_ffcv()
     from ffcv.fields import IntField, RGBImageField
-    from ffcv.writer import DatasetWriter
 
     if write_mode not in ("raw", "jpg"):
         raise ValueError(f"write_mode={write_mode!r}: expected 'raw' or 'jpg'")
@@ -76,16 +153,9 @@ def write_split(path: Path, images: torch.Tensor, labels: torch.Tensor, *, write
     sample_bytes = images.shape[2] * images.shape[3] * 3 + 4096
     page_size = max(1 << 21, 1 << (sample_bytes - 1).bit_length())  # FFCV: a power of 2, >= 2 MiB, >= a sample
     workers = max(1, min(num_workers, -(-len(labels) // 256)))  # each writer process fills pages of its own
-    writer = DatasetWriter(str(path), {"image": field, "label": IntField()}, page_size=page_size, num_workers=workers)
+    writer = _safe_writer_cls()(str(path), {"image": field, "label": IntField()}, page_size=page_size,
+                                num_workers=workers)
     writer.from_indexed_dataset(_Rows(images, labels), chunksize=256)
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def fingerprint(split: Split) -> str:
@@ -97,37 +167,73 @@ def fingerprint(split: Split) -> str:
     return h.hexdigest()
 
 
-def write_betons(cfg: Config, out: Path, *, write_mode: str = "raw", jpeg_quality: int = 90,
+def enter_out_dir(stack: contextlib.ExitStack, out: Path, replace: bool) -> Path:
+    """Enter :func:`pst_dist.io.atomic_dir` for ``out`` on ``stack`` and return the directory to fill. Done before
+    the expensive work, so that an --out that cannot be created (a file in its path, no permission, a read-only
+    disk) is an OutputError naming it at once, not after hours of generating."""
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise OutputError(f"--out {out}: {parent} is a file, not a directory; choose another --out")
+            break
+    try:
+        return stack.enter_context(atomic_dir(out, replace=replace))
+    except OSError as e:
+        raise OutputError(f"--out {out}: cannot be written there ({e.strerror or e}: {e.filename})") from None
+
+
+def write_failed(out: Path, e: OSError) -> OSError:
+    """A failed write into ``out``'s partial directory (already removed by atomic_dir), as one OSError naming
+    ``out``: numpy and FFCV report a full disk as a bare count of bytes written."""
+    full = e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT) or "requested and" in str(e)  # numpy's short write
+    hint = " (a full disk or a file size limit?)" if full else ""
+    return OSError(e.errno, f"writing it failed: {e.strerror or e}{hint}; an earlier output there is unchanged",
+                   str(out))
+
+
+def _is_beton_dir(out: Path) -> bool:
+    """Is ``out`` an earlier write-beton output (its beton.json names our format)?"""
+    try:
+        return read_json(out / META, META).get("format") == FORMAT
+    except OutputError:
+        return False
+
+
+def write_betons(cfg: Config, out: Path, *, overwrite: bool = False, write_mode: str = "raw", jpeg_quality: int = 90,
                  num_workers: int = 2, log=print) -> dict:
     """Build the configured data set and poison, write train/val/test .beton files and beton.json into ``out``.
 
-    Atomic: everything goes to a sibling ``.<name>.partial-<pid>`` directory that is renamed into place only when
-    complete, so an interrupted write leaves nothing that looks like a beton directory.
+    ``out`` is checked first (:func:`pst_dist.io.check_out_dir`): it must be new, empty, or an earlier write-beton
+    output to be replaced with ``overwrite``; anything else (a data set's own directory, a user's files) is refused
+    with OutputError and not touched. Atomic: everything goes to a hidden sibling ``.<name>.partial-<pid>`` directory
+    that is renamed into place only when complete, so an interrupted or failed write (full disk) leaves nothing and
+    an earlier output as it was.
     """
     from ..poison import norms
     from ..train import build_data
 
     if cfg.data.source == "beton":
         raise DataError("data.source='beton': the input is already a beton directory; pick the original source")
+    out = Path(out)
+    replace = check_out_dir(out, command="write-beton", marker=META, owned=OWNED, overwrite=overwrite,
+                            is_ours=_is_beton_dir)
     if write_mode == "jpg":
         log(JPEG_WARNING.format(q=jpeg_quality))
-    t0 = time.perf_counter()
-    data = build_data(cfg)  # validates every input before anything is written
-    s = data.splits
-    tensors = {"train": (data.poisoned_train, s.train.labels), "val": (s.val.images, s.val.labels),
-               "test": (s.test.images, s.test.labels)}
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with contextlib.ExitStack() as stack:
+        tmp = enter_out_dir(stack, out, replace)  # first: an unwritable --out fails before any of the work
+        t0 = time.perf_counter()
+        data = build_data(cfg)  # validates every input before anything is written
+        s = data.splits
+        tensors = {"train": (data.poisoned_train, s.train.labels), "val": (s.val.images, s.val.labels),
+                   "test": (s.test.images, s.test.labels)}
         files = {}
         for name, (x, y) in tensors.items():
             t = time.perf_counter()
-            write_split(tmp / f"{name}.beton", x, y, write_mode=write_mode, jpeg_quality=jpeg_quality,
-                        num_workers=num_workers)
             p = tmp / f"{name}.beton"
+            try:
+                write_split(p, x, y, write_mode=write_mode, jpeg_quality=jpeg_quality, num_workers=num_workers)
+            except OSError as e:
+                raise write_failed(out, e) from e
             files[name] = {"file": p.name, "num_samples": len(y), "bytes": p.stat().st_size, "sha256": sha256(p)}
             log(f"wrote {name}.beton: {len(y)} images, {p.stat().st_size / 2**20:.1f} MiB, "
                 f"{time.perf_counter() - t:.1f} s")
@@ -141,15 +247,10 @@ def write_betons(cfg: Config, out: Path, *, write_mode: str = "raw", jpeg_qualit
             "data_config": asdict(cfg.data), "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "seconds": round(time.perf_counter() - t0, 2),
         }
-        (tmp / META).write_text(json.dumps(meta, indent=2))
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        if out.exists():
-            os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        try:
+            (tmp / META).write_text(json.dumps(meta, indent=2))
+        except OSError as e:
+            raise write_failed(out, e) from e
     return meta
 
 
@@ -193,27 +294,84 @@ def check_beton(path: Path, expect_samples: int | None = None, expect_bytes: int
     return n
 
 
-class BetonDir:
-    """A directory written by :func:`write_betons`, validated on open."""
+def _bad(mp: Path, key: str, value: object, want: str) -> DataError:
+    shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
+    return DataError(f"{mp}: key {key!r} = {shown}: expected {want}")
 
-    def __init__(self, root: Path | str):
-        _need_ffcv()
+
+def _is_int(v: object) -> bool:
+    return type(v) is int  # not bool, not float
+
+
+def check_meta(meta: dict, mp: Path) -> None:
+    """Validate what :class:`BetonDir` and the trainer read from beton.json: DataError naming the key and value."""
+    if meta.get("format") != FORMAT:
+        raise _bad(mp, "format", meta.get("format"), repr(FORMAT))
+    shape = meta.get("shape")
+    if not isinstance(shape, list) or len(shape) != 3 or not all(_is_int(v) and v >= 1 for v in shape) \
+            or shape[0] not in (1, 3):
+        raise _bad(mp, "shape", shape, "3 positive integers [C, H, W] with C = 1 or 3")
+    if not _is_int(meta.get("num_classes")) or meta["num_classes"] < 2:
+        raise _bad(mp, "num_classes", meta.get("num_classes"), "an integer >= 2")
+    for key, positive in (("mean", False), ("std", True)):
+        v = meta.get(key)
+        ok = isinstance(v, list) and len(v) == shape[0] and all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and (x > 0 or not positive)
+            for x in v)
+        if not ok:
+            raise _bad(mp, key, v, f"{shape[0]} finite numbers (one per channel){', each > 0' if positive else ''}")
+    if meta.get("write_mode") not in ("raw", "jpg"):
+        raise _bad(mp, "write_mode", meta.get("write_mode"), "'raw' or 'jpg'")
+    if meta.get("lossy") is not (meta["write_mode"] == "jpg"):
+        raise _bad(mp, "lossy", meta.get("lossy"), f"{meta['write_mode'] == 'jpg'} for write_mode "
+                   f"{meta['write_mode']!r}")
+    if meta["lossy"] and not (_is_int(meta.get("jpeg_quality")) and 1 <= meta["jpeg_quality"] <= 100):
+        raise _bad(mp, "jpeg_quality", meta.get("jpeg_quality"), "an integer in [1, 100] for write_mode 'jpg'")
+    if not isinstance(meta.get("source"), str):
+        raise _bad(mp, "source", meta.get("source"), "a string")
+    splits = meta.get("splits")
+    if not isinstance(splits, dict):
+        raise _bad(mp, "splits", splits, "a JSON object with train, val, test")
+    for name in SPLITS:
+        info = splits.get(name)
+        if not isinstance(info, dict):
+            raise _bad(mp, f"splits.{name}", info, "a JSON object (num_samples, bytes, sha256)")
+        for key in ("num_samples", "bytes"):
+            if not _is_int(info.get(key)) or info[key] < 0:
+                raise _bad(mp, f"splits.{name}.{key}", info.get(key), "an integer >= 0")
+        digest = info.get("sha256")
+        if not isinstance(digest, str) or len(digest) != 64:
+            raise _bad(mp, f"splits.{name}.sha256", digest, "a SHA-256 hex digest (64 characters)")
+
+
+class BetonDir:
+    """A directory written by :func:`write_betons`, validated on open: beton.json's keys and values, each split
+    file's size, structure and (``verify``, the default; data.verify) SHA-256 against beton.json. The hash reads
+    every byte once: about 1 s per GB on one core; ``verify=False`` (``--data.verify=false``) skips only it."""
+
+    def __init__(self, root: Path | str, *, verify: bool = True):
         self.root = Path(root)
         if not self.root.is_dir():
             raise DataError(f"beton directory not found: {self.root} (write one with `pst-dist write-beton`)")
         mp = self.root / META
         if not mp.is_file():
             raise DataError(f"{self.root}: no {META}; not a directory written by `pst-dist write-beton`")
-        try:
-            self.meta = json.loads(mp.read_text())
-        except json.JSONDecodeError as e:
-            raise DataError(f"{mp}: not valid JSON ({e})") from e
-        if self.meta.get("format") != FORMAT:
-            raise DataError(f"{mp}: format {self.meta.get('format')!r}, expected {FORMAT!r}")
+        self.meta = read_json(mp, META, DataError)
+        check_meta(self.meta, mp)
+        for name in SPLITS:  # the checks without ffcv first: importing it takes seconds
+            info, path = self.meta["splits"][name], self.file(name)
+            if not path.is_file():
+                raise DataError(f"missing split file: {path}")
+            if path.stat().st_size != info["bytes"]:
+                raise DataError(f"{path}: {path.stat().st_size} bytes, {META} says {info['bytes']}: truncated or "
+                                f"replaced")
+            if verify and sha256(path) != info["sha256"]:
+                raise DataError(f"{path}: changed since it was written (its SHA-256 differs from {META}'s): refusing "
+                                f"to train on it. The check reads the file once (about 1 s per GB); "
+                                f"--data.verify=false skips it")
+        _need_ffcv()
         for name in SPLITS:
-            info = self.meta["splits"].get(name)
-            if info is None:
-                raise DataError(f"{mp}: no entry for split {name!r}")
+            info = self.meta["splits"][name]
             check_beton(self.file(name), info["num_samples"], info["bytes"])
         self.channels = int(self.meta["shape"][0])
 
@@ -250,7 +408,7 @@ def beton_data(cfg: Config):
     if cfg.poison.kind != "none":
         raise DataError(f"data.source='beton' already holds its poison; set poison.kind='none' "
                         f"(found poison.kind={cfg.poison.kind!r})")
-    b = BetonDir(cfg.data.root)
+    b = BetonDir(cfg.data.root, verify=cfg.data.verify)
     if b.meta["lossy"]:
         print(JPEG_WARNING.format(q=b.meta["jpeg_quality"]), file=sys.stderr)
     workers = cfg.data.loader_workers

@@ -14,7 +14,7 @@ def poison_train(images: torch.Tensor, labels: torch.Tensor, index: torch.Tensor
     """Poisoned uint8 copy of a training split (``index``: rows in the source's split of ``source_size``).
     The model-based attacks (em, rem, tap) need the whole config ``full`` (model, device, precision)."""
     if cfg.kind == "file":
-        return import_poison(images, index, source_size, cfg, labels)
+        return import_poison(images, index, source_size, cfg, labels, verify=full is None or full.data.verify)
     if cfg.kind in MODEL_POISONS:
         from .model_based import ATTACKS
 

@@ -45,13 +45,14 @@ def to_nchw(t: torch.Tensor, n: int, chw: tuple[int, int, int], path: Path) -> t
 
 
 def import_poison(images: torch.Tensor, index: torch.Tensor, source_size: int, cfg: PoisonConfig,
-                  labels: torch.Tensor | None = None) -> torch.Tensor:
-    """Poisoned uint8 images for ``images`` (rows ``index`` of the source's training split of ``source_size``)."""
+                  labels: torch.Tensor | None = None, *, verify: bool = True) -> torch.Tensor:
+    """Poisoned uint8 images for ``images`` (rows ``index`` of the source's training split of ``source_size``).
+    ``verify`` (data.verify): check a `pst-dist poison` store's SHA-256 (about 1 s per GB)."""
     path = Path(cfg.path)
     if path.is_dir() and (path / "poison.json").is_file():  # written by `pst-dist poison`: checked against its
-        from .store import read_stored  # own metadata, not against poison.eps
+        from .store import read_stored  # metadata, its attack's budget and poison.eps
 
-        return read_stored(path, images, index, source_size)
+        return read_stored(path, images, index, source_size, eps=cfg.eps, verify=verify)
     if path.is_dir():  # a folder of poisoned image files
         from .folder import read_folder
 

@@ -1,0 +1,295 @@
+"""Bad inputs to `pst-dist poison`, `write-beton` and training, through the real CLI: each test makes its bad input
+itself, then checks that the command is refused with a one-line error naming the bad value, that a file of the
+user's placed beside (or inside) the output survives, and that nothing partial is left (conftest.assert_refused).
+
+Real files throughout: .beton directories from `pst-dist write-beton` and poison stores from `pst-dist poison` on the
+tiny synthetic data set, made once per module and copied per test."""
+
+import copy
+import json
+import resource
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pst_dist.io import sha256
+
+from .conftest import MARKER_TEXT, TINY, assert_refused, partial_files, place_marker, run_cli
+
+ATTACK = "--poison.kind=classwise_noise"  # L-inf 8/255, the default poison.eps
+TRAIN_1 = [*TINY, "--train.epochs=1"]
+# a store holds every image of the source's training split; the synthetic source sizes that split by val_from, so
+# the store's maker and its reader both take the validation images from the test split
+STORE_DATA = [*TINY, "--data.val_from=test"]
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    """Every file under ``root`` (relative name -> bytes): 'unchanged byte for byte' is equality of two trees."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def copy_dir(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def beton_src(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("beton") / "b"
+    run = run_cli("write-beton", "--out", out, *TINY, ATTACK, "--workers=1")
+    assert run.returncode == 0, run.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def store_src(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("store") / "p"
+    run = run_cli("poison", "--out", out, *STORE_DATA, ATTACK)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return out
+
+
+def train_on_beton(root: Path, tmp_path: Path, *extra: str):
+    return run_cli("train", *TRAIN_1, "--data.source=beton", f"--data.root={root}",
+                   f"--log.run_dir={tmp_path / 'run'}", *extra)
+
+
+def train_on_store(store: Path, tmp_path: Path, *extra: str):
+    return run_cli("train", *TRAIN_1, "--data.val_from=test", "--poison.kind=file", f"--poison.path={store}",
+                   f"--log.run_dir={tmp_path / 'run'}", *extra)
+
+
+def clean_source_order() -> np.ndarray:
+    """The clean training images of TINY's source in its own order: what a poison store perturbs, row for row."""
+    import torch
+
+    from pst_dist.config import load_config
+    from pst_dist.data.sources import load_splits
+
+    data = copy.deepcopy(load_config(None, list(STORE_DATA)).data)
+    data.val_from, data.train_size = "test", 0  # as `pst-dist poison` loads it: every training image
+    tr = load_splits(data).train
+    return tr.images[torch.argsort(tr.index)].numpy()
+
+
+def rewrite_store(store: Path, arr: np.ndarray, clean: np.ndarray | None = None) -> None:
+    """Replace a store's array and rewrite its metadata to match (hash; norms when ``clean`` is given), as someone
+    covering their tracks would."""
+    import torch
+
+    from pst_dist.poison import norms
+
+    np.save(store / "train_images.npy", arr)
+    meta = json.loads((store / "poison.json").read_text())
+    meta["train_images_sha256"] = sha256(store / "train_images.npy")
+    if clean is not None:
+        meta["norms"] = norms(torch.from_numpy(clean), torch.from_numpy(arr))
+    (store / "poison.json").write_text(json.dumps(meta))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# output locations: nothing the user had is deleted or changed
+
+
+def test_poison_refuses_a_foreign_non_empty_out(tmp_path):
+    out = tmp_path / "mine"
+    marker = place_marker(out)
+    (out / "sub").mkdir()
+    (out / "sub" / "notes.txt").write_text("keep")
+    run = run_cli("poison", "--out", out, *STORE_DATA, ATTACK)
+    assert_refused(run, names=[str(out), "USER_FILE.txt"], markers=[marker], root=tmp_path, code=2)
+    assert (out / "sub" / "notes.txt").read_text() == "keep"
+
+
+def test_write_beton_refuses_the_data_root_as_out(tmp_path):
+    from PIL import Image
+
+    root = tmp_path / "images"
+    for k in range(2):
+        (root / f"class{k}").mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(np.full((16, 16, 3), 40 * k + i, np.uint8)).save(root / f"class{k}" / f"{i}.png")
+    marker = place_marker(root)
+    before = tree(root)
+    run = run_cli("write-beton", "--out", root, *TINY, "--data.source=imagefolder", f"--data.root={root}")
+    assert_refused(run, names=[str(root)], markers=[marker], root=tmp_path, code=2)
+    assert tree(root) == before, "the data set was changed"
+
+
+def test_earlier_output_is_kept_without_overwrite(tmp_path, store_src):
+    out = copy_dir(store_src, tmp_path / "p")
+    marker = place_marker(tmp_path)
+    before = tree(out)
+    run = run_cli("poison", "--out", out, *STORE_DATA, ATTACK, "--poison.seed=1")
+    assert_refused(run, names=[str(out), "--overwrite"], markers=[marker], root=tmp_path, code=2)
+    assert tree(out) == before
+
+
+def test_earlier_output_is_replaced_with_overwrite(tmp_path, store_src):
+    out = copy_dir(store_src, tmp_path / "p")
+    marker = place_marker(tmp_path)
+    before = tree(out)
+    run = run_cli("poison", "--out", out, *STORE_DATA, ATTACK, "--poison.seed=1", "--overwrite")
+    assert run.returncode == 0, run.stderr[-3000:]
+    after = tree(out)
+    assert sorted(after) == ["poison.json", "train_images.npy"]
+    assert after["train_images.npy"] != before["train_images.npy"], "not replaced"
+    assert json.loads(after["poison.json"])["seed"] == 1
+    assert marker.read_text() == MARKER_TEXT and not partial_files(tmp_path)
+
+
+def test_overwrite_refuses_an_earlier_output_holding_a_foreign_file(tmp_path, store_src):
+    out = copy_dir(store_src, tmp_path / "p")
+    marker = place_marker(out)  # the user's file inside the earlier output: --overwrite would lose it
+    before = tree(out)
+    run = run_cli("poison", "--out", out, *STORE_DATA, ATTACK, "--overwrite")
+    assert_refused(run, names=[str(out), "USER_FILE.txt"], markers=[marker], root=tmp_path, code=2)
+    assert tree(out) == before
+
+
+def test_out_that_is_a_file(tmp_path):
+    out = tmp_path / "result"
+    out.write_text(MARKER_TEXT)  # the user's file at the very path asked for
+    run = run_cli("write-beton", "--out", out, *TINY, ATTACK)
+    assert_refused(run, names=[str(out), "not a directory"], markers=[out], root=tmp_path, code=2)
+
+
+def test_out_under_a_file(tmp_path):
+    marker = place_marker(tmp_path)
+    out = marker / "p"  # its parent is a regular file: it cannot be created (as root, a read-only parent could)
+    run = run_cli("poison", "--out", out, *STORE_DATA, ATTACK)
+    assert_refused(run, names=[str(out), str(marker)], markers=[marker], root=tmp_path, code=2)
+    assert "[poison]" not in run.stderr, "the poison was generated before the unusable --out was noticed"
+
+
+def test_full_disk_keeps_the_earlier_output(tmp_path, store_src):
+    """A file size limit mid-write (RLIMIT_FSIZE: writes fail with EFBIG, as on a full disk): the earlier output is
+    as it was and no partial directory is left. (write-beton's FFCV writer processes under the same limit:
+    test_beton.test_full_disk_stops_the_ffcv_writer.)"""
+    out = copy_dir(store_src, tmp_path / "out")
+    marker = place_marker(tmp_path)
+    before = tree(out)
+
+    def limit_file_size():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))  # the array needs 197 kB
+
+    run = subprocess.run([sys.executable, "-m", "pst_dist.cli", "poison", "--out", str(out), *STORE_DATA, ATTACK,
+                          "--poison.seed=1", "--overwrite"], capture_output=True, text=True, timeout=180,
+                         preexec_fn=limit_file_size)
+    assert_refused(run, names=[str(out), "writing it failed", "file size limit"], markers=[marker], root=tmp_path)
+    assert tree(out) == before
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# stored inputs changed after they were written
+
+
+def flip_pixel_bytes(beton: Path, n: int = 64) -> None:
+    """Invert ``n`` bytes of the first training image's raw pixels inside ``beton`` (found by their content, which
+    needs no ffcv import in this process): same size, same structure, another image."""
+    from pst_dist.config import load_config
+    from pst_dist.data.sources import load_splits
+    from pst_dist.poison import apply_poison
+
+    cfg = load_config(None, [*TINY, ATTACK])
+    splits = load_splits(cfg.data)
+    first = apply_poison(splits.train.images, splits.train.labels, cfg.poison, splits.num_classes)[0]
+    pixels = first.permute(1, 2, 0).contiguous().numpy().tobytes()  # raw mode stores H x W x 3 uint8
+    data = bytearray(beton.read_bytes())
+    at = data.find(pixels)
+    assert at > 0 and data.find(pixels, at + 1) < 0, "the first image's pixels not found once in the .beton"
+    data[at: at + n] = bytes(b ^ 0xFF for b in data[at: at + n])
+    beton.write_bytes(bytes(data))
+
+
+def test_beton_with_flipped_pixel_bytes(tmp_path, beton_src):
+    root = copy_dir(beton_src, tmp_path / "b")
+    marker = place_marker(tmp_path)
+    flip_pixel_bytes(root / "train.beton")
+    run = train_on_beton(root, tmp_path)
+    assert_refused(run, names=["train.beton", "changed since it was written", "--data.verify=false"],
+                   markers=[marker], root=tmp_path, code=2)
+
+
+def test_beton_with_a_changed_label(tmp_path, beton_src):
+    from ffcv.reader import Reader
+    from ffcv.types import HeaderType
+
+    root = copy_dir(beton_src, tmp_path / "b")
+    marker = place_marker(tmp_path)
+    r = Reader(str(root / "train.beton"))
+    # sample 0's label: in the per-sample table that follows the header and the field descriptors
+    at = HeaderType.itemsize + r.field_descriptors.nbytes + r.metadata.dtype.fields["f1"][1]
+    size = (root / "train.beton").stat().st_size
+    with open(root / "train.beton", "r+b") as f:
+        f.seek(at)
+        f.write(np.int64((int(r.metadata["f1"][0]) + 1) % 10).tobytes())  # sample 0 now claims another class
+    assert (root / "train.beton").stat().st_size == size
+    assert int(Reader(str(root / "train.beton")).metadata["f1"][0]) != int(r.metadata["f1"][0])
+    run = train_on_beton(root, tmp_path)
+    assert_refused(run, names=["train.beton", "changed since it was written"], markers=[marker], root=tmp_path,
+                   code=2)
+
+
+def test_broken_beton_json(tmp_path, beton_src):
+    root = copy_dir(beton_src, tmp_path / "b")
+    marker = place_marker(tmp_path)
+    text = (root / "beton.json").read_text()
+    (root / "beton.json").write_text(text[: len(text) // 2])  # cut off mid-write by something else
+    run = train_on_beton(root, tmp_path)
+    assert_refused(run, names=[str(root / "beton.json"), "not valid JSON"], markers=[marker], root=tmp_path, code=2)
+
+
+def test_data_verify_false_skips_the_hash_check(tmp_path, store_src):
+    """--data.verify=false, the documented way past the hash check (it costs one read of every stored byte): the
+    store is opened without it, and the checks after it still refuse the changed array, for their own reason. (The
+    same flag on a .beton directory: test_beton.test_verify_false_skips_only_the_hash.)"""
+    store = copy_dir(store_src, tmp_path / "p")
+    marker = place_marker(tmp_path)
+    clean = clean_source_order()
+    np.save(store / "train_images.npy", np.where(clean < 128, 255, 0).astype(np.uint8))  # poison.json untouched
+    run = train_on_store(store, tmp_path, "--data.verify=false")
+    assert_refused(run, names=[str(store), "does not fit this data set"], markers=[marker], root=tmp_path, code=2)
+    assert "changed since it was written" not in run.stderr
+
+
+def test_store_with_a_255_perturbation_and_matching_metadata(tmp_path, store_src):
+    store = copy_dir(store_src, tmp_path / "p")
+    marker = place_marker(tmp_path)
+    clean = clean_source_order()
+    rewrite_store(store, np.where(clean < 128, 255, 0).astype(np.uint8), clean)  # norms and hash agree with it
+    run = train_on_store(store, tmp_path, "--poison.eps=1")  # a config that would accept anything
+    assert_refused(run, names=[str(store), "L-inf", "parameters.eps = 8/255"], markers=[marker], root=tmp_path,
+                   code=2)
+
+
+def test_store_within_its_attack_but_above_the_configured_eps(tmp_path, store_src):
+    store = copy_dir(store_src, tmp_path / "p")
+    marker = place_marker(tmp_path)
+    run = train_on_store(store, tmp_path, "--poison.eps=0.01")  # 3/255 < the stored 8/255
+    assert_refused(run, names=[str(store), "8/255", "poison.eps = 3/255"], markers=[marker], root=tmp_path, code=2)
+
+
+def test_store_with_a_float32_array(tmp_path, store_src):
+    store = copy_dir(store_src, tmp_path / "p")
+    marker = place_marker(tmp_path)
+    arr = np.load(store / "train_images.npy")
+    rewrite_store(store, arr.astype(np.float32) + 0.4)  # 0.4-255.4: would be trained unscaled
+    run = train_on_store(store, tmp_path)
+    assert_refused(run, names=["train_images.npy", "float32", "uint8"], markers=[marker], root=tmp_path, code=2)
+
+
+def test_broken_poison_json(tmp_path, store_src):
+    store = copy_dir(store_src, tmp_path / "p")
+    marker = place_marker(tmp_path)
+    meta = json.loads((store / "poison.json").read_text())
+    del meta["norms"]
+    meta["shape"] = "256x3x16x16"  # (every other broken key and value: test_poison.test_stored_poison_metadata_errors)
+    (store / "poison.json").write_text(json.dumps(meta))
+    run = train_on_store(store, tmp_path)
+    assert_refused(run, names=[str(store / "poison.json"), "'shape'", "256x3x16x16"], markers=[marker],
+                   root=tmp_path, code=2)
