@@ -110,10 +110,11 @@ def run_cell(base: dict, attack: str, run: str, seed: int, out: str, poison_dir:
     if poison_dir is not None:
         poisoned = torch.from_numpy(np.load(Path(poison_dir) / "train_images.npy", allow_pickle=False))
     run_dir = Path(cfg.log.run_dir)
-    resume = (run_dir / "checkpoint.pt").is_file()
+    resume = (run_dir / "checkpoint.pt").is_file() and not _failed(run_dir)
     t0 = time.time()
     data = build_data(cfg, poisoned=poisoned)
-    summary = train(cfg, resume=resume, data=data)
+    # the cell's directory is the bench's own: an interrupted cell resumes, a failed or half-begun one starts over
+    summary = train(cfg, resume=resume, data=data, overwrite=not resume)
     return {"attack": attack, "run": run, "seed": seed, "seconds": round(time.time() - t0, 1), "resumed": resume,
             **{k: summary[k] for k in ("final_test_acc", "peak_test_acc", "test_acc_at_best_val", "final_val_acc")}}
 
@@ -159,6 +160,15 @@ def recipe_change(run_dir: Path, cfg: Config) -> dict[str, tuple]:
 def changes(was: dict, now: dict) -> dict[str, tuple]:
     """{key: (was, now)} for every key whose value differs (missing counts as None)."""
     return {k: (was.get(k), now.get(k)) for k in sorted(set(was) | set(now)) if was.get(k) != now.get(k)}
+
+
+def _failed(run_dir: Path) -> bool:
+    """Whether the run in ``run_dir`` ended as failed (diverged): it is run again, not reported."""
+    f = run_dir / "summary.json"
+    try:
+        return f.is_file() and json.loads(f.read_text()).get("status", "finished") != "finished"
+    except (OSError, ValueError):
+        return True
 
 
 def runs_needed(defenses: list[str]) -> list[str]:
@@ -227,7 +237,7 @@ def run_bench(config: str, overrides: list[str]) -> dict:
             say(f"cell {a} / {r} / seed {s}: its recipe changed (was, now: {changed}); running it again, the old "
                 f"run moved to {old}")
         f = run_dir / "summary.json"
-        if f.is_file():
+        if f.is_file() and not _failed(run_dir):
             sm = json.loads(f.read_text())
             done[(a, r, s)] = {"attack": a, "run": r, "seed": s, "seconds": None, "resumed": False,
                                **{k: sm[k] for k in ("final_test_acc", "peak_test_acc", "test_acc_at_best_val",
