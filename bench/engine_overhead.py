@@ -26,12 +26,13 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from pst_dist.config import load_config  # noqa: E402
+from pst_dist.data.pipeline import Normalize  # noqa: E402
 from pst_dist.distributed import DistInfo, build_engine, teardown  # noqa: E402
 from pst_dist.models import build_model  # noqa: E402
 from pst_dist.pst.freeze import trace_units  # noqa: E402
 from pst_dist.pst.groups import layer_groups  # noqa: E402
 from pst_dist.pst.schedule import Schedule  # noqa: E402
-from pst_dist.train import Normalize, build_optimizer, train_step  # noqa: E402
+from pst_dist.train import build_optimizer, train_step  # noqa: E402
 
 MODEL = ["--model.name=resnet18", "--model.width=0.5", "--train.optimizer=adamw", "--train.batch_size=64",
          "--data.img_size=32"]

@@ -14,11 +14,12 @@ import time
 import torch
 
 from pst_dist.config import Config, ModelConfig, StageConfig
+from pst_dist.data.pipeline import Normalize
 from pst_dist.models import build_model
 from pst_dist.pst.freeze import trace_units
 from pst_dist.pst.groups import layer_groups
 from pst_dist.pst.schedule import Schedule
-from pst_dist.train import Normalize, build_optimizer, train_step
+from pst_dist.train import build_optimizer, train_step
 
 
 def main() -> None:

@@ -29,22 +29,15 @@ import torch
 
 from .config import Config, ConfigError, apply_overrides, from_dict, load_config, to_dict
 from .metrics import write_atomic
+from .registry import DEFENSES
 
 STANDARD = [{"name": "standard"}]
 
 
 def run_of(defense: str) -> tuple[str, list[str]]:
-    """(the run it is read from, the config overrides of that run)."""
-    std = ['schedule.stages=[{name="standard"}]']
-    return {
-        "standard": ("standard", std),
-        "early_stop": ("standard", std),
-        "jpeg10": ("jpeg10", [*std, 'defense.kind="jpeg"', "defense.jpeg_quality=10"]),
-        "grayscale": ("grayscale", [*std, 'defense.kind="grayscale"']),
-        "ueraser": ("ueraser", [*std, 'data.augment="ueraser"']),
-        "adv": ("adv", [*std, 'defense.kind="adv"']),
-        "pst": ("pst", []),
-    }[defense]
+    """(the run it is read from, the config overrides of that run): :data:`pst_dist.registry.DEFENSES`."""
+    d = DEFENSES.entry(defense).data
+    return d["run"], list(d["overrides"])
 
 
 def _cfg(base: dict, overrides: list[str]) -> Config:
@@ -76,24 +69,21 @@ def make_poison(base: dict, attack: str, seed: int, path: str, threads: int) -> 
     """Generate one attack on the training split and store it at ``path`` (atomic directory rename)."""
     import numpy as np
 
-    from .data.beton import fingerprint
-    from .data.sources import load_splits
-    from .poison import norms, poison_train
-    from .poison.model_based import LAST_RUN
+    from .data.sources import fingerprint, load_splits
+    from .poison import make_poison, norms
     from .poison.store import save_dir
 
     _threads(threads)
     cfg = poison_cfg(base, attack, seed)
     splits = load_splits(cfg.data)
     tr = splits.train
-    LAST_RUN.clear()
     t0 = time.time()
-    poisoned = poison_train(tr.images, tr.labels, tr.index, splits.source_train_size, cfg.poison, splits.num_classes,
-                            full=cfg)
+    poisoned, info = make_poison(tr.images, tr.labels, tr.index, splits.source_train_size, cfg.poison,
+                                 splits.num_classes, full=cfg)
     seconds = time.time() - t0
     meta = {"attack": attack, "seed": seed, "parameters": asdict(cfg.poison), "seconds": round(seconds, 2),
             "norms": norms(tr.images, poisoned), "clean_train_sha256": fingerprint(tr), "rows": len(tr),
-            "model_based": dict(LAST_RUN), "model": asdict(cfg.model)}
+            "model_based": info, "model": asdict(cfg.model)}
     save_dir(Path(path), {"train_images.npy": lambda f: np.save(f, poisoned.numpy())}, meta, "poison.json")
     return meta
 
@@ -101,7 +91,8 @@ def make_poison(base: dict, attack: str, seed: int, path: str, threads: int) -> 
 def run_cell(base: dict, attack: str, run: str, seed: int, out: str, poison_dir: str | None, threads: int) -> dict:
     import numpy as np
 
-    from .train import build_data, train
+    from .data.pipeline import build_data
+    from .train import train
 
     _threads(threads)
     cfg = cell_cfg(base, attack, run, seed, Path(out))

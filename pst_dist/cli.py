@@ -37,7 +37,7 @@ def cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def cmd_write_beton(args: argparse.Namespace, rest: list[str]) -> int:
-    from .data.beton import write_betons
+    from .data.pipeline import write_betons
 
     cfg = load_config(args.config, _split_overrides(rest))
     meta = write_betons(cfg, Path(args.out), overwrite=args.overwrite, write_mode=args.mode,
@@ -65,7 +65,7 @@ def cmd_tune(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def cmd_poison(args: argparse.Namespace, rest: list[str]) -> int:
-    from .poison.store import write_poisoned
+    from .data.pipeline import write_poisoned
 
     cfg = load_config(args.config, _split_overrides(rest))
     meta = write_poisoned(cfg, Path(args.out), overwrite=args.overwrite, log=lambda m: print(m, file=sys.stderr))

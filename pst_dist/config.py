@@ -18,6 +18,10 @@ try:
 except ModuleNotFoundError:  # Python 3.10: the same parser as the tomli package
     import tomli as tomllib
 
+from .registry import ATTACKS, DEFENSES
+from .registry import TRIGGERS as TRIGGER_TABLE
+from .registry import VIEWS as VIEW_TABLE
+
 
 class ConfigError(ValueError):
     """A config key or value is wrong; the message names it."""
@@ -79,21 +83,17 @@ class DataConfig:
 
 
 SOURCES = {"synthetic", "fashion-mnist", "cifar10", "cifar100", "imagefolder", "beton"}
-POISONS = {"none", "classwise_noise", "patch_noise", "lsp", "ar", "ops", "conv_blur", "em", "rem", "tap", "file"}
-MODEL_POISONS = {"em", "rem", "tap"}
+POISONS = {"none", "file", *ATTACKS}  # attacks: pst_dist.registry.ATTACKS
+MODEL_POISONS = set(ATTACKS.names("model"))
 AUGMENTS = ("none", "crop", "crop_flip", "rrc_flip", "ueraser")
 
 
 @dataclass
 class PoisonConfig:
     kind: str = "none"
-    """none | classwise_noise (per-pixel uniform +-eps, one pattern per class) |
-    patch_noise (LSP-like +-eps patches, L-inf eps) | lsp (class-wise patch clusters, L2 budget ``l2``) |
-    ar (class-wise autoregressive filters, a draw per image, L2 budget ``l2``) | ops (one pixel per image, position and
-    colour searched per class: L0 = 1) | conv_blur (class-wise random convolution, no Lp bound) |
-    em (error-minimizing noise against a surrogate from [model], ``granularity`` sample or class) | rem (robust EM:
-    min-min-max, adversarial radius ``adv_eps``) | tap (targeted PGD towards class y+1 against a [model] trained
-    here on the clean images) | file (a poison made elsewhere, see ``path``)."""
+    """none | file (a poison made elsewhere, see ``path``) | an attack of ``pst_dist.registry.ATTACKS`` (each with
+    its one-line description there; ``pst-dist keys`` lists them): classwise_noise, patch_noise, lsp, ar, ops,
+    conv_blur, em, rem, tap, ..."""
     path: str = ""
     """kind=file: .pt (loaded with weights_only=True) or .npy, one row per image of the source's training split
     in its own order, N x C x H x W or N x H x W x C: float offsets in [0, 1] pixel units, or uint8 poisoned
@@ -180,10 +180,10 @@ class ModelConfig:
         _check(self.block_groups >= 1, f"model.block_groups={self.block_groups}: must be >= 1")
 
 
-TRIGGERS = {"shortcut_gap", "train_acc", "cluster"}
+TRIGGERS = set(TRIGGER_TABLE)  # pst_dist.registry.TRIGGERS
 
 
-VIEWS = ("blur", "randblur", "downup", "gray", "jpeg", "quantize")
+VIEWS = tuple(VIEW_TABLE)  # pst_dist.registry.VIEWS
 
 
 def parse_view(view: str, strength: float = 1.0) -> list[tuple[str, float]]:
@@ -526,7 +526,7 @@ class TuneConfig:
         _check(bool(self.name) and "/" not in self.name, f"tune.name={self.name!r}: a non-empty name without '/'")
 
 
-BENCH_DEFENSES = ("standard", "early_stop", "jpeg10", "grayscale", "ueraser", "adv", "pst")
+BENCH_DEFENSES = tuple(DEFENSES)  # pst_dist.registry.DEFENSES
 
 
 @dataclass
@@ -560,7 +560,7 @@ class BenchConfig:
         _check(not bad and bool(self.defenses), f"bench.defenses={self.defenses}: {bad or 'empty'}; expected names "
                f"from {list(BENCH_DEFENSES)}")
         _check(self.seeds >= 1 and self.jobs >= 1, f"bench.seeds={self.seeds}, bench.jobs={self.jobs}: must be >= 1")
-        runs = {"standard", "jpeg10", "grayscale", "ueraser", "adv", "pst"}
+        runs = {e.data["run"] for e in DEFENSES.values()}
         bad = [k for k in self.defense_overrides if k not in runs]
         _check(not bad, f"bench.defense_overrides: unknown run(s) {bad}; expected from {sorted(runs)}")
         bad = [k for k in self.attack_overrides if k not in POISONS or k == "file"]

@@ -32,20 +32,20 @@ def squeeze_train(images: torch.Tensor, cfg: DefenseConfig) -> torch.Tensor:
     return images
 
 
-def pgd_examples(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, normalize,
-                 cfg: DefenseConfig) -> torch.Tensor:
+def pgd_examples(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, normalize, eps: float, step: float,
+                 steps: int) -> torch.Tensor:
     """L-inf PGD examples of ``x`` (floats in [0, 1]) that raise the model's cross-entropy: a uniform random start in
-    the eps-ball, ``adv_steps`` signed-gradient steps of ``adv_step``. The model's modules are in eval mode during the
+    the ``eps``-ball, ``steps`` signed-gradient steps of ``step``. The model's modules are in eval mode during the
     attack (BatchNorm statistics untouched) and get their own modes back after; parameter gradients are not touched."""
     modes = [m.training for m in model.modules()]
     model.eval()
     try:
-        delta = (torch.rand_like(x) * 2 - 1) * cfg.adv_eps
-        for _ in range(cfg.adv_steps):
+        delta = (torch.rand_like(x) * 2 - 1) * eps
+        for _ in range(steps):
             xa = (x + delta).clamp(0, 1).requires_grad_(True)
             loss = torch.nn.functional.cross_entropy(model(normalize(xa)).float(), y)
             (grad,) = torch.autograd.grad(loss, xa)
-            delta = (delta + cfg.adv_step * grad.sign()).clamp(-cfg.adv_eps, cfg.adv_eps)
+            delta = (delta + step * grad.sign()).clamp(-eps, eps)
     finally:
         for m, mode in zip(model.modules(), modes, strict=True):
             m.training = mode

@@ -100,11 +100,13 @@ def run_diagnose(cfg: Config, out: Path, probe_size: int = 2000, overwrite: bool
     from torch.utils.tensorboard import SummaryWriter
 
     from .config import ConfigError
+    from .data.pipeline import Normalize, build_data
+    from .distributed import build_device
     from .io import check_out_dir
     from .models import build_model
     from .pst.freeze import trace_units
     from .pst.groups import layer_groups
-    from .train import Normalize, build_data, build_device, setup_seed, train
+    from .train import setup_seed, train
 
     earlier = check_out_dir(out, command="diagnose", marker="diagnose.jsonl", owned=DIAGNOSE_FILES,
                             overwrite=overwrite)

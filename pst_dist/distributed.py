@@ -26,6 +26,17 @@ class DistInfo:
 _OWN_GROUP = False  # whether this module created the process group (Ray Train creates and destroys its own)
 
 
+def build_device(cfg) -> torch.device:
+    """``train.device``: auto (CUDA when there is a GPU) | cpu | cuda."""
+    if cfg.train.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.train.device == "cuda" and not torch.cuda.is_available():
+        from .config import ConfigError
+
+        raise ConfigError("train.device='cuda' but no CUDA device is available")
+    return torch.device(cfg.train.device)
+
+
 def init_distributed(device: str, single_process_group: bool = False) -> DistInfo:
     """Read the launcher's environment; join the process group when there is more than one process.
 

@@ -14,6 +14,7 @@ not write is ever deleted or overwritten:
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -177,3 +178,27 @@ def atomic_dir(out: Path, *, replace: bool = False) -> Iterator[Path]:
             os.replace(tmp, out)  # rename(2) replaces an empty directory
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def enter_out_dir(stack: contextlib.ExitStack, out: Path, replace: bool) -> Path:
+    """Enter :func:`pst_dist.io.atomic_dir` for ``out`` on ``stack`` and return the directory to fill. Done before
+    the expensive work, so that an --out that cannot be created (a file in its path, no permission, a read-only
+    disk) is an OutputError naming it at once, not after hours of generating."""
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise OutputError(f"--out {out}: {parent} is a file, not a directory; choose another --out")
+            break
+    try:
+        return stack.enter_context(atomic_dir(out, replace=replace))
+    except OSError as e:
+        raise OutputError(f"--out {out}: cannot be written there ({e.strerror or e}: {e.filename})") from None
+
+
+def write_failed(out: Path, e: OSError) -> OSError:
+    """A failed write into ``out``'s partial directory (already removed by atomic_dir), as one OSError naming
+    ``out``: numpy and FFCV report a full disk as a bare count of bytes written."""
+    full = e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT) or "requested and" in str(e)  # numpy's short write
+    hint = " (a full disk or a file size limit?)" if full else ""
+    return OSError(e.errno, f"writing it failed: {e.strerror or e}{hint}; an earlier output there is unchanged",
+                   str(out))

@@ -11,7 +11,7 @@ import json
 import math
 import random
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -20,14 +20,13 @@ from torchvision.utils import make_grid
 from tqdm import tqdm
 
 from .config import Config, ConfigError, dump_toml
-from .data.loaders import TensorBatches
-from .data.sources import DataError, Splits, channel_stats, load_splits
-from .defenses import squeeze_train
+from .data.pipeline import Data, Normalize, build_data, build_loader
 from .distributed import (
     DeepSpeedEngine,
     DistInfo,
     TorchEngine,
     broadcast_buffers,
+    build_device,
     build_engine,
     init_distributed,
     mean_across_ranks,
@@ -36,97 +35,12 @@ from .distributed import (
 from .io import write_atomic
 from .metrics import Metrics, git_sha, library_versions
 from .models import build_model
-from .poison import poison_train
 from .pst.detectors import probe_metrics, trigger_value
 from .pst.freeze import GroupedModel, param_groups, set_group_lrs, trace_units
 from .pst.groups import layer_groups
 from .pst.losses import stage_loss
 from .pst.schedule import ActiveStage, Schedule, lr_factor
 from .rundir import RunDirError, check_run_dir, keep_metrics_until, remove_run_files
-
-
-@dataclass
-class Data:
-    splits: Splits
-    poisoned_train: torch.Tensor  # uint8, what the model is trained on (for a .beton: its first images only)
-    mean: torch.Tensor
-    std: torch.Tensor
-    beton: object | None = None  # pst_dist.data.beton.BetonDir when the training split lives in a .beton
-
-
-class Normalize:
-    """(x - mean) / std, cast to ``dtype`` (the model's own dtype when DeepSpeed holds bf16 / fp16 weights)."""
-
-    def __init__(self, mean: torch.Tensor, std: torch.Tensor, device: torch.device,
-                 dtype: torch.dtype = torch.float32):
-        self.mean, self.std = mean.view(1, -1, 1, 1).to(device), std.view(1, -1, 1, 1).to(device)
-        self.dtype = dtype
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return ((x - self.mean) / self.std).to(self.dtype)
-
-
-def build_data(cfg: Config, poisoned: torch.Tensor | None = None) -> Data:
-    """The splits and the training images the model sees: ``cfg.poison`` applied (or ``poisoned``, the same
-    training split already poisoned, e.g. cached by ``pst-dist bench``), then ``cfg.defense``'s squeezing."""
-    if cfg.data.source == "beton":
-        from .data.beton import beton_data
-
-        if cfg.defense.kind != "none":
-            raise ConfigError(f"defense.kind={cfg.defense.kind!r} with data.source='beton': the .beton holds the "
-                              f"training images as written; train from the data set's own source with the defense")
-
-        return beton_data(cfg)
-    splits = load_splits(cfg.data)
-    tr = splits.train
-    if poisoned is None:
-        poisoned = poison_train(tr.images, tr.labels, tr.index, splits.source_train_size, cfg.poison,
-                                splits.num_classes, full=cfg)
-    elif poisoned.shape != tr.images.shape or poisoned.dtype != torch.uint8:
-        raise DataError(f"poisoned training images: expected uint8 {tuple(tr.images.shape)}, found "
-                         f"{poisoned.dtype} {tuple(poisoned.shape)}")
-    poisoned = squeeze_train(poisoned, cfg.defense)  # a baseline defense on the training images (none by default)
-    mean, std = channel_stats(tr.images)  # refuses a constant channel (std 0 would train to NaN)
-    return Data(splits, poisoned, mean, std.clamp_min(1e-3))
-
-
-def build_loader(cfg: Config, data: Data, dist_info: DistInfo, device: torch.device):
-    """The training batches: FFCV over a .beton where there is one (data.loader=auto|ffcv), else in-memory torch
-    batches. Says which on stderr (primary rank)."""
-    common = dict(shuffle=True, augment=cfg.data.augment, seed=cfg.train.seed, rank=dist_info.rank,
-                  world_size=dist_info.world_size)
-    if data.beton is not None and cfg.data.loader != "torch":
-        loader = data.beton.batches("train", cfg.train.batch_size, device=device,
-                                    num_workers=cfg.data.loader_workers, **common)
-        why = f"FFCV Loader over {data.beton.file('train')} ({data.beton.meta['write_mode']}, " \
-              f"{cfg.data.loader_workers} workers)"
-    else:
-        if cfg.data.loader == "ffcv":
-            raise ConfigError("data.loader='ffcv' needs a .beton: write one with `pst-dist write-beton` and set "
-                              "data.source='beton', data.root=<that directory>")
-        if data.beton is not None:
-            tr = data.beton.read_split("train", num_workers=cfg.data.loader_workers)
-            images, labels, why = tr.images, tr.labels, "torch in-memory batches over the decoded .beton"
-        else:
-            images, labels = data.poisoned_train, data.splits.train.labels
-            why = "torch in-memory batches (the data is not a .beton)"
-        loader = TensorBatches(images, labels, cfg.train.batch_size, drop_last=True, **common)
-    if len(loader) == 0:
-        n = len(data.beton) if data.beton is not None else len(data.splits.train)
-        raise ConfigError(f"train.batch_size={cfg.train.batch_size} is larger than the {n // dist_info.world_size} "
-                          f"training images each of the {dist_info.world_size} process(es) gets: no full batch to "
-                          f"train on (the last partial batch is dropped); lower train.batch_size")
-    if dist_info.is_primary:
-        print(f"[data] {why}; rank 0 of {dist_info.world_size} gets {len(loader)} batches/epoch", file=sys.stderr)
-    return loader
-
-
-def build_device(cfg: Config) -> torch.device:
-    if cfg.train.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if cfg.train.device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device='cuda' but no CUDA device is available")
-    return torch.device(cfg.train.device)
 
 
 def build_optimizer(cfg: Config, model: nn.Module, gm: GroupedModel) -> torch.optim.Optimizer:
@@ -201,7 +115,7 @@ def train_step(gm: GroupedModel, engine: TorchEngine | DeepSpeedEngine | torch.o
         from .defenses import pgd_examples
 
         gm.set_frozen_prefix((1.0,) * gm.num_groups)  # the attack needs the gradient down to the input
-        xf = pgd_examples(gm.model, xf, y, normalize, defense)
+        xf = pgd_examples(gm.model, xf, y, normalize, defense.adv_eps, defense.adv_step, defense.adv_steps)
     gm.set_frozen_prefix(stage.mults)  # idempotent; re-installs hooks after a resume
     set_group_lrs(engine.optimizer, lr, stage.mults)
     loss, logits, parts = stage_loss(gm, xf, y, stage.config.loss, normalize, num_classes, autocast)
@@ -240,6 +154,149 @@ def all_finite(model: nn.Module) -> bool:
     return mean_across_ranks(float(local)) == 1.0
 
 
+@dataclass
+class TrainState:
+    """What a checkpoint carries besides weights and optimizer: the schedule is recomputed from it on resume."""
+
+    step: int = 0
+    epoch: int = 0
+    history: list[list[int]] = field(default_factory=list)
+    """Trigger firings [stage index, step], sorted: with ``step`` all :meth:`Schedule.stage_at` needs."""
+    entered: int = -1
+    """The stage whose freezing / head re-init was last applied."""
+    records: list[dict] = field(default_factory=list)
+    """Per-epoch numeric logs (losses, accuracies): the summary is computed from them."""
+    saved_epoch: int = 0
+    """The epoch of the last checkpoint written (not saved itself: a resumed run starts at its own)."""
+
+    def to_dict(self) -> dict:
+        return {"step": self.step, "epoch": self.epoch, "history": self.history, "entered": self.entered,
+                "records": self.records}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainState:
+        return cls(step=d["step"], epoch=d["epoch"], history=[list(h) for h in d["history"]], entered=d["entered"],
+                   records=list(d["records"]), saved_epoch=d["epoch"])
+
+
+@dataclass
+class Run:
+    """Everything one training run is built from (see :func:`build_run`)."""
+
+    cfg: Config
+    dist: DistInfo
+    device: torch.device
+    data: Data
+    loader: object
+    gm: GroupedModel
+    schedule: Schedule
+    engine: TorchEngine | DeepSpeedEngine
+    normalize: Normalize
+    autocast: object
+    probe: tuple[torch.Tensor, torch.Tensor]
+    metrics: Metrics
+    state: TrainState
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.cfg.log.run_dir)
+
+
+def build_run(cfg: Config, resume: bool, overwrite: bool, allow_changes: bool, data: Data | None,
+              loader) -> Run:
+    """Validate the run directory, build data, loader, model, groups, schedule and engine, restore a checkpoint,
+    and write the run's header: nothing is written before every input has been checked."""
+    device = build_device(cfg)
+    dist_info: DistInfo = init_distributed(device.type, single_process_group=cfg.deepspeed.enabled)
+    changes = _on_every_rank(lambda: check_run_dir(cfg, resume, overwrite, allow_changes))  # before any work
+    setup_seed(cfg)
+    data = data or build_data(cfg)
+    s = data.splits
+    run_dir = Path(cfg.log.run_dir)
+    loader = loader or build_loader(cfg, data, dist_info, device)
+    model = build_model(cfg.model, s.num_classes, s.shape[0], s.shape[1]).to(device)
+    gm = trace_units(model, layer_groups(model, cfg.model.block_groups), data.poisoned_train[:2].to(device).float())
+    total_steps = len(loader) * cfg.train.epochs
+    schedule = Schedule(cfg.schedule.stages, gm.num_groups, len(loader), total_steps)  # validates group indices
+    engine = build_engine(cfg, model, build_optimizer(cfg, model, gm), dist_info)
+    normalize = Normalize(data.mean, data.std, device)
+    probe_n = min(cfg.data.probe_size, len(s.train))
+    probe = (data.poisoned_train[:probe_n].to(device).float() / 255, s.train.labels[:probe_n].to(device))
+    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.bf16)
+    ds = cfg.deepspeed
+    if ds.enabled and (ds.bf16 or ds.fp16):  # DeepSpeed holds the weights in that dtype: feed it, no autocast
+        normalize = Normalize(data.mean, data.std, device, torch.bfloat16 if ds.bf16 else torch.float16)
+        autocast = contextlib.nullcontext
+    st = TrainState()
+    if resume:
+        st = TrainState.from_dict(engine.load(run_dir, cfg.model.name))
+        if st.epoch > cfg.train.epochs:
+            raise RunDirError(f"--resume: train.epochs={cfg.train.epochs} but {run_dir} already trained "
+                              f"{st.epoch} epochs")
+    if dist_info.is_primary:  # only now that every input has been validated
+        if overwrite:
+            remove_run_files(run_dir)
+        if resume:
+            keep_metrics_until(run_dir, st.step)
+        write_run_header(run_dir, cfg, st.epoch if resume else None, changes)
+    metrics = Metrics(run_dir, dist_info.is_primary, cfg.log.tensorboard)
+    metrics.image("data/poisoned_samples", make_grid(data.poisoned_train[:64], nrow=8))
+    return Run(cfg, dist_info, device, data, loader, gm, schedule, engine, normalize, autocast, probe, metrics, st)
+
+
+def detect(r: Run, stage: ActiveStage) -> dict[str, float]:
+    """Run the detectors on the probe; fire the stage's trigger (recorded in ``r.state.history``) when its value,
+    averaged over ranks so that every rank switches together, crosses the threshold."""
+    st, trig = r.state, stage.config.trigger
+    vals = probe_metrics(r.gm, *r.probe, r.normalize, trig.view if trig else "blur")
+    if trig is not None and st.step > stage.start and r.schedule.can_fire(stage, st.step):
+        value = mean_across_ranks(trigger_value(trig.kind, vals, trig.group))
+        vals["pst/trigger_value"] = value
+        if value > trig.threshold:
+            st.history = sorted([*st.history, [stage.index, st.step]])
+            vals["pst/trigger_fired"] = float(stage.index)
+    return {k if k.startswith("pst/") else f"detect/{k}": v for k, v in vals.items()}
+
+
+def set_train_mode(r: Run, stage: ActiveStage) -> None:
+    r.gm.model.train()
+    if r.cfg.schedule.freeze_bn_stats:  # frozen groups' BatchNorm keeps its running statistics
+        r.gm.fix_frozen_bn(stage.mults)
+
+
+def enter_stage(r: Run, stage: ActiveStage) -> None:
+    """Freeze / unfreeze / rescale for a new stage, re-initialising the head where the stage asks."""
+    if stage.config.reinit_head and stage.index > r.state.entered:
+        with r.engine.gathered():
+            reinit_head(r.gm, r.cfg.train.seed * 1000 + stage.index)
+        r.engine.module_changed()
+    set_train_mode(r, stage)
+    r.state.entered = stage.index
+    r.metrics.log(r.state.step, {"pst/stage": stage.index})
+
+
+def stop_if_diverged(r: Run, loss_sum: float, epoch: int, lr: float, weights: bool = False) -> None:
+    """A non-finite loss sum (or, with ``weights``, a non-finite weight) on any rank stops every rank: the failure
+    is recorded (summary.json, status failed), the last checkpoint stays, and TrainingDiverged is raised."""
+    if math.isfinite(mean_across_ranks(loss_sum)):
+        if not weights or all_finite(r.gm.model):
+            return
+        what = "non-finite weights after an optimizer step"
+    else:
+        what = f"non-finite training loss ({loss_sum})"
+    st = r.state
+    kept = f"its last good checkpoint (epoch {st.saved_epoch}) is kept" if st.saved_epoch else \
+        "no checkpoint was written"
+    msg = (f"{what} at epoch {epoch + 1}, step {st.step} (train.lr={r.cfg.train.lr}, lr at that step {lr:.3g}): "
+           f"training stopped; {kept} in {r.run_dir}")
+    failed = {**summarize(st.to_dict()), "status": "failed", "error": msg, "world_size": r.dist.world_size}
+    if r.dist.is_primary:
+        write_atomic(r.run_dir / "summary.json", json.dumps(failed, indent=2))
+    r.metrics.close()
+    teardown()
+    raise TrainingDiverged(msg)
+
+
 def train(cfg: Config, resume: bool = False, data: Data | None = None, loader=None,
           stop_after_epochs: int | None = None, on_epoch=None, overwrite: bool = False,
           allow_changes: bool = False) -> dict:
@@ -254,154 +311,77 @@ def train(cfg: Config, resume: bool = False, data: Data | None = None, loader=No
     A NaN / inf loss or weight raises :class:`TrainingDiverged` after writing a summary with ``status = "failed"``;
     the last good checkpoint stays.
     """
-    device = build_device(cfg)
-    dist_info: DistInfo = init_distributed(device.type, single_process_group=cfg.deepspeed.enabled)
-    changes = _on_every_rank(lambda: check_run_dir(cfg, resume, overwrite, allow_changes))  # before any work
-    setup_seed(cfg)
-    data = data or build_data(cfg)
-    s = data.splits
-    run_dir = Path(cfg.log.run_dir)
-    loader = loader or build_loader(cfg, data, dist_info, device)
-    model = build_model(cfg.model, s.num_classes, s.shape[0], s.shape[1]).to(device)
-    gm = trace_units(model, layer_groups(model, cfg.model.block_groups), data.poisoned_train[:2].to(device).float())
-    steps_per_epoch = len(loader)
-    total_steps = steps_per_epoch * cfg.train.epochs
-    schedule = Schedule(cfg.schedule.stages, gm.num_groups, steps_per_epoch, total_steps)  # validates group indices
-    engine = build_engine(cfg, model, build_optimizer(cfg, model, gm), dist_info)
-    normalize = Normalize(data.mean, data.std, device)
-    probe_n = min(cfg.data.probe_size, len(s.train))
-    probe_x = data.poisoned_train[:probe_n].to(device).float() / 255
-    probe_y = s.train.labels[:probe_n].to(device)
-    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.bf16)
-    ds = cfg.deepspeed
-    if ds.enabled and (ds.bf16 or ds.fp16):  # DeepSpeed holds the weights in that dtype: feed it, no autocast
-        normalize = Normalize(data.mean, data.std, device, torch.bfloat16 if ds.bf16 else torch.float16)
-        autocast = contextlib.nullcontext
-    st = {"step": 0, "epoch": 0, "history": [], "entered": -1, "records": []}
-    if resume:
-        st = engine.load(run_dir, cfg.model.name)
-        if st["epoch"] > cfg.train.epochs:
-            raise RunDirError(f"--resume: train.epochs={cfg.train.epochs} but {run_dir} already trained "
-                              f"{st['epoch']} epochs")
-    if dist_info.is_primary:  # only now that every input has been validated
-        if overwrite:
-            remove_run_files(run_dir)
-        if resume:
-            keep_metrics_until(run_dir, st["step"])
-        write_run_header(run_dir, cfg, st["epoch"] if resume else None, changes)
-    metrics = Metrics(run_dir, dist_info.is_primary, cfg.log.tensorboard)
-    metrics.image("data/poisoned_samples", make_grid(data.poisoned_train[:64], nrow=8))
-    history = tuple(tuple(h) for h in st["history"])
-
-    def check(stage: ActiveStage, step: int) -> dict[str, float]:
-        """Run the detectors on the probe; fire the stage's trigger when its value crosses the threshold."""
-        nonlocal history
-        trig = stage.config.trigger
-        vals = probe_metrics(gm, probe_x, probe_y, normalize, trig.view if trig else "blur")
-        if trig is not None and step > stage.start and schedule.can_fire(stage, step):
-            value = mean_across_ranks(trigger_value(trig.kind, vals, trig.group))  # every rank switches together
-            vals["pst/trigger_value"] = value
-            if value > trig.threshold:
-                history = tuple(sorted(history + ((stage.index, step),)))
-                vals["pst/trigger_fired"] = float(stage.index)
-        return {k if k.startswith("pst/") else f"detect/{k}": v for k, v in vals.items()}
-
-    def set_train_mode(stage: ActiveStage) -> None:
-        model.train()
-        if cfg.schedule.freeze_bn_stats:  # frozen groups' BatchNorm keeps its running statistics
-            gm.fix_frozen_bn(stage.mults)
-
-    step = st["step"]
+    r = build_run(cfg, resume, overwrite, allow_changes, data, loader)
+    st, s, schedule, model = r.state, r.data.splits, r.schedule, r.gm.model
     last_detect: dict[str, float] = {}
-    saved_epoch = st["epoch"]
-
-    def stop_diverged(what: str, epoch: int, lr: float) -> None:
-        """Record the failure (summary.json, status failed) and stop every rank; the last checkpoint stays."""
-        kept = f"its last good checkpoint (epoch {saved_epoch}) is kept" if saved_epoch else "no checkpoint was written"
-        msg = (f"{what} at epoch {epoch + 1}, step {step} (train.lr={cfg.train.lr}, lr at that step {lr:.3g}): "
-               f"training stopped; {kept} in {run_dir}")
-        failed = {**summarize(st), "status": "failed", "error": msg, "world_size": dist_info.world_size}
-        if dist_info.is_primary:
-            write_atomic(run_dir / "summary.json", json.dumps(failed, indent=2))
-        metrics.close()
-        teardown()
-        raise TrainingDiverged(msg)
-
-    for epoch in range(st["epoch"], cfg.train.epochs):
-        if hasattr(loader, "set_epoch"):
-            loader.set_epoch(epoch)
-        stage = schedule.stage_at(step, history)  # the stage of the epoch's last step (logged at its end)
-        lr = cfg.train.lr * lr_factor(stage, step, cfg.train.lr_schedule, cfg.train.warmup_steps)
-        set_train_mode(stage)
+    for epoch in range(st.epoch, cfg.train.epochs):
+        if hasattr(r.loader, "set_epoch"):
+            r.loader.set_epoch(epoch)
+        stage = schedule.stage_at(st.step, st.history)  # the stage of the epoch's last step (logged at its end)
+        lr = cfg.train.lr * lr_factor(stage, st.step, cfg.train.lr_schedule, cfg.train.warmup_steps)
+        set_train_mode(r, stage)
         seen = correct = 0
         loss_sum = 0.0
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", leave=False,
-                   disable=not (cfg.log.progress and dist_info.is_primary))
-        for x, y in bar:
-            stage = schedule.stage_at(step, history)
-            if stage.index != st["entered"]:  # entering a stage: freeze / unfreeze / rescale / re-init head
-                if stage.config.reinit_head and stage.index > st["entered"]:
-                    with engine.gathered():
-                        reinit_head(gm, cfg.train.seed * 1000 + stage.index)
-                    engine.module_changed()
-                set_train_mode(stage)
-                st["entered"] = stage.index
-                metrics.log(step, {"pst/stage": stage.index})
-            lr = cfg.train.lr * lr_factor(stage, step, cfg.train.lr_schedule, cfg.train.warmup_steps)
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            loss, logits, parts = train_step(gm, engine, stage, x, y, lr, normalize, s.num_classes, autocast,
-                                             dist_info.world_size, cfg.defense)
-            step += 1
+        bar = tqdm(r.loader, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", leave=False,
+                   disable=not (cfg.log.progress and r.dist.is_primary))
+        for x, y in bar:  # ---- schedule -> freeze -> forward / backward -> step -> log ----
+            stage = schedule.stage_at(st.step, st.history)
+            if stage.index != st.entered:
+                enter_stage(r, stage)
+            lr = cfg.train.lr * lr_factor(stage, st.step, cfg.train.lr_schedule, cfg.train.warmup_steps)
+            x, y = x.to(r.device, non_blocking=True), y.to(r.device, non_blocking=True)
+            loss, logits, parts = train_step(r.gm, r.engine, stage, x, y, lr, r.normalize, s.num_classes,
+                                             r.autocast, r.dist.world_size, cfg.defense)
+            st.step += 1
             seen += len(y)
             correct += int((logits.argmax(1) == y).sum())
             loss_sum += float(loss) * len(y)
-            if step % 50 == 0:
-                if not math.isfinite(mean_across_ranks(loss_sum)):  # every rank checks at the same steps
-                    stop_diverged(f"non-finite training loss ({float(loss)})", epoch, lr)
+            if st.step % 50 == 0:
+                stop_if_diverged(r, loss_sum, epoch, lr)  # every rank checks at the same steps
                 bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", stage=stage.index)
-                metrics.log(step, {"train/loss_step": float(loss), "train/lr": lr, **parts})
-            if cfg.schedule.check_every and step % cfg.schedule.check_every == 0:
-                last_detect = check(schedule.stage_at(step, history), step)
-                metrics.log(step, last_detect)
+                r.metrics.log(st.step, {"train/loss_step": float(loss), "train/lr": lr, **parts})
+            if cfg.schedule.check_every and st.step % cfg.schedule.check_every == 0:
+                last_detect = detect(r, schedule.stage_at(st.step, st.history))
+                r.metrics.log(st.step, last_detect)
         # ---- end of epoch: divergence, detectors, eval, log, checkpoint ----
-        if not math.isfinite(mean_across_ranks(loss_sum)):
-            stop_diverged(f"non-finite training loss ({loss_sum / max(seen, 1)})", epoch, lr)
-        if not all_finite(model):  # a NaN / inf gradient step leaves the weights non-finite: never checkpoint them
-            stop_diverged("non-finite weights after an optimizer step", epoch, lr)
-        stage_now = schedule.stage_at(step, history)
+        stop_if_diverged(r, loss_sum, epoch, lr, weights=True)  # never checkpoint non-finite weights
         logs = {"train/loss": loss_sum / max(seen, 1), "train/acc": correct / max(seen, 1), "epoch": epoch + 1,
-                "pst/stage": stage.index}
-        logs.update({f"pst/group_{i}/lr_mult": m for i, m in enumerate(stage.mults)})
+                "pst/stage": stage.index, **{f"pst/group_{i}/lr_mult": m for i, m in enumerate(stage.mults)}}
         if not cfg.schedule.check_every:
-            last_detect = check(stage_now, step)
+            last_detect = detect(r, schedule.stage_at(st.step, st.history))
             logs.update(last_detect)
         last = epoch + 1 == cfg.train.epochs
         if (epoch + 1) % cfg.train.eval_every == 0 or last:
-            logs["eval/val_acc"] = evaluate(model, s.val.images, s.val.labels, normalize, device)
-            logs["eval/test_acc"] = evaluate(model, s.test.images, s.test.labels, normalize, device)
-        metrics.log(step, logs)
-        st["records"].append({k: v for k, v in logs.items() if isinstance(v, int | float)})
-        st.update(step=step, epoch=epoch + 1, history=[list(h) for h in history])
+            logs["eval/val_acc"] = evaluate(model, s.val.images, s.val.labels, r.normalize, r.device)
+            logs["eval/test_acc"] = evaluate(model, s.test.images, s.test.labels, r.normalize, r.device)
+        r.metrics.log(st.step, logs)
+        st.records.append({k: v for k, v in logs.items() if isinstance(v, int | float)})
+        st.epoch = epoch + 1
         if last or (cfg.train.checkpoint_every and (epoch + 1) % cfg.train.checkpoint_every == 0):
-            engine.save(run_dir, st, cfg.model.name, dist_info.is_primary)
-            saved_epoch = epoch + 1
+            r.engine.save(r.run_dir, st.to_dict(), cfg.model.name, r.dist.is_primary)
+            st.saved_epoch = epoch + 1
         if on_epoch is not None:
-            on_epoch(epoch + 1, logs, gm, engine)
-        if dist_info.is_primary:
+            on_epoch(epoch + 1, logs, r.gm, r.engine)
+        if r.dist.is_primary:
             nan = float("nan")
-            tqdm.write(f"[{run_dir.name}] epoch {epoch + 1}: loss {logs['train/loss']:.3f} "
+            tqdm.write(f"[{r.run_dir.name}] epoch {epoch + 1}: loss {logs['train/loss']:.3f} "
                        f"train {logs['train/acc']:.3f} val {logs.get('eval/val_acc', nan):.3f} "
                        f"test {logs.get('eval/test_acc', nan):.3f} stage {stage.index} "
                        f"gap {last_detect.get('detect/shortcut_gap', nan):+.3f}")
         if stop_after_epochs is not None and epoch + 1 >= stop_after_epochs:
             break
-    summary = {**summarize(st), "status": "finished"}
-    with engine.gathered():
-        summary["model_checksum"] = float(sum(p.detach().double().abs().sum() for p in model.parameters()))
-    summary["world_size"] = dist_info.world_size
-    if dist_info.is_primary:
-        write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
-    metrics.close()
+    return finish_run(r)
+
+
+def finish_run(r: Run) -> dict:
+    """The summary (written by the primary rank), then close metrics and the process group."""
+    summary = {**summarize(r.state.to_dict()), "status": "finished"}
+    with r.engine.gathered():
+        summary["model_checksum"] = float(sum(p.detach().double().abs().sum() for p in r.gm.model.parameters()))
+    summary["world_size"] = r.dist.world_size
+    if r.dist.is_primary:
+        write_atomic(r.run_dir / "summary.json", json.dumps(summary, indent=2))
+    r.metrics.close()
     teardown()
     return summary
 

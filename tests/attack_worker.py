@@ -12,8 +12,6 @@ out = Path(sys.argv[1])
 torch.set_num_threads(1)
 info = init_distributed("cpu")
 x, y, cfg = tiny("em", 3)
-p = gen(x, y, cfg)
-from pst_dist.poison.model_based import LAST_RUN  # noqa: E402
-
-torch.save({"poisoned": p, "clean": x, "info": dict(LAST_RUN, seconds=0)}, out / f"rank{info.rank}.pt")
+p, what = gen(x, y, cfg)
+torch.save({"poisoned": p, "clean": x, "info": dict(what, seconds=0)}, out / f"rank{info.rank}.pt")
 teardown()

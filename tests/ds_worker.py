@@ -9,7 +9,8 @@ import sys
 
 from pst_dist.config import load_config
 from pst_dist.data.loaders import TensorBatches
-from pst_dist.train import build_data, train
+from pst_dist.data.pipeline import build_data
+from pst_dist.train import train
 
 out, rest = sys.argv[1], sys.argv[2:]
 resume = "--resume" in rest

@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from pst_dist.config import ConfigError, load_config
+from pst_dist.data.pipeline import build_data
 from pst_dist.defenses import grayscale, jpeg
-from pst_dist.train import build_data
 
 from .conftest import TINY
 
@@ -68,7 +68,7 @@ def test_pgd_examples_stay_in_the_ball_raise_the_loss_and_leave_the_model_alone(
     x, y = torch.rand(16, 3, 16, 16), torch.arange(16) % 5
     bn = {k: v.clone() for k, v in model.state_dict().items()}
     cfg = DefenseConfig(kind="adv", adv_eps=8 / 255, adv_step=2 / 255, adv_steps=5)
-    xa = pgd_examples(model, x, y, lambda t: t, cfg)
+    xa = pgd_examples(model, x, y, lambda t: t, cfg.adv_eps, cfg.adv_step, cfg.adv_steps)
     assert (xa - x).abs().max() <= 8 / 255 + 1e-6 and xa.min() >= 0 and xa.max() <= 1
     model.eval()
     with torch.no_grad():

@@ -5,11 +5,12 @@ import pytest
 import torch
 
 from pst_dist.config import LossConfig, ModelConfig, StageConfig
+from pst_dist.data.pipeline import Normalize
 from pst_dist.models import build_model
 from pst_dist.pst.freeze import param_groups, trace_units
 from pst_dist.pst.groups import layer_groups
 from pst_dist.pst.schedule import Schedule
-from pst_dist.train import Normalize, train_step
+from pst_dist.train import train_step
 
 NOAUTO = lambda: torch.autocast("cpu", enabled=False)
 

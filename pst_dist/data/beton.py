@@ -11,25 +11,17 @@ Grayscale images are stored as three equal channels (FFCV's image field is RGB) 
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import functools
-import hashlib
-import json
 import math
 import os
-import sys
-import time
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..config import Config
-from ..io import OutputError, atomic_dir, check_out_dir, read_json
+from ..io import OutputError, read_json
 from ..io import sha256 as sha256  # re-exported: older callers import it from here
-from .sources import DataError, Split, Splits
+from .sources import DataError, Split, Splits, fingerprint  # noqa: F401 - fingerprint re-exported
 
 SPLITS = ("train", "val", "test")
 META = "beton.json"
@@ -158,100 +150,12 @@ def write_split(path: Path, images: torch.Tensor, labels: torch.Tensor, *, write
     writer.from_indexed_dataset(_Rows(images, labels), chunksize=256)
 
 
-def fingerprint(split: Split) -> str:
-    """SHA-256 of a split's clean images and labels: names the data set a poison was made for."""
-    h = hashlib.sha256()
-    h.update(str(tuple(split.images.shape)).encode())
-    h.update(split.images.contiguous().numpy().tobytes())
-    h.update(split.labels.numpy().tobytes())
-    return h.hexdigest()
-
-
-def enter_out_dir(stack: contextlib.ExitStack, out: Path, replace: bool) -> Path:
-    """Enter :func:`pst_dist.io.atomic_dir` for ``out`` on ``stack`` and return the directory to fill. Done before
-    the expensive work, so that an --out that cannot be created (a file in its path, no permission, a read-only
-    disk) is an OutputError naming it at once, not after hours of generating."""
-    for parent in out.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise OutputError(f"--out {out}: {parent} is a file, not a directory; choose another --out")
-            break
-    try:
-        return stack.enter_context(atomic_dir(out, replace=replace))
-    except OSError as e:
-        raise OutputError(f"--out {out}: cannot be written there ({e.strerror or e}: {e.filename})") from None
-
-
-def write_failed(out: Path, e: OSError) -> OSError:
-    """A failed write into ``out``'s partial directory (already removed by atomic_dir), as one OSError naming
-    ``out``: numpy and FFCV report a full disk as a bare count of bytes written."""
-    full = e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT) or "requested and" in str(e)  # numpy's short write
-    hint = " (a full disk or a file size limit?)" if full else ""
-    return OSError(e.errno, f"writing it failed: {e.strerror or e}{hint}; an earlier output there is unchanged",
-                   str(out))
-
-
-def _is_beton_dir(out: Path) -> bool:
+def is_beton_dir(out: Path) -> bool:
     """Is ``out`` an earlier write-beton output (its beton.json names our format)?"""
     try:
         return read_json(out / META, META).get("format") == FORMAT
     except OutputError:
         return False
-
-
-def write_betons(cfg: Config, out: Path, *, overwrite: bool = False, write_mode: str = "raw", jpeg_quality: int = 90,
-                 num_workers: int = 2, log=print) -> dict:
-    """Build the configured data set and poison, write train/val/test .beton files and beton.json into ``out``.
-
-    ``out`` is checked first (:func:`pst_dist.io.check_out_dir`): it must be new, empty, or an earlier write-beton
-    output to be replaced with ``overwrite``; anything else (a data set's own directory, a user's files) is refused
-    with OutputError and not touched. Atomic: everything goes to a hidden sibling ``.<name>.partial-<pid>`` directory
-    that is renamed into place only when complete, so an interrupted or failed write (full disk) leaves nothing and
-    an earlier output as it was.
-    """
-    from ..poison import norms
-    from ..train import build_data
-
-    if cfg.data.source == "beton":
-        raise DataError("data.source='beton': the input is already a beton directory; pick the original source")
-    out = Path(out)
-    replace = check_out_dir(out, command="write-beton", marker=META, owned=OWNED, overwrite=overwrite,
-                            is_ours=_is_beton_dir)
-    if write_mode == "jpg":
-        log(JPEG_WARNING.format(q=jpeg_quality))
-    with contextlib.ExitStack() as stack:
-        tmp = enter_out_dir(stack, out, replace)  # first: an unwritable --out fails before any of the work
-        t0 = time.perf_counter()
-        data = build_data(cfg)  # validates every input before anything is written
-        s = data.splits
-        tensors = {"train": (data.poisoned_train, s.train.labels), "val": (s.val.images, s.val.labels),
-                   "test": (s.test.images, s.test.labels)}
-        files = {}
-        for name, (x, y) in tensors.items():
-            t = time.perf_counter()
-            p = tmp / f"{name}.beton"
-            try:
-                write_split(p, x, y, write_mode=write_mode, jpeg_quality=jpeg_quality, num_workers=num_workers)
-            except OSError as e:
-                raise write_failed(out, e) from e
-            files[name] = {"file": p.name, "num_samples": len(y), "bytes": p.stat().st_size, "sha256": sha256(p)}
-            log(f"wrote {name}.beton: {len(y)} images, {p.stat().st_size / 2**20:.1f} MiB, "
-                f"{time.perf_counter() - t:.1f} s")
-        meta = {
-            "format": FORMAT, "write_mode": write_mode, "jpeg_quality": jpeg_quality if write_mode == "jpg" else None,
-            "lossy": write_mode == "jpg", "source": cfg.data.source, "shape": list(s.shape),
-            "num_classes": s.num_classes, "splits": files,
-            "poison": {**asdict(cfg.poison), "norms": norms(s.train.images, data.poisoned_train)},
-            "fingerprint": {"clean_train_sha256": fingerprint(s.train)},
-            "mean": data.mean.tolist(), "std": data.std.tolist(),
-            "data_config": asdict(cfg.data), "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "seconds": round(time.perf_counter() - t0, 2),
-        }
-        try:
-            (tmp / META).write_text(json.dumps(meta, indent=2))
-        except OSError as e:
-            raise write_failed(out, e) from e
-    return meta
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -398,24 +302,6 @@ class BetonDir:
                 break
         x, y = torch.cat(images), torch.cat(labels)
         return Split(x[:limit].contiguous(), y[:limit].contiguous())
-
-
-def beton_data(cfg: Config):
-    """``train.Data`` for data.source='beton': clean val/test in memory, the training split left on disk (its
-    first images kept for the detectors' probe and the sample grid)."""
-    from ..train import Data
-
-    if cfg.poison.kind != "none":
-        raise DataError(f"data.source='beton' already holds its poison; set poison.kind='none' "
-                        f"(found poison.kind={cfg.poison.kind!r})")
-    b = BetonDir(cfg.data.root, verify=cfg.data.verify)
-    if b.meta["lossy"]:
-        print(JPEG_WARNING.format(q=b.meta["jpeg_quality"]), file=sys.stderr)
-    workers = cfg.data.loader_workers
-    head = b.read_split("train", limit=max(cfg.data.probe_size, 64), num_workers=workers)
-    splits = Splits(head, b.read_split("val", num_workers=workers), b.read_split("test", num_workers=workers),
-                    int(b.meta["num_classes"]), f"beton:{b.meta['source']}", len(b))
-    return Data(splits, head.images, torch.tensor(b.meta["mean"]), torch.tensor(b.meta["std"]), beton=b)
 
 
 # ---------------------------------------------------------------------------------------------------------------

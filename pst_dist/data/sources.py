@@ -8,6 +8,7 @@ value found, never a traceback or silently wrong pixels.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 import math
 import pickle
@@ -133,6 +134,15 @@ def channel_stats(images: torch.Tensor, where: str = "training images") -> tuple
             raise DataError(f"{where}: channel {ch} has std {sd:.3g} (every pixel {float(mean[ch]) * 255:.4g}/255, "
                             f"e.g. blank images): cannot normalize by it")
     return mean, std
+
+
+def fingerprint(split: Split) -> str:
+    """SHA-256 of a split's clean images and labels: names the data set a poison was made for."""
+    h = hashlib.sha256()
+    h.update(str(tuple(split.images.shape)).encode())
+    h.update(split.images.contiguous().numpy().tobytes())
+    h.update(split.labels.numpy().tobytes())
+    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------------------------

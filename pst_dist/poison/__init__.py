@@ -1,27 +1,39 @@
-"""Availability poisons (unlearnable examples): the cheap class-wise ones, and poisons imported from files."""
+"""Availability poisons (unlearnable examples): the attacks named in :data:`pst_dist.registry.ATTACKS`, and
+poisons imported from files."""
 
 from __future__ import annotations
 
 import torch
 
-from ..config import MODEL_POISONS, Config, PoisonConfig
+from ..config import Config, PoisonConfig
+from ..registry import ATTACKS
+from .budget import PoisonFileError, norms
 from .cheap import apply_poison, class_patterns
-from .imported import PoisonFileError, import_poison, norms
+from .imported import import_poison
+
+
+def make_poison(images: torch.Tensor, labels: torch.Tensor, index: torch.Tensor, source_size: int,
+                cfg: PoisonConfig, num_classes: int, full: Config | None = None) -> tuple[torch.Tensor, dict]:
+    """(poisoned uint8 copy of a training split, what the attack did: e.g. a surrogate's rounds and error, for
+    poison.json). ``index``: rows in the source's split of ``source_size``. The model-based attacks need the whole
+    config ``full`` (surrogate model, device, precision)."""
+    if cfg.kind == "file":
+        return import_poison(images, index, source_size, cfg, labels, verify=full is None or full.data.verify), {}
+    if cfg.kind == "none":
+        return images.clone(), {}
+    entry = ATTACKS.entry(cfg.kind)
+    if entry.kind == "model":
+        if full is None:
+            raise ValueError(f"poison.kind={cfg.kind!r} needs the whole config (its surrogate model and device)")
+        return ATTACKS.load(cfg.kind)(images, labels, full, num_classes)
+    return ATTACKS.load(cfg.kind)(images, labels, cfg, num_classes), {}
 
 
 def poison_train(images: torch.Tensor, labels: torch.Tensor, index: torch.Tensor, source_size: int,
                  cfg: PoisonConfig, num_classes: int, full: Config | None = None) -> torch.Tensor:
-    """Poisoned uint8 copy of a training split (``index``: rows in the source's split of ``source_size``).
-    The model-based attacks (em, rem, tap) need the whole config ``full`` (model, device, precision)."""
-    if cfg.kind == "file":
-        return import_poison(images, index, source_size, cfg, labels, verify=full is None or full.data.verify)
-    if cfg.kind in MODEL_POISONS:
-        from .model_based import ATTACKS
-
-        if full is None:
-            raise ValueError(f"poison.kind={cfg.kind!r} needs the whole config (its surrogate model and device)")
-        return ATTACKS[cfg.kind](images, labels, full, num_classes)
-    return apply_poison(images, labels, cfg, num_classes)
+    """The poisoned images of :func:`make_poison` alone."""
+    return make_poison(images, labels, index, source_size, cfg, num_classes, full)[0]
 
 
-__all__ = ["PoisonFileError", "apply_poison", "class_patterns", "import_poison", "norms", "poison_train"]
+__all__ = ["PoisonFileError", "apply_poison", "class_patterns", "import_poison", "make_poison", "norms",
+           "poison_train"]

@@ -10,6 +10,7 @@ import math
 import torch
 
 from ..config import PoisonConfig
+from .budget import check_linf
 
 
 def class_patterns(cfg: PoisonConfig, num_classes: int, shape: tuple[int, int, int]) -> torch.Tensor:
@@ -31,17 +32,28 @@ def class_patterns(cfg: PoisonConfig, num_classes: int, shape: tuple[int, int, i
     return delta.to(torch.int16).contiguous()
 
 
-def apply_poison(images: torch.Tensor, labels: torch.Tensor, cfg: PoisonConfig, num_classes: int) -> torch.Tensor:
-    """Return poisoned uint8 images (a new tensor); asserts the attack's budget holds exactly."""
-    if cfg.kind == "none":
-        return images.clone()
-    from .shortcuts import ATTACKS
-
-    if cfg.kind in ATTACKS:
-        return ATTACKS[cfg.kind](images, labels, cfg, num_classes)
+def _class_pattern_poison(images: torch.Tensor, labels: torch.Tensor, cfg: PoisonConfig,
+                          num_classes: int) -> torch.Tensor:
     delta = class_patterns(cfg, num_classes, tuple(images.shape[1:]))
     out = (images.to(torch.int16) + delta[labels]).clamp(0, 255).to(torch.uint8)
-    linf = int((out.to(torch.int16) - images.to(torch.int16)).abs().max())
-    budget = int(round(cfg.eps * 255))
-    assert linf <= budget, f"poison L-inf {linf}/255 exceeds budget {budget}/255"
+    check_linf(images, out, cfg.eps, cfg.kind)
     return out
+
+
+def classwise_noise(images: torch.Tensor, labels: torch.Tensor, cfg: PoisonConfig, num_classes: int) -> torch.Tensor:
+    """Per-pixel uniform integer noise in [-eps, eps], one pattern per class."""
+    return _class_pattern_poison(images, labels, cfg, num_classes)
+
+
+def patch_noise(images: torch.Tensor, labels: torch.Tensor, cfg: PoisonConfig, num_classes: int) -> torch.Tensor:
+    """+-eps constant patches of side patch_size (LSP-like, L-inf), one pattern per class."""
+    return _class_pattern_poison(images, labels, cfg, num_classes)
+
+
+def apply_poison(images: torch.Tensor, labels: torch.Tensor, cfg: PoisonConfig, num_classes: int) -> torch.Tensor:
+    """Return poisoned uint8 images (a new tensor) of a cheap attack (no model); its budget is asserted."""
+    if cfg.kind == "none":
+        return images.clone()
+    from ..registry import ATTACKS
+
+    return ATTACKS.load(cfg.kind)(images, labels, cfg, num_classes)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ..data.sources import decode_image
-from .imported import PoisonFileError
+from .budget import PoisonFileError
 
 IMAGE_SUFFIXES = {".png", ".bmp", ".tif", ".tiff", ".jpg", ".jpeg", ".webp"}
 

@@ -9,10 +9,9 @@ import numpy as np
 import torch
 
 from ..config import PoisonConfig
-
-
-class PoisonFileError(ValueError):
-    """An imported poison does not fit the data set; the message names the expected and found values."""
+from .budget import PoisonFileError
+from .folder import read_folder
+from .store import read_stored
 
 
 def read_tensor(path: Path) -> torch.Tensor:
@@ -50,12 +49,9 @@ def import_poison(images: torch.Tensor, index: torch.Tensor, source_size: int, c
     ``verify`` (data.verify): check a `pst-dist poison` store's SHA-256 (about 1 s per GB)."""
     path = Path(cfg.path)
     if path.is_dir() and (path / "poison.json").is_file():  # written by `pst-dist poison`: checked against its
-        from .store import read_stored  # metadata, its attack's budget and poison.eps
-
+        # metadata, its attack's budget and poison.eps
         return read_stored(path, images, index, source_size, eps=cfg.eps, verify=verify)
     if path.is_dir():  # a folder of poisoned image files
-        from .folder import read_folder
-
         if labels is None:
             raise ValueError("importing a folder of images needs the training labels")
         t = read_folder(path, images, labels, index, source_size)
@@ -80,14 +76,3 @@ def import_poison(images: torch.Tensor, index: torch.Tensor, source_size: int, c
         raise PoisonFileError(f"{path}: L-inf {linf}/255 exceeds poison.eps = {budget}/255 (raise poison.eps to "
                               f"accept it)")
     return out
-
-
-def norms(clean: torch.Tensor, poisoned: torch.Tensor) -> dict[str, float]:
-    """Measured perturbation norms, in [0, 1] pixel units (L0: changed pixel positions per image)."""
-    d = poisoned.to(torch.int16) - clean.to(torch.int16)
-    if not len(d):
-        return {"linf": 0.0, "l2_mean": 0.0, "l2_max": 0.0, "l0_mean": 0.0}
-    l2 = (d.double() / 255).flatten(1).norm(dim=1)
-    l0 = (d != 0).any(dim=1).flatten(1).sum(1).double()
-    return {"linf": float(d.abs().max()) / 255, "l2_mean": float(l2.mean()), "l2_max": float(l2.max()),
-            "l0_mean": float(l0.mean())}

@@ -23,17 +23,16 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ..config import Config, DefenseConfig
+from ..config import Config
 from ..defenses import pgd_examples
-
-LAST_RUN: dict = {}  # what the last model-based attack did (rounds, train error, seconds): for poison.json and logs
+from .budget import check_linf
 
 
 class _Seams:
     """Device, autocast and the process group the attack runs under, as in training."""
 
     def __init__(self, cfg: Config):
-        from ..train import build_device
+        from ..distributed import build_device
 
         self.device = build_device(cfg)
         self.bf16 = cfg.train.bf16
@@ -143,15 +142,14 @@ class _Attack:
             return delta
         return self.seams.sum_(delta * mine.view(-1, *([1] * (delta.ndim - 1))))
 
-    def finish(self, images: torch.Tensor, delta: torch.Tensor, name: str, info: dict) -> torch.Tensor:
+    def finish(self, images: torch.Tensor, delta: torch.Tensor, name: str, info: dict
+               ) -> tuple[torch.Tensor, dict]:
+        """The poisoned uint8 images (budget asserted) and what the attack did (rounds, errors: for poison.json)."""
         budget = int(round(self.p.eps * 255))
         step = (delta.cpu() * 255).round().clamp(-budget, budget).to(torch.int16)
         out = (images.to(torch.int16) + step).clamp(0, 255).to(torch.uint8)
-        linf = int((out.to(torch.int16) - images.to(torch.int16)).abs().max()) if len(out) else 0
-        assert linf <= budget, f"{name}: L-inf {linf}/255 exceeds its budget {budget}/255"
-        LAST_RUN.clear()
-        LAST_RUN.update(attack=name, **info)
-        return out
+        check_linf(images, out, self.p.eps, name)
+        return out, {"attack": name, **info}
 
 
 def _project(delta: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -170,7 +168,7 @@ def _step_size(p, default_fraction: float) -> float:
 
 
 def em(images: torch.Tensor, labels: torch.Tensor, cfg: Config, num_classes: int, robust: bool = False
-       ) -> torch.Tensor:
+       ) -> tuple[torch.Tensor, dict]:
     """EM (``robust``: REM). Rounds of: ``train_steps`` surrogate steps on the poisoned data (REM: on its PGD
     examples of radius ``adv_eps``), then ``steps`` signed-gradient descent steps of size ``step_size`` on the noise
     for every image (REM: each step against a fresh PGD example), until the surrogate's error on the poisoned data
@@ -184,7 +182,7 @@ def em(images: torch.Tensor, labels: torch.Tensor, cfg: Config, num_classes: int
     # uniform random start in the ball (as EM's reference does), drawn on the CPU from the poison's seed
     shape = (num_classes if classwise else a.n, *images.shape[1:])
     delta = ((torch.rand(shape, generator=a.g) * 2 - 1) * p.eps).to(dev)
-    adv = DefenseConfig(kind="adv", adv_eps=p.adv_eps, adv_step=2.5 * p.adv_eps / p.adv_steps, adv_steps=p.adv_steps)
+    adv = (p.adv_eps, 2.5 * p.adv_eps / p.adv_steps, p.adv_steps)  # PGD radius, step, steps of the inner max
 
     def delta_of(idx: torch.Tensor, xb: torch.Tensor) -> torch.Tensor:
         d = delta[a.y[idx]] if classwise else delta[idx]
@@ -194,7 +192,7 @@ def em(images: torch.Tensor, labels: torch.Tensor, cfg: Config, num_classes: int
         """REM: the poisoned batch's PGD example, as an offset from the clean batch."""
         xu = (xb + delta_of(idx, xb)).clamp(0, 1)
         with torch.enable_grad():
-            return pgd_examples(a.model, xu, a.y[idx], a.normalize, adv) - xb
+            return pgd_examples(a.model, xu, a.y[idx], a.normalize, *adv) - xb
 
     train_delta = robust_of if robust else delta_of
     check_idx = torch.randperm(a.n, generator=a.g)[: min(a.n, p.check_size)] if robust else None
@@ -216,7 +214,7 @@ def em(images: torch.Tensor, labels: torch.Tensor, cfg: Config, num_classes: int
             for _ in range(p.steps):
                 if robust:  # the noise must keep the loss low at a PGD example around the poisoned image
                     xu = (xb + _project(d, xb, p.eps)).clamp(0, 1).detach()
-                    xadv = pgd_examples(a.model, xu, yb, a.normalize, adv)
+                    xadv = pgd_examples(a.model, xu, yb, a.normalize, *adv)
                     g = _grad_through(a, xb, d, xadv - xu, yb)
                 else:
                     g = a.input_grad(xb + _project(d, xb, p.eps), yb)
@@ -254,11 +252,11 @@ def _grad_through(a: _Attack, xb: torch.Tensor, d: torch.Tensor, adv_offset: tor
     return g
 
 
-def rem(images: torch.Tensor, labels: torch.Tensor, cfg: Config, num_classes: int) -> torch.Tensor:
+def rem(images: torch.Tensor, labels: torch.Tensor, cfg: Config, num_classes: int) -> tuple[torch.Tensor, dict]:
     return em(images, labels, cfg, num_classes, robust=True)
 
 
-def tap(images: torch.Tensor, labels: torch.Tensor, cfg: Config, num_classes: int) -> torch.Tensor:
+def tap(images: torch.Tensor, labels: torch.Tensor, cfg: Config, num_classes: int) -> tuple[torch.Tensor, dict]:
     """TAP: train the factory model on the clean images for ``model_epochs`` epochs (SGD, cosine lr), then for
     every image ``steps`` targeted signed-gradient steps of ``step_size`` towards class (y + 1) mod K."""
     t0 = time.time()
@@ -300,6 +298,3 @@ def _progress(total: int, desc: str):
 
     quiet = dist.is_initialized() and dist.get_rank() != 0
     return tqdm(total=total, desc=desc, file=sys.stderr, disable=quiet, leave=False)
-
-
-ATTACKS = {"em": em, "rem": rem, "tap": tap}

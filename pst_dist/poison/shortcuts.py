@@ -14,16 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import PoisonConfig
-from .imported import norms
-
-
-def l2_budget(cfg: PoisonConfig, shape: tuple[int, int, int]) -> float:
-    """The per-image L2 budget in [0, 1] pixel units: poison.l2, or scaled from the CIFAR reference (3 x 32 x 32):
-    LSP 6/255 * sqrt(3072) (APBench), AR 1.0."""
-    if cfg.l2 > 0:
-        return cfg.l2
-    dims = math.prod(shape)
-    return 6 / 255 * math.sqrt(dims) if cfg.kind == "lsp" else math.sqrt(dims / 3072)
+from .budget import l2_budget, norms
 
 
 def _to_pixel_levels(delta: torch.Tensor, budget: float) -> torch.Tensor:
@@ -153,6 +144,3 @@ def conv_blur(images: torch.Tensor, labels: torch.Tensor, cfg: PoisonConfig, num
         weight = ker[k].expand(c, 1, -1, -1)
         out[idx] = F.conv2d(x, weight, groups=c).round().clamp(0, 255).to(torch.uint8)
     return out
-
-
-ATTACKS = {"lsp": lsp, "ar": ar, "ops": ops, "conv_blur": conv_blur}

@@ -10,79 +10,35 @@ looks complete; an existing ``--out`` is used only when empty, or replaced only 
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import json
 import math
 import sys
-import time
 from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..config import POISONS, Config, ConfigError, PoisonConfig
-from ..io import OutputError, atomic_dir, check_out_dir, read_json, sha256
-from .imported import PoisonFileError, norms
+from ..config import POISONS, PoisonConfig
+from ..io import OutputError, atomic_dir, read_json, sha256
+from ..registry import ATTACKS
+from .budget import PoisonFileError, l2_budget, norms
 
 FORMAT = "pst-dist-poison/1"
 META = "poison.json"
 ARRAY = "train_images.npy"
 OWNED = (ARRAY, META)  # everything `pst-dist poison` writes into --out: nothing else there is ever replaced
-LINF_ATTACKS = ("classwise_noise", "patch_noise", "em", "rem", "tap")
-L2_ATTACKS = ("lsp", "ar")
+LINF_ATTACKS = tuple(n for n, e in ATTACKS.items() if e.data.get("budget") == "linf")  # the registry says
+L2_ATTACKS = tuple(n for n, e in ATTACKS.items() if e.data.get("budget") == "l2")
+L0_ATTACKS = tuple(n for n, e in ATTACKS.items() if e.data.get("budget") == "l0")
 
 
-def _is_store(out: Path) -> bool:
+def is_store(out: Path) -> bool:
     """Is ``out`` an earlier `pst-dist poison` output (its poison.json names our format)?"""
     try:
         return read_json(out / META, META).get("format") == FORMAT
     except OutputError:
         return False
-
-
-def write_poisoned(cfg: Config, out: Path, *, overwrite: bool = False, log: Callable[[str], None] = print) -> dict:
-    """Poison every training image of ``cfg.data``'s source with ``cfg.poison`` and store it at ``out``.
-
-    ``out`` is checked before anything is generated (:func:`pst_dist.io.check_out_dir`): it must be new, empty, or
-    an earlier store to be replaced with ``overwrite``; OutputError otherwise, and nothing there is touched."""
-    from ..data.beton import enter_out_dir, fingerprint, write_failed
-    from ..data.sources import Split, load_splits
-    from . import poison_train
-    from .model_based import LAST_RUN
-
-    if cfg.poison.kind in ("none", "file"):
-        raise ConfigError(f"pst-dist poison: poison.kind={cfg.poison.kind!r} is not an attack to generate")
-    out = Path(out)
-    replace = check_out_dir(out, command="poison", marker=META, owned=OWNED, overwrite=overwrite, is_ours=_is_store)
-    with contextlib.ExitStack() as stack:
-        tmp = enter_out_dir(stack, out, replace)  # first: an unwritable --out fails before hours of em/rem/tap
-        data = copy.deepcopy(cfg.data)
-        data.val_from, data.train_size = "test", 0  # every image of the source's training split
-        splits = load_splits(data)
-        tr = splits.train
-        order = torch.argsort(tr.index)  # back to the source's own order
-        if len(order) != splits.source_train_size:
-            raise ConfigError(f"pst-dist poison: expected all {splits.source_train_size} training images, got "
-                              f"{len(order)}")
-        clean = Split(tr.images[order], tr.labels[order], tr.index[order])
-        t0 = time.time()
-        LAST_RUN.clear()
-        poisoned = poison_train(clean.images, clean.labels, clean.index, splits.source_train_size, cfg.poison,
-                                splits.num_classes, full=cfg)
-        seconds = time.time() - t0
-        log(f"[poison] {cfg.poison.kind} on {len(clean)} images of {cfg.data.source}: {seconds:.1f} s")
-        meta = {"format": FORMAT, "attack": cfg.poison.kind, "parameters": asdict(cfg.poison),
-                "seed": cfg.poison.seed, "source": cfg.data.source, "shape": list(poisoned.shape),
-                "fingerprint": {"clean_train_sha256": fingerprint(clean)}, "norms": norms(clean.images, poisoned),
-                "seconds": round(seconds, 2), "model_based": dict(LAST_RUN)}  # cleared above: only em/rem/tap fill it
-        try:
-            _fill(tmp, {ARRAY: lambda f: np.save(f, poisoned.numpy())}, meta, META, hash_of=ARRAY)
-        except OSError as e:
-            raise write_failed(out, e) from e
-    return meta
 
 
 def _fill(directory: Path, files: dict[str, Callable[[Path], None]], meta: dict, meta_name: str,
@@ -92,6 +48,11 @@ def _fill(directory: Path, files: dict[str, Callable[[Path], None]], meta: dict,
     if hash_of is not None:
         meta[f"{Path(hash_of).stem}_sha256"] = sha256(directory / hash_of)
     (directory / meta_name).write_text(json.dumps(meta, indent=2))
+
+
+def fill(directory: Path, poisoned: torch.Tensor, meta: dict) -> None:
+    """Write a store's array and metadata (its SHA-256 added) into ``directory`` (a fresh, hidden one)."""
+    _fill(directory, {ARRAY: lambda f: np.save(f, poisoned.numpy())}, meta, META, hash_of=ARRAY)
 
 
 def save_dir(out: Path, files: dict[str, Callable[[Path], None]], meta: dict, meta_name: str,
@@ -152,7 +113,6 @@ def read_meta(path: Path) -> dict:
 def _check_budget(path: Path, meta: dict, clean: torch.Tensor, stored: torch.Tensor, eps: float) -> None:
     """The measured perturbation within the budget of the attack poison.json names, whatever its recorded norms
     say (they could be rewritten along with the array); L-inf attacks also within the reading config's eps."""
-    from .shortcuts import l2_budget
 
     attack, params = meta["attack"], meta["parameters"]
     d = stored.to(torch.int16) - clean.to(torch.int16)
@@ -173,12 +133,13 @@ def _check_budget(path: Path, meta: dict, clean: torch.Tensor, stored: torch.Ten
             raise PoisonFileError(f"{path}: L2 of the stored perturbation is {l2:.4f} in some image, above the "
                                   f"budget of the {attack} attack recorded in {META} ({budget:.4f}; parameters.l2 = "
                                   f"{params['l2']}): the array or {META} was changed after it was written")
-    elif attack == "ops":
+    elif attack in L0_ATTACKS:
         l0 = int((d != 0).any(dim=1).flatten(1).sum(1).max()) if len(d) else 0
         if l0 > 1:
-            raise PoisonFileError(f"{path}: the stored perturbation changes {l0} pixels of some image; the ops attack "
-                                  f"changes at most 1 (L0 = 1): the array or {META} was changed after it was written")
-    else:  # conv_blur: a class-wise convolution has no Lp bound to check
+            raise PoisonFileError(f"{path}: the stored perturbation changes {l0} pixels of some image; the {attack} "
+                                  f"attack changes at most 1 (L0 = 1): the array or {META} was changed after it was "
+                                  f"written")
+    else:  # conv_blur (budget "none"): a class-wise convolution has no Lp bound to check
         print(f"[poison] {path}: {attack} has no Lp bound; only the file hash and the recorded norms are checked",
               file=sys.stderr)
 

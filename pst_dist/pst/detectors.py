@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from ..registry import TRIGGERS
 from .freeze import GroupActivations, GroupedModel
 from .views import apply_view
 
@@ -49,11 +50,9 @@ def probe_metrics(gm: GroupedModel, probe_x: torch.Tensor, probe_y: torch.Tensor
 
 
 def trigger_value(kind: str, metrics: dict[str, float], group: int) -> float:
-    """The scalar a trigger compares with its threshold."""
-    if kind == "shortcut_gap":
-        return metrics["shortcut_gap"]
-    if kind == "train_acc":
-        return metrics["probe_acc"]
-    if kind == "cluster":
-        return metrics[f"cluster/group_{group}"]
-    raise ValueError(f"unknown trigger {kind!r}")
+    """The scalar a trigger of ``kind`` (:data:`pst_dist.registry.TRIGGERS`) compares with its threshold."""
+    try:
+        fn = TRIGGERS.load(kind)
+    except KeyError as e:
+        raise ValueError(str(e).strip("'\"")) from None
+    return fn(metrics, group)

@@ -11,6 +11,7 @@ from torchvision.io import decode_jpeg, encode_jpeg
 from torchvision.transforms.functional import gaussian_blur
 
 from ..config import parse_view
+from ..registry import VIEWS
 
 
 def apply_view(x: torch.Tensor, view: str, strength: float = 1.0) -> torch.Tensor:
@@ -21,30 +22,39 @@ def apply_view(x: torch.Tensor, view: str, strength: float = 1.0) -> torch.Tenso
 
 
 def _one_view(x: torch.Tensor, view: str, strength: float) -> torch.Tensor:
-    """``blur``: Gaussian, sigma = strength px; ``randblur``: a random anisotropic Gaussian per image (sigmas
-    uniform in [0, strength] px along a random direction: a class-wise blur becomes one blur among many);
-    ``downup``: average-pool by round(1 + strength) then bilinear up; ``gray``: channel mean; ``jpeg``: quality
-    round(10 / strength); ``quantize``: round(2 + 6 / strength) levels."""
-    if view == "blur":
-        k = 2 * int(3 * strength) + 1
-        return gaussian_blur(x, [k, k], [strength, strength])
-    if view == "randblur":
-        return random_blur(x, strength)
-    if view == "downup":
-        f = int(round(1 + strength))
-        h, w = x.shape[-2:]
-        return F.interpolate(F.avg_pool2d(x, f, ceil_mode=True), size=(h, w), mode="bilinear", align_corners=False)
-    if view == "gray":
-        return x.mean(1, keepdim=True).expand_as(x).contiguous()
-    if view == "jpeg":
-        q = max(1, min(100, int(round(10 / strength))))
-        u8 = (x.clamp(0, 1) * 255).round().to(torch.uint8).cpu()
-        out = torch.stack([decode_jpeg(encode_jpeg(im, quality=q)) for im in u8])
-        return out.to(x.device, x.dtype) / 255
-    if view == "quantize":
-        levels = max(2, int(round(2 + 6 / strength)))
-        return torch.round(x * (levels - 1)) / (levels - 1)
-    raise ValueError(f"unknown view {view!r}")  # unreachable: parse_view checked it
+    return VIEWS.load(view)(x, strength)  # parse_view checked the name
+
+
+def blur(x: torch.Tensor, strength: float) -> torch.Tensor:
+    """Gaussian, sigma = strength px."""
+    k = 2 * int(3 * strength) + 1
+    return gaussian_blur(x, [k, k], [strength, strength])
+
+
+def downup(x: torch.Tensor, strength: float) -> torch.Tensor:
+    """Average-pool by round(1 + strength), then bilinear back up."""
+    f = int(round(1 + strength))
+    h, w = x.shape[-2:]
+    return F.interpolate(F.avg_pool2d(x, f, ceil_mode=True), size=(h, w), mode="bilinear", align_corners=False)
+
+
+def gray(x: torch.Tensor, strength: float) -> torch.Tensor:
+    """Channel mean (strength unused)."""
+    return x.mean(1, keepdim=True).expand_as(x).contiguous()
+
+
+def jpeg(x: torch.Tensor, strength: float) -> torch.Tensor:
+    """JPEG at quality round(10 / strength)."""
+    q = max(1, min(100, int(round(10 / strength))))
+    u8 = (x.clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+    out = torch.stack([decode_jpeg(encode_jpeg(im, quality=q)) for im in u8])
+    return out.to(x.device, x.dtype) / 255
+
+
+def quantize(x: torch.Tensor, strength: float) -> torch.Tensor:
+    """round(2 + 6 / strength) evenly spaced levels."""
+    levels = max(2, int(round(2 + 6 / strength)))
+    return torch.round(x * (levels - 1)) / (levels - 1)
 
 
 def random_blur(x: torch.Tensor, max_sigma: float) -> torch.Tensor:

@@ -1,0 +1,208 @@
+"""The data path in one place: source -> poison -> defense squeeze -> the ``Data`` the loop trains on, the loader
+over it, and the two commands that write the configured data to disk (``pst-dist poison``: a poison store;
+``pst-dist write-beton``: FFCV files). Everything here sits below the training loop and above the sources, poisons
+and file formats it combines."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from ..config import Config, ConfigError
+from ..defenses import squeeze_train
+from ..distributed import DistInfo
+from ..io import check_out_dir, enter_out_dir, sha256, write_failed
+from ..poison import make_poison, norms, poison_train, store
+from . import beton
+from .beton import BetonDir
+from .loaders import TensorBatches
+from .sources import DataError, Split, Splits, channel_stats, fingerprint, load_splits
+
+
+@dataclass
+class Data:
+    splits: Splits
+    poisoned_train: torch.Tensor  # uint8, what the model is trained on (for a .beton: its first images only)
+    mean: torch.Tensor
+    std: torch.Tensor
+    beton: BetonDir | None = None  # when the training split lives in a .beton (read by FFCV)
+
+
+class Normalize:
+    """(x - mean) / std, cast to ``dtype`` (the model's own dtype when DeepSpeed holds bf16 / fp16 weights)."""
+
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor, device: torch.device,
+                 dtype: torch.dtype = torch.float32):
+        self.mean, self.std = mean.view(1, -1, 1, 1).to(device), std.view(1, -1, 1, 1).to(device)
+        self.dtype = dtype
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return ((x - self.mean) / self.std).to(self.dtype)
+
+
+def build_data(cfg: Config, poisoned: torch.Tensor | None = None) -> Data:
+    """The splits and the training images the model sees: ``cfg.poison`` applied (or ``poisoned``, the same
+    training split already poisoned, e.g. cached by ``pst-dist bench``), then ``cfg.defense``'s squeezing."""
+    if cfg.data.source == "beton":
+        if cfg.defense.kind != "none":
+            raise ConfigError(f"defense.kind={cfg.defense.kind!r} with data.source='beton': the .beton holds the "
+                              f"training images as written; train from the data set's own source with the defense")
+
+        return beton_data(cfg)
+    splits = load_splits(cfg.data)
+    tr = splits.train
+    if poisoned is None:
+        poisoned = poison_train(tr.images, tr.labels, tr.index, splits.source_train_size, cfg.poison,
+                                splits.num_classes, full=cfg)
+    elif poisoned.shape != tr.images.shape or poisoned.dtype != torch.uint8:
+        raise DataError(f"poisoned training images: expected uint8 {tuple(tr.images.shape)}, found "
+                         f"{poisoned.dtype} {tuple(poisoned.shape)}")
+    poisoned = squeeze_train(poisoned, cfg.defense)  # a baseline defense on the training images (none by default)
+    mean, std = channel_stats(tr.images)  # refuses a constant channel (std 0 would train to NaN)
+    return Data(splits, poisoned, mean, std.clamp_min(1e-3))
+
+
+def build_loader(cfg: Config, data: Data, dist_info: DistInfo, device: torch.device):
+    """The training batches: FFCV over a .beton where there is one (data.loader=auto|ffcv), else in-memory torch
+    batches. Says which on stderr (primary rank)."""
+    common = dict(shuffle=True, augment=cfg.data.augment, seed=cfg.train.seed, rank=dist_info.rank,
+                  world_size=dist_info.world_size)
+    if data.beton is not None and cfg.data.loader != "torch":
+        loader = data.beton.batches("train", cfg.train.batch_size, device=device,
+                                    num_workers=cfg.data.loader_workers, **common)
+        why = f"FFCV Loader over {data.beton.file('train')} ({data.beton.meta['write_mode']}, " \
+              f"{cfg.data.loader_workers} workers)"
+    else:
+        if cfg.data.loader == "ffcv":
+            raise ConfigError("data.loader='ffcv' needs a .beton: write one with `pst-dist write-beton` and set "
+                              "data.source='beton', data.root=<that directory>")
+        if data.beton is not None:
+            tr = data.beton.read_split("train", num_workers=cfg.data.loader_workers)
+            images, labels, why = tr.images, tr.labels, "torch in-memory batches over the decoded .beton"
+        else:
+            images, labels = data.poisoned_train, data.splits.train.labels
+            why = "torch in-memory batches (the data is not a .beton)"
+        loader = TensorBatches(images, labels, cfg.train.batch_size, drop_last=True, **common)
+    if len(loader) == 0:
+        n = len(data.beton) if data.beton is not None else len(data.splits.train)
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size} is larger than the {n // dist_info.world_size} "
+                          f"training images each of the {dist_info.world_size} process(es) gets: no full batch to "
+                          f"train on (the last partial batch is dropped); lower train.batch_size")
+    if dist_info.is_primary:
+        print(f"[data] {why}; rank 0 of {dist_info.world_size} gets {len(loader)} batches/epoch", file=sys.stderr)
+    return loader
+
+
+def beton_data(cfg: Config):
+    """``train.Data`` for data.source='beton': clean val/test in memory, the training split left on disk (its
+    first images kept for the detectors' probe and the sample grid)."""
+    if cfg.poison.kind != "none":
+        raise DataError(f"data.source='beton' already holds its poison; set poison.kind='none' "
+                        f"(found poison.kind={cfg.poison.kind!r})")
+    b = beton.BetonDir(cfg.data.root, verify=cfg.data.verify)
+    if b.meta["lossy"]:
+        print(beton.JPEG_WARNING.format(q=b.meta["jpeg_quality"]), file=sys.stderr)
+    workers = cfg.data.loader_workers
+    head = b.read_split("train", limit=max(cfg.data.probe_size, 64), num_workers=workers)
+    splits = Splits(head, b.read_split("val", num_workers=workers), b.read_split("test", num_workers=workers),
+                    int(b.meta["num_classes"]), f"beton:{b.meta['source']}", len(b))
+    return Data(splits, head.images, torch.tensor(b.meta["mean"]), torch.tensor(b.meta["std"]), beton=b)
+
+
+def write_betons(cfg: Config, out: Path, *, overwrite: bool = False, write_mode: str = "raw", jpeg_quality: int = 90,
+                 num_workers: int = 2, log=print) -> dict:
+    """Build the configured data set and poison, write train/val/test .beton files and beton.json into ``out``.
+
+    ``out`` is checked first (:func:`pst_dist.io.check_out_dir`): it must be new, empty, or an earlier write-beton
+    output to be replaced with ``overwrite``; anything else (a data set's own directory, a user's files) is refused
+    with OutputError and not touched. Atomic: everything goes to a hidden sibling ``.<name>.partial-<pid>`` directory
+    that is renamed into place only when complete, so an interrupted or failed write (full disk) leaves nothing and
+    an earlier output as it was.
+    """
+    if cfg.data.source == "beton":
+        raise DataError("data.source='beton': the input is already a beton directory; pick the original source")
+    out = Path(out)
+    replace = check_out_dir(out, command="write-beton", marker=beton.META, owned=beton.OWNED, overwrite=overwrite,
+                            is_ours=beton.is_beton_dir)
+    if write_mode == "jpg":
+        log(beton.JPEG_WARNING.format(q=jpeg_quality))
+    with contextlib.ExitStack() as stack:
+        tmp = enter_out_dir(stack, out, replace)  # first: an unwritable --out fails before any of the work
+        t0 = time.perf_counter()
+        data = build_data(cfg)  # validates every input before anything is written
+        s = data.splits
+        tensors = {"train": (data.poisoned_train, s.train.labels), "val": (s.val.images, s.val.labels),
+                   "test": (s.test.images, s.test.labels)}
+        files = {}
+        for name, (x, y) in tensors.items():
+            t = time.perf_counter()
+            p = tmp / f"{name}.beton"
+            try:
+                beton.write_split(p, x, y, write_mode=write_mode, jpeg_quality=jpeg_quality, num_workers=num_workers)
+            except OSError as e:
+                raise write_failed(out, e) from e
+            files[name] = {"file": p.name, "num_samples": len(y), "bytes": p.stat().st_size, "sha256": sha256(p)}
+            log(f"wrote {name}.beton: {len(y)} images, {p.stat().st_size / 2**20:.1f} MiB, "
+                f"{time.perf_counter() - t:.1f} s")
+        meta = {
+            "format": beton.FORMAT, "write_mode": write_mode,
+            "jpeg_quality": jpeg_quality if write_mode == "jpg" else None,
+            "lossy": write_mode == "jpg", "source": cfg.data.source, "shape": list(s.shape),
+            "num_classes": s.num_classes, "splits": files,
+            "poison": {**asdict(cfg.poison), "norms": norms(s.train.images, data.poisoned_train)},
+            "fingerprint": {"clean_train_sha256": fingerprint(s.train)},
+            "mean": data.mean.tolist(), "std": data.std.tolist(),
+            "data_config": asdict(cfg.data), "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "seconds": round(time.perf_counter() - t0, 2),
+        }
+        try:
+            (tmp / beton.META).write_text(json.dumps(meta, indent=2))
+        except OSError as e:
+            raise write_failed(out, e) from e
+    return meta
+
+
+def write_poisoned(cfg: Config, out: Path, *, overwrite: bool = False, log: Callable[[str], None] = print) -> dict:
+    """Poison every training image of ``cfg.data``'s source with ``cfg.poison`` and store it at ``out``.
+
+    ``out`` is checked before anything is generated (:func:`pst_dist.io.check_out_dir`): it must be new, empty, or
+    an earlier store to be replaced with ``overwrite``; OutputError otherwise, and nothing there is touched."""
+    if cfg.poison.kind in ("none", "file"):
+        raise ConfigError(f"pst-dist poison: poison.kind={cfg.poison.kind!r} is not an attack to generate")
+    out = Path(out)
+    replace = check_out_dir(out, command="poison", marker=store.META, owned=store.OWNED, overwrite=overwrite,
+                            is_ours=store.is_store)
+    with contextlib.ExitStack() as stack:
+        tmp = enter_out_dir(stack, out, replace)  # first: an unwritable --out fails before hours of em/rem/tap
+        data = copy.deepcopy(cfg.data)
+        data.val_from, data.train_size = "test", 0  # every image of the source's training split
+        splits = load_splits(data)
+        tr = splits.train
+        order = torch.argsort(tr.index)  # back to the source's own order
+        if len(order) != splits.source_train_size:
+            raise ConfigError(f"pst-dist poison: expected all {splits.source_train_size} training images, got "
+                              f"{len(order)}")
+        clean = Split(tr.images[order], tr.labels[order], tr.index[order])
+        t0 = time.time()
+        poisoned, info = make_poison(clean.images, clean.labels, clean.index, splits.source_train_size, cfg.poison,
+                                splits.num_classes, full=cfg)
+        seconds = time.time() - t0
+        log(f"[poison] {cfg.poison.kind} on {len(clean)} images of {cfg.data.source}: {seconds:.1f} s")
+        meta = {"format": store.FORMAT, "attack": cfg.poison.kind, "parameters": asdict(cfg.poison),
+                "seed": cfg.poison.seed, "source": cfg.data.source, "shape": list(poisoned.shape),
+                "fingerprint": {"clean_train_sha256": fingerprint(clean)}, "norms": norms(clean.images, poisoned),
+                "seconds": round(seconds, 2), "model_based": info}  # what a model-based attack did (rounds, errors)
+        try:
+            store.fill(tmp, poisoned, meta)
+        except OSError as e:
+            raise write_failed(out, e) from e
+    return meta
+

@@ -1,0 +1,108 @@
+"""The package's import graph: no cycles (module-level and function-level imports both count), and function-local
+imports only where a one-line comment says why (an optional heavy dependency, or start-up time)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("pst_dist", "tune")
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _resolve(module: str, is_pkg: bool, node: ast.ImportFrom) -> list[str]:
+    """The project modules an ``import`` / ``from ... import`` names (a name imported from a package may be a
+    submodule: both are returned when they exist)."""
+    if node.level:
+        base = module.split(".") if is_pkg else module.split(".")[:-1]
+        base = base[: len(base) - (node.level - 1)]
+        target = ".".join([*base, node.module] if node.module else base)
+    else:
+        target = node.module or ""
+    return [target, *(f"{target}.{a.name}" for a in node.names)]
+
+
+def import_graph() -> tuple[dict[str, set[str]], list[tuple[str, int, str]]]:
+    """({module: project modules it imports}, [(module, line, source line) of each function-local import])."""
+    files = {_module_name(p): p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py")}
+    graph: dict[str, set[str]] = {m: set() for m in files}
+    local: list[tuple[str, int, str]] = []
+    for mod, path in files.items():
+        src = path.read_text()
+        tree = ast.parse(src)
+        lines = src.splitlines()
+        top = {id(n) for n in tree.body}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = _resolve(mod, path.name == "__init__.py", node)
+            else:
+                continue
+            targets = {n for n in names if n in files and n != mod}
+            graph[mod] |= targets
+            if id(node) not in top and not _in_type_checking(tree, node):
+                local.append((mod, node.lineno, lines[node.lineno - 1].strip()))
+    return graph, local
+
+
+def _in_type_checking(tree: ast.Module, node: ast.AST) -> bool:
+    for n in tree.body:
+        if isinstance(n, ast.If) and "TYPE_CHECKING" in ast.unparse(n.test):
+            if any(node is c for c in ast.walk(n)):
+                return True
+    return False
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle (as a list of modules, first == last), or None."""
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(m: str) -> list[str] | None:
+        state[m] = 1
+        stack.append(m)
+        for d in sorted(graph[m]):
+            if state.get(d) == 1:
+                return stack[stack.index(d):] + [d]
+            if d not in state and (c := visit(d)):
+                return c
+        stack.pop()
+        state[m] = 2
+        return None
+
+    for m in sorted(graph):
+        if m not in state and (c := visit(m)):
+            return c
+    return None
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_the_package_import_graph_has_no_cycle():
+    graph, _ = import_graph()
+    assert len(graph) > 20
+    cycle = find_cycle(graph)
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_function_local_imports_say_why():
+    """A function-local import is allowed for an optional heavy dependency (deepspeed, ffcv, ray and what needs
+    them), or for start-up time, and then carries a comment on its line or the line above saying so."""
+    _, local = import_graph()
+    files = {_module_name(p): p.read_text().splitlines() for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py")}
+    unexplained = []
+    for mod, line, text in local:
+        src = files[mod]
+        here, above = src[line - 1], src[line - 2] if line > 1 else ""
+        if "#" not in here and not above.strip().startswith("#"):
+            unexplained.append(f"{mod}:{line}: {text}")
+    assert not unexplained, "function-local imports without a reason:\n" + "\n".join(unexplained)
