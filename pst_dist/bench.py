@@ -25,11 +25,18 @@ from dataclasses import asdict
 from multiprocessing import get_context
 from pathlib import Path
 
+import numpy as np
 import torch
+from tqdm import tqdm
 
 from .config import Config, ConfigError, apply_overrides, from_dict, load_config, to_dict
+from .data.pipeline import build_data
+from .data.sources import fingerprint, load_splits
 from .metrics import write_atomic
+from .poison import make_poison, norms
+from .poison.store import save_dir
 from .registry import DEFENSES
+from .train import train
 
 STANDARD = [{"name": "standard"}]
 
@@ -65,13 +72,9 @@ def _threads(n: int) -> None:
     torch.set_num_threads(max(1, n))
 
 
-def make_poison(base: dict, attack: str, seed: int, path: str, threads: int) -> dict:
+def generate_poison(base: dict, attack: str, seed: int, path: str, threads: int) -> dict:
     """Generate one attack on the training split and store it at ``path`` (atomic directory rename)."""
-    import numpy as np
 
-    from .data.sources import fingerprint, load_splits
-    from .poison import make_poison, norms
-    from .poison.store import save_dir
 
     _threads(threads)
     cfg = poison_cfg(base, attack, seed)
@@ -89,10 +92,6 @@ def make_poison(base: dict, attack: str, seed: int, path: str, threads: int) -> 
 
 
 def run_cell(base: dict, attack: str, run: str, seed: int, out: str, poison_dir: str | None, threads: int) -> dict:
-    import numpy as np
-
-    from .data.pipeline import build_data
-    from .train import train
 
     _threads(threads)
     cfg = cell_cfg(base, attack, run, seed, Path(out))
@@ -189,7 +188,6 @@ def run_bench(config: str, overrides: list[str]) -> dict:
     runs = runs_needed(b.defenses)
     jobs = max(1, b.jobs)
     threads = max(1, (os.cpu_count() or 1) // jobs) if not cfg.train.threads else cfg.train.threads
-    from tqdm import tqdm
 
     say = lambda m: tqdm.write(f"[bench] {m}", file=sys.stderr)
     say(f"{len(b.attacks)} attacks x {len(b.defenses)} defenses ({len(runs)} training runs each: "
@@ -244,7 +242,7 @@ def run_bench(config: str, overrides: list[str]) -> dict:
     bar = tqdm(total=len(todo_p) + len(todo_c), desc="bench", file=sys.stderr)
     ctx = get_context("spawn")
     with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
-        pending = {pool.submit(make_poison, base, a, s, str(p), threads): ("poison", a, s) for a, s, p in todo_p}
+        pending = {pool.submit(generate_poison, base, a, s, str(p), threads): ("poison", a, s) for a, s, p in todo_p}
         waiting = list(todo_c)
 
         def submit_ready():
@@ -387,11 +385,10 @@ def _verdicts(attacks, defenses, vals) -> str:
 
 
 def _heatmap(path: Path, attacks, defenses, vals) -> None:
-    import matplotlib
+    import matplotlib  # matplotlib: start-up time, only when plotting
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
+    import matplotlib.pyplot as plt  # matplotlib: start-up time, only when plotting
 
     m = np.full((len(attacks), len(defenses)), np.nan)
     for i, a in enumerate(attacks):

@@ -6,9 +6,11 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from .config import load_config
+from .config import ConfigError, config_changes, flat_config, load_config
 from .data.sources import FMNIST_DEFAULT
-from .io import savefig_atomic, write_atomic
+from .io import read_json, savefig_atomic, write_atomic
+from .rundir import RunDirError
+from .train import train
 
 DEMO_RECIPE = Path(__file__).resolve().parent.parent / "launch" / "configs" / "demo.toml"
 
@@ -24,8 +26,6 @@ def conditions() -> dict[str, list[str]]:
 
 
 def run_demo(config: str | None, overrides: list[str], out: Path, seeds: int = 1) -> dict[str, list[dict]]:
-    from .train import train
-
     recipe = config or str(DEMO_RECIPE)
     base = load_config(recipe, overrides)
     if base.data.source == "fashion-mnist" and not Path(base.data.root or FMNIST_DEFAULT).is_dir():
@@ -59,9 +59,6 @@ def run_demo(config: str | None, overrides: list[str], out: Path, seeds: int = 1
 def _finished(run_dir: Path, cfg) -> dict | None:
     """The summary of a finished run of exactly ``cfg`` in ``run_dir`` (None when there is none). A finished run of
     another config is refused, naming the differing keys, rather than reported as this one."""
-    from .config import ConfigError, config_changes, flat_config
-    from .io import read_json
-    from .rundir import RunDirError
 
     f = run_dir / "summary.json"
     if not f.is_file():
@@ -99,10 +96,10 @@ def format_table(results: dict[str, list[dict]]) -> str:
 
 
 def plot_curves(results: dict[str, list[dict]], path: Path) -> None:
-    import matplotlib
+    import matplotlib  # matplotlib: start-up time, only when plotting
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # matplotlib: start-up time, only when plotting
 
     fig, ax = plt.subplots(figsize=(8, 4), dpi=100)
     for i, (label, runs) in enumerate(results.items()):

@@ -22,8 +22,16 @@ from pathlib import Path
 
 import torch
 
-from .config import Config
+from .config import Config, ConfigError
+from .data.pipeline import Normalize, build_data
+from .distributed import build_device
+from .io import check_out_dir
 from .metrics import write_atomic
+from .models import build_model
+from .pst.detectors import scatter_ratio
+from .pst.freeze import GroupActivations, trace_units
+from .pst.groups import layer_groups
+from .train import setup_seed, train
 
 
 def ridge_probe_accuracy(feats: torch.Tensor, labels: torch.Tensor, num_classes: int, lam: float = 1e-2) -> float:
@@ -68,9 +76,6 @@ def kmeans_purity(feats: torch.Tensor, labels: torch.Tensor, k: int, seed: int =
 
 
 def group_metrics(gm, x: torch.Tensor, y: torch.Tensor, normalize, num_classes: int) -> dict[int, dict[str, float]]:
-    from .pst.detectors import scatter_ratio
-    from .pst.freeze import GroupActivations
-
     model = gm.model
     was = model.training
     model.eval()
@@ -97,16 +102,8 @@ DIAGNOSE_FILES = ("diagnose.png", "diagnose.jsonl", "tb", "run")
 def run_diagnose(cfg: Config, out: Path, probe_size: int = 2000, overwrite: bool = False) -> list[dict]:
     """Train ``cfg`` into ``out/run`` and measure every layer group after each epoch (see module docstring). ``out``
     must be new, empty, or an earlier diagnose output (replaced only with ``overwrite``)."""
-    from torch.utils.tensorboard import SummaryWriter
+    from torch.utils.tensorboard import SummaryWriter  # tensorboard: start-up time, only when enabled
 
-    from .config import ConfigError
-    from .data.pipeline import Normalize, build_data
-    from .distributed import build_device
-    from .io import check_out_dir
-    from .models import build_model
-    from .pst.freeze import trace_units
-    from .pst.groups import layer_groups
-    from .train import setup_seed, train
 
     earlier = check_out_dir(out, command="diagnose", marker="diagnose.jsonl", owned=DIAGNOSE_FILES,
                             overwrite=overwrite)
@@ -154,10 +151,10 @@ def run_diagnose(cfg: Config, out: Path, probe_size: int = 2000, overwrite: bool
 
 
 def plot(rows: list[dict], path: Path, title: str = "") -> None:
-    import matplotlib
+    import matplotlib  # matplotlib: start-up time, only when plotting
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # matplotlib: start-up time, only when plotting
 
     groups = sorted({int(k.split("/")[1].split("_")[1]) for k in rows[0] if k.startswith("poisoned/group_")})
     epochs = [r["epoch"] for r in rows]

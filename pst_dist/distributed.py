@@ -5,11 +5,18 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from .checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .config import ConfigError
+from .io import save_stream_atomic
+from .pst.freeze import drop_frozen_grads
 
 
 @dataclass(frozen=True)
@@ -31,8 +38,6 @@ def build_device(cfg) -> torch.device:
     if cfg.train.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if cfg.train.device == "cuda" and not torch.cuda.is_available():
-        from .config import ConfigError
-
         raise ConfigError("train.device='cuda' but no CUDA device is available")
     return torch.device(cfg.train.device)
 
@@ -60,8 +65,6 @@ def init_distributed(device: str, single_process_group: bool = False) -> DistInf
 
 
 def _free_port() -> int:
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -126,8 +129,6 @@ class TorchEngine:
         loss.backward()
 
     def step(self, mults: tuple[float, ...]) -> None:
-        from .pst.freeze import drop_frozen_grads
-
         drop_frozen_grads(self.optimizer, mults)
         if self.world_size > 1:
             all_reduce_grads(self.module.parameters(), self.world_size)
@@ -140,14 +141,10 @@ class TorchEngine:
         """Parameters were modified in place (head re-init): nothing to resynchronise here."""
 
     def save(self, run_dir: Path, state: dict, model_name: str, is_primary: bool) -> None:
-        from .checkpoint import save_checkpoint
-
         if is_primary:
             save_checkpoint(run_dir / "checkpoint.pt", self.module, self.optimizer, state, model_name)
 
     def load(self, run_dir: Path, model_name: str) -> dict:
-        from .checkpoint import load_checkpoint
-
         return load_checkpoint(run_dir / "checkpoint.pt", self.module, self.optimizer, model_name)
 
 
@@ -160,7 +157,7 @@ class DeepSpeedEngine:
     """
 
     def __init__(self, cfg, model: torch.nn.Module, optimizer: torch.optim.Optimizer, info: DistInfo):
-        import deepspeed
+        import deepspeed  # optional heavy dependency (DeepSpeed), imported only when enabled
 
         self.cfg, self.info = cfg, info
         self.zero_stage = cfg.deepspeed.zero_stage
@@ -195,7 +192,7 @@ class DeepSpeedEngine:
         """Full parameters on every rank (ZeRO-3 partitions them); modifications made inside are kept."""
         if self.zero_stage != 3:
             return contextlib.nullcontext()
-        import deepspeed
+        import deepspeed  # optional heavy dependency (DeepSpeed), imported only when enabled
 
         return deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=0)
 
@@ -210,22 +207,17 @@ class DeepSpeedEngine:
         ckpt = run_dir / "ds_checkpoint"
         tag = f"step{state['step']}"
         self.engine.save_checkpoint(str(ckpt), tag=tag, client_state={"pst_state": state, "model_name": model_name})
-        from .checkpoint import rng_state
-        from .io import save_stream_atomic
 
         save_stream_atomic(ckpt / tag / f"rng_rank{self.info.rank}.pt", lambda f: torch.save(rng_state(), f))
         if dist.is_initialized():
             dist.barrier()
         if is_primary:  # keep the newest two tags ('latest' names the newest)
-            import shutil
 
             tags = sorted((p for p in ckpt.glob("step*") if p.is_dir()), key=lambda p: int(p.name[4:]))
             for old in tags[:-2]:
                 shutil.rmtree(old, ignore_errors=True)
 
     def load(self, run_dir: Path, model_name: str) -> dict:
-        from .checkpoint import CheckpointError, set_rng_state
-
         ckpt = run_dir / "ds_checkpoint"
         latest = ckpt / "latest"
         if not latest.is_file():
@@ -252,7 +244,6 @@ DS_SAFE_GLOBALS = {  # beyond torch's own weights_only allow-list
 
 def check_ds_checkpoint(tag_dir: Path) -> None:
     """Refuse a DeepSpeed checkpoint file that references globals outside :data:`DS_SAFE_GLOBALS`."""
-    from .checkpoint import CheckpointError
 
     files = sorted(tag_dir.glob("*.pt"))
     if not files:

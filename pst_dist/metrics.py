@@ -9,7 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy
+import timm
 import torch
+import torchvision
 
 from .io import write_atomic  # noqa: F401 - re-exported: bench, diagnose, tune/report import it here
 
@@ -24,10 +27,6 @@ def git_sha() -> str:
 
 
 def library_versions() -> dict[str, str]:
-    import numpy
-    import timm
-    import torchvision
-
     out = {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
            "timm": timm.__version__, "numpy": numpy.__version__}
     for mod in ("deepspeed", "ray", "ffcv"):
@@ -47,7 +46,7 @@ class Metrics:
             run_dir.mkdir(parents=True, exist_ok=True)
             self._file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
             if tensorboard:
-                from torch.utils.tensorboard import SummaryWriter
+                from torch.utils.tensorboard import SummaryWriter  # tensorboard: start-up time, only when enabled
 
                 self.tb = SummaryWriter(str(run_dir / "tb"))
 

@@ -1,11 +1,21 @@
-"""Model factory: any timm model by name, adapted to small images (32px ResNet stem, ViT patch size)."""
+"""Model factory: any timm model by name, adapted to small images (32px ResNet stem, ViT patch size).
+
+The adaptations are per model family (:data:`pst_dist.registry.MODEL_FAMILIES`): a family's function returns the
+extra ``timm.create_model`` kwargs and a hook run on the created model (or None). A name of no family is created
+with timm's defaults.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import timm
 import torch.nn as nn
 
 from .config import ConfigError, ModelConfig
+from .registry import MODEL_FAMILIES
+
+Hook = Callable[[nn.Module], None]
 
 
 def build_model(cfg: ModelConfig, num_classes: int, in_chans: int, img_size: int) -> nn.Module:
@@ -13,18 +23,44 @@ def build_model(cfg: ModelConfig, num_classes: int, in_chans: int, img_size: int
     if cfg.name not in timm.list_models():
         raise ConfigError(f"model.name={cfg.name!r}: not a timm model (see timm.list_models())")
     kwargs: dict = dict(pretrained=False, num_classes=num_classes, in_chans=in_chans, drop_rate=cfg.drop_rate)
-    is_resnet = cfg.name.startswith(("resnet", "resnext", "wide_resnet")) and "resnetv2" not in cfg.name
-    if is_resnet and cfg.width != 1.0:
+    hook = None
+    family = model_family(cfg.name)
+    if family is not None:
+        extra, hook = MODEL_FAMILIES.load(family)(cfg, in_chans, img_size)
+        kwargs.update(extra)
+    model = timm.create_model(cfg.name, **kwargs)
+    if hook is not None:
+        hook(model)
+    return model
+
+
+def model_family(name: str) -> str | None:
+    """The :data:`~pst_dist.registry.MODEL_FAMILIES` entry whose ``prefixes`` start ``name`` and none of whose
+    ``exclude`` substrings it contains; None for other models."""
+    for family, entry in MODEL_FAMILIES.items():
+        if name.startswith(tuple(entry.data["prefixes"])) and not any(s in name for s in entry.data.get("exclude", ())):
+            return family
+    return None
+
+
+def resnet_kwargs(cfg: ModelConfig, in_chans: int, img_size: int) -> tuple[dict, Hook | None]:
+    """model.width scales the channels (64, 128, 256, 512); model.small_stem swaps in the 3x3/1 CIFAR stem."""
+    kwargs: dict = {}
+    if cfg.width != 1.0:
         channels = tuple(max(8, int(round(c * cfg.width))) for c in (64, 128, 256, 512))
         kwargs.update(channels=channels, stem_width=channels[0])
-    if cfg.name.startswith(("vit_", "deit_")):
-        kwargs.update(img_size=img_size, patch_size=cfg.patch_size)
-        if img_size % cfg.patch_size:
-            raise ConfigError(f"model.patch_size={cfg.patch_size} does not divide the image size {img_size}")
-    model = timm.create_model(cfg.name, **kwargs)
-    if is_resnet and cfg.small_stem:
-        _small_resnet_stem(model, in_chans, pool=cfg.stem_pool)
-    return model
+    hook = None
+    if cfg.small_stem:
+        def hook(model: nn.Module) -> None:
+            _small_resnet_stem(model, in_chans, pool=cfg.stem_pool)
+    return kwargs, hook
+
+
+def vit_kwargs(cfg: ModelConfig, in_chans: int, img_size: int) -> tuple[dict, Hook | None]:
+    """img_size from the data, patch_size from model.patch_size (which must divide it)."""
+    if img_size % cfg.patch_size:
+        raise ConfigError(f"model.patch_size={cfg.patch_size} does not divide the image size {img_size}")
+    return dict(img_size=img_size, patch_size=cfg.patch_size), None
 
 
 def _small_resnet_stem(model: nn.Module, in_chans: int, pool: bool) -> None:

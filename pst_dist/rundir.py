@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 
 from .config import RESUME_MAY_CHANGE, Config, ConfigError, config_changes, flat_config, load_config
+from .io import write_atomic
 
 RUN_MARKERS = ("config.toml", "checkpoint.pt", "ds_checkpoint", "summary.json", "metrics.jsonl")
 """Any of these in a directory means it holds a run."""
@@ -102,7 +103,6 @@ def remove_run_files(run_dir: Path) -> list[str]:
 def keep_metrics_until(run_dir: Path, step: int) -> None:
     """On resume: drop metrics.jsonl lines logged after the checkpoint's step (they are logged again), so the file
     holds each step once."""
-    from .io import write_atomic
 
     f = run_dir / "metrics.jsonl"
     if not f.is_file():

@@ -15,12 +15,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 from torchvision.utils import make_grid
 from tqdm import tqdm
 
 from .config import Config, ConfigError, dump_toml
 from .data.pipeline import Data, Normalize, build_data, build_loader
+from .defenses import pgd_examples
 from .distributed import (
     DeepSpeedEngine,
     DistInfo,
@@ -112,8 +114,6 @@ def train_step(gm: GroupedModel, engine: TorchEngine | DeepSpeedEngine | torch.o
         broadcast_buffers(gm.model)  # one BatchNorm state on every rank (no-op on one process)
     xf = x.float() / 255 if x.dtype == torch.uint8 else x.float()
     if defense is not None and defense.kind == "adv":
-        from .defenses import pgd_examples
-
         gm.set_frozen_prefix((1.0,) * gm.num_groups)  # the attack needs the gradient down to the input
         xf = pgd_examples(gm.model, xf, y, normalize, defense.adv_eps, defense.adv_step, defense.adv_steps)
     gm.set_frozen_prefix(stage.mults)  # idempotent; re-installs hooks after a resume
@@ -131,7 +131,6 @@ class TrainingDiverged(RuntimeError):
 def _on_every_rank(fn):
     """``fn()`` on the primary rank; its result, or its error, reaches every rank (so all raise together instead of
     the others waiting forever in the next collective)."""
-    import torch.distributed as dist
 
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return fn()

@@ -36,7 +36,8 @@ def import_graph() -> tuple[dict[str, set[str]], list[tuple[str, int, str]]]:
         src = path.read_text()
         tree = ast.parse(src)
         lines = src.splitlines()
-        top = {id(n) for n in tree.body}
+        in_functions = {id(n) for f in ast.walk(tree) if isinstance(f, ast.FunctionDef | ast.AsyncFunctionDef)
+                        for n in ast.walk(f)}
         for node in ast.walk(tree):
             if isinstance(node, ast.Import):
                 names = [a.name for a in node.names]
@@ -46,7 +47,7 @@ def import_graph() -> tuple[dict[str, set[str]], list[tuple[str, int, str]]]:
                 continue
             targets = {n for n in names if n in files and n != mod}
             graph[mod] |= targets
-            if id(node) not in top and not _in_type_checking(tree, node):
+            if id(node) in in_functions and not _in_type_checking(tree, node):
                 local.append((mod, node.lineno, lines[node.lineno - 1].strip()))
     return graph, local
 

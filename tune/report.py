@@ -96,10 +96,10 @@ def results_md(cfg: Config, rows: list[dict], best: dict | None, total_epochs: i
 
 
 def plot_trials(rows: list[dict], best: dict | None, path: Path) -> None:
-    import matplotlib
+    import matplotlib  # matplotlib: start-up time, only when plotting
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # matplotlib: start-up time, only when plotting
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharex=True)
     for r in rows:

@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 
 from pst_dist.config import Config, ConfigError, to_dict
+from pst_dist.models import build_model
+from pst_dist.pst.groups import layer_groups
 from pst_dist.pst.schedule import Schedule
 
 from .report import write_reports
@@ -21,8 +23,6 @@ from .trial import run_trial
 def num_groups(cfg: Config) -> int:
     """Layer groups of the configured model (built on the CPU with the configured image size; the group count does
     not depend on channels or classes)."""
-    from pst_dist.models import build_model
-    from pst_dist.pst.groups import layer_groups
 
     return len(layer_groups(build_model(cfg.model, 10, 3, cfg.data.img_size), cfg.model.block_groups))
 
@@ -38,7 +38,7 @@ def absolute_paths(cfg: Config) -> None:
 
 def param_space(cfg: Config, groups: int) -> dict:
     """Ray Tune's search space: valid skeletons (lengths + unfreeze order), warm-up thresholds, per-stage lr mults."""
-    from ray import tune
+    from ray import tune  # optional heavy dependency (Ray), imported only by tune
 
     pick = tune.grid_search if cfg.tune.search == "grid" else tune.choice
     space = {"skeleton": pick([s.key() for s in skeletons(cfg, groups)]), "threshold": pick(cfg.tune.thresholds)}
@@ -53,7 +53,7 @@ def check_space(cfg: Config, groups: int) -> None:
 
 
 def init_ray(cfg: Config) -> str:
-    import ray
+    import ray  # optional heavy dependency (Ray), imported only by tune
 
     if ray.is_initialized():
         return "already initialised"
@@ -66,7 +66,7 @@ def init_ray(cfg: Config) -> str:
 
 
 def max_concurrent(cfg: Config) -> int:
-    import ray
+    import ray  # optional heavy dependency (Ray), imported only by tune
 
     if cfg.tune.max_concurrent:
         return cfg.tune.max_concurrent
@@ -81,9 +81,11 @@ def max_concurrent(cfg: Config) -> int:
 
 
 def build_tuner(cfg: Config, search_dir: Path, resume: bool, groups: int):
-    from ray import tune
+    from ray import tune  # optional heavy dependency (Ray), imported only by tune
+
+    # optional heavy dependency (Ray), imported only by tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
-    from ray.tune.search import BasicVariantGenerator
+    from ray.tune.search import BasicVariantGenerator  # optional heavy dependency (Ray), imported only by tune
 
     t = cfg.tune
     trainable = tune.with_resources(tune.with_parameters(run_trial, base=to_dict(cfg), search_dir=str(search_dir)),
@@ -122,7 +124,7 @@ def run_search(cfg: Config, resume: bool = False, log=lambda m: print(m, file=sy
         f"grid; search={cfg.tune.search} scheduler={cfg.tune.scheduler}; each trial {cfg.tune.workers} Ray Train "
         f"workers ({engine})")
     if resume:
-        from ray.tune import Tuner
+        from ray.tune import Tuner  # optional heavy dependency (Ray), imported only by tune
 
         if not Tuner.can_restore(str(search_dir)):
             raise ConfigError(f"--resume: no search to continue at {search_dir} (tune.out / tune.name)")

@@ -17,7 +17,10 @@ import shutil
 import uuid
 from pathlib import Path
 
+import torch.distributed as dist
+
 from pst_dist.config import Config, from_dict, to_dict
+from pst_dist.train import train
 
 from .space import trial_config
 
@@ -69,10 +72,8 @@ def _stage_checkpoint(run_dir: Path, epoch: int, rank: int, local_rank: int) -> 
 def worker_loop(loop: dict) -> None:
     """The function every Ray Train worker runs: restore the trial's last checkpoint if there is one, then train,
     reporting each epoch."""
-    import ray.train
-    import torch.distributed as dist
+    import ray.train  # optional heavy dependency (Ray), imported only by tune
 
-    from pst_dist.train import train
 
     cfg: Config = from_dict(Config, loop["cfg"])
     run_dir = Path(cfg.log.run_dir)
@@ -106,7 +107,7 @@ def worker_loop(loop: dict) -> None:
 
 
 def _use_gpu(cfg: Config) -> bool:
-    import ray
+    import ray  # optional heavy dependency (Ray), imported only by tune
 
     if cfg.tune.use_gpu == "auto":
         return ray.cluster_resources().get("GPU", 0) >= 1
@@ -114,8 +115,9 @@ def _use_gpu(cfg: Config) -> bool:
 
 
 def _trainer(cfg: Config, loop: dict, name: str, storage: str, callbacks: list):
+    # optional heavy dependency (Ray), imported only by tune
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer  # optional heavy dependency (Ray), imported only by tune
 
     gpu = _use_gpu(cfg)
     resources = {"CPU": cfg.tune.cpus_per_worker, **({"GPU": 1} if gpu else {})}
@@ -141,7 +143,9 @@ def trial_run_config(base: Config, params: dict, search_dir: Path, trial_id: str
 
 def run_trial(params: dict, base: dict, search_dir: str) -> None:
     """The Tune trainable (a function trial): build this trial's ``TorchTrainer`` and run it."""
-    from ray import tune
+    from ray import tune  # optional heavy dependency (Ray), imported only by tune
+
+    # optional heavy dependency (Ray), imported only by tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     base_cfg: Config = from_dict(Config, base)

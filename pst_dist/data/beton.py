@@ -11,16 +11,21 @@ Grayscale images are stored as three equal channels (FFCV's image field is RGB) 
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import math
 import os
+import queue
+from multiprocessing import Process, Queue, Value
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..config import ConfigError
 from ..io import OutputError, read_json
 from ..io import sha256 as sha256  # re-exported: older callers import it from here
+from .loaders import RRC_RATIO, RRC_SCALE
 from .sources import DataError, Split, Splits, fingerprint  # noqa: F401 - fingerprint re-exported
 
 SPLITS = ("train", "val", "test")
@@ -76,12 +81,10 @@ def _safe_writer_cls():
     """FFCV 1.0.2's DatasetWriter with a parent loop that notices a failed worker. FFCV's own loop polls a sample
     counter until every sample is written, so one worker dying (a full disk) hangs ``write-beton`` forever, and the
     other workers spin waiting for the dead one's page."""
-    import ctypes
-    import queue
-    from multiprocessing import Process, Queue, Value
 
+    # optional heavy dependency (FFCV), imported only for .beton files
     from ffcv.memory_allocator import MemoryAllocator
-    from ffcv.writer import DatasetWriter
+    from ffcv.writer import DatasetWriter  # optional heavy dependency (FFCV), imported only for .beton files
 
     class SafeWriter(DatasetWriter):
         def _write_common(self, num_samples, queue_content, work_fn, extra_worker_args) -> None:
@@ -134,7 +137,7 @@ def write_split(path: Path, images: torch.Tensor, labels: torch.Tensor, *, write
                 jpeg_quality: int = 90, num_workers: int = 2) -> None:
     """One split to one .beton at ``path`` (written in place: callers write into a temporary directory)."""
     _need_ffcv()
-    from ffcv.fields import IntField, RGBImageField
+    from ffcv.fields import IntField, RGBImageField  # optional heavy dependency (FFCV), imported only for .beton files
 
     if write_mode not in ("raw", "jpg"):
         raise ValueError(f"write_mode={write_mode!r}: expected 'raw' or 'jpg'")
@@ -168,8 +171,8 @@ def check_beton(path: Path, expect_samples: int | None = None, expect_bytes: int
     Returns the number of samples. Raises DataError naming the file and what is wrong.
     """
     _need_ffcv()
-    from ffcv.fields import IntField, RGBImageField
-    from ffcv.reader import Reader
+    from ffcv.fields import IntField, RGBImageField  # optional heavy dependency (FFCV), imported only for .beton files
+    from ffcv.reader import Reader  # optional heavy dependency (FFCV), imported only for .beton files
 
     if not path.is_file():
         raise DataError(f"missing split file: {path}")
@@ -309,6 +312,7 @@ class BetonDir:
 
 
 def _sharded_order_cls():
+    # optional heavy dependency (FFCV), imported only for .beton files
     from ffcv.traversal_order.base import TraversalOrder
 
     class ShardedOrder(TraversalOrder):
@@ -353,16 +357,16 @@ class BetonBatches:
     def __init__(self, path: Path | str, shape, batch_size: int, *, shuffle: bool = True, augment: str = "none",
                  seed: int = 0, drop_last: bool = True, rank: int = 0, world_size: int = 1,
                  device: torch.device | str = "cpu", num_workers: int = 2):
+        # optional heavy dependency (FFCV), imported only for .beton files
         from ffcv.fields.decoders import IntDecoder, RandomResizedCropRGBImageDecoder, SimpleRGBImageDecoder
-        from ffcv.loader import Loader
+        from ffcv.loader import Loader  # optional heavy dependency (FFCV), imported only for .beton files
+
+        # optional heavy dependency (FFCV), imported only for .beton files
         from ffcv.transforms import RandomHorizontalFlip, RandomTranslate, Squeeze, ToDevice, ToTensor, ToTorchImage
 
-        from .loaders import RRC_RATIO, RRC_SCALE
 
         c, h, w = shape
         if augment not in ("none", "crop", "crop_flip", "rrc_flip"):
-            from ..config import ConfigError
-
             raise ConfigError(f"data.augment={augment!r} has no FFCV pipeline: use data.loader='torch' for it")
         self.channels = c
         device = torch.device(device)

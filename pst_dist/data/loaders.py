@@ -4,6 +4,7 @@ batch. The trainer accepts any iterable of (uint8 images, labels); this is the d
 from __future__ import annotations
 
 import torch
+from torchvision.transforms.v2 import functional as F
 
 RRC_SCALE = (0.35, 1.0)
 RRC_RATIO = (3 / 4, 4 / 3)
@@ -63,8 +64,6 @@ def augment_batch(x: torch.Tensor, mode: str, g: torch.Generator) -> torch.Tenso
     if mode == "ueraser":
         return ueraser_lite(augment_batch(x, "crop_flip", g), g)
     if mode == "rrc_flip":
-        from torchvision.transforms.v2 import functional as F
-
         n, _, h, w = x.shape
         out = torch.empty_like(x)
         flips = torch.rand(n, generator=g) < 0.5

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from PIL import Image
 
 from ..config import DataConfig
 
@@ -402,11 +403,11 @@ def _cifar(cfg: DataConfig) -> tuple[Split, Split, int]:
 
 def _try_download(source: str, root: Path) -> None:
     """Download the CIFAR archive with torchvision when the machine is online; a clear error otherwise."""
-    from torchvision.datasets import CIFAR10, CIFAR100
+    from torchvision.datasets import CIFAR10, CIFAR100  # start-up time: only when downloading
 
     cls = CIFAR10 if source == "cifar10" else CIFAR100
     try:
-        from torchvision.datasets.utils import download_and_extract_archive
+        from torchvision.datasets.utils import download_and_extract_archive  # start-up time: only when downloading
 
         download_and_extract_archive(cls.url, str(root), filename=cls.filename, md5=cls.tgz_md5)
     except Exception as e:  # noqa: BLE001 - any network failure means the same thing here
@@ -457,7 +458,6 @@ def decode_image(path: Path, error: type[Exception] = DataError, size: tuple[int
     any pixel is decoded: 16-bit / 32-bit / float images (which PIL would clip or truncate), an image over PIL's
     decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``), another size than ``size`` (width, height) when given,
     and files PIL cannot decode (unreadable, truncated). Shared by the imagefolder source and poison folders."""
-    from PIL import Image
 
     problem = None
     try:
@@ -480,7 +480,7 @@ def decode_image(path: Path, error: type[Exception] = DataError, size: tuple[int
 
 
 def _read_folder(root: Path, classes: list[str], size: int, train_dir: Path) -> Split:
-    from PIL import Image
+    # start-up time: torchvision only when decoding image files (the CLI imports this module)
     from torchvision.transforms import functional as F
 
     extra = sorted(d.name for d in root.iterdir() if d.is_dir() and d.name not in set(classes))

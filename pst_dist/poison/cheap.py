@@ -10,6 +10,7 @@ import math
 import torch
 
 from ..config import PoisonConfig
+from ..registry import ATTACKS
 from .budget import check_linf
 
 
@@ -54,6 +55,5 @@ def apply_poison(images: torch.Tensor, labels: torch.Tensor, cfg: PoisonConfig, 
     """Return poisoned uint8 images (a new tensor) of a cheap attack (no model); its budget is asserted."""
     if cfg.kind == "none":
         return images.clone()
-    from ..registry import ATTACKS
 
     return ATTACKS.load(cfg.kind)(images, labels, cfg, num_classes)

@@ -22,9 +22,12 @@ from collections.abc import Iterator
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from ..config import Config
 from ..defenses import pgd_examples
+from ..distributed import all_reduce_grads, broadcast_buffers, build_device
+from ..models import build_model
 from .budget import check_linf
 
 
@@ -32,8 +35,6 @@ class _Seams:
     """Device, autocast and the process group the attack runs under, as in training."""
 
     def __init__(self, cfg: Config):
-        from ..distributed import build_device
-
         self.device = build_device(cfg)
         self.bf16 = cfg.train.bf16
         self.world = dist.get_world_size() if dist.is_initialized() else 1
@@ -51,8 +52,6 @@ class _Seams:
 
 
 def _surrogate(cfg: Config, num_classes: int, shape: tuple[int, int, int], seams: _Seams, seed: int):
-    from ..models import build_model
-
     torch.manual_seed(seed)
     model = build_model(cfg.model, num_classes, shape[0], shape[1]).to(seams.device)
     p = cfg.poison
@@ -95,7 +94,6 @@ class _Attack:
 
     def train_steps(self, steps: int, delta_of) -> None:
         """``steps`` SGD steps of the surrogate on poisoned batches (``delta_of(idx, x)`` gives their perturbation)."""
-        from ..distributed import all_reduce_grads, broadcast_buffers
 
         self.model.train()
         for _ in range(steps):
@@ -294,7 +292,5 @@ def tap(images: torch.Tensor, labels: torch.Tensor, cfg: Config, num_classes: in
 
 
 def _progress(total: int, desc: str):
-    from tqdm import tqdm
-
     quiet = dist.is_initialized() and dist.get_rank() != 0
     return tqdm(total=total, desc=desc, file=sys.stderr, disable=quiet, leave=False)
