@@ -1,5 +1,5 @@
-"""FFCV .beton path: lossless round trip, sharding over 2 real processes, bad files, atomic writes, imported
-poisons, and the trainer consuming a .beton (real ffcv, real files)."""
+"""FFCV .beton path: lossless round trip, sharding over 2 real processes, bad files, atomic writes, and the
+trainer consuming a .beton (real ffcv, real files)."""
 
 import json
 import shutil
@@ -13,9 +13,10 @@ import torch
 
 from pst_dist.config import load_config
 from pst_dist.data import beton as B
+from pst_dist.data.pipeline import build_data, write_betons
 from pst_dist.data.sources import DataError
-from pst_dist.poison import PoisonFileError, class_patterns
-from pst_dist.train import build_data, train
+from pst_dist.poison import PoisonFileError
+from pst_dist.train import train
 
 from .conftest import TINY
 
@@ -30,7 +31,7 @@ def cfg_of(*over):
 @pytest.fixture(scope="module")
 def synth_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("b") / "synth"
-    B.write_betons(cfg_of(*SMALL, "--poison.kind=patch_noise"), out, log=lambda m: None)
+    write_betons(cfg_of(*SMALL, "--poison.kind=patch_noise"), out, log=lambda m: None)
     return out
 
 
@@ -39,7 +40,7 @@ def test_raw_round_trip_is_exact(tmp_path, over):
     if over is FMNIST and not Path("/usr/share/datasets/fashion-mnist").is_dir():
         pytest.skip("dataset-fashion-mnist not installed")
     cfg = cfg_of(*over, "--poison.kind=classwise_noise")
-    B.write_betons(cfg, tmp_path / "d", log=lambda m: None)
+    write_betons(cfg, tmp_path / "d", log=lambda m: None)
     data = build_data(cfg)
     b = B.BetonDir(tmp_path / "d")
     got = {k: b.read_split(k, num_workers=1) for k in B.SPLITS}
@@ -58,7 +59,7 @@ def test_raw_round_trip_is_exact(tmp_path, over):
 
 def test_jpg_mode_warns_and_is_lossy(tmp_path):
     said = []
-    B.write_betons(cfg_of(*SMALL, "--poison.kind=patch_noise"), tmp_path / "j", write_mode="jpg", jpeg_quality=50,
+    write_betons(cfg_of(*SMALL, "--poison.kind=patch_noise"), tmp_path / "j", write_mode="jpg", jpeg_quality=50,
                    log=said.append)
     assert any("defense" in s and "JPEG" in s for s in said)
     b = B.BetonDir(tmp_path / "j")
@@ -226,7 +227,7 @@ def test_interrupted_write_leaves_nothing_and_keeps_the_old_directory(tmp_path, 
 
     monkeypatch.setattr(B, "write_split", dies_on_test_split)
     with pytest.raises(KeyboardInterrupt):
-        B.write_betons(cfg_of(*SMALL), out, overwrite=True, log=lambda m: None)
+        write_betons(cfg_of(*SMALL), out, overwrite=True, log=lambda m: None)
     assert calls == ["train.beton", "val.beton", "test.beton"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"], "a partial directory was left behind"
     assert (out / B.META).read_text() == before
@@ -252,7 +253,7 @@ def test_full_disk_stops_the_ffcv_writer(tmp_path, synth_dir):
     signal.alarm(120)
     try:
         with pytest.raises(OSError, match="writing it failed: File too large") as e:
-            B.write_betons(cfg_of(*SMALL), out, overwrite=True, log=lambda m: None)
+            write_betons(cfg_of(*SMALL), out, overwrite=True, log=lambda m: None)
     finally:
         signal.alarm(0)
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
@@ -268,7 +269,7 @@ def test_poison_shape_mismatch_writes_nothing(tmp_path):
     cfg = cfg_of(*SMALL, "--poison.kind=file", f"--poison.path={bad}")
     want = r"expected \(N, C, H, W\) = \(360, 3, 16, 16\).*found \(359, 3, 15, 16\)"
     with pytest.raises(PoisonFileError, match=want):
-        B.write_betons(cfg, tmp_path / "out", log=lambda m: None)
+        write_betons(cfg, tmp_path / "out", log=lambda m: None)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.npy"]
 
 
@@ -278,55 +279,3 @@ def test_cli_write_beton_errors_exit_2(tmp_path):
     assert main(["write-beton", "--out", str(tmp_path / "o"), *SMALL, "--poison.kind=file",
                  f"--poison.path={tmp_path / 'missing.npy'}"]) == 2
     assert not (tmp_path / "o").exists()
-
-
-# --------------------------------------------------------------------------------------------------------------
-# imported poisons
-
-
-
-
-@pytest.mark.parametrize("layout,kind", [("nchw", "float"), ("nhwc", "float"), ("nchw", "uint8")])
-def test_imported_poison_matches_the_generated_one(tmp_path, layout, kind):
-    ref_cfg = cfg_of(*SMALL, "--poison.kind=classwise_noise")
-    ref = build_data(ref_cfg)
-    tr = ref.splits.train
-    n_src = ref.splits.source_train_size
-    from pst_dist.data.sources import load_splits
-
-    # rebuild the source-ordered clean training split, then its poisoned version, as an outside tool would save it
-    clean = torch.zeros((n_src, *ref.splits.shape), dtype=torch.uint8)
-    labels = torch.zeros(n_src, dtype=torch.int64)
-    full = load_splits(ref_cfg.data)
-    for s in (full.train, full.val):
-        clean[s.index], labels[s.index] = s.images, s.labels
-    delta = class_patterns(ref_cfg.poison, 10, ref.splits.shape)[labels]
-    if kind == "float":
-        t = delta.float() / 255
-    else:
-        t = (clean.to(torch.int16) + delta).clamp(0, 255).to(torch.uint8)
-    if layout == "nhwc":
-        t = t.permute(0, 2, 3, 1).contiguous()
-    path = tmp_path / ("p.npy" if kind == "float" else "p.pt")
-    np.save(path, t.numpy()) if kind == "float" else torch.save(t, path)
-    got = build_data(cfg_of(*SMALL, "--poison.kind=file", f"--poison.path={path}"))
-    assert torch.equal(got.poisoned_train, ref.poisoned_train)
-    assert torch.equal(got.splits.train.index, tr.index)
-
-
-def test_imported_poison_errors(tmp_path):
-    def err(t, name="p.npy", eps=None, match=""):
-        path = tmp_path / name
-        np.save(path, t) if name.endswith(".npy") else torch.save(t, path)
-        over = [*SMALL, "--poison.kind=file", f"--poison.path={path}"] + ([f"--poison.eps={eps}"] if eps else [])
-        with pytest.raises(PoisonFileError, match=match):
-            build_data(cfg_of(*over))
-
-    err(np.full((360, 3, 16, 16), 0.2, np.float32), match="L-inf 51/255 exceeds poison.eps = 8/255")
-    err(np.full((360, 3, 16, 16), 3.0, np.float32), eps=1.0, match=r"\[-1, 1\].*255 units")
-    err(np.zeros((360, 3, 16, 16), np.int32), match="dtype")
-    err(np.full((360, 3, 16, 16), np.nan, np.float32), match="NaN")
-    err({"not": "a tensor"}, name="p.pt", match="expected a tensor")
-    (tmp_path / "evil.pt").write_bytes(b"\x80\x04cbuiltins\nexec\n.")
-    with pytest.raises(PoisonFileError, match="cannot read"):
-        build_data(cfg_of(*SMALL, "--poison.kind=file", f"--poison.path={tmp_path / 'evil.pt'}"))

@@ -1,10 +1,12 @@
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from pst_dist.config import ConfigError, PoisonConfig
-from pst_dist.poison import apply_poison, class_patterns
+from pst_dist.poison import PoisonFileError, apply_poison, class_patterns, import_poison
 
 
 @pytest.mark.parametrize("kind", ["classwise_noise", "patch_noise"])
@@ -49,7 +51,7 @@ def _data(chans: int, n: int = 60, side: int = 12):
 @pytest.mark.parametrize("kind", SHORTCUTS)
 @pytest.mark.parametrize("chans", [1, 3])
 def test_shortcut_attacks_budget_and_determinism(kind, chans):
-    from pst_dist.poison.shortcuts import l2_budget
+    from pst_dist.poison.budget import l2_budget
 
     x, y = _data(chans)
     cfg = PoisonConfig(kind=kind, patch_size=3, seed=1)
@@ -105,8 +107,8 @@ def test_stored_poison_round_trip_and_validation(tmp_path):
     import numpy as np
 
     from pst_dist.config import load_config
+    from pst_dist.data.pipeline import build_data
     from pst_dist.poison import PoisonFileError
-    from pst_dist.train import build_data
 
     data = ["--data.source=synthetic", "--data.synthetic_train=300", "--data.img_size=12", "--data.num_classes=5",
             "--data.val_from=test", "--data.val_size=20"]  # the synthetic source sizes its split by val_from
@@ -165,7 +167,7 @@ def _store(tmp_path, attack: str, clean: torch.Tensor, stored: torch.Tensor, **p
 ])
 def test_stored_poison_beyond_its_attacks_budget(tmp_path, attack, change, match):
     from pst_dist.poison import PoisonFileError
-    from pst_dist.poison.shortcuts import l2_budget
+    from pst_dist.poison.budget import l2_budget
     from pst_dist.poison.store import read_stored
 
     clean, _ = _data(3, n=8)
@@ -223,3 +225,138 @@ def test_stored_poison_metadata_errors(tmp_path, text, match):
     with pytest.raises(PoisonFileError, match=match) as e:
         read_meta(tmp_path)
     assert str(tmp_path / "poison.json") in str(e.value) and "\n" not in str(e.value)
+
+# --------------------------------------------------------------------------------------------------------------
+# imported poisons (poison.kind=file): arrays of the whole training split, folders of poisoned images
+
+SMALL = ["--data.source=synthetic", "--data.synthetic_train=300", "--data.val_size=60", "--data.img_size=16"]
+
+
+def cfg_of(*over):
+    from pst_dist.config import load_config
+
+    return load_config(None, list(over))
+
+
+@pytest.mark.parametrize("layout,kind", [("nchw", "float"), ("nhwc", "float"), ("nchw", "uint8")])
+def test_imported_poison_matches_the_generated_one(tmp_path, layout, kind):
+    ref_cfg = cfg_of(*SMALL, "--poison.kind=classwise_noise")
+    from pst_dist.data.pipeline import build_data
+
+    ref = build_data(ref_cfg)
+    tr = ref.splits.train
+    n_src = ref.splits.source_train_size
+    from pst_dist.data.sources import load_splits
+
+    # rebuild the source-ordered clean training split, then its poisoned version, as an outside tool would save it
+    clean = torch.zeros((n_src, *ref.splits.shape), dtype=torch.uint8)
+    labels = torch.zeros(n_src, dtype=torch.int64)
+    full = load_splits(ref_cfg.data)
+    for s in (full.train, full.val):
+        clean[s.index], labels[s.index] = s.images, s.labels
+    delta = class_patterns(ref_cfg.poison, 10, ref.splits.shape)[labels]
+    if kind == "float":
+        t = delta.float() / 255
+    else:
+        t = (clean.to(torch.int16) + delta).clamp(0, 255).to(torch.uint8)
+    if layout == "nhwc":
+        t = t.permute(0, 2, 3, 1).contiguous()
+    path = tmp_path / ("p.npy" if kind == "float" else "p.pt")
+    np.save(path, t.numpy()) if kind == "float" else torch.save(t, path)
+    got = build_data(cfg_of(*SMALL, "--poison.kind=file", f"--poison.path={path}"))
+    assert torch.equal(got.poisoned_train, ref.poisoned_train)
+    assert torch.equal(got.splits.train.index, tr.index)
+
+
+def test_imported_poison_errors(tmp_path):
+    from pst_dist.data.pipeline import build_data
+
+    def err(t, name="p.npy", eps=None, match=""):
+        path = tmp_path / name
+        np.save(path, t) if name.endswith(".npy") else torch.save(t, path)
+        over = [*SMALL, "--poison.kind=file", f"--poison.path={path}"] + ([f"--poison.eps={eps}"] if eps else [])
+        with pytest.raises(PoisonFileError, match=match):
+            build_data(cfg_of(*over))
+
+    err(np.full((360, 3, 16, 16), 0.2, np.float32), match="L-inf 51/255 exceeds poison.eps = 8/255")
+    err(np.full((360, 3, 16, 16), 3.0, np.float32), eps=1.0, match=r"\[-1, 1\].*255 units")
+    err(np.zeros((360, 3, 16, 16), np.int32), match="dtype")
+    err(np.full((360, 3, 16, 16), np.nan, np.float32), match="NaN")
+    err({"not": "a tensor"}, name="p.pt", match="expected a tensor")
+    (tmp_path / "evil.pt").write_bytes(b"\x80\x04cbuiltins\nexec\n.")
+    with pytest.raises(PoisonFileError, match="cannot read"):
+        build_data(cfg_of(*SMALL, "--poison.kind=file", f"--poison.path={tmp_path / 'evil.pt'}"))
+
+
+def write_folder(root: Path, images: torch.Tensor, labels: torch.Tensor | None, suffix: str = ".png") -> None:
+    for i, im in enumerate(images):
+        d = root / str(int(labels[i])) if labels is not None else root
+        d.mkdir(parents=True, exist_ok=True)
+        arr = im.permute(1, 2, 0).numpy()
+        Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr).save(d / f"{i:05d}{suffix}")
+
+
+@pytest.mark.parametrize("chans", [1, 3])
+@pytest.mark.parametrize("class_folders", [False, True])
+def test_folder_import_round_trip(tmp_path, chans, class_folders):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(20, 230, (12, chans, 8, 8), generator=g, dtype=torch.uint8)
+    y = torch.arange(12) % 3
+    poisoned = (x.to(torch.int16) + torch.randint(-8, 9, x.shape, generator=g)).clamp(0, 255).to(torch.uint8)
+    write_folder(tmp_path / "p", poisoned, y if class_folders else None)
+    idx = torch.tensor([3, 0, 7])  # a subset of the training split, in the loader's order
+    cfg = PoisonConfig(kind="file", path=str(tmp_path / "p"))
+    assert torch.equal(import_poison(x[idx], idx, 12, cfg, y[idx]), poisoned[idx])
+
+
+def folder_case(tmp_path, case):
+    x = torch.full((6, 1, 8, 8), 100, dtype=torch.uint8)
+    y = torch.arange(6) % 2
+    p = x.clone()
+    p[:, :, 0, 0] += 4
+    root = tmp_path / "p"
+    if case == "missing":
+        write_folder(root, p[:5], None)
+    elif case == "size":
+        write_folder(root, p, None)
+        Image.fromarray(np.full((9, 8), 100, np.uint8)).save(root / "00002.png")
+    elif case == "channels":
+        write_folder(root, p, None)
+        rgb = np.full((8, 8, 3), 100, np.uint8)
+        rgb[0, 0] = (90, 100, 110)
+        Image.fromarray(rgb).save(root / "00002.png")
+    elif case == "label":
+        write_folder(root, p, (y + 1) % 2)
+    elif case == "name":
+        write_folder(root, p, None)
+        (root / "00002.png").rename(root / "img_2.png")
+    elif case == "budget":
+        p[1, 0, 3, 3] = 140
+        write_folder(root, p, None)
+    elif case == "range":
+        write_folder(root, p, None)
+        (root / "00005.png").rename(root / "00006.png")
+    return x, y, PoisonConfig(kind="file", path=str(root))
+
+
+@pytest.mark.parametrize("case,msg", [
+    ("missing", r"expected 6 images .* found 5; missing rows e.g. \[5\]"),
+    ("size", "image size 8x9: expected 8x8"),
+    ("channels", "3 channel.*expected 1"),
+    ("label", "in class folder 1, but training row 0 has label 0"),
+    ("name", "file name 'img_2': expected the image's row"),
+    ("budget", "L-inf 40/255 exceeds poison.eps = 8/255"),
+    ("range", "row 6 out of range: the training split has 6 images"),
+])
+def test_folder_import_errors_name_expected_and_found(tmp_path, case, msg):
+    x, y, cfg = folder_case(tmp_path, case)
+    with pytest.raises(PoisonFileError, match=msg):
+        import_poison(x, torch.arange(6), 6, cfg, y)
+
+
+def test_folder_import_warns_on_jpeg(tmp_path, capsys):
+    x = torch.full((4, 3, 8, 8), 100, dtype=torch.uint8)
+    write_folder(tmp_path / "p", x, None, suffix=".jpg")
+    import_poison(x, torch.arange(4), 4, PoisonConfig(kind="file", path=str(tmp_path / "p"), eps=16 / 255),
+                  torch.zeros(4, dtype=torch.long))
+    assert "JPEG/WebP" in capsys.readouterr().err

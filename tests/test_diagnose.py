@@ -1,0 +1,44 @@
+"""pst_dist.diagnose: the linear probe and k-means purity on a layer group's features, and `pst-dist diagnose`'s
+per-group curves on poisoned and clean data."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_probe_and_clustering_tell_class_structure_from_noise():
+    from pst_dist.diagnose import kmeans_purity, ridge_probe_accuracy
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(400) % 4
+    centres = torch.randn(4, 16, generator=g) * 4
+    separable = centres[y] + torch.randn(400, 16, generator=g)
+    unrelated = torch.randn(400, 16, generator=g)
+    assert ridge_probe_accuracy(separable, y, 4) > 0.95
+    assert ridge_probe_accuracy(unrelated, y, 4) < 0.4
+    assert kmeans_purity(separable, y, 4) > 0.95
+    assert kmeans_purity(unrelated, y, 4) < 0.45
+
+
+def test_diagnose_writes_per_group_curves_for_poisoned_and_clean(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "pst_dist.cli", "diagnose", "--config",
+                        str(ROOT / "tests" / "configs" / "tune_tiny.toml"), "--out", str(tmp_path), "--standard",
+                        "--deepspeed.enabled=false", "--train.epochs=2", "--probe-size=200", "--log.tensorboard=false"],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in (tmp_path / "diagnose.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in rows] == [0, 1, 2]
+    groups = {k.split("/")[1] for k in rows[0] if k.startswith("clean/")}
+    assert len(groups) >= 3
+    for row in rows:
+        for which in ("poisoned", "clean"):
+            for gname in groups:
+                assert 0 <= row[f"{which}/{gname}/probe_acc"] <= 1 and 0 < row[f"{which}/{gname}/kmeans_purity"] <= 1
+    assert (tmp_path / "diagnose.png").stat().st_size > 1000
