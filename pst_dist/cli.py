@@ -116,8 +116,8 @@ def cmd_demo(args: argparse.Namespace, rest: list[str]) -> int:
 
 def cmd_report(args: argparse.Namespace, rest: list[str]) -> int:
     """Aggregate summary.json files of runs named <label>_seed<k> into a mean +- std table."""
-    from .demo import format_table  # start-up time: each command imports only what it runs
     from .io import read_json  # start-up time: each command imports only what it runs
+    from .report import format_table  # start-up time: each command imports only what it runs
 
     groups: dict[str, list[dict]] = {}
     failed: list[str] = []
@@ -135,7 +135,7 @@ def cmd_report(args: argparse.Namespace, rest: list[str]) -> int:
     for line in failed:  # never averaged in: a diverged run has no accuracy to report
         print(line)
     if args.plot and groups:
-        from .demo import plot_curves  # start-up time: each command imports only what it runs
+        from .report import plot_curves  # start-up time: each command imports only what it runs
 
         plot_curves(groups, Path(args.plot))
     return 0

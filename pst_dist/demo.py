@@ -3,12 +3,12 @@
 
 from __future__ import annotations
 
-import statistics
 from pathlib import Path
 
 from .config import ConfigError, config_changes, flat_config, load_config
 from .data.sources import FMNIST_DEFAULT
-from .io import read_json, savefig_atomic, write_atomic
+from .io import read_json, write_atomic
+from .report import format_table, plot_curves
 from .rundir import RunDirError
 from .train import train
 
@@ -76,43 +76,3 @@ def _finished(run_dir: Path, cfg) -> dict | None:
         raise RunDirError(f"{run_dir} holds a finished run of other settings ({diff}); choose another --out or "
                           f"move it away")
     return summary
-
-
-def _mean_std(xs: list[float]) -> str:
-    if len(xs) == 1:
-        return f"{100 * xs[0]:.1f}"
-    return f"{100 * statistics.mean(xs):.1f} ± {100 * statistics.stdev(xs):.1f}"
-
-
-def format_table(results: dict[str, list[dict]]) -> str:
-    rows = ["| condition | seeds | final-epoch test acc | peak test acc | test acc at best val epoch | final val acc |",
-            "|---|---:|---:|---:|---:|---:|"]
-    for label, runs in results.items():
-        rows.append(f"| {label} | {len(runs)} | {_mean_std([r['final_test_acc'] for r in runs])} | "
-                    f"{_mean_std([r['peak_test_acc'] for r in runs])} | "
-                    f"{_mean_std([r['test_acc_at_best_val'] for r in runs])} | "
-                    f"{_mean_std([r['final_val_acc'] for r in runs])} |")
-    return "\n".join(rows)
-
-
-def plot_curves(results: dict[str, list[dict]], path: Path) -> None:
-    import matplotlib  # matplotlib: start-up time, only when plotting
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # matplotlib: start-up time, only when plotting
-
-    fig, ax = plt.subplots(figsize=(8, 4), dpi=100)
-    for i, (label, runs) in enumerate(results.items()):
-        for j, r in enumerate(runs):
-            curve = [100 * a for a in r["test_curve"]]
-            ax.plot(range(1, len(curve) + 1), curve, color=f"C{i}", alpha=0.9 if j == 0 else 0.5,
-                    label=label if j == 0 else None, marker="o", ms=3)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("clean test accuracy (%)")
-    ax.set_ylim(0, 100)
-    ax.grid(alpha=0.3)
-    ax.xaxis.get_major_locator().set_params(integer=True)
-    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8)
-    fig.tight_layout()
-    savefig_atomic(fig, path)
-    plt.close(fig)

@@ -25,7 +25,7 @@ import torch
 from .config import Config, ConfigError
 from .data.pipeline import Normalize, build_data
 from .distributed import build_device
-from .io import check_out_dir
+from .io import check_out_dir, savefig_atomic
 from .metrics import write_atomic
 from .models import build_model
 from .pst.detectors import scatter_ratio
@@ -173,7 +173,5 @@ def plot(rows: list[dict], path: Path, title: str = "") -> None:
     axes[1].legend(fontsize=6, ncol=2, loc="lower right")
     fig.suptitle(f"{title}: per-group features on poisoned (solid) vs clean (dashed) training images", fontsize=9)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
+    savefig_atomic(fig, path)
     plt.close(fig)
-    tmp.replace(path)

@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 
 from pst_dist.config import Config, dump_toml
-from pst_dist.metrics import write_atomic
+from pst_dist.io import savefig_atomic, write_atomic
 
 from .space import describe, trial_config
 
@@ -118,10 +118,8 @@ def plot_trials(rows: list[dict], best: dict | None, path: Path) -> None:
     if best is not None:
         axes[0].legend(loc="lower right")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    savefig_atomic(fig, path, dpi=110)
     plt.close(fig)
-    tmp.replace(path)
 
 
 def best_schedule_toml(cfg: Config, best: dict) -> str:

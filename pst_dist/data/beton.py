@@ -25,7 +25,7 @@ import torch
 from ..config import ConfigError
 from ..io import OutputError, read_json
 from ..io import sha256 as sha256  # re-exported: older callers import it from here
-from .loaders import RRC_RATIO, RRC_SCALE
+from .loaders import RRC_RATIO, RRC_SCALE, shard_order
 from .sources import DataError, Split, Splits, fingerprint  # noqa: F401 - fingerprint re-exported
 
 SPLITS = ("train", "val", "test")
@@ -332,14 +332,8 @@ def _sharded_order_cls():
                                 seed=self.order_seed)
 
         def sample_order(self, epoch: int):
-            n = len(self.indices)
-            if self.shuffle:
-                g = torch.Generator().manual_seed(self.order_seed * 100_003 + epoch)
-                perm = torch.randperm(n, generator=g).numpy()
-            else:
-                perm = np.arange(n)
-            per_rank = n // self.world_size
-            return self.indices[perm[self.rank: per_rank * self.world_size: self.world_size]]
+            order = shard_order(len(self.indices), self.order_seed, epoch, self.rank, self.world_size, self.shuffle)
+            return self.indices[order.numpy()]
 
     return ShardedOrder
 

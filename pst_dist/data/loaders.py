@@ -88,6 +88,21 @@ def augment_batch(x: torch.Tensor, mode: str, g: torch.Generator) -> torch.Tenso
     return x.gather(3, idx_c)
 
 
+def shard_order(n: int, seed: int, epoch: int, rank: int = 0, world_size: int = 1, shuffle: bool = True
+                ) -> torch.Tensor:
+    """Rows rank ``rank`` visits in ``epoch``: one permutation from (seed, epoch) shared by all ranks, rank r taking
+    positions r, r + W, ... of its first (n // W) * W entries. Disjoint shards without padding duplicates; the torch
+    path (:class:`TensorBatches`) and the FFCV path (``pst_dist.data.beton``) both use it, so they visit the same
+    rows in the same order."""
+    if shuffle:
+        g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        idx = torch.randperm(n, generator=g)
+    else:
+        idx = torch.arange(n)
+    per_rank = n // world_size
+    return idx[rank: per_rank * world_size: world_size]
+
+
 class TensorBatches:
     """Batches of (uint8 images, int64 labels) from in-memory tensors.
 
@@ -106,14 +121,7 @@ class TensorBatches:
         self.epoch = epoch
 
     def _indices(self) -> torch.Tensor:
-        n = len(self.labels)
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-            idx = torch.randperm(n, generator=g)
-        else:
-            idx = torch.arange(n)
-        per_rank = n // self.world_size
-        return idx[self.rank: per_rank * self.world_size: self.world_size]
+        return shard_order(len(self.labels), self.seed, self.epoch, self.rank, self.world_size, self.shuffle)
 
     def __len__(self) -> int:
         n = len(self._indices())
