@@ -54,6 +54,8 @@ ATTACKS = Registry("attack", {
                              "per-pixel uniform +-eps, one pattern per class", "cheap", {"budget": "linf"}),
     "patch_noise": Entry("pst_dist.poison.cheap:patch_noise", "LSP-like +-eps patches (patch_size), one pattern per "
                          "class", "cheap", {"budget": "linf"}),
+    "samplewise_noise": Entry("pst_dist.poison.samplewise:samplewise_noise", "per-pixel uniform +-eps, a pattern "
+                              "per image (the random-noise control: not a shortcut)", "cheap", {"budget": "linf"}),
     "lsp": Entry("pst_dist.poison.shortcuts:lsp", "class-wise patch clusters, L2 budget poison.l2", "cheap",
                  {"budget": "l2"}),
     "ar": Entry("pst_dist.poison.shortcuts:ar", "class-wise autoregressive filters, a draw per image, L2 budget",
