@@ -1,0 +1,155 @@
+"""Training throughput of ``pst-dist train`` against bare loops of the same model, data, batch and precision, side by
+side in one run: img/s of each and the trainer's ratio to the bare loops (eager, channels_last, channels_last +
+torch.compile). ResNet-18 at 32 px and ViT-B/16 at 224 px on a GPU; ``--tiny`` runs the same on the CPU at toy sizes
+(the test suite does, so the script keeps working where no GPU is).
+
+    .venv/bin/python bench/gpu_throughput.py [--tiny] [--only resnet18|vit] [--epochs 4] [--out results.jsonl]
+
+Timing: from the end of epoch 1 to the end of epoch E-1 (after ``torch.cuda.synchronize()``); the trainer evaluates
+and checkpoints only at its last epoch, which is not timed. Bare loops: uint8 data already on the device, pad-crop and
+flip on the device, SGD (Nesterov, momentum 0.9), bf16 autocast on a GPU, no host sync per step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from pst_dist.config import load_config
+from pst_dist.data.pipeline import build_data
+from pst_dist.models import build_model
+from pst_dist.train import train
+
+CASES = {  # name -> (model, image side, images, batch, model overrides, augmentation)
+    "resnet18": ("resnet18", 32, 60_000, 512, [], "crop_flip"),
+    "vit": ("vit_base_patch16_224", 224, 4_096, 128, ["--model.patch_size=16"], "rrc_flip"),
+}
+TINY = {
+    "resnet18": ("resnet18", 16, 512, 64, ["--model.width=0.125"], "crop_flip"),
+    "vit": ("vit_tiny_patch16_224", 32, 256, 32, ["--model.patch_size=8"], "crop_flip"),
+}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def trainer_throughput(overrides: list[str], epochs: int, device: torch.device) -> tuple[float, dict]:
+    """img/s of ``pst-dist train`` (its own data path, loop and engine) over epochs 2 .. epochs-1."""
+    stamps: list[float] = []
+
+    def on_epoch(epoch, logs, gm, engine):
+        sync(device)
+        stamps.append(time.perf_counter())
+
+    with tempfile.TemporaryDirectory() as d:
+        cfg = load_config(None, [*overrides, f"--log.run_dir={Path(d) / 'run'}", f"--train.epochs={epochs}"])
+        data = build_data(cfg)
+        summary = train(cfg, data=data, on_epoch=on_epoch)
+        per_epoch = (len(data.splits.train) // cfg.train.batch_size) * cfg.train.batch_size
+    timed = stamps[:-1]  # ends of epochs 1 .. E-1: epochs 2 .. E-1 timed (the last one evaluates)
+    return per_epoch * (len(timed) - 1) / (timed[-1] - timed[0]), summary
+
+
+def crop_flip(xp: torch.Tensor, size: int, g: torch.Generator) -> torch.Tensor:
+    """A random size x size crop of each padded image and a random horizontal flip, per sample, on its device."""
+    n, c, hp, wp = xp.shape
+    ar = torch.arange(size, device=xp.device)
+    oy = torch.randint(0, hp - size + 1, (n,), device=xp.device, generator=g)
+    ox = torch.randint(0, wp - size + 1, (n,), device=xp.device, generator=g)
+    cols = ox[:, None] + ar[None]
+    cols = torch.where(torch.rand(n, 1, device=xp.device, generator=g) < 0.5, cols.flip(1), cols)
+    x = xp.gather(2, (oy[:, None] + ar[None])[:, None, :, None].expand(n, c, size, wp))
+    return x.gather(3, cols[:, None, None, :].expand(n, c, size, size))
+
+
+def bare_throughput(model_cfg_overrides: list[str], size: int, n: int, batch: int, epochs: int, device,
+                    channels_last: bool, compile_: bool, bf16: bool) -> float:
+    """img/s of a bare loop: the same timm model, uint8 data on the device, crop + flip on the device."""
+    cfg = load_config(None, model_cfg_overrides)
+    torch.manual_seed(0)
+    model = build_model(cfg.model, 10, 3, size).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    step_model = torch.compile(model) if compile_ else model
+    g = torch.Generator(device=device).manual_seed(0)
+    images = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, device=device, generator=g)
+    labels = torch.randint(0, 10, (n,), device=device, generator=g)
+    mean, std = torch.full((1, 3, 1, 1), 0.5, device=device), torch.full((1, 3, 1, 1), 0.25, device=device)
+    pad = max(1, size // 8)
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+    stamps = []
+    for _ in range(epochs):
+        perm = torch.randperm(n, device=device, generator=g)
+        for b in range(n // batch):
+            idx = perm[b * batch:(b + 1) * batch]
+            x = crop_flip(F.pad(images[idx], (pad, pad, pad, pad)), size, g).float()
+            x = ((x / 255 - mean) / std)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast():
+                loss = F.cross_entropy(step_model(x).float(), labels[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        sync(device)
+        stamps.append(time.perf_counter())
+    timed = stamps[:-1]  # ends of epochs 1 .. E-1: epochs 2 .. E-1 timed (the last one evaluates)
+    return (n // batch) * batch * (len(timed) - 1) / (timed[-1] - timed[0])
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tiny", action="store_true", help="toy sizes on the CPU (what the test suite runs)")
+    ap.add_argument("--only", choices=sorted(CASES), action="append", help="run only this case (repeatable)")
+    ap.add_argument("--epochs", type=int, default=4, help="epochs per measurement (>= 3; 2 .. E-1 are timed)")
+    ap.add_argument("--no-compile", action="store_true", help="skip the compiled bare loop")
+    ap.add_argument("--out", help="append one JSON line per case here")
+    args = ap.parse_args(argv)
+    if args.epochs < 3:
+        ap.error(f"--epochs {args.epochs}: need >= 3 (epoch 1 warms up, the last evaluates, those between are timed)")
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
+    bf16 = device.type == "cuda"
+    rows = []
+    for name in args.only or sorted(CASES):
+        model, size, n, batch, model_over, augment = (TINY if args.tiny else CASES)[name]
+        base = [f"--model.name={model}", *model_over]
+        over = [*base, "--data.source=synthetic", f"--data.synthetic_train={n}", f"--data.img_size={size}",
+                "--data.val_size=256", "--data.probe_size=256", f"--data.augment={augment}",
+                f"--train.batch_size={batch}", f"--train.bf16={str(bf16).lower()}", "--train.deterministic=false",
+                f"--train.eval_every={args.epochs}", "--train.checkpoint_every=0", "--log.tensorboard=false",
+                "--log.progress=false", f"--train.device={device.type}"]
+        row: dict = {"case": name, "model": model, "size": size, "images": n, "batch": batch, "device": str(device),
+                     "bf16": bf16, "augment": augment}
+        row["trainer"], summary = trainer_throughput(over, args.epochs, device)
+        for label, cl, comp in (("bare_eager", False, False), ("bare_channels_last", True, False),
+                                ("bare_channels_last_compiled", True, True)):
+            if comp and (args.no_compile or args.tiny):
+                continue
+            row[label] = bare_throughput(base, size, n, batch, args.epochs, device, cl, comp, bf16)
+        for label in [k for k in row if k.startswith("bare_")]:
+            row[f"ratio_vs_{label}"] = row["trainer"] / row[label]
+        if device.type == "cuda":
+            row["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        rows.append(row)
+        print(f"{name}: trainer {row['trainer']:,.0f} img/s; " + "; ".join(
+            f"{k[len('bare_'):]} {row[k]:,.0f} img/s (trainer x{row['ratio_vs_' + k]:.2f})"
+            for k in row if k.startswith("bare_")), flush=True)
+        if args.out:
+            with open(args.out, "a") as f:
+                f.write(json.dumps(row) + "\n")
+    return rows
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
