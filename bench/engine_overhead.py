@@ -27,7 +27,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from pst_dist.config import load_config  # noqa: E402
 from pst_dist.data.pipeline import Normalize  # noqa: E402
-from pst_dist.distributed import DistInfo, build_engine, teardown  # noqa: E402
+from pst_dist.distributed import DistInfo, teardown  # noqa: E402
+from pst_dist.engine import build_engine  # noqa: E402
 from pst_dist.models import build_model  # noqa: E402
 from pst_dist.pst.freeze import trace_units  # noqa: E402
 from pst_dist.pst.groups import layer_groups  # noqa: E402

@@ -23,17 +23,8 @@ from tqdm import tqdm
 from .config import Config, ConfigError, dump_toml
 from .data.pipeline import Data, Normalize, build_data, build_loader
 from .defenses import pgd_examples
-from .distributed import (
-    DeepSpeedEngine,
-    DistInfo,
-    TorchEngine,
-    broadcast_buffers,
-    build_device,
-    build_engine,
-    init_distributed,
-    mean_across_ranks,
-    teardown,
-)
+from .distributed import DistInfo, broadcast_buffers, build_device, init_distributed, mean_across_ranks, teardown
+from .engine import DeepSpeedEngine, TorchEngine, build_engine
 from .io import write_atomic
 from .metrics import Metrics, git_sha, library_versions
 from .models import build_model

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from pst_dist.config import ConfigError, load_config
-from pst_dist.distributed import deepspeed_config
+from pst_dist.engine import deepspeed_config
 
 from .conftest import TINY
 
@@ -101,7 +101,7 @@ def test_checkpoint_with_foreign_globals_is_refused(tmp_path):
     import torch
 
     from pst_dist.checkpoint import CheckpointError
-    from pst_dist.distributed import check_ds_checkpoint
+    from pst_dist.engine import check_ds_checkpoint
 
     torch.save({"w": torch.zeros(2)}, tmp_path / "mp_rank_00_model_states.pt")
     check_ds_checkpoint(tmp_path)  # tensors only: accepted
@@ -120,3 +120,36 @@ def test_deepspeed_in_a_plain_single_process(tmp_path):
                          env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert (tmp_path / "ds_checkpoint" / "latest").is_file() and (tmp_path / "summary.json").is_file()
+    check_layout("true", tmp_path, epochs=2)
+
+
+def test_the_torch_engines_checkpoint_layout(tmp_path):
+    run = subprocess.run([sys.executable, "-m", "pst_dist.cli", "train", *TINY, f"--log.run_dir={tmp_path / 'run'}"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    check_layout("false", tmp_path / "run", epochs=2)
+
+
+def check_layout(deepspeed: str, run_dir: Path, epochs: int) -> None:
+    """What the bench and Tune ask an engine class instead of knowing file names: has_checkpoint, checkpoint_files,
+    checkpoint_epoch, and a copy (hard links, but for files rewritten in place) restored into another run dir."""
+    from pst_dist.engine import DeepSpeedEngine, TorchEngine, engine_class
+
+    cls = engine_class(load_config(None, [f"--deepspeed.enabled={deepspeed}"]))
+    other = TorchEngine if cls is DeepSpeedEngine else DeepSpeedEngine
+    assert cls.has_checkpoint(run_dir) and not other.has_checkpoint(run_dir) and other.checkpoint_files(run_dir) == []
+    assert cls.checkpoint_epoch(run_dir) == epochs and other.checkpoint_epoch(run_dir) is None
+    files = cls.checkpoint_files(run_dir)
+    assert files and all((run_dir / f).is_file() for f in files)
+    assert (Path("checkpoint.pt") in files) == (cls is TorchEngine)
+    upload = run_dir.parent / "upload"
+    assert cls.copy_checkpoint(run_dir, upload) == files
+    for f in files:
+        assert (upload / f).read_bytes() == (run_dir / f).read_bytes()
+        linked = (upload / f).stat().st_ino == (run_dir / f).stat().st_ino
+        assert linked == (f.as_posix() not in cls.REWRITTEN_IN_PLACE), f
+    restored = run_dir.parent / "restored"
+    (restored / "ds_checkpoint" / "step999").mkdir(parents=True)  # a newer, stale tag: cleared by a DeepSpeed restore
+    assert cls.restore_checkpoint(upload, restored) == epochs
+    assert cls.checkpoint_files(restored) == files and cls.checkpoint_epoch(restored) == epochs
+    assert (restored / "ds_checkpoint" / "step999").exists() == (cls is TorchEngine)

@@ -1,0 +1,67 @@
+"""The plain torch engine: the optimizer as built, gradients averaged by all-reduce when there is more than one
+process; its checkpoint is one file, ``<run_dir>/checkpoint.pt``, written by rank 0."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from ..distributed import all_reduce_grads
+from ..pst.freeze import drop_frozen_grads
+from .base import Engine
+
+CHECKPOINT = "checkpoint.pt"
+
+
+class TorchEngine(Engine):
+    """Plain torch: the optimizer as built, gradients averaged by all-reduce when there is more than one process."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, world_size: int):
+        self.module, self.optimizer, self.world_size = model, optimizer, world_size
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+
+    def step(self, mults: tuple[float, ...]) -> None:
+        drop_frozen_grads(self.optimizer, mults)
+        if self.world_size > 1:
+            all_reduce_grads(self.module.parameters(), self.world_size)
+        self.optimizer.step()
+
+    def gathered(self):
+        return contextlib.nullcontext()
+
+    def module_changed(self) -> None:
+        """Parameters were modified in place (head re-init): nothing to resynchronise here."""
+
+    def save(self, run_dir: Path, state: dict, model_name: str, is_primary: bool) -> None:
+        if is_primary:
+            save_checkpoint(run_dir / CHECKPOINT, self.module, self.optimizer, state, model_name)
+
+    def load(self, run_dir: Path, model_name: str) -> dict:
+        return load_checkpoint(run_dir / CHECKPOINT, self.module, self.optimizer, model_name)
+
+    # ---- the checkpoint layout
+
+    @classmethod
+    def has_checkpoint(cls, run_dir: Path) -> bool:
+        return (Path(run_dir) / CHECKPOINT).is_file()
+
+    @classmethod
+    def checkpoint_files(cls, run_dir: Path, primary: bool = True) -> list[Path]:
+        return [Path(CHECKPOINT)] if primary and cls.has_checkpoint(run_dir) else []
+
+    @classmethod
+    def checkpoint_epoch(cls, run_dir: Path) -> int | None:
+        if not cls.has_checkpoint(run_dir):
+            return None
+        path = Path(run_dir) / CHECKPOINT
+        try:  # memory-mapped: only the trainer state is read
+            payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            return int(payload["state"]["epoch"])
+        except Exception as e:  # noqa: BLE001 - any unpickling failure or missing key is a bad file
+            raise CheckpointError(f"{path}: not a readable pst-dist checkpoint ({type(e).__name__}: {e})") from None
