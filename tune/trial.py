@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import uuid
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from pst_dist.config import Config, from_dict, to_dict
+from pst_dist.engine import Engine, engine_class
 from pst_dist.train import train
 
 from .space import trial_config
@@ -29,44 +29,18 @@ REPORTED = {"epoch": "epoch", "eval/val_acc": "val_acc", "eval/test_acc": "test_
             "train/acc": "train_acc", "pst/stage": "stage", "detect/shortcut_gap": "shortcut_gap"}
 
 
-def checkpoint_epoch(ckpt_dir: Path) -> int:
-    """The epoch a reported checkpoint was taken at (rank 0 writes it beside the checkpoint files)."""
-    return json.loads((ckpt_dir / "pst_epoch.json").read_text())["epoch"]
-
-
-def _restore(src: Path, run_dir: Path) -> int:
-    """Lay a reported checkpoint (a copy of the run directory's checkpoint files) into ``run_dir``; returns the
-    epoch it was taken at."""
-    if (src / "ds_checkpoint").is_dir():
-        shutil.rmtree(run_dir / "ds_checkpoint", ignore_errors=True)  # tags newer than the restored one are stale
-    run_dir.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(src, run_dir, dirs_exist_ok=True, ignore=shutil.ignore_patterns("pst_epoch.json"))
-    return checkpoint_epoch(src)
-
-
-def _stage_checkpoint(run_dir: Path, epoch: int, rank: int, local_rank: int) -> Path | None:
-    """Hard-link the files of this epoch's checkpoint that this process should upload into a fresh directory.
+def _stage_checkpoint(engine: type[Engine], run_dir: Path, epoch: int, rank: int, local_rank: int) -> Path | None:
+    """Hard-link the files of this epoch's checkpoint that this process should upload into a fresh directory (the
+    engine says which: :meth:`pst_dist.engine.Engine.copy_checkpoint`).
 
     One process per node uploads what its node holds (on one node: rank 0, everything); Ray merges the uploads of
-    all workers into one checkpoint directory."""
+    all workers into one checkpoint directory, which :meth:`pst_dist.engine.Engine.restore_checkpoint` lays back
+    into a run directory."""
     if local_rank != 0:
         return None
     stage = run_dir / "ray_upload" / f"epoch{epoch}_rank{rank}"
     shutil.rmtree(stage, ignore_errors=True)
-    ds = run_dir / "ds_checkpoint"
-    if (ds / "latest").is_file():
-        tag = (ds / "latest").read_text().strip()
-        shutil.copytree(ds / tag, stage / "ds_checkpoint" / tag, copy_function=os.link)
-        if rank == 0:
-            shutil.copy2(ds / "latest", stage / "ds_checkpoint" / "latest")
-    elif rank == 0 and (run_dir / "checkpoint.pt").is_file():
-        stage.mkdir(parents=True)
-        os.link(run_dir / "checkpoint.pt", stage / "checkpoint.pt")
-    else:
-        return None
-    if rank == 0:
-        (stage / "pst_epoch.json").write_text(json.dumps({"epoch": epoch}))
-    return stage
+    return stage if engine.copy_checkpoint(run_dir, stage, primary=rank == 0) else None
 
 
 def worker_loop(loop: dict) -> None:
@@ -77,6 +51,7 @@ def worker_loop(loop: dict) -> None:
 
     cfg: Config = from_dict(Config, loop["cfg"])
     run_dir = Path(cfg.log.run_dir)
+    layout = engine_class(cfg)  # the engine's checkpoint files in a run directory
     ctx = ray.train.get_context()
     rank, local_rank = ctx.get_world_rank(), ctx.get_local_rank()
     source = ray.train.get_checkpoint()  # set after a worker failure, or when a retried driver restores its run
@@ -86,7 +61,7 @@ def worker_loop(loop: dict) -> None:
     if resume:
         with source.as_directory() as d:
             if local_rank == 0:
-                epoch = _restore(Path(d), run_dir)
+                epoch = layout.restore_checkpoint(Path(d), run_dir)
                 with open(run_dir / "restores.jsonl", "a") as f:  # the evidence a fault test looks for
                     f.write(json.dumps({"rank": rank, "epoch": epoch, "from": str(source.path)}) + "\n")
         if dist.is_initialized():
@@ -94,7 +69,7 @@ def worker_loop(loop: dict) -> None:
 
     def on_epoch(epoch: int, logs: dict, gm, engine) -> None:
         metrics = {REPORTED[k]: float(v) for k, v in logs.items() if k in REPORTED}
-        stage = _stage_checkpoint(run_dir, epoch, rank, local_rank)
+        stage = _stage_checkpoint(layout, run_dir, epoch, rank, local_rank)
         ckpt = ray.train.Checkpoint.from_directory(str(stage)) if stage is not None else None
         ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"epoch_{epoch:04d}")
         if stage is not None:
@@ -163,7 +138,7 @@ def run_trial(params: dict, base: dict, search_dir: str) -> None:
     if tune_ckpt is not None:
         loop["resume_from"] = tune_ckpt.path
         with tune_ckpt.as_directory() as d:
-            epoch = checkpoint_epoch(Path(d))
+            epoch = engine_class(cfg).checkpoint_epoch(Path(d)) or 0
     while epoch < cfg.train.epochs:
         loop["stop_after"] = min(cfg.train.epochs, epoch + cfg.tune.pbt_interval)
         # a fresh Train run per generation (a reused name would restore that run's own last checkpoint)
