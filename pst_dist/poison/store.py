@@ -2,10 +2,14 @@
 
 A stored poison is a directory: ``train_images.npy`` (uint8, N x C x H x W, every image of the source's training
 split in the source's own order) and ``poison.json`` (attack, its parameters and seed, the clean data set's
-fingerprint, the measured L-inf / L2 / L0 norms, generation time, the file's SHA-256). It is built in a hidden
-sibling directory and renamed into place (:func:`pst_dist.io.atomic_dir`), so an interrupted run leaves nothing that
-looks complete; an existing ``--out`` is used only when empty, or replaced only when it holds an earlier store and
-``--overwrite`` was given. Training reads it with ``poison.kind = "file"`` and ``poison.path = <directory>``.
+fingerprint, the measured L-inf / L2 / L0 norms, generation time, the file's SHA-256). A store of some of the
+source's training images only (``pst-dist bench`` caches each poison made on its cells' training split) holds them
+sorted by source index, with ``rows.npy`` (int64, their source indices) beside them; poison.json then names it
+(``rows``, with its SHA-256) and the source's size (``source_size``), and a training split that needs images the
+store lacks is refused. It is built in a hidden sibling directory and renamed into place
+(:func:`pst_dist.io.atomic_dir`), so an interrupted run leaves nothing that looks complete; an existing ``--out`` is
+used only when empty, or replaced only when it holds an earlier store and ``--overwrite`` was given. Training reads it
+with ``poison.kind = "file"`` and ``poison.path = <directory>``.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from __future__ import annotations
 import json
 import math
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +31,8 @@ from .budget import PoisonFileError, l2_budget, norms
 FORMAT = "pst-dist-poison/1"
 META = "poison.json"
 ARRAY = "train_images.npy"
-OWNED = (ARRAY, META)  # everything `pst-dist poison` writes into --out: nothing else there is ever replaced
+ROWS = "rows.npy"  # a store of some of the source's training images: their source indices
+OWNED = (ARRAY, META, ROWS)  # everything a store holds: nothing else in --out is ever replaced
 LINF_ATTACKS = tuple(n for n, e in ATTACKS.items() if e.data.get("budget") == "linf")  # the registry says
 L2_ATTACKS = tuple(n for n, e in ATTACKS.items() if e.data.get("budget") == "l2")
 L0_ATTACKS = tuple(n for n, e in ATTACKS.items() if e.data.get("budget") == "l0")
@@ -42,25 +47,43 @@ def is_store(out: Path) -> bool:
 
 
 def _fill(directory: Path, files: dict[str, Callable[[Path], None]], meta: dict, meta_name: str,
-          hash_of: str | None) -> None:
+          hash_of: str | Sequence[str] | None) -> None:
     for name, write in files.items():
         write(directory / name)
-    if hash_of is not None:
-        meta[f"{Path(hash_of).stem}_sha256"] = sha256(directory / hash_of)
+    for name in [hash_of] if isinstance(hash_of, str) else hash_of or []:
+        meta[f"{Path(name).stem}_sha256"] = sha256(directory / name)
     (directory / meta_name).write_text(json.dumps(meta, indent=2))
 
 
-def fill(directory: Path, poisoned: torch.Tensor, meta: dict) -> None:
-    """Write a store's array and metadata (its SHA-256 added) into ``directory`` (a fresh, hidden one)."""
-    _fill(directory, {ARRAY: lambda f: np.save(f, poisoned.numpy())}, meta, META, hash_of=ARRAY)
+def fill(directory: Path, poisoned: torch.Tensor, meta: dict, *, rows: torch.Tensor | None = None,
+         source_size: int | None = None) -> None:
+    """Write a store's array and metadata (shape and SHA-256s added) into ``directory`` (a fresh, hidden one).
+
+    ``poisoned``: every training image of the source in its own order; or, with ``rows`` (their source indices, in
+    any order) and ``source_size`` (the source's training images), some of them: stored sorted by source index, with
+    ``rows.npy`` beside them unless they are every image of the source."""
+    files: dict[str, Callable[[Path], None]] = {}
+    if rows is not None:
+        if source_size is None:
+            raise ValueError("fill: rows without the source's size")
+        order = torch.argsort(rows)
+        rows, poisoned = rows[order].to(torch.int64), poisoned[order]
+        if not torch.equal(rows, torch.arange(source_size)):
+            if len(rows) and (int(rows[0]) < 0 or int(rows[-1]) >= source_size or bool((rows[1:] == rows[:-1]).any())):
+                raise ValueError(f"fill: rows must be distinct source indices in [0, {source_size})")
+            files[ROWS] = lambda f: np.save(f, rows.numpy())
+            meta.update(rows=ROWS, source_size=source_size)
+    meta["shape"] = list(poisoned.shape)
+    files = {ARRAY: lambda f: np.save(f, poisoned.numpy()), **files}
+    _fill(directory, files, meta, META, hash_of=list(files))
 
 
 def save_dir(out: Path, files: dict[str, Callable[[Path], None]], meta: dict, meta_name: str,
              hash_of: str | None = None) -> None:
     """Write ``files`` (name -> writer taking a path) and ``meta`` as JSON into a fresh directory, renamed to ``out``
     only once complete (an earlier ``out`` is replaced then, as a whole). For callers that own ``out`` outright (the
-    bench's poison cache); user-named outputs go through :func:`write_poisoned`'s checks. ``hash_of``: record that
-    file's SHA-256 in the metadata."""
+    tests' hand-made stores); user-named outputs go through :func:`pst_dist.data.pipeline.write_poisoned`'s checks.
+    ``hash_of``: record that file's SHA-256 in the metadata."""
     with atomic_dir(Path(out), replace=True) as tmp:
         _fill(tmp, files, meta, meta_name, hash_of)
 
@@ -98,6 +121,15 @@ def read_meta(path: Path) -> dict:
     digest = meta.get(f"{Path(ARRAY).stem}_sha256")
     if not isinstance(digest, str) or len(digest) != 64:
         raise _meta_error(meta_file, f"{Path(ARRAY).stem}_sha256", digest, "a SHA-256 hex digest")
+    if "rows" in meta:  # a store of some of the source's training images
+        if meta["rows"] != ROWS:
+            raise _meta_error(meta_file, "rows", meta["rows"], repr(ROWS))
+        digest = meta.get(f"{Path(ROWS).stem}_sha256")
+        if not isinstance(digest, str) or len(digest) != 64:
+            raise _meta_error(meta_file, f"{Path(ROWS).stem}_sha256", digest, "a SHA-256 hex digest")
+        size = meta.get("source_size")
+        if type(size) is not int or size < shape[0]:
+            raise _meta_error(meta_file, "source_size", size, f"an integer >= the {shape[0]} stored images")
     for key in ("parameters", "norms"):
         if not isinstance(meta.get(key), dict):
             raise _meta_error(meta_file, key, meta.get(key), "a JSON object")
@@ -144,18 +176,53 @@ def _check_budget(path: Path, meta: dict, clean: torch.Tensor, stored: torch.Ten
               file=sys.stderr)
 
 
+def _positions(path: Path, meta: dict, index: torch.Tensor, source_size: int, verify: bool) -> np.ndarray:
+    """Where each of the source's rows ``index`` lies in a store of some of its training images (its rows.npy,
+    checked); PoisonFileError naming how many of them the store lacks."""
+    rows_file = path / ROWS
+    if not rows_file.is_file():
+        raise PoisonFileError(f"{rows_file}: missing ({META} names it)")
+    if verify and sha256(rows_file) != meta[f"{Path(ROWS).stem}_sha256"]:
+        raise PoisonFileError(f"{rows_file}: changed since it was written (SHA-256 differs from {META})")
+    try:
+        rows = np.load(rows_file, allow_pickle=False)
+    except Exception as e:  # noqa: BLE001 - any decoding failure is a bad file
+        raise PoisonFileError(f"{rows_file}: not a readable .npy array ({type(e).__name__}: {e})") from None
+    n = meta["shape"][0]
+    if rows.dtype != np.int64 or rows.shape != (n,):
+        raise PoisonFileError(f"{rows_file}: {rows.dtype} {list(rows.shape)}, expected int64 [{n}] (the source "
+                              f"index of each stored image)")
+    if n and (rows[0] < 0 or rows[-1] >= source_size or bool((np.diff(rows) <= 0).any())):
+        raise PoisonFileError(f"{rows_file}: expected distinct source indices in [0, {source_size}), sorted")
+    want = index.numpy()
+    pos = np.searchsorted(rows, want)
+    found = pos < n
+    found[found] = rows[pos[found]] == want[found]
+    if not found.all():
+        missing = int((~found).sum())
+        raise PoisonFileError(f"{path}: holds {n} of the source's {source_size} training images, made for another "
+                              f"training split: {missing} of the {len(want)} images this one trains on are not in it "
+                              f"(make a poison of every training image with `pst-dist poison`)")
+    return pos
+
+
 def read_stored(path: Path, images: torch.Tensor, index: torch.Tensor, source_size: int, *, eps: float = 1.0,
                 verify: bool = True) -> torch.Tensor:
-    """The stored poisoned images for ``images`` (rows ``index`` of the source's training split), checked against
-    the metadata (format, keys, shape, dtype; the file's SHA-256 when ``verify``: about 1 s per GB, skipped with
-    --data.verify=false) and against these clean images: the perturbation measured here must stay within the
-    budget of the recorded attack (L-inf attacks: also within ``eps``, the reading config's poison.eps) and within
-    the norms recorded when the poison was made, or it was changed or made for another data set."""
+    """The stored poisoned images for ``images`` (rows ``index`` of the source's training split; a store of some of
+    its images must hold each of these), checked against the metadata (format, keys, shape, dtype, rows; the files'
+    SHA-256 when ``verify``: about 1 s per GB, skipped with --data.verify=false) and against these clean images: the
+    perturbation measured here must stay within the budget of the recorded attack (L-inf attacks: also within
+    ``eps``, the reading config's poison.eps) and within the norms recorded when the poison was made, or it was
+    changed or made for another data set."""
     meta = read_meta(path)
-    expect = [source_size, *images.shape[1:]]
+    subset = "rows" in meta
+    if subset and meta["source_size"] != source_size:
+        raise PoisonFileError(f"{path}: made for a source of {meta['source_size']} training images; this one has "
+                              f"{source_size}")
+    expect = [meta["shape"][0] if subset else source_size, *images.shape[1:]]
     if meta["shape"] != expect:
-        raise PoisonFileError(f"{path}: shape mismatch: expected {expect} (the source's training split), found "
-                              f"{meta['shape']}")
+        what = "its stored images of the source's training split" if subset else "the source's training split"
+        raise PoisonFileError(f"{path}: shape mismatch: expected {expect} ({what}), found {meta['shape']}")
     data_file = path / ARRAY
     if not data_file.is_file():
         raise PoisonFileError(f"{data_file}: missing")
@@ -170,7 +237,8 @@ def read_stored(path: Path, images: torch.Tensor, index: torch.Tensor, source_si
         raise PoisonFileError(f"{data_file}: dtype {arr.dtype}: a stored poison holds uint8 images")
     if list(arr.shape) != expect:
         raise PoisonFileError(f"{data_file}: array shape {list(arr.shape)}, expected {expect}")
-    stored = torch.from_numpy(np.ascontiguousarray(arr[index.numpy()]))
+    take = _positions(path, meta, index, source_size, verify) if subset else index.numpy()
+    stored = torch.from_numpy(np.ascontiguousarray(arr[take]))
     found, recorded = norms(images, stored), meta["norms"]
     for key in ("linf", "l2_max"):  # first: a poison made for other clean images exceeds everything
         if found[key] > recorded[key] + 1e-6:
