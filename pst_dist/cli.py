@@ -77,7 +77,7 @@ def cmd_poison(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def cmd_bench(args: argparse.Namespace, rest: list[str]) -> int:
-    from .bench import run_bench  # start-up time: each command imports only what it runs
+    from .matrix import run_bench  # start-up time: each command imports only what it runs
 
     if args.config is None:
         raise ConfigError("pst-dist bench needs --config (e.g. launch/configs/bench_fmnist.toml)")

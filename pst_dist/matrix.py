@@ -1,9 +1,12 @@
-"""``pst-dist bench``: the attack x defense matrix over seeds.
+"""``pst-dist bench``: the attack x defense matrix over seeds (the speed benchmarks are the repository's bench/).
 
 Every attack is generated once per seed on the recipe's training split and cached losslessly under
-``<out>/poisons/<attack>_seed<k>/`` (uint8 .npy + poison.json with parameters, measured norms and generation time).
+``<out>/poisons/<attack>_seed<k>/``: a poison store as ``pst-dist poison`` writes it (:mod:`pst_dist.poison.store`;
+uint8 .npy + poison.json with parameters, measured norms, generation time and hashes), of the split's images only
+(with their source indices), which the cells read as ``poison.kind = "file"`` does and which trains that way too.
 Every (attack, defense, seed) cell is one training run with its own run directory (TensorBoard, metrics, summary)
-under ``<out>/cells/``; a cell whose summary.json exists is skipped, a cell with a checkpoint resumes from it.
+under ``<out>/cells/``; a cell whose summary.json exists is skipped, a cell with a checkpoint (of its engine: torch
+or DeepSpeed) resumes from it.
 ``early_stop`` is read off the ``standard`` run (test accuracy at the epoch of peak clean validation accuracy: the
 model early stopping would return), so it costs nothing. Results: ``results.csv``, ``results.md`` (final-epoch and
 peak clean test accuracy, mean +- std over seeds, plus generation times), ``heatmap.png``.
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import dataclasses
 import io
 import json
 import os
@@ -20,8 +24,9 @@ import shlex
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -31,10 +36,11 @@ from tqdm import tqdm
 
 from .config import Config, ConfigError, apply_overrides, from_dict, load_config, to_dict
 from .data.pipeline import build_data
-from .data.sources import fingerprint, load_splits
+from .data.sources import Split, fingerprint, load_splits
+from .engine import engine_class
+from .io import atomic_dir
 from .metrics import write_atomic
-from .poison import make_poison, norms
-from .poison.store import save_dir
+from .poison import PoisonFileError, make_poison, norms, store
 from .registry import DEFENSES
 from .train import train
 
@@ -73,9 +79,8 @@ def _threads(n: int) -> None:
 
 
 def generate_poison(base: dict, attack: str, seed: int, path: str, threads: int) -> dict:
-    """Generate one attack on the training split and store it at ``path`` (atomic directory rename)."""
-
-
+    """Generate one attack on the cells' training split and store it at ``path`` (a poison store of that split's
+    images, :func:`pst_dist.poison.store.fill`; atomic directory rename, an earlier one replaced)."""
     _threads(threads)
     cfg = poison_cfg(base, attack, seed)
     splits = load_splits(cfg.data)
@@ -84,25 +89,38 @@ def generate_poison(base: dict, attack: str, seed: int, path: str, threads: int)
     poisoned, info = make_poison(tr.images, tr.labels, tr.index, splits.source_train_size, cfg.poison,
                                  splits.num_classes, full=cfg)
     seconds = time.time() - t0
-    meta = {"attack": attack, "seed": seed, "parameters": asdict(cfg.poison), "seconds": round(seconds, 2),
-            "norms": norms(tr.images, poisoned), "clean_train_sha256": fingerprint(tr), "rows": len(tr),
-            "model_based": info, "model": asdict(cfg.model)}
-    save_dir(Path(path), {"train_images.npy": lambda f: np.save(f, poisoned.numpy())}, meta, "poison.json")
+    order = torch.argsort(tr.index)  # the store's order: the source's
+    meta = {"format": store.FORMAT, "attack": attack, "parameters": asdict(cfg.poison), "seed": seed,
+            "source": cfg.data.source,
+            "fingerprint": {"clean_train_sha256": fingerprint(Split(tr.images[order], tr.labels[order],
+                                                                    tr.index[order]))},
+            "norms": norms(tr.images, poisoned), "seconds": round(seconds, 2), "model_based": info,
+            "model": asdict(cfg.model)}
+    with atomic_dir(Path(path), replace=True) as tmp:  # the cache is the bench's own
+        store.fill(tmp, poisoned, meta, rows=tr.index, source_size=splits.source_train_size)
     return meta
 
 
-def run_cell(base: dict, attack: str, run: str, seed: int, out: str, poison_dir: str | None, threads: int) -> dict:
+def cell_data_cfg(cfg: Config, poison_dir: str | None) -> Config:
+    """The config a cell's data is built with: its cached poison read as ``poison.kind = "file"`` reads a store
+    (checked against its hashes, budget and norms); the cell's own config (recorded in its run) names the attack."""
+    if poison_dir is None:
+        return cfg
+    read = copy.deepcopy(cfg)
+    read.poison = dataclasses.replace(read.poison, kind="file", path=str(poison_dir))
+    return read
 
+
+def run_cell(base: dict, attack: str, run: str, seed: int, out: str, poison_dir: str | None, threads: int) -> dict:
+    """Train one cell on its cached poison (``poison_dir``; None for attack none), resuming from its checkpoint
+    when an interrupted run left one (the engine's: :meth:`pst_dist.engine.Engine.has_checkpoint`)."""
     _threads(threads)
     cfg = cell_cfg(base, attack, run, seed, Path(out))
     cfg.train.threads = max(1, threads)
-    poisoned = None
-    if poison_dir is not None:
-        poisoned = torch.from_numpy(np.load(Path(poison_dir) / "train_images.npy", allow_pickle=False))
     run_dir = Path(cfg.log.run_dir)
-    resume = (run_dir / "checkpoint.pt").is_file() and not _failed(run_dir)
+    resume = engine_class(cfg).has_checkpoint(run_dir) and not _failed(run_dir)
     t0 = time.time()
-    data = build_data(cfg, poisoned=poisoned)
+    data = build_data(cell_data_cfg(cfg, poison_dir))
     # the cell's directory is the bench's own: an interrupted cell resumes, a failed or half-begun one starts over
     summary = train(cfg, resume=resume, data=data, overwrite=not resume)
     return {"attack": attack, "run": run, "seed": seed, "seconds": round(time.time() - t0, 1), "resumed": resume,
@@ -170,8 +188,38 @@ def runs_needed(defenses: list[str]) -> list[str]:
     return runs
 
 
-def run_bench(config: str, overrides: list[str]) -> dict:
-    cfg = load_config(config, overrides)  # validates everything once, before any work
+@dataclass
+class Bench:
+    """One ``pst-dist bench`` invocation: its validated config and what follows from it."""
+
+    config: str
+    overrides: list[str]
+    cfg: Config
+    base: dict  # the resolved config as a dict (what the pool processes rebuild each cell's config from)
+    seeds: list[int]
+    runs: list[str]  # the training runs the defenses are read from
+    jobs: int
+    threads: int
+
+    @property
+    def out(self) -> Path:
+        return Path(self.cfg.bench.out)
+
+    @property
+    def command(self) -> str:
+        return " ".join(["pst-dist bench --config", self.config, *(shlex.quote(o) for o in self.overrides)])
+
+    @property
+    def cells(self) -> list[tuple[str, str, int]]:
+        return [(a, r, s) for s in self.seeds for a in self.cfg.bench.attacks for r in self.runs]
+
+    def poison_dir(self, attack: str, seed: int) -> Path:
+        return self.out / "poisons" / f"{attack}_seed{seed}"
+
+
+def plan_bench(config: str, overrides: list[str]) -> Bench:
+    """Validate everything once, before any work (nothing is written for a bad config)."""
+    cfg = load_config(config, overrides)
     b = cfg.bench
     base = to_dict(cfg)
     if "pst" in b.defenses and len(cfg.schedule.stages) < 2:
@@ -179,48 +227,50 @@ def run_bench(config: str, overrides: list[str]) -> dict:
                           f"stage(s): give the PST schedule in the recipe")
     for a in b.attacks:  # each attack's own overrides must make a valid config
         poison_cfg(base, a, 0)
-    out = Path(b.out)
-    out.mkdir(parents=True, exist_ok=True)
-    command = " ".join(["pst-dist bench --config", config, *(shlex.quote(o) for o in overrides)])
-    write_atomic(out / "bench.json", json.dumps({"config": config, "overrides": overrides, "resolved": base},
-                                                indent=2))
-    seeds = list(range(b.seeds))
-    runs = runs_needed(b.defenses)
     jobs = max(1, b.jobs)
     threads = max(1, (os.cpu_count() or 1) // jobs) if not cfg.train.threads else cfg.train.threads
+    return Bench(config, overrides, cfg, base, list(range(b.seeds)), runs_needed(b.defenses), jobs, threads)
 
-    say = lambda m: tqdm.write(f"[bench] {m}", file=sys.stderr)
-    say(f"{len(b.attacks)} attacks x {len(b.defenses)} defenses ({len(runs)} training runs each: "
-        f"{', '.join(runs)}) x {len(seeds)} seeds; {jobs} job(s) x {threads} thread(s); out {out}")
 
-    t_start = time.time()
+def cached_poisons(bench: Bench) -> tuple[dict[tuple[str, int], dict], list[tuple[str, int, Path]]]:
+    """({(attack, seed): poison.json} of the poisons already cached, [(attack, seed, dir)] of those to make). A cached
+    poison made with other settings, or not a store this version reads, is refused (ConfigError)."""
     gen: dict[tuple[str, int], dict] = {}
-    todo_p = []
-    poison_dir = lambda a, s: out / "poisons" / f"{a}_seed{s}"
-    for a in b.attacks:
-        for s in seeds:
-            pdir = poison_dir(a, s)
+    todo: list[tuple[str, int, Path]] = []
+    for a in bench.cfg.bench.attacks:
+        for s in bench.seeds:
+            pdir = bench.poison_dir(a, s)
             if a == "none":
                 continue
-            if (pdir / "poison.json").is_file():
-                meta = json.loads((pdir / "poison.json").read_text())
-                want = asdict(poison_cfg(base, a, s).poison)
-                old = meta["parameters"]
-                if diff := changes(old, want):  # a resumed bench must not reuse a poison made with other settings
-                    raise ConfigError(f"{pdir} was made with other poison settings (cached, now): {diff}; remove it "
-                                      f"or choose another bench.out")
-                gen[(a, s)] = meta
-            else:
-                todo_p.append((a, s, pdir))
-    cells = [(a, r, s) for s in seeds for a in b.attacks for r in runs]
+            if not (pdir / store.META).is_file():
+                todo.append((a, s, pdir))
+                continue
+            try:
+                meta = store.read_meta(pdir)
+            except PoisonFileError as e:  # e.g. cached by an earlier version (its own format): not reused
+                raise ConfigError(f"{pdir} is not a poison store this version reads ({e}); remove it or choose "
+                                  f"another bench.out") from None
+            want = asdict(poison_cfg(bench.base, a, s).poison)
+            if diff := changes(meta["parameters"], want):  # a resumed bench must not reuse a poison made with
+                # other settings
+                raise ConfigError(f"{pdir} was made with other poison settings (cached, now): {diff}; remove it "
+                                  f"or choose another bench.out")
+            gen[(a, s)] = meta
+    return gen, todo
+
+
+def finished_cells(bench: Bench, say: Callable[[str], None]) -> tuple[dict[tuple[str, str, int], dict],
+                                                                       list[tuple[str, str, int]]]:
+    """({cell: result} of the cells already finished, [cells] to run). A cell run (or begun) with another recipe
+    is moved to ``<out>/superseded/`` and run again; a failed one is run again."""
     done: dict[tuple[str, str, int], dict] = {}
-    todo_c = []
-    for a, r, s in cells:
-        ccfg = cell_cfg(base, a, r, s, out)
+    todo: list[tuple[str, str, int]] = []
+    for a, r, s in bench.cells:
+        ccfg = cell_cfg(bench.base, a, r, s, bench.out)
         run_dir = Path(ccfg.log.run_dir)
         changed = recipe_change(run_dir, ccfg)
         if changed:  # a cell run (or begun) with another recipe is run again from scratch; the old run is kept
-            old = out / "superseded" / a / r / f"seed{s}-{time.strftime('%Y%m%d-%H%M%S')}"
+            old = bench.out / "superseded" / a / r / f"seed{s}-{time.strftime('%Y%m%d-%H%M%S')}"
             old.parent.mkdir(parents=True, exist_ok=True)
             run_dir.rename(old)
             say(f"cell {a} / {r} / seed {s}: its recipe changed (was, now: {changed}); running it again, the old "
@@ -232,25 +282,31 @@ def run_bench(config: str, overrides: list[str]) -> dict:
                                **{k: sm[k] for k in ("final_test_acc", "peak_test_acc", "test_acc_at_best_val",
                                                      "final_val_acc")}}
         else:
-            todo_c.append((a, r, s))
-    say(f"poisons: {len(gen)} cached, {len(todo_p)} to make; cells: {len(done)} finished (skipped), "
-        f"{len(todo_c)} to run")
+            todo.append((a, r, s))
+    return done, todo
+
+
+def run_pool(bench: Bench, gen: dict, todo_p: list, done: dict, todo_c: list, say: Callable[[str], None]) -> list[str]:
+    """Make the missing poisons and run the cells in ``bench.jobs`` processes, each cell as soon as its poison is
+    there, the costliest first; ``gen`` and ``done`` fill in as they finish, and the results are rewritten after
+    each. Returns the errors (a failed poison or cell does not stop the others)."""
+    b = bench.cfg.bench
     # the costliest runs first, so the two workers finish together
     cost = {"adv": 0, "pst": 1}
-    todo_c.sort(key=lambda c: (cost.get(c[1], 2), c[2]))
+    waiting = sorted(todo_c, key=lambda c: (cost.get(c[1], 2), c[2]))
     errors: list[str] = []
     bar = tqdm(total=len(todo_p) + len(todo_c), desc="bench", file=sys.stderr)
-    ctx = get_context("spawn")
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
-        pending = {pool.submit(generate_poison, base, a, s, str(p), threads): ("poison", a, s) for a, s, p in todo_p}
-        waiting = list(todo_c)
+    out, threads = bench.out, bench.threads
+    with ProcessPoolExecutor(max_workers=bench.jobs, mp_context=get_context("spawn")) as pool:
+        pending = {pool.submit(generate_poison, bench.base, a, s, str(p), threads): ("poison", a, s)
+                   for a, s, p in todo_p}
 
         def submit_ready():
             for c in list(waiting):
                 a, r, s = c
                 if a == "none" or (a, s) in gen:
-                    pdir = None if a == "none" else str(poison_dir(a, s))
-                    pending[pool.submit(run_cell, base, a, r, s, str(out), pdir, threads)] = ("cell", a, r, s)
+                    pdir = None if a == "none" else str(bench.poison_dir(a, s))
+                    pending[pool.submit(run_cell, bench.base, a, r, s, str(out), pdir, threads)] = ("cell", a, r, s)
                     waiting.remove(c)
 
         submit_ready()
@@ -278,14 +334,33 @@ def run_bench(config: str, overrides: list[str]) -> dict:
                     say(f"cell {what[1]} / {what[2]} / seed {what[3]}: final {100 * res['final_test_acc']:.1f}, peak "
                         f"{100 * res['peak_test_acc']:.1f} ({res['seconds']:.0f} s"
                         + (", resumed from its checkpoint)" if res["resumed"] else ")"))
-            write_results(out, b.attacks, b.defenses, seeds, done, gen, command)
+            write_results(out, b.attacks, b.defenses, bench.seeds, done, gen, bench.command)
     bar.close()
-    table = write_results(out, b.attacks, b.defenses, seeds, done, gen, command)
+    return errors
+
+
+def run_bench(config: str, overrides: list[str]) -> dict:
+    bench = plan_bench(config, overrides)
+    b, out = bench.cfg.bench, bench.out
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / "bench.json", json.dumps({"config": config, "overrides": overrides, "resolved": bench.base},
+                                                indent=2))
+    say = lambda m: tqdm.write(f"[bench] {m}", file=sys.stderr)
+    say(f"{len(b.attacks)} attacks x {len(b.defenses)} defenses ({len(bench.runs)} training runs each: "
+        f"{', '.join(bench.runs)}) x {len(bench.seeds)} seeds; {bench.jobs} job(s) x {bench.threads} thread(s); "
+        f"out {out}")
+    t_start = time.time()
+    gen, todo_p = cached_poisons(bench)
+    done, todo_c = finished_cells(bench, say)
+    say(f"poisons: {len(gen)} cached, {len(todo_p)} to make; cells: {len(done)} finished (skipped), "
+        f"{len(todo_c)} to run")
+    errors = run_pool(bench, gen, todo_p, done, todo_c, say)
+    table = write_results(out, b.attacks, b.defenses, bench.seeds, done, gen, bench.command)
     print(table)
-    say(f"{len(done)} of {len(cells)} cells finished, {len(errors)} failed; {time.time() - t_start:.0f} s; wrote "
-        f"{out / 'results.csv'}, {out / 'results.md'}, {out / 'heatmap.png'}; TensorBoard: tensorboard --logdir "
-        f"{out / 'cells'}")
-    return {"done": len(done), "cells": len(cells), "errors": errors}
+    say(f"{len(done)} of {len(bench.cells)} cells finished, {len(errors)} failed; {time.time() - t_start:.0f} s; "
+        f"wrote {out / 'results.csv'}, {out / 'results.md'}, {out / 'heatmap.png'}; TensorBoard: tensorboard "
+        f"--logdir {out / 'cells'}")
+    return {"done": len(done), "cells": len(bench.cells), "errors": errors}
 
 
 def cell_value(done: dict, attack: str, defense: str, seed: int) -> tuple[float, float, float | None] | None:

@@ -1,6 +1,7 @@
 """`pst-dist bench`: the attack x defense matrix on a tiny synthetic recipe, with resume."""
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -12,8 +13,8 @@ ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "tests" / "configs" / "bench_tiny.toml"
 
 
-def bench(out: Path, *extra: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def bench(out: Path, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    env = env or {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "pst_dist.cli", "bench", "--config", str(TINY),
                            f"--bench.out={out}", *extra], capture_output=True, text=True, env=env, timeout=900)
 
@@ -93,3 +94,123 @@ def test_a_resumed_bench_reruns_the_cells_whose_recipe_changed(tmp_path):
     [old] = (out / "superseded" / "classwise_noise" / "pst").glob("seed0-*")
     assert (old / "summary.json").is_file() and "quantize" in (old / "config.toml").read_text()
     assert '"randblur"' in (out / "cells" / "classwise_noise" / "pst" / "seed0" / "config.toml").read_text()
+
+
+# ---------------------------------------------------------------- a DeepSpeed cell resumes
+
+ONE = ['--bench.attacks=["classwise_noise"]', '--bench.defenses=["standard"]', "--bench.seeds=1", "--bench.jobs=1"]
+CELL = Path("cells") / "classwise_noise" / "standard" / "seed0"
+
+# the bench's own cell in this process (no pool), killed (-9) as soon as its epoch-1 checkpoint is written
+KILLED_AFTER_EPOCH_1 = """
+import os, signal, sys
+import pst_dist.matrix as m
+bench = m.plan_bench(sys.argv[1], sys.argv[2:])
+[(a, r, s)] = bench.cells
+pdir = str(bench.poison_dir(a, s))
+m.generate_poison(bench.base, a, s, pdir, bench.threads)
+train = m.train
+def killed(*args, **kw):
+    kw["on_epoch"] = lambda epoch, *_: os.kill(os.getpid(), signal.SIGKILL) if epoch == 1 else None
+    return train(*args, **kw)
+m.train = killed
+m.run_cell(bench.base, a, r, s, str(bench.out), pdir, bench.threads)
+"""
+
+
+def plain_env() -> dict:
+    """No launcher variables: a DeepSpeed cell makes its own one-process group (gloo on the CPU)."""
+    drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    return {**{k: v for k, v in os.environ.items() if k not in drop}, "OMP_NUM_THREADS": "1"}
+
+
+def test_an_interrupted_deepspeed_cell_resumes_to_the_uninterrupted_result(tmp_path):
+    from pst_dist.engine import DeepSpeedEngine
+
+    ds = [*ONE, "--deepspeed.enabled=true"]  # 3 epochs (bench_tiny)
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    r = bench(full, *ds, env=plain_env())
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (full / CELL / "ds_checkpoint" / "latest").is_file() and not (full / CELL / "checkpoint.pt").exists()
+    p = subprocess.run([sys.executable, "-c", KILLED_AFTER_EPOCH_1, str(TINY), f"--bench.out={cut}", *ds],
+                       capture_output=True, text=True, env=plain_env(), timeout=600, cwd=ROOT)
+    assert p.returncode == -9, p.stderr[-3000:]
+    assert DeepSpeedEngine.checkpoint_epoch(cut / CELL) == 1 and not (cut / CELL / "summary.json").exists()
+    r = bench(cut, *ds, env=plain_env())
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "poisons: 1 cached, 0 to make; cells: 0 finished (skipped), 1 to run" in r.stderr
+    assert "cell classwise_noise / standard / seed 0" in r.stderr and "resumed from its checkpoint" in r.stderr
+    assert [x["epoch"] for x in json.loads((cut / CELL / "meta.json").read_text())["resumes"]] == [1]
+    assert (cut / "results.csv").read_text() == (full / "results.csv").read_text()
+    a, b = (json.loads((d / CELL / "summary.json").read_text()) for d in (full, cut))
+    assert a["test_curve"] == b["test_curve"] and a["model_checksum"] == b["model_checksum"]
+
+
+# ---------------------------------------------------------------- the bench's poison cache is a poison store
+
+def test_a_poison_cached_by_the_bench_trains_with_poison_kind_file(tmp_path):
+    """The cache holds the cell's training split only (rows.npy beside the images); `pst-dist train` with
+    poison.kind = "file" reads it, checked, and trains the very cell again; a split needing other images is refused."""
+    out = tmp_path / "b"
+    r = bench(out, *ONE, "--train.epochs=1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    cache = out / "poisons" / "classwise_noise_seed0"
+    meta = json.loads((cache / "poison.json").read_text())
+    assert meta["format"] == "pst-dist-poison/1" and meta["rows"] == "rows.npy" and len(meta["rows_sha256"]) == 64
+    assert meta["shape"][0] == 256 and meta["source_size"] == 320  # 64 of the source's images are validation
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    again = tmp_path / "again"
+    t = subprocess.run([sys.executable, "-m", "pst_dist.cli", "train", "--config", str(out / CELL / "config.toml"),
+                        "--poison.kind=file", f"--poison.path={cache}", f"--log.run_dir={again}"],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert t.returncode == 0, t.stderr[-3000:]
+    a, b = (json.loads((d / "summary.json").read_text()) for d in (out / CELL, again))
+    assert a["test_curve"] == b["test_curve"] and a["model_checksum"] == b["model_checksum"]
+    # the same source (320 images), another split: 32 of its training images were validation images in the bench
+    t = subprocess.run([sys.executable, "-m", "pst_dist.cli", "train", "--config", str(out / CELL / "config.toml"),
+                        "--poison.kind=file", f"--poison.path={cache}", f"--log.run_dir={tmp_path / 'other'}",
+                        "--data.synthetic_train=288", "--data.val_size=32"],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert t.returncode == 2 and "holds 256 of the source's 320 training images" in t.stderr, t.stderr[-2000:]
+    assert "32 of the 288 images this one trains on are not in it" in t.stderr
+
+
+def test_a_store_of_some_rows(tmp_path):
+    import numpy as np
+    import torch
+
+    from pst_dist.poison import PoisonFileError, norms
+    from pst_dist.poison.store import FORMAT, fill, read_stored
+
+    g = torch.Generator().manual_seed(0)
+    clean = torch.randint(0, 256, (8, 3, 4, 4), dtype=torch.uint8, generator=g)
+    poisoned = (clean.to(torch.int16) + torch.randint(-2, 3, clean.shape, generator=g)).clamp(0, 255).to(torch.uint8)
+
+    def store(name: str, rows: list[int]) -> Path:
+        d = tmp_path / name
+        d.mkdir()
+        idx = torch.tensor(rows)
+        meta = {"format": FORMAT, "attack": "classwise_noise", "parameters": {"eps": 8 / 255}, "seed": 0,
+                "norms": norms(clean[idx], poisoned[idx])}
+        fill(d, poisoned[idx], meta, rows=idx, source_size=8)
+        return d
+
+    some = store("some", [6, 1, 3, 4])
+    assert np.load(some / "rows.npy").tolist() == [1, 3, 4, 6]  # sorted by source index, int64
+    assert torch.equal(torch.from_numpy(np.load(some / "train_images.npy")), poisoned[[1, 3, 4, 6]])
+    idx = torch.tensor([4, 1, 6])  # a training split's order
+    assert torch.equal(read_stored(some, clean[idx], idx, 8), poisoned[idx])
+    idx = torch.tensor([4, 2, 1, 0])
+    with pytest.raises(PoisonFileError, match="holds 4 of the source's 8 .* 2 of the 4 images this one trains on"):
+        read_stored(some, clean[idx], idx, 8)
+    with pytest.raises(PoisonFileError, match="made for a source of 8 training images; this one has 9"):
+        read_stored(some, clean[:3], torch.arange(3), 9)
+    every = store("every", [5, 0, 7, 2, 1, 3, 6, 4])  # every image: a plain store, in the source's order
+    assert not (every / "rows.npy").exists() and "rows" not in json.loads((every / "poison.json").read_text())
+    assert torch.equal(torch.from_numpy(np.load(every / "train_images.npy")), poisoned)
+    np.save(some / "rows.npy", np.array([1, 3, 5, 6]))  # rows changed after writing
+    with pytest.raises(PoisonFileError, match="rows.npy: changed since it was written"):
+        read_stored(some, clean[[1]], torch.tensor([1]), 8)
+    np.save(some / "rows.npy", np.array([3, 1, 4, 6]))  # unsorted (unchecked hash: the rows themselves are checked)
+    with pytest.raises(PoisonFileError, match="expected distinct source indices in \\[0, 8\\), sorted"):
+        read_stored(some, clean[[1]], torch.tensor([1]), 8, verify=False)
