@@ -12,6 +12,18 @@ def _seed():
     torch.manual_seed(0)
 
 
+def quadrant_images(n: int, chans: int, seed: int, low: int, high: int):
+    """``n`` uint8 images (16 x 16) of 4 classes whose class shows as a bright quadrant, so that a tiny surrogate or
+    model learns them in a few steps; pixels uniform in [low, high) plus 60 in the class's quadrant."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 4
+    x = torch.randint(low, high, (n, chans, 16, 16), generator=g, dtype=torch.uint8)
+    for c in range(4):
+        r, q = divmod(c, 2)
+        x[y == c, :, 8 * r: 8 * r + 8, 8 * q: 8 * q + 8] += 60
+    return x, y
+
+
 TINY = ["--data.source=synthetic", "--data.synthetic_train=256", "--data.val_size=64", "--data.img_size=16",
         "--data.probe_size=64", "--model.width=0.125", "--train.batch_size=32", "--train.epochs=2",
         "--log.progress=false"]

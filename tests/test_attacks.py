@@ -12,17 +12,14 @@ import torch
 from pst_dist.config import ConfigError, PoisonConfig, load_config
 from pst_dist.poison import make_poison
 
+from .conftest import quadrant_images
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def tiny(kind: str, chans: int, seed: int = 0, **poison) -> tuple:
     """40 images of 4 classes whose class shows as a bright quadrant, a 1/8-width ResNet-10 surrogate."""
-    g = torch.Generator().manual_seed(123)
-    y = torch.arange(40) % 4
-    x = torch.randint(40, 160, (40, chans, 16, 16), generator=g, dtype=torch.uint8)
-    for c in range(4):
-        r, q = divmod(c, 2)
-        x[y == c, :, 8 * r: 8 * r + 8, 8 * q: 8 * q + 8] += 60
+    x, y = quadrant_images(40, chans, seed=123, low=40, high=160)
     over = [f"--poison.kind={kind}", f"--poison.seed={seed}", "--model.name=resnet10t", "--model.width=0.125",
             "--model.stem_pool=true", "--train.device=cpu", "--poison.batch_size=16", "--poison.steps=3",
             "--poison.train_steps=3", "--poison.max_rounds=2", "--poison.model_epochs=1"]

@@ -9,6 +9,8 @@ import torch
 from pst_dist import config as C
 from pst_dist.registry import ATTACKS, DEFENSES, MODEL_FAMILIES, TRIGGERS, VIEWS, Registry
 
+from .conftest import quadrant_images
+
 TABLES = {"ATTACKS": ATTACKS, "TRIGGERS": TRIGGERS, "VIEWS": VIEWS, "DEFENSES": DEFENSES,
           "MODEL_FAMILIES": MODEL_FAMILIES}
 ENTRIES = [(t, n) for t, table in TABLES.items() for n in table]
@@ -62,13 +64,7 @@ def test_config_errors_name_the_known_ones():
 
 def _batch(chans: int) -> tuple[torch.Tensor, torch.Tensor]:
     """64 images of 4 classes, 16 x 16, whose class shows as a bright quadrant (so model-based attacks learn)."""
-    g = torch.Generator().manual_seed(7)
-    y = torch.arange(64) % 4
-    x = torch.randint(30, 170, (64, chans, 16, 16), generator=g, dtype=torch.uint8)
-    for c in range(4):
-        r, q = divmod(c, 2)
-        x[y == c, :, 8 * r: 8 * r + 8, 8 * q: 8 * q + 8] += 60
-    return x, y
+    return quadrant_images(64, chans, seed=7, low=30, high=170)
 
 
 # model-based attacks: a 1/8-width ResNet-10 surrogate and a few steps (their own tests: test_attacks.py)
