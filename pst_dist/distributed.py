@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -104,5 +105,11 @@ def teardown() -> None:
     if dist.is_initialized():
         dist.barrier()
         if _OWN_GROUP:
-            dist.destroy_process_group()
+            # DeepSpeed, when it ran here, keeps references to the group: its own destroy releases them, or the next
+            # engine in this process (the bench's next cell) would use the destroyed group
+            ds_comm = sys.modules.get("deepspeed.comm")
+            if ds_comm is not None and ds_comm.is_initialized():
+                ds_comm.destroy_process_group()
+            else:
+                dist.destroy_process_group()
             _OWN_GROUP = False

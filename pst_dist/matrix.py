@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import csv
-import dataclasses
 import io
 import json
 import os
@@ -26,7 +25,7 @@ import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -107,7 +106,7 @@ def cell_data_cfg(cfg: Config, poison_dir: str | None) -> Config:
     if poison_dir is None:
         return cfg
     read = copy.deepcopy(cfg)
-    read.poison = dataclasses.replace(read.poison, kind="file", path=str(poison_dir))
+    read.poison = replace(read.poison, kind="file", path=str(poison_dir))
     return read
 
 

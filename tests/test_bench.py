@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -101,12 +102,12 @@ def test_a_resumed_bench_reruns_the_cells_whose_recipe_changed(tmp_path):
 ONE = ['--bench.attacks=["classwise_noise"]', '--bench.defenses=["standard"]', "--bench.seeds=1", "--bench.jobs=1"]
 CELL = Path("cells") / "classwise_noise" / "standard" / "seed0"
 
-# the bench's own cell in this process (no pool), killed (-9) as soon as its epoch-1 checkpoint is written
+# the bench's first cell in this process (no pool), killed (-9) as soon as its epoch-1 checkpoint is written
 KILLED_AFTER_EPOCH_1 = """
 import os, signal, sys
 import pst_dist.matrix as m
 bench = m.plan_bench(sys.argv[1], sys.argv[2:])
-[(a, r, s)] = bench.cells
+a, r, s = bench.cells[0]
 pdir = str(bench.poison_dir(a, s))
 m.generate_poison(bench.base, a, s, pdir, bench.threads)
 train = m.train
@@ -127,7 +128,8 @@ def plain_env() -> dict:
 def test_an_interrupted_deepspeed_cell_resumes_to_the_uninterrupted_result(tmp_path):
     from pst_dist.engine import DeepSpeedEngine
 
-    ds = [*ONE, "--deepspeed.enabled=true"]  # 3 epochs (bench_tiny)
+    # 3 epochs (bench_tiny); two cells, one after the other in the one pool process (each its own engine)
+    ds = [*ONE, '--bench.defenses=["standard", "jpeg10"]', "--deepspeed.enabled=true"]
     full, cut = tmp_path / "full", tmp_path / "cut"
     r = bench(full, *ds, env=plain_env())
     assert r.returncode == 0, r.stderr[-3000:]
@@ -138,12 +140,14 @@ def test_an_interrupted_deepspeed_cell_resumes_to_the_uninterrupted_result(tmp_p
     assert DeepSpeedEngine.checkpoint_epoch(cut / CELL) == 1 and not (cut / CELL / "summary.json").exists()
     r = bench(cut, *ds, env=plain_env())
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "poisons: 1 cached, 0 to make; cells: 0 finished (skipped), 1 to run" in r.stderr
-    assert "cell classwise_noise / standard / seed 0" in r.stderr and "resumed from its checkpoint" in r.stderr
+    assert "poisons: 1 cached, 0 to make; cells: 0 finished (skipped), 2 to run" in r.stderr
+    assert "cell classwise_noise / jpeg10 / seed 0: " in r.stderr and "FAILED" not in r.stderr
+    assert re.search(r"cell classwise_noise / standard / seed 0: .*resumed from its checkpoint", r.stderr)
     assert [x["epoch"] for x in json.loads((cut / CELL / "meta.json").read_text())["resumes"]] == [1]
     assert (cut / "results.csv").read_text() == (full / "results.csv").read_text()
-    a, b = (json.loads((d / CELL / "summary.json").read_text()) for d in (full, cut))
-    assert a["test_curve"] == b["test_curve"] and a["model_checksum"] == b["model_checksum"]
+    for cell in (CELL, CELL.parent.parent / "jpeg10" / "seed0"):
+        a, b = (json.loads((d / cell / "summary.json").read_text()) for d in (full, cut))
+        assert a["test_curve"] == b["test_curve"] and a["model_checksum"] == b["model_checksum"], cell
 
 
 # ---------------------------------------------------------------- the bench's poison cache is a poison store
