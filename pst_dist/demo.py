@@ -7,6 +7,7 @@ from pathlib import Path
 
 from .config import ConfigError, config_changes, flat_config, load_config
 from .data.sources import FMNIST_DEFAULT
+from .engine import engine_class
 from .io import read_json, write_atomic
 from .report import format_table, plot_curves
 from .rundir import RunDirError
@@ -42,7 +43,7 @@ def run_demo(config: str | None, overrides: list[str], out: Path, seeds: int = 1
             if summary is not None:
                 print(f"demo: {run_dir} already finished with this config, reusing it")
             else:  # continue an interrupted run of the same config; a new run refuses a dir holding another run
-                resume = (run_dir / "checkpoint.pt").is_file() and (run_dir / "config.toml").is_file()
+                resume = engine_class(cfg).has_checkpoint(run_dir) and (run_dir / "config.toml").is_file()
                 print(f"demo: {'resuming' if resume else 'training'} {label} (seed {seed}) -> {run_dir}")
                 summary = train(cfg, resume=resume)
             results.setdefault(label, []).append(summary)
