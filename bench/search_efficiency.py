@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pst_dist.config import load_config  # noqa: E402
-from pst_dist.metrics import write_atomic  # noqa: E402
+from pst_dist.io import write_atomic  # noqa: E402
 from tune.search import run_search  # noqa: E402
 
 

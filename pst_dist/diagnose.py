@@ -25,8 +25,7 @@ import torch
 from .config import Config, ConfigError
 from .data.pipeline import Normalize, build_data
 from .distributed import build_device
-from .io import check_out_dir, savefig_atomic
-from .metrics import write_atomic
+from .io import check_out_dir, savefig_atomic, write_atomic
 from .models import build_model
 from .pst.detectors import scatter_ratio
 from .pst.freeze import GroupActivations, trace_units

@@ -180,15 +180,21 @@ def atomic_dir(out: Path, *, replace: bool = False) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def blocking_ancestor(path: Path) -> Path | None:
+    """The nearest existing ancestor of ``path`` when it is not a directory (``path`` could then never be created),
+    else None."""
+    for parent in Path(path).absolute().parents:
+        if parent.exists():
+            return None if parent.is_dir() else parent
+    return None
+
+
 def enter_out_dir(stack: contextlib.ExitStack, out: Path, replace: bool) -> Path:
     """Enter :func:`pst_dist.io.atomic_dir` for ``out`` on ``stack`` and return the directory to fill. Done before
     the expensive work, so that an --out that cannot be created (a file in its path, no permission, a read-only
     disk) is an OutputError naming it at once, not after hours of generating."""
-    for parent in out.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise OutputError(f"--out {out}: {parent} is a file, not a directory; choose another --out")
-            break
+    if (blocker := blocking_ancestor(out)) is not None:
+        raise OutputError(f"--out {out}: {blocker} is a file, not a directory; choose another --out")
     try:
         return stack.enter_context(atomic_dir(out, replace=replace))
     except OSError as e:

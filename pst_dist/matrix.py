@@ -37,10 +37,10 @@ from .config import Config, ConfigError, apply_overrides, from_dict, load_config
 from .data.pipeline import build_data
 from .data.sources import Split, fingerprint, load_splits
 from .engine import engine_class
-from .io import atomic_dir
-from .metrics import write_atomic
+from .io import atomic_dir, savefig_atomic, write_atomic
 from .poison import PoisonFileError, make_poison, norms, store
 from .registry import DEFENSES
+from .report import mean_std
 from .train import train
 
 STANDARD = [{"name": "standard"}]
@@ -375,13 +375,6 @@ def cell_value(done: dict, attack: str, defense: str, seed: int) -> tuple[float,
     return r["final_test_acc"], r["peak_test_acc"], r["final_val_acc"]
 
 
-def _ms(xs: list[float]) -> str:
-    if not xs:
-        return "—"
-    if len(xs) == 1:
-        return f"{100 * xs[0]:.1f}"
-    return f"{100 * statistics.mean(xs):.1f} ± {100 * statistics.stdev(xs):.1f}"
-
 
 def write_results(out: Path, attacks: list[str], defenses: list[str], seeds: list[int], done: dict, gen: dict,
                   command: str = "") -> str:
@@ -412,7 +405,8 @@ def write_results(out: Path, attacks: list[str], defenses: list[str], seeds: lis
         cells = []
         for d in defenses:
             n = len(vals(a, d, 0))
-            cells.append(f"**{_ms(vals(a, d, 0))}** / {_ms(vals(a, d, 1))}" + (f" (n={n})" if n != len(seeds) else ""))
+            cells.append(f"**{mean_std(vals(a, d, 0))}** / {mean_std(vals(a, d, 1))}"
+                         + (f" (n={n})" if n != len(seeds) else ""))
         lines.append(f"| {a} | " + " | ".join(cells) + " |")
     if "pst" in defenses:
         lines += ["", _verdicts(attacks, defenses, vals)]
@@ -482,7 +476,5 @@ def _heatmap(path: Path, attacks, defenses, vals) -> None:
     ax.set_title("final-epoch clean test accuracy (%), mean over seeds", fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.03)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
+    savefig_atomic(fig, path)
     plt.close(fig)
-    tmp.replace(path)

@@ -14,8 +14,6 @@ import timm
 import torch
 import torchvision
 
-from .io import write_atomic  # noqa: F401 - re-exported: bench, diagnose, tune/report import it here
-
 
 def git_sha() -> str:
     try:

@@ -9,7 +9,10 @@ from .io import savefig_atomic
 
 
 def mean_std(xs: list[float]) -> str:
-    """Accuracies (fractions) as a percentage, mean ± sample std over seeds (the value alone for one seed)."""
+    """Accuracies (fractions) as a percentage, mean ± sample std over seeds (the value alone for one seed, a dash
+    for none)."""
+    if not xs:
+        return "—"
     if len(xs) == 1:
         return f"{100 * xs[0]:.1f}"
     return f"{100 * statistics.mean(xs):.1f} ± {100 * statistics.stdev(xs):.1f}"

@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 
 from .config import RESUME_MAY_CHANGE, Config, ConfigError, config_changes, flat_config, load_config
-from .io import write_atomic
+from .io import blocking_ancestor, write_atomic
 
 RUN_MARKERS = ("config.toml", "checkpoint.pt", "ds_checkpoint", "summary.json", "metrics.jsonl")
 """Any of these in a directory means it holds a run."""
@@ -29,11 +29,9 @@ class RunDirError(ConfigError):
 
 def _writable_ancestor(path: Path) -> None:
     """Refuse a run directory that could not be created: an ancestor that is a file, or not writable."""
-    p = path.absolute()
-    while not p.exists():
-        p = p.parent
-    if not p.is_dir():
-        raise RunDirError(f"log.run_dir={str(path)!r}: {p} is a file, not a directory")
+    if (blocker := blocking_ancestor(path)) is not None:
+        raise RunDirError(f"log.run_dir={str(path)!r}: {blocker} is a file, not a directory")
+    p = next(a for a in (path.absolute(), *path.absolute().parents) if a.exists())
     if not os.access(p, os.W_OK | os.X_OK):
         raise RunDirError(f"log.run_dir={str(path)!r}: {p} is not writable")
 

@@ -14,7 +14,8 @@ import torch
 from pst_dist.config import load_config
 from pst_dist.data import beton as B
 from pst_dist.data.pipeline import build_data, write_betons
-from pst_dist.data.sources import DataError
+from pst_dist.data.sources import DataError, fingerprint
+from pst_dist.io import sha256
 from pst_dist.poison import PoisonFileError
 from pst_dist.train import train
 
@@ -54,7 +55,7 @@ def test_raw_round_trip_is_exact(tmp_path, over):
     m = b.meta
     assert m["write_mode"] == "raw" and not m["lossy"] and m["poison"]["kind"] == "classwise_noise"
     assert abs(m["poison"]["norms"]["linf"] * 255 - 8) < 1e-6
-    assert m["fingerprint"]["clean_train_sha256"] == B.fingerprint(data.splits.train)
+    assert m["fingerprint"]["clean_train_sha256"] == fingerprint(data.splits.train)
 
 
 def test_jpg_mode_warns_and_is_lossy(tmp_path):
@@ -103,7 +104,7 @@ def test_two_ranks_shard_one_epoch_each_sample_once(tmp_path):
     meta = {"format": B.FORMAT, "shape": [3, 8, 8], "write_mode": "raw", "lossy": False, "source": "ids",
             "num_classes": n, "mean": [0.5] * 3, "std": [0.3] * 3,
             "splits": {k: {"num_samples": n, "bytes": (d / f"{k}.beton").stat().st_size,
-                           "sha256": B.sha256(d / f"{k}.beton")} for k in B.SPLITS}}
+                           "sha256": sha256(d / f"{k}.beton")} for k in B.SPLITS}}
     (d / B.META).write_text(json.dumps(meta))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(Path(__file__).parent / "beton_shard_worker.py"), str(d), str(tmp_path)]

@@ -23,10 +23,9 @@ import numpy as np
 import torch
 
 from ..config import ConfigError
-from ..io import OutputError, read_json
-from ..io import sha256 as sha256  # re-exported: older callers import it from here
+from ..io import OutputError, read_json, sha256
 from .loaders import RRC_RATIO, RRC_SCALE, shard_order
-from .sources import DataError, Split, Splits, fingerprint  # noqa: F401 - fingerprint re-exported
+from .sources import DataError, Split
 
 SPLITS = ("train", "val", "test")
 META = "beton.json"
