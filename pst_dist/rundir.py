@@ -84,8 +84,11 @@ def _may_change(key: str) -> bool:
 
 
 def remove_run_files(run_dir: Path) -> list[str]:
-    """``--overwrite``: remove the files and folders a run writes (:data:`RUN_FILES`), nothing else."""
-    removed = []
+    """``--overwrite``: remove the files and folders a run writes (:data:`RUN_FILES`), nothing else, and only when
+    the directory holds a run: a user's own ``tb/`` or ``meta.json`` in a directory without one is never touched."""
+    removed: list[str] = []
+    if not run_dir.is_dir() or not holds_run(run_dir):
+        return removed
     for name in RUN_FILES:
         p = run_dir / name
         if p.is_dir() and not p.is_symlink():

@@ -208,3 +208,13 @@ def test_a_run_dir_of_bytes_that_are_not_utf8_is_refused(tmp_path):
     bad = os.fsdecode(bytes(tmp_path) + b"/run\xff")
     out = run_cli("train", *FAST, f"--log.run_dir={bad}")
     assert_refused(out, ["log.run_dir", "not UTF-8"], [marker], tmp_path, code=2)
+
+
+def test_overwrite_touches_nothing_in_a_directory_without_a_run(tmp_path):
+    from pst_dist.rundir import remove_run_files
+
+    (tmp_path / "tb").mkdir()
+    (tmp_path / "tb" / "events").write_text("a user's own TensorBoard folder\n")
+    (tmp_path / "meta.json").write_text("{}")
+    assert remove_run_files(tmp_path) == []
+    assert (tmp_path / "tb" / "events").is_file() and (tmp_path / "meta.json").read_text() == "{}"
