@@ -4,9 +4,11 @@ that train on top of it (torch, DeepSpeed) are in :mod:`pst_dist.engine`."""
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import sys
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -67,11 +69,189 @@ def _free_port() -> int:
 
 
 def all_reduce_grads(params, world_size: int) -> None:
-    """Average gradients across ranks (plain data parallelism; the DeepSpeed engine does this itself)."""
+    """Average gradients across ranks one parameter at a time, after backward (the surrogate trainer of
+    :mod:`pst_dist.poison.model_based`; the torch engine uses :class:`GradBuckets`, DeepSpeed does this itself)."""
     for p in params:
         if p.grad is not None:
             dist.all_reduce(p.grad)
             p.grad /= world_size
+
+
+def plan_buckets(params: list[torch.Tensor], bucket_bytes: int) -> list[list[torch.Tensor]]:
+    """Cut ``params`` (in the order given) into buckets of one device and dtype each (one flat buffer per bucket),
+    a bucket closed once it holds at least ``bucket_bytes``; the partly filled ones come last."""
+    buckets: list[list[torch.Tensor]] = []
+    open_: dict[tuple, tuple[list[torch.Tensor], int]] = {}
+    for p in params:
+        key = (p.device, p.dtype)
+        members, size = open_.get(key, ([], 0))
+        members.append(p)
+        size += p.numel() * p.element_size()
+        if size >= bucket_bytes:
+            buckets.append(members)
+            members, size = [], 0
+        open_[key] = (members, size)
+    return buckets + [members for members, _ in open_.values() if members]
+
+
+class _Bucket:
+    """Parameters whose gradients travel in one flat all-reduce; ``pending`` holds the positions not yet ready."""
+
+    def __init__(self, params: list[torch.Tensor]):
+        self.params = params
+        self.reset()
+
+    def reset(self) -> None:
+        self.pending = set(range(len(self.params)))
+        self.sent: list[torch.Tensor] = []  # the parameters whose gradients are in ``flat``
+        self.flat: torch.Tensor | None = None
+        self.work = None
+
+
+def _grad_ready(ref: weakref.ref, bucket: int, position: int, _param: torch.Tensor) -> None:
+    """The post-accumulate-grad hook; a weak reference, so that a dropped engine's hooks go with it."""
+    owner = ref()
+    if owner is not None:
+        owner._ready(bucket, position)
+
+
+class GradBuckets:
+    """Gradient averaging for plain data parallelism, DDP-style, on an unwrapped model (state_dict keys, checkpoints
+    and hooks on submodules unchanged): the trainable parameters, in reverse registration order (roughly the order
+    their gradients become ready in backward), are cut into buckets of about ``bucket_bytes``; a
+    post-accumulate-grad hook marks a parameter ready, and a bucket whose parameters are all ready is flattened and
+    all-reduced asynchronously while backward goes on. :meth:`finish` (before the optimizer step) launches what
+    never became complete, waits, and writes the sums divided by the world size back into ``.grad``.
+
+    Use: :meth:`arm` ``(mults)`` before ``loss.backward()``, :meth:`finish` ``(mults)`` after it. Only parameters of
+    groups with a non-zero lr multiplier (optimizer param groups carry ``layer_group``, the index into ``mults``)
+    take part: frozen groups are never all-reduced (their gradients are dropped, as
+    :func:`pst_dist.pst.freeze.drop_frozen_grads` does). Buckets and hooks are rebuilt only when the set of trainable
+    groups changes. :meth:`finish` without :meth:`arm` buckets every non-None gradient after backward.
+
+    Assumes every rank runs the same model under the same stage, so the same parameters get a gradient on every rank
+    (a parameter with no gradient anywhere keeps ``.grad`` None; one with a gradient on some ranks only would make
+    the collectives mismatch). Buckets are launched in bucket order, whatever order the hooks fire in, so that the
+    ranks issue the same collectives in the same order. The result is the per-parameter one bit for bit on two
+    ranks (each element is the same sum of two values, then the same division); with more ranks the collective's
+    summation order may depend on where an element sits in the buffer, so it can differ in the last bits (still the
+    same on every rank). One backward per step: a parameter whose hook fires twice before :meth:`finish` (gradient
+    accumulation) is an error, its first gradient being already on the wire.
+    """
+
+    def __init__(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer, world_size: int,
+                 bucket_bytes: int = 25 * 2**20, group=None):
+        self.module, self.optimizer, self.world_size = module, optimizer, world_size
+        self.bucket_bytes, self.group = bucket_bytes, group
+        self.buckets: list[_Bucket] = []
+        self.trainable: frozenset[int] | None = None  # the layer groups the buckets were built for
+        self.armed = False
+        self._next = 0  # buckets before this index have been launched (launches go in bucket order)
+        self._handles: list = []
+        weakref.finalize(self, _remove_hooks, self._handles)
+
+    @property
+    def launched(self) -> int:
+        """How many buckets have been launched in the current step (during backward, until :meth:`finish`)."""
+        return self._next
+
+    def arm(self, mults: tuple[float, ...]) -> None:
+        """Before ``loss.backward()``: (re)build the buckets if the trainable groups changed, start a new step."""
+        self._drain()
+        trainable = _trainable_groups(mults)
+        if trainable != self.trainable:
+            self._build(trainable)
+        self.armed = True
+
+    def finish(self, mults: tuple[float, ...] | None = None) -> None:
+        """After backward, before the optimizer step: every bucket launched (those that never became complete now,
+        with the gradients they have), waited on, and the averages written back into ``.grad``."""
+        if not self.armed:
+            self._reduce_after_backward()
+            return
+        if mults is not None and _trainable_groups(mults) != self.trainable:
+            self._drain()
+            raise ValueError(f"step under lr multipliers {tuple(mults)} trains other layer groups than backward was "
+                             f"armed for ({sorted(self.trainable)}): pass the same stage's mults to both")
+        while self._next < len(self.buckets):
+            self._launch(self.buckets[self._next])
+            self._next += 1
+        self._complete(self.buckets)
+        self.armed = False
+
+    def remove(self) -> None:
+        """Take the hooks off the parameters."""
+        self._drain()
+        _remove_hooks(self._handles)
+        self.buckets, self.trainable = [], None
+
+    # ---- internals
+
+    def _build(self, trainable: frozenset[int]) -> None:
+        _remove_hooks(self._handles)
+        ids = {id(p) for pg in self.optimizer.param_groups if pg["layer_group"] in trainable for p in pg["params"]}
+        params = [p for p in reversed(list(self.module.parameters())) if id(p) in ids and p.requires_grad]
+        self.buckets = [_Bucket(b) for b in plan_buckets(params, self.bucket_bytes)]
+        ref = weakref.ref(self)
+        for i, b in enumerate(self.buckets):
+            for j, p in enumerate(b.params):
+                self._handles.append(p.register_post_accumulate_grad_hook(functools.partial(_grad_ready, ref, i, j)))
+        self.trainable = trainable
+
+    def _ready(self, bucket: int, position: int) -> None:
+        if not self.armed:  # a backward outside a training step (an attack, a probe): not ours to reduce
+            return
+        b = self.buckets[bucket]
+        if position not in b.pending:
+            raise RuntimeError("a parameter received a second gradient before the optimizer step: GradBuckets "
+                               "supports one backward per step (no gradient accumulation)")
+        b.pending.discard(position)
+        while self._next < len(self.buckets) and not self.buckets[self._next].pending:
+            self._launch(self.buckets[self._next])
+            self._next += 1
+
+    def _launch(self, b: _Bucket) -> None:
+        b.sent = [p for p in b.params if p.grad is not None]
+        if b.sent:
+            with torch.no_grad():
+                b.flat = torch.cat([p.grad.reshape(-1) for p in b.sent])
+            b.work = dist.all_reduce(b.flat, group=self.group, async_op=True)
+
+    def _complete(self, buckets: list[_Bucket]) -> None:
+        with torch.no_grad():
+            for b in buckets:
+                if b.work is not None:
+                    b.work.wait()
+                    b.flat.div_(self.world_size)
+                    for p, avg in zip(b.sent, b.flat.split([p.numel() for p in b.sent]), strict=True):
+                        p.grad.copy_(avg.view_as(p.grad))
+                b.reset()
+        self._next = 0
+
+    def _drain(self) -> None:
+        """Wait for collectives a step left in flight (a backward that raised) and forget that step."""
+        for b in self.buckets:
+            if b.work is not None:
+                b.work.wait()
+            b.reset()
+        self._next, self.armed = 0, False
+
+    def _reduce_after_backward(self) -> None:
+        params = [p for p in reversed(list(self.module.parameters())) if p.grad is not None]
+        buckets = [_Bucket(b) for b in plan_buckets(params, self.bucket_bytes)]
+        for b in buckets:
+            self._launch(b)
+        self._complete(buckets)
+
+
+def _trainable_groups(mults: tuple[float, ...]) -> frozenset[int]:
+    return frozenset(i for i, m in enumerate(mults) if m != 0)
+
+
+def _remove_hooks(handles: list) -> None:
+    for h in handles:
+        h.remove()
+    handles.clear()
 
 
 def broadcast_buffers(module: torch.nn.Module) -> None:

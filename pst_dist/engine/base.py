@@ -31,7 +31,9 @@ class Engine:
 
     # ---- training (an engine instance)
 
-    def backward(self, loss: torch.Tensor) -> None:
+    def backward(self, loss: torch.Tensor, mults: tuple[float, ...] | None = None) -> None:
+        """Gradients of ``loss``; ``mults`` (the stage's per-group lr multipliers, as :meth:`step` will get) let an
+        engine start averaging the trainable groups' gradients over ranks while backward runs."""
         raise NotImplementedError
 
     def step(self, mults: tuple[float, ...]) -> None:

@@ -48,7 +48,8 @@ class DeepSpeedEngine(Engine):
                 if b.is_floating_point():
                     b.data = b.data.to(dtype)
 
-    def backward(self, loss: torch.Tensor) -> None:
+    def backward(self, loss: torch.Tensor, mults: tuple[float, ...] | None = None) -> None:
+        """``mults`` is accepted for the interface and ignored: DeepSpeed buckets and overlaps its own reduction."""
         self.engine.backward(loss)
 
     def step(self, mults: tuple[float, ...]) -> None:

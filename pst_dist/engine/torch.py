@@ -1,5 +1,6 @@
-"""The plain torch engine: the optimizer as built, gradients averaged by all-reduce when there is more than one
-process; its checkpoint is one file, ``<run_dir>/checkpoint.pt``, written by rank 0."""
+"""The plain torch engine: the optimizer as built, gradients averaged over ranks by a bucketed all-reduce overlapped
+with backward when there is more than one process (:class:`pst_dist.distributed.GradBuckets`; the model stays
+unwrapped); its checkpoint is one file, ``<run_dir>/checkpoint.pt``, written by rank 0."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from ..distributed import all_reduce_grads
+from ..distributed import GradBuckets
 from ..pst.freeze import drop_frozen_grads
 from .base import Engine
 
@@ -17,19 +18,26 @@ CHECKPOINT = "checkpoint.pt"
 
 
 class TorchEngine(Engine):
-    """Plain torch: the optimizer as built, gradients averaged by all-reduce when there is more than one process."""
+    """Plain torch: the optimizer as built; with more than one process, gradients averaged over ranks in buckets of
+    about ``bucket_mb`` MiB, each all-reduced as soon as backward has produced all of its gradients."""
 
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, world_size: int):
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, world_size: int,
+                 bucket_mb: float = 25.0):
         self.module, self.optimizer, self.world_size = model, optimizer, world_size
+        self.grad_sync = GradBuckets(model, optimizer, world_size, int(bucket_mb * 2**20)) if world_size > 1 else None
 
-    def backward(self, loss: torch.Tensor) -> None:
+    def backward(self, loss: torch.Tensor, mults: tuple[float, ...] | None = None) -> None:
+        """``mults`` (the stage's lr multipliers) arm the buckets so that all-reduces overlap backward; without
+        them the gradients are all-reduced after backward, in :meth:`step`."""
         self.optimizer.zero_grad(set_to_none=True)
+        if self.grad_sync is not None and mults is not None:
+            self.grad_sync.arm(mults)
         loss.backward()
 
     def step(self, mults: tuple[float, ...]) -> None:
         drop_frozen_grads(self.optimizer, mults)
-        if self.world_size > 1:
-            all_reduce_grads(self.module.parameters(), self.world_size)
+        if self.grad_sync is not None:
+            self.grad_sync.finish(mults)
         self.optimizer.step()
 
     def gathered(self):
