@@ -1,29 +1,45 @@
 #!/usr/bin/env bash
-# The checks a lent GPU machine runs (it has torch and timm, no deepspeed / ray / ffcv, no registry): the trainer on
-# CUDA (a new run, a resume, a refused second run, a diverging run), then bench/gpu_throughput.py. Each step under its
-# own timeout, its log and a JSON line with its exit status under $OUT, so one failing step does not cost the others.
+# The checks a lent GPU machine runs, as one call (it has torch and timm, no deepspeed / ray / ffcv, no registry):
+#   1. the hot loop never synchronises outside logging steps (tests/test_hot_loop.py under CUDA's sync debug mode),
+#   2. bench/gpu_throughput.py: the trainer against bare loops, ResNet-18 at 32 px, then ViT-B/16 at 224 px (plain
+#      torch, DeepSpeed ZeRO-0 and ZeRO-3),
+#   3. if time is left: the trainer's new run / resume / refusal / divergence on CUDA.
+# Each step under its own timeout and a shared deadline (BUDGET seconds, default 500), its log and a JSON line with its
+# exit status under $OUT, so one failing step does not cost the others. DeepSpeed and pytest come as wheels in .whl/
+# (built on a machine with a registry: see ../shared/GPU.md), installed into a private target.
 #   OUT=/tmp/gpu_out bash launch/gpu_checks.sh
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/gpu_out}
+DEADLINE=$((SECONDS + ${BUDGET:-500}))
 mkdir -p "$OUT"
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl >"$OUT/pip.log" 2>&1 \
+    && export PYTHONPATH=$PWD:/tmp/site
+fi
 R=/tmp/pst_gpu_runs
 rm -rf "$R"
-T=(--data.source=synthetic --data.synthetic_train=8192 --data.img_size=32 --train.batch_size=256 --train.bf16=true
-   --log.progress=false --log.tensorboard=false --train.deterministic=false)
-step() {  # name, expected exit status, command...
-  local name=$1 want=$2 t0=$SECONDS
-  shift 2
-  timeout 180 "$@" >"$OUT/$name.log" 2>&1
+step() {  # name, expected exit status, time limit, command...
+  local name=$1 want=$2 limit=$3 t0=$SECONDS
+  shift 3
+  local left=$((DEADLINE - SECONDS))
+  if [ "$left" -lt 30 ]; then
+    echo "{\"step\": \"$name\", \"skipped\": \"deadline\"}" | tee -a "$OUT/steps.jsonl"
+    return
+  fi
+  [ "$limit" -gt "$left" ] && limit=$left
+  timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
   local rc=$?
   echo "{\"step\": \"$name\", \"rc\": $rc, \"expected\": $want, \"seconds\": $((SECONDS - t0))}" | tee -a "$OUT/steps.jsonl"
-  tail -n 2 "$OUT/$name.log"
+  grep -v '^\[' "$OUT/$name.log" | grep -v Warning | tail -n 12
 }
 nvidia-smi -L || true
-step train 0 python3 -m pst_dist.cli train "${T[@]}" --train.epochs=2 --log.run_dir=$R/a
-step resume 0 python3 -m pst_dist.cli train "${T[@]}" --train.epochs=3 --log.run_dir=$R/a --resume
-step refuse 2 python3 -m pst_dist.cli train "${T[@]}" --train.epochs=3 --log.run_dir=$R/a
-step diverge 3 python3 -m pst_dist.cli train "${T[@]}" --train.epochs=2 --train.lr=1e6 --train.lr_schedule=constant \
-  '--schedule.stages=[{name="calm",epochs=1,lr_mult=1e-9},{name="wild"}]' --log.run_dir=$R/d
-step throughput 0 timeout 400 python3 bench/gpu_throughput.py --epochs 4 --out "$OUT/throughput.jsonl"
-grep -v '^\[' "$OUT/throughput.log" | tail -n 4
+python3 -c "import torch, deepspeed; print('torch', torch.__version__, 'deepspeed', deepspeed.__version__)" 2>&1 | tail -1
+step sync 0 150 python3 -m pytest -q -x -p no:cacheprovider tests/test_hot_loop.py -k cuda
+step resnet 0 200 python3 bench/gpu_throughput.py --only resnet18 --epochs 4 --out "$OUT/throughput.jsonl"
+step vit 0 330 python3 bench/gpu_throughput.py --only vit --epochs 4 --out "$OUT/throughput.jsonl"
+T=(--data.source=synthetic --data.synthetic_train=8192 --data.img_size=32 --train.batch_size=256 --train.bf16=true
+   --log.progress=false --log.tensorboard=false)
+step train 0 90 python3 -m pst_dist.cli train "${T[@]}" --train.epochs=2 --log.run_dir=$R/a
+step resume 0 90 python3 -m pst_dist.cli train "${T[@]}" --train.epochs=3 --log.run_dir=$R/a --resume
+step refuse 2 60 python3 -m pst_dist.cli train "${T[@]}" --train.epochs=3 --log.run_dir=$R/a

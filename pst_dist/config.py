@@ -66,6 +66,9 @@ class DataConfig:
     contrast / channel shuffle / posterise / erasing: the UEraser-lite baseline defense; torch loader only)."""
     seed: int = 0
     """Seed of the synthetic generator and of the split shuffles."""
+    prefetch: int = 2
+    """Batches the in-memory loader prepares ahead in a background thread (gathered, copied to the device and
+    augmented there while the current batch trains); 0 = prepare each batch when the loop asks for it."""
     verify: bool = True
     """Check stored inputs against their recorded SHA-256 when opened (a .beton directory's files, a poison store's
     array): about 1 s per GB read on one core. false skips it (the sizes and structure are still checked)."""
@@ -76,6 +79,7 @@ class DataConfig:
         _check(self.augment in AUGMENTS, f"data.augment={self.augment!r}: expected one of {'|'.join(AUGMENTS)}")
         _check(self.loader in ("auto", "ffcv", "torch"), f"data.loader={self.loader!r}: expected auto|ffcv|torch")
         _check(self.loader_workers >= 1, f"data.loader_workers={self.loader_workers}: must be >= 1")
+        _check(self.prefetch >= 0, f"data.prefetch={self.prefetch}: must be >= 0")
         for key in ("train_size", "val_size", "test_size", "probe_size"):
             _check(getattr(self, key) >= 0, f"data.{key}={getattr(self, key)}: must be >= 0")
         _check(self.num_classes >= 2, f"data.num_classes={self.num_classes}: must be >= 2")
@@ -355,8 +359,14 @@ class TrainConfig:
     """Checkpoint every N epochs; 0 = only at the end."""
     device: str = "auto"
     """auto | cpu | cuda."""
-    deterministic: bool = True
-    """torch.use_deterministic_algorithms (bit-identical resume on CPU)."""
+    deterministic: bool | str = "auto"
+    """torch.use_deterministic_algorithms: true | false | auto (true on the CPU, where resume is bit-identical;
+    false on a GPU, where deterministic kernels are slower)."""
+    channels_last: bool | str = "auto"
+    """Channels-last memory format for model and batches: true | false | auto (on a GPU, for 4-D conv inputs)."""
+    compile: bool = False
+    """torch.compile the model (recompiles once per stage whose frozen prefix or BatchNorm modes differ; each
+    compile is counted in metrics as perf/compiles)."""
     threads: int = 0
     """torch intra-op threads; 0 = leave torch's default."""
 
@@ -370,6 +380,9 @@ class TrainConfig:
                f"train.lr_schedule={self.lr_schedule!r}: expected cosine|constant|step")
         _check(self.device in ("auto", "cpu", "cuda"), f"train.device={self.device!r}: expected auto|cpu|cuda")
         _check(self.eval_every >= 1, f"train.eval_every={self.eval_every}: must be >= 1")
+        for key in ("deterministic", "channels_last"):
+            v = getattr(self, key)
+            _check(isinstance(v, bool) or v == "auto", f"train.{key}={v!r}: expected true|false|auto")
 
 
 @dataclass
@@ -596,8 +609,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _coerce(value, inner, key)
+        inner = [a for a in args if a is not type(None)]
+        for tp_ in inner[:-1]:  # e.g. bool | str: "auto" or true / false
+            try:
+                return _coerce(value, tp_, key)
+            except ConfigError:
+                pass
+        return _coerce(value, inner[-1], key)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a table, got {type(value).__name__} {value!r}")
@@ -789,7 +807,7 @@ def config_changes(was: dict, now: dict) -> dict[str, tuple]:
 
 
 RESUME_MAY_CHANGE = ("train.epochs", "train.threads", "train.num_workers", "train.checkpoint_every",
-                     "data.loader_workers", "data.verify", "log", "tune", "bench")
+                     "data.loader_workers", "data.prefetch", "data.verify", "log", "tune", "bench")
 """What ``--resume`` accepts as changed against the run's recorded config.toml: more ``train.epochs`` (never fewer
 than already trained; the cosine base lr then stretches over the new length, and meta.json records the change),
 thread / worker counts, checkpoint frequency, hash verification, and the [log], [tune] and [bench] sections, which

@@ -10,7 +10,9 @@ import contextlib
 import json
 import math
 import random
+import resource
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,29 +39,34 @@ from .rundir import RunDirError, check_run_dir, keep_metrics_until, remove_run_f
 
 
 def build_optimizer(cfg: Config, model: nn.Module, gm: GroupedModel) -> torch.optim.Optimizer:
+    """SGD (Nesterov) or AdamW, one param group per layer group; the fused CUDA kernels when the model is on a GPU
+    (one launch per step instead of one per tensor; the CPU keeps the default, bit-identical to earlier runs)."""
     groups = param_groups(model, gm.groups, cfg.train.lr, cfg.train.weight_decay)
+    fused = {"fused": True} if next(model.parameters()).is_cuda and not cfg.deepspeed.enabled else {}
     if cfg.train.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.train.lr, momentum=0.9, nesterov=True)
-    return torch.optim.AdamW(groups, lr=cfg.train.lr)
+        return torch.optim.SGD(groups, lr=cfg.train.lr, momentum=0.9, nesterov=True, **fused)
+    return torch.optim.AdamW(groups, lr=cfg.train.lr, **fused)
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, normalize: Normalize,
              device: torch.device, batch_size: int = 512) -> float:
     model.eval()
-    correct = 0
+    correct = torch.zeros((), dtype=torch.long, device=device)
     for i in range(0, len(labels), batch_size):
-        x = images[i: i + batch_size].to(device).float() / 255
-        correct += int((model(normalize(x)).argmax(1).cpu() == labels[i: i + batch_size]).sum())
-    return correct / max(1, len(labels))
+        x = images[i: i + batch_size].to(device, non_blocking=True).float() / 255
+        y = labels[i: i + batch_size].to(device, non_blocking=True)
+        correct += (model(normalize(x)).argmax(1) == y).sum()
+    return int(correct) / max(1, len(labels))
 
 
 def write_run_header(run_dir: Path, cfg: Config, resumed_at: int | None = None,
-                     changes: dict[str, tuple] | None = None) -> None:
-    """config.toml (what trains from now on) and meta.json (git SHA, versions, argv; on a resume, appended to its
-    ``resumes`` list: the epoch resumed from and every config key that changed, so the record never hides it)."""
+                     changes: dict[str, tuple] | None = None, resolved: dict | None = None) -> None:
+    """config.toml (what trains from now on) and meta.json (git SHA, versions, argv, what ``auto`` settings
+    resolved to on this machine; on a resume, appended to its ``resumes`` list: the epoch resumed from and every
+    config key that changed, so the record never hides it)."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    meta = {"git_sha": git_sha(), "versions": library_versions(), "argv": sys.argv}
+    meta = {"git_sha": git_sha(), "versions": library_versions(), "argv": sys.argv, "resolved": resolved or {}}
     if resumed_at is not None:
         old = run_dir / "meta.json"
         try:
@@ -73,12 +80,41 @@ def write_run_header(run_dir: Path, cfg: Config, resumed_at: int | None = None,
     write_atomic(run_dir / "meta.json", json.dumps(meta, indent=2))
 
 
-def setup_seed(cfg: Config) -> None:
+def resolve_auto(cfg: Config, device: torch.device) -> dict:
+    """What the ``auto`` settings mean on ``device`` (recorded in meta.json next to the config that says auto):
+    deterministic algorithms on the CPU (bit-identical resume), channels-last on a GPU."""
+    t = cfg.train
+    return {"device": str(device),
+            "train.deterministic": device.type == "cpu" if t.deterministic == "auto" else t.deterministic,
+            "train.channels_last": device.type == "cuda" if t.channels_last == "auto" else t.channels_last,
+            "train.compile": t.compile}
+
+
+def setup_seed(cfg: Config, resolved: dict) -> None:
     torch.manual_seed(cfg.train.seed)
     random.seed(cfg.train.seed)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    torch.use_deterministic_algorithms(cfg.train.deterministic, warn_only=True)
+    torch.use_deterministic_algorithms(resolved["train.deterministic"], warn_only=True)
+
+
+def compile_model(model: nn.Module, num_stages: int) -> None:
+    """``torch.compile`` the model in place (its submodules, and the frozen-prefix hooks on them, stay the ones the
+    trainer holds). Each stage can change the graph (which prefix runs without gradients, which BatchNorms are in
+    eval mode), and evaluation is another: the recompile limit is raised to cover them all."""
+    import torch._dynamo  # only a compiled run needs dynamo's configuration
+
+    limit = max(8, 2 * num_stages + 4)
+    for key in ("recompile_limit", "cache_size_limit"):  # the name changed between torch versions
+        if hasattr(torch._dynamo.config, key):
+            setattr(torch._dynamo.config, key, max(getattr(torch._dynamo.config, key), limit))
+    model.compile()
+
+
+def compiled_graphs() -> int:
+    """Graphs dynamo compiled in this process so far (0 when nothing was compiled)."""
+    dynamo = sys.modules.get("torch._dynamo.utils")
+    return int(dynamo.counters["stats"]["unique_graphs"]) if dynamo is not None else 0
 
 
 def reinit_head(gm: GroupedModel, seed: int) -> None:
@@ -95,10 +131,11 @@ def reinit_head(gm: GroupedModel, seed: int) -> None:
 
 def train_step(gm: GroupedModel, engine: TorchEngine | DeepSpeedEngine | torch.optim.Optimizer, stage: ActiveStage,
                x: torch.Tensor, y: torch.Tensor, lr: float, normalize: Normalize, num_classes: int, autocast,
-               world_size: int = 1, defense=None) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+               world_size: int = 1, defense=None) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """One optimizer step under ``stage``: frozen prefix under no_grad, frozen groups get no grad, lr or wd.
     ``engine`` is a TorchEngine / DeepSpeedEngine, or a bare torch optimizer (wrapped in a TorchEngine).
-    ``defense`` (a DefenseConfig) with kind 'adv' trains on PGD adversarial examples of the batch."""
+    ``defense`` (a DefenseConfig) with kind 'adv' trains on PGD adversarial examples of the batch.
+    Nothing here waits for the device: loss, logits and the loss parts come back as device tensors."""
     if isinstance(engine, torch.optim.Optimizer):
         engine = TorchEngine(gm.model, engine, world_size)
     with torch.no_grad():
@@ -110,7 +147,7 @@ def train_step(gm: GroupedModel, engine: TorchEngine | DeepSpeedEngine | torch.o
     gm.set_frozen_prefix(stage.mults)  # idempotent; re-installs hooks after a resume
     set_group_lrs(engine.optimizer, lr, stage.mults)
     loss, logits, parts = stage_loss(gm, xf, y, stage.config.loss, normalize, num_classes, autocast)
-    engine.backward(loss)
+    engine.backward(loss, stage.mults)
     engine.step(stage.mults)
     return loss.detach(), logits.detach(), parts
 
@@ -186,6 +223,8 @@ class Run:
     probe: tuple[torch.Tensor, torch.Tensor]
     metrics: Metrics
     state: TrainState
+    perf: list[dict] = field(default_factory=list)
+    """Per-epoch throughput of this process's epochs (not checkpointed: timings are not results)."""
 
     @property
     def run_dir(self) -> Path:
@@ -199,23 +238,30 @@ def build_run(cfg: Config, resume: bool, overwrite: bool, allow_changes: bool, d
     device = build_device(cfg)
     dist_info: DistInfo = init_distributed(device.type, single_process_group=cfg.deepspeed.enabled)
     changes = _on_every_rank(lambda: check_run_dir(cfg, resume, overwrite, allow_changes))  # before any work
-    setup_seed(cfg)
+    resolved = resolve_auto(cfg, device)
+    setup_seed(cfg, resolved)
     data = data or build_data(cfg)
     s = data.splits
     run_dir = Path(cfg.log.run_dir)
     loader = loader or build_loader(cfg, data, dist_info, device)
+    channels_last = resolved["train.channels_last"]
     model = build_model(cfg.model, s.num_classes, s.shape[0], s.shape[1]).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
     gm = trace_units(model, layer_groups(model, cfg.model.block_groups), data.poisoned_train[:2].to(device).float())
     total_steps = len(loader) * cfg.train.epochs
     schedule = Schedule(cfg.schedule.stages, gm.num_groups, len(loader), total_steps)  # validates group indices
     engine = build_engine(cfg, model, build_optimizer(cfg, model, gm), dist_info)
-    normalize = Normalize(data.mean, data.std, device)
+    if cfg.train.compile:
+        compile_model(model, len(cfg.schedule.stages))
+    normalize = Normalize(data.mean, data.std, device, channels_last=channels_last)
     probe_n = min(cfg.data.probe_size, len(s.train))
     probe = (data.poisoned_train[:probe_n].to(device).float() / 255, s.train.labels[:probe_n].to(device))
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.bf16)
     ds = cfg.deepspeed
     if ds.enabled and (ds.bf16 or ds.fp16):  # DeepSpeed holds the weights in that dtype: feed it, no autocast
-        normalize = Normalize(data.mean, data.std, device, torch.bfloat16 if ds.bf16 else torch.float16)
+        normalize = Normalize(data.mean, data.std, device, torch.bfloat16 if ds.bf16 else torch.float16,
+                              channels_last)
         autocast = contextlib.nullcontext
     st = TrainState()
     if resume:
@@ -228,7 +274,7 @@ def build_run(cfg: Config, resume: bool, overwrite: bool, allow_changes: bool, d
             remove_run_files(run_dir)
         if resume:
             keep_metrics_until(run_dir, st.step)
-        write_run_header(run_dir, cfg, st.epoch if resume else None, changes)
+        write_run_header(run_dir, cfg, st.epoch if resume else None, changes, resolved)
     metrics = Metrics(run_dir, dist_info.is_primary, cfg.log.tensorboard)
     metrics.image("data/poisoned_samples", make_grid(data.poisoned_train[:64], nrow=8))
     return Run(cfg, dist_info, device, data, loader, gm, schedule, engine, normalize, autocast, probe, metrics, st)
@@ -287,6 +333,54 @@ def stop_if_diverged(r: Run, loss_sum: float, epoch: int, lr: float, weights: bo
     raise TrainingDiverged(msg)
 
 
+class EpochMeter:
+    """One epoch's running sums, kept on the device so that a training step never waits for it (reading them is
+    what waits: :meth:`read`, at logging points only), and its clock: the epoch's wall time and the part of it the
+    loop spent waiting for its next batch."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.correct = torch.zeros((), dtype=torch.long, device=device)
+        self.seen = self.steps = 0
+        self.wait = 0.0
+        self.start = time.perf_counter()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+
+    def batches(self, loader):
+        """``loader``'s batches, timing how long each took to arrive."""
+        it = iter(loader)
+        while True:
+            t = time.perf_counter()
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            self.wait += time.perf_counter() - t
+            yield batch
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
+        self.loss_sum += loss.double() * len(y)
+        self.correct += (logits.argmax(1) == y).sum()
+        self.seen += len(y)
+        self.steps += 1
+
+    def read(self) -> tuple[float, float]:
+        """(loss sum, accuracy so far): waits for the device."""
+        return float(self.loss_sum), int(self.correct) / max(self.seen, 1)
+
+    def perf(self) -> dict[str, float]:
+        """Throughput of the epoch so far (call after :meth:`read`, which waited for the device)."""
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        if self.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(self.device) / 2**30
+        else:  # the process's peak resident memory (ru_maxrss is in KiB on Linux)
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        return {"perf/img_per_s": self.seen / elapsed, "perf/step_ms": 1000 * elapsed / max(self.steps, 1),
+                "perf/data_wait": self.wait / elapsed, "perf/peak_mem_gb": peak, "perf/compiles": compiled_graphs()}
+
+
 def train(cfg: Config, resume: bool = False, data: Data | None = None, loader=None,
           stop_after_epochs: int | None = None, on_epoch=None, overwrite: bool = False,
           allow_changes: bool = False) -> dict:
@@ -310,32 +404,35 @@ def train(cfg: Config, resume: bool = False, data: Data | None = None, loader=No
         stage = schedule.stage_at(st.step, st.history)  # the stage of the epoch's last step (logged at its end)
         lr = cfg.train.lr * lr_factor(stage, st.step, cfg.train.lr_schedule, cfg.train.warmup_steps)
         set_train_mode(r, stage)
-        seen = correct = 0
-        loss_sum = 0.0
-        bar = tqdm(r.loader, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", leave=False,
-                   disable=not (cfg.log.progress and r.dist.is_primary))
+        meter = EpochMeter(r.device)
+        bar = tqdm(meter.batches(r.loader), total=len(r.loader), desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
+                   leave=False, disable=not (cfg.log.progress and r.dist.is_primary))
         for x, y in bar:  # ---- schedule -> freeze -> forward / backward -> step -> log ----
+            # nothing in a step waits for the device; only logging points (every 50 steps) read values back
             stage = schedule.stage_at(st.step, st.history)
             if stage.index != st.entered:
                 enter_stage(r, stage)
             lr = cfg.train.lr * lr_factor(stage, st.step, cfg.train.lr_schedule, cfg.train.warmup_steps)
-            x, y = x.to(r.device, non_blocking=True), y.to(r.device, non_blocking=True)
+            x, y = x.to(r.device, non_blocking=True), y.to(r.device, non_blocking=True)  # no-op: loaders place it
             loss, logits, parts = train_step(r.gm, r.engine, stage, x, y, lr, r.normalize, s.num_classes,
                                              r.autocast, r.dist.world_size, cfg.defense)
             st.step += 1
-            seen += len(y)
-            correct += int((logits.argmax(1) == y).sum())
-            loss_sum += float(loss) * len(y)
+            meter.add(loss, logits, y)
             if st.step % 50 == 0:
+                loss_sum, acc = meter.read()
                 stop_if_diverged(r, loss_sum, epoch, lr)  # every rank checks at the same steps
-                bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", stage=stage.index)
-                r.metrics.log(st.step, {"train/loss_step": float(loss), "train/lr": lr, **parts})
+                bar.set_postfix(loss=f"{loss_sum / meter.seen:.3f}", acc=f"{acc:.3f}", stage=stage.index)
+                r.metrics.log(st.step, {"train/loss_step": float(loss), "train/lr": lr,
+                                        **{k: float(v) for k, v in parts.items()}, **meter.perf()})
             if cfg.schedule.check_every and st.step % cfg.schedule.check_every == 0:
                 last_detect = detect(r, schedule.stage_at(st.step, st.history))
                 r.metrics.log(st.step, last_detect)
         # ---- end of epoch: divergence, detectors, eval, log, checkpoint ----
+        loss_sum, acc = meter.read()
+        perf = meter.perf()
+        r.perf.append(perf)
         stop_if_diverged(r, loss_sum, epoch, lr, weights=True)  # never checkpoint non-finite weights
-        logs = {"train/loss": loss_sum / max(seen, 1), "train/acc": correct / max(seen, 1), "epoch": epoch + 1,
+        logs = {"train/loss": loss_sum / max(meter.seen, 1), "train/acc": acc, "epoch": epoch + 1,
                 "pst/stage": stage.index, **{f"pst/group_{i}/lr_mult": m for i, m in enumerate(stage.mults)}}
         if not cfg.schedule.check_every:
             last_detect = detect(r, schedule.stage_at(st.step, st.history))
@@ -344,7 +441,7 @@ def train(cfg: Config, resume: bool = False, data: Data | None = None, loader=No
         if (epoch + 1) % cfg.train.eval_every == 0 or last:
             logs["eval/val_acc"] = evaluate(model, s.val.images, s.val.labels, r.normalize, r.device)
             logs["eval/test_acc"] = evaluate(model, s.test.images, s.test.labels, r.normalize, r.device)
-        r.metrics.log(st.step, logs)
+        r.metrics.log(st.step, {**logs, **perf})
         st.records.append({k: v for k, v in logs.items() if isinstance(v, int | float)})
         st.epoch = epoch + 1
         if last or (cfg.train.checkpoint_every and (epoch + 1) % cfg.train.checkpoint_every == 0):
@@ -357,7 +454,8 @@ def train(cfg: Config, resume: bool = False, data: Data | None = None, loader=No
             tqdm.write(f"[{r.run_dir.name}] epoch {epoch + 1}: loss {logs['train/loss']:.3f} "
                        f"train {logs['train/acc']:.3f} val {logs.get('eval/val_acc', nan):.3f} "
                        f"test {logs.get('eval/test_acc', nan):.3f} stage {stage.index} "
-                       f"gap {last_detect.get('detect/shortcut_gap', nan):+.3f}")
+                       f"gap {last_detect.get('detect/shortcut_gap', nan):+.3f} | "
+                       f"{perf['perf/img_per_s']:,.0f} img/s, data wait {100 * perf['perf/data_wait']:.0f}%")
         if stop_after_epochs is not None and epoch + 1 >= stop_after_epochs:
             break
     return finish_run(r)
@@ -365,7 +463,7 @@ def train(cfg: Config, resume: bool = False, data: Data | None = None, loader=No
 
 def finish_run(r: Run) -> dict:
     """The summary (written by the primary rank), then close metrics and the process group."""
-    summary = {**summarize(r.state.to_dict()), "status": "finished"}
+    summary = {**summarize(r.state.to_dict()), "status": "finished", "throughput": throughput(r.perf)}
     with r.engine.gathered():
         summary["model_checksum"] = float(sum(p.detach().double().abs().sum() for p in r.gm.model.parameters()))
     summary["world_size"] = r.dist.world_size
@@ -374,6 +472,20 @@ def finish_run(r: Run) -> dict:
     r.metrics.close()
     teardown()
     return summary
+
+
+def throughput(perf: list[dict]) -> dict:
+    """This process's epochs' throughput, averaged over all but the first (warm-up, compiling) when there are more;
+    peak memory over all. Empty for a run resumed at its end."""
+    if not perf:
+        return {}
+    timed = perf[1:] or perf
+    out = {k[len("perf/"):]: sum(p[k] for p in timed) / len(timed)
+           for k in ("perf/img_per_s", "perf/step_ms", "perf/data_wait")}
+    out["peak_mem_gb"] = max(p["perf/peak_mem_gb"] for p in perf)
+    out["compiles"] = perf[-1]["perf/compiles"]
+    out["epochs_timed"] = len(timed)
+    return out
 
 
 def summarize(st: dict) -> dict:

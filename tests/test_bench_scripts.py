@@ -18,12 +18,22 @@ def _load(name: str):
 
 
 def test_gpu_throughput_runs_tiny_on_the_cpu():
-    rows = _load("gpu_throughput").main(["--tiny", "--epochs", "3", "--only", "resnet18"])
-    (row,) = rows
-    assert row["device"] == "cpu" and row["trainer"] > 0 and row["bare_eager"] > 0
-    assert row["ratio_vs_bare_eager"] == pytest.approx(row["trainer"] / row["bare_eager"])
+    rows = _load("gpu_throughput").main(["--tiny", "--epochs", "3"])
+    resnet, vit = sorted(rows, key=lambda r: r["case"])
+    assert resnet["device"] == "cpu" and resnet["trainer"] > 0 and resnet["bare_eager"] > 0
+    assert resnet["trainer_vs_bare_eager"] == pytest.approx(resnet["trainer"] / resnet["bare_eager"])
+    assert resnet["trainer_throughput"]["img_per_s"] > 0
+    assert not [k for k in vit if k.endswith("_error")], vit  # ZeRO-0 and ZeRO-3 through DeepSpeed on the CPU too
+    assert vit["augment"] == "rrc_flip" and vit["trainer_zero0"] > 0 and vit["trainer_zero3"] > 0
 
 
 def test_gpu_throughput_refuses_too_few_epochs():
     with pytest.raises(SystemExit):
         _load("gpu_throughput").main(["--tiny", "--epochs", "2"])
+
+
+def test_data_wait_compares_the_two_loaders():
+    rows = _load("data_wait").main(["--epochs", "2", "--images", "512", "--size", "16", "--batch", "64",
+                                    "--width", "0.125"])
+    assert [r["loader"] for r in rows] == ["synchronous", "prefetching"]
+    assert all(0 <= r["data_wait"] < 1 and r["img_per_s"] > 0 for r in rows)

@@ -37,15 +37,17 @@ class Data:
 
 
 class Normalize:
-    """(x - mean) / std, cast to ``dtype`` (the model's own dtype when DeepSpeed holds bf16 / fp16 weights)."""
+    """(x - mean) / std, cast to ``dtype`` (the model's own dtype when DeepSpeed holds bf16 / fp16 weights), in
+    channels-last memory format with ``channels_last`` (for a model converted to it)."""
 
     def __init__(self, mean: torch.Tensor, std: torch.Tensor, device: torch.device,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, channels_last: bool = False):
         self.mean, self.std = mean.view(1, -1, 1, 1).to(device), std.view(1, -1, 1, 1).to(device)
-        self.dtype = dtype
+        self.dtype, self.channels_last = dtype, channels_last
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return ((x - self.mean) / self.std).to(self.dtype)
+        x = ((x - self.mean) / self.std).to(self.dtype)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
 
 def build_data(cfg: Config, poisoned: torch.Tensor | None = None) -> Data:
@@ -90,7 +92,10 @@ def build_loader(cfg: Config, data: Data, dist_info: DistInfo, device: torch.dev
         else:
             images, labels = data.poisoned_train, data.splits.train.labels
             why = "torch in-memory batches (the data is not a .beton)"
-        loader = TensorBatches(images, labels, cfg.train.batch_size, drop_last=True, **common)
+        loader = TensorBatches(images, labels, cfg.train.batch_size, drop_last=True, device=device,
+                               prefetch=cfg.data.prefetch, **common)
+        why += f", augmented on {device.type}, " + (f"{cfg.data.prefetch} batches prefetched by a thread"
+                                                    if cfg.data.prefetch else "no prefetch")
     if len(loader) == 0:
         n = len(data.beton) if data.beton is not None else len(data.splits.train)
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} is larger than the {n // dist_info.world_size} "

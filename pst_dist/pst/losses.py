@@ -13,10 +13,11 @@ from .views import apply_view
 
 
 def stage_loss(gm: GroupedModel, x: torch.Tensor, y: torch.Tensor, cfg: LossConfig, normalize, num_classes: int,
-               autocast) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
-    """Loss of one batch (``x`` float in [0, 1]). Returns (loss, logits of the raw batch, parts for logging)."""
+               autocast) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """Loss of one batch (``x`` float in [0, 1]). Returns (loss, logits of the raw batch, parts for logging: detached
+    0-d tensors on the device, read by the caller only where it logs, so a step never waits for the device)."""
     model = gm.model
-    parts: dict[str, float] = {}
+    parts: dict[str, torch.Tensor] = {}
     total = torch.zeros((), device=x.device)
     need_view = cfg.view_ce > 0 or cfg.consistency > 0
     with autocast():
@@ -25,22 +26,22 @@ def stage_loss(gm: GroupedModel, x: torch.Tensor, y: torch.Tensor, cfg: LossConf
                 logits = model(normalize(x))
             pen = scatter_ratio(ga.acts[cfg.cluster_group], y, num_classes)
             total = total + cfg.cluster_penalty * pen
-            parts["loss/cluster_penalty"] = float(pen.detach())
+            parts["loss/cluster_penalty"] = pen.detach()
         else:
             logits = model(normalize(x))
         if cfg.ce > 0:
             ce = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
             total = total + cfg.ce * ce
-            parts["loss/ce"] = float(ce.detach())
+            parts["loss/ce"] = ce.detach()
         if need_view:
             v_logits = model(normalize(apply_view(x, cfg.view, cfg.view_strength)))
             if cfg.view_ce > 0:
                 vce = F.cross_entropy(v_logits.float(), y, label_smoothing=cfg.label_smoothing)
                 total = total + cfg.view_ce * vce
-                parts["loss/view_ce"] = float(vce.detach())
+                parts["loss/view_ce"] = vce.detach()
             if cfg.consistency > 0:
                 target = F.softmax(v_logits.float().detach(), 1)
                 cons = F.kl_div(F.log_softmax(logits.float(), 1), target, reduction="batchmean")
                 total = total + cfg.consistency * cons
-                parts["loss/consistency"] = float(cons.detach())
+                parts["loss/consistency"] = cons.detach()
     return total, logits, parts

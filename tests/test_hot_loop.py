@@ -1,0 +1,161 @@
+"""The training loop's speed contract: no step waits for the device except at logging points (every 50 steps and
+the end of an epoch), the prefetching loader hands over the same batches as the synchronous one, and the loop
+reports its throughput. Run as a script on a GPU machine for CUDA's own check:
+``python tests/test_hot_loop.py`` (``torch.cuda.set_sync_debug_mode("error")`` on every other step)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from pst_dist.config import load_config
+from pst_dist.data.loaders import TensorBatches
+from pst_dist.data.pipeline import build_data, build_loader
+from pst_dist.distributed import DistInfo
+from pst_dist.train import train
+
+LOG_EVERY = 50
+SMALL = ["--data.source=synthetic", "--data.synthetic_train=1024", "--data.val_size=64", "--data.img_size=16",
+         "--data.probe_size=64", "--model.width=0.125", "--train.batch_size=8", "--train.epochs=2",
+         "--log.progress=false", "--log.tensorboard=false", "--train.checkpoint_every=0"]
+READS = ("item", "tolist", "numpy", "cpu", "__float__", "__int__", "__bool__", "__index__")
+
+
+class StepWatch:
+    """Wraps a loader; ``step`` is the trainer's step count the batch being trained will end at (None between
+    epochs), so a read-back can be pinned to the step that made it."""
+
+    def __init__(self, loader):
+        self.loader, self.step, self.next_step = loader, None, 1
+
+    def set_epoch(self, epoch: int) -> None:
+        self.loader.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for batch in self.loader:
+            self.step = self.next_step
+            self.next_step += 1
+            yield batch
+        self.step = None
+
+
+def watched_run(tmp_path, over: list[str], on_read):
+    """Train with every device read-back on the main thread reported as ``on_read(method, step)``."""
+    cfg = load_config(None, [*SMALL, *over, f"--log.run_dir={tmp_path / 'run'}"])
+    data = build_data(cfg)
+    watch = StepWatch(build_loader(cfg, data, DistInfo(0, 1, 0), torch.device(cfg.train.device if
+                                                                              cfg.train.device != "auto" else "cpu")))
+    main = threading.main_thread()
+    originals = {name: getattr(torch.Tensor, name) for name in READS}
+
+    def instrument(name):
+        orig = originals[name]
+
+        def read(self, *a, **k):
+            if threading.current_thread() is main:
+                on_read(name, watch.step)
+            return orig(self, *a, **k)
+        return read
+
+    try:
+        for name in READS:
+            setattr(torch.Tensor, name, instrument(name))
+        return train(cfg, data=data, loader=watch)
+    finally:
+        for name, orig in originals.items():
+            setattr(torch.Tensor, name, orig)
+
+
+def test_steps_read_nothing_back_except_at_logging_points(tmp_path):
+    reads: list[tuple[str, int | None]] = []
+    summary = watched_run(tmp_path, ["--train.device=cpu"], lambda name, step: reads.append((name, step)))
+    steps = summary["steps"]
+    assert steps > 2 * LOG_EVERY, "the run must span logging points and plain steps"
+    in_steps = [(name, step) for name, step in reads if step is not None]
+    bad = [(name, step) for name, step in in_steps if step % LOG_EVERY]
+    assert not bad, f"device read-backs inside plain training steps: {bad[:10]}"
+    assert {step for _, step in in_steps} == {s for s in range(LOG_EVERY, steps + 1, LOG_EVERY)}, \
+        "the check itself must see the reads the logging steps make"
+
+
+def test_prefetching_loader_hands_over_the_same_batches():
+    x = torch.randint(0, 256, (200, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    y = torch.arange(200)
+    for augment in ("crop_flip", "rrc_flip", "ueraser"):
+        sync = TensorBatches(x, y, 16, augment=augment, seed=2, drop_last=True)
+        ahead = TensorBatches(x, y, 16, augment=augment, seed=2, drop_last=True, prefetch=3)
+        for loader in (sync, ahead):
+            loader.set_epoch(4)
+        a, b = list(sync), list(ahead)
+        assert len(a) == len(b) == 12
+        assert all(torch.equal(p[0], q[0]) and torch.equal(p[1], q[1]) for p, q in zip(a, b, strict=True)), augment
+
+
+def test_prefetch_thread_errors_reach_the_loop_and_an_early_exit_stops_it():
+    x, y = torch.zeros(64, 1, 8, 8, dtype=torch.uint8), torch.arange(64)
+    broken = TensorBatches(x, y, 8, prefetch=2)
+    broken.images = None  # the thread's gather fails
+    with pytest.raises(TypeError):
+        list(broken)
+    loader = TensorBatches(x, y, 8, prefetch=2)
+    it = iter(loader)
+    next(it)
+    it.close()  # the loop left early: the thread stops instead of filling its queue forever
+    assert not any(t.name == "pst-dist-prefetch" and t.is_alive() for t in threading.enumerate())
+
+
+def test_throughput_is_logged_per_epoch_and_summarised(tmp_path):
+    cfg = load_config(None, [*SMALL, "--train.batch_size=32", "--data.synthetic_train=512",
+                             f"--log.run_dir={tmp_path / 'run'}"])
+    summary = train(cfg)
+    tp = summary["throughput"]
+    assert tp["img_per_s"] > 0 and tp["step_ms"] > 0 and 0 <= tp["data_wait"] < 1 and tp["peak_mem_gb"] > 0
+    lines = [json.loads(s) for s in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    per_epoch = [rec for rec in lines if "perf/img_per_s" in rec and "epoch" in rec]
+    assert len(per_epoch) == 2 and all(rec["perf/data_wait"] >= 0 for rec in per_epoch)
+    meta = json.loads((tmp_path / "run" / "meta.json").read_text())
+    assert meta["resolved"] == {"device": "cpu", "train.deterministic": True, "train.channels_last": False,
+                                "train.compile": False}
+
+
+class SyncDebugModes(StepWatch):
+    """Hands batches over with CUDA's sync debug mode on ``error`` for plain steps, ``default`` for logging ones."""
+
+    def __iter__(self):
+        try:
+            for batch in self.loader:
+                torch.cuda.set_sync_debug_mode("error" if self.next_step % LOG_EVERY else "default")
+                self.next_step += 1
+                yield batch
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+
+def cuda_check(tmp_path: Path) -> dict:
+    """On a GPU: any synchronising call inside a plain step raises (CUDA's sync debug mode)."""
+    cfg = load_config(None, [*SMALL, "--train.device=cuda", "--train.bf16=true", f"--log.run_dir={tmp_path / 'run'}"])
+    data = build_data(cfg)
+    loader = SyncDebugModes(build_loader(cfg, data, DistInfo(0, 1, 0), torch.device("cuda")))
+    summary = train(cfg, data=data, loader=loader)
+    return {"check": "cuda_sync_debug_mode_error_on_plain_steps", "ok": True, "steps": summary["steps"]}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA's sync debug mode needs a GPU")
+def test_cuda_steps_do_not_synchronise(tmp_path):
+    cuda_check(tmp_path)
+
+
+if __name__ == "__main__":
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        print(json.dumps(cuda_check(Path(d))))
+    sys.exit(0)
