@@ -54,9 +54,17 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def fresh_compiler() -> None:
+    """Forget earlier compiled graphs: each measurement compiles its own model, within its own recompile limit."""
+    if "torch._dynamo" in sys.modules:
+        sys.modules["torch._dynamo"].reset()
+
+
 def trainer_throughput(overrides: list[str], epochs: int, device: torch.device, data) -> tuple[float, dict]:
     """img/s of ``pst-dist train`` (its own data path, loop and engine) over epochs 2 .. epochs-1."""
     stamps: list[float] = []
+
+    fresh_compiler()
 
     def on_epoch(epoch, logs, gm, engine):
         sync(device)
@@ -95,6 +103,7 @@ def bare_throughput(model_cfg_overrides: list[str], size: int, n: int, batch: in
         opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4, **fused)
     else:
         opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=5e-4, **fused)
+    fresh_compiler()
     step_model = torch.compile(model) if compile_ else model
     g = torch.Generator(device=device).manual_seed(0)
     images = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, device=device, generator=g)

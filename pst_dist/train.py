@@ -96,6 +96,8 @@ def setup_seed(cfg: Config, resolved: dict) -> None:
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     torch.use_deterministic_algorithms(resolved["train.deterministic"], warn_only=True)
+    # cuDNN picks the fastest convolution algorithms for the shapes it sees, unless results must be reproducible
+    torch.backends.cudnn.benchmark = resolved["device"].startswith("cuda") and not resolved["train.deterministic"]
 
 
 def compile_model(model: nn.Module, num_stages: int) -> None:
@@ -104,7 +106,7 @@ def compile_model(model: nn.Module, num_stages: int) -> None:
     eval mode), and evaluation is another: the recompile limit is raised to cover them all."""
     import torch._dynamo  # only a compiled run needs dynamo's configuration
 
-    limit = max(8, 2 * num_stages + 4)
+    limit = max(16, 4 * num_stages + 8)
     for key in ("recompile_limit", "cache_size_limit"):  # the name changed between torch versions
         if hasattr(torch._dynamo.config, key):
             setattr(torch._dynamo.config, key, max(getattr(torch._dynamo.config, key), limit))

@@ -232,6 +232,8 @@ def prefetched(make, depth: int, device: torch.device):
     q: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
     cuda = device.type == "cuda"
+    if cuda and device.index is None:  # the thread uses the device this (the training) thread has selected
+        device = torch.device("cuda", torch.cuda.current_device())
     end = object()
 
     def put(item) -> bool:
