@@ -5,9 +5,10 @@ same on the CPU at toy sizes (the test suite does, so the script keeps working w
 
     .venv/bin/python bench/gpu_throughput.py [--tiny] [--only resnet18|vit] [--epochs 4] [--out results.jsonl]
 
-The trainer runs as users run it on a GPU: its own data path (in-memory loader, prefetching thread, augmentation of
-the case on the device: pad-crop + flip for ResNet-18, random resized crop + flip for the ViT), channels-last (auto),
-``train.compile=true`` (``--no-compile``: off, and no compiled bare loop), bf16 autocast, fused optimizer.
+The trainer runs as users run it on a GPU: its own data path (the in-memory training set held on the GPU; the
+``trainer_host_data`` row leaves it on the host behind the prefetching thread), the case's augmentation on the device
+(pad-crop + flip for ResNet-18, random resized crop + flip for the ViT), channels-last (auto), ``train.compile=true``
+(``--no-compile``: off, and no compiled bare loop), bf16 autocast, fused optimizer.
 Bare loops: uint8 data already on the device, pad-crop and flip on the device, the same optimizer (SGD Nesterov for
 ResNet-18, AdamW for the ViT), bf16 autocast on a GPU, no host sync per step: eager, channels-last (conv nets), and
 compiled (channels-last for conv nets).
@@ -47,6 +48,7 @@ TINY = {
 ZERO = {"trainer_zero0": (0, True), "trainer_zero3": (3, True), "trainer_zero3_eager": (3, False)}
 """The ViT trainer through DeepSpeed (fp32 weights, bf16 autocast): ZeRO stage, compiled (as the trainer's own run;
 the eager ZeRO-3 row only where the trainer compiles)."""
+TRAINERS = ("trainer", "trainer_host_data", *ZERO)
 
 
 def sync(device: torch.device) -> None:
@@ -168,6 +170,8 @@ def measure_case(name: str, spec: tuple, device: torch.device, epochs: int, comp
         return ips
 
     attempt(row, "trainer", run_trainer, "trainer", [])
+    if conv and device.type == "cuda":  # the same run with the training set left on the host (prefetch thread)
+        attempt(row, "trainer_host_data", run_trainer, "trainer_host_data", ["--data.on_device=false"])
     if "trainer" in summaries:
         row["trainer_throughput"] = summaries["trainer"].get("throughput", {})
     bare = [("bare_eager", False, False)]
@@ -182,7 +186,7 @@ def measure_case(name: str, spec: tuple, device: torch.device, epochs: int, comp
             if comp or compile_:
                 attempt(row, label, run_trainer, label, ["--deepspeed.enabled=true", f"--deepspeed.zero_stage={stage}",
                                                          f"--train.compile={str(comp and compile_).lower()}"])
-    for t in [k for k in ("trainer", *ZERO) if k in row]:
+    for t in [k for k in TRAINERS if k in row]:
         for b in [k for k in row if k.startswith("bare_") and not k.endswith("_error")]:
             row[f"{t}_vs_{b}"] = row[t] / row[b]
     if device.type == "cuda":
@@ -209,7 +213,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         row = measure_case(name, (TINY if args.tiny else CASES)[name], device, args.epochs, compile_, zero)
         rows.append(row)
         best = "bare_compiled" if "bare_compiled" in row else "bare_eager"
-        for t in [k for k in ("trainer", *ZERO) if f"{k}_vs_{best}" in row]:
+        for t in [k for k in TRAINERS if f"{k}_vs_{best}" in row]:
             print(f"{name}: {t} / {best} = x{row[f'{t}_vs_{best}']:.2f}", flush=True)
         if args.out:
             with open(args.out, "a") as f:

@@ -35,9 +35,10 @@ step() {  # name, expected exit status, time limit, command...
 }
 nvidia-smi -L || true
 python3 -c "import torch, deepspeed; print('torch', torch.__version__, 'deepspeed', deepspeed.__version__)" 2>&1 | tail -1
-step sync 0 150 python3 -m pytest -q -x -p no:cacheprovider tests/test_hot_loop.py -k cuda
+
 step resnet 0 200 python3 bench/gpu_throughput.py --only resnet18 --epochs 4 --out "$OUT/throughput.jsonl"
 step vit 0 330 python3 bench/gpu_throughput.py --only vit --epochs 4 --out "$OUT/throughput.jsonl"
+step sync 0 150 python3 -m pytest -q -x -p no:cacheprovider tests/test_hot_loop.py -k cuda
 T=(--data.source=synthetic --data.synthetic_train=8192 --data.img_size=32 --train.batch_size=256 --train.bf16=true
    --log.progress=false --log.tensorboard=false)
 step train 0 90 python3 -m pst_dist.cli train "${T[@]}" --train.epochs=2 --log.run_dir=$R/a

@@ -66,9 +66,13 @@ class DataConfig:
     contrast / channel shuffle / posterise / erasing: the UEraser-lite baseline defense; torch loader only)."""
     seed: int = 0
     """Seed of the synthetic generator and of the split shuffles."""
+    on_device: bool | str = "auto"
+    """Keep the in-memory training set on the GPU (each batch then gathered and augmented there, no copy per batch):
+    true | false | auto (on a GPU, when the set takes under a quarter of its memory)."""
     prefetch: int = 2
-    """Batches the in-memory loader prepares ahead in a background thread (gathered, copied to the device and
-    augmented there while the current batch trains); 0 = prepare each batch when the loop asks for it."""
+    """Batches the in-memory loader prepares ahead in a background thread when the training set stays on the host
+    (gathered, copied to the device and augmented there while the current batch trains); 0 = prepare each batch when
+    the loop asks for it."""
     verify: bool = True
     """Check stored inputs against their recorded SHA-256 when opened (a .beton directory's files, a poison store's
     array): about 1 s per GB read on one core. false skips it (the sizes and structure are still checked)."""
@@ -80,6 +84,8 @@ class DataConfig:
         _check(self.loader in ("auto", "ffcv", "torch"), f"data.loader={self.loader!r}: expected auto|ffcv|torch")
         _check(self.loader_workers >= 1, f"data.loader_workers={self.loader_workers}: must be >= 1")
         _check(self.prefetch >= 0, f"data.prefetch={self.prefetch}: must be >= 0")
+        _check(isinstance(self.on_device, bool) or self.on_device == "auto",
+               f"data.on_device={self.on_device!r}: expected true|false|auto")
         for key in ("train_size", "val_size", "test_size", "probe_size"):
             _check(getattr(self, key) >= 0, f"data.{key}={getattr(self, key)}: must be >= 0")
         _check(self.num_classes >= 2, f"data.num_classes={self.num_classes}: must be >= 2")
@@ -593,6 +599,11 @@ class Config:
     tune: TuneConfig = field(default_factory=TuneConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
 
+    def __post_init__(self) -> None:
+        _check(not (self.train.channels_last is True and self.deepspeed.enabled),
+               "train.channels_last=true with deepspeed.enabled: DeepSpeed flattens parameters and needs them "
+               "contiguous; leave train.channels_last=auto (off under DeepSpeed) or false")
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # dict <-> dataclass with type checking
@@ -807,7 +818,7 @@ def config_changes(was: dict, now: dict) -> dict[str, tuple]:
 
 
 RESUME_MAY_CHANGE = ("train.epochs", "train.threads", "train.num_workers", "train.checkpoint_every",
-                     "data.loader_workers", "data.prefetch", "data.verify", "log", "tune", "bench")
+                     "data.loader_workers", "data.prefetch", "data.on_device", "data.verify", "log", "tune", "bench")
 """What ``--resume`` accepts as changed against the run's recorded config.toml: more ``train.epochs`` (never fewer
 than already trained; the cosine base lr then stretches over the new length, and meta.json records the change),
 thread / worker counts, checkpoint frequency, hash verification, and the [log], [tune] and [bench] sections, which

@@ -86,7 +86,9 @@ def resolve_auto(cfg: Config, device: torch.device) -> dict:
     t = cfg.train
     return {"device": str(device),
             "train.deterministic": device.type == "cpu" if t.deterministic == "auto" else t.deterministic,
-            "train.channels_last": device.type == "cuda" if t.channels_last == "auto" else t.channels_last,
+            # DeepSpeed flattens parameters into byte buffers: it needs them contiguous, not channels-last
+            "train.channels_last": (device.type == "cuda" and not cfg.deepspeed.enabled) if t.channels_last == "auto"
+            else t.channels_last,
             "train.compile": t.compile}
 
 

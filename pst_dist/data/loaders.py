@@ -181,17 +181,21 @@ class TensorBatches:
 
     Order and augmentation are a function of (seed, epoch) only, so a resumed run sees the same batches.
     With ``world_size > 1`` each rank takes a disjoint strided shard of the same permutation.
-    ``prefetch`` > 0: a background thread gathers the next batches (pinned, copied to a CUDA device on a side
-    stream and augmented there) while the current one trains; 0 loads each batch when it is asked for.
+    ``on_device``: the whole set is copied to ``device`` once and each batch is gathered and augmented there, in the
+    training thread (a handful of kernel launches per batch: nothing to overlap). Otherwise, with ``prefetch`` > 0, a
+    background thread gathers the next batches on the host (pinned, copied to a CUDA device on a side stream and
+    augmented there) while the current one trains; with 0 each batch is prepared when the loop asks for it.
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, *, shuffle: bool = True,
                  augment: str = "none", seed: int = 0, drop_last: bool = False, rank: int = 0, world_size: int = 1,
-                 device: torch.device | str = "cpu", prefetch: int = 0):
+                 device: torch.device | str = "cpu", prefetch: int = 0, on_device: bool = False):
         self.images, self.labels = images, labels
         self.batch_size, self.shuffle, self.augment = batch_size, shuffle, augment
         self.seed, self.drop_last, self.rank, self.world_size = seed, drop_last, rank, world_size
         self.device, self.prefetch = torch.device(device), prefetch
+        self.on_device = on_device and self.device.type != "cpu"
+        self._resident: tuple[torch.Tensor, torch.Tensor] | None = None
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -204,23 +208,32 @@ class TensorBatches:
         n = len(self._indices())
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
+    def _source(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(images, labels, this epoch's row order), on the device for an on-device set (copied there once)."""
+        idx = self._indices()
+        if not self.on_device:
+            return self.images, self.labels, idx
+        if self._resident is None:
+            self._resident = (self.images.to(self.device), self.labels.to(self.device))
+        return *self._resident, idx.to(self.device)
+
     def _batches(self):
         """(uint8 images, labels) on the device, augmented, in order; runs in the prefetch thread when there is one."""
-        idx = self._indices()
+        images, labels, idx = self._source()
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch + 7_777_777)
-        cuda = self.device.type == "cuda"
+        copy = self.device.type == "cuda" and not self.on_device  # host rows to the GPU, from pinned memory
         for b in range(len(self)):
             sel = idx[b * self.batch_size: (b + 1) * self.batch_size]
-            x, y = self.images[sel], self.labels[sel]
+            x, y = images[sel], labels[sel]
             p = draw_params(self.augment, tuple(x.shape), g, self.device)
-            if cuda:
+            if copy:
                 x, y = x.pin_memory(), y.pin_memory()
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            p = to_device(p, self.device, pin=cuda)
+            p = to_device(p, self.device, pin=self.device.type == "cuda")
             yield apply_params(x, self.augment, p), y
 
     def __iter__(self):
-        if self.prefetch <= 0:
+        if self.prefetch <= 0 or self.on_device:
             return self._batches()
         return prefetched(self._batches, self.prefetch, self.device)
 

@@ -92,10 +92,12 @@ def build_loader(cfg: Config, data: Data, dist_info: DistInfo, device: torch.dev
         else:
             images, labels = data.poisoned_train, data.splits.train.labels
             why = "torch in-memory batches (the data is not a .beton)"
+        on_device = keep_on_device(cfg.data.on_device, images, device)
         loader = TensorBatches(images, labels, cfg.train.batch_size, drop_last=True, device=device,
-                               prefetch=cfg.data.prefetch, **common)
-        why += f", augmented on {device.type}, " + (f"{cfg.data.prefetch} batches prefetched by a thread"
-                                                    if cfg.data.prefetch else "no prefetch")
+                               prefetch=cfg.data.prefetch, on_device=on_device, **common)
+        why += f", augmented on {device.type}, " + (
+            "the set held on the device" if on_device else
+            f"{cfg.data.prefetch} batches prefetched by a thread" if cfg.data.prefetch else "no prefetch")
     if len(loader) == 0:
         n = len(data.beton) if data.beton is not None else len(data.splits.train)
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} is larger than the {n // dist_info.world_size} "
@@ -104,6 +106,15 @@ def build_loader(cfg: Config, data: Data, dist_info: DistInfo, device: torch.dev
     if dist_info.is_primary:
         print(f"[data] {why}; rank 0 of {dist_info.world_size} gets {len(loader)} batches/epoch", file=sys.stderr)
     return loader
+
+
+def keep_on_device(setting: bool | str, images: torch.Tensor, device: torch.device) -> bool:
+    """``data.on_device``: never on the CPU; ``auto``: on a GPU when the images take under a quarter of its memory."""
+    if device.type != "cuda" or setting is False:
+        return False
+    if setting is True:
+        return True
+    return images.numel() * images.element_size() < torch.cuda.get_device_properties(device).total_memory / 4
 
 
 def beton_data(cfg: Config):
