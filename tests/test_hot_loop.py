@@ -198,3 +198,33 @@ def test_compiled_run_keeps_frozen_groups_still_and_recompiles_per_stage_only(tm
     graphs = compiled["throughput"]["compiles"]
     assert 1 <= graphs <= 4 * 3 + 8, graphs  # one per stage's prefix / BatchNorm modes, detectors and eval
     assert compiled["test_curve"] == pytest.approx(eager["test_curve"], abs=0.05)
+
+
+def test_fast_vit_recipe_trains_an_image_folder(tmp_path, monkeypatch):
+    """launch/configs/vit_base_imagenet_mini_fast.toml end to end on a tiny ImageFolder (a ViT-Tiny at 32 px instead
+    of ViT-B at 192 px; compile through aot_eager): every fast-path setting of the recipe in one run."""
+    import numpy as np
+    from PIL import Image
+
+    import pst_dist.train as T
+
+    monkeypatch.setattr(T, "COMPILE_OPTIONS", {"backend": "aot_eager"})
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 24), ("val", 6)):
+        for c in ("n01", "n02"):
+            (tmp_path / "folder" / split / c).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(
+                    tmp_path / "folder" / split / c / f"{i}.JPEG")
+    recipe = Path(__file__).parent.parent / "launch" / "configs" / "vit_base_imagenet_mini_fast.toml"
+    cfg = load_config(recipe, [f"--data.root={tmp_path / 'folder'}", "--data.img_size=32", "--data.val_size=8",
+                               "--data.probe_size=8", "--model.name=vit_tiny_patch16_224", "--model.patch_size=8",
+                               "--train.epochs=2", "--train.batch_size=8", "--train.warmup_steps=2",
+                               "--train.eval_every=1", "--log.progress=false", "--log.tensorboard=false",
+                               f"--log.run_dir={tmp_path / 'run'}"])
+    assert cfg.train.compile and cfg.data.augment == "rrc_flip" and cfg.train.bf16
+    summary = T.train(cfg)
+    assert summary["status"] == "finished" and summary["steps"] == 2 * (40 // 8)
+    assert summary["throughput"]["compiles"] >= 1
+    meta = json.loads((tmp_path / "run" / "meta.json").read_text())
+    assert meta["resolved"]["train.compile"] is True
