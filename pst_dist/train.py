@@ -102,6 +102,11 @@ def setup_seed(cfg: Config, resolved: dict) -> None:
     torch.backends.cudnn.benchmark = resolved["device"].startswith("cuda") and not resolved["train.deterministic"]
 
 
+COMPILE_OPTIONS: dict = {}
+"""Keyword arguments for ``torch.compile`` (the tests use ``backend="aot_eager"``: the same graph capture and
+recompiles, without building kernels, which takes minutes on a CPU)."""
+
+
 def compile_model(model: nn.Module, num_stages: int) -> None:
     """``torch.compile`` the model in place (its submodules, and the frozen-prefix hooks on them, stay the ones the
     trainer holds). Each stage can change the graph (which prefix runs without gradients, which BatchNorms are in
@@ -112,7 +117,7 @@ def compile_model(model: nn.Module, num_stages: int) -> None:
     for key in ("recompile_limit", "cache_size_limit"):  # the name changed between torch versions
         if hasattr(torch._dynamo.config, key):
             setattr(torch._dynamo.config, key, max(getattr(torch._dynamo.config, key), limit))
-    model.compile()
+    model.compile(**COMPILE_OPTIONS)
 
 
 def compiled_graphs() -> int:

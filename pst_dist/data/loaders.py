@@ -194,7 +194,7 @@ class TensorBatches:
         self.batch_size, self.shuffle, self.augment = batch_size, shuffle, augment
         self.seed, self.drop_last, self.rank, self.world_size = seed, drop_last, rank, world_size
         self.device, self.prefetch = torch.device(device), prefetch
-        self.on_device = on_device and self.device.type != "cpu"
+        self.on_device = on_device
         self._resident: tuple[torch.Tensor, torch.Tensor] | None = None
         self.epoch = 0
 
@@ -259,6 +259,8 @@ def prefetched(make, depth: int, device: torch.device):
         return False
 
     def work() -> None:
+        # one intra-op thread here: a second OpenMP team would compete with (and spin against) the training thread's
+        torch.set_num_threads(1)
         try:
             if cuda:
                 torch.cuda.set_device(device)
