@@ -562,7 +562,15 @@ class BenchConfig:
     seeds: int = 2
     """Seeds 0..seeds-1; seed k sets both poison.seed and train.seed."""
     jobs: int = 1
-    """Cells (and poisons) run at once, each in its own process with cpu_count / jobs torch threads."""
+    """Cells (and poisons) run at once, each in its own process with cpu_count / jobs torch threads (runner =
+    "pool"); with runner = "ray", the most Ray tasks in flight (0 = as many as the cluster's resources hold)."""
+    runner: str = "pool"
+    """pool (a process pool on this machine) | ray (each poison and cell a Ray task: a local Ray, or the cluster
+    RAY_ADDRESS names; on a cluster ``out`` must be a directory every node sees)."""
+    gpus_per_cell: float = 1.0
+    """runner = "ray": GPUs each task asks for where the cluster has GPUs (a fraction packs cells on a GPU)."""
+    cpus_per_cell: float = 1.0
+    """runner = "ray": CPUs each task asks for (its torch threads)."""
     out: str = "runs/bench"
     """Output directory: poisons/, cells/ (a run directory per cell), results.csv, results.md, heatmap.png."""
     attack_overrides: dict[str, list[str]] = field(default_factory=dict)
@@ -578,7 +586,12 @@ class BenchConfig:
         bad = [d for d in self.defenses if d not in BENCH_DEFENSES]
         _check(not bad and bool(self.defenses), f"bench.defenses={self.defenses}: {bad or 'empty'}; expected names "
                f"from {list(BENCH_DEFENSES)}")
-        _check(self.seeds >= 1 and self.jobs >= 1, f"bench.seeds={self.seeds}, bench.jobs={self.jobs}: must be >= 1")
+        _check(self.seeds >= 1 and self.jobs >= 0, f"bench.seeds={self.seeds}, bench.jobs={self.jobs}: seeds must be "
+               f">= 1, jobs >= 0")
+        _check(self.runner in ("pool", "ray"), f"bench.runner={self.runner!r}: expected pool|ray")
+        _check(self.gpus_per_cell >= 0 and self.cpus_per_cell > 0,
+               f"bench.gpus_per_cell={self.gpus_per_cell}, bench.cpus_per_cell={self.cpus_per_cell}: gpus must be "
+               f">= 0, cpus > 0")
         runs = {e.data["run"] for e in DEFENSES.values()}
         bad = [k for k in self.defense_overrides if k not in runs]
         _check(not bad, f"bench.defense_overrides: unknown run(s) {bad}; expected from {sorted(runs)}")
