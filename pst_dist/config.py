@@ -490,9 +490,14 @@ class TuneConfig:
     cpus_per_worker: float = 1.0
     """CPUs each worker reserves."""
     use_gpu: str = "auto"
-    """auto (one GPU per worker when the cluster has GPUs) | yes | no."""
+    """yes | no | auto: declared, never read off the nodes that happen to be up: on a cluster (RAY_ADDRESS set) auto
+    means yes (an autoscaler launches GPU nodes for the request even when none is up yet); on a local Ray, yes when
+    this machine has a CUDA GPU."""
+    gpus_per_worker: float = 1.0
+    """GPUs each worker asks for when use_gpu is yes (a fraction packs workers on a GPU)."""
     max_concurrent: int = 0
-    """Trials at once; 0 = as many as the cluster's CPUs (and GPUs) hold."""
+    """Trials at once; 0 = on a cluster no cap (every trial's workers are requested, an autoscaler adds nodes for
+    them; set a cap to bound the cost), on a local Ray as many as this machine holds for one trial's request."""
     warm_epochs: list[float] = field(default_factory=lambda: [1.0])
     """Choices for the warm-up stage's maximum length (its trigger may end it earlier)."""
     thresholds: list[float] = field(default_factory=lambda: [0.2])
@@ -516,7 +521,8 @@ class TuneConfig:
     max_failures: int = 2
     """Retries of a trial whose worker died (Ray Train, from the last checkpoint) and of a failed trial (Tune)."""
     out: str = "runs/tune"
-    """Search directory: Ray's experiment state, trials' run directories (TensorBoard), results and best schedule."""
+    """Search storage: Ray's experiment state, trials' run directories (TensorBoard) and checkpoints, results and
+    best schedule. On a cluster a directory every node mounts at the same path (the search resumes from there)."""
     name: str = "pst_search"
     """Experiment name (a subdirectory of out)."""
     seed: int = 0
@@ -530,6 +536,11 @@ class TuneConfig:
         _check(self.cpus_per_worker > 0, f"tune.cpus_per_worker={self.cpus_per_worker}: must be > 0")
         _check(self.use_gpu in ("auto", "yes", "no"), f"tune.use_gpu={self.use_gpu!r}: expected auto|yes|no")
         _check(self.max_concurrent >= 0, f"tune.max_concurrent={self.max_concurrent}: must be >= 0")
+        _check(self.gpus_per_worker > 0, f"tune.gpus_per_worker={self.gpus_per_worker}: must be > 0 (use_gpu=no for "
+                                         f"CPU workers)")
+        _check("://" not in self.out, f"tune.out={self.out!r}: a bucket URI is not supported: trial run directories "
+               f"(metrics, TensorBoard, checkpoints) are files that Ray Train workers on every node write and read "
+               f"back; use a directory every node mounts (NFS, EFS, Filestore, a PVC)")
         for key in ("warm_epochs", "thresholds", "freeze_epochs", "release_epochs", "release_mults"):
             vals = getattr(self, key)
             _check(len(vals) > 0, f"tune.{key} is empty: give at least one choice")

@@ -101,6 +101,7 @@ class OwnRay:
     temp: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="pst-ray-", dir="/tmp")))
     token: str = field(default_factory=lambda: secrets.token_hex(32))  # as ``ray get-auth-token --generate`` makes
     pgids: list[int] = field(default_factory=list)
+    node_temps: list[Path] = field(default_factory=list)  # temp dirs of further nodes (start_worker)
 
     def __post_init__(self):
         self.home.mkdir(parents=True, exist_ok=True)
@@ -115,21 +116,56 @@ class OwnRay:
                    RAY_USAGE_STATS_ENABLED="0")
         return env
 
-    def start_head(self, env: dict | None = None) -> tuple[str, str]:
+    def start_head(self, env: dict | None = None, num_cpus: int = 2) -> tuple[str, str]:
         """``ray start --head`` on 127.0.0.1 with free ports and this test's temp dir, in a session of its own (so
         every process it leaves running is in one process group that :meth:`stop` knows). Returns the dashboard
         URL and the GCS address."""
         ports = {"port": _free_port(), "dashboard-port": _free_port(), "ray-client-server-port": _free_port(),
                  "node-manager-port": _free_port(), "object-manager-port": _free_port(),
                  "dashboard-agent-listen-port": _free_port(), "metrics-export-port": _free_port()}
-        cmd = [str(BIN / "ray"), "start", "--head", "--num-cpus=2", "--dashboard-host=127.0.0.1",
+        cmd = [str(BIN / "ray"), "start", "--head", f"--num-cpus={num_cpus}", "--dashboard-host=127.0.0.1",
                f"--temp-dir={self.temp}", "--disable-usage-stats", *[f"--{k}={v}" for k, v in ports.items()]]
+        self._ray_start(cmd, env)
+        return f"http://127.0.0.1:{ports['dashboard-port']}", f"127.0.0.1:{ports['port']}"
+
+    def start_worker(self, gcs: str, num_cpus: int = 1, resources: str = "{}") -> Path:
+        """A second node of the cluster at ``gcs`` on this machine (``ray start --address``), with a temp dir, ports
+        and resources of its own; returns its temp dir (:meth:`node_processes` finds what runs under it)."""
+        temp = Path(tempfile.mkdtemp(prefix="pst-rayw-", dir="/tmp"))
+        self.node_temps.append(temp)
+        ports = {"node-manager-port": _free_port(), "object-manager-port": _free_port(),
+                 "dashboard-agent-listen-port": _free_port(), "metrics-export-port": _free_port(),
+                 "runtime-env-agent-port": _free_port(), "min-worker-port": 0, "max-worker-port": 0}
+        cmd = [str(BIN / "ray"), "start", f"--address={gcs}", f"--num-cpus={num_cpus}", f"--resources={resources}",
+               f"--temp-dir={temp}", "--disable-usage-stats", *[f"--{k}={v}" for k, v in ports.items()]]
+        self._ray_start(cmd, None)
+        return temp
+
+    def _ray_start(self, cmd: list[str], env: dict | None) -> None:
         proc = subprocess.Popen(cmd, env=env or self.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True, start_new_session=True)
         self.pgids.append(proc.pid)  # its own session: process group id = its pid, inherited by what it starts
         out, err = proc.communicate(timeout=120)
         assert proc.returncode == 0, (out + err)[-3000:]
-        return f"http://127.0.0.1:{ports['dashboard-port']}", f"127.0.0.1:{ports['port']}"
+
+    def node_processes(self, temp: Path) -> list:
+        """The live processes of the node whose temp dir is ``temp`` (raylet, its workers and their children)."""
+        import psutil
+
+        roots = []
+        for p in psutil.process_iter():
+            try:
+                if p.pid != os.getpid() and _names(str(temp), p.cmdline()):
+                    roots.append(p)
+            except (psutil.Error, OSError):
+                pass
+        found = {p.pid: p for p in roots}
+        for p in roots:
+            try:
+                found.update((c.pid, c) for c in p.children(recursive=True))
+            except psutil.Error:
+                pass
+        return [p for p in found.values() if _alive(p)]
 
     def processes(self) -> list:
         """The live processes this test started through Ray, and only those: the members of its ``ray start``
@@ -141,7 +177,8 @@ class OwnRay:
         roots = {}
         for p in psutil.process_iter():
             try:
-                if p.pid != os.getpid() and (os.getpgid(p.pid) in self.pgids or _names(str(self.temp), p.cmdline())):
+                if p.pid != os.getpid() and (os.getpgid(p.pid) in self.pgids or any(
+                        _names(str(t), p.cmdline()) for t in (self.temp, *self.node_temps))):
                     roots[p.pid] = p
             except (psutil.Error, OSError):
                 pass
@@ -178,7 +215,8 @@ class OwnRay:
 
     def close(self) -> list[str]:
         left = self.stop()
-        shutil.rmtree(self.temp, ignore_errors=True)
+        for t in (self.temp, *self.node_temps):
+            shutil.rmtree(t, ignore_errors=True)
         return left
 
 
@@ -368,3 +406,98 @@ def test_an_interrupted_search_resumes_without_retraining_finished_trials(own_ra
     for trial in finished:  # trained once: four epochs in its metrics, not eight
         records = [json.loads(line) for line in open(out / "tiny" / "trials" / trial / "metrics.jsonl")]
         assert [int(x["epoch"]) for x in records if "eval/val_acc" in x] == [1, 2, 3, 4]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# two Ray nodes on this machine: a head and a worker node, each with one CPU, their own temp dirs and ports; the
+# search's storage is a directory that is neither node's working directory nor the driver's
+
+
+def _two_nodes(own_ray: OwnRay) -> tuple[str, str, Path, dict]:
+    """Head (1 CPU) and worker node (1 CPU, resource ``node_b``); returns the GCS address, the worker node's id and
+    temp dir, and the node ids by role."""
+    dashboard, gcs = own_ray.start_head(num_cpus=1)
+    temp_b = own_ray.start_worker(gcs, num_cpus=1, resources='{"node_b": 1}')
+    env = own_ray.env()
+    nodes: list = []
+    deadline = time.time() + 60
+    while len(nodes) < 2 and time.time() < deadline:
+        out = subprocess.run([str(BIN / "ray"), "list", "nodes", "--address", dashboard, "--format", "json"],
+                             env=env, capture_output=True, text=True, timeout=60)
+        nodes = [n for n in json.loads(out.stdout or "[]") if n.get("state") == "ALIVE"] if out.returncode == 0 else []
+        time.sleep(0.5)
+    assert len(nodes) == 2, nodes
+    ids = {("head" if n["is_head_node"] else "b"): n["node_id"] for n in nodes}
+    return gcs, ids["b"], temp_b, ids
+
+
+def _cluster_tune(own_ray: OwnRay, gcs: str, storage: Path, cwd: Path, *extra: str) -> subprocess.Popen:
+    cwd.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen(
+        _tune(storage, "--tune.scheduler=fifo", "--tune.num_samples=2", "--tune.use_gpu=no",
+              "--tune.max_concurrent=2", "--tune.max_failures=2", "--data.synthetic_train=400", *extra),
+        env={**own_ray.env(), "RAY_ADDRESS": gcs}, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, start_new_session=True)
+    own_ray.pgids.append(proc.pid)
+    return proc
+
+
+def _epochs_on(search: Path, node: str) -> dict[str, int]:
+    """Trial -> how many epochs it has trained on ``node`` so far (its run directory's nodes.jsonl)."""
+    out: dict[str, int] = {}
+    for f in search.glob("trials/*/nodes.jsonl"):
+        for line in f.read_text().splitlines():
+            if line.strip() and json.loads(line)["node_id"] == node:
+                out[f.parent.name] = out.get(f.parent.name, 0) + 1
+    return out
+
+
+@pytest.mark.multiproc
+def test_a_search_runs_its_trials_on_two_nodes_with_shared_storage(own_ray, tmp_path):
+    gcs, node_b, _, ids = _two_nodes(own_ray)
+    storage = tmp_path / "storage"
+    proc = _cluster_tune(own_ray, gcs, storage, tmp_path / "driver")
+    output, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, output[-5000:]
+    assert "each trial asks for 1 worker(s) x (1 CPU)" in output
+    rows = list(csv.DictReader(open(storage / "tiny" / "results.csv")))
+    assert len(rows) == 2 and all(r["status"] == "completed" for r in rows), rows
+    assert {r["nodes"] for r in rows} == {ids["head"], node_b}  # one trial on each node, shown in the results
+    assert not list((tmp_path / "driver").iterdir())  # nothing in the driver's working directory
+
+
+@pytest.mark.slow
+@pytest.mark.multiproc
+def test_a_dead_node_s_trial_is_restored_from_storage_on_the_other(own_ray, tmp_path):
+    gcs, node_b, temp_b, ids = _two_nodes(own_ray)
+    storage = tmp_path / "storage"
+    proc = _cluster_tune(own_ray, gcs, storage, tmp_path / "driver", "--train.epochs=5")
+    killed = []
+    try:
+        deadline = time.time() + 500
+        while not killed and time.time() < deadline and proc.poll() is None:
+            on_b = _epochs_on(storage / "tiny", node_b)
+            if any(n >= 2 and (storage / "tiny" / "train" / t / "epoch_0001").is_dir() for t, n in on_b.items()):
+                # node b's trial has trained two epochs, its first checkpoint is in storage: kill the whole node
+                # (raylet, workers) in the middle of the trial
+                for p in own_ray.node_processes(temp_b):
+                    try:
+                        p.kill()
+                        killed.append(p.pid)
+                    except Exception:  # noqa: BLE001 - already gone
+                        pass
+                break
+            time.sleep(0.2)
+        output, _ = proc.communicate(timeout=900)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert killed, "node b never reported a trial epoch"
+    assert proc.returncode == 0, output[-5000:]
+    rows = list(csv.DictReader(open(storage / "tiny" / "results.csv")))
+    assert len(rows) == 2 and all(r["status"] == "completed" and r["epochs"] == "5" for r in rows), rows
+    moved = [r for r in rows if r["nodes"].startswith(node_b)]
+    assert moved and moved[0]["nodes"] == f"{node_b} > {ids['head']}", [r["nodes"] for r in rows]  # b, then head
+    restores = [json.loads(line) for line in open(storage / "tiny" / "trials" / moved[0]["trial"] / "restores.jsonl")]
+    assert restores and restores[0]["node_id"] == ids["head"] and restores[0]["epoch"] >= 1
+    assert str(storage) in restores[0]["from"]  # from the checkpoint in storage

@@ -19,7 +19,7 @@ from pst_dist.io import savefig_atomic, write_atomic
 from .space import describe, trial_config
 
 COLUMNS = ["trial", "status", "epochs", "epochs_trained", "final_val_acc", "peak_val_acc", "final_test_acc",
-           "peak_test_acc", "warm_epochs", "freeze_epochs", "release_epochs", "unfreeze_order", "threshold"]
+           "peak_test_acc", "warm_epochs", "freeze_epochs", "release_epochs", "unfreeze_order", "threshold", "nodes"]
 
 
 def _curve(metrics_file: Path) -> tuple[list[dict], int]:
@@ -31,6 +31,15 @@ def _curve(metrics_file: Path) -> tuple[list[dict], int]:
     evals = [r for r in records if "eval/val_acc" in r]
     last = {int(r["epoch"]): r for r in evals}
     return [last[e] for e in sorted(last)], len(evals)
+
+
+def trial_nodes(run_dir: Path) -> list[str]:
+    """The Ray node ids a trial's rank 0 trained on, in order (``nodes.jsonl``, one line per epoch trained: two or
+    more ids when it moved, e.g. restored on another node after its node died)."""
+    f = run_dir / "nodes.jsonl"
+    if not f.is_file():
+        return []
+    return list(dict.fromkeys(json.loads(line)["node_id"] for line in f.read_text().splitlines() if line.strip()))
 
 
 def trial_rows(cfg: Config, results, search_dir: Path) -> list[dict]:
@@ -50,6 +59,7 @@ def trial_rows(cfg: Config, results, search_dir: Path) -> list[dict]:
         else:
             row.update(epochs=0, final_val_acc=math.nan, peak_val_acc=math.nan, final_test_acc=math.nan,
                        peak_test_acc=math.nan)
+        row["nodes"] = " > ".join(trial_nodes(search_dir / "trials" / trial))  # in the order it trained on them
         row["status"] = "error" if r.error else ("completed" if row["epochs"] >= cfg.train.epochs else "stopped")
         row["params"] = dict(r.config)
         rows.append(row)

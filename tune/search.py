@@ -28,7 +28,8 @@ def num_groups(cfg: Config) -> int:
 
 
 def absolute_paths(cfg: Config) -> None:
-    """Trials run in other processes and directories (other machines on a cluster): no relative paths."""
+    """Trials run in other processes and directories (other machines on a cluster): no relative paths. Only this
+    machine's ``~`` is expanded (a command sent to a cluster should name the path as the cluster sees it)."""
     for section, key in (("data", "root"), ("poison", "path"), ("tune", "out")):
         obj = getattr(cfg, section)
         value = getattr(obj, key)
@@ -52,12 +53,18 @@ def check_space(cfg: Config, groups: int) -> None:
         Schedule(trial_config(cfg, params).schedule.stages, groups, 1, cfg.train.epochs)
 
 
+def on_cluster() -> bool:
+    """Whether the search runs on a cluster someone started (``RAY_ADDRESS`` set, as ``ray job submit`` and
+    ``ray submit`` do) rather than on a local Ray of its own."""
+    return bool(os.environ.get("RAY_ADDRESS"))
+
+
 def init_ray(cfg: Config) -> str:
     import ray  # optional heavy dependency (Ray), imported only by tune
 
     if ray.is_initialized():
         return "already initialised"
-    if os.environ.get("RAY_ADDRESS"):
+    if on_cluster():
         ray.init(log_to_driver=True)  # attaches to the cluster RAY_ADDRESS names (set by ray job submit / ray submit)
         return f"cluster at {os.environ['RAY_ADDRESS']}"
     # address="local": always a new Ray of this process's own, never a cluster someone started on this machine
@@ -65,18 +72,36 @@ def init_ray(cfg: Config) -> str:
     return "a new local Ray (dashboard on 127.0.0.1)"
 
 
+def declare_resources(cfg: Config) -> str:
+    """Resolve ``tune.use_gpu = auto`` from what the search is declared to run on, never from the nodes that happen
+    to be up (an autoscaling cluster starts with none): yes on a cluster, on a local Ray yes when this machine has a
+    CUDA GPU. The resolved value goes into the config every trial gets (and records). Returns a description."""
+    import torch
+
+    t = cfg.tune
+    if t.use_gpu == "auto":
+        t.use_gpu = "yes" if on_cluster() or torch.cuda.is_available() else "no"
+    gpus = f" + {t.gpus_per_worker:g} GPU" if t.use_gpu == "yes" else ""
+    return f"each trial asks for {t.workers} worker(s) x ({t.cpus_per_worker:g} CPU{gpus})"
+
+
 def max_concurrent(cfg: Config) -> int:
+    """``tune.max_concurrent``; 0 = no cap on a cluster (the declared requests queue, an autoscaler adds nodes for
+    them), and on a local Ray (this machine, nothing to add) as many trials as it holds."""
     import ray  # optional heavy dependency (Ray), imported only by tune
 
-    if cfg.tune.max_concurrent:
-        return cfg.tune.max_concurrent
+    t = cfg.tune
+    if t.max_concurrent or on_cluster():
+        return t.max_concurrent
     res = ray.cluster_resources()
-    fits = int(res.get("CPU", 1) // (cfg.tune.workers * cfg.tune.cpus_per_worker))
-    if cfg.tune.use_gpu != "no" and res.get("GPU", 0) >= 1:
-        fits = min(fits, int(res["GPU"] // cfg.tune.workers))
+    fits = int(res.get("CPU", 1) // (t.workers * t.cpus_per_worker))
+    if t.use_gpu == "yes":
+        fits = min(fits, int(res.get("GPU", 0) // (t.workers * t.gpus_per_worker)))
     if fits < 1:
-        raise ConfigError(f"one trial needs tune.workers x tune.cpus_per_worker = {cfg.tune.workers} x "
-                          f"{cfg.tune.cpus_per_worker} CPUs, the cluster has {res.get('CPU', 0):g}")
+        raise ConfigError(f"one trial needs tune.workers x (tune.cpus_per_worker CPUs"
+                          f"{' + tune.gpus_per_worker GPUs' if t.use_gpu == 'yes' else ''}) = {t.workers} x "
+                          f"({t.cpus_per_worker:g}{f' + {t.gpus_per_worker:g}' if t.use_gpu == 'yes' else ''}); "
+                          f"this machine has {res.get('CPU', 0):g} CPUs, {res.get('GPU', 0):g} GPUs")
     return fits
 
 
@@ -128,7 +153,8 @@ def run_search(cfg: Config, resume: bool = False, log=lambda m: print(m, file=sy
 
         if not Tuner.can_restore(str(search_dir)):
             raise ConfigError(f"--resume: no search to continue at {search_dir} (tune.out / tune.name)")
-    log(f"[tune] Ray: {init_ray(cfg)}; search directory {search_dir}")
+    log(f"[tune] Ray: {init_ray(cfg)}; search directory {search_dir}; {declare_resources(cfg)}; at most "
+        f"{max_concurrent(cfg) or 'any number of'} trials at once")
     tuner = build_tuner(cfg, search_dir, resume, groups)
     results = tuner.fit()
     return write_reports(cfg, results, search_dir, log)

@@ -43,10 +43,29 @@ def _stage_checkpoint(engine: type[Engine], run_dir: Path, epoch: int, rank: int
     return stage if engine.copy_checkpoint(run_dir, stage, primary=rank == 0) else None
 
 
+def restore_run_dir(layout: type[Engine], source, run_dir: Path, rank: int, local_rank: int, node: str) -> None:
+    """Lay the checkpoint ``source`` into the run directory: rank 0 first; then, after a barrier, the first process of
+    every other node, only where its node does not see rank 0's copy (run directories on node-local disks). A shared
+    run directory is written once, never by two nodes at the same time."""
+    with source.as_directory() as d:
+        wanted = layout.checkpoint_epoch(Path(d))
+        for turn in (0, 1):
+            if turn == 0 and rank == 0 or turn == 1 and rank != 0 and local_rank == 0 and \
+                    layout.checkpoint_epoch(run_dir) != wanted:
+                epoch = layout.restore_checkpoint(Path(d), run_dir)
+                with open(run_dir / "restores.jsonl", "a") as f:  # the evidence a fault test looks for
+                    f.write(json.dumps({"rank": rank, "epoch": epoch, "node_id": node, "from": str(source.path)})
+                            + "\n")
+            if dist.is_initialized():
+                dist.barrier()
+
+
 def worker_loop(loop: dict) -> None:
     """The function every Ray Train worker runs: restore the trial's last checkpoint if there is one, then train,
     reporting each epoch."""
+    import ray  # optional heavy dependency (Ray), imported only by tune
     import ray.train  # optional heavy dependency (Ray), imported only by tune
+    from ray.train import CheckpointUploadMode  # optional heavy dependency (Ray), imported only by tune
 
 
     cfg: Config = from_dict(Config, loop["cfg"])
@@ -57,23 +76,23 @@ def worker_loop(loop: dict) -> None:
     source = ray.train.get_checkpoint()  # set after a worker failure, or when a retried driver restores its run
     if source is None and loop.get("resume_from"):
         source = ray.train.Checkpoint(loop["resume_from"])  # PBT: this trial's (or the exploited trial's) checkpoint
+    node = ray.get_runtime_context().get_node_id()
     resume = source is not None
     if resume:
-        with source.as_directory() as d:
-            if local_rank == 0:
-                epoch = layout.restore_checkpoint(Path(d), run_dir)
-                with open(run_dir / "restores.jsonl", "a") as f:  # the evidence a fault test looks for
-                    f.write(json.dumps({"rank": rank, "epoch": epoch, "from": str(source.path)}) + "\n")
-        if dist.is_initialized():
-            dist.barrier()
+        restore_run_dir(layout, source, run_dir, rank, local_rank, node)
 
     def on_epoch(epoch: int, logs: dict, gm, engine) -> None:
         metrics = {REPORTED[k]: float(v) for k, v in logs.items() if k in REPORTED}
+        metrics["node_id"] = node  # where rank 0 trained this epoch
+        if rank == 0:  # and in the run directory at once (Tune's own result files are written later, in batches)
+            with open(run_dir / "nodes.jsonl", "a") as f:
+                f.write(json.dumps({"epoch": epoch, "node_id": node}) + "\n")
         stage = _stage_checkpoint(layout, run_dir, epoch, rank, local_rank)
         ckpt = ray.train.Checkpoint.from_directory(str(stage)) if stage is not None else None
-        ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"epoch_{epoch:04d}")
-        if stage is not None:
-            shutil.rmtree(stage.parent, ignore_errors=True)
+        # uploaded off the training path; Ray removes the staged hard links once they are in storage (they keep
+        # this epoch's bytes: the engines replace checkpoint files by rename, and copy those rewritten in place)
+        ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"epoch_{epoch:04d}",
+                         checkpoint_upload_mode=CheckpointUploadMode.ASYNC)
 
     # the trial directory is the search's own: a retried trial without a checkpoint replaces its partial run; a PBT
     # generation resumes with the settings PBT mutated (train() records each change in the run's meta.json)
@@ -81,21 +100,13 @@ def worker_loop(loop: dict) -> None:
           allow_changes=resume and cfg.tune.scheduler == "pbt")
 
 
-def _use_gpu(cfg: Config) -> bool:
-    import ray  # optional heavy dependency (Ray), imported only by tune
-
-    if cfg.tune.use_gpu == "auto":
-        return ray.cluster_resources().get("GPU", 0) >= 1
-    return cfg.tune.use_gpu == "yes"
-
-
 def _trainer(cfg: Config, loop: dict, name: str, storage: str, callbacks: list):
     # optional heavy dependency (Ray), imported only by tune
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer  # optional heavy dependency (Ray), imported only by tune
 
-    gpu = _use_gpu(cfg)
-    resources = {"CPU": cfg.tune.cpus_per_worker, **({"GPU": 1} if gpu else {})}
+    gpu = cfg.tune.use_gpu == "yes"  # resolved by the search's driver (tune.search.declare_resources)
+    resources = {"CPU": cfg.tune.cpus_per_worker, **({"GPU": cfg.tune.gpus_per_worker} if gpu else {})}
     return TorchTrainer(
         worker_loop, train_loop_config=loop,
         scaling_config=ScalingConfig(num_workers=cfg.tune.workers, use_gpu=gpu, resources_per_worker=resources),
