@@ -750,7 +750,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """Load a Config from a TOML file (or defaults) plus overrides."""
     raw: dict = {}
     if path is not None:
-        path = Path(path)
+        path = Path(path).expanduser()  # a '~' quoted for a cluster's shell reaches us literally
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:

@@ -56,3 +56,12 @@ def test_kuberay_rayjob_runs_the_search_on_the_project_image():
     dockerfile = (CLUSTER / "Dockerfile").read_text()
     assert "FROM rayproject/ray:2.60.0" in dockerfile and "make install" in dockerfile
     assert "ray[default,train,tune]==2.60.0" in (CLUSTER.parent / "pyproject.toml").read_text()
+
+
+def test_docker_build_context_leaves_out_host_builds():
+    """cluster/Dockerfile copies the repository: the host's venv (with its install stamp, which would make the
+    image's `make install` a no-op), runs, data and caches must stay out of the build context."""
+    ignored = {line.strip().rstrip("/") for line in (CLUSTER.parent / ".dockerignore").read_text().splitlines()
+               if line.strip() and not line.startswith("#")}
+    assert {".venv", "runs", "data", ".git", "**/__pycache__"} <= ignored
+    assert "COPY --chown=ray:users . /home/ray/pst-dist" in (CLUSTER / "Dockerfile").read_text()
