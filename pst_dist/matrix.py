@@ -10,6 +10,14 @@ or DeepSpeed) resumes from it.
 ``early_stop`` is read off the ``standard`` run (test accuracy at the epoch of peak clean validation accuracy: the
 model early stopping would return), so it costs nothing. Results: ``results.csv``, ``results.md`` (final-epoch and
 peak clean test accuracy, mean +- std over seeds, plus generation times), ``heatmap.png``.
+
+Where the work runs (``bench.runner``): ``pool``, a process pool on this machine (``bench.jobs`` processes); ``ray``,
+each poison and cell a Ray task (:class:`RayRunner`) asking for ``bench.cpus_per_cell`` CPUs and, where cells train
+on GPUs, ``bench.gpus_per_cell`` GPUs (Ray gives each task its own: CUDA_VISIBLE_DEVICES), on the cluster
+``RAY_ADDRESS`` names or else on a local Ray this command starts and stops. Both run the same functions
+(:func:`generate_poison`, :func:`run_cell`) with the same seeds, so their results are the same. On a cluster the tasks
+write into ``bench.out`` and read the recipe's data paths on whichever node they land: give ``bench.out`` as a
+directory every node sees (NFS or the like) and data paths that every node resolves alike.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ import copy
 import csv
 import io
 import json
+import math
 import os
 import shlex
 import statistics
@@ -71,7 +80,7 @@ def cell_cfg(base: dict, attack: str, run: str, seed: int, out: Path) -> Config:
     return cfg
 
 
-# ---------------------------------------------------------------- work done in pool processes
+# ---------------------------------------------------------------- work done in pool processes or Ray tasks
 
 def _threads(n: int) -> None:
     torch.set_num_threads(max(1, n))
@@ -194,11 +203,11 @@ class Bench:
     config: str
     overrides: list[str]
     cfg: Config
-    base: dict  # the resolved config as a dict (what the pool processes rebuild each cell's config from)
+    base: dict  # the resolved config as a dict (what the pool processes and Ray tasks rebuild each cell's config from)
     seeds: list[int]
     runs: list[str]  # the training runs the defenses are read from
-    jobs: int
-    threads: int
+    jobs: int  # pool: processes; ray: the most tasks in flight (0: as many as fit)
+    threads: int  # torch threads per task
 
     @property
     def out(self) -> Path:
@@ -220,14 +229,20 @@ def plan_bench(config: str, overrides: list[str]) -> Bench:
     """Validate everything once, before any work (nothing is written for a bad config)."""
     cfg = load_config(config, overrides)
     b = cfg.bench
+    if b.runner == "ray":  # Ray tasks run in a working directory of Ray's choosing (on other nodes of a cluster)
+        b.out = str(Path(b.out).expanduser().resolve())
     base = to_dict(cfg)
     if "pst" in b.defenses and len(cfg.schedule.stages) < 2:
         raise ConfigError(f"bench.defenses has 'pst' but the recipe's [schedule] has {len(cfg.schedule.stages)} "
                           f"stage(s): give the PST schedule in the recipe")
     for a in b.attacks:  # each attack's own overrides must make a valid config
         poison_cfg(base, a, 0)
-    jobs = max(1, b.jobs)
-    threads = max(1, (os.cpu_count() or 1) // jobs) if not cfg.train.threads else cfg.train.threads
+    if b.runner == "ray":
+        jobs = b.jobs  # the most tasks in flight; 0 = as many as the cluster's resources hold
+        threads = cfg.train.threads or max(1, math.floor(b.cpus_per_cell))  # the CPUs each task asks for
+    else:
+        jobs = max(1, b.jobs)
+        threads = max(1, (os.cpu_count() or 1) // jobs) if not cfg.train.threads else cfg.train.threads
     return Bench(config, overrides, cfg, base, list(range(b.seeds)), runs_needed(b.defenses), jobs, threads)
 
 
@@ -285,37 +300,134 @@ def finished_cells(bench: Bench, say: Callable[[str], None]) -> tuple[dict[tuple
     return done, todo
 
 
-def run_pool(bench: Bench, gen: dict, todo_p: list, done: dict, todo_c: list, say: Callable[[str], None]) -> list[str]:
-    """Make the missing poisons and run the cells in ``bench.jobs`` processes, each cell as soon as its poison is
-    there, the costliest first; ``gen`` and ``done`` fill in as they finish, and the results are rewritten after
-    each. Returns the errors (a failed poison or cell does not stop the others)."""
+class PoolRunner:
+    """Tasks in ``jobs`` spawned processes on this machine; a task's exception comes back as raised there."""
+
+    def __init__(self, jobs: int):
+        self.pool = ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn"))
+
+    def submit(self, fn: Callable, *args):
+        return self.pool.submit(fn, *args)
+
+    def wait(self, pending: list):
+        return wait(pending, return_when=FIRST_COMPLETED)[0]
+
+    def result(self, task):
+        return task.result()
+
+    def close(self, cancel: list) -> None:
+        """Wait for the running tasks; those not begun are dropped when ``cancel`` names any (Ctrl-C, an error)."""
+        self.pool.shutdown(wait=True, cancel_futures=bool(cancel))
+
+
+class RayRunner:
+    """Each task a Ray task of ``bench.cpus_per_cell`` CPUs (its torch threads) and, where cells train on GPUs,
+    ``bench.gpus_per_cell`` GPUs, on the cluster ``RAY_ADDRESS`` names (joined, never stopped) or on a new local Ray
+    of this command's own (stopped at :meth:`close`); a Ray this process had already joined is used as it is."""
+
+    def __init__(self, bench: Bench, say: Callable[[str], None]):
+        try:
+            import ray  # optional heavy dependency (Ray), imported only by bench.runner = "ray"
+        except ImportError as e:
+            raise ConfigError(f"bench.runner='ray' needs Ray ({e}); install with `make`, or use bench.runner='pool'"
+                              ) from None
+        self.ray = ray
+        self.joined = not ray.is_initialized()  # this command joins (and at close leaves) a Ray
+        self.local = self.joined and not os.environ.get("RAY_ADDRESS")  # a new local Ray of its own
+        try:
+            if not self.joined:
+                where = "the Ray this process has joined"
+            elif not self.local:
+                ray.init(log_to_driver=True)  # the cluster RAY_ADDRESS names (set by ray job submit / ray submit)
+                where = f"cluster at {os.environ['RAY_ADDRESS']}"
+            else:  # address="local": always a new Ray of this process's own, never one someone started on this machine
+                ray.init(address="local", dashboard_host="127.0.0.1", include_dashboard=None)
+                where = "a new local Ray (dashboard on 127.0.0.1)"
+            b = bench.cfg.bench
+            gpus, why = self.task_gpus(bench.cfg, ray.cluster_resources())
+            cap = f"at most {bench.jobs} in flight (bench.jobs)" if bench.jobs else "as many in flight as fit"
+            say(f"Ray: {where}; each poison and cell a task of {b.cpus_per_cell:g} CPU(s) ({bench.threads} torch "
+                f"thread(s)) and {gpus:g} GPU(s): {why}; {cap}; out {bench.out} (every node must see it)")
+            options = {"num_cpus": b.cpus_per_cell, "num_gpus": gpus}
+            self.remote = {fn: ray.remote(fn).options(**options) for fn in (generate_poison, run_cell)}
+        except BaseException:  # Ctrl-C during start-up included
+            self.close([])
+            raise
+
+    def task_gpus(self, cfg: Config, resources: dict) -> tuple[float, str]:
+        """(GPUs each task asks for, why): bench.gpus_per_cell where the cells train on a GPU (train.device cuda, or
+        auto on a cluster that has GPUs), else none."""
+        have, want = resources.get("GPU", 0), cfg.bench.gpus_per_cell
+        device = cfg.train.device
+        if device == "cpu" or (device == "auto" and not have):
+            return 0.0, f"train.device = {device}" + ("" if device == "cpu" else " and the cluster has no GPUs")
+        if not have and self.local:  # a local Ray gains no GPUs later: its tasks would wait for ever
+            raise ConfigError("train.device='cuda' but the local Ray sees no GPUs; use train.device='cpu' or 'auto', "
+                              "or a cluster with GPUs (RAY_ADDRESS)")
+        if not want:
+            return 0.0, f"train.device = {device} but bench.gpus_per_cell = 0 (tasks share the nodes' GPUs)"
+        return want, (f"train.device = {device}, the cluster has {have:g} GPUs" if have else
+                      "train.device = cuda, the cluster has no GPUs now (tasks wait for GPU nodes)")
+
+    def submit(self, fn: Callable, *args):
+        return self.remote[fn].remote(*args)
+
+    def wait(self, pending: list):
+        return self.ray.wait(pending, num_returns=1)[0]
+
+    def result(self, task):
+        """The task's result; its exception as the task raised it (as the pool gives it), not Ray's wrapper."""
+        try:
+            return self.ray.get(task)
+        except self.ray.exceptions.RayTaskError as e:
+            raise (e.cause if isinstance(e.cause, Exception) else e) from None
+
+    def close(self, cancel: list) -> None:
+        """Cancel the tasks ``cancel`` names (Ctrl-C, an error: a running cell stops with its last checkpoint kept);
+        leave the Ray this command joined: a local one it started stops, a cluster goes on (only this driver leaves);
+        a Ray the process had joined before is left as it is."""
+        for task in cancel:
+            self.ray.cancel(task)
+        if self.joined:
+            self.ray.shutdown()
+
+
+def run_tasks(bench: Bench, gen: dict, todo_p: list, done: dict, todo_c: list, say: Callable[[str], None],
+              runner: PoolRunner | RayRunner) -> list[str]:
+    """Make the missing poisons and run the cells on ``runner``, each cell as soon as its poison is there, the
+    costliest first (with ``bench.runner = "ray"``, at most ``bench.jobs`` tasks in flight unless 0); ``gen`` and
+    ``done`` fill in as they finish, and the results are rewritten after each. Returns the errors (a failed poison or
+    cell does not stop the others); on Ctrl-C (or any error here) the outstanding tasks are cancelled."""
     b = bench.cfg.bench
-    # the costliest runs first, so the two workers finish together
+    # the costliest runs first, so the workers finish together
     cost = {"adv": 0, "pst": 1}
     waiting = sorted(todo_c, key=lambda c: (cost.get(c[1], 2), c[2]))
+    limit = bench.jobs if isinstance(runner, RayRunner) and bench.jobs else None  # a pool queues what it cannot run
     errors: list[str] = []
     bar = tqdm(total=len(todo_p) + len(todo_c), desc="bench", file=sys.stderr)
     out, threads = bench.out, bench.threads
-    with ProcessPoolExecutor(max_workers=bench.jobs, mp_context=get_context("spawn")) as pool:
-        pending = {pool.submit(generate_poison, bench.base, a, s, str(p), threads): ("poison", a, s)
-                   for a, s, p in todo_p}
+    queue = [(generate_poison, (bench.base, a, s, str(p), threads), ("poison", a, s)) for a, s, p in todo_p]
+    pending: dict = {}
 
-        def submit_ready():
-            for c in list(waiting):
-                a, r, s = c
-                if a == "none" or (a, s) in gen:
-                    pdir = None if a == "none" else str(bench.poison_dir(a, s))
-                    pending[pool.submit(run_cell, bench.base, a, r, s, str(out), pdir, threads)] = ("cell", a, r, s)
-                    waiting.remove(c)
+    def submit_ready():
+        for c in list(waiting):
+            a, r, s = c
+            if a == "none" or (a, s) in gen:
+                pdir = None if a == "none" else str(bench.poison_dir(a, s))
+                queue.append((run_cell, (bench.base, a, r, s, str(out), pdir, threads), ("cell", a, r, s)))
+                waiting.remove(c)
+        while queue and (limit is None or len(pending) < limit):
+            fn, args, what = queue.pop(0)
+            pending[runner.submit(fn, *args)] = what
 
+    try:
         submit_ready()
         while pending:
-            fin, _ = wait(list(pending), return_when=FIRST_COMPLETED)
-            for f in fin:
+            for f in runner.wait(list(pending)):
                 what = pending.pop(f)
                 bar.update(1)
                 try:
-                    res = f.result()
+                    res = runner.result(f)
                 except Exception as e:  # noqa: BLE001 - one failed cell must not lose the others
                     errors.append(f"{what}: {type(e).__name__}: {e}")
                     say(f"FAILED {what}: {type(e).__name__}: {e}")
@@ -327,16 +439,29 @@ def run_pool(bench: Bench, gen: dict, todo_p: list, done: dict, todo_c: list, sa
                     say(f"poison {what[1]} seed {what[2]}: {res['seconds']:.1f} s, Linf "
                         f"{res['norms']['linf'] * 255:.0f}/255, L2 {res['norms']['l2_mean']:.3f}, L0 "
                         f"{res['norms']['l0_mean']:.0f}" + (f", {res['model_based']}" if res['model_based'] else ""))
-                    submit_ready()
                 else:
                     done[what[1:]] = res
                     say(f"cell {what[1]} / {what[2]} / seed {what[3]}: final {100 * res['final_test_acc']:.1f}, peak "
                         f"{100 * res['peak_test_acc']:.1f} ({res['seconds']:.0f} s"
                         + (", resumed from its checkpoint)" if res["resumed"] else ")"))
+            submit_ready()
             write_results(out, b.attacks, b.defenses, bench.seeds, done, gen, bench.command)
+    except BaseException:
+        runner.close(list(pending))
+        raise
+    runner.close([])
     bar.close()
     return errors
 
+
+def run_pool(bench: Bench, gen: dict, todo_p: list, done: dict, todo_c: list, say: Callable[[str], None]) -> list[str]:
+    """:func:`run_tasks` in ``bench.jobs`` processes on this machine."""
+    return run_tasks(bench, gen, todo_p, done, todo_c, say, PoolRunner(bench.jobs))
+
+
+def run_ray(bench: Bench, gen: dict, todo_p: list, done: dict, todo_c: list, say: Callable[[str], None]) -> list[str]:
+    """:func:`run_tasks` as Ray tasks (:class:`RayRunner`)."""
+    return run_tasks(bench, gen, todo_p, done, todo_c, say, RayRunner(bench, say))
 
 def run_bench(config: str, overrides: list[str]) -> dict:
     bench = plan_bench(config, overrides)
@@ -345,15 +470,16 @@ def run_bench(config: str, overrides: list[str]) -> dict:
     write_atomic(out / "bench.json", json.dumps({"config": config, "overrides": overrides, "resolved": bench.base},
                                                 indent=2))
     say = lambda m: tqdm.write(f"[bench] {m}", file=sys.stderr)
+    where = (f"{bench.jobs} job(s) x {bench.threads} thread(s)" if b.runner == "pool" else
+             "Ray tasks (runner = ray)")
     say(f"{len(b.attacks)} attacks x {len(b.defenses)} defenses ({len(bench.runs)} training runs each: "
-        f"{', '.join(bench.runs)}) x {len(bench.seeds)} seeds; {bench.jobs} job(s) x {bench.threads} thread(s); "
-        f"out {out}")
+        f"{', '.join(bench.runs)}) x {len(bench.seeds)} seeds; {where}; out {out}")
     t_start = time.time()
     gen, todo_p = cached_poisons(bench)
     done, todo_c = finished_cells(bench, say)
     say(f"poisons: {len(gen)} cached, {len(todo_p)} to make; cells: {len(done)} finished (skipped), "
         f"{len(todo_c)} to run")
-    errors = run_pool(bench, gen, todo_p, done, todo_c, say)
+    errors = (run_ray if b.runner == "ray" else run_pool)(bench, gen, todo_p, done, todo_c, say)
     table = write_results(out, b.attacks, b.defenses, bench.seeds, done, gen, bench.command)
     print(table)
     say(f"{len(done)} of {len(bench.cells)} cells finished, {len(errors)} failed; {time.time() - t_start:.0f} s; "

@@ -1,4 +1,5 @@
-"""`pst-dist bench`: the attack x defense matrix on a tiny synthetic recipe, with resume."""
+"""`pst-dist bench`: the attack x defense matrix on a tiny synthetic recipe, with resume; in a process pool and as
+Ray tasks (a real local Ray, a real ``ray start`` cluster), with the same results."""
 
 import csv
 import json
@@ -6,9 +7,12 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+
+from tests.test_tune import OwnRay
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "tests" / "configs" / "bench_tiny.toml"
@@ -218,3 +222,84 @@ def test_a_store_of_some_rows(tmp_path):
     np.save(some / "rows.npy", np.array([3, 1, 4, 6]))  # unsorted (unchecked hash: the rows themselves are checked)
     with pytest.raises(PoisonFileError, match="expected distinct source indices in \\[0, 8\\), sorted"):
         read_stored(some, clean[[1]], torch.tensor([1]), 8, verify=False)
+
+
+# ---------------------------------------------------------------- bench.runner = "ray": the pool's results, on Ray
+# Ray's state is each test's own (tests/test_tune.py's OwnRay: an empty HOME, a fresh token, its own temp dir); at
+# teardown only the Ray processes the test started are stopped
+
+
+@pytest.fixture
+def own_ray(tmp_path):
+    """A test's own Ray state (as tests/test_tune.py's fixture of this name); afterwards the Ray processes it
+    started are stopped (and only those) and its temp dir removed."""
+    state = OwnRay(tmp_path / "home")
+    yield state
+    left = state.close()
+    assert not left, f"Ray processes still running after teardown: {left}"
+
+
+BLOCKED = Path("cells") / "classwise_noise" / "jpeg10" / "seed0"  # a file where the cell's run directory goes
+
+
+def ray_bench(own: OwnRay, out: Path, *extra: str, address: str = "") -> subprocess.CompletedProcess:
+    """`pst-dist bench` with bench.runner = "ray" (a local Ray of its own, or the cluster at ``address``), in a
+    session of its own that the test's teardown stops if anything of it outlives the command."""
+    env = {**own.env(), "OMP_NUM_THREADS": "1", **({"RAY_ADDRESS": address} if address else {})}
+    cmd = [sys.executable, "-m", "pst_dist.cli", "bench", "--config", str(TINY), f"--bench.out={out}",
+           "--bench.runner=ray", *extra]
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    own.pgids.append(p.pid)  # its own session: what it leaves running is in this process group
+    stdout, stderr = p.communicate(timeout=900)
+    return subprocess.CompletedProcess(cmd, p.returncode, stdout, stderr)
+
+
+def still_running(own: OwnRay, seconds: float = 15) -> list:
+    """The Ray processes the test started that are still alive ``seconds`` after asking (Ray stops in the
+    background)."""
+    deadline = time.time() + seconds
+    while (left := own.processes()) and time.time() < deadline:
+        time.sleep(0.25)
+    return left
+
+
+@pytest.mark.multiproc
+def test_the_ray_runner_gives_the_pools_results_byte_for_byte(own_ray, tmp_path):
+    """bench_tiny as it is (12 cells, 2 in flight) in the process pool and as Ray tasks on a local Ray the command
+    starts and stops: the same functions with the same seeds and threads, the same results.csv."""
+    pool = bench(tmp_path / "pool")
+    assert pool.returncode == 0, pool.stderr[-3000:]
+    r = ray_bench(own_ray, tmp_path / "ray")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Ray: a new local Ray" in r.stderr and "1 CPU(s) (1 torch thread(s)) and 0 GPU(s): train.device = cpu" \
+        in r.stderr and "at most 2 in flight" in r.stderr, r.stderr[-3000:]
+    assert "cells: 0 finished (skipped), 12 to run" in r.stderr and "12 of 12 cells finished, 0 failed" in r.stderr
+    assert (tmp_path / "ray" / "results.csv").read_bytes() == (tmp_path / "pool" / "results.csv").read_bytes()
+    assert not still_running(own_ray), "the local Ray the bench started is stopped when it ends"
+    assert not (own_ray.home / ".ray").exists(), "nothing read from or written to ~/.ray"
+
+
+@pytest.mark.multiproc
+def test_on_a_cluster_the_ray_runner_records_a_failed_cell_as_the_pool_does(own_ray, tmp_path):
+    """RAY_ADDRESS names a running cluster: the bench joins it (no cap on tasks in flight: bench.jobs = 0), a cell
+    whose run directory cannot be made fails as it does in the pool (same line, exit 1, the other cell's result
+    kept), and the cluster is still up afterwards."""
+    _, gcs = own_ray.start_head()  # ray start --head: its ports, temp dir, HOME and token the test's own
+    small = [*ONE, '--bench.defenses=["standard", "jpeg10"]', "--train.epochs=1", "--bench.jobs=0"]
+    for d in ("pool", "ray"):
+        (tmp_path / d / BLOCKED).parent.mkdir(parents=True)
+        (tmp_path / d / BLOCKED).write_text("not a run directory\n")
+    pool = bench(tmp_path / "pool", *small)
+    r = ray_bench(own_ray, tmp_path / "ray", *small, address=gcs)
+    assert pool.returncode == 1 and r.returncode == 1, (pool.stderr[-2000:], r.stderr[-3000:])
+    assert f"Ray: cluster at {gcs}" in r.stderr and "as many in flight as fit" in r.stderr, r.stderr[-3000:]
+
+    def failed(p: subprocess.CompletedProcess, out: Path) -> list[str]:
+        return [m.replace(str(out), "<out>") for m in re.findall(r"\[bench\] FAILED [^\r\n]*", p.stderr)]
+
+    assert failed(r, tmp_path / "ray") == failed(pool, tmp_path / "pool") == [
+        "[bench] FAILED ('cell', 'classwise_noise', 'jpeg10', 0): RunDirError: log.run_dir='<out>/cells/"
+        "classwise_noise/jpeg10/seed0': exists and is not a directory"]
+    assert (tmp_path / "ray" / "results.csv").read_bytes() == (tmp_path / "pool" / "results.csv").read_bytes()
+    assert any("raylet" in " ".join(p.cmdline()) for p in own_ray.processes()), "the cluster was stopped"
