@@ -456,7 +456,8 @@ def _epochs_on(search: Path, node: str) -> dict[str, int]:
 def test_a_search_runs_its_trials_on_two_nodes_with_shared_storage(own_ray, tmp_path):
     gcs, node_b, _, ids = _two_nodes(own_ray)
     storage = tmp_path / "storage"
-    proc = _cluster_tune(own_ray, gcs, storage, tmp_path / "driver")
+    proc = _cluster_tune(own_ray, gcs, storage, tmp_path / "driver", "--tune.unfreeze_groups=[0]", "--train.epochs=3",
+                         "--deepspeed.enabled=false", "--data.synthetic_train=300")  # short: the default test run
     output, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, output[-5000:]
     assert "each trial asks for 1 worker(s) x (1 CPU)" in output
