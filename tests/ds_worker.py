@@ -1,11 +1,15 @@
 """Run by torchrun in test_deepspeed: trains a tiny config through the DeepSpeed engine and records, per epoch, a
-hash of each layer group's parameters (full parameters, gathered under ZeRO-3) and the training loss."""
+hash of each layer group's parameters (full parameters, gathered under ZeRO-3) and the training loss; with
+--record-steps also what the torch optimizer that steps saw, per layer group (see StepRecorder)."""
 
 import hashlib
 import json
 import os
 import signal
 import sys
+
+import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from pst_dist.config import load_config
 from pst_dist.data.loaders import TensorBatches
@@ -15,7 +19,8 @@ from pst_dist.train import train
 out, rest = sys.argv[1], sys.argv[2:]
 resume = "--resume" in rest
 kill_at = next((a.split("=")[1] for a in rest if a.startswith("--kill-at=")), None)  # "epoch,batch"
-rest = [a for a in rest if a != "--resume" and not a.startswith("--kill-at=")]
+record_steps = "--record-steps" in rest
+rest = [a for a in rest if a not in ("--resume", "--record-steps") and not a.startswith("--kill-at=")]
 rank = int(os.environ["RANK"])
 records = []
 
@@ -32,6 +37,39 @@ class KillingBatches(TensorBatches):
             yield batch
 
 
+class StepRecorder:
+    """A global torch optimizer step pre-hook: for each param group the torch optimizer is about to step (DeepSpeed's
+    ZeRO optimizers step it with the fp32 master partitions in the groups), per layer group over the epoch: the lrs
+    and weight decays it saw, whether its gradient was all zero at every step, and the devices of its parameters,
+    gradients and optimizer state."""
+
+    def __init__(self):
+        self.groups: dict[int, dict] = {}
+        register_optimizer_step_pre_hook(self)
+
+    def __call__(self, optimizer, args, kwargs):
+        for pg in optimizer.param_groups:
+            if "layer_group" not in pg or not pg["params"]:
+                continue
+            r = self.groups.setdefault(pg["layer_group"], {"lr": set(), "wd": set(), "zero_grad": True,
+                                                           "devices": set()})
+            r["lr"].add(pg["lr"])
+            r["wd"].add(pg["weight_decay"])
+            for p in pg["params"]:
+                r["zero_grad"] &= p.grad is not None and not p.grad.any()
+                tensors = [p, p.grad, *(v for v in optimizer.state.get(p, {}).values() if torch.is_tensor(v))]
+                r["devices"] |= {t.device.type for t in tensors if t is not None and t.dim() > 0}
+
+    def pop(self) -> dict:
+        out = {str(g): {k: sorted(v) if isinstance(v, set) else v for k, v in r.items()}
+               for g, r in sorted(self.groups.items())}
+        self.groups = {}
+        return out
+
+
+recorder = StepRecorder() if record_steps else None
+
+
 def on_epoch(epoch, logs, gm, engine):
     params = dict(gm.model.named_parameters())
     with engine.gathered():
@@ -42,6 +80,11 @@ def on_epoch(epoch, logs, gm, engine):
                 h.update(params[n].detach().float().cpu().numpy().tobytes())
             hashes.append(h.hexdigest())
     records.append({"epoch": epoch, "loss": logs["train/loss"], "groups": hashes})
+    if recorder is not None:
+        records[-1]["steps"] = recorder.pop()
+        opt = engine.optimizer  # the ZeRO optimizer: where DeepSpeed put the fp32 master partitions
+        records[-1]["offload"] = bool(getattr(opt, "cpu_offload", False) or getattr(opt, "offload_optimizer", False))
+        records[-1]["param_offload"] = bool(getattr(opt, "offload_param", False))
 
 
 cfg = load_config(None, rest)

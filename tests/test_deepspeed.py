@@ -1,5 +1,5 @@
 """The DeepSpeed engine with 2 real processes on CPU (gloo): PST freezing under ZeRO 0/1/2/3 with AdamW, and a
-kill -9 in the middle of a stage followed by --resume."""
+kill -9 in the middle of a stage followed by --resume; the same with ZeRO offload."""
 
 import json
 import os
@@ -75,6 +75,49 @@ def test_kill_9_mid_stage_then_resume_matches_uninterrupted(tmp_path, stage):
     assert a[0]["summary"]["final_test_acc"] == b[0]["summary"]["final_test_acc"]
 
 
+@pytest.mark.multiproc
+@pytest.mark.parametrize("stage,offload_param", [pytest.param(1, False, marks=pytest.mark.slow), (2, False), (3, False),
+                                                  pytest.param(3, True, marks=pytest.mark.slow)],
+                         ids=["zero1-offload", "zero2-offload", "zero3-offload", "zero3-offload-param"])
+def test_offload_keeps_freezing_and_resumes(tmp_path, stage, offload_param):
+    """ZeRO offload with pst-dist's torch AdamW: the torch optimizer steps the fp32 master partitions on the CPU,
+    inside the per-layer-group param groups that set_group_lrs writes, so a frozen group gets lr 0, weight decay 0
+    and an all-zero gradient (not the last one it had before the freeze) and its weights stay bit-identical; a kill -9
+    in the frozen stage then --resume ends bit-identical to the uninterrupted run (stale gradients would not be)."""
+    args = [*BASE, "--data.synthetic_train=128", "--train.epochs=3", FREEZE, f"--deepspeed.zero_stage={stage}",
+            "--deepspeed.offload_optimizer=true", f"--deepspeed.offload_param={str(offload_param).lower()}",
+            "--record-steps"]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    full.mkdir(), cut.mkdir()
+    p = torchrun(full, *args, f"--log.run_dir={full / 'run'}")
+    assert p.returncode == 0, p.stderr[-3000:]
+    a = ranks(full)
+    assert [r["groups"] for r in a[0]["records"]] == [r["groups"] for r in a[1]["records"]], "ranks differ"
+    e1, e2, e3 = a[0]["records"]
+    n = len(e1["groups"])
+    assert e2["groups"][:2] == e1["groups"][:2], "a frozen group moved during the frozen stage"
+    assert all(e2["groups"][g] != e1["groups"][g] for g in range(2, n)), "an unfrozen group did not update"
+    assert all(e3["groups"][g] != e2["groups"][g] for g in range(n)), "a group (released or not) did not update"
+    for r in (*a[0]["records"], *a[1]["records"]):
+        assert r["offload"] and r["param_offload"] == offload_param, "DeepSpeed did not offload as configured"
+        steps = r["steps"]  # what the torch optimizer saw when it stepped, per layer group
+        assert sorted(steps) == [str(g) for g in range(n)], "a layer group was never stepped"
+        assert all(s["devices"] == ["cpu"] for s in steps.values()), "parameters, gradients or states off the CPU"
+        for g, s in steps.items():
+            frozen = r["epoch"] == 2 and int(g) < 2
+            assert (s["lr"] == [0.0] and s["wd"] == [0.0]) == frozen, f"epoch {r['epoch']} group {g}: {s}"
+            assert s["zero_grad"] == frozen, f"epoch {r['epoch']} group {g}: gradient {s['zero_grad']=}"
+            assert frozen or s["wd"] == [0.05]
+    p = torchrun(cut, *args, f"--log.run_dir={cut / 'run'}", "--kill-at=1,1")  # epoch 2 (frozen), second batch
+    assert p.returncode != 0 and not (cut / "rank0.json").exists(), "the job was not killed"
+    assert (cut / "run/ds_checkpoint/latest").read_text().strip() == "step2", "expected the epoch-1 checkpoint"
+    p = torchrun(cut, *args, f"--log.run_dir={cut / 'run'}", "--resume")
+    assert p.returncode == 0, p.stderr[-3000:]
+    b = ranks(cut, "_resumed")
+    for r in (0, 1):
+        assert a[r]["records"][1:] == b[r]["records"], f"rank {r}: weights, losses or steps differ after the resume"
+
+
 def test_deepspeed_config_from_the_section():
     cfg = load_config(None, ["--deepspeed.enabled=true", "--deepspeed.zero_stage=3", "--deepspeed.bf16=true",
                              "--deepspeed.grad_accum=4", "--deepspeed.grad_clip=1.0", "--train.batch_size=16",
@@ -82,6 +125,8 @@ def test_deepspeed_config_from_the_section():
     d = deepspeed_config(cfg, world_size=8)
     assert d["train_batch_size"] == 16 * 4 * 8 and d["train_micro_batch_size_per_gpu"] == 16
     assert d["zero_optimization"]["stage"] == 3 and d["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert d["zero_force_ds_cpu_optimizer"] is False  # else DeepSpeed refuses the torch optimizer with offload
+    assert "zero_force_ds_cpu_optimizer" not in deepspeed_config(load_config(None, []), world_size=1)
     assert d["bf16"]["enabled"] and not d["fp16"]["enabled"] and d["gradient_clipping"] == 1.0
     z = deepspeed_config(cfg, world_size=8, num_params=120_000)["zero_optimization"]  # bucket sized to the model
     assert z["reduce_bucket_size"] == z["allgather_bucket_size"] == z["stage3_prefetch_bucket_size"] == 1_000_000

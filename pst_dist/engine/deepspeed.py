@@ -29,6 +29,10 @@ class DeepSpeedEngine(Engine):
     Checkpoints go through ``engine.save_checkpoint`` / ``load_checkpoint`` under ``<run_dir>/ds_checkpoint`` with
     the trainer state as client state and each rank's RNG beside it; before DeepSpeed unpickles them (it does so
     without ``weights_only``), every file is checked to reference only allow-listed globals.
+
+    With optimizer offload (ZeRO 1-3) DeepSpeed steps the same torch optimizer on the CPU, its param groups holding
+    the fp32 master partitions instead of the model's parameters: ``optimizer.param_groups`` (which ``set_group_lrs``
+    writes) are still the groups that step, so a frozen group keeps lr 0 and weight decay 0.
     """
 
     REWRITTEN_IN_PLACE = (f"{CHECKPOINT_DIR}/{LATEST}",)  # DeepSpeed rewrites 'latest' at every save
@@ -57,12 +61,12 @@ class DeepSpeedEngine(Engine):
             drop_frozen_grads(self.optimizer, mults)  # the torch optimizer itself: keep frozen moments still
         boundary = self.engine.is_gradient_accumulation_boundary()
         self.engine.step()
-        flat = getattr(self.optimizer, "grad_partitions_flat_buffer", None)  # ZeRO-3
-        if boundary and flat is not None:
-            # ZeRO-3 overwrites the gradient partitions of parameters that received a gradient and leaves the others
-            # as they were: a frozen group (no backward through it) would feed its last trainable-stage gradient
-            # to Adam's moments at every frozen step, and a resumed run (zeros) would not reproduce that.
-            flat.zero_()
+        if boundary:
+            # These buffers outlive the step and the next one overwrites only the slices of parameters that received
+            # a gradient: a frozen group (no backward through it) would feed its last trainable-stage gradient to
+            # Adam's moments at every frozen step, and a resumed run (zeros) would not reproduce that.
+            for buf in _persistent_grad_buffers(self.optimizer):
+                buf.zero_()
 
     def gathered(self):
         """Full parameters on every rank (ZeRO-3 partitions them); modifications made inside are kept."""
@@ -151,6 +155,21 @@ class DeepSpeedEngine(Engine):
         shutil.rmtree(Path(run_dir) / CHECKPOINT_DIR, ignore_errors=True)  # tags newer than a restored one are stale
 
 
+def _persistent_grad_buffers(optimizer) -> list[torch.Tensor]:
+    """The gradient buffers a ZeRO optimizer keeps from one step to the next: ZeRO-3's flat gradient partitions and,
+    with optimizer offload, the CPU gradients of the fp32 master partitions the torch optimizer steps on
+    (``single_partition_of_fp32_groups`` under ZeRO 1-2, ``fp32_partitioned_groups_flat`` under ZeRO-3). Without
+    offload DeepSpeed frees the latter after each step (``.grad`` is None) and rebuilds them, zeros for a parameter
+    without a gradient."""
+    bufs = []
+    flat = getattr(optimizer, "grad_partitions_flat_buffer", None)
+    if flat is not None:
+        bufs.append(flat)
+    for name in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat"):
+        bufs += [t.grad for t in getattr(optimizer, name, None) or () if t.grad is not None]
+    return bufs
+
+
 def _latest(run_dir: Path) -> str | None:
     """The tag 'latest' names (None without one)."""
     f = run_dir / CHECKPOINT_DIR / LATEST
@@ -198,8 +217,13 @@ def deepspeed_config(cfg, world_size: int, num_params: int | None = None) -> dic
         zero.update(reduce_bucket_size=bucket, allgather_bucket_size=bucket)
         if d.zero_stage == 3:
             zero.update(stage3_prefetch_bucket_size=bucket)
+    offload = {}
     if d.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+        # DeepSpeed refuses a torch optimizer with optimizer offload unless told otherwise (it would rather have its
+        # DeepSpeedCPUAdam); ours carries the per-layer-group param groups PST freezes by, and ZeRO steps it on the
+        # fp32 CPU partitions inside those same groups, so the per-step lr / weight decay still reach it
+        offload["zero_force_ds_cpu_optimizer"] = False
     if d.offload_param:
         zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     if d.zero_stage == 3:
@@ -213,6 +237,7 @@ def deepspeed_config(cfg, world_size: int, num_params: int | None = None) -> dic
         "bf16": {"enabled": d.bf16},
         "fp16": {"enabled": d.fp16},
         "zero_allow_untested_optimizer": True,  # the torch optimizer with per-layer-group param groups
+        **offload,
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
