@@ -40,7 +40,7 @@ demo: $(STAMP)
 	$(BIN)/pst-dist demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow" --durations=25
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q
