@@ -574,7 +574,8 @@ class BenchConfig:
     """Seeds 0..seeds-1; seed k sets both poison.seed and train.seed."""
     jobs: int = 1
     """Cells (and poisons) run at once, each in its own process with cpu_count / jobs torch threads (runner =
-    "pool"); with runner = "ray", the most Ray tasks in flight (0 = as many as the cluster's resources hold)."""
+    "pool"; 0 counts as 1); with runner = "ray", the most Ray tasks in flight (0 = as many as the cluster's
+    resources hold)."""
     runner: str = "pool"
     """pool (a process pool on this machine) | ray (each poison and cell a Ray task: a local Ray, or the cluster
     RAY_ADDRESS names; on a cluster ``out`` must be a directory every node sees)."""
@@ -645,12 +646,15 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        for tp_ in inner[:-1]:  # e.g. bool | str: "auto" or true / false
+        if len(inner) == 1:
+            return _coerce(value, inner[0], key)
+        for tp_ in inner:  # e.g. bool | str: true / false or "auto"
             try:
                 return _coerce(value, tp_, key)
             except ConfigError:
                 pass
-        return _coerce(value, inner[-1], key)
+        raise ConfigError(f"{key}: expected {' or '.join(_type_name(t) for t in inner)}, got "
+                          f"{type(value).__name__} {value!r}")
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a table, got {type(value).__name__} {value!r}")
@@ -839,6 +843,28 @@ def flat_config(cfg: Config, drop: tuple[str, ...] = ()) -> dict[str, Any]:
 def config_changes(was: dict, now: dict) -> dict[str, tuple]:
     """{key: (was, now)} for every key whose value differs (a key missing on one side counts as None)."""
     return {k: (was.get(k), now.get(k)) for k in sorted(set(was) | set(now)) if was.get(k) != now.get(k)}
+
+
+def auto_meaning(flat: dict[str, Any], device_type: str) -> dict[str, Any]:
+    """``flat`` (:func:`flat_config`) with the ``auto`` settings that can change a result replaced by what they mean
+    on ``device_type`` (cpu | cuda): deterministic algorithms on the CPU only, channels-last on a GPU without
+    DeepSpeed. A resume or a cached bench cell compares these, so a run recorded before such a default existed
+    (``deterministic = true``) still matches ``auto`` on the CPU, and a run moved to another device type does not."""
+    out = dict(flat)
+    if out.get("train.deterministic") == "auto":
+        out["train.deterministic"] = device_type == "cpu"
+    if out.get("train.channels_last") == "auto":
+        out["train.channels_last"] = device_type == "cuda" and not out.get("deepspeed.enabled", False)
+    return out
+
+
+def device_type(cfg: Config) -> str:
+    """What ``train.device`` means on this machine: cpu | cuda."""
+    if cfg.train.device != "auto":
+        return cfg.train.device
+    import torch  # start-up time: the config module stays torch-free until a device must be known
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 RESUME_MAY_CHANGE = ("train.epochs", "train.threads", "train.num_workers", "train.checkpoint_every",

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .config import Config, ConfigError, apply_overrides, from_dict, load_config, to_dict
+from .config import Config, ConfigError, apply_overrides, auto_meaning, device_type, from_dict, load_config, to_dict
 from .data.pipeline import build_data
 from .data.sources import Split, fingerprint, load_splits
 from .engine import engine_class
@@ -157,7 +157,7 @@ def _recipe(cfg: Config) -> dict[str, object]:
             flat[prefix] = v
 
     walk("", d)
-    return flat
+    return auto_meaning(flat, device_type(cfg))
 
 
 def recipe_change(run_dir: Path, cfg: Config) -> dict[str, tuple]:
@@ -231,6 +231,9 @@ def plan_bench(config: str, overrides: list[str]) -> Bench:
     b = cfg.bench
     if b.runner == "ray":  # Ray tasks run in a working directory of Ray's choosing (on other nodes of a cluster)
         b.out = str(Path(b.out).expanduser().resolve())
+        for part, key in ((cfg.data, "root"), (cfg.poison, "path")):
+            if getattr(part, key):
+                setattr(part, key, str(Path(getattr(part, key)).expanduser().resolve()))
     base = to_dict(cfg)
     if "pst" in b.defenses and len(cfg.schedule.stages) < 2:
         raise ConfigError(f"bench.defenses has 'pst' but the recipe's [schedule] has {len(cfg.schedule.stages)} "

@@ -14,12 +14,21 @@ import os
 import shutil
 from pathlib import Path
 
-from .config import RESUME_MAY_CHANGE, Config, ConfigError, config_changes, flat_config, load_config
+from .config import (
+    RESUME_MAY_CHANGE,
+    Config,
+    ConfigError,
+    auto_meaning,
+    config_changes,
+    device_type,
+    flat_config,
+    load_config,
+)
 from .io import blocking_ancestor, write_atomic
 
 RUN_MARKERS = ("config.toml", "checkpoint.pt", "ds_checkpoint", "summary.json", "metrics.jsonl")
 """Any of these in a directory means it holds a run."""
-RUN_FILES = (*RUN_MARKERS, "meta.json", "tb", "restores.jsonl", "ray_upload")
+RUN_FILES = (*RUN_MARKERS, "meta.json", "tb", "restores.jsonl", "nodes.jsonl", "ray_upload")
 """Everything a run writes into its directory (what ``--overwrite`` removes, and nothing else)."""
 
 
@@ -66,7 +75,8 @@ def check_run_dir(cfg: Config, resume: bool, overwrite: bool, allow_changes: boo
         recorded = load_config(recorded_file)
     except ConfigError as e:
         raise RunDirError(f"--resume: the run's recorded config cannot be read ({e})") from None
-    changes = config_changes(flat_config(recorded), flat_config(cfg))
+    here = device_type(cfg)  # "auto" compared by what it means here (the recorded run may predate a default)
+    changes = config_changes(auto_meaning(flat_config(recorded), here), auto_meaning(flat_config(cfg), here))
     refused = {k: v for k, v in changes.items() if not _may_change(k)}
     if refused and not allow_changes:
         listed = "; ".join(f"{k}: {was!r} -> {now!r}" for k, (was, now) in refused.items())

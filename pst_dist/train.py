@@ -22,7 +22,7 @@ import torch.nn as nn
 from torchvision.utils import make_grid
 from tqdm import tqdm
 
-from .config import Config, ConfigError, dump_toml
+from .config import Config, ConfigError, auto_meaning, dump_toml
 from .data.pipeline import Data, Normalize, build_data, build_loader
 from .defenses import pgd_examples
 from .distributed import DistInfo, broadcast_buffers, build_device, init_distributed, mean_across_ranks, teardown
@@ -84,12 +84,10 @@ def resolve_auto(cfg: Config, device: torch.device) -> dict:
     """What the ``auto`` settings mean on ``device`` (recorded in meta.json next to the config that says auto):
     deterministic algorithms on the CPU (bit-identical resume), channels-last on a GPU."""
     t = cfg.train
-    return {"device": str(device),
-            "train.deterministic": device.type == "cpu" if t.deterministic == "auto" else t.deterministic,
-            # DeepSpeed flattens parameters into byte buffers: it needs them contiguous, not channels-last
-            "train.channels_last": (device.type == "cuda" and not cfg.deepspeed.enabled) if t.channels_last == "auto"
-            else t.channels_last,
-            "train.compile": t.compile}
+    meant = auto_meaning({"train.deterministic": t.deterministic, "train.channels_last": t.channels_last,
+                          "deepspeed.enabled": cfg.deepspeed.enabled}, device.type)  # one rule with resume's check
+    return {"device": str(device), "train.deterministic": meant["train.deterministic"],
+            "train.channels_last": meant["train.channels_last"], "train.compile": cfg.train.compile}
 
 
 def setup_seed(cfg: Config, resolved: dict) -> None:

@@ -76,13 +76,18 @@ def declare_resources(cfg: Config) -> str:
     """Resolve ``tune.use_gpu = auto`` from what the search is declared to run on, never from the nodes that happen
     to be up (an autoscaling cluster starts with none): yes on a cluster, on a local Ray yes when this machine has a
     CUDA GPU. The resolved value goes into the config every trial gets (and records). Returns a description."""
-    import torch
+    import ray  # optional heavy dependency (Ray), imported only by tune
+    import torch  # start-up time: only a search that runs needs to know whether this machine has a GPU
 
     t = cfg.tune
+    note = ""
     if t.use_gpu == "auto":
         t.use_gpu = "yes" if on_cluster() or torch.cuda.is_available() else "no"
+        if on_cluster() and not ray.cluster_resources().get("GPU"):
+            note = (" (tune.use_gpu=auto: no GPU is up now, so the trials wait for an autoscaler to launch GPU "
+                    "nodes; on a CPU-only cluster pass --tune.use_gpu=no)")
     gpus = f" + {t.gpus_per_worker:g} GPU" if t.use_gpu == "yes" else ""
-    return f"each trial asks for {t.workers} worker(s) x ({t.cpus_per_worker:g} CPU{gpus})"
+    return f"each trial asks for {t.workers} worker(s) x ({t.cpus_per_worker:g} CPU{gpus}){note}"
 
 
 def max_concurrent(cfg: Config) -> int:

@@ -259,7 +259,9 @@ def prefetched(make, depth: int, device: torch.device):
         return False
 
     def work() -> None:
-        # one intra-op thread here: a second OpenMP team would compete with (and spin against) the training thread's
+        # one intra-op thread here: a second OpenMP team would compete with (and spin against) the training thread's;
+        # torch takes the setting as the default of threads started later, so it is put back on the way out
+        before = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
             if cuda:
@@ -278,6 +280,8 @@ def prefetched(make, depth: int, device: torch.device):
             put((end, None))
         except BaseException as e:  # noqa: BLE001 - handed to the consuming thread, which raises it
             put((e, None))
+        finally:
+            torch.set_num_threads(before)
 
     thread = threading.Thread(target=work, name="pst-dist-prefetch", daemon=True)
     thread.start()

@@ -109,12 +109,15 @@ def build_loader(cfg: Config, data: Data, dist_info: DistInfo, device: torch.dev
 
 
 def keep_on_device(setting: bool | str, images: torch.Tensor, device: torch.device) -> bool:
-    """``data.on_device``: never on the CPU; ``auto``: on a GPU when the images take under a quarter of its memory."""
+    """``data.on_device``: never on the CPU; ``auto``: on a GPU when the images take under a quarter of its memory
+    and under half of what is free now (other processes may share it: Ray trials or bench cells with a GPU
+    fraction)."""
     if device.type != "cuda" or setting is False:
         return False
     if setting is True:
         return True
-    return images.numel() * images.element_size() < torch.cuda.get_device_properties(device).total_memory / 4
+    free, total = torch.cuda.mem_get_info(device)
+    return images.numel() * images.element_size() < min(total / 4, free / 2)
 
 
 def beton_data(cfg: Config):
