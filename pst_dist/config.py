@@ -490,9 +490,9 @@ class TuneConfig:
     cpus_per_worker: float = 1.0
     """CPUs each worker reserves."""
     use_gpu: str = "auto"
-    """yes | no | auto: declared, never read off the nodes that happen to be up: on a cluster (RAY_ADDRESS set) auto
-    means yes (an autoscaler launches GPU nodes for the request even when none is up yet); on a local Ray, yes when
-    this machine has a CUDA GPU."""
+    """yes | no | auto (yes when the cluster, or this machine for a local Ray, has GPUs when the search starts).
+    Declare yes on an autoscaling cluster whose GPU workers are not up yet: the request makes the autoscaler
+    launch them (the cluster recipes' searches do)."""
     gpus_per_worker: float = 1.0
     """GPUs each worker asks for when use_gpu is yes (a fraction packs workers on a GPU)."""
     max_concurrent: int = 0

@@ -30,7 +30,7 @@ from .models import build_model
 from .pst.detectors import scatter_ratio
 from .pst.freeze import GroupActivations, trace_units
 from .pst.groups import layer_groups
-from .train import setup_seed, train
+from .train import resolve_auto, setup_seed, train
 
 
 def ridge_probe_accuracy(feats: torch.Tensor, labels: torch.Tensor, num_classes: int, lam: float = 1e-2) -> float:
@@ -138,7 +138,7 @@ def run_diagnose(cfg: Config, out: Path, probe_size: int = 2000, overwrite: bool
         write_atomic(out / "diagnose.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
 
     # epoch 0: an untrained network from the same factory and seed: what random features already separate
-    setup_seed(cfg)
+    setup_seed(cfg, resolve_auto(cfg, device))
     model0 = build_model(cfg.model, s.num_classes, s.shape[0], s.shape[1]).to(device)
     gm0 = trace_units(model0, layer_groups(model0, cfg.model.block_groups), probe["clean"][:2])
     on_epoch(0, {"pst/stage": 0}, gm0)

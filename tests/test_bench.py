@@ -129,6 +129,7 @@ def plain_env() -> dict:
     return {**{k: v for k, v in os.environ.items() if k not in drop}, "OMP_NUM_THREADS": "1"}
 
 
+@pytest.mark.slow  # over a minute; tests/test_deepspeed.py's kill -9 resume tests cover the engine by default
 def test_an_interrupted_deepspeed_cell_resumes_to_the_uninterrupted_result(tmp_path):
     from pst_dist.engine import DeepSpeedEngine
 
@@ -280,6 +281,7 @@ def test_the_ray_runner_gives_the_pools_results_byte_for_byte(own_ray, tmp_path)
     assert not (own_ray.home / ".ray").exists(), "nothing read from or written to ~/.ray"
 
 
+@pytest.mark.slow  # the byte-identical Ray runner test stays in the default run
 @pytest.mark.multiproc
 def test_on_a_cluster_the_ray_runner_records_a_failed_cell_as_the_pool_does(own_ray, tmp_path):
     """RAY_ADDRESS names a running cluster: the bench joins it (no cap on tasks in flight: bench.jobs = 0), a cell

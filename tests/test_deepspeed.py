@@ -54,7 +54,7 @@ def test_freeze_train_unfreeze_under_zero(tmp_path, stage, bf16):
 
 @pytest.mark.multiproc
 @pytest.mark.parametrize("stage", [pytest.param(0, marks=pytest.mark.slow), pytest.param(1, marks=pytest.mark.slow),
-                                   2, 3])
+                                   pytest.param(2, marks=pytest.mark.slow), 3])
 def test_kill_9_mid_stage_then_resume_matches_uninterrupted(tmp_path, stage):
     args = [*BASE, "--train.epochs=4", f"--deepspeed.zero_stage={stage}",
             '--schedule.stages=[{name="a",epochs=1},{name="b",epochs=2,freeze=[0,1]},{name="c"}]']
@@ -76,7 +76,8 @@ def test_kill_9_mid_stage_then_resume_matches_uninterrupted(tmp_path, stage):
 
 
 @pytest.mark.multiproc
-@pytest.mark.parametrize("stage,offload_param", [pytest.param(1, False, marks=pytest.mark.slow), (2, False), (3, False),
+@pytest.mark.parametrize("stage,offload_param", [pytest.param(1, False, marks=pytest.mark.slow),
+                                                  pytest.param(2, False, marks=pytest.mark.slow), (3, False),
                                                   pytest.param(3, True, marks=pytest.mark.slow)],
                          ids=["zero1-offload", "zero2-offload", "zero3-offload", "zero3-offload-param"])
 def test_offload_keeps_freezing_and_resumes(tmp_path, stage, offload_param):

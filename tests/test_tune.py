@@ -302,6 +302,7 @@ def _descendants(pid: int):
         return []
 
 
+@pytest.mark.slow  # 3+ minutes; the default run keeps a two-node search (restores: the slow two-node test too)
 @pytest.mark.multiproc
 def test_a_killed_worker_is_retried_from_its_checkpoint_and_the_search_completes(own_ray, tmp_path):
     out = tmp_path / "search"

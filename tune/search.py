@@ -73,19 +73,19 @@ def init_ray(cfg: Config) -> str:
 
 
 def declare_resources(cfg: Config) -> str:
-    """Resolve ``tune.use_gpu = auto`` from what the search is declared to run on, never from the nodes that happen
-    to be up (an autoscaling cluster starts with none): yes on a cluster, on a local Ray yes when this machine has a
-    CUDA GPU. The resolved value goes into the config every trial gets (and records). Returns a description."""
+    """Resolve ``tune.use_gpu = auto`` once, in the driver: yes when the cluster has GPUs now (on a local Ray: this
+    machine), else no, said in the log line. On an autoscaling cluster whose GPU workers are not up yet, declare
+    ``tune.use_gpu = yes``: the request then makes the autoscaler launch them (``auto`` would train on CPUs). The
+    resolved value goes into the config every trial gets (and records). Returns a description."""
     import ray  # optional heavy dependency (Ray), imported only by tune
-    import torch  # start-up time: only a search that runs needs to know whether this machine has a GPU
 
     t = cfg.tune
     note = ""
     if t.use_gpu == "auto":
-        t.use_gpu = "yes" if on_cluster() or torch.cuda.is_available() else "no"
-        if on_cluster() and not ray.cluster_resources().get("GPU"):
-            note = (" (tune.use_gpu=auto: no GPU is up now, so the trials wait for an autoscaler to launch GPU "
-                    "nodes; on a CPU-only cluster pass --tune.use_gpu=no)")
+        t.use_gpu = "yes" if ray.cluster_resources().get("GPU", 0) > 0 else "no"
+        if t.use_gpu == "no" and on_cluster():
+            note = (" (tune.use_gpu=auto: no GPU on the cluster now, trials run on CPUs; on an autoscaling GPU "
+                    "cluster declare --tune.use_gpu=yes so that the autoscaler launches GPU nodes)")
     gpus = f" + {t.gpus_per_worker:g} GPU" if t.use_gpu == "yes" else ""
     return f"each trial asks for {t.workers} worker(s) x ({t.cpus_per_worker:g} CPU{gpus}){note}"
 
