@@ -858,6 +858,16 @@ def auto_meaning(flat: dict[str, Any], device_type: str) -> dict[str, Any]:
     return out
 
 
+def absolute_paths(cfg: Config, also: tuple[tuple[str, str], ...] = ()) -> None:
+    """Make the data and poison paths (and the ``(section, key)`` paths ``also`` names) absolute, in place: work run
+    in other processes and working directories (Ray tasks and trials, on other nodes of a cluster) must not depend
+    on this one's. Only this machine's ``~`` is expanded (a command sent to a cluster names paths as it sees them)."""
+    for section, key in (("data", "root"), ("poison", "path"), *also):
+        part = getattr(cfg, section)
+        if getattr(part, key):
+            setattr(part, key, str(Path(getattr(part, key)).expanduser().resolve()))
+
+
 def device_type(cfg: Config) -> str:
     """What ``train.device`` means on this machine: cpu | cuda."""
     if cfg.train.device != "auto":

@@ -62,6 +62,19 @@ def init_distributed(device: str, single_process_group: bool = False) -> DistInf
     return DistInfo(rank, world, local)
 
 
+def init_ray() -> str:
+    """Join the Ray cluster ``RAY_ADDRESS`` names (``ray job submit`` / ``ray submit`` set it), or else start a new
+    local Ray of this process's own (``address="local"``: never a cluster someone else started on this machine;
+    ``ray.shutdown()`` stops it). Returns where, for the log."""
+    import ray  # optional heavy dependency (Ray), imported only by the Ray paths (tune, bench.runner = "ray")
+
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True)
+        return f"cluster at {os.environ['RAY_ADDRESS']}"
+    ray.init(address="local", dashboard_host="127.0.0.1", include_dashboard=None)
+    return "a new local Ray (dashboard on 127.0.0.1)"
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -42,9 +42,20 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .config import Config, ConfigError, apply_overrides, auto_meaning, device_type, from_dict, load_config, to_dict
+from .config import (
+    Config,
+    ConfigError,
+    absolute_paths,
+    apply_overrides,
+    auto_meaning,
+    device_type,
+    from_dict,
+    load_config,
+    to_dict,
+)
 from .data.pipeline import build_data
 from .data.sources import Split, fingerprint, load_splits
+from .distributed import init_ray
 from .engine import engine_class
 from .io import atomic_dir, savefig_atomic, write_atomic
 from .poison import PoisonFileError, make_poison, norms, store
@@ -230,10 +241,7 @@ def plan_bench(config: str, overrides: list[str]) -> Bench:
     cfg = load_config(config, overrides)
     b = cfg.bench
     if b.runner == "ray":  # Ray tasks run in a working directory of Ray's choosing (on other nodes of a cluster)
-        b.out = str(Path(b.out).expanduser().resolve())
-        for part, key in ((cfg.data, "root"), (cfg.poison, "path")):
-            if getattr(part, key):
-                setattr(part, key, str(Path(getattr(part, key)).expanduser().resolve()))
+        absolute_paths(cfg, also=(("bench", "out"),))
     base = to_dict(cfg)
     if "pst" in b.defenses and len(cfg.schedule.stages) < 2:
         raise ConfigError(f"bench.defenses has 'pst' but the recipe's [schedule] has {len(cfg.schedule.stages)} "
@@ -338,14 +346,7 @@ class RayRunner:
         self.joined = not ray.is_initialized()  # this command joins (and at close leaves) a Ray
         self.local = self.joined and not os.environ.get("RAY_ADDRESS")  # a new local Ray of its own
         try:
-            if not self.joined:
-                where = "the Ray this process has joined"
-            elif not self.local:
-                ray.init(log_to_driver=True)  # the cluster RAY_ADDRESS names (set by ray job submit / ray submit)
-                where = f"cluster at {os.environ['RAY_ADDRESS']}"
-            else:  # address="local": always a new Ray of this process's own, never one someone started on this machine
-                ray.init(address="local", dashboard_host="127.0.0.1", include_dashboard=None)
-                where = "a new local Ray (dashboard on 127.0.0.1)"
+            where = init_ray() if self.joined else "the Ray this process has joined"
             b = bench.cfg.bench
             gpus, why = self.task_gpus(bench.cfg, ray.cluster_resources())
             cap = f"at most {bench.jobs} in flight (bench.jobs)" if bench.jobs else "as many in flight as fit"

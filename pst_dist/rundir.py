@@ -114,14 +114,18 @@ def remove_run_files(run_dir: Path) -> list[str]:
 def keep_metrics_until(run_dir: Path, step: int) -> None:
     """On resume: drop metrics.jsonl lines logged after the checkpoint's step (they are logged again), so the file
     holds each step once."""
+    keep_lines_until(run_dir / "metrics.jsonl", "step", step)
 
-    f = run_dir / "metrics.jsonl"
+
+def keep_lines_until(f: Path, key: str, last: int) -> None:
+    """Drop the lines of the JSON-lines file ``f`` whose ``key`` is past ``last`` (a resumed or restored run writes
+    them again), and lines torn by a kill; nothing when ``f`` does not exist."""
     if not f.is_file():
         return
     kept = []
     for line in f.read_text(encoding="utf-8").splitlines():
         try:
-            if json.loads(line).get("step", 0) <= step:
+            if json.loads(line).get(key, 0) <= last:
                 kept.append(line + "\n")
         except json.JSONDecodeError:  # a line torn by a kill: the run logs it again
             continue

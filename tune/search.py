@@ -10,7 +10,8 @@ import os
 import sys
 from pathlib import Path
 
-from pst_dist.config import Config, ConfigError, to_dict
+from pst_dist.config import Config, ConfigError, absolute_paths, to_dict
+from pst_dist.distributed import init_ray as start_ray
 from pst_dist.models import build_model
 from pst_dist.pst.groups import layer_groups
 from pst_dist.pst.schedule import Schedule
@@ -25,16 +26,6 @@ def num_groups(cfg: Config) -> int:
     not depend on channels or classes)."""
 
     return len(layer_groups(build_model(cfg.model, 10, 3, cfg.data.img_size), cfg.model.block_groups))
-
-
-def absolute_paths(cfg: Config) -> None:
-    """Trials run in other processes and directories (other machines on a cluster): no relative paths. Only this
-    machine's ``~`` is expanded (a command sent to a cluster should name the path as the cluster sees it)."""
-    for section, key in (("data", "root"), ("poison", "path"), ("tune", "out")):
-        obj = getattr(cfg, section)
-        value = getattr(obj, key)
-        if value:
-            setattr(obj, key, str(Path(value).expanduser().resolve()))
 
 
 def param_space(cfg: Config, groups: int) -> dict:
@@ -62,14 +53,7 @@ def on_cluster() -> bool:
 def init_ray(cfg: Config) -> str:
     import ray  # optional heavy dependency (Ray), imported only by tune
 
-    if ray.is_initialized():
-        return "already initialised"
-    if on_cluster():
-        ray.init(log_to_driver=True)  # attaches to the cluster RAY_ADDRESS names (set by ray job submit / ray submit)
-        return f"cluster at {os.environ['RAY_ADDRESS']}"
-    # address="local": always a new Ray of this process's own, never a cluster someone started on this machine
-    ray.init(address="local", dashboard_host="127.0.0.1", include_dashboard=None)
-    return "a new local Ray (dashboard on 127.0.0.1)"
+    return "already initialised" if ray.is_initialized() else start_ray()
 
 
 def declare_resources(cfg: Config) -> str:
@@ -110,7 +94,7 @@ def max_concurrent(cfg: Config) -> int:
     return fits
 
 
-def build_tuner(cfg: Config, search_dir: Path, resume: bool, groups: int):
+def build_tuner(cfg: Config, search_dir: Path, resume: bool, groups: int, concurrent: int):
     from ray import tune  # optional heavy dependency (Ray), imported only by tune
 
     # optional heavy dependency (Ray), imported only by tune
@@ -136,7 +120,7 @@ def build_tuner(cfg: Config, search_dir: Path, resume: bool, groups: int):
         tune_config=tune.TuneConfig(metric="val_acc", mode="max", scheduler=scheduler,
                                     num_samples=1 if t.search == "grid" else t.num_samples,
                                     search_alg=BasicVariantGenerator(random_state=t.seed,
-                                                                     max_concurrent=max_concurrent(cfg))),
+                                                                     max_concurrent=concurrent)),
         run_config=tune.RunConfig(name=t.name, storage_path=str(Path(t.out)),
                                   failure_config=tune.FailureConfig(max_failures=t.max_failures), verbose=1))
 
@@ -144,7 +128,7 @@ def build_tuner(cfg: Config, search_dir: Path, resume: bool, groups: int):
 def run_search(cfg: Config, resume: bool = False, log=lambda m: print(m, file=sys.stderr)) -> dict:
     """Run (or continue) the search; write results.csv / results.md / trials.png / best_schedule.toml into
     ``<tune.out>/<tune.name>/``. Returns the report summary."""
-    absolute_paths(cfg)
+    absolute_paths(cfg, also=(("tune", "out"),))
     groups = num_groups(cfg)
     check_space(cfg, groups)  # every error before Ray starts
     search_dir = Path(cfg.tune.out) / cfg.tune.name
@@ -158,8 +142,11 @@ def run_search(cfg: Config, resume: bool = False, log=lambda m: print(m, file=sy
 
         if not Tuner.can_restore(str(search_dir)):
             raise ConfigError(f"--resume: no search to continue at {search_dir} (tune.out / tune.name)")
-    log(f"[tune] Ray: {init_ray(cfg)}; search directory {search_dir}; {declare_resources(cfg)}; at most "
-        f"{max_concurrent(cfg) or 'any number of'} trials at once")
-    tuner = build_tuner(cfg, search_dir, resume, groups)
+    where = init_ray(cfg)
+    resources = declare_resources(cfg)  # before max_concurrent: it resolves tune.use_gpu
+    concurrent = max_concurrent(cfg)
+    log(f"[tune] Ray: {where}; search directory {search_dir}; {resources}; at most "
+        f"{concurrent or 'any number of'} trials at once")
+    tuner = build_tuner(cfg, search_dir, resume, groups, concurrent)
     results = tuner.fit()
     return write_reports(cfg, results, search_dir, log)

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from pst_dist.checkpoint import CheckpointError
 from pst_dist.config import Config, from_dict, to_dict
 from pst_dist.engine import Engine, engine_class
-from pst_dist.io import write_atomic
+from pst_dist.rundir import keep_lines_until
 from pst_dist.train import train
 
 from .space import trial_config
@@ -49,32 +49,27 @@ def restore_run_dir(layout: type[Engine], source, run_dir: Path, rank: int, loca
     """Lay the checkpoint ``source`` into the run directory: rank 0 first; then, after a barrier, the first process of
     every other node, only where its node does not see rank 0's copy (run directories on node-local disks). A shared
     run directory is written once, never by two nodes at the same time."""
-    def seen_here() -> int | None:
+    def restore(d: Path) -> None:
+        epoch = layout.restore_checkpoint(d, run_dir)
+        with open(run_dir / "restores.jsonl", "a") as f:  # the evidence a fault test looks for
+            f.write(json.dumps({"rank": rank, "epoch": epoch, "node_id": node, "from": str(source.path)}) + "\n")
+        keep_lines_until(run_dir / "nodes.jsonl", "epoch", epoch)  # the epochs after it are trained again
+
+    def seen_here(wanted: int | None) -> bool:
         try:
-            return layout.checkpoint_epoch(run_dir)
+            return layout.checkpoint_epoch(run_dir) == wanted
         except CheckpointError:  # a stale or partial checkpoint on this node: restore over it
-            return None
+            return False
 
     with source.as_directory() as d:
-        wanted = layout.checkpoint_epoch(Path(d))
-        for turn in (0, 1):
-            if turn == 0 and rank == 0 or turn == 1 and rank != 0 and local_rank == 0 and seen_here() != wanted:
-                epoch = layout.restore_checkpoint(Path(d), run_dir)
-                with open(run_dir / "restores.jsonl", "a") as f:  # the evidence a fault test looks for
-                    f.write(json.dumps({"rank": rank, "epoch": epoch, "node_id": node, "from": str(source.path)})
-                            + "\n")
-                if rank == 0:  # the epochs after the checkpoint are trained again: their node lines go
-                    keep_node_lines_until(run_dir, epoch)
-            if dist.is_initialized():
-                dist.barrier()
-
-
-def keep_node_lines_until(run_dir: Path, epoch: int) -> None:
-    """Drop the lines of ``nodes.jsonl`` for epochs after ``epoch`` (a restore trains them again)."""
-    f = run_dir / "nodes.jsonl"
-    if f.is_file():
-        lines = [ln for ln in f.read_text().splitlines() if ln.strip() and json.loads(ln)["epoch"] <= epoch]
-        write_atomic(f, "".join(ln + "\n" for ln in lines))
+        if rank == 0:
+            restore(Path(d))
+        if dist.is_initialized():
+            dist.barrier()
+        if rank != 0 and local_rank == 0 and not seen_here(layout.checkpoint_epoch(Path(d))):
+            restore(Path(d))  # this node does not see rank 0's run directory (node-local disk)
+        if dist.is_initialized():
+            dist.barrier()
 
 
 def worker_loop(loop: dict) -> None:
@@ -100,8 +95,7 @@ def worker_loop(loop: dict) -> None:
 
     def on_epoch(epoch: int, logs: dict, gm, engine) -> None:
         metrics = {REPORTED[k]: float(v) for k, v in logs.items() if k in REPORTED}
-        metrics["node_id"] = node  # where rank 0 trained this epoch
-        if rank == 0:  # and in the run directory at once (Tune's own result files are written later, in batches)
+        if rank == 0:  # where it trained this epoch, at once (Tune's own result files are written later, in batches)
             with open(run_dir / "nodes.jsonl", "a") as f:
                 f.write(json.dumps({"epoch": epoch, "node_id": node}) + "\n")
         stage = _stage_checkpoint(layout, run_dir, epoch, rank, local_rank)
