@@ -56,3 +56,18 @@ def test_recipes_load():
 
     for p in sorted(Path(__file__).parent.parent.glob("launch/configs/*.toml")):
         load_config(p)
+
+
+def test_every_recipe_resolves_to_a_pst_schedule():
+    """Each recipe in launch/configs trains PST: more than one stage, and some stage freezes or rescales a layer group
+    (the CIFAR recipe once said PST but had no [schedule], which resolves to one plain standard stage)."""
+    from pathlib import Path
+
+    recipes = sorted(Path(__file__).parent.parent.glob("launch/configs/*.toml"))
+    assert any(p.name == "cifar10_resnet18_patch.toml" for p in recipes)
+    for p in recipes:
+        if p.name == "tune_fmnist.toml":
+            continue  # its stages are the template the search fills in (tune/space.py), tested in test_tune.py
+        stages = load_config(p).schedule.stages
+        assert len(stages) >= 2, f"{p.name}: {len(stages)} stage(s)"
+        assert any(s.freeze or s.group_mults for s in stages), f"{p.name}: no stage freezes or rescales a group"
