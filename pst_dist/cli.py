@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from .checkpoint import CheckpointError
@@ -68,9 +69,12 @@ def cmd_poison(args: argparse.Namespace, rest: list[str]) -> int:
     from .data.pipeline import write_poisoned  # start-up time: each command imports only what it runs
 
     cfg = load_config(args.config, _split_overrides(rest))
+    if args.import_file:  # a poison made elsewhere, checked against the clean data and stored as ours
+        cfg.poison = replace(cfg.poison, kind="file", path=args.import_file)
     meta = write_poisoned(cfg, Path(args.out), overwrite=args.overwrite, log=lambda m: print(m, file=sys.stderr))
     n = meta["norms"]
-    print(f"{args.out}: {meta['attack']} on {meta['source']} {meta['shape']}; Linf {n['linf'] * 255:.0f}/255, "
+    what = f"imported {args.import_file}" if args.import_file else meta["attack"]
+    print(f"{args.out}: {what} on {meta['source']} {meta['shape']}; Linf {n['linf'] * 255:.0f}/255, "
           f"L2 mean {n['l2_mean']:.3f} max {n['l2_max']:.3f}, L0 mean {n['l0_mean']:.1f}; {meta['seconds']} s. "
           f"Train on it: --poison.kind=file --poison.path={args.out}")
     return 0
@@ -174,6 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", help="TOML recipe: its [data] and [poison] sections")
     p.add_argument("--out", required=True, help="output directory (train_images.npy + poison.json)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier `pst-dist poison` output in --out")
+    p.add_argument("--import", dest="import_file", metavar="FILE", help="instead of generating, import a poison "
+                   "made elsewhere (poison.kind=file's formats: an Unlearnable-Examples perturbation.pt, an APBench "
+                   "export, a folder of images, ...), checked against the clean data and budget poison.eps")
     p.set_defaults(fn=cmd_poison)
     p = sub.add_parser("bench", help="attack x defense matrix over seeds ([bench] section): CSV, markdown table, "
                        "heatmap; resumes, skipping finished cells")

@@ -107,9 +107,15 @@ class PoisonConfig:
     path: str = ""
     """kind=file: .pt (loaded with weights_only=True) or .npy, one row per image of the source's training split
     in its own order, N x C x H x W or N x H x W x C: float offsets in [0, 1] pixel units, or uint8 poisoned
-    images; its L-inf norm must stay within eps. Or a directory written by ``pst-dist poison`` (checked against
-    its recorded norms and file hash). Or a folder of image files, one per training image named by its row
-    (``00042.png``), flat or in numeric class folders (``3/00042.png``, checked against the labels); L-inf <= eps."""
+    images; or K x C x H x W float offsets, one per class (Unlearnable-Examples' class-wise perturbation.pt). Its
+    L-inf norm must stay within eps. Or a directory written by ``pst-dist poison`` (checked against its recorded
+    norms and file hash). Or a folder of image files, one per training image named by its row (``00042.png``),
+    flat, in numeric class folders (``3/00042.png``, checked against the labels) or under ``data/`` (APBench's
+    export); or APBench's numpy export (poisoned_training_data.npy + poisoned_training_labels.npy); L-inf <= eps."""
+    offsets: str = "signed"
+    """kind=file, float offsets: signed (each pixel + round(255 * offset), clipped to 0..255) | ue (as
+    Unlearnable-Examples' dataset.py applies its perturbation.pt: 255 * offset clamped to [0, 255] first, so
+    negative offsets are dropped, then added, clipped and truncated to uint8; to reproduce its published runs)."""
     eps: float = 8 / 255
     """L-inf budget in [0, 1] pixel units; must lie in (0, 1]."""
     patch_size: int = 4
@@ -120,7 +126,12 @@ class PoisonConfig:
     blur_kernel: int = 3
     """conv_blur: side of the class kernels (odd)."""
     seed: int = 0
-    """The poison's own seed (class patterns; the surrogate's init and data order of em/rem/tap)."""
+    """The poison's own seed (class patterns; the surrogate's init and data order of em/rem/tap; the rows
+    ``ratio`` poisons)."""
+    ratio: float = 1.0
+    """Fraction of the training images poisoned, in (0, 1]; the others stay clean. round(ratio * n) of the n
+    training images: those first in a permutation of the source's rows drawn from ``seed``
+    (:func:`pst_dist.poison.partial.poisoned_mask`)."""
     granularity: str = "sample"
     """em: sample (a noise per image) | class (one noise per class)."""
     steps: int = 20
@@ -159,6 +170,9 @@ class PoisonConfig:
                f"stop_error={self.stop_error} in [0, 1), lr={self.lr} > 0")
         _check(self.kind in POISONS, f"poison.kind={self.kind!r}: expected one of {sorted(POISONS)}")
         _check(0 < self.eps <= 1, f"poison.eps={self.eps}: must lie in (0, 1]")
+        _check(0 < self.ratio <= 1, f"poison.ratio={self.ratio}: must lie in (0, 1] (the fraction of the training "
+               f"images poisoned)")
+        _check(self.offsets in ("signed", "ue"), f"poison.offsets={self.offsets!r}: expected signed|ue")
         _check(self.patch_size >= 1, f"poison.patch_size={self.patch_size}: must be >= 1")
         _check(self.l2 >= 0, f"poison.l2={self.l2}: must be >= 0 (0 = the default for the data size)")
         _check(self.blur_kernel >= 1 and self.blur_kernel % 2 == 1,

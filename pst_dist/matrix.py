@@ -45,6 +45,7 @@ from tqdm import tqdm
 from .config import (
     Config,
     ConfigError,
+    PoisonConfig,
     absolute_paths,
     apply_overrides,
     auto_meaning,
@@ -109,7 +110,7 @@ def generate_poison(base: dict, attack: str, seed: int, path: str, threads: int)
                                  splits.num_classes, full=cfg)
     seconds = time.time() - t0
     order = torch.argsort(tr.index)  # the store's order: the source's
-    meta = {"format": store.FORMAT, "attack": attack, "parameters": asdict(cfg.poison), "seed": seed,
+    meta = {"format": store.FORMAT, "attack": attack, "parameters": store.parameters(cfg.poison), "seed": seed,
             "source": cfg.data.source,
             "fingerprint": {"clean_train_sha256": fingerprint(Split(tr.images[order], tr.labels[order],
                                                                     tr.index[order]))},
@@ -275,9 +276,10 @@ def cached_poisons(bench: Bench) -> tuple[dict[tuple[str, int], dict], list[tupl
             except PoisonFileError as e:  # e.g. cached by an earlier version (its own format): not reused
                 raise ConfigError(f"{pdir} is not a poison store this version reads ({e}); remove it or choose "
                                   f"another bench.out") from None
-            want = asdict(poison_cfg(bench.base, a, s).poison)
-            if diff := changes(meta["parameters"], want):  # a resumed bench must not reuse a poison made with
-                # other settings
+            want = store.parameters(poison_cfg(bench.base, a, s).poison)  # not poison.ratio: the cache holds every
+            # image poisoned and each cell applies its ratio (a cell is keyed by its whole recipe, ratio included)
+            was = {**store.parameters(PoisonConfig()), **meta["parameters"]}  # a key newer than the cache: default
+            if diff := changes(was, want):  # a resumed bench must not reuse a poison made with other settings
                 raise ConfigError(f"{pdir} was made with other poison settings (cached, now): {diff}; remove it "
                                   f"or choose another bench.out")
             gen[(a, s)] = meta

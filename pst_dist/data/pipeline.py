@@ -20,7 +20,7 @@ from ..config import Config, ConfigError
 from ..defenses import squeeze_train
 from ..distributed import DistInfo
 from ..io import check_out_dir, enter_out_dir, sha256, write_failed
-from ..poison import make_poison, norms, poison_train, store
+from ..poison import make_poison, mix_clean, norms, poison_train, store
 from . import beton
 from .beton import BetonDir
 from .loaders import TensorBatches
@@ -52,7 +52,8 @@ class Normalize:
 
 def build_data(cfg: Config, poisoned: torch.Tensor | None = None) -> Data:
     """The splits and the training images the model sees: ``cfg.poison`` applied (or ``poisoned``, the same
-    training split already poisoned, e.g. cached by ``pst-dist bench``), then ``cfg.defense``'s squeezing."""
+    training split already poisoned, every image), to the fraction ``poison.ratio`` of the images
+    (:mod:`pst_dist.poison.partial`; the others clean), then ``cfg.defense``'s squeezing."""
     if cfg.data.source == "beton":
         if cfg.defense.kind != "none":
             raise ConfigError(f"defense.kind={cfg.defense.kind!r} with data.source='beton': the .beton holds the "
@@ -67,6 +68,11 @@ def build_data(cfg: Config, poisoned: torch.Tensor | None = None) -> Data:
     elif poisoned.shape != tr.images.shape or poisoned.dtype != torch.uint8:
         raise DataError(f"poisoned training images: expected uint8 {tuple(tr.images.shape)}, found "
                          f"{poisoned.dtype} {tuple(poisoned.shape)}")
+    poisoned, k = mix_clean(poisoned, tr.images, tr.index, splits.source_train_size, cfg.poison)
+    if k < len(tr):
+        print(f"[poison] poison.ratio={cfg.poison.ratio}: {k} of {len(tr)} training images poisoned "
+              f"({cfg.poison.kind}), the other {len(tr) - k} clean; rows drawn from poison.seed={cfg.poison.seed}",
+              file=sys.stderr)
     poisoned = squeeze_train(poisoned, cfg.defense)  # a baseline defense on the training images (none by default)
     mean, std = channel_stats(tr.images)  # refuses a constant channel (std 0 would train to NaN)
     return Data(splits, poisoned, mean, std.clamp_min(1e-3))
@@ -190,21 +196,24 @@ def write_betons(cfg: Config, out: Path, *, overwrite: bool = False, write_mode:
 
 
 def write_poisoned(cfg: Config, out: Path, *, overwrite: bool = False, log: Callable[[str], None] = print) -> dict:
-    """Poison every training image of ``cfg.data``'s source with ``cfg.poison`` and store it at ``out``.
+    """Poison every training image of ``cfg.data``'s source with ``cfg.poison`` and store it at ``out``; with
+    poison.kind='file', import the poison poison.path names (checked against the clean images as training would).
+    Every image is stored poisoned: poison.ratio applies when training reads the store.
 
     ``out`` is checked before anything is generated (:func:`pst_dist.io.check_out_dir`): it must be new, empty, or
     an earlier store to be replaced with ``overwrite``; OutputError otherwise, and nothing there is touched."""
-    if cfg.poison.kind in ("none", "file"):
-        raise ConfigError(f"pst-dist poison: poison.kind={cfg.poison.kind!r} is not an attack to generate")
+    if cfg.poison.kind == "none":
+        raise ConfigError("pst-dist poison: poison.kind='none' is not an attack to generate (or --import FILE)")
     out = Path(out)
     replace = check_out_dir(out, command="poison", marker=store.META, owned=store.OWNED, overwrite=overwrite,
                             is_ours=store.is_store)
     with contextlib.ExitStack() as stack:
         tmp = enter_out_dir(stack, out, replace)  # first: an unwritable --out fails before hours of em/rem/tap
         data = copy.deepcopy(cfg.data)
-        data.val_from, data.train_size = "test", 0  # every image of the source's training split
-        splits = load_splits(data)
-        tr = splits.train
+        data.train_size = 0  # every image of the source's training split: the validation images carved from it too
+        splits = load_splits(data)  # (as the recipe does: the synthetic source sizes its split by data.val_from)
+        parts = [splits.train, splits.val] if data.val_from == "train" else [splits.train]
+        tr = Split(*(torch.cat([getattr(s, k) for s in parts]) for k in ("images", "labels", "index")))
         order = torch.argsort(tr.index)  # back to the source's own order
         if len(order) != splits.source_train_size:
             raise ConfigError(f"pst-dist poison: expected all {splits.source_train_size} training images, got "
@@ -214,8 +223,9 @@ def write_poisoned(cfg: Config, out: Path, *, overwrite: bool = False, log: Call
         poisoned, info = make_poison(clean.images, clean.labels, clean.index, splits.source_train_size, cfg.poison,
                                 splits.num_classes, full=cfg)
         seconds = time.time() - t0
-        log(f"[poison] {cfg.poison.kind} on {len(clean)} images of {cfg.data.source}: {seconds:.1f} s")
-        meta = {"format": store.FORMAT, "attack": cfg.poison.kind, "parameters": asdict(cfg.poison),
+        what = f"imported {cfg.poison.path}" if cfg.poison.kind == "file" else cfg.poison.kind
+        log(f"[poison] {what} on {len(clean)} images of {cfg.data.source}: {seconds:.1f} s")
+        meta = {"format": store.FORMAT, "attack": cfg.poison.kind, "parameters": store.parameters(cfg.poison),
                 "seed": cfg.poison.seed, "source": cfg.data.source, "shape": list(poisoned.shape),
                 "fingerprint": {"clean_train_sha256": fingerprint(clean)}, "norms": norms(clean.images, poisoned),
                 "seconds": round(seconds, 2), "model_based": info}  # what a model-based attack did (rounds, errors)

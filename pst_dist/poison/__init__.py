@@ -10,15 +10,18 @@ from ..registry import ATTACKS
 from .budget import PoisonFileError, norms
 from .cheap import apply_poison, class_patterns
 from .imported import import_poison
+from .partial import mix_clean, poisoned_mask
 
 
 def make_poison(images: torch.Tensor, labels: torch.Tensor, index: torch.Tensor, source_size: int,
                 cfg: PoisonConfig, num_classes: int, full: Config | None = None) -> tuple[torch.Tensor, dict]:
-    """(poisoned uint8 copy of a training split, what the attack did: e.g. a surrogate's rounds and error, for
-    poison.json). ``index``: rows in the source's split of ``source_size``. The model-based attacks need the whole
-    config ``full`` (surrogate model, device, precision)."""
+    """(poisoned uint8 copy of a training split, every image poisoned, what the attack did: e.g. a surrogate's rounds
+    and error, for poison.json). ``index``: rows in the source's split of ``source_size``. The model-based attacks
+    need the whole config ``full`` (surrogate model, device, precision). ``poison.ratio`` is applied after, by
+    :func:`mix_clean`."""
     if cfg.kind == "file":
-        return import_poison(images, index, source_size, cfg, labels, verify=full is None or full.data.verify), {}
+        return import_poison(images, index, source_size, cfg, labels, num_classes=num_classes,
+                             verify=full is None or full.data.verify), {}
     if cfg.kind == "none":
         return images.clone(), {}
     entry = ATTACKS.entry(cfg.kind)
@@ -35,5 +38,5 @@ def poison_train(images: torch.Tensor, labels: torch.Tensor, index: torch.Tensor
     return make_poison(images, labels, index, source_size, cfg, num_classes, full)[0]
 
 
-__all__ = ["PoisonFileError", "apply_poison", "class_patterns", "import_poison", "make_poison", "norms",
-           "poison_train"]
+__all__ = ["PoisonFileError", "apply_poison", "class_patterns", "import_poison", "make_poison", "mix_clean", "norms",
+           "poison_train", "poisoned_mask"]

@@ -1,7 +1,8 @@
 """Poisons made elsewhere as a folder of image files: one file per training image, named by its row in the source's
 training split (``00042.png``, any zero padding), either flat or in one subfolder per class (``3/00042.png``, the
-folder name being the label, checked). PNG / BMP / TIFF are lossless; JPEG files are read but warned about (JPEG is
-itself a defense against these poisons, so results on them measure poison + JPEG). Files are decoded by
+folder name being the label, checked); a folder holding only ``data/`` is read there (APBench's
+``<attack>_poisons/<dataset>/data/42.png``). PNG / BMP / TIFF are lossless; JPEG files are read but warned about (JPEG
+is itself a defense against these poisons, so results on them measure poison + JPEG). Files are decoded by
 :func:`pst_dist.data.sources.decode_image`, as image folders are: 8-bit modes only (alpha discarded), 16-bit / float
 images and decompression bombs refused by name."""
 
@@ -52,6 +53,9 @@ def index_files(path: Path, source_size: int) -> dict[int, tuple[Path, int | Non
 def read_folder(path: Path, images: torch.Tensor, labels: torch.Tensor, index: torch.Tensor, source_size: int
                 ) -> torch.Tensor:
     """uint8 poisoned images for ``images`` (rows ``index`` of the source's training split), read from ``path``."""
+    if (path / "data").is_dir() and not any(p.name.isdigit() or p.suffix.lower() in IMAGE_SUFFIXES
+                                            for p in path.iterdir()):
+        path = path / "data"  # APBench's export: <attack>_poisons/<dataset>/data/<row>.png
     files = index_files(path, source_size)
     if len(files) != source_size:
         missing = [r for r in range(source_size) if r not in files][:5]

@@ -9,7 +9,9 @@ sorted by source index, with ``rows.npy`` (int64, their source indices) beside t
 store lacks is refused. It is built in a hidden sibling directory and renamed into place
 (:func:`pst_dist.io.atomic_dir`), so an interrupted run leaves nothing that looks complete; an existing ``--out`` is
 used only when empty, or replaced only when it holds an earlier store and ``--overwrite`` was given. Training reads it
-with ``poison.kind = "file"`` and ``poison.path = <directory>``.
+with ``poison.kind = "file"`` and ``poison.path = <directory>``. ``pst-dist poison --import FILE`` stores a poison made
+elsewhere the same way (attack ``file``, its L-inf budget ``parameters.eps``). A store holds every image poisoned;
+``poison.ratio`` is applied when training reads it, so poison.json does not record it.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import json
 import math
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -33,9 +36,15 @@ META = "poison.json"
 ARRAY = "train_images.npy"
 ROWS = "rows.npy"  # a store of some of the source's training images: their source indices
 OWNED = (ARRAY, META, ROWS)  # everything a store holds: nothing else in --out is ever replaced
-LINF_ATTACKS = tuple(n for n, e in ATTACKS.items() if e.data.get("budget") == "linf")  # the registry says
+LINF_ATTACKS = (*(n for n, e in ATTACKS.items() if e.data.get("budget") == "linf"), "file")  # the registry says;
+# file: an imported poison, checked against the poison.eps it was imported with
 L2_ATTACKS = tuple(n for n, e in ATTACKS.items() if e.data.get("budget") == "l2")
 L0_ATTACKS = tuple(n for n, e in ATTACKS.items() if e.data.get("budget") == "l0")
+
+
+def parameters(cfg: PoisonConfig) -> dict:
+    """poison.json's ``parameters``: the poison settings, less ``ratio`` (applied when training reads the store)."""
+    return {k: v for k, v in asdict(cfg).items() if k != "ratio"}
 
 
 def is_store(out: Path) -> bool:
@@ -113,8 +122,8 @@ def read_meta(path: Path) -> dict:
     if meta.get("format") != FORMAT:
         raise _meta_error(meta_file, "format", meta.get("format"), repr(FORMAT))
     attack = meta.get("attack")
-    if not isinstance(attack, str) or attack not in POISONS - {"none", "file"}:
-        raise _meta_error(meta_file, "attack", attack, f"one of {sorted(POISONS - {'none', 'file'})}")
+    if not isinstance(attack, str) or attack not in POISONS - {"none"}:
+        raise _meta_error(meta_file, "attack", attack, f"one of {sorted(POISONS - {'none'})}")
     shape = meta.get("shape")
     if not isinstance(shape, list) or len(shape) != 4 or not all(type(v) is int and v >= 1 for v in shape):
         raise _meta_error(meta_file, "shape", shape, "4 positive integers (N, C, H, W)")
