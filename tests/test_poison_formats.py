@@ -210,6 +210,15 @@ def test_ratio_outside_unit_interval_refused(ratio):
         cfg_of("--poison.kind=classwise_noise", f"--poison.ratio={ratio}")
 
 
+def test_ratio_travels_with_the_config():
+    """tune trials and bench cells rebuild their config from its dict (tune/trial.py, pst_dist.matrix)."""
+    from pst_dist.config import Config, dump_toml, from_dict, to_dict
+
+    cfg = cfg_of("--poison.kind=classwise_noise", "--poison.ratio=0.5")
+    assert from_dict(Config, to_dict(cfg)).poison.ratio == 0.5
+    assert "ratio = 0.5" in dump_toml(cfg)
+
+
 def test_ratio_that_poisons_nothing_refused():
     with pytest.raises(ConfigError, match=r"poison.ratio=0.001 poisons none of the 256 training images"):
         build_data(cfg_of("--poison.kind=classwise_noise", "--poison.ratio=0.001"))
