@@ -156,8 +156,13 @@ class PoisonConfig:
     """em/rem/tap: the surrogate's SGD learning rate (momentum 0.9, weight decay 5e-4)."""
     check_size: int = 2048
     """rem: images of the fixed subset the robust error is measured on after each round."""
+    eot: int = 0
+    """em/rem: Expectation over Transformation (REM's reference: 5 copies): the surrogate trains on batches
+    augmented as data.augment does (crop or crop_flip), and each noise step sums its gradient over this many augmented
+    copies per image (each step costs eot times as much); 0 = no augmentation in the attack."""
 
     def __post_init__(self) -> None:
+        _check(self.eot >= 0, f"poison.eot={self.eot}: must be >= 0")
         _check(self.granularity in ("sample", "class"),
                f"poison.granularity={self.granularity!r}: expected sample|class")
         _check(self.steps >= 1 and self.train_steps >= 0 and self.max_rounds >= 1 and self.adv_steps >= 1

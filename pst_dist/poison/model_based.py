@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..config import Config
+from ..data.loaders import apply_params, draw_params, to_device
 from ..defenses import pgd_examples
 from ..distributed import all_reduce_grads, broadcast_buffers, build_device
 from ..models import build_model
@@ -84,6 +85,14 @@ class _Attack:
         self.model, self.opt = _surrogate(cfg, num_classes, tuple(images.shape[1:]), self.seams, self.p.seed)
         self.bs = min(self.p.batch_size, self.n)
         self.stream = _batches(self.n, self.bs, self.g)
+        self.aug_mode = "none"  # em/rem with poison.eot: the training's augmentation
+        self.aug_g = torch.Generator().manual_seed(self.p.seed + 1_000_003 * (self.seams.rank + 1))
+
+    def augment(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` (floats) augmented by ``aug_mode``, differentiably, with this rank's own random numbers."""
+        dev = self.seams.device
+        params = draw_params(self.aug_mode, tuple(x.shape), self.aug_g, dev)
+        return apply_params(x, self.aug_mode, to_device(params, dev))
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         with self.seams.autocast():
@@ -92,15 +101,16 @@ class _Attack:
     def my_share(self, idx: torch.Tensor) -> torch.Tensor:
         return idx[self.seams.rank:: self.seams.world]
 
-    def train_steps(self, steps: int, delta_of) -> None:
-        """``steps`` SGD steps of the surrogate on poisoned batches (``delta_of(idx, x)`` gives their perturbation)."""
+    def train_steps(self, steps: int, delta_of, inputs_of=None) -> None:
+        """``steps`` SGD steps of the surrogate on poisoned batches (``delta_of(idx, x)`` gives their perturbation;
+        ``inputs_of(idx, x)``, if given, the whole batch to train on instead)."""
 
         self.model.train()
         for _ in range(steps):
             idx = self.my_share(next(self.stream))
             idx_d = idx.to(self.seams.device)
             xb = self.x[idx_d]
-            xb = (xb + delta_of(idx_d, xb)).clamp(0, 1).detach()
+            xb = (inputs_of(idx_d, xb) if inputs_of else (xb + delta_of(idx_d, xb)).clamp(0, 1)).detach()
             loss = F.cross_entropy(self.logits(xb), self.y[idx_d])
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -170,11 +180,21 @@ def em(images: torch.Tensor, labels: torch.Tensor, cfg: Config, num_classes: int
     """EM (``robust``: REM). Rounds of: ``train_steps`` surrogate steps on the poisoned data (REM: on its PGD
     examples of radius ``adv_eps``), then ``steps`` signed-gradient descent steps of size ``step_size`` on the noise
     for every image (REM: each step against a fresh PGD example), until the surrogate's error on the poisoned data
-    (REM: robust error on a fixed subset) is at most ``stop_error`` or ``max_rounds`` have run."""
+    (REM: robust error on a fixed subset) is at most ``stop_error`` or ``max_rounds`` have run.
+
+    With ``eot`` > 0 (Expectation over Transformation, REM's reference): the surrogate trains on batches augmented
+    as training augments them (``data.augment``: crop or crop_flip), and each noise step follows the gradient
+    summed over ``eot`` augmented copies of every image (REM: each with its own PGD example), through the
+    augmentation; a noise step then costs ``eot`` times as much."""
     t0 = time.time()
     a = _Attack(images, labels, cfg, num_classes)
     p, dev = a.p, a.seams.device
     name = "rem" if robust else "em"
+    if p.eot:
+        if cfg.data.augment not in ("none", "crop", "crop_flip"):
+            raise ValueError(f"poison.eot={p.eot} differentiates through the training augmentation: data.augment="
+                             f"{cfg.data.augment!r} is not supported (crop, crop_flip or none; or poison.eot=0)")
+        a.aug_mode = cfg.data.augment
     classwise = p.granularity == "class"
     alpha = _step_size(p, 0.1)
     # uniform random start in the ball (as EM's reference does), drawn on the CPU from the poison's seed
@@ -192,13 +212,24 @@ def em(images: torch.Tensor, labels: torch.Tensor, cfg: Config, num_classes: int
         with torch.enable_grad():
             return pgd_examples(a.model, xu, a.y[idx], a.normalize, *adv) - xb
 
+    def train_inputs(idx: torch.Tensor, xb: torch.Tensor) -> torch.Tensor:
+        """EOT: the surrogate's batch: the augmented poisoned images (REM: their PGD examples)."""
+        xu = a.augment((xb + delta_of(idx, xb)).clamp(0, 1))
+        if not robust:
+            return xu
+        with torch.enable_grad():
+            return pgd_examples(a.model, xu, a.y[idx], a.normalize, *adv)
+
     train_delta = robust_of if robust else delta_of
+    passes = (1 + p.adv_steps) if robust else 1  # forward-backward passes per image and gradient
+    _log(f"{name}: per round {p.train_steps} surrogate steps x {passes} passes of {a.bs} images, then {p.steps} noise "
+         f"steps x {max(1, p.eot)} copies x {passes} passes for each of the {a.n} images")
     check_idx = torch.randperm(a.n, generator=a.g)[: min(a.n, p.check_size)] if robust else None
     err, rounds = 1.0, 0
     bar = _progress(p.max_rounds, f"{name} rounds")
     for r in range(1, p.max_rounds + 1):
         rounds = r
-        a.train_steps(p.train_steps, train_delta)
+        a.train_steps(p.train_steps, train_delta, train_inputs if p.eot else None)
         a.model.eval()
         order = torch.randperm(a.n, generator=a.g)
         nb = max(1, a.n // a.bs) if classwise else math.ceil(a.n / a.bs)
@@ -210,7 +241,10 @@ def em(images: torch.Tensor, labels: torch.Tensor, cfg: Config, num_classes: int
             xb, yb = a.x[b], a.y[b]
             d = (delta[yb] if classwise else delta[b]).clone()
             for _ in range(p.steps):
-                if robust:  # the noise must keep the loss low at a PGD example around the poisoned image
+                if p.eot:
+                    g = sum(_eot_grad(a, xb, _project(d, xb, p.eps), yb, adv if robust else None)
+                            for _ in range(p.eot))
+                elif robust:  # the noise must keep the loss low at a PGD example around the poisoned image
                     xu = (xb + _project(d, xb, p.eps)).clamp(0, 1).detach()
                     xadv = pgd_examples(a.model, xu, yb, a.normalize, *adv)
                     g = _grad_through(a, xb, d, xadv - xu, yb)
@@ -246,6 +280,18 @@ def _grad_through(a: _Attack, xb: torch.Tensor, d: torch.Tensor, adv_offset: tor
     """d/dd of the cross-entropy at x + d + (fixed) adversarial offset: REM's outer minimisation step."""
     d = d.detach().requires_grad_(True)
     loss = F.cross_entropy(a.logits((xb + d + adv_offset).clamp(0, 1)), yb)
+    (g,) = torch.autograd.grad(loss, d)
+    return g
+
+
+def _eot_grad(a: _Attack, xb: torch.Tensor, d: torch.Tensor, yb: torch.Tensor, adv: tuple | None) -> torch.Tensor:
+    """d/dd of the cross-entropy at one augmented copy of x + d (``adv``: at its PGD example, the adversarial offset
+    held fixed, as REM's outer step), through the augmentation."""
+    d = d.detach().requires_grad_(True)
+    xu = a.augment((xb + d).clamp(0, 1))
+    if adv is not None:
+        xu = xu + (pgd_examples(a.model, xu.detach(), yb, a.normalize, *adv) - xu.detach())
+    loss = F.cross_entropy(a.logits(xu), yb)
     (g,) = torch.autograd.grad(loss, d)
     return g
 
