@@ -466,9 +466,18 @@ class DefenseConfig:
     kind: str = "none"
     """none | jpeg (ISS: the training images through JPEG at jpeg_quality) | grayscale (ISS: training images to
     grayscale; a no-op on 1-channel data) | adv (PGD adversarial training: every batch replaced by its PGD
-    examples). jpeg and grayscale touch the training images only, after the poison."""
+    examples) | ueraser (UEraser as APBench implements it: every batch, after data.augment, through kornia's plasma
+    brightness, plasma contrast, channel shuffle and TrivialAugment, ueraser_repeats times, trained on the maximum
+    loss over those views). jpeg and grayscale touch the training images only, after the poison."""
     jpeg_quality: int = 10
     """JPEG quality for kind=jpeg (ISS uses 10)."""
+    ueraser_repeats: int = 5
+    """kind=ueraser: views of each batch; with more than one, each image's cross-entropy is maximised over its
+    views and averaged over the batch (UEraser-Max; APBench uses 5), which needs stages whose loss is cross-entropy
+    only; 1 = one view per batch, trained on the stage's loss."""
+    ueraser_repeat_epochs: int = 0
+    """kind=ueraser: epochs from the start trained on the maximum over ueraser_repeats views, one view per batch
+    after (APBench's repeat_epoch: 50 of 200 epochs for UEraser); 0 = every epoch (UEraser-Max)."""
     adv_eps: float = 8 / 255
     """kind=adv: L-inf radius of the PGD examples, [0, 1] pixel units."""
     adv_step: float = 2 / 255
@@ -477,8 +486,11 @@ class DefenseConfig:
     """kind=adv: PGD steps (from a uniform random start)."""
 
     def __post_init__(self) -> None:
-        _check(self.kind in ("none", "jpeg", "grayscale", "adv"),
-               f"defense.kind={self.kind!r}: expected none|jpeg|grayscale|adv")
+        _check(self.kind in ("none", "jpeg", "grayscale", "adv", "ueraser"),
+               f"defense.kind={self.kind!r}: expected none|jpeg|grayscale|adv|ueraser")
+        _check(self.ueraser_repeats >= 1 and self.ueraser_repeat_epochs >= 0,
+               f"defense: ueraser_repeats={self.ueraser_repeats} must be >= 1, ueraser_repeat_epochs="
+               f"{self.ueraser_repeat_epochs} >= 0")
         _check(1 <= self.jpeg_quality <= 100, f"defense.jpeg_quality={self.jpeg_quality}: must lie in 1..100")
         _check(0 < self.adv_eps <= 1 and 0 < self.adv_step <= 1 and self.adv_steps >= 1,
                f"defense: adv_eps={self.adv_eps}, adv_step={self.adv_step} must lie in (0, 1], adv_steps="
@@ -588,7 +600,8 @@ class BenchConfig:
     """poison.kind names; "none" adds the clean-data reference row."""
     defenses: list[str] = field(default_factory=lambda: ["standard", "early_stop", "jpeg10", "adv", "pst"])
     """standard | early_stop (read off the standard run: test accuracy at its best validation epoch) | jpeg10 |
-    grayscale | ueraser | adv | pst."""
+    grayscale | ueraser (UEraser-Max as APBench implements it, defense.kind = "ueraser") | ueraser_lite (the light
+    hand-written one, data.augment = "ueraser") | adv | pst."""
     seeds: int = 2
     """Seeds 0..seeds-1; seed k sets both poison.seed and train.seed."""
     jobs: int = 1
@@ -607,7 +620,7 @@ class BenchConfig:
     attack_overrides: dict[str, list[str]] = field(default_factory=dict)
     """Per attack, config overrides for its poison and cells, e.g. em = ["poison.max_rounds=10"]."""
     defense_overrides: dict[str, list[str]] = field(default_factory=dict)
-    """Per training run (standard, jpeg10, grayscale, ueraser, adv, pst), config overrides, e.g.
+    """Per training run (standard, jpeg10, grayscale, ueraser, ueraser_lite, adv, pst), config overrides, e.g.
     adv = ["defense.adv_steps=10"]."""
 
     def __post_init__(self) -> None:
@@ -647,6 +660,14 @@ class Config:
         _check(not (self.train.channels_last is True and self.deepspeed.enabled),
                "train.channels_last=true with deepspeed.enabled: DeepSpeed flattens parameters and needs them "
                "contiguous; leave train.channels_last=auto (off under DeepSpeed) or false")
+        d = self.defense
+        if d.kind == "ueraser" and d.ueraser_repeats > 1:
+            bad = [s.name or str(i) for i, s in enumerate(self.schedule.stages)
+                   if s.loss.ce <= 0 or s.loss.view_ce or s.loss.consistency or s.loss.cluster_penalty]
+            _check(not bad, f"defense.kind='ueraser' with defense.ueraser_repeats={d.ueraser_repeats} trains on the "
+                   f"maximum cross-entropy over the views: every stage's loss must be ce only (ce > 0, view_ce, "
+                   f"consistency and cluster_penalty 0), not that of stage(s) {bad}; or set "
+                   f"defense.ueraser_repeats=1 (one view per batch, the stages' own losses)")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -101,8 +101,10 @@ DEFENSES = Registry("defense", {
         "run": "jpeg10", "overrides": [*_STD, 'defense.kind="jpeg"', "defense.jpeg_quality=10"]}),
     "grayscale": Entry("", "ISS: grayscale training images", data={
         "run": "grayscale", "overrides": [*_STD, 'defense.kind="grayscale"']}),
-    "ueraser": Entry("", "UEraser-lite heavy augmentation", data={
-        "run": "ueraser", "overrides": [*_STD, 'data.augment="ueraser"']}),
+    "ueraser_lite": Entry("", "UEraser-lite: pst-dist's light hand-written heavy augmentation (data.augment)", data={
+        "run": "ueraser_lite", "overrides": [*_STD, 'data.augment="ueraser"']}),
+    "ueraser": Entry("", "UEraser(-Max) as APBench: kornia plasma / shuffle / TrivialAugment, max loss over 5 views",
+                     data={"run": "ueraser", "overrides": [*_STD, 'defense.kind="ueraser"']}),
     "adv": Entry("", "PGD adversarial training", data={"run": "adv", "overrides": [*_STD, 'defense.kind="adv"']}),
     "pst": Entry("", "the recipe's PST schedule", data={"run": "pst", "overrides": []}),
 })

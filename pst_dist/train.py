@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from .config import Config, ConfigError, auto_meaning, dump_toml
 from .data.pipeline import Data, Normalize, build_data, build_loader
-from .defenses import pgd_examples
+from .defenses import pgd_examples, step_seed, ueraser_loss, ueraser_repeats
 from .distributed import DistInfo, broadcast_buffers, build_device, init_distributed, mean_across_ranks, teardown
 from .engine import DeepSpeedEngine, TorchEngine, build_engine
 from .io import write_atomic
@@ -138,10 +138,12 @@ def reinit_head(gm: GroupedModel, seed: int) -> None:
 
 def train_step(gm: GroupedModel, engine: TorchEngine | DeepSpeedEngine | torch.optim.Optimizer, stage: ActiveStage,
                x: torch.Tensor, y: torch.Tensor, lr: float, normalize: Normalize, num_classes: int, autocast,
-               world_size: int = 1, defense=None) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+               world_size: int = 1, defense=None, at: tuple[int, ...] = (0, 0, 0, 0)
+               ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """One optimizer step under ``stage``: frozen prefix under no_grad, frozen groups get no grad, lr or wd.
     ``engine`` is a TorchEngine / DeepSpeedEngine, or a bare torch optimizer (wrapped in a TorchEngine).
-    ``defense`` (a DefenseConfig) with kind 'adv' trains on PGD adversarial examples of the batch.
+    ``defense`` (a DefenseConfig) with kind 'adv' trains on PGD adversarial examples of the batch; with kind
+    'ueraser' on UEraser's loss over random views of it, drawn from ``at`` = (run seed, epoch, step, rank).
     Nothing here waits for the device: loss, logits and the loss parts come back as device tensors."""
     if isinstance(engine, torch.optim.Optimizer):
         engine = TorchEngine(gm.model, engine, world_size)
@@ -153,7 +155,11 @@ def train_step(gm: GroupedModel, engine: TorchEngine | DeepSpeedEngine | torch.o
         xf = pgd_examples(gm.model, xf, y, normalize, defense.adv_eps, defense.adv_step, defense.adv_steps)
     gm.set_frozen_prefix(stage.mults)  # idempotent; re-installs hooks after a resume
     set_group_lrs(engine.optimizer, lr, stage.mults)
-    loss, logits, parts = stage_loss(gm, xf, y, stage.config.loss, normalize, num_classes, autocast)
+    if defense is not None and defense.kind == "ueraser":
+        loss, logits, parts = ueraser_loss(gm, xf, y, stage.config.loss, normalize, num_classes, autocast,
+                                           ueraser_repeats(defense, at[1]), step_seed(*at))
+    else:
+        loss, logits, parts = stage_loss(gm, xf, y, stage.config.loss, normalize, num_classes, autocast)
     engine.backward(loss, stage.mults)
     engine.step(stage.mults)
     return loss.detach(), logits.detach(), parts
@@ -422,7 +428,8 @@ def train(cfg: Config, resume: bool = False, data: Data | None = None, loader=No
             lr = cfg.train.lr * lr_factor(stage, st.step, cfg.train.lr_schedule, cfg.train.warmup_steps)
             x, y = x.to(r.device, non_blocking=True), y.to(r.device, non_blocking=True)  # no-op: loaders place it
             loss, logits, parts = train_step(r.gm, r.engine, stage, x, y, lr, r.normalize, s.num_classes,
-                                             r.autocast, r.dist.world_size, cfg.defense)
+                                             r.autocast, r.dist.world_size, cfg.defense,
+                                             (cfg.train.seed, epoch, st.step, r.dist.rank))
             st.step += 1
             meter.add(loss, logits, y)
             if st.step % 50 == 0:

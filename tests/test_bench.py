@@ -30,14 +30,14 @@ def test_bench_matrix_tables_heatmap_and_resume(tmp_path):
     r = bench(out)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = list(csv.DictReader((out / "results.csv").open()))
-    # 2 attacks x 4 defenses x 2 seeds; early_stop is read off the standard run (3 training runs per attack/seed)
-    assert len(rows) == 16
+    # 2 attacks x 5 defenses x 2 seeds; early_stop is read off the standard run (4 training runs per attack/seed)
+    assert len(rows) == 20
     assert {(x["attack"], x["defense"]) for x in rows} == {
-        (a, d) for a in ("classwise_noise", "em") for d in ("standard", "early_stop", "jpeg10", "pst")}
+        (a, d) for a in ("classwise_noise", "em") for d in ("standard", "early_stop", "jpeg10", "ueraser", "pst")}
     for x in rows:
         assert 0 <= float(x["final_test_acc"]) <= 1 and float(x["final_test_acc"]) <= float(x["peak_test_acc"])
     cells = sorted(p.parent for p in (out / "cells").glob("*/*/seed*/summary.json"))
-    assert len(cells) == 12 and all(list(c.glob("events.out.tfevents*")) or list((c / "tb").glob("*"))
+    assert len(cells) == 16 and all(list(c.glob("events.out.tfevents*")) or list((c / "tb").glob("*"))
                                     for c in cells), "a TensorBoard run per cell"
     md = (out / "results.md").read_text()
     assert md.startswith("Regenerate: `pst-dist bench --config")
@@ -48,13 +48,13 @@ def test_bench_matrix_tables_heatmap_and_resume(tmp_path):
     mtimes = {c: (c / "summary.json").stat().st_mtime for c in cells}
     r = bench(out)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "cells: 12 finished (skipped), 0 to run" in r.stderr and "poisons: 4 cached, 0 to make" in r.stderr
+    assert "cells: 16 finished (skipped), 0 to run" in r.stderr and "poisons: 4 cached, 0 to make" in r.stderr
     assert all((c / "summary.json").stat().st_mtime == m for c, m in mtimes.items())
     # a cell without its summary resumes from its checkpoint (here: the last epoch's), alone, to the same result
     victim = out / "cells" / "em" / "pst" / "seed1"
     (victim / "summary.json").unlink()
     r = bench(out)
-    assert r.returncode == 0 and "cells: 11 finished (skipped), 1 to run" in r.stderr
+    assert r.returncode == 0 and "cells: 15 finished (skipped), 1 to run" in r.stderr
     assert "cell em / pst / seed 1" in r.stderr and "resumed from its checkpoint" in r.stderr
     assert (victim / "summary.json").is_file()
     again = list(csv.DictReader((out / "results.csv").open()))
@@ -267,7 +267,7 @@ def still_running(own: OwnRay, seconds: float = 15) -> list:
 
 @pytest.mark.multiproc
 def test_the_ray_runner_gives_the_pools_results_byte_for_byte(own_ray, tmp_path):
-    """bench_tiny as it is (12 cells, 2 in flight) in the process pool and as Ray tasks on a local Ray the command
+    """bench_tiny as it is (16 cells, 2 in flight) in the process pool and as Ray tasks on a local Ray the command
     starts and stops: the same functions with the same seeds and threads, the same results.csv."""
     pool = bench(tmp_path / "pool")
     assert pool.returncode == 0, pool.stderr[-3000:]
@@ -275,7 +275,7 @@ def test_the_ray_runner_gives_the_pools_results_byte_for_byte(own_ray, tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "Ray: a new local Ray" in r.stderr and "1 CPU(s) (1 torch thread(s)) and 0 GPU(s): train.device = cpu" \
         in r.stderr and "at most 2 in flight" in r.stderr, r.stderr[-3000:]
-    assert "cells: 0 finished (skipped), 12 to run" in r.stderr and "12 of 12 cells finished, 0 failed" in r.stderr
+    assert "cells: 0 finished (skipped), 16 to run" in r.stderr and "16 of 16 cells finished, 0 failed" in r.stderr
     assert (tmp_path / "ray" / "results.csv").read_bytes() == (tmp_path / "pool" / "results.csv").read_bytes()
     assert not still_running(own_ray), "the local Ray the bench started is stopped when it ends"
     assert not (own_ray.home / ".ray").exists(), "nothing read from or written to ~/.ray"

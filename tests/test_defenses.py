@@ -87,3 +87,110 @@ def test_adversarial_training_runs_with_a_frozen_stage(tmp_path):
                                     '--schedule.stages=[{epochs = 1.0}, {freeze = [0, 1]}]'])
     s = train(cfg)
     assert s["steps"] > 0 and 0 <= s["final_test_acc"] <= 1
+
+
+def test_jpeg_squeezing_is_pil_s_codec_as_in_iss():
+    """The ISS defense is a PIL JPEG round trip (Image.save quality=10, as ISS and APBench do), image by image."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    x = torch.randint(0, 256, (4, 3, 12, 20), dtype=torch.uint8, generator=torch.Generator().manual_seed(4))
+    for chans in (1, 3):
+        for i, im in enumerate(jpeg(x[:, :chans], 10)):
+            buf = io.BytesIO()
+            a = x[i, :chans].permute(1, 2, 0).numpy()
+            Image.fromarray(a[..., 0] if chans == 1 else a).save(buf, "JPEG", quality=10)
+            ref = np.array(Image.open(buf)).reshape(a.shape)
+            assert torch.equal(im, torch.from_numpy(ref).permute(2, 0, 1))
+
+
+def test_deprecation_warnings_from_pst_dist_code_are_errors():
+    """pyproject's filterwarnings: a DeprecationWarning attributed to pst_dist code (a library's deprecated function
+    warning with stacklevel=2, called from a pst_dist module) fails the test run; the same warning attributed to
+    any other module does not. torchvision.io's image codecs warn from their own module (stacklevel 1), so they
+    have an entry of their own."""
+    import warnings
+
+    def deprecated_api():  # a third-party function, warning at its caller as libraries do
+        warnings.warn("old API", DeprecationWarning, stacklevel=2)
+
+    def call_from(module: str) -> None:  # a call made by code of ``module``
+        exec(compile("deprecated_api()", f"<{module}>", "exec"), {"__name__": module, "deprecated_api": deprecated_api})
+
+    with pytest.raises(DeprecationWarning, match="old API"):
+        call_from("pst_dist.some_module")
+    with warnings.catch_warnings(record=True) as seen:
+        call_from("elsewhere")
+    assert [str(w.message) for w in seen] == ["old API"]
+    from torchvision.io import encode_jpeg
+
+    with pytest.raises(DeprecationWarning, match="TorchVision are deprecated"):
+        encode_jpeg(torch.zeros(3, 8, 8, dtype=torch.uint8))
+
+
+@pytest.mark.parametrize("chans", [1, 3])
+def test_ueraser_views_are_apbench_s_heavy_and_a_function_of_the_seed(chans):
+    from pst_dist.defenses import _ueraser_augment, ueraser_views
+
+    x = torch.rand(32, chans, 16, 16, generator=torch.Generator().manual_seed(0))
+    state = torch.random.get_rng_state()
+    a = ueraser_views(x, 5, seed=1)
+    assert torch.equal(state, torch.random.get_rng_state()), "the global generator is left as it was"
+    assert all(torch.equal(p, q) for p, q in zip(a, ueraser_views(x, 5, seed=1), strict=True))
+    assert not any(torch.equal(p, q) for p, q in zip(a, ueraser_views(x, 5, seed=2), strict=True))
+    for i, v in enumerate(a):
+        assert v.shape == x.shape and v.dtype == x.dtype and 0 <= v.min() and v.max() <= 1
+        assert (v - x).abs().mean() > 0.15, "plasma brightness / contrast alone move pixels far"
+        assert all(not torch.allclose(v, w) for w in a[i + 1:]), "every repeat is a view of its own"
+    # APBench's defense/ueraser.py, parameter for parameter
+    import kornia.augmentation as K
+
+    bright, contrast, shuffle, trivial = _ueraser_augment(x.device).children()
+    assert isinstance(bright, K.RandomPlasmaBrightness) and isinstance(contrast, K.RandomPlasmaContrast)
+    assert isinstance(shuffle, K.RandomChannelShuffle) and isinstance(trivial, K.auto.TrivialAugment)
+    assert bright.p == contrast.p == 1.0 and shuffle.p == 0.5
+    assert "roughness=(0.3, 0.7), intensity=(0.5, 1.0)" in repr(bright) and "roughness=(0.3, 0.7)" in repr(contrast)
+
+
+def test_ueraser_max_loss_is_each_image_s_worst_view_averaged():
+    import contextlib
+
+    import torch.nn.functional as F
+
+    from pst_dist.config import LossConfig, ModelConfig
+    from pst_dist.defenses import ueraser_loss, ueraser_views
+    from pst_dist.models import build_model
+    from pst_dist.pst.freeze import trace_units
+    from pst_dist.pst.groups import layer_groups
+
+    model = build_model(ModelConfig(width=0.125), 5, 3, 16)
+    gm = trace_units(model, layer_groups(model), torch.zeros(2, 3, 16, 16))
+    x, y = torch.rand(8, 3, 16, 16), torch.arange(8) % 5
+    loss, logits, parts = ueraser_loss(gm, x, y, LossConfig(), lambda t: t, 5, contextlib.nullcontext, 5, seed=7)
+    with torch.no_grad():  # train mode: batch statistics, so the same logits again
+        ce = torch.stack([F.cross_entropy(model(v), y, reduction="none") for v in ueraser_views(x, 5, seed=7)])
+    assert torch.allclose(loss, ce.max(0).values.mean()) and torch.allclose(parts["loss/ueraser_mean_ce"], ce.mean())
+    assert loss >= ce.mean() and loss >= ce.mean(1).max()  # the max over views beats the mean (and each view's)
+    assert loss.requires_grad and logits.shape == (8, 5)
+
+
+def test_ueraser_trains_resumes_to_the_same_weights_and_refuses_other_loss_terms(tmp_path):
+    from pst_dist.train import train
+
+    base = [*TINY, "--data.synthetic_train=160", "--defense.kind=ueraser", "--defense.ueraser_repeats=3",
+            "--defense.ueraser_repeat_epochs=1", "--log.tensorboard=false"]  # 3 steps an epoch, 3 views then 1
+    full = train(load_config(None, [*base, f"--log.run_dir={tmp_path / 'full'}"]))
+    assert full["steps"] > 0 and 0 <= full["final_test_acc"] <= 1
+    train(load_config(None, [*base, f"--log.run_dir={tmp_path / 'part'}", "--train.checkpoint_every=1"]),
+          stop_after_epochs=1)
+    resumed = train(load_config(None, [*base, f"--log.run_dir={tmp_path / 'part'}"]), resume=True)
+    a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "part" / "checkpoint.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a), "a resume draws the same views"
+    assert full["test_curve"] == resumed["test_curve"]
+    pst = '--schedule.stages=[{name="warm", epochs=1}, {name="view", loss={ce=0.0, view_ce=1.0}}]'
+    with pytest.raises(ConfigError, match=r"ueraser_repeats=3 .* stage\(s\) \['view'\]"):
+        load_config(None, [*base, pst])
+    assert load_config(None, [*base, pst, "--defense.ueraser_repeats=1"]).defense.ueraser_repeats == 1

@@ -57,3 +57,30 @@ def test_bad_views_are_config_errors_naming_the_part(view, needle):
     with pytest.raises(ConfigError) as e:
         load_config(None, [f'schedule.stages=[{{name="warm", loss={{view="{view}", view_ce=1.0}}}}]'])
     assert needle in str(e.value) and "loss.view" in str(e.value)
+
+
+@pytest.mark.parametrize("chans", [1, 3])
+def test_jpeg_view_is_a_batched_jpeg_close_to_pil_s(chans):
+    """The jpeg view (kornia's codec on the whole batch) is JPEG-like: what it removes from an image is about what
+    PIL's encoder at the same quality removes; it keeps shape, dtype and range, and compresses harder at a higher
+    strength."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    smooth = F.interpolate(torch.rand(8, chans, 5, 5, generator=g), size=(21, 19), mode="bilinear")
+    x = ((smooth + 0.1 * torch.rand(8, chans, 21, 19, generator=g)).clamp(0, 1) * 255).round() / 255  # odd sides
+    v = apply_view(x, "jpeg", 1.0)  # quality 10
+    assert v.shape == x.shape and v.dtype == x.dtype and torch.isfinite(v).all() and v.min() >= 0 and v.max() <= 1
+    ref = []
+    for im in (x * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy():
+        buf = io.BytesIO()
+        Image.fromarray(im[..., 0] if chans == 1 else im).save(buf, "JPEG", quality=10)
+        ref.append(torch.from_numpy(np.array(Image.open(buf)).reshape(im.shape)).permute(2, 0, 1))
+    ref = torch.stack(ref).float() / 255
+    lost = (ref - x).abs().mean()
+    assert lost > 0.02 and (v - x).abs().mean() > 0.5 * lost, "changed about as much as by JPEG"
+    assert (v - ref).abs().mean() < 0.5 * lost, "and in the way JPEG changes it"
+    assert (apply_view(x, "jpeg", 0.2) - x).abs().mean() < (v - x).abs().mean()  # quality 50: lighter
