@@ -40,6 +40,20 @@ def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     save_stream_atomic(path, lambda f: torch.save(payload, f))  # a full disk: the last checkpoint stays, no temp file
 
 
+def load_weights(path: Path, model: torch.nn.Module, theirs: dict[str, torch.Tensor]) -> None:
+    """``model.load_state_dict(theirs)``, or a CheckpointError naming ``path`` and a tensor that does not fit."""
+    own = model.state_dict()
+    bad = [k for k in own if k not in theirs or theirs[k].shape != own[k].shape]
+    extra = [k for k in theirs if k not in own]
+    if bad or extra:
+        k = (bad or extra)[0]
+        found = tuple(theirs[k].shape) if k in theirs else "missing"
+        want = tuple(own[k].shape) if k in own else "absent"
+        raise CheckpointError(f"{path}: checkpoint does not fit this model ({len(bad) + len(extra)} mismatched "
+                              f"tensors; e.g. {k}: checkpoint {found}, model {want})")
+    model.load_state_dict(theirs)
+
+
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, model_name: str) -> dict:
     """Restore model, optimizer and RNG; return the saved trainer state. Clear errors for foreign checkpoints."""
     if not path.is_file():
@@ -53,17 +67,7 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     if payload.get("model_name") != model_name:
         raise CheckpointError(f"{path}: checkpoint is of model {payload.get('model_name')!r}, config says "
                               f"{model_name!r}")
-    own = model.state_dict()
-    theirs = payload["model"]
-    bad = [k for k in own if k not in theirs or theirs[k].shape != own[k].shape]
-    extra = [k for k in theirs if k not in own]
-    if bad or extra:
-        k = (bad or extra)[0]
-        found = tuple(theirs[k].shape) if k in theirs else "missing"
-        want = tuple(own[k].shape) if k in own else "absent"
-        raise CheckpointError(f"{path}: checkpoint does not fit this model ({len(bad) + len(extra)} mismatched "
-                              f"tensors; e.g. {k}: checkpoint {found}, model {want})")
-    model.load_state_dict(theirs)
+    load_weights(path, model, payload["model"])
     optimizer.load_state_dict(payload["optimizer"])
     set_rng_state(payload)
     if "rng_cuda" in payload and torch.cuda.is_available():

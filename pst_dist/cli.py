@@ -1,8 +1,10 @@
-"""``pst-dist`` command line: train, demo, tune, poison, bench, diagnose, show-config, report, write-beton."""
+"""``pst-dist`` command line: train, demo, tune, poison, bench, diagnose, eval, export, keys, show-config, report,
+write-beton."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -106,6 +108,62 @@ def cmd_diagnose(args: argparse.Namespace, rest: list[str]) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace, rest: list[str]) -> int:
+    from .evaluate import evaluate_run  # start-up time: each command imports only what it runs
+    from .io import write_atomic
+
+    out = Path(args.out) if args.out else None
+    if out is not None and (out.exists() or out.is_symlink()):  # checked before the work; replaced only if ours
+        if not args.overwrite or not _is_eval_output(out):
+            raise OutputError(f"--out {out}: exists" + (" and is not an earlier `pst-dist eval` output; choose another "
+                              "--out" if args.overwrite else "; pass --overwrite to replace an earlier eval output"))
+    result = evaluate_run(Path(args.run), args.checkpoint, _split_overrides(rest), args.split)
+    text = json.dumps(result, indent=2)
+    if out is not None:
+        write_atomic(out, text + "\n")
+    print(text)
+    return 0
+
+
+def _is_eval_output(f: Path) -> bool:
+    try:
+        return {"run", "checkpoint", "split", "accuracy"} <= set(json.loads(f.read_text(encoding="utf-8")))
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def cmd_export(args: argparse.Namespace, rest: list[str]) -> int:
+    from .export import export_run  # start-up time: each command imports only what it runs
+
+    if rest:
+        raise ConfigError(f"pst-dist export: unexpected argument {rest[0]!r} (the model is the run's)")
+    spec = export_run(Path(args.run), Path(args.out), args.checkpoint, overwrite=args.overwrite)
+    load = f"timm.create_model('local-dir:{args.out}', pretrained=True) or " if spec["pst_dist"]["plain_timm"] else ""
+    print(f"{args.out}: model.safetensors + config.json ({spec['architecture']}, {spec['num_classes']} classes, "
+          f"input {'x'.join(map(str, spec['pretrained_cfg']['input_size']))}, epoch {spec['pst_dist']['epoch']}); "
+          f"load with {load}pst_dist.models.load_exported('{args.out}')")
+    return 0
+
+
+def cmd_keys(args: argparse.Namespace, rest: list[str]) -> int:
+    from .config import Config, class_doc, config_keys, shown_default
+
+    want = args.section
+    keys = [k for k in config_keys() if not want or k.key == want or k.key.startswith((f"{want}.", f"{want}[]."))]
+    if not keys:
+        sections = ", ".join(f.name for f in dataclasses.fields(Config))
+        raise ConfigError(f"keys: no config section or key {args.section!r} (sections: {sections})")
+    section = None
+    for k in keys:
+        if k.key.split(".")[0] != section:
+            section = k.key.split(".")[0]
+            doc = class_doc(type(getattr(Config(), section)))
+            print(f"[{section}]" + "".join(f"\n  {line}" for line in doc.splitlines()) + "\n")
+        print(f"{k.key}: {k.type} = {shown_default(k.default)}")
+        print("".join(f"    {line}\n" for line in k.doc.splitlines()))
+    return 0
+
+
 def cmd_show_config(args: argparse.Namespace, rest: list[str]) -> int:
     print(dump_toml(load_config(args.config, _split_overrides(rest))))
     return 0
@@ -149,7 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pst-dist", description="Progressive Staged Training against unlearnable "
                                      "examples. Config overrides: --section.key=value")
     sub = parser.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("train", help="train one configuration")
+    p = sub.add_parser("train", help="train one configuration", epilog="Any config key can be overridden as "
+                       "--section.key=value; `pst-dist keys [SECTION]` lists every key with its type, default and "
+                       "description")
     p.add_argument("--config", help="TOML recipe, e.g. launch/configs/fmnist_pst.toml")
     p.add_argument("--resume", action="store_true", help="continue the run in log.run_dir from its last checkpoint "
                    "(the config must be the recorded one; more train.epochs and [log] keys may change)")
@@ -194,6 +254,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--probe-size", type=int, default=2000, help="training images probed (half fit, half score)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier diagnose output in --out")
     p.set_defaults(fn=cmd_diagnose)
+    p = sub.add_parser("eval", help="accuracy of a run's checkpoint on its test (or val) split, or on other data "
+                       "(--data.source=... --data.root=...); prints JSON, writes nothing into the run")
+    p.add_argument("--run", required=True, help="the run directory (its config.toml, meta.json and checkpoint)")
+    p.add_argument("--checkpoint", help="checkpoint.pt, a ds_checkpoint folder or one of its step<N> tags "
+                   "(default: the run's latest)")
+    p.add_argument("--split", choices=("test", "val"), default="test", help="the split evaluated")
+    p.add_argument("--out", help="also write the result to this JSON file")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier eval output in --out")
+    p.set_defaults(fn=cmd_eval)
+    p = sub.add_parser("export", help="a run's weights as model.safetensors + timm config.json in a folder "
+                       "(ZeRO partitions gathered); load with timm or pst_dist.models.load_exported")
+    p.add_argument("--run", required=True, help="the run directory")
+    p.add_argument("--checkpoint", help="checkpoint.pt, a ds_checkpoint folder or one of its step<N> tags "
+                   "(default: the run's latest)")
+    p.add_argument("--out", required=True, help="output folder (model.safetensors, config.json)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out")
+    p.set_defaults(fn=cmd_export)
+    p = sub.add_parser("keys", help="every config key with its type, default and description")
+    p.add_argument("section", nargs="?", help="only this section (data, poison, ..., schedule.stages) or key")
+    p.set_defaults(fn=cmd_keys)
     p = sub.add_parser("show-config", help="print the resolved config as TOML")
     p.add_argument("--config")
     p.set_defaults(fn=cmd_show_config)

@@ -5,8 +5,11 @@ Unknown keys and wrong types are errors that name the key. ``__post_init__`` val
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import inspect
 import math
+import textwrap
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,6 +22,7 @@ except ModuleNotFoundError:  # Python 3.10: the same parser as the tomli package
     import tomli as tomllib
 
 from .registry import ATTACKS, DEFENSES
+from .registry import TRACKERS as TRACKER_TABLE
 from .registry import TRIGGERS as TRIGGER_TABLE
 from .registry import VIEWS as VIEW_TABLE
 
@@ -418,8 +422,20 @@ class LogConfig:
     """Write TensorBoard scalars and the poisoned sample grid."""
     progress: bool = True
     """tqdm progress bars."""
+    trackers: list[str] = field(default_factory=list)
+    """Experiment trackers beside TensorBoard, given the same scalars and the config (rank 0): wandb (offline unless
+    WANDB_MODE says otherwise; files in <run_dir>/wandb) | mlflow (the store mlflow_uri names, else
+    <run_dir>/mlruns). Each is an extra: pip install 'pst-dist[wandb]' or 'pst-dist[mlflow]'."""
+    project: str = "pst-dist"
+    """The W&B project and MLflow experiment the run is logged in (the run is named after log.run_dir)."""
+    mlflow_uri: str = ""
+    """MLflow tracking URI (a server, a database); empty = a file store in <run_dir>/mlruns."""
 
     def __post_init__(self) -> None:
+        bad = [t for t in self.trackers if t not in TRACKER_TABLE]
+        _check(not bad and len(set(self.trackers)) == len(self.trackers),
+               f"log.trackers={self.trackers}: expected distinct names from {sorted(TRACKER_TABLE)}")
+        _check(bool(self.project), "log.project is empty: name the W&B project / MLflow experiment")
         _check(bool(self.run_dir.strip()), f"log.run_dir={self.run_dir!r}: empty; name the run directory")
         try:
             self.run_dir.encode("utf-8")
@@ -923,3 +939,65 @@ RESUME_MAY_CHANGE = ("train.epochs", "train.threads", "train.num_workers", "trai
 than already trained; the cosine base lr then stretches over the new length, and meta.json records the change),
 thread / worker counts, checkpoint frequency, hash verification, and the [log], [tune] and [bench] sections, which
 do not change what is trained. Everything else is refused, naming each differing key."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the documented keys (``pst-dist keys``): types and docstrings read from the dataclasses' source
+
+
+@dataclass
+class KeyDoc:
+    key: str
+    """Dotted, list items as ``[]``: ``schedule.stages[].trigger.kind``."""
+    type: str
+    """The annotation as written."""
+    default: Any
+    doc: str
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The attribute docstrings of dataclass ``cls`` (the string under each field), from its source."""
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    return {node.target.id: inspect.cleandoc(doc.value.value) for node, doc in zip(body, body[1:], strict=False)
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(doc, ast.Expr)
+            and isinstance(doc.value, ast.Constant) and isinstance(doc.value.value, str)}
+
+
+def class_doc(cls: type) -> str:
+    """The docstring written in ``cls`` ("" when none: ``cls.__doc__`` is then dataclass's signature)."""
+    return ast.get_docstring(ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0]) or ""
+
+
+def _table(tp: Any) -> type | None:
+    """The dataclass a field of type ``tp`` holds (itself, a list of it, or it or None); None for a plain value."""
+    inner = [a for a in typing.get_args(tp) if a is not type(None)] if typing.get_origin(tp) is not dict else []
+    for t in (tp, *inner):
+        if dataclasses.is_dataclass(t):
+            return t
+    return None
+
+
+def config_keys(cls: type = Config, prefix: str = "") -> list[KeyDoc]:
+    """Every key of the config tree under ``cls`` with its type, default and docstring; a field holding a table (or
+    a list of tables) is listed, then the table's keys."""
+    hints, docs, out = typing.get_type_hints(cls), field_docs(cls), []
+    for f in dataclasses.fields(cls):
+        key = prefix + f.name
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        if cls is not Config:  # Config's own fields are the sections
+            out.append(KeyDoc(key, str(f.type), default, docs.get(f.name, "")))
+        table = _table(hints[f.name])
+        if table is not None:
+            out += config_keys(table, f"{key}[]." if typing.get_origin(hints[f.name]) is list else f"{key}.")
+    return out
+
+
+def shown_default(v: Any) -> str:
+    """A default as TOML; a table's as its keys that differ from their own defaults."""
+    if dataclasses.is_dataclass(v):
+        base = type(v)()
+        return "{" + ", ".join(f"{f.name} = {_toml_value(to_dict(getattr(v, f.name)))}" for f in dataclasses.fields(v)
+                               if getattr(v, f.name) != getattr(base, f.name)) + "}"
+    if isinstance(v, list):
+        return "[" + ", ".join(shown_default(x) for x in v) + "]"
+    return "none" if v is None else _toml_value(v)

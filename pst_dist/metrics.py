@@ -1,5 +1,6 @@
-"""One metrics path: rank 0 writes namespaced scalars (train/loss, eval/test_acc, pst/stage, ...) to TensorBoard and
-to metrics.jsonl; the run directory also holds the resolved config, git SHA and library versions."""
+"""One metrics path: rank 0 writes namespaced scalars (train/loss, eval/test_acc, pst/stage, ...) to TensorBoard, to
+metrics.jsonl and to the trackers ``log.trackers`` names (:mod:`pst_dist.tracking`); the run directory also holds
+the resolved config, git SHA and library versions."""
 
 from __future__ import annotations
 
@@ -34,12 +35,14 @@ def library_versions() -> dict[str, str]:
 
 
 class Metrics:
-    """Rank-0 writer; a no-op on other ranks."""
+    """Rank-0 writer; a no-op on other ranks. ``cfg``: the run's config, whose ``log.trackers`` are opened (and
+    given the config once per run)."""
 
-    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool):
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, cfg=None):
         self.enabled = enabled
         self.tb = None
         self._file = None
+        self.trackers: list = []
         if enabled:
             run_dir.mkdir(parents=True, exist_ok=True)
             self._file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
@@ -47,16 +50,22 @@ class Metrics:
                 from torch.utils.tensorboard import SummaryWriter  # tensorboard: start-up time, only when enabled
 
                 self.tb = SummaryWriter(str(run_dir / "tb"))
+            if cfg is not None and cfg.log.trackers:
+                from .tracking import open_trackers  # the trackers' packages: start-up time, only when named
+
+                self.trackers = open_trackers(run_dir, cfg)
 
     def log(self, step: int, values: dict[str, float]) -> None:
         if not self.enabled:
             return
         self._file.write(json.dumps({"step": step, **values}) + "\n")
         self._file.flush()
+        scalars = {k: v for k, v in values.items() if isinstance(v, int | float)}
         if self.tb is not None:
-            for k, v in values.items():
-                if isinstance(v, int | float):
-                    self.tb.add_scalar(k, v, step)
+            for k, v in scalars.items():
+                self.tb.add_scalar(k, v, step)
+        for t in self.trackers:
+            t.log(step, scalars)
 
     def image(self, tag: str, grid: torch.Tensor, step: int = 0) -> None:
         if self.enabled and self.tb is not None:
@@ -67,3 +76,6 @@ class Metrics:
             self._file.close()
         if self.tb is not None:
             self.tb.close()
+        for t in self.trackers:
+            t.close()
+        self.trackers = []

@@ -3,16 +3,23 @@
 The adaptations are per model family (:data:`pst_dist.registry.MODEL_FAMILIES`): a family's function returns the
 extra ``timm.create_model`` kwargs and a hook run on the created model (or None). A name of no family is created
 with timm's defaults.
+
+A model written by ``pst-dist export`` (a folder: model.safetensors and a timm config.json) comes back with
+:func:`load_exported`, hook included. A model without a hook (``hooked`` false in the config's ``pst_dist`` block:
+ViTs, other timm models, ResNets with model.small_stem=false) is also plain timm:
+``timm.create_model("local-dir:FOLDER", pretrained=True)``.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
+from pathlib import Path
 
 import timm
 import torch.nn as nn
 
-from .config import ConfigError, ModelConfig
+from .config import ConfigError, ModelConfig, from_dict
 from .registry import MODEL_FAMILIES
 
 Hook = Callable[[nn.Module], None]
@@ -20,18 +27,44 @@ Hook = Callable[[nn.Module], None]
 
 def build_model(cfg: ModelConfig, num_classes: int, in_chans: int, img_size: int) -> nn.Module:
     """Create ``cfg.name`` from timm with random weights, sized for ``img_size`` inputs."""
+    kwargs, hook = timm_args(cfg, num_classes, in_chans, img_size)
+    model = timm.create_model(cfg.name, pretrained=False, **kwargs)
+    if hook is not None:
+        hook(model)
+    return model
+
+
+def timm_args(cfg: ModelConfig, num_classes: int, in_chans: int, img_size: int) -> tuple[dict, Hook | None]:
+    """The ``timm.create_model`` kwargs for ``cfg`` and the hook run on the created model (None: plain timm)."""
     if cfg.name not in timm.list_models():
         raise ConfigError(f"model.name={cfg.name!r}: not a timm model (see timm.list_models())")
-    kwargs: dict = dict(pretrained=False, num_classes=num_classes, in_chans=in_chans, drop_rate=cfg.drop_rate)
+    kwargs: dict = dict(num_classes=num_classes, in_chans=in_chans, drop_rate=cfg.drop_rate)
     hook = None
     family = model_family(cfg.name)
     if family is not None:
         extra, hook = MODEL_FAMILIES.load(family)(cfg, in_chans, img_size)
         kwargs.update(extra)
-    model = timm.create_model(cfg.name, **kwargs)
-    if hook is not None:
-        hook(model)
-    return model
+    return kwargs, hook
+
+
+def load_exported(folder: str | Path) -> nn.Module:
+    """The model ``pst-dist export`` wrote to ``folder``, in eval mode: rebuilt from config.json (its ``pst_dist``
+    block holds the run's [model] section, so the small-image hook is applied as in training) with
+    model.safetensors loaded strictly. ``model.pretrained_cfg`` carries the export's input size, mean and std
+    (``timm.data.resolve_model_data_config(model)`` reads them)."""
+    from safetensors.torch import load_file  # a timm dependency
+
+    folder = Path(folder)
+    try:
+        spec = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        model_cfg, inputs = spec["pst_dist"]["model"], spec["pretrained_cfg"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"{folder}: not a `pst-dist export` folder (config.json: {type(e).__name__}: {e})") from None
+    chans, size = inputs["input_size"][0], inputs["input_size"][1]
+    model = build_model(from_dict(ModelConfig, model_cfg, "model"), spec["num_classes"], chans, size)
+    model.load_state_dict(load_file(folder / "model.safetensors"))
+    model.pretrained_cfg = {**model.pretrained_cfg, **inputs}
+    return model.eval()
 
 
 def model_family(name: str) -> str | None:

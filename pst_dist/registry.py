@@ -117,3 +117,12 @@ MODEL_FAMILIES = Registry("model family", {
     "vit": Entry("pst_dist.models:vit_kwargs", "ViTs: img_size and patch_size from data / model.patch_size",
                  data={"prefixes": ("vit_", "deit_"), "exclude": ()}),
 })
+
+TRACKERS = Registry("tracker", {
+    # class(run_dir, Config, run id to continue or None) with .id, .log(step, values), .close(); opened on rank 0
+    # beside TensorBoard; "package" must be importable, "extra" is the pst-dist extra that installs it
+    "wandb": Entry("pst_dist.tracking:WandbTracker", "Weights & Biases, offline unless WANDB_MODE says otherwise "
+                   "(files in <run_dir>/wandb)", data={"package": "wandb", "extra": "wandb"}),
+    "mlflow": Entry("pst_dist.tracking:MlflowTracker", "MLflow: the store log.mlflow_uri names, else a file store in "
+                    "<run_dir>/mlruns", data={"package": "mlflow", "extra": "mlflow"}),
+})

@@ -28,7 +28,8 @@ from .io import blocking_ancestor, write_atomic
 
 RUN_MARKERS = ("config.toml", "checkpoint.pt", "ds_checkpoint", "summary.json", "metrics.jsonl")
 """Any of these in a directory means it holds a run."""
-RUN_FILES = (*RUN_MARKERS, "meta.json", "tb", "restores.jsonl", "nodes.jsonl", "ray_upload")
+RUN_FILES = (*RUN_MARKERS, "meta.json", "tb", "restores.jsonl", "nodes.jsonl", "ray_upload", "trackers.json", "wandb",
+             "mlruns")
 """Everything a run writes into its directory (what ``--overwrite`` removes, and nothing else)."""
 
 

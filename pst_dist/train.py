@@ -36,6 +36,7 @@ from .pst.groups import layer_groups
 from .pst.losses import stage_loss
 from .pst.schedule import ActiveStage, Schedule, lr_factor
 from .rundir import RunDirError, check_run_dir, keep_metrics_until, remove_run_files
+from .tracking import check_trackers
 
 
 def build_optimizer(cfg: Config, model: nn.Module, gm: GroupedModel) -> torch.optim.Optimizer:
@@ -61,12 +62,15 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, norma
 
 
 def write_run_header(run_dir: Path, cfg: Config, resumed_at: int | None = None,
-                     changes: dict[str, tuple] | None = None, resolved: dict | None = None) -> None:
+                     changes: dict[str, tuple] | None = None, resolved: dict | None = None,
+                     inputs: dict | None = None) -> None:
     """config.toml (what trains from now on) and meta.json (git SHA, versions, argv, what ``auto`` settings
-    resolved to on this machine; on a resume, appended to its ``resumes`` list: the epoch resumed from and every
-    config key that changed, so the record never hides it)."""
+    resolved to on this machine, the ``inputs`` the model was built for (classes, image shape, normalisation: what
+    ``pst-dist eval`` and ``export`` rebuild it from); on a resume, appended to its ``resumes`` list: the epoch resumed
+    from and every config key that changed, so the record never hides it)."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    meta = {"git_sha": git_sha(), "versions": library_versions(), "argv": sys.argv, "resolved": resolved or {}}
+    meta = {"git_sha": git_sha(), "versions": library_versions(), "argv": sys.argv, "resolved": resolved or {},
+            "inputs": inputs or {}}
     if resumed_at is not None:
         old = run_dir / "meta.json"
         try:
@@ -78,6 +82,12 @@ def write_run_header(run_dir: Path, cfg: Config, resumed_at: int | None = None,
         meta = {**(first if isinstance(first, dict) else {}), "resumes": resumes}
     write_atomic(run_dir / "config.toml", dump_toml(cfg))
     write_atomic(run_dir / "meta.json", json.dumps(meta, indent=2))
+
+
+def model_inputs(data: Data) -> dict:
+    """What the model is built for (meta.json's ``inputs``): classes, image shape [C, H, W], normalisation."""
+    s = data.splits
+    return {"num_classes": s.num_classes, "shape": list(s.shape), "mean": data.mean.tolist(), "std": data.std.tolist()}
 
 
 def resolve_auto(cfg: Config, device: torch.device) -> dict:
@@ -250,7 +260,12 @@ def build_run(cfg: Config, resume: bool, overwrite: bool, allow_changes: bool, d
     and write the run's header: nothing is written before every input has been checked."""
     device = build_device(cfg)
     dist_info: DistInfo = init_distributed(device.type, single_process_group=cfg.deepspeed.enabled)
-    changes = _on_every_rank(lambda: check_run_dir(cfg, resume, overwrite, allow_changes))  # before any work
+
+    def check_inputs() -> dict[str, tuple]:  # before any work
+        check_trackers(cfg.log.trackers)  # a tracker's package missing is refused before the run writes anything
+        return check_run_dir(cfg, resume, overwrite, allow_changes)
+
+    changes = _on_every_rank(check_inputs)
     resolved = resolve_auto(cfg, device)
     setup_seed(cfg, resolved)
     data = data or build_data(cfg)
@@ -287,8 +302,8 @@ def build_run(cfg: Config, resume: bool, overwrite: bool, allow_changes: bool, d
             remove_run_files(run_dir)
         if resume:
             keep_metrics_until(run_dir, st.step)
-        write_run_header(run_dir, cfg, st.epoch if resume else None, changes, resolved)
-    metrics = Metrics(run_dir, dist_info.is_primary, cfg.log.tensorboard)
+        write_run_header(run_dir, cfg, st.epoch if resume else None, changes, resolved, model_inputs(data))
+    metrics = Metrics(run_dir, dist_info.is_primary, cfg.log.tensorboard, cfg)
     metrics.image("data/poisoned_samples", make_grid(data.poisoned_train[:64], nrow=8))
     return Run(cfg, dist_info, device, data, loader, gm, schedule, engine, normalize, autocast, probe, metrics, st)
 

@@ -38,3 +38,58 @@ def test_vit_recipe_runs(tmp_path):
                   "--train.epochs=2", f"--log.run_dir={tmp_path}", "--log.progress=false")
     assert out.returncode == 0, out.stderr[-2000:]
     assert '"final_test_acc"' in out.stdout
+
+
+def _expected_keys(cls, prefix: str = "") -> dict:
+    """{dotted key: (field, class)} for every field under dataclass ``cls``, walked here independently of config_keys
+    (a table field, or a list of tables, listed and then entered)."""
+    import dataclasses
+    import typing
+
+    out = {}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = prefix + f.name
+        tp = hints[f.name]
+        inner = [t for t in (tp, *typing.get_args(tp)) if dataclasses.is_dataclass(t)]
+        if prefix or cls.__name__ != "Config":
+            out[key] = (f, cls)
+        if inner:
+            out.update(_expected_keys(inner[0], key + ("[]." if typing.get_origin(tp) is list else ".")))
+    return out
+
+
+def test_keys_lists_every_field_with_type_default_and_doc(capsys):
+    """`pst-dist keys`: every field of every section (and of stages, triggers, losses) with its annotation, its
+    default and a docstring; a key added without a docstring fails here."""
+    import dataclasses
+
+    from pst_dist.cli import main
+    from pst_dist.config import Config, tomllib
+
+    assert main(["keys"]) == 0
+    blocks = capsys.readouterr().out.split("\n\n")
+    printed = {}
+    for b in blocks:
+        head, _, doc = b.strip("\n").partition("\n")
+        if head.startswith("[") or ": " not in head:
+            continue
+        key, _, rest = head.partition(": ")
+        tp, _, default = rest.partition(" = ")
+        printed[key] = (tp, default, doc)
+    expected = _expected_keys(Config)
+    assert set(printed) == set(expected), set(printed) ^ set(expected)
+    for key, (f, cls) in expected.items():
+        tp, default, doc = printed[key]
+        assert tp == str(f.type), key
+        assert doc.startswith("    ") and doc.strip(), f"{cls.__name__}.{f.name} ({key}) has no docstring"
+        value = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if value is not None and not dataclasses.is_dataclass(value) and \
+                not (isinstance(value, list) and value and dataclasses.is_dataclass(value[0])):
+            assert tomllib.loads(f"v = {default}")["v"] == value, key
+    assert main(["keys", "log"]) == 0
+    out = capsys.readouterr().out
+    assert "log.trackers: list[str] = []" in out and "data.source" not in out
+    assert main(["keys", "nope"]) == 2
+    assert "nope" in capsys.readouterr().err
+    assert "pst-dist keys" in run_cli("train", "--help").stdout

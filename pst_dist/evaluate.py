@@ -1,0 +1,179 @@
+"""``pst-dist eval``: a run's checkpoint evaluated on the run's own data or on any other source; and
+:func:`load_run_model`, which ``pst-dist export`` shares: the checkpoint (plain torch, or DeepSpeed's, its ZeRO
+partitions gathered on the CPU by DeepSpeed's own ``zero_to_fp32``) loaded into the model the run built.
+
+Nothing is written into the run directory."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from .checkpoint import CheckpointError, load_weights
+from .config import Config, ConfigError, DefenseConfig, PoisonConfig, load_config
+from .data.pipeline import Data, Normalize, build_data
+from .data.sources import DataError
+from .distributed import build_device
+from .engine.deepspeed import CHECKPOINT_DIR, DS_SAFE_GLOBALS, LATEST, MODEL_STATES, check_ds_checkpoint
+from .io import read_json
+from .models import build_model
+from .train import evaluate, model_inputs
+
+EVAL_OVERRIDES = ("data.", "train.device", "train.threads")
+"""What ``pst-dist eval`` may override in the run's recorded config: the data, and where it runs."""
+
+
+@dataclass
+class RunModel:
+    """A run's model, built as the run built it, with a checkpoint's weights (on the CPU, in eval mode)."""
+
+    cfg: Config
+    """The run's recorded config."""
+    model: nn.Module
+    inputs: dict
+    """What the model was built for: num_classes, shape [C, H, W], and the run's normalisation mean and std."""
+    checkpoint: Path
+    epoch: int
+    """Epochs trained when the checkpoint was written."""
+    dtype: torch.dtype
+    """The dtype the run evaluated in: float32, or the bf16 / fp16 weights of DeepSpeed's 16-bit modes."""
+
+
+def recorded_config(run_dir: Path, overrides: list[str] | tuple = ()) -> Config:
+    f = Path(run_dir) / "config.toml"
+    if not f.is_file():
+        raise ConfigError(f"--run {run_dir}: no config.toml there; not a pst-dist run directory")
+    return load_config(f, list(overrides))
+
+
+def load_run_model(run_dir: Path, checkpoint: str | Path | None = None, own_data: Data | None = None) -> RunModel:
+    """The model of the run in ``run_dir`` with the weights of ``checkpoint`` (checkpoint.pt, a ds_checkpoint
+    folder or one of its step<N> tags; default: the run's latest). ``own_data``: the run's own data, already built
+    (the model's inputs are read from it when meta.json does not record them)."""
+    run_dir = Path(run_dir)
+    cfg = recorded_config(run_dir)
+    path = find_checkpoint(run_dir, checkpoint)
+    weights, epoch, model_name, dtype = read_checkpoint(path)
+    if model_name != cfg.model.name:
+        raise CheckpointError(f"{path}: checkpoint is of model {model_name!r}, the run's config says "
+                              f"{cfg.model.name!r}")
+    inputs = recorded_inputs(run_dir) or model_inputs(own_data or build_data(clean(cfg)))
+    model = build_model(cfg.model, inputs["num_classes"], inputs["shape"][0], inputs["shape"][1])
+    load_weights(path, model, weights)
+    return RunModel(cfg, model.eval(), inputs, path, epoch, dtype)
+
+
+def find_checkpoint(run_dir: Path, checkpoint: str | Path | None = None) -> Path:
+    """``checkpoint`` (a DeepSpeed checkpoint folder resolved to the tag its ``latest`` names), else the run's
+    latest checkpoint: its checkpoint.pt, or the tag ds_checkpoint/latest names."""
+    if checkpoint:
+        p = Path(checkpoint)
+        if not p.exists():
+            raise CheckpointError(f"--checkpoint {p}: not found")
+    else:
+        p = next((q for q in (run_dir / "checkpoint.pt", run_dir / CHECKPOINT_DIR) if q.exists()), None)
+        if p is None:
+            raise CheckpointError(f"{run_dir}: no checkpoint (checkpoint.pt or {CHECKPOINT_DIR}/) in the run")
+    if p.is_dir() and (p / LATEST).is_file():
+        p = p / (p / LATEST).read_text().strip()
+    return p
+
+
+def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], int, str | None, torch.dtype]:
+    """(full state dict, epoch, model name, dtype the run evaluated in) of a pst-dist checkpoint: a checkpoint.pt
+    file or a DeepSpeed tag folder."""
+    if path.is_dir():
+        return _deepspeed_weights(path)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        return payload["model"], int(payload["state"]["epoch"]), payload.get("model_name"), torch.float32
+    except Exception as e:  # noqa: BLE001 - any unpickling failure or missing key is a bad file
+        raise CheckpointError(f"{path}: not a readable pst-dist checkpoint ({type(e).__name__}: {e})") from None
+
+
+def _deepspeed_weights(tag_dir: Path) -> tuple[dict[str, torch.Tensor], int, str | None, torch.dtype]:
+    """ZeRO 1-3: the fp32 master weights, gathered from every rank's partition by DeepSpeed's zero_to_fp32 (with
+    the module's buffers); ZeRO 0: the module's own (full) state dict."""
+    found = [tag_dir / n for n in MODEL_STATES if (tag_dir / n).is_file()]
+    if not found:
+        raise CheckpointError(f"{tag_dir}: not a checkpoint (a checkpoint.pt file, or a DeepSpeed tag folder with "
+                              f"{' or '.join(MODEL_STATES)})")
+    check_ds_checkpoint(tag_dir)  # every file's globals allow-listed before DeepSpeed's own loader unpickles it
+    with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed logs to stdout, which carries the command's result
+        return _gather(tag_dir, found[0])
+
+
+def _gather(tag_dir: Path, model_states: Path) -> tuple[dict[str, torch.Tensor], int, str | None, torch.dtype]:
+    allowed = [getattr(importlib.import_module(m), a) for m, _, a in (g.rpartition(".") for g in DS_SAFE_GLOBALS)]
+    try:
+        with torch.serialization.safe_globals(allowed):
+            states = torch.load(model_states, map_location="cpu", weights_only=True)
+        ds, epoch = states["ds_config"], int(states["pst_state"]["epoch"])
+    except Exception as e:  # noqa: BLE001 - any unpickling failure or missing key is a bad file
+        raise CheckpointError(f"{model_states}: not a readable pst-dist DeepSpeed checkpoint ({type(e).__name__}: "
+                              f"{e})") from None
+    dtype = torch.bfloat16 if ds.get("bf16", {}).get("enabled") else \
+        torch.float16 if ds.get("fp16", {}).get("enabled") else torch.float32
+    if ds["zero_optimization"]["stage"] == 0:
+        return states["module"], epoch, states.get("model_name"), dtype
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # DeepSpeed: only here
+
+    weights = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    return weights, epoch, states.get("model_name"), dtype
+
+
+def recorded_inputs(run_dir: Path) -> dict | None:
+    """The inputs meta.json records for the model (None for runs from before it did)."""
+    f = run_dir / "meta.json"
+    meta = read_json(f, "the run's meta.json", CheckpointError) if f.is_file() else {}
+    return next((m["inputs"] for m in (meta, *reversed(meta.get("resumes", []))) if m.get("inputs")), None)
+
+
+def clean(cfg: Config) -> Config:
+    """``cfg`` without poison and defense: only the data splits and their normalisation are needed."""
+    return dataclasses.replace(cfg, poison=PoisonConfig(), defense=DefenseConfig())
+
+
+def evaluate_run(run_dir: Path, checkpoint: str | Path | None = None, overrides: list[str] | tuple = (),
+                 split: str = "test") -> dict:
+    """Accuracy of the run's checkpoint on ``split`` (test | val) of the run's recorded data, or of the data
+    ``overrides`` (``--data.key=value``, :data:`EVAL_OVERRIDES`) describe; normalised as the run normalised its
+    inputs, in the dtype it evaluated in."""
+    run_dir = Path(run_dir)
+    bad = [o for o in overrides if not o.removeprefix("--").startswith(EVAL_OVERRIDES)]
+    if bad:
+        raise ConfigError(f"pst-dist eval: {bad[0]!r}: only data.* (what to evaluate on), train.device and "
+                          f"train.threads may be overridden; the model and its weights are the run's")
+    cfg = recorded_config(run_dir, overrides)
+    data = build_data(clean(cfg))
+    own = cfg.data == recorded_config(run_dir).data
+    rm = load_run_model(run_dir, checkpoint, own_data=data if own else None)
+    part = getattr(data.splits, split)
+    chans, num_classes = rm.inputs["shape"][0], rm.inputs["num_classes"]
+    if data.splits.shape[0] != chans:
+        raise DataError(f"data.source={cfg.data.source!r}: {data.splits.shape[0]}-channel images; the run's model "
+                        f"takes {chans} channels")
+    if len(part) and int(part.labels.max()) >= num_classes:
+        raise DataError(f"data.source={cfg.data.source!r}: label {int(part.labels.max())} in the {split} split; the "
+                        f"run's model has {num_classes} classes")
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    device = build_device(cfg)
+    model = rm.model.to(device=device, dtype=rm.dtype)
+    normalize = Normalize(torch.tensor(rm.inputs["mean"]), torch.tensor(rm.inputs["std"]), device, rm.dtype)
+    try:
+        acc = evaluate(model, part.images, part.labels, normalize, device)
+    except RuntimeError as e:
+        if list(data.splits.shape) == list(rm.inputs["shape"]):
+            raise
+        raise DataError(f"data.source={cfg.data.source!r}: the run's model ({cfg.model.name}, built for "
+                        f"{rm.inputs['shape']}) cannot take {list(data.splits.shape)} images ({e})") from None
+    return {"run": str(run_dir), "checkpoint": str(rm.checkpoint), "epoch": rm.epoch, "split": split,
+            "data.source": cfg.data.source, "data.root": cfg.data.root, "images": len(part), "accuracy": acc}

@@ -1,0 +1,64 @@
+"""``pst-dist export``: a run's weights (its latest checkpoint, ZeRO partitions gathered) as a folder that timm and
+plain torch read: ``model.safetensors`` and a timm ``config.json`` (architecture, ``model_args`` for
+``timm.create_model``, input size, mean and std in ``pretrained_cfg``, and a ``pst_dist`` block with the run's
+[model] section).
+
+- ``plain_timm`` true (no hook after ``timm.create_model``: ViTs, other timm models, ResNets with
+  model.small_stem=false): ``timm.create_model("local-dir:FOLDER", pretrained=True)`` rebuilds the model, as does
+  ``timm.create_model(architecture, pretrained=True, pretrained_cfg_overlay=dict(file=FOLDER/model.safetensors,
+  **pretrained_cfg), **model_args)``.
+- Otherwise (a ResNet with the 3x3 small-image stem, which timm cannot build): :func:`pst_dist.models.load_exported`.
+  It reads any export.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .config import to_dict
+from .evaluate import load_run_model
+from .io import OutputError, atomic_dir, check_out_dir
+from .models import timm_args
+
+FILES = ("model.safetensors", "config.json")
+
+
+def _is_export(out: Path) -> bool:
+    try:
+        return "pst_dist" in json.loads((out / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+
+
+def export_run(run_dir: Path, out: Path, checkpoint: str | Path | None = None, overwrite: bool = False) -> dict:
+    """Write the run's weights and config to the folder ``out`` (an earlier export there is replaced only with
+    ``overwrite``; anything else there is refused); returns the config.json written."""
+    from safetensors.torch import save_file  # a timm dependency
+
+    out = Path(out)
+    if out.suffix == ".safetensors":
+        raise OutputError(f"--out {out}: name a folder; model.safetensors and config.json go in it (the layout "
+                          f"timm.create_model('local-dir:FOLDER') reads)")
+    replace = check_out_dir(out, command="export", marker="config.json", owned=FILES, overwrite=overwrite,
+                            is_ours=_is_export)
+    rm = load_run_model(Path(run_dir), checkpoint)
+    chans, size, _ = rm.inputs["shape"]
+    kwargs, hook = timm_args(rm.cfg.model, rm.inputs["num_classes"], chans, size)
+    own_cfg = rm.model.pretrained_cfg
+    spec = {
+        "architecture": rm.cfg.model.name,
+        "num_classes": rm.inputs["num_classes"],
+        "num_features": rm.model.num_features,
+        "model_args": {k: v for k, v in kwargs.items() if k != "drop_rate"},  # drop rates only matter in training
+        "pretrained_cfg": {**{k: own_cfg[k] for k in ("first_conv", "classifier", "fixed_input_size") if k in own_cfg},
+                           "input_size": rm.inputs["shape"], "mean": rm.inputs["mean"], "std": rm.inputs["std"],
+                           "num_classes": rm.inputs["num_classes"], "crop_pct": 1.0},
+        "pst_dist": {"plain_timm": hook is None, "model": to_dict(rm.cfg.model), "run": str(Path(run_dir).resolve()),
+                     "checkpoint": str(rm.checkpoint.resolve()), "epoch": rm.epoch},
+    }
+    with atomic_dir(out, replace=replace) as tmp:
+        save_file({k: v.contiguous() for k, v in rm.model.state_dict().items()}, str(tmp / FILES[0]),
+                  metadata={"format": "pt"})
+        (tmp / FILES[1]).write_text(json.dumps(spec, indent=2), encoding="utf-8")
+    return spec

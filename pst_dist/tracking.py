@@ -1,0 +1,95 @@
+"""Experiment trackers beside TensorBoard (``log.trackers``; the table is :data:`pst_dist.registry.TRACKERS`):
+Weights & Biases and MLflow, each an optional extra. Only rank 0 opens them (through
+:class:`pst_dist.metrics.Metrics`); they get the scalars TensorBoard gets, and the config once per run (W&B config,
+MLflow parameters). Their files stay in the run directory (``wandb/``, ``mlruns/``) unless the config names a server;
+``trackers.json`` there records each tracker's run id, so that ``--resume`` continues the same tracker run."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import time
+from pathlib import Path
+
+from .config import Config, ConfigError, flat_config, to_dict
+from .io import read_json, write_atomic
+from .registry import TRACKERS
+
+IDS_FILE = "trackers.json"
+"""In the run directory: {tracker name: its run id}."""
+
+
+def check_trackers(names: list[str]) -> None:
+    """Refuse a tracker whose package is not installed, naming the extra that installs it."""
+    for name in names:
+        need = TRACKERS.entry(name).data
+        if importlib.util.find_spec(need["package"]) is None:
+            raise ConfigError(f"log.trackers: {name!r} needs the {need['package']} package, which is not installed: "
+                              f"pip install 'pst-dist[{need['extra']}]'")
+
+
+def open_trackers(run_dir: Path, cfg: Config) -> list:
+    """The trackers ``cfg.log.trackers`` names, each continuing the run ``trackers.json`` records for it (a resume)
+    or starting a new one."""
+    if not cfg.log.trackers:
+        return []
+    check_trackers(cfg.log.trackers)
+    ids_file = run_dir / IDS_FILE
+    ids = read_json(ids_file, "the run's tracker ids", ConfigError) if ids_file.is_file() else {}
+    trackers = {name: TRACKERS.load(name)(run_dir, cfg, ids.get(name)) for name in cfg.log.trackers}
+    write_atomic(ids_file, json.dumps({**ids, **{name: t.id for name, t in trackers.items()}}, indent=2))
+    return list(trackers.values())
+
+
+class WandbTracker:
+    """A W&B run in ``<run_dir>/wandb``, offline unless the WANDB_MODE environment variable says otherwise (``wandb
+    sync <run_dir>/wandb/offline-run-*`` uploads it later). Project ``log.project``, named after the run directory."""
+
+    def __init__(self, run_dir: Path, cfg: Config, run_id: str | None):
+        import wandb  # optional extra (pst-dist[wandb]), imported only when log.trackers names it
+
+        self.run = wandb.init(project=cfg.log.project, name=run_dir.name, dir=str(run_dir), id=run_id,
+                              resume="allow" if run_id else None, mode=os.environ.get("WANDB_MODE", "offline"),
+                              config=None if run_id else to_dict(cfg),  # once per run: a resume keeps the first
+                              settings=wandb.Settings(console="off"))  # stdout stays ours (the summary JSON)
+        self.id = self.run.id
+
+    def log(self, step: int, values: dict[str, float]) -> None:
+        self.run.log(values, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class MlflowTracker:
+    """An MLflow run in experiment ``log.project`` of the tracking store ``log.mlflow_uri`` names, else of a file
+    store in ``<run_dir>/mlruns`` (``mlflow ui --backend-store-uri <run_dir>/mlruns`` shows it); named after the
+    run directory, the config as its parameters (dotted keys)."""
+
+    def __init__(self, run_dir: Path, cfg: Config, run_id: str | None):
+        from mlflow.entities import Param  # optional extra (pst-dist[mlflow]), imported only when log.trackers names it
+        from mlflow.tracking import MlflowClient
+
+        if not cfg.log.mlflow_uri:  # MLflow 3 opens a file store only on request; this one is the run's own
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        self.client = MlflowClient(tracking_uri=cfg.log.mlflow_uri or (run_dir / "mlruns").resolve().as_uri())
+        if run_id is None:
+            exp = self.client.get_experiment_by_name(cfg.log.project)
+            exp_id = exp.experiment_id if exp else self.client.create_experiment(cfg.log.project)
+            run_id = self.client.create_run(exp_id, run_name=run_dir.name).info.run_id
+            params = [Param(k, str(v)) for k, v in flat_config(cfg).items()]
+            for i in range(0, len(params), 100):  # MLflow takes at most 100 parameters per call
+                self.client.log_batch(run_id, params=params[i: i + 100])
+        else:
+            self.client.update_run(run_id, status="RUNNING")
+        self.id = run_id
+
+    def log(self, step: int, values: dict[str, float]) -> None:
+        from mlflow.entities import Metric
+
+        ms = int(time.time() * 1000)
+        self.client.log_batch(self.id, metrics=[Metric(k, float(v), ms, step) for k, v in values.items()])
+
+    def close(self) -> None:
+        self.client.set_terminated(self.id)

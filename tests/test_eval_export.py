@@ -1,0 +1,213 @@
+"""pst-dist eval and export on real runs. eval reproduces a run's own final test (and val) accuracy from its checkpoint,
+for a plain torch run and a 2-rank DeepSpeed ZeRO-3 run (partitions gathered by DeepSpeed's zero_to_fp32), and scores
+other data through --data.* overrides as the run's model does; export loads into fresh timm models (plain timm for a
+model without a hook, pst_dist.models.load_exported for the small-stem ResNet) that predict what the run's model
+predicts."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from pst_dist.cli import main
+from pst_dist.config import load_config
+from pst_dist.data.pipeline import Normalize, build_data
+from pst_dist.models import build_model, load_exported
+from pst_dist.train import train
+
+from .conftest import MARKER_TEXT, place_marker, quadrant_images
+
+HERE = Path(__file__).parent
+
+
+def quadrant_folder(root: Path, seed: int, n_train: int = 192, n_test: int = 64) -> Path:
+    """An imagefolder (train/<class>/, test/<class>/ PNGs, 16 x 16) of 4 classes, each a bright quadrant: a tiny
+    model learns it in two epochs (without flips, which move the quadrant), so accuracies are far from chance and a
+    wrong model shows."""
+    for split, n, s in (("train", n_train, seed), ("test", n_test, seed + 1)):
+        x, y = quadrant_images(n, 3, s, 30, 170)
+        for i, (img, label) in enumerate(zip(x, y, strict=True)):
+            d = root / split / f"c{int(label)}"
+            d.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img.permute(1, 2, 0).numpy()).save(d / f"{i:04d}.png")
+    return root
+
+
+def folder_args(root: Path) -> list[str]:
+    return [f"--data.root={root}", "--data.source=imagefolder", "--data.img_size=16", "--data.val_size=32",
+            "--data.probe_size=32", "--model.width=0.125", "--train.batch_size=32", "--train.epochs=2",
+            "--train.optimizer=adamw", "--train.lr=0.01", "--data.augment=none", "--log.progress=false",
+            "--log.tensorboard=false"]
+
+
+def run_in_process(run_dir: Path, args: list[str]) -> dict:
+    """Train; returns the summary and the trained model's weights at the end (read from memory, not a checkpoint)."""
+    cfg = load_config(None, [*args, f"--log.run_dir={run_dir}"])
+    end = {}
+
+    def on_epoch(epoch, logs, gm, engine):
+        end["state"] = {k: v.detach().clone() for k, v in gm.model.state_dict().items()}
+
+    summary = train(cfg, on_epoch=on_epoch)
+    return {"summary": summary, "state": end["state"], "cfg": cfg}
+
+
+def logits(model: torch.nn.Module, cfg_args: list[str]) -> torch.Tensor:
+    """The model's logits on the test split ``cfg_args`` describe, normalised as the training run normalises."""
+    data = build_data(load_config(None, cfg_args))
+    norm = Normalize(data.mean, data.std, torch.device("cpu"))
+    with torch.no_grad():
+        return model.eval()(norm(data.splits.test.images.float() / 255))
+
+
+def run_model(run: dict, hooked_args: list[str]) -> torch.nn.Module:
+    """A fresh model with the run's in-memory final weights."""
+    cfg = load_config(None, hooked_args)
+    model = build_model(cfg.model, 4, 3, 16)
+    model.load_state_dict(run["state"])
+    return model
+
+
+def eval_cli(capsys, *args) -> dict:
+    assert main(["eval", *map(str, args)]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def snapshot(d: Path) -> dict:
+    return {str(p.relative_to(d)): p.stat().st_mtime_ns for p in d.rglob("*")}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict:
+    tmp = tmp_path_factory.mktemp("eval")
+    data, other = quadrant_folder(tmp / "data", 0), quadrant_folder(tmp / "other", 10)
+    args = folder_args(data)
+    return {"data": data, "other": other, "args": args,
+            "small_stem": {**run_in_process(tmp / "small_stem", args), "dir": tmp / "small_stem"},
+            "timm_stem": {**run_in_process(tmp / "timm_stem", [*args, "--model.small_stem=false", "--train.epochs=1"]),
+                          "dir": tmp / "timm_stem"}}
+
+
+def test_eval_reproduces_the_runs_accuracy_and_writes_nothing_into_it(runs, capsys, tmp_path):
+    run = runs["small_stem"]
+    s, before = run["summary"], snapshot(run["dir"])
+    assert s["final_test_acc"] > 0.6, "the tiny run should learn the quadrant classes (else the check is weak)"
+    r = eval_cli(capsys, "--run", run["dir"])
+    assert r["accuracy"] == s["final_test_acc"] and r["epoch"] == 2 and r["images"] == 64
+    assert eval_cli(capsys, "--run", run["dir"], "--split", "val")["accuracy"] == s["final_val_acc"]
+    out = tmp_path / "eval.json"
+    assert eval_cli(capsys, "--run", run["dir"], "--checkpoint", run["dir"] / "checkpoint.pt", "--out", out) == r
+    assert json.loads(out.read_text()) == r
+    assert snapshot(run["dir"]) == before, "eval changed the run directory"
+    assert main(["eval", "--run", str(run["dir"]), "--out", str(out)]) == 2  # exists: --overwrite needed
+    assert main(["eval", "--run", str(run["dir"]), "--out", str(out), "--overwrite"]) == 0
+    marker = place_marker(tmp_path)
+    assert main(["eval", "--run", str(run["dir"]), "--out", str(marker), "--overwrite"]) == 2
+    assert marker.read_text() == MARKER_TEXT, "eval replaced a file it did not write"
+
+
+def test_eval_of_a_run_whose_meta_predates_inputs(runs, capsys, tmp_path):
+    """Runs written before meta.json recorded the model's inputs: they are read off the run's own data."""
+    old = tmp_path / "old"
+    shutil.copytree(runs["small_stem"]["dir"], old)
+    meta = json.loads((old / "meta.json").read_text())
+    del meta["inputs"]
+    (old / "meta.json").write_text(json.dumps(meta))
+    assert eval_cli(capsys, "--run", old)["accuracy"] == runs["small_stem"]["summary"]["final_test_acc"]
+
+
+def test_eval_on_other_data_scores_as_the_runs_model(runs, capsys):
+    run, other = runs["small_stem"], runs["other"]
+    r = eval_cli(capsys, "--run", run["dir"], f"--data.root={other}")
+    assert r["images"] == 64 and r["data.root"] == str(other)
+    # the other folder's test images through the run's in-memory model, normalised with the run's statistics
+    data = build_data(load_config(None, runs["args"]))
+    test = build_data(load_config(None, folder_args(other))).splits.test
+    assert not torch.equal(test.images, data.splits.test.images)
+    with torch.no_grad():
+        x = Normalize(data.mean, data.std, torch.device("cpu"))(test.images.float() / 255)
+        want = int((run_model(run, runs["args"]).eval()(x).argmax(1) == test.labels).sum()) / len(test.labels)
+    assert r["accuracy"] == want
+
+
+def test_eval_refusals_name_the_problem(runs, capsys, tmp_path):
+    run = runs["small_stem"]
+    assert main(["eval", "--run", str(run["dir"]), "--model.width=1.0"]) == 2
+    assert "model.width" in capsys.readouterr().err
+    five = quadrant_folder(tmp_path / "five", 3, n_train=80, n_test=40)
+    for split in ("train", "test"):  # a fifth class
+        shutil.copytree(five / split / "c0", five / split / "c4")
+    assert main(["eval", "--run", str(run["dir"]), f"--data.root={five}"]) == 2
+    assert "4 classes" in capsys.readouterr().err
+    assert main(["eval", "--run", str(tmp_path)]) == 2
+    assert "no config.toml" in capsys.readouterr().err
+
+
+def test_export_small_stem_loads_through_pst_dist_with_the_runs_predictions(runs, tmp_path, capsys):
+    run = runs["small_stem"]
+    out = tmp_path / "export"
+    assert main(["export", "--run", str(run["dir"]), "--out", str(out)]) == 0
+    assert "load_exported" in capsys.readouterr().out
+    spec = json.loads((out / "config.json").read_text())
+    assert spec["pst_dist"]["plain_timm"] is False and spec["pretrained_cfg"]["input_size"] == [3, 16, 16]
+    want = logits(run_model(run, runs["args"]), runs["args"])
+    assert torch.equal(logits(load_exported(out), runs["args"]), want)
+    model = build_model(load_config(None, runs["args"]).model, 4, 3, 16)  # plain load_state_dict
+    model.load_state_dict(load_file(out / "model.safetensors"))
+    assert torch.equal(logits(model, runs["args"]), want)
+    with pytest.raises(RuntimeError, match="conv1"):  # timm alone cannot build the 3x3 stem (as the docs say)
+        timm.create_model(f"local-dir:{out}", pretrained=True)
+    assert main(["export", "--run", str(run["dir"]), "--out", str(out)]) == 2  # an earlier export: --overwrite
+    assert main(["export", "--run", str(run["dir"]), "--out", str(out), "--overwrite"]) == 0
+    marker = place_marker(tmp_path / "theirs")
+    assert main(["export", "--run", str(run["dir"]), "--out", str(marker.parent)]) == 2
+    assert main(["export", "--run", str(run["dir"]), "--out", str(tmp_path / "m.safetensors")]) == 2
+    assert marker.read_text() == MARKER_TEXT and not (tmp_path / "m.safetensors").exists()
+
+
+def test_export_without_hook_loads_into_plain_timm(runs, tmp_path):
+    run = runs["timm_stem"]
+    args = [*runs["args"], "--model.small_stem=false"]
+    out = tmp_path / "export"
+    assert main(["export", "--run", str(run["dir"]), "--out", str(out)]) == 0
+    spec = json.loads((out / "config.json").read_text())
+    assert spec["pst_dist"]["plain_timm"] is True
+    want = logits(run_model(run, args), args)
+    assert torch.equal(logits(timm.create_model(f"local-dir:{out}", pretrained=True), args), want)
+    overlay = timm.create_model(spec["architecture"], pretrained=True, **spec["model_args"],
+                                pretrained_cfg_overlay=dict(file=str(out / "model.safetensors"),
+                                                            **spec["pretrained_cfg"]))
+    assert torch.equal(logits(overlay, args), want)
+    assert torch.equal(logits(load_exported(out), args), want)
+
+
+@pytest.mark.multiproc
+def test_eval_and_export_of_a_zero3_run_gather_every_partition(tmp_path, capsys):
+    """A 2-rank DeepSpeed ZeRO-3 run (each rank holds half of every parameter): eval gathers the partitions with
+    DeepSpeed's zero_to_fp32 and reproduces the run's final test accuracy; the exported weights sum to the run's
+    own checksum of its gathered parameters."""
+    data = quadrant_folder(tmp_path / "data", 0)
+    run = tmp_path / "run"
+    env = {"OMP_NUM_THREADS": "1", "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": str(HERE.parent),
+           "HOME": os.environ.get("HOME", "/tmp")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "pst_dist.cli",
+           "train", *folder_args(data), "--train.batch_size=16",  # 2 ranks x 16: the steps of the 1-process runs
+           "--deepspeed.enabled=true", "--deepspeed.zero_stage=3", f"--log.run_dir={run}"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env, start_new_session=True)
+    assert p.returncode == 0, p.stderr[-3000:]
+    s = json.loads((run / "summary.json").read_text())
+    assert s["world_size"] == 2 and s["final_test_acc"] > 0.6
+    r = eval_cli(capsys, "--run", run)
+    assert r["accuracy"] == s["final_test_acc"] and r["checkpoint"].endswith(f"ds_checkpoint/step{s['steps']}")
+    assert main(["export", "--run", str(run), "--out", str(tmp_path / "export")]) == 0
+    model = load_exported(tmp_path / "export")
+    checksum = float(sum(p.detach().double().abs().sum() for p in model.parameters()))
+    assert checksum == s["model_checksum"], "the gathered weights are not the run's"

@@ -1,0 +1,140 @@
+"""log.trackers: W&B (offline) and MLflow (a file store) get the scalars metrics.jsonl gets and the config once per run,
+keep their files in the run directory, and a --resume continues the same tracker runs. Offline and local only; the
+test's HOME, W&B and MLflow directories are its own."""
+
+import json
+import struct
+from pathlib import Path
+
+import pytest
+
+from pst_dist import registry
+from pst_dist.config import ConfigError, load_config
+from pst_dist.registry import Entry
+from pst_dist.train import train
+
+from .conftest import TINY
+
+
+@pytest.fixture
+def own_dirs(tmp_path, monkeypatch) -> Path:
+    """Everything W&B and MLflow would write outside the run directory goes under tmp_path/home."""
+    home = tmp_path / "home"
+    for var, sub in (("HOME", ""), ("WANDB_DIR", "wandb"), ("WANDB_CONFIG_DIR", "wandb_config"),
+                     ("WANDB_CACHE_DIR", "wandb_cache"), ("WANDB_DATA_DIR", "wandb_data"),
+                     ("WANDB_ARTIFACT_DIR", "wandb_artifacts"), ("XDG_CONFIG_HOME", "config"),
+                     ("XDG_CACHE_HOME", "cache")):
+        monkeypatch.setenv(var, str(home / sub))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", (tmp_path / "default_mlruns").as_uri())  # must stay unused
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    return home
+
+
+def wandb_records(run_file: Path) -> list:
+    """The records of a W&B run file (``run-<id>.wandb``: a LevelDB-style log of protobuf records behind a 7-byte
+    header, in 32 KiB blocks of chunks with 7-byte headers: crc32, length, type full | first | middle | last)."""
+    from wandb.proto import wandb_internal_pb2
+
+    data, block = run_file.read_bytes(), 32768
+    assert data[:4] == b":W&B", f"{run_file}: not a W&B run file"
+    records, pos, chunk = [], 7, b""
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a chunk header is padding
+            pos += block - pos % block
+            continue
+        length, kind = struct.unpack("<HB", data[pos + 4: pos + 7])
+        chunk += data[pos + 7: pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # full, last
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(chunk)
+            records.append(record)
+            chunk = b""
+    return records
+
+
+def wandb_history(run_dir: Path) -> tuple[dict[int, dict], dict]:
+    """{step: scalars} and the config, from every offline W&B run file under ``run_dir``."""
+    history, config = {}, {}
+    for f in sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb")):
+        for r in wandb_records(f):
+            kind = r.WhichOneof("record_type")
+            if kind == "history":
+                items = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
+                history.setdefault(items.pop("_step"), {}).update(
+                    {k: v for k, v in items.items() if not k.startswith("_")})
+            elif kind in ("run", "config"):  # the config a run starts with, and later updates
+                updates = r.run.config.update if kind == "run" else r.config.update
+                config.update({i.key: json.loads(i.value_json) for i in updates})
+    return history, config
+
+
+def jsonl(run_dir: Path) -> dict[int, dict]:
+    by_step: dict[int, dict] = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        by_step.setdefault(row.pop("step"), {}).update(row)
+    return by_step
+
+
+def test_wandb_and_mlflow_get_the_runs_metrics_and_config_and_resume(tmp_path, own_dirs):
+    from mlflow.tracking import MlflowClient
+
+    run_dir = tmp_path / "run"
+    args = [*TINY, "--data.synthetic_train=128", "--train.epochs=1", "--log.tensorboard=false",
+            '--log.trackers=["wandb", "mlflow"]', "--log.project=pst-test", f"--log.run_dir={run_dir}"]
+    train(load_config(None, args))
+    ids = json.loads((run_dir / "trackers.json").read_text())
+    train(load_config(None, [*args, "--train.epochs=2"]), resume=True)
+    assert json.loads((run_dir / "trackers.json").read_text()) == ids, "the resume started new tracker runs"
+    want = jsonl(run_dir)
+    test_acc = {s: v["eval/test_acc"] for s, v in want.items() if "eval/test_acc" in v}
+    assert len(test_acc) == 2, "expected one test accuracy per epoch in metrics.jsonl"
+
+    client = MlflowClient(tracking_uri=(run_dir / "mlruns").as_uri())
+    run = client.get_run(ids["mlflow"])
+    assert run.info.run_name == "run" and run.info.status == "FINISHED"
+    assert client.get_experiment(run.info.experiment_id).name == "pst-test"
+    assert {m.step: m.value for m in client.get_metric_history(ids["mlflow"], "eval/test_acc")} == test_acc
+    assert {m.step: m.value for m in client.get_metric_history(ids["mlflow"], "train/loss")} == \
+        {s: v["train/loss"] for s, v in want.items() if "train/loss" in v}
+    params = run.data.params
+    assert params["train.epochs"] == "1" and params["model.width"] == "0.125", "the config is logged once, at start"
+    assert params["log.trackers"] == "['wandb', 'mlflow']"
+
+    history, config = wandb_history(run_dir)
+    assert {s: h["eval/test_acc"] for s, h in history.items() if "eval/test_acc" in h} == test_acc
+    assert config["train"]["epochs"] == 1 and config["model"]["width"] == 0.125
+    assert all(f.name.endswith(ids["wandb"] + ".wandb") for f in run_dir.glob("wandb/offline-run-*/run-*.wandb"))
+
+    assert not (tmp_path / "default_mlruns").exists(), "MLflow wrote to MLFLOW_TRACKING_URI, not the run's store"
+    assert not list(Path.cwd().glob("mlruns")) and not (Path.cwd() / "wandb").exists()
+    outside = [p for p in own_dirs.rglob("*") if p.is_file() and "wandb_cache" not in p.parts]
+    assert not outside, f"trackers wrote outside the run directory: {outside}"
+
+
+def test_mlflow_uri_names_the_store(tmp_path, own_dirs, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # a file store named by the user: their opt-in
+    store = (tmp_path / "store").as_uri()
+    run_dir = tmp_path / "run"
+    train(load_config(None, [*TINY, "--train.epochs=1", "--log.tensorboard=false", '--log.trackers=["mlflow"]',
+                             f"--log.mlflow_uri={store}", f"--log.run_dir={run_dir}"]))
+    run_id = json.loads((run_dir / "trackers.json").read_text())["mlflow"]
+    assert MlflowClient(tracking_uri=store).get_metric_history(run_id, "eval/test_acc")
+    assert not (run_dir / "mlruns").exists()
+
+
+def test_a_missing_tracker_package_names_its_extra(tmp_path, monkeypatch):
+    entry = registry.TRACKERS["wandb"]
+    monkeypatch.setitem(registry.TRACKERS, "wandb", Entry(entry.target, entry.doc, data={
+        "package": "no_such_package_pst_dist", "extra": "wandb"}))
+    run_dir = tmp_path / "run"
+    with pytest.raises(ConfigError, match=r"pip install 'pst-dist\[wandb\]'"):
+        train(load_config(None, [*TINY, '--log.trackers=["wandb"]', f"--log.run_dir={run_dir}"]))
+    assert not run_dir.exists(), "the refused run wrote files"
+    with pytest.raises(ConfigError, match="log.trackers"):
+        load_config(None, ['--log.trackers=["tensorboardx"]'])
