@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from pst_dist import config as C
-from pst_dist.registry import ATTACKS, DEFENSES, MODEL_FAMILIES, TRIGGERS, VIEWS, Registry
+from pst_dist.registry import ATTACKS, DEFENSES, MODEL_FAMILIES, TRACKERS, TRIGGERS, VIEWS, Registry
 
 from .conftest import quadrant_images
 
 TABLES = {"ATTACKS": ATTACKS, "TRIGGERS": TRIGGERS, "VIEWS": VIEWS, "DEFENSES": DEFENSES,
-          "MODEL_FAMILIES": MODEL_FAMILIES}
+          "MODEL_FAMILIES": MODEL_FAMILIES, "TRACKERS": TRACKERS}
 ENTRIES = [(t, n) for t, table in TABLES.items() for n in table]
 
 
@@ -26,6 +26,8 @@ def test_entry_imports_and_has_a_one_line_doc(table, name):
     assert callable(TABLES[table].load(name)), f"{table}.{name}: {e.target} is not a function"
     if table == "ATTACKS":
         assert e.kind in ("cheap", "model") and e.data["budget"] in ("linf", "l2", "l0", "none")
+    if table == "TRACKERS":
+        assert e.data["package"] and e.data["extra"]
     if table == "MODEL_FAMILIES":
         assert e.data["prefixes"] and all(isinstance(p, str) and p for p in e.data["prefixes"])
 
