@@ -25,12 +25,14 @@ from .config import (
     load_config,
 )
 from .io import blocking_ancestor, write_atomic
+from .tracking import tracker_dirs
 
 RUN_MARKERS = ("config.toml", "checkpoint.pt", "ds_checkpoint", "summary.json", "metrics.jsonl")
 """Any of these in a directory means it holds a run."""
-RUN_FILES = (*RUN_MARKERS, "meta.json", "tb", "restores.jsonl", "nodes.jsonl", "ray_upload", "trackers.json", "wandb",
-             "mlruns")
-"""Everything a run writes into its directory (what ``--overwrite`` removes, and nothing else)."""
+RUN_FILES = (*RUN_MARKERS, "meta.json", "tb", "restores.jsonl", "nodes.jsonl", "ray_upload", "trackers.json")
+"""Everything a run writes into its directory (what ``--overwrite`` removes, and nothing else), but the trackers'
+folders: ``wandb/`` and ``mlruns/`` are removed only when they hold the tracker runs ``trackers.json`` records
+(:func:`pst_dist.tracking.tracker_dirs`)."""
 
 
 class RunDirError(ConfigError):
@@ -100,7 +102,7 @@ def remove_run_files(run_dir: Path) -> list[str]:
     removed: list[str] = []
     if not run_dir.is_dir() or not holds_run(run_dir):
         return removed
-    for name in RUN_FILES:
+    for name in (*tracker_dirs(run_dir), *RUN_FILES):  # the trackers' folders first: trackers.json names them
         p = run_dir / name
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p)

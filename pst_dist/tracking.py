@@ -6,6 +6,7 @@ MLflow parameters). Their files stay in the run directory (``wandb/``, ``mlruns/
 
 from __future__ import annotations
 
+import glob
 import importlib.util
 import json
 import os
@@ -18,6 +19,23 @@ from .registry import TRACKERS
 
 IDS_FILE = "trackers.json"
 """In the run directory: {tracker name: its run id}."""
+LOCAL_DIRS = {"wandb": ("wandb", "*-{}"), "mlflow": ("mlruns", "*/{}")}
+"""Per tracker: the folder of the run directory it writes (when no server is named) and the pattern, under it, of
+the entry that holds the run of a given id (W&B's ``offline-run-<time>-<id>``, MLflow's ``<experiment>/<id>``)."""
+
+
+def tracker_dirs(run_dir: Path) -> list[str]:
+    """The folders of ``run_dir`` that hold a tracker run its ``trackers.json`` records (``wandb``, ``mlruns``):
+    what ``--overwrite`` removes besides :data:`pst_dist.rundir.RUN_FILES`. A ``wandb/`` or ``mlruns/`` there that
+    holds none of them (the user's own, or a run that logged to a server) is not ours and stays."""
+    try:
+        ids = json.loads((run_dir / IDS_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    if not isinstance(ids, dict):
+        return []
+    return [folder for name, (folder, pattern) in LOCAL_DIRS.items() if isinstance(ids.get(name), str)
+            and (run_dir / folder).is_dir() and any((run_dir / folder).glob(pattern.format(glob.escape(ids[name]))))]
 
 
 def check_trackers(names: list[str]) -> None:

@@ -138,3 +138,29 @@ def test_a_missing_tracker_package_names_its_extra(tmp_path, monkeypatch):
     assert not run_dir.exists(), "the refused run wrote files"
     with pytest.raises(ConfigError, match="log.trackers"):
         load_config(None, ['--log.trackers=["tensorboardx"]'])
+
+
+def test_overwrite_removes_a_trackers_folder_only_when_it_holds_the_recorded_run(tmp_path):
+    """--overwrite: wandb/ and mlruns/ go only when they hold the tracker runs trackers.json records; a user's own
+    (a run without trackers, or one whose MLflow logged to a server) stays."""
+    from pst_dist.rundir import remove_run_files
+
+    def run_dir(name: str, ids: dict | None) -> Path:
+        d = tmp_path / name
+        for f in ("wandb/offline-run-20250101_000000-abc123/run-abc123.wandb", "mlruns/0/f00d/meta.yaml"):
+            (d / f).parent.mkdir(parents=True)
+            (d / f).write_text("x")
+        (d / "config.toml").write_text("")
+        if ids is not None:
+            (d / "trackers.json").write_text(json.dumps(ids))
+        return d
+
+    theirs = run_dir("theirs", None)
+    assert remove_run_files(theirs) == ["config.toml"]
+    assert (theirs / "wandb").is_dir() and (theirs / "mlruns").is_dir()
+    server = run_dir("server", {"wandb": "zzz999", "mlflow": "beef"})  # ids of runs that are not in these folders
+    assert sorted(remove_run_files(server)) == ["config.toml", "trackers.json"]
+    assert (server / "wandb").is_dir() and (server / "mlruns").is_dir()
+    ours = run_dir("ours", {"wandb": "abc123", "mlflow": "f00d"})
+    assert sorted(remove_run_files(ours)) == ["config.toml", "mlruns", "trackers.json", "wandb"]
+    assert sorted(p.name for p in ours.iterdir()) == []
