@@ -5,7 +5,7 @@ extra ``timm.create_model`` kwargs and a hook run on the created model (or None)
 with timm's defaults.
 
 A model written by ``pst-dist export`` (a folder: model.safetensors and a timm config.json) comes back with
-:func:`load_exported`, hook included. A model without a hook (``hooked`` false in the config's ``pst_dist`` block:
+:func:`load_exported`, hook included. A model without a hook (``plain_timm`` true in the config's ``pst_dist`` block:
 ViTs, other timm models, ResNets with model.small_stem=false) is also plain timm:
 ``timm.create_model("local-dir:FOLDER", pretrained=True)``.
 """
