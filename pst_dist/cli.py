@@ -12,9 +12,9 @@ from dataclasses import replace
 from pathlib import Path
 
 from .checkpoint import CheckpointError
-from .config import ConfigError, dump_toml, load_config
+from .config import Config, ConfigError, class_doc, config_keys, dump_toml, load_config, shown_default
 from .data.sources import DataError
-from .io import OutputError
+from .io import OutputError, write_atomic
 from .poison import PoisonFileError
 
 
@@ -110,7 +110,6 @@ def cmd_diagnose(args: argparse.Namespace, rest: list[str]) -> int:
 
 def cmd_eval(args: argparse.Namespace, rest: list[str]) -> int:
     from .evaluate import evaluate_run  # start-up time: each command imports only what it runs
-    from .io import write_atomic
 
     out = Path(args.out) if args.out else None
     if out is not None and (out.exists() or out.is_symlink()):  # checked before the work; replaced only if ours
@@ -146,8 +145,6 @@ def cmd_export(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def cmd_keys(args: argparse.Namespace, rest: list[str]) -> int:
-    from .config import Config, class_doc, config_keys, shown_default
-
     want = args.section
     keys = [k for k in config_keys() if not want or k.key == want or k.key.startswith((f"{want}.", f"{want}[]."))]
     if not keys:

@@ -15,6 +15,7 @@ from PIL import Image
 from torchvision.transforms.functional import rgb_to_grayscale
 
 from .config import DefenseConfig, LossConfig
+from .pst.losses import stage_loss
 
 
 def jpeg(images: torch.Tensor, quality: int) -> torch.Tensor:
@@ -109,8 +110,6 @@ def ueraser_loss(gm, x: torch.Tensor, y: torch.Tensor, loss: LossConfig, normali
     loss on it. Several (UEraser-Max): each image's cross-entropy maximised over its views, averaged over the batch,
     with one forward pass per view in train mode, as APBench does (the config refuses other loss terms with it).
     Returns (loss, logits of the last view, parts for logging: detached 0-d device tensors)."""
-    from .pst.losses import stage_loss
-
     views = ueraser_views(x, repeats, seed)
     if repeats == 1:
         return stage_loss(gm, views[0], y, loss, normalize, num_classes, autocast)
