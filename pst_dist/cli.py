@@ -16,6 +16,7 @@ from .config import Config, ConfigError, class_doc, config_keys, dump_toml, load
 from .data.sources import DataError
 from .io import OutputError, write_atomic
 from .poison import PoisonFileError
+from .registry import ATTACKS
 
 
 def _split_overrides(rest: list[str]) -> list[str]:
@@ -157,7 +158,10 @@ def cmd_keys(args: argparse.Namespace, rest: list[str]) -> int:
             doc = class_doc(type(getattr(Config(), section)))
             print(f"[{section}]" + "".join(f"\n  {line}" for line in doc.splitlines()) + "\n")
         print(f"{k.key}: {k.type} = {shown_default(k.default)}")
-        print("".join(f"    {line}\n" for line in k.doc.splitlines()))
+        text = k.doc
+        if k.key == "poison.kind":  # its docstring sends here for the attacks: each with its registry doc
+            text += "".join(f"\n  {name}: {e.doc}" for name, e in ATTACKS.items())
+        print("".join(f"    {line}\n" for line in text.splitlines()))
     return 0
 
 

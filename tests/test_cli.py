@@ -66,6 +66,7 @@ def test_keys_lists_every_field_with_type_default_and_doc(capsys):
 
     from pst_dist.cli import main
     from pst_dist.config import Config, tomllib
+    from pst_dist.registry import ATTACKS
 
     assert main(["keys"]) == 0
     blocks = capsys.readouterr().out.split("\n\n")
@@ -90,6 +91,9 @@ def test_keys_lists_every_field_with_type_default_and_doc(capsys):
     assert main(["keys", "log"]) == 0
     out = capsys.readouterr().out
     assert "log.trackers: list[str] = []" in out and "data.source" not in out
+    assert main(["keys", "poison.kind"]) == 0  # poison.kind's docstring says `pst-dist keys` lists the attacks
+    out = capsys.readouterr().out
+    assert all(f"      {name}: {e.doc}\n" in out for name, e in ATTACKS.items())
     assert main(["keys", "nope"]) == 2
     assert "nope" in capsys.readouterr().err
     assert "pst-dist keys" in run_cli("train", "--help").stdout
