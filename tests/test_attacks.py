@@ -1,4 +1,5 @@
-"""Model-based attacks (EM sample- and class-wise, REM, TAP)."""
+"""Model-based attacks (EM sample- and class-wise, REM, TAP, EOT over the training augmentation) and AR's defining
+property."""
 
 import json
 import os
@@ -8,9 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from pst_dist.config import ConfigError, PoisonConfig, load_config
-from pst_dist.poison import make_poison
+from pst_dist.poison import apply_poison, make_poison
+from pst_dist.poison.shortcuts import ar_filters
 
 from .conftest import quadrant_images
 
@@ -112,3 +115,36 @@ def test_em_under_the_trainers_bf16_autocast():
     p, info = gen(x, y, cfg)
     d = p.to(torch.int16) - x.to(torch.int16)
     assert 0 < int(d.abs().max()) <= 8 and info["rounds"] == 2
+
+
+def test_rem_eot_changes_the_noise_deterministically():
+    """poison.eot augments the surrogate's batches and sums each noise step over augmented copies: another poison,
+    the same for the same seed, within budget; an augmentation it cannot differentiate through is refused."""
+    torch.set_num_threads(1)
+    x, y, cfg = tiny("rem", 1, eot=2)
+    cfg.data.augment = "crop"
+    p1, p2 = gen(x, y, cfg)[0], gen(x, y, cfg)[0]
+    assert torch.equal(p1, p2), "same seed must give the same poison"
+    assert 0 < int((p1.to(torch.int16) - x.to(torch.int16)).abs().max()) <= 8
+    assert not torch.equal(p1, gen(*tiny("rem", 1))[0]), "EOT changes the noise"
+    cfg.data.augment = "ueraser"
+    with pytest.raises(ValueError, match="poison.eot=2"):
+        gen(x, y, cfg)
+
+
+@pytest.mark.parametrize("chans", [1, 3])
+def test_ar_noise_is_whitened_by_its_own_class_filter_only(chans):
+    """The defining property of AR poisons: the class's AR filter (its coefficients, -1 on the pixel itself) maps
+    each draw to (almost) nothing but pixel rounding; the other classes' filters leave much of it."""
+    x = torch.full((40, chans, 16, 16), 128, dtype=torch.uint8)  # mid-grey: no clipping
+    y = torch.arange(40) % 4
+    cfg = PoisonConfig(kind="ar", seed=1)
+    d = apply_poison(x, y, cfg, 4).float() - 128
+    f = ar_filters(cfg, 4, chans).clone()
+    f[..., 2, 2] = -1
+    left = F.conv2d(d, f).pow(2).mean((-2, -1)) / d.pow(2).mean((1, 2, 3))[:, None]  # image x class filter
+    own = left[torch.arange(40), y]
+    other = left.scatter(1, y[:, None], float("inf")).min(1).values
+    assert own.max() < 0.05, own.max()
+    assert torch.equal(left.argmin(1), y), "every image is whitened most by its own class's filter"
+    assert other.mean() > 5 * own.mean(), (other.mean(), own.mean())

@@ -8,6 +8,7 @@ any channel count and size, and asserts its budget on what it returns (after rou
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -57,28 +58,92 @@ def lsp(images: torch.Tensor, labels: torch.Tensor, cfg: PoisonConfig, num_class
     return out
 
 
+AR_CROP = 4
+"""Rows and columns cut from the top-left of each AR draw: where its random start lies (the paper: 36 -> 32 px)."""
+AR_CANDIDATES, AR_SCREENED = 4096, 256
+"""Stable candidate filters drawn per channel count, and how many of them (those most responsive to the others'
+filters) the class filters are chosen from."""
+AR_STABLE_RMS = 50 / math.sqrt(3072)
+"""A candidate is stable when three draws at 32 x 32 stay within this RMS per pixel (the paper: L2 <= 50 on
+3 x 32 x 32, from a unit Gaussian start)."""
+
+
+def _ar_process(coef: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+    """The causal AR recursion on ``start`` (... x H x W): from the third row and column on, each pixel becomes the
+    sum of its 3 x 3 window (the pixel at the bottom-right, weight 0) weighted by ``coef`` (... x 3 x 3); the first
+    two rows and columns keep ``start``. No innovations: the matching filter maps the result to exactly zero."""
+    x = start.movedim((-2, -1), (0, 1)).contiguous()  # H x W x ...: each window is a few contiguous rows
+    k = coef.movedim((-2, -1), (0, 1))
+    h, w = x.shape[:2]
+    for i in range(2, h):
+        for j in range(2, w):
+            x[i, j] = (k * x[i - 2:i + 1, j - 2:j + 1]).sum((0, 1))
+    return x.movedim((0, 1), (-2, -1))
+
+
+def _ar_responses(draws: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+    """draw x filter: the ReLU-summed output of each AR filter (``coef`` with -1 on the pixel itself, summed over
+    channels) on each draw: 0 for a filter on its own process's draws, large when it does not whiten them."""
+    match = coef.clone()
+    match[..., 2, 2] = -1
+    return torch.cat([F.relu(F.conv2d(d, match)).sum((-2, -1)) for d in draws.split(64)])
+
+
 def ar_filters(cfg: PoisonConfig, num_classes: int, channels: int) -> torch.Tensor:
-    """One causal 3x3 autoregressive filter per class and channel: weights on the left, upper-left, upper and
-    upper-right neighbours, random signs and sizes, scaled to an absolute sum of 0.95 (a stable process)."""
-    g = torch.Generator().manual_seed(cfg.seed + 7919)
-    a = torch.rand(num_classes, channels, 4, generator=g) * 2 - 1
-    return 0.95 * a / a.abs().sum(dim=2, keepdim=True)
+    """The class filters for ``poison.seed`` (see :func:`_ar_filters`; computed once per seed and shape)."""
+    return _ar_filters(cfg.seed, num_classes, channels).clone()
+
+
+@functools.lru_cache(maxsize=8)
+def _ar_filters(seed: int, num_classes: int, channels: int) -> torch.Tensor:
+    """One causal 3 x 3 AR filter per class and channel (num_classes x channels x 3 x 3, the bottom-right weight 0),
+    drawn as the paper draws them: Gaussian weights divided by their sum, kept if three draws (per channel, 32 x 32,
+    Gaussian start) stay bounded. Then chosen to be distinct as the paper's search wants (every earlier class's filter
+    responds strongly to the new class's draws, see :func:`_ar_responses`; the paper accepts the next of up to a
+    million candidates whose lowest response is >= 10, at unit L2 on 32 x 32): of ``AR_CANDIDATES`` stable
+    candidates, the ``AR_SCREENED`` whose draws respond most to the first 16 filters, then greedily the candidate
+    with the highest lowest response."""
+    g = torch.Generator().manual_seed(seed + 7919)
+    side, need = 32 + AR_CROP, AR_CANDIDATES * channels
+    kept: list[torch.Tensor] = []
+    while sum(len(k) for k in kept) < need:  # single-channel candidates (the channels are independent processes)
+        cand = torch.randn(4096, 3, 3, generator=g)
+        cand[:, 2, 2] = 0
+        cand = cand / cand.sum((1, 2), keepdim=True)
+        stable = torch.ones(len(cand), dtype=torch.bool)
+        for _ in range(3):
+            idx = stable.nonzero().flatten()
+            draw = _ar_process(cand[idx], torch.randn(len(idx), side, side, generator=g))[:, AR_CROP:, AR_CROP:]
+            rms = draw.flatten(1).norm(dim=1) / (side - AR_CROP)
+            stable[idx] = rms.isfinite() & (rms <= AR_STABLE_RMS)
+        kept.append(cand[stable])
+    pool = torch.cat(kept)[:need].view(AR_CANDIDATES, channels, 3, 3)
+    draws = _ar_process(pool, torch.randn(AR_CANDIDATES, channels, side, side, generator=g))[..., AR_CROP:, AR_CROP:]
+    draws = draws / draws.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+    top = _ar_responses(draws, pool[:16]).min(1).values.argsort(descending=True)[:AR_SCREENED]
+    pool, resp = pool[top], _ar_responses(draws[top], pool[top])
+    chosen = [0]
+    for _ in range(1, num_classes):
+        score = resp[:, chosen].min(1).values  # the chosen filters' lowest response to each candidate's draw
+        score[chosen] = -1
+        chosen.append(int(score.argmax()))
+    return pool[chosen]
 
 
 def ar(images: torch.Tensor, labels: torch.Tensor, cfg: PoisonConfig, num_classes: int) -> torch.Tensor:
-    """Autoregressive perturbations: every image gets its own realisation of its class's AR process, scaled to the
-    L2 budget. The process runs pixel by pixel in raster order, vectorised over images and channels."""
+    """Autoregressive perturbations: every image gets its own draw of its class's AR process (a Gaussian start in
+    the first two rows and columns of an (H + 4) x (W + 4) grid, the recursion everywhere else, the top-left 4 rows
+    and columns cropped away), scaled to the L2 budget per image. Vectorised over images and channels."""
     n, c, h, w = images.shape
-    coef = ar_filters(cfg, num_classes, c)[labels]  # n x c x 4
+    coef = ar_filters(cfg, num_classes, c)
     g = torch.Generator().manual_seed(cfg.seed)
-    x = torch.zeros(n, c, h + 1, w + 2)  # a zero border above and on both sides
-    x[:, :, 1:, 1:-1] = torch.randn(n, c, h, w, generator=g)  # innovations; the recursion adds the filtered past
-    for i in range(1, h + 1):
-        for j in range(1, w + 1):
-            past = torch.stack([x[:, :, i, j - 1], x[:, :, i - 1, j - 1], x[:, :, i - 1, j], x[:, :, i - 1, j + 1]], -1)
-            x[:, :, i, j] += (coef * past).sum(-1)
+    delta = torch.empty(n, c, h, w)
+    for s in range(0, n, 4096):  # bounded memory
+        b = slice(s, s + 4096)
+        start = torch.randn(len(labels[b]), c, h + AR_CROP, w + AR_CROP, generator=g)
+        delta[b] = _ar_process(coef[labels[b]], start)[..., AR_CROP:, AR_CROP:]
     budget = l2_budget(cfg, (c, h, w))
-    out = _add(images, _to_pixel_levels(x[:, :, 1:, 1:-1], budget))
+    out = _add(images, _to_pixel_levels(delta, budget))
     _check_l2(images, out, budget, "ar")
     return out
 
