@@ -115,6 +115,7 @@ def test_wandb_and_mlflow_get_the_runs_metrics_and_config_and_resume(tmp_path, o
     assert not outside, f"trackers wrote outside the run directory: {outside}"
 
 
+@pytest.mark.slow  # the main tracker test covers MLflow's default store; this one only the URI key
 def test_mlflow_uri_names_the_store(tmp_path, own_dirs, monkeypatch):
     from mlflow.tracking import MlflowClient
 
