@@ -65,9 +65,11 @@ def init_distributed(device: str, single_process_group: bool = False) -> DistInf
 def init_ray() -> str:
     """Join the Ray cluster ``RAY_ADDRESS`` names (``ray job submit`` / ``ray submit`` set it), or else start a new
     local Ray of this process's own (``address="local"``: never a cluster someone else started on this machine;
-    ``ray.shutdown()`` stops it). Returns where, for the log."""
+    ``ray.shutdown()`` stops it); nothing when this process has joined a Ray already. Returns where, for the log."""
     import ray  # optional heavy dependency (Ray), imported only by the Ray paths (tune, bench.runner = "ray")
 
+    if ray.is_initialized():
+        return "the Ray this process has joined"
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
         return f"cluster at {os.environ['RAY_ADDRESS']}"

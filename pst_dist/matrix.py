@@ -348,7 +348,7 @@ class RayRunner:
         self.joined = not ray.is_initialized()  # this command joins (and at close leaves) a Ray
         self.local = self.joined and not os.environ.get("RAY_ADDRESS")  # a new local Ray of its own
         try:
-            where = init_ray() if self.joined else "the Ray this process has joined"
+            where = init_ray()
             b = bench.cfg.bench
             gpus, why = self.task_gpus(bench.cfg, ray.cluster_resources())
             cap = f"at most {bench.jobs} in flight (bench.jobs)" if bench.jobs else "as many in flight as fit"

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from pst_dist.config import Config, ConfigError, absolute_paths, to_dict
-from pst_dist.distributed import init_ray as start_ray
+from pst_dist.distributed import init_ray
 from pst_dist.models import build_model
 from pst_dist.pst.groups import layer_groups
 from pst_dist.pst.schedule import Schedule
@@ -48,12 +48,6 @@ def on_cluster() -> bool:
     """Whether the search runs on a cluster someone started (``RAY_ADDRESS`` set, as ``ray job submit`` and
     ``ray submit`` do) rather than on a local Ray of its own."""
     return bool(os.environ.get("RAY_ADDRESS"))
-
-
-def init_ray(cfg: Config) -> str:
-    import ray  # optional heavy dependency (Ray), imported only by tune
-
-    return "already initialised" if ray.is_initialized() else start_ray()
 
 
 def declare_resources(cfg: Config) -> str:
@@ -142,7 +136,7 @@ def run_search(cfg: Config, resume: bool = False, log=lambda m: print(m, file=sy
 
         if not Tuner.can_restore(str(search_dir)):
             raise ConfigError(f"--resume: no search to continue at {search_dir} (tune.out / tune.name)")
-    where = init_ray(cfg)
+    where = init_ray()
     resources = declare_resources(cfg)  # before max_concurrent: it resolves tune.use_gpu
     concurrent = max_concurrent(cfg)
     log(f"[tune] Ray: {where}; search directory {search_dir}; {resources}; at most "
