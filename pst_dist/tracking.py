@@ -86,8 +86,10 @@ class MlflowTracker:
     run directory, the config as its parameters (dotted keys)."""
 
     def __init__(self, run_dir: Path, cfg: Config, run_id: str | None):
-        from mlflow.entities import Param  # optional extra (pst-dist[mlflow]), imported only when log.trackers names it
+        from mlflow.entities import Metric, Param  # optional extra (pst-dist[mlflow]), only when log.trackers names it
         from mlflow.tracking import MlflowClient  # the same extra
+
+        self._metric = Metric
 
         if not cfg.log.mlflow_uri:  # MLflow 3 opens a file store only on request; this one is the run's own
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
@@ -104,10 +106,8 @@ class MlflowTracker:
         self.id = run_id
 
     def log(self, step: int, values: dict[str, float]) -> None:
-        from mlflow.entities import Metric  # optional extra, as in __init__
-
         ms = int(time.time() * 1000)
-        self.client.log_batch(self.id, metrics=[Metric(k, float(v), ms, step) for k, v in values.items()])
+        self.client.log_batch(self.id, metrics=[self._metric(k, float(v), ms, step) for k, v in values.items()])
 
     def close(self) -> None:
         self.client.set_terminated(self.id)
