@@ -148,7 +148,7 @@ def reinit_head(gm: GroupedModel, seed: int) -> None:
 
 def train_step(gm: GroupedModel, engine: TorchEngine | DeepSpeedEngine | torch.optim.Optimizer, stage: ActiveStage,
                x: torch.Tensor, y: torch.Tensor, lr: float, normalize: Normalize, num_classes: int, autocast,
-               world_size: int = 1, defense=None, at: tuple[int, ...] = (0, 0, 0, 0)
+               world_size: int = 1, defense=None, at: tuple[int, ...] | None = None
                ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """One optimizer step under ``stage``: frozen prefix under no_grad, frozen groups get no grad, lr or wd.
     ``engine`` is a TorchEngine / DeepSpeedEngine, or a bare torch optimizer (wrapped in a TorchEngine).
@@ -166,6 +166,8 @@ def train_step(gm: GroupedModel, engine: TorchEngine | DeepSpeedEngine | torch.o
     gm.set_frozen_prefix(stage.mults)  # idempotent; re-installs hooks after a resume
     set_group_lrs(engine.optimizer, lr, stage.mults)
     if defense is not None and defense.kind == "ueraser":
+        if at is None:  # a fixed default would give every step the same views
+            raise ValueError("train_step: defense.kind='ueraser' draws its views from at=(seed, epoch, step, rank)")
         loss, logits, parts = ueraser_loss(gm, xf, y, stage.config.loss, normalize, num_classes, autocast,
                                            ueraser_repeats(defense, at[1]), step_seed(*at))
     else:
