@@ -204,6 +204,13 @@ def cmd_report(args: argparse.Namespace, rest: list[str]) -> int:
     return 0
 
 
+def _run_checkpoint_args(p: argparse.ArgumentParser) -> None:
+    """eval's and export's --run and --checkpoint."""
+    p.add_argument("--run", required=True, help="the run directory (its config.toml, meta.json and checkpoint)")
+    p.add_argument("--checkpoint", help="checkpoint.pt, a ds_checkpoint folder or one of its step<N> tags "
+                   "(default: the run's latest)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pst-dist", description="Progressive Staged Training against unlearnable "
                                      "examples. Config overrides: --section.key=value")
@@ -257,18 +264,14 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(fn=cmd_diagnose)
     p = sub.add_parser("eval", help="accuracy of a run's checkpoint on its test (or val) split, or on other data "
                        "(--data.source=... --data.root=...); prints JSON, writes nothing into the run")
-    p.add_argument("--run", required=True, help="the run directory (its config.toml, meta.json and checkpoint)")
-    p.add_argument("--checkpoint", help="checkpoint.pt, a ds_checkpoint folder or one of its step<N> tags "
-                   "(default: the run's latest)")
+    _run_checkpoint_args(p)
     p.add_argument("--split", choices=("test", "val"), default="test", help="the split evaluated")
     p.add_argument("--out", help="also write the result to this JSON file")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier eval output in --out")
     p.set_defaults(fn=cmd_eval)
     p = sub.add_parser("export", help="a run's weights as model.safetensors + timm config.json in a folder "
                        "(ZeRO partitions gathered); load with timm or pst_dist.models.load_exported")
-    p.add_argument("--run", required=True, help="the run directory")
-    p.add_argument("--checkpoint", help="checkpoint.pt, a ds_checkpoint folder or one of its step<N> tags "
-                   "(default: the run's latest)")
+    _run_checkpoint_args(p)
     p.add_argument("--out", required=True, help="output folder (model.safetensors, config.json)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out")
     p.set_defaults(fn=cmd_export)
