@@ -53,12 +53,14 @@ def recorded_config(run_dir: Path, overrides: list[str] | tuple = ()) -> Config:
     return load_config(f, list(overrides))
 
 
-def load_run_model(run_dir: Path, checkpoint: str | Path | None = None, own_data: Data | None = None) -> RunModel:
+def load_run_model(run_dir: Path, checkpoint: str | Path | None = None, own_data: Data | None = None,
+                   cfg: Config | None = None) -> RunModel:
     """The model of the run in ``run_dir`` with the weights of ``checkpoint`` (checkpoint.pt, a ds_checkpoint
     folder or one of its step<N> tags; default: the run's latest). ``own_data``: the run's own data, already built
-    (the model's inputs are read from it when meta.json does not record them)."""
+    (the model's inputs are read from it when meta.json does not record them); ``cfg``: the run's recorded config,
+    already read."""
     run_dir = Path(run_dir)
-    cfg = recorded_config(run_dir)
+    cfg = cfg or recorded_config(run_dir)
     path = find_checkpoint(run_dir, checkpoint)
     weights, epoch, model_name, dtype = read_checkpoint(path)
     if model_name != cfg.model.name:
@@ -151,10 +153,10 @@ def evaluate_run(run_dir: Path, checkpoint: str | Path | None = None, overrides:
     if bad:
         raise ConfigError(f"pst-dist eval: {bad[0]!r}: only data.* (what to evaluate on), train.device and "
                           f"train.threads may be overridden; the model and its weights are the run's")
-    cfg = recorded_config(run_dir, overrides)
+    recorded = recorded_config(run_dir)
+    cfg = recorded_config(run_dir, overrides) if overrides else recorded
     data = build_data(clean(cfg))
-    own = cfg.data == recorded_config(run_dir).data
-    rm = load_run_model(run_dir, checkpoint, own_data=data if own else None)
+    rm = load_run_model(run_dir, checkpoint, own_data=data if cfg.data == recorded.data else None, cfg=recorded)
     part = getattr(data.splits, split)
     chans, num_classes = rm.inputs["shape"][0], rm.inputs["num_classes"]
     if data.splits.shape[0] != chans:
