@@ -22,8 +22,7 @@ def poisoned_mask(index: torch.Tensor, source_size: int, ratio: float, seed: int
     if k == 0:
         raise ConfigError(f"poison.ratio={ratio} poisons none of the {n} training images (round(ratio * n) = 0); "
                           f"raise it")
-    rank = torch.empty(source_size, dtype=torch.int64)
-    rank[torch.randperm(source_size, generator=torch.Generator().manual_seed(seed))] = torch.arange(source_size)
+    rank = torch.randperm(source_size, generator=torch.Generator().manual_seed(seed)).argsort()  # row -> position
     mask = torch.zeros(n, dtype=torch.bool)
     mask[torch.argsort(rank[index])[:k]] = True
     return mask
