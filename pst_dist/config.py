@@ -523,7 +523,8 @@ class TuneConfig:
     its last the release stage (loss). A trial's schedule is: warm-up, all of ``unfreeze_groups`` frozen, then one
     release stage per group in the trial's unfreeze order, each releasing one more group at its own lr multiplier.
     Orders and lengths that do not fit in train.epochs are never sampled. The objective is clean validation
-    accuracy (eval/val_acc); test accuracy is only logged."""
+    accuracy (eval/val_acc); test accuracy is only logged. With ``attacks`` a trial trains one run per attack and the
+    objective is the worst of their validation accuracies (one recipe for data protected by an unknown attack)."""
 
     num_samples: int = 8
     """Trials of the random search (search='grid' runs every combination once and ignores it)."""
@@ -574,6 +575,19 @@ class TuneConfig:
     """Experiment name (a subdirectory of out)."""
     seed: int = 0
     """Seed of the search's sampler."""
+    attacks: list[str] = field(default_factory=list)
+    """Attacks every trial trains on, one run each, in lockstep epoch by epoch (``none``: the clean data); the
+    objective is then each epoch's worst validation accuracy over them. Empty = the config's own [poison]. Leave an
+    attack out to check the chosen recipe on it afterwards (``pst-dist bench`` with every attack)."""
+    poisons: str = ""
+    """Directory of the attacks' poison stores, ``<attack>_seed<poison.seed>`` as ``pst-dist bench`` caches them
+    under ``<bench.out>/poisons`` (missing ones are made there first, with ``[bench.attack_overrides]``; one made
+    with other settings is refused). Empty = ``<out>/<name>_poisons``."""
+    views: list[str] = field(default_factory=list)
+    """Choices for the PST view (every stage's loss view and the warm-up trigger's view, e.g.
+    "randblur:2+quantize:3"); empty = the template's."""
+    consistency: list[float] = field(default_factory=list)
+    """Choices for the release stages' consistency weight; empty = the template's."""
 
     def __post_init__(self) -> None:
         _check(self.num_samples >= 1, f"tune.num_samples={self.num_samples}: must be >= 1")
@@ -601,6 +615,12 @@ class TuneConfig:
         _check(self.pbt_interval >= 1, f"tune.pbt_interval={self.pbt_interval}: must be >= 1")
         _check(self.max_failures >= 0, f"tune.max_failures={self.max_failures}: must be >= 0")
         _check(bool(self.name) and "/" not in self.name, f"tune.name={self.name!r}: a non-empty name without '/'")
+        bad = [a for a in self.attacks if a not in POISONS or a == "file"]
+        _check(not bad, f"tune.attacks: unknown attack(s) {bad}; expected from {sorted(POISONS - {'file'})}")
+        _check(len(set(self.attacks)) == len(self.attacks), f"tune.attacks={self.attacks}: an attack appears twice")
+        for v in self.views:
+            _check_view("tune.views", v)
+        _check(all(c >= 0 for c in self.consistency), f"tune.consistency={self.consistency}: choices must be >= 0")
 
 
 BENCH_DEFENSES = tuple(DEFENSES)  # pst_dist.registry.DEFENSES

@@ -268,22 +268,32 @@ def cached_poisons(bench: Bench) -> tuple[dict[tuple[str, int], dict], list[tupl
             pdir = bench.poison_dir(a, s)
             if a == "none":
                 continue
-            if not (pdir / store.META).is_file():
+            meta = cached_poison(bench.base, a, s, pdir, "bench.out")
+            if meta is None:
                 todo.append((a, s, pdir))
-                continue
-            try:
-                meta = store.read_meta(pdir)
-            except PoisonFileError as e:  # e.g. cached by an earlier version (its own format): not reused
-                raise ConfigError(f"{pdir} is not a poison store this version reads ({e}); remove it or choose "
-                                  f"another bench.out") from None
-            want = store.parameters(poison_cfg(bench.base, a, s).poison)  # not poison.ratio: the cache holds every
-            # image poisoned and each cell applies its ratio (a cell is keyed by its whole recipe, ratio included)
-            was = {**store.parameters(PoisonConfig()), **meta["parameters"]}  # a key newer than the cache: default
-            if diff := changes(was, want):  # a resumed bench must not reuse a poison made with other settings
-                raise ConfigError(f"{pdir} was made with other poison settings (cached, now): {diff}; remove it "
-                                  f"or choose another bench.out")
-            gen[(a, s)] = meta
+            else:
+                gen[(a, s)] = meta
     return gen, todo
+
+
+def cached_poison(base: dict, attack: str, seed: int, pdir: Path, where: str) -> dict | None:
+    """The poison.json of the poison cached at ``pdir`` for (attack, seed) under the recipe ``base``; None when none
+    is cached there. One made with other settings, or not a store this version reads, is refused (ConfigError
+    naming ``where``, the setting that chose the directory)."""
+    if not (pdir / store.META).is_file():
+        return None
+    try:
+        meta = store.read_meta(pdir)
+    except PoisonFileError as e:  # e.g. cached by an earlier version (its own format): not reused
+        raise ConfigError(f"{pdir} is not a poison store this version reads ({e}); remove it or choose "
+                          f"another {where}") from None
+    want = store.parameters(poison_cfg(base, attack, seed).poison)  # not poison.ratio: the cache holds every
+    # image poisoned and each cell applies its ratio (a cell is keyed by its whole recipe, ratio included)
+    was = {**store.parameters(PoisonConfig()), **meta["parameters"]}  # a key newer than the cache: default
+    if diff := changes(was, want):  # a resumed run must not reuse a poison made with other settings
+        raise ConfigError(f"{pdir} was made with other poison settings (cached, now): {diff}; remove it "
+                          f"or choose another {where}")
+    return meta
 
 
 def finished_cells(bench: Bench, say: Callable[[str], None]) -> tuple[dict[tuple[str, str, int], dict],

@@ -503,3 +503,74 @@ def test_a_dead_node_s_trial_is_restored_from_storage_on_the_other(own_ray, tmp_
     restores = [json.loads(line) for line in open(storage / "tiny" / "trials" / moved[0]["trial"] / "restores.jsonl")]
     assert restores and restores[0]["node_id"] == ids["head"] and restores[0]["epoch"] >= 1
     assert str(storage) in restores[0]["from"]  # from the checkpoint in storage
+
+
+def test_a_search_over_attacks_makes_its_poisons_once_and_gives_each_run_its_attack(tmp_path):
+    """tune.attacks without Ray: the poisons are made once where tune.poisons says (a second search reads them; one
+    made with other settings is refused, naming the setting), each attack's run records its attack, and the views
+    and consistency weights offered are what a trial's stages get."""
+    from tune.attacks import attack_config, prepare_poisons, store_dir, worst_case
+    from tune.space import grid_size, trial_config
+
+    cfg = load_config(str(TINY), ["--data.synthetic_train=300", '--tune.attacks=["none", "classwise_noise"]',
+                                  f"--tune.poisons={tmp_path / 'poisons'}", '--tune.views=["quantize", "blur"]',
+                                  "--tune.consistency=[0.0, 1.0]"])
+    assert prepare_poisons(cfg, log=lambda m: None).keys() == {"classwise_noise"}
+    assert store_dir(cfg, "classwise_noise").is_dir() and store_dir(cfg, "none") is None
+    assert prepare_poisons(cfg, log=lambda m: None) == {}  # cached: read, not made again
+    other = load_config(str(TINY), ["--data.synthetic_train=300", '--tune.attacks=["classwise_noise"]',
+                                    f"--tune.poisons={tmp_path / 'poisons'}", "--poison.eps=0.05"])
+    with pytest.raises(ConfigError, match="other poison settings.*tune.poisons"):
+        prepare_poisons(other, log=lambda m: None)
+    assert grid_size(cfg, 4) == 2 * 2 * 2 * 2 * 2  # orders x mults^2 x views x consistency
+    params = {"skeleton": "warm=1,freeze=1,release=1,order=1-0", "threshold": 0.2, "mult_0": 0.1, "mult_1": 1.0,
+              "view": "blur", "consistency": 1.0}
+    trial = trial_config(cfg, params)
+    trial.log.run_dir = str(tmp_path / "trial")
+    run = attack_config(trial, "classwise_noise")
+    assert run.poison.kind == "classwise_noise" and run.log.run_dir == str(tmp_path / "trial" / "classwise_noise")
+    assert {s.loss.view for s in run.schedule.stages} == {"blur"} and run.schedule.stages[0].trigger.view == "blur"
+    assert [s.loss.consistency for s in run.schedule.stages][-2:] == [1.0, 1.0]  # the release stages only
+    assert run.schedule.stages[0].loss.consistency == 0.0
+    logs = {"none": {"eval/val_acc": 0.8, "eval/test_acc": 0.7}, "classwise_noise": {"eval/val_acc": 0.6,
+                                                                                      "eval/test_acc": 0.75}}
+    assert worst_case(logs) == {"val_acc": 0.6, "val_acc_none": 0.8, "val_acc_classwise_noise": 0.6,
+                                "test_acc": 0.7, "test_acc_none": 0.7, "test_acc_classwise_noise": 0.75}
+
+
+@pytest.mark.slow  # ~4 minutes on 2 cores; the pieces without Ray are in the default run (the test above)
+@pytest.mark.multiproc
+def test_a_search_over_attacks_takes_the_worst_case_and_its_runs_train_as_alone(own_ray, tmp_path):
+    """tune.attacks: every trial trains one run per attack in lockstep; the objective (final_val_acc) is the worst
+    attack's validation accuracy; the views and consistency weights offered are what the trials train with; a run
+    trained epoch by epoch in a trial ends where the same run trained alone ends."""
+    out, poisons = tmp_path / "search", tmp_path / "poisons"
+    short = ["--tune.unfreeze_groups=[0]", "--train.epochs=3", "--tune.num_samples=2", "--tune.scheduler=fifo",
+             "--deepspeed.enabled=false", "--data.synthetic_train=300", '--tune.attacks=["none", "classwise_noise"]',
+             f"--tune.poisons={poisons}", '--tune.views=["quantize", "blur"]', "--tune.consistency=[0.0, 1.0]"]
+    run = subprocess.run(_tune(out, *short), env=own_ray.env(), capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-5000:]
+    assert "making the classwise_noise poison" in run.stderr and (poisons / "classwise_noise_seed0").is_dir()
+    search = out / "tiny"
+    rows = list(csv.DictReader(open(search / "results.csv")))
+    assert len(rows) == 2 and all(r["status"] == "completed" for r in rows), rows
+    for r in rows:
+        assert float(r["final_val_acc"]) == min(float(r["val_none"]), float(r["val_classwise_noise"]))
+        assert r["view"] in ("quantize", "blur") and float(r["consistency"]) in (0.0, 1.0)
+        for attack in ("none", "classwise_noise"):
+            recorded = load_config(str(search / "trials" / r["trial"] / attack / "config.toml"))
+            assert recorded.poison.kind == attack
+            assert {s.loss.view for s in recorded.schedule.stages} == {r["view"]}
+            assert recorded.schedule.stages[-1].loss.consistency == float(r["consistency"])
+    best = (search / "best_schedule.toml").read_text()
+    assert "worst validation accuracy over the attacks none, classwise_noise" in best
+    # one trial's poisoned run, trained alone (uninterrupted) on the same poison store: the same final accuracy
+    r = rows[0]
+    trial = search / "trials" / r["trial"] / "classwise_noise"
+    alone = subprocess.run([str(BIN / "pst-dist"), "train", "--config", str(trial / "config.toml"),
+                            '--poison.kind="file"', f'--poison.path="{poisons / "classwise_noise_seed0"}"',
+                            f"--log.run_dir={tmp_path / 'alone'}"], env=own_ray.env(), capture_output=True, text=True,
+                           timeout=300)
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    summary = json.loads((tmp_path / "alone" / "summary.json").read_text())
+    assert summary["final_val_acc"] == float(r["val_classwise_noise"])

@@ -33,6 +33,22 @@ def _curve(metrics_file: Path) -> tuple[list[dict], int]:
     return [last[e] for e in sorted(last)], len(evals)
 
 
+def trial_curve(cfg: Config, trial_dir: Path) -> tuple[list[dict], int, dict[str, float]]:
+    """A trial's evaluation records per epoch, its epochs trained in all, and (multi-attack trials) each attack's
+    final validation accuracy. A multi-attack trial's record of an epoch holds the worst validation and test
+    accuracy over its attacks (:func:`tune.attacks.worst_case`), for the epochs every attack reached."""
+    if not cfg.tune.attacks:
+        curve, trained = _curve(trial_dir / "metrics.jsonl")
+        return curve, trained, {}
+    per = {a: _curve(trial_dir / a / "metrics.jsonl") for a in cfg.tune.attacks}
+    by_epoch = {a: {int(r["epoch"]): r for r in c} for a, (c, _) in per.items()}
+    epochs = sorted(set.intersection(*(set(d) for d in by_epoch.values())))
+    curve = [{"epoch": e, **{k: min(d[e][k] for d in by_epoch.values()) for k in ("eval/val_acc", "eval/test_acc")}}
+             for e in epochs]
+    finals = {f"val_{a}": d[epochs[-1]]["eval/val_acc"] for a, d in by_epoch.items()} if epochs else {}
+    return curve, sum(t for _, t in per.values()), finals
+
+
 def trial_nodes(run_dir: Path) -> list[str]:
     """The Ray node ids a trial's rank 0 trained on, in order (``nodes.jsonl``, one line per epoch trained: two or
     more ids when it moved, e.g. restored on another node after its node died)."""
@@ -48,8 +64,8 @@ def trial_rows(cfg: Config, results, search_dir: Path) -> list[dict]:
     for r in results:
         m = re.search(r"run_trial_([0-9a-f]+_\d+)_", Path(r.path).name if r.path else "")
         trial = m.group(1) if m else "?"
-        curve, trained = _curve(search_dir / "trials" / trial / "metrics.jsonl")
-        row = {"trial": trial, **describe(r.config), "epochs_trained": trained,
+        curve, trained, finals = trial_curve(cfg, search_dir / "trials" / trial)
+        row = {"trial": trial, **describe(r.config), **finals, "epochs_trained": trained,
                "curve_epoch": [int(c["epoch"]) for c in curve], "curve_val": [c["eval/val_acc"] for c in curve],
                "curve_test": [c["eval/test_acc"] for c in curve]}
         if curve:
@@ -79,7 +95,17 @@ def _fmt(key: str, v) -> str:
 
 def _columns(rows: list[dict]) -> list[str]:
     mults = sorted({k for r in rows for k in r if k.startswith("mult_")})
-    return COLUMNS + mults
+    extra = [k for k in ("view", "consistency") if any(k in r for r in rows)]
+    per_attack = list(dict.fromkeys(k for r in rows for k in r if k.startswith("val_") and k != "val_acc"))
+    return COLUMNS + mults + extra + per_attack
+
+
+def objective(cfg: Config) -> str:
+    if cfg.tune.attacks:
+        return (f"the worst validation accuracy over the attacks {', '.join(cfg.tune.attacks)} at the final epoch "
+                f"(final_val_acc, peak_val_acc and the test columns are that worst case; val_<attack>: each "
+                f"attack's own)")
+    return "clean validation accuracy at the final epoch"
 
 
 def results_csv(rows: list[dict]) -> str:
@@ -94,8 +120,9 @@ def results_md(cfg: Config, rows: list[dict], best: dict | None, total_epochs: i
     cols = _columns(rows)
     lines = [f"# PST schedule search `{cfg.tune.name}`", "",
              f"search={cfg.tune.search}, scheduler={cfg.tune.scheduler}, {len(rows)} trials, "
-             f"{total_epochs} training epochs in all (a full run is {cfg.train.epochs}); "
-             f"objective: clean validation accuracy at the final epoch; accuracies in %.", "",
+             f"{total_epochs} training epochs in all (a full trial is {cfg.train.epochs}"
+             f"{f' x {len(cfg.tune.attacks)} attacks' if cfg.tune.attacks else ''}); "
+             f"objective: {objective(cfg)}; accuracies in %.", "",
              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(_fmt(c, r.get(c, "")) for c in cols) + " |" for r in rows]
     if best is not None:
@@ -105,7 +132,7 @@ def results_md(cfg: Config, rows: list[dict], best: dict | None, total_epochs: i
     return "\n".join(lines) + "\n"
 
 
-def plot_trials(rows: list[dict], best: dict | None, path: Path) -> None:
+def plot_trials(rows: list[dict], best: dict | None, path: Path, multi: bool = False) -> None:
     import matplotlib  # matplotlib: start-up time, only when plotting
 
     matplotlib.use("Agg")
@@ -119,8 +146,9 @@ def plot_trials(rows: list[dict], best: dict | None, path: Path) -> None:
         kw = dict(lw=2.5, color="C3", zorder=3, label=f"best {r['trial']}") if is_best else dict(lw=1, alpha=0.6)
         axes[0].plot(r["curve_epoch"], [100 * v for v in r["curve_val"]], marker="o", ms=3, **kw)
         axes[1].plot(r["curve_epoch"], [100 * v for v in r["curve_test"]], marker="o", ms=3, **kw)
-    axes[0].set_title("clean validation accuracy (the objective)")
-    axes[1].set_title("clean test accuracy (reported only)")
+    worst = "worst over attacks: " if multi else ""
+    axes[0].set_title(f"{worst}clean validation accuracy (the objective)")
+    axes[1].set_title(f"{worst}clean test accuracy (reported only)")
     for ax in axes:
         ax.set_xlabel("epoch")
         ax.set_ylabel("%")
@@ -135,10 +163,12 @@ def plot_trials(rows: list[dict], best: dict | None, path: Path) -> None:
 def best_schedule_toml(cfg: Config, best: dict) -> str:
     out = trial_config(cfg, best["params"])  # a copy of the base config
     out.log.run_dir = f"runs/{cfg.tune.name}_best"
-    header = (f"# Best schedule of the search {cfg.tune.name!r} (trial {best['trial']}), chosen on clean validation "
-              f"accuracy at the final epoch: {100 * best['final_val_acc']:.2f} %.\n"
+    header = (f"# Best schedule of the search {cfg.tune.name!r} (trial {best['trial']}), chosen on "
+              f"{objective(cfg)}: {100 * best['final_val_acc']:.2f} %.\n"
               f"# Search parameters: {json.dumps(best['params'])}\n"
-              f"# Run it: pst-dist train --config best_schedule.toml\n\n")
+              f"# Run it: pst-dist train --config best_schedule.toml"
+              + ("; on every attack, a held-out one too: pst-dist bench --config best_schedule.toml"
+                 if cfg.tune.attacks else "") + "\n\n")
     return header + dump_toml(out)
 
 
@@ -150,7 +180,7 @@ def write_reports(cfg: Config, results, search_dir: Path, log) -> dict:
     write_atomic(search_dir / "results.csv", results_csv(rows))
     md = results_md(cfg, rows, best, total)
     write_atomic(search_dir / "results.md", md)
-    plot_trials(rows, best, search_dir / "trials.png")
+    plot_trials(rows, best, search_dir / "trials.png", multi=bool(cfg.tune.attacks))
     if best is not None:
         write_atomic(search_dir / "best_schedule.toml", best_schedule_toml(cfg, best))
     log(md)

@@ -16,8 +16,9 @@ from pst_dist.models import build_model
 from pst_dist.pst.groups import layer_groups
 from pst_dist.pst.schedule import Schedule
 
+from .attacks import poison_root, prepare_poisons
 from .report import write_reports
-from .space import grid_size, mult_keys, schedules_offered, skeletons, trial_config
+from .space import extra_choices, grid_size, mult_keys, schedules_offered, skeletons, trial_config
 from .trial import run_trial
 
 
@@ -35,6 +36,7 @@ def param_space(cfg: Config, groups: int) -> dict:
     pick = tune.grid_search if cfg.tune.search == "grid" else tune.choice
     space = {"skeleton": pick([s.key() for s in skeletons(cfg, groups)]), "threshold": pick(cfg.tune.thresholds)}
     space.update({k: pick(cfg.tune.release_mults) for k in mult_keys(cfg)})
+    space.update({k: pick(v) for k, v in extra_choices(cfg).items()})
     return space
 
 
@@ -104,7 +106,8 @@ def build_tuner(cfg: Config, search_dir: Path, resume: bool, groups: int, concur
         scheduler = ASHAScheduler(time_attr="epoch", max_t=cfg.train.epochs, grace_period=t.grace_period,
                                   reduction_factor=t.reduction_factor)
     elif t.scheduler == "pbt":
-        mutations = {"threshold": list(t.thresholds), **{k: list(t.release_mults) for k in mult_keys(cfg)}}
+        mutations = {"threshold": list(t.thresholds), **{k: list(t.release_mults) for k in mult_keys(cfg)},
+                     **extra_choices(cfg)}
         scheduler = PopulationBasedTraining(time_attr="epoch", perturbation_interval=t.pbt_interval,
                                             quantile_fraction=0.25, hyperparam_mutations=mutations, synch=True)
     else:
@@ -122,9 +125,15 @@ def build_tuner(cfg: Config, search_dir: Path, resume: bool, groups: int, concur
 def run_search(cfg: Config, resume: bool = False, log=lambda m: print(m, file=sys.stderr)) -> dict:
     """Run (or continue) the search; write results.csv / results.md / trials.png / best_schedule.toml into
     ``<tune.out>/<tune.name>/``. Returns the report summary."""
-    absolute_paths(cfg, also=(("tune", "out"),))
+    absolute_paths(cfg, also=(("tune", "out"), ("tune", "poisons")))
     groups = num_groups(cfg)
     check_space(cfg, groups)  # every error before Ray starts
+    if cfg.tune.attacks:
+        cfg.tune.poisons = str(poison_root(cfg))  # the trials' configs (and the recorded ones) name the stores
+        made = prepare_poisons(cfg, log)
+        log(f"[tune] every trial trains {len(cfg.tune.attacks)} runs ({', '.join(cfg.tune.attacks)}) on the "
+            f"poisons in {cfg.tune.poisons}" + (f"; made now: {made} (seconds)" if made else "")
+            + "; objective: the worst validation accuracy over them")
     search_dir = Path(cfg.tune.out) / cfg.tune.name
     n = grid_size(cfg, groups)
     engine = f"DeepSpeed ZeRO-{cfg.deepspeed.zero_stage}" if cfg.deepspeed.enabled else "torch"

@@ -5,6 +5,8 @@ A trial's parameters::
 
     {"skeleton": "warm=1,freeze=2,release=1,order=1-0", "threshold": 0.2, "mult_0": 0.1, "mult_1": 1.0}
 
+plus ``view`` and ``consistency`` where ``tune.views`` / ``tune.consistency`` offer choices.
+
 ``skeleton`` fixes the stage lengths and the unfreeze order. Skeletons are enumerated up front and only valid ones
 are offered (an order is a permutation of ``tune.unfreeze_groups`` or one of ``tune.unfreeze_orders``, never names
 the head or a group the model lacks; the stages before the last must end inside train.epochs), so random sampling
@@ -94,9 +96,19 @@ def mult_keys(cfg: Config) -> list[str]:
     return [f"mult_{i}" for i in range(len(cfg.tune.unfreeze_groups))]
 
 
+def extra_choices(cfg: Config) -> dict[str, list]:
+    """The searched loss settings beyond the schedule's shape: the view and the release stages' consistency weight,
+    where the config offers choices."""
+    t = cfg.tune
+    return {k: list(v) for k, v in (("view", t.views), ("consistency", t.consistency)) if v}
+
+
 def grid_size(cfg: Config, num_groups: int) -> int:
     t = cfg.tune
-    return len(skeletons(cfg, num_groups)) * len(t.thresholds) * len(t.release_mults) ** len(t.unfreeze_groups)
+    n = len(skeletons(cfg, num_groups)) * len(t.thresholds) * len(t.release_mults) ** len(t.unfreeze_groups)
+    for v in extra_choices(cfg).values():
+        n *= len(v)
+    return n
 
 
 def schedule_stages(cfg: Config, params: dict) -> list[StageConfig]:
@@ -123,6 +135,14 @@ def schedule_stages(cfg: Config, params: dict) -> list[StageConfig]:
             loss=copy.deepcopy(release_t.loss)))
     if sk.freeze == 0 and frozen_t.reinit_head:  # no frozen stage: the head re-init moves to the first release
         stages[1 if sk.warm > 0 else 0].reinit_head = True
+    if "view" in params:  # every stage's view (and the warm-up trigger's) is the trial's
+        for st in stages:
+            st.loss.view = params["view"]
+            if st.trigger is not None:
+                st.trigger.view = params["view"]
+    if "consistency" in params:
+        for st in stages[len(stages) - len(sk.order):]:
+            st.loss.consistency = float(params["consistency"])
     return stages
 
 
@@ -139,11 +159,13 @@ def describe(params: dict) -> dict:
     row = {"warm_epochs": sk.warm, "freeze_epochs": sk.freeze, "release_epochs": sk.release,
            "unfreeze_order": order_str(sk.order), "threshold": params.get("threshold")}
     row.update({k: v for k, v in params.items() if k.startswith("mult_")})
+    row.update({k: params[k] for k in ("view", "consistency") if k in params})
     return row
 
 
 def schedules_offered(cfg: Config, num_groups: int) -> list[dict]:
     """One parameter set per valid skeleton (thresholds and multipliers do not change which groups a stage names)."""
     t = cfg.tune
-    fill = {"threshold": t.thresholds[0], **{k: t.release_mults[0] for k in mult_keys(cfg)}}
+    fill = {"threshold": t.thresholds[0], **{k: t.release_mults[0] for k in mult_keys(cfg)},
+            **{k: v[0] for k, v in extra_choices(cfg).items()}}
     return [{"skeleton": s.key(), **fill} for s in skeletons(cfg, num_groups)]

@@ -24,6 +24,7 @@ from pst_dist.engine import Engine, engine_class
 from pst_dist.rundir import keep_lines_until
 from pst_dist.train import train
 
+from .attacks import attack_config, attack_data, worst_case
 from .space import trial_config
 
 # metrics.jsonl name -> the name Ray sees (Tune flattens nested keys on '/', so the reported names have none)
@@ -31,9 +32,11 @@ REPORTED = {"epoch": "epoch", "eval/val_acc": "val_acc", "eval/test_acc": "test_
             "train/acc": "train_acc", "pst/stage": "stage", "detect/shortcut_gap": "shortcut_gap"}
 
 
-def _stage_checkpoint(engine: type[Engine], run_dir: Path, epoch: int, rank: int, local_rank: int) -> Path | None:
+def _stage_checkpoint(engine: type[Engine], run_dir: Path, epoch: int, rank: int, local_rank: int,
+                      parts: tuple[str, ...] = ("",)) -> Path | None:
     """Hard-link the files of this epoch's checkpoint that this process should upload into a fresh directory (the
-    engine says which: :meth:`pst_dist.engine.Engine.copy_checkpoint`).
+    engine says which: :meth:`pst_dist.engine.Engine.copy_checkpoint`); ``parts``: the run directories under
+    ``run_dir`` to take them from, each into its own subdirectory (a multi-attack trial's runs; "" = ``run_dir``).
 
     One process per node uploads what its node holds (on one node: rank 0, everything); Ray merges the uploads of
     all workers into one checkpoint directory, which :meth:`pst_dist.engine.Engine.restore_checkpoint` lays back
@@ -42,22 +45,25 @@ def _stage_checkpoint(engine: type[Engine], run_dir: Path, epoch: int, rank: int
         return None
     stage = run_dir / "ray_upload" / f"epoch{epoch}_rank{rank}"
     shutil.rmtree(stage, ignore_errors=True)
-    return stage if engine.copy_checkpoint(run_dir, stage, primary=rank == 0) else None
+    copied = [engine.copy_checkpoint(run_dir / p, stage / p, primary=rank == 0) for p in parts]
+    return stage if any(copied) else None
 
 
-def restore_run_dir(layout: type[Engine], source, run_dir: Path, rank: int, local_rank: int, node: str) -> None:
-    """Lay the checkpoint ``source`` into the run directory: rank 0 first; then, after a barrier, the first process of
-    every other node, only where its node does not see rank 0's copy (run directories on node-local disks). A shared
-    run directory is written once, never by two nodes at the same time."""
+def restore_run_dir(layout: type[Engine], source, run_dir: Path, rank: int, local_rank: int, node: str,
+                    parts: tuple[str, ...] = ("",)) -> int:
+    """Lay the checkpoint ``source`` into the run directory (each of ``parts``, as :func:`_stage_checkpoint` staged
+    them): rank 0 first; then, after a barrier, the first process of every other node, only where its node does not
+    see rank 0's copy (run directories on node-local disks). A shared run directory is written once, never by two
+    nodes at the same time. Returns the epoch the checkpoint was taken at."""
     def restore(d: Path) -> None:
-        epoch = layout.restore_checkpoint(d, run_dir)
+        epoch = min(layout.restore_checkpoint(d / p, run_dir / p) for p in parts)
         with open(run_dir / "restores.jsonl", "a") as f:  # the evidence a fault test looks for
             f.write(json.dumps({"rank": rank, "epoch": epoch, "node_id": node, "from": str(source.path)}) + "\n")
         keep_lines_until(run_dir / "nodes.jsonl", "epoch", epoch)  # the epochs after it are trained again
 
-    def seen_here(wanted: int | None) -> bool:
+    def seen_here(d: Path) -> bool:
         try:
-            return layout.checkpoint_epoch(run_dir) == wanted
+            return all(layout.checkpoint_epoch(run_dir / p) == layout.checkpoint_epoch(d / p) for p in parts)
         except CheckpointError:  # a stale or partial checkpoint on this node: restore over it
             return False
 
@@ -66,10 +72,11 @@ def restore_run_dir(layout: type[Engine], source, run_dir: Path, rank: int, loca
             restore(Path(d))
         if dist.is_initialized():
             dist.barrier()
-        if rank != 0 and local_rank == 0 and not seen_here(layout.checkpoint_epoch(Path(d))):
+        if rank != 0 and local_rank == 0 and not seen_here(Path(d)):
             restore(Path(d))  # this node does not see rank 0's run directory (node-local disk)
         if dist.is_initialized():
             dist.barrier()
+        return min(layout.checkpoint_epoch(Path(d) / p) or 0 for p in parts)
 
 
 def worker_loop(loop: dict) -> None:
@@ -90,8 +97,6 @@ def worker_loop(loop: dict) -> None:
         source = ray.train.Checkpoint(loop["resume_from"])  # PBT: this trial's (or the exploited trial's) checkpoint
     node = ray.get_runtime_context().get_node_id()
     resume = source is not None
-    if resume:
-        restore_run_dir(layout, source, run_dir, rank, local_rank, node)
 
     def on_epoch(epoch: int, logs: dict, gm, engine) -> None:
         metrics = {REPORTED[k]: float(v) for k, v in logs.items() if k in REPORTED}
@@ -105,10 +110,47 @@ def worker_loop(loop: dict) -> None:
         ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"epoch_{epoch:04d}",
                          checkpoint_upload_mode=CheckpointUploadMode.ASYNC)
 
+    if cfg.tune.attacks:
+        attack_loop(cfg, loop, run_dir, layout, source, rank, local_rank, node)
+        return
+    if resume:
+        restore_run_dir(layout, source, run_dir, rank, local_rank, node)
     # the trial directory is the search's own: a retried trial without a checkpoint replaces its partial run; a PBT
     # generation resumes with the settings PBT mutated (train() records each change in the run's meta.json)
     train(cfg, resume=resume, stop_after_epochs=loop.get("stop_after"), on_epoch=on_epoch, overwrite=not resume,
           allow_changes=resume and cfg.tune.scheduler == "pbt")
+
+
+def attack_loop(cfg: Config, loop: dict, run_dir: Path, layout: type[Engine], source, rank: int, local_rank: int,
+                node: str) -> None:
+    """A multi-attack trial (``tune.attacks``, :mod:`tune.attacks`): each epoch, every attack's run trains that
+    epoch (resuming from its own checkpoint), then one report: the worst validation accuracy over the attacks and
+    each attack's figures, with one checkpoint holding every run's."""
+    import ray.train  # optional heavy dependency (Ray), imported only by tune
+    from ray.train import CheckpointUploadMode  # optional heavy dependency (Ray), imported only by tune
+
+    runs = {a: attack_config(cfg, a) for a in cfg.tune.attacks}
+    parts = tuple(cfg.tune.attacks)
+    data = {a: attack_data(c, cfg, a) for a, c in runs.items()}  # built once; every epoch's run reads it
+    start = restore_run_dir(layout, source, run_dir, rank, local_rank, node, parts) if source is not None else 0
+    end = loop.get("stop_after") or cfg.train.epochs
+    for epoch in range(start + 1, end + 1):
+        logs: dict[str, dict] = {}
+        for a, c in runs.items():
+            def keep(_epoch, epoch_logs, _gm, _engine, a=a, logs=logs):
+                logs[a] = epoch_logs
+            # epoch 1 of a trial without a checkpoint replaces a partial run (the directory is the search's own);
+            # PBT may have changed the settings since the checkpoint (train() records each change)
+            train(c, resume=epoch > 1, data=data[a], stop_after_epochs=epoch, on_epoch=keep, overwrite=epoch == 1,
+                  allow_changes=epoch > 1 and cfg.tune.scheduler == "pbt")
+        metrics = {"epoch": float(epoch), **worst_case(logs)}
+        if rank == 0:
+            with open(run_dir / "nodes.jsonl", "a") as f:
+                f.write(json.dumps({"epoch": epoch, "node_id": node}) + "\n")
+        stage = _stage_checkpoint(layout, run_dir, epoch, rank, local_rank, parts)
+        ckpt = ray.train.Checkpoint.from_directory(str(stage)) if stage is not None else None
+        ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"epoch_{epoch:04d}",
+                         checkpoint_upload_mode=CheckpointUploadMode.ASYNC)
 
 
 def _trainer(cfg: Config, loop: dict, name: str, storage: str, callbacks: list):
