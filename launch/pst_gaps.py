@@ -63,8 +63,11 @@ def main(argv: list[str] | None = None) -> int:
     clean = mean(cells[("none", "standard")], "final_test_acc")[0]
     attacks = list(dict.fromkeys(a for a, _ in cells if a != "none"))
     pst_clean = mean(cells.get(("none", "pst"), []), "final_test_acc")
+    if absent := [a for a in args.held_out if a not in attacks]:
+        print(f"{args.results}: --held-out {absent}: no such attack in the results ({attacks})", file=sys.stderr)
+        return 2
     print(f"Clean standard training, final: {fmt(mean(cells[('none', 'standard')], 'final_test_acc'))} %; PST on "
-          f"clean data: {fmt(pst_clean)} % ({pst_clean[0] - clean:+.1f}). Accuracies in % (clean test), mean ± std "
+          f"clean data: {fmt(pst_clean)} % ({gap(pst_clean[0] - clean)}). Accuracies in % (clean test), mean ± std "
           f"over seeds; gaps are differences of means.\n")
     print("\n".join(table(cells, [a for a in attacks if a not in args.held_out], clean)))
     if args.held_out:

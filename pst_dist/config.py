@@ -578,11 +578,14 @@ class TuneConfig:
     attacks: list[str] = field(default_factory=list)
     """Attacks every trial trains on, one run each, in lockstep epoch by epoch (``none``: the clean data); the
     objective is then each epoch's worst validation accuracy over them. Empty = the config's own [poison]. Leave an
-    attack out to check the chosen recipe on it afterwards (``pst-dist bench`` with every attack)."""
+    attack out to check the chosen recipe on it afterwards (``pst-dist bench`` with every attack). Each worker holds
+    every attack's data in memory and builds each run's model and engine again every epoch (a resume; with
+    train.compile, a compile each time); not with scheduler pbt."""
     poisons: str = ""
     """Directory of the attacks' poison stores, ``<attack>_seed<poison.seed>`` as ``pst-dist bench`` caches them
-    under ``<bench.out>/poisons`` (missing ones are made there first, with ``[bench.attack_overrides]``; one made
-    with other settings is refused). Empty = ``<out>/<name>_poisons``."""
+    under ``<bench.out>/poisons`` (missing ones are made there first, by the search's driver, with
+    ``[bench.attack_overrides]``; one made with other settings is refused; do not make the same store from a bench
+    at the same time). On a cluster a directory every node mounts. Empty = ``<out>/<name>_poisons``."""
     views: list[str] = field(default_factory=list)
     """Choices for the PST view (every stage's loss view and the warm-up trigger's view, e.g.
     "randblur:2+quantize:3"); empty = the template's."""
@@ -618,6 +621,11 @@ class TuneConfig:
         bad = [a for a in self.attacks if a not in POISONS or a == "file"]
         _check(not bad, f"tune.attacks: unknown attack(s) {bad}; expected from {sorted(POISONS - {'file'})}")
         _check(len(set(self.attacks)) == len(self.attacks), f"tune.attacks={self.attacks}: an attack appears twice")
+        _check(not (self.attacks and self.scheduler == "pbt"),
+               f"tune.scheduler='pbt' with tune.attacks={self.attacks}: PBT's exploit copies one run's checkpoint, a "
+               f"multi-attack trial holds one per attack; use asha or fifo")
+        _check(not self.poisons or bool(self.attacks),
+               f"tune.poisons={self.poisons!r} without tune.attacks: the stores are read only by a search over attacks")
         for v in self.views:
             _check_view("tune.views", v)
         _check(all(c >= 0 for c in self.consistency), f"tune.consistency={self.consistency}: choices must be >= 0")

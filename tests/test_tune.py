@@ -371,6 +371,10 @@ def test_tune_cli_refuses_bad_input_before_starting_ray(own_ray, tmp_path):
     cases = [(["--tune.unfreeze_groups=[0, 5]"], "group 5: the head"),
              (["--train.epochs=2"], "no schedule fits"),
              (["--tune.scheduler=hyperband"], "tune.scheduler='hyperband'"),
+             (['--tune.attacks=["em", "nope"]'], "tune.attacks: unknown attack(s) ['nope']"),
+             (['--tune.attacks=["em"]', "--tune.scheduler=pbt"], "tune.scheduler='pbt' with tune.attacks=['em']"),
+             (['--tune.attacks=["em"]', '--bench.attack_overrides.em=["poison.steps=-1"]'],
+              "the em run (bench.attack_overrides.em=['poison.steps=-1']): poison: steps=-1"),
              (["--resume"], "--resume: no search to continue")]
     for extra, message in cases:
         run = subprocess.run(_tune(out, *extra), env=own_ray.env(), capture_output=True, text=True, timeout=120)
@@ -555,7 +559,7 @@ def test_a_search_over_attacks_takes_the_worst_case_and_its_runs_train_as_alone(
     rows = list(csv.DictReader(open(search / "results.csv")))
     assert len(rows) == 2 and all(r["status"] == "completed" for r in rows), rows
     for r in rows:
-        assert float(r["final_val_acc"]) == min(float(r["val_none"]), float(r["val_classwise_noise"]))
+        assert float(r["final_val_acc"]) == min(float(r["val_acc_none"]), float(r["val_acc_classwise_noise"]))
         assert r["view"] in ("quantize", "blur") and float(r["consistency"]) in (0.0, 1.0)
         for attack in ("none", "classwise_noise"):
             recorded = load_config(str(search / "trials" / r["trial"] / attack / "config.toml"))
@@ -573,4 +577,4 @@ def test_a_search_over_attacks_takes_the_worst_case_and_its_runs_train_as_alone(
                            timeout=300)
     assert alone.returncode == 0, alone.stderr[-3000:]
     summary = json.loads((tmp_path / "alone" / "summary.json").read_text())
-    assert summary["final_val_acc"] == float(r["val_classwise_noise"])
+    assert summary["final_val_acc"] == float(r["val_acc_classwise_noise"])

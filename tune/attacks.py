@@ -24,6 +24,7 @@ PER_ATTACK = {"eval/val_acc": "val_acc", "eval/test_acc": "test_acc"}
 
 
 def poison_root(cfg: Config) -> Path:
+    """The directory of the search's poison stores (``tune.poisons``, or one beside the search's own)."""
     return Path(cfg.tune.poisons) if cfg.tune.poisons else Path(cfg.tune.out) / f"{cfg.tune.name}_poisons"
 
 
@@ -57,10 +58,11 @@ def attack_config(cfg: Config, attack: str) -> Config:
     return out
 
 
-def attack_data(cfg: Config, trial_cfg: Config, attack: str):
-    """The run's data, its poison read from the search's store (checked against its hashes, as the bench's cells)."""
+def attack_data(run_cfg: Config, trial_cfg: Config, attack: str):
+    """The data of ``run_cfg`` (one attack's run), its poison read from the search's store (checked against its
+    hashes, as the bench's cells)."""
     pdir = store_dir(trial_cfg, attack)
-    return build_data(cell_data_cfg(cfg, None if pdir is None else str(pdir)))
+    return build_data(cell_data_cfg(run_cfg, None if pdir is None else str(pdir)))
 
 
 def worst_case(logs: dict[str, dict]) -> dict[str, float]:
@@ -68,8 +70,10 @@ def worst_case(logs: dict[str, dict]) -> dict[str, float]:
     objective; the test figure is only reported), each attack's own figures beside them."""
     out: dict[str, float] = {}
     for key, name in PER_ATTACK.items():
-        vals = {a: float(lg[key]) for a, lg in logs.items() if key in lg}
-        if vals:
-            out[name] = min(vals.values())
-            out.update({f"{name}_{a}": v for a, v in vals.items()})
+        missing = [a for a, lg in logs.items() if key not in lg]
+        if missing:  # a worst case over fewer attacks would look better than it is
+            raise RuntimeError(f"the runs of {missing} reported no {key} this epoch")
+        vals = {a: float(lg[key]) for a, lg in logs.items()}
+        out[name] = min(vals.values())
+        out.update({f"{name}_{a}": v for a, v in vals.items()})
     return out

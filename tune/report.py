@@ -1,7 +1,8 @@
 """What a search leaves behind: results.csv, results.md, trials.png and best_schedule.toml.
 
-The best schedule is chosen on clean **validation** accuracy at the final epoch, among trials that ran every epoch
-(an ASHA-stopped trial's early accuracy says nothing about its end); test accuracy is reported beside it, never used.
+The best schedule is chosen on clean **validation** accuracy at the final epoch (with ``tune.attacks``: the worst
+over the attacks), among trials that ran every epoch (an ASHA-stopped trial's early accuracy says nothing about its
+end); test accuracy is reported beside it, never used.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def trial_curve(cfg: Config, trial_dir: Path) -> tuple[list[dict], int, dict[str
     epochs = sorted(set.intersection(*(set(d) for d in by_epoch.values())))
     curve = [{"epoch": e, **{k: min(d[e][k] for d in by_epoch.values()) for k in ("eval/val_acc", "eval/test_acc")}}
              for e in epochs]
-    finals = {f"val_{a}": d[epochs[-1]]["eval/val_acc"] for a, d in by_epoch.items()} if epochs else {}
+    finals = {f"val_acc_{a}": d[epochs[-1]]["eval/val_acc"] for a, d in by_epoch.items()} if epochs else {}
     return curve, sum(t for _, t in per.values()), finals
 
 
@@ -96,14 +97,15 @@ def _fmt(key: str, v) -> str:
 def _columns(rows: list[dict]) -> list[str]:
     mults = sorted({k for r in rows for k in r if k.startswith("mult_")})
     extra = [k for k in ("view", "consistency") if any(k in r for r in rows)]
-    per_attack = list(dict.fromkeys(k for r in rows for k in r if k.startswith("val_") and k != "val_acc"))
+    per_attack = list(dict.fromkeys(k for r in rows for k in r if k.startswith("val_acc_")))
     return COLUMNS + mults + extra + per_attack
 
 
 def objective(cfg: Config) -> str:
+    """The search's objective, in words (results.md, best_schedule.toml)."""
     if cfg.tune.attacks:
         return (f"the worst validation accuracy over the attacks {', '.join(cfg.tune.attacks)} at the final epoch "
-                f"(final_val_acc, peak_val_acc and the test columns are that worst case; val_<attack>: each "
+                f"(final_val_acc, peak_val_acc and the test columns are that worst case; val_acc_<attack>: each "
                 f"attack's own)")
     return "clean validation accuracy at the final epoch"
 

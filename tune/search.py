@@ -16,7 +16,7 @@ from pst_dist.models import build_model
 from pst_dist.pst.groups import layer_groups
 from pst_dist.pst.schedule import Schedule
 
-from .attacks import poison_root, prepare_poisons
+from .attacks import attack_config, poison_root, prepare_poisons
 from .report import write_reports
 from .space import extra_choices, grid_size, mult_keys, schedules_offered, skeletons, trial_config
 from .trial import run_trial
@@ -41,9 +41,16 @@ def param_space(cfg: Config, groups: int) -> dict:
 
 
 def check_space(cfg: Config, groups: int) -> None:
-    """Every schedule the search may offer must be a valid schedule for the model (named groups exist)."""
+    """Every schedule the search may offer must be a valid schedule for the model (named groups exist), and every
+    attack's run a valid config (its ``[bench.attack_overrides]``)."""
     for params in schedules_offered(cfg, groups):
         Schedule(trial_config(cfg, params).schedule.stages, groups, 1, cfg.train.epochs)
+    for a in cfg.tune.attacks:
+        try:
+            attack_config(cfg, a)
+        except ConfigError as e:
+            raise ConfigError(f"tune.attacks: the {a} run (bench.attack_overrides.{a}="
+                              f"{cfg.bench.attack_overrides.get(a, [])}): {e}") from None
 
 
 def on_cluster() -> bool:
@@ -128,23 +135,23 @@ def run_search(cfg: Config, resume: bool = False, log=lambda m: print(m, file=sy
     absolute_paths(cfg, also=(("tune", "out"), ("tune", "poisons")))
     groups = num_groups(cfg)
     check_space(cfg, groups)  # every error before Ray starts
-    if cfg.tune.attacks:
-        cfg.tune.poisons = str(poison_root(cfg))  # the trials' configs (and the recorded ones) name the stores
-        made = prepare_poisons(cfg, log)
-        log(f"[tune] every trial trains {len(cfg.tune.attacks)} runs ({', '.join(cfg.tune.attacks)}) on the "
-            f"poisons in {cfg.tune.poisons}" + (f"; made now: {made} (seconds)" if made else "")
-            + "; objective: the worst validation accuracy over them")
     search_dir = Path(cfg.tune.out) / cfg.tune.name
-    n = grid_size(cfg, groups)
-    engine = f"DeepSpeed ZeRO-{cfg.deepspeed.zero_stage}" if cfg.deepspeed.enabled else "torch"
-    log(f"[tune] {len(skeletons(cfg, groups))} valid skeletons (lengths x unfreeze order), {n} schedules in the "
-        f"grid; search={cfg.tune.search} scheduler={cfg.tune.scheduler}; each trial {cfg.tune.workers} Ray Train "
-        f"workers ({engine})")
     if resume:
         from ray.tune import Tuner  # optional heavy dependency (Ray), imported only by tune
 
         if not Tuner.can_restore(str(search_dir)):
             raise ConfigError(f"--resume: no search to continue at {search_dir} (tune.out / tune.name)")
+    if cfg.tune.attacks:  # before Ray starts: a poison takes minutes to make, a trial must not wait for it
+        cfg.tune.poisons = str(poison_root(cfg))  # the trials' configs (and the recorded ones) name the stores
+        made = prepare_poisons(cfg, log)
+        log(f"[tune] every trial trains {len(cfg.tune.attacks)} runs ({', '.join(cfg.tune.attacks)}) on the "
+            f"poisons in {cfg.tune.poisons}" + (f"; made now: {made} (seconds)" if made else "")
+            + "; objective: the worst validation accuracy over them")
+    n = grid_size(cfg, groups)
+    engine = f"DeepSpeed ZeRO-{cfg.deepspeed.zero_stage}" if cfg.deepspeed.enabled else "torch"
+    log(f"[tune] {len(skeletons(cfg, groups))} valid skeletons (lengths x unfreeze order), {n} schedules in the "
+        f"grid; search={cfg.tune.search} scheduler={cfg.tune.scheduler}; each trial {cfg.tune.workers} Ray Train "
+        f"workers ({engine})")
     where = init_ray()
     resources = declare_resources(cfg)  # before max_concurrent: it resolves tune.use_gpu
     concurrent = max_concurrent(cfg)

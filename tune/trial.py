@@ -7,6 +7,8 @@
   name, same storage) restores the same Train run from its last checkpoint.
 - PBT: one ``fit()`` per ``pbt_interval`` epochs, each followed by ``tune.report`` with the checkpoint, so PBT can
   copy a strong trial's weights into a weak one (exploit) before changing its parameters (explore).
+- ``tune.attacks`` (:func:`attack_loop`): one run per attack under the trial's run directory, trained epoch by epoch
+  in lockstep; one report and one checkpoint (every run's files, each in its attack's subdirectory) per epoch.
 """
 
 from __future__ import annotations
@@ -46,6 +48,9 @@ def _stage_checkpoint(engine: type[Engine], run_dir: Path, epoch: int, rank: int
     stage = run_dir / "ray_upload" / f"epoch{epoch}_rank{rank}"
     shutil.rmtree(stage, ignore_errors=True)
     copied = [engine.copy_checkpoint(run_dir / p, stage / p, primary=rank == 0) for p in parts]
+    if rank == 0 and any(copied) and not all(copied):  # a checkpoint missing a run could never be restored
+        lacking = [p for p, c in zip(parts, copied, strict=True) if not c]
+        raise CheckpointError(f"epoch {epoch}: no checkpoint of {lacking} under {run_dir}")
     return stage if any(copied) else None
 
 
@@ -132,7 +137,13 @@ def attack_loop(cfg: Config, loop: dict, run_dir: Path, layout: type[Engine], so
     runs = {a: attack_config(cfg, a) for a in cfg.tune.attacks}
     parts = tuple(cfg.tune.attacks)
     data = {a: attack_data(c, cfg, a) for a, c in runs.items()}  # built once; every epoch's run reads it
-    start = restore_run_dir(layout, source, run_dir, rank, local_rank, node, parts) if source is not None else 0
+    if source is not None:
+        start = restore_run_dir(layout, source, run_dir, rank, local_rank, node, parts)
+    else:  # a trial begun again from nothing: its runs are replaced at epoch 1, its own records here
+        start = 0
+        if rank == 0:
+            for name in ("nodes.jsonl", "restores.jsonl"):
+                (run_dir / name).unlink(missing_ok=True)
     end = loop.get("stop_after") or cfg.train.epochs
     for epoch in range(start + 1, end + 1):
         logs: dict[str, dict] = {}
@@ -143,6 +154,9 @@ def attack_loop(cfg: Config, loop: dict, run_dir: Path, layout: type[Engine], so
             # PBT may have changed the settings since the checkpoint (train() records each change)
             train(c, resume=epoch > 1, data=data[a], stop_after_epochs=epoch, on_epoch=keep, overwrite=epoch == 1,
                   allow_changes=epoch > 1 and cfg.tune.scheduler == "pbt")
+        if set(logs) != set(parts):
+            raise RuntimeError(f"epoch {epoch}: the runs of {sorted(set(parts) - set(logs))} trained no epoch "
+                               f"(their checkpoints are ahead of the trial's)")
         metrics = {"epoch": float(epoch), **worst_case(logs)}
         if rank == 0:
             with open(run_dir / "nodes.jsonl", "a") as f:
