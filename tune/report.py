@@ -90,7 +90,7 @@ def best_row(rows: list[dict]) -> dict | None:
 
 def _fmt(key: str, v) -> str:
     if isinstance(v, float):
-        return "" if math.isnan(v) else (f"{100 * v:.2f}" if key.endswith("_acc") else f"{v:g}")
+        return "" if math.isnan(v) else (f"{100 * v:.2f}" if "_acc" in key else f"{v:g}")
     return str(v)
 
 
