@@ -150,10 +150,10 @@ def run_cell(base: dict, attack: str, run: str, seed: int, out: str, poison_dir:
 # ---------------------------------------------------------------- the driver
 
 def _recipe(cfg: Config) -> dict[str, object]:
-    """The settings a cell's result depends on, flattened to dotted keys, list items by index (not [bench], [log]
-    or thread counts)."""
+    """The settings a cell's result depends on, flattened to dotted keys, list items by index (not [bench], [log],
+    [tune] (a search's own settings, carried by its best_schedule.toml) or thread counts)."""
     d = to_dict(cfg)
-    for section in ("bench", "log"):
+    for section in ("bench", "log", "tune"):
         d.pop(section, None)
     d["train"].pop("threads", None)
     flat: dict[str, object] = {}

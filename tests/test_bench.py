@@ -87,8 +87,9 @@ def test_a_resumed_bench_reruns_the_cells_whose_recipe_changed(tmp_path):
     assert bench(out, *one).returncode == 0
     std = out / "cells" / "classwise_noise" / "standard" / "seed0" / "summary.json"
     before = std.stat().st_mtime
-    # the thread count and [bench] do not change a recipe; the PST stages' view does
-    r = bench(out, *one, "--bench.jobs=2")
+    # the thread count, [bench] and [tune] (a search's best_schedule.toml carries one) do not change a recipe; the
+    # PST stages' view does
+    r = bench(out, *one, "--bench.jobs=2", "--tune.num_samples=3")
     assert r.returncode == 0 and "cells: 2 finished (skipped), 0 to run" in r.stderr, r.stderr[-2000:]
     r = bench(out, *one, '--schedule.stages.0.loss.view="randblur"')
     assert r.returncode == 0, r.stderr[-2000:]
