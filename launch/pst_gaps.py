@@ -40,14 +40,15 @@ def gap(v: float) -> str:
 
 def table(cells: dict, attacks: list[str], clean: float) -> list[str]:
     lines = ["| attack | standard final | JPEG-10 final | PST final | PST peak | PST final − clean | "
-             "PST peak − clean | PST − JPEG-10 | seeds |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "PST peak − clean | PST − JPEG-10 | seeds (standard / JPEG-10 / PST) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for a in attacks:
         std = mean(cells.get((a, "standard"), []), "final_test_acc")
         jpg = mean(cells.get((a, "jpeg10"), []), "final_test_acc")
         pf = mean(cells.get((a, "pst"), []), "final_test_acc")
         pp = mean(cells.get((a, "pst"), []), "peak_test_acc")
         lines.append(f"| {a} | {fmt(std)} | {fmt(jpg)} | {fmt(pf)} | {fmt(pp)} | {gap(pf[0] - clean)} | "
-                     f"{gap(pp[0] - clean)} | {gap(pf[0] - jpg[0])} | {pf[2]} |")
+                     f"{gap(pp[0] - clean)} | {gap(pf[0] - jpg[0])} | {std[2]} / {jpg[2]} / {pf[2]} |")
     return lines
 
 

@@ -26,7 +26,7 @@ def test_gaps_are_differences_of_seed_means_and_the_held_out_attack_stands_apart
     out = capsys.readouterr().out
     assert "Clean standard training, final: 87.0 ± 1.4 %" in out and "PST on clean data: 85.0 ± 0.0 % (-2.0)" in out
     em = next(line for line in out.splitlines() if line.startswith("| em |"))
-    assert em.split(" | ")[3:8] == ["84.0 ± 1.4", "85.5 ± 0.7", "-3.0", "-1.5", "+34.0"]
+    assert em.split(" | ")[3:9] == ["84.0 ± 1.4", "85.5 ± 0.7", "-3.0", "-1.5", "+34.0", "1 / 1 / 2 |"]
     head, held = out.split("Held out")
     assert "| tap |" in held and "| tap |" not in head and "| em |" not in held
 
