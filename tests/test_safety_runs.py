@@ -148,8 +148,11 @@ def test_a_batch_larger_than_the_training_set_is_refused_before_anything_is_writ
 def test_ctrl_c_is_one_line_and_keeps_the_last_checkpoint(tmp_path):
     run_dir = tmp_path / "r"
     marker = place_marker(tmp_path)
+    # SIGINT at its default in the child: a test run started in the background (nohup ... &) ignores it, and the
+    # child would inherit that and train all 200 epochs
     proc = subprocess.Popen([sys.executable, "-m", "pst_dist.cli", "train", *FAST, "--train.epochs=200",
-                             f"--log.run_dir={run_dir}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             f"--log.run_dir={run_dir}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 240
     while not (run_dir / "checkpoint.pt").is_file() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
