@@ -73,19 +73,20 @@ def run_of(defense: str) -> tuple[str, list[str]]:
     return d["run"], list(d["overrides"])
 
 
-def _cfg(base: dict, overrides: list[str]) -> Config:
+def with_overrides(base: dict, overrides: list[str]) -> Config:
+    """The config ``base`` (a dict, left as it is) with ``overrides`` applied."""
     return from_dict(Config, apply_overrides(copy.deepcopy(base), overrides))
 
 
 def poison_cfg(base: dict, attack: str, seed: int) -> Config:
     extra = list(base["bench"]["attack_overrides"].get(attack, []))
-    return _cfg(base, [f'poison.kind="{attack}"', f"poison.seed={seed}", f"train.seed={seed}", *extra])
+    return with_overrides(base, [f'poison.kind="{attack}"', f"poison.seed={seed}", f"train.seed={seed}", *extra])
 
 
 def cell_cfg(base: dict, attack: str, run: str, seed: int, out: Path) -> Config:
     _, over = run_of(run)
     b = base["bench"]
-    cfg = _cfg(base, [f'poison.kind="{attack}"', f"poison.seed={seed}", f"train.seed={seed}", *over,
+    cfg = with_overrides(base, [f'poison.kind="{attack}"', f"poison.seed={seed}", f"train.seed={seed}", *over,
                       *b["defense_overrides"].get(run, []), *b["attack_overrides"].get(attack, [])])
     cfg.log.run_dir = str(out / "cells" / attack / run / f"seed{seed}")
     cfg.log.progress = False

@@ -10,14 +10,13 @@ stores, so a bench's cache serves a search and the other way round); the trials 
 
 from __future__ import annotations
 
-import copy
 import sys
 import time
 from pathlib import Path
 
-from pst_dist.config import Config, apply_overrides, from_dict, to_dict
+from pst_dist.config import Config, to_dict
 from pst_dist.data.pipeline import build_data
-from pst_dist.matrix import cached_poison, cell_data_cfg, generate_poison
+from pst_dist.matrix import cached_poison, cell_data_cfg, generate_poison, with_overrides
 
 #: the per-epoch figures of one attack's run that a multi-attack trial reports (and reduces to the worst case)
 PER_ATTACK = {"eval/val_acc": "val_acc", "eval/test_acc": "test_acc"}
@@ -52,8 +51,7 @@ def prepare_poisons(cfg: Config, log=lambda m: print(m, file=sys.stderr)) -> dic
 def attack_config(cfg: Config, attack: str) -> Config:
     """One attack's run in a trial: the trial's config with that attack's poison settings (as the bench records a
     cell's: the attack and its ``[bench.attack_overrides]``), in ``<trial run dir>/<attack>``."""
-    over = [f'poison.kind="{attack}"', *cfg.bench.attack_overrides.get(attack, [])]
-    out = from_dict(Config, apply_overrides(copy.deepcopy(to_dict(cfg)), over))
+    out = with_overrides(to_dict(cfg), [f'poison.kind="{attack}"', *cfg.bench.attack_overrides.get(attack, [])])
     out.log.run_dir = str(Path(cfg.log.run_dir) / attack)
     return out
 

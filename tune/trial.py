@@ -151,9 +151,8 @@ def attack_loop(cfg: Config, loop: dict, run_dir: Path, layout: type[Engine], so
             def keep(_epoch, epoch_logs, _gm, _engine, a=a, logs=logs):
                 logs[a] = epoch_logs
             # epoch 1 of a trial without a checkpoint replaces a partial run (the directory is the search's own);
-            # PBT may have changed the settings since the checkpoint (train() records each change)
-            train(c, resume=epoch > 1, data=data[a], stop_after_epochs=epoch, on_epoch=keep, overwrite=epoch == 1,
-                  allow_changes=epoch > 1 and cfg.tune.scheduler == "pbt")
+            # no PBT here (refused with tune.attacks), so a run resumes with its recorded settings
+            train(c, resume=epoch > 1, data=data[a], stop_after_epochs=epoch, on_epoch=keep, overwrite=epoch == 1)
         if set(logs) != set(parts):
             raise RuntimeError(f"epoch {epoch}: the runs of {sorted(set(parts) - set(logs))} trained no epoch "
                                f"(their checkpoints are ahead of the trial's)")
