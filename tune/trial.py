@@ -103,20 +103,24 @@ def worker_loop(loop: dict) -> None:
     node = ray.get_runtime_context().get_node_id()
     resume = source is not None
 
-    def on_epoch(epoch: int, logs: dict, gm, engine) -> None:
-        metrics = {REPORTED[k]: float(v) for k, v in logs.items() if k in REPORTED}
+    def report(epoch: int, metrics: dict, parts: tuple[str, ...] = ("",)) -> None:
         if rank == 0:  # where it trained this epoch, at once (Tune's own result files are written later, in batches)
             with open(run_dir / "nodes.jsonl", "a") as f:
                 f.write(json.dumps({"epoch": epoch, "node_id": node}) + "\n")
-        stage = _stage_checkpoint(layout, run_dir, epoch, rank, local_rank)
+        stage = _stage_checkpoint(layout, run_dir, epoch, rank, local_rank, parts)
         ckpt = ray.train.Checkpoint.from_directory(str(stage)) if stage is not None else None
         # uploaded off the training path; Ray removes the staged hard links once they are in storage (they keep
         # this epoch's bytes: the engines replace checkpoint files by rename, and copy those rewritten in place)
         ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"epoch_{epoch:04d}",
                          checkpoint_upload_mode=CheckpointUploadMode.ASYNC)
 
+    def on_epoch(epoch: int, logs: dict, gm, engine) -> None:
+        report(epoch, {REPORTED[k]: float(v) for k, v in logs.items() if k in REPORTED})
+
     if cfg.tune.attacks:
-        attack_loop(cfg, loop, run_dir, layout, source, rank, local_rank, node)
+        parts = tuple(cfg.tune.attacks)
+        start = restore_run_dir(layout, source, run_dir, rank, local_rank, node, parts) if resume else 0
+        attack_loop(cfg, loop, run_dir, start, rank, lambda epoch, metrics: report(epoch, metrics, parts))
         return
     if resume:
         restore_run_dir(layout, source, run_dir, rank, local_rank, node)
@@ -126,26 +130,16 @@ def worker_loop(loop: dict) -> None:
           allow_changes=resume and cfg.tune.scheduler == "pbt")
 
 
-def attack_loop(cfg: Config, loop: dict, run_dir: Path, layout: type[Engine], source, rank: int, local_rank: int,
-                node: str) -> None:
-    """A multi-attack trial (``tune.attacks``, :mod:`tune.attacks`): each epoch, every attack's run trains that
-    epoch (resuming from its own checkpoint), then one report: the worst validation accuracy over the attacks and
-    each attack's figures, with one checkpoint holding every run's."""
-    import ray.train  # optional heavy dependency (Ray), imported only by tune
-    from ray.train import CheckpointUploadMode  # optional heavy dependency (Ray), imported only by tune
-
+def attack_loop(cfg: Config, loop: dict, run_dir: Path, start: int, rank: int, report) -> None:
+    """A multi-attack trial (``tune.attacks``, :mod:`tune.attacks`), from epoch ``start`` (its restored checkpoint's):
+    each epoch, every attack's run trains that epoch (resuming from its own checkpoint), then one ``report``: the
+    worst validation accuracy over the attacks and each attack's figures, with one checkpoint holding every run's."""
     runs = {a: attack_config(cfg, a) for a in cfg.tune.attacks}
-    parts = tuple(cfg.tune.attacks)
     data = {a: attack_data(c, cfg, a) for a, c in runs.items()}  # built once; every epoch's run reads it
-    if source is not None:
-        start = restore_run_dir(layout, source, run_dir, rank, local_rank, node, parts)
-    else:  # a trial begun again from nothing: its runs are replaced at epoch 1, its own records here
-        start = 0
-        if rank == 0:
-            for name in ("nodes.jsonl", "restores.jsonl"):
-                (run_dir / name).unlink(missing_ok=True)
-    end = loop.get("stop_after") or cfg.train.epochs
-    for epoch in range(start + 1, end + 1):
+    if start == 0 and rank == 0:  # a trial begun again from nothing: its runs are replaced at epoch 1, its records here
+        for name in ("nodes.jsonl", "restores.jsonl"):
+            (run_dir / name).unlink(missing_ok=True)
+    for epoch in range(start + 1, (loop.get("stop_after") or cfg.train.epochs) + 1):
         logs: dict[str, dict] = {}
         for a, c in runs.items():
             def keep(_epoch, epoch_logs, _gm, _engine, a=a, logs=logs):
@@ -153,17 +147,10 @@ def attack_loop(cfg: Config, loop: dict, run_dir: Path, layout: type[Engine], so
             # epoch 1 of a trial without a checkpoint replaces a partial run (the directory is the search's own);
             # no PBT here (refused with tune.attacks), so a run resumes with its recorded settings
             train(c, resume=epoch > 1, data=data[a], stop_after_epochs=epoch, on_epoch=keep, overwrite=epoch == 1)
-        if set(logs) != set(parts):
-            raise RuntimeError(f"epoch {epoch}: the runs of {sorted(set(parts) - set(logs))} trained no epoch "
+        if set(logs) != set(runs):
+            raise RuntimeError(f"epoch {epoch}: the runs of {sorted(set(runs) - set(logs))} trained no epoch "
                                f"(their checkpoints are ahead of the trial's)")
-        metrics = {"epoch": float(epoch), **worst_case(logs)}
-        if rank == 0:
-            with open(run_dir / "nodes.jsonl", "a") as f:
-                f.write(json.dumps({"epoch": epoch, "node_id": node}) + "\n")
-        stage = _stage_checkpoint(layout, run_dir, epoch, rank, local_rank, parts)
-        ckpt = ray.train.Checkpoint.from_directory(str(stage)) if stage is not None else None
-        ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"epoch_{epoch:04d}",
-                         checkpoint_upload_mode=CheckpointUploadMode.ASYNC)
+        report(epoch, {"epoch": float(epoch), **worst_case(logs)})
 
 
 def _trainer(cfg: Config, loop: dict, name: str, storage: str, callbacks: list):
