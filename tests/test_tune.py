@@ -526,6 +526,14 @@ def test_a_search_over_attacks_makes_its_poisons_once_and_gives_each_run_its_att
                                     f"--tune.poisons={tmp_path / 'poisons'}", "--poison.eps=0.05"])
     with pytest.raises(ConfigError, match="other poison settings.*tune.poisons"):
         prepare_poisons(other, log=lambda m: None)
+    theirs = tmp_path / "theirs"
+    (theirs / "classwise_noise_seed0").mkdir(parents=True)
+    (theirs / "classwise_noise_seed0" / "notes.txt").write_text("a user's file\n")
+    mine = load_config(str(TINY), ["--data.synthetic_train=300", '--tune.attacks=["classwise_noise"]',
+                                   f"--tune.poisons={theirs}"])
+    with pytest.raises(ConfigError, match="not a poison store"):
+        prepare_poisons(mine, log=lambda m: None)
+    assert (theirs / "classwise_noise_seed0" / "notes.txt").read_text() == "a user's file\n"
     assert grid_size(cfg, 4) == 2 * 2 * 2 * 2 * 2  # orders x mults^2 x views x consistency
     params = {"skeleton": "warm=1,freeze=1,release=1,order=1-0", "threshold": 0.2, "mult_0": 0.1, "mult_1": 1.0,
               "view": "blur", "consistency": 1.0}
