@@ -161,9 +161,10 @@ class PoisonConfig:
     check_size: int = 2048
     """rem: images of the fixed subset the robust error is measured on after each round."""
     eot: int = 0
-    """em/rem: Expectation over Transformation (REM's reference: 5 copies): the surrogate trains on batches
-    augmented as data.augment does (crop or crop_flip), and each noise step sums its gradient over this many augmented
-    copies per image (each step costs eot times as much); 0 = no augmentation in the attack."""
+    """em/rem/tap: Expectation over Transformation (REM's reference: 5 copies; TAP's crafts through differentiable
+    augmentation): the surrogate (TAP: its model) trains on batches augmented as data.augment does (crop or
+    crop_flip), and each noise step sums its gradient over this many augmented copies per image (each step costs eot
+    times as much); 0 = no augmentation in the attack."""
 
     def __post_init__(self) -> None:
         _check(self.eot >= 0, f"poison.eot={self.eot}: must be >= 0")

@@ -117,16 +117,18 @@ def test_em_under_the_trainers_bf16_autocast():
     assert 0 < int(d.abs().max()) <= 8 and info["rounds"] == 2
 
 
-def test_rem_eot_changes_the_noise_deterministically():
-    """poison.eot augments the surrogate's batches and sums each noise step over augmented copies: another poison,
-    the same for the same seed, within budget; an augmentation it cannot differentiate through is refused."""
+@pytest.mark.parametrize("kind", ["rem", "tap"])
+def test_eot_changes_the_noise_deterministically(kind):
+    """poison.eot augments the surrogate's (TAP: its model's) batches and sums each noise step over augmented copies:
+    another poison, the same for the same seed, within budget; an augmentation it cannot differentiate through is
+    refused."""
     torch.set_num_threads(1)
-    x, y, cfg = tiny("rem", 1, eot=2)
+    x, y, cfg = tiny(kind, 1, eot=2)
     cfg.data.augment = "crop"
     p1, p2 = gen(x, y, cfg)[0], gen(x, y, cfg)[0]
     assert torch.equal(p1, p2), "same seed must give the same poison"
     assert 0 < int((p1.to(torch.int16) - x.to(torch.int16)).abs().max()) <= 8
-    assert not torch.equal(p1, gen(*tiny("rem", 1))[0]), "EOT changes the noise"
+    assert not torch.equal(p1, gen(*tiny(kind, 1))[0]), "EOT changes the noise"
     cfg.data.augment = "ueraser"
     with pytest.raises(ValueError, match="poison.eot=2"):
         gen(x, y, cfg)

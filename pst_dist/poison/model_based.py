@@ -171,6 +171,16 @@ def _log(msg: str) -> None:
         print(f"[poison] {msg}", file=sys.stderr, flush=True)
 
 
+def _use_eot(a: _Attack, cfg: Config) -> None:
+    """With poison.eot: the attack augments as the training does (``data.augment``), differentiably."""
+    if cfg.poison.eot:
+        if cfg.data.augment not in ("none", "crop", "crop_flip"):
+            raise ValueError(f"poison.eot={cfg.poison.eot} differentiates through the training augmentation: "
+                             f"data.augment={cfg.data.augment!r} is not supported (crop, crop_flip or none; or "
+                             f"poison.eot=0)")
+        a.aug_mode = cfg.data.augment
+
+
 def _step_size(p, default_fraction: float) -> float:
     return p.step_size if p.step_size > 0 else p.eps * default_fraction
 
@@ -190,11 +200,7 @@ def em(images: torch.Tensor, labels: torch.Tensor, cfg: Config, num_classes: int
     a = _Attack(images, labels, cfg, num_classes)
     p, dev = a.p, a.seams.device
     name = "rem" if robust else "em"
-    if p.eot:
-        if cfg.data.augment not in ("none", "crop", "crop_flip"):
-            raise ValueError(f"poison.eot={p.eot} differentiates through the training augmentation: data.augment="
-                             f"{cfg.data.augment!r} is not supported (crop, crop_flip or none; or poison.eot=0)")
-        a.aug_mode = cfg.data.augment
+    _use_eot(a, cfg)
     classwise = p.granularity == "class"
     alpha = _step_size(p, 0.1)
     # uniform random start in the ball (as EM's reference does), drawn on the CPU from the poison's seed
@@ -302,10 +308,16 @@ def rem(images: torch.Tensor, labels: torch.Tensor, cfg: Config, num_classes: in
 
 def tap(images: torch.Tensor, labels: torch.Tensor, cfg: Config, num_classes: int) -> tuple[torch.Tensor, dict]:
     """TAP: train the factory model on the clean images for ``model_epochs`` epochs (SGD, cosine lr), then for
-    every image ``steps`` targeted signed-gradient steps of ``step_size`` towards class (y + 1) mod K."""
+    every image ``steps`` targeted signed-gradient steps of ``step_size`` towards class (y + 1) mod K.
+
+    With ``eot`` > 0 (TAP's reference crafts through differentiable augmentation): the model trains on batches
+    augmented as data.augment does, and each step follows the targeted gradient summed over ``eot`` augmented copies
+    of the image, through the augmentation (a step costs eot times as much)."""
     t0 = time.time()
     a = _Attack(images, labels, cfg, num_classes)
     p, dev = a.p, a.seams.device
+    _use_eot(a, cfg)
+    augmented = (lambda idx, xb: a.augment(xb)) if p.eot else None
     steps_per_epoch = max(1, a.n // a.bs)
     total = p.model_epochs * steps_per_epoch
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(a.opt, max(1, total))
@@ -313,7 +325,7 @@ def tap(images: torch.Tensor, labels: torch.Tensor, cfg: Config, num_classes: in
     bar = _progress(p.model_epochs, "tap: training its model")
     for _ in range(p.model_epochs):
         for _ in range(steps_per_epoch):
-            a.train_steps(1, zero)
+            a.train_steps(1, zero, augmented)
             sched.step()
         bar.update(1)
     bar.close()
@@ -328,7 +340,11 @@ def tap(images: torch.Tensor, labels: torch.Tensor, cfg: Config, num_classes: in
         mine[b] = True
         xb, d = a.x[b], torch.zeros_like(a.x[b])
         for _ in range(p.steps):
-            d = _project(d - alpha * a.input_grad(xb + d, target[b]).sign(), xb, p.eps)
+            if p.eot:
+                g = sum(_eot_grad(a, xb, d, target[b], None) for _ in range(p.eot))
+            else:
+                g = a.input_grad(xb + d, target[b])
+            d = _project(d - alpha * g.sign(), xb, p.eps)
         delta[b] = d
     delta = a.merge_shares(delta, mine)
     hit = a.rate(lambda idx, xb: delta[idx], target)
