@@ -592,6 +592,10 @@ class TuneConfig:
     "randblur:2+quantize:3"); empty = the template's."""
     consistency: list[float] = field(default_factory=list)
     """Choices for the release stages' consistency weight; empty = the template's."""
+    release_ce: list[float] = field(default_factory=list)
+    """Choices for the release stages' cross-entropy weight on the raw images (loss.ce); empty = the template's."""
+    release_views: list[str] = field(default_factory=list)
+    """Choices for the release stages' view (after tune.views set every stage's); empty = as the other stages."""
 
     def __post_init__(self) -> None:
         _check(self.num_samples >= 1, f"tune.num_samples={self.num_samples}: must be >= 1")
@@ -630,6 +634,9 @@ class TuneConfig:
         for v in self.views:
             _check_view("tune.views", v)
         _check(all(c >= 0 for c in self.consistency), f"tune.consistency={self.consistency}: choices must be >= 0")
+        _check(all(c >= 0 for c in self.release_ce), f"tune.release_ce={self.release_ce}: choices must be >= 0")
+        for v in self.release_views:
+            _check_view("tune.release_views", v)
 
 
 BENCH_DEFENSES = tuple(DEFENSES)  # pst_dist.registry.DEFENSES

@@ -17,7 +17,7 @@ from pathlib import Path
 from pst_dist.config import Config, dump_toml
 from pst_dist.io import savefig_atomic, write_atomic
 
-from .space import describe, trial_config
+from .space import EXTRA, describe, trial_config
 
 COLUMNS = ["trial", "status", "epochs", "epochs_trained", "final_val_acc", "peak_val_acc", "final_test_acc",
            "peak_test_acc", "warm_epochs", "freeze_epochs", "release_epochs", "unfreeze_order", "threshold", "nodes"]
@@ -96,7 +96,7 @@ def _fmt(key: str, v) -> str:
 
 def _columns(rows: list[dict]) -> list[str]:
     mults = sorted({k for r in rows for k in r if k.startswith("mult_")})
-    extra = [k for k in ("view", "consistency") if any(k in r for r in rows)]
+    extra = [k for k in EXTRA if any(k in r for r in rows)]
     per_attack = list(dict.fromkeys(k for r in rows for k in r if k.startswith("val_acc_")))
     return COLUMNS + mults + extra + per_attack
 

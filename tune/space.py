@@ -5,7 +5,8 @@ A trial's parameters::
 
     {"skeleton": "warm=1,freeze=2,release=1,order=1-0", "threshold": 0.2, "mult_0": 0.1, "mult_1": 1.0}
 
-plus ``view`` and ``consistency`` where ``tune.views`` / ``tune.consistency`` offer choices.
+plus ``view``, ``consistency``, ``release_ce`` and ``release_view`` where ``tune.views`` / ``tune.consistency`` /
+``tune.release_ce`` / ``tune.release_views`` offer choices.
 
 ``skeleton`` fixes the stage lengths and the unfreeze order. Skeletons are enumerated up front and only valid ones
 are offered (an order is a permutation of ``tune.unfreeze_groups`` or one of ``tune.unfreeze_orders``, never names
@@ -96,11 +97,14 @@ def mult_keys(cfg: Config) -> list[str]:
     return [f"mult_{i}" for i in range(len(cfg.tune.unfreeze_groups))]
 
 
+#: the searched loss settings beyond the schedule's shape: trial parameter -> the [tune] key offering its choices
+EXTRA = {"view": "views", "consistency": "consistency", "release_ce": "release_ce", "release_view": "release_views"}
+
+
 def extra_choices(cfg: Config) -> dict[str, list]:
-    """The searched loss settings beyond the schedule's shape: the view and the release stages' consistency weight,
-    where the config offers choices."""
-    t = cfg.tune
-    return {k: list(v) for k, v in (("view", t.views), ("consistency", t.consistency)) if v}
+    """The searched loss settings beyond the schedule's shape (every stage's view; the release stages' consistency
+    weight, raw cross-entropy weight and view), where the config offers choices."""
+    return {k: list(getattr(cfg.tune, key)) for k, key in EXTRA.items() if getattr(cfg.tune, key)}
 
 
 def grid_size(cfg: Config, num_groups: int) -> int:
@@ -140,9 +144,14 @@ def schedule_stages(cfg: Config, params: dict) -> list[StageConfig]:
             st.loss.view = params["view"]
             if st.trigger is not None:
                 st.trigger.view = params["view"]
-    if "consistency" in params:
-        for st in stages[len(stages) - len(sk.order):]:
+    release = stages[len(stages) - len(sk.order):]
+    for st in release:
+        if "consistency" in params:
             st.loss.consistency = float(params["consistency"])
+        if "release_ce" in params:
+            st.loss.ce = float(params["release_ce"])
+        if "release_view" in params:
+            st.loss.view = params["release_view"]
     return stages
 
 
@@ -159,7 +168,7 @@ def describe(params: dict) -> dict:
     row = {"warm_epochs": sk.warm, "freeze_epochs": sk.freeze, "release_epochs": sk.release,
            "unfreeze_order": order_str(sk.order), "threshold": params.get("threshold")}
     row.update({k: v for k, v in params.items() if k.startswith("mult_")})
-    row.update({k: params[k] for k in ("view", "consistency") if k in params})
+    row.update({k: params[k] for k in EXTRA if k in params})
     return row
 
 
