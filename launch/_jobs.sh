@@ -18,3 +18,17 @@ run_queued() {
   xargs -d '\n' -P "$JOBS" -I{} bash -c '{}' < "$_queue"
   : > "$_queue"
 }
+
+# pst_candidate OUT CONFIG [bench args...]: the recipe's PST column, seed 0, one cell per attack, on the bench's
+# cached seed-0 poisons (runs/bench_fmnist/poisons, linked into OUT/poisons; missing ones are made there); prints
+# the cells' lines. Used to screen PST settings on validation accuracy.
+pst_candidate() {
+  local out=$1 config=$2
+  shift 2
+  mkdir -p "$out/poisons"
+  for p in runs/bench_fmnist/poisons/*_seed0; do
+    [ -d "$p" ] && [ ! -e "$out/poisons/$(basename "$p")" ] && ln -s "$(realpath "$p")" "$out/poisons/"
+  done
+  .venv/bin/pst-dist bench --config "$config" --bench.defenses='["pst"]' --bench.seeds=1 --bench.jobs=2 \
+    --bench.out="$out" "$@" 2>&1 | grep -a "\[bench\] cell" || true
+}

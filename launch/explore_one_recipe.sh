@@ -10,15 +10,12 @@ cd "$(dirname "$0")/.."
 CONFIG=launch/configs/fmnist_one_recipe_first.toml
 ATTACKS=${1:-'["none","conv_blur","lsp","em"]'}
 OUT=runs/one_recipe_explore
+source launch/_jobs.sh
 candidate() {  # name, overrides...
-  local out="$OUT/$1"; shift
-  mkdir -p "$out/poisons"
-  for p in runs/bench_fmnist/poisons/*_seed0; do
-    [ -d "$p" ] && [ ! -e "$out/poisons/$(basename "$p")" ] && ln -s "$(realpath "$p")" "$out/poisons/"
-  done
-  echo "== $(basename "$out"): $*"
-  .venv/bin/pst-dist bench --config "$CONFIG" --bench.attacks="$ATTACKS" --bench.defenses='["pst"]' \
-    --bench.seeds=1 --bench.jobs=2 --bench.out="$out" "$@" 2>&1 | grep -a "\[bench\] cell" || true
+  local name=$1
+  shift
+  echo "== $name: $*"
+  pst_candidate "$OUT/$name" "$CONFIG" --bench.attacks="$ATTACKS" "$@"
 }
 R='--schedule.stages.2.loss' S='--schedule.stages.3.loss'
 NAMES=(base release_ce0.5 release_ce1 release_view_randblur2 release_view_q2)

@@ -11,14 +11,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CONFIG=launch/configs/bench_fmnist.toml
+source launch/_jobs.sh
 candidate() {  # name, overrides...
-  local out="runs/pst_view_select/$1"; shift
-  mkdir -p "$out/poisons"
-  for p in runs/bench_fmnist/poisons/*_seed0; do
-    [ -d "$p" ] && [ ! -e "$out/poisons/$(basename "$p")" ] && ln -s "$(realpath "$p")" "$out/poisons/"
-  done
-  .venv/bin/pst-dist bench --config "$CONFIG" --bench.defenses='["pst"]' --bench.seeds=1 --bench.jobs=2 \
-    --bench.out="$out" "$@" 2>&1 | grep -a "\[bench\] cell" || true
+  local name=$1
+  shift
+  pst_candidate "runs/pst_view_select/$name" "$CONFIG" "$@"
 }
 NAMES=()
 for v in quantize randblur:2 randblur:3 randblur:2+quantize:3 randblur:2.5+quantize:3 quantize:3+randblur:2; do
