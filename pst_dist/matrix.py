@@ -280,8 +280,12 @@ def cached_poisons(bench: Bench) -> tuple[dict[tuple[str, int], dict], list[tupl
 def cached_poison(base: dict, attack: str, seed: int, pdir: Path, where: str) -> dict | None:
     """The poison.json of the poison cached at ``pdir`` for (attack, seed) under the recipe ``base``; None when none
     is cached there. One made with other settings, or not a store this version reads, is refused (ConfigError
-    naming ``where``, the setting that chose the directory)."""
+    naming ``where``, the setting that chose the directory); so is a directory there that is not a store (a store
+    is renamed into place whole, with its poison.json: anything else there is not pst-dist's to replace)."""
     if not (pdir / store.META).is_file():
+        if pdir.exists() and (not pdir.is_dir() or any(pdir.iterdir())):
+            raise ConfigError(f"{pdir} exists and is not a poison store (no {store.META}); remove it or choose "
+                              f"another {where}")
         return None
     try:
         meta = store.read_meta(pdir)

@@ -80,6 +80,20 @@ def test_a_resumed_bench_refuses_a_cached_poison_made_with_other_settings(tmp_pa
     assert r.returncode == 2 and "made with other poison settings" in r.stderr and "'eps'" in r.stderr
 
 
+
+def test_a_directory_in_a_poisons_place_that_is_not_a_store_is_refused_and_left_alone(tmp_path):
+    """bench.out may be a directory the user already had: what lies where a poison store would go is never replaced
+    (the bench's own stores are renamed into place whole, with their poison.json)."""
+    out = tmp_path / "b"
+    theirs = out / "poisons" / "classwise_noise_seed0"
+    theirs.mkdir(parents=True)
+    (theirs / "notes.txt").write_text("a user's file\n")
+    r = bench(out, '--bench.attacks=["classwise_noise"]', '--bench.defenses=["standard"]', "--bench.seeds=1",
+              "--bench.jobs=1", "--train.epochs=1")
+    assert r.returncode == 2 and "not a poison store" in r.stderr and "bench.out" in r.stderr, r.stderr[-2000:]
+    assert (theirs / "notes.txt").read_text() == "a user's file\n" and sorted(theirs.iterdir()) == [theirs / "notes.txt"]
+    assert not (out / "cells").exists()
+
 def test_a_resumed_bench_reruns_the_cells_whose_recipe_changed(tmp_path):
     out = tmp_path / "b"
     one = ['--bench.attacks=["classwise_noise"]', '--bench.defenses=["standard", "pst"]', "--bench.seeds=1",

@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from pst_dist.config import Config, ConfigError, to_dict
+from pst_dist.config import Config, to_dict
 from pst_dist.data.pipeline import build_data
 from pst_dist.matrix import cached_poison, cell_data_cfg, generate_poison, with_overrides
 
@@ -34,16 +34,14 @@ def store_dir(cfg: Config, attack: str) -> Path | None:
 
 def prepare_poisons(cfg: Config, log=lambda m: print(m, file=sys.stderr)) -> dict[str, float]:
     """Make the poisons the search's attacks need and are not cached yet (in this process, before Ray starts);
-    refuse a cached one made with other settings. Returns {attack: seconds it took to make} for those made."""
+    refuse a cached one made with other settings, and a directory in its place that is not a store. Returns {attack:
+    seconds it took to make} for those made."""
     base = to_dict(cfg)
     made = {}
     for a in cfg.tune.attacks:
         pdir = store_dir(cfg, a)
         if pdir is None or cached_poison(base, a, cfg.poison.seed, pdir, "tune.poisons") is not None:
             continue
-        if pdir.exists():  # tune.poisons may name any directory: never replace what is not a poison store
-            raise ConfigError(f"{pdir} exists and is not a poison store (no poison.json); remove it or choose "
-                              f"another tune.poisons")
         log(f"[tune] making the {a} poison (seed {cfg.poison.seed}) at {pdir}")
         t0 = time.time()
         generate_poison(base, a, cfg.poison.seed, str(pdir), cfg.train.threads)
