@@ -91,7 +91,6 @@ def worker_loop(loop: dict) -> None:
     import ray.train  # optional heavy dependency (Ray), imported only by tune
     from ray.train import CheckpointUploadMode  # optional heavy dependency (Ray), imported only by tune
 
-
     cfg: Config = from_dict(Config, loop["cfg"])
     run_dir = Path(cfg.log.run_dir)
     layout = engine_class(cfg)  # the engine's checkpoint files in a run directory
@@ -102,8 +101,10 @@ def worker_loop(loop: dict) -> None:
         source = ray.train.Checkpoint(loop["resume_from"])  # PBT: this trial's (or the exploited trial's) checkpoint
     node = ray.get_runtime_context().get_node_id()
     resume = source is not None
+    parts = tuple(cfg.tune.attacks) or ("",)  # the run directories a checkpoint holds: one per attack, or run_dir
+    start = restore_run_dir(layout, source, run_dir, rank, local_rank, node, parts) if resume else 0
 
-    def report(epoch: int, metrics: dict, parts: tuple[str, ...] = ("",)) -> None:
+    def report(epoch: int, metrics: dict) -> None:
         if rank == 0:  # where it trained this epoch, at once (Tune's own result files are written later, in batches)
             with open(run_dir / "nodes.jsonl", "a") as f:
                 f.write(json.dumps({"epoch": epoch, "node_id": node}) + "\n")
@@ -118,12 +119,8 @@ def worker_loop(loop: dict) -> None:
         report(epoch, {REPORTED[k]: float(v) for k, v in logs.items() if k in REPORTED})
 
     if cfg.tune.attacks:
-        parts = tuple(cfg.tune.attacks)
-        start = restore_run_dir(layout, source, run_dir, rank, local_rank, node, parts) if resume else 0
-        attack_loop(cfg, loop, run_dir, start, rank, lambda epoch, metrics: report(epoch, metrics, parts))
+        attack_loop(cfg, loop, run_dir, start, rank, report)
         return
-    if resume:
-        restore_run_dir(layout, source, run_dir, rank, local_rank, node)
     # the trial directory is the search's own: a retried trial without a checkpoint replaces its partial run; a PBT
     # generation resumes with the settings PBT mutated (train() records each change in the run's meta.json)
     train(cfg, resume=resume, stop_after_epochs=loop.get("stop_after"), on_epoch=on_epoch, overwrite=not resume,
