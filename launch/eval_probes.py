@@ -1,0 +1,86 @@
+"""Two inference-side changes probed on a bench's trained PST cells, on *validation* accuracy (the test split is not
+read): re-estimating BatchNorm statistics on the raw (poisoned) training images after training, and evaluating on a
+blurred copy of each image (alone, and averaged with the raw image's prediction). Each cell's own recorded config and
+cached poison; nothing is written.
+
+    python launch/eval_probes.py runs/bench_fmnist --attacks none,conv_blur,em,lsp
+
+Prints one row per cell: validation accuracy (%) as trained, after the BatchNorm re-estimate (4096 training images,
+cumulative average), on blur(sigma) of the image, and on the mean of the raw and blurred predictions."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pst_dist.data.pipeline import Normalize, build_data  # noqa: E402
+from pst_dist.evaluate import load_run_model, recorded_config  # noqa: E402
+from pst_dist.pst.views import apply_view  # noqa: E402
+
+COLUMNS = ("as trained", "BN re-estimated", "blurred", "raw + blurred")
+
+
+def accuracy(probs: torch.Tensor, labels: torch.Tensor) -> float:
+    return 100 * (probs.argmax(1) == labels).float().mean().item()
+
+
+def bn_reestimated(model: torch.nn.Module, images: torch.Tensor, norm: Normalize, n: int = 4096) -> torch.nn.Module:
+    m = copy.deepcopy(model)
+    for mod in m.modules():
+        if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm):
+            mod.reset_running_stats()
+            mod.momentum = None  # cumulative average over the batches below
+    m.train()
+    idx = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:n]
+    with torch.no_grad():
+        for i in range(0, len(idx), 256):
+            m(norm(images[idx[i: i + 256]].float() / 255))
+    return m.eval()
+
+
+def probe(cell: Path, bench: Path, attack: str, seed: int, sigma: float) -> list[float]:
+    over = [] if attack == "none" else ["poison.kind=file", f"poison.path={bench / 'poisons' / f'{attack}_seed{seed}'}"]
+    cfg = recorded_config(cell, over)
+    data = build_data(cfg)
+    model = load_run_model(cell, own_data=data, cfg=cfg).model.eval()
+    norm = Normalize(data.mean, data.std, torch.device("cpu"))
+    x, y = data.splits.val.images.float() / 255, data.splits.val.labels
+    with torch.no_grad():
+        raw = model(norm(x)).softmax(1)
+        blurred = model(norm(apply_view(x, f"blur:{sigma:g}"))).softmax(1)
+        recal = bn_reestimated(model, data.poisoned_train, norm)(norm(x)).softmax(1)
+    return [accuracy(raw, y), accuracy(recal, y), accuracy(blurred, y), accuracy(raw + blurred, y)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("bench", type=Path, help="a bench's output directory (bench.out)")
+    ap.add_argument("--attacks", default="none,conv_blur,em,lsp")
+    ap.add_argument("--defense", default="pst")
+    ap.add_argument("--sigma", type=float, default=0.7, help="the blur's sigma in px")
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    print(f"| attack | seed | {' | '.join(COLUMNS)} |\n|---|---:|" + "---:|" * len(COLUMNS))
+    means: dict[str, list[list[float]]] = {}
+    for attack in args.attacks.split(","):
+        cells = sorted((args.bench / "cells" / attack / args.defense).glob("seed*"))
+        if not cells:
+            sys.exit(f"no {args.defense} cells of attack {attack!r} under {args.bench / 'cells'}")
+        for cell in cells:
+            accs = probe(cell, args.bench, attack, int(cell.name.removeprefix("seed")), args.sigma)
+            means.setdefault(attack, []).append(accs)
+            print(f"| {attack} | {cell.name.removeprefix('seed')} | " + " | ".join(f"{a:.2f}" for a in accs) + " |",
+                  flush=True)
+    for attack, rows in means.items():
+        print(f"| {attack} | mean | " + " | ".join(f"{statistics.fmean(c):.2f}" for c in zip(*rows)) + " |")
+
+
+if __name__ == "__main__":
+    main()
