@@ -79,7 +79,8 @@ def main() -> None:
             print(f"| {attack} | {cell.name.removeprefix('seed')} | " + " | ".join(f"{a:.2f}" for a in accs) + " |",
                   flush=True)
     for attack, rows in means.items():
-        print(f"| {attack} | mean | " + " | ".join(f"{statistics.fmean(c):.2f}" for c in zip(*rows)) + " |")
+        print(f"| {attack} | mean | " + " | ".join(f"{statistics.fmean(c):.2f}" for c in zip(*rows, strict=True))
+              + " |")
 
 
 if __name__ == "__main__":

@@ -91,7 +91,8 @@ def test_a_directory_in_a_poisons_place_that_is_not_a_store_is_refused_and_left_
     r = bench(out, '--bench.attacks=["classwise_noise"]', '--bench.defenses=["standard"]', "--bench.seeds=1",
               "--bench.jobs=1", "--train.epochs=1")
     assert r.returncode == 2 and "not a poison store" in r.stderr and "bench.out" in r.stderr, r.stderr[-2000:]
-    assert (theirs / "notes.txt").read_text() == "a user's file\n" and sorted(theirs.iterdir()) == [theirs / "notes.txt"]
+    assert (theirs / "notes.txt").read_text() == "a user's file\n"
+    assert sorted(theirs.iterdir()) == [theirs / "notes.txt"]
     assert not (out / "cells").exists()
 
 def test_a_resumed_bench_reruns_the_cells_whose_recipe_changed(tmp_path):
