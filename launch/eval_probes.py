@@ -20,8 +20,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from torch.optim.swa_utils import update_bn  # noqa: E402
+
 from pst_dist.data.pipeline import Normalize, build_data  # noqa: E402
 from pst_dist.evaluate import load_run_model, recorded_config  # noqa: E402
+from pst_dist.matrix import cell_data_cfg  # noqa: E402
 from pst_dist.pst.views import apply_view  # noqa: E402
 
 COLUMNS = ("as trained", "BN re-estimated", "blurred", "raw + blurred")
@@ -32,23 +35,16 @@ def accuracy(probs: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 def bn_reestimated(model: torch.nn.Module, images: torch.Tensor, norm: Normalize, n: int = 4096) -> torch.nn.Module:
+    """A copy of ``model`` whose BatchNorm statistics are the cumulative average over ``n`` of ``images``."""
     m = copy.deepcopy(model)
-    for mod in m.modules():
-        if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm):
-            mod.reset_running_stats()
-            mod.momentum = None  # cumulative average over the batches below
-    m.train()
     idx = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:n]
-    with torch.no_grad():
-        for i in range(0, len(idx), 256):
-            m(norm(images[idx[i: i + 256]].float() / 255))
+    update_bn((norm(images[idx[i: i + 256]].float() / 255) for i in range(0, len(idx), 256)), m)
     return m.eval()
 
 
 def probe(cell: Path, bench: Path, attack: str, seed: int, sigma: float) -> list[float]:
-    over = [] if attack == "none" else ["poison.kind=file", f"poison.path={bench / 'poisons' / f'{attack}_seed{seed}'}"]
-    cfg = recorded_config(cell, over)
-    data = build_data(cfg)
+    cfg = recorded_config(cell)
+    data = build_data(cell_data_cfg(cfg, None if attack == "none" else bench / "poisons" / f"{attack}_seed{seed}"))
     model = load_run_model(cell, own_data=data, cfg=cfg).model.eval()
     norm = Normalize(data.mean, data.std, torch.device("cpu"))
     x, y = data.splits.val.images.float() / 255, data.splits.val.labels
@@ -74,10 +70,10 @@ def main() -> None:
         if not cells:
             sys.exit(f"no {args.defense} cells of attack {attack!r} under {args.bench / 'cells'}")
         for cell in cells:
-            accs = probe(cell, args.bench, attack, int(cell.name.removeprefix("seed")), args.sigma)
+            seed = int(cell.name.removeprefix("seed"))
+            accs = probe(cell, args.bench, attack, seed, args.sigma)
             means.setdefault(attack, []).append(accs)
-            print(f"| {attack} | {cell.name.removeprefix('seed')} | " + " | ".join(f"{a:.2f}" for a in accs) + " |",
-                  flush=True)
+            print(f"| {attack} | {seed} | " + " | ".join(f"{a:.2f}" for a in accs) + " |", flush=True)
     for attack, rows in means.items():
         print(f"| {attack} | mean | " + " | ".join(f"{statistics.fmean(c):.2f}" for c in zip(*rows, strict=True))
               + " |")
