@@ -80,7 +80,6 @@ def test_a_resumed_bench_refuses_a_cached_poison_made_with_other_settings(tmp_pa
     assert r.returncode == 2 and "made with other poison settings" in r.stderr and "'eps'" in r.stderr
 
 
-
 def test_a_directory_in_a_poisons_place_that_is_not_a_store_is_refused_and_left_alone(tmp_path):
     """bench.out may be a directory the user already had: what lies where a poison store would go is never replaced
     (the bench's own stores are renamed into place whole, with their poison.json)."""
@@ -94,6 +93,7 @@ def test_a_directory_in_a_poisons_place_that_is_not_a_store_is_refused_and_left_
     assert (theirs / "notes.txt").read_text() == "a user's file\n"
     assert sorted(theirs.iterdir()) == [theirs / "notes.txt"]
     assert not (out / "cells").exists()
+
 
 def test_a_resumed_bench_reruns_the_cells_whose_recipe_changed(tmp_path):
     out = tmp_path / "b"
