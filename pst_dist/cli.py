@@ -263,7 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace an earlier diagnose output in --out")
     p.set_defaults(fn=cmd_diagnose)
     p = sub.add_parser("eval", help="accuracy of a run's checkpoint on its test (or val) split, or on other data "
-                       "(--data.source=... --data.root=...); prints JSON, writes nothing into the run")
+                       "(--data.source=... --data.root=...), with the run's test-time views (schedule.eval_views, "
+                       "which --schedule.eval_views=[...] may change); prints JSON, writes nothing into the run")
     _run_checkpoint_args(p)
     p.add_argument("--split", choices=("test", "val"), default="test", help="the split evaluated")
     p.add_argument("--out", help="also write the result to this JSON file")

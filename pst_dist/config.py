@@ -355,10 +355,20 @@ class ScheduleConfig:
     """Keep BatchNorm running statistics of frozen groups fixed (modules in eval mode)."""
     check_every: int = 0
     """Run the detectors every N steps; 0 = at the end of each epoch."""
+    eval_views: list[str] = field(default_factory=list)
+    """Test-time views of the recipe: every evaluation of the model (validation and test in training, ``pst-dist
+    eval``) predicts the class of highest mean softmax over the raw image and each of these views of it (e.g.
+    ["blur:0.7"]); [] = the raw image alone. Deterministic views only. The bench's other defenses train and
+    evaluate without them."""
 
     def __post_init__(self) -> None:
         _check(len(self.stages) > 0, "schedule.stages is empty: a schedule needs at least one stage")
         _check(self.check_every >= 0, f"schedule.check_every={self.check_every}: must be >= 0")
+        for i, view in enumerate(self.eval_views):
+            _check_view(f"schedule.eval_views[{i}]", view)
+            for name, _ in parse_view(view):
+                _check(not VIEW_TABLE[name].data.get("random"), f"schedule.eval_views[{i}]={view!r}: {name!r} is "
+                       f"random; an evaluation must not draw from the training run's generator (e.g. 'blur:0.7')")
 
 
 @dataclass

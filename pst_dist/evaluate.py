@@ -26,8 +26,9 @@ from .io import read_json
 from .models import build_model
 from .train import evaluate, model_inputs
 
-EVAL_OVERRIDES = ("data.", "train.device", "train.threads")
-"""What ``pst-dist eval`` may override in the run's recorded config: the data, and where it runs."""
+EVAL_OVERRIDES = ("data.", "train.device", "train.threads", "schedule.eval_views")
+"""What ``pst-dist eval`` may override in the run's recorded config: the data, where it runs, and the test-time
+views (the weights are the run's)."""
 
 
 @dataclass
@@ -151,8 +152,9 @@ def evaluate_run(run_dir: Path, checkpoint: str | Path | None = None, overrides:
     run_dir = Path(run_dir)
     bad = [o for o in overrides if not o.removeprefix("--").startswith(EVAL_OVERRIDES)]
     if bad:
-        raise ConfigError(f"pst-dist eval: {bad[0]!r}: only data.* (what to evaluate on), train.device and "
-                          f"train.threads may be overridden; the model and its weights are the run's")
+        raise ConfigError(f"pst-dist eval: {bad[0]!r}: only data.* (what to evaluate on), train.device, "
+                          f"train.threads and schedule.eval_views may be overridden; the model and its weights are "
+                          f"the run's")
     recorded = recorded_config(run_dir)
     cfg = recorded_config(run_dir, overrides) if overrides else recorded
     data = build_data(clean(cfg))
@@ -171,11 +173,12 @@ def evaluate_run(run_dir: Path, checkpoint: str | Path | None = None, overrides:
     model = rm.model.to(device=device, dtype=rm.dtype)
     normalize = Normalize(torch.tensor(rm.inputs["mean"]), torch.tensor(rm.inputs["std"]), device, rm.dtype)
     try:
-        acc = evaluate(model, part.images, part.labels, normalize, device)
+        acc = evaluate(model, part.images, part.labels, normalize, device, views=cfg.schedule.eval_views)
     except RuntimeError as e:
         if list(data.splits.shape) == list(rm.inputs["shape"]):
             raise
         raise DataError(f"data.source={cfg.data.source!r}: the run's model ({cfg.model.name}, built for "
                         f"{rm.inputs['shape']}) cannot take {list(data.splits.shape)} images ({e})") from None
     return {"run": str(run_dir), "checkpoint": str(rm.checkpoint), "epoch": rm.epoch, "split": split,
-            "data.source": cfg.data.source, "data.root": cfg.data.root, "images": len(part), "accuracy": acc}
+            "data.source": cfg.data.source, "data.root": cfg.data.root, "images": len(part),
+            "eval_views": list(cfg.schedule.eval_views), "accuracy": acc}

@@ -9,6 +9,9 @@ plain torch read: ``model.safetensors`` and a timm ``config.json`` (architecture
   **pretrained_cfg), **model_args)``.
 - Otherwise (a ResNet with the 3x3 small-image stem, which timm cannot build): :func:`pst_dist.models.load_exported`.
   It reads any export.
+
+The ``pst_dist`` block's ``eval_views`` are the run's test-time views (``schedule.eval_views``): the run scored the
+mean softmax over the raw image and those views, which :func:`pst_dist.train.predict` computes for a loaded model.
 """
 
 from __future__ import annotations
@@ -55,7 +58,8 @@ def export_run(run_dir: Path, out: Path, checkpoint: str | Path | None = None, o
                            "input_size": rm.inputs["shape"], "mean": rm.inputs["mean"], "std": rm.inputs["std"],
                            "num_classes": rm.inputs["num_classes"], "crop_pct": 1.0},
         "pst_dist": {"plain_timm": hook is None, "model": to_dict(rm.cfg.model), "run": str(Path(run_dir).resolve()),
-                     "checkpoint": str(rm.checkpoint.resolve()), "epoch": rm.epoch},
+                     "checkpoint": str(rm.checkpoint.resolve()), "epoch": rm.epoch,
+                     "eval_views": list(rm.cfg.schedule.eval_views)},
     }
     with atomic_dir(out, replace=replace) as tmp:
         save_file({k: v.contiguous() for k, v in rm.model.state_dict().items()}, str(tmp / FILES[0]),

@@ -81,17 +81,18 @@ TRIGGERS = Registry("trigger", {
 })
 
 VIEWS = Registry("view", {
-    # fn(x float [0, 1] NCHW, strength) -> x, a perturbation-suppressing view
+    # fn(x float [0, 1] NCHW, strength) -> x, a perturbation-suppressing view; data "random": draws from torch's
+    # global generator (not allowed at evaluation: schedule.eval_views)
     "blur": Entry("pst_dist.pst.views:blur", "Gaussian blur, sigma = strength px"),
     "randblur": Entry("pst_dist.pst.views:random_blur", "a random anisotropic Gaussian per image, sigmas in "
-                      "[0, strength] px"),
+                      "[0, strength] px", data={"random": True}),
     "downup": Entry("pst_dist.pst.views:downup", "average-pool by round(1 + strength), bilinear up"),
     "gray": Entry("pst_dist.pst.views:gray", "channel mean"),
     "jpeg": Entry("pst_dist.pst.views:jpeg", "JPEG at quality round(10 / strength)"),
     "quantize": Entry("pst_dist.pst.views:quantize", "round(2 + 6 / strength) grey levels"),
 })
 
-_STD = ['schedule.stages=[{name="standard"}]']
+_STD = ['schedule.stages=[{name="standard"}]', "schedule.eval_views=[]"]  # the recipe's test-time views are PST's
 DEFENSES = Registry("defense", {
     # pure data: the training run a bench defense is read from, and that run's config overrides
     "standard": Entry("", "plain training on the poisoned data", data={"run": "standard", "overrides": _STD}),

@@ -13,6 +13,7 @@ import random
 import resource
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +36,7 @@ from .pst.freeze import GroupedModel, param_groups, set_group_lrs, trace_units
 from .pst.groups import layer_groups
 from .pst.losses import stage_loss
 from .pst.schedule import ActiveStage, Schedule, lr_factor
+from .pst.views import apply_view
 from .rundir import RunDirError, check_run_dir, keep_metrics_until, remove_run_files
 from .tracking import check_trackers
 
@@ -51,14 +53,27 @@ def build_optimizer(cfg: Config, model: nn.Module, gm: GroupedModel) -> torch.op
 
 @torch.no_grad()
 def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, normalize: Normalize,
-             device: torch.device, batch_size: int = 512) -> float:
+             device: torch.device, batch_size: int = 512, views: Sequence[str] = ()) -> float:
+    """Accuracy of ``model`` on uint8 ``images``; with ``views`` (schedule.eval_views), of the mean softmax over the
+    raw image and those views of it."""
     model.eval()
     correct = torch.zeros((), dtype=torch.long, device=device)
     for i in range(0, len(labels), batch_size):
         x = images[i: i + batch_size].to(device, non_blocking=True).float() / 255
         y = labels[i: i + batch_size].to(device, non_blocking=True)
-        correct += (model(normalize(x)).argmax(1) == y).sum()
+        correct += (predict(model, x, normalize, views).argmax(1) == y).sum()
     return int(correct) / max(1, len(labels))
+
+
+def predict(model: nn.Module, x: torch.Tensor, normalize: Normalize, views: Sequence[str] = ()) -> torch.Tensor:
+    """Class scores of the float [0, 1] batch ``x``: the logits, or with ``views`` the mean softmax over ``x`` and
+    each view of it (:func:`pst_dist.pst.views.apply_view`)."""
+    if not views:
+        return model(normalize(x))
+    probs = model(normalize(x)).float().softmax(1)
+    for view in views:
+        probs += model(normalize(apply_view(x, view))).float().softmax(1)
+    return probs / (1 + len(views))
 
 
 def write_run_header(run_dir: Path, cfg: Config, resumed_at: int | None = None,
@@ -470,8 +485,9 @@ def train(cfg: Config, resume: bool = False, data: Data | None = None, loader=No
             logs.update(last_detect)
         last = epoch + 1 == cfg.train.epochs
         if (epoch + 1) % cfg.train.eval_every == 0 or last:
-            logs["eval/val_acc"] = evaluate(model, s.val.images, s.val.labels, r.normalize, r.device)
-            logs["eval/test_acc"] = evaluate(model, s.test.images, s.test.labels, r.normalize, r.device)
+            views = cfg.schedule.eval_views
+            logs["eval/val_acc"] = evaluate(model, s.val.images, s.val.labels, r.normalize, r.device, views=views)
+            logs["eval/test_acc"] = evaluate(model, s.test.images, s.test.labels, r.normalize, r.device, views=views)
         r.metrics.log(st.step, {**logs, **perf})
         st.records.append({k: v for k, v in logs.items() if isinstance(v, int | float)})
         st.epoch = epoch + 1

@@ -32,6 +32,8 @@ def test_toml_roundtrip(tmp_path):
     (["--schedule.stages=[]"], "empty"),
     (['--schedule.stages=[{name="a",bogus=1}]'], "bogus"),
     (["--data.source=mnist"], "data.source"),
+    (['--schedule.eval_views=["randblur:1"]'], r"eval_views\[0\]='randblur:1': 'randblur' is random"),
+    (['--schedule.eval_views=["blur:1", "smudge"]'], r"eval_views\[1\]='smudge': unknown view 'smudge'"),
 ])
 def test_bad_config_names_the_key(override, needle):
     with pytest.raises(ConfigError, match=needle):

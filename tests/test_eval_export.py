@@ -14,8 +14,10 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file
+from torchvision.transforms.functional import gaussian_blur
 
 from pst_dist.cli import main
 from pst_dist.config import load_config
@@ -211,3 +213,32 @@ def test_eval_and_export_of_a_zero3_run_gather_every_partition(tmp_path, capsys)
     model = load_exported(tmp_path / "export")
     checksum = float(sum(p.detach().double().abs().sum() for p in model.parameters()))
     assert checksum == s["model_checksum"], "the gathered weights are not the run's"
+
+
+def test_test_time_views_score_the_mean_softmax_and_leave_training_as_it_was(runs, capsys, tmp_path):
+    """schedule.eval_views: training is unchanged (same weights), its logged accuracies are the mean softmax over the
+    raw image and the views, and `pst-dist eval` reproduces them (and scores other views when told)."""
+    views = ["blur:2", "downup:3"]
+    r = run_in_process(tmp_path / "views", [*runs["args"], f"--schedule.eval_views={json.dumps(views)}"])
+    capsys.readouterr()  # the training's epoch lines
+    plain = runs["small_stem"]
+    assert all(torch.equal(r["state"][k], v) for k, v in plain["state"].items()), "eval views changed training"
+    data = build_data(load_config(None, runs["args"]))
+    norm = Normalize(data.mean, data.std, torch.device("cpu"))
+    x, y = data.splits.test.images.float() / 255, data.splits.test.labels
+    model = run_model(r, runs["args"]).eval()
+    blurred = gaussian_blur(x, [13, 13], [2.0, 2.0])
+    pooled = F.interpolate(F.avg_pool2d(x, 4, ceil_mode=True), size=(16, 16), mode="bilinear", align_corners=False)
+    with torch.no_grad():
+        probs = sum(model(norm(v)).softmax(1) for v in (x, blurred, pooled))
+    want = int((probs.argmax(1) == y).sum()) / len(y)
+    assert r["summary"]["final_test_acc"] == want
+    assert want != plain["summary"]["final_test_acc"], "these views should change some predictions (else weak)"
+    assert eval_cli(capsys, "--run", tmp_path / "views")["accuracy"] == want
+    assert eval_cli(capsys, "--run", tmp_path / "views", "--schedule.eval_views=[]")["accuracy"] == \
+        plain["summary"]["final_test_acc"]
+    got = eval_cli(capsys, "--run", plain["dir"], f"--schedule.eval_views={json.dumps(views)}")
+    assert got["accuracy"] == want and got["eval_views"] == views
+    out = tmp_path / "export"
+    assert main(["export", "--run", str(tmp_path / "views"), "--out", str(out)]) == 0
+    assert json.loads((out / "config.json").read_text())["pst_dist"]["eval_views"] == views
