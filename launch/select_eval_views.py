@@ -1,0 +1,92 @@
+"""Choose a recipe's test-time views (``schedule.eval_views``) on a finished ``pst-dist tune`` search over attacks,
+from *validation* accuracy only: every trial's final checkpoint of every attack is scored with each candidate list of
+views (the weights are the search's; nothing is trained, nothing is written), and the (trial, views) pair with the
+highest worst-case validation accuracy over the search's attacks wins (ties: fewer views, then the search's order).
+The search's held-out attack was never trained, so it plays no part here either.
+
+    python launch/select_eval_views.py runs/tune/fmnist_attacks_len \\
+        --views '[[], ["blur:0.5"], ["blur:0.7"], ["blur:1"]]'
+
+Prints a markdown table (one row per trial and views: validation accuracy % per attack and the worst) and the pick.
+The first column's ``[]`` rows reproduce the search's own final validation accuracies (checked: a mismatch stops it)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pst_dist.config import ConfigError, ScheduleConfig  # noqa: E402
+from pst_dist.data.pipeline import Normalize, build_data  # noqa: E402
+from pst_dist.evaluate import clean, load_run_model, recorded_config  # noqa: E402
+from pst_dist.train import evaluate  # noqa: E402
+
+
+def trial_runs(search: Path) -> dict[str, dict[str, Path]]:
+    """{trial: {attack: run dir}} of the search's multi-attack trials (``<search>/trials/<trial>/<attack>``)."""
+    trials = {t.name: {a.name: a for a in sorted(t.iterdir()) if (a / "config.toml").is_file()}
+              for t in sorted((search / "trials").glob("*")) if t.is_dir()}
+    trials = {t: runs for t, runs in trials.items() if runs}
+    if not trials:
+        sys.exit(f"{search}: no trials/<trial>/<attack>/config.toml; not a finished search over attacks")
+    return trials
+
+
+def search_finals(search: Path) -> dict[tuple[str, str], float]:
+    """{(trial, attack): final validation accuracy} as the search recorded it (results.csv)."""
+    import csv
+
+    with open(search / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    return {(r["trial"], k.removeprefix("val_acc_")): 100 * float(v) for r in rows for k, v in r.items()
+            if k.startswith("val_acc_") and v not in ("", "nan")}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("search", type=Path, help="a finished search's directory (tune.out / tune.name)")
+    ap.add_argument("--views", default='[[], ["blur:0.7"]]', help="JSON list of candidate eval_views lists")
+    args = ap.parse_args()
+    try:
+        candidates = [ScheduleConfig(eval_views=v).eval_views for v in json.loads(args.views)]
+    except (ValueError, TypeError, ConfigError) as e:
+        sys.exit(f"--views {args.views!r}: {e}")
+    torch.set_num_threads(2)
+    trials, finals = trial_runs(args.search), search_finals(args.search)
+    attacks = list(next(iter(trials.values())))
+    print("| trial | eval_views | " + " | ".join(attacks) + " | **worst** |\n|---|---|" + "---:|" * (len(attacks) + 1))
+    data, best = None, None
+    for trial, runs in trials.items():
+        models = {}
+        for attack, run in runs.items():
+            cfg = recorded_config(run)
+            data = data or build_data(clean(cfg))  # every run of a search evaluates on the same clean splits
+            models[attack] = load_run_model(run, own_data=data, cfg=cfg)
+        for views in candidates:
+            accs = {}
+            for attack, rm in models.items():
+                norm = Normalize(torch.tensor(rm.inputs["mean"]), torch.tensor(rm.inputs["std"]), torch.device("cpu"),
+                                 rm.dtype)
+                v = data.splits.val
+                accs[attack] = 100 * evaluate(rm.model, v.images, v.labels, norm, torch.device("cpu"), views=views)
+                want = finals.get((trial, attack))
+                if not views and want is not None and abs(accs[attack] - want) > 1e-6:
+                    sys.exit(f"{trial} / {attack}: validation {accs[attack]:.2f} here, {want:.2f} in the search's "
+                             f"results.csv: not the search's data or checkpoint")
+            worst = min(accs.values())
+            print(f"| {trial} | `{json.dumps(views)}` | " + " | ".join(f"{accs[a]:.2f}" for a in attacks)
+                  + f" | **{worst:.2f}** |", flush=True)
+            key = (worst, -len(views))
+            if best is None or key > best[0]:
+                best = (key, trial, views)
+    (worst, _), trial, views = best
+    print(f"\nPick (validation worst case {worst:.2f} %): trial {trial}, schedule.eval_views = {json.dumps(views)}")
+
+
+if __name__ == "__main__":
+    main()
