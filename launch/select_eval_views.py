@@ -8,7 +8,8 @@ The search's held-out attack was never trained, so it plays no part here either.
         --views '[[], ["blur:0.5"], ["blur:0.7"], ["blur:1"]]'
 
 Prints a markdown table (one row per trial and views: validation accuracy % per attack and the worst) and the pick.
-The first column's ``[]`` rows reproduce the search's own final validation accuracies (checked: a mismatch stops it)."""
+The rows with the views the search trained with (its config's ``schedule.eval_views``; ``[]`` unless set) reproduce
+the search's own final validation accuracies (checked: a mismatch stops it)."""
 
 from __future__ import annotations
 
@@ -75,7 +76,7 @@ def main() -> None:
                 v = data.splits.val
                 accs[attack] = 100 * evaluate(rm.model, v.images, v.labels, norm, torch.device("cpu"), views=views)
                 want = finals.get((trial, attack))
-                if not views and want is not None and abs(accs[attack] - want) > 1e-6:
+                if views == rm.cfg.schedule.eval_views and want is not None and abs(accs[attack] - want) > 1e-6:
                     sys.exit(f"{trial} / {attack}: validation {accs[attack]:.2f} here, {want:.2f} in the search's "
                              f"results.csv: not the search's data or checkpoint")
             worst = min(accs.values())
