@@ -26,6 +26,7 @@ from pst_dist.data.pipeline import Normalize, build_data  # noqa: E402
 from pst_dist.evaluate import load_run_model, recorded_config  # noqa: E402
 from pst_dist.matrix import cell_data_cfg  # noqa: E402
 from pst_dist.pst.views import apply_view  # noqa: E402
+from pst_dist.train import predict  # noqa: E402
 
 COLUMNS = ("as trained", "BN re-estimated", "blurred", "raw + blurred")
 
@@ -52,7 +53,8 @@ def probe(cell: Path, bench: Path, attack: str, seed: int, sigma: float) -> list
         raw = model(norm(x)).softmax(1)
         blurred = model(norm(apply_view(x, f"blur:{sigma:g}"))).softmax(1)
         recal = bn_reestimated(model, data.poisoned_train, norm)(norm(x)).softmax(1)
-    return [accuracy(raw, y), accuracy(recal, y), accuracy(blurred, y), accuracy(raw + blurred, y)]
+        both = predict(model, x, norm, [f"blur:{sigma:g}"])  # what schedule.eval_views = ["blur:<sigma>"] scores
+    return [accuracy(raw, y), accuracy(recal, y), accuracy(blurred, y), accuracy(both, y)]
 
 
 def main() -> None:
