@@ -9,7 +9,7 @@ The search's held-out attack was never trained, so it plays no part here either.
 
 Prints a markdown table (one row per trial and views: validation accuracy % per attack and the worst) and the pick.
 The rows with the views the search trained with (its config's ``schedule.eval_views``; ``[]`` unless set) reproduce
-the search's own final validation accuracies (checked: a mismatch stops it)."""
+each run's own final validation accuracy (its summary.json; checked: a mismatch stops it)."""
 
 from __future__ import annotations
 
@@ -23,9 +23,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pst_dist.config import ConfigError, ScheduleConfig  # noqa: E402
-from pst_dist.data.pipeline import Normalize, build_data  # noqa: E402
+from pst_dist.data.pipeline import build_data  # noqa: E402
 from pst_dist.evaluate import clean, load_run_model, recorded_config  # noqa: E402
-from pst_dist.train import evaluate  # noqa: E402
+from pst_dist.io import read_json  # noqa: E402
 
 
 def trial_runs(search: Path) -> dict[str, dict[str, Path]]:
@@ -38,16 +38,6 @@ def trial_runs(search: Path) -> dict[str, dict[str, Path]]:
     return trials
 
 
-def search_finals(search: Path) -> dict[tuple[str, str], float]:
-    """{(trial, attack): final validation accuracy} as the search recorded it (results.csv)."""
-    import csv
-
-    with open(search / "results.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
-    return {(r["trial"], k.removeprefix("val_acc_")): 100 * float(v) for r in rows for k, v in r.items()
-            if k.startswith("val_acc_") and v not in ("", "nan")}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("search", type=Path, help="a finished search's directory (tune.out / tune.name)")
@@ -58,27 +48,26 @@ def main() -> None:
     except (ValueError, TypeError, ConfigError) as e:
         sys.exit(f"--views {args.views!r}: {e}")
     torch.set_num_threads(2)
-    trials, finals = trial_runs(args.search), search_finals(args.search)
+    trials, cpu = trial_runs(args.search), torch.device("cpu")
     attacks = list(next(iter(trials.values())))
     print("| trial | eval_views | " + " | ".join(attacks) + " | **worst** |\n|---|---|" + "---:|" * (len(attacks) + 1))
     data, best = None, None
     for trial, runs in trials.items():
-        models = {}
+        models, finals = {}, {}
         for attack, run in runs.items():
             cfg = recorded_config(run)
             data = data or build_data(clean(cfg))  # every run of a search evaluates on the same clean splits
             models[attack] = load_run_model(run, own_data=data, cfg=cfg)
+            finals[attack] = read_json(run / "summary.json", "the run's summary.json").get("final_val_acc")
         for views in candidates:
             accs = {}
             for attack, rm in models.items():
-                norm = Normalize(torch.tensor(rm.inputs["mean"]), torch.tensor(rm.inputs["std"]), torch.device("cpu"),
-                                 rm.dtype)
-                v = data.splits.val
-                accs[attack] = 100 * evaluate(rm.model, v.images, v.labels, norm, torch.device("cpu"), views=views)
-                want = finals.get((trial, attack))
-                if views == rm.cfg.schedule.eval_views and want is not None and abs(accs[attack] - want) > 1e-6:
-                    sys.exit(f"{trial} / {attack}: validation {accs[attack]:.2f} here, {want:.2f} in the search's "
-                             f"results.csv: not the search's data or checkpoint")
+                acc = rm.accuracy(data.splits.val, cpu, views=views)
+                want = finals[attack]
+                if views == rm.cfg.schedule.eval_views and want is not None and acc != want:
+                    sys.exit(f"{trial} / {attack}: validation {100 * acc:.2f} here, {100 * want:.2f} in the run's "
+                             f"summary.json: not the search's data or checkpoint")
+                accs[attack] = 100 * acc
             worst = min(accs.values())
             print(f"| {trial} | `{json.dumps(views)}` | " + " | ".join(f"{accs[a]:.2f}" for a in attacks)
                   + f" | **{worst:.2f}** |", flush=True)

@@ -19,7 +19,7 @@ import torch.nn as nn
 from .checkpoint import CheckpointError, load_weights
 from .config import Config, ConfigError, DefenseConfig, PoisonConfig, load_config
 from .data.pipeline import Data, Normalize, build_data
-from .data.sources import DataError
+from .data.sources import DataError, Split
 from .distributed import build_device
 from .engine.deepspeed import CHECKPOINT_DIR, DS_SAFE_GLOBALS, LATEST, MODEL_STATES, check_ds_checkpoint
 from .io import read_json
@@ -45,6 +45,13 @@ class RunModel:
     """Epochs trained when the checkpoint was written."""
     dtype: torch.dtype
     """The dtype the run evaluated in: float32, or the bf16 / fp16 weights of DeepSpeed's 16-bit modes."""
+
+    def accuracy(self, part: Split, device: torch.device, views: list[str] | tuple = ()) -> float:
+        """Accuracy on ``part`` as the run evaluated: on ``device`` in the run's dtype, normalised with the run's
+        statistics, with test-time ``views`` (schedule.eval_views)."""
+        model = self.model.to(device=device, dtype=self.dtype)
+        normalize = Normalize(torch.tensor(self.inputs["mean"]), torch.tensor(self.inputs["std"]), device, self.dtype)
+        return evaluate(model, part.images, part.labels, normalize, device, views=views)
 
 
 def recorded_config(run_dir: Path, overrides: list[str] | tuple = ()) -> Config:
@@ -169,11 +176,8 @@ def evaluate_run(run_dir: Path, checkpoint: str | Path | None = None, overrides:
                         f"run's model has {num_classes} classes")
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    device = build_device(cfg)
-    model = rm.model.to(device=device, dtype=rm.dtype)
-    normalize = Normalize(torch.tensor(rm.inputs["mean"]), torch.tensor(rm.inputs["std"]), device, rm.dtype)
     try:
-        acc = evaluate(model, part.images, part.labels, normalize, device, views=cfg.schedule.eval_views)
+        acc = rm.accuracy(part, build_device(cfg), views=cfg.schedule.eval_views)
     except RuntimeError as e:
         if list(data.splits.shape) == list(rm.inputs["shape"]):
             raise
