@@ -239,9 +239,9 @@ def parse_view(view: str, strength: float = 1.0) -> list[tuple[str, float]]:
     return out
 
 
-def _check_view(key: str, view: str, strength: float = 1.0) -> None:
+def _check_view(key: str, view: str, strength: float = 1.0) -> list[tuple[str, float]]:
     try:
-        parse_view(view, strength)
+        return parse_view(view, strength)
     except ValueError as e:
         raise ConfigError(f"{key}={view!r}: {e}") from None
 
@@ -365,8 +365,7 @@ class ScheduleConfig:
         _check(len(self.stages) > 0, "schedule.stages is empty: a schedule needs at least one stage")
         _check(self.check_every >= 0, f"schedule.check_every={self.check_every}: must be >= 0")
         for i, view in enumerate(self.eval_views):
-            _check_view(f"schedule.eval_views[{i}]", view)
-            for name, _ in parse_view(view):
+            for name, _ in _check_view(f"schedule.eval_views[{i}]", view):
                 _check(not VIEW_TABLE[name].data.get("random"), f"schedule.eval_views[{i}]={view!r}: {name!r} is "
                        f"random; an evaluation must not draw from the training run's generator (e.g. 'blur:0.7')")
 
