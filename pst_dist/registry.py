@@ -89,6 +89,7 @@ VIEWS = Registry("view", {
     "downup": Entry("pst_dist.pst.views:downup", "average-pool by round(1 + strength), bilinear up"),
     "gray": Entry("pst_dist.pst.views:gray", "channel mean"),
     "jpeg": Entry("pst_dist.pst.views:jpeg", "JPEG at quality round(10 / strength)"),
+    "median": Entry("pst_dist.pst.views:median", "median over a (2 round(strength) + 1) px square"),
     "quantize": Entry("pst_dist.pst.views:quantize", "round(2 + 6 / strength) grey levels"),
 })
 

@@ -84,3 +84,19 @@ def test_jpeg_view_is_a_batched_jpeg_close_to_pil_s(chans):
     assert lost > 0.02 and (v - x).abs().mean() > 0.5 * lost, "changed about as much as by JPEG"
     assert (v - ref).abs().mean() < 0.5 * lost, "and in the way JPEG changes it"
     assert (apply_view(x, "jpeg", 0.2) - x).abs().mean() < (v - x).abs().mean()  # quality 50: lighter
+
+
+def test_median_view_removes_a_one_pixel_shortcut_and_keeps_edges():
+    """What the view is for: an OPS-like single pixel is gone after a 3x3 median, while a garment's straight edge
+    (a half-plane) survives exactly; a blur of similar reach leaves a trace of the pixel and smears the edge."""
+    x = torch.zeros(2, 1, 16, 16)
+    x[0, 0, 5, 9] = 1.0  # one pixel
+    x[1, 0, :, 8:] = 0.7  # an edge
+    y = apply_view(x, "median:1")
+    assert y.shape == x.shape
+    assert y[0].abs().max() == 0  # the pixel is removed
+    assert torch.equal(y[1], x[1])  # the edge is kept, borders included (reflect padding)
+    b = apply_view(x, "blur:1")
+    assert b[0].max() > 0.1 and not torch.allclose(b[1], x[1], atol=0.05)
+    assert torch.equal(apply_view(x, "median:2"), apply_view(x, "median:2.2"))  # 5x5: the strength is rounded
+    assert apply_view(x, "median:2")[0].abs().max() == 0

@@ -55,6 +55,15 @@ def jpeg(x: torch.Tensor, strength: float) -> torch.Tensor:
     return (out if c == 3 else out.mean(1, keepdim=True)).to(x.dtype)
 
 
+def median(x: torch.Tensor, strength: float) -> torch.Tensor:
+    """Median over a (2 round(strength) + 1)-pixel square (kornia, reflect padding): removes isolated pixels and
+    thin strokes (one-pixel and sparse patch shortcuts) and keeps edges, unlike a blur."""
+    from kornia.filters import median_blur  # loaded by the runs that use this view only
+
+    k = 2 * max(1, int(round(strength))) + 1
+    return median_blur(x, (k, k))
+
+
 def quantize(x: torch.Tensor, strength: float) -> torch.Tensor:
     """round(2 + 6 / strength) evenly spaced levels."""
     levels = max(2, int(round(2 + 6 / strength)))
