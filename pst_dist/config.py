@@ -605,6 +605,10 @@ class TuneConfig:
     """Choices for the release stages' cross-entropy weight on the raw images (loss.ce); empty = the template's."""
     release_views: list[str] = field(default_factory=list)
     """Choices for the release stages' view (after tune.views set every stage's); empty = as the other stages."""
+    last_ce: list[float] = field(default_factory=list)
+    """Choices for the last stage's raw cross-entropy weight (the stage that runs to train.epochs, after
+    tune.release_ce set every release stage's): raw cross-entropy early or late in the release; empty = as the
+    other release stages."""
 
     def __post_init__(self) -> None:
         _check(self.num_samples >= 1, f"tune.num_samples={self.num_samples}: must be >= 1")
@@ -646,6 +650,7 @@ class TuneConfig:
         _check(all(c >= 0 for c in self.release_ce), f"tune.release_ce={self.release_ce}: choices must be >= 0")
         for v in self.release_views:
             _check_view("tune.release_views", v)
+        _check(all(c >= 0 for c in self.last_ce), f"tune.last_ce={self.last_ce}: choices must be >= 0")
 
 
 BENCH_DEFENSES = tuple(DEFENSES)  # pst_dist.registry.DEFENSES

@@ -5,8 +5,8 @@ A trial's parameters::
 
     {"skeleton": "warm=1,freeze=2,release=1,order=1-0", "threshold": 0.2, "mult_0": 0.1, "mult_1": 1.0}
 
-plus ``view``, ``consistency``, ``release_ce`` and ``release_view`` where ``tune.views`` / ``tune.consistency`` /
-``tune.release_ce`` / ``tune.release_views`` offer choices.
+plus ``view``, ``consistency``, ``release_ce``, ``release_view`` and ``last_ce`` where ``tune.views`` /
+``tune.consistency`` / ``tune.release_ce`` / ``tune.release_views`` / ``tune.last_ce`` offer choices.
 
 ``skeleton`` fixes the stage lengths and the unfreeze order. Skeletons are enumerated up front and only valid ones
 are offered (an order is a permutation of ``tune.unfreeze_groups`` or one of ``tune.unfreeze_orders``, never names
@@ -98,12 +98,14 @@ def mult_keys(cfg: Config) -> list[str]:
 
 
 #: the searched loss settings beyond the schedule's shape: trial parameter -> the [tune] key offering its choices
-EXTRA = {"view": "views", "consistency": "consistency", "release_ce": "release_ce", "release_view": "release_views"}
+EXTRA = {"view": "views", "consistency": "consistency", "release_ce": "release_ce", "release_view": "release_views",
+         "last_ce": "last_ce"}
 
 
 def extra_choices(cfg: Config) -> dict[str, list]:
     """The searched loss settings beyond the schedule's shape (every stage's view; the release stages' consistency
-    weight, raw cross-entropy weight and view), where the config offers choices."""
+    weight, raw cross-entropy weight and view; the last stage's raw cross-entropy weight), where the config offers
+    choices."""
     return {k: list(getattr(cfg.tune, key)) for k, key in EXTRA.items() if getattr(cfg.tune, key)}
 
 
@@ -152,6 +154,8 @@ def schedule_stages(cfg: Config, params: dict) -> list[StageConfig]:
             st.loss.ce = float(params["release_ce"])
         if "release_view" in params:
             st.loss.view = params["release_view"]
+    if "last_ce" in params:
+        stages[-1].loss.ce = float(params["last_ce"])
     return stages
 
 
