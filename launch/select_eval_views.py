@@ -1,7 +1,8 @@
 """Choose a recipe's test-time views (``schedule.eval_views``) on a finished ``pst-dist tune`` search over attacks,
 from *validation* accuracy only: every trial's final checkpoint of every attack is scored with each candidate list of
 views (the weights are the search's; nothing is trained, nothing is written), and the (trial, views) pair with the
-highest worst-case validation accuracy over the search's attacks wins (ties: fewer views, then the search's order).
+highest worst-case validation accuracy over the search's attacks wins (ties: fewer views, then the search's order;
+with ``--ties clean``: the higher validation accuracy on the clean data, attack ``none``, first).
 The search's held-out attack was never trained, so it plays no part here either.
 
     python launch/select_eval_views.py runs/tune/fmnist_attacks_len \\
@@ -42,6 +43,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("search", type=Path, help="a finished search's directory (tune.out / tune.name)")
     ap.add_argument("--views", default='[[], ["blur:0.7"]]', help="JSON list of candidate eval_views lists")
+    ap.add_argument("--ties", choices=("order", "clean"), default="order",
+                    help="equal worst cases: fewer views, then the search's order (order), or first the higher "
+                         "clean validation accuracy, attack none (clean; the issue's other criterion, the cost of PST "
+                         "on clean data)")
     args = ap.parse_args()
     try:
         candidates = [ScheduleConfig(eval_views=v).eval_views for v in json.loads(args.views)]
@@ -50,6 +55,8 @@ def main() -> None:
     torch.set_num_threads(2)
     trials, cpu = trial_runs(args.search), torch.device("cpu")
     attacks = list(next(iter(trials.values())))
+    if args.ties == "clean" and "none" not in attacks:
+        sys.exit(f"--ties clean: the search has no clean run (attack none); its attacks: {attacks}")
     print("| trial | eval_views | " + " | ".join(attacks) + " | **worst** |\n|---|---|" + "---:|" * (len(attacks) + 1))
     data, best = None, None
     for trial, runs in trials.items():
@@ -71,10 +78,10 @@ def main() -> None:
             worst = min(accs.values())
             print(f"| {trial} | `{json.dumps(views)}` | " + " | ".join(f"{accs[a]:.2f}" for a in attacks)
                   + f" | **{worst:.2f}** |", flush=True)
-            key = (worst, -len(views))
+            key = (worst, accs["none"] if args.ties == "clean" else 0.0, -len(views))
             if best is None or key > best[0]:
                 best = (key, trial, views)
-    (worst, _), trial, views = best
+    (worst, *_), trial, views = best
     print(f"\nPick (validation worst case {worst:.2f} %): trial {trial}, schedule.eval_views = {json.dumps(views)}")
 
 
