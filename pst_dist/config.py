@@ -644,13 +644,11 @@ class TuneConfig:
                f"multi-attack trial holds one per attack; use asha or fifo")
         _check(not self.poisons or bool(self.attacks),
                f"tune.poisons={self.poisons!r} without tune.attacks: the stores are read only by a search over attacks")
-        for v in self.views:
-            _check_view("tune.views", v)
-        _check(all(c >= 0 for c in self.consistency), f"tune.consistency={self.consistency}: choices must be >= 0")
-        _check(all(c >= 0 for c in self.release_ce), f"tune.release_ce={self.release_ce}: choices must be >= 0")
-        for v in self.release_views:
-            _check_view("tune.release_views", v)
-        _check(all(c >= 0 for c in self.last_ce), f"tune.last_ce={self.last_ce}: choices must be >= 0")
+        for key in ("views", "release_views"):
+            for v in getattr(self, key):
+                _check_view(f"tune.{key}", v)
+        for key in ("consistency", "release_ce", "last_ce"):  # loss weights
+            _check(all(c >= 0 for c in getattr(self, key)), f"tune.{key}={getattr(self, key)}: choices must be >= 0")
 
 
 BENCH_DEFENSES = tuple(DEFENSES)  # pst_dist.registry.DEFENSES
