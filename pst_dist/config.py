@@ -165,9 +165,18 @@ class PoisonConfig:
     augmentation): the surrogate (TAP: its model) trains on batches augmented as data.augment does (crop or
     crop_flip), and each noise step sums its gradient over this many augmented copies per image (each step costs eot
     times as much); 0 = no augmentation in the attack."""
+    ensemble: int = 1
+    """tap: craft against this many models at once (each trained ``model_epochs`` on the clean images from its own
+    init and data order; the targeted loss is taken on their mean logits), for a perturbation that transfers to a
+    model trained from scratch rather than fitting one model (TAP's reference offers ``--ensemble``); each step
+    costs ``ensemble`` times as much. 1 = one model, as before."""
 
     def __post_init__(self) -> None:
         _check(self.eot >= 0, f"poison.eot={self.eot}: must be >= 0")
+        _check(self.ensemble >= 1, f"poison.ensemble={self.ensemble}: must be >= 1 (the number of models TAP crafts "
+                                   f"against)")
+        _check(self.ensemble == 1 or self.kind == "tap",
+               f"poison.ensemble={self.ensemble}: only TAP crafts against an ensemble (poison.kind={self.kind!r})")
         _check(self.granularity in ("sample", "class"),
                f"poison.granularity={self.granularity!r}: expected sample|class")
         _check(self.steps >= 1 and self.train_steps >= 0 and self.max_rounds >= 1 and self.adv_steps >= 1

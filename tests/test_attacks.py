@@ -74,11 +74,31 @@ def test_tap_perturbs_towards_the_next_class():
     assert info["target_success"] > 0.25, info  # chance is 0.25 at most for a wrong class
 
 
+def test_tap_crafts_against_an_ensemble_of_models():
+    """poison.ensemble trains that many models (member 0 is the single model's) and steps on their mean logits:
+    another poison than one model's, the same for the same seed, within budget, still moved towards the next class
+    on the ensemble."""
+    torch.set_num_threads(1)
+    x, y, cfg = tiny("tap", 1, steps=10, model_epochs=6, ensemble=2)
+    p1, info = gen(x, y, cfg)
+    assert torch.equal(p1, gen(x, y, cfg)[0]), "same seed must give the same poison"
+    assert 0 < int((p1.to(torch.int16) - x.to(torch.int16)).abs().max()) <= 8
+    assert info["target_success"] > 0.25, info
+    assert not torch.equal(p1, gen(*tiny("tap", 1, steps=10, model_epochs=6))[0]), "two models, another poison"
+
+
 @pytest.mark.parametrize("bad,msg", [(dict(granularity="pixel"), "granularity"), (dict(steps=0), "steps"),
                                      (dict(stop_error=1.0), "stop_error"), (dict(adv_eps=0.0), "adv_eps")])
 def test_model_based_config_errors(bad, msg):
     with pytest.raises(ConfigError, match=msg):
         PoisonConfig(kind="em", **bad)
+
+
+@pytest.mark.parametrize("kind,ensemble,msg", [("tap", 0, "poison.ensemble=0: must be >= 1"),
+                                               ("em", 2, "poison.ensemble=2: only TAP .*kind='em'")])
+def test_a_bad_ensemble_is_refused_naming_the_value(kind, ensemble, msg):
+    with pytest.raises(ConfigError, match=msg):
+        PoisonConfig(kind=kind, ensemble=ensemble)
 
 
 @pytest.mark.multiproc

@@ -308,7 +308,8 @@ def rem(images: torch.Tensor, labels: torch.Tensor, cfg: Config, num_classes: in
 
 def tap(images: torch.Tensor, labels: torch.Tensor, cfg: Config, num_classes: int) -> tuple[torch.Tensor, dict]:
     """TAP: train the factory model on the clean images for ``model_epochs`` epochs (SGD, cosine lr), then for
-    every image ``steps`` targeted signed-gradient steps of ``step_size`` towards class (y + 1) mod K.
+    every image ``steps`` targeted signed-gradient steps of ``step_size`` towards class (y + 1) mod K. With
+    ``ensemble`` > 1 it trains that many models (each its own init and data order) and steps on their mean logits.
 
     With ``eot`` > 0 (TAP's reference crafts through differentiable augmentation): the model trains on batches
     augmented as data.augment does, and each step follows the targeted gradient summed over ``eot`` augmented copies
@@ -320,15 +321,23 @@ def tap(images: torch.Tensor, labels: torch.Tensor, cfg: Config, num_classes: in
     augmented = (lambda idx, xb: a.augment(xb)) if p.eot else None
     steps_per_epoch = max(1, a.n // a.bs)
     total = p.model_epochs * steps_per_epoch
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(a.opt, max(1, total))
     zero = lambda idx, xb: torch.zeros_like(xb)
-    bar = _progress(p.model_epochs, "tap: training its model")
-    for _ in range(p.model_epochs):
-        for _ in range(steps_per_epoch):
-            a.train_steps(1, zero, augmented)
-            sched.step()
-        bar.update(1)
-    bar.close()
+    members = []
+    for k in range(p.ensemble):  # member 0 is the one model of ensemble=1; the others draw their own init
+        if k:
+            a.model, a.opt = _surrogate(cfg, num_classes, tuple(images.shape[1:]), a.seams, p.seed + 7919 * k)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(a.opt, max(1, total))
+        member = f" {k + 1} of {p.ensemble}" if p.ensemble > 1 else ""
+        bar = _progress(p.model_epochs, f"tap: training its model{member}")
+        for _ in range(p.model_epochs):
+            for _ in range(steps_per_epoch):
+                a.train_steps(1, zero, augmented)
+                sched.step()
+            bar.update(1)
+        bar.close()
+        members.append(a.model)
+    if p.ensemble > 1:
+        a.model = _MeanLogits(members)
     clean_err = a.error(zero)
     alpha = _step_size(p, 0.25)
     a.model.eval()
@@ -351,6 +360,17 @@ def tap(images: torch.Tensor, labels: torch.Tensor, cfg: Config, num_classes: in
     _log(f"tap: model clean train error {clean_err:.4f}; targeted success {hit:.4f}; {time.time() - t0:.1f} s")
     return a.finish(images, delta, "tap", dict(model_train_error=clean_err, target_success=hit,
                                                 seconds=round(time.time() - t0, 2)))
+
+
+class _MeanLogits(torch.nn.Module):
+    """TAP's ensemble: the mean of its members' logits (the targeted loss is taken on them)."""
+
+    def __init__(self, members: list[torch.nn.Module]):
+        super().__init__()
+        self.members = torch.nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([m(x) for m in self.members]).mean(0)
 
 
 def _progress(total: int, desc: str):
