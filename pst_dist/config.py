@@ -616,6 +616,9 @@ class TuneConfig:
     """Choices for the last stage's raw cross-entropy weight (the stage that runs to train.epochs, after
     tune.release_ce set every release stage's): raw cross-entropy early or late in the release; empty = as the
     other release stages."""
+    release_smoothing: list[float] = field(default_factory=list)
+    """Choices for the release stages' label smoothing (loss.label_smoothing, of both cross-entropy terms), each in
+    [0, 1); empty = the template's."""
 
     def __post_init__(self) -> None:
         _check(self.num_samples >= 1, f"tune.num_samples={self.num_samples}: must be >= 1")
@@ -656,6 +659,8 @@ class TuneConfig:
                 _check_view(f"tune.{key}", v)
         for key in ("consistency", "release_ce", "last_ce"):  # loss weights
             _check(all(c >= 0 for c in getattr(self, key)), f"tune.{key}={getattr(self, key)}: choices must be >= 0")
+        _check(all(0 <= c < 1 for c in self.release_smoothing),
+               f"tune.release_smoothing={self.release_smoothing}: choices must lie in [0, 1)")
 
 
 BENCH_DEFENSES = tuple(DEFENSES)  # pst_dist.registry.DEFENSES

@@ -519,7 +519,8 @@ def test_a_search_over_attacks_makes_its_poisons_once_and_gives_each_run_its_att
     cfg = load_config(str(TINY), ["--data.synthetic_train=300", '--tune.attacks=["none", "classwise_noise"]',
                                   f"--tune.poisons={tmp_path / 'poisons'}", '--tune.views=["quantize", "blur"]',
                                   "--tune.consistency=[0.0, 1.0]", "--tune.release_ce=[0.0, 0.5]",
-                                  '--tune.release_views=["randblur:2"]', "--tune.last_ce=[1.0]"])
+                                  '--tune.release_views=["randblur:2"]', "--tune.last_ce=[1.0]",
+                                  "--tune.release_smoothing=[0.1]"])
     assert prepare_poisons(cfg, log=lambda m: None).keys() == {"classwise_noise"}
     assert store_dir(cfg, "classwise_noise").is_dir() and store_dir(cfg, "none") is None
     assert prepare_poisons(cfg, log=lambda m: None) == {}  # cached: read, not made again
@@ -537,7 +538,8 @@ def test_a_search_over_attacks_makes_its_poisons_once_and_gives_each_run_its_att
     assert (theirs / "classwise_noise_seed0" / "notes.txt").read_text() == "a user's file\n"
     assert grid_size(cfg, 4) == 2 * 2 * 2 * 2 * 2 * 2  # orders x mults^2 x views x consistency x release_ce
     params = {"skeleton": "warm=1,freeze=1,release=1,order=1-0", "threshold": 0.2, "mult_0": 0.1, "mult_1": 1.0,
-              "view": "blur", "consistency": 1.0, "release_ce": 0.5, "release_view": "randblur:2", "last_ce": 1.0}
+              "view": "blur", "consistency": 1.0, "release_ce": 0.5, "release_view": "randblur:2", "last_ce": 1.0,
+              "release_smoothing": 0.1}
     trial = trial_config(cfg, params)
     trial.log.run_dir = str(tmp_path / "trial")
     run = attack_config(trial, "classwise_noise")
@@ -546,6 +548,7 @@ def test_a_search_over_attacks_makes_its_poisons_once_and_gives_each_run_its_att
     assert run.schedule.stages[0].trigger.view == "blur"
     assert [s.loss.consistency for s in run.schedule.stages][-2:] == [1.0, 1.0]  # the release stages only
     assert [s.loss.ce for s in run.schedule.stages][-2:] == [0.5, 1.0]  # release_ce, then the last stage's
+    assert [s.loss.label_smoothing for s in run.schedule.stages] == [0.0, 0.0, 0.1, 0.1]  # the release stages only
     assert run.schedule.stages[0].loss.consistency == 0.0 and run.schedule.stages[1].loss.ce == 0.0
     logs = {"none": {"eval/val_acc": 0.8, "eval/test_acc": 0.7}, "classwise_noise": {"eval/val_acc": 0.6,
                                                                                       "eval/test_acc": 0.75}}
@@ -593,6 +596,7 @@ def test_a_search_over_attacks_takes_the_worst_case_and_its_runs_train_as_alone(
 
 @pytest.mark.parametrize("over,msg", [("--tune.release_ce=[0.5, -1.0]", r"tune.release_ce=\[0.5, -1.0\]"),
                                       ("--tune.last_ce=[-0.5]", r"tune.last_ce=\[-0.5\]"),
+                                      ("--tune.release_smoothing=[0.1, 1.0]", r"tune.release_smoothing=\[0.1, 1.0\]"),
                                       ('--tune.release_views=["randblur:2", "smudge"]', "smudge")])
 def test_bad_release_loss_choices_are_refused_naming_the_value(over, msg):
     with pytest.raises(ConfigError, match=msg):

@@ -99,12 +99,13 @@ def mult_keys(cfg: Config) -> list[str]:
 
 #: the searched loss settings beyond the schedule's shape: trial parameter -> the [tune] key offering its choices
 EXTRA = {"view": "views", "consistency": "consistency", "release_ce": "release_ce", "release_view": "release_views",
-         "last_ce": "last_ce"}
+         "last_ce": "last_ce", "release_smoothing": "release_smoothing"}
 
 
 def extra_choices(cfg: Config) -> dict[str, list]:
     """The searched loss settings beyond the schedule's shape (every stage's view; the release stages' consistency
-    weight, raw cross-entropy weight and view; the last stage's raw cross-entropy weight), where the config offers
+    weight, raw cross-entropy weight, view and label smoothing; the last stage's raw cross-entropy weight), where the
+    config offers
     choices."""
     return {k: list(getattr(cfg.tune, key)) for k, key in EXTRA.items() if getattr(cfg.tune, key)}
 
@@ -154,6 +155,8 @@ def schedule_stages(cfg: Config, params: dict) -> list[StageConfig]:
             st.loss.ce = float(params["release_ce"])
         if "release_view" in params:
             st.loss.view = params["release_view"]
+        if "release_smoothing" in params:
+            st.loss.label_smoothing = float(params["release_smoothing"])
     if "last_ce" in params:
         stages[-1].loss.ce = float(params["last_ce"])
     return stages
