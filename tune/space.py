@@ -105,8 +105,7 @@ EXTRA = {"view": "views", "consistency": "consistency", "release_ce": "release_c
 def extra_choices(cfg: Config) -> dict[str, list]:
     """The searched loss settings beyond the schedule's shape (every stage's view; the release stages' consistency
     weight, raw cross-entropy weight, view and label smoothing; the last stage's raw cross-entropy weight), where the
-    config offers
-    choices."""
+    config offers choices."""
     return {k: list(getattr(cfg.tune, key)) for k, key in EXTRA.items() if getattr(cfg.tune, key)}
 
 
