@@ -175,6 +175,8 @@ class PoisonConfig:
         _check(self.eot >= 0, f"poison.eot={self.eot}: must be >= 0")
         _check(self.ensemble >= 1, f"poison.ensemble={self.ensemble}: must be >= 1 (the number of models TAP crafts "
                                    f"against)")
+        _check(self.ensemble == 1 or self.kind in ("tap", "file"),  # file: a bench cell reading its cached TAP
+               f"poison.ensemble={self.ensemble}: only TAP crafts against an ensemble (poison.kind={self.kind!r})")
         _check(self.granularity in ("sample", "class"),
                f"poison.granularity={self.granularity!r}: expected sample|class")
         _check(self.steps >= 1 and self.train_steps >= 0 and self.max_rounds >= 1 and self.adv_steps >= 1

@@ -95,9 +95,11 @@ def test_model_based_config_errors(bad, msg):
         PoisonConfig(kind="em", **bad)
 
 
-def test_a_bad_ensemble_is_refused_naming_the_value():
-    with pytest.raises(ConfigError, match="poison.ensemble=0: must be >= 1"):
-        PoisonConfig(kind="tap", ensemble=0)
+@pytest.mark.parametrize("kind,ensemble,msg", [("tap", 0, "poison.ensemble=0: must be >= 1"),
+                                               ("em", 2, "poison.ensemble=2: only TAP .*kind='em'")])
+def test_a_bad_ensemble_is_refused_naming_the_value(kind, ensemble, msg):
+    with pytest.raises(ConfigError, match=msg):
+        PoisonConfig(kind=kind, ensemble=ensemble)
 
 
 def test_a_bench_cell_reads_a_cached_ensemble_tap_as_a_file(tmp_path):

@@ -5,8 +5,9 @@ A trial's parameters::
 
     {"skeleton": "warm=1,freeze=2,release=1,order=1-0", "threshold": 0.2, "mult_0": 0.1, "mult_1": 1.0}
 
-plus ``view``, ``consistency``, ``release_ce``, ``release_view`` and ``last_ce`` where ``tune.views`` /
-``tune.consistency`` / ``tune.release_ce`` / ``tune.release_views`` / ``tune.last_ce`` offer choices.
+plus ``view``, ``consistency``, ``release_ce``, ``release_view``, ``last_ce`` and ``release_smoothing`` where
+``tune.views`` / ``tune.consistency`` / ``tune.release_ce`` / ``tune.release_views`` / ``tune.last_ce`` /
+``tune.release_smoothing`` offer choices.
 
 ``skeleton`` fixes the stage lengths and the unfreeze order. Skeletons are enumerated up front and only valid ones
 are offered (an order is a permutation of ``tune.unfreeze_groups`` or one of ``tune.unfreeze_orders``, never names

@@ -370,7 +370,7 @@ class _MeanLogits(torch.nn.Module):
         self.members = torch.nn.ModuleList(members)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.stack([m(x) for m in self.members]).mean(0)
+        return torch.stack([m(x).float() for m in self.members]).mean(0)  # bf16 autocast: averaged in float32
 
 
 def _progress(total: int, desc: str):
