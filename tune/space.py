@@ -103,6 +103,11 @@ EXTRA = {"view": "views", "consistency": "consistency", "release_ce": "release_c
          "last_ce": "last_ce", "release_smoothing": "release_smoothing"}
 
 
+#: the trial parameters that set every release stage's loss: parameter -> (loss field, its type)
+RELEASE_LOSS = {"consistency": ("consistency", float), "release_ce": ("ce", float), "release_view": ("view", str),
+                "release_smoothing": ("label_smoothing", float)}
+
+
 def extra_choices(cfg: Config) -> dict[str, list]:
     """The searched loss settings beyond the schedule's shape (every stage's view; the release stages' consistency
     weight, raw cross-entropy weight, view and label smoothing; the last stage's raw cross-entropy weight), where the
@@ -148,15 +153,10 @@ def schedule_stages(cfg: Config, params: dict) -> list[StageConfig]:
             if st.trigger is not None:
                 st.trigger.view = params["view"]
     release = stages[len(stages) - len(sk.order):]
-    for st in release:
-        if "consistency" in params:
-            st.loss.consistency = float(params["consistency"])
-        if "release_ce" in params:
-            st.loss.ce = float(params["release_ce"])
-        if "release_view" in params:
-            st.loss.view = params["release_view"]
-        if "release_smoothing" in params:
-            st.loss.label_smoothing = float(params["release_smoothing"])
+    for key, (attr, cast) in RELEASE_LOSS.items():
+        if key in params:
+            for st in release:
+                setattr(st.loss, attr, cast(params[key]))
     if "last_ce" in params:
         stages[-1].loss.ce = float(params["last_ce"])
     return stages
