@@ -30,8 +30,10 @@ from pst_dist.io import read_json  # noqa: E402
 
 
 def trial_runs(search: Path) -> dict[str, dict[str, Path]]:
-    """{trial: {attack: run dir}} of the search's multi-attack trials (``<search>/trials/<trial>/<attack>``)."""
-    trials = {t.name: {a.name: a for a in sorted(t.iterdir()) if (a / "config.toml").is_file()}
+    """{trial: {run: run dir}} of the search's multi-attack trials: ``<search>/trials/<trial>/<attack>``, or
+    ``<attack>/seed<s>`` with tune.seeds (run ``<attack>/seed<s>``)."""
+    trials = {t.name: {str(c.parent.relative_to(t)): c.parent
+                       for c in sorted([*t.glob("*/config.toml"), *t.glob("*/seed*/config.toml")])}
               for t in sorted((search / "trials").glob("*")) if t.is_dir()}
     trials = {t: runs for t, runs in trials.items() if runs}
     if not trials:
@@ -54,27 +56,28 @@ def main() -> None:
         sys.exit(f"--views {args.views!r}: {e}")
     torch.set_num_threads(2)
     trials, cpu = trial_runs(args.search), torch.device("cpu")
-    attacks = list(next(iter(trials.values())))
+    attacks = list(dict.fromkeys(r.split("/")[0] for r in next(iter(trials.values()))))
     if args.ties == "clean" and "none" not in attacks:
         sys.exit(f"--ties clean: the search has no clean run (attack none); its attacks: {attacks}")
     print("| trial | eval_views | " + " | ".join(attacks) + " | **worst** |\n|---|---|" + "---:|" * (len(attacks) + 1))
     data, best = None, None
     for trial, runs in trials.items():
         models, finals = {}, {}
-        for attack, run in runs.items():
+        for name, run in runs.items():
             cfg = recorded_config(run)
             data = data or build_data(clean(cfg))  # every run of a search evaluates on the same clean splits
-            models[attack] = load_run_model(run, own_data=data, cfg=cfg)
-            finals[attack] = read_json(run / "summary.json", "the run's summary.json").get("final_val_acc")
+            models[name] = load_run_model(run, own_data=data, cfg=cfg)
+            finals[name] = read_json(run / "summary.json", "the run's summary.json").get("final_val_acc")
         for views in candidates:
-            accs = {}
-            for attack, rm in models.items():
+            per: dict[str, list[float]] = {}  # attack: the validation accuracy of each of its seeds' runs
+            for run, rm in models.items():
                 acc = rm.accuracy(data.splits.val, cpu, views=views)
-                want = finals[attack]
+                want = finals[run]
                 if views == rm.cfg.schedule.eval_views and want is not None and acc != want:
-                    sys.exit(f"{trial} / {attack}: validation {100 * acc:.2f} here, {100 * want:.2f} in the run's "
+                    sys.exit(f"{trial} / {run}: validation {100 * acc:.2f} here, {100 * want:.2f} in the run's "
                              f"summary.json: not the search's data or checkpoint")
-                accs[attack] = 100 * acc
+                per.setdefault(run.split("/")[0], []).append(100 * acc)
+            accs = {a: sum(v) / len(v) for a, v in per.items()}  # the search's objective: the mean over seeds
             worst = min(accs.values())
             print(f"| {trial} | `{json.dumps(views)}` | " + " | ".join(f"{accs[a]:.2f}" for a in attacks)
                   + f" | **{worst:.2f}** |", flush=True)

@@ -600,6 +600,11 @@ class TuneConfig:
     attack out to check the chosen recipe on it afterwards (``pst-dist bench`` with every attack). Each worker holds
     every attack's data in memory and builds each run's model and engine again every epoch (a resume; with
     train.compile, a compile each time); not with scheduler pbt."""
+    seeds: list[int] = field(default_factory=list)
+    """Seeds every attack's run is trained with, one run per (attack, seed), as a bench's seeds: seed s trains on
+    the attack's seed-s poison (``poison.seed = train.seed = s``). The objective is then each epoch's worst, over
+    the attacks, of the mean validation accuracy over the seeds: a setting must win on average, not on one draw.
+    Empty = one run per attack with the config's own seeds. Needs tune.attacks (["em"] for a single attack)."""
     poisons: str = ""
     """Directory of the attacks' poison stores, ``<attack>_seed<poison.seed>`` as ``pst-dist bench`` caches them
     under ``<bench.out>/poisons`` (missing ones are made there first, by the search's driver, with
@@ -654,6 +659,11 @@ class TuneConfig:
         _check(not (self.attacks and self.scheduler == "pbt"),
                f"tune.scheduler='pbt' with tune.attacks={self.attacks}: PBT's exploit copies one run's checkpoint, a "
                f"multi-attack trial holds one per attack; use asha or fifo")
+        _check(not self.seeds or bool(self.attacks),
+               f"tune.seeds={self.seeds} without tune.attacks: seeds are trained per attack; name the poison's "
+               f"attack in tune.attacks (e.g. [\"em\"])")
+        _check(all(s >= 0 for s in self.seeds) and len(set(self.seeds)) == len(self.seeds),
+               f"tune.seeds={self.seeds}: distinct seeds >= 0")
         _check(not self.poisons or bool(self.attacks),
                f"tune.poisons={self.poisons!r} without tune.attacks: the stores are read only by a search over attacks")
         for key in ("views", "release_views"):

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import torch
 
 from pst_dist.config import ConfigError, load_config
 from pst_dist.pst.schedule import Schedule
@@ -521,7 +522,7 @@ def test_a_search_over_attacks_makes_its_poisons_once_and_gives_each_run_its_att
                                   "--tune.consistency=[0.0, 1.0]", "--tune.release_ce=[0.0, 0.5]",
                                   '--tune.release_views=["randblur:2"]', "--tune.last_ce=[1.0]",
                                   "--tune.release_smoothing=[0.1]"])
-    assert prepare_poisons(cfg, log=lambda m: None).keys() == {"classwise_noise"}
+    assert prepare_poisons(cfg, log=lambda m: None).keys() == {"classwise_noise_seed0"}
     assert store_dir(cfg, "classwise_noise").is_dir() and store_dir(cfg, "none") is None
     assert prepare_poisons(cfg, log=lambda m: None) == {}  # cached: read, not made again
     other = load_config(str(TINY), ["--data.synthetic_train=300", '--tune.attacks=["classwise_noise"]',
@@ -554,6 +555,42 @@ def test_a_search_over_attacks_makes_its_poisons_once_and_gives_each_run_its_att
                                                                                       "eval/test_acc": 0.75}}
     assert worst_case(logs) == {"val_acc": 0.6, "val_acc_none": 0.8, "val_acc_classwise_noise": 0.6,
                                 "test_acc": 0.7, "test_acc_none": 0.7, "test_acc_classwise_noise": 0.75}
+
+
+def test_a_search_over_seeds_trains_each_attack_on_each_seed_s_poison_and_averages(tmp_path):
+    """tune.seeds without Ray: one run per (attack, seed), each on that seed's poison store (made once, the cached
+    seed read) with that train seed, in <attack>/seed<s>; an attack's figure is its mean over seeds, and the
+    objective the worst of those."""
+    from tune.attacks import attack_config, attack_data, prepare_poisons, trial_runs, worst_case
+    from tune.space import trial_config
+
+    common = ["--data.synthetic_train=300", '--tune.attacks=["none", "classwise_noise"]',
+              f"--tune.poisons={tmp_path / 'poisons'}"]
+    one = load_config(str(TINY), common)
+    assert prepare_poisons(one, log=lambda m: None).keys() == {"classwise_noise_seed0"}
+    cfg = load_config(str(TINY), [*common, "--tune.seeds=[0, 3]"])
+    assert prepare_poisons(cfg, log=lambda m: None).keys() == {"classwise_noise_seed3"}  # seed 0's is cached
+    assert trial_runs(cfg) == {"none/seed0": ("none", 0), "none/seed3": ("none", 3),
+                               "classwise_noise/seed0": ("classwise_noise", 0),
+                               "classwise_noise/seed3": ("classwise_noise", 3)}
+    trial = trial_config(cfg, {"skeleton": "warm=1,freeze=1,release=1,order=1-0", "threshold": 0.2, "mult_0": 1.0,
+                               "mult_1": 1.0})
+    trial.log.run_dir = str(tmp_path / "trial")
+    runs = {r: attack_config(trial, a, s) for r, (a, s) in trial_runs(trial).items()}
+    assert {r: (c.poison.kind, c.poison.seed, c.train.seed, c.log.run_dir) for r, c in runs.items()} == {
+        r: (a, s, s, str(tmp_path / "trial" / a / f"seed{s}")) for r, (a, s) in trial_runs(cfg).items()}
+    three = attack_data(runs["classwise_noise/seed3"], trial, "classwise_noise").poisoned_train
+    zero = attack_data(runs["classwise_noise/seed0"], trial, "classwise_noise").poisoned_train
+    assert not torch.equal(three, zero), "seed 3's run read seed 0's poison"
+    assert torch.equal(three, attack_data(attack_config(trial, "classwise_noise", 3), trial,
+                                          "classwise_noise").poisoned_train)
+    logs = {"none/seed0": {"eval/val_acc": 0.8, "eval/test_acc": 0.7},
+            "none/seed3": {"eval/val_acc": 0.9, "eval/test_acc": 0.7},
+            "classwise_noise/seed0": {"eval/val_acc": 0.6, "eval/test_acc": 0.75},
+            "classwise_noise/seed3": {"eval/val_acc": 0.9, "eval/test_acc": 0.65}}
+    out = worst_case(logs, trial_runs(cfg))
+    assert out == pytest.approx({"val_acc": 0.75, "val_acc_none": 0.85, "val_acc_classwise_noise": 0.75,
+                                 "test_acc": 0.7, "test_acc_none": 0.7, "test_acc_classwise_noise": 0.7})
 
 
 @pytest.mark.slow  # ~4 minutes on 2 cores; the pieces without Ray are in the default run (the test above)
@@ -594,10 +631,46 @@ def test_a_search_over_attacks_takes_the_worst_case_and_its_runs_train_as_alone(
     assert summary["final_val_acc"] == float(r["val_acc_classwise_noise"])
 
 
+@pytest.mark.multiproc  # ~30 s on 2 cores: one trial, 2 epochs
+def test_a_search_over_seeds_reports_the_worst_attack_s_mean_over_seeds(own_ray, tmp_path):
+    """tune.seeds through Ray: each trial trains every (attack, seed) run in lockstep; the objective, the results'
+    columns and the best schedule's header are the worst over the attacks of each attack's mean over its seeds,
+    from the runs' own final validation accuracies; each run trained its seed's poison with its seed."""
+    out, poisons = tmp_path / "search", tmp_path / "poisons"
+    short = ["--tune.unfreeze_groups=[0]", "--train.epochs=2", "--tune.num_samples=1", "--tune.scheduler=fifo",
+             "--deepspeed.enabled=false", "--data.synthetic_train=300", '--tune.attacks=["none", "classwise_noise"]',
+             "--tune.seeds=[0, 1]", f"--tune.poisons={poisons}", "--tune.release_mults=[1.0]",
+             "--tune.freeze_epochs=[0.5]", "--tune.release_epochs=[0.5]"]
+    run = subprocess.run(_tune(out, *short), env=own_ray.env(), capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-5000:]
+    assert {p.name for p in poisons.iterdir()} == {"classwise_noise_seed0", "classwise_noise_seed1"}
+    search = out / "tiny"
+    rows = list(csv.DictReader(open(search / "results.csv")))
+    assert rows and all(r["status"] == "completed" for r in rows), rows
+    for r in rows:
+        means = {}
+        for attack in ("none", "classwise_noise"):
+            finals = []
+            for seed in (0, 1):
+                run_dir = search / "trials" / r["trial"] / attack / f"seed{seed}"
+                recorded = load_config(str(run_dir / "config.toml"))
+                assert (recorded.poison.kind, recorded.poison.seed, recorded.train.seed) == (attack, seed, seed)
+                finals.append(json.loads((run_dir / "summary.json").read_text())["final_val_acc"])
+            means[attack] = sum(finals) / 2
+            assert float(r[f"val_acc_{attack}"]) == pytest.approx(means[attack], abs=1e-9)
+        assert float(r["final_val_acc"]) == pytest.approx(min(means.values()), abs=1e-9)
+    best = (search / "best_schedule.toml").read_text()
+    assert "worst validation accuracy of the mean over seeds [0, 1] over the attacks none, classwise_noise" in best
+
+
 @pytest.mark.parametrize("over,msg", [("--tune.release_ce=[0.5, -1.0]", r"tune.release_ce=\[0.5, -1.0\]"),
                                       ("--tune.last_ce=[-0.5]", r"tune.last_ce=\[-0.5\]"),
                                       ("--tune.release_smoothing=[0.1, 1.0]", r"tune.release_smoothing=\[0.1, 1.0\]"),
-                                      ('--tune.release_views=["randblur:2", "smudge"]', "smudge")])
+                                      ('--tune.release_views=["randblur:2", "smudge"]', "smudge"),
+                                      ('--tune.seeds=[0, 1]', r"tune.seeds=\[0, 1\] without tune.attacks"),
+                                      (['--tune.attacks=["em"]', "--tune.seeds=[1, 1]"],
+                                       r"tune.seeds=\[1, 1\]: distinct"),
+                                      (['--tune.attacks=["em"]', "--tune.seeds=[-1]"], r"tune.seeds=\[-1\]: distinct")])
 def test_bad_release_loss_choices_are_refused_naming_the_value(over, msg):
     with pytest.raises(ConfigError, match=msg):
-        load_config(TINY, [over])
+        load_config(TINY, [over] if isinstance(over, str) else over)

@@ -17,6 +17,7 @@ from pathlib import Path
 from pst_dist.config import Config, dump_toml
 from pst_dist.io import savefig_atomic, write_atomic
 
+from .attacks import trial_runs, worst_case
 from .space import EXTRA, describe, trial_config
 
 COLUMNS = ["trial", "status", "epochs", "epochs_trained", "final_val_acc", "peak_val_acc", "final_test_acc",
@@ -41,12 +42,14 @@ def trial_curve(cfg: Config, trial_dir: Path) -> tuple[list[dict], int, dict[str
     if not cfg.tune.attacks:
         curve, trained = _curve(trial_dir / "metrics.jsonl")
         return curve, trained, {}
-    per = {a: _curve(trial_dir / a / "metrics.jsonl") for a in cfg.tune.attacks}
-    by_epoch = {a: {int(r["epoch"]): r for r in c} for a, (c, _) in per.items()}
+    runs = trial_runs(cfg)
+    per = {r: _curve(trial_dir / r / "metrics.jsonl") for r in runs}
+    by_epoch = {r: {int(rec["epoch"]): rec for rec in c} for r, (c, _) in per.items()}
     epochs = sorted(set.intersection(*(set(d) for d in by_epoch.values())))
-    curve = [{"epoch": e, **{k: min(d[e][k] for d in by_epoch.values()) for k in ("eval/val_acc", "eval/test_acc")}}
-             for e in epochs]
-    finals = {f"val_acc_{a}": d[epochs[-1]]["eval/val_acc"] for a, d in by_epoch.items()} if epochs else {}
+    reports = [worst_case({r: d[e] for r, d in by_epoch.items()}, runs) for e in epochs]
+    curve = [{"epoch": e, "eval/val_acc": w["val_acc"], "eval/test_acc": w["test_acc"]}
+             for e, w in zip(epochs, reports, strict=True)]
+    finals = {f"val_acc_{a}": reports[-1][f"val_acc_{a}"] for a in cfg.tune.attacks} if epochs else {}
     return curve, sum(t for _, t in per.values()), finals
 
 
@@ -104,8 +107,9 @@ def _columns(rows: list[dict]) -> list[str]:
 def objective(cfg: Config) -> str:
     """The search's objective, in words (results.md, best_schedule.toml)."""
     if cfg.tune.attacks:
-        return (f"the worst validation accuracy over the attacks {', '.join(cfg.tune.attacks)} at the final epoch "
-                f"(final_val_acc, peak_val_acc and the test columns are that worst case; val_acc_<attack>: each "
+        seeds = f" of the mean over seeds {cfg.tune.seeds}" if cfg.tune.seeds else ""
+        return (f"the worst validation accuracy{seeds} over the attacks {', '.join(cfg.tune.attacks)} at the final "
+                f"epoch (final_val_acc, peak_val_acc and the test columns are that worst case; val_acc_<attack>: each "
                 f"attack's own)")
     return "clean validation accuracy at the final epoch"
 
@@ -123,7 +127,8 @@ def results_md(cfg: Config, rows: list[dict], best: dict | None, total_epochs: i
     lines = [f"# PST schedule search `{cfg.tune.name}`", "",
              f"search={cfg.tune.search}, scheduler={cfg.tune.scheduler}, {len(rows)} trials, "
              f"{total_epochs} training epochs in all (a full trial is {cfg.train.epochs}"
-             f"{f' x {len(cfg.tune.attacks)} attacks' if cfg.tune.attacks else ''}); "
+             f"{f' x {len(cfg.tune.attacks)} attacks' if cfg.tune.attacks else ''}"
+             f"{f' x {len(cfg.tune.seeds)} seeds' if cfg.tune.seeds else ''}); "
              f"objective: {objective(cfg)}; accuracies in %.", "",
              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(_fmt(c, r.get(c, "")) for c in cols) + " |" for r in rows]

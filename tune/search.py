@@ -16,7 +16,7 @@ from pst_dist.models import build_model
 from pst_dist.pst.groups import layer_groups
 from pst_dist.pst.schedule import Schedule
 
-from .attacks import attack_config, poison_root, prepare_poisons
+from .attacks import attack_config, poison_root, prepare_poisons, trial_runs
 from .report import write_reports
 from .space import extra_choices, grid_size, mult_keys, schedules_offered, skeletons, trial_config
 from .trial import run_trial
@@ -45,9 +45,9 @@ def check_space(cfg: Config, groups: int) -> None:
     attack's run a valid config (its ``[bench.attack_overrides]``)."""
     for params in schedules_offered(cfg, groups):
         Schedule(trial_config(cfg, params).schedule.stages, groups, 1, cfg.train.epochs)
-    for a in cfg.tune.attacks:
+    for a, seed in trial_runs(cfg).values():
         try:
-            attack_config(cfg, a)
+            attack_config(cfg, a, seed)
         except ConfigError as e:
             raise ConfigError(f"tune.attacks: the {a} run (bench.attack_overrides.{a}="
                               f"{cfg.bench.attack_overrides.get(a, [])}): {e}") from None
@@ -144,9 +144,10 @@ def run_search(cfg: Config, resume: bool = False, log=lambda m: print(m, file=sy
     if cfg.tune.attacks:  # before Ray starts: a poison takes minutes to make, a trial must not wait for it
         cfg.tune.poisons = str(poison_root(cfg))  # the trials' configs (and the recorded ones) name the stores
         made = prepare_poisons(cfg, log)
-        log(f"[tune] every trial trains {len(cfg.tune.attacks)} runs ({', '.join(cfg.tune.attacks)}) on the "
+        seeds = f" x seeds {cfg.tune.seeds}" if cfg.tune.seeds else ""
+        log(f"[tune] every trial trains {len(trial_runs(cfg))} runs ({', '.join(cfg.tune.attacks)}{seeds}) on the "
             f"poisons in {cfg.tune.poisons}" + (f"; made now: {made} (seconds)" if made else "")
-            + "; objective: the worst validation accuracy over them")
+            + f"; objective: the worst validation accuracy over the attacks{' (mean over seeds)' if seeds else ''}")
     n = grid_size(cfg, groups)
     engine = f"DeepSpeed ZeRO-{cfg.deepspeed.zero_stage}" if cfg.deepspeed.enabled else "torch"
     log(f"[tune] {len(skeletons(cfg, groups))} valid skeletons (lengths x unfreeze order), {n} schedules in the "

@@ -26,7 +26,7 @@ from pst_dist.engine import Engine, engine_class
 from pst_dist.rundir import keep_lines_until
 from pst_dist.train import train
 
-from .attacks import attack_config, attack_data, worst_case
+from .attacks import attack_config, attack_data, trial_runs, worst_case
 from .space import trial_config
 
 # metrics.jsonl name -> the name Ray sees (Tune flattens nested keys on '/', so the reported names have none)
@@ -101,7 +101,7 @@ def worker_loop(loop: dict) -> None:
         source = ray.train.Checkpoint(loop["resume_from"])  # PBT: this trial's (or the exploited trial's) checkpoint
     node = ray.get_runtime_context().get_node_id()
     resume = source is not None
-    parts = tuple(cfg.tune.attacks) or ("",)  # the run directories a checkpoint holds: one per attack, or run_dir
+    parts = tuple(trial_runs(cfg)) or ("",)  # the run directories a checkpoint holds: one per attack (and seed)
     start = restore_run_dir(layout, source, run_dir, rank, local_rank, node, parts) if resume else 0
 
     def report(epoch: int, metrics: dict) -> None:
@@ -129,25 +129,27 @@ def worker_loop(loop: dict) -> None:
 
 def attack_loop(cfg: Config, loop: dict, run_dir: Path, start: int, rank: int, report) -> None:
     """A multi-attack trial (``tune.attacks``, :mod:`tune.attacks`), from epoch ``start`` (its restored checkpoint's):
-    each epoch, every attack's run trains that epoch (resuming from its own checkpoint), then one ``report``: the
-    worst validation accuracy over the attacks and each attack's figures, with one checkpoint holding every run's."""
-    runs = {a: attack_config(cfg, a) for a in cfg.tune.attacks}
-    data = {a: attack_data(c, cfg, a) for a, c in runs.items()}  # built once; every epoch's run reads it
+    each epoch, every attack's run (one per seed with ``tune.seeds``) trains that epoch (resuming from its own
+    checkpoint), then one ``report``: the worst over the attacks of their validation accuracy (mean over seeds) and
+    each attack's figures, with one checkpoint holding every run's."""
+    keys = trial_runs(cfg)
+    runs = {r: attack_config(cfg, a, s) for r, (a, s) in keys.items()}
+    data = {r: attack_data(c, cfg, keys[r][0]) for r, c in runs.items()}  # built once; every epoch's run reads it
     if start == 0 and rank == 0:  # a trial begun again from nothing: its runs are replaced at epoch 1, its records here
         for name in ("nodes.jsonl", "restores.jsonl"):
             (run_dir / name).unlink(missing_ok=True)
     for epoch in range(start + 1, (loop.get("stop_after") or cfg.train.epochs) + 1):
         logs: dict[str, dict] = {}
-        for a, c in runs.items():
-            def keep(_epoch, epoch_logs, _gm, _engine, a=a, logs=logs):
-                logs[a] = epoch_logs
+        for r, c in runs.items():
+            def keep(_epoch, epoch_logs, _gm, _engine, r=r, logs=logs):
+                logs[r] = epoch_logs
             # epoch 1 of a trial without a checkpoint replaces a partial run (the directory is the search's own);
             # no PBT here (refused with tune.attacks), so a run resumes with its recorded settings
-            train(c, resume=epoch > 1, data=data[a], stop_after_epochs=epoch, on_epoch=keep, overwrite=epoch == 1)
+            train(c, resume=epoch > 1, data=data[r], stop_after_epochs=epoch, on_epoch=keep, overwrite=epoch == 1)
         if set(logs) != set(runs):
             raise RuntimeError(f"epoch {epoch}: the runs of {sorted(set(runs) - set(logs))} trained no epoch "
                                f"(their checkpoints are ahead of the trial's)")
-        report(epoch, {"epoch": float(epoch), **worst_case(logs)})
+        report(epoch, {"epoch": float(epoch), **worst_case(logs, keys)})
 
 
 def _trainer(cfg: Config, loop: dict, name: str, storage: str, callbacks: list):
