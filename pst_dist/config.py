@@ -393,8 +393,11 @@ class TrainConfig:
     """Weight decay (0 for frozen groups)."""
     lr_schedule: str = "cosine"
     """Base lr shape within each stage: cosine | constant | step (x0.1 at 50% and 75%)."""
+    lr_span: str = "stage"
+    """What the lr shape spans: ``stage`` (each stage anneals on its own, from train.lr, over its planned length) or
+    ``run`` (one shape over the whole run, each stage taking its part of it, as a one-stage run does)."""
     warmup_steps: int = 0
-    """Linear warm-up at the start of each stage."""
+    """Linear warm-up at the start of each stage (lr_span=run: of the run)."""
     bf16: bool = False
     """bf16 autocast for the forward pass."""
     seed: int = 0
@@ -426,6 +429,7 @@ class TrainConfig:
         _check(self.weight_decay >= 0, f"train.weight_decay={self.weight_decay}: must be >= 0")
         _check(self.lr_schedule in ("cosine", "constant", "step"),
                f"train.lr_schedule={self.lr_schedule!r}: expected cosine|constant|step")
+        _check(self.lr_span in ("stage", "run"), f"train.lr_span={self.lr_span!r}: expected stage|run")
         _check(self.device in ("auto", "cpu", "cuda"), f"train.device={self.device!r}: expected auto|cpu|cuda")
         _check(self.eval_every >= 1, f"train.eval_every={self.eval_every}: must be >= 1")
         for key in ("deterministic", "channels_last"):

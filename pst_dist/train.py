@@ -447,7 +447,8 @@ def train(cfg: Config, resume: bool = False, data: Data | None = None, loader=No
         if hasattr(r.loader, "set_epoch"):
             r.loader.set_epoch(epoch)
         stage = schedule.stage_at(st.step, st.history)  # the stage of the epoch's last step (logged at its end)
-        lr = cfg.train.lr * lr_factor(stage, st.step, cfg.train.lr_schedule, cfg.train.warmup_steps)
+        run_steps = schedule.total_steps if cfg.train.lr_span == "run" else None
+        lr = cfg.train.lr * lr_factor(stage, st.step, cfg.train.lr_schedule, cfg.train.warmup_steps, run_steps)
         set_train_mode(r, stage)
         meter = EpochMeter(r.device)
         bar = tqdm(meter.batches(r.loader), total=len(r.loader), desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
@@ -457,7 +458,7 @@ def train(cfg: Config, resume: bool = False, data: Data | None = None, loader=No
             stage = schedule.stage_at(st.step, st.history)
             if stage.index != st.entered:
                 enter_stage(r, stage)
-            lr = cfg.train.lr * lr_factor(stage, st.step, cfg.train.lr_schedule, cfg.train.warmup_steps)
+            lr = cfg.train.lr * lr_factor(stage, st.step, cfg.train.lr_schedule, cfg.train.warmup_steps, run_steps)
             x, y = x.to(r.device, non_blocking=True), y.to(r.device, non_blocking=True)  # no-op: loaders place it
             loss, logits, parts = train_step(r.gm, r.engine, stage, x, y, lr, r.normalize, s.num_classes,
                                              r.autocast, r.dist.world_size, cfg.defense,

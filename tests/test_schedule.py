@@ -1,6 +1,6 @@
 import pytest
 
-from pst_dist.config import ConfigError, StageConfig, TriggerConfig
+from pst_dist.config import ConfigError, StageConfig, TriggerConfig, load_config
 from pst_dist.pst.schedule import Schedule, lr_factor
 
 
@@ -46,3 +46,21 @@ def test_lr_factor_cosine_per_stage():
     st = s.stage_at(0)
     assert lr_factor(st, 0, "cosine", 0) == 1.0 and lr_factor(st, 19, "cosine", 0) < 0.05
     assert lr_factor(s.stage_at(20), 20, "cosine", 0) == 1.0
+
+
+def test_lr_factor_over_the_run_is_one_shape_across_stages():
+    """train.lr_span = run: the stages take their parts of one cosine over the run (no restart at a stage), the
+    same factors a one-stage schedule gets; the stage span restarts at each stage."""
+    s = make()
+    one = Schedule([StageConfig(name="only")], 4, 10, s.total_steps)
+    run = [lr_factor(s.stage_at(t), t, "cosine", 0, s.total_steps) for t in range(s.total_steps)]
+    assert run == [lr_factor(one.stage_at(t), t, "cosine", 0) for t in range(s.total_steps)]
+    assert run[0] == 1.0 and run == sorted(run, reverse=True)  # never raised again at a stage boundary
+    assert lr_factor(s.stage_at(20), 20, "cosine", 0) == 1.0 > run[20]
+    assert lr_factor(s.stage_at(0), 0, "cosine", 5, s.total_steps) == 0.2  # warm-up at the run's start only
+    assert lr_factor(s.stage_at(20), 20, "cosine", 5, s.total_steps) == run[20]
+
+
+def test_a_bad_lr_span_is_refused_naming_it():
+    with pytest.raises(ConfigError, match="train.lr_span='epoch'"):
+        load_config(None, ["--train.lr_span=epoch"])

@@ -68,10 +68,12 @@ class Schedule:
         return step - stage.start >= st.min_epochs * self.steps_per_epoch and step < stage.planned_end
 
 
-def lr_factor(stage: ActiveStage, step: int, shape: str, warmup_steps: int) -> float:
-    """Base-lr factor within a stage: warm-up, then cosine / constant / step decay over the stage's planned span."""
-    t = step - stage.start
-    span = max(1, stage.planned_end - stage.start)
+def lr_factor(stage: ActiveStage, step: int, shape: str, warmup_steps: int, run_steps: int | None = None) -> float:
+    """Base-lr factor within a stage: warm-up, then cosine / constant / step decay over the stage's planned span;
+    with ``run_steps`` (train.lr_span = run) over the whole run, steps 0..run_steps, instead."""
+    start, end = (0, run_steps) if run_steps else (stage.start, stage.planned_end)
+    t = step - start
+    span = max(1, end - start)
     if warmup_steps and t < warmup_steps:
         return (t + 1) / warmup_steps
     frac = min(1.0, t / span)
