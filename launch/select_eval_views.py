@@ -8,7 +8,8 @@ The search's held-out attack was never trained, so it plays no part here either.
     python launch/select_eval_views.py runs/tune/fmnist_attacks_len \\
         --views '[[], ["blur:0.5"], ["blur:0.7"], ["blur:1"]]'
 
-Prints a markdown table (one row per trial and views: validation accuracy % per attack and the worst) and the pick.
+Prints a markdown table (one row per trial and views: validation accuracy % per attack, its mean over the search's
+seeds with tune.seeds, and the worst) and the pick.
 The rows with the views the search trained with (its config's ``schedule.eval_views``; ``[]`` unless set) reproduce
 each run's own final validation accuracy (its summary.json; checked: a mismatch stops it)."""
 
@@ -27,18 +28,27 @@ from pst_dist.config import ConfigError, ScheduleConfig  # noqa: E402
 from pst_dist.data.pipeline import build_data  # noqa: E402
 from pst_dist.evaluate import clean, load_run_model, recorded_config  # noqa: E402
 from pst_dist.io import read_json  # noqa: E402
+from tune.attacks import trial_runs as search_runs  # noqa: E402
 
 
-def trial_runs(search: Path) -> dict[str, dict[str, Path]]:
-    """{trial: {run: run dir}} of the search's multi-attack trials: ``<search>/trials/<trial>/<attack>``, or
-    ``<attack>/seed<s>`` with tune.seeds (run ``<attack>/seed<s>``)."""
-    trials = {t.name: {str(c.parent.relative_to(t)): c.parent
-                       for c in sorted([*t.glob("*/config.toml"), *t.glob("*/seed*/config.toml")])}
-              for t in sorted((search / "trials").glob("*")) if t.is_dir()}
-    trials = {t: runs for t, runs in trials.items() if runs}
-    if not trials:
-        sys.exit(f"{search}: no trials/<trial>/<attack>/config.toml; not a finished search over attacks")
-    return trials
+def trial_runs(search: Path) -> tuple[dict[str, dict[str, Path]], dict[str, tuple[str, int | None]]]:
+    """({trial: {run: run dir}}, {run: (attack, seed)}) of the search's multi-attack trials, laid out as its recorded
+    config says (tune.attacks, tune.seeds: ``<search>/trials/<trial>/<attack>[/seed<s>]``); a trial that has some of
+    those runs but not all stops it (its worst case would be over fewer runs)."""
+    trials = sorted(t for t in (search / "trials").glob("*") if t.is_dir())
+    first = next((c.parent for t in trials for c in sorted(t.glob("**/config.toml"))), None)
+    runs = search_runs(recorded_config(first)) if first is not None else {}
+    if not runs:
+        sys.exit(f"{search}: no trials/<trial>/<attack>/config.toml of a search over attacks (tune.attacks); not a "
+                 f"finished search over attacks")
+    out = {}
+    for t in trials:
+        have = {r: t / r for r in runs if (t / r / "config.toml").is_file()}
+        if have and len(have) < len(runs):
+            sys.exit(f"{t}: no run of {sorted(set(runs) - set(have))}; the trial did not finish")
+        if have:
+            out[t.name] = have
+    return out, runs
 
 
 def main() -> None:
@@ -55,15 +65,15 @@ def main() -> None:
     except (ValueError, TypeError, ConfigError) as e:
         sys.exit(f"--views {args.views!r}: {e}")
     torch.set_num_threads(2)
-    trials, cpu = trial_runs(args.search), torch.device("cpu")
-    attacks = list(dict.fromkeys(r.split("/")[0] for r in next(iter(trials.values()))))
+    (trials, runs), cpu = trial_runs(args.search), torch.device("cpu")
+    attacks = list(dict.fromkeys(a for a, _ in runs.values()))
     if args.ties == "clean" and "none" not in attacks:
         sys.exit(f"--ties clean: the search has no clean run (attack none); its attacks: {attacks}")
     print("| trial | eval_views | " + " | ".join(attacks) + " | **worst** |\n|---|---|" + "---:|" * (len(attacks) + 1))
     data, best = None, None
-    for trial, runs in trials.items():
+    for trial, dirs in trials.items():
         models, finals = {}, {}
-        for name, run in runs.items():
+        for name, run in dirs.items():
             cfg = recorded_config(run)
             data = data or build_data(clean(cfg))  # every run of a search evaluates on the same clean splits
             models[name] = load_run_model(run, own_data=data, cfg=cfg)
@@ -76,7 +86,7 @@ def main() -> None:
                 if views == rm.cfg.schedule.eval_views and want is not None and acc != want:
                     sys.exit(f"{trial} / {run}: validation {100 * acc:.2f} here, {100 * want:.2f} in the run's "
                              f"summary.json: not the search's data or checkpoint")
-                per.setdefault(run.split("/")[0], []).append(100 * acc)
+                per.setdefault(runs[run][0], []).append(100 * acc)
             accs = {a: sum(v) / len(v) for a, v in per.items()}  # the search's objective: the mean over seeds
             worst = min(accs.values())
             print(f"| {trial} | `{json.dumps(views)}` | " + " | ".join(f"{accs[a]:.2f}" for a in attacks)

@@ -602,15 +602,16 @@ class TuneConfig:
     """Attacks every trial trains on, one run each, in lockstep epoch by epoch (``none``: the clean data); the
     objective is then each epoch's worst validation accuracy over them. Empty = the config's own [poison]. Leave an
     attack out to check the chosen recipe on it afterwards (``pst-dist bench`` with every attack). Each worker holds
-    every attack's data in memory and builds each run's model and engine again every epoch (a resume; with
-    train.compile, a compile each time); not with scheduler pbt."""
+    every run's data in memory (one per attack, and seed with tune.seeds) and builds each run's model and engine
+    again every epoch (a resume; with train.compile, a compile each time); not with scheduler pbt."""
     seeds: list[int] = field(default_factory=list)
     """Seeds every attack's run is trained with, one run per (attack, seed), as a bench's seeds: seed s trains on
     the attack's seed-s poison (``poison.seed = train.seed = s``). The objective is then each epoch's worst, over
     the attacks, of the mean validation accuracy over the seeds: a setting must win on average, not on one draw.
     Empty = one run per attack with the config's own seeds. Needs tune.attacks (["em"] for a single attack)."""
     poisons: str = ""
-    """Directory of the attacks' poison stores, ``<attack>_seed<poison.seed>`` as ``pst-dist bench`` caches them
+    """Directory of the attacks' poison stores, ``<attack>_seed<poison.seed>`` (``<attack>_seed<s>`` for each of
+    tune.seeds) as ``pst-dist bench`` caches them
     under ``<bench.out>/poisons`` (missing ones are made there first, by the search's driver, with
     ``[bench.attack_overrides]``; one made with other settings is refused; do not make the same store from a bench
     at the same time). On a cluster a directory every node mounts. Empty = ``<out>/<name>_poisons``."""

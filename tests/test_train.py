@@ -72,3 +72,27 @@ def test_bf16_autocast_and_vit(tmp_path):
                              f"--log.run_dir={tmp_path}", "--log.tensorboard=false"])
     s = train(cfg)
     assert s["steps"] == 8 and 0 <= s["final_test_acc"] <= 1
+
+
+def test_lr_span_run_is_one_shape_across_stages_and_resumes_bit_identical(tmp_path):
+    """train.lr_span = run: the lr of step 49 (in stage b, from step 32) is the run's cosine there (0.013), not a
+    cosine restarted at stage b (0.045); a run stopped at the stage boundary and resumed ends with the same weights."""
+    import math
+
+    base = [*TINY, "--train.batch_size=8", "--train.lr_span=run",  # 32 steps per epoch, 64 in all
+            '--schedule.stages=[{name="a",epochs=1},{name="b",freeze=[0]}]']
+
+    def lrs(run_dir):  # logged every 50 steps: the lr of step 49
+        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        return [r["train/lr"] for r in rows if "train/lr" in r]
+
+    train(load_config(None, [*base, f"--log.run_dir={tmp_path / 'full'}"]))
+    run = lrs(tmp_path / "full")
+    assert run == pytest.approx([0.1 * 0.5 * (1 + math.cos(math.pi * 49 / 64))]), run
+    part = [*base, f"--log.run_dir={tmp_path / 'part'}", "--train.checkpoint_every=1"]
+    train(load_config(None, part), stop_after_epochs=1)
+    train(load_config(None, part), resume=True)
+    a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "part" / "checkpoint.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert lrs(tmp_path / "part") == run

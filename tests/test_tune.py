@@ -376,6 +376,8 @@ def test_tune_cli_refuses_bad_input_before_starting_ray(own_ray, tmp_path):
              (['--tune.attacks=["em"]', "--tune.scheduler=pbt"], "tune.scheduler='pbt' with tune.attacks=['em']"),
              (['--tune.attacks=["em"]', '--bench.attack_overrides.em=["poison.steps=-1"]'],
               "the em run (bench.attack_overrides.em=['poison.steps=-1']): poison: steps=-1"),
+             (['--tune.attacks=["em"]', "--tune.seeds=[0, 1]", '--bench.attack_overrides.em=["poison.seed=3"]'],
+              "bench.attack_overrides.em=['poison.seed=3']: a search's runs take their seeds from tune.seeds"),
              (["--resume"], "--resume: no search to continue")]
     for extra, message in cases:
         run = subprocess.run(_tune(out, *extra), env=own_ray.env(), capture_output=True, text=True, timeout=120)
@@ -561,6 +563,8 @@ def test_a_search_over_seeds_trains_each_attack_on_each_seed_s_poison_and_averag
     """tune.seeds without Ray: one run per (attack, seed), each on that seed's poison store (made once, the cached
     seed read) with that train seed, in <attack>/seed<s>; an attack's figure is its mean over seeds, and the
     objective the worst of those."""
+    from pst_dist.data.pipeline import build_data
+    from pst_dist.matrix import cell_data_cfg
     from tune.attacks import attack_config, attack_data, prepare_poisons, trial_runs, worst_case
     from tune.space import trial_config
 
@@ -582,8 +586,8 @@ def test_a_search_over_seeds_trains_each_attack_on_each_seed_s_poison_and_averag
     three = attack_data(runs["classwise_noise/seed3"], trial, "classwise_noise").poisoned_train
     zero = attack_data(runs["classwise_noise/seed0"], trial, "classwise_noise").poisoned_train
     assert not torch.equal(three, zero), "seed 3's run read seed 0's poison"
-    assert torch.equal(three, attack_data(attack_config(trial, "classwise_noise", 3), trial,
-                                          "classwise_noise").poisoned_train)
+    own = build_data(cell_data_cfg(runs["classwise_noise/seed3"], str(tmp_path / "poisons" / "classwise_noise_seed3")))
+    assert torch.equal(three, own.poisoned_train), "seed 3's run did not read the seed-3 store"
     logs = {"none/seed0": {"eval/val_acc": 0.8, "eval/test_acc": 0.7},
             "none/seed3": {"eval/val_acc": 0.9, "eval/test_acc": 0.7},
             "classwise_noise/seed0": {"eval/val_acc": 0.6, "eval/test_acc": 0.75},
@@ -659,8 +663,15 @@ def test_a_search_over_seeds_reports_the_worst_attack_s_mean_over_seeds(own_ray,
             means[attack] = sum(finals) / 2
             assert float(r[f"val_acc_{attack}"]) == pytest.approx(means[attack], abs=1e-9)
         assert float(r["final_val_acc"]) == pytest.approx(min(means.values()), abs=1e-9)
+        # what the trial reported to Tune (the objective a scheduler acts on), not only the report's recomputation
+        reported = [json.loads(line) for f in search.glob(f"run_trial_{r['trial']}_*/result.json")
+                    for line in f.read_text().splitlines() if line.strip()]
+        last = max(reported, key=lambda x: x["epoch"])
+        assert last["epoch"] == 2 and last["val_acc"] == pytest.approx(min(means.values()), abs=1e-9), last
+        assert last["val_acc_none"] == pytest.approx(means["none"], abs=1e-9)
     best = (search / "best_schedule.toml").read_text()
-    assert "worst validation accuracy of the mean over seeds [0, 1] over the attacks none, classwise_noise" in best
+    assert "the worst over the attacks none, classwise_noise of each attack's mean validation accuracy over seeds " \
+           "[0, 1]" in best
 
 
 @pytest.mark.parametrize("over,msg", [("--tune.release_ce=[0.5, -1.0]", r"tune.release_ce=\[0.5, -1.0\]"),

@@ -51,8 +51,8 @@ def prepare_poisons(cfg: Config, log=lambda m: print(m, file=sys.stderr)) -> dic
     base = to_dict(cfg)
     made = {}
     for a, seed in trial_runs(cfg).values():
-        seed = cfg.poison.seed if seed is None else seed
         pdir = store_dir(cfg, a, seed)
+        seed = cfg.poison.seed if seed is None else seed
         if pdir is None or cached_poison(base, a, seed, pdir, "tune.poisons") is not None:
             continue
         log(f"[tune] making the {a} poison (seed {seed}) at {pdir}")

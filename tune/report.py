@@ -107,9 +107,12 @@ def _columns(rows: list[dict]) -> list[str]:
 def objective(cfg: Config) -> str:
     """The search's objective, in words (results.md, best_schedule.toml)."""
     if cfg.tune.attacks:
-        seeds = f" of the mean over seeds {cfg.tune.seeds}" if cfg.tune.seeds else ""
-        return (f"the worst validation accuracy{seeds} over the attacks {', '.join(cfg.tune.attacks)} at the final "
-                f"epoch (final_val_acc, peak_val_acc and the test columns are that worst case; val_acc_<attack>: each "
+        if cfg.tune.seeds:
+            return (f"the worst over the attacks {', '.join(cfg.tune.attacks)} of each attack's mean validation "
+                    f"accuracy over seeds {cfg.tune.seeds}, at the final epoch (final_val_acc, peak_val_acc and the "
+                    f"test columns are that worst case; val_acc_<attack>: each attack's mean over the seeds)")
+        return (f"the worst validation accuracy over the attacks {', '.join(cfg.tune.attacks)} at the final epoch "
+                f"(final_val_acc, peak_val_acc and the test columns are that worst case; val_acc_<attack>: each "
                 f"attack's own)")
     return "clean validation accuracy at the final epoch"
 

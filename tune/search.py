@@ -45,6 +45,12 @@ def check_space(cfg: Config, groups: int) -> None:
     attack's run a valid config (its ``[bench.attack_overrides]``)."""
     for params in schedules_offered(cfg, groups):
         Schedule(trial_config(cfg, params).schedule.stages, groups, 1, cfg.train.epochs)
+    for a in cfg.tune.attacks:
+        seeded = [o for o in cfg.bench.attack_overrides.get(a, [])
+                  if o.removeprefix("--").split("=")[0] in ("poison.seed", "train.seed")]
+        if seeded:  # the run would train another seed than its directory says, on a store never made
+            raise ConfigError(f"bench.attack_overrides.{a}={seeded}: a search's runs take their seeds from "
+                              f"tune.seeds (or the config's own poison.seed and train.seed); set them there")
     for a, seed in trial_runs(cfg).values():
         try:
             attack_config(cfg, a, seed)
