@@ -78,9 +78,12 @@ def with_overrides(base: dict, overrides: list[str]) -> Config:
     return from_dict(Config, apply_overrides(copy.deepcopy(base), overrides))
 
 
-def poison_cfg(base: dict, attack: str, seed: int) -> Config:
+def poison_cfg(base: dict, attack: str, seed: int | None) -> Config:
+    """The recipe ``base`` with the attack's poison settings: the attack, seed ``seed`` (``poison.seed`` and
+    ``train.seed``; None: the recipe's own) and its ``[bench.attack_overrides]``."""
+    seeds = [] if seed is None else [f"poison.seed={seed}", f"train.seed={seed}"]
     extra = list(base["bench"]["attack_overrides"].get(attack, []))
-    return with_overrides(base, [f'poison.kind="{attack}"', f"poison.seed={seed}", f"train.seed={seed}", *extra])
+    return with_overrides(base, [f'poison.kind="{attack}"', *seeds, *extra])
 
 
 def cell_cfg(base: dict, attack: str, run: str, seed: int, out: Path) -> Config:

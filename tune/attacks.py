@@ -18,7 +18,7 @@ from pathlib import Path
 
 from pst_dist.config import Config, to_dict
 from pst_dist.data.pipeline import build_data
-from pst_dist.matrix import cached_poison, cell_data_cfg, generate_poison, with_overrides
+from pst_dist.matrix import cached_poison, cell_data_cfg, generate_poison, poison_cfg
 
 #: the per-epoch figures of one attack's run that a multi-attack trial reports (and reduces to the worst case)
 PER_ATTACK = {"eval/val_acc": "val_acc", "eval/test_acc": "test_acc"}
@@ -66,8 +66,7 @@ def attack_config(cfg: Config, attack: str, seed: int | None = None) -> Config:
     """One run of a trial: the trial's config with that attack's poison settings (as the bench records a cell's: the
     attack and its ``[bench.attack_overrides]``; with ``seed``, ``poison.seed`` and ``train.seed`` too), in
     ``<trial run dir>/<attack>`` (``/seed<s>`` with a seed)."""
-    seeds = [] if seed is None else [f"poison.seed={seed}", f"train.seed={seed}"]
-    out = with_overrides(to_dict(cfg), [f'poison.kind="{attack}"', *seeds, *cfg.bench.attack_overrides.get(attack, [])])
+    out = poison_cfg(to_dict(cfg), attack, seed)
     run_dir = Path(cfg.log.run_dir) / attack
     out.log.run_dir = str(run_dir if seed is None else run_dir / f"seed{seed}")
     return out
