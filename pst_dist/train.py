@@ -443,11 +443,11 @@ def train(cfg: Config, resume: bool = False, data: Data | None = None, loader=No
     r = build_run(cfg, resume, overwrite, allow_changes, data, loader)
     st, s, schedule, model = r.state, r.data.splits, r.schedule, r.gm.model
     last_detect: dict[str, float] = {}
+    run_steps = schedule.total_steps if cfg.train.lr_span == "run" else None  # the lr shape's span: the run's steps
     for epoch in range(st.epoch, cfg.train.epochs):
         if hasattr(r.loader, "set_epoch"):
             r.loader.set_epoch(epoch)
         stage = schedule.stage_at(st.step, st.history)  # the stage of the epoch's last step (logged at its end)
-        run_steps = schedule.total_steps if cfg.train.lr_span == "run" else None
         lr = cfg.train.lr * lr_factor(stage, st.step, cfg.train.lr_schedule, cfg.train.warmup_steps, run_steps)
         set_train_mode(r, stage)
         meter = EpochMeter(r.device)
