@@ -28,16 +28,16 @@ from pst_dist.config import ConfigError, ScheduleConfig  # noqa: E402
 from pst_dist.data.pipeline import build_data  # noqa: E402
 from pst_dist.evaluate import clean, load_run_model, recorded_config  # noqa: E402
 from pst_dist.io import read_json  # noqa: E402
-from tune.attacks import trial_runs as search_runs  # noqa: E402
+from tune.attacks import attack_means, trial_runs  # noqa: E402
 
 
-def trial_runs(search: Path) -> tuple[dict[str, dict[str, Path]], dict[str, tuple[str, int | None]]]:
+def search_trials(search: Path) -> tuple[dict[str, dict[str, Path]], dict[str, tuple[str, int | None]]]:
     """({trial: {run: run dir}}, {run: (attack, seed)}) of the search's multi-attack trials, laid out as its recorded
     config says (tune.attacks, tune.seeds: ``<search>/trials/<trial>/<attack>[/seed<s>]``); a trial that has some of
     those runs but not all stops it (its worst case would be over fewer runs)."""
     trials = sorted(t for t in (search / "trials").glob("*") if t.is_dir())
     first = next((c.parent for t in trials for c in sorted(t.glob("**/config.toml"))), None)
-    runs = search_runs(recorded_config(first)) if first is not None else {}
+    runs = trial_runs(recorded_config(first)) if first is not None else {}
     if not runs:
         sys.exit(f"{search}: no trials/<trial>/<attack>/config.toml of a search over attacks (tune.attacks); not a "
                  f"finished search over attacks")
@@ -65,7 +65,7 @@ def main() -> None:
     except (ValueError, TypeError, ConfigError) as e:
         sys.exit(f"--views {args.views!r}: {e}")
     torch.set_num_threads(2)
-    (trials, runs), cpu = trial_runs(args.search), torch.device("cpu")
+    (trials, runs), cpu = search_trials(args.search), torch.device("cpu")
     attacks = list(dict.fromkeys(a for a, _ in runs.values()))
     if args.ties == "clean" and "none" not in attacks:
         sys.exit(f"--ties clean: the search has no clean run (attack none); its attacks: {attacks}")
@@ -79,15 +79,15 @@ def main() -> None:
             models[name] = load_run_model(run, own_data=data, cfg=cfg)
             finals[name] = read_json(run / "summary.json", "the run's summary.json").get("final_val_acc")
         for views in candidates:
-            per: dict[str, list[float]] = {}  # attack: the validation accuracy of each of its seeds' runs
+            per: dict[str, float] = {}  # run: its validation accuracy %
             for run, rm in models.items():
                 acc = rm.accuracy(data.splits.val, cpu, views=views)
                 want = finals[run]
                 if views == rm.cfg.schedule.eval_views and want is not None and acc != want:
                     sys.exit(f"{trial} / {run}: validation {100 * acc:.2f} here, {100 * want:.2f} in the run's "
                              f"summary.json: not the search's data or checkpoint")
-                per.setdefault(runs[run][0], []).append(100 * acc)
-            accs = {a: sum(v) / len(v) for a, v in per.items()}  # the search's objective: the mean over seeds
+                per[run] = 100 * acc
+            accs = attack_means(per, runs)  # the search's objective: each attack's mean over its seeds
             worst = min(accs.values())
             print(f"| {trial} | `{json.dumps(views)}` | " + " | ".join(f"{accs[a]:.2f}" for a in attacks)
                   + f" | **{worst:.2f}** |", flush=True)

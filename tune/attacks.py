@@ -79,6 +79,15 @@ def attack_data(run_cfg: Config, trial_cfg: Config, attack: str):
     return build_data(cell_data_cfg(run_cfg, None if pdir is None else str(pdir)))
 
 
+def attack_means(values: dict[str, float], runs: dict[str, tuple[str, int | None]]) -> dict[str, float]:
+    """{attack: the mean of its runs' values} from {run: value} (``runs``: {run: (attack, seed)}, as
+    :func:`trial_runs` gives): one value per attack without tune.seeds, the mean over its seeds with them."""
+    per: dict[str, list[float]] = {}
+    for r, v in values.items():
+        per.setdefault(runs[r][0], []).append(v)
+    return {a: sum(v) / len(v) for a, v in per.items()}
+
+
 def worst_case(logs: dict[str, dict], runs: dict[str, tuple[str, int | None]] | None = None) -> dict[str, float]:
     """One epoch's report from every run's logs ({run: logs}; ``runs``: {run: (attack, seed)} as
     :func:`trial_runs` gives, default one run per attack): ``val_acc`` / ``test_acc`` the lowest over the attacks of
@@ -90,10 +99,7 @@ def worst_case(logs: dict[str, dict], runs: dict[str, tuple[str, int | None]] | 
         missing = [r for r, lg in logs.items() if key not in lg]
         if missing:  # a worst case over fewer runs would look better than it is
             raise RuntimeError(f"the runs of {missing} reported no {key} this epoch")
-        per: dict[str, list[float]] = {}
-        for r, lg in logs.items():
-            per.setdefault(runs[r][0], []).append(float(lg[key]))
-        vals = {a: sum(v) / len(v) for a, v in per.items()}
+        vals = attack_means({r: float(lg[key]) for r, lg in logs.items()}, runs)
         out[name] = min(vals.values())
         out.update({f"{name}_{a}": v for a, v in vals.items()})
     return out
