@@ -47,7 +47,8 @@ class DataConfig:
     loader: str = "auto"
     """auto (FFCV for a .beton, else the in-memory torch path) | ffcv | torch (a .beton decoded into memory)."""
     loader_workers: int = 2
-    """FFCV decoding threads per process."""
+    """Decoding workers per process: FFCV's threads for a .beton, DataLoader processes for a streamed image folder
+    (data.stream)."""
     num_classes: int = 10
     """Classes of the synthetic set (other sources know their own)."""
     synthetic_train: int = 5000
@@ -77,6 +78,12 @@ class DataConfig:
     """Batches the in-memory loader prepares ahead in a background thread when the training set stays on the host
     (gathered, copied to the device and augmented there while the current batch trains); 0 = prepare each batch when
     the loop asks for it."""
+    stream: bool | str = "auto"
+    """data.source='imagefolder': leave the training images on disk and decode each batch's files in
+    data.loader_workers DataLoader processes, ahead of the step, instead of decoding the whole split into memory
+    first. true | false | auto (stream when the decoded training split would take over a quarter of the memory
+    available). Only for a folder that holds its data as trained on (poison.kind and defense.kind 'none': a
+    published protected set); the batches, and so the run, are those of the in-memory read."""
     verify: bool = True
     """Check stored inputs against their recorded SHA-256 when opened (a .beton directory's files, a poison store's
     array): about 1 s per GB read on one core. false skips it (the sizes and structure are still checked)."""
@@ -90,6 +97,8 @@ class DataConfig:
         _check(self.prefetch >= 0, f"data.prefetch={self.prefetch}: must be >= 0")
         _check(isinstance(self.on_device, bool) or self.on_device == "auto",
                f"data.on_device={self.on_device!r}: expected true|false|auto")
+        _check(isinstance(self.stream, bool) or self.stream == "auto",
+               f"data.stream={self.stream!r}: expected true|false|auto")
         for key in ("train_size", "val_size", "test_size", "probe_size"):
             _check(getattr(self, key) >= 0, f"data.{key}={getattr(self, key)}: must be >= 0")
         _check(self.num_classes >= 2, f"data.num_classes={self.num_classes}: must be >= 2")
@@ -1011,10 +1020,12 @@ def device_type(cfg: Config) -> str:
 
 
 RESUME_MAY_CHANGE = ("train.epochs", "train.threads", "train.num_workers", "train.checkpoint_every",
-                     "data.loader_workers", "data.prefetch", "data.on_device", "data.verify", "log", "tune", "bench")
+                     "data.loader_workers", "data.prefetch", "data.on_device", "data.stream", "data.verify", "log",
+                     "tune", "bench")
 """What ``--resume`` accepts as changed against the run's recorded config.toml: more ``train.epochs`` (never fewer
 than already trained; the cosine base lr then stretches over the new length, and meta.json records the change),
-thread / worker counts, checkpoint frequency, hash verification, and the [log], [tune] and [bench] sections, which
+thread / worker counts, checkpoint frequency, whether batches are held on the device or streamed from an image
+folder (the same batches either way), hash verification, and the [log], [tune] and [bench] sections, which
 do not change what is trained. Everything else is refused, naming each differing key."""
 
 

@@ -286,6 +286,7 @@ def build_run(cfg: Config, resume: bool, overwrite: bool, allow_changes: bool, d
     resolved = resolve_auto(cfg, device)
     setup_seed(cfg, resolved)
     data = data or build_data(cfg)
+    resolved["data.stream"] = data.stream is not None
     s = data.splits
     run_dir = Path(cfg.log.run_dir)
     loader = loader or build_loader(cfg, data, dist_info, device)

@@ -123,7 +123,7 @@ def test_throughput_is_logged_per_epoch_and_summarised(tmp_path):
     assert len(per_epoch) == 2 and all(rec["perf/data_wait"] >= 0 for rec in per_epoch)
     meta = json.loads((tmp_path / "run" / "meta.json").read_text())
     assert meta["resolved"] == {"device": "cpu", "train.deterministic": True, "train.channels_last": False,
-                                "train.compile": False}
+                                "train.compile": False, "data.stream": False}
 
 
 class SyncDebugModes(StepWatch):

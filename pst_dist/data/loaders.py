@@ -17,6 +17,8 @@ import threading
 
 import torch
 
+from .sources import DataError
+
 RRC_SCALE = (0.35, 1.0)
 RRC_RATIO = (3 / 4, 4 / 3)
 RRC_TRIES = 10
@@ -217,17 +219,24 @@ class TensorBatches:
             self._resident = (self.images.to(self.device), self.labels.to(self.device))
         return *self._resident, idx.to(self.device)
 
+    def _selections(self, idx: torch.Tensor) -> list[torch.Tensor]:
+        """This epoch's batches as rows of the set, in order."""
+        return [idx[b * self.batch_size: (b + 1) * self.batch_size] for b in range(len(self))]
+
+    def _rows(self, images, labels: torch.Tensor, idx: torch.Tensor):
+        """(uint8 images, labels) of each batch, before augmentation, in order."""
+        for sel in self._selections(idx):
+            yield images[sel], labels[sel]
+
     def _batches(self):
         """(uint8 images, labels) on the device, augmented, in order; runs in the prefetch thread when there is one."""
         images, labels, idx = self._source()
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch + 7_777_777)
         copy = self.device.type == "cuda" and not self.on_device  # host rows to the GPU, from pinned memory
-        for b in range(len(self)):
-            sel = idx[b * self.batch_size: (b + 1) * self.batch_size]
-            x, y = images[sel], labels[sel]
+        for x, y in self._rows(images, labels, idx):
             p = draw_params(self.augment, tuple(x.shape), g, self.device)
             if copy:
-                x, y = x.pin_memory(), y.pin_memory()
+                x, y = (x if x.is_pinned() else x.pin_memory()), y.pin_memory()
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             p = to_device(p, self.device, pin=self.device.type == "cuda")
             yield apply_params(x, self.augment, p), y
@@ -236,6 +245,70 @@ class TensorBatches:
         if self.prefetch <= 0 or self.on_device:
             return self._batches()
         return prefetched(self._batches, self.prefetch, self.device)
+
+
+class FolderBatches(TensorBatches):
+    """:class:`TensorBatches` over an image folder left on disk (a :class:`pst_dist.data.sources.FolderSplit`): the
+    same rows in the same order with the same augmentation, each batch's files decoded ahead of the step by
+    ``workers`` DataLoader processes (up to ``ahead`` batches each), so only those batches are in memory. The
+    batches equal those of :class:`TensorBatches` over the decoded images, bit for bit."""
+
+    def __init__(self, files, batch_size: int, *, workers: int = 2, ahead: int = 2, **kw):
+        super().__init__(torch.empty(0, dtype=torch.uint8), files.labels, batch_size, on_device=False, **kw)
+        self.files, self.workers, self.ahead = files, workers, ahead
+
+    def _source(self):
+        return self.files, self.labels, self._indices()
+
+    def _rows(self, files, labels: torch.Tensor, idx: torch.Tensor):
+        selections = self._selections(idx)
+        for sel, (x, errors) in zip(selections, decoded(files, [s.tolist() for s in selections], self.workers,
+                                                         self.ahead, pin=self.device.type == "cuda"), strict=True):
+            raise_first(errors)
+            yield x, labels[sel]
+
+
+def decoded(files, batches: list[list[int]], workers: int, ahead: int = 2, pin: bool = False):
+    """(uint8 images, decode errors) of each list of rows in ``batches``, decoded by ``workers`` DataLoader
+    processes, in order. A file that cannot be read is an error message (the whole batch's images are zeros)
+    rather than an exception in a worker, so that it reaches the caller as the message alone."""
+    from torch.utils.data import DataLoader  # start-up time: only a streamed folder needs it
+
+    # its own generator: a DataLoader draws its workers' base seed from the global one, which training owns
+    return iter(DataLoader(_Decoding(files), batch_sampler=batches, num_workers=workers, collate_fn=_collate,
+                           pin_memory=pin, prefetch_factor=ahead if workers else None,
+                           worker_init_fn=_one_thread, generator=torch.Generator()))
+
+
+class _Decoding:
+    def __init__(self, files) -> None:
+        self.files = files
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor | None, str]:
+        try:
+            return self.files[i], ""
+        except DataError as e:
+            return None, str(e)
+
+
+def _collate(items: list[tuple[torch.Tensor | None, str]]) -> tuple[torch.Tensor, list[str]]:
+    errors = [e for _, e in items if e]
+    if errors:
+        return torch.empty(0, dtype=torch.uint8), errors
+    return torch.stack([x for x, _ in items]), []
+
+
+def raise_first(errors: list[str]) -> None:
+    if errors:
+        more = f" (and {len(errors) - 1} more file(s) in this batch)" if len(errors) > 1 else ""
+        raise DataError(errors[0] + more)
+
+
+def _one_thread(_worker: int) -> None:
+    torch.set_num_threads(1)  # a decoding process: one intra-op thread each, the training process keeps the cores
 
 
 def prefetched(make, depth: int, device: torch.device):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -15,6 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from ..config import Config, ConfigError
 from ..defenses import squeeze_train
@@ -23,8 +25,21 @@ from ..io import check_out_dir, enter_out_dir, sha256, write_failed
 from ..poison import make_poison, mix_clean, norms, poison_train, store
 from . import beton
 from .beton import BetonDir
-from .loaders import TensorBatches
-from .sources import DataError, Split, Splits, channel_stats, fingerprint, load_splits
+from .loaders import FolderBatches, TensorBatches, decoded, raise_first
+from .sources import (
+    DataError,
+    FolderSplit,
+    PixelSums,
+    Split,
+    Splits,
+    carve,
+    channel_stats,
+    fingerprint,
+    folder_rows,
+    folder_stats,
+    load_splits,
+    load_streamed_splits,
+)
 
 
 @dataclass
@@ -34,6 +49,7 @@ class Data:
     mean: torch.Tensor
     std: torch.Tensor
     beton: BetonDir | None = None  # when the training split lives in a .beton (read by FFCV)
+    stream: FolderSplit | None = None  # when the training split stays in its image folder (data.stream)
 
 
 class Normalize:
@@ -60,6 +76,8 @@ def build_data(cfg: Config, poisoned: torch.Tensor | None = None) -> Data:
                               f"training images as written; train from the data set's own source with the defense")
 
         return beton_data(cfg)
+    if streams(cfg):
+        return streamed_data(cfg)
     splits = load_splits(cfg.data)
     tr = splits.train
     if poisoned is None:
@@ -74,13 +92,74 @@ def build_data(cfg: Config, poisoned: torch.Tensor | None = None) -> Data:
               f"({cfg.poison.kind}), the other {len(tr) - k} clean; rows drawn from poison.seed={cfg.poison.seed}",
               file=sys.stderr)
     poisoned = squeeze_train(poisoned, cfg.defense)  # a baseline defense on the training images (none by default)
-    mean, std = channel_stats(tr.images)  # refuses a constant channel (std 0 would train to NaN)
+    # refuses a constant channel (std 0 would train to NaN); an image folder's figures are those a streamed read of
+    # it gets (exact sums), other sources' those the trainer always had
+    mean, std = (folder_stats if cfg.data.source == "imagefolder" else channel_stats)(tr.images)
     return Data(splits, poisoned, mean, std.clamp_min(1e-3))
 
 
+def streams(cfg: Config) -> bool:
+    """data.stream: is the training split read from its image folder batch by batch? ``auto``: when it is an image
+    folder held as trained on (no poison, no defense) whose decoded training split would take over a quarter of the
+    memory available. ConfigError for ``true`` where it cannot stream, naming the setting in the way."""
+    d = cfg.data
+    if d.stream is False:
+        return False
+    if d.source != "imagefolder":
+        if d.stream is True:
+            raise ConfigError(f"data.stream=true: only data.source='imagefolder' streams (found {d.source!r}; a "
+                              f".beton streams through FFCV, the other sources are read into memory)")
+        return False
+    applied = [f"{k}={v!r}" for k, v in (("poison.kind", cfg.poison.kind), ("defense.kind", cfg.defense.kind))
+               if v != "none"]
+    if applied:
+        if d.stream is True:
+            raise ConfigError(f"data.stream=true with {applied[0]}: a poison or defense is made over the whole "
+                              f"training split in memory; stream a folder that already holds the data as trained "
+                              f"on, or set data.stream=false")
+        return False
+    if d.stream is True:
+        return True
+    train, test, _ = folder_rows(d)
+    need = len(carve(d, len(train), len(test)).train) * 3 * d.img_size ** 2
+    return need > available_memory() / 4
+
+
+def available_memory() -> int:
+    """Bytes of memory available to new allocations (MemAvailable in /proc/meminfo; free pages elsewhere)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def streamed_data(cfg: Config) -> Data:
+    """``Data`` for a streamed image folder: validation and test in memory, the training split on disk (its first
+    images decoded for the detectors' probe and the sample grid), its mean and std from one pass over every file,
+    which also decodes (checks) each of them before training starts."""
+    d = cfg.data
+    splits, files = load_streamed_splits(d, head=max(d.probe_size, 64))
+    gib = files.decoded_bytes() / 2**30
+    print(f"[data] streaming the {len(files)} training images ({gib:.2f} GiB decoded) from their folder; one pass "
+          f"first for their mean and std, checking every file", file=sys.stderr)
+    rows = torch.arange(len(files))
+    sums = PixelSums()
+    for x, errors in tqdm(decoded(files, [r.tolist() for r in rows.split(64)], d.loader_workers), unit="batch",
+                          total=-(-len(files) // 64), desc="[data] mean/std", disable=not cfg.log.progress,
+                          file=sys.stderr):
+        raise_first(errors)
+        sums.add(x)
+    mean, std = sums.stats()
+    return Data(splits, splits.train.images, mean, std.clamp_min(1e-3), stream=files)
+
+
 def build_loader(cfg: Config, data: Data, dist_info: DistInfo, device: torch.device):
-    """The training batches: FFCV over a .beton where there is one (data.loader=auto|ffcv), else in-memory torch
-    batches. Says which on stderr (primary rank)."""
+    """The training batches: FFCV over a .beton where there is one (data.loader=auto|ffcv), torch batches decoded
+    from the files of a streamed image folder (data.stream), else in-memory torch batches. Says which on stderr
+    (primary rank)."""
     common = dict(shuffle=True, augment=cfg.data.augment, seed=cfg.train.seed, rank=dist_info.rank,
                   world_size=dist_info.world_size)
     if data.beton is not None and cfg.data.loader != "torch":
@@ -92,20 +171,26 @@ def build_loader(cfg: Config, data: Data, dist_info: DistInfo, device: torch.dev
         if cfg.data.loader == "ffcv":
             raise ConfigError("data.loader='ffcv' needs a .beton: write one with `pst-dist write-beton` and set "
                               "data.source='beton', data.root=<that directory>")
-        if data.beton is not None:
-            tr = data.beton.read_split("train", num_workers=cfg.data.loader_workers)
-            images, labels, why = tr.images, tr.labels, "torch in-memory batches over the decoded .beton"
+        if data.stream is not None:
+            loader = FolderBatches(data.stream, cfg.train.batch_size, workers=cfg.data.loader_workers,
+                                   drop_last=True, device=device, prefetch=cfg.data.prefetch, **common)
+            why = (f"torch batches streamed from {cfg.data.root}/train ({cfg.data.loader_workers} DataLoader "
+                   f"workers decoding ahead), augmented on {device.type}")
         else:
-            images, labels = data.poisoned_train, data.splits.train.labels
-            why = "torch in-memory batches (the data is not a .beton)"
-        on_device = keep_on_device(cfg.data.on_device, images, device)
-        loader = TensorBatches(images, labels, cfg.train.batch_size, drop_last=True, device=device,
-                               prefetch=cfg.data.prefetch, on_device=on_device, **common)
-        why += f", augmented on {device.type}, " + (
-            "the set held on the device" if on_device else
-            f"{cfg.data.prefetch} batches prefetched by a thread" if cfg.data.prefetch else "no prefetch")
+            if data.beton is not None:
+                tr = data.beton.read_split("train", num_workers=cfg.data.loader_workers)
+                images, labels, why = tr.images, tr.labels, "torch in-memory batches over the decoded .beton"
+            else:
+                images, labels = data.poisoned_train, data.splits.train.labels
+                why = "torch in-memory batches (the data is not a .beton)"
+            on_device = keep_on_device(cfg.data.on_device, images, device)
+            loader = TensorBatches(images, labels, cfg.train.batch_size, drop_last=True, device=device,
+                                   prefetch=cfg.data.prefetch, on_device=on_device, **common)
+            why += f", augmented on {device.type}, " + (
+                "the set held on the device" if on_device else
+                f"{cfg.data.prefetch} batches prefetched by a thread" if cfg.data.prefetch else "no prefetch")
     if len(loader) == 0:
-        n = len(data.beton) if data.beton is not None else len(data.splits.train)
+        n = len(data.beton) if data.beton is not None else len(data.stream or data.splits.train)
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} is larger than the {n // dist_info.world_size} "
                           f"training images each of the {dist_info.world_size} process(es) gets: no full batch to "
                           f"train on (the last partial batch is dropped); lower train.batch_size")
@@ -162,7 +247,9 @@ def write_betons(cfg: Config, out: Path, *, overwrite: bool = False, write_mode:
     with contextlib.ExitStack() as stack:
         tmp = enter_out_dir(stack, out, replace)  # first: an unwritable --out fails before any of the work
         t0 = time.perf_counter()
-        data = build_data(cfg)  # validates every input before anything is written
+        whole = copy.deepcopy(cfg)
+        whole.data.stream = False  # every training image is written: read them into memory, not streamed
+        data = build_data(whole)  # validates every input before anything is written
         s = data.splits
         tensors = {"train": (data.poisoned_train, s.train.labels), "val": (s.val.images, s.val.labels),
                    "test": (s.test.images, s.test.labels)}

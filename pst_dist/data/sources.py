@@ -17,6 +17,7 @@ import struct
 import warnings
 import zlib
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -73,29 +74,50 @@ def load_splits(cfg: DataConfig) -> Splits:
     """Load ``cfg.source`` and carve the clean validation split (from train or test, never overlapping test)."""
     if cfg.source == "beton":
         raise DataError("data.source='beton' is read by pst_dist.data.beton (build_data), not load_splits")
-    if cfg.val_size < 1:  # schedules and triggers are selected on validation accuracy: none would read as 0 %
-        raise DataError(f"data.val_size={cfg.val_size} leaves no validation images; set it to at least 1")
+    check_val_size(cfg)
     loader = {"synthetic": _synthetic, "fashion-mnist": _fashion_mnist, "cifar10": _cifar, "cifar100": _cifar,
               "imagefolder": _imagefolder}[cfg.source]
     train, test, num_classes = loader(cfg)
     _check_splits(cfg, train, test, num_classes)
-    source_train_size = len(train)
+    rows = carve(cfg, len(train), len(test))
+    val = (train if cfg.val_from == "train" else test).subset(rows.val)
+    return Splits(train.subset(rows.train), val, test.subset(rows.test), num_classes, cfg.source, len(train))
+
+
+def check_val_size(cfg: DataConfig) -> None:
+    if cfg.val_size < 1:  # schedules and triggers are selected on validation accuracy: none would read as 0 %
+        raise DataError(f"data.val_size={cfg.val_size} leaves no validation images; set it to at least 1")
+
+
+@dataclass
+class Rows:
+    """Which rows of the source's own splits each split takes, in its order: ``train`` and ``val`` index the
+    source's training split (``val`` the test split with data.val_from='test'), ``test`` its test split."""
+    train: torch.Tensor
+    val: torch.Tensor
+    test: torch.Tensor
+
+
+def carve(cfg: DataConfig, n_train: int, n_test: int) -> Rows:
+    """The split shuffles and carving of :func:`load_splits` as rows, so a source read lazily (a streamed image
+    folder) gets the very rows an in-memory read would: the training split shuffled by data.seed, validation
+    carved from the front of it (or of the shuffled test split), then the data.train_size / data.test_size cuts."""
     g = torch.Generator().manual_seed(cfg.seed)
-    train = train.subset(torch.randperm(len(train), generator=g))
+    train, test = torch.randperm(n_train, generator=g), torch.arange(n_test)
     if cfg.val_from == "train":
-        if cfg.val_size >= len(train):
-            raise DataError(f"data.val_size={cfg.val_size} leaves no training images (train has {len(train)})")
-        val, train = train.subset(torch.arange(cfg.val_size)), train.subset(torch.arange(cfg.val_size, len(train)))
+        if cfg.val_size >= n_train:
+            raise DataError(f"data.val_size={cfg.val_size} leaves no training images (train has {n_train})")
+        val, train = train[:cfg.val_size], train[cfg.val_size:]
     else:
-        test = test.subset(torch.randperm(len(test), generator=g))
-        if cfg.val_size >= len(test):
-            raise DataError(f"data.val_size={cfg.val_size} leaves no test images (test has {len(test)})")
-        val, test = test.subset(torch.arange(cfg.val_size)), test.subset(torch.arange(cfg.val_size, len(test)))
+        test = torch.randperm(n_test, generator=g)
+        if cfg.val_size >= n_test:
+            raise DataError(f"data.val_size={cfg.val_size} leaves no test images (test has {n_test})")
+        val, test = test[:cfg.val_size], test[cfg.val_size:]
     if cfg.train_size:
-        train = train.subset(torch.arange(min(cfg.train_size, len(train))))
+        train = train[:cfg.train_size]
     if cfg.test_size:
-        test = test.subset(torch.arange(min(cfg.test_size, len(test))))
-    return Splits(train, val, test, num_classes, cfg.source, source_train_size)
+        test = test[:cfg.test_size]
+    return Rows(train, val, test)
 
 
 def _check_splits(cfg: DataConfig, train: Split, test: Split, num_classes: int) -> None:
@@ -123,18 +145,66 @@ def channel_stats(images: torch.Tensor, where: str = "training images") -> tuple
     Computed in float32 exactly as the trainer always has (so normalisation, and with it every result, stays
     bit-identical to earlier runs). DataError naming the channel and its std when a channel is constant (std below
     1e-6, e.g. a folder of blank images): normalizing by it would divide by ~0."""
-    if images.dtype != torch.uint8 or images.ndim != 4:
-        raise DataError(f"{where}: expected uint8 N x C x H x W images, found {images.dtype} {tuple(images.shape)}")
+    _check_pixels(images, where)
     count = images.shape[0] * images.shape[2] * images.shape[3]
     if count < 2:
         raise DataError(f"{where}: {count} pixel(s) per channel: too few to compute a standard deviation")
     x = images.float() / 255
     mean, std = x.mean(dim=(0, 2, 3)), x.std(dim=(0, 2, 3))
+    return _refuse_constant(mean, std, where)
+
+
+def _check_pixels(images: torch.Tensor, where: str) -> None:
+    if images.dtype != torch.uint8 or images.ndim != 4:
+        raise DataError(f"{where}: expected uint8 N x C x H x W images, found {images.dtype} {tuple(images.shape)}")
+
+
+def _refuse_constant(mean: torch.Tensor, std: torch.Tensor, where: str) -> tuple[torch.Tensor, torch.Tensor]:
     for ch, sd in enumerate(std.tolist()):
         if not sd >= 1e-6:
             raise DataError(f"{where}: channel {ch} has std {sd:.3g} (every pixel {float(mean[ch]) * 255:.4g}/255, "
                             f"e.g. blank images): cannot normalize by it")
     return mean, std
+
+
+class PixelSums:
+    """Exact per-channel sums of pixel values and their squares, added batch by batch: the mean and std of an
+    image folder's training split whether it is read into memory or streamed (the same figures, bit for bit, in
+    any batching). The imagefolder source's normalisation; the other sources keep :func:`channel_stats`."""
+
+    CHUNK = 64  # images squared at a time (int32: 255**2 fits)
+
+    def __init__(self) -> None:
+        self.s1: list[int] | None = None
+        self.s2: list[int] | None = None
+        self.count = 0
+
+    def add(self, images: torch.Tensor, where: str = "training images") -> None:
+        _check_pixels(images, where)
+        for x in images.split(self.CHUNK):
+            s1 = x.sum(dim=(0, 2, 3), dtype=torch.int64).tolist()
+            s2 = x.int().square().sum(dim=(0, 2, 3), dtype=torch.int64).tolist()
+            self.s1 = s1 if self.s1 is None else [a + b for a, b in zip(self.s1, s1, strict=True)]
+            self.s2 = s2 if self.s2 is None else [a + b for a, b in zip(self.s2, s2, strict=True)]
+            self.count += x.shape[0] * x.shape[2] * x.shape[3]
+
+    def stats(self, where: str = "training images") -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, std) in [0, 1] units, float32 C each, from Python's exact integers; DataError as
+        :func:`channel_stats` for too few pixels or a constant channel."""
+        n = self.count
+        if n < 2 or self.s1 is None or self.s2 is None:
+            raise DataError(f"{where}: {n} pixel(s) per channel: too few to compute a standard deviation")
+        mean = [Fraction(a, n * 255) for a in self.s1]
+        var = [Fraction(b * n - a * a, n * (n - 1) * 255 * 255) for a, b in zip(self.s1, self.s2, strict=True)]
+        std = [math.sqrt(v) for v in var]
+        return _refuse_constant(torch.tensor([float(m) for m in mean]), torch.tensor(std), where)
+
+
+def folder_stats(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:class:`PixelSums`' mean and std of in-memory images."""
+    sums = PixelSums()
+    sums.add(images)
+    return sums.stats()
 
 
 def fingerprint(split: Split) -> str:
@@ -479,15 +549,14 @@ def decode_image(path: Path, error: type[Exception] = DataError, size: tuple[int
     return out
 
 
-def _read_folder(root: Path, classes: list[str], size: int, train_dir: Path) -> Split:
-    # start-up time: torchvision only when decoding image files (the CLI imports this module)
-    from torchvision.transforms import functional as F
-
+def folder_files(root: Path, classes: list[str], train_dir: Path) -> tuple[list[Path], torch.Tensor]:
+    """The image files of the class folders ``classes`` under ``root``, sorted by class then name, and their labels
+    (the class's index). DataError for a class folder not in ``train_dir``, a missing one, or one without images."""
     extra = sorted(d.name for d in root.iterdir() if d.is_dir() and d.name not in set(classes))
     if extra:
         raise DataError(f"{root}: class folder(s) {', '.join(map(repr, extra))} not in {train_dir} (classes: "
                         f"{', '.join(classes[:10])}{', ...' if len(classes) > 10 else ''})")
-    xs, ys = [], []
+    paths, labels = [], []
     for ci, cname in enumerate(classes):
         cdir = root / cname
         if not cdir.is_dir():
@@ -497,19 +566,34 @@ def _read_folder(root: Path, classes: list[str], size: int, train_dir: Path) -> 
         if not images:
             raise DataError(f"{cdir}: class folder holds no images (other entries: {len(files)}; image suffixes: "
                             f"{', '.join(sorted(IMG_EXT))})")
-        for p in images:
-            im = decode_image(p)
-            w, h = im.size
-            # torchvision resizes the shorter side to `size`: a long thin image would grow without bound
-            if max(w, h) * size / min(w, h) * size > (Image.MAX_IMAGE_PIXELS or math.inf):
-                raise DataError(f"{p}: image size {w}x{h}: too elongated to resize to a {size}-pixel short side")
-            im = F.center_crop(F.resize(im.convert("RGB"), size), [size, size])
-            xs.append(torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1))
-            ys.append(ci)
-    return Split(torch.stack(xs), torch.tensor(ys, dtype=torch.int64))
+        paths += images
+        labels += [ci] * len(images)
+    return paths, torch.tensor(labels, dtype=torch.int64)
 
 
-def _imagefolder(cfg: DataConfig) -> tuple[Split, Split, int]:
+def folder_image(path: Path, size: int) -> torch.Tensor:
+    """One image file as the imagefolder source reads it: decoded (:func:`decode_image`), RGB, the shorter side
+    resized to ``size`` and center-cropped to ``size`` x ``size``: uint8 3 x size x size."""
+    # start-up time: torchvision only when decoding image files (the CLI imports this module)
+    from torchvision.transforms import functional as F
+
+    im = decode_image(path)
+    w, h = im.size
+    # torchvision resizes the shorter side to `size`: a long thin image would grow without bound
+    if max(w, h) * size / min(w, h) * size > (Image.MAX_IMAGE_PIXELS or math.inf):
+        raise DataError(f"{path}: image size {w}x{h}: too elongated to resize to a {size}-pixel short side")
+    im = F.center_crop(F.resize(im.convert("RGB"), size), [size, size])
+    return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+def _read_folder(root: Path, classes: list[str], size: int, train_dir: Path) -> Split:
+    paths, labels = folder_files(root, classes, train_dir)
+    return Split(torch.stack([folder_image(p, size) for p in paths]), labels)
+
+
+def folder_layout(cfg: DataConfig) -> tuple[Path, Path, list[str]]:
+    """An imagefolder root's training folder, test folder (val/ or test/) and class names (the training folder's
+    subfolders, sorted); DataError naming what is missing."""
     root = Path(cfg.root)
     if not cfg.root or not root.is_dir():
         raise DataError(f"imagefolder root not found: {cfg.root!r} (expects root/train/<class>/ and root/val/<class>/)")
@@ -520,5 +604,63 @@ def _imagefolder(cfg: DataConfig) -> tuple[Split, Split, int]:
     classes = sorted(d.name for d in train_dir.iterdir() if d.is_dir())
     if len(classes) < 2:
         raise DataError(f"{train_dir}: found {len(classes)} class folders, need at least 2")
+    return train_dir, test_dir, classes
+
+
+def _imagefolder(cfg: DataConfig) -> tuple[Split, Split, int]:
+    train_dir, test_dir, classes = folder_layout(cfg)
     return (_read_folder(train_dir, classes, cfg.img_size, train_dir),
             _read_folder(test_dir, classes, cfg.img_size, train_dir), len(classes))
+
+
+@dataclass
+class FolderSplit:
+    """An image folder's training split left on disk (data.stream): its files, labels and source rows, in the
+    order an in-memory read would hold them; each image decoded on demand, exactly as :func:`folder_image` reads it
+    (a map-style dataset for torch's DataLoader)."""
+    paths: list[Path]
+    labels: torch.Tensor
+    index: torch.Tensor
+    size: int
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return folder_image(self.paths[i], self.size)
+
+    def decode(self, n: int | None = None) -> Split:
+        """The first ``n`` images (all with None) decoded into memory."""
+        k = len(self) if n is None else min(n, len(self))
+        return Split(torch.stack([self[i] for i in range(k)]), self.labels[:k], self.index[:k])
+
+    def decoded_bytes(self) -> int:
+        return len(self) * 3 * self.size * self.size
+
+
+def folder_rows(cfg: DataConfig) -> tuple[FolderSplit, FolderSplit, int]:
+    """An imagefolder source listed, not decoded: (training split, test split, classes) as FolderSplits in the
+    source's own order."""
+    train_dir, test_dir, classes = folder_layout(cfg)
+    splits = []
+    for d in (train_dir, test_dir):
+        paths, labels = folder_files(d, classes, train_dir)
+        splits.append(FolderSplit(paths, labels, torch.arange(len(paths)), cfg.img_size))
+    return splits[0], splits[1], len(classes)
+
+
+def load_streamed_splits(cfg: DataConfig, head: int) -> tuple[Splits, FolderSplit]:
+    """An imagefolder source with its training split left on disk (data.stream): validation and test decoded into
+    memory, the training split as a :class:`FolderSplit` with the rows, order and carving :func:`load_splits` would
+    give (:func:`carve`), and its first ``head`` images decoded (``Splits.train``: the detectors' probe)."""
+    check_val_size(cfg)
+    train, test, num_classes = folder_rows(cfg)
+    rows = carve(cfg, len(train), len(test))
+
+    def take(s: FolderSplit, r: torch.Tensor) -> FolderSplit:
+        return FolderSplit([s.paths[i] for i in r.tolist()], s.labels[r], s.index[r], s.size)
+
+    stream = take(train, rows.train)
+    val = take(train if cfg.val_from == "train" else test, rows.val).decode()
+    splits = Splits(stream.decode(head), val, take(test, rows.test).decode(), num_classes, cfg.source, len(train))
+    return splits, stream

@@ -1,0 +1,164 @@
+"""data.stream: an image folder's training split read batch by batch from its files (DataLoader workers decoding
+ahead) gives the batches, the normalisation and the run an in-memory read gives, bit for bit; what cannot stream
+is refused naming the setting, and a bad file is refused before the run writes anything."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pst_dist.config import ConfigError, DataConfig, load_config
+from pst_dist.data import pipeline
+from pst_dist.data.loaders import FolderBatches, TensorBatches
+from pst_dist.data.pipeline import build_data, build_loader, streams
+from pst_dist.data.sources import DataError, PixelSums, channel_stats, folder_stats, load_splits, load_streamed_splits
+from pst_dist.distributed import DistInfo
+from tests.conftest import run_cli
+
+
+def write_folder(root: Path, n_train: int = 24, n_test: int = 8, classes: int = 3) -> Path:
+    """A real image folder: PNG and JPEG files of several sizes (resized and center-cropped when read), classes as
+    subfolders; each class a different mean brightness so a tiny model learns something."""
+    rng = np.random.default_rng(0)
+    for split, n in (("train", n_train), ("val", n_test)):
+        for c in range(classes):
+            d = root / split / f"c{c}"
+            d.mkdir(parents=True)
+            for i in range(n):
+                h, w = rng.integers(18, 40, 2)
+                px = np.clip(rng.normal(60 + 60 * c, 40, (h, w, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(px).save(d / f"{i:03d}.{'jpg' if i % 3 == 0 else 'png'}")
+    return root
+
+
+def cfg_of(root: Path, *over: str):
+    return load_config(None, [f"--data.root={root}", "--data.source=imagefolder", "--data.img_size=16",
+                              "--data.val_size=6", "--data.probe_size=8", "--data.loader_workers=2",
+                              "--model.width=0.125", "--train.batch_size=8", "--train.epochs=2",
+                              "--log.progress=false", *over])
+
+
+@pytest.mark.parametrize("val_from, train_size", [("train", 0), ("test", 50)])
+def test_streamed_splits_are_the_in_memory_splits(tmp_path, val_from, train_size):
+    root = write_folder(tmp_path / "folder")
+    d = DataConfig(source="imagefolder", root=str(root), img_size=16, val_size=6, val_from=val_from,
+                   train_size=train_size, test_size=20)
+    whole = load_splits(d)
+    head, files = load_streamed_splits(d, head=10)
+    assert len(files) == len(whole.train) and torch.equal(files.index, whole.train.index)
+    assert torch.equal(files.labels, whole.train.labels)
+    assert torch.equal(files.decode().images, whole.train.images)
+    assert torch.equal(head.train.images, whole.train.images[:10]) and len(head.train) == 10
+    for part in ("val", "test"):
+        a, b = getattr(head, part), getattr(whole, part)
+        assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels) and torch.equal(a.index, b.index)
+    assert head.source_train_size == whole.source_train_size == 72
+
+
+def test_pixel_sums_are_exact_in_any_batching():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (301, 3, 9, 9), generator=g, dtype=torch.uint8)
+    ref = x.double().div(255)
+    mean, std = ref.mean(dim=(0, 2, 3)).float(), ref.std(dim=(0, 2, 3)).float()
+    whole = folder_stats(x)
+    parts = PixelSums()
+    for chunk in x.split(7):
+        parts.add(chunk)
+    assert all(torch.equal(a, b) for a, b in zip(whole, parts.stats(), strict=True))
+    assert torch.equal(whole[0], mean) and torch.allclose(whole[1], std, rtol=0, atol=1e-7)
+    assert torch.allclose(whole[0], channel_stats(x)[0], atol=1e-6)  # float32 figures, to their precision
+    with pytest.raises(DataError, match="channel 1 has std 0"):
+        blank = x.clone()
+        blank[:, 1] = 7
+        folder_stats(blank)
+
+
+@pytest.mark.parametrize("augment", ["none", "crop", "crop_flip", "rrc_flip", "ueraser"])
+def test_streamed_batches_are_the_in_memory_batches(tmp_path, augment):
+    root = write_folder(tmp_path / "folder")
+    memory = build_data(cfg_of(root, "--data.stream=false"))
+    streamed = build_data(cfg_of(root, "--data.stream=true"))
+    assert memory.stream is None and streamed.stream is not None
+    assert torch.equal(streamed.mean, memory.mean) and torch.equal(streamed.std, memory.std)
+    assert torch.equal(streamed.poisoned_train, memory.poisoned_train[:len(streamed.poisoned_train)])
+    for world_size in (1, 2):
+        for rank in range(world_size):
+            kw = dict(augment=augment, seed=3, drop_last=True, rank=rank, world_size=world_size)
+            a = TensorBatches(memory.poisoned_train, memory.splits.train.labels, 8, prefetch=2, **kw)
+            b = FolderBatches(streamed.stream, 8, workers=2, prefetch=0, **kw)
+            assert len(a) == len(b) > 0
+            for epoch in (0, 1):
+                a.set_epoch(epoch)
+                b.set_epoch(epoch)
+                pairs = list(zip(a, b, strict=True))
+                assert len(pairs) == len(a)
+                assert all(torch.equal(p[0], q[0]) and torch.equal(p[1], q[1]) for p, q in pairs)
+
+
+def test_streaming_auto_follows_the_memory_available(tmp_path, monkeypatch):
+    root = write_folder(tmp_path / "folder")
+    cfg = cfg_of(root)
+    assert cfg.data.stream == "auto" and not streams(cfg)  # 66 images of 16 x 16: far under a quarter of memory
+    need = (72 - 6) * 3 * 16 * 16
+    monkeypatch.setattr(pipeline, "available_memory", lambda: 4 * need - 4)
+    assert streams(cfg)
+    data = build_data(cfg)
+    loader = build_loader(cfg, data, DistInfo(0, 1, 0), torch.device("cpu"))
+    assert isinstance(loader, FolderBatches) and len(loader) == 66 // 8
+    assert not streams(cfg_of(root, "--poison.kind=classwise_noise"))  # a poison is made in memory
+    monkeypatch.setattr(pipeline, "available_memory", lambda: 4 * need)
+    assert not streams(cfg)
+
+
+@pytest.mark.parametrize("over, message", [
+    (["--data.source=synthetic"], "data.stream=true: only data.source='imagefolder' streams"),
+    (["--poison.kind=classwise_noise"], "data.stream=true with poison.kind='classwise_noise'"),
+    (["--defense.kind=jpeg"], "data.stream=true with defense.kind='jpeg'"),
+])
+def test_what_cannot_stream_is_refused_naming_the_setting(tmp_path, over, message):
+    root = write_folder(tmp_path / "folder", n_train=4, n_test=2)
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        build_data(cfg_of(root, "--data.stream=true", *over))
+    with pytest.raises(ConfigError, match="data.stream='yes'"):
+        cfg_of(root, "--data.stream=yes")
+
+
+def test_a_streamed_run_is_the_in_memory_run(tmp_path):
+    """End to end through the CLI, PST stages included: the same metrics, accuracies and weights."""
+    root = write_folder(tmp_path / "folder")
+    pst = ['--schedule.stages=[{name="warm",epochs=1},{name="frozen",freeze=[0,1]}]', "--data.augment=crop_flip"]
+    out = {}
+    for stream in ("false", "true"):
+        run = tmp_path / f"run_{stream}"
+        r = run_cli("train", f"--data.root={root}", "--data.source=imagefolder", "--data.img_size=16",
+                    "--data.val_size=6", "--data.probe_size=8", "--model.width=0.125", "--train.batch_size=8",
+                    "--train.epochs=2", "--log.progress=false", f"--data.stream={stream}", f"--log.run_dir={run}",
+                    "--log.tensorboard=false", *pst)
+        assert r.returncode == 0, r.stderr[-3000:]
+        out[stream] = (json.loads((run / "summary.json").read_text()),
+                       [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()],
+                       json.loads((run / "meta.json").read_text()))
+        assert out[stream][2]["resolved"]["data.stream"] is (stream == "true")
+    (a, ma, _), (b, mb, _) = out["false"], out["true"]
+    assert "streamed from" in r.stderr and "mean/std" not in r.stderr  # progress off: no bar
+    drop = ("throughput",)
+    assert {k: v for k, v in a.items() if k not in drop} == {k: v for k, v in b.items() if k not in drop}
+    timing = ("perf/", "time")
+    strip = lambda rows: [{k: v for k, v in row.items() if not k.startswith(timing)} for row in rows]  # noqa: E731
+    assert strip(ma) == strip(mb) and sum("train/loss" in row for row in ma) == 2
+
+
+def test_a_bad_file_is_refused_before_the_run_writes_anything(tmp_path):
+    root = write_folder(tmp_path / "folder", n_train=6, n_test=2)
+    bad = root / "train" / "c1" / "004.png"
+    bad.write_bytes(b"not a png at all")
+    run = tmp_path / "run"
+    r = run_cli("train", f"--data.root={root}", "--data.source=imagefolder", "--data.img_size=16",
+                "--data.val_size=2", "--data.probe_size=4", "--model.width=0.125", "--train.batch_size=4",
+                "--log.progress=false", "--data.stream=true", f"--log.run_dir={run}")
+    assert r.returncode != 0
+    assert "004.png" in r.stderr and "cannot decode image" in r.stderr and "Traceback" not in r.stderr
+    assert not run.exists() or not any(run.iterdir())
