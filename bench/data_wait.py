@@ -1,8 +1,10 @@
 """How long the training loop waits for its data: the in-memory loader synchronous (``data.prefetch=0``: each batch
 gathered and augmented when the loop asks for it) against prefetching (a background thread keeps batches ready),
-side by side in one run, same model, data, batch and augmentation.
+side by side in one run, same model, data, batch and augmentation. With ``--folder``: the same images written as
+an image folder of JPEG files (at twice the side, resized when read), read into memory first against streamed from
+the files (``data.stream=true``: ``--workers`` DataLoader processes decoding each batch's files ahead of the step).
 
-    .venv/bin/python bench/data_wait.py [--epochs 3] [--augment crop_flip] [--out results.jsonl]
+    .venv/bin/python bench/data_wait.py [--epochs 3] [--augment crop_flip] [--folder] [--out results.jsonl]
 
 Default: ResNet-18 x0.25 at 32 px, synthetic data, batch 128, on this machine's device. Printed per setting: img/s,
 step time, and the data-wait fraction (time blocked on the loader / wall time of the epoch), averaged over the epochs
@@ -17,15 +19,34 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
+from PIL import Image
+
 from pst_dist.config import load_config
 from pst_dist.data.pipeline import build_data
+from pst_dist.data.sources import synthetic_images
 from pst_dist.train import train
 
 
-def measure(over: list[str], prefetch: int, data) -> dict:
+def measure(over: list[str], data) -> dict:
     with tempfile.TemporaryDirectory() as d:
-        cfg = load_config(None, [*over, f"--data.prefetch={prefetch}", f"--log.run_dir={Path(d) / 'run'}"])
+        cfg = load_config(None, [*over, f"--log.run_dir={Path(d) / 'run'}"])
         return train(cfg, data=data)["throughput"]
+
+
+def val_images(images: int) -> int:
+    return max(20, images // 5)
+
+
+def write_folder(root: Path, images: int, side: int) -> None:
+    """The synthetic set as an image folder: train/<class>/*.jpg (``images`` files) and val/<class>/*.jpg (a fifth
+    of that), JPEG quality 90, ``side`` pixels square."""
+    for split, n, seed in (("train", images, 0), ("val", val_images(images), 1)):
+        s = synthetic_images(n, 10, side, seed)
+        for i, (x, y) in enumerate(zip(s.images, s.labels.tolist(), strict=True)):
+            d = root / split / f"c{y}"
+            d.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.ascontiguousarray(x.permute(1, 2, 0).numpy())).save(d / f"{i:06d}.jpg", quality=90)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -37,27 +58,39 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--batch", type=int, default=128, help="train.batch_size")
     ap.add_argument("--width", type=float, default=0.25, help="model.width of the ResNet-18")
     ap.add_argument("--out", help="append one JSON line per setting here")
+    ap.add_argument("--folder", action="store_true", help="an image folder read into memory against streamed")
+    ap.add_argument("--workers", type=int, default=1, help="data.loader_workers (decoding processes) for --folder")
     args = ap.parse_args(argv)
-    over = ["--model.name=resnet18", f"--model.width={args.width}", "--data.source=synthetic",
-            f"--data.synthetic_train={args.images}", f"--data.img_size={args.size}", "--data.val_size=256",
-            "--data.probe_size=128", f"--data.augment={args.augment}", f"--train.batch_size={args.batch}",
-            f"--train.epochs={args.epochs}", f"--train.eval_every={args.epochs}", "--train.checkpoint_every=0",
-            "--log.tensorboard=false", "--log.progress=false"]
-    data = build_data(load_config(None, over))
-    rows = []
-    for label, prefetch in (("synchronous", 0), ("prefetching", 2)):
-        tp = measure(over, prefetch, data)
-        row = {"loader": label, "prefetch": prefetch, "augment": args.augment, "size": args.size,
-               "batch": args.batch, "width": args.width, **tp}
-        rows.append(row)
-        print(f"{label:12s} (data.prefetch={prefetch}): {tp['img_per_s']:,.0f} img/s, step {tp['step_ms']:.1f} ms, "
-              f"data wait {100 * tp['data_wait']:.1f}% of the epoch", flush=True)
-        if args.out:
-            with open(args.out, "a") as f:
-                f.write(json.dumps(row) + "\n")
-    sync, ahead = rows
-    print(f"data-wait fraction: {100 * ahead['data_wait']:.1f}% prefetching vs {100 * sync['data_wait']:.1f}% "
-          f"synchronous; throughput x{ahead['img_per_s'] / sync['img_per_s']:.2f}")
+    over = ["--model.name=resnet18", f"--model.width={args.width}", f"--data.img_size={args.size}",
+            "--data.probe_size=128", f"--data.augment={args.augment}",
+            f"--train.batch_size={args.batch}", f"--train.epochs={args.epochs}", f"--train.eval_every={args.epochs}",
+            "--train.checkpoint_every=0", "--log.tensorboard=false", "--log.progress=false"]
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.folder:
+            write_folder(Path(tmp) / "folder", args.images, 2 * args.size)
+            over += ["--data.source=imagefolder", f"--data.root={Path(tmp) / 'folder'}", "--data.val_from=test",
+                     f"--data.val_size={min(256, val_images(args.images) // 2)}",
+                     f"--data.loader_workers={args.workers}", "--data.prefetch=2"]
+            settings = (("in-memory", ["--data.stream=false"]), ("streamed", ["--data.stream=true"]))
+        else:
+            over += ["--data.source=synthetic", f"--data.synthetic_train={args.images}", "--data.val_size=256"]
+            settings = (("synchronous", ["--data.prefetch=0"]), ("prefetching", ["--data.prefetch=2"]))
+        rows = []
+        for label, setting in settings:
+            data = build_data(load_config(None, [*over, *setting]))
+            tp = measure([*over, *setting], data)
+            row = {"loader": label, "setting": " ".join(setting), "augment": args.augment, "size": args.size,
+                   "batch": args.batch, "width": args.width, **({"workers": args.workers} if args.folder else {}),
+                   **tp}
+            rows.append(row)
+            print(f"{label:12s} ({' '.join(s.removeprefix('--') for s in setting)}): {tp['img_per_s']:,.0f} img/s, "
+                  f"step {tp['step_ms']:.1f} ms, data wait {100 * tp['data_wait']:.1f}% of the epoch", flush=True)
+            if args.out:
+                with open(args.out, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+    (a, ra), (b, rb) = ((label, r) for (label, _), r in zip(settings, rows, strict=True))
+    print(f"data-wait fraction: {100 * rb['data_wait']:.1f}% {b} vs {100 * ra['data_wait']:.1f}% {a}; "
+          f"throughput x{rb['img_per_s'] / ra['img_per_s']:.2f}")
     return rows
 
 

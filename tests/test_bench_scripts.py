@@ -41,3 +41,10 @@ def test_data_wait_compares_the_two_loaders():
                                     "--width", "0.125"])
     assert [r["loader"] for r in rows] == ["synchronous", "prefetching"]
     assert all(0 <= r["data_wait"] < 1 and r["img_per_s"] > 0 for r in rows)
+
+
+def test_data_wait_compares_an_image_folder_in_memory_and_streamed():
+    rows = _load("data_wait").main(["--epochs", "2", "--images", "256", "--size", "16", "--batch", "64",
+                                    "--width", "0.125", "--folder"])
+    assert [r["loader"] for r in rows] == ["in-memory", "streamed"]
+    assert all(0 <= r["data_wait"] < 1 and r["img_per_s"] > 0 for r in rows)
