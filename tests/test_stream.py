@@ -149,6 +149,10 @@ def test_a_streamed_run_is_the_in_memory_run(tmp_path):
     timing = ("perf/", "time")
     strip = lambda rows: [{k: v for k, v in row.items() if not k.startswith(timing)} for row in rows]  # noqa: E731
     assert strip(ma) == strip(mb) and sum("train/loss" in row for row in ma) == 2
+    # pst-dist eval of the streamed run: its recorded normalisation, no pass over the training files
+    r = run_cli("eval", "--run", tmp_path / "run_true")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads(r.stdout)["accuracy"] == b["final_test_acc"] and "streaming" not in r.stderr
 
 
 def test_a_bad_file_is_refused_before_the_run_writes_anything(tmp_path):
@@ -162,3 +166,25 @@ def test_a_bad_file_is_refused_before_the_run_writes_anything(tmp_path):
     assert r.returncode != 0
     assert "004.png" in r.stderr and "cannot decode image" in r.stderr and "Traceback" not in r.stderr
     assert not run.exists() or not any(run.iterdir())
+
+
+def test_write_beton_streams_a_folder_to_the_files_an_in_memory_read_writes(tmp_path):
+    """The .beton files hold the same pixels and labels, and beton.json the same fingerprint, statistics and norms,
+    whether the folder was read into memory or file by file."""
+    from pst_dist.data import beton as B
+    from pst_dist.data.pipeline import write_betons
+
+    root = write_folder(tmp_path / "folder")
+    metas = {}
+    for stream in ("false", "true"):
+        out = tmp_path / f"beton_{stream}"
+        metas[stream] = write_betons(cfg_of(root, f"--data.stream={stream}"), out, log=lambda m: None)
+    a, b = B.BetonDir(tmp_path / "beton_false"), B.BetonDir(tmp_path / "beton_true")
+    for k in B.SPLITS:
+        x, y = a.read_split(k, num_workers=1), b.read_split(k, num_workers=1)
+        assert torch.equal(x.images, y.images) and torch.equal(x.labels, y.labels), k
+    drop = ("splits", "written_at", "seconds", "data_config")
+    ma, mb = ({k: v for k, v in m.items() if k not in drop} for m in (metas["false"], metas["true"]))
+    assert ma == mb and ma["poison"]["norms"]["linf"] == 0
+    hashes = {k: [s["sha256"] for s in m["splits"].values()] for k, m in metas.items()}
+    assert hashes["false"] == hashes["true"]

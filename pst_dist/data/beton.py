@@ -25,7 +25,7 @@ import torch
 from ..config import ConfigError
 from ..io import OutputError, read_json, sha256
 from .loaders import RRC_RATIO, RRC_SCALE, shard_order
-from .sources import DataError, Split
+from .sources import DataError, FolderSplit, Split
 
 SPLITS = ("train", "val", "test")
 META = "beton.json"
@@ -45,6 +45,19 @@ def _need_ffcv():
 
 # ---------------------------------------------------------------------------------------------------------------
 # writing
+
+
+class _FolderRows:
+    """FFCV writer dataset over a streamed image folder's split: each file decoded when its row is written."""
+
+    def __init__(self, files: FolderSplit):
+        self.files = files
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int):
+        return np.ascontiguousarray(self.files[i].permute(1, 2, 0).numpy()), int(self.files.labels[i])
 
 
 class _Rows:
@@ -132,24 +145,29 @@ def _safe_writer_cls():
     return SafeWriter
 
 
-def write_split(path: Path, images: torch.Tensor, labels: torch.Tensor, *, write_mode: str = "raw",
+def write_split(path: Path, images: torch.Tensor | FolderSplit, labels: torch.Tensor, *, write_mode: str = "raw",
                 jpeg_quality: int = 90, num_workers: int = 2) -> None:
-    """One split to one .beton at ``path`` (written in place: callers write into a temporary directory)."""
+    """One split to one .beton at ``path`` (written in place: callers write into a temporary directory). ``images``:
+    uint8 N x C x H x W, or a streamed image folder's split, its files decoded by the writer's processes."""
     _need_ffcv()
     from ffcv.fields import IntField, RGBImageField  # optional heavy dependency (FFCV), imported only for .beton files
 
     if write_mode not in ("raw", "jpg"):
         raise ValueError(f"write_mode={write_mode!r}: expected 'raw' or 'jpg'")
-    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] not in (1, 3):
-        raise DataError(f"{path.name}: expected uint8 N x (1|3) x H x W images, found {images.dtype} "
-                        f"{tuple(images.shape)}")
+    if isinstance(images, FolderSplit):
+        rows, shape = _FolderRows(images), images.shape
+    else:
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] not in (1, 3):
+            raise DataError(f"{path.name}: expected uint8 N x (1|3) x H x W images, found {images.dtype} "
+                            f"{tuple(images.shape)}")
+        rows, shape = _Rows(images, labels), tuple(images.shape)
     field = RGBImageField(write_mode=write_mode, jpeg_quality=jpeg_quality)
-    sample_bytes = images.shape[2] * images.shape[3] * 3 + 4096
+    sample_bytes = shape[2] * shape[3] * 3 + 4096
     page_size = max(1 << 21, 1 << (sample_bytes - 1).bit_length())  # FFCV: a power of 2, >= 2 MiB, >= a sample
     workers = max(1, min(num_workers, -(-len(labels) // 256)))  # each writer process fills pages of its own
     writer = _safe_writer_cls()(str(path), {"image": field, "label": IntField()}, page_size=page_size,
                                 num_workers=workers)
-    writer.from_indexed_dataset(_Rows(images, labels), chunksize=256)
+    writer.from_indexed_dataset(rows, chunksize=256)
 
 
 def is_beton_dir(out: Path) -> bool:

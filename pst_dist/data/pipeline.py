@@ -28,6 +28,7 @@ from .beton import BetonDir
 from .loaders import FolderBatches, TensorBatches, decoded, raise_first
 from .sources import (
     DataError,
+    Fingerprint,
     FolderSplit,
     PixelSums,
     Split,
@@ -77,7 +78,7 @@ def build_data(cfg: Config, poisoned: torch.Tensor | None = None) -> Data:
 
         return beton_data(cfg)
     if streams(cfg):
-        return streamed_data(cfg)
+        return streamed_data(cfg)[0]
     splits = load_splits(cfg.data)
     tr = splits.train
     if poisoned is None:
@@ -136,24 +137,27 @@ def available_memory() -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def streamed_data(cfg: Config) -> Data:
+def streamed_data(cfg: Config, digest: bool = False) -> tuple[Data, str | None]:
     """``Data`` for a streamed image folder: validation and test in memory, the training split on disk (its first
     images decoded for the detectors' probe and the sample grid), its mean and std from one pass over every file,
-    which also decodes (checks) each of them before training starts."""
+    which also decodes (checks) each of them before training starts; with ``digest``, also the training split's
+    :func:`pst_dist.data.sources.fingerprint` (else None)."""
     d = cfg.data
     splits, files = load_streamed_splits(d, head=max(d.probe_size, 64))
-    gib = files.decoded_bytes() / 2**30
-    print(f"[data] streaming the {len(files)} training images ({gib:.2f} GiB decoded) from their folder; one pass "
-          f"first for their mean and std, checking every file", file=sys.stderr)
-    rows = torch.arange(len(files))
-    sums = PixelSums()
-    for x, errors in tqdm(decoded(files, [r.tolist() for r in rows.split(64)], d.loader_workers), unit="batch",
-                          total=-(-len(files) // 64), desc="[data] mean/std", disable=not cfg.log.progress,
-                          file=sys.stderr):
+    print(f"[data] streaming the {len(files)} training images ({files.decoded_bytes() / 2**30:.2f} GiB decoded) from "
+          f"their folder; one pass first for their mean and std{' and fingerprint' if digest else ''}, checking "
+          f"every file", file=sys.stderr)
+    sums, digests = PixelSums(), Fingerprint(files.shape) if digest else None
+    batches = [r.tolist() for r in torch.arange(len(files)).split(64)]
+    for x, errors in tqdm(decoded(files, batches, d.loader_workers), unit="batch", total=len(batches),
+                          desc="[data] mean/std", disable=not cfg.log.progress, file=sys.stderr):
         raise_first(errors)
         sums.add(x)
+        if digests is not None:
+            digests.add(x)
     mean, std = sums.stats()
-    return Data(splits, splits.train.images, mean, std.clamp_min(1e-3), stream=files)
+    data = Data(splits, splits.train.images, mean, std.clamp_min(1e-3), stream=files)
+    return data, digests.hexdigest(files.labels) if digests is not None else None
 
 
 def build_loader(cfg: Config, data: Data, dist_info: DistInfo, device: torch.device):
@@ -247,12 +251,12 @@ def write_betons(cfg: Config, out: Path, *, overwrite: bool = False, write_mode:
     with contextlib.ExitStack() as stack:
         tmp = enter_out_dir(stack, out, replace)  # first: an unwritable --out fails before any of the work
         t0 = time.perf_counter()
-        whole = copy.deepcopy(cfg)
-        whole.data.stream = False  # every training image is written: read them into memory, not streamed
-        data = build_data(whole)  # validates every input before anything is written
+        # validates every input before anything is written; a streamed folder is written as it is read, file by
+        # file (the folder holds the data as trained on: nothing to poison, norms 0)
+        data, clean_sha = streamed_data(cfg, digest=True) if streams(cfg) else (build_data(cfg), None)
         s = data.splits
-        tensors = {"train": (data.poisoned_train, s.train.labels), "val": (s.val.images, s.val.labels),
-                   "test": (s.test.images, s.test.labels)}
+        train = (data.stream, data.stream.labels) if data.stream is not None else (data.poisoned_train, s.train.labels)
+        tensors = {"train": train, "val": (s.val.images, s.val.labels), "test": (s.test.images, s.test.labels)}
         files = {}
         for name, (x, y) in tensors.items():
             t = time.perf_counter()
@@ -270,7 +274,7 @@ def write_betons(cfg: Config, out: Path, *, overwrite: bool = False, write_mode:
             "lossy": write_mode == "jpg", "source": cfg.data.source, "shape": list(s.shape),
             "num_classes": s.num_classes, "splits": files,
             "poison": {**asdict(cfg.poison), "norms": norms(s.train.images, data.poisoned_train)},
-            "fingerprint": {"clean_train_sha256": fingerprint(s.train)},
+            "fingerprint": {"clean_train_sha256": clean_sha or fingerprint(s.train)},
             "mean": data.mean.tolist(), "std": data.std.tolist(),
             "data_config": asdict(cfg.data), "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "seconds": round(time.perf_counter() - t0, 2),

@@ -209,11 +209,24 @@ def folder_stats(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def fingerprint(split: Split) -> str:
     """SHA-256 of a split's clean images and labels: names the data set a poison was made for."""
-    h = hashlib.sha256()
-    h.update(str(tuple(split.images.shape)).encode())
-    h.update(split.images.contiguous().numpy().tobytes())
-    h.update(split.labels.numpy().tobytes())
-    return h.hexdigest()
+    f = Fingerprint(split.images.shape)
+    f.add(split.images)
+    return f.hexdigest(split.labels)
+
+
+class Fingerprint:
+    """:func:`fingerprint` of a split of ``shape`` (N x C x H x W) whose images arrive batch by batch, in order."""
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        self.h = hashlib.sha256()
+        self.h.update(str(tuple(shape)).encode())
+
+    def add(self, images: torch.Tensor) -> None:
+        self.h.update(images.contiguous().numpy().tobytes())
+
+    def hexdigest(self, labels: torch.Tensor) -> str:
+        self.h.update(labels.numpy().tobytes())
+        return self.h.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -634,8 +647,12 @@ class FolderSplit:
         k = len(self) if n is None else min(n, len(self))
         return Split(torch.stack([self[i] for i in range(k)]), self.labels[:k], self.index[:k])
 
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return len(self), 3, self.size, self.size
+
     def decoded_bytes(self) -> int:
-        return len(self) * 3 * self.size * self.size
+        return math.prod(self.shape)
 
 
 def folder_rows(cfg: DataConfig) -> tuple[FolderSplit, FolderSplit, int]:
