@@ -60,11 +60,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--out", help="append one JSON line per setting here")
     ap.add_argument("--folder", action="store_true", help="an image folder read into memory against streamed")
     ap.add_argument("--workers", type=int, default=1, help="data.loader_workers (decoding processes) for --folder")
+    ap.add_argument("--threads", type=int, default=0, help="train.threads (0: torch's default)")
     args = ap.parse_args(argv)
     over = ["--model.name=resnet18", f"--model.width={args.width}", f"--data.img_size={args.size}",
             "--data.probe_size=128", f"--data.augment={args.augment}",
             f"--train.batch_size={args.batch}", f"--train.epochs={args.epochs}", f"--train.eval_every={args.epochs}",
-            "--train.checkpoint_every=0", "--log.tensorboard=false", "--log.progress=false"]
+            "--train.checkpoint_every=0", f"--train.threads={args.threads}", "--log.tensorboard=false",
+            "--log.progress=false"]
     with tempfile.TemporaryDirectory() as tmp:
         if args.folder:
             write_folder(Path(tmp) / "folder", args.images, 2 * args.size)
@@ -80,7 +82,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             data = build_data(load_config(None, [*over, *setting]))
             tp = measure([*over, *setting], data)
             row = {"loader": label, "setting": " ".join(setting), "augment": args.augment, "size": args.size,
-                   "batch": args.batch, "width": args.width, **({"workers": args.workers} if args.folder else {}),
+                   "batch": args.batch, "width": args.width, "threads": args.threads,
+                   **({"workers": args.workers} if args.folder else {}),
                    **tp}
             rows.append(row)
             print(f"{label:12s} ({' '.join(s.removeprefix('--') for s in setting)}): {tp['img_per_s']:,.0f} img/s, "
