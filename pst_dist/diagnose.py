@@ -109,7 +109,10 @@ def run_diagnose(cfg: Config, out: Path, probe_size: int = 2000, overwrite: bool
     cfg.log.run_dir = str(out / "run")
     data = build_data(cfg)
     s = data.splits
-    n = min(probe_size, len(s.train))
+    # a streamed image folder holds only its first images in memory (and, unpoisoned, trains on them as they are)
+    held = data.stream.decode(probe_size) if data.stream is not None else s.train
+    poisoned = held.images if data.stream is not None else data.poisoned_train
+    n = min(probe_size, len(held))
     if n < 2 * s.num_classes:
         raise ConfigError(f"--probe-size {probe_size}: a probe of {n} images is too small for {s.num_classes} "
                           f"classes (need >= {2 * s.num_classes})")
@@ -117,15 +120,14 @@ def run_diagnose(cfg: Config, out: Path, probe_size: int = 2000, overwrite: bool
     if earlier:  # --overwrite of an earlier diagnose output: its TensorBoard events go (run/ is train()'s to replace)
         shutil.rmtree(out / "tb", ignore_errors=True)
     device = build_device(cfg)
-    probe = {"poisoned": data.poisoned_train[:n].to(device).float() / 255,
-             "clean": s.train.images[:n].to(device).float() / 255}
-    labels = s.train.labels[:n]
+    probe = {"poisoned": poisoned[:n].to(device).float() / 255, "clean": held.images[:n].to(device).float() / 255}
+    labels = held.labels[:n]
     normalize = Normalize(data.mean, data.std, device)
     rows: list[dict] = []
     tb = SummaryWriter(str(out / "tb"))
 
     def on_epoch(epoch, logs, gm, engine=None):
-        row = {"epoch": epoch, "stage": logs.get("pst/stage"), "test_acc": logs.get("eval/test_acc")}
+        row = {"epoch": epoch, "stage": logs.get("pst/stage"), "test_acc": logs.get("eval/test_acc"), "probe_images": n}
         for which, x in probe.items():
             for g, m in group_metrics(gm, x, labels, normalize, s.num_classes).items():
                 for k, v in m.items():

@@ -188,3 +188,14 @@ def test_write_beton_streams_a_folder_to_the_files_an_in_memory_read_writes(tmp_
     assert ma == mb and ma["poison"]["norms"]["linf"] == 0
     hashes = {k: [s["sha256"] for s in m["splits"].values()] for k, m in metas.items()}
     assert hashes["false"] == hashes["true"]
+
+
+def test_diagnose_probes_a_streamed_folder_with_as_many_images_as_asked(tmp_path):
+    root = write_folder(tmp_path / "folder", n_train=40, n_test=4)  # 114 training images; 64 held in memory
+    r = run_cli("diagnose", f"--data.root={root}", "--data.source=imagefolder", "--data.img_size=16",
+                "--data.val_size=6", "--data.probe_size=8", "--model.width=0.125", "--train.batch_size=16",
+                "--train.epochs=1", "--log.progress=false", "--log.tensorboard=false", "--data.stream=true",
+                "--standard", "--probe-size=100", "--out", tmp_path / "diag")
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "diag" / "diagnose.jsonl").read_text().splitlines()]
+    assert [row["probe_images"] for row in rows] == [100, 100]
