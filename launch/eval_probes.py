@@ -46,6 +46,9 @@ def bn_reestimated(model: torch.nn.Module, images: torch.Tensor, norm: Normalize
 def probe(cell: Path, bench: Path, attack: str, seed: int, sigma: float) -> list[float]:
     cfg = recorded_config(cell)
     data = build_data(cell_data_cfg(cfg, None if attack == "none" else bench / "poisons" / f"{attack}_seed{seed}"))
+    if data.stream is not None or data.beton is not None:  # only their first images are in memory
+        raise SystemExit(f"{cell}: its training images are read from disk batch by batch (a streamed image folder "
+                         f"or a .beton); this probe re-estimates BatchNorm on training images held in memory")
     model = load_run_model(cell, own_data=data, cfg=cfg).model.eval()
     norm = Normalize(data.mean, data.std, torch.device("cpu"))
     x, y = data.splits.val.images.float() / 255, data.splits.val.labels

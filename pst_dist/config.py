@@ -81,9 +81,10 @@ class DataConfig:
     stream: bool | str = "auto"
     """data.source='imagefolder': leave the training images on disk and decode each batch's files in
     data.loader_workers DataLoader processes, ahead of the step, instead of decoding the whole split into memory
-    first. true | false | auto (stream when the decoded training split would take over a quarter of the memory
-    available). Only for a folder that holds its data as trained on (poison.kind and defense.kind 'none': a
-    published protected set); the batches, and so the run, are those of the in-memory read."""
+    first. true | false | auto (stream when the decoded training split, a copy per process on the node, would take
+    over a quarter of the memory available). Only for a folder that holds its data as trained on (poison.kind 'none',
+    no defense that rewrites the images first (jpeg, grayscale): a published protected set); the batches, and so the
+    run, are those of the in-memory read."""
     verify: bool = True
     """Check stored inputs against their recorded SHA-256 when opened (a .beton directory's files, a poison store's
     array): about 1 s per GB read on one core. false skips it (the sizes and structure are still checked)."""

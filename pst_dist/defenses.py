@@ -37,6 +37,10 @@ def grayscale(images: torch.Tensor) -> torch.Tensor:
     return rgb_to_grayscale(images, num_output_channels=images.shape[1])
 
 
+SQUEEZES = ("jpeg", "grayscale")
+"""The defenses that rewrite the training images once, before training (the others act on each batch)."""
+
+
 def squeeze_train(images: torch.Tensor, cfg: DefenseConfig) -> torch.Tensor:
     if cfg.kind == "jpeg":
         return jpeg(images, cfg.jpeg_quality)

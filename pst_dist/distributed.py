@@ -285,6 +285,22 @@ def broadcast_buffers(module: torch.nn.Module) -> None:
             b.copy_(v)
 
 
+def rank_and_size() -> tuple[int, int]:
+    """(rank, world size) of the process group, (0, 1) without one."""
+    if not dist.is_initialized():
+        return 0, 1
+    return dist.get_rank(), dist.get_world_size()
+
+
+def sum_across_ranks(values: list[int]) -> list[int]:
+    """Integers summed over all ranks, exactly (int64)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.int64)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
 def mean_across_ranks(value: float) -> float:
     """The mean of a scalar over all ranks (the value itself on one process)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:

@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from .checkpoint import CheckpointError, load_weights
 from .config import Config, ConfigError, DefenseConfig, PoisonConfig, load_config
-from .data.pipeline import Data, Normalize, build_data, streams
+from .data.pipeline import Data, Normalize, build_data
 from .data.sources import DataError, Split, load_streamed_splits
 from .distributed import build_device
 from .engine.deepspeed import CHECKPOINT_DIR, DS_SAFE_GLOBALS, LATEST, MODEL_STATES, check_ds_checkpoint
@@ -151,13 +151,14 @@ def clean(cfg: Config) -> Config:
     return dataclasses.replace(cfg, poison=PoisonConfig(), defense=DefenseConfig())
 
 
-def eval_data(cfg: Config, run_dir: Path) -> Data:
-    """The splits to evaluate on: ``cfg``'s data without poison or defense. An image folder that streams is not read
-    for its training images' statistics when the run recorded the normalisation its model takes (which is used)."""
+def eval_data(cfg: Config, run_dir: Path, split: str) -> Data:
+    """The data to evaluate ``split`` of: ``cfg``'s data without poison or defense. An image folder is only listed,
+    and only ``split`` decoded, when the run recorded the normalisation its model takes (which is then used): no pass
+    over the training images for their statistics, however large the folder."""
     cfg, inputs = clean(cfg), recorded_inputs(run_dir)
-    if inputs is None or not streams(cfg):
+    if inputs is None or cfg.data.source != "imagefolder":
         return build_data(cfg)
-    splits, files = load_streamed_splits(cfg.data, head=1)
+    splits, files = load_streamed_splits(cfg.data, head=1, decode=(split,))
     return Data(splits, splits.train.images, torch.tensor(inputs["mean"]), torch.tensor(inputs["std"]), stream=files)
 
 
@@ -174,7 +175,7 @@ def evaluate_run(run_dir: Path, checkpoint: str | Path | None = None, overrides:
                           f"the run's")
     recorded = recorded_config(run_dir)
     cfg = recorded_config(run_dir, overrides) if overrides else recorded
-    data = eval_data(cfg, run_dir)
+    data = eval_data(cfg, run_dir, split)
     rm = load_run_model(run_dir, checkpoint, own_data=data if cfg.data == recorded.data else None, cfg=recorded)
     part = getattr(data.splits, split)
     chans, num_classes = rm.inputs["shape"][0], rm.inputs["num_classes"]

@@ -7,6 +7,7 @@ Setup lives in small ``build_*`` functions. The loop takes any iterable of (uint
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import random
@@ -97,6 +98,25 @@ def write_run_header(run_dir: Path, cfg: Config, resumed_at: int | None = None,
         meta = {**(first if isinstance(first, dict) else {}), "resumes": resumes}
     write_atomic(run_dir / "config.toml", dump_toml(cfg))
     write_atomic(run_dir / "meta.json", json.dumps(meta, indent=2))
+
+
+def started_normalisation(run_dir: Path, data: Data) -> Data:
+    """On a resume, ``data`` normalised as the run started (meta.json's first ``inputs``) when the figures computed
+    now differ: a resumed run trains on with what trained it (an image folder's figures, for one, changed in their
+    last float32 bits when they became exact sums). Says so on stderr when they differ."""
+    f = run_dir / "meta.json"
+    try:
+        inputs = json.loads(f.read_text(encoding="utf-8")).get("inputs") if f.is_file() else None
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        inputs = None
+    if not inputs or "mean" not in inputs or "std" not in inputs:
+        return data
+    mean, std = torch.tensor(inputs["mean"], dtype=torch.float32), torch.tensor(inputs["std"], dtype=torch.float32)
+    if mean.shape != data.mean.shape or (torch.equal(mean, data.mean) and torch.equal(std, data.std)):
+        return data
+    print(f"[data] --resume: normalising with the mean/std the run started with ({inputs['mean']}, {inputs['std']}); "
+          f"computed now: ({data.mean.tolist()}, {data.std.tolist()})", file=sys.stderr)
+    return dataclasses.replace(data, mean=mean, std=std)
 
 
 def model_inputs(data: Data) -> dict:
@@ -286,6 +306,8 @@ def build_run(cfg: Config, resume: bool, overwrite: bool, allow_changes: bool, d
     resolved = resolve_auto(cfg, device)
     setup_seed(cfg, resolved)
     data = data or build_data(cfg)
+    if resume:
+        data = started_normalisation(Path(cfg.log.run_dir), data)
     resolved["data.stream"] = data.stream is not None
     s = data.splits
     run_dir = Path(cfg.log.run_dir)

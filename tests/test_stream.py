@@ -3,6 +3,7 @@ ahead) gives the batches, the normalisation and the run an in-memory read gives,
 is refused naming the setting, and a bad file is refused before the run writes anything."""
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -64,7 +65,7 @@ def test_pixel_sums_are_exact_in_any_batching():
     ref = x.double().div(255)
     mean, std = ref.mean(dim=(0, 2, 3)).float(), ref.std(dim=(0, 2, 3)).float()
     whole = folder_stats(x)
-    parts = PixelSums()
+    parts = PixelSums(3)
     for chunk in x.split(7):
         parts.add(chunk)
     assert all(torch.equal(a, b) for a, b in zip(whole, parts.stats(), strict=True))
@@ -111,12 +112,15 @@ def test_streaming_auto_follows_the_memory_available(tmp_path, monkeypatch):
     assert not streams(cfg_of(root, "--poison.kind=classwise_noise"))  # a poison is made in memory
     monkeypatch.setattr(pipeline, "available_memory", lambda: 4 * need)
     assert not streams(cfg)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two processes on this node, a copy each
+    assert streams(cfg)
 
 
 @pytest.mark.parametrize("over, message", [
     (["--data.source=synthetic"], "data.stream=true: only data.source='imagefolder' streams"),
     (["--poison.kind=classwise_noise"], "data.stream=true with poison.kind='classwise_noise'"),
     (["--defense.kind=jpeg"], "data.stream=true with defense.kind='jpeg'"),
+    (["--data.source=beton"], "data.stream=true: only data.source='imagefolder' streams (found 'beton'"),
 ])
 def test_what_cannot_stream_is_refused_naming_the_setting(tmp_path, over, message):
     root = write_folder(tmp_path / "folder", n_train=4, n_test=2)
@@ -124,6 +128,12 @@ def test_what_cannot_stream_is_refused_naming_the_setting(tmp_path, over, messag
         build_data(cfg_of(root, "--data.stream=true", *over))
     with pytest.raises(ConfigError, match="data.stream='yes'"):
         cfg_of(root, "--data.stream=yes")
+
+
+@pytest.mark.parametrize("defense", ["ueraser", "adv"])
+def test_a_defense_that_acts_on_each_batch_streams(tmp_path, defense):
+    root = write_folder(tmp_path / "folder", n_train=4, n_test=2)
+    assert build_data(cfg_of(root, "--data.stream=true", f"--defense.kind={defense}")).stream is not None
 
 
 def test_a_streamed_run_is_the_in_memory_run(tmp_path):
@@ -149,6 +159,9 @@ def test_a_streamed_run_is_the_in_memory_run(tmp_path):
     timing = ("perf/", "time")
     strip = lambda rows: [{k: v for k, v in row.items() if not k.startswith(timing)} for row in rows]  # noqa: E731
     assert strip(ma) == strip(mb) and sum("train/loss" in row for row in ma) == 2
+    wa, wb = (torch.load(tmp_path / f"run_{k}" / "checkpoint.pt", map_location="cpu", weights_only=True)["model"]
+              for k in ("false", "true"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     # pst-dist eval of the streamed run: its recorded normalisation, no pass over the training files
     r = run_cli("eval", "--run", tmp_path / "run_true")
     assert r.returncode == 0, r.stderr[-3000:]
@@ -199,3 +212,97 @@ def test_diagnose_probes_a_streamed_folder_with_as_many_images_as_asked(tmp_path
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "diag" / "diagnose.jsonl").read_text().splitlines()]
     assert [row["probe_images"] for row in rows] == [100, 100]
+
+
+@pytest.mark.parametrize("val_from", ["train", "test"])
+@pytest.mark.parametrize("cuts", [(0, 0), (30, 7), (500, 500)])
+def test_carve_gives_the_rows_of_the_shuffle_and_subset_chain(val_from, cuts):
+    """The carving as rows equals the chain of shuffles and subsets load_splits ran before it (written out here)."""
+    from pst_dist.data.sources import Split, carve
+
+    n_train, n_test, val_size = 60, 25, 5
+    train_size, test_size = cuts
+    d = DataConfig(val_size=val_size, val_from=val_from, train_size=train_size, test_size=test_size, seed=4)
+    tr = Split(torch.zeros(n_train, 1, 1, 1, dtype=torch.uint8), torch.zeros(n_train, dtype=torch.int64))
+    te = Split(torch.zeros(n_test, 1, 1, 1, dtype=torch.uint8), torch.zeros(n_test, dtype=torch.int64))
+    g = torch.Generator().manual_seed(4)
+    tr = tr.subset(torch.randperm(n_train, generator=g))
+    if val_from == "train":
+        val, tr = tr.subset(torch.arange(val_size)), tr.subset(torch.arange(val_size, n_train))
+    else:
+        te = te.subset(torch.randperm(n_test, generator=g))
+        val, te = te.subset(torch.arange(val_size)), te.subset(torch.arange(val_size, n_test))
+    if train_size:
+        tr = tr.subset(torch.arange(min(train_size, len(tr))))
+    if test_size:
+        te = te.subset(torch.arange(min(test_size, len(te))))
+    rows = carve(d, n_train, n_test)
+    assert torch.equal(rows.train, tr.index) and torch.equal(rows.val, val.index) and torch.equal(rows.test, te.index)
+
+
+def test_a_file_that_changes_after_listing_stops_the_run_naming_it(tmp_path):
+    """Mid-run: the statistics pass read one version of the folder; a file that changes afterwards is refused (a
+    DataError naming it, raised through the decoding process and the prefetch thread), not trained on."""
+    from pst_dist.train import train
+
+    root = write_folder(tmp_path / "folder")
+    cfg = cfg_of(root, "--data.stream=true", f"--log.run_dir={tmp_path / 'run'}", "--log.tensorboard=false")
+    data = build_data(cfg)
+    victim = data.stream.paths[-1]
+    st = victim.stat()
+    os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    with pytest.raises(DataError, match=f"{victim.name}: the file changed after pst-dist listed the folder"):
+        train(cfg, data=data)
+
+
+def test_resume_may_switch_between_streamed_and_in_memory(tmp_path):
+    """One epoch in memory, the second streamed: the same run as two epochs in memory (weights and metrics)."""
+    from pst_dist.train import train
+
+    root = write_folder(tmp_path / "folder")
+    out = {}
+    for name, parts in (("whole", [("false", False, None)]), ("switched", [("false", False, 1), ("true", True, None)])):
+        run = tmp_path / name
+        for stream, resume, stop in parts:
+            cfg = cfg_of(root, f"--data.stream={stream}", f"--log.run_dir={run}", "--log.tensorboard=false")
+            summary = train(cfg, resume=resume, stop_after_epochs=stop)
+        out[name] = summary, torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=True)["model"]
+    (a, wa), (b, wb) = out["whole"], out["switched"]
+    assert a["model_checksum"] == b["model_checksum"] and a["test_curve"] == b["test_curve"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    meta = json.loads((tmp_path / "switched" / "meta.json").read_text())
+    assert meta["resolved"]["data.stream"] is False and meta["resumes"][0]["resolved"]["data.stream"] is True
+    assert meta["resumes"][0]["changes"] == {"data.stream": [False, True]}
+
+
+@pytest.mark.multiproc
+def test_two_ranks_share_the_statistics_pass_and_train_as_in_memory(tmp_path):
+    """torchrun, 2 processes on gloo: the streamed run (each rank decodes half the files for the statistics, the
+    sums added up exactly across ranks; each rank streams its shard) equals the in-memory 2-process run."""
+    import subprocess
+    import sys
+
+    root = write_folder(tmp_path / "folder")
+    checksums = {}
+    for stream in ("false", "true"):
+        out = tmp_path / stream
+        out.mkdir()
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(Path(__file__).parent / "dist_worker.py"), str(out), f"--data.root={root}",
+               "--data.source=imagefolder", "--data.img_size=16", "--data.val_size=6", "--data.probe_size=8",
+               "--model.width=0.125", "--train.batch_size=8", "--train.epochs=1", "--train.device=cpu",
+               "--log.progress=false", "--log.tensorboard=false", f"--data.stream={stream}",
+               f"--log.run_dir={out / 'run'}"]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                           env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin",
+                                "PYTHONPATH": str(Path(__file__).parent.parent)})
+        assert r.returncode == 0, r.stderr[-3000:]
+        ranks = [json.loads((out / f"rank{k}.json").read_text()) for k in (0, 1)]
+        assert ranks[0]["model_checksum"] == ranks[1]["model_checksum"] and ranks[0]["world_size"] == 2
+        checksums[stream] = ranks[0]["model_checksum"]
+        if stream == "true":
+            assert "(shared by 2 ranks)" in r.stderr and r.stderr.count("[data] streaming the 66") == 1
+            inputs = json.loads((out / "run" / "meta.json").read_text())["inputs"]
+            memory = build_data(cfg_of(root, "--data.stream=false"))
+            assert inputs["mean"] == memory.mean.tolist() and inputs["std"] == memory.std.tolist()
+    assert checksums["true"] == checksums["false"]

@@ -270,8 +270,8 @@ class FolderBatches(TensorBatches):
 
 def decoded(files, batches: list[list[int]], workers: int, ahead: int = 2, pin: bool = False):
     """(uint8 images, decode errors) of each list of rows in ``batches``, decoded by ``workers`` DataLoader
-    processes, in order. A file that cannot be read is an error message (the whole batch's images are zeros)
-    rather than an exception in a worker, so that it reaches the caller as the message alone."""
+    processes, in order. A file that cannot be read is an error message rather than an exception in a worker (the
+    batch's images then an empty tensor), so that it reaches the caller as the message alone."""
     from torch.utils.data import DataLoader  # start-up time: only a streamed folder needs it
 
     # its own generator: a DataLoader draws its workers' base seed from the global one, which training owns

@@ -19,8 +19,8 @@ import torch
 from tqdm import tqdm
 
 from ..config import Config, ConfigError
-from ..defenses import squeeze_train
-from ..distributed import DistInfo
+from ..defenses import SQUEEZES, squeeze_train
+from ..distributed import DistInfo, rank_and_size, sum_across_ranks
 from ..io import check_out_dir, enter_out_dir, sha256, write_failed
 from ..poison import make_poison, mix_clean, norms, poison_train, store
 from . import beton
@@ -29,15 +29,15 @@ from .loaders import FolderBatches, TensorBatches, decoded, raise_first
 from .sources import (
     DataError,
     Fingerprint,
+    FolderListing,
     FolderSplit,
     PixelSums,
     Split,
     Splits,
-    carve,
     channel_stats,
     fingerprint,
-    folder_rows,
     folder_stats,
+    list_folder,
     load_splits,
     load_streamed_splits,
 )
@@ -46,7 +46,7 @@ from .sources import (
 @dataclass
 class Data:
     splits: Splits
-    poisoned_train: torch.Tensor  # uint8, what the model is trained on (for a .beton: its first images only)
+    poisoned_train: torch.Tensor  # uint8, what the model is trained on (.beton, streamed folder: the first images only)
     mean: torch.Tensor
     std: torch.Tensor
     beton: BetonDir | None = None  # when the training split lives in a .beton (read by FFCV)
@@ -71,14 +71,15 @@ def build_data(cfg: Config, poisoned: torch.Tensor | None = None) -> Data:
     """The splits and the training images the model sees: ``cfg.poison`` applied (or ``poisoned``, the same
     training split already poisoned, every image), to the fraction ``poison.ratio`` of the images
     (:mod:`pst_dist.poison.partial`; the others clean), then ``cfg.defense``'s squeezing."""
+    listing = stream_listing(cfg)  # first: refuses data.stream=true where nothing streams
+    if listing is not None:
+        return streamed_data(cfg, listing)[0]
     if cfg.data.source == "beton":
         if cfg.defense.kind != "none":
             raise ConfigError(f"defense.kind={cfg.defense.kind!r} with data.source='beton': the .beton holds the "
                               f"training images as written; train from the data set's own source with the defense")
 
         return beton_data(cfg)
-    if streams(cfg):
-        return streamed_data(cfg)[0]
     splits = load_splits(cfg.data)
     tr = splits.train
     if poisoned is None:
@@ -100,61 +101,87 @@ def build_data(cfg: Config, poisoned: torch.Tensor | None = None) -> Data:
 
 
 def streams(cfg: Config) -> bool:
-    """data.stream: is the training split read from its image folder batch by batch? ``auto``: when it is an image
-    folder held as trained on (no poison, no defense) whose decoded training split would take over a quarter of the
-    memory available. ConfigError for ``true`` where it cannot stream, naming the setting in the way."""
+    """data.stream: is the training split read from its image folder batch by batch? (:func:`stream_listing`)"""
+    return stream_listing(cfg) is not None
+
+
+def stream_listing(cfg: Config) -> FolderListing | None:
+    """The image folder's listing when its training split is read batch by batch (data.stream), else None.
+    ``auto``: an image folder that holds its data as trained on (no poison, no image-rewriting defense) whose decoded
+    training split, one copy per process on this node, would take over a quarter of the memory available.
+    ConfigError for ``true`` where it cannot stream, naming the setting in the way."""
     d = cfg.data
     if d.stream is False:
-        return False
+        return None
     if d.source != "imagefolder":
         if d.stream is True:
             raise ConfigError(f"data.stream=true: only data.source='imagefolder' streams (found {d.source!r}; a "
                               f".beton streams through FFCV, the other sources are read into memory)")
-        return False
-    applied = [f"{k}={v!r}" for k, v in (("poison.kind", cfg.poison.kind), ("defense.kind", cfg.defense.kind))
-               if v != "none"]
+        return None
+    applied = [f"{k}={v!r}" for k, v, made in (("poison.kind", cfg.poison.kind, cfg.poison.kind != "none"),
+                                              ("defense.kind", cfg.defense.kind, cfg.defense.kind in SQUEEZES)) if made]
     if applied:
         if d.stream is True:
-            raise ConfigError(f"data.stream=true with {applied[0]}: a poison or defense is made over the whole "
-                              f"training split in memory; stream a folder that already holds the data as trained "
-                              f"on, or set data.stream=false")
-        return False
+            raise ConfigError(f"data.stream=true with {applied[0]}: it rewrites the whole training split in memory "
+                              f"before training; stream a folder that already holds the data as trained on, or set "
+                              f"data.stream=false")
+        return None
+    listing = list_folder(d)
     if d.stream is True:
-        return True
-    train, test, _ = folder_rows(d)
-    need = len(carve(d, len(train), len(test)).train) * 3 * d.img_size ** 2
-    return need > available_memory() / 4
+        return listing
+    need = listing.part("train").decoded_bytes() * local_processes()
+    return listing if need > available_memory() / 4 else None
+
+
+def local_processes() -> int:
+    """Processes on this node that each hold a copy of the data (the launchers' LOCAL_WORLD_SIZE; 1 without one)."""
+    try:
+        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
 
 
 def available_memory() -> int:
-    """Bytes of memory available to new allocations (MemAvailable in /proc/meminfo; free pages elsewhere)."""
-    try:
+    """Bytes of memory available to new allocations: MemAvailable in /proc/meminfo (free pages elsewhere), or less
+    under a cgroup (v2) memory limit (a container, a Slurm job)."""
+    avail = None
+    with contextlib.suppress(OSError, ValueError):
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+                avail = int(line.split()[1]) * 1024
+    if avail is None:
+        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    with contextlib.suppress(OSError, ValueError):
+        cg = Path("/sys/fs/cgroup")
+        limit = (cg / "memory.max").read_text().strip()
+        if limit != "max":
+            avail = min(avail, int(limit) - int((cg / "memory.current").read_text()))
+    return avail
 
 
-def streamed_data(cfg: Config, digest: bool = False) -> tuple[Data, str | None]:
+def streamed_data(cfg: Config, listing: FolderListing, digest: bool = False) -> tuple[Data, str | None]:
     """``Data`` for a streamed image folder: validation and test in memory, the training split on disk (its first
     images decoded for the detectors' probe and the sample grid), its mean and std from one pass over every file,
-    which also decodes (checks) each of them before training starts; with ``digest``, also the training split's
-    :func:`pst_dist.data.sources.fingerprint` (else None)."""
+    which also decodes (checks) each of them before training starts; the pass is shared out among the ranks of a
+    process group (exact integer sums, added up across them). With ``digest`` (one process: write-beton), also the
+    training split's :func:`pst_dist.data.sources.fingerprint` (else None)."""
     d = cfg.data
-    splits, files = load_streamed_splits(d, head=max(d.probe_size, 64))
-    print(f"[data] streaming the {len(files)} training images ({files.decoded_bytes() / 2**30:.2f} GiB decoded) from "
-          f"their folder; one pass first for their mean and std{' and fingerprint' if digest else ''}, checking "
-          f"every file", file=sys.stderr)
-    sums, digests = PixelSums(), Fingerprint(files.shape) if digest else None
-    batches = [r.tolist() for r in torch.arange(len(files)).split(64)]
+    splits, files = load_streamed_splits(d, head=max(d.probe_size, 64), listing=listing)
+    rank, world = (0, 1) if digest else rank_and_size()
+    if rank == 0:
+        print(f"[data] streaming the {len(files)} training images ({files.decoded_bytes() / 2**30:.2f} GiB decoded) "
+              f"from their folder; one pass first for their mean and std{' and fingerprint' if digest else ''}, "
+              f"checking every file{f' (shared by {world} ranks)' if world > 1 else ''}", file=sys.stderr)
+    sums, digests = PixelSums(3), Fingerprint(files.shape) if digest else None
+    batches = [r.tolist() for r in torch.arange(len(files))[rank::world].split(64)]
     for x, errors in tqdm(decoded(files, batches, d.loader_workers), unit="batch", total=len(batches),
-                          desc="[data] mean/std", disable=not cfg.log.progress, file=sys.stderr):
+                          desc="[data] mean/std", disable=not cfg.log.progress or rank != 0, file=sys.stderr):
         raise_first(errors)
         sums.add(x)
         if digests is not None:
             digests.add(x)
+    if world > 1:
+        sums.merge(sum_across_ranks(sums.totals()))
     mean, std = sums.stats()
     data = Data(splits, splits.train.images, mean, std.clamp_min(1e-3), stream=files)
     return data, digests.hexdigest(files.labels) if digests is not None else None
@@ -194,7 +221,8 @@ def build_loader(cfg: Config, data: Data, dist_info: DistInfo, device: torch.dev
                 "the set held on the device" if on_device else
                 f"{cfg.data.prefetch} batches prefetched by a thread" if cfg.data.prefetch else "no prefetch")
     if len(loader) == 0:
-        n = len(data.beton) if data.beton is not None else len(data.stream or data.splits.train)
+        n = len(data.beton if data.beton is not None else data.stream if data.stream is not None else
+                data.splits.train)
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} is larger than the {n // dist_info.world_size} "
                           f"training images each of the {dist_info.world_size} process(es) gets: no full batch to "
                           f"train on (the last partial batch is dropped); lower train.batch_size")
@@ -253,7 +281,8 @@ def write_betons(cfg: Config, out: Path, *, overwrite: bool = False, write_mode:
         t0 = time.perf_counter()
         # validates every input before anything is written; a streamed folder is written as it is read, file by
         # file (the folder holds the data as trained on: nothing to poison, norms 0)
-        data, clean_sha = streamed_data(cfg, digest=True) if streams(cfg) else (build_data(cfg), None)
+        listing = stream_listing(cfg)
+        data, clean_sha = streamed_data(cfg, listing, digest=True) if listing else (build_data(cfg), None)
         s = data.splits
         train = (data.stream, data.stream.labels) if data.stream is not None else (data.poisoned_train, s.train.labels)
         tensors = {"train": train, "val": (s.val.images, s.val.labels), "test": (s.test.images, s.test.labels)}

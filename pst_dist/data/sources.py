@@ -74,9 +74,11 @@ def load_splits(cfg: DataConfig) -> Splits:
     """Load ``cfg.source`` and carve the clean validation split (from train or test, never overlapping test)."""
     if cfg.source == "beton":
         raise DataError("data.source='beton' is read by pst_dist.data.beton (build_data), not load_splits")
+    if cfg.source == "imagefolder":  # listed, carved, then only the rows kept decoded (each file on its own)
+        return load_streamed_splits(cfg, head=None)[0]
     check_val_size(cfg)
-    loader = {"synthetic": _synthetic, "fashion-mnist": _fashion_mnist, "cifar10": _cifar, "cifar100": _cifar,
-              "imagefolder": _imagefolder}[cfg.source]
+    loader = {"synthetic": _synthetic, "fashion-mnist": _fashion_mnist, "cifar10": _cifar,
+              "cifar100": _cifar}[cfg.source]
     train, test, num_classes = loader(cfg)
     _check_splits(cfg, train, test, num_classes)
     rows = carve(cfg, len(train), len(test))
@@ -96,6 +98,7 @@ class Rows:
     train: torch.Tensor
     val: torch.Tensor
     test: torch.Tensor
+    val_from: str = "train"
 
 
 def carve(cfg: DataConfig, n_train: int, n_test: int) -> Rows:
@@ -117,7 +120,7 @@ def carve(cfg: DataConfig, n_train: int, n_test: int) -> Rows:
         train = train[:cfg.train_size]
     if cfg.test_size:
         test = test[:cfg.test_size]
-    return Rows(train, val, test)
+    return Rows(train, val, test, cfg.val_from)
 
 
 def _check_splits(cfg: DataConfig, train: Split, test: Split, num_classes: int) -> None:
@@ -174,25 +177,33 @@ class PixelSums:
 
     CHUNK = 64  # images squared at a time (int32: 255**2 fits)
 
-    def __init__(self) -> None:
-        self.s1: list[int] | None = None
-        self.s2: list[int] | None = None
-        self.count = 0
+    def __init__(self, channels: int) -> None:
+        self.s1, self.s2, self.count = [0] * channels, [0] * channels, 0
 
     def add(self, images: torch.Tensor, where: str = "training images") -> None:
         _check_pixels(images, where)
         for x in images.split(self.CHUNK):
             s1 = x.sum(dim=(0, 2, 3), dtype=torch.int64).tolist()
             s2 = x.int().square().sum(dim=(0, 2, 3), dtype=torch.int64).tolist()
-            self.s1 = s1 if self.s1 is None else [a + b for a, b in zip(self.s1, s1, strict=True)]
-            self.s2 = s2 if self.s2 is None else [a + b for a, b in zip(self.s2, s2, strict=True)]
+            self.s1 = [a + b for a, b in zip(self.s1, s1, strict=True)]
+            self.s2 = [a + b for a, b in zip(self.s2, s2, strict=True)]
             self.count += x.shape[0] * x.shape[2] * x.shape[3]
+
+    def totals(self) -> list[int]:
+        """The sums so far as one list (per-channel sums, per-channel sums of squares, the pixel count), to be added
+        up across processes (one that saw no image sends zeros)."""
+        return [*self.s1, *self.s2, self.count]
+
+    def merge(self, totals: list[int]) -> None:
+        """Replace the sums with ``totals`` (:meth:`totals` added up over every process)."""
+        c = len(self.s1)
+        self.s1, self.s2, self.count = totals[:c], totals[c:2 * c], totals[-1]
 
     def stats(self, where: str = "training images") -> tuple[torch.Tensor, torch.Tensor]:
         """(mean, std) in [0, 1] units, float32 C each, from Python's exact integers; DataError as
         :func:`channel_stats` for too few pixels or a constant channel."""
         n = self.count
-        if n < 2 or self.s1 is None or self.s2 is None:
+        if n < 2:
             raise DataError(f"{where}: {n} pixel(s) per channel: too few to compute a standard deviation")
         mean = [Fraction(a, n * 255) for a in self.s1]
         var = [Fraction(b * n - a * a, n * (n - 1) * 255 * 255) for a, b in zip(self.s1, self.s2, strict=True)]
@@ -202,7 +213,8 @@ class PixelSums:
 
 def folder_stats(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """:class:`PixelSums`' mean and std of in-memory images."""
-    sums = PixelSums()
+    _check_pixels(images, "training images")
+    sums = PixelSums(images.shape[1])
     sums.add(images)
     return sums.stats()
 
@@ -564,7 +576,8 @@ def decode_image(path: Path, error: type[Exception] = DataError, size: tuple[int
 
 def folder_files(root: Path, classes: list[str], train_dir: Path) -> tuple[list[Path], torch.Tensor]:
     """The image files of the class folders ``classes`` under ``root``, sorted by class then name, and their labels
-    (the class's index). DataError for a class folder not in ``train_dir``, a missing one, or one without images."""
+    (the class's index). DataError for a class folder not in ``train_dir``, a missing one, or one without images.
+    (:func:`list_folder` also records each file's size and modification time.)"""
     extra = sorted(d.name for d in root.iterdir() if d.is_dir() and d.name not in set(classes))
     if extra:
         raise DataError(f"{root}: class folder(s) {', '.join(map(repr, extra))} not in {train_dir} (classes: "
@@ -599,11 +612,6 @@ def folder_image(path: Path, size: int) -> torch.Tensor:
     return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
-def _read_folder(root: Path, classes: list[str], size: int, train_dir: Path) -> Split:
-    paths, labels = folder_files(root, classes, train_dir)
-    return Split(torch.stack([folder_image(p, size) for p in paths]), labels)
-
-
 def folder_layout(cfg: DataConfig) -> tuple[Path, Path, list[str]]:
     """An imagefolder root's training folder, test folder (val/ or test/) and class names (the training folder's
     subfolders, sorted); DataError naming what is missing."""
@@ -620,32 +628,44 @@ def folder_layout(cfg: DataConfig) -> tuple[Path, Path, list[str]]:
     return train_dir, test_dir, classes
 
 
-def _imagefolder(cfg: DataConfig) -> tuple[Split, Split, int]:
-    train_dir, test_dir, classes = folder_layout(cfg)
-    return (_read_folder(train_dir, classes, cfg.img_size, train_dir),
-            _read_folder(test_dir, classes, cfg.img_size, train_dir), len(classes))
 
 
 @dataclass
 class FolderSplit:
-    """An image folder's training split left on disk (data.stream): its files, labels and source rows, in the
-    order an in-memory read would hold them; each image decoded on demand, exactly as :func:`folder_image` reads it
-    (a map-style dataset for torch's DataLoader)."""
+    """An image folder's split left on disk (data.stream): its files, labels and source rows, in the order an
+    in-memory read holds them; each image decoded on demand, exactly as :func:`folder_image` reads it (a map-style
+    dataset for torch's DataLoader), and refused if its file changed since it was listed."""
     paths: list[Path]
     labels: torch.Tensor
     index: torch.Tensor
     size: int
+    stamps: list[tuple[int, int]]
+    """Each file's (size in bytes, modification time in ns) when it was listed."""
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        return folder_image(self.paths[i], self.size)
+        path = self.paths[i]
+        try:
+            st = path.stat()
+        except OSError as e:
+            raise DataError(f"{path}: cannot read it any more ({type(e).__name__}: {_one_line(e)})") from None
+        if (st.st_size, st.st_mtime_ns) != self.stamps[i]:
+            raise DataError(f"{path}: the file changed after pst-dist listed the folder (size or modification "
+                            f"time); the run must not mix two versions of its data: start it again")
+        return folder_image(path, self.size)
+
+    def take(self, rows: torch.Tensor) -> FolderSplit:
+        r = rows.tolist()
+        return FolderSplit([self.paths[i] for i in r], self.labels[rows], self.index[rows], self.size,
+                           [self.stamps[i] for i in r])
 
     def decode(self, n: int | None = None) -> Split:
         """The first ``n`` images (all with None) decoded into memory."""
         k = len(self) if n is None else min(n, len(self))
-        return Split(torch.stack([self[i] for i in range(k)]), self.labels[:k], self.index[:k])
+        return Split(torch.stack([self[i] for i in range(k)]) if k else torch.empty(0, *self.shape[1:],
+                     dtype=torch.uint8), self.labels[:k], self.index[:k])
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -655,29 +675,42 @@ class FolderSplit:
         return math.prod(self.shape)
 
 
-def folder_rows(cfg: DataConfig) -> tuple[FolderSplit, FolderSplit, int]:
-    """An imagefolder source listed, not decoded: (training split, test split, classes) as FolderSplits in the
-    source's own order."""
+@dataclass
+class FolderListing:
+    """An imagefolder source listed, not decoded: its training and test splits in the source's own order, and the
+    rows :func:`carve` gives each split."""
+    train: FolderSplit
+    test: FolderSplit
+    num_classes: int
+    rows: Rows
+
+    def part(self, name: str) -> FolderSplit:
+        """The ``train``, ``val`` or ``test`` split's files, carved."""
+        source = self.test if name == "test" or (name == "val" and self.rows.val_from == "test") else self.train
+        return source.take(getattr(self.rows, name))
+
+
+def list_folder(cfg: DataConfig) -> FolderListing:
+    """List ``cfg``'s image folder (a stat per file: sizes and modification times are recorded) and carve it."""
+    check_val_size(cfg)
     train_dir, test_dir, classes = folder_layout(cfg)
     splits = []
     for d in (train_dir, test_dir):
         paths, labels = folder_files(d, classes, train_dir)
-        splits.append(FolderSplit(paths, labels, torch.arange(len(paths)), cfg.img_size))
-    return splits[0], splits[1], len(classes)
+        stamps = [(st.st_size, st.st_mtime_ns) for st in map(Path.stat, paths)]
+        splits.append(FolderSplit(paths, labels, torch.arange(len(paths)), cfg.img_size, stamps))
+    rows = carve(cfg, len(splits[0]), len(splits[1]))
+    return FolderListing(splits[0], splits[1], len(classes), rows)
 
 
-def load_streamed_splits(cfg: DataConfig, head: int) -> tuple[Splits, FolderSplit]:
-    """An imagefolder source with its training split left on disk (data.stream): validation and test decoded into
-    memory, the training split as a :class:`FolderSplit` with the rows, order and carving :func:`load_splits` would
-    give (:func:`carve`), and its first ``head`` images decoded (``Splits.train``: the detectors' probe)."""
-    check_val_size(cfg)
-    train, test, num_classes = folder_rows(cfg)
-    rows = carve(cfg, len(train), len(test))
-
-    def take(s: FolderSplit, r: torch.Tensor) -> FolderSplit:
-        return FolderSplit([s.paths[i] for i in r.tolist()], s.labels[r], s.index[r], s.size)
-
-    stream = take(train, rows.train)
-    val = take(train if cfg.val_from == "train" else test, rows.val).decode()
-    splits = Splits(stream.decode(head), val, take(test, rows.test).decode(), num_classes, cfg.source, len(train))
+def load_streamed_splits(cfg: DataConfig, head: int | None, listing: FolderListing | None = None,
+                         decode: tuple[str, ...] = ("val", "test")) -> tuple[Splits, FolderSplit]:
+    """An imagefolder source with its training split left on disk (data.stream): the splits in ``decode``
+    decoded into memory (the others empty), the training split as a :class:`FolderSplit` with the rows, order and
+    carving :func:`load_splits` gives (:func:`carve`), and its first ``head`` images decoded (``Splits.train``:
+    the detectors' probe; None: all of them, the in-memory read)."""
+    listing = listing or list_folder(cfg)
+    stream = listing.part("train")
+    val, test = (listing.part(k).decode(None if k in decode else 0) for k in ("val", "test"))
+    splits = Splits(stream.decode(head), val, test, listing.num_classes, cfg.source, len(listing.train))
     return splits, stream
