@@ -248,7 +248,7 @@ def test_a_file_that_changes_after_listing_stops_the_run_naming_it(tmp_path):
     root = write_folder(tmp_path / "folder")
     cfg = cfg_of(root, "--data.stream=true", f"--log.run_dir={tmp_path / 'run'}", "--log.tensorboard=false")
     data = build_data(cfg)
-    victim = data.stream.paths[-1]
+    victim = data.stream.path(len(data.stream) - 1)
     st = victim.stat()
     os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     with pytest.raises(DataError, match=f"{victim.name}: the file changed after pst-dist listed the folder"):

@@ -11,6 +11,7 @@ import gzip
 import hashlib
 import io
 import math
+import os
 import pickle
 import re
 import struct
@@ -635,31 +636,35 @@ class FolderSplit:
     """An image folder's split left on disk (data.stream): its files, labels and source rows, in the order an
     in-memory read holds them; each image decoded on demand, exactly as :func:`folder_image` reads it (a map-style
     dataset for torch's DataLoader), and refused if its file changed since it was listed."""
-    paths: list[Path]
+    paths: np.ndarray
+    """The files' paths, a numpy array of bytes (``os.fsencode``): no Python object per file, so DataLoader workers
+    reading it do not copy its pages (reference counts) one by one into each process."""
     labels: torch.Tensor
     index: torch.Tensor
     size: int
-    stamps: list[tuple[int, int]]
-    """Each file's (size in bytes, modification time in ns) when it was listed."""
+    stamps: np.ndarray
+    """Each file's (size in bytes, modification time in ns) when it was listed: int64, N x 2."""
 
     def __len__(self) -> int:
         return len(self.paths)
 
+    def path(self, i: int) -> Path:
+        return Path(os.fsdecode(self.paths[i]))
+
     def __getitem__(self, i: int) -> torch.Tensor:
-        path = self.paths[i]
+        path = self.path(i)
         try:
             st = path.stat()
         except OSError as e:
             raise DataError(f"{path}: cannot read it any more ({type(e).__name__}: {_one_line(e)})") from None
-        if (st.st_size, st.st_mtime_ns) != self.stamps[i]:
+        if (st.st_size, st.st_mtime_ns) != tuple(self.stamps[i].tolist()):
             raise DataError(f"{path}: the file changed after pst-dist listed the folder (size or modification "
                             f"time); the run must not mix two versions of its data: start it again")
         return folder_image(path, self.size)
 
     def take(self, rows: torch.Tensor) -> FolderSplit:
-        r = rows.tolist()
-        return FolderSplit([self.paths[i] for i in r], self.labels[rows], self.index[rows], self.size,
-                           [self.stamps[i] for i in r])
+        r = rows.numpy()
+        return FolderSplit(self.paths[r], self.labels[rows], self.index[rows], self.size, self.stamps[r])
 
     def decode(self, n: int | None = None) -> Split:
         """The first ``n`` images (all with None) decoded into memory."""
@@ -697,8 +702,9 @@ def list_folder(cfg: DataConfig) -> FolderListing:
     splits = []
     for d in (train_dir, test_dir):
         paths, labels = folder_files(d, classes, train_dir)
-        stamps = [(st.st_size, st.st_mtime_ns) for st in map(Path.stat, paths)]
-        splits.append(FolderSplit(paths, labels, torch.arange(len(paths)), cfg.img_size, stamps))
+        stamps = np.array([(st.st_size, st.st_mtime_ns) for st in map(Path.stat, paths)], dtype=np.int64)
+        names = np.array([os.fsencode(p) for p in paths])
+        splits.append(FolderSplit(names, labels, torch.arange(len(paths)), cfg.img_size, stamps.reshape(-1, 2)))
     rows = carve(cfg, len(splits[0]), len(splits[1]))
     return FolderListing(splits[0], splits[1], len(classes), rows)
 
