@@ -292,22 +292,29 @@ def rank_and_size() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+def collective_device() -> torch.device:
+    """Where a small host value must go for a collective: NCCL (the process group on GPUs) moves CUDA tensors only."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def sum_across_ranks(values: list[int]) -> list[int]:
     """Integers summed over all ranks, exactly (int64)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return values
-    t = torch.tensor(values, dtype=torch.int64)
+    t = torch.tensor(values, dtype=torch.int64, device=collective_device())
     dist.all_reduce(t)
-    return t.tolist()
+    return t.cpu().tolist()
 
 
 def mean_across_ranks(value: float) -> float:
     """The mean of a scalar over all ranks (the value itself on one process)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return value
-    t = torch.tensor([float(value)], dtype=torch.float64)
+    t = torch.tensor([float(value)], dtype=torch.float64, device=collective_device())
     dist.all_reduce(t)
-    return float(t) / dist.get_world_size()
+    return float(t.cpu()) / dist.get_world_size()
 
 
 def teardown() -> None:

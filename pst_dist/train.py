@@ -100,7 +100,7 @@ def write_run_header(run_dir: Path, cfg: Config, resumed_at: int | None = None,
     write_atomic(run_dir / "meta.json", json.dumps(meta, indent=2))
 
 
-def started_normalisation(run_dir: Path, data: Data) -> Data:
+def started_normalisation(run_dir: Path, data: Data, is_primary: bool = True) -> Data:
     """On a resume, ``data`` normalised as the run started (meta.json's first ``inputs``) when the figures computed
     now differ: a resumed run trains on with what trained it (an image folder's figures, for one, changed in their
     last float32 bits when they became exact sums). Says so on stderr when they differ."""
@@ -114,8 +114,9 @@ def started_normalisation(run_dir: Path, data: Data) -> Data:
     mean, std = torch.tensor(inputs["mean"], dtype=torch.float32), torch.tensor(inputs["std"], dtype=torch.float32)
     if mean.shape != data.mean.shape or (torch.equal(mean, data.mean) and torch.equal(std, data.std)):
         return data
-    print(f"[data] --resume: normalising with the mean/std the run started with ({inputs['mean']}, {inputs['std']}); "
-          f"computed now: ({data.mean.tolist()}, {data.std.tolist()})", file=sys.stderr)
+    if is_primary:
+        print(f"[data] --resume: normalising with the mean/std the run started with ({inputs['mean']}, "
+              f"{inputs['std']}); computed now: ({data.mean.tolist()}, {data.std.tolist()})", file=sys.stderr)
     return dataclasses.replace(data, mean=mean, std=std)
 
 
@@ -307,7 +308,7 @@ def build_run(cfg: Config, resume: bool, overwrite: bool, allow_changes: bool, d
     setup_seed(cfg, resolved)
     data = data or build_data(cfg)
     if resume:
-        data = started_normalisation(Path(cfg.log.run_dir), data)
+        data = started_normalisation(Path(cfg.log.run_dir), data, dist_info.is_primary)
     resolved["data.stream"] = data.stream is not None
     s = data.splits
     run_dir = Path(cfg.log.run_dir)

@@ -42,17 +42,52 @@ def cfg_of(root: Path, *over: str):
                               "--log.progress=false", *over])
 
 
+def reference_splits(root: Path, d: DataConfig) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The folder read as the imagefolder source always has, written out: every file of train/ and val/ in sorted
+    class and file order, decoded with PIL and torchvision, then the shuffles and cuts of load_splits."""
+    from torchvision.transforms import functional as F
+
+    classes = sorted(p.name for p in (root / "train").iterdir())
+
+    def read(split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        xs, ys = [], []
+        for ci, c in enumerate(classes):
+            for f in sorted((root / split / c).iterdir()):
+                with Image.open(f) as im:
+                    im = F.center_crop(F.resize(im.convert("RGB"), d.img_size), [d.img_size, d.img_size])
+                xs.append(torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1))
+                ys.append(ci)
+        return torch.stack(xs), torch.tensor(ys)
+
+    (tx, ty), (sx, sy) = read("train"), read("val")
+    g = torch.Generator().manual_seed(d.seed)
+    perm = torch.randperm(len(ty), generator=g)
+    tx, ty = tx[perm], ty[perm]
+    if d.val_from == "train":
+        (vx, vy), (tx, ty) = (tx[:d.val_size], ty[:d.val_size]), (tx[d.val_size:], ty[d.val_size:])
+    else:
+        perm = torch.randperm(len(sy), generator=g)
+        sx, sy = sx[perm], sy[perm]
+        (vx, vy), (sx, sy) = (sx[:d.val_size], sy[:d.val_size]), (sx[d.val_size:], sy[d.val_size:])
+    cut = lambda x, n: x[:n] if n else x  # noqa: E731
+    return {"train": (cut(tx, d.train_size), cut(ty, d.train_size)), "val": (vx, vy),
+            "test": (cut(sx, d.test_size), cut(sy, d.test_size))}
+
+
 @pytest.mark.parametrize("val_from, train_size", [("train", 0), ("test", 50)])
-def test_streamed_splits_are_the_in_memory_splits(tmp_path, val_from, train_size):
+def test_streamed_and_in_memory_splits_are_the_folder_as_always_read(tmp_path, val_from, train_size):
     root = write_folder(tmp_path / "folder")
     d = DataConfig(source="imagefolder", root=str(root), img_size=16, val_size=6, val_from=val_from,
                    train_size=train_size, test_size=20)
+    ref = reference_splits(root, d)
     whole = load_splits(d)
     head, files = load_streamed_splits(d, head=10)
-    assert len(files) == len(whole.train) and torch.equal(files.index, whole.train.index)
-    assert torch.equal(files.labels, whole.train.labels)
-    assert torch.equal(files.decode().images, whole.train.images)
-    assert torch.equal(head.train.images, whole.train.images[:10]) and len(head.train) == 10
+    for name, (x, y) in ref.items():
+        got = getattr(whole, name)
+        assert torch.equal(got.images, x) and torch.equal(got.labels, y), name
+    assert torch.equal(files.decode().images, ref["train"][0]) and torch.equal(files.labels, ref["train"][1])
+    assert torch.equal(files.index, whole.train.index)
+    assert torch.equal(head.train.images, ref["train"][0][:10]) and len(head.train) == 10
     for part in ("val", "test"):
         a, b = getattr(head, part), getattr(whole, part)
         assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels) and torch.equal(a.index, b.index)
@@ -306,3 +341,22 @@ def test_two_ranks_share_the_statistics_pass_and_train_as_in_memory(tmp_path):
             memory = build_data(cfg_of(root, "--data.stream=false"))
             assert inputs["mean"] == memory.mean.tolist() and inputs["std"] == memory.std.tolist()
     assert checksums["true"] == checksums["false"]
+
+
+def test_a_resume_normalises_as_the_run_started(tmp_path, capfd):
+    """A run whose recorded normalisation differs from what is computed now (an image folder run from before the
+    exact sums) resumes with the recorded figures."""
+    from pst_dist.train import train
+
+    root = write_folder(tmp_path / "folder")
+    run = tmp_path / "run"
+    cfg = cfg_of(root, f"--log.run_dir={run}", "--log.tensorboard=false")
+    train(cfg, stop_after_epochs=1)
+    meta = json.loads((run / "meta.json").read_text())
+    started = [m + 1e-7 for m in meta["inputs"]["mean"]]  # what float32 sums could have given
+    meta["inputs"]["mean"] = started
+    (run / "meta.json").write_text(json.dumps(meta))
+    train(cfg, resume=True)
+    resumed = json.loads((run / "meta.json").read_text())["resumes"][0]["inputs"]
+    assert resumed["mean"] == torch.tensor(started).tolist()
+    assert "normalising with the mean/std the run started with" in capfd.readouterr().err

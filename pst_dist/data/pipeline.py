@@ -130,15 +130,20 @@ def stream_listing(cfg: Config) -> FolderListing | None:
     if d.stream is True:
         return listing
     need = listing.part("train").decoded_bytes() * local_processes()
-    return listing if need > available_memory() / 4 else None
+    stream = need > available_memory() / 4
+    if rank_and_size()[1] > 1:  # one decision for every rank (each measured its own node): the pass is collective
+        stream = sum_across_ranks([int(stream)])[0] > 0
+    return listing if stream else None
 
 
 def local_processes() -> int:
-    """Processes on this node that each hold a copy of the data (the launchers' LOCAL_WORLD_SIZE; 1 without one)."""
-    try:
-        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    except ValueError:
-        return 1
+    """Processes on this node that each hold a copy of the data: the launcher's count (torchrun and Ray Train:
+    LOCAL_WORLD_SIZE; the deepspeed launcher: LOCAL_SIZE; Open MPI, Slurm), 1 without one."""
+    for key in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "SLURM_NTASKS_PER_NODE"):
+        with contextlib.suppress(ValueError):
+            if os.environ.get(key):
+                return max(1, int(os.environ[key]))
+    return 1
 
 
 def available_memory() -> int:
@@ -151,11 +156,18 @@ def available_memory() -> int:
                 avail = int(line.split()[1]) * 1024
     if avail is None:
         avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    with contextlib.suppress(OSError, ValueError):
-        cg = Path("/sys/fs/cgroup")
-        limit = (cg / "memory.max").read_text().strip()
-        if limit != "max":
-            avail = min(avail, int(limit) - int((cg / "memory.current").read_text()))
+    with contextlib.suppress(OSError, ValueError, IndexError):  # cgroup v2: this process's group and its parents
+        own = next(line.split(":", 2)[2] for line in Path("/proc/self/cgroup").read_text().splitlines()
+                   if line.startswith("0::"))
+        root = Path("/sys/fs/cgroup")
+        group = root / own.strip().lstrip("/")
+        for cg in (group, *group.parents):
+            with contextlib.suppress(OSError, ValueError):
+                limit = (cg / "memory.max").read_text().strip()
+                if limit != "max":
+                    avail = min(avail, int(limit) - int((cg / "memory.current").read_text()))
+            if cg == root:
+                break
     return avail
 
 
@@ -174,14 +186,24 @@ def streamed_data(cfg: Config, listing: FolderListing, digest: bool = False) -> 
               f"checking every file{f' (shared by {world} ranks)' if world > 1 else ''}", file=sys.stderr)
     sums, digests = PixelSums(3), Fingerprint(files.shape) if digest else None
     batches = [r.tolist() for r in torch.arange(len(files))[rank::world].split(64)]
-    for x, errors in tqdm(decoded(files, batches, d.loader_workers), unit="batch", total=len(batches),
-                          desc="[data] mean/std", disable=not cfg.log.progress or rank != 0, file=sys.stderr):
-        raise_first(errors)
-        sums.add(x)
-        if digests is not None:
-            digests.add(x)
+    error = None
+    try:
+        for x, errors in tqdm(decoded(files, batches, d.loader_workers), unit="batch", total=len(batches),
+                              desc="[data] mean/std", disable=not cfg.log.progress or rank != 0, file=sys.stderr):
+            raise_first(errors)
+            sums.add(x)
+            if digests is not None:
+                digests.add(x)
+    except DataError as e:  # every rank must reach the sum below, or the others would wait for this one forever
+        error = str(e)
     if world > 1:
-        sums.merge(sum_across_ranks(sums.totals()))
+        totals = sum_across_ranks([*sums.totals(), int(error is not None)])
+        if totals[-1] and error is None:
+            raise DataError(f"{totals[-1]} other rank(s) found training files they cannot read (each names its "
+                            f"file in its own output)")
+        sums.merge(totals[:-1])
+    if error is not None:
+        raise DataError(error)
     mean, std = sums.stats()
     data = Data(splits, splits.train.images, mean, std.clamp_min(1e-3), stream=files)
     return data, digests.hexdigest(files.labels) if digests is not None else None

@@ -629,8 +629,6 @@ def folder_layout(cfg: DataConfig) -> tuple[Path, Path, list[str]]:
     return train_dir, test_dir, classes
 
 
-
-
 @dataclass
 class FolderSplit:
     """An image folder's split left on disk (data.stream): its files, labels and source rows, in the order an
@@ -695,6 +693,14 @@ class FolderListing:
         return source.take(getattr(self.rows, name))
 
 
+def _stamp(path: Path) -> tuple[int, int]:
+    try:
+        st = path.stat()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read it ({type(e).__name__}: {_one_line(e)})") from None
+    return st.st_size, st.st_mtime_ns
+
+
 def list_folder(cfg: DataConfig) -> FolderListing:
     """List ``cfg``'s image folder (a stat per file: sizes and modification times are recorded) and carve it."""
     check_val_size(cfg)
@@ -702,7 +708,7 @@ def list_folder(cfg: DataConfig) -> FolderListing:
     splits = []
     for d in (train_dir, test_dir):
         paths, labels = folder_files(d, classes, train_dir)
-        stamps = np.array([(st.st_size, st.st_mtime_ns) for st in map(Path.stat, paths)], dtype=np.int64)
+        stamps = np.array([_stamp(p) for p in paths], dtype=np.int64)
         names = np.array([os.fsencode(p) for p in paths])
         splits.append(FolderSplit(names, labels, torch.arange(len(paths)), cfg.img_size, stamps.reshape(-1, 2)))
     rows = carve(cfg, len(splits[0]), len(splits[1]))
