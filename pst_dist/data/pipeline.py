@@ -51,6 +51,7 @@ class Data:
     std: torch.Tensor
     beton: BetonDir | None = None  # when the training split lives in a .beton (read by FFCV)
     stream: FolderSplit | None = None  # when the training split stays in its image folder (data.stream)
+    train_sha256: str | None = None  # a streamed training split's fingerprint, when build_data was asked (digest)
 
 
 class Normalize:
@@ -67,20 +68,21 @@ class Normalize:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
 
-def build_data(cfg: Config, poisoned: torch.Tensor | None = None) -> Data:
+def build_data(cfg: Config, poisoned: torch.Tensor | None = None, digest: bool = False) -> Data:
     """The splits and the training images the model sees: ``cfg.poison`` applied (or ``poisoned``, the same
     training split already poisoned, every image), to the fraction ``poison.ratio`` of the images
-    (:mod:`pst_dist.poison.partial`; the others clean), then ``cfg.defense``'s squeezing."""
-    listing = stream_listing(cfg)  # first: refuses data.stream=true where nothing streams
-    if listing is not None:
-        return streamed_data(cfg, listing)[0]
+    (:mod:`pst_dist.poison.partial`; the others clean), then ``cfg.defense``'s squeezing. ``digest``: a streamed
+    image folder's statistics pass also computes its training split's fingerprint (``Data.train_sha256``)."""
+    listing, stream = folder_plan(cfg)  # first: refuses data.stream=true where nothing streams
+    if stream:
+        return streamed_data(cfg, listing, digest)
     if cfg.data.source == "beton":
         if cfg.defense.kind != "none":
             raise ConfigError(f"defense.kind={cfg.defense.kind!r} with data.source='beton': the .beton holds the "
                               f"training images as written; train from the data set's own source with the defense")
 
         return beton_data(cfg)
-    splits = load_splits(cfg.data)
+    splits = load_splits(cfg.data, listing)
     tr = splits.train
     if poisoned is None:
         poisoned = poison_train(tr.images, tr.labels, tr.index, splits.source_train_size, cfg.poison,
@@ -101,39 +103,34 @@ def build_data(cfg: Config, poisoned: torch.Tensor | None = None) -> Data:
 
 
 def streams(cfg: Config) -> bool:
-    """data.stream: is the training split read from its image folder batch by batch? (:func:`stream_listing`)"""
-    return stream_listing(cfg) is not None
+    """data.stream: is the training split read from its image folder batch by batch? (:func:`folder_plan`)"""
+    return folder_plan(cfg)[1]
 
 
-def stream_listing(cfg: Config) -> FolderListing | None:
-    """The image folder's listing when its training split is read batch by batch (data.stream), else None.
-    ``auto``: an image folder that holds its data as trained on (no poison, no image-rewriting defense) whose decoded
-    training split, one copy per process on this node, would take over a quarter of the memory available.
-    ConfigError for ``true`` where it cannot stream, naming the setting in the way."""
+def folder_plan(cfg: Config) -> tuple[FolderListing | None, bool]:
+    """(the image folder's listing, None for other sources; whether its training split is read batch by batch,
+    data.stream). ``auto`` streams an image folder that holds its data as trained on (no poison, no image-rewriting
+    defense) whose decoded training split, one copy per process on this node, would take over a quarter of the
+    memory available. ConfigError for ``true`` where it cannot stream, naming the setting in the way."""
     d = cfg.data
-    if d.stream is False:
-        return None
     if d.source != "imagefolder":
         if d.stream is True:
             raise ConfigError(f"data.stream=true: only data.source='imagefolder' streams (found {d.source!r}; a "
                               f".beton streams through FFCV, the other sources are read into memory)")
-        return None
+        return None, False
     applied = [f"{k}={v!r}" for k, v, made in (("poison.kind", cfg.poison.kind, cfg.poison.kind != "none"),
                                               ("defense.kind", cfg.defense.kind, cfg.defense.kind in SQUEEZES)) if made]
-    if applied:
-        if d.stream is True:
-            raise ConfigError(f"data.stream=true with {applied[0]}: it rewrites the whole training split in memory "
-                              f"before training; stream a folder that already holds the data as trained on, or set "
-                              f"data.stream=false")
-        return None
+    if applied and d.stream is True:
+        raise ConfigError(f"data.stream=true with {applied[0]}: it rewrites the whole training split in memory "
+                          f"before training; stream a folder that already holds the data as trained on, or set "
+                          f"data.stream=false")
     listing = list_folder(d)
-    if d.stream is True:
-        return listing
-    need = listing.part("train").decoded_bytes() * local_processes()
-    stream = need > available_memory() / 4
+    if d.stream != "auto" or applied:  # set, or nothing to choose
+        return listing, d.stream is True
+    stream = listing.part("train").decoded_bytes() * local_processes() > available_memory() / 4
     if rank_and_size()[1] > 1:  # one decision for every rank (each measured its own node): the pass is collective
         stream = sum_across_ranks([int(stream)])[0] > 0
-    return listing if stream else None
+    return listing, stream
 
 
 def local_processes() -> int:
@@ -171,12 +168,12 @@ def available_memory() -> int:
     return avail
 
 
-def streamed_data(cfg: Config, listing: FolderListing, digest: bool = False) -> tuple[Data, str | None]:
+def streamed_data(cfg: Config, listing: FolderListing, digest: bool = False) -> Data:
     """``Data`` for a streamed image folder: validation and test in memory, the training split on disk (its first
     images decoded for the detectors' probe and the sample grid), its mean and std from one pass over every file,
     which also decodes (checks) each of them before training starts; the pass is shared out among the ranks of a
     process group (exact integer sums, added up across them). With ``digest`` (one process: write-beton), also the
-    training split's :func:`pst_dist.data.sources.fingerprint` (else None)."""
+    training split's :func:`pst_dist.data.sources.fingerprint` (``Data.train_sha256``)."""
     d = cfg.data
     splits, files = load_streamed_splits(d, head=max(d.probe_size, 64), listing=listing)
     rank, world = (0, 1) if digest else rank_and_size()
@@ -205,8 +202,8 @@ def streamed_data(cfg: Config, listing: FolderListing, digest: bool = False) -> 
     if error is not None:
         raise DataError(error)
     mean, std = sums.stats()
-    data = Data(splits, splits.train.images, mean, std.clamp_min(1e-3), stream=files)
-    return data, digests.hexdigest(files.labels) if digests is not None else None
+    return Data(splits, splits.train.images, mean, std.clamp_min(1e-3), stream=files,
+                train_sha256=digests.hexdigest(files.labels) if digests is not None else None)
 
 
 def build_loader(cfg: Config, data: Data, dist_info: DistInfo, device: torch.device):
@@ -303,8 +300,7 @@ def write_betons(cfg: Config, out: Path, *, overwrite: bool = False, write_mode:
         t0 = time.perf_counter()
         # validates every input before anything is written; a streamed folder is written as it is read, file by
         # file (the folder holds the data as trained on: nothing to poison, norms 0)
-        listing = stream_listing(cfg)
-        data, clean_sha = streamed_data(cfg, listing, digest=True) if listing else (build_data(cfg), None)
+        data = build_data(cfg, digest=True)
         s = data.splits
         train = (data.stream, data.stream.labels) if data.stream is not None else (data.poisoned_train, s.train.labels)
         tensors = {"train": train, "val": (s.val.images, s.val.labels), "test": (s.test.images, s.test.labels)}
@@ -325,7 +321,7 @@ def write_betons(cfg: Config, out: Path, *, overwrite: bool = False, write_mode:
             "lossy": write_mode == "jpg", "source": cfg.data.source, "shape": list(s.shape),
             "num_classes": s.num_classes, "splits": files,
             "poison": {**asdict(cfg.poison), "norms": norms(s.train.images, data.poisoned_train)},
-            "fingerprint": {"clean_train_sha256": clean_sha or fingerprint(s.train)},
+            "fingerprint": {"clean_train_sha256": data.train_sha256 or fingerprint(s.train)},
             "mean": data.mean.tolist(), "std": data.std.tolist(),
             "data_config": asdict(cfg.data), "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "seconds": round(time.perf_counter() - t0, 2),

@@ -71,12 +71,13 @@ class Splits:
         return tuple(self.train.images.shape[1:])  # type: ignore[return-value]
 
 
-def load_splits(cfg: DataConfig) -> Splits:
-    """Load ``cfg.source`` and carve the clean validation split (from train or test, never overlapping test)."""
+def load_splits(cfg: DataConfig, listing: FolderListing | None = None) -> Splits:
+    """Load ``cfg.source`` and carve the clean validation split (from train or test, never overlapping test).
+    ``listing``: the image folder's, when it has been listed already."""
     if cfg.source == "beton":
         raise DataError("data.source='beton' is read by pst_dist.data.beton (build_data), not load_splits")
     if cfg.source == "imagefolder":  # listed, carved, then only the rows kept decoded (each file on its own)
-        return load_streamed_splits(cfg, head=None)[0]
+        return load_streamed_splits(cfg, head=None, listing=listing)[0]
     check_val_size(cfg)
     loader = {"synthetic": _synthetic, "fashion-mnist": _fashion_mnist, "cifar10": _cifar,
               "cifar100": _cifar}[cfg.source]
