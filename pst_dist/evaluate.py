@@ -22,9 +22,8 @@ from .data.pipeline import Data, Normalize, build_data
 from .data.sources import DataError, Split, load_streamed_splits
 from .distributed import build_device
 from .engine.deepspeed import CHECKPOINT_DIR, DS_SAFE_GLOBALS, LATEST, MODEL_STATES, check_ds_checkpoint
-from .io import read_json
 from .models import build_model
-from .train import evaluate, model_inputs
+from .train import evaluate, model_inputs, recorded_inputs
 
 EVAL_OVERRIDES = ("data.", "train.device", "train.threads", "schedule.eval_views")
 """What ``pst-dist eval`` may override in the run's recorded config: the data, where it runs, and the test-time
@@ -137,13 +136,6 @@ def _gather(tag_dir: Path, model_states: Path) -> tuple[dict[str, torch.Tensor],
 
     weights = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
     return weights, epoch, states.get("model_name"), dtype
-
-
-def recorded_inputs(run_dir: Path) -> dict | None:
-    """The inputs meta.json records for the model (None for runs from before it did)."""
-    f = run_dir / "meta.json"
-    meta = read_json(f, "the run's meta.json", CheckpointError) if f.is_file() else {}
-    return next((m["inputs"] for m in (meta, *reversed(meta.get("resumes", []))) if m.get("inputs")), None)
 
 
 def clean(cfg: Config) -> Config:

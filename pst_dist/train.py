@@ -24,12 +24,13 @@ import torch.nn as nn
 from torchvision.utils import make_grid
 from tqdm import tqdm
 
+from .checkpoint import CheckpointError
 from .config import Config, ConfigError, auto_meaning, dump_toml
 from .data.pipeline import Data, Normalize, build_data, build_loader
 from .defenses import pgd_examples, step_seed, ueraser_loss, ueraser_repeats
 from .distributed import DistInfo, broadcast_buffers, build_device, init_distributed, mean_across_ranks, teardown
 from .engine import DeepSpeedEngine, TorchEngine, build_engine
-from .io import write_atomic
+from .io import read_json, write_atomic
 from .metrics import Metrics, git_sha, library_versions
 from .models import build_model
 from .pst.detectors import probe_metrics, trigger_value
@@ -100,16 +101,23 @@ def write_run_header(run_dir: Path, cfg: Config, resumed_at: int | None = None,
     write_atomic(run_dir / "meta.json", json.dumps(meta, indent=2))
 
 
-def started_normalisation(run_dir: Path, data: Data, is_primary: bool = True) -> Data:
-    """On a resume, ``data`` normalised as the run started (meta.json's first ``inputs``) when the figures computed
-    now differ: a resumed run trains on with what trained it (an image folder's figures, for one, changed in their
-    last float32 bits when they became exact sums). Says so on stderr when they differ."""
+def recorded_inputs(run_dir: Path) -> dict | None:
+    """The inputs meta.json records for the model (:func:`write_run_header`; the first segment's, else the latest
+    resume's; None for runs from before it did)."""
     f = run_dir / "meta.json"
+    meta = read_json(f, "the run's meta.json", CheckpointError) if f.is_file() else {}
+    return next((m["inputs"] for m in (meta, *reversed(meta.get("resumes", []))) if m.get("inputs")), None)
+
+
+def started_normalisation(run_dir: Path, data: Data, is_primary: bool = True) -> Data:
+    """On a resume, ``data`` normalised as the run was (:func:`recorded_inputs`) when the figures computed now
+    differ: a resumed run trains on with what trained it (an image folder's figures, for one, changed in their last
+    float32 bits when they became exact sums). Says so on stderr when they differ."""
     try:
-        inputs = json.loads(f.read_text(encoding="utf-8")).get("inputs") if f.is_file() else None
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-        inputs = None
-    if not inputs or "mean" not in inputs or "std" not in inputs:
+        inputs = recorded_inputs(run_dir) or {}
+    except CheckpointError:  # an unreadable meta.json: the resume's header writes a new one
+        inputs = {}
+    if "mean" not in inputs or "std" not in inputs:
         return data
     mean, std = torch.tensor(inputs["mean"], dtype=torch.float32), torch.tensor(inputs["std"], dtype=torch.float32)
     if mean.shape != data.mean.shape or (torch.equal(mean, data.mean) and torch.equal(std, data.std)):
