@@ -47,30 +47,18 @@ def _need_ffcv():
 # writing
 
 
-class _FolderRows:
-    """FFCV writer dataset over a streamed image folder's split: each file decoded when its row is written."""
-
-    def __init__(self, files: FolderSplit):
-        self.files = files
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, i: int):
-        return np.ascontiguousarray(self.files[i].permute(1, 2, 0).numpy()), int(self.files.labels[i])
-
-
 class _Rows:
-    """FFCV writer dataset over a uint8 N x C x H x W tensor: (H x W x 3 uint8, label)."""
+    """FFCV writer dataset over uint8 N x C x H x W images (a tensor, or a streamed image folder's split, each file
+    decoded when its row is written): (H x W x 3 uint8, label)."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
-        self.x, self.y = images.numpy(), labels.numpy()
+    def __init__(self, images: torch.Tensor | FolderSplit, labels: torch.Tensor):
+        self.x, self.y = images.numpy() if isinstance(images, torch.Tensor) else images, labels.numpy()
 
     def __len__(self) -> int:
         return len(self.y)
 
     def __getitem__(self, i: int):
-        img = self.x[i].transpose(1, 2, 0)
+        img = np.asarray(self.x[i]).transpose(1, 2, 0)
         if img.shape[2] == 1:
             img = np.repeat(img, 3, axis=2)
         return np.ascontiguousarray(img), int(self.y[i])
@@ -154,20 +142,17 @@ def write_split(path: Path, images: torch.Tensor | FolderSplit, labels: torch.Te
 
     if write_mode not in ("raw", "jpg"):
         raise ValueError(f"write_mode={write_mode!r}: expected 'raw' or 'jpg'")
-    if isinstance(images, FolderSplit):
-        rows, shape = _FolderRows(images), images.shape
-    else:
-        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] not in (1, 3):
-            raise DataError(f"{path.name}: expected uint8 N x (1|3) x H x W images, found {images.dtype} "
-                            f"{tuple(images.shape)}")
-        rows, shape = _Rows(images, labels), tuple(images.shape)
+    if isinstance(images, torch.Tensor) and (images.dtype != torch.uint8 or images.ndim != 4
+                                             or images.shape[1] not in (1, 3)):
+        raise DataError(f"{path.name}: expected uint8 N x (1|3) x H x W images, found {images.dtype} "
+                        f"{tuple(images.shape)}")
     field = RGBImageField(write_mode=write_mode, jpeg_quality=jpeg_quality)
-    sample_bytes = shape[2] * shape[3] * 3 + 4096
+    sample_bytes = images.shape[2] * images.shape[3] * 3 + 4096
     page_size = max(1 << 21, 1 << (sample_bytes - 1).bit_length())  # FFCV: a power of 2, >= 2 MiB, >= a sample
     workers = max(1, min(num_workers, -(-len(labels) // 256)))  # each writer process fills pages of its own
     writer = _safe_writer_cls()(str(path), {"image": field, "label": IntField()}, page_size=page_size,
                                 num_workers=workers)
-    writer.from_indexed_dataset(rows, chunksize=256)
+    writer.from_indexed_dataset(_Rows(images, labels), chunksize=256)
 
 
 def is_beton_dir(out: Path) -> bool:

@@ -652,11 +652,7 @@ class FolderSplit:
 
     def __getitem__(self, i: int) -> torch.Tensor:
         path = self.path(i)
-        try:
-            st = path.stat()
-        except OSError as e:
-            raise DataError(f"{path}: cannot read it any more ({type(e).__name__}: {_one_line(e)})") from None
-        if (st.st_size, st.st_mtime_ns) != tuple(self.stamps[i].tolist()):
+        if _stamp(path, " any more") != tuple(self.stamps[i].tolist()):
             raise DataError(f"{path}: the file changed after pst-dist listed the folder (size or modification "
                             f"time); the run must not mix two versions of its data: start it again")
         return folder_image(path, self.size)
@@ -694,11 +690,12 @@ class FolderListing:
         return source.take(getattr(self.rows, name))
 
 
-def _stamp(path: Path) -> tuple[int, int]:
+def _stamp(path: Path, when: str = "") -> tuple[int, int]:
+    """(size, modification time in ns) of ``path``; DataError naming it when it cannot be read (``when``)."""
     try:
         st = path.stat()
     except OSError as e:
-        raise DataError(f"{path}: cannot read it ({type(e).__name__}: {_one_line(e)})") from None
+        raise DataError(f"{path}: cannot read it{when} ({type(e).__name__}: {_one_line(e)})") from None
     return st.st_size, st.st_mtime_ns
 
 
