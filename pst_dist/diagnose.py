@@ -109,9 +109,10 @@ def run_diagnose(cfg: Config, out: Path, probe_size: int = 2000, overwrite: bool
     cfg.log.run_dir = str(out / "run")
     data = build_data(cfg)
     s = data.splits
-    # a streamed image folder holds only its first images in memory (and, unpoisoned, trains on them as they are)
-    held = data.stream.decode(probe_size) if data.stream is not None else s.train
-    poisoned = held.images if data.stream is not None else data.poisoned_train
+    held, poisoned = s.train, data.poisoned_train
+    if data.stream is not None:  # only its first images are in memory (and, unpoisoned, it trains on them as they are)
+        held = data.stream.decode(probe_size)
+        poisoned = held.images
     n = min(probe_size, len(held))
     if n < 2 * s.num_classes:
         raise ConfigError(f"--probe-size {probe_size}: a probe of {n} images is too small for {s.num_classes} "

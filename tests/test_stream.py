@@ -360,3 +360,18 @@ def test_a_resume_normalises_as_the_run_started(tmp_path, capfd):
     resumed = json.loads((run / "meta.json").read_text())["resumes"][0]["inputs"]
     assert resumed["mean"] == torch.tensor(started).tolist()
     assert "normalising with the mean/std the run started with" in capfd.readouterr().err
+
+
+def test_cgroup_room_reads_the_process_group_and_its_parents(tmp_path):
+    from pst_dist.data.pipeline import _cgroup_room
+
+    root = tmp_path / "cgroup"
+    for d, limit, current in ((root, "max", 0), (root / "job", "1000", 300), (root / "job" / "step", "max", 100)):
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "memory.max").write_text(f"{limit}\n")
+        (d / "memory.current").write_text(f"{current}\n")
+    proc = tmp_path / "cgroup_of_self"
+    proc.write_text("4:memory:/elsewhere\n0::/job/step\n")
+    assert _cgroup_room(root, proc) == [700]
+    proc.write_text("4:memory:/\n")  # cgroup v1 only: no limit read
+    assert _cgroup_room(root, proc) == []

@@ -153,19 +153,24 @@ def available_memory() -> int:
                 avail = int(line.split()[1]) * 1024
     if avail is None:
         avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    with contextlib.suppress(OSError, ValueError, IndexError):  # cgroup v2: this process's group and its parents
-        own = next(line.split(":", 2)[2] for line in Path("/proc/self/cgroup").read_text().splitlines()
-                   if line.startswith("0::"))
-        root = Path("/sys/fs/cgroup")
-        group = root / own.strip().lstrip("/")
-        for cg in (group, *group.parents):
-            with contextlib.suppress(OSError, ValueError):
-                limit = (cg / "memory.max").read_text().strip()
-                if limit != "max":
-                    avail = min(avail, int(limit) - int((cg / "memory.current").read_text()))
-            if cg == root:
-                break
-    return avail
+    return min([avail, *_cgroup_room()])
+
+
+def _cgroup_room(root: Path = Path("/sys/fs/cgroup"), own_group: Path = Path("/proc/self/cgroup")) -> list[int]:
+    """Bytes left under each cgroup v2 memory limit on this process's group and its parents (none: no limit)."""
+    try:
+        own = next(line[3:] for line in own_group.read_text().splitlines() if line.startswith("0::"))
+    except (OSError, StopIteration):
+        return []
+    group, room = root / own.strip().lstrip("/"), []
+    for cg in (group, *group.parents):
+        with contextlib.suppress(OSError, ValueError):
+            limit = (cg / "memory.max").read_text().strip()
+            if limit != "max":
+                room.append(int(limit) - int((cg / "memory.current").read_text()))
+        if cg == root:
+            break
+    return room
 
 
 def streamed_data(cfg: Config, listing: FolderListing, digest: bool = False) -> Data:
@@ -212,33 +217,32 @@ def build_loader(cfg: Config, data: Data, dist_info: DistInfo, device: torch.dev
     (primary rank)."""
     common = dict(shuffle=True, augment=cfg.data.augment, seed=cfg.train.seed, rank=dist_info.rank,
                   world_size=dist_info.world_size)
+    if cfg.data.loader == "ffcv" and data.beton is None:
+        raise ConfigError("data.loader='ffcv' needs a .beton: write one with `pst-dist write-beton` and set "
+                          "data.source='beton', data.root=<that directory>")
     if data.beton is not None and cfg.data.loader != "torch":
         loader = data.beton.batches("train", cfg.train.batch_size, device=device,
                                     num_workers=cfg.data.loader_workers, **common)
         why = f"FFCV Loader over {data.beton.file('train')} ({data.beton.meta['write_mode']}, " \
               f"{cfg.data.loader_workers} workers)"
+    elif data.stream is not None:
+        loader = FolderBatches(data.stream, cfg.train.batch_size, workers=cfg.data.loader_workers,
+                               drop_last=True, device=device, prefetch=cfg.data.prefetch, **common)
+        why = (f"torch batches streamed from {cfg.data.root}/train ({cfg.data.loader_workers} DataLoader "
+               f"workers decoding ahead), augmented on {device.type}")
     else:
-        if cfg.data.loader == "ffcv":
-            raise ConfigError("data.loader='ffcv' needs a .beton: write one with `pst-dist write-beton` and set "
-                              "data.source='beton', data.root=<that directory>")
-        if data.stream is not None:
-            loader = FolderBatches(data.stream, cfg.train.batch_size, workers=cfg.data.loader_workers,
-                                   drop_last=True, device=device, prefetch=cfg.data.prefetch, **common)
-            why = (f"torch batches streamed from {cfg.data.root}/train ({cfg.data.loader_workers} DataLoader "
-                   f"workers decoding ahead), augmented on {device.type}")
+        if data.beton is not None:
+            tr = data.beton.read_split("train", num_workers=cfg.data.loader_workers)
+            images, labels, why = tr.images, tr.labels, "torch in-memory batches over the decoded .beton"
         else:
-            if data.beton is not None:
-                tr = data.beton.read_split("train", num_workers=cfg.data.loader_workers)
-                images, labels, why = tr.images, tr.labels, "torch in-memory batches over the decoded .beton"
-            else:
-                images, labels = data.poisoned_train, data.splits.train.labels
-                why = "torch in-memory batches (the data is not a .beton)"
-            on_device = keep_on_device(cfg.data.on_device, images, device)
-            loader = TensorBatches(images, labels, cfg.train.batch_size, drop_last=True, device=device,
-                                   prefetch=cfg.data.prefetch, on_device=on_device, **common)
-            why += f", augmented on {device.type}, " + (
-                "the set held on the device" if on_device else
-                f"{cfg.data.prefetch} batches prefetched by a thread" if cfg.data.prefetch else "no prefetch")
+            images, labels = data.poisoned_train, data.splits.train.labels
+            why = "torch in-memory batches (the data is not a .beton)"
+        on_device = keep_on_device(cfg.data.on_device, images, device)
+        loader = TensorBatches(images, labels, cfg.train.batch_size, drop_last=True, device=device,
+                               prefetch=cfg.data.prefetch, on_device=on_device, **common)
+        why += f", augmented on {device.type}, " + (
+            "the set held on the device" if on_device else
+            f"{cfg.data.prefetch} batches prefetched by a thread" if cfg.data.prefetch else "no prefetch")
     if len(loader) == 0:
         n = len(data.beton if data.beton is not None else data.stream if data.stream is not None else
                 data.splits.train)
