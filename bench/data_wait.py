@@ -78,8 +78,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
             over += ["--data.source=synthetic", f"--data.synthetic_train={args.images}", "--data.val_size=256"]
             settings = (("synchronous", ["--data.prefetch=0"]), ("prefetching", ["--data.prefetch=2"]))
         rows = []
+        shared = None if args.folder else build_data(load_config(None, over))  # prefetch does not change the data
         for label, setting in settings:
-            data = build_data(load_config(None, [*over, *setting]))
+            data = shared if shared is not None else build_data(load_config(None, [*over, *setting]))
             tp = measure([*over, *setting], data)
             row = {"loader": label, "setting": " ".join(setting), "augment": args.augment, "size": args.size,
                    "batch": args.batch, "width": args.width, "threads": args.threads,

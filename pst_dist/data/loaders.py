@@ -236,7 +236,7 @@ class TensorBatches:
         for x, y in self._rows(images, labels, idx):
             p = draw_params(self.augment, tuple(x.shape), g, self.device)
             if copy:
-                x, y = (x if x.is_pinned() else x.pin_memory()), y.pin_memory()
+                x, y = x.pin_memory(), y.pin_memory()
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             p = to_device(p, self.device, pin=self.device.type == "cuda")
             yield apply_params(x, self.augment, p), y
@@ -263,12 +263,12 @@ class FolderBatches(TensorBatches):
     def _rows(self, files, labels: torch.Tensor, idx: torch.Tensor):
         selections = self._selections(idx)
         for sel, (x, errors) in zip(selections, decoded(files, [s.tolist() for s in selections], self.workers,
-                                                         self.ahead, pin=self.device.type == "cuda"), strict=True):
+                                                         self.ahead), strict=True):
             raise_first(errors)
             yield x, labels[sel]
 
 
-def decoded(files, batches: list[list[int]], workers: int, ahead: int = 2, pin: bool = False):
+def decoded(files, batches: list[list[int]], workers: int, ahead: int = 2):
     """(uint8 images, decode errors) of each list of rows in ``batches``, decoded by ``workers`` DataLoader
     processes, in order. A file that cannot be read is an error message rather than an exception in a worker (the
     batch's images then an empty tensor), so that it reaches the caller as the message alone."""
@@ -276,7 +276,7 @@ def decoded(files, batches: list[list[int]], workers: int, ahead: int = 2, pin: 
 
     # its own generator: a DataLoader draws its workers' base seed from the global one, which training owns
     return iter(DataLoader(_Decoding(files), batch_sampler=batches, num_workers=workers, collate_fn=_collate,
-                           pin_memory=pin, prefetch_factor=ahead if workers else None,
+                           prefetch_factor=ahead if workers else None,
                            worker_init_fn=_one_thread, generator=torch.Generator()))
 
 
