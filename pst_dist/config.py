@@ -412,8 +412,6 @@ class TrainConfig:
     """bf16 autocast for the forward pass."""
     seed: int = 0
     """Seed of model init, data order and augmentation."""
-    num_workers: int = 0
-    """DataLoader workers."""
     eval_every: int = 1
     """Evaluate every N epochs (and always at the last)."""
     checkpoint_every: int = 1
@@ -833,10 +831,17 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported type {_type_name(tp)}")
 
 
+RETIRED = {"train.num_workers": (0, "it was never read: the training DataLoader's workers are data.loader_workers")}
+"""Keys that are gone, with the value they always had in effect: a config that sets one to it (the configs that
+``pst-dist tune`` wrote, a run's recorded config.toml) still loads, without the key; any other value is refused,
+with the reason, rather than silently meaning nothing."""
+
+
 def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
     """Build dataclass ``cls`` from ``data``; unknown keys and wrong types raise ConfigError naming the key."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
+    data = {k: v for k, v in data.items() if not _retired(f"{prefix}.{k}" if prefix else k, v)}
     for k in data:
         if k not in names:
             where = f"{prefix}.{k}" if prefix else k
@@ -848,6 +853,16 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
         return cls(**kwargs)
     except ConfigError as e:
         raise ConfigError(f"{prefix}: {e}" if prefix and not str(e).startswith(prefix) else str(e)) from None
+
+
+def _retired(key: str, value: Any) -> bool:
+    """Whether ``key`` is retired (RETIRED) and set to the value it always had; ConfigError for any other value."""
+    if key not in RETIRED:
+        return False
+    was, why = RETIRED[key]
+    if value != was or type(value) is not type(was):
+        raise ConfigError(f"{key}={value!r}: this key is retired ({why}); remove it")
+    return True
 
 
 def to_dict(cfg: Any) -> Any:
@@ -1020,7 +1035,7 @@ def device_type(cfg: Config) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-RESUME_MAY_CHANGE = ("train.epochs", "train.threads", "train.num_workers", "train.checkpoint_every",
+RESUME_MAY_CHANGE = ("train.epochs", "train.threads", "train.checkpoint_every",
                      "data.loader_workers", "data.prefetch", "data.on_device", "data.stream", "data.verify", "log",
                      "tune", "bench")
 """What ``--resume`` accepts as changed against the run's recorded config.toml: more ``train.epochs`` (never fewer

@@ -73,3 +73,16 @@ def test_every_recipe_resolves_to_a_pst_schedule():
         stages = load_config(p).schedule.stages
         assert len(stages) >= 2, f"{p.name}: {len(stages)} stage(s)"
         assert any(s.freeze or s.group_mults for s in stages), f"{p.name}: no stage freezes or rescales a group"
+
+
+def test_retired_key_loads_at_its_old_value_and_is_refused_otherwise(tmp_path):
+    """train.num_workers never reached a DataLoader: a recorded config (or a tune-written recipe) holding its old
+    value 0 still loads, without it; any other value is refused, naming the key and the one that does the work."""
+    p = tmp_path / "recorded.toml"
+    p.write_text(dump_toml(load_config(None, ["--train.lr=0.05"])).replace("[train]\n", "[train]\nnum_workers = 0\n"))
+    assert "num_workers = 0" in p.read_text()
+    assert load_config(p) == load_config(None, ["--train.lr=0.05"])
+    for bad in ("2", "false"):
+        with pytest.raises(ConfigError, match=r"train\.num_workers=.*retired.*data\.loader_workers"):
+            load_config(None, [f"--train.num_workers={bad}"])
+    assert "num_workers" not in dump_toml(load_config(p))
