@@ -73,7 +73,8 @@ class DataConfig:
     """Seed of the synthetic generator and of the split shuffles."""
     on_device: bool | str = "auto"
     """Keep the in-memory training set on the GPU (each batch then gathered and augmented there, no copy per batch):
-    true | false | auto (on a GPU, when the set takes under a quarter of its memory)."""
+    true | false | auto (on a GPU, when the set takes under a quarter of its memory). Never on the CPU; never with
+    FFCV's loader (it moves its own batches). true is refused where the training split is streamed (data.stream)."""
     prefetch: int = 2
     """Batches the in-memory loader prepares ahead in a background thread when the training set stays on the host
     (gathered, copied to the device and augmented there while the current batch trains); 0 = prepare each batch when

@@ -149,6 +149,9 @@ def test_streaming_auto_follows_the_memory_available(tmp_path, monkeypatch):
     assert not streams(cfg)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two processes on this node, a copy each
     assert streams(cfg)
+    with pytest.raises(ConfigError, match=r"data.on_device=true: data.stream=auto streams .* data.stream=false"):
+        streams(cfg_of(root, "--data.on_device=true"))  # asked for on the GPU, but it does not fit in memory
+    assert not streams(cfg_of(root, "--data.on_device=true", "--data.stream=false"))
 
 
 @pytest.mark.parametrize("over, message", [
@@ -156,6 +159,7 @@ def test_streaming_auto_follows_the_memory_available(tmp_path, monkeypatch):
     (["--poison.kind=classwise_noise"], "data.stream=true with poison.kind='classwise_noise'"),
     (["--defense.kind=jpeg"], "data.stream=true with defense.kind='jpeg'"),
     (["--data.source=beton"], "data.stream=true: only data.source='imagefolder' streams (found 'beton'"),
+    (["--data.on_device=true"], "data.stream=true with data.on_device=true: a streamed training split stays on disk"),
 ])
 def test_what_cannot_stream_is_refused_naming_the_setting(tmp_path, over, message):
     root = write_folder(tmp_path / "folder", n_train=4, n_test=2)

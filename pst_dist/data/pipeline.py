@@ -124,12 +124,21 @@ def folder_plan(cfg: Config) -> tuple[FolderListing | None, bool]:
         raise ConfigError(f"data.stream=true with {applied[0]}: it rewrites the whole training split in memory "
                           f"before training; stream a folder that already holds the data as trained on, or set "
                           f"data.stream=false")
+    if d.stream is True and d.on_device is True:
+        raise ConfigError("data.stream=true with data.on_device=true: a streamed training split stays on disk, so it "
+                          "cannot be held on the GPU; set one of them to false (or data.on_device=auto)")
     listing = list_folder(d)
     if d.stream != "auto" or applied:  # set, or nothing to choose
         return listing, d.stream is True
-    stream = listing.part("train").decoded_bytes() * local_processes() > available_memory() / 4
+    need = listing.part("train").decoded_bytes() * local_processes()
+    stream = need > available_memory() / 4
     if rank_and_size()[1] > 1:  # one decision for every rank (each measured its own node): the pass is collective
         stream = sum_across_ranks([int(stream)])[0] > 0
+    if stream and d.on_device is True:
+        raise ConfigError(f"data.on_device=true: data.stream=auto streams this training split from disk (decoded, "
+                          f"{need / 2**30:.1f} GiB for {local_processes()} process(es) on this node, over a quarter "
+                          f"of the memory available), so it cannot be held on the GPU; set data.stream=false to "
+                          f"hold it in memory anyway, or data.on_device=auto")
     return listing, stream
 
 
