@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from .checkpoint import CheckpointError
 from .config import Config, ConfigError, auto_meaning, dump_toml
-from .data.pipeline import Data, Normalize, build_data, build_loader
+from .data.pipeline import Data, Normalize, build_data, build_loader, check_same_folder
 from .defenses import pgd_examples, step_seed, ueraser_loss, ueraser_repeats
 from .distributed import DistInfo, broadcast_buffers, build_device, init_distributed, mean_across_ranks, teardown
 from .engine import DeepSpeedEngine, TorchEngine, build_engine
@@ -109,14 +109,19 @@ def recorded_inputs(run_dir: Path) -> dict | None:
     return next((m["inputs"] for m in (meta, *reversed(meta.get("resumes", []))) if m.get("inputs")), None)
 
 
-def started_normalisation(run_dir: Path, data: Data, is_primary: bool = True) -> Data:
-    """On a resume, ``data`` normalised as the run was (:func:`recorded_inputs`) when the figures computed now
+def resumed_inputs(run_dir: Path) -> dict:
+    """:func:`recorded_inputs` for a resume: {} when there are none, or meta.json cannot be read (the resume's
+    header writes a new one)."""
+    try:
+        return recorded_inputs(run_dir) or {}
+    except CheckpointError:
+        return {}
+
+
+def started_normalisation(inputs: dict, data: Data, is_primary: bool = True) -> Data:
+    """On a resume, ``data`` normalised as the run was (its recorded ``inputs``) when the figures computed now
     differ: a resumed run trains on with what trained it (an image folder's figures, for one, changed in their last
     float32 bits when they became exact sums). Says so on stderr when they differ."""
-    try:
-        inputs = recorded_inputs(run_dir) or {}
-    except CheckpointError:  # an unreadable meta.json: the resume's header writes a new one
-        inputs = {}
     if "mean" not in inputs or "std" not in inputs:
         return data
     mean, std = torch.tensor(inputs["mean"], dtype=torch.float32), torch.tensor(inputs["std"], dtype=torch.float32)
@@ -129,9 +134,12 @@ def started_normalisation(run_dir: Path, data: Data, is_primary: bool = True) ->
 
 
 def model_inputs(data: Data) -> dict:
-    """What the model is built for (meta.json's ``inputs``): classes, image shape [C, H, W], normalisation."""
+    """What the model is built for (meta.json's ``inputs``): classes, image shape [C, H, W], normalisation; and for
+    an image folder, its listing's fingerprint and file count (``folder``: a resume refuses a folder that changed)."""
     s = data.splits
-    return {"num_classes": s.num_classes, "shape": list(s.shape), "mean": data.mean.tolist(), "std": data.std.tolist()}
+    inputs = {"num_classes": s.num_classes, "shape": list(s.shape), "mean": data.mean.tolist(),
+              "std": data.std.tolist()}
+    return {**inputs, "folder": data.folder} if data.folder is not None else inputs
 
 
 def resolve_auto(cfg: Config, device: torch.device) -> dict:
@@ -314,9 +322,11 @@ def build_run(cfg: Config, resume: bool, overwrite: bool, allow_changes: bool, d
     changes = _on_every_rank(check_inputs)
     resolved = resolve_auto(cfg, device)
     setup_seed(cfg, resolved)
-    data = data or build_data(cfg)
+    recorded = resumed_inputs(Path(cfg.log.run_dir)) if resume else None
+    data = data or build_data(cfg, recorded=recorded)
     if resume:
-        data = started_normalisation(Path(cfg.log.run_dir), data, dist_info.is_primary)
+        check_same_folder(recorded, data.folder, cfg.data.root)  # also for data a caller built (tune's trials)
+        data = started_normalisation(recorded, data, dist_info.is_primary)
     resolved["data.stream"] = data.stream is not None
     s = data.splits
     run_dir = Path(cfg.log.run_dir)

@@ -294,8 +294,10 @@ def test_a_file_that_changes_after_listing_stops_the_run_naming_it(tmp_path):
         train(cfg, data=data)
 
 
-def test_resume_may_switch_between_streamed_and_in_memory(tmp_path):
-    """One epoch in memory, the second streamed: the same run as two epochs in memory (weights and metrics)."""
+def test_resume_may_switch_between_streamed_and_in_memory(tmp_path, capfd):
+    """One epoch in memory, the second streamed: the same run as two epochs in memory (weights and metrics). The
+    streamed segment, resumed on a folder that lists as it did, takes the recorded mean/std and makes no statistics
+    pass (the first segment decoded every file)."""
     from pst_dist.train import train
 
     root = write_folder(tmp_path / "folder")
@@ -304,14 +306,55 @@ def test_resume_may_switch_between_streamed_and_in_memory(tmp_path):
         run = tmp_path / name
         for stream, resume, stop in parts:
             cfg = cfg_of(root, f"--data.stream={stream}", f"--log.run_dir={run}", "--log.tensorboard=false")
+            capfd.readouterr()
             summary = train(cfg, resume=resume, stop_after_epochs=stop)
         out[name] = summary, torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=True)["model"]
+    err = capfd.readouterr().err
+    assert "the folder lists as when the run started" in err and "one pass first" not in err
     (a, wa), (b, wb) = out["whole"], out["switched"]
     assert a["model_checksum"] == b["model_checksum"] and a["test_curve"] == b["test_curve"]
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     meta = json.loads((tmp_path / "switched" / "meta.json").read_text())
     assert meta["resolved"]["data.stream"] is False and meta["resumes"][0]["resolved"]["data.stream"] is True
     assert meta["resumes"][0]["changes"] == {"data.stream": [False, True]}
+
+
+@pytest.mark.parametrize("stream", ["false", "true"])
+def test_a_resume_refuses_a_folder_changed_since_the_run_started(tmp_path, stream):
+    """Each segment lists the folder afresh: a file touched, added or removed between two segments is refused at the
+    resume, naming data.root, before the run writes anything."""
+    from pst_dist.train import train
+
+    root = write_folder(tmp_path / "folder")
+    run = tmp_path / "run"
+    cfg = cfg_of(root, f"--data.stream={stream}", f"--log.run_dir={run}", "--log.tensorboard=false")
+    train(cfg, stop_after_epochs=1)
+    assert json.loads((run / "meta.json").read_text())["inputs"]["folder"]["files"] == 72 + 24
+    before = {f.name: f.read_bytes() for f in run.iterdir() if f.is_file()}
+    victim = root / "val" / "c1" / "002.png"  # a test file: what the run is judged on is its data too
+    st = victim.stat()
+    os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    with pytest.raises(DataError, match=rf"--resume: the image folder data.root='{root}' is not the one this run "
+                                        rf"started on.*\(96 files then, 96 now\)"):
+        train(cfg, resume=True)
+    (root / "train" / "c0" / "extra.png").write_bytes((root / "train" / "c0" / "001.png").read_bytes())
+    os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))  # back as it was; one file more
+    with pytest.raises(DataError, match=r"\(96 files then, 97 now\)"):
+        train(cfg, resume=True)
+    assert {f.name: f.read_bytes() for f in run.iterdir() if f.is_file()} == before
+    (root / "train" / "c0" / "extra.png").unlink()
+    assert train(cfg, resume=True)["status"] == "finished"
+
+
+def test_check_same_folder_passes_runs_from_before_it_was_recorded():
+    from pst_dist.data.pipeline import check_same_folder
+
+    now = {"sha256": "ab", "files": 3}
+    for recorded in (None, {}, {"mean": [0.5]}, {"folder": {"sha256": "ab", "files": 3}}):
+        check_same_folder(recorded, now, "root")
+    check_same_folder({"folder": {"sha256": "ab", "files": 3}}, None, "root")  # not an image folder now
+    with pytest.raises(DataError, match=r"data.root='root'.*\(4 files then, 3 now\)"):
+        check_same_folder({"folder": {"sha256": "cd", "files": 4}}, now, "root")
 
 
 @pytest.mark.multiproc

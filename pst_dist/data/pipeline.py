@@ -52,6 +52,7 @@ class Data:
     beton: BetonDir | None = None  # when the training split lives in a .beton (read by FFCV)
     stream: FolderSplit | None = None  # when the training split stays in its image folder (data.stream)
     train_sha256: str | None = None  # a streamed training split's fingerprint, when build_data was asked (digest)
+    folder: dict | None = None  # an image folder's listing: {"sha256": FolderListing.sha256(), "files": count}
 
 
 class Normalize:
@@ -68,14 +69,20 @@ class Normalize:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
 
-def build_data(cfg: Config, poisoned: torch.Tensor | None = None, digest: bool = False) -> Data:
+def build_data(cfg: Config, poisoned: torch.Tensor | None = None, digest: bool = False,
+               recorded: dict | None = None) -> Data:
     """The splits and the training images the model sees: ``cfg.poison`` applied (or ``poisoned``, the same
     training split already poisoned, every image), to the fraction ``poison.ratio`` of the images
     (:mod:`pst_dist.poison.partial`; the others clean), then ``cfg.defense``'s squeezing. ``digest``: a streamed
-    image folder's statistics pass also computes its training split's fingerprint (``Data.train_sha256``)."""
+    image folder's statistics pass also computes its training split's fingerprint (``Data.train_sha256``).
+    ``recorded``: a resumed run's recorded inputs (meta.json): an image folder is refused, before anything is
+    decoded, unless it lists as when the run started, and then a streamed one skips its statistics pass."""
     listing, stream = folder_plan(cfg)  # first: refuses data.stream=true where nothing streams
+    folder = {"sha256": listing.sha256(), "files": listing.n_files()} if listing is not None else None
+    check_same_folder(recorded, folder, cfg.data.root)
     if stream:
-        return streamed_data(cfg, listing, digest)
+        known = recorded if recorded and recorded.get("folder") and not digest else None
+        return streamed_data(cfg, listing, folder, digest, known)
     if cfg.data.source == "beton":
         if cfg.defense.kind != "none":
             raise ConfigError(f"defense.kind={cfg.defense.kind!r} with data.source='beton': the .beton holds the "
@@ -99,7 +106,20 @@ def build_data(cfg: Config, poisoned: torch.Tensor | None = None, digest: bool =
     # refuses a constant channel (std 0 would train to NaN); an image folder's figures are those a streamed read of
     # it gets (exact sums), other sources' those the trainer always had
     mean, std = (folder_stats if cfg.data.source == "imagefolder" else channel_stats)(tr.images)
-    return Data(splits, poisoned, mean, std.clamp_min(1e-3))
+    return Data(splits, poisoned, mean, std.clamp_min(1e-3), folder=folder)
+
+
+def check_same_folder(recorded: dict | None, folder: dict | None, root: str) -> None:
+    """On a resume: DataError unless the image folder lists as it did when the run started (meta.json's
+    ``inputs.folder``; runs from before it was recorded are not checked). A file changed, added or removed between
+    two segments would otherwise go unnoticed: each segment lists the folder afresh."""
+    was = (recorded or {}).get("folder")
+    if was is None or folder is None or was.get("sha256") == folder["sha256"]:
+        return
+    raise DataError(f"--resume: the image folder data.root={root!r} is not the one this run started on: its listing "
+                    f"(every file's name, size and modification time) differs from the one meta.json records "
+                    f"({was.get('files')} files then, {folder['files']} now). A resumed run must train on what it "
+                    f"started on: restore the folder, or start a new run (another log.run_dir)")
 
 
 def streams(cfg: Config) -> bool:
@@ -182,15 +202,29 @@ def _cgroup_room(root: Path = Path("/sys/fs/cgroup"), own_group: Path = Path("/p
     return room
 
 
-def streamed_data(cfg: Config, listing: FolderListing, digest: bool = False) -> Data:
+def streamed_data(cfg: Config, listing: FolderListing, folder: dict, digest: bool = False,
+                  known: dict | None = None) -> Data:
     """``Data`` for a streamed image folder: validation and test in memory, the training split on disk (its first
     images decoded for the detectors' probe and the sample grid), its mean and std from one pass over every file,
     which also decodes (checks) each of them before training starts; the pass is shared out among the ranks of a
     process group (exact integer sums, added up across them). With ``digest`` (one process: write-beton), also the
-    training split's :func:`pst_dist.data.sources.fingerprint` (``Data.train_sha256``)."""
+    training split's :func:`pst_dist.data.sources.fingerprint` (``Data.train_sha256``). ``folder``: the listing's
+    ``Data.folder``. ``known``: a resumed run's
+    recorded inputs, whose folder lists as it does now (:func:`check_same_folder`): its mean and std, and no pass
+    (the run's first segment checked every file, and none has changed since)."""
     d = cfg.data
     splits, files = load_streamed_splits(d, head=max(d.probe_size, 64), listing=listing)
     rank, world = (0, 1) if digest else rank_and_size()
+    skip = known is not None and "mean" in known and "std" in known
+    if world > 1:  # the pass is collective: every rank skips it, or none does
+        skip = sum_across_ranks([int(skip)])[0] == world
+    if skip:
+        if rank == 0:
+            print(f"[data] --resume: streaming the {len(files)} training images; the folder lists as when the run "
+                  f"started (every file's name, size and modification time), which checked each file: no "
+                  f"statistics pass, the recorded mean/std", file=sys.stderr)
+        mean, std = (torch.tensor(known[k], dtype=torch.float32) for k in ("mean", "std"))
+        return Data(splits, splits.train.images, mean, std, stream=files, folder=folder)
     if rank == 0:
         print(f"[data] streaming the {len(files)} training images ({files.decoded_bytes() / 2**30:.2f} GiB decoded) "
               f"from their folder; one pass first for their mean and std{' and fingerprint' if digest else ''}, "
@@ -216,7 +250,7 @@ def streamed_data(cfg: Config, listing: FolderListing, digest: bool = False) -> 
     if error is not None:
         raise DataError(error)
     mean, std = sums.stats()
-    return Data(splits, splits.train.images, mean, std.clamp_min(1e-3), stream=files,
+    return Data(splits, splits.train.images, mean, std.clamp_min(1e-3), stream=files, folder=folder,
                 train_sha256=digests.hexdigest(files.labels) if digests is not None else None)
 
 

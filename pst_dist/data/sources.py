@@ -689,6 +689,20 @@ class FolderListing:
         source = self.test if name == "test" or (name == "val" and self.rows.val_from == "test") else self.train
         return source.take(getattr(self.rows, name))
 
+    def n_files(self) -> int:
+        return len(self.train) + len(self.test)
+
+    def sha256(self) -> str:
+        """The listing's fingerprint: every file's path, label, size and modification time, both splits in the
+        source's order (what a resume compares to know the folder is the one its run started on)."""
+        h = hashlib.sha256()
+        for split in (self.train, self.test):
+            h.update(len(split).to_bytes(8, "little"))
+            h.update(b"\0".join(split.paths.tolist()))
+            h.update(split.labels.numpy().astype("<i8").tobytes())
+            h.update(split.stamps.astype("<i8").tobytes())
+        return h.hexdigest()
+
 
 def _stamp(path: Path, when: str = "") -> tuple[int, int]:
     """(size, modification time in ns) of ``path``; DataError naming it when it cannot be read (``when``)."""
