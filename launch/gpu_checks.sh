@@ -3,7 +3,9 @@
 #   1. the hot loop never synchronises outside logging steps (tests/test_hot_loop.py under CUDA's sync debug mode),
 #   2. bench/gpu_throughput.py: the trainer against bare loops, ResNet-18 at 32 px, then ViT-B/16 at 224 px (plain
 #      torch, DeepSpeed ZeRO-0 and ZeRO-3),
-#   3. if time is left: the trainer's new run / resume / refusal / divergence on CUDA.
+#   3. the paths CPU tests cannot reach: host values all-reduced under NCCL (one-process group), a streamed image
+#      folder's batches through the pinned side-stream copy (tests/test_distributed.py, tests/test_stream.py -k cuda),
+#   4. if time is left: the trainer's new run / resume / refusal / divergence on CUDA.
 # Each step under its own timeout and a shared deadline (BUDGET seconds, default 500), its log and a JSON line with its
 # exit status under $OUT, so one failing step does not cost the others. DeepSpeed and pytest come as wheels in .whl/
 # (built on a machine with a registry: see ../shared/GPU.md), installed into a private target.
@@ -39,6 +41,7 @@ python3 -c "import torch, deepspeed; print('torch', torch.__version__, 'deepspee
 step resnet 0 200 python3 bench/gpu_throughput.py --only resnet18 --epochs 4 --out "$OUT/throughput.jsonl"
 step vit 0 330 python3 bench/gpu_throughput.py --only vit --epochs 4 --out "$OUT/throughput.jsonl"
 step sync 0 150 python3 -m pytest -q -x -p no:cacheprovider tests/test_hot_loop.py -k cuda
+step cuda_paths 0 120 python3 -m pytest -q -x -p no:cacheprovider tests/test_distributed.py tests/test_stream.py -k cuda
 T=(--data.source=synthetic --data.synthetic_train=8192 --data.img_size=32 --train.batch_size=256 --train.bf16=true
    --log.progress=false --log.tensorboard=false)
 step train 0 90 python3 -m pst_dist.cli train "${T[@]}" --train.epochs=2 --log.run_dir=$R/a

@@ -303,18 +303,22 @@ def sum_across_ranks(values: list[int]) -> list[int]:
     """Integers summed over all ranks, exactly (int64)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return values
-    t = torch.tensor(values, dtype=torch.int64, device=collective_device())
-    dist.all_reduce(t)
-    return t.cpu().tolist()
+    return summed(values, torch.int64)
 
 
 def mean_across_ranks(value: float) -> float:
     """The mean of a scalar over all ranks (the value itself on one process)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return value
-    t = torch.tensor([float(value)], dtype=torch.float64, device=collective_device())
+    return summed([float(value)], torch.float64)[0] / dist.get_world_size()
+
+
+def summed(values: list, dtype: torch.dtype) -> list:
+    """Host values summed over the process group's ranks, through the device its backend moves
+    (:func:`collective_device`)."""
+    t = torch.tensor(values, dtype=dtype, device=collective_device())
     dist.all_reduce(t)
-    return float(t.cpu()) / dist.get_world_size()
+    return t.cpu().tolist()
 
 
 def teardown() -> None:

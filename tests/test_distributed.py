@@ -85,3 +85,35 @@ def test_grad_buckets_hooks_go_with_them():
         buckets.finish((0.0, 1.0))
     del buckets
     assert hooked() == [False] * 4
+
+
+NCCL_CHECK = """
+import torch, torch.distributed as dist
+from pst_dist.distributed import collective_device, summed
+dist.init_process_group("nccl", rank=0, world_size=1, init_method="tcp://127.0.0.1:{port}")
+torch.cuda.set_device(0)
+assert collective_device().type == "cuda"
+assert summed([3, 2**40], torch.int64) == [3, 2**40] and summed([0.25], torch.float64) == [0.25]
+try:  # what the host values did before collective_device: NCCL cannot move a CPU tensor
+    dist.all_reduce(torch.ones(1))
+    print("cpu tensor: reduced")
+except Exception as e:
+    print("cpu tensor: refused", type(e).__name__)
+dist.destroy_process_group()
+print("ok")
+"""
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="NCCL needs a GPU")
+def test_cuda_host_values_cross_an_nccl_group():
+    """The all-reduce of host values (the epoch's mean loss, the streamed statistics pass's sums) under NCCL, the
+    backend of every multi-GPU run: a one-process group on one GPU (two ranks cannot share a GPU under NCCL)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    r = subprocess.run([sys.executable, "-c", NCCL_CHECK.format(port=port)], capture_output=True, text=True,
+                       timeout=120, cwd=Path(__file__).parent.parent)
+    print(r.stdout, r.stderr[-2000:])
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]

@@ -134,6 +134,29 @@ def test_streamed_batches_are_the_in_memory_batches(tmp_path, augment):
                 assert all(torch.equal(p[0], q[0]) and torch.equal(p[1], q[1]) for p, q in pairs)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the pinned, side-stream copy runs on a GPU only")
+def test_cuda_streamed_batches_are_the_in_memory_batches(tmp_path):
+    """On a GPU the streamed batches take TensorBatches' pinned-memory copy on a side stream (prefetch thread) and
+    are augmented there: the same batches as the in-memory set, held on the device or copied per batch."""
+    root = write_folder(tmp_path / "folder")
+    memory = build_data(cfg_of(root, "--data.stream=false"))
+    streamed = build_data(cfg_of(root, "--data.stream=true"))
+    kw = dict(augment="rrc_flip", seed=3, drop_last=True, device=torch.device("cuda", 0))
+    loaders = [TensorBatches(memory.poisoned_train, memory.splits.train.labels, 8, prefetch=2, on_device=on, **kw)
+               for on in (False, True)]
+    loaders.append(FolderBatches(streamed.stream, 8, workers=2, prefetch=2, **kw))
+    for epoch in (0, 1):
+        runs = []
+        for loader in loaders:
+            loader.set_epoch(epoch)
+            batches = list(loader)
+            assert all(x.device == y.device == kw["device"] for x, y in batches)
+            runs.append([(x.cpu(), y.cpu()) for x, y in batches])
+        assert len(runs[0]) == len(loaders[0]) > 0
+        for other in runs[1:]:
+            assert all(torch.equal(p[0], q[0]) and torch.equal(p[1], q[1]) for p, q in zip(runs[0], other, strict=True))
+
+
 def test_streaming_auto_follows_the_memory_available(tmp_path, monkeypatch):
     root = write_folder(tmp_path / "folder")
     cfg = cfg_of(root)
