@@ -36,9 +36,10 @@ def library_versions() -> dict[str, str]:
 
 class Metrics:
     """Rank-0 writer; a no-op on other ranks. ``cfg``: the run's config, whose ``log.trackers`` are opened (and
-    given the config once per run)."""
+    given the config once per run). ``resumed_at``: the step a resume continues from; TensorBoard then drops what
+    the run's earlier event files hold after it (``purge_step``), the steps this segment logs again."""
 
-    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, cfg=None):
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, cfg=None, resumed_at: int | None = None):
         self.enabled = enabled
         self.tb = None
         self._file = None
@@ -49,7 +50,8 @@ class Metrics:
             if tensorboard:
                 from torch.utils.tensorboard import SummaryWriter  # tensorboard: start-up time, only when enabled
 
-                self.tb = SummaryWriter(str(run_dir / "tb"))
+                purge = None if resumed_at is None else resumed_at + 1
+                self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=purge)
             if cfg is not None and cfg.log.trackers:
                 from .tracking import open_trackers  # the trackers' packages: start-up time, only when named
 

@@ -101,13 +101,20 @@ class MlflowTracker:
             params = [Param(k, str(v)) for k, v in flat_config(cfg).items()]
             for i in range(0, len(params), 100):  # MLflow takes at most 100 parameters per call
                 self.client.log_batch(run_id, params=params[i: i + 100])
-        else:
+        self.logged: dict[str, int] = {}
+        """Per metric, the last step the run holds: a resume from an earlier checkpoint logs those steps again, and
+        MLflow would keep both (it appends, and cannot delete a point); they are skipped, as W&B drops them."""
+        if run_id is not None:
             self.client.update_run(run_id, status="RUNNING")
+            for key in self.client.get_run(run_id).data.metrics:
+                self.logged[key] = max(m.step for m in self.client.get_metric_history(run_id, key))
         self.id = run_id
 
     def log(self, step: int, values: dict[str, float]) -> None:
         ms = int(time.time() * 1000)
-        self.client.log_batch(self.id, metrics=[self._metric(k, float(v), ms, step) for k, v in values.items()])
+        metrics = [self._metric(k, float(v), ms, step) for k, v in values.items() if step > self.logged.get(k, -1)]
+        if metrics:
+            self.client.log_batch(self.id, metrics=metrics)
 
     def close(self) -> None:
         self.client.set_terminated(self.id)

@@ -362,7 +362,7 @@ def build_run(cfg: Config, resume: bool, overwrite: bool, allow_changes: bool, d
         if resume:
             keep_metrics_until(run_dir, st.step)
         write_run_header(run_dir, cfg, st.epoch if resume else None, changes, resolved, model_inputs(data))
-    metrics = Metrics(run_dir, dist_info.is_primary, cfg.log.tensorboard, cfg)
+    metrics = Metrics(run_dir, dist_info.is_primary, cfg.log.tensorboard, cfg, st.step if resume else None)
     metrics.image("data/poisoned_samples", make_grid(data.poisoned_train[:64], nrow=8))
     return Run(cfg, dist_info, device, data, loader, gm, schedule, engine, normalize, autocast, probe, metrics, st)
 

@@ -165,3 +165,35 @@ def test_overwrite_removes_a_trackers_folder_only_when_it_holds_the_recorded_run
     ours = run_dir("ours", {"wandb": "abc123", "mlflow": "f00d"})
     assert sorted(remove_run_files(ours)) == ["config.toml", "mlruns", "trackers.json", "wandb"]
     assert sorted(p.name for p in ours.iterdir()) == []
+
+
+def test_a_resume_from_an_earlier_checkpoint_logs_each_step_once(tmp_path, own_dirs):
+    """The run goes on past its last checkpoint, then resumes from it and logs those steps again: metrics.jsonl rolls
+    back, TensorBoard purges the earlier files' later steps (purge_step), MLflow (which cannot delete a point) skips
+    the steps it holds. Each shows every step once, with metrics.jsonl's values (bit-exact on the CPU)."""
+    import shutil
+
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir = tmp_path / "run"
+    args = [*TINY, "--data.synthetic_train=128", "--train.epochs=1", '--log.trackers=["mlflow"]',
+            f"--log.run_dir={run_dir}"]
+    train(load_config(None, args))
+    shutil.copy(run_dir / "checkpoint.pt", tmp_path / "epoch1.pt")
+    train(load_config(None, [*args, "--train.epochs=2"]), resume=True)
+    shutil.copy(tmp_path / "epoch1.pt", run_dir / "checkpoint.pt")  # as if epoch 2's checkpoint had been lost
+    train(load_config(None, [*args, "--train.epochs=2"]), resume=True)
+    want = jsonl(run_dir)
+    keys = ("train/loss", "eval/test_acc")
+    expected = {k: sorted((s, v[k]) for s, v in want.items() if k in v) for k in keys}
+    assert len(expected["eval/test_acc"]) == 2
+    client = MlflowClient(tracking_uri=(run_dir / "mlruns").as_uri())
+    run_id = json.loads((run_dir / "trackers.json").read_text())["mlflow"]
+    tb = EventAccumulator(str(run_dir / "tb"))
+    tb.Reload()
+    for k in keys:
+        assert sorted((m.step, m.value) for m in client.get_metric_history(run_id, k)) == expected[k], k
+        got = [(e.step, e.value) for e in tb.Scalars(k)]
+        assert sorted(s for s, _ in got) == [s for s, _ in expected[k]], k  # each step once
+        assert all(abs(v - dict(expected[k])[s]) < 1e-6 for s, v in got), k  # float32 in the event files
