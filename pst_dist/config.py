@@ -74,7 +74,8 @@ class DataConfig:
     on_device: bool | str = "auto"
     """Keep the in-memory training set on the GPU (each batch then gathered and augmented there, no copy per batch):
     true | false | auto (on a GPU, when the set takes under a quarter of its memory). Never on the CPU; never with
-    FFCV's loader (it moves its own batches). true is refused where the training split is streamed (data.stream)."""
+    FFCV's loader (it moves its own batches). true is refused on a GPU where the training split is streamed
+    (data.stream), and with data.stream=true."""
     prefetch: int = 2
     """Batches the in-memory loader prepares ahead in a background thread when the training set stays on the host
     (gathered, copied to the device and augmented there while the current batch trains); 0 = prepare each batch when
@@ -834,8 +835,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 
 RETIRED = {"train.num_workers": (0, "it was never read: the training DataLoader's workers are data.loader_workers")}
 """Keys that are gone, with the value they always had in effect: a config that sets one to it (the configs that
-``pst-dist tune`` wrote, a run's recorded config.toml) still loads, without the key; any other value is refused,
-with the reason, rather than silently meaning nothing."""
+``pst-dist tune`` wrote) still loads, without the key; any other value is refused, with the reason, rather than
+silently meaning nothing. A run's recorded config.toml (``load_config(recorded=True)``) loads at any value."""
 
 
 def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
@@ -909,8 +910,9 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Load a Config from a TOML file (or defaults) plus overrides."""
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, recorded: bool = False) -> Config:
+    """Load a Config from a TOML file (or defaults) plus overrides. ``recorded``: the file is a run's own record
+    (its config.toml), whose :data:`RETIRED` keys are dropped at any value: they never did anything."""
     raw: dict = {}
     if path is not None:
         path = Path(path).expanduser()  # a '~' quoted for a cluster's shell reaches us literally
@@ -922,6 +924,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"{path}: not valid TOML: {e}") from None
         except OSError as e:
             raise ConfigError(f"{path}: cannot read the config ({e.strerror or e})") from None
+    if recorded:
+        for key in RETIRED:
+            section, name = key.split(".")
+            if isinstance(raw.get(section), dict):
+                raw[section].pop(name, None)
     raw = apply_overrides(raw, overrides or [])
     return from_dict(Config, raw)
 

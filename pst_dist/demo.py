@@ -68,7 +68,7 @@ def _finished(run_dir: Path, cfg) -> dict | None:
     if summary.get("status", "finished") != "finished":
         return None  # a failed run: train() refuses the directory and says how to replace it
     try:
-        recorded = load_config(run_dir / "config.toml")
+        recorded = load_config(run_dir / "config.toml", recorded=True)
     except ConfigError as e:
         raise RunDirError(f"{run_dir}: finished, but its config.toml cannot be read ({e})") from None
     drop = ("log", "tune", "bench", "train.threads", "data.loader_workers", "data.verify")

@@ -57,7 +57,7 @@ def recorded_config(run_dir: Path, overrides: list[str] | tuple = ()) -> Config:
     f = Path(run_dir) / "config.toml"
     if not f.is_file():
         raise ConfigError(f"--run {run_dir}: no config.toml there; not a pst-dist run directory")
-    return load_config(f, list(overrides))
+    return load_config(f, list(overrides), recorded=True)
 
 
 def load_run_model(run_dir: Path, checkpoint: str | Path | None = None, own_data: Data | None = None,

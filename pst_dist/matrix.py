@@ -62,7 +62,7 @@ from .io import atomic_dir, savefig_atomic, write_atomic
 from .poison import PoisonFileError, make_poison, norms, store
 from .registry import DEFENSES
 from .report import mean_std
-from .train import train
+from .train import resumed_inputs, train
 
 STANDARD = [{"name": "standard"}]
 
@@ -144,7 +144,7 @@ def run_cell(base: dict, attack: str, run: str, seed: int, out: str, poison_dir:
     run_dir = Path(cfg.log.run_dir)
     resume = engine_class(cfg).has_checkpoint(run_dir) and not _failed(run_dir)
     t0 = time.time()
-    data = build_data(cell_data_cfg(cfg, poison_dir))
+    data = build_data(cell_data_cfg(cfg, poison_dir), recorded=resumed_inputs(run_dir) if resume else None)
     # the cell's directory is the bench's own: an interrupted cell resumes, a failed or half-begun one starts over
     summary = train(cfg, resume=resume, data=data, overwrite=not resume)
     return {"attack": attack, "run": run, "seed": seed, "seconds": round(time.time() - t0, 1), "resumed": resume,
@@ -183,7 +183,7 @@ def recipe_change(run_dir: Path, cfg: Config) -> dict[str, tuple]:
     if not f.is_file():
         return {}
     try:
-        was = _recipe(load_config(f))
+        was = _recipe(load_config(f, recorded=True))
     except ConfigError as e:  # a config this version cannot read counts as changed
         return {"config.toml": (str(e), "this version's")}
     return changes(was, _recipe(cfg))

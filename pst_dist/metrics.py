@@ -37,7 +37,9 @@ def library_versions() -> dict[str, str]:
 class Metrics:
     """Rank-0 writer; a no-op on other ranks. ``cfg``: the run's config, whose ``log.trackers`` are opened (and
     given the config once per run). ``resumed_at``: the step a resume continues from; TensorBoard then drops what
-    the run's earlier event files hold after it (``purge_step``), the steps this segment logs again."""
+    the run's earlier event files hold after it (``purge_step``), the steps this segment logs again. (What a segment
+    logs at or before that step is not purged: the sample grid at step 0, and ``pst/stage`` when a stage begins at
+    the checkpoint's epoch boundary, appear once more, with the same values.)"""
 
     def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, cfg=None, resumed_at: int | None = None):
         self.enabled = enabled

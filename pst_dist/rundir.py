@@ -75,7 +75,7 @@ def check_run_dir(cfg: Config, resume: bool, overwrite: bool, allow_changes: boo
         what = "no checkpoint" if not {"checkpoint.pt", "ds_checkpoint"} & set(present) else "no config.toml"
         raise RunDirError(f"--resume: {what} to resume from at {run_dir}")
     try:
-        recorded = load_config(recorded_file)
+        recorded = load_config(recorded_file, recorded=True)
     except ConfigError as e:
         raise RunDirError(f"--resume: the run's recorded config cannot be read ({e})") from None
     here = device_type(cfg)  # "auto" compared by what it means here (the recorded run may predate a default)

@@ -94,6 +94,9 @@ class MlflowTracker:
         if not cfg.log.mlflow_uri:  # MLflow 3 opens a file store only on request; this one is the run's own
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         self.client = MlflowClient(tracking_uri=cfg.log.mlflow_uri or (run_dir / "mlruns").resolve().as_uri())
+        # per metric, the last step the run holds: a resume from an earlier checkpoint logs those steps again, and
+        # MLflow would keep both (it appends, and cannot delete a point); they are skipped, as W&B drops them
+        self.logged: dict[str, int] = {}
         if run_id is None:
             exp = self.client.get_experiment_by_name(cfg.log.project)
             exp_id = exp.experiment_id if exp else self.client.create_experiment(cfg.log.project)
@@ -101,10 +104,7 @@ class MlflowTracker:
             params = [Param(k, str(v)) for k, v in flat_config(cfg).items()]
             for i in range(0, len(params), 100):  # MLflow takes at most 100 parameters per call
                 self.client.log_batch(run_id, params=params[i: i + 100])
-        self.logged: dict[str, int] = {}
-        """Per metric, the last step the run holds: a resume from an earlier checkpoint logs those steps again, and
-        MLflow would keep both (it appends, and cannot delete a point); they are skipped, as W&B drops them."""
-        if run_id is not None:
+        else:
             self.client.update_run(run_id, status="RUNNING")
             for key in self.client.get_run(run_id).data.metrics:
                 self.logged[key] = max(m.step for m in self.client.get_metric_history(run_id, key))

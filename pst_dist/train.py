@@ -323,9 +323,11 @@ def build_run(cfg: Config, resume: bool, overwrite: bool, allow_changes: bool, d
     resolved = resolve_auto(cfg, device)
     setup_seed(cfg, resolved)
     recorded = resumed_inputs(Path(cfg.log.run_dir)) if resume else None
-    data = data or build_data(cfg, recorded=recorded)
+    if data is None:
+        data = build_data(cfg, recorded=recorded)  # checks the folder before decoding anything
+    else:  # built by the caller (tune's trials, the bench's cells), already decoded
+        check_same_folder(recorded, data.folder, cfg.data)
     if resume:
-        check_same_folder(recorded, data.folder, cfg.data.root)  # also for data a caller built (tune's trials)
         data = started_normalisation(recorded, data, dist_info.is_primary)
     resolved["data.stream"] = data.stream is not None
     s = data.splits

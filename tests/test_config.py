@@ -86,3 +86,7 @@ def test_retired_key_loads_at_its_old_value_and_is_refused_otherwise(tmp_path):
         with pytest.raises(ConfigError, match=r"train\.num_workers=.*retired.*data\.loader_workers"):
             load_config(None, [f"--train.num_workers={bad}"])
     assert "num_workers" not in dump_toml(load_config(p))
+    p.write_text(p.read_text().replace("num_workers = 0", "num_workers = 4"))  # a run recorded what did nothing
+    with pytest.raises(ConfigError, match=r"train\.num_workers=4: this key is retired"):
+        load_config(p)
+    assert load_config(p, recorded=True) == load_config(None, ["--train.lr=0.05"])

@@ -173,7 +173,8 @@ def test_streaming_auto_follows_the_memory_available(tmp_path, monkeypatch):
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two processes on this node, a copy each
     assert streams(cfg)
     with pytest.raises(ConfigError, match=r"data.on_device=true: data.stream=auto streams .* data.stream=false"):
-        streams(cfg_of(root, "--data.on_device=true"))  # asked for on the GPU, but it does not fit in memory
+        streams(cfg_of(root, "--data.on_device=true", "--train.device=cuda"))  # asked for on the GPU; does not fit
+    assert streams(cfg_of(root, "--data.on_device=true", "--train.device=cpu"))  # on_device never applies there
     assert not streams(cfg_of(root, "--data.on_device=true", "--data.stream=false"))
 
 
@@ -350,34 +351,78 @@ def test_a_resume_refuses_a_folder_changed_since_the_run_started(tmp_path, strea
 
     root = write_folder(tmp_path / "folder")
     run = tmp_path / "run"
-    cfg = cfg_of(root, f"--data.stream={stream}", f"--log.run_dir={run}", "--log.tensorboard=false")
+    over = [f"--data.root={root}", "--data.source=imagefolder", "--data.img_size=16", "--data.val_size=6",
+            "--data.probe_size=8", "--model.width=0.125", "--train.batch_size=8", "--train.epochs=2",
+            "--log.progress=false", f"--data.stream={stream}", f"--log.run_dir={run}", "--log.tensorboard=false"]
+    cfg = load_config(None, over)
     train(cfg, stop_after_epochs=1)
     assert json.loads((run / "meta.json").read_text())["inputs"]["folder"]["files"] == 72 + 24
     before = {f.name: f.read_bytes() for f in run.iterdir() if f.is_file()}
     victim = root / "val" / "c1" / "002.png"  # a test file: what the run is judged on is its data too
     st = victim.stat()
     os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
-    with pytest.raises(DataError, match=rf"--resume: the image folder data.root='{root}' is not the one this run "
-                                        rf"started on.*\(96 files then, 96 now\)"):
+    with pytest.raises(DataError, match=rf"--resume: the image folder data.root='{root}' is not as this run "
+                                        rf"started on it: the same files \(names, sizes\), but not all with the "
+                                        rf"modification times recorded.*data.verify=false"):
         train(cfg, resume=True)
     (root / "train" / "c0" / "extra.png").write_bytes((root / "train" / "c0" / "001.png").read_bytes())
-    os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))  # back as it was; one file more
-    with pytest.raises(DataError, match=r"\(96 files then, 97 now\)"):
+    with pytest.raises(DataError, match=r"files added, removed, renamed or resized \(96 files then, 97 now\)"):
         train(cfg, resume=True)
+    with pytest.raises(DataError, match=r"files added, removed, renamed or resized \(96 files then, 97 now\)"):
+        train(load_config(None, [*over, "--data.verify=false"]), resume=True)  # only mtimes may differ then
     assert {f.name: f.read_bytes() for f in run.iterdir() if f.is_file()} == before
     (root / "train" / "c0" / "extra.png").unlink()
-    assert train(cfg, resume=True)["status"] == "finished"
+    summary = train(load_config(None, [*over, "--data.verify=false"]), resume=True)  # the same files, touched
+    assert summary["status"] == "finished"
 
 
 def test_check_same_folder_passes_runs_from_before_it_was_recorded():
     from pst_dist.data.pipeline import check_same_folder
 
-    now = {"sha256": "ab", "files": 3}
-    for recorded in (None, {}, {"mean": [0.5]}, {"folder": {"sha256": "ab", "files": 3}}):
-        check_same_folder(recorded, now, "root")
-    check_same_folder({"folder": {"sha256": "ab", "files": 3}}, None, "root")  # not an image folder now
+    d = load_config(None, ["--data.root=root"]).data
+    now = {"sha256": "ab", "sizes_sha256": "s", "files": 3}
+    for recorded in (None, {}, {"mean": [0.5]}):
+        assert not check_same_folder(recorded, now, d)  # not a resume, or a run from before: no pass skipped
+    assert check_same_folder({"folder": dict(now)}, now, d)
+    assert not check_same_folder({"folder": dict(now)}, None, d)  # not an image folder now
     with pytest.raises(DataError, match=r"data.root='root'.*\(4 files then, 3 now\)"):
-        check_same_folder({"folder": {"sha256": "cd", "files": 4}}, now, "root")
+        check_same_folder({"folder": {"sha256": "cd", "sizes_sha256": "t", "files": 4}}, now, d)
+    touched = {"folder": {**now, "sha256": "cd"}}
+    with pytest.raises(DataError, match="modification times"):
+        check_same_folder(touched, now, d)
+    assert not check_same_folder(touched, now, load_config(None, ["--data.verify=false"]).data)
+
+
+def _folder_rank(rank: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    from pst_dist.data.pipeline import check_same_folder
+
+    dist.init_process_group("gloo", rank=rank, world_size=2, init_method=f"tcp://127.0.0.1:{port}")
+    now = {"sha256": "ab", "sizes_sha256": "s", "files": 3}
+    was = now if rank == 0 else {**now, "sizes_sha256": "t", "sha256": "cd"}  # only rank 1's node differs
+    try:
+        check_same_folder({"folder": was}, now, load_config(None, ["--data.root=root"]).data)
+        message = "passed"
+    except DataError as e:
+        message = str(e)
+    dist.destroy_process_group()
+    Path(out, f"rank{rank}.txt").write_text(message)
+
+
+@pytest.mark.multiproc
+def test_a_folder_changed_on_one_rank_is_refused_on_every_rank(tmp_path):
+    """Node-local copies of a folder can differ on one node only: every rank refuses (none goes on to wait)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_folder_rank, args=(port, str(tmp_path)), nprocs=2, start_method="spawn", join=True)
+    assert "1 other rank(s) found the image folder data.root='root' changed" in (tmp_path / "rank0.txt").read_text()
+    assert "files added, removed, renamed or resized (3 files then, 3 now)" in (tmp_path / "rank1.txt").read_text()
 
 
 @pytest.mark.multiproc

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..config import Config, ConfigError
+from ..config import Config, ConfigError, DataConfig, device_type
 from ..defenses import SQUEEZES, squeeze_train
 from ..distributed import DistInfo, rank_and_size, sum_across_ranks
 from ..io import check_out_dir, enter_out_dir, sha256, write_failed
@@ -52,7 +52,7 @@ class Data:
     beton: BetonDir | None = None  # when the training split lives in a .beton (read by FFCV)
     stream: FolderSplit | None = None  # when the training split stays in its image folder (data.stream)
     train_sha256: str | None = None  # a streamed training split's fingerprint, when build_data was asked (digest)
-    folder: dict | None = None  # an image folder's listing: {"sha256": FolderListing.sha256(), "files": count}
+    folder: dict | None = None  # an image folder's listing: FolderListing.fingerprint() (sha256s, file count)
 
 
 class Normalize:
@@ -76,13 +76,13 @@ def build_data(cfg: Config, poisoned: torch.Tensor | None = None, digest: bool =
     (:mod:`pst_dist.poison.partial`; the others clean), then ``cfg.defense``'s squeezing. ``digest``: a streamed
     image folder's statistics pass also computes its training split's fingerprint (``Data.train_sha256``).
     ``recorded``: a resumed run's recorded inputs (meta.json): an image folder is refused, before anything is
-    decoded, unless it lists as when the run started, and then a streamed one skips its statistics pass."""
+    decoded, unless it lists as when the run started (:func:`check_same_folder`), and then a streamed one skips its
+    statistics pass."""
     listing, stream = folder_plan(cfg)  # first: refuses data.stream=true where nothing streams
-    folder = {"sha256": listing.sha256(), "files": listing.n_files()} if listing is not None else None
-    check_same_folder(recorded, folder, cfg.data.root)
+    folder = listing.fingerprint() if listing is not None else None
+    same = check_same_folder(recorded, folder, cfg.data)
     if stream:
-        known = recorded if recorded and recorded.get("folder") and not digest else None
-        return streamed_data(cfg, listing, folder, digest, known)
+        return streamed_data(cfg, listing, folder, digest, recorded if same and not digest else None)
     if cfg.data.source == "beton":
         if cfg.defense.kind != "none":
             raise ConfigError(f"defense.kind={cfg.defense.kind!r} with data.source='beton': the .beton holds the "
@@ -109,17 +109,34 @@ def build_data(cfg: Config, poisoned: torch.Tensor | None = None, digest: bool =
     return Data(splits, poisoned, mean, std.clamp_min(1e-3), folder=folder)
 
 
-def check_same_folder(recorded: dict | None, folder: dict | None, root: str) -> None:
-    """On a resume: DataError unless the image folder lists as it did when the run started (meta.json's
-    ``inputs.folder``; runs from before it was recorded are not checked). A file changed, added or removed between
-    two segments would otherwise go unnoticed: each segment lists the folder afresh."""
-    was = (recorded or {}).get("folder")
-    if was is None or folder is None or was.get("sha256") == folder["sha256"]:
-        return
-    raise DataError(f"--resume: the image folder data.root={root!r} is not the one this run started on: its listing "
-                    f"(every file's name, size and modification time) differs from the one meta.json records "
-                    f"({was.get('files')} files then, {folder['files']} now). A resumed run must train on what it "
-                    f"started on: restore the folder, or start a new run (another log.run_dir)")
+def check_same_folder(recorded: dict | None, folder: dict | None, d: DataConfig) -> bool:
+    """On a resume (``recorded``: the run's recorded inputs; None otherwise): DataError, on every rank together,
+    unless the image folder lists as it did when the run started (meta.json's ``inputs.folder``). Each segment lists
+    the folder afresh, so a file changed, added or removed between two segments would otherwise go unnoticed. The
+    same files with other modification times (a copy that did not keep them, or files rewritten at their size) are
+    refused too, unless ``data.verify`` is false. Whether the folder lists exactly as recorded (a streamed resume then
+    makes no statistics pass); runs from before the listing was recorded, and other sources, are not checked."""
+    if recorded is None:
+        return False
+    was, problem = recorded.get("folder"), ""
+    if was is not None and folder is not None and was.get("sha256") != folder["sha256"]:
+        if was.get("sizes_sha256") != folder["sizes_sha256"]:
+            problem = (f"files added, removed, renamed or resized ({was.get('files')} files then, {folder['files']} "
+                       f"now). A resumed run must train on what it started on: restore the folder, or start a new "
+                       f"run (another log.run_dir)")
+        elif d.verify:
+            problem = ("the same files (names, sizes), but not all with the modification times recorded: rewritten "
+                       "in place, or a copy that did not keep them (cp -p, rsync -t keep them). If the files are the "
+                       "same, resume with data.verify=false (they are then decoded and checked again); otherwise "
+                       "restore the folder, or start a new run (another log.run_dir)")
+    if rank_and_size()[1] > 1:  # every rank refuses, or none: one that went on would wait for the others forever
+        others = sum_across_ranks([int(bool(problem))])[0] - bool(problem)
+        if others and not problem:
+            raise DataError(f"--resume: {others} other rank(s) found the image folder data.root={d.root!r} changed "
+                            f"since the run started (each says how in its own output)")
+    if problem:
+        raise DataError(f"--resume: the image folder data.root={d.root!r} is not as this run started on it: {problem}")
+    return was is not None and folder is not None and was["sha256"] == folder["sha256"]
 
 
 def streams(cfg: Config) -> bool:
@@ -154,11 +171,11 @@ def folder_plan(cfg: Config) -> tuple[FolderListing | None, bool]:
     stream = need > available_memory() / 4
     if rank_and_size()[1] > 1:  # one decision for every rank (each measured its own node): the pass is collective
         stream = sum_across_ranks([int(stream)])[0] > 0
-    if stream and d.on_device is True:
+    if stream and d.on_device is True and device_type(cfg) == "cuda":  # on_device never applies on the CPU
         raise ConfigError(f"data.on_device=true: data.stream=auto streams this training split from disk (decoded, "
-                          f"{need / 2**30:.1f} GiB for {local_processes()} process(es) on this node, over a quarter "
-                          f"of the memory available), so it cannot be held on the GPU; set data.stream=false to "
-                          f"hold it in memory anyway, or data.on_device=auto")
+                          f"{need / 2**30:.1f} GiB for {local_processes()} process(es) on this node; streamed when "
+                          f"that is over a quarter of the memory available on any node), so it cannot be held on the "
+                          f"GPU; set data.stream=false to hold it in memory anyway, or data.on_device=auto")
     return listing, stream
 
 
@@ -209,9 +226,9 @@ def streamed_data(cfg: Config, listing: FolderListing, folder: dict, digest: boo
     which also decodes (checks) each of them before training starts; the pass is shared out among the ranks of a
     process group (exact integer sums, added up across them). With ``digest`` (one process: write-beton), also the
     training split's :func:`pst_dist.data.sources.fingerprint` (``Data.train_sha256``). ``folder``: the listing's
-    ``Data.folder``. ``known``: a resumed run's
-    recorded inputs, whose folder lists as it does now (:func:`check_same_folder`): its mean and std, and no pass
-    (the run's first segment checked every file, and none has changed since)."""
+    fingerprint (``Data.folder``). ``known``: a resumed run's recorded inputs, whose folder lists exactly as it does
+    now (:func:`check_same_folder`): its mean and std, and no pass (the run's first segment checked every file, and
+    none has changed since)."""
     d = cfg.data
     splits, files = load_streamed_splits(d, head=max(d.probe_size, 64), listing=listing)
     rank, world = (0, 1) if digest else rank_and_size()

@@ -689,19 +689,19 @@ class FolderListing:
         source = self.test if name == "test" or (name == "val" and self.rows.val_from == "test") else self.train
         return source.take(getattr(self.rows, name))
 
-    def n_files(self) -> int:
-        return len(self.train) + len(self.test)
-
-    def sha256(self) -> str:
-        """The listing's fingerprint: every file's path, label, size and modification time, both splits in the
-        source's order (what a resume compares to know the folder is the one its run started on)."""
-        h = hashlib.sha256()
+    def fingerprint(self) -> dict:
+        """What a resume compares to know the folder is the one its run started on (meta.json's ``inputs.folder``):
+        ``sha256`` of every file's path, label, size and modification time, both splits in the source's order;
+        ``sizes_sha256`` of the same without the modification times (a copy that did not keep them); ``files``."""
+        full, sizes = hashlib.sha256(), hashlib.sha256()
         for split in (self.train, self.test):
-            h.update(len(split).to_bytes(8, "little"))
-            h.update(b"\0".join(split.paths.tolist()))
-            h.update(split.labels.numpy().astype("<i8").tobytes())
-            h.update(split.stamps.astype("<i8").tobytes())
-        return h.hexdigest()
+            for part in (len(split).to_bytes(8, "little"), split.paths.dtype.str.encode(), split.paths.tobytes(),
+                         split.labels.numpy().astype("<i8").tobytes(), split.stamps[:, 0].astype("<i8").tobytes()):
+                full.update(part)
+                sizes.update(part)
+            full.update(split.stamps[:, 1].astype("<i8").tobytes())
+        files = len(self.train) + len(self.test)
+        return {"sha256": full.hexdigest(), "sizes_sha256": sizes.hexdigest(), "files": files}
 
 
 def _stamp(path: Path, when: str = "") -> tuple[int, int]:
