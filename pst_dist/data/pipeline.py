@@ -82,7 +82,7 @@ def build_data(cfg: Config, poisoned: torch.Tensor | None = None, digest: bool =
     folder = listing.fingerprint() if listing is not None else None
     same = check_same_folder(recorded, folder, cfg.data)
     if stream:
-        return streamed_data(cfg, listing, folder, digest, recorded if same and not digest else None)
+        return streamed_data(cfg, listing, folder, digest, recorded if same else None)
     if cfg.data.source == "beton":
         if cfg.defense.kind != "none":
             raise ConfigError(f"defense.kind={cfg.defense.kind!r} with data.source='beton': the .beton holds the "
@@ -114,29 +114,33 @@ def check_same_folder(recorded: dict | None, folder: dict | None, d: DataConfig)
     unless the image folder lists as it did when the run started (meta.json's ``inputs.folder``). Each segment lists
     the folder afresh, so a file changed, added or removed between two segments would otherwise go unnoticed. The
     same files with other modification times (a copy that did not keep them, or files rewritten at their size) are
-    refused too, unless ``data.verify`` is false. Whether the folder lists exactly as recorded (a streamed resume then
-    makes no statistics pass); runs from before the listing was recorded, and other sources, are not checked."""
+    refused too, unless ``data.verify`` is false. Returns whether the folder lists exactly as recorded on every rank
+    (a streamed resume then makes no statistics pass); runs from before the listing was recorded, and other sources,
+    are not checked."""
     if recorded is None:
         return False
-    was, problem = recorded.get("folder"), ""
-    if was is not None and folder is not None and was.get("sha256") != folder["sha256"]:
-        if was.get("sizes_sha256") != folder["sizes_sha256"]:
-            problem = (f"files added, removed, renamed or resized ({was.get('files')} files then, {folder['files']} "
-                       f"now). A resumed run must train on what it started on: restore the folder, or start a new "
-                       f"run (another log.run_dir)")
-        elif d.verify:
-            problem = ("the same files (names, sizes), but not all with the modification times recorded: rewritten "
-                       "in place, or a copy that did not keep them (cp -p, rsync -t keep them). If the files are the "
-                       "same, resume with data.verify=false (they are then decoded and checked again); otherwise "
-                       "restore the folder, or start a new run (another log.run_dir)")
-    if rank_and_size()[1] > 1:  # every rank refuses, or none: one that went on would wait for the others forever
-        others = sum_across_ranks([int(bool(problem))])[0] - bool(problem)
-        if others and not problem:
-            raise DataError(f"--resume: {others} other rank(s) found the image folder data.root={d.root!r} changed "
+    was = recorded.get("folder")
+    checked = was is not None and folder is not None
+    same, problem = checked and was.get("sha256") == folder["sha256"], ""
+    if checked and not same and was.get("sizes_sha256") != folder["sizes_sha256"]:
+        problem = (f"files added, removed, renamed or resized ({was.get('files')} files then, {folder['files']} "
+                   f"now). A resumed run must train on what it started on: restore the folder, or start a new run "
+                   f"(another log.run_dir)")
+    elif checked and not same and d.verify:
+        problem = ("the same files (names, sizes), but not all with the modification times recorded: rewritten in "
+                   "place, or a copy that did not keep them (cp -p, rsync -t keep them). If the files are the same, "
+                   "resume with data.verify=false (they are then decoded and checked again); otherwise restore the "
+                   "folder, or start a new run (another log.run_dir)")
+    world = rank_and_size()[1]
+    if world > 1:  # one answer for every rank: one that went on alone would wait for the others forever
+        refusing, alike = sum_across_ranks([int(bool(problem)), int(same)])
+        if refusing and not problem:
+            raise DataError(f"--resume: {refusing} other rank(s) found the image folder data.root={d.root!r} changed "
                             f"since the run started (each says how in its own output)")
+        same = alike == world
     if problem:
         raise DataError(f"--resume: the image folder data.root={d.root!r} is not as this run started on it: {problem}")
-    return was is not None and folder is not None and was["sha256"] == folder["sha256"]
+    return same
 
 
 def streams(cfg: Config) -> bool:
@@ -227,15 +231,12 @@ def streamed_data(cfg: Config, listing: FolderListing, folder: dict, digest: boo
     process group (exact integer sums, added up across them). With ``digest`` (one process: write-beton), also the
     training split's :func:`pst_dist.data.sources.fingerprint` (``Data.train_sha256``). ``folder``: the listing's
     fingerprint (``Data.folder``). ``known``: a resumed run's recorded inputs, whose folder lists exactly as it does
-    now (:func:`check_same_folder`): its mean and std, and no pass (the run's first segment checked every file, and
-    none has changed since)."""
+    now on every rank (:func:`check_same_folder`): its mean and std, and no pass (the run's first segment checked
+    every file, and none has changed since)."""
     d = cfg.data
     splits, files = load_streamed_splits(d, head=max(d.probe_size, 64), listing=listing)
     rank, world = (0, 1) if digest else rank_and_size()
-    skip = known is not None and "mean" in known and "std" in known
-    if world > 1:  # the pass is collective: every rank skips it, or none does
-        skip = sum_across_ranks([int(skip)])[0] == world
-    if skip:
+    if known is not None:
         if rank == 0:
             print(f"[data] --resume: streaming the {len(files)} training images; the folder lists as when the run "
                   f"started (every file's name, size and modification time), which checked each file: no "
