@@ -351,10 +351,8 @@ def test_a_resume_refuses_a_folder_changed_since_the_run_started(tmp_path, strea
 
     root = write_folder(tmp_path / "folder")
     run = tmp_path / "run"
-    over = [f"--data.root={root}", "--data.source=imagefolder", "--data.img_size=16", "--data.val_size=6",
-            "--data.probe_size=8", "--model.width=0.125", "--train.batch_size=8", "--train.epochs=2",
-            "--log.progress=false", f"--data.stream={stream}", f"--log.run_dir={run}", "--log.tensorboard=false"]
-    cfg = load_config(None, over)
+    over = [f"--data.stream={stream}", f"--log.run_dir={run}", "--log.tensorboard=false"]
+    cfg = cfg_of(root, *over)
     train(cfg, stop_after_epochs=1)
     assert json.loads((run / "meta.json").read_text())["inputs"]["folder"]["files"] == 72 + 24
     before = {f.name: f.read_bytes() for f in run.iterdir() if f.is_file()}
@@ -369,10 +367,10 @@ def test_a_resume_refuses_a_folder_changed_since_the_run_started(tmp_path, strea
     with pytest.raises(DataError, match=r"files added, removed, renamed or resized \(96 files then, 97 now\)"):
         train(cfg, resume=True)
     with pytest.raises(DataError, match=r"files added, removed, renamed or resized \(96 files then, 97 now\)"):
-        train(load_config(None, [*over, "--data.verify=false"]), resume=True)  # only mtimes may differ then
+        train(cfg_of(root, *over, "--data.verify=false"), resume=True)  # only mtimes may differ then
     assert {f.name: f.read_bytes() for f in run.iterdir() if f.is_file()} == before
     (root / "train" / "c0" / "extra.png").unlink()
-    summary = train(load_config(None, [*over, "--data.verify=false"]), resume=True)  # the same files, touched
+    summary = train(cfg_of(root, *over, "--data.verify=false"), resume=True)  # the same files, touched
     assert summary["status"] == "finished"
 
 
