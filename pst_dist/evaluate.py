@@ -19,7 +19,7 @@ import torch.nn as nn
 from .checkpoint import CheckpointError, load_weights
 from .config import Config, ConfigError, DefenseConfig, PoisonConfig, load_config
 from .data.pipeline import Data, Normalize, build_data
-from .data.sources import DataError, Split, load_streamed_splits
+from .data.sources import DataError, Split, list_folder, load_streamed_splits
 from .distributed import build_device
 from .engine.deepspeed import CHECKPOINT_DIR, DS_SAFE_GLOBALS, LATEST, MODEL_STATES, check_ds_checkpoint
 from .models import build_model
@@ -146,12 +146,32 @@ def clean(cfg: Config) -> Config:
 def eval_data(cfg: Config, run_dir: Path, split: str) -> Data:
     """The data to evaluate ``split`` of: ``cfg``'s data without poison or defense. An image folder is only listed,
     and only ``split`` decoded, when the run recorded the normalisation its model takes (which is then used): no pass
-    over the training images for their statistics, however large the folder."""
+    over the training images for their statistics, however large the folder. ``Data.folder``: its listing's
+    fingerprint (:meth:`pst_dist.data.sources.FolderListing.fingerprint`)."""
     cfg, inputs = clean(cfg), recorded_inputs(run_dir)
     if inputs is None or cfg.data.source != "imagefolder":
         return build_data(cfg)
-    splits, files = load_streamed_splits(cfg.data, head=1, decode=(split,))
-    return Data(splits, splits.train.images, torch.tensor(inputs["mean"]), torch.tensor(inputs["std"]), stream=files)
+    listing = list_folder(cfg.data)
+    splits, files = load_streamed_splits(cfg.data, head=1, listing=listing, decode=(split,))
+    return Data(splits, splits.train.images, torch.tensor(inputs["mean"]), torch.tensor(inputs["std"]), stream=files,
+                folder=listing.fingerprint())
+
+
+def folder_as_trained(run_dir: Path, data: Data) -> bool | None:
+    """Does the run's image folder list as it did when the run started (meta.json's ``inputs.folder``: names,
+    labels, sizes, modification times)? None when there is nothing to compare (another source, or a run from before
+    the listing was recorded). Evaluation goes on either way, with a note on stderr when it does not: the folder may
+    have been re-copied on purpose, but a figure from changed data is then not the run's own."""
+    was = (recorded_inputs(run_dir) or {}).get("folder")
+    if was is None or data.folder is None:
+        return None
+    if was.get("sha256") == data.folder["sha256"]:
+        return True
+    how = ("the same files with other modification times" if was.get("sizes_sha256") == data.folder["sizes_sha256"]
+           else f"files added, removed, renamed or resized: {was.get('files')} files then, {data.folder['files']} now")
+    print(f"[eval] note: the image folder is not as the run trained on it ({how}); the accuracy is of the folder as "
+          f"it is now", file=sys.stderr)
+    return False
 
 
 def evaluate_run(run_dir: Path, checkpoint: str | Path | None = None, overrides: list[str] | tuple = (),
@@ -168,7 +188,9 @@ def evaluate_run(run_dir: Path, checkpoint: str | Path | None = None, overrides:
     recorded = recorded_config(run_dir)
     cfg = recorded_config(run_dir, overrides) if overrides else recorded
     data = eval_data(cfg, run_dir, split)
-    rm = load_run_model(run_dir, checkpoint, own_data=data if cfg.data == recorded.data else None, cfg=recorded)
+    own = cfg.data == recorded.data
+    rm = load_run_model(run_dir, checkpoint, own_data=data if own else None, cfg=recorded)
+    as_trained = folder_as_trained(run_dir, data) if own else None
     part = getattr(data.splits, split)
     chans, num_classes = rm.inputs["shape"][0], rm.inputs["num_classes"]
     if data.splits.shape[0] != chans:
@@ -188,4 +210,5 @@ def evaluate_run(run_dir: Path, checkpoint: str | Path | None = None, overrides:
                         f"{rm.inputs['shape']}) cannot take {list(data.splits.shape)} images ({e})") from None
     return {"run": str(run_dir), "checkpoint": str(rm.checkpoint), "epoch": rm.epoch, "split": split,
             "data.source": cfg.data.source, "data.root": cfg.data.root, "images": len(part),
-            "eval_views": list(cfg.schedule.eval_views), "accuracy": acc}
+            "eval_views": list(cfg.schedule.eval_views), "accuracy": acc,
+            **({} if as_trained is None else {"folder_as_trained": as_trained})}

@@ -374,6 +374,30 @@ def test_a_resume_refuses_a_folder_changed_since_the_run_started(tmp_path, strea
     assert summary["status"] == "finished"
 
 
+def test_eval_says_whether_the_folder_is_as_the_run_trained_on_it(tmp_path, capfd):
+    """pst-dist eval goes on when the folder changed (it may be re-copied on purpose) but says so: in its JSON and
+    in a note on stderr; other data (a data.* override) is not compared."""
+    from pst_dist.evaluate import evaluate_run
+    from pst_dist.train import train
+
+    root = write_folder(tmp_path / "folder")
+    run = tmp_path / "run"
+    train(cfg_of(root, f"--log.run_dir={run}", "--log.tensorboard=false", "--train.epochs=1"))
+    capfd.readouterr()
+    first = evaluate_run(run)
+    assert first["folder_as_trained"] is True and "[eval] note" not in capfd.readouterr().err
+    victim = root / "val" / "c1" / "002.png"
+    st = victim.stat()
+    os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    touched = evaluate_run(run)
+    assert touched["folder_as_trained"] is False and touched["accuracy"] == first["accuracy"]
+    assert "the same files with other modification times" in capfd.readouterr().err
+    (root / "val" / "c0" / "extra.png").write_bytes((root / "val" / "c0" / "001.png").read_bytes())
+    assert evaluate_run(run)["folder_as_trained"] is False
+    assert "files added, removed, renamed or resized: 96 files then, 97 now" in capfd.readouterr().err
+    assert "folder_as_trained" not in evaluate_run(run, overrides=["--data.seed=1"])
+
+
 def test_check_same_folder_passes_runs_from_before_it_was_recorded():
     from pst_dist.data.pipeline import check_same_folder
 
