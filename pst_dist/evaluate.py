@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from .checkpoint import CheckpointError, load_weights
 from .config import Config, ConfigError, DefenseConfig, PoisonConfig, load_config
-from .data.pipeline import Data, Normalize, build_data
+from .data.pipeline import Data, Normalize, build_data, folder_change
 from .data.sources import DataError, Split, list_folder, load_streamed_splits
 from .distributed import build_device
 from .engine.deepspeed import CHECKPOINT_DIR, DS_SAFE_GLOBALS, LATEST, MODEL_STATES, check_ds_checkpoint
@@ -143,12 +143,12 @@ def clean(cfg: Config) -> Config:
     return dataclasses.replace(cfg, poison=PoisonConfig(), defense=DefenseConfig())
 
 
-def eval_data(cfg: Config, run_dir: Path, split: str) -> Data:
+def eval_data(cfg: Config, inputs: dict | None, split: str) -> Data:
     """The data to evaluate ``split`` of: ``cfg``'s data without poison or defense. An image folder is only listed,
-    and only ``split`` decoded, when the run recorded the normalisation its model takes (which is then used): no pass
-    over the training images for their statistics, however large the folder. ``Data.folder``: its listing's
-    fingerprint (:meth:`pst_dist.data.sources.FolderListing.fingerprint`)."""
-    cfg, inputs = clean(cfg), recorded_inputs(run_dir)
+    and only ``split`` decoded, when the run recorded the normalisation its model takes (``inputs``, which is then
+    used): no pass over the training images for their statistics, however large the folder. ``Data.folder``: its
+    listing's fingerprint (:meth:`pst_dist.data.sources.FolderListing.fingerprint`)."""
+    cfg = clean(cfg)
     if inputs is None or cfg.data.source != "imagefolder":
         return build_data(cfg)
     listing = list_folder(cfg.data)
@@ -157,18 +157,18 @@ def eval_data(cfg: Config, run_dir: Path, split: str) -> Data:
                 folder=listing.fingerprint())
 
 
-def folder_as_trained(run_dir: Path, data: Data) -> bool | None:
-    """Does the run's image folder list as it did when the run started (meta.json's ``inputs.folder``: names,
-    labels, sizes, modification times)? None when there is nothing to compare (another source, or a run from before
-    the listing was recorded). Evaluation goes on either way, with a note on stderr when it does not: the folder may
-    have been re-copied on purpose, but a figure from changed data is then not the run's own."""
-    was = (recorded_inputs(run_dir) or {}).get("folder")
-    if was is None or data.folder is None:
+def folder_as_trained(was: dict | None, now: dict | None) -> bool | None:
+    """Does the run's image folder (``now``: its listing's fingerprint) list as it did when the run started (``was``:
+    meta.json's ``inputs.folder``)? None when there is nothing to compare (another source, or a run from before the
+    listing was recorded). Evaluation goes on either way, with a note on stderr when it does not: the folder may have
+    been re-copied on purpose, but a figure from changed data is then not the run's own."""
+    if was is None or now is None:
         return None
-    if was.get("sha256") == data.folder["sha256"]:
+    change = folder_change(was, now)
+    if change is None:
         return True
-    how = ("the same files with other modification times" if was.get("sizes_sha256") == data.folder["sizes_sha256"]
-           else f"files added, removed, renamed or resized: {was.get('files')} files then, {data.folder['files']} now")
+    how = ("the same files with other modification times" if change == "times"
+           else f"files added, removed, renamed or resized: {was.get('files')} files then, {now['files']} now")
     print(f"[eval] note: the image folder is not as the run trained on it ({how}); the accuracy is of the folder as "
           f"it is now", file=sys.stderr)
     return False
@@ -187,10 +187,11 @@ def evaluate_run(run_dir: Path, checkpoint: str | Path | None = None, overrides:
                           f"the run's")
     recorded = recorded_config(run_dir)
     cfg = recorded_config(run_dir, overrides) if overrides else recorded
-    data = eval_data(cfg, run_dir, split)
+    inputs = recorded_inputs(run_dir)
+    data = eval_data(cfg, inputs, split)
     own = cfg.data == recorded.data
     rm = load_run_model(run_dir, checkpoint, own_data=data if own else None, cfg=recorded)
-    as_trained = folder_as_trained(run_dir, data) if own else None
+    as_trained = folder_as_trained((inputs or {}).get("folder"), data.folder) if own else None
     part = getattr(data.splits, split)
     chans, num_classes = rm.inputs["shape"][0], rm.inputs["num_classes"]
     if data.splits.shape[0] != chans:

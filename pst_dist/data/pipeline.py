@@ -109,6 +109,15 @@ def build_data(cfg: Config, poisoned: torch.Tensor | None = None, digest: bool =
     return Data(splits, poisoned, mean, std.clamp_min(1e-3), folder=folder)
 
 
+def folder_change(was: dict, now: dict) -> str | None:
+    """How an image folder's listing ``now`` differs from the one recorded, ``was`` (both
+    :meth:`pst_dist.data.sources.FolderListing.fingerprint`): None, not at all; ``"times"``, the same files (names,
+    labels, sizes) with other modification times; ``"files"``, files added, removed, renamed or resized."""
+    if was.get("sha256") == now["sha256"]:
+        return None
+    return "times" if was.get("sizes_sha256") == now["sizes_sha256"] else "files"
+
+
 def check_same_folder(recorded: dict | None, folder: dict | None, d: DataConfig) -> bool:
     """On a resume (``recorded``: the run's recorded inputs; None otherwise): DataError, on every rank together,
     unless the image folder lists as it did when the run started (meta.json's ``inputs.folder``). Each segment lists
@@ -121,12 +130,13 @@ def check_same_folder(recorded: dict | None, folder: dict | None, d: DataConfig)
         return False
     was = recorded.get("folder")
     checked = was is not None and folder is not None
-    same, problem = checked and was.get("sha256") == folder["sha256"], ""
-    if checked and not same and was.get("sizes_sha256") != folder["sizes_sha256"]:
+    change = folder_change(was, folder) if checked else None
+    same, problem = checked and change is None, ""
+    if change == "files":
         problem = (f"files added, removed, renamed or resized ({was.get('files')} files then, {folder['files']} "
                    f"now). A resumed run must train on what it started on: restore the folder, or start a new run "
                    f"(another log.run_dir)")
-    elif checked and not same and d.verify:
+    elif change == "times" and d.verify:
         problem = ("the same files (names, sizes), but not all with the modification times recorded: rewritten in "
                    "place, or a copy that did not keep them (cp -p, rsync -t keep them). If the files are the same, "
                    "resume with data.verify=false (they are then decoded and checked again); otherwise restore the "
