@@ -59,6 +59,7 @@ from .data.sources import Split, fingerprint, load_splits
 from .distributed import init_ray
 from .engine import engine_class
 from .io import atomic_dir, savefig_atomic, write_atomic
+from .metrics import machine_facts
 from .poison import PoisonFileError, make_poison, norms, store
 from .registry import DEFENSES
 from .report import mean_std
@@ -119,7 +120,7 @@ def generate_poison(base: dict, attack: str, seed: int, path: str, threads: int)
             "fingerprint": {"clean_train_sha256": fingerprint(Split(tr.images[order], tr.labels[order],
                                                                     tr.index[order]))},
             "norms": norms(tr.images, poisoned), "seconds": round(seconds, 2), "model_based": info,
-            "model": asdict(cfg.model)}
+            "model": asdict(cfg.model), "machine": machine_facts()}
     with atomic_dir(Path(path), replace=True) as tmp:  # the cache is the bench's own
         store.fill(tmp, poisoned, meta, rows=tr.index, source_size=splits.source_train_size)
     return meta

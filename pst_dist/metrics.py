@@ -5,6 +5,7 @@ the resolved config, git SHA and library versions."""
 from __future__ import annotations
 
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -32,6 +33,35 @@ def library_versions() -> dict[str, str]:
         if mod in sys.modules:
             out[mod] = getattr(sys.modules[mod], "__version__", "?")
     return out
+
+
+KERNEL_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "MKL_CBWR",
+              "CUBLAS_WORKSPACE_CONFIG")
+"""Environment variables that choose which float kernels run (and so the order their sums are taken in)."""
+
+
+def machine_facts(device: torch.device | None = None) -> dict:
+    """What picks the float kernels a run's numbers come from, beyond the code and the versions: the CPU and the
+    vector instructions torch dispatches to (``AVX512``, ``AVX2``, ...), the GPU when there is one, and the
+    environment variables that override the choice. Two machines (or one with ``ATEN_CPU_CAPABILITY`` set) can
+    compute the same run in another float order, and a PST cell then lands elsewhere as another seed would
+    (docs/results/pst_one_recipe.md, section 29)."""
+    out: dict = {"cpu": _cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                 "env": {k: os.environ[k] for k in KERNEL_ENV if k in os.environ}}
+    if device is not None and device.type == "cuda":
+        out["gpu"] = torch.cuda.get_device_name(device)
+    return out
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 class Metrics:

@@ -31,7 +31,7 @@ from .defenses import pgd_examples, step_seed, ueraser_loss, ueraser_repeats
 from .distributed import DistInfo, broadcast_buffers, build_device, init_distributed, mean_across_ranks, teardown
 from .engine import DeepSpeedEngine, TorchEngine, build_engine
 from .io import read_json, write_atomic
-from .metrics import Metrics, git_sha, library_versions
+from .metrics import Metrics, git_sha, library_versions, machine_facts
 from .models import build_model
 from .pst.detectors import probe_metrics, trigger_value
 from .pst.freeze import GroupedModel, param_groups, set_group_lrs, trace_units
@@ -80,14 +80,15 @@ def predict(model: nn.Module, x: torch.Tensor, normalize: Normalize, views: Sequ
 
 def write_run_header(run_dir: Path, cfg: Config, resumed_at: int | None = None,
                      changes: dict[str, tuple] | None = None, resolved: dict | None = None,
-                     inputs: dict | None = None) -> None:
-    """config.toml (what trains from now on) and meta.json (git SHA, versions, argv, what ``auto`` settings
+                     inputs: dict | None = None, device: torch.device | None = None) -> None:
+    """config.toml (what trains from now on) and meta.json (git SHA, versions, the machine's kernel choice
+    (:func:`pst_dist.metrics.machine_facts` on ``device``), argv, what ``auto`` settings
     resolved to on this machine, the ``inputs`` the model was built for (classes, image shape, normalisation: what
     ``pst-dist eval`` and ``export`` rebuild it from); on a resume, appended to its ``resumes`` list: the epoch resumed
     from and every config key that changed, so the record never hides it)."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    meta = {"git_sha": git_sha(), "versions": library_versions(), "argv": sys.argv, "resolved": resolved or {},
-            "inputs": inputs or {}}
+    meta = {"git_sha": git_sha(), "versions": library_versions(), "machine": machine_facts(device), "argv": sys.argv,
+            "resolved": resolved or {}, "inputs": inputs or {}}
     if resumed_at is not None:
         old = run_dir / "meta.json"
         try:
@@ -95,10 +96,24 @@ def write_run_header(run_dir: Path, cfg: Config, resumed_at: int | None = None,
         except (json.JSONDecodeError, UnicodeDecodeError):
             first = {}
         resumes = list(first.get("resumes", [])) if isinstance(first, dict) else []
+        note_other_kernels(([first] if isinstance(first, dict) else []) + resumes, meta["machine"])
         resumes.append({"epoch": resumed_at, "changes": {k: list(v) for k, v in (changes or {}).items()}, **meta})
         meta = {**(first if isinstance(first, dict) else {}), "resumes": resumes}
     write_atomic(run_dir / "config.toml", dump_toml(cfg))
     write_atomic(run_dir / "meta.json", json.dumps(meta, indent=2))
+
+
+def note_other_kernels(segments: list[dict], now: dict) -> None:
+    """Say on stderr when the run's last segment computed with other kernels than this machine will (another CPU
+    capability, GPU or kernel-choosing variable; segments from before meta.json recorded it say nothing): the resumed
+    run goes on correctly, but not bit for bit as an uninterrupted run on either machine would."""
+    was = next((m["machine"] for m in reversed(segments) if isinstance(m, dict) and m.get("machine")), None)
+    keys = ("cpu_capability", "gpu", "env")
+    if was is not None and any(was.get(k) != now.get(k) for k in keys):
+        then, here = ({k: m.get(k) for k in keys if m.get(k)} for m in (was, now))
+        print(f"[resume] this machine's kernels differ from those the run computed with until now ({then} then, "
+              f"{here} now): it trains on correctly, but not bit for bit as an uninterrupted run would",
+              file=sys.stderr)
 
 
 def recorded_inputs(run_dir: Path) -> dict | None:
@@ -363,7 +378,8 @@ def build_run(cfg: Config, resume: bool, overwrite: bool, allow_changes: bool, d
             remove_run_files(run_dir)
         if resume:
             keep_metrics_until(run_dir, st.step)
-        write_run_header(run_dir, cfg, st.epoch if resume else None, changes, resolved, model_inputs(data))
+        write_run_header(run_dir, cfg, st.epoch if resume else None, changes, resolved, model_inputs(data),
+                         device)
     metrics = Metrics(run_dir, dist_info.is_primary, cfg.log.tensorboard, cfg, st.step if resume else None)
     metrics.image("data/poisoned_samples", make_grid(data.poisoned_train[:64], nrow=8))
     return Run(cfg, dist_info, device, data, loader, gm, schedule, engine, normalize, autocast, probe, metrics, st)

@@ -125,7 +125,8 @@ def test_em_data_parallel_on_two_processes_gives_every_rank_the_same_poison(tmp_
 
 
 def test_poison_json_records_the_model_based_run(tmp_path):
-    """`pst-dist poison` with EM on the synthetic set stores the surrogate's rounds and train error."""
+    """`pst-dist poison` with EM on the synthetic set stores the surrogate's rounds and train error, and the
+    machine's kernel choice."""
     out = tmp_path / "em"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "-m", "pst_dist.cli", "poison", "--out", str(out), "--data.source=synthetic",
@@ -135,6 +136,7 @@ def test_poison_json_records_the_model_based_run(tmp_path):
     assert r.returncode == 0, r.stderr
     meta = json.loads((out / "poison.json").read_text())
     assert meta["attack"] == "em" and meta["model_based"]["rounds"] == 1 and meta["norms"]["linf"] <= 8 / 255 + 1e-9
+    assert meta["machine"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()  # the kernels it ran on
 
 
 def test_em_under_the_trainers_bf16_autocast():

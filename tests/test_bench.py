@@ -188,6 +188,7 @@ def test_a_poison_cached_by_the_bench_trains_with_poison_kind_file(tmp_path):
     meta = json.loads((cache / "poison.json").read_text())
     assert meta["format"] == "pst-dist-poison/1" and meta["rows"] == "rows.npy" and len(meta["rows_sha256"]) == 64
     assert meta["shape"][0] == 256 and meta["source_size"] == 320  # 64 of the source's images are validation
+    assert "cpu_capability" in meta["machine"]  # which kernels crafted it
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     again = tmp_path / "again"
     t = subprocess.run([sys.executable, "-m", "pst_dist.cli", "train", "--config", str(out / CELL / "config.toml"),

@@ -1,13 +1,15 @@
 import json
+import os
 
 import pytest
 import torch
 
 from pst_dist.checkpoint import CheckpointError, load_checkpoint
 from pst_dist.config import load_config
+from pst_dist.metrics import KERNEL_ENV
 from pst_dist.train import build_optimizer, train
 
-from .conftest import TINY
+from .conftest import TINY, run_cli
 
 PST = ('--schedule.stages=[{name="warm",epochs=2,trigger={kind="train_acc",threshold=0.0},'
        'loss={ce=1.0,view_ce=0.5}},{name="mid",epochs=1.5,freeze=[0,1],reinit_head=true,'
@@ -28,7 +30,9 @@ def test_end_to_end_writes_run_dir(tmp_path):
         assert k in keys, k
     assert s["stage_history"], "the always-true trigger should have fired"
     assert 0 <= s["final_test_acc"] <= 1 and s["peak_test_acc"] >= s["final_test_acc"]
-    assert json.loads((tmp_path / "meta.json").read_text())["versions"]["torch"] == torch.__version__
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    assert meta["versions"]["torch"] == torch.__version__
+    assert meta["machine"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
 
 
 def test_resume_mid_stage_is_bit_identical(tmp_path):
@@ -44,6 +48,25 @@ def test_resume_mid_stage_is_bit_identical(tmp_path):
     b = torch.load(tmp_path / "part" / "checkpoint.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert full["stage_history"] == resumed["stage_history"] and full["test_curve"] == resumed["test_curve"]
+
+
+def test_a_resume_on_other_kernels_says_so_and_meta_records_them(tmp_path, capsys):
+    """meta.json records the vector instructions torch dispatched to; a resume with the same says nothing, one with
+    others (the same machine told to use its plain C++ kernels: ATEN_CPU_CAPABILITY=default) trains on, says so on
+    stderr, and its segment in meta.json's resumes records them."""
+    base = [*TINY, "--train.epochs=3", f"--log.run_dir={tmp_path}"]
+    train(load_config(None, base), stop_after_epochs=1)
+    train(load_config(None, base), resume=True, stop_after_epochs=2)
+    assert "kernels differ" not in capsys.readouterr().err
+    out = run_cli("train", *base, "--resume", env={**os.environ, "ATEN_CPU_CAPABILITY": "default"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "kernels differ" in out.stderr and "DEFAULT" in out.stderr, out.stderr[-2000:]
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    assert meta["machine"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    ours = {k: os.environ[k] for k in KERNEL_ENV if k in os.environ}  # whatever the caller's environment sets
+    assert [r["machine"]["env"] for r in meta["resumes"]] == [ours, {**ours, "ATEN_CPU_CAPABILITY": "default"}]
+    assert meta["resumes"][-1]["machine"]["cpu_capability"] == "DEFAULT"
+    assert json.loads((tmp_path / "summary.json").read_text())["status"] == "finished"
 
 
 def test_checkpoint_from_another_model(tmp_path):

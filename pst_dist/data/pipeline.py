@@ -22,6 +22,7 @@ from ..config import Config, ConfigError, DataConfig, device_type
 from ..defenses import SQUEEZES, squeeze_train
 from ..distributed import DistInfo, rank_and_size, sum_across_ranks
 from ..io import check_out_dir, enter_out_dir, sha256, write_failed
+from ..metrics import machine_facts
 from ..poison import make_poison, mix_clean, norms, poison_train, store
 from . import beton
 from .beton import BetonDir
@@ -441,7 +442,8 @@ def write_poisoned(cfg: Config, out: Path, *, overwrite: bool = False, log: Call
         meta = {"format": store.FORMAT, "attack": cfg.poison.kind, "parameters": store.parameters(cfg.poison),
                 "seed": cfg.poison.seed, "source": cfg.data.source, "shape": list(poisoned.shape),
                 "fingerprint": {"clean_train_sha256": fingerprint(clean)}, "norms": norms(clean.images, poisoned),
-                "seconds": round(seconds, 2), "model_based": info}  # what a model-based attack did (rounds, errors)
+                "seconds": round(seconds, 2), "model_based": info,  # what a model-based attack did (rounds, errors)
+                "machine": machine_facts()}  # a model-based attack's result depends on the kernels too
         try:
             store.fill(tmp, poisoned, meta)
         except OSError as e:
