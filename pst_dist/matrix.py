@@ -2,8 +2,9 @@
 
 Every attack is generated once per seed on the recipe's training split and cached losslessly under
 ``<out>/poisons/<attack>_seed<k>/``: a poison store as ``pst-dist poison`` writes it (:mod:`pst_dist.poison.store`;
-uint8 .npy + poison.json with parameters, measured norms, generation time and hashes), of the split's images only
-(with their source indices), which the cells read as ``poison.kind = "file"`` does and which trains that way too.
+uint8 .npy + poison.json with parameters, measured norms, generation time, hashes and the machine's kernel choice),
+of the split's images only (with their source indices), which the cells read as ``poison.kind = "file"`` does and
+which trains that way too.
 Every (attack, defense, seed) cell is one training run with its own run directory (TensorBoard, metrics, summary)
 under ``<out>/cells/``; a cell whose summary.json exists is skipped, a cell with a checkpoint (of its engine: torch
 or DeepSpeed) resumes from it.
@@ -56,7 +57,7 @@ from .config import (
 )
 from .data.pipeline import build_data
 from .data.sources import Split, fingerprint, load_splits
-from .distributed import init_ray
+from .distributed import build_device, init_ray
 from .engine import engine_class
 from .io import atomic_dir, savefig_atomic, write_atomic
 from .metrics import machine_facts
@@ -120,7 +121,7 @@ def generate_poison(base: dict, attack: str, seed: int, path: str, threads: int)
             "fingerprint": {"clean_train_sha256": fingerprint(Split(tr.images[order], tr.labels[order],
                                                                     tr.index[order]))},
             "norms": norms(tr.images, poisoned), "seconds": round(seconds, 2), "model_based": info,
-            "model": asdict(cfg.model), "machine": machine_facts()}
+            "model": asdict(cfg.model), "machine": machine_facts(build_device(cfg))}
     with atomic_dir(Path(path), replace=True) as tmp:  # the cache is the bench's own
         store.fill(tmp, poisoned, meta, rows=tr.index, source_size=splits.source_train_size)
     return meta

@@ -35,17 +35,16 @@ def library_versions() -> dict[str, str]:
     return out
 
 
-KERNEL_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "MKL_CBWR",
-              "CUBLAS_WORKSPACE_CONFIG")
-"""Environment variables that choose which float kernels run (and so the order their sums are taken in)."""
+KERNEL_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ONEDNN_DEFAULT_FPMATH_MODE",
+              "DNNL_DEFAULT_FPMATH_MODE", "MKL_ENABLE_INSTRUCTIONS", "MKL_CBWR", "CUBLAS_WORKSPACE_CONFIG",
+              "NVIDIA_TF32_OVERRIDE", "TORCH_ALLOW_TF32_CUBLAS_OVERRIDE")
+"""Environment variables that choose which float kernels run, or at what precision."""
 
 
 def machine_facts(device: torch.device | None = None) -> dict:
-    """What picks the float kernels a run's numbers come from, beyond the code and the versions: the CPU and the
-    vector instructions torch dispatches to (``AVX512``, ``AVX2``, ...), the GPU when there is one, and the
-    environment variables that override the choice. Two machines (or one with ``ATEN_CPU_CAPABILITY`` set) can
-    compute the same run in another float order, and a PST cell then lands elsewhere as another seed would
-    (docs/results/pst_one_recipe.md, section 29)."""
+    """This process's kernel choice: the CPU, the vector instructions torch dispatches to (``AVX512``, ``AVX2``, ...),
+    the GPU of ``device``, and the :data:`KERNEL_ENV` variables set. Other kernels round otherwise, and a run then
+    lands elsewhere as another seed would (docs/results/pst_one_recipe.md, section 29)."""
     out: dict = {"cpu": _cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                  "env": {k: os.environ[k] for k in KERNEL_ENV if k in os.environ}}
     if device is not None and device.type == "cuda":

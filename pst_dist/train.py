@@ -81,8 +81,8 @@ def predict(model: nn.Module, x: torch.Tensor, normalize: Normalize, views: Sequ
 def write_run_header(run_dir: Path, cfg: Config, resumed_at: int | None = None,
                      changes: dict[str, tuple] | None = None, resolved: dict | None = None,
                      inputs: dict | None = None, device: torch.device | None = None) -> None:
-    """config.toml (what trains from now on) and meta.json (git SHA, versions, the machine's kernel choice
-    (:func:`pst_dist.metrics.machine_facts` on ``device``), argv, what ``auto`` settings
+    """config.toml (what trains from now on) and meta.json (git SHA, versions, this rank's ``machine``:
+    :func:`pst_dist.metrics.machine_facts` on ``device``; argv, what ``auto`` settings
     resolved to on this machine, the ``inputs`` the model was built for (classes, image shape, normalisation: what
     ``pst-dist eval`` and ``export`` rebuild it from); on a resume, appended to its ``resumes`` list: the epoch resumed
     from and every config key that changed, so the record never hides it)."""
@@ -96,7 +96,10 @@ def write_run_header(run_dir: Path, cfg: Config, resumed_at: int | None = None,
         except (json.JSONDecodeError, UnicodeDecodeError):
             first = {}
         resumes = list(first.get("resumes", [])) if isinstance(first, dict) else []
-        note_other_kernels(([first] if isinstance(first, dict) else []) + resumes, meta["machine"])
+        # the segments that made the checkpoint resumed from (not a resume that stopped before it saved one)
+        made = [r for r in resumes if isinstance(r, dict) and isinstance(r.get("epoch"), int)
+                and r["epoch"] < resumed_at]
+        note_other_kernels(([first] if isinstance(first, dict) else []) + made, meta["machine"])
         resumes.append({"epoch": resumed_at, "changes": {k: list(v) for k, v in (changes or {}).items()}, **meta})
         meta = {**(first if isinstance(first, dict) else {}), "resumes": resumes}
     write_atomic(run_dir / "config.toml", dump_toml(cfg))
@@ -104,11 +107,13 @@ def write_run_header(run_dir: Path, cfg: Config, resumed_at: int | None = None,
 
 
 def note_other_kernels(segments: list[dict], now: dict) -> None:
-    """Say on stderr when the run's last segment computed with other kernels than this machine will (another CPU
-    capability, GPU or kernel-choosing variable; segments from before meta.json recorded it say nothing): the resumed
-    run goes on correctly, but not bit for bit as an uninterrupted run on either machine would."""
-    was = next((m["machine"] for m in reversed(segments) if isinstance(m, dict) and m.get("machine")), None)
-    keys = ("cpu_capability", "gpu", "env")
+    """Say on stderr when the last of ``segments`` (meta.json's first segment and the resumes before the checkpoint
+    resumed from) that records its ``machine`` computed with other kernels than ``now`` (another CPU, capability, GPU
+    or :data:`pst_dist.metrics.KERNEL_ENV` variable): the run goes on correctly, but not bit for bit as an
+    uninterrupted one would. Runs from before meta.json recorded it say nothing."""
+    was = next((m["machine"] for m in reversed(segments)
+                if isinstance(m, dict) and isinstance(m.get("machine"), dict)), None)
+    keys = ("cpu", "cpu_capability", "gpu", "env")
     if was is not None and any(was.get(k) != now.get(k) for k in keys):
         then, here = ({k: m.get(k) for k in keys if m.get(k)} for m in (was, now))
         print(f"[resume] this machine's kernels differ from those the run computed with until now ({then} then, "

@@ -6,8 +6,8 @@ import torch
 
 from pst_dist.checkpoint import CheckpointError, load_checkpoint
 from pst_dist.config import load_config
-from pst_dist.metrics import KERNEL_ENV
-from pst_dist.train import build_optimizer, train
+from pst_dist.metrics import KERNEL_ENV, machine_facts
+from pst_dist.train import build_optimizer, train, write_run_header
 
 from .conftest import TINY, run_cli
 
@@ -54,6 +54,8 @@ def test_a_resume_on_other_kernels_says_so_and_meta_records_them(tmp_path, capsy
     """meta.json records the vector instructions torch dispatched to; a resume with the same says nothing, one with
     others (the same machine told to use its plain C++ kernels: ATEN_CPU_CAPABILITY=default) trains on, says so on
     stderr, and its segment in meta.json's resumes records them."""
+    if os.environ.get("ATEN_CPU_CAPABILITY", "").lower() == "default":
+        pytest.skip("the caller's environment already forces torch's plain kernels")
     base = [*TINY, "--train.epochs=3", f"--log.run_dir={tmp_path}"]
     train(load_config(None, base), stop_after_epochs=1)
     train(load_config(None, base), resume=True, stop_after_epochs=2)
@@ -67,6 +69,25 @@ def test_a_resume_on_other_kernels_says_so_and_meta_records_them(tmp_path, capsy
     assert [r["machine"]["env"] for r in meta["resumes"]] == [ours, {**ours, "ATEN_CPU_CAPABILITY": "default"}]
     assert meta["resumes"][-1]["machine"]["cpu_capability"] == "DEFAULT"
     assert json.loads((tmp_path / "summary.json").read_text())["status"] == "finished"
+
+
+@pytest.mark.parametrize("first, crashed, noted", [
+    ("here", "other", False),   # a resume on other kernels stopped before it saved: the checkpoint is from here
+    ("other", "here", True),    # ... and the other way round: the checkpoint is from the other machine
+    (None, None, False),        # a run from before meta.json recorded the machine
+    ("broken", None, False),    # a hand-edited machine entry is passed over, not a crash
+])
+def test_the_resume_note_compares_with_the_segment_that_saved_the_checkpoint(tmp_path, capsys, first, crashed,
+                                                                              noted):
+    machines = {"here": machine_facts(), "other": {**machine_facts(), "cpu_capability": "OTHER"}, "broken": "x"}
+    meta = {} if first is None else {"machine": machines[first]}
+    if crashed is not None:  # resumed from epoch 2, stopped before epoch 3's checkpoint
+        meta["resumes"] = [{"epoch": 2, "changes": {}, "machine": machines[crashed]}]
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
+    write_run_header(tmp_path, load_config(None, TINY), resumed_at=2)
+    assert ("kernels differ" in capsys.readouterr().err) == noted
+    assert [r["epoch"] for r in json.loads((tmp_path / "meta.json").read_text())["resumes"]] == \
+        ([2] if crashed is None else [2, 2])
 
 
 def test_checkpoint_from_another_model(tmp_path):

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from ..config import Config, ConfigError, DataConfig, device_type
 from ..defenses import SQUEEZES, squeeze_train
-from ..distributed import DistInfo, rank_and_size, sum_across_ranks
+from ..distributed import DistInfo, build_device, rank_and_size, sum_across_ranks
 from ..io import check_out_dir, enter_out_dir, sha256, write_failed
 from ..metrics import machine_facts
 from ..poison import make_poison, mix_clean, norms, poison_train, store
@@ -443,7 +443,7 @@ def write_poisoned(cfg: Config, out: Path, *, overwrite: bool = False, log: Call
                 "seed": cfg.poison.seed, "source": cfg.data.source, "shape": list(poisoned.shape),
                 "fingerprint": {"clean_train_sha256": fingerprint(clean)}, "norms": norms(clean.images, poisoned),
                 "seconds": round(seconds, 2), "model_based": info,  # what a model-based attack did (rounds, errors)
-                "machine": machine_facts()}  # a model-based attack's result depends on the kernels too
+                "machine": machine_facts(build_device(cfg))}  # a model-based attack's result depends on them too
         try:
             store.fill(tmp, poisoned, meta)
         except OSError as e:
