@@ -95,24 +95,23 @@ def write_run_header(run_dir: Path, cfg: Config, resumed_at: int | None = None,
             first = json.loads(old.read_text(encoding="utf-8")) if old.is_file() else {}
         except (json.JSONDecodeError, UnicodeDecodeError):
             first = {}
-        resumes = list(first.get("resumes", [])) if isinstance(first, dict) else []
-        # the segments that made the checkpoint resumed from (not a resume that stopped before it saved one)
-        made = [r for r in resumes if isinstance(r, dict) and isinstance(r.get("epoch"), int)
-                and r["epoch"] < resumed_at]
-        note_other_kernels(([first] if isinstance(first, dict) else []) + made, meta["machine"])
+        first = first if isinstance(first, dict) else {}
+        resumes = list(first.get("resumes", []))
+        note_other_kernels([first, *resumes], resumed_at, meta["machine"])
         resumes.append({"epoch": resumed_at, "changes": {k: list(v) for k, v in (changes or {}).items()}, **meta})
-        meta = {**(first if isinstance(first, dict) else {}), "resumes": resumes}
+        meta = {**first, "resumes": resumes}
     write_atomic(run_dir / "config.toml", dump_toml(cfg))
     write_atomic(run_dir / "meta.json", json.dumps(meta, indent=2))
 
 
-def note_other_kernels(segments: list[dict], now: dict) -> None:
-    """Say on stderr when the last of ``segments`` (meta.json's first segment and the resumes before the checkpoint
-    resumed from) that records its ``machine`` computed with other kernels than ``now`` (another CPU, capability, GPU
-    or :data:`pst_dist.metrics.KERNEL_ENV` variable): the run goes on correctly, but not bit for bit as an
-    uninterrupted one would. Runs from before meta.json recorded it say nothing."""
-    was = next((m["machine"] for m in reversed(segments)
-                if isinstance(m, dict) and isinstance(m.get("machine"), dict)), None)
+def note_other_kernels(segments: list, resumed_at: int, now: dict) -> None:
+    """Say on stderr when the segment that saved the checkpoint resumed from at epoch ``resumed_at`` (the last of
+    meta.json's ``segments``, its first and its resumes, that started before it: a resume that stopped before saving
+    made nothing) computed with other kernels than ``now`` (another CPU, capability, GPU or
+    :data:`pst_dist.metrics.KERNEL_ENV` variable): the run goes on correctly, but not bit for bit as an uninterrupted
+    one would. Runs from before meta.json recorded ``machine`` say nothing."""
+    was = next((m["machine"] for m in reversed(segments) if isinstance(m, dict) and isinstance(m.get("machine"), dict)
+                and isinstance(m.get("epoch", 0), int) and m.get("epoch", 0) < resumed_at), None)
     keys = ("cpu", "cpu_capability", "gpu", "env")
     if was is not None and any(was.get(k) != now.get(k) for k in keys):
         then, here = ({k: m.get(k) for k in keys if m.get(k)} for m in (was, now))
