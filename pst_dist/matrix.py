@@ -55,13 +55,12 @@ from .config import (
     load_config,
     to_dict,
 )
-from .data.pipeline import build_data
-from .data.sources import Split, fingerprint, load_splits
-from .distributed import build_device, init_ray
+from .data.pipeline import build_data, poison_meta
+from .data.sources import Split, load_splits
+from .distributed import init_ray
 from .engine import engine_class
 from .io import atomic_dir, savefig_atomic, write_atomic
-from .metrics import machine_facts
-from .poison import PoisonFileError, make_poison, norms, store
+from .poison import PoisonFileError, make_poison, store
 from .registry import DEFENSES
 from .report import mean_std
 from .train import resumed_inputs, train
@@ -116,14 +115,10 @@ def generate_poison(base: dict, attack: str, seed: int, path: str, threads: int)
                                  splits.num_classes, full=cfg)
     seconds = time.time() - t0
     order = torch.argsort(tr.index)  # the store's order: the source's
-    meta = {"format": store.FORMAT, "attack": attack, "parameters": store.parameters(cfg.poison), "seed": seed,
-            "source": cfg.data.source,
-            "fingerprint": {"clean_train_sha256": fingerprint(Split(tr.images[order], tr.labels[order],
-                                                                    tr.index[order]))},
-            "norms": norms(tr.images, poisoned), "seconds": round(seconds, 2), "model_based": info,
-            "model": asdict(cfg.model), "machine": machine_facts(build_device(cfg))}
+    clean, poisoned = Split(tr.images[order], tr.labels[order], tr.index[order]), poisoned[order]
+    meta = {**poison_meta(cfg, clean, poisoned, info, seconds), "model": asdict(cfg.model)}
     with atomic_dir(Path(path), replace=True) as tmp:  # the cache is the bench's own
-        store.fill(tmp, poisoned, meta, rows=tr.index, source_size=splits.source_train_size)
+        store.fill(tmp, poisoned, meta, rows=clean.index, source_size=splits.source_train_size)
     return meta
 
 

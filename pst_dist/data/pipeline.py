@@ -409,6 +409,17 @@ def write_betons(cfg: Config, out: Path, *, overwrite: bool = False, write_mode:
     return meta
 
 
+def poison_meta(cfg: Config, clean: Split, poisoned: torch.Tensor, info: dict, seconds: float) -> dict:
+    """poison.json for ``poisoned``, made from ``clean`` (in the source's order) with ``cfg.poison`` in ``seconds``:
+    the attack, its parameters and seed, the clean images' fingerprint, the measured norms, what a model-based attack
+    did (``info``: rounds, errors) and the machine's kernel choice, which its result depends on too
+    (:func:`pst_dist.poison.store.fill` adds the shape and hashes)."""
+    return {"format": store.FORMAT, "attack": cfg.poison.kind, "parameters": store.parameters(cfg.poison),
+            "seed": cfg.poison.seed, "source": cfg.data.source,
+            "fingerprint": {"clean_train_sha256": fingerprint(clean)}, "norms": norms(clean.images, poisoned),
+            "seconds": round(seconds, 2), "model_based": info, "machine": machine_facts(build_device(cfg))}
+
+
 def write_poisoned(cfg: Config, out: Path, *, overwrite: bool = False, log: Callable[[str], None] = print) -> dict:
     """Poison every training image of ``cfg.data``'s source with ``cfg.poison`` and store it at ``out``; with
     poison.kind='file', import the poison poison.path names (checked against the clean images as training would).
@@ -439,11 +450,7 @@ def write_poisoned(cfg: Config, out: Path, *, overwrite: bool = False, log: Call
         seconds = time.time() - t0
         what = f"imported {cfg.poison.path}" if cfg.poison.kind == "file" else cfg.poison.kind
         log(f"[poison] {what} on {len(clean)} images of {cfg.data.source}: {seconds:.1f} s")
-        meta = {"format": store.FORMAT, "attack": cfg.poison.kind, "parameters": store.parameters(cfg.poison),
-                "seed": cfg.poison.seed, "source": cfg.data.source, "shape": list(poisoned.shape),
-                "fingerprint": {"clean_train_sha256": fingerprint(clean)}, "norms": norms(clean.images, poisoned),
-                "seconds": round(seconds, 2), "model_based": info,  # what a model-based attack did (rounds, errors)
-                "machine": machine_facts(build_device(cfg))}  # a model-based attack's result depends on them too
+        meta = poison_meta(cfg, clean, poisoned, info, seconds)
         try:
             store.fill(tmp, poisoned, meta)
         except OSError as e:
