@@ -59,7 +59,8 @@ from .data.pipeline import build_data, poison_meta
 from .data.sources import Split, load_splits
 from .distributed import init_ray
 from .engine import engine_class
-from .io import atomic_dir, savefig_atomic, write_atomic
+from .io import OutputError, atomic_dir, read_json, savefig_atomic, write_atomic
+from .metrics import describe_machine
 from .poison import PoisonFileError, make_poison, store
 from .registry import DEFENSES
 from .report import mean_std
@@ -557,6 +558,8 @@ def write_results(out: Path, attacks: list[str], defenses: list[str], seeds: lis
         lines.append(f"| {a} | " + " | ".join(cells) + " |")
     if "pst" in defenses:
         lines += ["", _verdicts(attacks, defenses, vals)]
+    if machines := _machines(out, attacks, seeds, done, gen):
+        lines += ["", *machines]
     if gen:
         lines += ["", "Poison generation on the training split (seconds per seed; measured norms in [0, 1] units):", "",
                   "| attack | seconds | L-inf | L2 mean | L0 mean | surrogate (first seed) |",
@@ -576,6 +579,38 @@ def write_results(out: Path, attacks: list[str], defenses: list[str], seeds: lis
     write_atomic(out / "results.md", table + "\n")
     _heatmap(out / "heatmap.png", attacks, defenses, vals)
     return table
+
+
+def _machines(out: Path, attacks: list[str], seeds: list[int], done: dict, gen: dict) -> list[str]:
+    """Which machines computed the table, from each finished cell's meta.json (its first segment and resumes) and each
+    poison's poison.json ``machine``: other kernels round otherwise and move a cell as another seed would
+    (docs/results/pst_one_recipe.md, section 29), so a table made on several is said to be."""
+    cells: dict[str, int] = {}
+    for a, r, s in done:
+        if a not in attacks or s not in seeds:
+            continue
+        try:
+            meta = read_json(out / "cells" / a / r / f"seed{s}" / "meta.json", "the cell's meta.json")
+        except OutputError:
+            meta = {}
+        resumes = meta.get("resumes") if isinstance(meta.get("resumes"), list) else []
+        segments = [meta, *(m for m in resumes if isinstance(m, dict))]
+        for d in {describe_machine(m.get("machine")) for m in segments}:
+            cells[d] = cells.get(d, 0) + 1
+    poisons: dict[str, int] = {}
+    for (a, s), m in gen.items():
+        if a in attacks and s in seeds:
+            d = describe_machine(m.get("machine"))
+            poisons[d] = poisons.get(d, 0) + 1
+    count = lambda n, what: f"{n} {what}{'s' if n != 1 else ''}"
+    each = {d: ", ".join(count(n, w) for n, w in ((cells.get(d, 0), "cell"), (poisons.get(d, 0), "poison")) if n)
+            for d in sorted({*cells, *poisons})}
+    if len(each) <= 1:
+        return [f"Computed on: {d} ({n})." for d, n in each.items()]
+    return ([f"Computed on {len(each)} machines (a cell's meta.json and a poison's poison.json say which; other "
+             "kernels round otherwise and move a cell as another seed would, so compare cells made on one; a resumed "
+             "cell counts under each machine it ran on):", ""]
+            + [f"- {d}: {n}" for d, n in each.items()])
 
 
 def _verdicts(attacks, defenses, vals) -> str:

@@ -42,6 +42,7 @@ def test_bench_matrix_tables_heatmap_and_resume(tmp_path):
     md = (out / "results.md").read_text()
     assert md.startswith("Regenerate: `pst-dist bench --config")
     assert "| classwise_noise |" in md and " ± " in md and "| em |" in md and "seconds" in md
+    assert "Computed on: " in md and "(16 cells, 4 poisons)." in md  # one machine made every cell and poison
     assert (out / "heatmap.png").stat().st_size > 1000
     assert "poison em seed 0" in r.stderr and "rounds" in r.stderr  # generation time and surrogate run printed
     # resume: nothing is redone
@@ -59,6 +60,34 @@ def test_bench_matrix_tables_heatmap_and_resume(tmp_path):
     assert (victim / "summary.json").is_file()
     again = list(csv.DictReader((out / "results.csv").open()))
     assert again == rows
+
+
+def test_results_md_says_when_cells_were_computed_on_several_machines(tmp_path):
+    from pst_dist.matrix import write_results
+
+    xeon = {"cpu": "Xeon", "cpu_capability": "AVX512", "env": {}}
+    avx2 = {**xeon, "cpu_capability": "AVX2", "env": {"ATEN_CPU_CAPABILITY": "avx2"}}
+    result = {"final_test_acc": 0.8, "peak_test_acc": 0.85, "test_acc_at_best_val": 0.84, "final_val_acc": 0.8}
+    done = {}
+    for s, segments in enumerate([[xeon], [xeon, avx2], [None]]):  # seed 1 resumed on AVX2; seed 2 from before
+        d = tmp_path / "cells" / "em" / "pst" / f"seed{s}"
+        d.mkdir(parents=True)
+        meta = {"machine": segments[0]} if segments[0] else {}
+        meta["resumes"] = [{"epoch": 1, "machine": m} for m in segments[1:]]
+        (d / "meta.json").write_text(json.dumps(meta))
+        done[("em", "pst", s)] = result
+    gen = {("em", 0): {"machine": xeon, "seconds": 1.0, "norms": {"linf": 0.03, "l2_mean": 1.0, "l0_mean": 10}}}
+    md = write_results(tmp_path, ["em"], ["pst"], [0, 1, 2], done, gen)
+    assert "Computed on 3 machines" in md
+    assert "- Xeon, AVX512: 2 cells, 1 poison" in md
+    assert "- Xeon, AVX2, ATEN_CPU_CAPABILITY=avx2: 1 cell" in md
+    assert "- not recorded (made before pst-dist recorded it, or its record unreadable): 1 cell" in md
+    md = write_results(tmp_path, ["em"], ["pst"], [0], done, gen)  # only the table's cells count
+    assert "Computed on: Xeon, AVX512 (1 cell, 1 poison)." in md
+    (tmp_path / "cells" / "em" / "pst" / "seed1" / "meta.json").write_text("[not an object")
+    md = write_results(tmp_path, ["em"], ["pst"], [0, 1], done, gen)  # an unreadable record is said, not fatal
+    assert "- not recorded (made before pst-dist recorded it, or its record unreadable): 1 cell" in md
+    assert "AVX2" not in md
 
 
 def test_bench_config_errors_name_the_bad_value(tmp_path):
