@@ -24,11 +24,19 @@ def bench(out: Path, *extra: str, env: dict | None = None) -> subprocess.Complet
                            f"--bench.out={out}", *extra], capture_output=True, text=True, env=env, timeout=900)
 
 
-@pytest.mark.multiproc
-def test_bench_matrix_tables_heatmap_and_resume(tmp_path):
-    out = tmp_path / "bench"
+@pytest.fixture(scope="module")
+def tiny_pool_bench(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess, bytes]:
+    """bench_tiny as it is, once for the module, in the process pool: (its out dir, the command, results.csv as it
+    first wrote it). The matrix test goes on to resume in that dir; the Ray runner test compares with the bytes."""
+    out = tmp_path_factory.mktemp("tiny_pool") / "bench"
     r = bench(out)
     assert r.returncode == 0, r.stderr[-3000:]
+    return out, r, (out / "results.csv").read_bytes()
+
+
+@pytest.mark.multiproc
+def test_bench_matrix_tables_heatmap_and_resume(tiny_pool_bench):
+    out, r, _ = tiny_pool_bench
     rows = list(csv.DictReader((out / "results.csv").open()))
     # 2 attacks x 5 defenses x 2 seeds; early_stop is read off the standard run (4 training runs per attack/seed)
     assert len(rows) == 20
@@ -317,17 +325,15 @@ def still_running(own: OwnRay, seconds: float = 15) -> list:
 
 
 @pytest.mark.multiproc
-def test_the_ray_runner_gives_the_pools_results_byte_for_byte(own_ray, tmp_path):
+def test_the_ray_runner_gives_the_pools_results_byte_for_byte(own_ray, tmp_path, tiny_pool_bench):
     """bench_tiny as it is (16 cells, 2 in flight) in the process pool and as Ray tasks on a local Ray the command
     starts and stops: the same functions with the same seeds and threads, the same results.csv."""
-    pool = bench(tmp_path / "pool")
-    assert pool.returncode == 0, pool.stderr[-3000:]
     r = ray_bench(own_ray, tmp_path / "ray")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "Ray: a new local Ray" in r.stderr and "1 CPU(s) (1 torch thread(s)) and 0 GPU(s): train.device = cpu" \
         in r.stderr and "at most 2 in flight" in r.stderr, r.stderr[-3000:]
     assert "cells: 0 finished (skipped), 16 to run" in r.stderr and "16 of 16 cells finished, 0 failed" in r.stderr
-    assert (tmp_path / "ray" / "results.csv").read_bytes() == (tmp_path / "pool" / "results.csv").read_bytes()
+    assert (tmp_path / "ray" / "results.csv").read_bytes() == tiny_pool_bench[2]
     assert not still_running(own_ray), "the local Ray the bench started is stopped when it ends"
     assert not (own_ray.home / ".ray").exists(), "nothing read from or written to ~/.ray"
 
@@ -354,5 +360,5 @@ def test_on_a_cluster_the_ray_runner_records_a_failed_cell_as_the_pool_does(own_
     assert failed(r, tmp_path / "ray") == failed(pool, tmp_path / "pool") == [
         "[bench] FAILED ('cell', 'classwise_noise', 'jpeg10', 0): RunDirError: log.run_dir='<out>/cells/"
         "classwise_noise/jpeg10/seed0': exists and is not a directory"]
-    assert (tmp_path / "ray" / "results.csv").read_bytes() == (tmp_path / "pool" / "results.csv").read_bytes()
+    assert (tmp_path / "ray" / "results.csv").read_bytes() == tiny_pool_bench[2]
     assert any("raylet" in " ".join(p.cmdline()) for p in own_ray.processes()), "the cluster was stopped"

@@ -24,9 +24,8 @@ def torchrun(out: Path, *args: str, timeout: int = 400) -> subprocess.CompletedP
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(HERE / "ds_worker.py"), str(out), *args]
     env = {"OMP_NUM_THREADS": "1", "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-           "PYTHONPATH": str(HERE.parent), "HOME": os.environ.get("HOME", "/tmp")}
-    if "TORCH_EXTENSIONS_DIR" in os.environ:
-        env["TORCH_EXTENSIONS_DIR"] = os.environ["TORCH_EXTENSIONS_DIR"]
+           "PYTHONPATH": str(HERE.parent), "HOME": os.environ.get("HOME", "/tmp"),
+           "TORCH_EXTENSIONS_DIR": os.environ["TORCH_EXTENSIONS_DIR"]}  # the session's (conftest)
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, start_new_session=True)
 
 

@@ -199,7 +199,7 @@ def test_eval_and_export_of_a_zero3_run_gather_every_partition(tmp_path, capsys)
     data = quadrant_folder(tmp_path / "data", 0)
     run = tmp_path / "run"
     env = {"OMP_NUM_THREADS": "1", "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": str(HERE.parent),
-           "HOME": os.environ.get("HOME", "/tmp")}
+           "HOME": os.environ.get("HOME", "/tmp"), "TORCH_EXTENSIONS_DIR": os.environ["TORCH_EXTENSIONS_DIR"]}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "pst_dist.cli",
            "train", *folder_args(data), "--train.batch_size=16",  # 2 ranks x 16: the steps of the 1-process runs
            "--deepspeed.enabled=true", "--deepspeed.zero_stage=3", f"--log.run_dir={run}"]
