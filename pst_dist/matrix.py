@@ -607,9 +607,9 @@ def _machines(out: Path, attacks: list[str], seeds: list[int], done: dict, gen: 
             for d in sorted({*cells, *poisons})}
     if len(each) <= 1:
         return [f"Computed on: {d} ({n})." for d, n in each.items()]
-    return ([f"Computed on {len(each)} machines (a cell's meta.json and a poison's poison.json say which; other "
-             "kernels round otherwise and move a cell as another seed would, so compare cells made on one; a resumed "
-             "cell counts under each machine it ran on):", ""]
+    return ([f"Computed on {len(each)} machines or kernel settings (a cell's meta.json and a poison's poison.json say "
+             "which; other kernels round otherwise and move a cell as another seed would, so compare cells made on "
+             "one; a resumed cell counts under each machine it ran on):", ""]
             + [f"- {d}: {n}" for d, n in each.items()])
 
 

@@ -86,7 +86,7 @@ def test_results_md_says_when_cells_were_computed_on_several_machines(tmp_path):
         done[("em", "pst", s)] = result
     gen = {("em", 0): {"machine": xeon, "seconds": 1.0, "norms": {"linf": 0.03, "l2_mean": 1.0, "l0_mean": 10}}}
     md = write_results(tmp_path, ["em"], ["pst"], [0, 1, 2], done, gen)
-    assert "Computed on 3 machines" in md
+    assert "Computed on 3 machines or kernel settings" in md
     assert "- Xeon, AVX512: 2 cells, 1 poison" in md
     assert "- Xeon, AVX2, ATEN_CPU_CAPABILITY=avx2: 1 cell" in md
     assert "- not recorded (made before pst-dist recorded it, or its record unreadable): 1 cell" in md
