@@ -60,7 +60,7 @@ from .data.sources import Split, load_splits
 from .distributed import init_ray
 from .engine import engine_class
 from .io import OutputError, atomic_dir, read_json, savefig_atomic, write_atomic
-from .metrics import describe_machine
+from .metrics import NOT_RECORDED, describe_machine
 from .poison import PoisonFileError, make_poison, store
 from .registry import DEFENSES
 from .report import mean_std
@@ -605,12 +605,18 @@ def _machines(out: Path, attacks: list[str], seeds: list[int], done: dict, gen: 
     count = lambda n, what: f"{n} {what}{'s' if n != 1 else ''}"
     each = {d: ", ".join(count(n, w) for n, w in ((cells.get(d, 0), "cell"), (poisons.get(d, 0), "poison")) if n)
             for d in sorted({*cells, *poisons})}
-    if len(each) <= 1:
-        return [f"Computed on: {d} ({n})." for d, n in each.items()]
-    return ([f"Computed on {len(each)} machines or kernel settings (a cell's meta.json and a poison's poison.json say "
-             "which; other kernels round otherwise and move a cell as another seed would, so compare cells made on "
-             "one; a resumed cell counts under each machine it ran on):", ""]
-            + [f"- {d}: {n}" for d, n in each.items()])
+    known = [d for d in each if d != NOT_RECORDED]
+    unknown = f"{NOT_RECORDED} (made before pst-dist recorded it, or an unreadable record): {each[NOT_RECORDED]}" \
+        if NOT_RECORDED in each else ""
+    if not known:
+        return [unknown.capitalize() + "."] if unknown else []
+    if len(known) == 1 and not unknown:
+        return [f"Computed on: {known[0]} ({each[known[0]]})."]
+    head = (f"Computed on {len(known)} machines or kernel settings" if len(known) > 1 else "Computed on one machine")
+    return ([head + (", some cells or poisons unrecorded" if unknown else "") + " (a cell's meta.json and a poison's "
+             "poison.json say which; other kernels round otherwise and move a cell as another seed would, so compare "
+             "cells made on one; a resumed cell counts under each machine it ran on):", ""]
+            + [f"- {d}: {each[d]}" for d in known] + ([f"- {unknown}"] if unknown else []))
 
 
 def _verdicts(attacks, defenses, vals) -> str:

@@ -52,10 +52,14 @@ def machine_facts(device: torch.device | None = None) -> dict:
     return out
 
 
+NOT_RECORDED = "machine not recorded"
+"""What :func:`describe_machine` says of a run from before ``machine`` was recorded, or of an unreadable record."""
+
+
 def describe_machine(m: dict | None) -> str:
     """One line for a :func:`machine_facts` record: the CPU, its capability, the GPU and the kernel variables set."""
     if not isinstance(m, dict):
-        return "not recorded (made before pst-dist recorded it, or its record unreadable)"
+        return NOT_RECORDED
     env = m.get("env") if isinstance(m.get("env"), dict) else {}
     parts = [str(m.get("cpu") or "unknown CPU"), str(m.get("cpu_capability") or "unknown capability"),
              *([str(m["gpu"])] if m.get("gpu") else []), *(f"{k}={v}" for k, v in sorted(env.items()))]

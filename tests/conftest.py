@@ -11,12 +11,15 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 @pytest.fixture(scope="session", autouse=True)
 def _torch_extensions(tmp_path_factory):
     """One JIT-build cache for the session's own processes (DeepSpeed builds its shared-memory comm op on the CPU,
-    ~45 s): in the session's temp dir, not under anybody's HOME, and handed to every process the tests start, so a
-    test with a HOME of its own (a Ray test's) reuses the build instead of redoing it. The venv's bin comes first on
+    ~45 s): in the session's temp dir (or the ``TORCH_EXTENSIONS_DIR`` the caller set), not under anybody's HOME, and
+    handed to every process the tests start, so a test with a HOME of its own (a Ray test's) reuses the build instead
+    of redoing it. The venv's bin comes first on
     PATH, as the Ray tests' processes have it: torch builds with the first ``ninja`` on PATH, and a build recorded by
     another ninja (the venv's 1.13 against Debian's 1.11) is redone."""
     old = {k: os.environ.get(k) for k in ("TORCH_EXTENSIONS_DIR", "PATH")}
-    os.environ["TORCH_EXTENSIONS_DIR"] = str(tmp_path_factory.getbasetemp() / "torch_extensions")
+    # a cache the caller names explicitly is theirs to share; otherwise the session's own
+    os.environ["TORCH_EXTENSIONS_DIR"] = old["TORCH_EXTENSIONS_DIR"] or str(tmp_path_factory.getbasetemp()
+                                                                            / "torch_extensions")
     os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), old["PATH"] or "/usr/bin:/bin"])
     yield
     for k, v in old.items():

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from pst_dist.metrics import describe_machine, machine_facts
 from tests.test_tune import OwnRay
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,7 +51,8 @@ def test_bench_matrix_tables_heatmap_and_resume(tiny_pool_bench):
     md = (out / "results.md").read_text()
     assert md.startswith("Regenerate: `pst-dist bench --config")
     assert "| classwise_noise |" in md and " ± " in md and "| em |" in md and "seconds" in md
-    assert "Computed on: " in md and "(16 cells, 4 poisons)." in md  # one machine made every cell and poison
+    machine = f"Computed on: {describe_machine(machine_facts())} (16 cells, 4 poisons)."  # one made them all
+    assert machine in md
     assert (out / "heatmap.png").stat().st_size > 1000
     assert "poison em seed 0" in r.stderr and "rounds" in r.stderr  # generation time and surrogate run printed
     # resume: nothing is redone
@@ -68,6 +70,7 @@ def test_bench_matrix_tables_heatmap_and_resume(tiny_pool_bench):
     assert (victim / "summary.json").is_file()
     again = list(csv.DictReader((out / "results.csv").open()))
     assert again == rows
+    assert machine in (out / "results.md").read_text()  # the resumed cell counted once
 
 
 def test_results_md_says_when_cells_were_computed_on_several_machines(tmp_path):
@@ -77,24 +80,28 @@ def test_results_md_says_when_cells_were_computed_on_several_machines(tmp_path):
     avx2 = {**xeon, "cpu_capability": "AVX2", "env": {"ATEN_CPU_CAPABILITY": "avx2"}}
     result = {"final_test_acc": 0.8, "peak_test_acc": 0.85, "test_acc_at_best_val": 0.84, "final_val_acc": 0.8}
     done = {}
-    for s, segments in enumerate([[xeon], [xeon, avx2], [None]]):  # seed 1 resumed on AVX2; seed 2 from before
+    for s, segments in enumerate([[xeon, xeon], [xeon, avx2], [None]]):  # seed 0 resumed on the same machine, seed
+        # 1 on AVX2; seed 2 from before the record
         d = tmp_path / "cells" / "em" / "pst" / f"seed{s}"
         d.mkdir(parents=True)
-        meta = {"machine": segments[0]} if segments[0] else {}
-        meta["resumes"] = [{"epoch": 1, "machine": m} for m in segments[1:]]
+        meta = {"machine": segments[0], "resumes": [{"epoch": 1, "machine": m} for m in segments[1:]]} \
+            if segments[0] else {"machine": "an old string", "resumes": "not a list"}
         (d / "meta.json").write_text(json.dumps(meta))
         done[("em", "pst", s)] = result
     gen = {("em", 0): {"machine": xeon, "seconds": 1.0, "norms": {"linf": 0.03, "l2_mean": 1.0, "l0_mean": 10}}}
     md = write_results(tmp_path, ["em"], ["pst"], [0, 1, 2], done, gen)
-    assert "Computed on 3 machines or kernel settings" in md
+    assert "Computed on 2 machines or kernel settings, some cells or poisons unrecorded (" in md
     assert "- Xeon, AVX512: 2 cells, 1 poison" in md
     assert "- Xeon, AVX2, ATEN_CPU_CAPABILITY=avx2: 1 cell" in md
-    assert "- not recorded (made before pst-dist recorded it, or its record unreadable): 1 cell" in md
+    unrecorded = "machine not recorded (made before pst-dist recorded it, or an unreadable record): 1 cell"
+    assert f"- {unrecorded}" in md
     md = write_results(tmp_path, ["em"], ["pst"], [0], done, gen)  # only the table's cells count
     assert "Computed on: Xeon, AVX512 (1 cell, 1 poison)." in md
+    md = write_results(tmp_path, ["em"], ["pst"], [2], {("em", "pst", 2): result}, {})
+    assert f"{unrecorded.capitalize()}." in md and "Computed on" not in md
     (tmp_path / "cells" / "em" / "pst" / "seed1" / "meta.json").write_text("[not an object")
     md = write_results(tmp_path, ["em"], ["pst"], [0, 1], done, gen)  # an unreadable record is said, not fatal
-    assert "- not recorded (made before pst-dist recorded it, or its record unreadable): 1 cell" in md
+    assert "Computed on one machine, some cells or poisons unrecorded (" in md and f"- {unrecorded}" in md
     assert "AVX2" not in md
 
 
@@ -360,5 +367,5 @@ def test_on_a_cluster_the_ray_runner_records_a_failed_cell_as_the_pool_does(own_
     assert failed(r, tmp_path / "ray") == failed(pool, tmp_path / "pool") == [
         "[bench] FAILED ('cell', 'classwise_noise', 'jpeg10', 0): RunDirError: log.run_dir='<out>/cells/"
         "classwise_noise/jpeg10/seed0': exists and is not a directory"]
-    assert (tmp_path / "ray" / "results.csv").read_bytes() == tiny_pool_bench[2]
+    assert (tmp_path / "ray" / "results.csv").read_bytes() == (tmp_path / "pool" / "results.csv").read_bytes()
     assert any("raylet" in " ".join(p.cmdline()) for p in own_ray.processes()), "the cluster was stopped"

@@ -380,20 +380,26 @@ def test_tune_cli_refuses_bad_input_before_starting_ray(own_ray, tmp_path, monke
              (['--tune.attacks=["em"]', "--tune.seeds=[0, 1]", '--bench.attack_overrides.em=["poison.seed=3"]'],
               "bench.attack_overrides.em=['poison.seed=3']: a search's runs take their seeds from tune.seeds"),
              (["--resume"], "--resume: no search to continue")]
-    # the first through the installed command; the others in this process, with the same environment (each would
-    # cost a Python and torch start-up in a subprocess): still the CLI's own parsing, checks and exit code
-    run = subprocess.run(_tune(out, *cases[0][0]), env=own_ray.env(), capture_output=True, text=True, timeout=120)
-    assert run.returncode == 2 and cases[0][1] in run.stderr, run.stderr[-2000:]
-    assert "Started a local Ray" not in run.stderr
+    # two through the installed command (--resume imports ray.tune, which changes sys.path for the process); the
+    # others in this process, with the same environment (each would cost a Python and torch start-up in a
+    # subprocess): the CLI's own parsing, checks and exit code, with Ray's start replaced by a failure
+    for extra, message in (cases[0], cases[-1]):
+        run = subprocess.run(_tune(out, *extra), env=own_ray.env(), capture_output=True, text=True, timeout=120)
+        assert run.returncode == 2 and message in run.stderr, (extra, run.stderr[-2000:])
+        assert "Started a local Ray" not in run.stderr
     for k, v in own_ray.env().items():
         monkeypatch.setenv(k, v)
     for k in [k for k in os.environ if k.startswith("RAY_") and k not in own_ray.env()]:
         monkeypatch.delenv(k)
-    for extra, message in cases[1:]:
+
+    def no_ray(*_a, **_kw):
+        raise AssertionError("Ray was started for a search whose input is bad")
+
+    monkeypatch.setattr("tune.search.init_ray", no_ray)
+    for extra, message in cases[1:-1]:
         code = main(_tune(out, *extra)[1:])
         err = capsys.readouterr().err
         assert code == 2 and message in err, (extra, err[-2000:])
-        assert "Started a local Ray" not in err
     assert not list(out.iterdir())  # nothing written
     assert not own_ray.processes() and not list(own_ray.temp.iterdir())  # no Ray started
 
