@@ -9,6 +9,7 @@ from .config import ConfigError, config_changes, flat_config, load_config
 from .data.sources import FMNIST_DEFAULT
 from .engine import engine_class
 from .io import read_json, write_atomic
+from .metrics import computed_on, run_machines
 from .report import format_table, plot_curves
 from .rundir import RunDirError
 from .train import train
@@ -47,7 +48,13 @@ def run_demo(config: str | None, overrides: list[str], out: Path, seeds: int = 1
                 print(f"demo: {'resuming' if resume else 'training'} {label} (seed {seed}) -> {run_dir}")
                 summary = train(cfg, resume=resume)
             results.setdefault(label, []).append(summary)
-    table = format_table(results)
+    machines: dict[str, int] = {}
+    for label in conditions():
+        for seed in range(seeds):
+            for d in run_machines(out / f"{label}_seed{seed}"):
+                machines[d] = machines.get(d, 0) + 1
+    table = "\n\n".join([format_table(results), "\n".join(computed_on(
+        {d: f"{n} run{'s' if n != 1 else ''}" for d, n in machines.items()}))])
     print("\nClean test accuracy (%), poison: "
           f"{base.poison.kind} eps={base.poison.eps * 255:.0f}/255 patch={base.poison.patch_size}\n")
     print(table)

@@ -59,8 +59,8 @@ from .data.pipeline import build_data, poison_meta
 from .data.sources import Split, load_splits
 from .distributed import init_ray
 from .engine import engine_class
-from .io import OutputError, atomic_dir, read_json, savefig_atomic, write_atomic
-from .metrics import NOT_RECORDED, describe_machine
+from .io import atomic_dir, savefig_atomic, write_atomic
+from .metrics import computed_on, describe_machine, run_machines
 from .poison import PoisonFileError, make_poison, store
 from .registry import DEFENSES
 from .report import mean_std
@@ -582,41 +582,21 @@ def write_results(out: Path, attacks: list[str], defenses: list[str], seeds: lis
 
 
 def _machines(out: Path, attacks: list[str], seeds: list[int], done: dict, gen: dict) -> list[str]:
-    """Which machines computed the table, from each finished cell's meta.json (its first segment and resumes) and each
-    poison's poison.json ``machine``: other kernels round otherwise and move a cell as another seed would
-    (docs/results/pst_one_recipe.md, section 29), so a table made on several is said to be."""
+    """Which machines computed the table (:func:`pst_dist.metrics.computed_on`): each finished cell's run segments
+    and each poison's poison.json ``machine``."""
     cells: dict[str, int] = {}
     for a, r, s in done:
-        if a not in attacks or s not in seeds:
-            continue
-        try:
-            meta = read_json(out / "cells" / a / r / f"seed{s}" / "meta.json", "the cell's meta.json")
-        except OutputError:
-            meta = {}
-        resumes = meta.get("resumes") if isinstance(meta.get("resumes"), list) else []
-        segments = [meta, *(m for m in resumes if isinstance(m, dict))]
-        for d in {describe_machine(m.get("machine")) for m in segments}:
-            cells[d] = cells.get(d, 0) + 1
+        if a in attacks and s in seeds:
+            for d in run_machines(out / "cells" / a / r / f"seed{s}"):
+                cells[d] = cells.get(d, 0) + 1
     poisons: dict[str, int] = {}
     for (a, s), m in gen.items():
         if a in attacks and s in seeds:
             d = describe_machine(m.get("machine"))
             poisons[d] = poisons.get(d, 0) + 1
     count = lambda n, what: f"{n} {what}{'s' if n != 1 else ''}"
-    each = {d: ", ".join(count(n, w) for n, w in ((cells.get(d, 0), "cell"), (poisons.get(d, 0), "poison")) if n)
-            for d in sorted({*cells, *poisons})}
-    known = [d for d in each if d != NOT_RECORDED]
-    unknown = f"{NOT_RECORDED} (made before pst-dist recorded it, or an unreadable record): {each[NOT_RECORDED]}" \
-        if NOT_RECORDED in each else ""
-    if not known:
-        return [unknown.capitalize() + "."] if unknown else []
-    if len(known) == 1 and not unknown:
-        return [f"Computed on: {known[0]} ({each[known[0]]})."]
-    head = (f"Computed on {len(known)} machines or kernel settings" if len(known) > 1 else "Computed on one machine")
-    return ([head + (", some cells or poisons unrecorded" if unknown else "") + " (a cell's meta.json and a poison's "
-             "poison.json say which; other kernels round otherwise and move a cell as another seed would, so compare "
-             "cells made on one; a resumed cell counts under each machine it ran on):", ""]
-            + [f"- {d}: {each[d]}" for d in known] + ([f"- {unknown}"] if unknown else []))
+    return computed_on({d: ", ".join(count(n, w) for n, w in ((cells.get(d, 0), "cell"), (poisons.get(d, 0), "poison"))
+                                     if n) for d in {*cells, *poisons}})
 
 
 def _verdicts(attacks, defenses, vals) -> str:

@@ -66,6 +66,36 @@ def describe_machine(m: dict | None) -> str:
     return ", ".join(parts)
 
 
+def run_machines(run_dir: Path) -> set[str]:
+    """:func:`describe_machine` of each segment of the run in ``run_dir``: its meta.json's first segment and resumes
+    (:data:`NOT_RECORDED` for a missing or unreadable record)."""
+    try:
+        meta = json.loads((Path(run_dir) / "meta.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        meta = {}
+    meta = meta if isinstance(meta, dict) else {}
+    resumes = meta.get("resumes") if isinstance(meta.get("resumes"), list) else []
+    return {describe_machine(m.get("machine")) for m in [meta, *resumes] if isinstance(m, dict)}
+
+
+def computed_on(each: dict[str, str]) -> list[str]:
+    """Lines for a results table saying which machines computed it; ``each``: {:func:`describe_machine`: what it
+    computed there ("16 cells, 4 poisons")}. Other kernels round otherwise and move a result as another seed would
+    (docs/results/pst_one_recipe.md, section 29), so a table made on several says so and lists each."""
+    known = [d for d in sorted(each) if d != NOT_RECORDED]
+    unknown = f"{NOT_RECORDED} (made before pst-dist recorded it, or an unreadable record): {each[NOT_RECORDED]}" \
+        if NOT_RECORDED in each else ""
+    if not known:
+        return [unknown.capitalize() + "."] if unknown else []
+    if len(known) == 1 and not unknown:
+        return [f"Computed on: {known[0]} ({each[known[0]]})."]
+    head = (f"Computed on {len(known)} machines or kernel settings" if len(known) > 1 else "Computed on one machine")
+    return ([head + (", some results unrecorded" if unknown else "") + " (a run's meta.json and a poison's "
+             "poison.json say which; other kernels round otherwise and move a result as another seed would, so "
+             "compare results made on one; a resumed run counts under each machine it ran on):", ""]
+            + [f"- {d}: {each[d]}" for d in known] + ([f"- {unknown}"] if unknown else []))
+
+
 def _cpu_model() -> str:
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:

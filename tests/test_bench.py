@@ -90,7 +90,7 @@ def test_results_md_says_when_cells_were_computed_on_several_machines(tmp_path):
         done[("em", "pst", s)] = result
     gen = {("em", 0): {"machine": xeon, "seconds": 1.0, "norms": {"linf": 0.03, "l2_mean": 1.0, "l0_mean": 10}}}
     md = write_results(tmp_path, ["em"], ["pst"], [0, 1, 2], done, gen)
-    assert "Computed on 2 machines or kernel settings, some cells or poisons unrecorded (" in md
+    assert "Computed on 2 machines or kernel settings, some results unrecorded (" in md
     assert "- Xeon, AVX512: 2 cells, 1 poison" in md
     assert "- Xeon, AVX2, ATEN_CPU_CAPABILITY=avx2: 1 cell" in md
     unrecorded = "machine not recorded (made before pst-dist recorded it, or an unreadable record): 1 cell"
@@ -101,7 +101,7 @@ def test_results_md_says_when_cells_were_computed_on_several_machines(tmp_path):
     assert f"{unrecorded.capitalize()}." in md and "Computed on" not in md
     (tmp_path / "cells" / "em" / "pst" / "seed1" / "meta.json").write_text("[not an object")
     md = write_results(tmp_path, ["em"], ["pst"], [0, 1], done, gen)  # an unreadable record is said, not fatal
-    assert "Computed on one machine, some cells or poisons unrecorded (" in md and f"- {unrecorded}" in md
+    assert "Computed on one machine, some results unrecorded (" in md and f"- {unrecorded}" in md
     assert "AVX2" not in md
 
 

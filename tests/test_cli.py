@@ -3,6 +3,8 @@ import sys
 
 import pytest
 
+from pst_dist.metrics import describe_machine, machine_facts
+
 from .conftest import TINY
 
 
@@ -12,10 +14,12 @@ def run_cli(*args, timeout=600):
 
 
 def test_demo_prints_table_and_plot(tmp_path):
-    out = run_cli("demo", "--out", str(tmp_path), *TINY, "--train.epochs=1", "--log.tensorboard=false")
+    out = run_cli("demo", "--out", str(tmp_path), *TINY, "--train.epochs=1", "--log.tensorboard=false",
+                  "--train.device=cpu")
     assert out.returncode == 0, out.stderr[-2000:]
     for label in ("clean_standard", "poisoned_standard", "poisoned_pst"):
         assert f"| {label} | 1 |" in out.stdout
+    assert f"Computed on: {describe_machine(machine_facts())} (3 runs)." in out.stdout  # the kernels that made it
     assert (tmp_path / "results.md").is_file() and (tmp_path / "test_accuracy.png").stat().st_size > 1000
     again = run_cli("report", str(tmp_path), "--plot", str(tmp_path / "again.png"))
     assert again.returncode == 0 and "poisoned_pst" in again.stdout

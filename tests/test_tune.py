@@ -652,7 +652,10 @@ def test_a_search_over_attacks_takes_the_worst_case_and_its_runs_train_as_alone(
     assert summary["final_val_acc"] == float(r["val_acc_classwise_noise"])
 
 
-@pytest.mark.multiproc  # ~30 s on 2 cores: one trial, 2 epochs
+# 42-49 s on 2 cores: slow. The default run keeps the seeds' runs and means without Ray
+# (test_a_search_over_seeds_trains_each_attack_on_each_seed_s_poison_and_averages) and two searches through Ray
+@pytest.mark.slow
+@pytest.mark.multiproc
 def test_a_search_over_seeds_reports_the_worst_attack_s_mean_over_seeds(own_ray, tmp_path):
     """tune.seeds through Ray: each trial trains every (attack, seed) run in lockstep; the objective, the results'
     columns and the best schedule's header are the worst over the attacks of each attack's mean over its seeds,
