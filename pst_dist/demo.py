@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 from .config import ConfigError, config_changes, flat_config, load_config
@@ -36,6 +37,7 @@ def run_demo(config: str | None, overrides: list[str], out: Path, seeds: int = 1
               f"when they stop, so the table shows the machinery, not the effect (raise --train.epochs for that)")
         overrides = [*overrides, "--data.source=synthetic"]
     results: dict[str, list[dict]] = {}
+    machines: Counter = Counter()  # {machine: runs computed there (a resumed one under each it ran on)}
     for label, extra in conditions().items():
         for seed in range(seeds):
             run_dir = out / f"{label}_seed{seed}"
@@ -48,13 +50,8 @@ def run_demo(config: str | None, overrides: list[str], out: Path, seeds: int = 1
                 print(f"demo: {'resuming' if resume else 'training'} {label} (seed {seed}) -> {run_dir}")
                 summary = train(cfg, resume=resume)
             results.setdefault(label, []).append(summary)
-    machines: dict[str, int] = {}
-    for label in conditions():
-        for seed in range(seeds):
-            for d in run_machines(out / f"{label}_seed{seed}"):
-                machines[d] = machines.get(d, 0) + 1
-    table = "\n\n".join([format_table(results), "\n".join(computed_on(
-        {d: f"{n} run{'s' if n != 1 else ''}" for d, n in machines.items()}))])
+            machines.update(run_machines(run_dir))
+    table = "\n\n".join([format_table(results), "\n".join(computed_on({d: {"run": n} for d, n in machines.items()}))])
     print("\nClean test accuracy (%), poison: "
           f"{base.poison.kind} eps={base.poison.eps * 255:.0f}/255 patch={base.poison.patch_size}\n")
     print(table)

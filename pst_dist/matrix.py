@@ -33,6 +33,7 @@ import shlex
 import statistics
 import sys
 import time
+from collections import Counter, defaultdict
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, replace
@@ -584,19 +585,15 @@ def write_results(out: Path, attacks: list[str], defenses: list[str], seeds: lis
 def _machines(out: Path, attacks: list[str], seeds: list[int], done: dict, gen: dict) -> list[str]:
     """Which machines computed the table (:func:`pst_dist.metrics.computed_on`): each finished cell's run segments
     and each poison's poison.json ``machine``."""
-    cells: dict[str, int] = {}
+    each: dict[str, Counter] = defaultdict(Counter)
     for a, r, s in done:
         if a in attacks and s in seeds:
             for d in run_machines(out / "cells" / a / r / f"seed{s}"):
-                cells[d] = cells.get(d, 0) + 1
-    poisons: dict[str, int] = {}
+                each[d]["cell"] += 1
     for (a, s), m in gen.items():
         if a in attacks and s in seeds:
-            d = describe_machine(m.get("machine"))
-            poisons[d] = poisons.get(d, 0) + 1
-    count = lambda n, what: f"{n} {what}{'s' if n != 1 else ''}"
-    return computed_on({d: ", ".join(count(n, w) for n, w in ((cells.get(d, 0), "cell"), (poisons.get(d, 0), "poison"))
-                                     if n) for d in {*cells, *poisons}})
+            each[describe_machine(m.get("machine"))]["poison"] += 1
+    return computed_on(each)
 
 
 def _verdicts(attacks, defenses, vals) -> str:

@@ -16,6 +16,8 @@ import timm
 import torch
 import torchvision
 
+from .io import OutputError, read_json
+
 
 def git_sha() -> str:
     try:
@@ -66,34 +68,40 @@ def describe_machine(m: dict | None) -> str:
     return ", ".join(parts)
 
 
-def run_machines(run_dir: Path) -> set[str]:
-    """:func:`describe_machine` of each segment of the run in ``run_dir``: its meta.json's first segment and resumes
-    (:data:`NOT_RECORDED` for a missing or unreadable record)."""
-    try:
-        meta = json.loads((Path(run_dir) / "meta.json").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        meta = {}
-    meta = meta if isinstance(meta, dict) else {}
+def meta_segments(meta: dict) -> list[dict]:
+    """The segments of a run's meta.json: the first (the object itself) and each resume in its ``resumes`` list
+    (entries that are not objects passed over)."""
     resumes = meta.get("resumes") if isinstance(meta.get("resumes"), list) else []
-    return {describe_machine(m.get("machine")) for m in [meta, *resumes] if isinstance(m, dict)}
+    return [meta, *(m for m in resumes if isinstance(m, dict))]
 
 
-def computed_on(each: dict[str, str]) -> list[str]:
-    """Lines for a results table saying which machines computed it; ``each``: {:func:`describe_machine`: what it
-    computed there ("16 cells, 4 poisons")}. Other kernels round otherwise and move a result as another seed would
-    (docs/results/pst_one_recipe.md, section 29), so a table made on several says so and lists each."""
-    known = [d for d in sorted(each) if d != NOT_RECORDED]
-    unknown = f"{NOT_RECORDED} (made before pst-dist recorded it, or an unreadable record): {each[NOT_RECORDED]}" \
-        if NOT_RECORDED in each else ""
+def run_machines(run_dir: Path) -> set[str]:
+    """:func:`describe_machine` of each segment of the run in ``run_dir`` (:data:`NOT_RECORDED` for a missing or
+    unreadable meta.json)."""
+    try:
+        meta = read_json(Path(run_dir) / "meta.json", "the run's meta.json")
+    except OutputError:
+        meta = {}
+    return {describe_machine(m.get("machine")) for m in meta_segments(meta)}
+
+
+def computed_on(each: dict[str, dict[str, int]]) -> list[str]:
+    """Lines for a results table saying which machines computed it; ``each``: {:func:`describe_machine`: {what: how
+    many computed there}} ({"cell": 16, "poison": 4}). Other kernels round otherwise and move a result as another seed
+    would (docs/results/pst_one_recipe.md, section 29), so a table made on several says so and lists each."""
+    counts = {d: ", ".join(f"{n} {what}{'s' if n != 1 else ''}" for what, n in c.items() if n) for d, c in each.items()}
+    known = [d for d in sorted(counts) if d != NOT_RECORDED]
+    unknown = f"{NOT_RECORDED} (made before pst-dist recorded it, or an unreadable record): {counts[NOT_RECORDED]}" \
+        if NOT_RECORDED in counts else ""
     if not known:
         return [unknown.capitalize() + "."] if unknown else []
     if len(known) == 1 and not unknown:
-        return [f"Computed on: {known[0]} ({each[known[0]]})."]
+        return [f"Computed on: {known[0]} ({counts[known[0]]})."]
     head = (f"Computed on {len(known)} machines or kernel settings" if len(known) > 1 else "Computed on one machine")
     return ([head + (", some results unrecorded" if unknown else "") + " (a run's meta.json and a poison's "
              "poison.json say which; other kernels round otherwise and move a result as another seed would, so "
              "compare results made on one; a resumed run counts under each machine it ran on):", ""]
-            + [f"- {d}: {each[d]}" for d in known] + ([f"- {unknown}"] if unknown else []))
+            + [f"- {d}: {counts[d]}" for d in known] + ([f"- {unknown}"] if unknown else []))
 
 
 def _cpu_model() -> str:

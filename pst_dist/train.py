@@ -31,7 +31,7 @@ from .defenses import pgd_examples, step_seed, ueraser_loss, ueraser_repeats
 from .distributed import DistInfo, broadcast_buffers, build_device, init_distributed, mean_across_ranks, teardown
 from .engine import DeepSpeedEngine, TorchEngine, build_engine
 from .io import read_json, write_atomic
-from .metrics import Metrics, git_sha, library_versions, machine_facts
+from .metrics import Metrics, git_sha, library_versions, machine_facts, meta_segments
 from .models import build_model
 from .pst.detectors import probe_metrics, trigger_value
 from .pst.freeze import GroupedModel, param_groups, set_group_lrs, trace_units
@@ -97,7 +97,7 @@ def write_run_header(run_dir: Path, cfg: Config, resumed_at: int | None = None,
             first = {}
         first = first if isinstance(first, dict) else {}
         resumes = list(first.get("resumes", []))
-        note_other_kernels([first, *resumes], resumed_at, meta["machine"])
+        note_other_kernels(meta_segments(first), resumed_at, meta["machine"])
         resumes.append({"epoch": resumed_at, "changes": {k: list(v) for k, v in (changes or {}).items()}, **meta})
         meta = {**first, "resumes": resumes}
     write_atomic(run_dir / "config.toml", dump_toml(cfg))
@@ -125,7 +125,8 @@ def recorded_inputs(run_dir: Path) -> dict | None:
     resume's; None for runs from before it did)."""
     f = run_dir / "meta.json"
     meta = read_json(f, "the run's meta.json", CheckpointError) if f.is_file() else {}
-    return next((m["inputs"] for m in (meta, *reversed(meta.get("resumes", []))) if m.get("inputs")), None)
+    first, *resumes = meta_segments(meta)
+    return next((m["inputs"] for m in (first, *reversed(resumes)) if m.get("inputs")), None)
 
 
 def resumed_inputs(run_dir: Path) -> dict:

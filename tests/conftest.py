@@ -13,20 +13,14 @@ def _torch_extensions(tmp_path_factory):
     """One JIT-build cache for the session's own processes (DeepSpeed builds its shared-memory comm op on the CPU,
     ~45 s): in the session's temp dir (or the ``TORCH_EXTENSIONS_DIR`` the caller set), not under anybody's HOME, and
     handed to every process the tests start, so a test with a HOME of its own (a Ray test's) reuses the build instead
-    of redoing it. The venv's bin comes first on
-    PATH, as the Ray tests' processes have it: torch builds with the first ``ninja`` on PATH, and a build recorded by
-    another ninja (the venv's 1.13 against Debian's 1.11) is redone."""
-    old = {k: os.environ.get(k) for k in ("TORCH_EXTENSIONS_DIR", "PATH")}
-    # a cache the caller names explicitly is theirs to share; otherwise the session's own
-    os.environ["TORCH_EXTENSIONS_DIR"] = old["TORCH_EXTENSIONS_DIR"] or str(tmp_path_factory.getbasetemp()
-                                                                            / "torch_extensions")
-    os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), old["PATH"] or "/usr/bin:/bin"])
-    yield
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    of redoing it. The venv's bin comes first on PATH, as the Ray tests' processes have it: torch builds with the first
+    ``ninja`` on PATH, and a build recorded by another ninja (the venv's 1.13 against Debian's 1.11) is redone."""
+    with pytest.MonkeyPatch.context() as mp:
+        # a cache the caller names explicitly is theirs to share; otherwise the session's own
+        mp.setenv("TORCH_EXTENSIONS_DIR", os.environ.get("TORCH_EXTENSIONS_DIR")
+                  or str(tmp_path_factory.getbasetemp() / "torch_extensions"))
+        mp.setenv("PATH", str(Path(sys.executable).parent), prepend=os.pathsep)
+        yield
 
 
 @pytest.fixture(autouse=True)
