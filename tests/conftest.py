@@ -75,6 +75,39 @@ def run_cli(*args, timeout=600, env=None, cwd=None):
                           timeout=timeout, env=env, cwd=cwd)
 
 
+def run_cli_in_process(*args):
+    """``pst_dist.cli.main(ARGS)`` in this process, for commands that refuse their input before any work: the CLI's
+    own parsing, checks, messages and exit code without a Python and torch start-up (~4 s) per case. Returns a
+    CompletedProcess like :func:`run_cli` (an exception that escapes ``main`` becomes exit 1 with its traceback on
+    stderr, as the interpreter would print it). The environment, torch's thread count and its deterministic mode are
+    restored afterwards."""
+    import contextlib
+    import io
+    import subprocess
+    import traceback
+
+    from pst_dist.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    env, threads = dict(os.environ), torch.get_num_threads()
+    det, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main([str(a) for a in args])
+            except SystemExit as e:  # argparse's own refusals
+                code = e.code if isinstance(e.code, int) else 1
+            except Exception:  # noqa: BLE001 - reported as the interpreter would, for the caller's assertions
+                traceback.print_exc()
+                code = 1
+    finally:
+        os.environ.clear()
+        os.environ.update(env)
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(det, warn_only=warn_only)
+    return subprocess.CompletedProcess(["pst-dist", *map(str, args)], code, out.getvalue(), err.getvalue())
+
+
 def assert_refused(out, names, markers=(), root=None, code=None) -> None:
     """``out`` (a CompletedProcess) failed cleanly: non-zero exit (``code`` if given), a one-line ``pst-dist: error``
     naming each of ``names``, no traceback; each marker file intact; no partial files under ``root``."""

@@ -2,8 +2,10 @@
 nothing written, nothing of the user's touched.
 
 Every case writes its bad files itself, in the real on-disk format (CIFAR pickle batches in the CIFAR layout, IDX
-files, PNG / TIFF files from PIL, folders), then runs ``pst-dist`` in a subprocess. The subprocesses (~4-5 s each,
-mostly importing torch) run two at a time in a module fixture; each case is still its own test.
+files, PNG / TIFF files from PIL, folders), then runs ``pst-dist`` on them: the CLI's ``main`` in this process (its
+parsing, checks, message and exit code; a subprocess costs ~4-5 s of Python and torch start-up per case), and for
+the cases in ``SUBPROCESS`` the installed module in a subprocess as well, which must answer the same. Each case is
+its own test.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ import pickle
 import struct
 import zlib
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from PIL import Image
 from pst_dist.config import DataConfig
 from pst_dist.data.sources import DataError, channel_stats, decode_image, load_splits
 
-from .conftest import TINY, assert_refused, place_marker, run_cli
+from .conftest import TINY, assert_refused, place_marker, run_cli, run_cli_in_process
 
 # ---------------------------------------------------------------------------------------------------------------
 # writers of real files
@@ -306,14 +307,20 @@ def refusals(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
         tmp = tmp_path_factory.mktemp(name)
         case = CASES[name](tmp)
         built[name] = (case, tmp, snapshot(case.data))
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        futures = {name: pool.submit(run_cli, *case.args, timeout=300) for name, (case, _, _) in built.items()}
-        return {name: (futures[name].result(), *built[name]) for name in built}
+    return {name: (run_cli_in_process(*case.args), *built[name]) for name, (case, _, _) in built.items()}
+
+
+SUBPROCESS = ("cifar_labels_deeply_nested", "write_beton_cifar_int64")
+"""Cases also run through ``python -m pst_dist.cli`` (a train and a write-beton refusal): the same exit and message."""
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_bad_data_refused(case: str, refusals: dict) -> None:
     out, c, tmp, before = refusals[case]
+    if case in SUBPROCESS:
+        run = run_cli(*c.args, timeout=300)
+        said = [[line for line in r.stderr.splitlines() if line.startswith("pst-dist:")] for r in (run, out)]
+        assert run.returncode == out.returncode and said[0] == said[1], (run.stderr[-2000:], out.stderr[-2000:])
     assert_refused(out, names=c.names, markers=c.markers, root=tmp, code=2)
     errors = [line for line in out.stderr.splitlines() if line.startswith("pst-dist: error:")]
     assert len(errors) == 1 and all(n in errors[0] for n in c.names), out.stderr[-2000:]  # one line says it all
