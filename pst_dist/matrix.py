@@ -608,8 +608,11 @@ def _verdicts(attacks, defenses, vals) -> str:
     if "jpeg10" in defenses:
         out.append(f"- PST final >= JPEG-10 final on {len([a for a in ge_jpeg if a != 'none'])} of {len(poisoned)} "
                    f"attacks ({', '.join(a for a in ge_jpeg if a != 'none') or 'none'}).")
+    pending = [a for a in poisoned if mean(vals(a, "pst", 0)) is None]  # a table written while cells still run
+    below = [a for a in poisoned if a not in ge80 and a not in pending]
     out.append(f"- PST final >= 80 % on {len([a for a in ge80 if a != 'none'])} of {len(poisoned)} attacks "
-               f"(below: {', '.join(a for a in poisoned if a not in ge80) or 'none'}).")
+               f"(below: {', '.join(below) or 'none'}" + (f"; no PST result yet: {', '.join(pending)}" if pending
+                                                          else "") + ").")
     if "standard" in defenses:
         std = {a: mean(vals(a, "standard", 0)) for a in attacks}
         out.append("- Standard training, final: " + ", ".join(f"{a} {100 * v:.1f}" for a, v in std.items()

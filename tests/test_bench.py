@@ -369,3 +369,14 @@ def test_on_a_cluster_the_ray_runner_records_a_failed_cell_as_the_pool_does(own_
         "classwise_noise/jpeg10/seed0': exists and is not a directory"]
     assert (tmp_path / "ray" / "results.csv").read_bytes() == (tmp_path / "pool" / "results.csv").read_bytes()
     assert any("raylet" in " ".join(p.cmdline()) for p in own_ray.processes()), "the cluster was stopped"
+
+
+def test_verdicts_do_not_count_cells_that_have_not_run_as_below() -> None:
+    from pst_dist.matrix import _verdicts
+
+    finals = {("none", "pst"): [0.85], ("lsp", "pst"): [0.83, 0.81], ("em", "pst"): [0.78], ("ar", "pst"): []}
+    text = _verdicts(["none", "lsp", "em", "ar"], ["pst"], lambda a, d, k: finals.get((a, d), []))
+    assert "- PST final >= 80 % on 1 of 3 attacks (below: em; no PST result yet: ar)." in text, text
+    finals[("ar", "pst")] = [0.9]
+    text = _verdicts(["none", "lsp", "em", "ar"], ["pst"], lambda a, d, k: finals.get((a, d), []))
+    assert "- PST final >= 80 % on 2 of 3 attacks (below: em)." in text, text
