@@ -90,6 +90,8 @@ VIEWS = Registry("view", {
     "gray": Entry("pst_dist.pst.views:gray", "channel mean"),
     "jpeg": Entry("pst_dist.pst.views:jpeg", "JPEG at quality round(10 / strength)"),
     "median": Entry("pst_dist.pst.views:median", "median over a (2 round(strength) + 1) px square"),
+    "plasma": Entry("pst_dist.pst.views:plasma", "a random fractal brightness field per image, +-strength/10",
+                    data={"random": True}),
     "quantize": Entry("pst_dist.pst.views:quantize", "round(2 + 6 / strength) grey levels"),
 })
 

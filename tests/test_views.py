@@ -1,4 +1,4 @@
-"""Perturbation-suppressing views: the random blur and composed views."""
+"""Perturbation-suppressing views: the random blur, plasma and composed views."""
 
 import pytest
 import torch
@@ -40,6 +40,23 @@ def test_random_blur_hides_a_classwise_blur_kernel():
     between_draws = (va - va.roll(1, 0)).abs().mean()
     class_gap = (va.mean(0) - vb.mean(0)).abs().mean()  # the class kernel's trace left after the view
     assert raw > 0 and class_gap < 0.5 * between_draws  # at strength 0.5 they are about equal: too weak
+
+
+def test_plasma_adds_one_smooth_bounded_field_per_image_on_every_channel():
+    x = torch.full((32, 3, 32, 32), 0.5)
+    torch.manual_seed(0)
+    y = apply_view(x, "plasma", 2.0)
+    d = y - x
+    assert y.shape == x.shape and d.abs().max() <= 0.2 + 1e-6  # +-strength/10
+    assert d.abs().max() > 0.1 and d.std() > 0.02  # it is not a no-op at this strength
+    assert torch.equal(d[:, 0], d[:, 1]) and torch.equal(d[:, 0], d[:, 2])  # brightness: the same on every channel
+    assert len({tuple(f.flatten().tolist()) for f in d[:, 0].round(decimals=4)}) == 32  # a field per image
+    step = (d[..., 1:] - d[..., :-1]).abs().mean()
+    assert step < 0.75 * (d - d.mean((2, 3), keepdim=True)).abs().mean()  # white noise: 1.4; this field: ~0.5
+    torch.manual_seed(0)
+    assert torch.equal(apply_view(x, "plasma", 2.0), y), "deterministic given the generator state"
+    edge = apply_view(torch.stack([torch.zeros(1, 8, 8), torch.ones(1, 8, 8)]), "plasma", 5.0)
+    assert edge.min() >= 0 and edge.max() <= 1  # clipped to the pixel range
 
 
 def test_composed_views_apply_left_to_right_at_their_own_strength():

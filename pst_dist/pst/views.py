@@ -64,6 +64,19 @@ def median(x: torch.Tensor, strength: float) -> torch.Tensor:
     return median_blur(x, (k, k))
 
 
+def plasma(x: torch.Tensor, strength: float) -> torch.Tensor:
+    """A random fractal brightness field per image (kornia's diamond-square plasma, roughness ~ U(0.3, 0.7), the
+    range UEraser draws from), the same on every channel, scaled to +-strength/10 and added, then clipped to [0, 1]:
+    a brightness pattern the poison put on every image of a class (LSP's patches) is covered by a larger random one.
+    Draws from torch's global generator (seeded by the run)."""
+    from kornia.contrib import diamond_square  # loaded by the runs that use this view only
+
+    n, _, h, w = x.shape
+    rough = 0.3 + 0.4 * torch.rand(n, device=x.device)
+    field = diamond_square((n, 1, h, w), rough, device=x.device, dtype=torch.float32)
+    return (x + (2 * field - 1).to(x.dtype) * (strength / 10)).clamp(0, 1)
+
+
 def quantize(x: torch.Tensor, strength: float) -> torch.Tensor:
     """round(2 + 6 / strength) evenly spaced levels."""
     levels = max(2, int(round(2 + 6 / strength)))
