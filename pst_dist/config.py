@@ -305,7 +305,7 @@ class LossConfig:
     median | plasma | quantize, or several joined by ``+`` (applied left to right), each optionally at its own strength
     (``"randblur:1.5+quantize:3"``)."""
     view_strength: float = 1.0
-    """blur: sigma in pixels; downup: factor; jpeg: quality = 100/strength... see pst.views."""
+    """blur: sigma in pixels; downup: factor; jpeg: quality = 10/strength; plasma: +-strength/10... see pst.views."""
 
     def __post_init__(self) -> None:
         for key in ("ce", "view_ce", "consistency", "cluster_penalty"):

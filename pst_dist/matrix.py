@@ -605,14 +605,17 @@ def _verdicts(attacks, defenses, vals) -> str:
                and mean(vals(a, "jpeg10", 0)) is not None and mean(vals(a, "pst", 0)) >= mean(vals(a, "jpeg10", 0))]
     ge80 = [a for a in attacks if (m := mean(vals(a, "pst", 0))) is not None and m >= 0.80]
     poisoned = [a for a in attacks if a != "none"]
+
+    def yet(*ds) -> str:  # a table written while cells still run: attacks missing a result are named, not lost
+        missing = [a for a in poisoned if any(mean(vals(a, d, 0)) is None for d in ds)]
+        return f"; no result yet: {', '.join(missing)}" if missing else ""
+
     if "jpeg10" in defenses:
         out.append(f"- PST final >= JPEG-10 final on {len([a for a in ge_jpeg if a != 'none'])} of {len(poisoned)} "
-                   f"attacks ({', '.join(a for a in ge_jpeg if a != 'none') or 'none'}).")
-    pending = [a for a in poisoned if mean(vals(a, "pst", 0)) is None]  # a table written while cells still run
-    below = [a for a in poisoned if a not in ge80 and a not in pending]
+                   f"attacks ({', '.join(a for a in ge_jpeg if a != 'none') or 'none'}{yet('pst', 'jpeg10')}).")
+    below = [a for a in poisoned if a not in ge80 and mean(vals(a, "pst", 0)) is not None]
     out.append(f"- PST final >= 80 % on {len([a for a in ge80 if a != 'none'])} of {len(poisoned)} attacks "
-               f"(below: {', '.join(below) or 'none'}" + (f"; no PST result yet: {', '.join(pending)}" if pending
-                                                          else "") + ").")
+               f"(below: {', '.join(below) or 'none'}{yet('pst')}).")
     if "standard" in defenses:
         std = {a: mean(vals(a, "standard", 0)) for a in attacks}
         out.append("- Standard training, final: " + ", ".join(f"{a} {100 * v:.1f}" for a, v in std.items()

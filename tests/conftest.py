@@ -75,34 +75,45 @@ def run_cli(*args, timeout=600, env=None, cwd=None):
                           timeout=timeout, env=env, cwd=cwd)
 
 
-def run_cli_in_process(*args):
+def run_cli_in_process(*args, timeout=300):
     """``pst_dist.cli.main(ARGS)`` in this process, for commands that refuse their input before any work: the CLI's
     own parsing, checks, messages and exit code without a Python and torch start-up (~4 s) per case. Returns a
     CompletedProcess like :func:`run_cli` (an exception that escapes ``main`` becomes exit 1 with its traceback on
-    stderr, as the interpreter would print it). The environment, torch's thread count and its deterministic mode are
-    restored afterwards."""
+    stderr, as the interpreter would print it). No launcher variables may be set (a one-rank run is what refuses);
+    a call that hangs past ``timeout`` ends the test session with every thread's traceback instead of hanging CI.
+    The environment, Python's and torch's random state, torch's thread count and its deterministic mode are restored
+    afterwards."""
     import contextlib
+    import faulthandler
     import io
+    import random
     import subprocess
     import traceback
 
     from pst_dist.cli import main
 
+    launcher = sorted(k for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR") if k in os.environ)
+    assert not launcher, f"run_cli_in_process under a launcher's variables {launcher}: use run_cli"
     out, err = io.StringIO(), io.StringIO()
-    env, threads = dict(os.environ), torch.get_num_threads()
+    env, threads, py_rng, rng = dict(os.environ), torch.get_num_threads(), random.getstate(), torch.get_rng_state()
     det, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    faulthandler.dump_traceback_later(timeout, exit=True)
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
                 code = main([str(a) for a in args])
             except SystemExit as e:  # argparse's own refusals
-                code = e.code if isinstance(e.code, int) else 1
+                code = e.code if isinstance(e.code, int) else int(e.code is not None)
             except Exception:  # noqa: BLE001 - reported as the interpreter would, for the caller's assertions
                 traceback.print_exc()
                 code = 1
     finally:
-        os.environ.clear()
-        os.environ.update(env)
+        faulthandler.cancel_dump_traceback_later()
+        for k in set(os.environ) - set(env):
+            del os.environ[k]
+        os.environ.update({k: v for k, v in env.items() if os.environ.get(k) != v})
+        random.setstate(py_rng)
+        torch.set_rng_state(rng)
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(det, warn_only=warn_only)
     return subprocess.CompletedProcess(["pst-dist", *map(str, args)], code, out.getvalue(), err.getvalue())

@@ -298,7 +298,8 @@ def snapshot(root: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def refusals(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """Build the selected cases, run their CLI commands two at a time; case -> (CompletedProcess, Case, tmp, before)."""
+    """Build the selected cases, run their CLI commands in this process, one after another; case -> (CompletedProcess,
+    Case, tmp, before)."""
     wanted = {item.callspec.params["case"] for item in request.session.items  # only the cases selected (-k)
               if getattr(item, "module", None) is request.module
               and getattr(item, "originalname", None) == "test_bad_data_refused"}
@@ -312,6 +313,7 @@ def refusals(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
 
 SUBPROCESS = ("cifar_labels_deeply_nested", "write_beton_cifar_int64")
 """Cases also run through ``python -m pst_dist.cli`` (a train and a write-beton refusal): the same exit and message."""
+assert set(SUBPROCESS) <= set(CASES), SUBPROCESS
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

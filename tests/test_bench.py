@@ -374,9 +374,15 @@ def test_on_a_cluster_the_ray_runner_records_a_failed_cell_as_the_pool_does(own_
 def test_verdicts_do_not_count_cells_that_have_not_run_as_below() -> None:
     from pst_dist.matrix import _verdicts
 
-    finals = {("none", "pst"): [0.85], ("lsp", "pst"): [0.83, 0.81], ("em", "pst"): [0.78], ("ar", "pst"): []}
-    text = _verdicts(["none", "lsp", "em", "ar"], ["pst"], lambda a, d, k: finals.get((a, d), []))
-    assert "- PST final >= 80 % on 1 of 3 attacks (below: em; no PST result yet: ar)." in text, text
+    finals = {("none", "pst"): [0.85], ("lsp", "pst"): [0.83, 0.81], ("em", "pst"): [0.78], ("ar", "pst"): [],
+              ("lsp", "jpeg10"): [0.5], ("em", "jpeg10"): [0.6]}
+    verdicts = lambda: _verdicts(["none", "lsp", "em", "ar"], ["jpeg10", "pst"], lambda a, d, k: finals.get((a, d), []))
+    text = verdicts()
+    assert "- PST final >= 80 % on 1 of 3 attacks (below: em; no result yet: ar)." in text, text
+    assert "- PST final >= JPEG-10 final on 2 of 3 attacks (lsp, em; no result yet: ar)." in text, text
     finals[("ar", "pst")] = [0.9]
-    text = _verdicts(["none", "lsp", "em", "ar"], ["pst"], lambda a, d, k: finals.get((a, d), []))
+    text = verdicts()
     assert "- PST final >= 80 % on 2 of 3 attacks (below: em)." in text, text
+    assert "- PST final >= JPEG-10 final on 2 of 3 attacks (lsp, em; no result yet: ar)." in text, text  # no JPEG yet
+    finals[("ar", "jpeg10")] = [0.95]
+    assert "- PST final >= JPEG-10 final on 2 of 3 attacks (lsp, em)." in verdicts()

@@ -49,6 +49,7 @@ def test_plasma_adds_one_smooth_bounded_field_per_image_on_every_channel():
     d = y - x
     assert y.shape == x.shape and d.abs().max() <= 0.2 + 1e-6  # +-strength/10
     assert d.abs().max() > 0.1 and d.std() > 0.02  # it is not a no-op at this strength
+    assert d.mean().abs() < 0.02 and d.min() < -0.05 and d.max() > 0.05  # darker and lighter, centred
     assert torch.equal(d[:, 0], d[:, 1]) and torch.equal(d[:, 0], d[:, 2])  # brightness: the same on every channel
     assert len({tuple(f.flatten().tolist()) for f in d[:, 0].round(decimals=4)}) == 32  # a field per image
     step = (d[..., 1:] - d[..., :-1]).abs().mean()
