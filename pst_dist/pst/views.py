@@ -74,7 +74,7 @@ def plasma(x: torch.Tensor, strength: float) -> torch.Tensor:
     n, _, h, w = x.shape
     rough = 0.3 + 0.4 * torch.rand(n, device=x.device)
     field = diamond_square((n, 1, h, w), rough, device=x.device, dtype=torch.float32)
-    field = field.clamp(0, 1)  # kornia's map is in [0, 1] since 0.8; older versions could overshoot it
+    field = field.clamp(0, 1)  # kornia 0.9 keeps its map in [0, 1]; an older version could overshoot it
     return (x + (2 * field - 1).to(x.dtype) * (strength / 10)).clamp(0, 1)
 
 
