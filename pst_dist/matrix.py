@@ -598,28 +598,28 @@ def _machines(out: Path, attacks: list[str], seeds: list[int], done: dict, gen: 
 
 def _verdicts(attacks, defenses, vals) -> str:
     """The acceptance questions, answered from the table: does standard training collapse; is PST >= JPEG-10 and
-    >= 80 % at the final epoch."""
-    out = []
-    mean = lambda xs: statistics.mean(xs) if xs else None
-    ge_jpeg = [a for a in attacks if "jpeg10" in defenses and mean(vals(a, "pst", 0)) is not None
-               and mean(vals(a, "jpeg10", 0)) is not None and mean(vals(a, "pst", 0)) >= mean(vals(a, "jpeg10", 0))]
-    ge80 = [a for a in attacks if (m := mean(vals(a, "pst", 0))) is not None and m >= 0.80]
-    poisoned = [a for a in attacks if a != "none"]
+    >= 80 % at the final epoch. A table written while cells still run names the attacks without a result yet."""
+    final = {d: {a: statistics.mean(xs) if (xs := vals(a, d, 0)) else None for a in attacks}
+             for d in ("pst", "jpeg10", "standard") if d in defenses}
+    pst, poisoned = final["pst"], [a for a in attacks if a != "none"]
 
-    def yet(*ds) -> str:  # a table written while cells still run: attacks missing a result are named, not lost
-        missing = [a for a in poisoned if any(mean(vals(a, d, 0)) is None for d in ds)]
+    def yet(*ds) -> str:
+        missing = [a for a in poisoned if any(final[d][a] is None for d in ds)]
         return f"; no result yet: {', '.join(missing)}" if missing else ""
 
-    if "jpeg10" in defenses:
-        out.append(f"- PST final >= JPEG-10 final on {len([a for a in ge_jpeg if a != 'none'])} of {len(poisoned)} "
-                   f"attacks ({', '.join(a for a in ge_jpeg if a != 'none') or 'none'}{yet('pst', 'jpeg10')}).")
-    below = [a for a in poisoned if a not in ge80 and mean(vals(a, "pst", 0)) is not None]
-    out.append(f"- PST final >= 80 % on {len([a for a in ge80 if a != 'none'])} of {len(poisoned)} attacks "
+    out = []
+    if "jpeg10" in final:
+        jpeg = final["jpeg10"]
+        ge = [a for a in poisoned if None not in (pst[a], jpeg[a]) and pst[a] >= jpeg[a]]
+        out.append(f"- PST final >= JPEG-10 final on {len(ge)} of {len(poisoned)} attacks "
+                   f"({', '.join(ge) or 'none'}{yet('pst', 'jpeg10')}).")
+    measured = [a for a in poisoned if pst[a] is not None]
+    below = [a for a in measured if pst[a] < 0.80]
+    out.append(f"- PST final >= 80 % on {len(measured) - len(below)} of {len(poisoned)} attacks "
                f"(below: {', '.join(below) or 'none'}{yet('pst')}).")
-    if "standard" in defenses:
-        std = {a: mean(vals(a, "standard", 0)) for a in attacks}
-        out.append("- Standard training, final: " + ", ".join(f"{a} {100 * v:.1f}" for a, v in std.items()
-                                                               if v is not None) + ".")
+    if "standard" in final:
+        std = [f"{a} {100 * v:.1f}" for a, v in final["standard"].items() if v is not None]
+        out.append("- Standard training, final: " + ", ".join(std) + ".")
     return "\n".join(out)
 
 
