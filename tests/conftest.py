@@ -89,17 +89,18 @@ def run_cli_in_process(*args, timeout=300):
     import random
     import subprocess
     import traceback
+    from unittest import mock
 
     from pst_dist.cli import main
 
     launcher = sorted(k for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR") if k in os.environ)
     assert not launcher, f"run_cli_in_process under a launcher's variables {launcher}: use run_cli"
     out, err = io.StringIO(), io.StringIO()
-    env, threads, py_rng, rng = dict(os.environ), torch.get_num_threads(), random.getstate(), torch.get_rng_state()
+    threads, py_rng, rng = torch.get_num_threads(), random.getstate(), torch.get_rng_state()
     det, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     faulthandler.dump_traceback_later(timeout, exit=True)
     try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        with mock.patch.dict(os.environ), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
                 code = main([str(a) for a in args])
             except SystemExit as e:  # argparse's own refusals
@@ -109,9 +110,6 @@ def run_cli_in_process(*args, timeout=300):
                 code = 1
     finally:
         faulthandler.cancel_dump_traceback_later()
-        for k in set(os.environ) - set(env):
-            del os.environ[k]
-        os.environ.update({k: v for k, v in env.items() if os.environ.get(k) != v})
         random.setstate(py_rng)
         torch.set_rng_state(rng)
         torch.set_num_threads(threads)
