@@ -30,7 +30,7 @@ def test_ray_head_starts_with_an_empty_home_and_its_teardown_spares_a_users_clus
     # ~/.ray/auth_token, RAY_AUTH_MODE=token for the head and for every client
     user = OwnRay(tmp_path / "user-home")
     user_env = {k: v for k, v in user.env().items() if k != "RAY_AUTH_TOKEN"}
-    ours = OwnRay(tmp_path / "home")  # what the own_ray / ray_head fixtures of tests/test_tune.py build
+    ours = OwnRay(tmp_path / "home")  # what the own_ray fixture of tests/test_tune.py builds
     try:
         gen = subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"], env=user_env, capture_output=True,
                              text=True, timeout=120)
@@ -40,7 +40,7 @@ def test_ray_head_starts_with_an_empty_home_and_its_teardown_spares_a_users_clus
         users = user.processes()
         assert any("raylet" in " ".join(p.cmdline()) for p in users)
 
-        ours.start_head()  # the ray_head fixture's start: HOME empty, no ~/.ray/auth_token anywhere
+        ours.start_head()  # as the tests' clusters start their head: HOME empty, no ~/.ray/auth_token anywhere
         assert not list(ours.home.iterdir()), "ray start read or wrote state under the test's HOME"
         mine = ours.processes()
         assert mine and not {p.pid for p in mine} & {p.pid for p in users}

@@ -1,6 +1,6 @@
 """The Ray Tune schedule search: the search space (pure), and real searches on a real local Ray (no mocks): a
-``ray job submit`` of a tiny search to a ``ray start --head`` cluster whose best schedule ``pst-dist train`` runs,
-and a search that survives a Ray Train worker killed with SIGKILL.
+``ray job submit`` of a tiny search to a two-node cluster (``ray start`` of a head and a worker node on this machine)
+whose best schedule ``pst-dist train`` runs; slow: searches that survive a Ray Train worker or a whole node killed.
 
 Every test that starts Ray owns all of its state (:class:`OwnRay`): a HOME of its own (nothing is read from or
 written to the user's ``~/.ray``), a fresh random token (``RAY_AUTH_TOKEN``), a temp dir of its own (``RAY_TMPDIR``
@@ -14,6 +14,7 @@ import itertools
 import json
 import os
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -250,13 +251,6 @@ def own_ray(tmp_path):
     assert not left, f"Ray processes still running after teardown: {left}"
 
 
-@pytest.fixture
-def ray_head(own_ray):
-    """``ray start --head`` on 127.0.0.1 with its own ports, temp dir, HOME and token; only it is stopped afterwards."""
-    dashboard, gcs = own_ray.start_head()
-    return dashboard, gcs, own_ray.env()
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # real searches on a real local Ray
 
@@ -264,35 +258,6 @@ def ray_head(own_ray):
 def _tune(out: Path, *extra: str) -> list[str]:
     """``pst-dist tune`` of the tiny config into ``out``."""
     return [str(BIN / "pst-dist"), "tune", "--config", str(TINY), f"--tune.out={out}", *extra]
-
-
-@pytest.mark.multiproc
-def test_job_submit_of_a_tiny_search_then_train_its_best_schedule(ray_head, tmp_path):
-    dashboard, _, env = ray_head
-    out = tmp_path / "search"
-    job = subprocess.run(
-        [str(BIN / "ray"), "job", "submit", "--address", dashboard, "--",
-         sys.executable, str(ROOT / "tune" / "run.py"), "--config", str(TINY), f"--tune.out={out}",
-         "--tune.num_samples=2"],
-        env=env, capture_output=True, text=True, timeout=600)
-    assert job.returncode == 0, (job.stdout + job.stderr)[-4000:]
-    assert "succeeded" in job.stdout + job.stderr
-    search = out / "tiny"
-    rows = list(csv.DictReader(open(search / "results.csv")))
-    assert len(rows) == 2 and all(r["status"] == "completed" and r["epochs"] == "4" for r in rows)
-    assert (search / "trials.png").stat().st_size > 1000
-    for r in rows:  # TensorBoard per trial
-        assert list((search / "trials" / r["trial"] / "tb").glob("events.out.tfevents.*"))
-    best = search / "best_schedule.toml"
-    text = best.read_text()
-    assert "chosen on clean validation accuracy" in text
-    vals = {r["trial"]: float(r["final_val_acc"]) for r in rows}
-    assert max(vals.values()) == pytest.approx(float(text.split("final epoch: ")[1].split(" %")[0]) / 100, abs=1e-4)
-    run = subprocess.run([str(BIN / "pst-dist"), "train", "--config", str(best), f"--log.run_dir={tmp_path / 'best'}"],
-                         env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    summary = json.loads((tmp_path / "best" / "summary.json").read_text())
-    assert len(summary["val_curve"]) == 4 and summary["stage_history"] is not None
 
 
 def _descendants(pid: int):
@@ -438,9 +403,9 @@ def test_an_interrupted_search_resumes_without_retraining_finished_trials(own_ra
 # search's storage is a directory that is neither node's working directory nor the driver's
 
 
-def _two_nodes(own_ray: OwnRay) -> tuple[str, str, Path, dict]:
-    """Head (1 CPU) and worker node (1 CPU, resource ``node_b``); returns the GCS address, the worker node's id and
-    temp dir, and the node ids by role."""
+def _two_nodes(own_ray: OwnRay) -> tuple[str, str, str, Path, dict]:
+    """Head (1 CPU) and worker node (1 CPU, resource ``node_b``); returns the dashboard URL, the GCS address, the
+    worker node's id and temp dir, and the node ids by role."""
     dashboard, gcs = own_ray.start_head(num_cpus=1)
     temp_b = own_ray.start_worker(gcs, num_cpus=1, resources='{"node_b": 1}')
     env = own_ray.env()
@@ -453,7 +418,7 @@ def _two_nodes(own_ray: OwnRay) -> tuple[str, str, Path, dict]:
         time.sleep(0.5)
     assert len(nodes) == 2, nodes
     ids = {("head" if n["is_head_node"] else "b"): n["node_id"] for n in nodes}
-    return gcs, ids["b"], temp_b, ids
+    return dashboard, gcs, ids["b"], temp_b, ids
 
 
 def _cluster_tune(own_ray: OwnRay, gcs: str, storage: Path, cwd: Path, *extra: str) -> subprocess.Popen:
@@ -478,24 +443,49 @@ def _epochs_on(search: Path, node: str) -> dict[str, int]:
 
 
 @pytest.mark.multiproc
-def test_a_search_runs_its_trials_on_two_nodes_with_shared_storage(own_ray, tmp_path):
-    gcs, node_b, _, ids = _two_nodes(own_ray)
-    storage = tmp_path / "storage"
-    proc = _cluster_tune(own_ray, gcs, storage, tmp_path / "driver", "--tune.unfreeze_groups=[0]", "--train.epochs=3",
-                         "--deepspeed.enabled=false", "--data.synthetic_train=300")  # short: the default test run
-    output, _ = proc.communicate(timeout=600)
-    assert proc.returncode == 0, output[-5000:]
+def test_job_submit_of_a_search_onto_two_nodes_then_train_its_best_schedule(own_ray, tmp_path):
+    """What README.md tells a user to do on a cluster: ``ray job submit -- bash -c '... python tune/run.py ...'`` onto
+    a head and a worker node. The trials (Ray Train, DeepSpeed ZeRO-2, the default ASHA scheduler) run one on each
+    node and write results, TensorBoard and checkpoints to storage that is neither node's working directory nor the
+    driver's; then ``pst-dist train`` of the best schedule the search wrote."""
+    dashboard, gcs, node_b, _, ids = _two_nodes(own_ray)
+    storage, driver = tmp_path / "storage", tmp_path / "driver"
+    driver.mkdir()
+    search_cmd = [sys.executable, str(ROOT / "tune" / "run.py"), "--config", str(TINY), f"--tune.out={storage}",
+                  "--tune.num_samples=2", "--tune.use_gpu=no", "--tune.max_concurrent=2", "--tune.unfreeze_groups=[0]",
+                  "--train.epochs=3", "--data.synthetic_train=300"]  # short: the default test run
+    # ASHA (grace 1, reduction 2) stops no trial here: both train the same warm and frozen epochs (one release
+    # order, the same seed), so they tie at its rungs 1 and 2
+    job = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", dashboard, "--", "bash", "-c",
+                          f"cd {shlex.quote(str(driver))} && exec {shlex.join(search_cmd)}"],
+                         env=own_ray.env(), capture_output=True, text=True, timeout=600)
+    output = job.stdout + job.stderr
+    assert job.returncode == 0 and "succeeded" in output, output[-5000:]
     assert "each trial asks for 1 worker(s) x (1 CPU)" in output
-    rows = list(csv.DictReader(open(storage / "tiny" / "results.csv")))
-    assert len(rows) == 2 and all(r["status"] == "completed" for r in rows), rows
+    search = storage / "tiny"
+    rows = list(csv.DictReader(open(search / "results.csv")))
+    assert len(rows) == 2 and all(r["status"] == "completed" and r["epochs"] == "3" for r in rows), rows
     assert {r["nodes"] for r in rows} == {ids["head"], node_b}  # one trial on each node, shown in the results
-    assert not list((tmp_path / "driver").iterdir())  # nothing in the driver's working directory
+    assert not list(driver.iterdir())  # nothing in the driver's working directory
+    assert (search / "trials.png").stat().st_size > 1000
+    for r in rows:  # TensorBoard per trial
+        assert list((search / "trials" / r["trial"] / "tb").glob("events.out.tfevents.*"))
+    text = (search / "best_schedule.toml").read_text()
+    assert "chosen on clean validation accuracy" in text
+    vals = {r["trial"]: float(r["final_val_acc"]) for r in rows}
+    assert max(vals.values()) == pytest.approx(float(text.split("final epoch: ")[1].split(" %")[0]) / 100, abs=1e-4)
+    run = subprocess.run([str(BIN / "pst-dist"), "train", "--config", str(search / "best_schedule.toml"),
+                          f"--log.run_dir={tmp_path / 'best'}"], env=own_ray.env(), capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    summary = json.loads((tmp_path / "best" / "summary.json").read_text())
+    assert len(summary["val_curve"]) == 3 and summary["stage_history"] is not None
 
 
 @pytest.mark.slow
 @pytest.mark.multiproc
 def test_a_dead_node_s_trial_is_restored_from_storage_on_the_other(own_ray, tmp_path):
-    gcs, node_b, temp_b, ids = _two_nodes(own_ray)
+    _, gcs, node_b, temp_b, ids = _two_nodes(own_ray)
     storage = tmp_path / "storage"
     proc = _cluster_tune(own_ray, gcs, storage, tmp_path / "driver", "--train.epochs=5")
     killed = []
