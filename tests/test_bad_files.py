@@ -1,6 +1,10 @@
 """Bad inputs to `pst-dist poison`, `write-beton` and training, through the real CLI: each test makes its bad input
 itself, then checks that the command is refused with a one-line error naming the bad value, that a file of the
 user's placed beside (or inside) the output survives, and that nothing partial is left (conftest.assert_refused).
+Commands that write run in a subprocess (`python -m pst_dist.cli`), as do a poison and a training refusal; the other
+refusals stop before any work and run ``pst_dist.cli.main`` in this process (conftest.run_cli_in_process: the same
+parsing, checks, message and exit code without a Python and torch start-up each; tests/test_bad_data.py checks that
+both ways answer the same).
 
 Real files throughout: .beton directories from `pst-dist write-beton` and poison stores from `pst-dist poison` on the
 tiny synthetic data set, made once per module and copied per test."""
@@ -18,7 +22,7 @@ import pytest
 
 from pst_dist.io import sha256
 
-from .conftest import MARKER_TEXT, TINY, assert_refused, partial_files, place_marker, run_cli
+from .conftest import MARKER_TEXT, TINY, assert_refused, partial_files, place_marker, run_cli, run_cli_in_process
 
 ATTACK = "--poison.kind=classwise_noise"  # L-inf 8/255, the default poison.eps
 TRAIN_1 = [*TINY, "--train.epochs=1"]
@@ -53,13 +57,13 @@ def store_src(tmp_path_factory) -> Path:
     return out
 
 
-def train_on_beton(root: Path, tmp_path: Path, *extra: str):
-    return run_cli("train", *TRAIN_1, "--data.source=beton", f"--data.root={root}",
+def train_on_beton(root: Path, tmp_path: Path, *extra: str, run=run_cli_in_process):
+    return run("train", *TRAIN_1, "--data.source=beton", f"--data.root={root}",
                    f"--log.run_dir={tmp_path / 'run'}", *extra)
 
 
 def train_on_store(store: Path, tmp_path: Path, *extra: str):
-    return run_cli("train", *TRAIN_1, "--data.val_from=test", "--poison.kind=file", f"--poison.path={store}",
+    return run_cli_in_process("train", *TRAIN_1, "--data.val_from=test", "--poison.kind=file", f"--poison.path={store}",
                    f"--log.run_dir={tmp_path / 'run'}", *extra)
 
 
@@ -115,7 +119,7 @@ def test_write_beton_refuses_the_data_root_as_out(tmp_path):
             Image.fromarray(np.full((16, 16, 3), 40 * k + i, np.uint8)).save(root / f"class{k}" / f"{i}.png")
     marker = place_marker(root)
     before = tree(root)
-    run = run_cli("write-beton", "--out", root, *TINY, "--data.source=imagefolder", f"--data.root={root}")
+    run = run_cli_in_process("write-beton", "--out", root, *TINY, "--data.source=imagefolder", f"--data.root={root}")
     assert_refused(run, names=[str(root)], markers=[marker], root=tmp_path, code=2)
     assert tree(root) == before, "the data set was changed"
 
@@ -124,7 +128,7 @@ def test_earlier_output_is_kept_without_overwrite(tmp_path, store_src):
     out = copy_dir(store_src, tmp_path / "p")
     marker = place_marker(tmp_path)
     before = tree(out)
-    run = run_cli("poison", "--out", out, *STORE_DATA, ATTACK, "--poison.seed=1")
+    run = run_cli_in_process("poison", "--out", out, *STORE_DATA, ATTACK, "--poison.seed=1")
     assert_refused(run, names=[str(out), "--overwrite"], markers=[marker], root=tmp_path, code=2)
     assert tree(out) == before
 
@@ -146,7 +150,7 @@ def test_overwrite_refuses_an_earlier_output_holding_a_foreign_file(tmp_path, st
     out = copy_dir(store_src, tmp_path / "p")
     marker = place_marker(out)  # the user's file inside the earlier output: --overwrite would lose it
     before = tree(out)
-    run = run_cli("poison", "--out", out, *STORE_DATA, ATTACK, "--overwrite")
+    run = run_cli_in_process("poison", "--out", out, *STORE_DATA, ATTACK, "--overwrite")
     assert_refused(run, names=[str(out), "USER_FILE.txt"], markers=[marker], root=tmp_path, code=2)
     assert tree(out) == before
 
@@ -154,14 +158,14 @@ def test_overwrite_refuses_an_earlier_output_holding_a_foreign_file(tmp_path, st
 def test_out_that_is_a_file(tmp_path):
     out = tmp_path / "result"
     out.write_text(MARKER_TEXT)  # the user's file at the very path asked for
-    run = run_cli("write-beton", "--out", out, *TINY, ATTACK)
+    run = run_cli_in_process("write-beton", "--out", out, *TINY, ATTACK)
     assert_refused(run, names=[str(out), "not a directory"], markers=[out], root=tmp_path, code=2)
 
 
 def test_out_under_a_file(tmp_path):
     marker = place_marker(tmp_path)
     out = marker / "p"  # its parent is a regular file: it cannot be created (as root, a read-only parent could)
-    run = run_cli("poison", "--out", out, *STORE_DATA, ATTACK)
+    run = run_cli_in_process("poison", "--out", out, *STORE_DATA, ATTACK)
     assert_refused(run, names=[str(out), str(marker)], markers=[marker], root=tmp_path, code=2)
     assert "[poison]" not in run.stderr, "the poison was generated before the unusable --out was noticed"
 
@@ -210,7 +214,7 @@ def test_beton_with_flipped_pixel_bytes(tmp_path, beton_src):
     root = copy_dir(beton_src, tmp_path / "b")
     marker = place_marker(tmp_path)
     flip_pixel_bytes(root / "train.beton")
-    run = train_on_beton(root, tmp_path)
+    run = train_on_beton(root, tmp_path, run=run_cli)  # a training refusal through the installed module
     assert_refused(run, names=["train.beton", "changed since it was written", "--data.verify=false"],
                    markers=[marker], root=tmp_path, code=2)
 

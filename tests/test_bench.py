@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from pst_dist.metrics import describe_machine, machine_facts
+from tests.conftest import run_cli_in_process
 from tests.test_tune import OwnRay
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -23,6 +24,12 @@ def bench(out: Path, *extra: str, env: dict | None = None) -> subprocess.Complet
     env = env or {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "pst_dist.cli", "bench", "--config", str(TINY),
                            f"--bench.out={out}", *extra], capture_output=True, text=True, env=env, timeout=900)
+
+
+def bench_refused(out: Path, *extra: str) -> subprocess.CompletedProcess:
+    """A bench that is refused before any work: the CLI in this process (conftest.run_cli_in_process), without a
+    Python and torch start-up."""
+    return run_cli_in_process("bench", "--config", TINY, f"--bench.out={out}", *extra)
 
 
 @pytest.fixture(scope="module")
@@ -106,11 +113,11 @@ def test_results_md_says_when_cells_were_computed_on_several_machines(tmp_path):
 
 
 def test_bench_config_errors_name_the_bad_value(tmp_path):
-    r = bench(tmp_path / "b", '--bench.attacks=["em", "nope"]')
+    r = bench_refused(tmp_path / "b", '--bench.attacks=["em", "nope"]')
     assert r.returncode == 2 and "bench.attacks" in r.stderr and "nope" in r.stderr
-    r = bench(tmp_path / "b", '--bench.defenses=["pst", "magic"]')
+    r = bench_refused(tmp_path / "b", '--bench.defenses=["pst", "magic"]')
     assert r.returncode == 2 and "magic" in r.stderr
-    r = bench(tmp_path / "b", '--schedule.stages=[{name="standard"}]')
+    r = bench_refused(tmp_path / "b", '--schedule.stages=[{name="standard"}]')
     assert r.returncode == 2 and "give the PST schedule" in r.stderr
     assert not (tmp_path / "b").exists(), "nothing written for a bad config"
 
@@ -120,7 +127,7 @@ def test_a_resumed_bench_refuses_a_cached_poison_made_with_other_settings(tmp_pa
     one = ['--bench.attacks=["classwise_noise"]', '--bench.defenses=["standard"]', "--bench.seeds=1", "--bench.jobs=1",
            "--train.epochs=1"]
     assert bench(out, *one).returncode == 0
-    r = bench(out, *one, "--poison.eps=0.0627")
+    r = bench_refused(out, *one, "--poison.eps=0.0627")
     assert r.returncode == 2 and "made with other poison settings" in r.stderr and "'eps'" in r.stderr
 
 
@@ -131,8 +138,8 @@ def test_a_directory_in_a_poisons_place_that_is_not_a_store_is_refused_and_left_
     theirs = out / "poisons" / "classwise_noise_seed0"
     theirs.mkdir(parents=True)
     (theirs / "notes.txt").write_text("a user's file\n")
-    r = bench(out, '--bench.attacks=["classwise_noise"]', '--bench.defenses=["standard"]', "--bench.seeds=1",
-              "--bench.jobs=1", "--train.epochs=1")
+    r = bench_refused(out, '--bench.attacks=["classwise_noise"]', '--bench.defenses=["standard"]', "--bench.seeds=1",
+                      "--bench.jobs=1", "--train.epochs=1")
     assert r.returncode == 2 and "not a poison store" in r.stderr and "bench.out" in r.stderr, r.stderr[-2000:]
     assert (theirs / "notes.txt").read_text() == "a user's file\n"
     assert sorted(theirs.iterdir()) == [theirs / "notes.txt"]
@@ -242,10 +249,9 @@ def test_a_poison_cached_by_the_bench_trains_with_poison_kind_file(tmp_path):
     a, b = (json.loads((d / "summary.json").read_text()) for d in (out / CELL, again))
     assert a["test_curve"] == b["test_curve"] and a["model_checksum"] == b["model_checksum"]
     # the same source (320 images), another split: 32 of its training images were validation images in the bench
-    t = subprocess.run([sys.executable, "-m", "pst_dist.cli", "train", "--config", str(out / CELL / "config.toml"),
-                        "--poison.kind=file", f"--poison.path={cache}", f"--log.run_dir={tmp_path / 'other'}",
-                        "--data.synthetic_train=288", "--data.val_size=32"],
-                       capture_output=True, text=True, env=env, timeout=600)
+    t = run_cli_in_process("train", "--config", out / CELL / "config.toml", "--poison.kind=file",
+                           f"--poison.path={cache}", f"--log.run_dir={tmp_path / 'other'}",
+                           "--data.synthetic_train=288", "--data.val_size=32")  # refused before any work: in-process
     assert t.returncode == 2 and "holds 256 of the source's 320 training images" in t.stderr, t.stderr[-2000:]
     assert "32 of the 288 images this one trains on are not in it" in t.stderr
 

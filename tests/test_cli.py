@@ -5,7 +5,7 @@ import pytest
 
 from pst_dist.metrics import describe_machine, machine_facts
 
-from .conftest import TINY
+from .conftest import TINY, run_cli_in_process
 
 
 def run_cli(*args, timeout=600):
@@ -26,13 +26,15 @@ def test_demo_prints_table_and_plot(tmp_path):
 
 
 def test_train_bad_inputs_exit_nonzero(tmp_path):
-    out = run_cli("train", *TINY, "--data.source=fashion-mnist", f"--data.root={tmp_path / 'nope'}",
-                  f"--log.run_dir={tmp_path / 'r'}")
+    """Refusals before any work: the CLI in this process (conftest.run_cli_in_process)."""
+    out = run_cli_in_process("train", *TINY, "--data.source=fashion-mnist", f"--data.root={tmp_path / 'nope'}",
+                             f"--log.run_dir={tmp_path / 'r'}")
     assert out.returncode == 2 and "not found" in out.stderr and "Traceback" not in out.stderr
-    out = run_cli("train", *TINY, '--schedule.stages=[{name="x",freeze=[9]}]', f"--log.run_dir={tmp_path / 'r'}")
+    out = run_cli_in_process("train", *TINY, '--schedule.stages=[{name="x",freeze=[9]}]',
+                             f"--log.run_dir={tmp_path / 'r'}")
     assert out.returncode == 2 and "group 9" in out.stderr
     assert not (tmp_path / "r").exists(), "a rejected run must leave nothing behind"
-    out = run_cli("train", *TINY, "--resume", f"--log.run_dir={tmp_path / 'r2'}")
+    out = run_cli_in_process("train", *TINY, "--resume", f"--log.run_dir={tmp_path / 'r2'}")
     assert out.returncode == 2 and "no checkpoint" in out.stderr
 
 

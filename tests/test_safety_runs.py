@@ -1,6 +1,9 @@
 """Run directories and the training record: a new run never replaces an old one, --resume refuses another config,
 NaN/inf stops the run, and every refusal is one line naming the bad value, a non-zero exit, a user's file intact and
-nothing half-written. Each case runs the real CLI in a subprocess on the tiny synthetic set."""
+nothing half-written. On the tiny synthetic set; a command that trains, or is stopped while training, runs the real
+CLI in a subprocess, as does the first refusal below; the other refusals, which stop before any work, run
+``pst_dist.cli.main`` in this process (conftest.run_cli_in_process: the same parsing, checks, message and exit code,
+without a Python and torch start-up per case; tests/test_bad_data.py checks that both ways answer the same)."""
 
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ import pytest
 
 from pst_dist.config import ConfigError, dump_toml, load_config
 
-from .conftest import TINY, assert_refused, partial_files, place_marker, run_cli
+from .conftest import TINY, assert_refused, partial_files, place_marker, run_cli, run_cli_in_process
 
 FAST = [*TINY, "--log.tensorboard=false"]
 
@@ -68,9 +71,10 @@ def test_overwrite_replaces_the_run_files_only(run_copy, tmp_path):
 
 
 @pytest.mark.parametrize("value", ["", " "])
-def test_an_empty_run_dir_is_refused(tmp_path, value):
+def test_an_empty_run_dir_is_refused(tmp_path, value, monkeypatch):
     marker = place_marker(tmp_path)
-    out = run_cli("train", *FAST, f"--log.run_dir={value}", cwd=tmp_path)
+    monkeypatch.chdir(tmp_path)  # where a run dir of "" or " " would land
+    out = run_cli_in_process("train", *FAST, f"--log.run_dir={value}")
     assert_refused(out, "log.run_dir", [marker], tmp_path, code=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["USER_FILE.txt"]
 
@@ -86,7 +90,7 @@ def test_an_empty_run_dir_is_refused(tmp_path, value):
 def test_resume_refuses_a_changed_config_naming_the_key(run_copy, tmp_path, override, key):
     marker = place_marker(tmp_path)
     before = _bytes(run_copy)
-    out = run_cli("train", *FAST, f"--log.run_dir={run_copy}", "--resume", override)
+    out = run_cli_in_process("train", *FAST, f"--log.run_dir={run_copy}", "--resume", override)
     assert_refused(out, ["--resume", key], [marker], tmp_path, code=2)
     assert _bytes(run_copy) == before, "a refused resume must not rewrite config.toml or anything else"
 
@@ -112,7 +116,7 @@ def test_non_finite_config_numbers_are_config_errors(tmp_path, override, named):
         load_config(None, [override])
     if override == "--train.lr=inf":  # and through the CLI, once
         marker = place_marker(tmp_path)
-        out = run_cli("train", *FAST, override, f"--log.run_dir={tmp_path / 'r'}")
+        out = run_cli_in_process("train", *FAST, override, f"--log.run_dir={tmp_path / 'r'}")
         assert_refused(out, named, [marker], tmp_path, code=2)
         assert not (tmp_path / "r").exists()
 
@@ -140,7 +144,7 @@ def test_a_diverging_run_stops_keeps_its_last_checkpoint_and_report_marks_it_fai
 
 def test_a_batch_larger_than_the_training_set_is_refused_before_anything_is_written(tmp_path):
     marker = place_marker(tmp_path)
-    out = run_cli("train", *FAST, "--train.batch_size=1000", f"--log.run_dir={tmp_path / 'r'}")
+    out = run_cli_in_process("train", *FAST, "--train.batch_size=1000", f"--log.run_dir={tmp_path / 'r'}")
     assert_refused(out, ["train.batch_size=1000", "256 training images"], [marker], tmp_path, code=2)
     assert not (tmp_path / "r").exists()
 
@@ -173,7 +177,7 @@ def test_a_run_dir_that_cannot_be_a_directory_is_refused(tmp_path, kind):
     blocker.write_text("a user's file\n")
     run_dir = blocker if kind == "file" else blocker / "run"
     marker = place_marker(tmp_path)
-    out = run_cli("train", *FAST, f"--log.run_dir={run_dir}")
+    out = run_cli_in_process("train", *FAST, f"--log.run_dir={run_dir}")
     assert_refused(out, [str(run_dir)], [marker], tmp_path, code=2)
     assert blocker.read_text() == "a user's file\n"
 
@@ -209,7 +213,7 @@ def test_a_run_dir_with_characters_toml_must_escape_round_trips_and_resumes(tmp_
 def test_a_run_dir_of_bytes_that_are_not_utf8_is_refused(tmp_path):
     marker = place_marker(tmp_path)
     bad = os.fsdecode(bytes(tmp_path) + b"/run\xff")
-    out = run_cli("train", *FAST, f"--log.run_dir={bad}")
+    out = run_cli_in_process("train", *FAST, f"--log.run_dir={bad}")
     assert_refused(out, ["log.run_dir", "not UTF-8"], [marker], tmp_path, code=2)
 
 
