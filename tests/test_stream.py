@@ -343,6 +343,24 @@ def test_resume_may_switch_between_streamed_and_in_memory(tmp_path, capfd):
     assert meta["resumes"][0]["changes"] == {"data.stream": [False, True]}
 
 
+def test_a_streamed_cpu_run_says_when_its_threads_and_decoders_oversubscribe_the_cores(tmp_path, monkeypatch, capsys):
+    from pst_dist.data.pipeline import oversubscribed
+
+    assert oversubscribed(1, 1, 2) == "" and oversubscribed(2, 2, 8) == "" and oversubscribed(3, 1, 8, 2) == ""
+    assert "share 2 cores" in oversubscribed(2, 1, 2) and "train.threads=1" in oversubscribed(2, 1, 2)
+    assert "share 4 cores" in oversubscribed(4, 2, 8, 2) and "train.threads=2" in oversubscribed(4, 2, 8, 2)
+    assert "train.threads=1" in oversubscribed(1, 3, 2)  # never fewer than one thread
+    root = write_folder(tmp_path / "folder")
+    cfg = cfg_of(root, "--data.stream=true", "--data.loader_workers=2")
+    data = build_data(cfg)
+    for cores, said in ((2, True), (64, False)):
+        monkeypatch.setattr(pipeline, "usable_cores", lambda cores=cores: cores)
+        capsys.readouterr()
+        build_loader(cfg, data, DistInfo(0, 1, 0), torch.device("cpu"))
+        [line] = [x for x in capsys.readouterr().err.splitlines() if x.startswith("[data] torch batches streamed")]
+        assert ("decoding processes share 2 cores" in line) == said, line
+
+
 @pytest.mark.parametrize("stream", ["false", "true"])
 def test_a_resume_refuses_a_folder_changed_since_the_run_started(tmp_path, stream):
     """Each segment lists the folder afresh: a file touched, added or removed between two segments is refused at the

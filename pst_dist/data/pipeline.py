@@ -302,6 +302,9 @@ def build_loader(cfg: Config, data: Data, dist_info: DistInfo, device: torch.dev
                                drop_last=True, device=device, prefetch=cfg.data.prefetch, **common)
         why = (f"torch batches streamed from {cfg.data.root}/train ({cfg.data.loader_workers} DataLoader "
                f"workers decoding ahead), augmented on {device.type}")
+        if device.type == "cpu":
+            why += oversubscribed(torch.get_num_threads(), cfg.data.loader_workers, usable_cores(),
+                                  int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     else:
         if data.beton is not None:
             tr = data.beton.read_split("train", num_workers=cfg.data.loader_workers)
@@ -324,6 +327,23 @@ def build_loader(cfg: Config, data: Data, dist_info: DistInfo, device: torch.dev
     if dist_info.is_primary:
         print(f"[data] {why}; rank 0 of {dist_info.world_size} gets {len(loader)} batches/epoch", file=sys.stderr)
     return loader
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity mask, as a container or ``taskset`` sets it)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def oversubscribed(threads: int, workers: int, cores: int, processes: int = 1) -> str:
+    """A note for the loader's line when a streamed CPU run's torch threads and its decoding processes ask for more
+    than this process's share of the cores (``processes`` training processes on the node): measured on 2 cores
+    (docs/results/gpu_throughput.md), a step then took 2.4x as long. Only a note: the thread count is the user's,
+    and a run's figures depend on it."""
+    share = max(1, cores // max(1, processes))
+    if threads + workers <= share:
+        return ""
+    return (f"; its {threads} torch threads and {workers} decoding processes share {share} cores, which slows every "
+            f"step: set train.threads={max(1, share - workers)} (or fewer data.loader_workers)")
 
 
 def keep_on_device(setting: bool | str, images: torch.Tensor, device: torch.device) -> bool:
