@@ -619,6 +619,10 @@ class TuneConfig:
     the attack's seed-s poison (``poison.seed = train.seed = s``). The objective is then each epoch's worst, over
     the attacks, of the mean validation accuracy over the seeds: a setting must win on average, not on one draw.
     Empty = one run per attack with the config's own seeds. Needs tune.attacks (["em"] for a single attack)."""
+    ties: str = "order"
+    """How the best trial is picked among trials whose objective is equal: order (the first by trial id) | clean (the
+    higher clean validation accuracy, attack ``none``, which tune.attacks must then include: the cost on clean data
+    decides; then the order). Validation only, as the objective."""
     poisons: str = ""
     """Directory of the attacks' poison stores, ``<attack>_seed<poison.seed>`` (``<attack>_seed<s>`` for each of
     tune.seeds) as ``pst-dist bench`` caches them
@@ -679,6 +683,10 @@ class TuneConfig:
                f"attack in tune.attacks (e.g. [\"em\"])")
         _check(all(s >= 0 for s in self.seeds) and len(set(self.seeds)) == len(self.seeds),
                f"tune.seeds={self.seeds}: distinct seeds >= 0")
+        _check(self.ties in ("order", "clean"), f"tune.ties={self.ties!r}: expected order|clean")
+        _check(self.ties != "clean" or "none" in self.attacks,
+               f"tune.ties='clean' with tune.attacks={self.attacks}: the tie-break reads the clean run's validation "
+               f"accuracy; add \"none\" to tune.attacks")
         _check(not self.poisons or bool(self.attacks),
                f"tune.poisons={self.poisons!r} without tune.attacks: the stores are read only by a search over attacks")
         for key in ("views", "release_views"):

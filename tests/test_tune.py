@@ -13,6 +13,7 @@ import csv
 import itertools
 import json
 import os
+import re
 import secrets
 import shlex
 import shutil
@@ -82,6 +83,26 @@ def test_a_trial_schedule_releases_groups_in_its_order_at_its_multipliers():
 
 # ---------------------------------------------------------------------------------------------------------------
 # Ray state a test owns, and stopping only the Ray processes it started
+
+
+def test_equal_objectives_go_to_the_first_trial_or_with_ties_clean_to_the_better_clean_run():
+    from tune.report import best_row, results_md
+
+    rows = [{"trial": f"a_0000{i}", "status": status, "final_val_acc": worst, "val_acc_none": clean,
+             "final_test_acc": 0.8}
+            for i, (status, worst, clean) in enumerate([("completed", 0.835, 0.8525), ("completed", 0.835, 0.859),
+                                                        ("completed", 0.830, 0.870), ("stopped", 0.840, 0.880)])]
+    assert best_row(rows)["trial"] == "a_00000"  # the first of equals
+    assert best_row(rows, "clean")["trial"] == "a_00001"  # the cost on clean data decides
+    assert best_row(rows[2:], "clean")["trial"] == "a_00002"  # the objective first; a stopped trial never wins
+    assert best_row(rows[3:]) is None
+    cfg = load_config(None, ["--tune.ties=clean", '--tune.attacks=["none", "em"]'])
+    md = results_md(cfg, rows, best_row(rows, "clean"), 0)
+    assert "among equals, the higher clean validation accuracy (val_acc_none)" in md
+    with pytest.raises(ConfigError, match=r"tune.ties='clean' with tune.attacks=\['em'\].*add \"none\""):
+        load_config(None, ["--tune.ties=clean", '--tune.attacks=["em"]'])
+    with pytest.raises(ConfigError, match=re.escape("tune.ties='best': expected order|clean")):
+        load_config(None, ["--tune.ties=best"])
 
 
 def _free_port() -> int:
@@ -471,7 +492,7 @@ def test_job_submit_of_a_search_onto_two_nodes_then_train_its_best_schedule(own_
     for r in rows:  # TensorBoard per trial
         assert list((search / "trials" / r["trial"] / "tb").glob("events.out.tfevents.*"))
     text = (search / "best_schedule.toml").read_text()
-    assert "chosen on clean validation accuracy" in text
+    assert "chosen on clean validation accuracy" in text and "# Ties: among equals, the first trial id" in text
     vals = {r["trial"]: float(r["final_val_acc"]) for r in rows}
     assert max(vals.values()) == pytest.approx(float(text.split("final epoch: ")[1].split(" %")[0]) / 100, abs=1e-4)
     run = subprocess.run([str(BIN / "pst-dist"), "train", "--config", str(search / "best_schedule.toml"),

@@ -2,7 +2,7 @@
 
 The best schedule is chosen on clean **validation** accuracy at the final epoch (with ``tune.attacks``: the worst
 over the attacks), among trials that ran every epoch (an ASHA-stopped trial's early accuracy says nothing about its
-end); test accuracy is reported beside it, never used.
+end); equal ones by ``tune.ties``; test accuracy is reported beside it, never used.
 """
 
 from __future__ import annotations
@@ -86,9 +86,15 @@ def trial_rows(cfg: Config, results, search_dir: Path) -> list[dict]:
     return sorted(rows, key=lambda x: (-x["final_val_acc"] if x["status"] == "completed" else 2, x["trial"]))
 
 
-def best_row(rows: list[dict]) -> dict | None:
+def best_row(rows: list[dict], ties: str = "order") -> dict | None:
+    """The completed trial with the highest objective (``final_val_acc``); among equals, with ``ties`` = clean the
+    one with the higher clean validation accuracy (``val_acc_none``), then the first in ``rows`` (trial id order)."""
     done = [r for r in rows if r["status"] == "completed" and not math.isnan(r["final_val_acc"])]
-    return max(done, key=lambda r: r["final_val_acc"]) if done else None
+    if not done:
+        return None
+    if ties == "clean":
+        return max(done, key=lambda r: (r["final_val_acc"], r["val_acc_none"]))
+    return max(done, key=lambda r: r["final_val_acc"])
 
 
 def _fmt(key: str, v) -> str:
@@ -117,6 +123,13 @@ def objective(cfg: Config) -> str:
     return "clean validation accuracy at the final epoch"
 
 
+def tie_rule(cfg: Config) -> str:
+    """How equal objectives were broken, in words (results.md, best_schedule.toml)."""
+    if cfg.tune.ties == "clean":
+        return "among equals, the higher clean validation accuracy (val_acc_none), then the first trial id"
+    return "among equals, the first trial id"
+
+
 def results_csv(rows: list[dict]) -> str:
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=_columns(rows), extrasaction="ignore", lineterminator="\n")
@@ -132,7 +145,7 @@ def results_md(cfg: Config, rows: list[dict], best: dict | None, total_epochs: i
              f"{total_epochs} training epochs in all (a full trial is {cfg.train.epochs}"
              f"{f' x {len(cfg.tune.attacks)} attacks' if cfg.tune.attacks else ''}"
              f"{f' x {len(cfg.tune.seeds)} seeds' if cfg.tune.seeds else ''}); "
-             f"objective: {objective(cfg)}; accuracies in %.", "",
+             f"objective: {objective(cfg)}; {tie_rule(cfg)}; accuracies in %.", "",
              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(_fmt(c, r.get(c, "")) for c in cols) + " |" for r in rows]
     if best is not None:
@@ -175,6 +188,7 @@ def best_schedule_toml(cfg: Config, best: dict) -> str:
     out.log.run_dir = f"runs/{cfg.tune.name}_best"
     header = (f"# Best schedule of the search {cfg.tune.name!r} (trial {best['trial']}), chosen on "
               f"{objective(cfg)}: {100 * best['final_val_acc']:.2f} %.\n"
+              f"# Ties: {tie_rule(cfg)} (tune.ties = {cfg.tune.ties!r}).\n"
               f"# Search parameters: {json.dumps(best['params'])}\n"
               f"# Run it: pst-dist train --config best_schedule.toml"
               + ("; on every attack, a held-out one too: pst-dist bench --config best_schedule.toml"
@@ -184,7 +198,7 @@ def best_schedule_toml(cfg: Config, best: dict) -> str:
 
 def write_reports(cfg: Config, results, search_dir: Path, log) -> dict:
     rows = trial_rows(cfg, results, search_dir)
-    best = best_row(rows)
+    best = best_row(rows, cfg.tune.ties)
     total = sum(r["epochs_trained"] for r in rows)
     search_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(search_dir / "results.csv", results_csv(rows))
