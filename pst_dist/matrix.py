@@ -489,16 +489,16 @@ def run_ray(bench: Bench, gen: dict, todo_p: list, done: dict, todo_c: list, say
 def run_bench(config: str, overrides: list[str]) -> dict:
     bench = plan_bench(config, overrides)
     b, out = bench.cfg.bench, bench.out
-    out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / "bench.json", json.dumps({"config": config, "overrides": overrides, "resolved": bench.base},
-                                                indent=2))
     say = lambda m: tqdm.write(f"[bench] {m}", file=sys.stderr)
     where = (f"{bench.jobs} job(s) x {bench.threads} thread(s)" if b.runner == "pool" else
              "Ray tasks (runner = ray)")
     say(f"{len(b.attacks)} attacks x {len(b.defenses)} defenses ({len(bench.runs)} training runs each: "
         f"{', '.join(bench.runs)}) x {len(bench.seeds)} seeds; {where}; out {out}")
     t_start = time.time()
-    gen, todo_p = cached_poisons(bench)
+    gen, todo_p = cached_poisons(bench)  # may refuse: before bench.json records these overrides
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / "bench.json", json.dumps({"config": config, "overrides": overrides, "resolved": bench.base},
+                                                indent=2))
     done, todo_c = finished_cells(bench, say)
     say(f"poisons: {len(gen)} cached, {len(todo_p)} to make; cells: {len(done)} finished (skipped), "
         f"{len(todo_c)} to run")

@@ -127,8 +127,10 @@ def test_a_resumed_bench_refuses_a_cached_poison_made_with_other_settings(tmp_pa
     one = ['--bench.attacks=["classwise_noise"]', '--bench.defenses=["standard"]', "--bench.seeds=1", "--bench.jobs=1",
            "--train.epochs=1"]
     assert bench(out, *one).returncode == 0
+    recorded = (out / "bench.json").read_bytes()
     r = bench_refused(out, *one, "--poison.eps=0.0627")
     assert r.returncode == 2 and "made with other poison settings" in r.stderr and "'eps'" in r.stderr
+    assert (out / "bench.json").read_bytes() == recorded, "a refused bench rewrote the bench's record"
 
 
 def test_a_directory_in_a_poisons_place_that_is_not_a_store_is_refused_and_left_alone(tmp_path):
@@ -143,7 +145,7 @@ def test_a_directory_in_a_poisons_place_that_is_not_a_store_is_refused_and_left_
     assert r.returncode == 2 and "not a poison store" in r.stderr and "bench.out" in r.stderr, r.stderr[-2000:]
     assert (theirs / "notes.txt").read_text() == "a user's file\n"
     assert sorted(theirs.iterdir()) == [theirs / "notes.txt"]
-    assert not (out / "cells").exists()
+    assert sorted(out.iterdir()) == [out / "poisons"]  # no cells, no bench.json
 
 
 def test_a_resumed_bench_reruns_the_cells_whose_recipe_changed(tmp_path):
