@@ -81,8 +81,9 @@ def run_cli_in_process(*args, timeout=300):
     CompletedProcess like :func:`run_cli` (an exception that escapes ``main`` becomes exit 1 with its traceback on
     stderr, as the interpreter would print it). No launcher variables may be set (a one-rank run is what refuses);
     a call that hangs past ``timeout`` ends the test session with every thread's traceback instead of hanging CI.
-    The environment, Python's and torch's random state, torch's thread count and its deterministic mode are restored
-    afterwards."""
+    The call runs as on a machine without a GPU (``torch.cuda.is_available()`` is False during it: a CUDA context
+    made in this process could not be undone). The environment, Python's and torch's random state, torch's thread
+    count, its deterministic mode and cuDNN's benchmark flag are restored afterwards."""
     import contextlib
     import faulthandler
     import io
@@ -98,9 +99,11 @@ def run_cli_in_process(*args, timeout=300):
     out, err = io.StringIO(), io.StringIO()
     threads, py_rng, rng = torch.get_num_threads(), random.getstate(), torch.get_rng_state()
     det, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    benchmark = torch.backends.cudnn.benchmark
     faulthandler.dump_traceback_later(timeout, exit=True)
     try:
-        with mock.patch.dict(os.environ), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        with mock.patch.dict(os.environ), mock.patch("torch.cuda.is_available", return_value=False), \
+                contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
                 code = main([str(a) for a in args])
             except SystemExit as e:  # argparse's own refusals
@@ -114,6 +117,7 @@ def run_cli_in_process(*args, timeout=300):
         torch.set_rng_state(rng)
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(det, warn_only=warn_only)
+        torch.backends.cudnn.benchmark = benchmark
     return subprocess.CompletedProcess(["pst-dist", *map(str, args)], code, out.getvalue(), err.getvalue())
 
 

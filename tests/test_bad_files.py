@@ -58,13 +58,13 @@ def store_src(tmp_path_factory) -> Path:
 
 
 def train_on_beton(root: Path, tmp_path: Path, *extra: str, run=run_cli_in_process):
-    return run("train", *TRAIN_1, "--data.source=beton", f"--data.root={root}",
-                   f"--log.run_dir={tmp_path / 'run'}", *extra)
+    return run("train", *TRAIN_1, "--data.source=beton", f"--data.root={root}", f"--log.run_dir={tmp_path / 'run'}",
+               *extra)
 
 
 def train_on_store(store: Path, tmp_path: Path, *extra: str):
-    return run_cli_in_process("train", *TRAIN_1, "--data.val_from=test", "--poison.kind=file", f"--poison.path={store}",
-                   f"--log.run_dir={tmp_path / 'run'}", *extra)
+    return run_cli_in_process("train", *TRAIN_1, "--data.val_from=test", "--poison.kind=file",
+                              f"--poison.path={store}", f"--log.run_dir={tmp_path / 'run'}", *extra)
 
 
 def clean_source_order() -> np.ndarray:

@@ -26,7 +26,8 @@ def test_demo_prints_table_and_plot(tmp_path):
 
 
 def test_train_bad_inputs_exit_nonzero(tmp_path):
-    """Refusals before any work: the CLI in this process (conftest.run_cli_in_process)."""
+    """Refusals before anything is written and before any thread or process starts: the CLI in this process
+    (conftest.run_cli_in_process)."""
     out = run_cli_in_process("train", *TINY, "--data.source=fashion-mnist", f"--data.root={tmp_path / 'nope'}",
                              f"--log.run_dir={tmp_path / 'r'}")
     assert out.returncode == 2 and "not found" in out.stderr and "Traceback" not in out.stderr

@@ -63,7 +63,9 @@ def test_kill_9_mid_stage_then_resume_matches_uninterrupted(tmp_path, stage):
     full.mkdir(), cut.mkdir()
     p = torchrun(full, *args, f"--log.run_dir={full / 'run'}")
     assert p.returncode == 0, p.stderr[-3000:]
-    e1, e2, e3, e4 = (r["groups"] for r in ranks(full)[0]["records"])  # stage a; b (groups 0 and 1 frozen) x 2; c
+    a0, a1 = ranks(full)
+    assert [r["groups"] for r in a0["records"]] == [r["groups"] for r in a1["records"]], "ranks differ"
+    e1, e2, e3, e4 = (r["groups"] for r in a0["records"])  # stage a; b (groups 0 and 1 frozen) x 2; c
     assert e3[:2] == e2[:2] == e1[:2], "a frozen group moved during the frozen stage"
     assert all(e1[g] != e2[g] != e3[g] for g in range(2, len(e1))), "an unfrozen group did not update"
     assert e4[0] != e3[0] and e4[1] != e3[1], "released groups did not update after unfreezing"

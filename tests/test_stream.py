@@ -344,21 +344,27 @@ def test_resume_may_switch_between_streamed_and_in_memory(tmp_path, capfd):
 
 
 def test_a_streamed_cpu_run_says_when_its_threads_and_decoders_oversubscribe_the_cores(tmp_path, monkeypatch, capsys):
-    from pst_dist.data.pipeline import oversubscribed
+    from pst_dist.data.pipeline import cpu_share, oversubscribed
 
-    assert oversubscribed(1, 1, 2) == "" and oversubscribed(2, 2, 8) == "" and oversubscribed(3, 1, 8, 2) == ""
+    assert oversubscribed(1, 1, 2) == "" and oversubscribed(2, 2, 8) == "" and oversubscribed(3, 1, 4) == ""
     assert "share 2 cores" in oversubscribed(2, 1, 2) and "train.threads=1" in oversubscribed(2, 1, 2)
-    assert "share 4 cores" in oversubscribed(4, 2, 8, 2) and "train.threads=2" in oversubscribed(4, 2, 8, 2)
+    assert "share 4 cores" in oversubscribed(4, 2, 4) and "train.threads=2" in oversubscribed(4, 2, 4)
     assert "train.threads=1" in oversubscribed(1, 3, 2)  # never fewer than one thread
+    whole = len(os.sched_getaffinity(0)) == os.cpu_count()
+    for launcher in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE"):  # torchrun / Ray Train, the deepspeed launcher
+        monkeypatch.setenv(launcher, "2")
+        assert cpu_share() == (max(1, os.cpu_count() // 2) if whole else len(os.sched_getaffinity(0)))
+        monkeypatch.delenv(launcher)
     root = write_folder(tmp_path / "folder")
     cfg = cfg_of(root, "--data.stream=true", "--data.loader_workers=2")
     data = build_data(cfg)
-    for cores, said in ((2, True), (64, False)):
-        monkeypatch.setattr(pipeline, "usable_cores", lambda cores=cores: cores)
+    fits = torch.get_num_threads() + 2
+    for share, said in ((fits - 1, True), (fits, False)):
+        monkeypatch.setattr(pipeline, "cpu_share", lambda share=share: share)
         capsys.readouterr()
         build_loader(cfg, data, DistInfo(0, 1, 0), torch.device("cpu"))
         [line] = [x for x in capsys.readouterr().err.splitlines() if x.startswith("[data] torch batches streamed")]
-        assert ("decoding processes share 2 cores" in line) == said, line
+        assert (f"decoding processes share {fits - 1} cores" in line) == said, line
 
 
 @pytest.mark.parametrize("stream", ["false", "true"])

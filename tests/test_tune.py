@@ -96,6 +96,8 @@ def test_equal_objectives_go_to_the_first_trial_or_with_ties_clean_to_the_better
     assert best_row(rows, "clean")["trial"] == "a_00001"  # the cost on clean data decides
     assert best_row(rows[2:], "clean")["trial"] == "a_00002"  # the objective first; a stopped trial never wins
     assert best_row(rows[3:]) is None
+    nan = {**rows[1], "trial": "a_00004", "val_acc_none": float("nan")}
+    assert best_row([nan, rows[0]], "clean")["trial"] == "a_00000"  # a clean run without a figure loses the tie
     cfg = load_config(None, ["--tune.ties=clean", '--tune.attacks=["none", "em"]'])
     md = results_md(cfg, rows, best_row(rows, "clean"), 0)
     assert "among equals, the higher clean validation accuracy (val_acc_none)" in md
@@ -475,8 +477,9 @@ def test_job_submit_of_a_search_onto_two_nodes_then_train_its_best_schedule(own_
     search_cmd = [sys.executable, str(ROOT / "tune" / "run.py"), "--config", str(TINY), f"--tune.out={storage}",
                   "--tune.num_samples=2", "--tune.use_gpu=no", "--tune.max_concurrent=2", "--tune.unfreeze_groups=[0]",
                   "--train.epochs=3", "--data.synthetic_train=300"]  # short: the default test run
-    # ASHA (grace 1, reduction 2) stops no trial here: both train the same warm and frozen epochs (one release
-    # order, the same seed), so they tie at its rungs 1 and 2
+    # ASHA (grace 1, reduction 2) stops no trial here: the trials differ only in the release stage's lr multiplier
+    # (one release order, one threshold, the same seed; the warm-up trigger is read at epoch ends), so their epochs 1
+    # and 2 are the same and they tie at its rungs 1 and 2
     job = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", dashboard, "--", "bash", "-c",
                           f"cd {shlex.quote(str(driver))} && exec {shlex.join(search_cmd)}"],
                          env=own_ray.env(), capture_output=True, text=True, timeout=600)
@@ -488,6 +491,7 @@ def test_job_submit_of_a_search_onto_two_nodes_then_train_its_best_schedule(own_
     assert len(rows) == 2 and all(r["status"] == "completed" and r["epochs"] == "3" for r in rows), rows
     assert {r["nodes"] for r in rows} == {ids["head"], node_b}  # one trial on each node, shown in the results
     assert not list(driver.iterdir())  # nothing in the driver's working directory
+    assert all((search / "train" / r["trial"] / "epoch_0003").is_dir() for r in rows)  # checkpoints in storage
     assert (search / "trials.png").stat().st_size > 1000
     for r in rows:  # TensorBoard per trial
         assert list((search / "trials" / r["trial"] / "tb").glob("events.out.tfevents.*"))
@@ -664,7 +668,8 @@ def test_a_search_over_attacks_takes_the_worst_case_and_its_runs_train_as_alone(
 
 
 # 42-49 s on 2 cores: slow. The default run keeps the seeds' runs and means without Ray
-# (test_a_search_over_seeds_trains_each_attack_on_each_seed_s_poison_and_averages) and two searches through Ray
+# (test_a_search_over_seeds_trains_each_attack_on_each_seed_s_poison_and_averages) and a search through Ray
+# (the job submit onto two nodes)
 @pytest.mark.slow
 @pytest.mark.multiproc
 def test_a_search_over_seeds_reports_the_worst_attack_s_mean_over_seeds(own_ray, tmp_path):

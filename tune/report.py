@@ -92,8 +92,9 @@ def best_row(rows: list[dict], ties: str = "order") -> dict | None:
     done = [r for r in rows if r["status"] == "completed" and not math.isnan(r["final_val_acc"])]
     if not done:
         return None
-    if ties == "clean":
-        return max(done, key=lambda r: (r["final_val_acc"], r["val_acc_none"]))
+    if ties == "clean":  # a clean run without a figure loses the tie-break
+        return max(done, key=lambda r: (r["final_val_acc"], -math.inf if math.isnan(r["val_acc_none"]) else
+                                        r["val_acc_none"]))
     return max(done, key=lambda r: r["final_val_acc"])
 
 

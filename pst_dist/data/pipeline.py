@@ -303,8 +303,7 @@ def build_loader(cfg: Config, data: Data, dist_info: DistInfo, device: torch.dev
         why = (f"torch batches streamed from {cfg.data.root}/train ({cfg.data.loader_workers} DataLoader "
                f"workers decoding ahead), augmented on {device.type}")
         if device.type == "cpu":
-            why += oversubscribed(torch.get_num_threads(), cfg.data.loader_workers, usable_cores(),
-                                  int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+            why += oversubscribed(torch.get_num_threads(), cfg.data.loader_workers, cpu_share())
     else:
         if data.beton is not None:
             tr = data.beton.read_split("train", num_workers=cfg.data.loader_workers)
@@ -329,21 +328,24 @@ def build_loader(cfg: Config, data: Data, dist_info: DistInfo, device: torch.dev
     return loader
 
 
-def usable_cores() -> int:
-    """The cores this process may run on (its affinity mask, as a container or ``taskset`` sets it)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+def cpu_share() -> int:
+    """The cores this process may count on: its affinity mask (``taskset``, a cpuset; not a cgroup CPU quota), shared
+    among the node's training processes (:func:`local_processes`) when the mask spans the whole machine (a launcher
+    that binds each rank to cores of its own, ``srun --cpu-bind``, has divided them already)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // local_processes()) if cores == os.cpu_count() else cores
 
 
-def oversubscribed(threads: int, workers: int, cores: int, processes: int = 1) -> str:
+def oversubscribed(threads: int, workers: int, share: int) -> str:
     """A note for the loader's line when a streamed CPU run's torch threads and its decoding processes ask for more
-    than this process's share of the cores (``processes`` training processes on the node): measured on 2 cores
-    (docs/results/gpu_throughput.md), a step then took 2.4x as long. Only a note: the thread count is the user's,
-    and a run's figures depend on it."""
-    share = max(1, cores // max(1, processes))
+    than the ``share`` of the cores this process has (:func:`cpu_share`): on 2 cores such a run's step took 2.4x as
+    long (docs/results/gpu_throughput.md). Only a note: the thread count is the user's, and a run's figures depend
+    on it. (Other processes on the node, a bench's pool or other Tune trials, are not counted.)"""
     if threads + workers <= share:
         return ""
-    return (f"; its {threads} torch threads and {workers} decoding processes share {share} cores, which slows every "
-            f"step: set train.threads={max(1, share - workers)} (or fewer data.loader_workers)")
+    return (f"; its {threads} torch threads and {workers} decoding processes share {share} cores, which can slow "
+            f"each step (2.4x on 2 cores): set train.threads={max(1, share - workers)} (or fewer "
+            f"data.loader_workers)")
 
 
 def keep_on_device(setting: bool | str, images: torch.Tensor, device: torch.device) -> bool:
