@@ -11,7 +11,8 @@ plain torch read: ``model.safetensors`` and a timm ``config.json`` (architecture
   It reads any export.
 
 The ``pst_dist`` block's ``eval_views`` are the run's test-time views (``schedule.eval_views``): the run scored the
-mean softmax over the raw image and those views, which :func:`pst_dist.train.predict` computes for a loaded model.
+mean softmax over the raw image and those views, which :func:`pst_dist.train.predict` computes for a loaded model;
+:func:`load_scored` returns the model wrapped to score as the run did.
 """
 
 from __future__ import annotations
@@ -19,10 +20,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+from torch import nn
+
 from .config import to_dict
 from .evaluate import load_run_model
 from .io import OutputError, atomic_dir, check_out_dir
-from .models import timm_args
+from .models import load_exported, timm_args
+from .train import predict
 
 FILES = ("model.safetensors", "config.json")
 
@@ -66,3 +71,32 @@ def export_run(run_dir: Path, out: Path, checkpoint: str | Path | None = None, o
                   metadata={"format": "pt"})
         (tmp / FILES[1]).write_text(json.dumps(spec, indent=2), encoding="utf-8")
     return spec
+
+
+class Scored(nn.Module):
+    """An exported model as its run scored images: ``forward`` takes float images in [0, 1] (N, C, H, W, the export's
+    input size), normalises them with the export's mean and std, and returns the logits, or with test-time
+    ``views`` the mean softmax over the image and each view (:func:`pst_dist.train.predict`, the run's own
+    evaluation). ``model``: the bare model (normalised input, logits)."""
+
+    def __init__(self, model: nn.Module, views: list[str], mean: list[float], std: list[float]):
+        super().__init__()
+        self.model, self.views = model, list(views)
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return predict(self.model, x, self.normalize, self.views)
+
+
+def load_scored(folder: str | Path) -> Scored:
+    """The model ``pst-dist export`` wrote to ``folder`` (:func:`pst_dist.models.load_exported`), in eval mode,
+    wrapped to score [0, 1] images as the run did: its normalisation and its test-time views (config.json's
+    ``pst_dist.eval_views``)."""
+    model = load_exported(folder)
+    spec = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+    cfg = model.pretrained_cfg
+    return Scored(model, spec["pst_dist"].get("eval_views", []), cfg["mean"], cfg["std"]).eval()

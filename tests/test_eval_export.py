@@ -22,6 +22,7 @@ from torchvision.transforms.functional import gaussian_blur
 from pst_dist.cli import main
 from pst_dist.config import load_config
 from pst_dist.data.pipeline import Normalize, build_data
+from pst_dist.export import load_scored
 from pst_dist.models import build_model, load_exported
 from pst_dist.train import train
 
@@ -162,6 +163,8 @@ def test_export_small_stem_loads_through_pst_dist_with_the_runs_predictions(runs
     assert spec["pst_dist"]["plain_timm"] is False and spec["pretrained_cfg"]["input_size"] == [3, 16, 16]
     want = logits(run_model(run, runs["args"]), runs["args"])
     assert torch.equal(logits(load_exported(out), runs["args"]), want)
+    with torch.no_grad():  # no test-time views: [0, 1] images in, the run's normalisation, the logits out
+        assert torch.equal(load_scored(out)(build_data(load_config(None, runs["args"])).splits.test.images / 255), want)
     model = build_model(load_config(None, runs["args"]).model, 4, 3, 16)  # plain load_state_dict
     model.load_state_dict(load_file(out / "model.safetensors"))
     assert torch.equal(logits(model, runs["args"]), want)
@@ -242,3 +245,8 @@ def test_test_time_views_score_the_mean_softmax_and_leave_training_as_it_was(run
     out = tmp_path / "export"
     assert main(["export", "--run", str(tmp_path / "views"), "--out", str(out)]) == 0
     assert json.loads((out / "config.json").read_text())["pst_dist"]["eval_views"] == views
+    scored = load_scored(out)  # the export scores as the run did: mean softmax over the image and its views
+    with torch.no_grad():
+        got = scored(x)
+    assert scored.views == views and torch.allclose(got, probs / 3, atol=1e-6)
+    assert int((got.argmax(1) == y).sum()) / len(y) == want
