@@ -260,6 +260,16 @@ def parse_view(view: str, strength: float = 1.0) -> list[tuple[str, float]]:
     return out
 
 
+def check_eval_views(key: str, views) -> None:
+    """Test-time views (``key``: where they were read): a list of deterministic views (ConfigError otherwise)."""
+    _check(isinstance(views, list) and all(isinstance(v, str) for v in views),
+           f"{key}={views!r}: expected a list of views (e.g. [\"blur:0.7\"])")
+    for i, view in enumerate(views):
+        for name, _ in _check_view(f"{key}[{i}]", view):
+            _check(not VIEW_TABLE[name].data.get("random"), f"{key}[{i}]={view!r}: {name!r} is random; an "
+                   f"evaluation must not draw from the training run's generator (e.g. 'blur:0.7')")
+
+
 def _check_view(key: str, view: str, strength: float = 1.0) -> list[tuple[str, float]]:
     try:
         return parse_view(view, strength)
@@ -385,10 +395,7 @@ class ScheduleConfig:
     def __post_init__(self) -> None:
         _check(len(self.stages) > 0, "schedule.stages is empty: a schedule needs at least one stage")
         _check(self.check_every >= 0, f"schedule.check_every={self.check_every}: must be >= 0")
-        for i, view in enumerate(self.eval_views):
-            for name, _ in _check_view(f"schedule.eval_views[{i}]", view):
-                _check(not VIEW_TABLE[name].data.get("random"), f"schedule.eval_views[{i}]={view!r}: {name!r} is "
-                       f"random; an evaluation must not draw from the training run's generator (e.g. 'blur:0.7')")
+        check_eval_views("schedule.eval_views", self.eval_views)
 
 
 @dataclass

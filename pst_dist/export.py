@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import to_dict
+from .config import ConfigError, check_eval_views, to_dict
 from .evaluate import load_run_model
 from .io import OutputError, atomic_dir, check_out_dir
 from .models import load_exported, timm_args
@@ -64,7 +64,8 @@ def export_run(run_dir: Path, out: Path, checkpoint: str | Path | None = None, o
                            "num_classes": rm.inputs["num_classes"], "crop_pct": 1.0},
         "pst_dist": {"plain_timm": hook is None, "model": to_dict(rm.cfg.model), "run": str(Path(run_dir).resolve()),
                      "checkpoint": str(rm.checkpoint.resolve()), "epoch": rm.epoch,
-                     "eval_views": list(rm.cfg.schedule.eval_views)},
+                     "eval_views": list(rm.cfg.schedule.eval_views),
+                     "dtype": str(rm.dtype).removeprefix("torch.")},  # what the run evaluated in
     }
     with atomic_dir(out, replace=replace) as tmp:
         save_file({k: v.contiguous() for k, v in rm.model.state_dict().items()}, str(tmp / FILES[0]),
@@ -73,30 +74,46 @@ def export_run(run_dir: Path, out: Path, checkpoint: str | Path | None = None, o
     return spec
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 class Scored(nn.Module):
     """An exported model as its run scored images: ``forward`` takes float images in [0, 1] (N, C, H, W, the export's
-    input size), normalises them with the export's mean and std, and returns the logits, or with test-time
-    ``views`` the mean softmax over the image and each view (:func:`pst_dist.train.predict`, the run's own
-    evaluation). ``model``: the bare model (normalised input, logits)."""
+    input size), normalises them in float32 with the export's mean and std, casts them to the model's dtype (a 16-bit
+    DeepSpeed run evaluated in bf16 / fp16), and returns the logits, or with test-time ``views`` the mean softmax over
+    the image and each view (probabilities; :func:`pst_dist.train.predict`, the run's own evaluation). ``model``: the
+    bare model (normalised input, logits)."""
 
     def __init__(self, model: nn.Module, views: list[str], mean: list[float], std: list[float]):
         super().__init__()
         self.model, self.views = model, list(views)
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+        # plain tensors, not buffers: a .to(dtype) of the wrapper must not round the statistics
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean) / self.std
+        dtype = next(self.model.parameters()).dtype
+        return ((x - self.mean.to(x.device)) / self.std.to(x.device)).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return predict(self.model, x, self.normalize, self.views)
+        if not x.is_floating_point():
+            raise TypeError(f"Scored takes float images in [0, 1], not {x.dtype} (divide uint8 images by 255)")
+        return predict(self.model, x.float(), self.normalize, self.views)
 
 
 def load_scored(folder: str | Path) -> Scored:
-    """The model ``pst-dist export`` wrote to ``folder`` (:func:`pst_dist.models.load_exported`), in eval mode,
-    wrapped to score [0, 1] images as the run did: its normalisation and its test-time views (config.json's
-    ``pst_dist.eval_views``)."""
+    """The model ``pst-dist export`` wrote to ``folder`` (:func:`pst_dist.models.load_exported`), in eval mode and in
+    the dtype its run evaluated in, wrapped to score [0, 1] images as the run did: its normalisation and its test-time
+    views (config.json's ``pst_dist.eval_views``)."""
     model = load_exported(folder)
     spec = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
-    cfg = model.pretrained_cfg
-    return Scored(model, spec["pst_dist"].get("eval_views", []), cfg["mean"], cfg["std"]).eval()
+    own, inputs = spec["pst_dist"], spec["pretrained_cfg"]
+    if "mean" not in inputs or "std" not in inputs:
+        raise ConfigError(f"{folder}: config.json's pretrained_cfg has no mean / std: not what `pst-dist export` "
+                          f"writes, and the images could not be normalised as the run did")
+    views = own.get("eval_views", [])  # exports written before test-time views existed: none
+    check_eval_views(f"{folder}/config.json: pst_dist.eval_views", views)
+    dtype = own.get("dtype", "float32")  # exports written before it was recorded: scored in float32
+    if dtype not in DTYPES:
+        raise ConfigError(f"{folder}/config.json: pst_dist.dtype={dtype!r}: expected one of {sorted(DTYPES)}")
+    return Scored(model.to(DTYPES[dtype]), views, inputs["mean"], inputs["std"]).eval()

@@ -20,11 +20,11 @@ from safetensors.torch import load_file
 from torchvision.transforms.functional import gaussian_blur
 
 from pst_dist.cli import main
-from pst_dist.config import load_config
+from pst_dist.config import ConfigError, load_config
 from pst_dist.data.pipeline import Normalize, build_data
 from pst_dist.export import load_scored
 from pst_dist.models import build_model, load_exported
-from pst_dist.train import train
+from pst_dist.train import predict, train
 
 from .conftest import MARKER_TEXT, place_marker, quadrant_images
 
@@ -248,5 +248,38 @@ def test_test_time_views_score_the_mean_softmax_and_leave_training_as_it_was(run
     scored = load_scored(out)  # the export scores as the run did: mean softmax over the image and its views
     with torch.no_grad():
         got = scored(x)
-    assert scored.views == views and torch.allclose(got, probs / 3, atol=1e-6)
+    assert scored.views == views and torch.equal(got, probs / 3)
     assert int((got.argmax(1) == y).sum()) / len(y) == want
+
+
+def test_a_scored_export_evaluates_in_its_runs_dtype_and_refuses_what_it_cannot_score(runs, tmp_path):
+    """A 16-bit DeepSpeed run evaluated in bf16 / fp16 (its export records the dtype): load_scored casts the model,
+    normalises in float32 and casts the input, as pst-dist eval does; a cast of the wrapper keeps the statistics;
+    integer images and a config.json it cannot score from are refused, naming the problem."""
+    out = tmp_path / "export"
+    assert main(["export", "--run", str(runs["small_stem"]["dir"]), "--out", str(out)]) == 0
+    spec = json.loads((out / "config.json").read_text())
+    assert spec["pst_dist"]["dtype"] == "float32"
+    data = build_data(load_config(None, runs["args"]))
+    x = data.splits.test.images.float() / 255
+    spec["pst_dist"].update(dtype="bfloat16", eval_views=["blur:1"])
+    (out / "config.json").write_text(json.dumps(spec))
+    scored = load_scored(out)
+    assert next(scored.model.parameters()).dtype == torch.bfloat16
+    norm = Normalize(data.mean, data.std, torch.device("cpu"), torch.bfloat16)  # pst-dist eval's, for a bf16 run
+    with torch.no_grad():
+        want = predict(load_exported(out).to(torch.bfloat16), x, norm, ["blur:1"])
+        assert torch.equal(scored(x), want) and torch.equal(scored.to(torch.bfloat16)(x), want)
+    with pytest.raises(TypeError, match="uint8"):
+        scored(data.splits.test.images)
+    for key, value, named in [("eval_views", ["randblur:1"], "random"), ("eval_views", "blur:1", "a list of views"),
+                              ("dtype", "int8", "pst_dist.dtype='int8'")]:
+        bad = json.loads(json.dumps(spec))
+        bad["pst_dist"][key] = value
+        (out / "config.json").write_text(json.dumps(bad))
+        with pytest.raises(ConfigError, match=named):
+            load_scored(out)
+    del spec["pretrained_cfg"]["std"]
+    (out / "config.json").write_text(json.dumps(spec))
+    with pytest.raises(ConfigError, match="no mean / std"):
+        load_scored(out)
