@@ -24,9 +24,10 @@ import torch
 from torch import nn
 
 from .config import ConfigError, check_eval_views, to_dict
+from .data.pipeline import Normalize
 from .evaluate import load_run_model
 from .io import OutputError, atomic_dir, check_out_dir
-from .models import load_exported, timm_args
+from .models import export_spec, load_exported, timm_args
 from .train import predict
 
 FILES = ("model.safetensors", "config.json")
@@ -88,25 +89,21 @@ class Scored(nn.Module):
         super().__init__()
         self.model, self.views = model, list(views)
         # plain tensors, not buffers: a .to(dtype) of the wrapper must not round the statistics
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
-
-    def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = next(self.model.parameters()).dtype
-        return ((x - self.mean.to(x.device)) / self.std.to(x.device)).to(dtype)
+        self.mean, self.std = torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not x.is_floating_point():
             raise TypeError(f"Scored takes float images in [0, 1], not {x.dtype} (divide uint8 images by 255)")
-        return predict(self.model, x.float(), self.normalize, self.views)
+        normalize = Normalize(self.mean, self.std, x.device, next(self.model.parameters()).dtype)  # as pst-dist eval
+        return predict(self.model, x.float(), normalize, self.views)
 
 
 def load_scored(folder: str | Path) -> Scored:
     """The model ``pst-dist export`` wrote to ``folder`` (:func:`pst_dist.models.load_exported`), in eval mode and in
     the dtype its run evaluated in, wrapped to score [0, 1] images as the run did: its normalisation and its test-time
     views (config.json's ``pst_dist.eval_views``)."""
-    model = load_exported(folder)
-    spec = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+    spec = export_spec(folder)
+    model = load_exported(folder, spec)
     own, inputs = spec["pst_dist"], spec["pretrained_cfg"]
     if "mean" not in inputs or "std" not in inputs:
         raise ConfigError(f"{folder}: config.json's pretrained_cfg has no mean / std: not what `pst-dist export` "

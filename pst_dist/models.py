@@ -47,22 +47,30 @@ def timm_args(cfg: ModelConfig, num_classes: int, in_chans: int, img_size: int) 
     return kwargs, hook
 
 
-def load_exported(folder: str | Path) -> nn.Module:
-    """The model ``pst-dist export`` wrote to ``folder``, in eval mode: rebuilt from config.json (its ``pst_dist``
-    block holds the run's [model] section, so the small-image hook is applied as in training) with
-    model.safetensors loaded strictly. ``model.pretrained_cfg`` carries the export's input size, mean and std
-    (``timm.data.resolve_model_data_config(model)`` reads them)."""
-    from safetensors.torch import load_file  # a timm dependency
-
+def export_spec(folder: str | Path) -> dict:
+    """The config.json of the folder ``pst-dist export`` wrote (ConfigError when it is not one)."""
     folder = Path(folder)
     try:
         spec = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-        model_cfg, inputs = spec["pst_dist"]["model"], spec["pretrained_cfg"]
+        spec["pst_dist"]["model"], spec["pretrained_cfg"]  # noqa: B018 - every reader needs both
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ConfigError(f"{folder}: not a `pst-dist export` folder (config.json: {type(e).__name__}: {e})") from None
+    return spec
+
+
+def load_exported(folder: str | Path, spec: dict | None = None) -> nn.Module:
+    """The model ``pst-dist export`` wrote to ``folder``, in eval mode: rebuilt from config.json (its ``pst_dist``
+    block holds the run's [model] section, so the small-image hook is applied as in training) with
+    model.safetensors loaded strictly. ``model.pretrained_cfg`` carries the export's input size, mean and std
+    (``timm.data.resolve_model_data_config(model)`` reads them). ``spec``: the folder's :func:`export_spec`, when the
+    caller has read it already."""
+    from safetensors.torch import load_file  # a timm dependency
+
+    spec = spec if spec is not None else export_spec(folder)
+    inputs = spec["pretrained_cfg"]
     chans, size = inputs["input_size"][0], inputs["input_size"][1]
-    model = build_model(from_dict(ModelConfig, model_cfg, "model"), spec["num_classes"], chans, size)
-    model.load_state_dict(load_file(folder / "model.safetensors"))
+    model = build_model(from_dict(ModelConfig, spec["pst_dist"]["model"], "model"), spec["num_classes"], chans, size)
+    model.load_state_dict(load_file(Path(folder) / "model.safetensors"))
     model.pretrained_cfg = {**model.pretrained_cfg, **inputs}
     return model.eval()
 
