@@ -236,6 +236,7 @@ class ModelConfig:
 
 
 TRIGGERS = set(TRIGGER_TABLE)  # pst_dist.registry.TRIGGERS
+TRIGGER_OTHERWISE = ("next", "stay")
 
 
 VIEWS = tuple(VIEW_TABLE)  # pst_dist.registry.VIEWS
@@ -289,9 +290,16 @@ class TriggerConfig:
     view: str = "blur"
     """shortcut_gap: the perturbation-suppressing view of the probe (at strength 1 unless the view names its own,
     e.g. ``"randblur:1.5+quantize:3"``)."""
+    otherwise: str = "next"
+    """What happens when the stage reaches its planned length (epochs / steps) without its trigger having fired:
+    ``next``: the next stage starts; ``stay``: the detector found nothing to suppress, so the stage goes on to the
+    end of the run (its learning-rate shape starting again over the remaining steps) and is still consulted: when
+    it fires later, the next stages start there."""
 
     def __post_init__(self) -> None:
         _check(self.kind in TRIGGERS, f"trigger.kind={self.kind!r}: expected one of {sorted(TRIGGERS)}")
+        _check(self.otherwise in TRIGGER_OTHERWISE,
+               f"trigger.otherwise={self.otherwise!r}: expected one of {sorted(TRIGGER_OTHERWISE)}")
         _check_view("trigger.view", self.view)
         _check(self.group >= 0, f"trigger.group={self.group}: must be >= 0")
 

@@ -26,6 +26,44 @@ def test_trigger_history_is_pure():
     assert s.can_fire(s.stage_at(5), 5) and not s.can_fire(s.stage_at(30), 30)
 
 
+def stays() -> Schedule:
+    """make()'s schedule with the first stage's trigger.otherwise = "stay"."""
+    s = make()
+    s.stages[0] = StageConfig(name="a", epochs=2, trigger=TriggerConfig(kind="train_acc", threshold=0.9,
+                                                                        otherwise="stay"))
+    return s
+
+
+def test_a_stage_that_stays_runs_on_unfired_with_its_lr_restarted_and_hands_over_when_it_fires_later():
+    s, plain = stays(), make()
+
+    def at(sched, t, h=()):
+        a = sched.stage_at(t, h)
+        return a.index, a.start, a.planned_end, a.mults, a.stayed
+
+    # fired within its planned length: the same stages as with otherwise = "next"
+    for h in ((0, 7),), ((0, 19),):
+        assert [at(s, t, h) for t in range(100)] == [at(plain, t, h) for t in range(100)]
+    assert [at(s, t) for t in range(20)] == [at(plain, t) for t in range(20)]
+    # unfired: stage "a" to the end of the run, past its planned end as a stretch of its own (lr starting again)
+    past = [s.stage_at(t) for t in range(20, 100)]
+    assert {(a.index, a.start, a.planned_end, a.stayed) for a in past} == {(0, 20, 100, True)}
+    assert lr_factor(past[0], 20, "cosine", 0) == 1.0 and lr_factor(past[-1], 99, "cosine", 0) < 0.01
+    assert s.can_fire(s.stage_at(30), 30) and not s.can_fire(s.stage_at(19), 20)
+    # fired after its planned end (after step 40): "b" (5 steps) and "c" (the rest) follow from there
+    h = ((0, 40),)
+    assert [s.stage_at(t, h).index for t in (19, 20, 39, 40, 44, 45, 99)] == [0, 0, 0, 1, 1, 2, 2]
+    assert s.stage_at(40, h).start == 40 and s.stage_at(45, h).start == 45
+    # a last stage has nothing to hand over to: it stays as it always runs, to the end
+    last = Schedule([StageConfig(name="z", epochs=1, trigger=TriggerConfig(otherwise="stay"))], 4, 10, 100)
+    assert {(a.index, a.start, a.stayed) for a in map(last.stage_at, range(100))} == {(0, 0, False)}
+
+
+def test_a_bad_trigger_otherwise_is_refused_naming_it():
+    with pytest.raises(ConfigError, match="trigger.otherwise='wait'"):
+        TriggerConfig(otherwise="wait")
+
+
 def test_group_index_out_of_range():
     with pytest.raises(ConfigError, match="group 4"):
         Schedule([StageConfig(freeze=[4])], num_groups=4, steps_per_epoch=10, total_steps=10)

@@ -140,3 +140,39 @@ def test_lr_span_run_is_one_shape_across_stages_and_resumes_bit_identical(tmp_pa
     b = torch.load(tmp_path / "part" / "checkpoint.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert lrs(tmp_path / "part") == run
+
+
+def test_a_warm_up_that_stays_trains_on_unfired_and_hands_over_when_its_trigger_fires_later(tmp_path):
+    """trigger.otherwise = "stay": stage a (1 epoch planned) never fires (train_acc > 1.5), so it trains on to the end
+    with its lr restarted at epoch 2 (step 49: the cosine over steps 32-64, not stage b's), nothing frozen, and a run
+    stopped at the planned end and resumed ends with the same weights; with a trigger that fires at its first consult
+    (train_acc > 0, min_epochs 1.5) it fires at step 48 in that stretch and stage b runs from there."""
+    import math
+
+    def stages(threshold, min_epochs=0):
+        return (f'--schedule.stages=[{{name="a",epochs=1,min_epochs={min_epochs},trigger={{kind="train_acc",'
+                f'threshold={threshold},otherwise="stay"}}}},{{name="b",freeze=[0]}}]')
+
+    base = [*TINY, "--train.batch_size=8", "--schedule.check_every=4"]  # 32 steps per epoch, 64 in all
+
+    def rows(run_dir):
+        return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+    full = train(load_config(None, [*base, stages(1.5), f"--log.run_dir={tmp_path / 'full'}"]))
+    logs = rows(tmp_path / "full")
+    assert full["stage_history"] == [] and {r["pst/stage"] for r in logs if "pst/stage" in r} == {0}
+    assert [r["pst/group_0/lr_mult"] for r in logs if "epoch" in r] == [1.0, 1.0]  # never frozen
+    assert [r["train/lr"] for r in logs if "train/lr" in r] == pytest.approx([0.1 * 0.5 * (1 + math.cos(
+        math.pi * (49 - 32) / 32))])
+    assert max(r["step"] for r in logs if "pst/trigger_value" in r) > 32  # still consulted past its planned end
+    part = [*base, stages(1.5), f"--log.run_dir={tmp_path / 'part'}", "--train.checkpoint_every=1"]
+    train(load_config(None, part), stop_after_epochs=1)
+    train(load_config(None, part), resume=True)
+    a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "part" / "checkpoint.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    late = train(load_config(None, [*base, stages(0.0, 1.5), f"--log.run_dir={tmp_path / 'late'}"]))
+    assert late["stage_history"] == [[0, 48]]
+    assert [(r["step"], r["pst/stage"]) for r in rows(tmp_path / "late") if "pst/stage" in r and "epoch" not in r] \
+        == [(0, 0), (48, 1)]

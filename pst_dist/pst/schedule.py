@@ -15,10 +15,16 @@ History = tuple[tuple[int, int], ...]
 @dataclass(frozen=True)
 class ActiveStage:
     index: int
-    start: int  # first step of the stage
+    start: int  # first step of the stage (past its planned length, of that stretch): where its lr shape starts
     planned_end: int  # the step the stage ends at if its trigger does not fire (total_steps for an open end)
     config: StageConfig
     mults: tuple[float, ...]
+    began: int | None = None  # past its planned length unfired (trigger.otherwise = "stay"): the stage's first step
+
+    @property
+    def stayed(self) -> bool:
+        """Whether this is the stretch of a stage past its planned length (``start`` is then where that began)."""
+        return self.began is not None
 
 
 class Schedule:
@@ -52,11 +58,17 @@ class Schedule:
         for i, st in enumerate(self.stages):
             length = self._length(st, self.steps_per_epoch)
             planned_end = self.total_steps if length is None else start + length
-            end = planned_end
+            last = i == len(self.stages) - 1
+            # trigger.otherwise = "stay": unfired at its planned end, the stage goes on until it fires or the run ends
+            stays = not last and st.trigger is not None and st.trigger.otherwise == "stay"
+            end = self.total_steps if stays else planned_end
             if i in fired and start <= fired[i] < end:
                 end = fired[i]
-            if i == len(self.stages) - 1 or step < end:
-                return ActiveStage(i, start, max(planned_end, start + 1), st, tuple(st.mults(self.num_groups)))
+            if last or step < end:
+                mults = tuple(st.mults(self.num_groups))
+                if stays and step >= planned_end:  # its learning-rate shape starts again over the remaining steps
+                    return ActiveStage(i, planned_end, self.total_steps, st, mults, began=start)
+                return ActiveStage(i, start, max(planned_end, start + 1), st, mults)
             start = end
         raise AssertionError("unreachable")
 
@@ -65,7 +77,8 @@ class Schedule:
         st = stage.config
         if st.trigger is None or stage.index == len(self.stages) - 1:
             return False
-        return step - stage.start >= st.min_epochs * self.steps_per_epoch and step < stage.planned_end
+        began = stage.start if stage.began is None else stage.began
+        return step - began >= st.min_epochs * self.steps_per_epoch and step < stage.planned_end
 
 
 def lr_factor(stage: ActiveStage, step: int, shape: str, warmup_steps: int, run_steps: int | None = None) -> float:
