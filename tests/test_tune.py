@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import itertools
 import json
+import math
 import os
 import re
 import secrets
@@ -589,6 +590,11 @@ def test_a_search_over_attacks_makes_its_poisons_once_and_gives_each_run_its_att
                                                                                       "eval/test_acc": 0.75}}
     assert worst_case(logs) == {"val_acc": 0.6, "val_acc_none": 0.8, "val_acc_classwise_noise": 0.6,
                                 "test_acc": 0.7, "test_acc_none": 0.7, "test_acc_classwise_noise": 0.75}
+    for order in (["none", "classwise_noise"], ["classwise_noise", "none"]):  # NaN is the worst case in any order
+        nan = {"none": {"eval/val_acc": float("nan"), "eval/test_acc": 0.7},
+               "classwise_noise": {"eval/val_acc": 0.6, "eval/test_acc": 0.75}}
+        out = worst_case({a: nan[a] for a in order})
+        assert math.isnan(out["val_acc"]) and out["test_acc"] == 0.7, (order, out)
 
 
 def test_a_search_over_seeds_trains_each_attack_on_each_seed_s_poison_and_averages(tmp_path):

@@ -12,6 +12,7 @@ bench's cache serves a search and the other way round); the trials only read the
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from pathlib import Path
@@ -100,6 +101,7 @@ def worst_case(logs: dict[str, dict], runs: dict[str, tuple[str, int | None]] | 
         if missing:  # a worst case over fewer runs would look better than it is
             raise RuntimeError(f"the runs of {missing} reported no {key} this epoch")
         vals = attack_means({r: float(lg[key]) for r, lg in logs.items()}, runs)
-        out[name] = min(vals.values())
+        # a NaN figure makes the worst case NaN whatever the order (min() over a NaN depends on where it stands)
+        out[name] = math.nan if any(math.isnan(v) for v in vals.values()) else min(vals.values())
         out.update({f"{name}_{a}": v for a, v in vals.items()})
     return out
