@@ -293,8 +293,9 @@ class TriggerConfig:
     otherwise: str = "next"
     """What happens when the stage reaches its planned length (epochs / steps) without its trigger having fired:
     ``next``: the next stage starts; ``stay``: the detector found nothing to suppress, so the stage goes on to the
-    end of the run (its learning-rate shape starting again over the remaining steps) and is still consulted: when
-    it fires later, the next stages start there."""
+    end of the run (with ``train.lr_span = "stage"`` its learning-rate shape, warm-up steps included, starting again
+    over the remaining steps; ``pst/stayed`` logged there) and is still consulted: when it fires later, the next
+    stages start there."""
 
     def __post_init__(self) -> None:
         _check(self.kind in TRIGGERS, f"trigger.kind={self.kind!r}: expected one of {sorted(TRIGGERS)}")
@@ -343,7 +344,8 @@ class StageConfig:
     steps: int = 0
     """Fixed length in optimizer steps (used when epochs is 0)."""
     trigger: TriggerConfig | None = None
-    """End the stage early when this detector fires; epochs/steps is then the maximum."""
+    """End the stage early when this detector fires; epochs/steps is then the maximum (unless the trigger's
+    ``otherwise = "stay"``: then it is the length after which an unfired stage goes on to the run's end)."""
     min_epochs: float = 0.0
     """The trigger is not consulted before this many epochs of the stage."""
     lr_mult: float = 1.0
@@ -595,7 +597,9 @@ class TuneConfig:
     """Trials at once; 0 = on a cluster no cap (every trial's workers are requested, an autoscaler adds nodes for
     them; set a cap to bound the cost), on a local Ray as many as this machine holds for one trial's request."""
     warm_epochs: list[float] = field(default_factory=lambda: [1.0])
-    """Choices for the warm-up stage's maximum length (its trigger may end it earlier)."""
+    """Choices for the warm-up stage's maximum length (its trigger may end it earlier; with the template's
+    ``trigger.otherwise = "stay"``, carried into every trial, an unfired warm-up goes on to the run's end, and the
+    trial's later stages do not run)."""
     thresholds: list[float] = field(default_factory=lambda: [0.2])
     """Choices for the warm-up trigger's threshold (ignored when the template's first stage has no trigger)."""
     freeze_epochs: list[float] = field(default_factory=lambda: [1.0, 2.0])

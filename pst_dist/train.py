@@ -395,7 +395,7 @@ def detect(r: Run, stage: ActiveStage) -> dict[str, float]:
     averaged over ranks so that every rank switches together, crosses the threshold."""
     st, trig = r.state, stage.config.trigger
     vals = probe_metrics(r.gm, *r.probe, r.normalize, trig.view if trig else "blur")
-    if trig is not None and st.step > stage.start and r.schedule.can_fire(stage, st.step):
+    if trig is not None and r.schedule.can_fire(stage, st.step):
         value = mean_across_ranks(trigger_value(trig.kind, vals, trig.group))
         vals["pst/trigger_value"] = value
         if value > trig.threshold:
@@ -523,6 +523,8 @@ def train(cfg: Config, resume: bool = False, data: Data | None = None, loader=No
             stage = schedule.stage_at(st.step, st.history)
             if stage.index != st.entered:
                 enter_stage(r, stage)
+            elif stage.stayed and st.step == stage.start:  # past its planned length unfired (trigger.otherwise)
+                r.metrics.log(st.step, {"pst/stayed": stage.index})
             lr = cfg.train.lr * lr_factor(stage, st.step, cfg.train.lr_schedule, cfg.train.warmup_steps, run_steps)
             x, y = x.to(r.device, non_blocking=True), y.to(r.device, non_blocking=True)  # no-op: loaders place it
             loss, logits, parts = train_step(r.gm, r.engine, stage, x, y, lr, r.normalize, s.num_classes,
@@ -566,7 +568,7 @@ def train(cfg: Config, resume: bool = False, data: Data | None = None, loader=No
             nan = float("nan")
             tqdm.write(f"[{r.run_dir.name}] epoch {epoch + 1}: loss {logs['train/loss']:.3f} "
                        f"train {logs['train/acc']:.3f} val {logs.get('eval/val_acc', nan):.3f} "
-                       f"test {logs.get('eval/test_acc', nan):.3f} stage {stage.index} "
+                       f"test {logs.get('eval/test_acc', nan):.3f} stage {stage.index}{' (stayed)' * stage.stayed} "
                        f"gap {last_detect.get('detect/shortcut_gap', nan):+.3f} | "
                        f"{perf['perf/img_per_s']:,.0f} img/s, data wait {100 * perf['perf/data_wait']:.0f}%")
         if stop_after_epochs is not None and epoch + 1 >= stop_after_epochs:

@@ -49,11 +49,25 @@ def test_a_stage_that_stays_runs_on_unfired_with_its_lr_restarted_and_hands_over
     past = [s.stage_at(t) for t in range(20, 100)]
     assert {(a.index, a.start, a.planned_end, a.stayed) for a in past} == {(0, 20, 100, True)}
     assert lr_factor(past[0], 20, "cosine", 0) == 1.0 and lr_factor(past[-1], 99, "cosine", 0) < 0.01
-    assert s.can_fire(s.stage_at(30), 30) and not s.can_fire(s.stage_at(19), 20)
+    assert stays().stage_at(100) == past[-1]  # the detectors' look after the last step sees the same stage
+    assert lr_factor(past[0], 20, "cosine", 5) == 0.2  # warm-up steps start again with the lr shape
+    assert lr_factor(past[0], 20, "cosine", 0, 100) == lr_factor(s.stage_at(19), 20, "cosine", 0, 100)  # lr_span run
+    # consulted from its planned end on (as at any step of a stage after its first); not at a stage's first step
+    assert s.can_fire(s.stage_at(20), 20) and s.can_fire(s.stage_at(30), 30) and not s.can_fire(s.stage_at(0), 0)
+    assert not plain.can_fire(plain.stage_at(20), 20)  # "next": stage b (no trigger) has started
+    # fired at its planned end: stage b starts there, as with "next"
+    assert [at(s, t, ((0, 20),)) for t in range(100)] == [at(plain, t) for t in range(100)]
     # fired after its planned end (after step 40): "b" (5 steps) and "c" (the rest) follow from there
     h = ((0, 40),)
     assert [s.stage_at(t, h).index for t in (19, 20, 39, 40, 44, 45, 99)] == [0, 0, 0, 1, 1, 2, 2]
     assert s.stage_at(40, h).start == 40 and s.stage_at(45, h).start == 45
+    # a length in steps, and two stages that stay: each goes on only while unfired
+    two = Schedule([StageConfig(name="a", steps=10, trigger=TriggerConfig(otherwise="stay")),
+                    StageConfig(name="b", steps=10, trigger=TriggerConfig(otherwise="stay")), StageConfig(name="c")],
+                   4, 10, 100)
+    assert [two.stage_at(t, ((0, 30),)).index for t in (29, 30, 39, 40, 99)] == [0, 1, 1, 1, 1]
+    assert [two.stage_at(t, ((0, 5), (1, 50))).index for t in (4, 5, 14, 15, 49, 50)] == [0, 1, 1, 1, 1, 2]
+    assert two.stage_at(20, ((0, 5), (1, 50))).start == 15 and two.stage_at(20, ((0, 5), (1, 50))).began == 5
     # a last stage has nothing to hand over to: it stays as it always runs, to the end
     last = Schedule([StageConfig(name="z", epochs=1, trigger=TriggerConfig(otherwise="stay"))], 4, 10, 100)
     assert {(a.index, a.start, a.stayed) for a in map(last.stage_at, range(100))} == {(0, 0, False)}

@@ -165,6 +165,7 @@ def test_a_warm_up_that_stays_trains_on_unfired_and_hands_over_when_its_trigger_
     assert [r["train/lr"] for r in logs if "train/lr" in r] == pytest.approx([0.1 * 0.5 * (1 + math.cos(
         math.pi * (49 - 32) / 32))])
     assert max(r["step"] for r in logs if "pst/trigger_value" in r) > 32  # still consulted past its planned end
+    assert [(r["step"], r["pst/stayed"]) for r in logs if "pst/stayed" in r] == [(32, 0)]
     part = [*base, stages(1.5), f"--log.run_dir={tmp_path / 'part'}", "--train.checkpoint_every=1"]
     train(load_config(None, part), stop_after_epochs=1)
     train(load_config(None, part), resume=True)

@@ -97,6 +97,9 @@ def test_equal_objectives_go_to_the_first_trial_or_with_ties_clean_to_the_better
     assert best_row(rows, "clean")["trial"] == "a_00001"  # the cost on clean data decides
     assert best_row(rows[2:], "clean")["trial"] == "a_00002"  # the objective first; a stopped trial never wins
     assert best_row(rows[3:]) is None
+    from tune.report import peak
+
+    assert math.isnan(peak([0.5, math.nan])) and math.isnan(peak([math.nan, 0.5])) and peak([0.5, 0.7]) == 0.7
     nan = {**rows[1], "trial": "a_00004", "val_acc_none": float("nan")}
     assert best_row([nan, rows[0]], "clean")["trial"] == "a_00000"  # a clean run without a figure loses the tie
     cfg = load_config(None, ["--tune.ties=clean", '--tune.attacks=["none", "em"]'])

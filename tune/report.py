@@ -74,8 +74,8 @@ def trial_rows(cfg: Config, results, search_dir: Path) -> list[dict]:
                "curve_test": [c["eval/test_acc"] for c in curve]}
         if curve:
             row.update(epochs=int(curve[-1]["epoch"]), final_val_acc=curve[-1]["eval/val_acc"],
-                       peak_val_acc=max(row["curve_val"]), final_test_acc=curve[-1]["eval/test_acc"],
-                       peak_test_acc=max(row["curve_test"]))
+                       peak_val_acc=peak(row["curve_val"]), final_test_acc=curve[-1]["eval/test_acc"],
+                       peak_test_acc=peak(row["curve_test"]))
         else:
             row.update(epochs=0, final_val_acc=math.nan, peak_val_acc=math.nan, final_test_acc=math.nan,
                        peak_test_acc=math.nan)
@@ -83,7 +83,13 @@ def trial_rows(cfg: Config, results, search_dir: Path) -> list[dict]:
         row["status"] = "error" if r.error else ("completed" if row["epochs"] >= cfg.train.epochs else "stopped")
         row["params"] = dict(r.config)
         rows.append(row)
-    return sorted(rows, key=lambda x: (-x["final_val_acc"] if x["status"] == "completed" else 2, x["trial"]))
+    return sorted(rows, key=lambda x: (-x["final_val_acc"] if x["status"] == "completed" and
+                                       not math.isnan(x["final_val_acc"]) else 2, x["trial"]))
+
+
+def peak(curve: list[float]) -> float:
+    """The highest figure of a curve; NaN if any is (max() over a NaN depends on where it stands)."""
+    return math.nan if any(math.isnan(v) for v in curve) else max(curve)
 
 
 def best_row(rows: list[dict], ties: str = "order") -> dict | None:

@@ -59,12 +59,12 @@ class Schedule:
             length = self._length(st, self.steps_per_epoch)
             planned_end = self.total_steps if length is None else start + length
             last = i == len(self.stages) - 1
-            # trigger.otherwise = "stay": unfired at its planned end, the stage goes on until it fires or the run ends
+            # trigger.otherwise = "stay": unfired at its planned end, the stage goes on until it fires (no end else)
             stays = not last and st.trigger is not None and st.trigger.otherwise == "stay"
-            end = self.total_steps if stays else planned_end
-            if i in fired and start <= fired[i] < end:
+            end = None if stays else planned_end
+            if i in fired and start <= fired[i] and (end is None or fired[i] < end):
                 end = fired[i]
-            if last or step < end:
+            if last or end is None or step < end:
                 mults = tuple(st.mults(self.num_groups))
                 if stays and step >= planned_end:  # its learning-rate shape starts again over the remaining steps
                     return ActiveStage(i, planned_end, self.total_steps, st, mults, began=start)
@@ -73,12 +73,14 @@ class Schedule:
         raise AssertionError("unreachable")
 
     def can_fire(self, stage: ActiveStage, step: int) -> bool:
-        """Whether ``stage``'s trigger may be consulted after ``step`` optimizer steps."""
+        """Whether ``stage``'s trigger may be consulted after ``step`` optimizer steps: after its first step, once
+        ``min_epochs`` of the stage (from its first step, past its planned length too) have passed, and before its
+        planned end (past its planned length, ``stage.planned_end`` is the run's end)."""
         st = stage.config
         if st.trigger is None or stage.index == len(self.stages) - 1:
             return False
         began = stage.start if stage.began is None else stage.began
-        return step - began >= st.min_epochs * self.steps_per_epoch and step < stage.planned_end
+        return began < step < stage.planned_end and step - began >= st.min_epochs * self.steps_per_epoch
 
 
 def lr_factor(stage: ActiveStage, step: int, shape: str, warmup_steps: int, run_steps: int | None = None) -> float:
