@@ -89,6 +89,13 @@ def attack_means(values: dict[str, float], runs: dict[str, tuple[str, int | None
     return {a: sum(v) / len(v) for a, v in per.items()}
 
 
+def extreme(pick, values) -> float:
+    """``pick`` (min or max) of ``values``; NaN if any is NaN (min() and max() over a NaN depend on where it
+    stands)."""
+    values = list(values)
+    return math.nan if any(math.isnan(v) for v in values) else pick(values)
+
+
 def worst_case(logs: dict[str, dict], runs: dict[str, tuple[str, int | None]] | None = None) -> dict[str, float]:
     """One epoch's report from every run's logs ({run: logs}; ``runs``: {run: (attack, seed)} as
     :func:`trial_runs` gives, default one run per attack): ``val_acc`` / ``test_acc`` the lowest over the attacks of
@@ -101,7 +108,6 @@ def worst_case(logs: dict[str, dict], runs: dict[str, tuple[str, int | None]] | 
         if missing:  # a worst case over fewer runs would look better than it is
             raise RuntimeError(f"the runs of {missing} reported no {key} this epoch")
         vals = attack_means({r: float(lg[key]) for r, lg in logs.items()}, runs)
-        # a NaN figure makes the worst case NaN whatever the order (min() over a NaN depends on where it stands)
-        out[name] = math.nan if any(math.isnan(v) for v in vals.values()) else min(vals.values())
+        out[name] = extreme(min, vals.values())
         out.update({f"{name}_{a}": v for a, v in vals.items()})
     return out

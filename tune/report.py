@@ -17,7 +17,7 @@ from pathlib import Path
 from pst_dist.config import Config, dump_toml
 from pst_dist.io import savefig_atomic, write_atomic
 
-from .attacks import trial_runs, worst_case
+from .attacks import extreme, trial_runs, worst_case
 from .space import EXTRA, describe, trial_config
 
 COLUMNS = ["trial", "status", "epochs", "epochs_trained", "final_val_acc", "peak_val_acc", "final_test_acc",
@@ -88,8 +88,8 @@ def trial_rows(cfg: Config, results, search_dir: Path) -> list[dict]:
 
 
 def peak(curve: list[float]) -> float:
-    """The highest figure of a curve; NaN if any is (max() over a NaN depends on where it stands)."""
-    return math.nan if any(math.isnan(v) for v in curve) else max(curve)
+    """The highest figure of a curve; NaN if any is."""
+    return extreme(max, curve)
 
 
 def best_row(rows: list[dict], ties: str = "order") -> dict | None:
