@@ -93,6 +93,7 @@ VIEWS = Registry("view", {
     "plasma": Entry("pst_dist.pst.views:plasma", "a random fractal brightness field per image, +-strength/10",
                     data={"random": True}),
     "quantize": Entry("pst_dist.pst.views:quantize", "round(2 + 6 / strength) grey levels"),
+    "sharpen": Entry("pst_dist.pst.views:sharpen", "unsharp mask: x + strength (x - blur(x, 1 px)), clipped"),
 })
 
 _STD = ['schedule.stages=[{name="standard"}]', "schedule.eval_views=[]"]  # the recipe's test-time views are PST's

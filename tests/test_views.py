@@ -68,7 +68,7 @@ def test_composed_views_apply_left_to_right_at_their_own_strength():
     assert torch.equal(apply_view(x, "quantize", 3), apply_view(x, "quantize:3", 99))
 
 
-@pytest.mark.parametrize("view, needle", [("sharpen", "unknown view 'sharpen'"), ("blur+", "unknown view ''"),
+@pytest.mark.parametrize("view, needle", [("emboss", "unknown view 'emboss'"), ("blur+", "unknown view ''"),
                                           ("randblur:x", "strength 'x' is not a number"),
                                           ("blur:0", "strength 0.0 must be > 0")])
 def test_bad_views_are_config_errors_naming_the_part(view, needle):
@@ -118,3 +118,20 @@ def test_median_view_removes_a_one_pixel_shortcut_and_keeps_edges():
     assert b[0].max() > 0.1 and not torch.allclose(b[1], x[1], atol=0.05)
     assert torch.equal(apply_view(x, "median:2"), apply_view(x, "median:2.2"))  # 5x5: the strength is rounded
     assert apply_view(x, "median:2")[0].abs().max() == 0
+
+
+def test_sharpen_undoes_part_of_a_class_wise_blur_where_another_blur_does_not():
+    """What the view is for: conv-blur's class kernels are blurs; an unsharp mask (at a moderate strength) brings a
+    blurred image back towards the original, a further blur takes it away; a flat image is unchanged and the output
+    stays in [0, 1]."""
+    torch.manual_seed(0)
+    x = F.interpolate(torch.rand(8, 1, 8, 8), size=32, mode="bilinear", align_corners=False)  # garment-like scale
+    ker = blur_kernels(PoisonConfig(), 10)[3]
+    blurred = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="reflect"), ker[None, None])
+    err = lambda v: float((v - x).abs().mean())  # noqa: E731
+    assert err(apply_view(blurred, "sharpen:0.5")) < 0.8 * err(blurred)
+    assert err(apply_view(blurred, "blur:1")) > err(blurred)
+    y = apply_view(torch.rand(4, 3, 16, 16), "sharpen:2")
+    assert y.min() >= 0 and y.max() <= 1
+    flat = torch.full((2, 3, 16, 16), 0.4)
+    assert torch.allclose(apply_view(flat, "sharpen:2"), flat)
