@@ -278,6 +278,29 @@ def _check_view(key: str, view: str, strength: float = 1.0) -> list[tuple[str, f
         raise ConfigError(f"{key}={view!r}: {e}") from None
 
 
+def _check_condition(prefix: str, kind: str, view: str, group: int) -> None:
+    _check(kind in TRIGGERS, f"{prefix}kind={kind!r}: expected one of {sorted(TRIGGERS)}")
+    _check_view(f"{prefix}view", view)
+    _check(group >= 0, f"{prefix}group={group}: must be >= 0")
+
+
+@dataclass
+class TriggerCondition:
+    """One more condition of a trigger (``trigger.also``): its own detector, threshold and view."""
+
+    kind: str = "shortcut_gap"
+    """As trigger.kind."""
+    threshold: float = 0.2
+    """As trigger.threshold: this condition's own."""
+    group: int = 0
+    """As trigger.group."""
+    view: str = "blur"
+    """As trigger.view: shortcut_gap's gap is measured on this view."""
+
+    def __post_init__(self) -> None:
+        _check_condition("trigger.also[].", self.kind, self.view, self.group)
+
+
 @dataclass
 class TriggerConfig:
     kind: str = "shortcut_gap"
@@ -296,13 +319,15 @@ class TriggerConfig:
     end of the run (with ``train.lr_span = "stage"`` its learning-rate shape, warm-up steps included, starting again
     over the remaining steps; ``pst/stayed`` logged there) and is still consulted: when it fires later, the next
     stages start there."""
+    also: list[TriggerCondition] = field(default_factory=list)
+    """More conditions, each with its own kind, threshold and view: the trigger fires when its own value or any of
+    theirs crosses its threshold (e.g. a shortcut gap on a blur view for noise shortcuts and one on a sharpen view
+    for a class-wise blur, which a further blur does not undo)."""
 
     def __post_init__(self) -> None:
-        _check(self.kind in TRIGGERS, f"trigger.kind={self.kind!r}: expected one of {sorted(TRIGGERS)}")
+        _check_condition("trigger.", self.kind, self.view, self.group)
         _check(self.otherwise in TRIGGER_OTHERWISE,
                f"trigger.otherwise={self.otherwise!r}: expected one of {sorted(TRIGGER_OTHERWISE)}")
-        _check_view("trigger.view", self.view)
-        _check(self.group >= 0, f"trigger.group={self.group}: must be >= 0")
 
 
 @dataclass
@@ -381,8 +406,8 @@ class StageConfig:
 
     def max_group(self) -> int:
         idx = list(self.freeze) + [int(k) for k in self.group_mults]
-        if self.trigger is not None and self.trigger.kind == "cluster":
-            idx.append(self.trigger.group)
+        if self.trigger is not None:
+            idx += [c.group for c in (self.trigger, *self.trigger.also) if c.kind == "cluster"]
         if self.loss.cluster_penalty > 0:
             idx.append(self.loss.cluster_group)
         return max(idx, default=-1)

@@ -394,13 +394,19 @@ def detect(r: Run, stage: ActiveStage) -> dict[str, float]:
     """Run the detectors on the probe; fire the stage's trigger (recorded in ``r.state.history``) when its value,
     averaged over ranks so that every rank switches together, crosses the threshold."""
     st, trig = r.state, stage.config.trigger
-    vals = probe_metrics(r.gm, *r.probe, r.normalize, trig.view if trig else "blur")
+    more = tuple(c.view for c in trig.also if c.view != trig.view) if trig else ()
+    vals = probe_metrics(r.gm, *r.probe, r.normalize, trig.view if trig else "blur", more_views=more)
     if trig is not None and r.schedule.can_fire(stage, st.step):
-        value = mean_across_ranks(trigger_value(trig.kind, vals, trig.group))
-        vals["pst/trigger_value"] = value
-        if value > trig.threshold:
+        conditions = [trig, *trig.also]  # the trigger's own, then its also[] conditions: any fires it
+        values = [mean_across_ranks(trigger_value(c.kind, vals, c.group, c.view if i else None))
+                  for i, c in enumerate(conditions)]
+        vals["pst/trigger_value"] = values[0]
+        vals.update({f"pst/trigger_value/also_{i}": v for i, v in enumerate(values[1:])})
+        crossed = [i for i, (c, v) in enumerate(zip(conditions, values, strict=True)) if v > c.threshold]
+        if crossed:
             st.history = sorted([*st.history, [stage.index, st.step]])
             vals["pst/trigger_fired"] = float(stage.index)
+            vals["pst/trigger_fired_by"] = float(crossed[0])  # 0: the trigger's own condition, i: also[i - 1]
     return {k if k.startswith("pst/") else f"detect/{k}": v for k, v in vals.items()}
 
 

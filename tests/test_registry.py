@@ -234,3 +234,14 @@ def test_vit_patch_size_must_divide_the_image():
 
     with pytest.raises(C.ConfigError, match="model.patch_size=5 does not divide the image size 32"):
         build_model(C.ModelConfig(name="vit_tiny_patch16_224", patch_size=5), 10, 3, 32)
+
+
+def test_a_trigger_condition_on_another_view_reads_that_views_gap():
+    """trigger.also: a condition with its own view reads probe_metrics' value for that view; a view probe_metrics
+    did not measure separately (the trigger's own) reads the plain key."""
+    from pst_dist.pst.detectors import trigger_value
+
+    m = {**METRICS, "probe_view_acc/sharpen:2": 0.61, "shortcut_gap/sharpen:2": 0.10}
+    assert trigger_value("shortcut_gap", m, 0, "sharpen:2") == 0.10
+    assert trigger_value("shortcut_gap", m, 0, "blur") == trigger_value("shortcut_gap", m, 0) == 0.48
+    assert trigger_value("train_acc", m, 0, "sharpen:2") == 0.71

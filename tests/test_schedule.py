@@ -1,6 +1,6 @@
 import pytest
 
-from pst_dist.config import ConfigError, StageConfig, TriggerConfig, load_config
+from pst_dist.config import ConfigError, StageConfig, TriggerCondition, TriggerConfig, load_config
 from pst_dist.pst.schedule import Schedule, lr_factor
 
 
@@ -116,3 +116,19 @@ def test_lr_factor_over_the_run_is_one_shape_across_stages():
 def test_a_bad_lr_span_is_refused_naming_it():
     with pytest.raises(ConfigError, match="train.lr_span='epoch'"):
         load_config(None, ["--train.lr_span=epoch"])
+
+
+def test_trigger_also_conditions_load_and_bad_ones_are_refused_naming_them():
+    cfg = load_config(None, ['--schedule.stages=[{name="a",epochs=1,trigger={view="blur",also=[{view="sharpen:2",'
+                             'threshold=0.05},{kind="cluster",group=2,threshold=3}]}},{name="b"}]'])
+    also = cfg.schedule.stages[0].trigger.also
+    assert [(c.kind, c.view, c.threshold, c.group) for c in also] == [("shortcut_gap", "sharpen:2", 0.05, 0),
+                                                                      ("cluster", "blur", 3.0, 2)]
+    with pytest.raises(ConfigError, match=r"trigger.also\[\].kind='gap'"):
+        load_config(None, ['--schedule.stages=[{name="a",epochs=1,trigger={also=[{kind="gap"}]}},{name="b"}]'])
+    with pytest.raises(ConfigError, match=r"trigger.also\[\].view='emboss'"):
+        load_config(None, ['--schedule.stages=[{name="a",epochs=1,trigger={also=[{view="emboss"}]}},{name="b"}]'])
+    with pytest.raises(ConfigError, match="group 7"):  # a cluster condition's group is checked like the trigger's
+        Schedule([StageConfig(name="a", epochs=1, trigger=TriggerConfig(also=[TriggerCondition(kind="cluster",
+                                                                                              group=7)])),
+                  StageConfig(name="b")], num_groups=4, steps_per_epoch=10, total_steps=20)

@@ -177,3 +177,22 @@ def test_a_warm_up_that_stays_trains_on_unfired_and_hands_over_when_its_trigger_
     assert late["stage_history"] == [[0, 48]]
     assert [(r["step"], r["pst/stage"]) for r in rows(tmp_path / "late") if "pst/stage" in r and "epoch" not in r] \
         == [(0, 0), (48, 1)]
+
+
+def test_a_trigger_fires_on_any_of_its_also_conditions_each_on_its_own_view(tmp_path):
+    """trigger.also: the trigger's own condition cannot fire (train_acc > 1.5); its second also condition (a gap
+    on the sharpen view, > -1.5: always) fires it at the first consult, and the run logs which condition fired and
+    each condition's value and view's gap; the first (train_acc > 1.5) is consulted and stays quiet."""
+    also = '[{kind="train_acc",threshold=1.5},{view="sharpen:2",threshold=-1.5}]'
+    cfg = load_config(None, [*TINY, "--train.batch_size=8", "--schedule.check_every=4", f"--log.run_dir={tmp_path}",
+                             f'--schedule.stages=[{{name="a",epochs=1,trigger={{kind="train_acc",threshold=1.5,'
+                             f'view="blur",also={also}}}}},{{name="b",freeze=[0]}}]'])
+    s = train(cfg)
+    assert s["stage_history"] == [[0, 4]]
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    fired = next(r for r in rows if "pst/trigger_fired" in r)
+    assert fired["step"] == 4 and fired["pst/trigger_fired_by"] == 2.0
+    assert fired["pst/trigger_value/also_0"] == fired["pst/trigger_value"] == fired["detect/probe_acc"]
+    assert fired["pst/trigger_value/also_1"] == fired["detect/shortcut_gap/sharpen:2"] == pytest.approx(
+        fired["detect/probe_acc"] - fired["detect/probe_view_acc/sharpen:2"])
+    assert "detect/shortcut_gap" in fired  # the trigger's own view (blur), as before

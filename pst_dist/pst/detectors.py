@@ -29,8 +29,10 @@ def scatter_ratio(feats: torch.Tensor, labels: torch.Tensor, num_classes: int | 
 
 @torch.no_grad()
 def probe_metrics(gm: GroupedModel, probe_x: torch.Tensor, probe_y: torch.Tensor, normalize, view: str,
-                  view_strength: float = 1.0) -> dict[str, float]:
-    """All detector values on the probe: raw and view accuracy, their gap, and each group's scatter ratio.
+                  view_strength: float = 1.0, more_views: tuple[str, ...] = ()) -> dict[str, float]:
+    """All detector values on the probe: raw and view accuracy, their gap, and each group's scatter ratio; for each
+    of ``more_views`` (a trigger's ``also`` conditions), its accuracy and gap as ``probe_view_acc/<view>`` and
+    ``shortcut_gap/<view>``.
 
     ``probe_x`` is float in [0, 1]; ``normalize`` maps it to model input.
     """
@@ -39,20 +41,28 @@ def probe_metrics(gm: GroupedModel, probe_x: torch.Tensor, probe_y: torch.Tensor
     model.eval()
     with GroupActivations(gm) as ga:
         raw_logits = model(normalize(probe_x))
-    view_logits = model(normalize(apply_view(probe_x, view, view_strength)))
-    model.train(was)
-    acc = float((raw_logits.argmax(1) == probe_y).float().mean())
-    vacc = float((view_logits.argmax(1) == probe_y).float().mean())
+    accuracy = lambda logits: float((logits.argmax(1) == probe_y).float().mean())  # noqa: E731
+    acc = accuracy(raw_logits)
+    vacc = accuracy(model(normalize(apply_view(probe_x, view, view_strength))))
     out = {"probe_acc": acc, "probe_view_acc": vacc, "shortcut_gap": acc - vacc}
+    for v in dict.fromkeys(more_views):
+        out[f"probe_view_acc/{v}"] = vacc_v = accuracy(model(normalize(apply_view(probe_x, v))))
+        out[f"shortcut_gap/{v}"] = acc - vacc_v
+    model.train(was)
     for g, feat in sorted(ga.acts.items()):
         out[f"cluster/group_{g}"] = float(scatter_ratio(feat.double(), probe_y))
     return out
 
 
-def trigger_value(kind: str, metrics: dict[str, float], group: int) -> float:
-    """The scalar a trigger of ``kind`` (:data:`pst_dist.registry.TRIGGERS`) compares with its threshold."""
+def trigger_value(kind: str, metrics: dict[str, float], group: int, view: str | None = None) -> float:
+    """The scalar a trigger of ``kind`` (:data:`pst_dist.registry.TRIGGERS`) compares with its threshold; ``view``:
+    a view of ``more_views`` in :func:`probe_metrics` (a trigger's ``also`` condition), whose accuracy and gap then
+    stand for the view's."""
     try:
         fn = TRIGGERS.load(kind)
     except KeyError as e:
         raise ValueError(str(e).strip("'\"")) from None
+    if view is not None and f"shortcut_gap/{view}" in metrics:
+        metrics = {**metrics, "probe_view_acc": metrics[f"probe_view_acc/{view}"],
+                   "shortcut_gap": metrics[f"shortcut_gap/{view}"]}
     return fn(metrics, group)
