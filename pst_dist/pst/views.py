@@ -80,8 +80,9 @@ def plasma(x: torch.Tensor, strength: float) -> torch.Tensor:
 
 def sharpen(x: torch.Tensor, strength: float) -> torch.Tensor:
     """Unsharp mask: x + strength * (x - blur(x, 1 px)), clipped to [0, 1]. Brings back (at strength ~0.5) or
-    amplifies (at 2) the high frequencies a blur damped, so a model that learned a class-wise blur (conv-blur's
-    kernels) rather than the object loses accuracy on it, where another blur on top changes little."""
+    amplifies (at 2) the high frequencies a blur damped: it changes a class-wise blur's signature (conv-blur's
+    kernels), which a further blur leaves in place. As a trigger view against conv-blur it separated only fully
+    trained models, not the warm-up's (docs/results/pst_one_recipe.md, section 32)."""
     return (x + strength * (x - blur(x, 1.0))).clamp(0, 1)
 
 

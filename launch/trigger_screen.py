@@ -1,0 +1,99 @@
+"""Screens of trigger views on a bench's trained cells, from the *training* side only (no split is scored):
+
+    python launch/trigger_screen.py final runs/probe_stay0 --views "randblur:2+quantize:3,blur:1,sharpen:2"
+    python launch/trigger_screen.py trajectory runs/probe_sharpen --key detect/shortcut_gap
+
+``final``: each cell's last checkpoint on the first ``--probe`` images of its own (cached) poisoned training set: the
+accuracy on them, on their clean copies (for reference: a detector does not have them), and the shortcut gap
+acc(probe) - acc(view(probe)) of every view, as a markdown table. Random views draw from a generator seeded the same
+for every cell. ``trajectory``: the value of a logged detector key (metrics.jsonl) per cell, over the run: its
+maximum and where, its value near four steps, and the first step it exceeds each of ``--thresholds``. Nothing is
+written."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pst_dist.data.pipeline import Normalize, build_data  # noqa: E402
+from pst_dist.evaluate import load_run_model, recorded_config  # noqa: E402
+from pst_dist.matrix import cell_data_cfg  # noqa: E402
+from pst_dist.pst.views import apply_view  # noqa: E402
+
+
+def cells(bench: Path, attacks: list[str], defense: str) -> list[tuple[str, int, Path]]:
+    out = [(a, int(c.name.removeprefix("seed")), c) for a in attacks
+           for c in sorted((bench / "cells" / a / defense).glob("seed*"))]
+    if not out:
+        sys.exit(f"no {defense} cells of {attacks} under {bench / 'cells'}")
+    return out
+
+
+def final_gaps(cell: Path, bench: Path, attack: str, seed: int, views: list[str], n: int) -> list[float]:
+    cfg = recorded_config(cell)
+    data = build_data(cell_data_cfg(cfg, None if attack == "none" else bench / "poisons" / f"{attack}_seed{seed}"))
+    model = load_run_model(cell, own_data=data, cfg=cfg).model.eval()
+    norm = Normalize(data.mean, data.std, torch.device("cpu"))
+    x, y = data.poisoned_train[:n].float() / 255, data.splits.train.labels[:n]
+
+    def acc(images: torch.Tensor) -> float:
+        with torch.no_grad():
+            return float((model(norm(images)).argmax(1) == y).float().mean())
+
+    raw = acc(x)
+    gaps = []
+    for v in views:
+        torch.manual_seed(1)  # random views: the same draws for every cell
+        gaps.append(raw - acc(apply_view(x, v)))
+    return [raw, acc(data.splits.train.images[:n].float() / 255), *gaps]
+
+
+def trajectory(cell: Path, key: str, steps: list[int], thresholds: list[float]) -> str:
+    rows = [json.loads(line) for line in (cell / "metrics.jsonl").read_text().splitlines()]
+    v = {r["step"]: r[key] for r in rows if key in r}
+    if not v:
+        sys.exit(f"{cell}: no {key!r} in its metrics.jsonl")
+    top = max(v, key=v.get)
+    near = [v[min(v, key=lambda s, t=t: abs(s - t))] for t in steps]
+    first = [next((str(s) for s in sorted(v) if v[s] > t), "—") for t in thresholds]
+    return f"{v[top]:.3f} ({top}) | " + " / ".join(f"{a:.3f}" for a in near) + " | " + " / ".join(first)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("what", choices=["final", "trajectory"])
+    ap.add_argument("bench", type=Path, help="a bench's output directory (bench.out)")
+    ap.add_argument("--attacks", default="none,classwise_noise,lsp,ar,ops,conv_blur,em,rem")
+    ap.add_argument("--defense", default="pst")
+    ap.add_argument("--views", default="randblur:2+quantize:3,blur:1,blur:2,median:1,downup:1,jpeg:1,quantize:3,"
+                                       "sharpen:1,sharpen:2")
+    ap.add_argument("--probe", type=int, default=2048, help="final: how many training images")
+    ap.add_argument("--key", default="detect/shortcut_gap", help="trajectory: the metrics.jsonl key")
+    ap.add_argument("--steps", default="160,320,480,620", help="trajectory: the value nearest each of these steps")
+    ap.add_argument("--thresholds", default="0.04,0.06,0.08,0.1,0.15")
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    todo = cells(args.bench, args.attacks.split(","), args.defense)
+    if args.what == "final":
+        views = args.views.split(",")
+        print("| attack | seed | probe acc | its clean copies | " + " | ".join(views) + " |")
+        print("|---|---:|---:|---:|" + "---:|" * len(views))
+        for attack, seed, cell in todo:
+            r = final_gaps(cell, args.bench, attack, seed, views, args.probe)
+            print(f"| {attack} | {seed} | " + " | ".join(f"{a:.3f}" for a in r) + " |", flush=True)
+    else:
+        ths = [float(t) for t in args.thresholds.split(",")]
+        print(f"| attack | seed | max {args.key} (step) | near steps {args.steps.replace(',', ' / ')} | first step "
+              f"above {' / '.join(map(str, ths))} |\n|---|---:|---|---|---|")
+        for attack, seed, cell in todo:
+            print(f"| {attack} | {seed} | {trajectory(cell, args.key, [int(s) for s in args.steps.split(',')], ths)} |")
+
+
+if __name__ == "__main__":
+    main()

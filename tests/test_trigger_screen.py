@@ -1,0 +1,23 @@
+"""launch/trigger_screen.py trajectory: a logged detector key read off cells' metrics.jsonl."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_trajectory_reports_the_maximum_the_nearest_values_and_the_first_crossings(tmp_path):
+    spec = importlib.util.spec_from_file_location("trigger_screen", ROOT / "launch" / "trigger_screen.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    cell = tmp_path / "cells" / "conv_blur" / "pst" / "seed1"
+    cell.mkdir(parents=True)
+    gaps = {20: 0.01, 40: 0.07, 60: 0.03, 80: 0.12, 100: -0.02}
+    lines = [{"step": s, "detect/shortcut_gap": g} for s, g in gaps.items()] + [{"step": 100, "train/loss": 1.0}]
+    (cell / "metrics.jsonl").write_text("\n".join(map(json.dumps, lines)) + "\n")
+    assert mod.cells(tmp_path, ["conv_blur"], "pst") == [("conv_blur", 1, cell)]
+    row = mod.trajectory(cell, "detect/shortcut_gap", [45, 100], [0.05, 0.1, 0.2])
+    assert row == "0.120 (80) | 0.070 / -0.020 | 40 / 80 / —"
