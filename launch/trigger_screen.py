@@ -7,8 +7,9 @@
 accuracy on them, on their clean copies (for reference: a detector does not have them), and the shortcut gap
 acc(probe) - acc(view(probe)) of every view, as a markdown table. Random views draw from a generator seeded the same
 for every cell. ``trajectory``: the value of a logged detector key (metrics.jsonl) per cell, over the run: its
-maximum and where, its value near four steps, and the first step it exceeds each of ``--thresholds``. Nothing is
-written."""
+maximum and where, its value at the logged step nearest each of four steps (value@step), and the first step it
+exceeds each of ``--thresholds``; meant for runs whose trigger never fired (after a stage change the probe's view is
+the next stage's). Nothing is written."""
 
 from __future__ import annotations
 
@@ -27,19 +28,20 @@ from pst_dist.matrix import cell_data_cfg  # noqa: E402
 from pst_dist.pst.views import apply_view  # noqa: E402
 
 
-def cells(bench: Path, attacks: list[str], defense: str) -> list[tuple[str, int, Path]]:
+def cells(bench: Path, attacks: list[str], run: str) -> list[tuple[str, int, Path]]:
+    """(attack, seed, cell dir) of every ``cells/<attack>/<run>/seed<k>``, by attack then seed."""
     out = [(a, int(c.name.removeprefix("seed")), c) for a in attacks
-           for c in sorted((bench / "cells" / a / defense).glob("seed*"))]
+           for c in (bench / "cells" / a / run).glob("seed*") if c.name.removeprefix("seed").isdigit()]
     if not out:
-        sys.exit(f"no {defense} cells of {attacks} under {bench / 'cells'}")
-    return out
+        sys.exit(f"no {run!r} cells of {attacks} under {bench / 'cells'}")
+    return sorted(out, key=lambda t: (attacks.index(t[0]), t[1]))
 
 
 def final_gaps(cell: Path, bench: Path, attack: str, seed: int, views: list[str], n: int) -> list[float]:
     cfg = recorded_config(cell)
     data = build_data(cell_data_cfg(cfg, None if attack == "none" else bench / "poisons" / f"{attack}_seed{seed}"))
     model = load_run_model(cell, own_data=data, cfg=cfg).model.eval()
-    norm = Normalize(data.mean, data.std, torch.device("cpu"))
+    norm = Normalize(data.mean, data.std, torch.device("cpu"), next(model.parameters()).dtype)
     x, y = data.poisoned_train[:n].float() / 255, data.splits.train.labels[:n]
 
     def acc(images: torch.Tensor) -> float:
@@ -60,9 +62,9 @@ def trajectory(cell: Path, key: str, steps: list[int], thresholds: list[float]) 
     if not v:
         sys.exit(f"{cell}: no {key!r} in its metrics.jsonl")
     top = max(v, key=v.get)
-    near = [v[min(v, key=lambda s, t=t: abs(s - t))] for t in steps]
+    near = [min(v, key=lambda s, t=t: abs(s - t)) for t in steps]
     first = [next((str(s) for s in sorted(v) if v[s] > t), "—") for t in thresholds]
-    return f"{v[top]:.3f} ({top}) | " + " / ".join(f"{a:.3f}" for a in near) + " | " + " / ".join(first)
+    return f"{v[top]:.3f} ({top}) | " + " / ".join(f"{v[s]:.3f}@{s}" for s in near) + " | " + " / ".join(first)
 
 
 def main() -> None:
@@ -70,7 +72,8 @@ def main() -> None:
     ap.add_argument("what", choices=["final", "trajectory"])
     ap.add_argument("bench", type=Path, help="a bench's output directory (bench.out)")
     ap.add_argument("--attacks", default="none,classwise_noise,lsp,ar,ops,conv_blur,em,rem")
-    ap.add_argument("--defense", default="pst")
+    ap.add_argument("--run", default="pst", help="the cells' run directory (cells/<attack>/<run>/seed<k>): a "
+                    "defense's run, e.g. pst or standard")
     ap.add_argument("--views", default="randblur:2+quantize:3,blur:1,blur:2,median:1,downup:1,jpeg:1,quantize:3,"
                                        "sharpen:1,sharpen:2")
     ap.add_argument("--probe", type=int, default=2048, help="final: how many training images")
@@ -79,7 +82,7 @@ def main() -> None:
     ap.add_argument("--thresholds", default="0.04,0.06,0.08,0.1,0.15")
     args = ap.parse_args()
     torch.set_num_threads(2)
-    todo = cells(args.bench, args.attacks.split(","), args.defense)
+    todo = cells(args.bench, args.attacks.split(","), args.run)
     if args.what == "final":
         views = args.views.split(",")
         print("| attack | seed | probe acc | its clean copies | " + " | ".join(views) + " |")
@@ -89,7 +92,8 @@ def main() -> None:
             print(f"| {attack} | {seed} | " + " | ".join(f"{a:.3f}" for a in r) + " |", flush=True)
     else:
         ths = [float(t) for t in args.thresholds.split(",")]
-        print(f"| attack | seed | max {args.key} (step) | near steps {args.steps.replace(',', ' / ')} | first step "
+        near = args.steps.replace(",", " / ")
+        print(f"| attack | seed | max {args.key} (step) | value@step nearest {near} | first step "
               f"above {' / '.join(map(str, ths))} |\n|---|---:|---|---|---|")
         for attack, seed, cell in todo:
             print(f"| {attack} | {seed} | {trajectory(cell, args.key, [int(s) for s in args.steps.split(',')], ths)} |")

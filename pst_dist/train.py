@@ -394,15 +394,17 @@ def detect(r: Run, stage: ActiveStage) -> dict[str, float]:
     """Run the detectors on the probe; fire the stage's trigger (recorded in ``r.state.history``) when its value,
     averaged over ranks so that every rank switches together, crosses the threshold."""
     st, trig = r.state, stage.config.trigger
-    more = tuple(c.view for c in trig.also if c.view != trig.view) if trig else ()
+    # also[] conditions measuring a gap on a view other than the trigger's own: that view is measured as also_<i>
+    more = {f"also_{i}": c.view for i, c in enumerate(trig.also)
+            if c.kind == "shortcut_gap" and c.view != trig.view} if trig else {}
     vals = probe_metrics(r.gm, *r.probe, r.normalize, trig.view if trig else "blur", more_views=more)
     if trig is not None and r.schedule.can_fire(stage, st.step):
-        conditions = [trig, *trig.also]  # the trigger's own, then its also[] conditions: any fires it
-        values = [mean_across_ranks(trigger_value(c.kind, vals, c.group, c.view if i else None))
-                  for i, c in enumerate(conditions)]
+        conditions = [(trig, None), *((c, f"also_{i}" if f"also_{i}" in more else None)
+                                      for i, c in enumerate(trig.also))]  # the trigger's own first: any fires it
+        values = [mean_across_ranks(trigger_value(c.kind, vals, c.group, name)) for c, name in conditions]
         vals["pst/trigger_value"] = values[0]
         vals.update({f"pst/trigger_value/also_{i}": v for i, v in enumerate(values[1:])})
-        crossed = [i for i, (c, v) in enumerate(zip(conditions, values, strict=True)) if v > c.threshold]
+        crossed = [i for i, ((c, _), v) in enumerate(zip(conditions, values, strict=True)) if v > c.threshold]
         if crossed:
             st.history = sorted([*st.history, [stage.index, st.step]])
             vals["pst/trigger_fired"] = float(stage.index)

@@ -133,6 +133,24 @@ def test_detectors_fire_on_poisoned_probe_and_stay_quiet_on_clean(runs):
     assert set(pois["logs"][-1]) >= {"detect/shortcut_gap", f"detect/cluster/group_{CLUSTER_GROUP}"}
 
 
+def test_more_views_are_measured_once_each_and_read_by_the_condition_that_names_them(runs):
+    """probe_metrics' more_views (a trigger's also conditions on views of their own): each name gets its view's
+    accuracy and gap, the same as the view measured as the trigger's own; two names on one view share one
+    measurement; trigger_value reads a condition's view by its name, the trigger's own without one."""
+    pois = runs["patch_noise"]
+    data = pois["data"]
+    x, y = data.poisoned_train[:PROBE].float() / 255, data.splits.train.labels[:PROBE]
+    with one_thread():
+        m = probe_metrics(pois["gm"], x, y, pois["normalize"], "quantize:3",
+                          more_views={"also_0": "blur", "also_2": "blur", "also_3": "downup:1"})
+        alone = {v: probe_metrics(pois["gm"], x, y, pois["normalize"], v) for v in ("blur", "downup:1")}
+    for name, v in (("also_0", "blur"), ("also_2", "blur"), ("also_3", "downup:1")):
+        assert m[f"probe_view_acc/{name}"] == alone[v]["probe_view_acc"], name
+        assert trigger_value("shortcut_gap", m, 0, name) == alone[v]["shortcut_gap"], name
+    assert trigger_value("shortcut_gap", m, 0) == m["shortcut_gap"] != m["shortcut_gap/also_3"]
+    assert "shortcut_gap/also_1" not in m
+
+
 def test_shortcut_gap_trigger_switches_stage_on_poisoned_data_only(runs):
     for kind, run in runs.items():
         s, logs = run["summary"], run["logs"]

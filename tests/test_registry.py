@@ -237,11 +237,13 @@ def test_vit_patch_size_must_divide_the_image():
 
 
 def test_a_trigger_condition_on_another_view_reads_that_views_gap():
-    """trigger.also: a condition with its own view reads probe_metrics' value for that view; a view probe_metrics
-    did not measure separately (the trigger's own) reads the plain key."""
+    """trigger.also: a condition on a view of its own reads probe_metrics' values for it (named also_<i>); without
+    a name, the trigger's own view; a name that was not measured is an error, not the trigger's view's gap."""
     from pst_dist.pst.detectors import trigger_value
 
-    m = {**METRICS, "probe_view_acc/sharpen:2": 0.61, "shortcut_gap/sharpen:2": 0.10}
-    assert trigger_value("shortcut_gap", m, 0, "sharpen:2") == 0.10
-    assert trigger_value("shortcut_gap", m, 0, "blur") == trigger_value("shortcut_gap", m, 0) == 0.48
-    assert trigger_value("train_acc", m, 0, "sharpen:2") == 0.71
+    m = {**METRICS, "probe_view_acc/also_1": 0.61, "shortcut_gap/also_1": 0.10}
+    assert trigger_value("shortcut_gap", m, 0, "also_1") == 0.10
+    assert trigger_value("shortcut_gap", m, 0) == 0.48
+    assert trigger_value("train_acc", m, 0, "also_1") == 0.71
+    with pytest.raises(KeyError, match="also_0"):
+        trigger_value("shortcut_gap", m, 0, "also_0")

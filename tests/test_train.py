@@ -193,6 +193,7 @@ def test_a_trigger_fires_on_any_of_its_also_conditions_each_on_its_own_view(tmp_
     fired = next(r for r in rows if "pst/trigger_fired" in r)
     assert fired["step"] == 4 and fired["pst/trigger_fired_by"] == 2.0
     assert fired["pst/trigger_value/also_0"] == fired["pst/trigger_value"] == fired["detect/probe_acc"]
-    assert fired["pst/trigger_value/also_1"] == fired["detect/shortcut_gap/sharpen:2"] == pytest.approx(
-        fired["detect/probe_acc"] - fired["detect/probe_view_acc/sharpen:2"])
+    assert fired["pst/trigger_value/also_1"] == fired["detect/shortcut_gap/also_1"] == pytest.approx(
+        fired["detect/probe_acc"] - fired["detect/probe_view_acc/also_1"])
     assert "detect/shortcut_gap" in fired  # the trigger's own view (blur), as before
+    assert "detect/shortcut_gap/also_0" not in fired  # a train_acc condition measures no view

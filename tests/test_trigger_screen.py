@@ -18,6 +18,8 @@ def test_trajectory_reports_the_maximum_the_nearest_values_and_the_first_crossin
     gaps = {20: 0.01, 40: 0.07, 60: 0.03, 80: 0.12, 100: -0.02}
     lines = [{"step": s, "detect/shortcut_gap": g} for s, g in gaps.items()] + [{"step": 100, "train/loss": 1.0}]
     (cell / "metrics.jsonl").write_text("\n".join(map(json.dumps, lines)) + "\n")
-    assert mod.cells(tmp_path, ["conv_blur"], "pst") == [("conv_blur", 1, cell)]
+    (tmp_path / "cells" / "conv_blur" / "pst" / "seed10").mkdir()
+    (tmp_path / "cells" / "conv_blur" / "pst" / "seed_old").mkdir()  # not a seed: left out
+    assert [t[1] for t in mod.cells(tmp_path, ["conv_blur"], "pst")] == [1, 10]
     row = mod.trajectory(cell, "detect/shortcut_gap", [45, 100], [0.05, 0.1, 0.2])
-    assert row == "0.120 (80) | 0.070 / -0.020 | 40 / 80 / —"
+    assert row == "0.120 (80) | 0.070@40 / -0.020@100 | 40 / 80 / —"

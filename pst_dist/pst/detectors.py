@@ -29,10 +29,11 @@ def scatter_ratio(feats: torch.Tensor, labels: torch.Tensor, num_classes: int | 
 
 @torch.no_grad()
 def probe_metrics(gm: GroupedModel, probe_x: torch.Tensor, probe_y: torch.Tensor, normalize, view: str,
-                  view_strength: float = 1.0, more_views: tuple[str, ...] = ()) -> dict[str, float]:
+                  view_strength: float = 1.0, more_views: dict[str, str] | None = None) -> dict[str, float]:
     """All detector values on the probe: raw and view accuracy, their gap, and each group's scatter ratio; for each
-    of ``more_views`` (a trigger's ``also`` conditions), its accuracy and gap as ``probe_view_acc/<view>`` and
-    ``shortcut_gap/<view>``.
+    ``name: view`` of ``more_views`` (a trigger's ``also`` conditions on their own views: ``also_<i>``), that view's
+    accuracy and gap as ``probe_view_acc/<name>`` and ``shortcut_gap/<name>`` (each distinct view measured once;
+    named by condition, since a view's own string, ``randblur:2+quantize:3``, is not a name every tracker takes).
 
     ``probe_x`` is float in [0, 1]; ``normalize`` maps it to model input.
     """
@@ -45,24 +46,28 @@ def probe_metrics(gm: GroupedModel, probe_x: torch.Tensor, probe_y: torch.Tensor
     acc = accuracy(raw_logits)
     vacc = accuracy(model(normalize(apply_view(probe_x, view, view_strength))))
     out = {"probe_acc": acc, "probe_view_acc": vacc, "shortcut_gap": acc - vacc}
-    for v in dict.fromkeys(more_views):
-        out[f"probe_view_acc/{v}"] = vacc_v = accuracy(model(normalize(apply_view(probe_x, v))))
-        out[f"shortcut_gap/{v}"] = acc - vacc_v
+    measured: dict[str, float] = {}
+    for name, v in (more_views or {}).items():
+        if v not in measured:
+            measured[v] = accuracy(model(normalize(apply_view(probe_x, v))))
+        out[f"probe_view_acc/{name}"], out[f"shortcut_gap/{name}"] = measured[v], acc - measured[v]
     model.train(was)
     for g, feat in sorted(ga.acts.items()):
         out[f"cluster/group_{g}"] = float(scatter_ratio(feat.double(), probe_y))
     return out
 
 
-def trigger_value(kind: str, metrics: dict[str, float], group: int, view: str | None = None) -> float:
-    """The scalar a trigger of ``kind`` (:data:`pst_dist.registry.TRIGGERS`) compares with its threshold; ``view``:
-    a view of ``more_views`` in :func:`probe_metrics` (a trigger's ``also`` condition), whose accuracy and gap then
-    stand for the view's."""
+def trigger_value(kind: str, metrics: dict[str, float], group: int, view_name: str | None = None) -> float:
+    """The scalar a trigger of ``kind`` (:data:`pst_dist.registry.TRIGGERS`) compares with its threshold;
+    ``view_name``: a name of ``more_views`` in :func:`probe_metrics` (a trigger's ``also`` condition on its own view),
+    whose accuracy and gap then stand for the trigger view's."""
     try:
         fn = TRIGGERS.load(kind)
     except KeyError as e:
         raise ValueError(str(e).strip("'\"")) from None
-    if view is not None and f"shortcut_gap/{view}" in metrics:
-        metrics = {**metrics, "probe_view_acc": metrics[f"probe_view_acc/{view}"],
-                   "shortcut_gap": metrics[f"shortcut_gap/{view}"]}
+    if view_name is not None:
+        if f"shortcut_gap/{view_name}" not in metrics:
+            raise KeyError(f"view {view_name!r} was not measured on the probe (probe_metrics' more_views)")
+        metrics = {**metrics, "probe_view_acc": metrics[f"probe_view_acc/{view_name}"],
+                   "shortcut_gap": metrics[f"shortcut_gap/{view_name}"]}
     return fn(metrics, group)
