@@ -321,8 +321,8 @@ class TriggerConfig:
     stages start there."""
     also: list[TriggerCondition] = field(default_factory=list)
     """More conditions, each with its own kind, threshold and view: the trigger fires when its own value or any of
-    theirs crosses its threshold (e.g. a shortcut gap on a blur view for noise shortcuts and one on a sharpen view
-    for a class-wise blur, which a further blur does not undo)."""
+    theirs crosses its threshold (e.g. a gap on a blur view and the scatter ratio of a deep group, each on its own
+    scale; the values a run logs under detect/ are where thresholds are read off: launch/trigger_screen.py)."""
 
     def __post_init__(self) -> None:
         _check_condition("trigger.", self.kind, self.view, self.group)
