@@ -278,31 +278,10 @@ def _check_view(key: str, view: str, strength: float = 1.0) -> list[tuple[str, f
         raise ConfigError(f"{key}={view!r}: {e}") from None
 
 
-def _check_condition(prefix: str, kind: str, view: str, group: int) -> None:
-    _check(kind in TRIGGERS, f"{prefix}kind={kind!r}: expected one of {sorted(TRIGGERS)}")
-    _check_view(f"{prefix}view", view)
-    _check(group >= 0, f"{prefix}group={group}: must be >= 0")
-
-
 @dataclass
 class TriggerCondition:
-    """One more condition of a trigger (``trigger.also``): its own detector, threshold and view."""
+    """One condition of a trigger: a detector, its threshold and view (a trigger's own, or one of its ``also``)."""
 
-    kind: str = "shortcut_gap"
-    """As trigger.kind."""
-    threshold: float = 0.2
-    """As trigger.threshold: this condition's own."""
-    group: int = 0
-    """As trigger.group."""
-    view: str = "blur"
-    """As trigger.view: shortcut_gap's gap is measured on this view."""
-
-    def __post_init__(self) -> None:
-        _check_condition("trigger.also[].", self.kind, self.view, self.group)
-
-
-@dataclass
-class TriggerConfig:
     kind: str = "shortcut_gap"
     """shortcut_gap: acc(probe) - acc(view(probe)) > threshold; train_acc: probe acc > threshold;
     cluster: between/within scatter ratio of a group's activations on the probe > threshold."""
@@ -313,6 +292,19 @@ class TriggerConfig:
     view: str = "blur"
     """shortcut_gap: the perturbation-suppressing view of the probe (at strength 1 unless the view names its own,
     e.g. ``"randblur:1.5+quantize:3"``)."""
+    _where: typing.ClassVar[str] = "trigger.also[]."
+
+    def __post_init__(self) -> None:
+        _check(self.kind in TRIGGERS, f"{self._where}kind={self.kind!r}: expected one of {sorted(TRIGGERS)}")
+        _check_view(f"{self._where}view", self.view)
+        _check(self.group >= 0, f"{self._where}group={self.group}: must be >= 0")
+
+
+@dataclass
+class TriggerConfig(TriggerCondition):
+    """A stage's trigger: its own condition (kind, threshold, group, view), what an unfired stage does, and more
+    conditions."""
+
     otherwise: str = "next"
     """What happens when the stage reaches its planned length (epochs / steps) without its trigger having fired:
     ``next``: the next stage starts; ``stay``: the detector found nothing to suppress, so the stage goes on to the
@@ -323,9 +315,10 @@ class TriggerConfig:
     """More conditions, each with its own kind, threshold and view: the trigger fires when its own value or any of
     theirs crosses its threshold (e.g. a gap on a blur view and the scatter ratio of a deep group, each on its own
     scale; the values a run logs under detect/ are where thresholds are read off: launch/trigger_screen.py)."""
+    _where: typing.ClassVar[str] = "trigger."
 
     def __post_init__(self) -> None:
-        _check_condition("trigger.", self.kind, self.view, self.group)
+        super().__post_init__()
         _check(self.otherwise in TRIGGER_OTHERWISE,
                f"trigger.otherwise={self.otherwise!r}: expected one of {sorted(TRIGGER_OTHERWISE)}")
 
@@ -1120,11 +1113,16 @@ class KeyDoc:
 
 
 def field_docs(cls: type) -> dict[str, str]:
-    """The attribute docstrings of dataclass ``cls`` (the string under each field), from its source."""
-    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
-    return {node.target.id: inspect.cleandoc(doc.value.value) for node, doc in zip(body, body[1:], strict=False)
-            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(doc, ast.Expr)
-            and isinstance(doc.value, ast.Constant) and isinstance(doc.value.value, str)}
+    """The attribute docstrings of dataclass ``cls`` (the string under each field), from its source and its
+    dataclass bases' (a field written again in ``cls`` takes its docstring there)."""
+    docs: dict[str, str] = {}
+    for c in reversed([c for c in cls.__mro__ if dataclasses.is_dataclass(c)]):
+        body = ast.parse(textwrap.dedent(inspect.getsource(c))).body[0].body
+        docs |= {node.target.id: inspect.cleandoc(doc.value.value) for node, doc in zip(body, body[1:], strict=False)
+                 if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                 and isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant)
+                 and isinstance(doc.value.value, str)}
+    return docs
 
 
 def class_doc(cls: type) -> str:

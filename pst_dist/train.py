@@ -394,13 +394,12 @@ def detect(r: Run, stage: ActiveStage) -> dict[str, float]:
     """Run the detectors on the probe; fire the stage's trigger (recorded in ``r.state.history``) when its value,
     averaged over ranks so that every rank switches together, crosses the threshold."""
     st, trig = r.state, stage.config.trigger
-    # also[] conditions measuring a gap on a view other than the trigger's own: that view is measured as also_<i>
-    more = {f"also_{i}": c.view for i, c in enumerate(trig.also)
-            if c.kind == "shortcut_gap" and c.view != trig.view} if trig else {}
-    vals = probe_metrics(r.gm, *r.probe, r.normalize, trig.view if trig else "blur", more_views=more)
+    # the trigger's own condition first, then its also[]: any fires it; an also gap is measured on its view as also_<i>
+    conditions = [(trig, None), *((c, f"also_{i}" if c.kind == "shortcut_gap" else None)
+                                  for i, c in enumerate(trig.also))] if trig else []
+    vals = probe_metrics(r.gm, *r.probe, r.normalize, trig.view if trig else "blur",
+                         more_views={name: c.view for c, name in conditions if name})
     if trig is not None and r.schedule.can_fire(stage, st.step):
-        conditions = [(trig, None), *((c, f"also_{i}" if f"also_{i}" in more else None)
-                                      for i, c in enumerate(trig.also))]  # the trigger's own first: any fires it
         values = [mean_across_ranks(trigger_value(c.kind, vals, c.group, name)) for c, name in conditions]
         vals["pst/trigger_value"] = values[0]
         vals.update({f"pst/trigger_value/also_{i}": v for i, v in enumerate(values[1:])})

@@ -32,8 +32,9 @@ def probe_metrics(gm: GroupedModel, probe_x: torch.Tensor, probe_y: torch.Tensor
                   view_strength: float = 1.0, more_views: dict[str, str] | None = None) -> dict[str, float]:
     """All detector values on the probe: raw and view accuracy, their gap, and each group's scatter ratio; for each
     ``name: view`` of ``more_views`` (a trigger's ``also`` conditions on their own views: ``also_<i>``), that view's
-    accuracy and gap as ``probe_view_acc/<name>`` and ``shortcut_gap/<name>`` (each distinct view measured once;
-    named by condition, since a view's own string, ``randblur:2+quantize:3``, is not a name every tracker takes).
+    accuracy and gap as ``probe_view_acc/<name>`` and ``shortcut_gap/<name>`` (each distinct view measured once,
+    ``view`` too; named by condition, since a view's own string, ``randblur:2+quantize:3``, is not a name every
+    tracker takes).
 
     ``probe_x`` is float in [0, 1]; ``normalize`` maps it to model input.
     """
@@ -46,7 +47,7 @@ def probe_metrics(gm: GroupedModel, probe_x: torch.Tensor, probe_y: torch.Tensor
     acc = accuracy(raw_logits)
     vacc = accuracy(model(normalize(apply_view(probe_x, view, view_strength))))
     out = {"probe_acc": acc, "probe_view_acc": vacc, "shortcut_gap": acc - vacc}
-    measured: dict[str, float] = {}
+    measured = {view: vacc} if view_strength == 1.0 else {}  # a view is measured once, the trigger's own included
     for name, v in (more_views or {}).items():
         if v not in measured:
             measured[v] = accuracy(model(normalize(apply_view(probe_x, v))))
