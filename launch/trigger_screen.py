@@ -2,6 +2,7 @@
 
     python launch/trigger_screen.py final runs/probe_stay0 --views "randblur:2+quantize:3,blur:1,sharpen:2"
     python launch/trigger_screen.py trajectory runs/probe_sharpen --key detect/shortcut_gap
+    python launch/trigger_screen.py spectral runs/bench_fmnist --config launch/configs/fmnist_one_recipe.toml
 
 ``final``: each cell's last checkpoint on the first ``--probe`` images of its own (cached) poisoned training set: the
 accuracy on them, on their clean copies (for reference: a detector does not have them), and the shortcut gap
@@ -9,7 +10,10 @@ acc(probe) - acc(view(probe)) of every view, as a markdown table. Random views d
 for every cell. ``trajectory``: the value of a logged detector key (metrics.jsonl) per cell, over the run: its
 maximum and where, its value at the logged step nearest each of four steps (value@step), and the first step it
 exceeds each of ``--thresholds``; meant for runs whose trigger never fired (after a stage change the probe's view is
-the next stage's). Nothing is written."""
+the next stage's). ``spectral``: the data check of ``trigger.spectral_check`` (before any training) on the clean
+training split and on every cached poison of the bench (``poisons/<attack>_seed<k>``), with ``--config``'s data:
+the class-wise spectral shift against the validation split, its sampling noise, their ratio and whether it exceeds
+``--threshold``. Nothing is written."""
 
 from __future__ import annotations
 
@@ -22,9 +26,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from pst_dist.config import Config, load_config  # noqa: E402
 from pst_dist.data.pipeline import Normalize, build_data  # noqa: E402
 from pst_dist.evaluate import load_run_model, recorded_config  # noqa: E402
 from pst_dist.matrix import cell_data_cfg  # noqa: E402
+from pst_dist.pst.detectors import spectral_noise, spectral_shift  # noqa: E402
 from pst_dist.pst.views import apply_view  # noqa: E402
 
 
@@ -67,9 +73,30 @@ def trajectory(cell: Path, key: str, steps: list[int], thresholds: list[float]) 
     return f"{v[top]:.3f} ({top}) | " + " / ".join(f"{v[s]:.3f}@{s}" for s in near) + " | " + " / ".join(first)
 
 
+def poisons(bench: Path, attacks: list[str]) -> list[tuple[str, int | None, Path | None]]:
+    """(attack, seed, cached poison) for every attack's ``poisons/<attack>_seed<k>``; ``none``: the clean split."""
+    out = []
+    for a in attacks:
+        if a == "none":
+            out.append((a, None, None))
+            continue
+        found = [(int(p.name.rsplit("_seed", 1)[1]), p) for p in (bench / "poisons").glob(f"{a}_seed*")
+                 if p.name.rsplit("_seed", 1)[1].isdigit()]
+        out += [(a, seed, p) for seed, p in sorted(found)]
+    return out
+
+
+def spectral(cfg: Config, poison: Path | None) -> tuple[float, float]:
+    """(shift, noise) of the check on ``cfg``'s training split, poisoned with the cached ``poison`` (None: clean)."""
+    data = build_data(cell_data_cfg(cfg, None if poison is None else str(poison)))
+    y, val = data.splits.train.labels, data.splits.val
+    return (spectral_shift(data.poisoned_train, y, val.images, val.labels),
+            spectral_noise(data.poisoned_train, y, val.labels))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("what", choices=["final", "trajectory"])
+    ap.add_argument("what", choices=["final", "trajectory", "spectral"])
     ap.add_argument("bench", type=Path, help="a bench's output directory (bench.out)")
     ap.add_argument("--attacks", default="none,classwise_noise,lsp,ar,ops,conv_blur,em,rem")
     ap.add_argument("--run", default="pst", help="the cells' run directory (cells/<attack>/<run>/seed<k>): a "
@@ -80,8 +107,18 @@ def main() -> None:
     ap.add_argument("--key", default="detect/shortcut_gap", help="trajectory: the metrics.jsonl key")
     ap.add_argument("--steps", default="160,320,480,620", help="trajectory: the value nearest each of these steps")
     ap.add_argument("--thresholds", default="0.04,0.06,0.08,0.1,0.15")
+    ap.add_argument("--config", default="launch/configs/fmnist_one_recipe.toml", help="spectral: the data's config")
+    ap.add_argument("--threshold", type=float, default=4.0, help="spectral: trigger.spectral_check")
     args = ap.parse_args()
     torch.set_num_threads(2)
+    if args.what == "spectral":
+        cfg = load_config(args.config)
+        print("| attack | seed | shift | noise | shift / noise | over the threshold |\n|---|---:|---:|---:|---:|---|")
+        for attack, seed, poison in poisons(args.bench, args.attacks.split(",")):
+            shift, noise = spectral(cfg, poison)
+            print(f"| {attack} | {'—' if seed is None else seed} | {shift:.3f} | {noise:.3f} | {shift / noise:.1f} | "
+                  f"{'yes' if shift > args.threshold * noise else 'no'} |", flush=True)
+        return
     todo = cells(args.bench, args.attacks.split(","), args.run)
     if args.what == "final":
         views = args.views.split(",")

@@ -315,12 +315,27 @@ class TriggerConfig(TriggerCondition):
     """More conditions, each with its own kind, threshold and view: the trigger fires when its own value or any of
     theirs crosses its threshold (e.g. a gap on a blur view and the scatter ratio of a deep group, each on its own
     scale; the values a run logs under detect/ are where thresholds are read off: launch/trigger_screen.py)."""
+    spectral_check: float = 0.0
+    """With ``otherwise = "stay"``: a check of the data before training (0: none). It measures how differently the
+    training images of each class are filtered from the validation split's (``detect/spectral_shift``: the log ratio
+    of the two mean power spectra, class by class, less its mean over the classes; :mod:`pst_dist.pst.detectors`)
+    and that measure's sampling noise at the validation split's size (``detect/spectral_noise``: the same between
+    the training set and a random subset of it as large). When the shift exceeds ``spectral_check`` times the noise,
+    the training set carries a class-wise filter (a convolution poison such as conv-blur, whose shortcut no view
+    undoes and the gap detector does not see), and the stage does not stay: unfired, it ends at its planned length,
+    as with ``otherwise = "next"``. Needs the training images in memory and a validation split (data.val_size).
+    Fashion-MNIST, 200 validation images per class: clean data 1.2 times the noise, additive poisons 1.3-2.0 (OPS
+    the highest), conv-blur 8.2-10.2 (docs/results/pst_one_recipe.md, section 33)."""
     _where: typing.ClassVar[str] = "trigger."
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _check(self.otherwise in TRIGGER_OTHERWISE,
                f"trigger.otherwise={self.otherwise!r}: expected one of {sorted(TRIGGER_OTHERWISE)}")
+        _check(self.spectral_check >= 0, f"trigger.spectral_check={self.spectral_check}: must be >= 0 (0: no check)")
+        _check(self.spectral_check == 0 or self.otherwise == "stay",
+               f"trigger.spectral_check={self.spectral_check} with trigger.otherwise={self.otherwise!r}: the check "
+               f"decides whether an unfired stage stays, so it needs otherwise = \"stay\"")
 
 
 @dataclass

@@ -33,7 +33,7 @@ from .engine import DeepSpeedEngine, TorchEngine, build_engine
 from .io import read_json, write_atomic
 from .metrics import Metrics, git_sha, library_versions, machine_facts, meta_segments
 from .models import build_model
-from .pst.detectors import probe_metrics, trigger_value
+from .pst.detectors import probe_metrics, spectral_noise, spectral_shift, trigger_value
 from .pst.freeze import GroupedModel, param_groups, set_group_lrs, trace_units
 from .pst.groups import layer_groups
 from .pst.losses import stage_loss
@@ -328,6 +328,39 @@ class Run:
         return Path(self.cfg.log.run_dir)
 
 
+def spectral_check(cfg: Config, data: Data, primary: bool = True) -> tuple[dict[str, float], frozenset[int]]:
+    """The data check of the stages whose ``trigger.spectral_check`` is set: ({"detect/spectral_shift": the training
+    set's class-wise spectral shift against the validation split, "detect/spectral_noise": its sampling noise}, or {}
+    when no stage asks; the stages whose threshold times the noise the shift exceeds, which then do not stay). The same
+    data gives the same values on every rank and on a resume."""
+    checks = {i: st.trigger.spectral_check for i, st in enumerate(cfg.schedule.stages)
+              if st.trigger is not None and st.trigger.spectral_check > 0}
+    if not checks:
+        return {}, frozenset()
+    key = f"schedule.stages[{min(checks)}].trigger.spectral_check"
+    if data.stream is not None or data.beton is not None:
+        where = ("streamed from its folder (data.stream=false reads it into memory)" if data.stream is not None
+                 else "read from a .beton (train from the data set's own source instead)")
+        raise ConfigError(f"{key}={checks[min(checks)]}: the check reads every training image, but this run's "
+                          f"training split is {where}")
+    val, train_labels = data.splits.val, data.splits.train.labels
+    try:
+        shift = spectral_shift(data.poisoned_train, train_labels, val.images, val.labels)
+        noise = spectral_noise(data.poisoned_train, train_labels, val.labels)
+    except ValueError as e:
+        raise ConfigError(f"{key}={checks[min(checks)]}: {e} (the validation split has {len(val)} "
+                          f"image{'s' * (len(val) != 1)}; data.val_size sets it)") from None
+    no_stay = frozenset(i for i, t in checks.items() if shift > t * noise)
+    if primary:
+        verdict = (f"a class-wise filter: stages {sorted(no_stay)} do not stay (unfired, they end at their planned "
+                   f"length)" if no_stay else "no class-wise filter: unfired stages stay")
+        times = shift / noise if noise else math.inf
+        print(f"[pst] spectral check, training vs validation images: shift {shift:.3f}, {times:.1f} times its "
+              f"sampling noise {noise:.3f} (threshold {', '.join(f'{t:g}' for t in checks.values())}): {verdict}",
+              flush=True)
+    return {"detect/spectral_shift": shift, "detect/spectral_noise": noise}, no_stay
+
+
 def build_run(cfg: Config, resume: bool, overwrite: bool, allow_changes: bool, data: Data | None,
               loader) -> Run:
     """Validate the run directory, build data, loader, model, groups, schedule and engine, restore a checkpoint,
@@ -359,7 +392,9 @@ def build_run(cfg: Config, resume: bool, overwrite: bool, allow_changes: bool, d
         model = model.to(memory_format=torch.channels_last)
     gm = trace_units(model, layer_groups(model, cfg.model.block_groups), data.poisoned_train[:2].to(device).float())
     total_steps = len(loader) * cfg.train.epochs
-    schedule = Schedule(cfg.schedule.stages, gm.num_groups, len(loader), total_steps)  # validates group indices
+    spectral, no_stay = spectral_check(cfg, data, dist_info.is_primary)
+    schedule = Schedule(cfg.schedule.stages, gm.num_groups, len(loader), total_steps,  # validates group indices
+                        no_stay)
     engine = build_engine(cfg, model, build_optimizer(cfg, model, gm), dist_info)
     if cfg.train.compile:
         compile_model(model, len(cfg.schedule.stages))
@@ -387,6 +422,8 @@ def build_run(cfg: Config, resume: bool, overwrite: bool, allow_changes: bool, d
                          device)
     metrics = Metrics(run_dir, dist_info.is_primary, cfg.log.tensorboard, cfg, st.step if resume else None)
     metrics.image("data/poisoned_samples", make_grid(data.poisoned_train[:64], nrow=8))
+    if spectral and not resume:
+        metrics.log(0, {**spectral, "pst/spectral_check_fired": float(bool(no_stay))})
     return Run(cfg, dist_info, device, data, loader, gm, schedule, engine, normalize, autocast, probe, metrics, st)
 
 

@@ -73,9 +73,31 @@ def test_a_stage_that_stays_runs_on_unfired_with_its_lr_restarted_and_hands_over
     assert {(a.index, a.start, a.stayed) for a in map(last.stage_at, range(100))} == {(0, 0, False)}
 
 
+def test_a_stage_whose_spectral_check_found_a_class_wise_filter_does_not_stay():
+    """Schedule(no_stay={0}): stage "a" (otherwise = "stay") ends unfired at its planned length as with "next", and
+    fired within it as before; a stage not named stays."""
+    s, plain = stays(), make()
+    checked = Schedule(s.stages, 4, 10, 100, no_stay=frozenset({0}))
+
+    def at(sched, t, h=()):
+        a = sched.stage_at(t, h)
+        return a.index, a.start, a.planned_end, a.mults, a.stayed
+
+    for h in ((), ((0, 7),)):
+        assert [at(checked, t, h) for t in range(100)] == [at(plain, t, h) for t in range(100)]
+    assert not checked.can_fire(checked.stage_at(20), 20)  # stage b (no trigger) has started, as with "next"
+    other = Schedule(s.stages, 4, 10, 100, no_stay=frozenset({1}))
+    assert [at(other, t) for t in range(100)] == [at(s, t) for t in range(100)]
+    assert at(other, 50)[-1]  # stage a stayed
+
+
 def test_a_bad_trigger_otherwise_is_refused_naming_it():
     with pytest.raises(ConfigError, match="trigger.otherwise='wait'"):
         TriggerConfig(otherwise="wait")
+    with pytest.raises(ConfigError, match="trigger.spectral_check=-1"):
+        TriggerConfig(otherwise="stay", spectral_check=-1)
+    with pytest.raises(ConfigError, match="trigger.spectral_check=4 with trigger.otherwise='next'"):
+        TriggerConfig(spectral_check=4)
 
 
 def test_group_index_out_of_range():

@@ -1,5 +1,6 @@
 """Cheap detectors of perturbation learning. None of them looks at the clean test set: they read a fixed probe slice
-of the (poisoned) training set."""
+of the (poisoned) training set, and the data-side spectral check compares the training set with the validation
+split."""
 
 from __future__ import annotations
 
@@ -72,3 +73,50 @@ def trigger_value(kind: str, metrics: dict[str, float], group: int, view_name: s
         metrics = {**metrics, "probe_view_acc": metrics[f"probe_view_acc/{view_name}"],
                    "shortcut_gap": metrics[f"shortcut_gap/{view_name}"]}
     return fn(metrics, group)
+
+
+@torch.no_grad()
+def _log_power(images: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """log of the mean power spectrum (rfft2, every channel, DC left out) of uint8 images N x C x H x W in [0, 1]."""
+    total = None
+    for i in range(0, len(images), chunk):
+        p = torch.fft.rfft2(images[i:i + chunk].double() / 255).abs().square().sum((0, 1))
+        total = p if total is None else total + p
+    return torch.log(total.flatten()[1:] / (len(images) * images.shape[1]) + 1e-12)
+
+
+@torch.no_grad()
+def spectral_shift(images: torch.Tensor, labels: torch.Tensor, ref_images: torch.Tensor,
+                   ref_labels: torch.Tensor) -> float:
+    """How differently each class of ``images`` is filtered from the same class of ``ref_images`` (both uint8
+    N x C x H x W): per class, the log ratio of the two sets' mean power spectra (every frequency but DC), less its
+    mean over the classes (a filter on every class alike, such as JPEG on the whole training set, makes no class-wise
+    shortcut), absolute, averaged over classes and frequencies. A class-wise convolution (conv-blur) multiplies each
+    class's spectrum by its own kernel's response; an additive poison of a few /255 barely moves it. The classes with
+    at least 2 images in both sets count; fewer than 2 such classes: ValueError. Sampling noise shrinks with the
+    reference's images per class (Fashion-MNIST, 20,000 training images against 200 validation images per class:
+    clean 0.078, additive poisons 0.081-0.117, conv-blur 0.52-0.68; docs/results/pst_one_recipe.md section 33)."""
+    if images.shape[1:] != ref_images.shape[1:]:
+        raise ValueError(f"spectral_shift: training images {tuple(images.shape[1:])} and reference images "
+                         f"{tuple(ref_images.shape[1:])} differ in shape")
+    classes = [c for c in labels.unique().tolist()
+               if int((labels == c).sum()) >= 2 and int((ref_labels == c).sum()) >= 2]
+    if len(classes) < 2:
+        raise ValueError(f"spectral_shift: {len(classes)} classes with at least 2 images in both sets; needs 2")
+    d = torch.stack([_log_power(images[labels == c]) - _log_power(ref_images[ref_labels == c]) for c in classes])
+    return float((d - d.mean(0)).abs().mean())
+
+
+@torch.no_grad()
+def spectral_noise(images: torch.Tensor, labels: torch.Tensor, ref_labels: torch.Tensor, seed: int = 0) -> float:
+    """:func:`spectral_shift`'s sampling noise at the reference's size: the shift between ``images`` and a random
+    subset of them with as many images of each class as ``ref_labels`` has (a fixed generator: the same subset on
+    every rank and every resume; torch's global one untouched). Same data on both sides, so no filter: what is left
+    is how far a reference of that size strays by chance (Fashion-MNIST, 200 per class: 0.058-0.067)."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for c in labels.unique().tolist():
+        idx = (labels == c).nonzero().flatten()
+        rows.append(idx[torch.randperm(len(idx), generator=g)[:int((ref_labels == c).sum())]])
+    sub = torch.cat(rows)
+    return spectral_shift(images, labels, images[sub], labels[sub])

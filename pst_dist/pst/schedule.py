@@ -30,7 +30,10 @@ class ActiveStage:
 class Schedule:
     """A validated list of stages over ``total_steps`` optimizer steps of ``steps_per_epoch`` each."""
 
-    def __init__(self, stages: list[StageConfig], num_groups: int, steps_per_epoch: int, total_steps: int):
+    def __init__(self, stages: list[StageConfig], num_groups: int, steps_per_epoch: int, total_steps: int,
+                 no_stay: frozenset[int] = frozenset()):
+        """``no_stay``: the stages whose ``trigger.spectral_check`` found a class-wise filter in the data: unfired at
+        their planned length they end there, as with ``otherwise = "next"``."""
         if not stages:
             raise ConfigError("schedule.stages is empty: a schedule needs at least one stage")
         for i, st in enumerate(stages):
@@ -40,7 +43,7 @@ class Schedule:
             if i < len(stages) - 1 and self._length(st, steps_per_epoch) is None and st.trigger is None:
                 raise ConfigError(f"schedule.stages[{i}] ({st.name!r}) has no length (epochs/steps) and no trigger, "
                                   f"so the stages after it can never run")
-        self.stages, self.num_groups = stages, num_groups
+        self.stages, self.num_groups, self.no_stay = stages, num_groups, no_stay
         self.steps_per_epoch, self.total_steps = steps_per_epoch, total_steps
 
     @staticmethod
@@ -59,8 +62,9 @@ class Schedule:
             length = self._length(st, self.steps_per_epoch)
             planned_end = self.total_steps if length is None else start + length
             last = i == len(self.stages) - 1
-            # trigger.otherwise = "stay": unfired at its planned end, the stage goes on until it fires (no end else)
-            stays = not last and st.trigger is not None and st.trigger.otherwise == "stay"
+            # trigger.otherwise = "stay": unfired at its planned end, the stage goes on until it fires (no end else),
+            # unless the data check found a class-wise filter (no_stay)
+            stays = not last and st.trigger is not None and st.trigger.otherwise == "stay" and i not in self.no_stay
             end = None if stays else planned_end
             if i in fired and start <= fired[i] and (end is None or fired[i] < end):
                 end = fired[i]
