@@ -30,7 +30,7 @@ from pst_dist.config import Config, load_config  # noqa: E402
 from pst_dist.data.pipeline import Normalize, build_data  # noqa: E402
 from pst_dist.evaluate import load_run_model, recorded_config  # noqa: E402
 from pst_dist.matrix import cell_data_cfg  # noqa: E402
-from pst_dist.pst.detectors import spectral_noise, spectral_shift  # noqa: E402
+from pst_dist.pst.detectors import spectral_filter_found, spectral_values  # noqa: E402
 from pst_dist.pst.views import apply_view  # noqa: E402
 
 
@@ -89,9 +89,8 @@ def poisons(bench: Path, attacks: list[str]) -> list[tuple[str, int | None, Path
 def spectral(cfg: Config, poison: Path | None) -> tuple[float, float]:
     """(shift, noise) of the check on ``cfg``'s training split, poisoned with the cached ``poison`` (None: clean)."""
     data = build_data(cell_data_cfg(cfg, None if poison is None else str(poison)))
-    y, val = data.splits.train.labels, data.splits.val
-    return (spectral_shift(data.poisoned_train, y, val.images, val.labels),
-            spectral_noise(data.poisoned_train, y, val.labels))
+    val = data.splits.val
+    return spectral_values(data.poisoned_train, data.splits.train.labels, val.images, val.labels)
 
 
 def main() -> None:
@@ -117,7 +116,7 @@ def main() -> None:
         for attack, seed, poison in poisons(args.bench, args.attacks.split(",")):
             shift, noise = spectral(cfg, poison)
             print(f"| {attack} | {'—' if seed is None else seed} | {shift:.3f} | {noise:.3f} | {shift / noise:.1f} | "
-                  f"{'yes' if shift > args.threshold * noise else 'no'} |", flush=True)
+                  f"{'yes' if spectral_filter_found(shift, noise, args.threshold) else 'no'} |", flush=True)
         return
     todo = cells(args.bench, args.attacks.split(","), args.run)
     if args.what == "final":

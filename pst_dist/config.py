@@ -323,7 +323,9 @@ class TriggerConfig(TriggerCondition):
     the training set and a random subset of it as large). When the shift exceeds ``spectral_check`` times the noise,
     the training set carries a class-wise filter (a convolution poison such as conv-blur, whose shortcut no view
     undoes and the gap detector does not see), and the stage does not stay: unfired, it ends at its planned length,
-    as with ``otherwise = "next"``. Needs the training images in memory and a validation split (data.val_size).
+    as with ``otherwise = "next"`` (a last stage never stays: not checked). A resume takes the values the run started
+    with (meta.json's inputs). Needs the training images in memory and a validation split (data.val_size). A poison
+    on part of the training set (poison.ratio < 1) moves the shift less; the threshold was read at ratio 1.
     Fashion-MNIST, 200 validation images per class: clean data 1.2 times the noise, additive poisons 1.3-2.0 (OPS
     the highest), conv-blur 8.2-10.2 (docs/results/pst_one_recipe.md, section 33)."""
     _where: typing.ClassVar[str] = "trigger."
@@ -823,6 +825,17 @@ class Config:
         _check(not (self.train.channels_last is True and self.deepspeed.enabled),
                "train.channels_last=true with deepspeed.enabled: DeepSpeed flattens parameters and needs them "
                "contiguous; leave train.channels_last=auto (off under DeepSpeed) or false")
+        checked = [i for i, st in enumerate(self.schedule.stages[:-1])
+                   if st.trigger is not None and st.trigger.spectral_check > 0]
+        if checked:  # what the data check needs, refused before any data is built (poisons crafted)
+            i = checked[0]
+            key = f"schedule.stages[{i}].trigger.spectral_check={self.schedule.stages[i].trigger.spectral_check}"
+            _check(self.data.val_size > 0, f"{key} with data.val_size=0: the check compares the training images "
+                   f"with the validation split's")
+            _check(self.data.stream is not True, f"{key} with data.stream=true: the check reads every training "
+                   f"image; data.stream=false (or auto) reads them into memory")
+            _check(self.data.source != "beton", f"{key} with data.source='beton': the check reads every training "
+                   f"image; train from the data set's own source")
         d = self.defense
         if d.kind == "ueraser" and d.ueraser_repeats > 1:
             bad = [s.name or str(i) for i, s in enumerate(self.schedule.stages)

@@ -33,7 +33,7 @@ from .engine import DeepSpeedEngine, TorchEngine, build_engine
 from .io import read_json, write_atomic
 from .metrics import Metrics, git_sha, library_versions, machine_facts, meta_segments
 from .models import build_model
-from .pst.detectors import probe_metrics, spectral_noise, spectral_shift, trigger_value
+from .pst.detectors import probe_metrics, spectral_filter_found, spectral_values, trigger_value
 from .pst.freeze import GroupedModel, param_groups, set_group_lrs, trace_units
 from .pst.groups import layer_groups
 from .pst.losses import stage_loss
@@ -122,7 +122,8 @@ def note_other_kernels(segments: list, resumed_at: int, now: dict) -> None:
 
 def recorded_inputs(run_dir: Path) -> dict | None:
     """The inputs meta.json records for the model (:func:`write_run_header`; the first segment's, else the latest
-    resume's; None for runs from before it did)."""
+    resume's; None for runs from before it did), with the data check's values when a stage asked for it
+    (``spectral_check``)."""
     f = run_dir / "meta.json"
     meta = read_json(f, "the run's meta.json", CheckpointError) if f.is_file() else {}
     first, *resumes = meta_segments(meta)
@@ -328,36 +329,43 @@ class Run:
         return Path(self.cfg.log.run_dir)
 
 
-def spectral_check(cfg: Config, data: Data, primary: bool = True) -> tuple[dict[str, float], frozenset[int]]:
-    """The data check of the stages whose ``trigger.spectral_check`` is set: ({"detect/spectral_shift": the training
-    set's class-wise spectral shift against the validation split, "detect/spectral_noise": its sampling noise}, or {}
-    when no stage asks; the stages whose threshold times the noise the shift exceeds, which then do not stay). The same
-    data gives the same values on every rank and on a resume."""
+def spectral_check(cfg: Config, data: Data, recorded: dict | None = None,
+                   primary: bool = True) -> tuple[dict[str, float], frozenset[int]]:
+    """The data check of the stages (all but the last, which never stays) whose ``trigger.spectral_check`` is set:
+    ({"detect/spectral_shift": the training set's class-wise spectral shift against the validation split,
+    "detect/spectral_noise": its sampling noise}, or {} when no stage asks; the stages whose threshold times the noise
+    the shift exceeds, which then do not stay). A resume takes the values the run started with (meta.json's inputs,
+    ``recorded``) rather than computing them again, so that its stages stay those it trained (another machine's
+    float rounding could move a value near the threshold)."""
+    last = len(cfg.schedule.stages) - 1
     checks = {i: st.trigger.spectral_check for i, st in enumerate(cfg.schedule.stages)
-              if st.trigger is not None and st.trigger.spectral_check > 0}
+              if i < last and st.trigger is not None and st.trigger.spectral_check > 0}
     if not checks:
         return {}, frozenset()
     key = f"schedule.stages[{min(checks)}].trigger.spectral_check"
-    if data.stream is not None or data.beton is not None:
-        where = ("streamed from its folder (data.stream=false reads it into memory)" if data.stream is not None
-                 else "read from a .beton (train from the data set's own source instead)")
-        raise ConfigError(f"{key}={checks[min(checks)]}: the check reads every training image, but this run's "
-                          f"training split is {where}")
-    val, train_labels = data.splits.val, data.splits.train.labels
-    try:
-        shift = spectral_shift(data.poisoned_train, train_labels, val.images, val.labels)
-        noise = spectral_noise(data.poisoned_train, train_labels, val.labels)
-    except ValueError as e:
-        raise ConfigError(f"{key}={checks[min(checks)]}: {e} (the validation split has {len(val)} "
-                          f"image{'s' * (len(val) != 1)}; data.val_size sets it)") from None
-    no_stay = frozenset(i for i, t in checks.items() if shift > t * noise)
+    then = (recorded or {}).get("spectral_check")
+    if then is not None:
+        shift, noise = then["shift"], then["noise"]
+    else:
+        if data.stream is not None or data.beton is not None:
+            where = ("streamed from its folder (data.stream=false reads it into memory)" if data.stream is not None
+                     else "read from a .beton (train from the data set's own source instead)")
+            raise ConfigError(f"{key}={checks[min(checks)]}: the check reads every training image, but this run's "
+                              f"training split is {where}")
+        val = data.splits.val
+        try:
+            shift, noise = spectral_values(data.poisoned_train, data.splits.train.labels, val.images, val.labels)
+        except ValueError as e:
+            raise ConfigError(f"{key}={checks[min(checks)]}: {e} (the validation split has {len(val)} "
+                              f"image{'s' * (len(val) != 1)}; data.val_size sets it)") from None
+    no_stay = frozenset(i for i, t in checks.items() if spectral_filter_found(shift, noise, t))
     if primary:
         verdict = (f"a class-wise filter: stages {sorted(no_stay)} do not stay (unfired, they end at their planned "
                    f"length)" if no_stay else "no class-wise filter: unfired stages stay")
         times = shift / noise if noise else math.inf
-        print(f"[pst] spectral check, training vs validation images: shift {shift:.3f}, {times:.1f} times its "
-              f"sampling noise {noise:.3f} (threshold {', '.join(f'{t:g}' for t in checks.values())}): {verdict}",
-              flush=True)
+        print(f"[pst] spectral check{' (recorded at the run start)' * (then is not None)}, training vs validation "
+              f"images: shift {shift:.3f}, {times:.1f} times its sampling noise {noise:.3f} (threshold "
+              f"{', '.join(f'{t:g}' for t in checks.values())}): {verdict}", flush=True)
     return {"detect/spectral_shift": shift, "detect/spectral_noise": noise}, no_stay
 
 
@@ -392,7 +400,8 @@ def build_run(cfg: Config, resume: bool, overwrite: bool, allow_changes: bool, d
         model = model.to(memory_format=torch.channels_last)
     gm = trace_units(model, layer_groups(model, cfg.model.block_groups), data.poisoned_train[:2].to(device).float())
     total_steps = len(loader) * cfg.train.epochs
-    spectral, no_stay = spectral_check(cfg, data, dist_info.is_primary)
+    # computed on rank 0, its values or its refusal on every rank: the ranks switch stages together
+    spectral, no_stay = _on_every_rank(lambda: spectral_check(cfg, data, recorded, dist_info.is_primary))
     schedule = Schedule(cfg.schedule.stages, gm.num_groups, len(loader), total_steps,  # validates group indices
                         no_stay)
     engine = build_engine(cfg, model, build_optimizer(cfg, model, gm), dist_info)
@@ -418,8 +427,11 @@ def build_run(cfg: Config, resume: bool, overwrite: bool, allow_changes: bool, d
             remove_run_files(run_dir)
         if resume:
             keep_metrics_until(run_dir, st.step)
-        write_run_header(run_dir, cfg, st.epoch if resume else None, changes, resolved, model_inputs(data),
-                         device)
+        inputs = model_inputs(data)
+        if spectral:  # a resume takes the check's values from here (spectral_check)
+            inputs["spectral_check"] = {"shift": spectral["detect/spectral_shift"],
+                                        "noise": spectral["detect/spectral_noise"]}
+        write_run_header(run_dir, cfg, st.epoch if resume else None, changes, resolved, inputs, device)
     metrics = Metrics(run_dir, dist_info.is_primary, cfg.log.tensorboard, cfg, st.step if resume else None)
     metrics.image("data/poisoned_samples", make_grid(data.poisoned_train[:64], nrow=8))
     if spectral and not resume:

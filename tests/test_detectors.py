@@ -208,6 +208,8 @@ def test_the_spectral_check_sees_a_class_wise_convolution_not_a_filter_on_every_
     clean = times(x)
     assert times(conv_blur(x, y, PoisonConfig(kind="conv_blur"), 10)) > 2 * clean
     assert abs(times(blurred) - clean) < 0.4 and abs(times(noisy) - clean) < 0.2
+    rng = torch.get_rng_state()
     assert spectral_noise(x, y, vy) == spectral_noise(x, y, vy) and spectral_noise(x, y, y) < 1e-9
+    assert torch.equal(torch.get_rng_state(), rng)  # its own generator: a run's draws are not moved
     with pytest.raises(ValueError, match="1 classes with at least 2 images"):
         spectral_shift(x, y, v[vy == 3], vy[vy == 3])

@@ -179,32 +179,54 @@ def test_a_warm_up_that_stays_trains_on_unfired_and_hands_over_when_its_trigger_
         == [(0, 0), (48, 1)]
 
 
-def test_a_spectral_check_over_its_threshold_ends_a_stage_that_would_stay_at_its_planned_length(tmp_path):
+def test_a_spectral_check_over_its_threshold_ends_a_stage_that_would_stay_at_its_planned_length(tmp_path, capsys):
     """trigger.spectral_check: the data check runs before training and is logged at step 0; over the threshold
     (1e-9 times the noise: any shift) the unfired warm-up ends at its planned length (step 32) as with otherwise =
-    "next", under it (1e9) the warm-up stays to the end; without a validation split the run is refused naming the
-    key, before anything is written."""
+    "next", under it (1e9) the warm-up stays to the end with the very weights of a run without the check; a run
+    stopped after epoch 1 and resumed takes the check's values from meta.json (logged once) and ends as the
+    uninterrupted run; without a validation split of 2 classes the run is refused naming the key, before anything
+    is written."""
     from pst_dist.config import ConfigError
 
-    def run(name, check, *more):
+    def cfg(name, check, *more):
         stages = (f'--schedule.stages=[{{name="a",epochs=1,trigger={{kind="train_acc",threshold=1.5,'
                   f'otherwise="stay",spectral_check={check}}}}},{{name="b",freeze=[0]}}]')
-        cfg = load_config(None, [*TINY, "--train.batch_size=8", "--schedule.check_every=4", stages, *more,
-                                 f"--log.run_dir={tmp_path / name}"])
-        train(cfg)
+        return load_config(None, [*TINY, "--train.batch_size=8", "--schedule.check_every=4", stages, *more,
+                                  f"--log.run_dir={tmp_path / name}"])
+
+    def rows(name):
         return [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
 
-    over, under = run("over", 1e-9), run("under", 1e9)
+    def weights(name):
+        return torch.load(tmp_path / name / "checkpoint.pt", weights_only=True)["model"]
+
+    for name, check in (("over", 1e-9), ("under", 1e9), ("off", 0)):
+        train(cfg(name, check))
+    over, under = rows("over"), rows("under")
     for logs, fired in ((over, 1.0), (under, 0.0)):
         first = next(r for r in logs if "detect/spectral_shift" in r)
         assert first["step"] == 0 and first["pst/spectral_check_fired"] == fired
         assert first["detect/spectral_shift"] > 0 and first["detect/spectral_noise"] > 0
     assert [(r["step"], r["pst/stage"]) for r in over if "pst/stage" in r and "epoch" not in r] == [(0, 0), (32, 1)]
     assert {r["pst/stage"] for r in under if "pst/stage" in r} == {0} and any("pst/stayed" in r for r in under)
+    a, b = weights("under"), weights("off")
+    assert all(torch.equal(a[k], b[k]) for k in a) and not any("detect/spectral_shift" in r for r in rows("off"))
+
+    part = cfg("part", 1e-9, "--train.checkpoint_every=1")
+    train(part, stop_after_epochs=1)
+    capsys.readouterr()
+    train(part, resume=True)
+    assert "spectral check (recorded at the run start)" in capsys.readouterr().out
+    assert len([r for r in rows("part") if "detect/spectral_shift" in r]) == 1
+    a, b = weights("over"), weights("part")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
     with pytest.raises(ConfigError, match=r"schedule.stages\[0\].trigger.spectral_check=4.0: spectral_shift: 0 "
                                           r"classes .*\(the validation split has 1 image;"):
-        run("refused", 4.0, "--data.val_size=1")
+        train(cfg("refused", 4.0, "--data.val_size=1"))
     assert not (tmp_path / "refused").exists()
+    with pytest.raises(ConfigError, match=r"spectral_check=4.0 with data.val_size=0"):
+        cfg("refused", 4.0, "--data.val_size=0")
 
 
 def test_a_trigger_fires_on_any_of_its_also_conditions_each_on_its_own_view(tmp_path):

@@ -25,23 +25,39 @@ def test_trajectory_reports_the_maximum_the_nearest_values_and_the_first_crossin
     assert row == "0.120 (80) | 0.070@40 / -0.020@100 | 40 / 80 / —"
 
 
-def test_spectral_lists_each_attacks_cached_poisons_and_measures_the_clean_split(tmp_path):
-    from pst_dist.config import load_config
-    from pst_dist.data.pipeline import build_data
-    from pst_dist.pst.detectors import spectral_noise, spectral_shift
+def test_spectral_lists_each_attacks_cached_poisons_and_measures_each_on_its_poison(tmp_path):
+    """poisons(): every attack's poisons/<attack>_seed<k> by seed (not a seed: left out), none first; spectral(): the
+    check on the clean split, and on a conv-blur store written by `pst-dist poison` the poisoned images' (more
+    class-wise filtered than the clean split's, the same as the check computed on those images directly)."""
+    import torch
 
-    from .conftest import TINY
+    from pst_dist.config import dump_toml, load_config
+    from pst_dist.data.pipeline import build_data
+    from pst_dist.matrix import cell_data_cfg
+    from pst_dist.pst.detectors import spectral_values
+
+    from .conftest import TINY, run_cli
 
     spec = importlib.util.spec_from_file_location("trigger_screen", ROOT / "launch" / "trigger_screen.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    for name in ("conv_blur_seed10", "conv_blur_seed2", "conv_blur_seed_old", "em_seed0"):
+    for name in ("conv_blur_seed10", "conv_blur_seed_old", "em_seed0"):
         (tmp_path / "poisons" / name).mkdir(parents=True)
+    args = [*TINY, "--data.synthetic_train=512", "--data.val_size=200"]
+    cfg_file = tmp_path / "tiny.toml"
+    cfg_file.write_text(dump_toml(load_config(None, [*args, "--poison.kind=conv_blur"])))
+    store = tmp_path / "poisons" / "conv_blur_seed2"
+    done = run_cli("poison", "--config", cfg_file, "--out", store)
+    assert done.returncode == 0, done.stderr
     found = mod.poisons(tmp_path, ["none", "conv_blur"])
     assert [(a, s) for a, s, _ in found] == [("none", None), ("conv_blur", 2), ("conv_blur", 10)]
-    assert found[1][2] == tmp_path / "poisons" / "conv_blur_seed2"
-    cfg = load_config(None, [*TINY, "--data.val_size=100"])
+    assert found[1][2] == store
+    cfg = load_config(None, args)
     s = build_data(cfg).splits
-    x, y = s.train.images, s.train.labels
-    assert mod.spectral(cfg, None) == (spectral_shift(x, y, s.val.images, s.val.labels),
-                                       spectral_noise(x, y, s.val.labels))
+    clean = mod.spectral(cfg, None)
+    assert clean == spectral_values(s.train.images, s.train.labels, s.val.images, s.val.labels)
+    poisoned = mod.spectral(cfg, store)
+    images = build_data(cell_data_cfg(cfg, str(store))).poisoned_train
+    assert not torch.equal(images, s.train.images)
+    assert poisoned == spectral_values(images, s.train.labels, s.val.images, s.val.labels)
+    assert poisoned[0] / poisoned[1] > 2 * clean[0] / clean[1]

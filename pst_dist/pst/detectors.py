@@ -76,13 +76,44 @@ def trigger_value(kind: str, metrics: dict[str, float], group: int, view_name: s
 
 
 @torch.no_grad()
-def _log_power(images: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
-    """log of the mean power spectrum (rfft2, every channel, DC left out) of uint8 images N x C x H x W in [0, 1]."""
+def _log_power(images: torch.Tensor) -> torch.Tensor:
+    """log of the mean power spectrum (rfft2 of every channel, DC left out) of uint8 images N x C x H x W, scaled to
+    [0, 1]; in chunks of about 64 MB of spectra, whatever the image size."""
+    chunk = max(1, (1 << 26) // (16 * images[0].numel()))
     total = None
     for i in range(0, len(images), chunk):
         p = torch.fft.rfft2(images[i:i + chunk].double() / 255).abs().square().sum((0, 1))
         total = p if total is None else total + p
     return torch.log(total.flatten()[1:] / (len(images) * images.shape[1]) + 1e-12)
+
+
+def _classes(labels: torch.Tensor, ref_labels: torch.Tensor) -> list[int]:
+    """The classes with at least 2 images in both sets; ValueError when fewer than 2 such classes."""
+    classes = [c for c in labels.unique().tolist()
+               if int((labels == c).sum()) >= 2 and int((ref_labels == c).sum()) >= 2]
+    if len(classes) < 2:
+        raise ValueError(f"spectral_shift: {len(classes)} classes with at least 2 images in both sets; needs 2")
+    return classes
+
+
+def _deviation(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean |a - b less its mean over the classes| of two classes x frequencies log spectra."""
+    d = a - b
+    return float((d - d.mean(0)).abs().mean())
+
+
+def _spectra(images: torch.Tensor, labels: torch.Tensor, classes: list[int]) -> torch.Tensor:
+    return torch.stack([_log_power(images[labels == c]) for c in classes])
+
+
+def _subset(labels: torch.Tensor, ref_labels: torch.Tensor, seed: int) -> torch.Tensor:
+    """Rows of a random subset of ``labels`` with as many of each class as ``ref_labels`` (its own generator)."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for c in labels.unique().tolist():
+        idx = (labels == c).nonzero().flatten()
+        rows.append(idx[torch.randperm(len(idx), generator=g)[:int((ref_labels == c).sum())]])
+    return torch.cat(rows)
 
 
 @torch.no_grad()
@@ -95,16 +126,13 @@ def spectral_shift(images: torch.Tensor, labels: torch.Tensor, ref_images: torch
     class's spectrum by its own kernel's response; an additive poison of a few /255 barely moves it. The classes with
     at least 2 images in both sets count; fewer than 2 such classes: ValueError. Sampling noise shrinks with the
     reference's images per class (Fashion-MNIST, 20,000 training images against 200 validation images per class:
-    clean 0.078, additive poisons 0.081-0.117, conv-blur 0.52-0.68; docs/results/pst_one_recipe.md section 33)."""
+    clean 0.078, additive poisons 0.081-0.117, conv-blur 0.52-0.68; docs/results/pst_one_recipe.md section 33). A
+    poison on part of the training set (poison.ratio < 1) moves the class means, and so the shift, less."""
     if images.shape[1:] != ref_images.shape[1:]:
         raise ValueError(f"spectral_shift: training images {tuple(images.shape[1:])} and reference images "
                          f"{tuple(ref_images.shape[1:])} differ in shape")
-    classes = [c for c in labels.unique().tolist()
-               if int((labels == c).sum()) >= 2 and int((ref_labels == c).sum()) >= 2]
-    if len(classes) < 2:
-        raise ValueError(f"spectral_shift: {len(classes)} classes with at least 2 images in both sets; needs 2")
-    d = torch.stack([_log_power(images[labels == c]) - _log_power(ref_images[ref_labels == c]) for c in classes])
-    return float((d - d.mean(0)).abs().mean())
+    classes = _classes(labels, ref_labels)
+    return _deviation(_spectra(images, labels, classes), _spectra(ref_images, ref_labels, classes))
 
 
 @torch.no_grad()
@@ -112,11 +140,27 @@ def spectral_noise(images: torch.Tensor, labels: torch.Tensor, ref_labels: torch
     """:func:`spectral_shift`'s sampling noise at the reference's size: the shift between ``images`` and a random
     subset of them with as many images of each class as ``ref_labels`` has (a fixed generator: the same subset on
     every rank and every resume; torch's global one untouched). Same data on both sides, so no filter: what is left
-    is how far a reference of that size strays by chance (Fashion-MNIST, 200 per class: 0.058-0.067)."""
-    g = torch.Generator().manual_seed(seed)
-    rows = []
-    for c in labels.unique().tolist():
-        idx = (labels == c).nonzero().flatten()
-        rows.append(idx[torch.randperm(len(idx), generator=g)[:int((ref_labels == c).sum())]])
-    sub = torch.cat(rows)
+    is how far a reference of that size strays by chance (Fashion-MNIST, 200 per class: 0.058-0.067). The subset is
+    drawn from the set it is compared with, so it strays a little less than an independent reference would (about
+    sqrt(1 - 200/2000) as far at 200 of 2000 per class)."""
+    sub = _subset(labels, ref_labels, seed)
     return spectral_shift(images, labels, images[sub], labels[sub])
+
+
+@torch.no_grad()
+def spectral_values(images: torch.Tensor, labels: torch.Tensor, ref_images: torch.Tensor,
+                    ref_labels: torch.Tensor, seed: int = 0) -> tuple[float, float]:
+    """(:func:`spectral_shift`, :func:`spectral_noise`) of the same sets, the training spectra computed once."""
+    if images.shape[1:] != ref_images.shape[1:]:
+        raise ValueError(f"spectral_shift: training images {tuple(images.shape[1:])} and reference images "
+                         f"{tuple(ref_images.shape[1:])} differ in shape")
+    classes = _classes(labels, ref_labels)
+    own = _spectra(images, labels, classes)
+    sub = _subset(labels, ref_labels, seed)
+    return (_deviation(own, _spectra(ref_images, ref_labels, classes)),
+            _deviation(own, _spectra(images[sub], labels[sub], classes)))
+
+
+def spectral_filter_found(shift: float, noise: float, threshold: float) -> bool:
+    """``trigger.spectral_check``'s rule: the shift exceeds ``threshold`` times its sampling noise."""
+    return shift > threshold * noise
