@@ -87,8 +87,13 @@ def _log_power(images: torch.Tensor) -> torch.Tensor:
     return torch.log(total.flatten()[1:] / (len(images) * images.shape[1]) + 1e-12)
 
 
-def _classes(labels: torch.Tensor, ref_labels: torch.Tensor) -> list[int]:
-    """The classes with at least 2 images in both sets; ValueError when fewer than 2 such classes."""
+def _classes(images: torch.Tensor, labels: torch.Tensor, ref_images: torch.Tensor,
+             ref_labels: torch.Tensor) -> list[int]:
+    """The classes with at least 2 images in both sets; ValueError when the images differ in shape or fewer than 2
+    such classes."""
+    if images.shape[1:] != ref_images.shape[1:]:
+        raise ValueError(f"spectral_shift: training images {tuple(images.shape[1:])} and reference images "
+                         f"{tuple(ref_images.shape[1:])} differ in shape")
     classes = [c for c in labels.unique().tolist()
                if int((labels == c).sum()) >= 2 and int((ref_labels == c).sum()) >= 2]
     if len(classes) < 2:
@@ -128,10 +133,7 @@ def spectral_shift(images: torch.Tensor, labels: torch.Tensor, ref_images: torch
     reference's images per class (Fashion-MNIST, 20,000 training images against 200 validation images per class:
     clean 0.078, additive poisons 0.081-0.117, conv-blur 0.52-0.68; docs/results/pst_one_recipe.md section 33). A
     poison on part of the training set (poison.ratio < 1) moves the class means, and so the shift, less."""
-    if images.shape[1:] != ref_images.shape[1:]:
-        raise ValueError(f"spectral_shift: training images {tuple(images.shape[1:])} and reference images "
-                         f"{tuple(ref_images.shape[1:])} differ in shape")
-    classes = _classes(labels, ref_labels)
+    classes = _classes(images, labels, ref_images, ref_labels)
     return _deviation(_spectra(images, labels, classes), _spectra(ref_images, ref_labels, classes))
 
 
@@ -151,10 +153,7 @@ def spectral_noise(images: torch.Tensor, labels: torch.Tensor, ref_labels: torch
 def spectral_values(images: torch.Tensor, labels: torch.Tensor, ref_images: torch.Tensor,
                     ref_labels: torch.Tensor, seed: int = 0) -> tuple[float, float]:
     """(:func:`spectral_shift`, :func:`spectral_noise`) of the same sets, the training spectra computed once."""
-    if images.shape[1:] != ref_images.shape[1:]:
-        raise ValueError(f"spectral_shift: training images {tuple(images.shape[1:])} and reference images "
-                         f"{tuple(ref_images.shape[1:])} differ in shape")
-    classes = _classes(labels, ref_labels)
+    classes = _classes(images, labels, ref_images, ref_labels)
     own = _spectra(images, labels, classes)
     sub = _subset(labels, ref_labels, seed)
     return (_deviation(own, _spectra(ref_images, ref_labels, classes)),
