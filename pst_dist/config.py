@@ -442,6 +442,12 @@ class ScheduleConfig:
         _check(self.check_every >= 0, f"schedule.check_every={self.check_every}: must be >= 0")
         check_eval_views("schedule.eval_views", self.eval_views)
 
+    def spectral_checks(self) -> dict[int, float]:
+        """{stage index: its ``trigger.spectral_check``} of the stages that check the data before training: all but
+        the last (which never stays) whose trigger sets one."""
+        return {i: st.trigger.spectral_check for i, st in enumerate(self.stages[:-1])
+                if st.trigger is not None and st.trigger.spectral_check > 0}
+
 
 @dataclass
 class TrainConfig:
@@ -825,11 +831,10 @@ class Config:
         _check(not (self.train.channels_last is True and self.deepspeed.enabled),
                "train.channels_last=true with deepspeed.enabled: DeepSpeed flattens parameters and needs them "
                "contiguous; leave train.channels_last=auto (off under DeepSpeed) or false")
-        checked = [i for i, st in enumerate(self.schedule.stages[:-1])
-                   if st.trigger is not None and st.trigger.spectral_check > 0]
-        if checked:  # what the data check needs, refused before any data is built (poisons crafted)
-            i = checked[0]
-            key = f"schedule.stages[{i}].trigger.spectral_check={self.schedule.stages[i].trigger.spectral_check}"
+        checks = self.schedule.spectral_checks()
+        if checks:  # what the data check needs, refused before any data is built (poisons crafted)
+            i = min(checks)
+            key = f"schedule.stages[{i}].trigger.spectral_check={checks[i]}"
             _check(self.data.val_size > 0, f"{key} with data.val_size=0: the check compares the training images "
                    f"with the validation split's")
             _check(self.data.stream is not True, f"{key} with data.stream=true: the check reads every training "

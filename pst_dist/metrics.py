@@ -115,20 +115,36 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def logged_at(path: Path, step: int) -> set:
+    """The (key, value) pairs of the scalars metrics.jsonl at ``path`` holds at ``step``."""
+    pairs = set()
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            row = json.loads(line)
+            if row.get("step") == step:
+                pairs |= {(k, v) for k, v in row.items() if k != "step" and isinstance(v, int | float)}
+    return pairs
+
+
 class Metrics:
     """Rank-0 writer; a no-op on other ranks. ``cfg``: the run's config, whose ``log.trackers`` are opened (and
     given the config once per run). ``resumed_at``: the step a resume continues from; TensorBoard then drops what
-    the run's earlier event files hold after it (``purge_step``), the steps this segment logs again. (What a segment
-    logs at or before that step is not purged: the sample grid at step 0, and ``pst/stage`` when a stage begins at
-    the checkpoint's epoch boundary, appear once more, with the same values.)"""
+    the run's earlier event files hold after it (``purge_step``), the steps this segment logs again. What the earlier
+    segments logged at that step itself is kept, so a value this segment logs again there (``pst/stage`` when a
+    stage begins at the checkpoint's epoch boundary) is written nowhere a second time; the caller leaves out what
+    only a fresh run logs (the sample grid at step 0)."""
 
     def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, cfg=None, resumed_at: int | None = None):
         self.enabled = enabled
         self.tb = None
         self._file = None
         self.trackers: list = []
+        self._resumed_at = resumed_at
+        self._logged_at_resume: set = set()  # (key, value) metrics.jsonl holds at the step a resume continues from
         if enabled:
             run_dir.mkdir(parents=True, exist_ok=True)
+            if resumed_at is not None:
+                self._logged_at_resume = logged_at(run_dir / "metrics.jsonl", resumed_at)
             self._file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
             if tensorboard:
                 from torch.utils.tensorboard import SummaryWriter  # tensorboard: start-up time, only when enabled
@@ -143,6 +159,11 @@ class Metrics:
     def log(self, step: int, values: dict[str, float]) -> None:
         if not self.enabled:
             return
+        if step == self._resumed_at:  # logged there by an earlier segment: once is enough
+            values = {k: v for k, v in values.items()
+                      if not (isinstance(v, int | float) and (k, v) in self._logged_at_resume)}
+            if not values:
+                return
         self._file.write(json.dumps({"step": step, **values}) + "\n")
         self._file.flush()
         scalars = {k: v for k, v in values.items() if isinstance(v, int | float)}

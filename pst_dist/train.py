@@ -329,17 +329,14 @@ class Run:
         return Path(self.cfg.log.run_dir)
 
 
-def spectral_check(cfg: Config, data: Data, recorded: dict | None = None,
-                   primary: bool = True) -> tuple[dict[str, float], frozenset[int]]:
+def spectral_check(cfg: Config, data: Data, recorded: dict | None = None) -> tuple[dict[str, float], frozenset[int]]:
     """The data check of the stages (all but the last, which never stays) whose ``trigger.spectral_check`` is set:
     ({"detect/spectral_shift": the training set's class-wise spectral shift against the validation split,
     "detect/spectral_noise": its sampling noise}, or {} when no stage asks; the stages whose threshold times the noise
     the shift exceeds, which then do not stay). A resume takes the values the run started with (meta.json's inputs,
     ``recorded``) rather than computing them again, so that its stages stay those it trained (another machine's
-    float rounding could move a value near the threshold)."""
-    last = len(cfg.schedule.stages) - 1
-    checks = {i: st.trigger.spectral_check for i, st in enumerate(cfg.schedule.stages)
-              if i < last and st.trigger is not None and st.trigger.spectral_check > 0}
+    float rounding could move a value near the threshold). Run on the primary rank only (``_on_every_rank``)."""
+    checks = cfg.schedule.spectral_checks()
     if not checks:
         return {}, frozenset()
     key = f"schedule.stages[{min(checks)}].trigger.spectral_check"
@@ -359,13 +356,12 @@ def spectral_check(cfg: Config, data: Data, recorded: dict | None = None,
             raise ConfigError(f"{key}={checks[min(checks)]}: {e} (the validation split has {len(val)} "
                               f"image{'s' * (len(val) != 1)}; data.val_size sets it)") from None
     no_stay = frozenset(i for i, t in checks.items() if spectral_filter_found(shift, noise, t))
-    if primary:
-        verdict = (f"a class-wise filter: stages {sorted(no_stay)} do not stay (unfired, they end at their planned "
-                   f"length)" if no_stay else "no class-wise filter: unfired stages stay")
-        times = shift / noise if noise else math.inf
-        print(f"[pst] spectral check{' (recorded at the run start)' * (then is not None)}, training vs validation "
-              f"images: shift {shift:.3f}, {times:.1f} times its sampling noise {noise:.3f} (threshold "
-              f"{', '.join(f'{t:g}' for t in checks.values())}): {verdict}", flush=True)
+    verdict = (f"a class-wise filter: stages {sorted(no_stay)} do not stay (unfired, they end at their planned "
+               f"length)" if no_stay else "no class-wise filter: unfired stages stay")
+    times = shift / noise if noise else math.inf
+    print(f"[pst] spectral check{' (recorded at the run start)' * (then is not None)}, training vs validation "
+          f"images: shift {shift:.3f}, {times:.1f} times its sampling noise {noise:.3f} (threshold "
+          f"{', '.join(f'{t:g}' for t in checks.values())}): {verdict}", flush=True)
     return {"detect/spectral_shift": shift, "detect/spectral_noise": noise}, no_stay
 
 
@@ -401,7 +397,7 @@ def build_run(cfg: Config, resume: bool, overwrite: bool, allow_changes: bool, d
     gm = trace_units(model, layer_groups(model, cfg.model.block_groups), data.poisoned_train[:2].to(device).float())
     total_steps = len(loader) * cfg.train.epochs
     # computed on rank 0, its values or its refusal on every rank: the ranks switch stages together
-    spectral, no_stay = _on_every_rank(lambda: spectral_check(cfg, data, recorded, dist_info.is_primary))
+    spectral, no_stay = _on_every_rank(lambda: spectral_check(cfg, data, recorded))
     schedule = Schedule(cfg.schedule.stages, gm.num_groups, len(loader), total_steps,  # validates group indices
                         no_stay)
     engine = build_engine(cfg, model, build_optimizer(cfg, model, gm), dist_info)
@@ -433,9 +429,10 @@ def build_run(cfg: Config, resume: bool, overwrite: bool, allow_changes: bool, d
                                         "noise": spectral["detect/spectral_noise"]}
         write_run_header(run_dir, cfg, st.epoch if resume else None, changes, resolved, inputs, device)
     metrics = Metrics(run_dir, dist_info.is_primary, cfg.log.tensorboard, cfg, st.step if resume else None)
-    metrics.image("data/poisoned_samples", make_grid(data.poisoned_train[:64], nrow=8))
-    if spectral and not resume:
-        metrics.log(0, {**spectral, "pst/spectral_check_fired": float(bool(no_stay))})
+    if not resume:  # a resume's run logged these at its start
+        metrics.image("data/poisoned_samples", make_grid(data.poisoned_train[:64], nrow=8))
+        if spectral:
+            metrics.log(0, {**spectral, "pst/spectral_check_fired": float(bool(no_stay))})
     return Run(cfg, dist_info, device, data, loader, gm, schedule, engine, normalize, autocast, probe, metrics, st)
 
 

@@ -50,6 +50,41 @@ def test_resume_mid_stage_is_bit_identical(tmp_path):
     assert full["stage_history"] == resumed["stage_history"] and full["test_curve"] == resumed["test_curve"]
 
 
+def test_a_resume_at_a_stage_boundary_logs_the_stage_and_the_sample_grid_once(tmp_path):
+    """The run entered its second stage at the step of its epoch-1 checkpoint, then lost what came after: the resume
+    from that checkpoint enters the stage again at the same step, and metrics.jsonl and TensorBoard hold pst/stage
+    at each step once, the sample grid once, as the uninterrupted run's do."""
+    import shutil
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    stages = '--schedule.stages=[{name="a",epochs=1},{name="b",freeze=[0]}]'
+    args = [*TINY, "--data.synthetic_train=128", stages, "--train.checkpoint_every=1"]
+
+    def save_epoch_1(epoch, *_):
+        if epoch == 1:
+            shutil.copy(tmp_path / "part" / "checkpoint.pt", tmp_path / "epoch1.pt")
+
+    train(load_config(None, [*args, f"--log.run_dir={tmp_path / 'full'}"]))
+    part = load_config(None, [*args, f"--log.run_dir={tmp_path / 'part'}"])
+    train(part, on_epoch=save_epoch_1)
+    shutil.copy(tmp_path / "epoch1.pt", tmp_path / "part" / "checkpoint.pt")  # as if epoch 2's had been lost
+    train(part, resume=True)
+
+    def stage_lines(run):
+        rows = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        return [(r["step"], r["pst/stage"]) for r in rows if "pst/stage" in r and "epoch" not in r]
+
+    assert stage_lines("part") == stage_lines("full") == [(0, 0), (4, 1)]
+
+    def tb(run):
+        acc = EventAccumulator(str(tmp_path / run / "tb"), size_guidance={"images": 0})
+        acc.Reload()
+        return sorted((e.step, e.value) for e in acc.Scalars("pst/stage")), len(acc.Images("data/poisoned_samples"))
+
+    assert tb("part") == tb("full") == ([(0, 0), (4, 0), (4, 1), (8, 1)], 1)  # entries and epoch ends, grid once
+
+
 def test_a_resume_on_other_kernels_says_so_and_meta_records_them(tmp_path, capsys):
     """meta.json records the vector instructions torch dispatched to; a resume with the same says nothing, one with
     others (the same machine told to use its plain C++ kernels: ATEN_CPU_CAPABILITY=default) trains on, says so on
