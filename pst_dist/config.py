@@ -328,6 +328,12 @@ class TriggerConfig(TriggerCondition):
     on part of the training set (poison.ratio < 1) moves the shift less; the threshold was read at ratio 1.
     Fashion-MNIST, 200 validation images per class: clean data 1.2 times the noise, additive poisons 1.3-2.0 (OPS
     the highest), conv-blur 8.2-10.2 (docs/results/pst_one_recipe.md, section 33)."""
+    spectral_repair: bool = False
+    """With ``spectral_check``: when the check finds a class-wise filter, the run also trains on the training images
+    with each class's mean power spectrum made the validation split's (a zero-phase gain per class and frequency, at
+    most 4: the filter's magnitude undone, its phase not; :func:`pst_dist.pst.detectors.equalize_spectra`), from the
+    first step to the last, probe and logged sample grid included; the stages run as the check decided. Fashion-
+    MNIST conv-blur, 3 seeds: docs/results/pst_one_recipe.md, section 34."""
     _where: typing.ClassVar[str] = "trigger."
 
     def __post_init__(self) -> None:
@@ -338,6 +344,9 @@ class TriggerConfig(TriggerCondition):
         _check(self.spectral_check == 0 or self.otherwise == "stay",
                f"trigger.spectral_check={self.spectral_check} with trigger.otherwise={self.otherwise!r}: the check "
                f"decides whether an unfired stage stays, so it needs otherwise = \"stay\"")
+        _check(not self.spectral_repair or self.spectral_check > 0,
+               f"trigger.spectral_repair={self.spectral_repair} with trigger.spectral_check={self.spectral_check}: "
+               f"the repair follows the check's finding; set spectral_check (e.g. 4)")
 
 
 @dataclass

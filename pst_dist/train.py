@@ -33,7 +33,7 @@ from .engine import DeepSpeedEngine, TorchEngine, build_engine
 from .io import read_json, write_atomic
 from .metrics import Metrics, git_sha, library_versions, machine_facts, meta_segments
 from .models import build_model
-from .pst.detectors import probe_metrics, spectral_filter_found, spectral_values, trigger_value
+from .pst.detectors import equalize_spectra, probe_metrics, spectral_filter_found, spectral_values, trigger_value
 from .pst.freeze import GroupedModel, param_groups, set_group_lrs, trace_units
 from .pst.groups import layer_groups
 from .pst.losses import stage_loss
@@ -365,6 +365,18 @@ def spectral_check(cfg: Config, data: Data, recorded: dict | None = None) -> tup
     return {"detect/spectral_shift": shift, "detect/spectral_noise": noise}, no_stay
 
 
+def spectral_repair(data: Data, is_primary: bool = True) -> Data:
+    """``data`` whose training images have each class's mean power spectrum made the validation split's
+    (``trigger.spectral_repair``; the same on every rank: a function of the images alone, on the CPU)."""
+    val, labels = data.splits.val, data.splits.train.labels
+    repaired = equalize_spectra(data.poisoned_train, labels, val.images, val.labels)
+    if is_primary:
+        moved = float((repaired != data.poisoned_train).float().mean())
+        print(f"[pst] spectral repair: each class's training spectrum made the validation split's ({moved:.0%} of "
+              f"the training pixels changed)", flush=True)
+    return dataclasses.replace(data, poisoned_train=repaired)
+
+
 def build_run(cfg: Config, resume: bool, overwrite: bool, allow_changes: bool, data: Data | None,
               loader) -> Run:
     """Validate the run directory, build data, loader, model, groups, schedule and engine, restore a checkpoint,
@@ -387,6 +399,13 @@ def build_run(cfg: Config, resume: bool, overwrite: bool, allow_changes: bool, d
     if resume:
         data = started_normalisation(recorded, data, dist_info.is_primary)
     resolved["data.stream"] = data.stream is not None
+    # computed on rank 0, its values or its refusal on every rank: the ranks switch stages together
+    spectral, no_stay = _on_every_rank(lambda: spectral_check(cfg, data, recorded))
+    if any(cfg.schedule.stages[i].trigger.spectral_repair for i in no_stay):
+        if loader is not None:
+            raise ConfigError("trigger.spectral_repair: the check found a class-wise filter, but the caller built "
+                              "the loader; let train() build it from the repaired images")
+        data = spectral_repair(data, dist_info.is_primary)
     s = data.splits
     run_dir = Path(cfg.log.run_dir)
     loader = loader or build_loader(cfg, data, dist_info, device)
@@ -396,8 +415,6 @@ def build_run(cfg: Config, resume: bool, overwrite: bool, allow_changes: bool, d
         model = model.to(memory_format=torch.channels_last)
     gm = trace_units(model, layer_groups(model, cfg.model.block_groups), data.poisoned_train[:2].to(device).float())
     total_steps = len(loader) * cfg.train.epochs
-    # computed on rank 0, its values or its refusal on every rank: the ranks switch stages together
-    spectral, no_stay = _on_every_rank(lambda: spectral_check(cfg, data, recorded))
     schedule = Schedule(cfg.schedule.stages, gm.num_groups, len(loader), total_steps,  # validates group indices
                         no_stay)
     engine = build_engine(cfg, model, build_optimizer(cfg, model, gm), dist_info)

@@ -41,7 +41,14 @@ import torch
 
 from pst_dist.config import load_config
 from pst_dist.data.pipeline import Normalize, build_data
-from pst_dist.pst.detectors import probe_metrics, scatter_ratio, spectral_noise, spectral_shift, trigger_value
+from pst_dist.pst.detectors import (
+    equalize_spectra,
+    probe_metrics,
+    scatter_ratio,
+    spectral_noise,
+    spectral_shift,
+    trigger_value,
+)
 from pst_dist.train import train
 
 from .conftest import TINY
@@ -213,3 +220,24 @@ def test_the_spectral_check_sees_a_class_wise_convolution_not_a_filter_on_every_
     assert torch.equal(torch.get_rng_state(), rng)  # its own generator: a run's draws are not moved
     with pytest.raises(ValueError, match="1 classes with at least 2 images"):
         spectral_shift(x, y, v[vy == 3], vy[vy == 3])
+
+
+def test_the_spectral_repair_undoes_a_class_wise_filters_magnitude_and_leaves_a_matching_set_as_it_is():
+    """equalize_spectra: what conv-blur adds to the class-wise shift against the validation split (over the clean
+    images' own, sampling noise) falls by more than half (measured on these 512 synthetic images: clean 0.173,
+    conv-blur 0.433, repaired 0.249); a set repaired against itself comes back pixel for pixel; a class with a single
+    reference image is left as it is; the result is uint8 of the same shape."""
+    from pst_dist.config import PoisonConfig
+    from pst_dist.poison.shortcuts import conv_blur
+
+    s = build_data(load_config(None, [*TINY, "--data.synthetic_train=512", "--data.val_size=200"])).splits
+    x, y, v, vy = s.train.images, s.train.labels, s.val.images, s.val.labels
+    blurred = conv_blur(x, y, PoisonConfig(kind="conv_blur"), 10)
+    repaired = equalize_spectra(blurred, y, v, vy)
+    assert repaired.dtype == torch.uint8 and repaired.shape == x.shape
+    clean = spectral_shift(x, y, v, vy)
+    assert spectral_shift(repaired, y, v, vy) - clean < 0.5 * (spectral_shift(blurred, y, v, vy) - clean)
+    assert torch.equal(equalize_spectra(x, y, x, y), x)
+    keep = (vy != 3) | (torch.arange(len(vy)) == (vy == 3).nonzero()[0])  # class 3: one reference image
+    once = equalize_spectra(blurred, y, v[keep], vy[keep])
+    assert torch.equal(once[y == 3], blurred[y == 3]) and not torch.equal(once[y == 2], blurred[y == 2])

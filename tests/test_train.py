@@ -220,12 +220,15 @@ def test_a_spectral_check_over_its_threshold_ends_a_stage_that_would_stay_at_its
     "next", under it (1e9) the warm-up stays to the end with the very weights of a run without the check; a run
     stopped after epoch 1 and resumed takes the check's values from meta.json (logged once) and ends as the
     uninterrupted run; without a validation split of 2 classes the run is refused naming the key, before anything
-    is written."""
+    is written. trigger.spectral_repair: over the threshold the run trains on the repaired images (other weights,
+    the same stages), under it on the images as they are (the weights of a run without the check); without a check,
+    refused."""
     from pst_dist.config import ConfigError
 
-    def cfg(name, check, *more):
+    def cfg(name, check, *more, repair=False):
         stages = (f'--schedule.stages=[{{name="a",epochs=1,trigger={{kind="train_acc",threshold=1.5,'
-                  f'otherwise="stay",spectral_check={check}}}}},{{name="b",freeze=[0]}}]')
+                  f'otherwise="stay",spectral_check={check},spectral_repair={str(repair).lower()}}}}},'
+                  f'{{name="b",freeze=[0]}}]')
         return load_config(None, [*TINY, "--train.batch_size=8", "--schedule.check_every=4", stages, *more,
                                   f"--log.run_dir={tmp_path / name}"])
 
@@ -237,6 +240,10 @@ def test_a_spectral_check_over_its_threshold_ends_a_stage_that_would_stay_at_its
 
     for name, check in (("over", 1e-9), ("under", 1e9), ("off", 0)):
         train(cfg(name, check))
+    capsys.readouterr()
+    for name, check in (("over_repaired", 1e-9), ("under_repaired", 1e9)):
+        train(cfg(name, check, repair=True))
+        assert ("spectral repair" in capsys.readouterr().out) == (check < 1)
     over, under = rows("over"), rows("under")
     for logs, fired in ((over, 1.0), (under, 0.0)):
         first = next(r for r in logs if "detect/spectral_shift" in r)
@@ -246,6 +253,10 @@ def test_a_spectral_check_over_its_threshold_ends_a_stage_that_would_stay_at_its
     assert {r["pst/stage"] for r in under if "pst/stage" in r} == {0} and any("pst/stayed" in r for r in under)
     a, b = weights("under"), weights("off")
     assert all(torch.equal(a[k], b[k]) for k in a) and not any("detect/spectral_shift" in r for r in rows("off"))
+    assert all(torch.equal(a[k], v) for k, v in weights("under_repaired").items())
+    a, b = weights("over"), weights("over_repaired")
+    assert not all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["pst/stage"] for r in rows("over_repaired") if "pst/stage" in r and "epoch" not in r] == [0, 1]
 
     part = cfg("part", 1e-9, "--train.checkpoint_every=1")
     train(part, stop_after_epochs=1)
@@ -262,6 +273,8 @@ def test_a_spectral_check_over_its_threshold_ends_a_stage_that_would_stay_at_its
     assert not (tmp_path / "refused").exists()
     with pytest.raises(ConfigError, match=r"spectral_check=4.0 with data.val_size=0"):
         cfg("refused", 4.0, "--data.val_size=0")
+    with pytest.raises(ConfigError, match=r"trigger.spectral_repair=True with trigger.spectral_check=0"):
+        cfg("refused", 0, repair=True)
 
 
 def test_a_trigger_fires_on_any_of_its_also_conditions_each_on_its_own_view(tmp_path):

@@ -75,16 +75,24 @@ def trigger_value(kind: str, metrics: dict[str, float], group: int, view_name: s
     return fn(metrics, group)
 
 
+def _chunk(images: torch.Tensor) -> int:
+    """Images per chunk for about 64 MB of complex128 spectra, whatever the image size."""
+    return max(1, (1 << 26) // (16 * images[0].numel()))
+
+
 @torch.no_grad()
+def _power(images: torch.Tensor) -> torch.Tensor:
+    """Mean power spectrum (C x H x W//2+1, float64; rfft2 of every channel) of uint8 images N x C x H x W, scaled
+    to [0, 1], in chunks."""
+    chunk = _chunk(images)
+    total = sum(torch.fft.rfft2(images[i:i + chunk].double() / 255).abs().square().sum(0)
+                for i in range(0, len(images), chunk))
+    return total / len(images)
+
+
 def _log_power(images: torch.Tensor) -> torch.Tensor:
-    """log of the mean power spectrum (rfft2 of every channel, DC left out) of uint8 images N x C x H x W, scaled to
-    [0, 1]; in chunks of about 64 MB of spectra, whatever the image size."""
-    chunk = max(1, (1 << 26) // (16 * images[0].numel()))
-    total = None
-    for i in range(0, len(images), chunk):
-        p = torch.fft.rfft2(images[i:i + chunk].double() / 255).abs().square().sum((0, 1))
-        total = p if total is None else total + p
-    return torch.log(total.flatten()[1:] / (len(images) * images.shape[1]) + 1e-12)
+    """log of the mean power spectrum over channels, DC left out, flattened."""
+    return torch.log(_power(images).mean(0).flatten()[1:] + 1e-12)
 
 
 def _classes(images: torch.Tensor, labels: torch.Tensor, ref_images: torch.Tensor,
@@ -163,3 +171,26 @@ def spectral_values(images: torch.Tensor, labels: torch.Tensor, ref_images: torc
 def spectral_filter_found(shift: float, noise: float, threshold: float) -> bool:
     """``trigger.spectral_check``'s rule: the shift exceeds ``threshold`` times its sampling noise."""
     return shift > threshold * noise
+
+
+@torch.no_grad()
+def equalize_spectra(images: torch.Tensor, labels: torch.Tensor, ref_images: torch.Tensor,
+                     ref_labels: torch.Tensor, max_gain: float = 4.0) -> torch.Tensor:
+    """``images`` (uint8 N x C x H x W) with each class's mean power spectrum made the same class's in
+    ``ref_images``: every image of class c filtered by the zero-phase gain sqrt(P_ref,c / P_c) per channel and
+    frequency (DC included; at most ``max_gain``, both spectra floored at 1e-3 of the reference's mean so that empty
+    frequencies are not amplified), rounded back to uint8. A class-wise convolution's magnitude is undone; its phase
+    (an asymmetric kernel's shift) is not. Classes with fewer than 2 images in either set are left as they are."""
+    out, chunk, size = images.clone(), _chunk(images), images.shape[-2:]
+    for c in _classes(images, labels, ref_images, ref_labels):
+        rows = (labels == c).nonzero().flatten()
+        p, pr = _power(images[rows]), _power(ref_images[ref_labels == c])
+        floor = 1e-3 * pr.mean()
+        gain = ((pr + floor) / (p + floor)).sqrt().clamp(max=max_gain)
+        for i in range(0, len(rows), chunk):
+            r = rows[i:i + chunk]
+            x = torch.fft.irfft2(torch.fft.rfft2(images[r].double() / 255) * gain, s=size)
+            out[r] = (x * 255).round().clamp(0, 255).to(torch.uint8)
+    return out
+
+
