@@ -221,8 +221,8 @@ def test_a_spectral_check_over_its_threshold_ends_a_stage_that_would_stay_at_its
     stopped after epoch 1 and resumed takes the check's values from meta.json (logged once) and ends as the
     uninterrupted run; without a validation split of 2 classes the run is refused naming the key, before anything
     is written. trigger.spectral_repair: over the threshold the run trains on the repaired images (other weights,
-    the same stages), under it on the images as they are (the weights of a run without the check); without a check,
-    refused."""
+    the same stages; the resume above repairs them again), under it on the images as they are (the weights of a run
+    without the check); without a check, refused."""
     from pst_dist.config import ConfigError
 
     def cfg(name, check, *more, repair=False):
@@ -258,13 +258,14 @@ def test_a_spectral_check_over_its_threshold_ends_a_stage_that_would_stay_at_its
     assert not all(torch.equal(a[k], b[k]) for k in a)
     assert [r["pst/stage"] for r in rows("over_repaired") if "pst/stage" in r and "epoch" not in r] == [0, 1]
 
-    part = cfg("part", 1e-9, "--train.checkpoint_every=1")
+    part = cfg("part", 1e-9, "--train.checkpoint_every=1", repair=True)
     train(part, stop_after_epochs=1)
     capsys.readouterr()
     train(part, resume=True)
-    assert "spectral check (recorded at the run start)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "spectral check (recorded at the run start)" in out and "spectral repair" in out
     assert len([r for r in rows("part") if "detect/spectral_shift" in r]) == 1
-    a, b = weights("over"), weights("part")
+    a, b = weights("over_repaired"), weights("part")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
     with pytest.raises(ConfigError, match=r"schedule.stages\[0\].trigger.spectral_check=4.0: spectral_shift: 0 "
