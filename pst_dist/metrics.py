@@ -115,24 +115,29 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def logged_at(path: Path, step: int) -> set:
-    """The (key, value) pairs of the scalars metrics.jsonl at ``path`` holds at ``step``."""
-    pairs = set()
+def _row(values: dict) -> str:
+    return json.dumps(values, sort_keys=True)
+
+
+def logged_at(path: Path, step: int) -> set[str]:
+    """The rows (less their step, as :func:`_row` writes them) metrics.jsonl at ``path`` holds at ``step``."""
+    rows = set()
     if path.is_file():
         for line in path.read_text(encoding="utf-8").splitlines():
             row = json.loads(line)
-            if row.get("step") == step:
-                pairs |= {(k, v) for k, v in row.items() if k != "step" and isinstance(v, int | float)}
-    return pairs
+            if row.pop("step", None) == step:
+                rows.add(_row(row))
+    return rows
 
 
 class Metrics:
     """Rank-0 writer; a no-op on other ranks. ``cfg``: the run's config, whose ``log.trackers`` are opened (and
     given the config once per run). ``resumed_at``: the step a resume continues from; TensorBoard then drops what
     the run's earlier event files hold after it (``purge_step``), the steps this segment logs again. What the earlier
-    segments logged at that step itself is kept, so a value this segment logs again there (``pst/stage`` when a
-    stage begins at the checkpoint's epoch boundary) is written nowhere a second time; the caller leaves out what
-    only a fresh run logs (the sample grid at step 0)."""
+    segments logged at that step itself is kept, so a row this segment logs again there, the same values
+    (``pst/stage`` when a stage begins at the checkpoint's epoch boundary), is written nowhere a second time
+    (:meth:`flush` before each checkpoint keeps TensorBoard's files as complete as metrics.jsonl); the caller leaves
+    out what only a fresh run logs (the sample grid at step 0)."""
 
     def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, cfg=None, resumed_at: int | None = None):
         self.enabled = enabled
@@ -140,7 +145,7 @@ class Metrics:
         self._file = None
         self.trackers: list = []
         self._resumed_at = resumed_at
-        self._logged_at_resume: set = set()  # (key, value) metrics.jsonl holds at the step a resume continues from
+        self._logged_at_resume: set[str] = set()  # the rows metrics.jsonl holds at the step a resume continues from
         if enabled:
             run_dir.mkdir(parents=True, exist_ok=True)
             if resumed_at is not None:
@@ -159,11 +164,8 @@ class Metrics:
     def log(self, step: int, values: dict[str, float]) -> None:
         if not self.enabled:
             return
-        if step == self._resumed_at:  # logged there by an earlier segment: once is enough
-            values = {k: v for k, v in values.items()
-                      if not (isinstance(v, int | float) and (k, v) in self._logged_at_resume)}
-            if not values:
-                return
+        if step == self._resumed_at and _row(values) in self._logged_at_resume:  # an earlier segment logged it
+            return
         self._file.write(json.dumps({"step": step, **values}) + "\n")
         self._file.flush()
         scalars = {k: v for k, v in values.items() if isinstance(v, int | float)}
@@ -172,6 +174,11 @@ class Metrics:
                 self.tb.add_scalar(k, v, step)
         for t in self.trackers:
             t.log(step, scalars)
+
+    def flush(self) -> None:
+        """Everything logged so far on disk (TensorBoard's writer otherwise flushes every 2 minutes)."""
+        if self.tb is not None:
+            self.tb.flush()
 
     def image(self, tag: str, grid: torch.Tensor, step: int = 0) -> None:
         if self.enabled and self.tb is not None:

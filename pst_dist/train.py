@@ -27,6 +27,7 @@ from tqdm import tqdm
 from .checkpoint import CheckpointError
 from .config import Config, ConfigError, auto_meaning, dump_toml
 from .data.pipeline import Data, Normalize, build_data, build_loader, check_same_folder
+from .data.sources import Fingerprint
 from .defenses import pgd_examples, step_seed, ueraser_loss, ueraser_repeats
 from .distributed import DistInfo, broadcast_buffers, build_device, init_distributed, mean_across_ranks, teardown
 from .engine import DeepSpeedEngine, TorchEngine, build_engine
@@ -365,16 +366,30 @@ def spectral_check(cfg: Config, data: Data, recorded: dict | None = None) -> tup
     return {"detect/spectral_shift": shift, "detect/spectral_noise": noise}, no_stay
 
 
-def spectral_repair(data: Data, is_primary: bool = True) -> Data:
-    """``data`` whose training images have each class's mean power spectrum made the validation split's
-    (``trigger.spectral_repair``; the same on every rank: a function of the images alone, on the CPU)."""
+def spectral_repair(data: Data, recorded: dict | None = None, is_primary: bool = True) -> tuple[Data, dict]:
+    """(``data`` whose training images have each class's mean power spectrum made the validation split's, what
+    meta.json's inputs record of it) for ``trigger.spectral_repair``. Each rank computes it from the same images; a
+    resume whose repaired images differ from those the run started with (``recorded``: another machine's rounding)
+    says so on stderr, as for other kernels, and trains on."""
+    if data.stream is not None or data.beton is not None:
+        raise ConfigError("trigger.spectral_repair: the repair rewrites every training image, but this run's "
+                          "training split is " + ("streamed from its folder (data.stream=false reads it into memory)"
+                                                  if data.stream is not None else "read from a .beton"))
     val, labels = data.splits.val, data.splits.train.labels
     repaired = equalize_spectra(data.poisoned_train, labels, val.images, val.labels)
+    changed = int(torch.count_nonzero(repaired != data.poisoned_train)) / repaired.numel()
+    digest = Fingerprint(repaired.shape)
+    digest.add(repaired)
+    info = {"changed": changed, "sha256": digest.hexdigest(labels)}
+    then = (recorded or {}).get("spectral_repair")
     if is_primary:
-        moved = float((repaired != data.poisoned_train).float().mean())
-        print(f"[pst] spectral repair: each class's training spectrum made the validation split's ({moved:.0%} of "
+        print(f"[pst] spectral repair: each class's training spectrum made the validation split's ({changed:.0%} of "
               f"the training pixels changed)", flush=True)
-    return dataclasses.replace(data, poisoned_train=repaired)
+        if then is not None and then.get("sha256") != info["sha256"]:
+            print(f"[resume] the repaired training images differ from those the run started with (sha256 "
+                  f"{info['sha256'][:12]} now, {then.get('sha256', '?')[:12]} then: this machine rounds the "
+                  f"repair otherwise); training on", file=sys.stderr)
+    return dataclasses.replace(data, poisoned_train=repaired), info
 
 
 def build_run(cfg: Config, resume: bool, overwrite: bool, allow_changes: bool, data: Data | None,
@@ -405,7 +420,9 @@ def build_run(cfg: Config, resume: bool, overwrite: bool, allow_changes: bool, d
         if loader is not None:
             raise ConfigError("trigger.spectral_repair: the check found a class-wise filter, but the caller built "
                               "the loader; let train() build it from the repaired images")
-        data = spectral_repair(data, dist_info.is_primary)
+        data, repair = spectral_repair(data, recorded, dist_info.is_primary)
+    else:
+        repair = None
     s = data.splits
     run_dir = Path(cfg.log.run_dir)
     loader = loader or build_loader(cfg, data, dist_info, device)
@@ -444,12 +461,15 @@ def build_run(cfg: Config, resume: bool, overwrite: bool, allow_changes: bool, d
         if spectral:  # a resume takes the check's values from here (spectral_check)
             inputs["spectral_check"] = {"shift": spectral["detect/spectral_shift"],
                                         "noise": spectral["detect/spectral_noise"]}
+        if repair is not None:  # ... and compares its repaired images with these (spectral_repair)
+            inputs["spectral_repair"] = repair
         write_run_header(run_dir, cfg, st.epoch if resume else None, changes, resolved, inputs, device)
     metrics = Metrics(run_dir, dist_info.is_primary, cfg.log.tensorboard, cfg, st.step if resume else None)
     if not resume:  # a resume's run logged these at its start
         metrics.image("data/poisoned_samples", make_grid(data.poisoned_train[:64], nrow=8))
         if spectral:
-            metrics.log(0, {**spectral, "pst/spectral_check_fired": float(bool(no_stay))})
+            repaired = {} if repair is None else {"pst/spectral_repair_changed": repair["changed"]}
+            metrics.log(0, {**spectral, "pst/spectral_check_fired": float(bool(no_stay)), **repaired})
     return Run(cfg, dist_info, device, data, loader, gm, schedule, engine, normalize, autocast, probe, metrics, st)
 
 
@@ -630,6 +650,7 @@ def train(cfg: Config, resume: bool = False, data: Data | None = None, loader=No
         st.records.append({k: v for k, v in logs.items() if isinstance(v, int | float)})
         st.epoch = epoch + 1
         if last or (cfg.train.checkpoint_every and (epoch + 1) % cfg.train.checkpoint_every == 0):
+            r.metrics.flush()  # what a resume from this checkpoint finds logged (Metrics' resumed_at)
             r.engine.save(r.run_dir, st.to_dict(), cfg.model.name, r.dist.is_primary)
             st.saved_epoch = epoch + 1
         if on_epoch is not None:

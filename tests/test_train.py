@@ -221,8 +221,9 @@ def test_a_spectral_check_over_its_threshold_ends_a_stage_that_would_stay_at_its
     stopped after epoch 1 and resumed takes the check's values from meta.json (logged once) and ends as the
     uninterrupted run; without a validation split of 2 classes the run is refused naming the key, before anything
     is written. trigger.spectral_repair: over the threshold the run trains on the repaired images (other weights,
-    the same stages; the resume above repairs them again), under it on the images as they are (the weights of a run
-    without the check); without a check, refused."""
+    the same stages, recorded in meta.json; the resume above repairs them again and says so when they differ from
+    the recorded ones), under it on the images as they are (the weights of a run without the check); without a
+    check, refused."""
     from pst_dist.config import ConfigError
 
     def cfg(name, check, *more, repair=False):
@@ -258,12 +259,21 @@ def test_a_spectral_check_over_its_threshold_ends_a_stage_that_would_stay_at_its
     assert not all(torch.equal(a[k], b[k]) for k in a)
     assert [r["pst/stage"] for r in rows("over_repaired") if "pst/stage" in r and "epoch" not in r] == [0, 1]
 
+    repaired = json.loads((tmp_path / "over_repaired" / "meta.json").read_text())["inputs"]["spectral_repair"]
+    assert 0 < repaired["changed"] < 1 and len(repaired["sha256"]) == 64
+    assert next(r for r in rows("over_repaired") if "detect/spectral_shift" in r)["pst/spectral_repair_changed"] \
+        == repaired["changed"]
     part = cfg("part", 1e-9, "--train.checkpoint_every=1", repair=True)
     train(part, stop_after_epochs=1)
+    meta = json.loads((tmp_path / "part" / "meta.json").read_text())
+    assert meta["inputs"]["spectral_repair"] == repaired  # the same images as the uninterrupted run's
+    meta["inputs"]["spectral_repair"]["sha256"] = "0" * 64  # as if another machine had rounded the repair otherwise
+    (tmp_path / "part" / "meta.json").write_text(json.dumps(meta))
     capsys.readouterr()
     train(part, resume=True)
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert "spectral check (recorded at the run start)" in out and "spectral repair" in out
+    assert "repaired training images differ from those the run started with" in err and "000000000000 then" in err
     assert len([r for r in rows("part") if "detect/spectral_shift" in r]) == 1
     a, b = weights("over_repaired"), weights("part")
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -177,10 +177,11 @@ def spectral_filter_found(shift: float, noise: float, threshold: float) -> bool:
 def equalize_spectra(images: torch.Tensor, labels: torch.Tensor, ref_images: torch.Tensor,
                      ref_labels: torch.Tensor, max_gain: float = 4.0) -> torch.Tensor:
     """``images`` (uint8 N x C x H x W) with each class's mean power spectrum made the same class's in
-    ``ref_images``: every image of class c filtered by the zero-phase gain sqrt(P_ref,c / P_c) per channel and
-    frequency (DC included; at most ``max_gain``, both spectra floored at 1e-3 of the reference's mean so that empty
-    frequencies are not amplified), rounded back to uint8. A class-wise convolution's magnitude is undone; its phase
-    (an asymmetric kernel's shift) is not. Classes with fewer than 2 images in either set are left as they are."""
+    ``ref_images``: every image of class c filtered by the zero-phase gain sqrt((P_ref,c + e) / (P_c + e)) per
+    channel and frequency (DC included; at most ``max_gain``; e = 1e-3 of the reference's mean power, so that nearly
+    empty frequencies are not amplified), rounded back to uint8. A class-wise convolution's magnitude is undone; its
+    phase (an asymmetric kernel's shift) is not. Classes with fewer than 2 images in either set are left as they
+    are; fewer than 2 such classes: ValueError (:func:`spectral_shift`'s rule)."""
     out, chunk, size = images.clone(), _chunk(images), images.shape[-2:]
     for c in _classes(images, labels, ref_images, ref_labels):
         rows = (labels == c).nonzero().flatten()
