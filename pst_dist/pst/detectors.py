@@ -193,5 +193,3 @@ def equalize_spectra(images: torch.Tensor, labels: torch.Tensor, ref_images: tor
             x = torch.fft.irfft2(torch.fft.rfft2(images[r].double() / 255) * gain, s=size)
             out[r] = (x * 255).round().clamp(0, 255).to(torch.uint8)
     return out
-
-
