@@ -119,37 +119,26 @@ def _row(values: dict) -> str:
     return json.dumps(values, sort_keys=True)
 
 
-def logged_at(path: Path, step: int) -> set[str]:
-    """The rows (less their step, as :func:`_row` writes them) metrics.jsonl at ``path`` holds at ``step``."""
-    rows = set()
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            row = json.loads(line)
-            if row.pop("step", None) == step:
-                rows.add(_row(row))
-    return rows
-
-
 class Metrics:
     """Rank-0 writer; a no-op on other ranks. ``cfg``: the run's config, whose ``log.trackers`` are opened (and
-    given the config once per run). ``resumed_at``: the step a resume continues from; TensorBoard then drops what
+    given the config once per run). ``resumed_at``: the step a resume continues from, and ``logged``: the rows
+    metrics.jsonl holds there (:func:`pst_dist.rundir.keep_metrics_until`); TensorBoard then drops what
     the run's earlier event files hold after it (``purge_step``), the steps this segment logs again. What the earlier
     segments logged at that step itself is kept, so a row this segment logs again there, the same values
     (``pst/stage`` when a stage begins at the checkpoint's epoch boundary), is written nowhere a second time
     (:meth:`flush` before each checkpoint keeps TensorBoard's files as complete as metrics.jsonl); the caller leaves
     out what only a fresh run logs (the sample grid at step 0)."""
 
-    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, cfg=None, resumed_at: int | None = None):
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, cfg=None, resumed_at: int | None = None,
+                 logged: list[dict] = ()):
         self.enabled = enabled
         self.tb = None
         self._file = None
         self.trackers: list = []
         self._resumed_at = resumed_at
-        self._logged_at_resume: set[str] = set()  # the rows metrics.jsonl holds at the step a resume continues from
+        self._logged_at_resume = {_row({k: v for k, v in r.items() if k != "step"}) for r in logged}
         if enabled:
             run_dir.mkdir(parents=True, exist_ok=True)
-            if resumed_at is not None:
-                self._logged_at_resume = logged_at(run_dir / "metrics.jsonl", resumed_at)
             self._file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
             if tensorboard:
                 from torch.utils.tensorboard import SummaryWriter  # tensorboard: start-up time, only when enabled

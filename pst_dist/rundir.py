@@ -114,22 +114,26 @@ def remove_run_files(run_dir: Path) -> list[str]:
     return removed
 
 
-def keep_metrics_until(run_dir: Path, step: int) -> None:
+def keep_metrics_until(run_dir: Path, step: int) -> list[dict]:
     """On resume: drop metrics.jsonl lines logged after the checkpoint's step (they are logged again), so the file
-    holds each step once."""
-    keep_lines_until(run_dir / "metrics.jsonl", "step", step)
+    holds each step once; the rows it keeps at that step itself (:class:`pst_dist.metrics.Metrics` does not log
+    them again)."""
+    return [r for r in keep_lines_until(run_dir / "metrics.jsonl", "step", step) if r.get("step") == step]
 
 
-def keep_lines_until(f: Path, key: str, last: int) -> None:
+def keep_lines_until(f: Path, key: str, last: int) -> list[dict]:
     """Drop the lines of the JSON-lines file ``f`` whose ``key`` is past ``last`` (a resumed or restored run writes
-    them again), and lines torn by a kill; nothing when ``f`` does not exist."""
+    them again), and lines torn by a kill; nothing when ``f`` does not exist. The rows kept."""
     if not f.is_file():
-        return
-    kept = []
+        return []
+    kept, rows = [], []
     for line in f.read_text(encoding="utf-8").splitlines():
         try:
-            if json.loads(line).get(key, 0) <= last:
-                kept.append(line + "\n")
+            row = json.loads(line)
         except json.JSONDecodeError:  # a line torn by a kill: the run logs it again
             continue
+        if row.get(key, 0) <= last:
+            kept.append(line + "\n")
+            rows.append(row)
     write_atomic(f, "".join(kept))
+    return rows

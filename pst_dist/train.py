@@ -27,7 +27,7 @@ from tqdm import tqdm
 from .checkpoint import CheckpointError
 from .config import Config, ConfigError, auto_meaning, dump_toml
 from .data.pipeline import Data, Normalize, build_data, build_loader, check_same_folder
-from .data.sources import Fingerprint
+from .data.sources import Split, fingerprint
 from .defenses import pgd_examples, step_seed, ueraser_loss, ueraser_repeats
 from .distributed import DistInfo, broadcast_buffers, build_device, init_distributed, mean_across_ranks, teardown
 from .engine import DeepSpeedEngine, TorchEngine, build_engine
@@ -330,6 +330,14 @@ class Run:
         return Path(self.cfg.log.run_dir)
 
 
+def refuse_unless_in_memory(data: Data, what: str) -> None:
+    """ConfigError (``what``, then why) when the training split is not in memory: streamed or in a .beton."""
+    if data.stream is not None or data.beton is not None:
+        where = ("streamed from its folder (data.stream=false reads it into memory)" if data.stream is not None
+                 else "read from a .beton (train from the data set's own source instead)")
+        raise ConfigError(f"{what}, but this run's training split is {where}")
+
+
 def spectral_check(cfg: Config, data: Data, recorded: dict | None = None) -> tuple[dict[str, float], frozenset[int]]:
     """The data check of the stages (all but the last, which never stays) whose ``trigger.spectral_check`` is set:
     ({"detect/spectral_shift": the training set's class-wise spectral shift against the validation split,
@@ -345,11 +353,7 @@ def spectral_check(cfg: Config, data: Data, recorded: dict | None = None) -> tup
     if then is not None:
         shift, noise = then["shift"], then["noise"]
     else:
-        if data.stream is not None or data.beton is not None:
-            where = ("streamed from its folder (data.stream=false reads it into memory)" if data.stream is not None
-                     else "read from a .beton (train from the data set's own source instead)")
-            raise ConfigError(f"{key}={checks[min(checks)]}: the check reads every training image, but this run's "
-                              f"training split is {where}")
+        refuse_unless_in_memory(data, f"{key}={checks[min(checks)]}: the check reads every training image")
         val = data.splits.val
         try:
             shift, noise = spectral_values(data.poisoned_train, data.splits.train.labels, val.images, val.labels)
@@ -371,16 +375,11 @@ def spectral_repair(data: Data, recorded: dict | None = None, is_primary: bool =
     meta.json's inputs record of it) for ``trigger.spectral_repair``. Each rank computes it from the same images; a
     resume whose repaired images differ from those the run started with (``recorded``: another machine's rounding)
     says so on stderr, as for other kernels, and trains on."""
-    if data.stream is not None or data.beton is not None:
-        raise ConfigError("trigger.spectral_repair: the repair rewrites every training image, but this run's "
-                          "training split is " + ("streamed from its folder (data.stream=false reads it into memory)"
-                                                  if data.stream is not None else "read from a .beton"))
+    refuse_unless_in_memory(data, "trigger.spectral_repair: the repair rewrites every training image")
     val, labels = data.splits.val, data.splits.train.labels
     repaired = equalize_spectra(data.poisoned_train, labels, val.images, val.labels)
     changed = int(torch.count_nonzero(repaired != data.poisoned_train)) / repaired.numel()
-    digest = Fingerprint(repaired.shape)
-    digest.add(repaired)
-    info = {"changed": changed, "sha256": digest.hexdigest(labels)}
+    info = {"changed": changed, "sha256": fingerprint(Split(repaired, labels))}
     then = (recorded or {}).get("spectral_repair")
     if is_primary:
         print(f"[pst] spectral repair: each class's training spectrum made the validation split's ({changed:.0%} of "
@@ -416,13 +415,12 @@ def build_run(cfg: Config, resume: bool, overwrite: bool, allow_changes: bool, d
     resolved["data.stream"] = data.stream is not None
     # computed on rank 0, its values or its refusal on every rank: the ranks switch stages together
     spectral, no_stay = _on_every_rank(lambda: spectral_check(cfg, data, recorded))
+    repair = None  # what meta.json records of the repair, when there is one
     if any(cfg.schedule.stages[i].trigger.spectral_repair for i in no_stay):
         if loader is not None:
             raise ConfigError("trigger.spectral_repair: the check found a class-wise filter, but the caller built "
                               "the loader; let train() build it from the repaired images")
         data, repair = spectral_repair(data, recorded, dist_info.is_primary)
-    else:
-        repair = None
     s = data.splits
     run_dir = Path(cfg.log.run_dir)
     loader = loader or build_loader(cfg, data, dist_info, device)
@@ -452,11 +450,12 @@ def build_run(cfg: Config, resume: bool, overwrite: bool, allow_changes: bool, d
         if st.epoch > cfg.train.epochs:
             raise RunDirError(f"--resume: train.epochs={cfg.train.epochs} but {run_dir} already trained "
                               f"{st.epoch} epochs")
+    logged: list[dict] = []  # the rows metrics.jsonl holds at the resumed step
     if dist_info.is_primary:  # only now that every input has been validated
         if overwrite:
             remove_run_files(run_dir)
         if resume:
-            keep_metrics_until(run_dir, st.step)
+            logged = keep_metrics_until(run_dir, st.step)
         inputs = model_inputs(data)
         if spectral:  # a resume takes the check's values from here (spectral_check)
             inputs["spectral_check"] = {"shift": spectral["detect/spectral_shift"],
@@ -464,7 +463,7 @@ def build_run(cfg: Config, resume: bool, overwrite: bool, allow_changes: bool, d
         if repair is not None:  # ... and compares its repaired images with these (spectral_repair)
             inputs["spectral_repair"] = repair
         write_run_header(run_dir, cfg, st.epoch if resume else None, changes, resolved, inputs, device)
-    metrics = Metrics(run_dir, dist_info.is_primary, cfg.log.tensorboard, cfg, st.step if resume else None)
+    metrics = Metrics(run_dir, dist_info.is_primary, cfg.log.tensorboard, cfg, st.step if resume else None, logged)
     if not resume:  # a resume's run logged these at its start
         metrics.image("data/poisoned_samples", make_grid(data.poisoned_train[:64], nrow=8))
         if spectral:
