@@ -1,5 +1,5 @@
 """``pst-dist`` command line: train, demo, tune, poison, bench, diagnose, eval, export, keys, show-config, report,
-write-beton."""
+compare, write-beton."""
 
 from __future__ import annotations
 
@@ -204,6 +204,17 @@ def cmd_report(args: argparse.Namespace, rest: list[str]) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace, rest: list[str]) -> int:
+    """Two bench outputs, paired by (attack, seed); the worst-case validation rule with a margin."""
+    from .compare import compare, format_comparison  # start-up time: each command imports only what it runs
+
+    if rest:
+        raise ConfigError(f"unexpected argument {rest[0]!r}")
+    attacks = [x.strip() for x in args.attacks.split(",") if x.strip()] if args.attacks else None
+    print(format_comparison(compare(args.a, args.b, args.defense, args.margin, attacks)))
+    return 0
+
+
 def _run_checkpoint_args(p: argparse.ArgumentParser) -> None:
     """eval's and export's --run and --checkpoint."""
     p.add_argument("--run", required=True, help="the run directory (its config.toml, meta.json and checkpoint)")
@@ -286,6 +297,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("runs")
     p.add_argument("--plot", help="also write a PNG of the test-accuracy curves here")
     p.set_defaults(fn=cmd_report)
+    p = sub.add_parser("compare", help="two bench outputs side by side, paired by (attack, seed): does recipe B beat "
+                       "recipe A on the worst case over attacks by --margin points of validation accuracy? (test "
+                       "printed, report only)")
+    p.add_argument("a", help="the incumbent: a `pst-dist bench` output directory (or its results.csv)")
+    p.add_argument("b", help="the challenger: another bench output directory (or its results.csv)")
+    p.add_argument("--defense", default="pst", help="the defense compared (default pst)")
+    p.add_argument("--margin", type=float, default=0.5, help="points of worst-case validation accuracy B must gain "
+                   "to be adopted (default 0.5, about one seed's spread over three)")
+    p.add_argument("--attacks", help="only these attacks, comma-separated (e.g. the cells where the recipes differ)")
+    p.set_defaults(fn=cmd_compare)
     args, rest = parser.parse_known_args(argv)
     try:
         return args.fn(args, rest)

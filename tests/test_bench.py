@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from pst_dist.compare import compare, format_comparison
 from pst_dist.metrics import describe_machine, machine_facts
 from tests.conftest import run_cli_in_process
 from tests.test_tune import OwnRay
@@ -78,6 +79,15 @@ def test_bench_matrix_tables_heatmap_and_resume(tiny_pool_bench):
     again = list(csv.DictReader((out / "results.csv").open()))
     assert again == rows
     assert machine in (out / "results.md").read_text()  # the resumed cell counted once
+
+
+def test_compare_reads_the_benchs_own_results(tiny_pool_bench):
+    """`pst-dist compare` on a real bench output (tests/test_compare.py has hand-written ones)."""
+    out = tiny_pool_bench[0]
+    c = compare(out, out / "results.csv", defense="standard")
+    assert [(r.attack, r.seeds) for r in c.rows] == [("classwise_noise", [0, 1]), ("em", [0, 1])]
+    assert not c.adopt_b and compare(out, out, margin=0).adopt_b  # no gain: kept at any margin but 0
+    assert "B − A +0.00" in format_comparison(c)
 
 
 def test_results_md_says_when_cells_were_computed_on_several_machines(tmp_path):

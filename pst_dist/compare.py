@@ -1,0 +1,162 @@
+"""``pst-dist compare``: two ``pst-dist bench`` outputs side by side, paired by (attack, seed), and the adoption rule
+with a margin: does recipe B beat recipe A on the worst case over attacks by at least ``margin`` points of
+validation accuracy?
+
+Only validation decides. Test accuracy is printed beside it, reported only: a recipe chosen on the test split has
+its test figures inflated by the choice. Seeds are paired, so both sides' means are over the same (attack, seed)
+cells; cells only one side has are named and left out.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+from .data.sources import DataError
+
+
+@dataclass(frozen=True)
+class Cell:
+    final_test: float
+    peak_test: float
+    val: float | None  # final validation accuracy; None where the bench has none (early_stop)
+
+
+@dataclass(frozen=True)
+class AttackRow:
+    attack: str
+    seeds: list[int]
+    val_a: list[float]
+    val_b: list[float]
+    test_a: list[float]
+    test_b: list[float]
+
+    @property
+    def diffs(self) -> list[float]:
+        return [b - a for a, b in zip(self.val_a, self.val_b, strict=True)]
+
+
+@dataclass(frozen=True)
+class Comparison:
+    a: str
+    b: str
+    defense: str
+    margin: float
+    rows: list[AttackRow]
+    unpaired: list[str]  # "attack seed k (only in A)" for the cells left out
+
+    def worst(self, side: str) -> tuple[str, float]:
+        """(attack, mean validation accuracy) of the attack where ``side`` ("a" or "b") is worst."""
+        return min(((r.attack, statistics.mean(r.val_a if side == "a" else r.val_b)) for r in self.rows),
+                   key=lambda x: x[1])
+
+    @property
+    def adopt_b(self) -> bool:
+        """B's worst-case mean validation accuracy beats A's by at least the margin (fractions, margin in points)."""
+        return 100 * (self.worst("b")[1] - self.worst("a")[1]) >= self.margin - 1e-9
+
+
+def read_results(path: Path) -> dict[tuple[str, str, int], Cell]:
+    """{(attack, defense, seed): Cell} from a bench's results.csv (``path`` is the file or the bench.out holding
+    it)."""
+    path = Path(path)
+    csv_path = path / "results.csv" if path.is_dir() else path
+    if not csv_path.is_file():
+        raise DataError(f"{csv_path}: no such results.csv (give a `pst-dist bench` output directory or its "
+                        f"results.csv)")
+    want = {"attack", "defense", "seed", "final_test_acc", "peak_test_acc", "final_val_acc"}
+    with csv_path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        if missing := want - set(reader.fieldnames or []):
+            raise DataError(f"{csv_path}: not a bench results.csv (columns {sorted(missing)} missing)")
+        cells = {}
+        for i, row in enumerate(reader, start=2):
+            try:
+                key = (row["attack"], row["defense"], int(row["seed"]))
+                val = float(row["final_val_acc"]) if row["final_val_acc"] else None
+                cells[key] = Cell(float(row["final_test_acc"]), float(row["peak_test_acc"]), val)
+            except (TypeError, ValueError) as e:
+                raise DataError(f"{csv_path} line {i}: {e}") from None
+    return cells
+
+
+def compare(a: str | Path, b: str | Path, defense: str = "pst", margin: float = 0.5,
+            attacks: list[str] | None = None) -> Comparison:
+    """Pair the cells of ``defense`` that both bench outputs hold (optionally only ``attacks``) and compare them."""
+    if not math.isfinite(margin) or margin < 0:
+        raise DataError(f"--margin {margin}: give a number of percentage points >= 0")
+    ca, cb = read_results(Path(a)), read_results(Path(b))
+    side = {"A": ca, "B": cb}
+    for name, cells in side.items():
+        if not any(d == defense for _, d, _ in cells):
+            have = sorted({d for _, d, _ in cells})
+            raise DataError(f"{name} ({a if name == 'A' else b}) has no cells of defense {defense!r} (it has "
+                            f"{', '.join(have) or 'none'})")
+    keys_a = {(x, s) for x, d, s in ca if d == defense}
+    keys_b = {(x, s) for x, d, s in cb if d == defense}
+    if attacks is not None:
+        if unknown := [x for x in attacks if x not in {k[0] for k in keys_a | keys_b}]:
+            raise DataError(f"--attacks {','.join(unknown)}: no such attack in either bench output")
+        keys_a = {k for k in keys_a if k[0] in attacks}
+        keys_b = {k for k in keys_b if k[0] in attacks}
+    unpaired = [f"{x} seed {s} (only in {'A' if (x, s) in keys_a else 'B'})" for x, s in sorted(keys_a ^ keys_b)]
+    paired = sorted(keys_a & keys_b)
+    if not paired:
+        raise DataError(f"A and B have no (attack, seed) cell of defense {defense!r} in common")
+    rows = []
+    for x in dict.fromkeys(k[0] for k in sorted(paired, key=lambda k: list(ca).index((k[0], defense, k[1])))):
+        seeds = [s for k, s in paired if k == x]
+        pa = [ca[(x, defense, s)] for s in seeds]
+        pb = [cb[(x, defense, s)] for s in seeds]
+        if any(c.val is None for c in pa + pb):
+            raise DataError(f"defense {defense!r} has no validation accuracy for {x} (early_stop reads test at the "
+                            f"best validation epoch): compare chooses on validation only")
+        rows.append(AttackRow(x, seeds, [c.val for c in pa], [c.val for c in pb], [c.final_test for c in pa],
+                              [c.final_test for c in pb]))
+    return Comparison(str(a), str(b), defense, margin, rows, unpaired)
+
+
+def _pct(xs: list[float]) -> str:
+    return f"{100 * statistics.mean(xs):.2f}"
+
+
+def _diff(xs: list[float]) -> str:
+    m = 100 * statistics.mean(xs)
+    return f"{m:+.2f}" + (f" ± {100 * statistics.stdev(xs):.2f}" if len(xs) > 1 else "")
+
+
+def paired_t(diffs: list[float]) -> float | None:
+    """Student's t of the mean paired difference (None for fewer than 2 pairs or no spread)."""
+    if len(diffs) < 2 or (sd := statistics.stdev(diffs)) == 0:
+        return None
+    return statistics.mean(diffs) / (sd / math.sqrt(len(diffs)))
+
+
+def format_comparison(c: Comparison) -> str:
+    """Markdown: the paired table, the worst case of each side, all pairs pooled, and the decision."""
+    lines = [f"A: {c.a}", f"B: {c.b}", f"defense {c.defense}; cells paired by (attack, seed); accuracy in %", "",
+             "| attack | seeds | A val | B val | B − A val (mean ± std over seeds) | B better / worse | "
+             "A test (report only) | B test (report only) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in c.rows:
+        d = r.diffs
+        seeds = ",".join(map(str, r.seeds))
+        lines.append(f"| {r.attack} | {seeds} | {_pct(r.val_a)} | {_pct(r.val_b)} | {_diff(d)} | "
+                     f"{sum(x > 0 for x in d)} / {sum(x < 0 for x in d)} | {_pct(r.test_a)} | {_pct(r.test_b)} |")
+    (xa, wa), (xb, wb) = c.worst("a"), c.worst("b")
+    pooled = [x for r in c.rows for x in r.diffs]
+    t = paired_t(pooled)
+    lines += ["", f"- Worst mean validation accuracy over attacks: A {100 * wa:.2f} ({xa}), B {100 * wb:.2f} ({xb}); "
+              f"B − A {100 * (wb - wa):+.2f}.",
+              f"- All {len(pooled)} pairs: B − A {100 * statistics.mean(pooled):+.2f} on average"
+              + (f", paired t = {t:.2f} ({len(pooled) - 1} df)." if t is not None else ".")]
+    if c.unpaired:
+        lines.append(f"- Left out, not in both: {'; '.join(c.unpaired)}.")
+    verdict = (f"**adopt B**: its worst case beats A's by {100 * (wb - wa):+.2f} >= {c.margin:.2f}" if c.adopt_b else
+               f"**keep A**: B's worst case beats A's by {100 * (wb - wa):+.2f} < {c.margin:.2f}")
+    lines += [f"- Decision on validation, margin {c.margin:.2f} points: {verdict}.",
+              "- Test columns are reported only: choosing on them would be choosing on the test split."]
+    return "\n".join(lines)

@@ -1,0 +1,83 @@
+"""`pst-dist compare`: two bench outputs paired by (attack, seed), and the worst-case validation rule with a margin.
+The bench's own results.csv (tests/test_bench.py) is compared there; here, hand-written ones whose answers are known."""
+
+import csv
+from pathlib import Path
+
+import pytest
+
+from pst_dist.compare import compare, format_comparison, paired_t
+from tests.conftest import run_cli_in_process
+
+COLUMNS = ["attack", "defense", "seed", "final_test_acc", "peak_test_acc", "final_val_acc"]
+
+
+def results(path: Path, rows: list[tuple]) -> Path:
+    """A bench output directory holding results.csv with ``rows`` (attack, defense, seed, test, val)."""
+    path.mkdir(parents=True)
+    with (path / "results.csv").open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(COLUMNS)
+        for attack, defense, seed, test, val in rows:
+            w.writerow([attack, defense, seed, test, test, val])
+    return path
+
+
+def test_pairs_by_seed_takes_the_worst_case_and_applies_the_margin(tmp_path):
+    a = results(tmp_path / "a", [("lsp", "pst", 0, 0.80, 0.82), ("lsp", "pst", 1, 0.80, 0.84),
+                                 ("em", "pst", 0, 0.85, 0.86), ("em", "pst", 1, 0.85, 0.86),
+                                 ("em", "pst", 2, 0.85, 0.99),  # only in A: left out of both means
+                                 ("lsp", "standard", 0, 0.20, 0.20)])
+    b = results(tmp_path / "b", [("lsp", "pst", 0, 0.90, 0.83), ("lsp", "pst", 1, 0.90, 0.85),
+                                 ("em", "pst", 0, 0.70, 0.90), ("em", "pst", 1, 0.70, 0.90)])
+    c = compare(a, b, margin=1.0)
+    assert [r.attack for r in c.rows] == ["lsp", "em"]  # A's order
+    assert c.rows[1].seeds == [0, 1] and c.unpaired == ["em seed 2 (only in A)"]
+    assert c.worst("a") == ("lsp", pytest.approx(0.83)) and c.worst("b") == ("lsp", pytest.approx(0.84))
+    assert c.adopt_b  # +1.00 >= 1.00: the margin is reached exactly
+    assert not compare(a, b, margin=1.01).adopt_b
+    text = format_comparison(c)
+    assert "| lsp | 0,1 | 83.00 | 84.00 | +1.00 ± 0.00 | 2 / 0 | 80.00 | 90.00 |" in text
+    assert "A 83.00 (lsp), B 84.00 (lsp); B − A +1.00" in text
+    assert "**adopt B**" in text and "em seed 2 (only in A)" in text
+    # test accuracy never decides: B's test is far higher on lsp and far lower on em, the verdict is the same
+    flipped = results(tmp_path / "b2", [("lsp", "pst", 0, 0.10, 0.83), ("lsp", "pst", 1, 0.10, 0.85),
+                                        ("em", "pst", 0, 0.99, 0.90), ("em", "pst", 1, 0.99, 0.90)])
+    assert compare(a, flipped, margin=1.0).adopt_b
+    # a gain on an attack that is not the worst does not count
+    em_only = results(tmp_path / "b3", [("lsp", "pst", 0, 0.8, 0.82), ("lsp", "pst", 1, 0.8, 0.84),
+                                        ("em", "pst", 0, 0.9, 0.99), ("em", "pst", 1, 0.9, 0.99)])
+    assert "**keep A**: B's worst case beats A's by +0.00 < 0.50" in format_comparison(compare(a, em_only))
+    only = compare(a, b, attacks=["em"])  # restricted to the cells that differ
+    assert [r.attack for r in only.rows] == ["em"] and only.worst("b")[1] == pytest.approx(0.90)
+
+
+def test_paired_t():
+    assert paired_t([0.01, 0.03]) == pytest.approx(2.0)
+    assert paired_t([0.02]) is None and paired_t([0.01, 0.01]) is None
+
+
+def test_bad_input_is_named_and_exits_2(tmp_path):
+    a = results(tmp_path / "a", [("lsp", "pst", 0, 0.8, 0.82), ("lsp", "early_stop", 0, 0.8, "")])
+    b = results(tmp_path / "b", [("em", "pst", 0, 0.8, 0.82), ("lsp", "early_stop", 0, 0.8, "")])
+    r = run_cli_in_process("compare", str(a), str(tmp_path / "nowhere"))
+    assert r.returncode == 2 and f"{tmp_path / 'nowhere'}: no such results.csv" in r.stderr
+    r = run_cli_in_process("compare", str(a), str(b))
+    assert r.returncode == 2 and "no (attack, seed) cell of defense 'pst' in common" in r.stderr
+    r = run_cli_in_process("compare", str(a), str(b), "--defense", "jpeg10")
+    assert r.returncode == 2 and "has no cells of defense 'jpeg10' (it has early_stop, pst)" in r.stderr
+    r = run_cli_in_process("compare", str(a), str(b), "--defense", "early_stop")
+    assert r.returncode == 2 and "compare chooses on validation only" in r.stderr
+    r = run_cli_in_process("compare", str(a), str(a), "--attacks", "lsp,tap")
+    assert r.returncode == 2 and "--attacks tap: no such attack" in r.stderr
+    r = run_cli_in_process("compare", str(a), str(a), "--margin", "-1")
+    assert r.returncode == 2 and "--margin -1.0" in r.stderr
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "results.csv").write_text("attack,seed\nlsp,0\n")
+    r = run_cli_in_process("compare", str(a), str(tmp_path / "c"))
+    assert r.returncode == 2 and "not a bench results.csv" in r.stderr and "final_val_acc" in r.stderr
+    (tmp_path / "c" / "results.csv").write_text(",".join(COLUMNS) + "\nlsp,pst,zero,0.8,0.8,0.8\n")
+    r = run_cli_in_process("compare", str(a), str(tmp_path / "c" / "results.csv"))
+    assert r.returncode == 2 and "results.csv line 2" in r.stderr and "'zero'" in r.stderr
+    r = run_cli_in_process("compare", str(a), str(a))
+    assert r.returncode == 0 and "**keep A**" in r.stdout and "B − A +0.00" in r.stdout
