@@ -268,6 +268,8 @@ def test_imported_poison_matches_the_generated_one(tmp_path, layout, kind):
     assert torch.equal(got.splits.train.index, tr.index)
 
 
+# the hand-made malicious pickle below says protocol 4, which torch's weights_only reader warns about before refusing
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol 4:UserWarning")
 def test_imported_poison_errors(tmp_path):
     from pst_dist.data.pipeline import build_data
 
