@@ -4,7 +4,8 @@ validation accuracy?
 
 Only validation decides. Test accuracy is printed beside it, reported only: a recipe chosen on the test split has
 its test figures inflated by the choice. Seeds are paired, so both sides' means are over the same (attack, seed)
-cells; cells only one side has are named and left out.
+cells; a seed only one side has is named and left out, an attack only one side has is refused (the worst case
+would be taken over the others). A tie keeps A, at any margin.
 """
 
 from __future__ import annotations
@@ -54,33 +55,54 @@ class Comparison:
                    key=lambda x: x[1])
 
     @property
+    def gain(self) -> float:
+        """B's worst-case mean validation accuracy minus A's, in points."""
+        return 100 * (self.worst("b")[1] - self.worst("a")[1])
+
+    @property
     def adopt_b(self) -> bool:
-        """B's worst-case mean validation accuracy beats A's by at least the margin (fractions, margin in points)."""
-        return 100 * (self.worst("b")[1] - self.worst("a")[1]) >= self.margin - 1e-9
+        """B's worst case beats A's, by at least the margin (a tie keeps A, at any margin)."""
+        return self.gain > 1e-9 and self.gain >= self.margin - 1e-9
 
 
 def read_results(path: Path) -> dict[tuple[str, str, int], Cell]:
     """{(attack, defense, seed): Cell} from a bench's results.csv (``path`` is the file or the bench.out holding
-    it)."""
+    it). Accuracies must be fractions in [0, 1]; a cell written twice is refused."""
     path = Path(path)
     csv_path = path / "results.csv" if path.is_dir() else path
     if not csv_path.is_file():
         raise DataError(f"{csv_path}: no such results.csv (give a `pst-dist bench` output directory or its "
                         f"results.csv)")
     want = {"attack", "defense", "seed", "final_test_acc", "peak_test_acc", "final_val_acc"}
-    with csv_path.open(newline="") as f:
-        reader = csv.DictReader(f)
-        if missing := want - set(reader.fieldnames or []):
-            raise DataError(f"{csv_path}: not a bench results.csv (columns {sorted(missing)} missing)")
-        cells = {}
-        for i, row in enumerate(reader, start=2):
-            try:
-                key = (row["attack"], row["defense"], int(row["seed"]))
-                val = float(row["final_val_acc"]) if row["final_val_acc"] else None
-                cells[key] = Cell(float(row["final_test_acc"]), float(row["peak_test_acc"]), val)
-            except (TypeError, ValueError) as e:
-                raise DataError(f"{csv_path} line {i}: {e}") from None
+    cells: dict[tuple[str, str, int], Cell] = {}
+    lines: dict[tuple[str, str, int], int] = {}
+    try:
+        with csv_path.open(newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            if missing := want - set(reader.fieldnames or []):
+                raise DataError(f"{csv_path}: not a bench results.csv (columns {sorted(missing)} missing)")
+            for row in reader:
+                where = f"{csv_path} line {reader.line_num}"
+                try:
+                    key = (row["attack"], row["defense"], int(row["seed"]))
+                    acc = [_fraction(row[k], k) for k in ("final_test_acc", "peak_test_acc")]
+                    val = _fraction(row["final_val_acc"], "final_val_acc") if row["final_val_acc"] else None
+                except (TypeError, ValueError) as e:
+                    raise DataError(f"{where}: {e}") from None
+                if key in cells:
+                    raise DataError(f"{where}: {key[0]} / {key[1]} / seed {key[2]} again (first on line "
+                                    f"{lines[key]}): one row per cell")
+                cells[key], lines[key] = Cell(*acc, val), reader.line_num
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise DataError(f"{csv_path}: not a readable CSV file ({e})") from None
     return cells
+
+
+def _fraction(text: str, key: str) -> float:
+    x = float(text)
+    if not (math.isfinite(x) and 0 <= x <= 1):
+        raise ValueError(f"{key}={text!r}: an accuracy is a fraction in [0, 1]")
+    return x
 
 
 def compare(a: str | Path, b: str | Path, defense: str = "pst", margin: float = 0.5,
@@ -102,18 +124,27 @@ def compare(a: str | Path, b: str | Path, defense: str = "pst", margin: float = 
             raise DataError(f"--attacks {','.join(unknown)}: no such attack in either bench output")
         keys_a = {k for k in keys_a if k[0] in attacks}
         keys_b = {k for k in keys_b if k[0] in attacks}
+    only = {x: ("A" if x in {k[0] for k in keys_a} else "B") for x in {k[0] for k in keys_a ^ keys_b}
+            if x not in {k[0] for k in keys_a & keys_b}}
+    if only:  # the worst case over the other attacks would not be the worst case
+        raise DataError("every attack compared needs a cell on both sides: " + "; ".join(
+            f"{x} only in {side} ({a if side == 'A' else b})" for x, side in sorted(only.items()))
+            + " (run it there, or leave it out with --attacks)")
     unpaired = [f"{x} seed {s} (only in {'A' if (x, s) in keys_a else 'B'})" for x, s in sorted(keys_a ^ keys_b)]
-    paired = sorted(keys_a & keys_b)
-    if not paired:
-        raise DataError(f"A and B have no (attack, seed) cell of defense {defense!r} in common")
+    paired = sorted(keys_a & keys_b)  # not empty: each side has a cell of the defense, of the same attacks
     rows = []
     for x in dict.fromkeys(k[0] for k in sorted(paired, key=lambda k: list(ca).index((k[0], defense, k[1])))):
         seeds = [s for k, s in paired if k == x]
+        for name, cells, path in (("A", ca, a), ("B", cb, b)):
+            vals = [cells[(x, defense, s)].val for s in seeds]
+            if any(v is None for v in vals):
+                raise DataError(f"{name} ({path}) has no validation accuracy for {x} / {defense} (final_val_acc "
+                                f"empty; early_stop has none): compare chooses on validation only")
+            if not any(vals):
+                raise DataError(f"{name} ({path}) has validation accuracy 0 in every {x} / {defense} cell (a "
+                                f"bench with data.val_size = 0?): compare chooses on validation only")
         pa = [ca[(x, defense, s)] for s in seeds]
         pb = [cb[(x, defense, s)] for s in seeds]
-        if any(c.val is None for c in pa + pb):
-            raise DataError(f"defense {defense!r} has no validation accuracy for {x} (early_stop reads test at the "
-                            f"best validation epoch): compare chooses on validation only")
         rows.append(AttackRow(x, seeds, [c.val for c in pa], [c.val for c in pb], [c.final_test for c in pa],
                               [c.final_test for c in pb]))
     return Comparison(str(a), str(b), defense, margin, rows, unpaired)
@@ -155,8 +186,9 @@ def format_comparison(c: Comparison) -> str:
               + (f", paired t = {t:.2f} ({len(pooled) - 1} df)." if t is not None else ".")]
     if c.unpaired:
         lines.append(f"- Left out, not in both: {'; '.join(c.unpaired)}.")
-    verdict = (f"**adopt B**: its worst case beats A's by {100 * (wb - wa):+.2f} >= {c.margin:.2f}" if c.adopt_b else
-               f"**keep A**: B's worst case beats A's by {100 * (wb - wa):+.2f} < {c.margin:.2f}")
+    gain = f"{c.gain:+.3f}"
+    verdict = (f"**adopt B**: its worst case beats A's by {gain} >= {c.margin:.2f}" if c.adopt_b else
+               f"**keep A**: B's worst case gains {gain} on A's (adopting needs a gain > 0 and >= {c.margin:.2f})")
     lines += [f"- Decision on validation, margin {c.margin:.2f} points: {verdict}.",
               "- Test columns are reported only: choosing on them would be choosing on the test split."]
     return "\n".join(lines)

@@ -47,7 +47,8 @@ def test_pairs_by_seed_takes_the_worst_case_and_applies_the_margin(tmp_path):
     # a gain on an attack that is not the worst does not count
     em_only = results(tmp_path / "b3", [("lsp", "pst", 0, 0.8, 0.82), ("lsp", "pst", 1, 0.8, 0.84),
                                         ("em", "pst", 0, 0.9, 0.99), ("em", "pst", 1, 0.9, 0.99)])
-    assert "**keep A**: B's worst case beats A's by +0.00 < 0.50" in format_comparison(compare(a, em_only))
+    assert "**keep A**: B's worst case gains +0.000 on A's" in format_comparison(compare(a, em_only))
+    assert not compare(a, em_only, margin=0).adopt_b  # a tie keeps A
     only = compare(a, b, attacks=["em"])  # restricted to the cells that differ
     assert [r.attack for r in only.rows] == ["em"] and only.worst("b")[1] == pytest.approx(0.90)
 
@@ -63,7 +64,7 @@ def test_bad_input_is_named_and_exits_2(tmp_path):
     r = run_cli_in_process("compare", str(a), str(tmp_path / "nowhere"))
     assert r.returncode == 2 and f"{tmp_path / 'nowhere'}: no such results.csv" in r.stderr
     r = run_cli_in_process("compare", str(a), str(b))
-    assert r.returncode == 2 and "no (attack, seed) cell of defense 'pst' in common" in r.stderr
+    assert r.returncode == 2 and f"em only in B ({b}); lsp only in A ({a})" in r.stderr
     r = run_cli_in_process("compare", str(a), str(b), "--defense", "jpeg10")
     assert r.returncode == 2 and "has no cells of defense 'jpeg10' (it has early_stop, pst)" in r.stderr
     r = run_cli_in_process("compare", str(a), str(b), "--defense", "early_stop")
@@ -81,3 +82,22 @@ def test_bad_input_is_named_and_exits_2(tmp_path):
     assert r.returncode == 2 and "results.csv line 2" in r.stderr and "'zero'" in r.stderr
     r = run_cli_in_process("compare", str(a), str(a))
     assert r.returncode == 0 and "**keep A**" in r.stdout and "B − A +0.00" in r.stdout
+    # an attack B has not run: its worst case over the others would not be the worst case
+    partial = results(tmp_path / "partial", [("lsp", "pst", 0, 0.8, 0.99)])
+    both = results(tmp_path / "both", [("lsp", "pst", 0, 0.8, 0.82), ("em", "pst", 0, 0.8, 0.50)])
+    r = run_cli_in_process("compare", str(both), str(partial))
+    assert r.returncode == 2 and f"em only in A ({both})" in r.stderr
+    assert "**adopt B**" in run_cli_in_process("compare", str(both), str(partial), "--attacks", "lsp").stdout
+    for bad, needle in (("nan", "final_val_acc='nan'"), ("95", "final_val_acc='95': an accuracy is a fraction")):
+        (tmp_path / "c" / "results.csv").write_text(",".join(COLUMNS) + f"\nlsp,pst,0,0.8,0.8,{bad}\n")
+        r = run_cli_in_process("compare", str(a), str(tmp_path / "c"))
+        assert r.returncode == 2 and "line 2" in r.stderr and needle in r.stderr
+    (tmp_path / "c" / "results.csv").write_text(",".join(COLUMNS) + "\nlsp,pst,0,0.8,0.8,0.8\nlsp,pst,0,0.8,0.8,0.9\n")
+    r = run_cli_in_process("compare", str(a), str(tmp_path / "c"))
+    assert r.returncode == 2 and "line 3: lsp / pst / seed 0 again (first on line 2)" in r.stderr
+    (tmp_path / "c" / "results.csv").write_text(",".join(COLUMNS) + "\nlsp,pst,0,0.8,0.8,0\n")
+    r = run_cli_in_process("compare", str(a), str(tmp_path / "c"))
+    assert r.returncode == 2 and "validation accuracy 0 in every lsp / pst cell" in r.stderr
+    (tmp_path / "c" / "results.csv").write_bytes(b"\xff\xfe\x00attack")
+    r = run_cli_in_process("compare", str(a), str(tmp_path / "c"))
+    assert r.returncode == 2 and "not a readable CSV file" in r.stderr
