@@ -391,8 +391,8 @@ class StageConfig:
     """End the stage early when this detector fires; epochs/steps is then the maximum (unless the trigger's
     ``otherwise = "stay"``: then it is the length after which an unfired stage goes on to the run's end)."""
     min_epochs: float = 0.0
-    """The trigger is not consulted before this many epochs of the stage (so below ``epochs``, unless the trigger's
-    ``otherwise = "stay"`` lets it fire later)."""
+    """The trigger is not consulted before this many epochs of the stage. A stage that ends at its planned length
+    with ``min_epochs`` at or past it never consults its trigger: training says so when it starts."""
     lr_mult: float = 1.0
     """Learning-rate multiplier of every group not listed in freeze / group_mults."""
     freeze: list[int] = field(default_factory=list)
@@ -409,10 +409,6 @@ class StageConfig:
         _check(self.steps >= 0, f"stage {self.name!r}: steps={self.steps} must be >= 0")
         _check(self.lr_mult >= 0, f"stage {self.name!r}: lr_mult={self.lr_mult} must be >= 0")
         _check(self.min_epochs >= 0, f"stage {self.name!r}: min_epochs={self.min_epochs} must be >= 0")
-        _check(self.trigger is None or self.trigger.otherwise != "next" or not 0 < self.epochs <= self.min_epochs,
-               f"stage {self.name!r}: min_epochs={self.min_epochs} >= epochs={self.epochs}: its trigger would never "
-               f"be consulted (the stage ends after {self.epochs} epochs); lower min_epochs, or set trigger.otherwise "
-               f"= \"stay\" to let it fire later")
         for g in self.freeze:
             _check(g >= 0, f"stage {self.name!r}: freeze names group {g}; indices are >= 0")
         for k, v in self.group_mults.items():

@@ -432,6 +432,10 @@ def build_run(cfg: Config, resume: bool, overwrite: bool, allow_changes: bool, d
     total_steps = len(loader) * cfg.train.epochs
     schedule = Schedule(cfg.schedule.stages, gm.num_groups, len(loader), total_steps,  # validates group indices
                         no_stay)
+    for i in schedule.unconsulted_triggers() if dist_info.is_primary else []:
+        st_cfg = cfg.schedule.stages[i]
+        print(f"[pst] stage {i} ({st_cfg.name!r}): its trigger is never consulted (min_epochs={st_cfg.min_epochs} "
+              f"is at or past its planned length, where it ends); lower min_epochs to let it fire", file=sys.stderr)
     engine = build_engine(cfg, model, build_optimizer(cfg, model, gm), dist_info)
     if cfg.train.compile:
         compile_model(model, len(cfg.schedule.stages))

@@ -26,6 +26,21 @@ def test_trigger_history_is_pure():
     assert s.can_fire(s.stage_at(5), 5) and not s.can_fire(s.stage_at(30), 30)
 
 
+def test_a_trigger_that_can_never_be_consulted_is_found():
+    def sched(min_epochs, otherwise="next", no_stay=frozenset(), **length):
+        a = StageConfig(name="a", min_epochs=min_epochs, **(length or {"epochs": 2}),
+                        trigger=TriggerConfig(kind="train_acc", threshold=0.9, otherwise=otherwise))
+        return Schedule([a, StageConfig(name="b", min_epochs=min_epochs, trigger=a.trigger)], 4, 10, 100, no_stay)
+
+    assert sched(1.9).unconsulted_triggers() == [] and sched(2).unconsulted_triggers() == [0]
+    s = sched(1.9)  # consulted at its 19th step, the last before its planned end (20): found by can_fire too
+    assert s.can_fire(s.stage_at(19), 19) and not s.can_fire(s.stage_at(18), 18)
+    assert sched(2, steps=20).unconsulted_triggers() == [0] and sched(1.9, steps=20).unconsulted_triggers() == []
+    assert sched(5, otherwise="stay").unconsulted_triggers() == []  # it may fire past its planned length
+    assert sched(5, otherwise="stay", no_stay=frozenset({0})).unconsulted_triggers() == [0]
+    # the last stage is never consulted anyway (nothing follows): not reported
+
+
 def stays() -> Schedule:
     """make()'s schedule with the first stage's trigger.otherwise = "stay"."""
     s = make()

@@ -54,6 +54,19 @@ class Schedule:
             return st.steps
         return None
 
+    def unconsulted_triggers(self) -> list[int]:
+        """The stages whose trigger can never be consulted: not the last, ending at their planned length (not
+        staying, or ``no_stay``), with ``min_epochs`` at or past that length. Not an error (a recorded run keeps its
+        config; the data check decides ``no_stay`` at run time): training says so."""
+        out = []
+        for i, st in enumerate(self.stages[:-1]):
+            length = self._length(st, self.steps_per_epoch)
+            stays = st.trigger is not None and st.trigger.otherwise == "stay" and i not in self.no_stay
+            if st.trigger is not None and not stays and length is not None \
+                    and math.ceil(st.min_epochs * self.steps_per_epoch) >= length:
+                out.append(i)
+        return out
+
     def stage_at(self, step: int, history: History = ()) -> ActiveStage:
         """The stage governing optimizer step ``step`` (0-based), given the trigger history."""
         fired = {i: s for i, s in history}
