@@ -111,30 +111,28 @@ def compare(a: str | Path, b: str | Path, defense: str = "pst", margin: float = 
     if not math.isfinite(margin) or margin < 0:
         raise DataError(f"--margin {margin}: give a number of percentage points >= 0")
     ca, cb = read_results(Path(a)), read_results(Path(b))
-    side = {"A": ca, "B": cb}
-    for name, cells in side.items():
+    for name, cells, path in (("A", ca, a), ("B", cb, b)):
         if not any(d == defense for _, d, _ in cells):
             have = sorted({d for _, d, _ in cells})
-            raise DataError(f"{name} ({a if name == 'A' else b}) has no cells of defense {defense!r} (it has "
-                            f"{', '.join(have) or 'none'})")
-    keys_a = {(x, s) for x, d, s in ca if d == defense}
+            raise DataError(f"{name} ({path}) has no cells of defense {defense!r} (it has {', '.join(have) or 'none'})")
+    keys_a = [(x, s) for x, d, s in ca if d == defense]  # in A's order: the table's
     keys_b = {(x, s) for x, d, s in cb if d == defense}
     if attacks is not None:
-        if unknown := [x for x in attacks if x not in {k[0] for k in keys_a | keys_b}]:
+        if unknown := [x for x in attacks if x not in {k[0] for k in [*keys_a, *keys_b]}]:
             raise DataError(f"--attacks {','.join(unknown)}: no such attack in either bench output")
-        keys_a = {k for k in keys_a if k[0] in attacks}
+        keys_a = [k for k in keys_a if k[0] in attacks]
         keys_b = {k for k in keys_b if k[0] in attacks}
-    only = {x: ("A" if x in {k[0] for k in keys_a} else "B") for x in {k[0] for k in keys_a ^ keys_b}
-            if x not in {k[0] for k in keys_a & keys_b}}
-    if only:  # the worst case over the other attacks would not be the worst case
+    attacks_a, attacks_b = {k[0] for k in keys_a}, {k[0] for k in keys_b}
+    if only := sorted(attacks_a ^ attacks_b):  # the worst case over the other attacks would not be the worst case
         raise DataError("every attack compared needs a cell on both sides: " + "; ".join(
-            f"{x} only in {side} ({a if side == 'A' else b})" for x, side in sorted(only.items()))
+            f"{x} only in A ({a})" if x in attacks_a else f"{x} only in B ({b})" for x in only)
             + " (run it there, or leave it out with --attacks)")
-    unpaired = [f"{x} seed {s} (only in {'A' if (x, s) in keys_a else 'B'})" for x, s in sorted(keys_a ^ keys_b)]
-    paired = sorted(keys_a & keys_b)  # not empty: each side has a cell of the defense, of the same attacks
+    unpaired = [f"{x} seed {s} (only in {'A' if (x, s) in set(keys_a) else 'B'})"
+                for x, s in sorted(set(keys_a) ^ keys_b)]
+    paired = [k for k in keys_a if k in keys_b]  # not empty: both sides have cells of the same attacks
     rows = []
-    for x in dict.fromkeys(k[0] for k in sorted(paired, key=lambda k: list(ca).index((k[0], defense, k[1])))):
-        seeds = [s for k, s in paired if k == x]
+    for x in dict.fromkeys(k[0] for k in paired):
+        seeds = sorted(s for k, s in paired if k == x)
         for name, cells, path in (("A", ca, a), ("B", cb, b)):
             vals = [cells[(x, defense, s)].val for s in seeds]
             if any(v is None for v in vals):
