@@ -54,16 +54,24 @@ class Schedule:
             return st.steps
         return None
 
+    def _stays(self, i: int) -> bool:
+        """Whether stage ``i``, unfired at its planned end, goes on (``trigger.otherwise = "stay"``; not the last
+        stage, nor one whose data check found a class-wise filter, ``no_stay``)."""
+        st = self.stages[i]
+        return i < len(self.stages) - 1 and st.trigger is not None and st.trigger.otherwise == "stay" \
+            and i not in self.no_stay
+
     def unconsulted_triggers(self) -> list[int]:
         """The stages whose trigger can never be consulted: not the last, ending at their planned length (not
-        staying, or ``no_stay``), with ``min_epochs`` at or past that length. Not an error (a recorded run keeps its
-        config; the data check decides ``no_stay`` at run time): training says so."""
+        staying), and :meth:`can_fire` false even at their last step before it (``min_epochs`` at or past that
+        length). Not an error (a recorded run keeps its config; the data check decides ``no_stay`` at run time):
+        training says so."""
         out = []
         for i, st in enumerate(self.stages[:-1]):
             length = self._length(st, self.steps_per_epoch)
-            stays = st.trigger is not None and st.trigger.otherwise == "stay" and i not in self.no_stay
-            if st.trigger is not None and not stays and length is not None \
-                    and math.ceil(st.min_epochs * self.steps_per_epoch) >= length:
+            if st.trigger is None or length is None or self._stays(i):
+                continue
+            if not self.can_fire(ActiveStage(i, 0, length, st, tuple(st.mults(self.num_groups))), length - 1):
                 out.append(i)
         return out
 
@@ -77,7 +85,7 @@ class Schedule:
             last = i == len(self.stages) - 1
             # trigger.otherwise = "stay": unfired at its planned end, the stage goes on until it fires (no end else),
             # unless the data check found a class-wise filter (no_stay)
-            stays = not last and st.trigger is not None and st.trigger.otherwise == "stay" and i not in self.no_stay
+            stays = self._stays(i)
             end = None if stays else planned_end
             if i in fired and start <= fired[i] and (end is None or fired[i] < end):
                 end = fired[i]
