@@ -434,8 +434,9 @@ def build_run(cfg: Config, resume: bool, overwrite: bool, allow_changes: bool, d
                         no_stay)
     for i in schedule.unconsulted_triggers() if dist_info.is_primary else []:
         st_cfg = cfg.schedule.stages[i]
-        print(f"[pst] stage {i} ({st_cfg.name!r}): its trigger is never consulted (min_epochs={st_cfg.min_epochs} "
-              f"is at or past its planned length, where it ends); lower min_epochs to let it fire", file=sys.stderr)
+        print(f"[pst] stage {i} ({st_cfg.name!r}): its trigger is never consulted (it may fire after the stage's "
+              f"first step and min_epochs={st_cfg.min_epochs}, before its planned end, where it ends); lower "
+              f"min_epochs or lengthen the stage to let it fire", file=sys.stderr)
     engine = build_engine(cfg, model, build_optimizer(cfg, model, gm), dist_info)
     if cfg.train.compile:
         compile_model(model, len(cfg.schedule.stages))
