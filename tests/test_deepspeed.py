@@ -33,9 +33,10 @@ def ranks(out: Path, suffix: str = "") -> list[dict]:
     return [json.loads((out / f"rank{r}{suffix}.json").read_text()) for r in (0, 1)]
 
 
-# ZeRO-3 in fp32 is marked slow here: the default run checks its freezing in the kill -9 test's uninterrupted run
+# ZeRO-3 in fp32 is marked slow here: the default run checks its freezing in the kill -9 test's uninterrupted run;
+# ZeRO-1 too: DeepSpeed's one optimizer for stages 1 and 2 (stage_1_and_2.py) freezes as ZeRO-2 does, checked by default
 @pytest.mark.multiproc
-@pytest.mark.parametrize("stage,bf16", [(0, False), (1, False), (2, False),
+@pytest.mark.parametrize("stage,bf16", [(0, False), pytest.param(1, False, marks=pytest.mark.slow), (2, False),
                                         pytest.param(3, False, marks=pytest.mark.slow), (3, True)],
                          ids=["zero0", "zero1", "zero2", "zero3", "zero3-bf16"])
 def test_freeze_train_unfreeze_under_zero(tmp_path, stage, bf16):
