@@ -310,7 +310,8 @@ class TriggerConfig(TriggerCondition):
     ``next``: the next stage starts; ``stay``: the detector found nothing to suppress, so the stage goes on to the
     end of the run (with ``train.lr_span = "stage"`` its learning-rate shape, warm-up steps included, starting again
     over the remaining steps; ``pst/stayed`` logged there) and is still consulted: when it fires later, the next
-    stages start there."""
+    stages start there, while they still get their planned lengths (``Schedule.fire_deadline``; after it the stage
+    stays to the end)."""
     also: list[TriggerCondition] = field(default_factory=list)
     """More conditions, each with its own kind, threshold and view: the trigger fires when its own value or any of
     theirs crosses its threshold (e.g. a gap on a blur view and the scatter ratio of a deep group, each on its own

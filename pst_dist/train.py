@@ -437,6 +437,12 @@ def build_run(cfg: Config, resume: bool, overwrite: bool, allow_changes: bool, d
         print(f"[pst] stage {i} ({st_cfg.name!r}): its trigger is never consulted (it may fire after the stage's "
               f"first step and min_epochs={st_cfg.min_epochs}, before its planned end, where it ends); lower "
               f"min_epochs or lengthen the stage to let it fire", file=sys.stderr)
+    for i, st_cfg in enumerate(cfg.schedule.stages) if dist_info.is_primary else []:
+        if schedule.stays(i):
+            end = schedule.fire_deadline(i)
+            print(f"[pst] stage {i} ({st_cfg.name!r}): unfired at its planned end it stays; past that its trigger "
+                  f"may fire until step {end} of {total_steps} (epoch {end / len(loader):.2f}), so that the stages "
+                  f"after it get their planned {total_steps - end} steps, then it stays to the end", file=sys.stderr)
     engine = build_engine(cfg, model, build_optimizer(cfg, model, gm), dist_info)
     if cfg.train.compile:
         compile_model(model, len(cfg.schedule.stages))

@@ -88,6 +88,26 @@ def test_a_stage_that_stays_runs_on_unfired_with_its_lr_restarted_and_hands_over
     assert {(a.index, a.start, a.stayed) for a in map(last.stage_at, range(100))} == {(0, 0, False)}
 
 
+def test_a_stage_that_stays_fires_only_while_the_stages_after_it_still_fit():
+    """Past its planned length a stage that stays may fire only until the run's end less the planned lengths of the
+    stages after it (a fire later would end the run inside them at a barely lowered lr); within its planned length,
+    and for a stage that does not stay, the window is as before."""
+    s = stays()  # a: 20 steps, stays; b: 5 steps; c: the rest; 100 steps in all
+    assert s.fire_deadline(0) == 95
+    assert s.can_fire(s.stage_at(95), 95) and not s.can_fire(s.stage_at(96), 96)
+    assert [s.stage_at(t, ((0, 95),)).index for t in (94, 95, 99)] == [0, 1, 1]  # b runs its 5 steps, c none
+    long_b = Schedule([s.stages[0], StageConfig(name="b", steps=90), s.stages[2]], 4, 10, 100)
+    assert long_b.fire_deadline(0) == 10  # earlier than a's planned end (20): it may fire in its planned length only
+    assert long_b.can_fire(long_b.stage_at(15), 15) and not long_b.can_fire(long_b.stage_at(20), 20)
+    plain = Schedule([make().stages[0], StageConfig(name="b", steps=90), s.stages[2]], 4, 10, 100)
+    assert plain.can_fire(plain.stage_at(19), 19)  # "next": its planned length is its window, whatever follows
+    two = Schedule([StageConfig(name="a", steps=10, trigger=TriggerConfig(otherwise="stay")),
+                    StageConfig(name="b", steps=10, trigger=TriggerConfig(otherwise="stay")), StageConfig(name="c")],
+                   4, 10, 100)
+    assert (two.fire_deadline(0), two.fire_deadline(1)) == (90, 100)  # c has no length: it takes what is left
+    assert two.can_fire(two.stage_at(99, ((0, 5),)), 99)
+
+
 def test_a_stage_whose_spectral_check_found_a_class_wise_filter_does_not_stay():
     """Schedule(no_stay={0}): stage "a" (otherwise = "stay") ends unfired at its planned length as with "next", and
     fired within it as before; a stage not named stays."""

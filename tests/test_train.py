@@ -177,16 +177,17 @@ def test_lr_span_run_is_one_shape_across_stages_and_resumes_bit_identical(tmp_pa
     assert lrs(tmp_path / "part") == run
 
 
-def test_a_warm_up_that_stays_trains_on_unfired_and_hands_over_when_its_trigger_fires_later(tmp_path):
+def test_a_warm_up_that_stays_trains_on_unfired_and_hands_over_when_its_trigger_fires_later(tmp_path, capsys):
     """trigger.otherwise = "stay": stage a (1 epoch planned) never fires (train_acc > 1.5), so it trains on to the end
     with its lr restarted at epoch 2 (step 49: the cosine over steps 32-64, not stage b's), nothing frozen, and a run
     stopped at the planned end and resumed ends with the same weights; with a trigger that fires at its first consult
-    (train_acc > 0, min_epochs 1.5) it fires at step 48 in that stretch and stage b runs from there."""
+    (train_acc > 0, min_epochs 1.5) it fires at step 48 in that stretch and stage b runs from there; when stage b
+    needs 24 steps (0.75 epoch) that fire is too late (after step 40): stage a stays to the end, as training says."""
     import math
 
-    def stages(threshold, min_epochs=0):
+    def stages(threshold, min_epochs=0, b_epochs=0):
         return (f'--schedule.stages=[{{name="a",epochs=1,min_epochs={min_epochs},trigger={{kind="train_acc",'
-                f'threshold={threshold},otherwise="stay"}}}},{{name="b",freeze=[0]}}]')
+                f'threshold={threshold},otherwise="stay"}}}},{{name="b",epochs={b_epochs},freeze=[0]}}]')
 
     base = [*TINY, "--train.batch_size=8", "--schedule.check_every=4"]  # 32 steps per epoch, 64 in all
 
@@ -212,6 +213,11 @@ def test_a_warm_up_that_stays_trains_on_unfired_and_hands_over_when_its_trigger_
     assert late["stage_history"] == [[0, 48]]
     assert [(r["step"], r["pst/stage"]) for r in rows(tmp_path / "late") if "pst/stage" in r and "epoch" not in r] \
         == [(0, 0), (48, 1)]
+    capsys.readouterr()
+    cut = train(load_config(None, [*base, stages(0.0, 1.5, 0.75), f"--log.run_dir={tmp_path / 'cut'}"]))
+    assert cut["stage_history"] == [] and not any("pst/trigger_value" in r for r in rows(tmp_path / "cut"))
+    assert "[pst] stage 0 ('a'): unfired at its planned end it stays; past that its trigger may fire until step 40 " \
+           "of 64 (epoch 1.25), so that the stages after it get their planned 24 steps" in capsys.readouterr().err
 
 
 def test_a_spectral_check_over_its_threshold_ends_a_stage_that_would_stay_at_its_planned_length(tmp_path, capsys):

@@ -54,7 +54,7 @@ class Schedule:
             return st.steps
         return None
 
-    def _stays(self, i: int) -> bool:
+    def stays(self, i: int) -> bool:
         """Whether stage ``i``, unfired at its planned end, goes on (``trigger.otherwise = "stay"``; not the last
         stage, nor one whose data check found a class-wise filter, ``no_stay``)."""
         st = self.stages[i]
@@ -69,7 +69,7 @@ class Schedule:
         out = []
         for i, st in enumerate(self.stages[:-1]):
             length = self._length(st, self.steps_per_epoch)
-            if st.trigger is None or length is None or self._stays(i):
+            if st.trigger is None or length is None or self.stays(i):
                 continue
             if not self.can_fire(ActiveStage(i, 0, length, st, tuple(st.mults(self.num_groups))), length - 1):
                 out.append(i)
@@ -85,13 +85,13 @@ class Schedule:
             last = i == len(self.stages) - 1
             # trigger.otherwise = "stay": unfired at its planned end, the stage goes on until it fires (no end else),
             # unless the data check found a class-wise filter (no_stay)
-            stays = self._stays(i)
-            end = None if stays else planned_end
+            stay = self.stays(i)
+            end = None if stay else planned_end
             if i in fired and start <= fired[i] and (end is None or fired[i] < end):
                 end = fired[i]
             if last or end is None or step < end:
                 mults = tuple(st.mults(self.num_groups))
-                if stays and step >= planned_end:  # its learning-rate shape starts again over the remaining steps
+                if stay and step >= planned_end:  # its learning-rate shape starts again over the remaining steps
                     return ActiveStage(i, planned_end, self.total_steps, st, mults, began=start)
                 return ActiveStage(i, start, max(planned_end, start + 1), st, mults)
             start = end
@@ -100,12 +100,21 @@ class Schedule:
     def can_fire(self, stage: ActiveStage, step: int) -> bool:
         """Whether ``stage``'s trigger may be consulted after ``step`` optimizer steps: after its first step, once
         ``min_epochs`` of the stage (from its first step, past its planned length too) have passed, and before its
-        planned end (past its planned length, ``stage.planned_end`` is the run's end)."""
+        planned end; past its planned length (a stage that stays), only while the stages after it still get their
+        planned lengths (:meth:`fire_deadline`): a fire later than that would end the run inside them, after a
+        freeze or a new head, at a learning rate their lr shape has barely begun to lower."""
         st = stage.config
         if st.trigger is None or stage.index == len(self.stages) - 1:
             return False
         began = stage.start if stage.began is None else stage.began
+        if stage.stayed and step > self.fire_deadline(stage.index):
+            return False
         return began < step < stage.planned_end and step - began >= st.min_epochs * self.steps_per_epoch
+
+    def fire_deadline(self, i: int) -> int:
+        """The last step after which stage ``i``, past its planned length, may still fire: the run's end less the
+        planned lengths of the stages after it (one without a length counts 0: it takes what is left)."""
+        return self.total_steps - sum(self._length(st, self.steps_per_epoch) or 0 for st in self.stages[i + 1:])
 
 
 def lr_factor(stage: ActiveStage, step: int, shape: str, warmup_steps: int, run_steps: int | None = None) -> float:
