@@ -6,7 +6,8 @@ datasets?") in front of a PST recipe, on a bench's cached poisons (docs/results/
 
 Per cell: a linear softmax classifier is fitted (L-BFGS, full batch) on the centered, flattened poisoned training
 images; its accuracy on them and on the clean validation split is printed (their gap is a possible detector). Every
-image of every split is then projected onto the orthogonal complement of the classifier's weights (centered at the
+image of every split is then projected onto the orthogonal complement of the classifier's weights' span (k - 1
+directions for k classes; centered at the
 training mean), mapped by one affine map (the projected training images' 0.1 / 99.9 % quantiles to 0 / 255, the
 same for validation and test: one preprocessing at training and test time) and rounded to uint8; the normalisation
 statistics are recomputed as the pipeline does (the clean training split's); a linear classifier refitted on the
@@ -69,7 +70,10 @@ def screen(args: argparse.Namespace, attack: str) -> dict:
     w, b = linear_fit(x - mu, sp.train.labels, k)
     lin_train = accuracy(x - mu, sp.train.labels, w, b)
     lin_val = accuracy(flat(sp.val.images) - mu, sp.val.labels, w, b)
-    q, _ = torch.linalg.qr(w)  # an orthonormal basis of the weights' span
+    # an orthonormal basis of the weights' span: rank k - 1 (from zero, under weight decay, the k columns sum to 0),
+    # so the directions of (numerically) zero singular value are left out
+    u, sv, _ = torch.linalg.svd(w, full_matrices=False)
+    q = u[:, sv > 1e-4 * sv[0]]
 
     def project(u: torch.Tensor) -> torch.Tensor:
         return (u - mu) - ((u - mu) @ q) @ q.T + mu
@@ -90,7 +94,8 @@ def screen(args: argparse.Namespace, attack: str) -> dict:
     mean, std = channel_stats(clean.images)
     data = dataclasses.replace(data, poisoned_train=poisoned, mean=mean, std=std.clamp_min(1e-3),
                                splits=dataclasses.replace(sp, train=clean, val=split(sp.val), test=split(sp.test)))
-    row = {"attack": attack, "seed": args.seed, "linear_train": lin_train, "linear_val": lin_val,
+    row = {"attack": attack, "seed": args.seed, "directions": q.shape[1], "linear_train": lin_train,
+           "linear_val": lin_val,
            "linear_train_after": accuracy(flat(poisoned) - mu, sp.train.labels, w2, b2),
            "clamped": float(((xp < lo) | (xp > hi)).float().mean()), "projection_seconds": time.time() - t0}
     summary = train(cfg, data=data)

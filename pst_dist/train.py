@@ -432,17 +432,28 @@ def build_run(cfg: Config, resume: bool, overwrite: bool, allow_changes: bool, d
     total_steps = len(loader) * cfg.train.epochs
     schedule = Schedule(cfg.schedule.stages, gm.num_groups, len(loader), total_steps,  # validates group indices
                         no_stay)
-    for i in schedule.unconsulted_triggers() if dist_info.is_primary else []:
+    unconsulted = schedule.unconsulted_triggers()
+    for i in unconsulted if dist_info.is_primary else []:
         st_cfg = cfg.schedule.stages[i]
+        where = ("before its planned end, or past it while the stages after it still get their planned lengths"
+                 if schedule.stays(i) else "before its planned end, where it ends")
         print(f"[pst] stage {i} ({st_cfg.name!r}): its trigger is never consulted (it may fire after the stage's "
-              f"first step and min_epochs={st_cfg.min_epochs}, before its planned end, where it ends); lower "
-              f"min_epochs or lengthen the stage to let it fire", file=sys.stderr)
+              f"first step and min_epochs={st_cfg.min_epochs}, {where}); lower min_epochs or lengthen the stage to "
+              f"let it fire", file=sys.stderr)
     for i, st_cfg in enumerate(cfg.schedule.stages) if dist_info.is_primary else []:
-        if schedule.stays(i):
-            end = schedule.fire_deadline(i)
+        if not schedule.stays(i) or i in unconsulted:
+            continue
+        window, need = schedule.stay_window(i), total_steps - schedule.fire_deadline(i)
+        planned = " (steps as planned: an earlier stage's fire moves them)" if i else ""
+        if window:
+            fit = f"so that the stages after it get their planned {need} steps, " if need else ""
             print(f"[pst] stage {i} ({st_cfg.name!r}): unfired at its planned end it stays; past that its trigger "
-                  f"may fire until step {end} of {total_steps} (epoch {end / len(loader):.2f}), so that the stages "
-                  f"after it get their planned {total_steps - end} steps, then it stays to the end", file=sys.stderr)
+                  f"may fire until step {window[1]} of {total_steps} (epoch {window[1] / len(loader):.2f}), {fit}"
+                  f"then it stays to the end{planned}", file=sys.stderr)
+        else:
+            print(f"[pst] stage {i} ({st_cfg.name!r}): unfired at its planned end it stays to the end without "
+                  f"consulting its trigger again: the stages after it need {need} of the run's {total_steps} steps"
+                  f"{planned}", file=sys.stderr)
     engine = build_engine(cfg, model, build_optimizer(cfg, model, gm), dist_info)
     if cfg.train.compile:
         compile_model(model, len(cfg.schedule.stages))

@@ -93,18 +93,25 @@ def test_a_stage_that_stays_fires_only_while_the_stages_after_it_still_fit():
     stages after it (a fire later would end the run inside them at a barely lowered lr); within its planned length,
     and for a stage that does not stay, the window is as before."""
     s = stays()  # a: 20 steps, stays; b: 5 steps; c: the rest; 100 steps in all
-    assert s.fire_deadline(0) == 95
+    assert s.fire_deadline(0) == 95 and s.stay_window(0) == (20, 95)
     assert s.can_fire(s.stage_at(95), 95) and not s.can_fire(s.stage_at(96), 96)
     assert [s.stage_at(t, ((0, 95),)).index for t in (94, 95, 99)] == [0, 1, 1]  # b runs its 5 steps, c none
     long_b = Schedule([s.stages[0], StageConfig(name="b", steps=90), s.stages[2]], 4, 10, 100)
     assert long_b.fire_deadline(0) == 10  # earlier than a's planned end (20): it may fire in its planned length only
     assert long_b.can_fire(long_b.stage_at(15), 15) and not long_b.can_fire(long_b.stage_at(20), 20)
+    assert long_b.stay_window(0) is None and long_b.unconsulted_triggers() == []  # consulted in its planned length
+    late = Schedule([StageConfig(name="a", epochs=1, min_epochs=9.6, trigger=TriggerConfig(otherwise="stay")),
+                     s.stages[1], s.stages[2]], 4, 10, 100)
+    assert late.stay_window(0) is None and late.unconsulted_triggers() == [0]  # min_epochs: step 96, deadline 95
+    assert late.stay_window(0) is None and not any(late.can_fire(late.stage_at(t), t) for t in range(101))
+    assert Schedule(late.stages, 4, 10, 101).stay_window(0) == (96, 96)
     plain = Schedule([make().stages[0], StageConfig(name="b", steps=90), s.stages[2]], 4, 10, 100)
     assert plain.can_fire(plain.stage_at(19), 19)  # "next": its planned length is its window, whatever follows
     two = Schedule([StageConfig(name="a", steps=10, trigger=TriggerConfig(otherwise="stay")),
                     StageConfig(name="b", steps=10, trigger=TriggerConfig(otherwise="stay")), StageConfig(name="c")],
                    4, 10, 100)
     assert (two.fire_deadline(0), two.fire_deadline(1)) == (90, 100)  # c has no length: it takes what is left
+    assert (two.stay_window(0), two.stay_window(1)) == ((10, 90), (20, 99))  # b as planned: from step 10
     assert two.can_fire(two.stage_at(99, ((0, 5),)), 99)
 
 

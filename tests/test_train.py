@@ -182,7 +182,8 @@ def test_a_warm_up_that_stays_trains_on_unfired_and_hands_over_when_its_trigger_
     with its lr restarted at epoch 2 (step 49: the cosine over steps 32-64, not stage b's), nothing frozen, and a run
     stopped at the planned end and resumed ends with the same weights; with a trigger that fires at its first consult
     (train_acc > 0, min_epochs 1.5) it fires at step 48 in that stretch and stage b runs from there; when stage b
-    needs 24 steps (0.75 epoch) that fire is too late (after step 40): stage a stays to the end, as training says."""
+    needs 24 steps (0.75 epoch), it may fire only until step 40, before min_epochs allows: never consulted, stage a
+    stays to the end, and training says both."""
     import math
 
     def stages(threshold, min_epochs=0, b_epochs=0):
@@ -195,6 +196,8 @@ def test_a_warm_up_that_stays_trains_on_unfired_and_hands_over_when_its_trigger_
         return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
     full = train(load_config(None, [*base, stages(1.5), f"--log.run_dir={tmp_path / 'full'}"]))
+    assert "[pst] stage 0 ('a'): unfired at its planned end it stays; past that its trigger may fire until step 63 " \
+           "of 64 (epoch 1.97), then it stays to the end\n" in capsys.readouterr().err
     logs = rows(tmp_path / "full")
     assert full["stage_history"] == [] and {r["pst/stage"] for r in logs if "pst/stage" in r} == {0}
     assert [r["pst/group_0/lr_mult"] for r in logs if "epoch" in r] == [1.0, 1.0]  # never frozen
@@ -216,8 +219,9 @@ def test_a_warm_up_that_stays_trains_on_unfired_and_hands_over_when_its_trigger_
     capsys.readouterr()
     cut = train(load_config(None, [*base, stages(0.0, 1.5, 0.75), f"--log.run_dir={tmp_path / 'cut'}"]))
     assert cut["stage_history"] == [] and not any("pst/trigger_value" in r for r in rows(tmp_path / "cut"))
-    assert "[pst] stage 0 ('a'): unfired at its planned end it stays; past that its trigger may fire until step 40 " \
-           "of 64 (epoch 1.25), so that the stages after it get their planned 24 steps" in capsys.readouterr().err
+    assert "[pst] stage 0 ('a'): its trigger is never consulted (it may fire after the stage's first step and " \
+           "min_epochs=1.5, before its planned end, or past it while the stages after it still get their planned " \
+           "lengths)" in capsys.readouterr().err
 
 
 def test_a_spectral_check_over_its_threshold_ends_a_stage_that_would_stay_at_its_planned_length(tmp_path, capsys):

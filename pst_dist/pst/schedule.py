@@ -62,18 +62,31 @@ class Schedule:
             and i not in self.no_stay
 
     def unconsulted_triggers(self) -> list[int]:
-        """The stages whose trigger can never be consulted: not the last, ending at their planned length (not
-        staying), and :meth:`can_fire` false even at their last step before it (``min_epochs`` at or past that
-        length). Not an error (a recorded run keeps its config; the data check decides ``no_stay`` at run time):
-        training says so."""
+        """The stages whose trigger can never be consulted: not the last, :meth:`can_fire` false even at their last
+        step before their planned end (``min_epochs`` at or past that length), and, for a stage that stays, no step
+        past it either (:meth:`stay_window`). Not an error (a recorded run keeps its config; the data check decides
+        ``no_stay`` at run time): training says so."""
         out = []
         for i, st in enumerate(self.stages[:-1]):
             length = self._length(st, self.steps_per_epoch)
-            if st.trigger is None or length is None or self.stays(i):
+            if st.trigger is None or length is None:
                 continue
-            if not self.can_fire(ActiveStage(i, 0, length, st, tuple(st.mults(self.num_groups))), length - 1):
+            if not self.can_fire(ActiveStage(i, 0, length, st, tuple(st.mults(self.num_groups))), length - 1) \
+                    and not (self.stays(i) and self.stay_window(i)):
                 out.append(i)
         return out
+
+    def stay_window(self, i: int) -> tuple[int, int] | None:
+        """For a stage that stays, the steps after which its trigger may fire past its planned length, first and
+        last, or None when there are none (``min_epochs`` or :meth:`fire_deadline`). Steps as planned: the stage
+        starts after the planned lengths of the stages before it (an earlier stage's fire moves them)."""
+        st, start = self.stages[i], sum(self._length(s, self.steps_per_epoch) or 0 for s in self.stages[:i])
+        length = self._length(st, self.steps_per_epoch)
+        if not self.stays(i) or length is None:
+            return None
+        first = max(start + length, start + math.ceil(st.min_epochs * self.steps_per_epoch))
+        last = min(self.fire_deadline(i), self.total_steps - 1)
+        return (first, last) if first <= last else None
 
     def stage_at(self, step: int, history: History = ()) -> ActiveStage:
         """The stage governing optimizer step ``step`` (0-based), given the trigger history."""
