@@ -95,6 +95,8 @@ def test_a_stage_that_stays_fires_only_while_the_stages_after_it_still_fit():
     s = stays()  # a: 20 steps, stays; b: 5 steps; c: the rest; 100 steps in all
     assert s.fire_deadline(0) == 95 and s.stay_window(0) == (20, 95)
     assert s.can_fire(s.stage_at(95), 95) and not s.can_fire(s.stage_at(96), 96)
+    assert [s.past_deadline(t) for t in (19, 95, 96, 99)] == [None, None, 0, 0]  # what a resume there says
+    assert s.past_deadline(96, ((0, 95),)) is None  # fired at its deadline: b runs
     assert [s.stage_at(t, ((0, 95),)).index for t in (94, 95, 99)] == [0, 1, 1]  # b runs its 5 steps, c none
     long_b = Schedule([s.stages[0], StageConfig(name="b", steps=90), s.stages[2]], 4, 10, 100)
     assert long_b.fire_deadline(0) == 10  # earlier than a's planned end (20): it may fire in its planned length only

@@ -124,6 +124,15 @@ class Schedule:
             return False
         return began < step < stage.planned_end and step - began >= st.min_epochs * self.steps_per_epoch
 
+    def past_deadline(self, step: int, history: History = ()) -> int | None:
+        """The stage that, at ``step``, stays past its planned length and past its :meth:`fire_deadline` (so it
+        stays to the end without consulting its trigger again), or None. A resume says so: a run begun before the
+        deadline existed could still have fired there."""
+        stage = self.stage_at(step, history)
+        if stage.stayed and stage.config.trigger is not None and step > self.fire_deadline(stage.index):
+            return stage.index
+        return None
+
     def fire_deadline(self, i: int) -> int:
         """The last step after which stage ``i``, past its planned length, may still fire: the run's end less the
         planned lengths of the stages after it (one without a length counts 0: it takes what is left)."""
