@@ -211,7 +211,7 @@ def cmd_compare(args: argparse.Namespace, rest: list[str]) -> int:
     if rest:
         raise ConfigError(f"unexpected argument {rest[0]!r}")
     attacks = [x.strip() for x in args.attacks.split(",") if x.strip()] if args.attacks else None
-    print(format_comparison(compare(args.a, args.b, args.defense, args.margin, attacks)))
+    print(format_comparison(compare(args.a, args.b, args.defense, args.margin, attacks, args.rule)))
     return 0
 
 
@@ -306,6 +306,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--margin", type=float, default=0.5, help="points of worst-case validation accuracy B must gain "
                    "to be adopted (default 0.5, about one seed's spread over three)")
     p.add_argument("--attacks", help="only these attacks, comma-separated (e.g. the cells where the recipes differ)")
+    p.add_argument("--rule", default="worst", help="worst: the worst case over attacks alone (default); leximin: "
+                   "each side's attacks sorted from its worst, the first rank that differs by the margin decides")
     p.set_defaults(fn=cmd_compare)
     args, rest = parser.parse_known_args(argv)
     try:

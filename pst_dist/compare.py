@@ -1,6 +1,8 @@
 """``pst-dist compare``: two ``pst-dist bench`` outputs side by side, paired by (attack, seed), and the adoption rule
 with a margin: does recipe B beat recipe A on the worst case over attacks by at least ``margin`` points of
-validation accuracy?
+validation accuracy? Or, with ``rule="leximin"``, the worst cases in turn: each side's per-attack means sorted from
+the worst; the first rank at which they differ by at least ``margin`` decides (a change that leaves the worst attack
+where it is but lifts the next one can be adopted; one that lowers the worst by ``margin`` or more cannot).
 
 Only validation decides. Test accuracy is printed beside it, reported only: a recipe chosen on the test split has
 its test figures inflated by the choice. Seeds are paired, so both sides' means are over the same (attack, seed)
@@ -48,20 +50,37 @@ class Comparison:
     margin: float
     rows: list[AttackRow]
     unpaired: list[str]  # "attack seed k (only in A)" for the cells left out
+    rule: str = "worst"  # "worst": the worst case alone; "leximin": the worst cases in turn
+
+    def ranked(self, side: str) -> list[tuple[str, float]]:
+        """(attack, mean validation accuracy) of every attack, ``side``'s worst first (ties in A's order)."""
+        return sorted(((r.attack, statistics.mean(r.val_a if side == "a" else r.val_b)) for r in self.rows),
+                      key=lambda x: x[1])
 
     def worst(self, side: str) -> tuple[str, float]:
         """(attack, mean validation accuracy) of the attack where ``side`` ("a" or "b") is worst."""
-        return min(((r.attack, statistics.mean(r.val_a if side == "a" else r.val_b)) for r in self.rows),
-                   key=lambda x: x[1])
+        return self.ranked(side)[0]
+
+    @property
+    def deciding_rank(self) -> int | None:
+        """leximin: the first rank (0 = the worst) at which the sorted means differ by at least the margin (and by
+        more than rounding), or None: every rank within it, a tie."""
+        for k, ((_, wa), (_, wb)) in enumerate(zip(self.ranked("a"), self.ranked("b"), strict=True)):
+            d = 100 * abs(wb - wa)
+            if d > 1e-9 and d >= self.margin - 1e-9:
+                return k
+        return None
 
     @property
     def gain(self) -> float:
-        """B's worst-case mean validation accuracy minus A's, in points."""
-        return 100 * (self.worst("b")[1] - self.worst("a")[1])
+        """B's mean validation accuracy minus A's at the deciding rank, in points: the worst case (rule "worst"),
+        or the first rank that differs by the margin (leximin; 0 when none does)."""
+        k = 0 if self.rule == "worst" else self.deciding_rank
+        return 0.0 if k is None else 100 * (self.ranked("b")[k][1] - self.ranked("a")[k][1])
 
     @property
     def adopt_b(self) -> bool:
-        """B's worst case beats A's, by at least the margin (a tie keeps A, at any margin)."""
+        """B beats A at the deciding rank by at least the margin (a tie keeps A, at any margin)."""
         return self.gain > 1e-9 and self.gain >= self.margin - 1e-9
 
 
@@ -105,11 +124,16 @@ def _fraction(text: str, key: str) -> float:
     return x
 
 
+RULES = ("worst", "leximin")
+
+
 def compare(a: str | Path, b: str | Path, defense: str = "pst", margin: float = 0.5,
-            attacks: list[str] | None = None) -> Comparison:
+            attacks: list[str] | None = None, rule: str = "worst") -> Comparison:
     """Pair the cells of ``defense`` that both bench outputs hold (optionally only ``attacks``) and compare them."""
     if not math.isfinite(margin) or margin < 0:
         raise DataError(f"--margin {margin}: give a number of percentage points >= 0")
+    if rule not in RULES:
+        raise DataError(f"--rule {rule!r}: one of {', '.join(RULES)}")
     ca, cb = read_results(Path(a)), read_results(Path(b))
     for name, cells, path in (("A", ca, a), ("B", cb, b)):
         if not any(d == defense for _, d, _ in cells):
@@ -145,7 +169,7 @@ def compare(a: str | Path, b: str | Path, defense: str = "pst", margin: float = 
         pb = [cb[(x, defense, s)] for s in seeds]
         rows.append(AttackRow(x, seeds, [c.val for c in pa], [c.val for c in pb], [c.final_test for c in pa],
                               [c.final_test for c in pb]))
-    return Comparison(str(a), str(b), defense, margin, rows, unpaired)
+    return Comparison(str(a), str(b), defense, margin, rows, unpaired, rule)
 
 
 def _pct(xs: list[float]) -> str:
@@ -185,8 +209,18 @@ def format_comparison(c: Comparison) -> str:
     if c.unpaired:
         lines.append(f"- Left out, not in both: {'; '.join(c.unpaired)}.")
     gain = f"{c.gain:+.3f}"
-    verdict = (f"**adopt B**: its worst case beats A's by {gain} >= {c.margin:.2f}" if c.adopt_b else
-               f"**keep A**: B's worst case gains {gain} on A's (adopting needs a gain > 0 and >= {c.margin:.2f})")
+    if c.rule == "worst":
+        verdict = (f"**adopt B**: its worst case beats A's by {gain} >= {c.margin:.2f}" if c.adopt_b else
+                   f"**keep A**: B's worst case gains {gain} on A's (adopting needs a gain > 0 and >= "
+                   f"{c.margin:.2f})")
+    else:
+        ranks = [f"{k + 1}. A {100 * va:.2f} ({xa}), B {100 * vb:.2f} ({xb})"
+                 for k, ((xa, va), (xb, vb)) in enumerate(zip(c.ranked("a"), c.ranked("b"), strict=True))]
+        lines.append("- Leximin, each side's attacks from its worst: " + "; ".join(ranks) + ".")
+        k = c.deciding_rank
+        verdict = (f"**keep A**: no rank differs by {c.margin:.2f} or more" if k is None else
+                   f"**{'adopt B' if c.adopt_b else 'keep A'}**: rank {k + 1} (the first that differs by the "
+                   f"margin, those before within it) gives B {gain} on A")
     lines += [f"- Decision on validation, margin {c.margin:.2f} points: {verdict}.",
               "- Test columns are reported only: choosing on them would be choosing on the test split."]
     return "\n".join(lines)

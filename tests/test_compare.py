@@ -53,6 +53,39 @@ def test_pairs_by_seed_takes_the_worst_case_and_applies_the_margin(tmp_path):
     assert [r.attack for r in only.rows] == ["em"] and only.worst("b")[1] == pytest.approx(0.90)
 
 
+def test_leximin_decides_at_the_first_rank_that_differs_by_the_margin(tmp_path):
+    """rule="leximin": each side's per-attack means sorted from its worst; ranks within the margin are passed over,
+    the first that differs by it decides. A gain below the worst counts; a loss of the margin at the worst does
+    not buy one above it."""
+    a = results(tmp_path / "a", [("lsp", "pst", 0, 0.8, 0.830), ("ops", "pst", 0, 0.8, 0.850),
+                                 ("em", "pst", 0, 0.8, 0.860)])
+
+    def b(name, lsp, ops, em):
+        return results(tmp_path / name, [("lsp", "pst", 0, 0.8, lsp), ("ops", "pst", 0, 0.8, ops),
+                                         ("em", "pst", 0, 0.8, em)])
+
+    up = b("up", 0.832, 0.850, 0.900)  # worst +0.2 (within 0.5), ops the same, em +4
+    worst, lexi = compare(a, up), compare(a, up, rule="leximin")
+    assert not worst.adopt_b and lexi.adopt_b and lexi.deciding_rank == 2 and lexi.gain == pytest.approx(4.0)
+    text = format_comparison(lexi)
+    assert "1. A 83.00 (lsp), B 83.20 (lsp); 2. A 85.00 (ops), B 85.00 (ops); 3. A 86.00 (em), B 90.00 (em)" in text
+    assert "**adopt B**: rank 3 (the first that differs by the margin, those before within it) gives B +4.000" in text
+    down = compare(a, b("down", 0.824, 0.900, 0.900), rule="leximin")  # the worst -0.6: that decides
+    assert down.deciding_rank == 0 and not down.adopt_b and "**keep A**: rank 1" in format_comparison(down)
+    # ranks, not attacks: B's worst is ops (82.8, -0.2 on A's worst, lsp: within), its second em (86, +1 on A's
+    # second, ops)
+    moved = compare(a, b("moved", 0.870, 0.828, 0.860), rule="leximin")
+    assert moved.worst("b")[0] == "ops" and moved.deciding_rank == 1 and moved.gain == pytest.approx(1.0)
+    assert moved.adopt_b
+    same = compare(a, a, rule="leximin")
+    assert same.deciding_rank is None and not same.adopt_b and "no rank differs by 0.50" in format_comparison(same)
+    assert format_comparison(compare(a, up, rule="worst")) == format_comparison(compare(a, up))  # the default
+    r = run_cli_in_process("compare", str(a), str(up), "--rule", "leximin")
+    assert r.returncode == 0 and "**adopt B**: rank 3" in r.stdout
+    r = run_cli_in_process("compare", str(a), str(up), "--rule", "best")
+    assert r.returncode == 2 and "--rule 'best': one of worst, leximin" in r.stderr
+
+
 def test_paired_t():
     assert paired_t([0.01, 0.03]) == pytest.approx(2.0)
     assert paired_t([0.02]) is None and paired_t([0.01, 0.01]) is None
