@@ -329,6 +329,11 @@ class TriggerConfig(TriggerCondition):
     on part of the training set (poison.ratio < 1) moves the shift less; the threshold was read at ratio 1.
     Fashion-MNIST, 200 validation images per class: clean data 1.2 times the noise, additive poisons 1.3-2.0 (OPS
     the highest), conv-blur 8.2-10.2 (docs/results/pst_one_recipe.md, section 33)."""
+    stay_ce: float = 1.0
+    """With ``otherwise = "stay"``: the weight of raw cross-entropy (``loss.ce``) past the planned length, as a
+    fraction of the stage's own (1: unchanged; 0: the views' losses alone). A stage that stays has found nothing to
+    suppress; a poison its detector misses can still be learnt from the raw images there, late, as the learning rate
+    falls."""
     spectral_repair: bool = False
     """With ``spectral_check``: when the check finds a class-wise filter, the run also trains on the training images
     with each class's mean power spectrum made the validation split's (a zero-phase gain per class and frequency, at
@@ -345,6 +350,10 @@ class TriggerConfig(TriggerCondition):
         _check(self.spectral_check == 0 or self.otherwise == "stay",
                f"trigger.spectral_check={self.spectral_check} with trigger.otherwise={self.otherwise!r}: the check "
                f"decides whether an unfired stage stays, so it needs otherwise = \"stay\"")
+        _check(self.stay_ce >= 0, f"trigger.stay_ce={self.stay_ce}: must be >= 0")
+        _check(self.stay_ce == 1 or self.otherwise == "stay",
+               f"trigger.stay_ce={self.stay_ce} with trigger.otherwise={self.otherwise!r}: it weighs the raw "
+               f"cross-entropy of a stage that stays, so it needs otherwise = \"stay\"")
         _check(not self.spectral_repair or self.spectral_check > 0,
                f"trigger.spectral_repair={self.spectral_repair} with trigger.spectral_check={self.spectral_check}: "
                f"the repair follows the check's finding; set spectral_check (e.g. 4)")
@@ -416,6 +425,17 @@ class StageConfig:
             _check(k.lstrip("-").isdigit() and int(k) >= 0,
                    f"stage {self.name!r}: group_mults key {k!r} is not a group index")
             _check(v >= 0, f"stage {self.name!r}: group_mults[{k}]={v} must be >= 0")
+        if self.trigger is not None and self.trigger.stay_ce != 1:
+            loss = self.loss
+            _check(loss.ce * self.trigger.stay_ce + loss.view_ce + loss.consistency > 0,
+                   f"stage {self.name!r}: trigger.stay_ce={self.trigger.stay_ce} leaves no loss past its planned "
+                   f"length (loss.view_ce and loss.consistency are 0)")
+
+    def stay_loss(self) -> LossConfig:
+        """The loss past the planned length of a stage that stays: ``loss.ce`` times ``trigger.stay_ce``."""
+        if self.trigger is None or self.trigger.stay_ce == 1:
+            return self.loss
+        return dataclasses.replace(self.loss, ce=self.loss.ce * self.trigger.stay_ce)
 
     def mults(self, num_groups: int) -> list[float]:
         """The per-group lr multipliers of this stage (0 = frozen)."""

@@ -242,10 +242,10 @@ def train_step(gm: GroupedModel, engine: TorchEngine | DeepSpeedEngine | torch.o
     if defense is not None and defense.kind == "ueraser":
         if at is None:  # a fixed default would give every step the same views
             raise ValueError("train_step: defense.kind='ueraser' draws its views from at=(seed, epoch, step, rank)")
-        loss, logits, parts = ueraser_loss(gm, xf, y, stage.config.loss, normalize, num_classes, autocast,
+        loss, logits, parts = ueraser_loss(gm, xf, y, stage.loss, normalize, num_classes, autocast,
                                            ueraser_repeats(defense, at[1]), step_seed(*at))
     else:
-        loss, logits, parts = stage_loss(gm, xf, y, stage.config.loss, normalize, num_classes, autocast)
+        loss, logits, parts = stage_loss(gm, xf, y, stage.loss, normalize, num_classes, autocast)
     engine.backward(loss, stage.mults)
     engine.step(stage.mults)
     return loss.detach(), logits.detach(), parts

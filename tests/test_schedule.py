@@ -1,6 +1,6 @@
 import pytest
 
-from pst_dist.config import ConfigError, StageConfig, TriggerCondition, TriggerConfig, load_config
+from pst_dist.config import ConfigError, LossConfig, StageConfig, TriggerCondition, TriggerConfig, load_config
 from pst_dist.pst.schedule import Schedule, lr_factor
 
 
@@ -97,6 +97,15 @@ def test_a_stage_that_stays_fires_only_while_the_stages_after_it_still_fit():
     assert s.can_fire(s.stage_at(95), 95) and not s.can_fire(s.stage_at(96), 96)
     assert [s.past_deadline(t) for t in (19, 95, 96, 99)] == [None, None, 0, 0]  # what a resume there says
     assert s.past_deadline(96, ((0, 95),)) is None  # fired at its deadline: b runs
+    assert s.stage_at(19).loss is s.stages[0].loss and s.stage_at(20).loss is s.stages[0].loss  # stay_ce = 1
+    quiet = Schedule([StageConfig(name="a", epochs=2, loss=LossConfig(ce=1, view_ce=1),
+                                  trigger=TriggerConfig(otherwise="stay", stay_ce=0.25)), s.stages[1]], 4, 10, 100)
+    stayed = quiet.stage_at(20).loss
+    assert quiet.stage_at(19).loss.ce == 1 and (stayed.ce, stayed.view_ce) == (0.25, 1)
+    with pytest.raises(ConfigError, match="trigger.stay_ce=0.0 leaves no loss past its planned length"):
+        StageConfig(name="a", trigger=TriggerConfig(otherwise="stay", stay_ce=0.0))
+    with pytest.raises(ConfigError, match="trigger.stay_ce=0.5 with trigger.otherwise='next'"):
+        TriggerConfig(stay_ce=0.5)
     assert [s.stage_at(t, ((0, 95),)).index for t in (94, 95, 99)] == [0, 1, 1]  # b runs its 5 steps, c none
     long_b = Schedule([s.stages[0], StageConfig(name="b", steps=90), s.stages[2]], 4, 10, 100)
     assert long_b.fire_deadline(0) == 10  # earlier than a's planned end (20): it may fire in its planned length only

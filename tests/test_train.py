@@ -212,6 +212,13 @@ def test_a_warm_up_that_stays_trains_on_unfired_and_hands_over_when_its_trigger_
     b = torch.load(tmp_path / "part" / "checkpoint.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
 
+    assert "loss/ce" in [r for r in logs if r["step"] == 50 and "train/lr" in r][0]
+    # trigger.stay_ce = 0: past the planned length the raw cross-entropy is gone, the view's alone trains
+    quiet = ('--schedule.stages=[{name="a",epochs=1,loss={view_ce=1},trigger={kind="train_acc",threshold=1.5,'
+             'otherwise="stay",stay_ce=0}},{name="b",freeze=[0]}]')
+    train(load_config(None, [*base, quiet, f"--log.run_dir={tmp_path / 'quiet'}"]))
+    [row] = [r for r in rows(tmp_path / "quiet") if r["step"] == 50 and "train/lr" in r]
+    assert "loss/ce" not in row and row["loss/view_ce"] > 0
     late = train(load_config(None, [*base, stages(0.0, 1.5), f"--log.run_dir={tmp_path / 'late'}"]))
     assert late["stage_history"] == [[0, 48]]
     assert [(r["step"], r["pst/stage"]) for r in rows(tmp_path / "late") if "pst/stage" in r and "epoch" not in r] \

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ..config import ConfigError, StageConfig
+from ..config import ConfigError, LossConfig, StageConfig
 
 # history: sorted tuple of (stage_index, step) pairs: "stage i's trigger fired after `step` optimizer steps"
 History = tuple[tuple[int, int], ...]
@@ -25,6 +25,11 @@ class ActiveStage:
     def stayed(self) -> bool:
         """Whether this is the stretch of a stage past its planned length (``start`` is then where that began)."""
         return self.began is not None
+
+    @property
+    def loss(self) -> LossConfig:
+        """The loss this stretch trains with: the stage's, with ``trigger.stay_ce`` applied past its planned length."""
+        return self.config.stay_loss() if self.stayed else self.config.loss
 
 
 class Schedule:
