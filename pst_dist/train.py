@@ -474,9 +474,9 @@ def build_run(cfg: Config, resume: bool, overwrite: bool, allow_changes: bool, d
                               f"{st.epoch} epochs")
         stayed = schedule.past_deadline(st.step, tuple(tuple(h) for h in st.history))
         if stayed is not None and dist_info.is_primary:
-            print(f"[pst] resuming at step {st.step}: stage {stayed} ({cfg.schedule.stages[stayed].name!r}) stays "
-                  f"past step {schedule.fire_deadline(stayed)}, its fire deadline, so it stays to the end without "
-                  f"consulting its trigger again (a run begun before the deadline existed could have fired here; "
+            print(f"[pst] resuming at step {st.step}: stage {stayed} ({cfg.schedule.stages[stayed].name!r}) has "
+                  f"reached step {schedule.fire_deadline(stayed)}, its fire deadline, so it stays to the end without "
+                  f"consulting its trigger again (a run begun before the deadline existed could have fired later; "
                   f"meta.json's git_sha says which code began it)", file=sys.stderr)
     logged: list[dict] = []  # the rows metrics.jsonl holds at the resumed step
     if dist_info.is_primary:  # only now that every input has been validated

@@ -130,11 +130,12 @@ class Schedule:
         return began < step < stage.planned_end and step - began >= st.min_epochs * self.steps_per_epoch
 
     def past_deadline(self, step: int, history: History = ()) -> int | None:
-        """The stage that, at ``step``, stays past its planned length and past its :meth:`fire_deadline` (so it
-        stays to the end without consulting its trigger again), or None. A resume says so: a run begun before the
-        deadline existed could still have fired there."""
+        """The stage that, after ``step`` optimizer steps, stays past its planned length and has reached its
+        :meth:`fire_deadline` (its trigger was consulted after that step at the latest, before a checkpoint there,
+        so it stays to the end without consulting it again), or None. A resume says so: a run begun before the
+        deadline existed could still have fired later."""
         stage = self.stage_at(step, history)
-        if stage.stayed and stage.config.trigger is not None and step > self.fire_deadline(stage.index):
+        if stage.stayed and stage.config.trigger is not None and step >= self.fire_deadline(stage.index):
             return stage.index
         return None
 
