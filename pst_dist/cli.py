@@ -303,8 +303,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("a", help="the incumbent: a `pst-dist bench` output directory (or its results.csv)")
     p.add_argument("b", help="the challenger: another bench output directory (or its results.csv)")
     p.add_argument("--defense", default="pst", help="the defense compared (default pst)")
-    p.add_argument("--margin", type=float, default=0.5, help="points of worst-case validation accuracy B must gain "
-                   "to be adopted (default 0.5, about one seed's spread over three)")
+    p.add_argument("--margin", type=float, default=0.5, help="points of validation accuracy B must gain to be adopted, "
+                   "on the worst case (or, leximin, at the deciding rank) (default 0.5, about one seed's spread over "
+                   "three)")
     p.add_argument("--attacks", help="only these attacks, comma-separated (e.g. the cells where the recipes differ)")
     p.add_argument("--rule", default="worst", help="worst: the worst case over attacks alone (default); leximin: "
                    "each side's attacks sorted from its worst, the first rank that differs by the margin decides")
