@@ -333,7 +333,7 @@ class TriggerConfig(TriggerCondition):
     """With ``otherwise = "stay"``: the weight of raw cross-entropy (``loss.ce``) past the planned length, as a
     fraction of the stage's own (1: unchanged; 0: the views' losses alone). A stage that stays has found nothing to
     suppress; a poison its detector misses can still be learnt from the raw images there, late, as the learning rate
-    falls."""
+    falls. Refused where it could never apply: on the last stage and on a stage without a planned length."""
     spectral_repair: bool = False
     """With ``spectral_check``: when the check finds a class-wise filter, the run also trains on the training images
     with each class's mean power spectrum made the validation split's (a zero-phase gain per class and frequency, at
@@ -426,6 +426,9 @@ class StageConfig:
                    f"stage {self.name!r}: group_mults key {k!r} is not a group index")
             _check(v >= 0, f"stage {self.name!r}: group_mults[{k}]={v} must be >= 0")
         if self.trigger is not None and self.trigger.stay_ce != 1:
+            _check(self.epochs > 0 or self.steps > 0,
+                   f"stage {self.name!r}: trigger.stay_ce={self.trigger.stay_ce} without a planned length (epochs "
+                   f"and steps are 0): the stage runs to the end and is never past its planned length")
             loss = self.loss
             _check(loss.ce * self.trigger.stay_ce + loss.view_ce + loss.consistency > 0,
                    f"stage {self.name!r}: trigger.stay_ce={self.trigger.stay_ce} leaves no loss past its planned "
@@ -473,6 +476,11 @@ class ScheduleConfig:
         _check(len(self.stages) > 0, "schedule.stages is empty: a schedule needs at least one stage")
         _check(self.check_every >= 0, f"schedule.check_every={self.check_every}: must be >= 0")
         check_eval_views("schedule.eval_views", self.eval_views)
+        last = self.stages[-1]
+        _check(last.trigger is None or last.trigger.stay_ce == 1,
+               f"schedule.stages[{len(self.stages) - 1}] ({last.name!r}): trigger.stay_ce="
+               f"{last.trigger and last.trigger.stay_ce} on the last stage, which never stays past its planned "
+               f"length (it runs to the end as it is)")
 
     def spectral_checks(self) -> dict[int, float]:
         """{stage index: its ``trigger.spectral_check``} of the stages that check the data before training: all but

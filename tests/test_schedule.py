@@ -104,7 +104,12 @@ def test_a_stage_that_stays_fires_only_while_the_stages_after_it_still_fit():
     stayed = quiet.stage_at(20).loss
     assert quiet.stage_at(19).loss.ce == 1 and (stayed.ce, stayed.view_ce) == (0.25, 1)
     with pytest.raises(ConfigError, match="trigger.stay_ce=0.0 leaves no loss past its planned length"):
-        StageConfig(name="a", trigger=TriggerConfig(otherwise="stay", stay_ce=0.0))
+        StageConfig(name="a", epochs=1, trigger=TriggerConfig(otherwise="stay", stay_ce=0.0))
+    with pytest.raises(ConfigError, match="trigger.stay_ce=0.5 without a planned length"):  # never past it
+        StageConfig(name="a", loss=LossConfig(view_ce=1), trigger=TriggerConfig(otherwise="stay", stay_ce=0.5))
+    with pytest.raises(ConfigError, match=r"schedule.stages\[1\] \('z'\): trigger.stay_ce=0.5 on the last stage"):
+        load_config(None, ['--schedule.stages=[{name="a",epochs=1},{name="z",epochs=1,loss={view_ce=1},'
+                           'trigger={otherwise="stay",stay_ce=0.5}}]'])
     with pytest.raises(ConfigError, match="trigger.stay_ce=0.5 with trigger.otherwise='next'"):
         TriggerConfig(stay_ce=0.5)
     assert [s.stage_at(t, ((0, 95),)).index for t in (94, 95, 99)] == [0, 1, 1]  # b runs its 5 steps, c none

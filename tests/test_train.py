@@ -219,6 +219,16 @@ def test_a_warm_up_that_stays_trains_on_unfired_and_hands_over_when_its_trigger_
     train(load_config(None, [*base, quiet, f"--log.run_dir={tmp_path / 'quiet'}"]))
     [row] = [r for r in rows(tmp_path / "quiet") if r["step"] == 50 and "train/lr" in r]
     assert "loss/ce" not in row and row["loss/view_ce"] > 0
+    # from the first step past the planned length, not before: epoch 1 trains as with stay_ce = 1, epoch 2 not
+    train(load_config(None, [*base, quiet.replace(",stay_ce=0", ""), f"--log.run_dir={tmp_path / 'loud'}"]))
+    quiet_loss, loud_loss = ([r["train/loss"] for r in rows(tmp_path / d) if "epoch" in r] for d in ("quiet", "loud"))
+    assert quiet_loss[0] == loud_loss[0] and quiet_loss[1] != loud_loss[1], (quiet_loss, loud_loss)
+    part = [*base, quiet, f"--log.run_dir={tmp_path / 'quiet_part'}", "--train.checkpoint_every=1"]
+    train(load_config(None, part), stop_after_epochs=1)  # stopped at the planned end, resumed into the stayed stretch
+    train(load_config(None, part), resume=True)
+    a = torch.load(tmp_path / "quiet" / "checkpoint.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "quiet_part" / "checkpoint.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
     late = train(load_config(None, [*base, stages(0.0, 1.5), f"--log.run_dir={tmp_path / 'late'}"]))
     assert late["stage_history"] == [[0, 48]]
     assert [(r["step"], r["pst/stage"]) for r in rows(tmp_path / "late") if "pst/stage" in r and "epoch" not in r] \
