@@ -430,16 +430,19 @@ def build_run(cfg: Config, resume: bool, overwrite: bool, allow_changes: bool, d
         model = model.to(memory_format=torch.channels_last)
     gm = trace_units(model, layer_groups(model, cfg.model.block_groups), data.poisoned_train[:2].to(device).float())
     total_steps = len(loader) * cfg.train.epochs
+    checks = cfg.schedule.check_every or len(loader)  # the steps after which detect() consults a trigger
     schedule = Schedule(cfg.schedule.stages, gm.num_groups, len(loader), total_steps,  # validates group indices
-                        no_stay)
+                        no_stay, checks)
     unconsulted = schedule.unconsulted_triggers()
     for i in unconsulted if dist_info.is_primary else []:
         st_cfg = cfg.schedule.stages[i]
         where = ("before its planned end, or past it while the stages after it still get their planned lengths"
                  if schedule.stays(i) else "before its planned end, where it ends")
-        print(f"[pst] stage {i} ({st_cfg.name!r}): its trigger is never consulted (it may fire after the stage's "
-              f"first step and min_epochs={st_cfg.min_epochs}, {where}); lower min_epochs or lengthen the stage to "
-              f"let it fire", file=sys.stderr)
+        cadence = f"every {checks} steps" if cfg.schedule.check_every else f"at each epoch's end (step {checks}, ...)"
+        print(f"[pst] stage {i} ({st_cfg.name!r}): its trigger is never consulted (the checks run {cadence}; it "
+              f"may fire at one after the stage's first step and min_epochs={st_cfg.min_epochs}, {where}); lower "
+              f"min_epochs, lengthen the stage or check more often (schedule.check_every) to let it fire",
+              file=sys.stderr)
     for i, st_cfg in enumerate(cfg.schedule.stages) if dist_info.is_primary else []:
         if not schedule.stays(i) or i in unconsulted:
             continue
@@ -448,12 +451,13 @@ def build_run(cfg: Config, resume: bool, overwrite: bool, allow_changes: bool, d
         if window:
             fit = f"so that the stages after it get their planned {need} steps, " if need else ""
             print(f"[pst] stage {i} ({st_cfg.name!r}): unfired at its planned end it stays; past that its trigger "
-                  f"may fire until step {window[1]} of {total_steps} (epoch {window[1] / len(loader):.2f}), {fit}"
-                  f"then it stays to the end{planned}", file=sys.stderr)
+                  f"may fire until step {window[1]} (its last check) of {total_steps} "
+                  f"(epoch {window[1] / len(loader):.2f}), {fit}then it stays to the end{planned}", file=sys.stderr)
         else:
             print(f"[pst] stage {i} ({st_cfg.name!r}): unfired at its planned end it stays to the end without "
-                  f"consulting its trigger again: the stages after it need {need} of the run's {total_steps} steps"
-                  f"{planned}", file=sys.stderr)
+                  f"consulting its trigger again: no check (every {checks} steps) falls past its planned end, after "
+                  f"min_epochs={st_cfg.min_epochs} and up to step {schedule.fire_deadline(i)}, its fire deadline "
+                  f"(the stages after it need {need} of the run's {total_steps} steps){planned}", file=sys.stderr)
     engine = build_engine(cfg, model, build_optimizer(cfg, model, gm), dist_info)
     if cfg.train.compile:
         compile_model(model, len(cfg.schedule.stages))
@@ -475,9 +479,9 @@ def build_run(cfg: Config, resume: bool, overwrite: bool, allow_changes: bool, d
         stayed = schedule.past_deadline(st.step, tuple(tuple(h) for h in st.history))
         if stayed is not None and dist_info.is_primary:
             print(f"[pst] resuming at step {st.step}: stage {stayed} ({cfg.schedule.stages[stayed].name!r}) has "
-                  f"reached step {schedule.fire_deadline(stayed)}, its fire deadline, so it stays to the end without "
-                  f"consulting its trigger again (a run begun before the deadline existed could have fired later; "
-                  f"meta.json's git_sha says which code began it)", file=sys.stderr)
+                  f"no check left up to step {schedule.fire_deadline(stayed)}, its fire deadline, so it stays to the "
+                  f"end without consulting its trigger again (a run begun before the deadline existed could have "
+                  f"fired later; meta.json's git_sha says which code began it)", file=sys.stderr)
     logged: list[dict] = []  # the rows metrics.jsonl holds at the resumed step
     if dist_info.is_primary:  # only now that every input has been validated
         if overwrite:

@@ -39,6 +39,25 @@ def test_a_trigger_that_can_never_be_consulted_is_found():
     assert sched(5, otherwise="stay").unconsulted_triggers() == []  # it may fire past its planned length
     assert sched(5, otherwise="stay", no_stay=frozenset({0})).unconsulted_triggers() == [0]
     # the last stage is never consulted anyway (nothing follows): not reported
+    # at the epochs' ends (check_every = steps_per_epoch), a stage of whole epochs ends at a check, which is the next
+    # stage's: a 1-epoch stage is never consulted, a 2-epoch one once (step 10); min_epochs 1.5 leaves none
+    def checked(epochs, min_epochs=0.0, otherwise="next", every=10):
+        a = StageConfig(name="a", epochs=epochs, min_epochs=min_epochs,
+                        trigger=TriggerConfig(kind="train_acc", threshold=0.9, otherwise=otherwise))
+        return Schedule([a, StageConfig(name="b", steps=5), StageConfig(name="c")], 4, 10, 100, check_every=every)
+
+    assert checked(1).unconsulted_triggers() == [0] and checked(1, every=1).unconsulted_triggers() == []
+    assert checked(2).unconsulted_triggers() == [] and checked(2, 1.5).unconsulted_triggers() == [0]
+    assert checked(1.5).unconsulted_triggers() == []  # its check at step 10 is inside it
+    assert checked(1, otherwise="stay").unconsulted_triggers() == []  # consulted past its planned end
+    assert checked(1, otherwise="stay").stay_window(0) == (10, 90)  # checks 10..90; its deadline 95 is not one
+    assert checked(1, otherwise="stay", every=20).stay_window(0) == (20, 80)
+    assert checked(1, otherwise="stay", every=200).unconsulted_triggers() == [0]  # no check inside the run
+    # a resume with no check left up to the deadline (95) says so: after step 90 the next check would be 100
+    assert [checked(1, otherwise="stay").past_deadline(t) for t in (10, 89, 90, 95)] == [None, None, 0, 0]
+    # a stage the run never reaches is not reported
+    never = Schedule([StageConfig(name="z", epochs=20), *checked(1).stages], 4, 10, 100, check_every=10)
+    assert never.unconsulted_triggers() == []
 
 
 def stays() -> Schedule:

@@ -196,8 +196,8 @@ def test_a_warm_up_that_stays_trains_on_unfired_and_hands_over_when_its_trigger_
         return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
     full = train(load_config(None, [*base, stages(1.5), f"--log.run_dir={tmp_path / 'full'}"]))
-    assert "[pst] stage 0 ('a'): unfired at its planned end it stays; past that its trigger may fire until step 63 " \
-           "of 64 (epoch 1.97), then it stays to the end\n" in capsys.readouterr().err
+    assert "[pst] stage 0 ('a'): unfired at its planned end it stays; past that its trigger may fire until step 60 " \
+           "(its last check) of 64 (epoch 1.88), then it stays to the end\n" in capsys.readouterr().err
     logs = rows(tmp_path / "full")
     assert full["stage_history"] == [] and {r["pst/stage"] for r in logs if "pst/stage" in r} == {0}
     assert [r["pst/group_0/lr_mult"] for r in logs if "epoch" in r] == [1.0, 1.0]  # never frozen
@@ -236,9 +236,9 @@ def test_a_warm_up_that_stays_trains_on_unfired_and_hands_over_when_its_trigger_
     capsys.readouterr()
     cut = train(load_config(None, [*base, stages(0.0, 1.5, 0.75), f"--log.run_dir={tmp_path / 'cut'}"]))
     assert cut["stage_history"] == [] and not any("pst/trigger_value" in r for r in rows(tmp_path / "cut"))
-    assert "[pst] stage 0 ('a'): its trigger is never consulted (it may fire after the stage's first step and " \
-           "min_epochs=1.5, before its planned end, or past it while the stages after it still get their planned " \
-           "lengths)" in capsys.readouterr().err
+    assert "[pst] stage 0 ('a'): its trigger is never consulted (the checks run every 4 steps; it may fire at one " \
+           "after the stage's first step and min_epochs=1.5, before its planned end, or past it while the stages " \
+           "after it still get their planned lengths)" in capsys.readouterr().err
 
 
 def test_a_spectral_check_over_its_threshold_ends_a_stage_that_would_stay_at_its_planned_length(tmp_path, capsys):

@@ -36,9 +36,11 @@ class Schedule:
     """A validated list of stages over ``total_steps`` optimizer steps of ``steps_per_epoch`` each."""
 
     def __init__(self, stages: list[StageConfig], num_groups: int, steps_per_epoch: int, total_steps: int,
-                 no_stay: frozenset[int] = frozenset()):
+                 no_stay: frozenset[int] = frozenset(), check_every: int = 1):
         """``no_stay``: the stages whose ``trigger.spectral_check`` found a class-wise filter in the data: unfired at
-        their planned length they end there, as with ``otherwise = "next"``."""
+        their planned length they end there, as with ``otherwise = "next"``. ``check_every``: training consults a
+        trigger after every step that is a multiple of it (``schedule.check_every``, or ``steps_per_epoch`` for the
+        epochs' ends); 1, the default, any step. Only what the schedule reports on its triggers depends on it."""
         if not stages:
             raise ConfigError("schedule.stages is empty: a schedule needs at least one stage")
         for i, st in enumerate(stages):
@@ -49,7 +51,7 @@ class Schedule:
                 raise ConfigError(f"schedule.stages[{i}] ({st.name!r}) has no length (epochs/steps) and no trigger, "
                                   f"so the stages after it can never run")
         self.stages, self.num_groups, self.no_stay = stages, num_groups, no_stay
-        self.steps_per_epoch, self.total_steps = steps_per_epoch, total_steps
+        self.steps_per_epoch, self.total_steps, self.check_every = steps_per_epoch, total_steps, max(1, check_every)
 
     @staticmethod
     def _length(st: StageConfig, steps_per_epoch: int) -> int | None:
@@ -66,32 +68,46 @@ class Schedule:
         return i < len(self.stages) - 1 and st.trigger is not None and st.trigger.otherwise == "stay" \
             and i not in self.no_stay
 
+    def _checks(self, first: int, last: int) -> tuple[int, int] | None:
+        """The first and last check step (a multiple of ``check_every``) in ``first..last``, or None."""
+        c = self.check_every
+        lo, hi = -(-first // c) * c, last // c * c
+        return (lo, hi) if lo <= hi else None
+
+    def _planned_start(self, i: int) -> int:
+        return sum(self._length(s, self.steps_per_epoch) or 0 for s in self.stages[:i])
+
+    def _min_steps(self, i: int) -> int:
+        """The steps of stage ``i`` before :meth:`can_fire` allows its trigger (at least 1; ``min_epochs``)."""
+        return max(1, math.ceil(self.stages[i].min_epochs * self.steps_per_epoch))
+
     def unconsulted_triggers(self) -> list[int]:
-        """The stages whose trigger can never be consulted: not the last, :meth:`can_fire` false even at their last
-        step before their planned end (``min_epochs`` at or past that length), and, for a stage that stays, no step
-        past it either (:meth:`stay_window`). Not an error (a recorded run keeps its config; the data check decides
-        ``no_stay`` at run time): training says so."""
+        """The stages whose trigger is never consulted: not the last, reached, and no check step (``check_every``)
+        where :meth:`can_fire` allows it, neither before their planned end (after the stage's first step and
+        ``min_epochs``; with the epochs' ends as checks, a stage of whole epochs ends at a check, and that check
+        belongs to the next stage) nor, for a stage that stays, past it (:meth:`stay_window`). Steps as planned.
+        Not an error (a recorded run keeps its config; the data check decides ``no_stay`` at run time): training
+        says so."""
         out = []
         for i, st in enumerate(self.stages[:-1]):
-            length = self._length(st, self.steps_per_epoch)
-            if st.trigger is None or length is None:
+            length, start = self._length(st, self.steps_per_epoch), self._planned_start(i)
+            if st.trigger is None or length is None or start >= self.total_steps:
                 continue
-            if not self.can_fire(ActiveStage(i, 0, length, st, tuple(st.mults(self.num_groups))), length - 1) \
-                    and not (self.stays(i) and self.stay_window(i)):
+            within = self._checks(start + self._min_steps(i), min(start + length, self.total_steps) - 1)
+            if not within and not (self.stays(i) and self.stay_window(i)):
                 out.append(i)
         return out
 
     def stay_window(self, i: int) -> tuple[int, int] | None:
-        """For a stage that stays, the steps after which its trigger may fire past its planned length, first and
-        last, or None when there are none (``min_epochs`` or :meth:`fire_deadline`). Steps as planned: the stage
-        starts after the planned lengths of the stages before it (an earlier stage's fire moves them)."""
-        st, start = self.stages[i], sum(self._length(s, self.steps_per_epoch) or 0 for s in self.stages[:i])
-        length = self._length(st, self.steps_per_epoch)
+        """For a stage that stays, the check steps (``check_every``) after which its trigger may fire past its
+        planned length, first and last, or None when there are none (``min_epochs`` or :meth:`fire_deadline`).
+        Steps as planned: the stage starts after the planned lengths of the stages before it (an earlier stage's
+        fire moves them)."""
+        start, length = self._planned_start(i), self._length(self.stages[i], self.steps_per_epoch)
         if not self.stays(i) or length is None:
             return None
-        first = max(start + length, start + math.ceil(st.min_epochs * self.steps_per_epoch))
-        last = min(self.fire_deadline(i), self.total_steps - 1)
-        return (first, last) if first <= last else None
+        return self._checks(max(start + length, start + self._min_steps(i)),
+                            min(self.fire_deadline(i), self.total_steps - 1))
 
     def stage_at(self, step: int, history: History = ()) -> ActiveStage:
         """The stage governing optimizer step ``step`` (0-based), given the trigger history."""
@@ -130,14 +146,16 @@ class Schedule:
         return began < step < stage.planned_end and step - began >= st.min_epochs * self.steps_per_epoch
 
     def past_deadline(self, step: int, history: History = ()) -> int | None:
-        """The stage that, after ``step`` optimizer steps, stays past its planned length and has reached its
-        :meth:`fire_deadline` (its trigger was consulted after that step at the latest, before a checkpoint there,
-        so it stays to the end without consulting it again), or None. A resume says so: a run begun before the
-        deadline existed could still have fired later."""
+        """The stage that, after ``step`` optimizer steps, stays past its planned length with no check step left
+        after ``step`` up to its :meth:`fire_deadline` (a check at ``step`` itself ran before a checkpoint there),
+        so it stays to the end without consulting its trigger again; or None. A resume says so: a run begun before
+        the deadline existed could still have fired later."""
         stage = self.stage_at(step, history)
-        if stage.stayed and stage.config.trigger is not None and step >= self.fire_deadline(stage.index):
-            return stage.index
-        return None
+        if not stage.stayed or stage.config.trigger is None:
+            return None
+        first = max(step + 1, stage.began + self._min_steps(stage.index))
+        left = self._checks(first, min(self.fire_deadline(stage.index), self.total_steps - 1))
+        return None if left else stage.index
 
     def fire_deadline(self, i: int) -> int:
         """The last step after which stage ``i``, past its planned length, may still fire: the run's end less the
