@@ -438,7 +438,7 @@ def build_run(cfg: Config, resume: bool, overwrite: bool, allow_changes: bool, d
         st_cfg = cfg.schedule.stages[i]
         where = ("before its planned end, or past it while the stages after it still get their planned lengths"
                  if schedule.stays(i) else "before its planned end, where it ends")
-        cadence = f"every {checks} steps" if cfg.schedule.check_every else f"at each epoch's end (step {checks}, ...)"
+        cadence = f"every {checks} steps" if cfg.schedule.check_every else f"at each epoch's end, every {checks} steps"
         print(f"[pst] stage {i} ({st_cfg.name!r}): its trigger is never consulted (the checks run {cadence}; it "
               f"may fire at one after the stage's first step and min_epochs={st_cfg.min_epochs}, {where}); lower "
               f"min_epochs, lengthen the stage or check more often (schedule.check_every) to let it fire",
@@ -479,9 +479,10 @@ def build_run(cfg: Config, resume: bool, overwrite: bool, allow_changes: bool, d
         stayed = schedule.past_deadline(st.step, tuple(tuple(h) for h in st.history))
         if stayed is not None and dist_info.is_primary:
             print(f"[pst] resuming at step {st.step}: stage {stayed} ({cfg.schedule.stages[stayed].name!r}) has "
-                  f"no check left up to step {schedule.fire_deadline(stayed)}, its fire deadline, so it stays to the "
-                  f"end without consulting its trigger again (a run begun before the deadline existed could have "
-                  f"fired later; meta.json's git_sha says which code began it)", file=sys.stderr)
+                  f"no check left where its trigger may fire (after min_epochs="
+                  f"{cfg.schedule.stages[stayed].min_epochs}, up to step {schedule.fire_deadline(stayed)}, its fire "
+                  f"deadline), so it stays to the end without consulting it again (a run begun before the deadline "
+                  f"existed could have fired later; meta.json's git_sha says which code began it)", file=sys.stderr)
     logged: list[dict] = []  # the rows metrics.jsonl holds at the resumed step
     if dist_info.is_primary:  # only now that every input has been validated
         if overwrite:

@@ -58,6 +58,13 @@ def test_a_trigger_that_can_never_be_consulted_is_found():
     # a stage the run never reaches is not reported
     never = Schedule([StageConfig(name="z", epochs=20), *checked(1).stages], 4, 10, 100, check_every=10)
     assert never.unconsulted_triggers() == []
+    # a stage without a length ends with the run: consulted unless min_epochs leaves no check before the last step;
+    # a stage after it is reached only by a fire and not judged
+    open_ = [StageConfig(name="o", min_epochs=9.5, trigger=TriggerConfig(kind="train_acc", threshold=0.9)),
+             *checked(1).stages]
+    assert Schedule(open_, 4, 10, 100, check_every=10).unconsulted_triggers() == [0]
+    open_[0].min_epochs = 8.5
+    assert Schedule(open_, 4, 10, 100, check_every=10).unconsulted_triggers() == []  # its check at step 90
 
 
 def stays() -> Schedule:

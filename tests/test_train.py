@@ -239,6 +239,19 @@ def test_a_warm_up_that_stays_trains_on_unfired_and_hands_over_when_its_trigger_
     assert "[pst] stage 0 ('a'): its trigger is never consulted (the checks run every 4 steps; it may fire at one " \
            "after the stage's first step and min_epochs=1.5, before its planned end, or past it while the stages " \
            "after it still get their planned lengths)" in capsys.readouterr().err
+    # the default checks, at each epoch's end: a 1-epoch stage that does not stay hands over at its only check
+    plain = ('--schedule.stages=[{name="a",epochs=1,trigger={kind="train_acc",threshold=0.0}},'
+             '{name="b",freeze=[0]}]')
+    once = train(load_config(None, [*TINY, "--train.batch_size=8", plain, f"--log.run_dir={tmp_path / 'once'}"]))
+    assert once["stage_history"] == [] and "[pst] stage 0 ('a'): its trigger is never consulted (the checks run at " \
+        "each epoch's end, every 32 steps; it may fire at one after the stage's first step" in capsys.readouterr().err
+    # a resume at the stage's only check past its planned length (step 32; stage b needs the other 32): none left
+    part = [*base, stages(1.5, 0, 1), f"--log.run_dir={tmp_path / 'last'}", "--train.checkpoint_every=1"]
+    train(load_config(None, part), stop_after_epochs=1)
+    assert "may fire until step 32 (its last check) of 64" in capsys.readouterr().err
+    train(load_config(None, part), resume=True)
+    assert "[pst] resuming at step 32: stage 0 ('a') has no check left where its trigger may fire (after " \
+           "min_epochs=0.0, up to step 32, its fire deadline)" in capsys.readouterr().err
 
 
 def test_a_spectral_check_over_its_threshold_ends_a_stage_that_would_stay_at_its_planned_length(tmp_path, capsys):

@@ -83,18 +83,21 @@ class Schedule:
 
     def unconsulted_triggers(self) -> list[int]:
         """The stages whose trigger is never consulted: not the last, reached, and no check step (``check_every``)
-        where :meth:`can_fire` allows it, neither before their planned end (after the stage's first step and
-        ``min_epochs``; with the epochs' ends as checks, a stage of whole epochs ends at a check, and that check
-        belongs to the next stage) nor, for a stage that stays, past it (:meth:`stay_window`). Steps as planned.
-        Not an error (a recorded run keeps its config; the data check decides ``no_stay`` at run time): training
-        says so."""
+        before the run's last step where :meth:`can_fire` allows it, neither before their planned end (after the
+        stage's first step and ``min_epochs``; with the epochs' ends as checks, a stage of whole epochs ends at a
+        check, and that check belongs to the next stage; a stage without a length ends with the run) nor, for a
+        stage that stays, past it (:meth:`stay_window`). Steps as planned; a stage after one without a length,
+        reached only by a fire, is not judged. Not an error (a recorded run keeps its config; the data check decides
+        ``no_stay`` at run time): training says so."""
         out = []
         for i, st in enumerate(self.stages[:-1]):
+            if any(self._length(s, self.steps_per_epoch) is None for s in self.stages[:i]):
+                break
             length, start = self._length(st, self.steps_per_epoch), self._planned_start(i)
-            if st.trigger is None or length is None or start >= self.total_steps:
+            if st.trigger is None or start >= self.total_steps:
                 continue
-            within = self._checks(start + self._min_steps(i), min(start + length, self.total_steps) - 1)
-            if not within and not (self.stays(i) and self.stay_window(i)):
+            end = self.total_steps if length is None else min(start + length, self.total_steps)
+            if not self._checks(start + self._min_steps(i), end - 1) and not (self.stays(i) and self.stay_window(i)):
                 out.append(i)
         return out
 
