@@ -74,31 +74,25 @@ class Schedule:
         lo, hi = -(-first // c) * c, last // c * c
         return (lo, hi) if lo <= hi else None
 
-    def _planned_start(self, i: int) -> int:
-        return sum(self._length(s, self.steps_per_epoch) or 0 for s in self.stages[:i])
-
-    def _min_steps(self, i: int) -> int:
-        """The steps of stage ``i`` before :meth:`can_fire` allows its trigger (at least 1; ``min_epochs``)."""
-        return max(1, math.ceil(self.stages[i].min_epochs * self.steps_per_epoch))
-
     def unconsulted_triggers(self) -> list[int]:
         """The stages whose trigger is never consulted: not the last, reached, and no check step (``check_every``)
-        before the run's last step where :meth:`can_fire` allows it, neither before their planned end (after the
-        stage's first step and ``min_epochs``; with the epochs' ends as checks, a stage of whole epochs ends at a
-        check, and that check belongs to the next stage; a stage without a length ends with the run) nor, for a
-        stage that stays, past it (:meth:`stay_window`). Steps as planned; a stage after one without a length,
-        reached only by a fire, is not judged. Not an error (a recorded run keeps its config; the data check decides
-        ``no_stay`` at run time): training says so."""
-        out = []
+        before the run's last step inside :meth:`fire_window`, neither before their planned end (with the epochs'
+        ends as checks, a stage of whole epochs ends at a check, and that check belongs to the next stage; a stage
+        without a length ends with the run) nor, for a stage that stays, past it (:meth:`stay_window`). Steps as
+        planned; a stage after one without a length, reached only by a fire, is not judged. Not an error (a recorded
+        run keeps its config; the data check decides ``no_stay`` at run time): training says so."""
+        out, start = [], 0
         for i, st in enumerate(self.stages[:-1]):
-            if any(self._length(s, self.steps_per_epoch) is None for s in self.stages[:i]):
+            length = self._length(st, self.steps_per_epoch)
+            if st.trigger is not None and start < self.total_steps:
+                planned = ActiveStage(i, start, self.total_steps if length is None else start + length, st, ())
+                window = self.fire_window(planned)
+                within = window and self._checks(window[0], min(window[1], self.total_steps - 1))
+                if not within and not (self.stays(i) and self.stay_window(i)):
+                    out.append(i)
+            if length is None:
                 break
-            length, start = self._length(st, self.steps_per_epoch), self._planned_start(i)
-            if st.trigger is None or start >= self.total_steps:
-                continue
-            end = self.total_steps if length is None else min(start + length, self.total_steps)
-            if not self._checks(start + self._min_steps(i), end - 1) and not (self.stays(i) and self.stay_window(i)):
-                out.append(i)
+            start += length
         return out
 
     def stay_window(self, i: int) -> tuple[int, int] | None:
@@ -106,11 +100,12 @@ class Schedule:
         planned length, first and last, or None when there are none (``min_epochs`` or :meth:`fire_deadline`).
         Steps as planned: the stage starts after the planned lengths of the stages before it (an earlier stage's
         fire moves them)."""
-        start, length = self._planned_start(i), self._length(self.stages[i], self.steps_per_epoch)
+        length = self._length(self.stages[i], self.steps_per_epoch)
         if not self.stays(i) or length is None:
             return None
-        return self._checks(max(start + length, start + self._min_steps(i)),
-                            min(self.fire_deadline(i), self.total_steps - 1))
+        end = sum(self._length(s, self.steps_per_epoch) or 0 for s in self.stages[:i]) + length
+        window = self.fire_window(ActiveStage(i, end, self.total_steps, self.stages[i], (), began=end - length))
+        return window and self._checks(max(end, window[0]), window[1])
 
     def stage_at(self, step: int, history: History = ()) -> ActiveStage:
         """The stage governing optimizer step ``step`` (0-based), given the trigger history."""
@@ -134,31 +129,34 @@ class Schedule:
             start = end
         raise AssertionError("unreachable")
 
-    def can_fire(self, stage: ActiveStage, step: int) -> bool:
-        """Whether ``stage``'s trigger may be consulted after ``step`` optimizer steps: after its first step, once
-        ``min_epochs`` of the stage (from its first step, past its planned length too) have passed, and before its
-        planned end; past its planned length (a stage that stays), only while the stages after it still get their
-        planned lengths (:meth:`fire_deadline`): a fire later than that would end the run inside them, after a
-        freeze or a new head, at a learning rate their lr shape has barely begun to lower."""
-        st = stage.config
-        if st.trigger is None or stage.index == len(self.stages) - 1:
-            return False
+    def fire_window(self, stage: ActiveStage) -> tuple[int, int] | None:
+        """The first and last step after which ``stage``'s trigger may be consulted, or None: after its first step,
+        once ``min_epochs`` of the stage (from its first step, past its planned length too) have passed, and before
+        its planned end; past its planned length (a stage that stays), only while the stages after it still get
+        their planned lengths (:meth:`fire_deadline`): a fire later than that would end the run inside them, after
+        a freeze or a new head, at a learning rate their lr shape has barely begun to lower."""
+        if stage.config.trigger is None or stage.index == len(self.stages) - 1:
+            return None
         began = stage.start if stage.began is None else stage.began
-        if stage.stayed and step > self.fire_deadline(stage.index):
-            return False
-        return began < step < stage.planned_end and step - began >= st.min_epochs * self.steps_per_epoch
+        first = began + max(1, math.ceil(stage.config.min_epochs * self.steps_per_epoch))
+        last = min(stage.planned_end - 1, self.fire_deadline(stage.index)) if stage.stayed else stage.planned_end - 1
+        return (first, last) if first <= last else None
+
+    def can_fire(self, stage: ActiveStage, step: int) -> bool:
+        """Whether ``stage``'s trigger may be consulted after ``step`` optimizer steps (:meth:`fire_window`)."""
+        window = self.fire_window(stage)
+        return window is not None and window[0] <= step <= window[1]
 
     def past_deadline(self, step: int, history: History = ()) -> int | None:
         """The stage that, after ``step`` optimizer steps, stays past its planned length with no check step left
-        after ``step`` up to its :meth:`fire_deadline` (a check at ``step`` itself ran before a checkpoint there),
-        so it stays to the end without consulting its trigger again; or None. A resume says so: a run begun before
-        the deadline existed could still have fired later."""
+        after ``step`` in its :meth:`fire_window` (a check at ``step`` itself ran before a checkpoint there), so it
+        stays to the end without consulting its trigger again; or None. A resume says so: a run begun before the
+        deadline existed could still have fired later."""
         stage = self.stage_at(step, history)
         if not stage.stayed or stage.config.trigger is None:
             return None
-        first = max(step + 1, stage.began + self._min_steps(stage.index))
-        left = self._checks(first, min(self.fire_deadline(stage.index), self.total_steps - 1))
-        return None if left else stage.index
+        window = self.fire_window(stage)
+        return None if window and self._checks(max(step + 1, window[0]), window[1]) else stage.index
 
     def fire_deadline(self, i: int) -> int:
         """The last step after which stage ``i``, past its planned length, may still fire: the run's end less the
