@@ -469,6 +469,18 @@ def _epochs_on(search: Path, node: str) -> dict[str, int]:
     return out
 
 
+def _registered(train_run: Path) -> int:
+    """The epoch of the newest checkpoint Ray Train has registered for a trial's Train run (its checkpoint manager's
+    snapshot in storage), 0 if none yet."""
+    try:
+        latest = json.loads((train_run / "checkpoint_manager_snapshot.json").read_text())["latest_checkpoint_result"]
+    except (OSError, ValueError, KeyError):  # not written yet, or caught mid-write
+        return 0
+    name = json.dumps(latest)  # the checkpoint's directory name, epoch_NNNN, is in it
+    found = re.search(r"epoch_(\d{4})", name) if latest else None
+    return int(found.group(1)) if found else 0
+
+
 @pytest.mark.multiproc
 def test_job_submit_of_a_search_onto_two_nodes_then_train_its_best_schedule(own_ray, tmp_path):
     """What README.md tells a user to do on a cluster: ``ray job submit -- bash -c '... python tune/run.py ...'`` onto
@@ -522,9 +534,11 @@ def test_a_dead_node_s_trial_is_restored_from_storage_on_the_other(own_ray, tmp_
         deadline = time.time() + 500
         while not killed and time.time() < deadline and proc.poll() is None:
             on_b = _epochs_on(storage / "tiny", node_b)
-            if any(n >= 2 and (storage / "tiny" / "train" / t / "epoch_0001").is_dir() for t, n in on_b.items()):
-                # node b's trial has trained two epochs, its first checkpoint is in storage: kill the whole node
-                # (raylet, workers) in the middle of the trial
+            if any(n >= 2 and _registered(storage / "tiny" / "train" / t) >= 1 for t, n in on_b.items()):
+                # node b's trial has trained two epochs and Ray Train has registered a checkpoint of it in storage:
+                # kill the whole node (raylet, workers) in the middle of the trial. (A checkpoint uploaded but not
+                # yet registered, the controller polls its workers every 2 s, is lost with its node: Ray starts the
+                # trial again from its last registered one, here none)
                 for p in own_ray.node_processes(temp_b):
                     try:
                         p.kill()
