@@ -93,14 +93,17 @@ def crop_flip(xp: torch.Tensor, size: int, g: torch.Generator) -> torch.Tensor:
 
 
 def bare_throughput(model_cfg_overrides: list[str], size: int, n: int, batch: int, epochs: int, device,
-                    channels_last: bool, compile_: bool, bf16: bool, optimizer: str, lr: float) -> float:
-    """img/s of a bare loop: the same timm model, uint8 data on the device, crop + flip on the device."""
+                    channels_last: bool, compile_: bool, bf16: bool, optimizer: str, lr: float,
+                    on_epoch=None, fused: bool | None = None) -> float:
+    """img/s of a bare loop: the same timm model, uint8 data on the device, crop + flip on the device.
+    ``on_epoch(epoch)`` is called after each epoch (1-based), as the trainer's hook is; ``fused``: the optimizer's
+    fused kernel (default: on a GPU, as the trainer)."""
     cfg = load_config(None, model_cfg_overrides)
     torch.manual_seed(0)
     model = build_model(cfg.model, 10, 3, size).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    fused = {"fused": True} if device.type == "cuda" else {}
+    fused = {"fused": True} if (device.type == "cuda" if fused is None else fused) else {}
     if optimizer == "sgd":
         opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4, **fused)
     else:
@@ -129,6 +132,8 @@ def bare_throughput(model_cfg_overrides: list[str], size: int, n: int, batch: in
             opt.step()
         sync(device)
         stamps.append(time.perf_counter())
+        if on_epoch is not None:
+            on_epoch(len(stamps))
     timed = stamps[:-1]  # ends of epochs 1 .. E-1: epochs 2 .. E-1 timed, as for the trainer
     return (n // batch) * batch * (len(timed) - 1) / (timed[-1] - timed[0])
 

@@ -48,3 +48,14 @@ def test_data_wait_compares_an_image_folder_in_memory_and_streamed():
                                     "--width", "0.125", "--folder"])
     assert [r["loader"] for r in rows] == ["in-memory", "streamed"]
     assert all(0 <= r["data_wait"] < 1 and r["img_per_s"] > 0 for r in rows)
+
+
+@pytest.mark.slow  # a minute: the model compiled twice (aot_autograd, no kernels built)
+def test_host_launches_counts_the_trainer_against_the_compiled_bare_loop():
+    row = _load("host_launches").main(["--epochs", "3"])
+    assert row["same_graphs"], row["graph_nodes"]  # the trainer compiles the model the bare loop compiles
+    assert row["trainer_graphs_per_step"] == pytest.approx(2, abs=0.1)  # forward and backward, no graph break
+    assert row["bare_graphs_per_step"] == pytest.approx(2)
+    # what the training thread adds per step (stage, lr, metrics on the device, one fused call per param group):
+    # tens of calls, most of them views and no-op moves; a per-step host loop over parameters would add hundreds
+    assert 0 < row["trainer_calls_per_step"] - row["bare_calls_per_step"] < 60, row["extra_calls"]
