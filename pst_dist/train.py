@@ -439,10 +439,14 @@ def build_run(cfg: Config, resume: bool, overwrite: bool, allow_changes: bool, d
         where = ("before its planned end, or past it while the stages after it still get their planned lengths"
                  if schedule.stays(i) else "before its planned end, where it ends")
         cadence = f"every {checks} steps" if cfg.schedule.check_every else f"at each epoch's end, every {checks} steps"
+        if schedule.planned_end(i) >= total_steps:  # a longer stage would not help: the run ends inside it
+            fix = (f"the run ends inside the stage as planned, at step {total_steps}; lengthen the run (train.epochs)"
+                   f"{', lower min_epochs' if st_cfg.min_epochs else ''}")
+        else:
+            fix = "lower min_epochs, lengthen the stage"
         print(f"[pst] stage {i} ({st_cfg.name!r}): its trigger is never consulted (the checks run {cadence}; it "
-              f"may fire at one after the stage's first step and min_epochs={st_cfg.min_epochs}, {where}); lower "
-              f"min_epochs, lengthen the stage or check more often (schedule.check_every) to let it fire",
-              file=sys.stderr)
+              f"may fire at one after the stage's first step and min_epochs={st_cfg.min_epochs}, {where}); {fix} "
+              f"or check more often (schedule.check_every) to let it fire", file=sys.stderr)
     for i, st_cfg in enumerate(cfg.schedule.stages) if dist_info.is_primary else []:
         if not schedule.stays(i) or i in unconsulted:
             continue

@@ -58,6 +58,11 @@ def test_a_trigger_that_can_never_be_consulted_is_found():
     # a stage the run never reaches is not reported
     never = Schedule([StageConfig(name="z", epochs=20), *checked(1).stages], 4, 10, 100, check_every=10)
     assert never.unconsulted_triggers() == []
+    # where each stage ends as planned (training names the run's end when that is past it): past the run's end
+    # for z; a stage without a length, and any after it, with the run
+    assert [never.planned_end(i) for i in range(4)] == [200, 210, 215, 100]
+    assert [Schedule([StageConfig(name="o", trigger=TriggerConfig(kind="train_acc")), *checked(1).stages], 4, 10,
+                     100).planned_end(i) for i in range(4)] == [100, 100, 100, 100]
     # a stage without a length ends with the run: consulted unless min_epochs leaves no check before the last step;
     # a stage after it is reached only by a fire and not judged
     open_ = [StageConfig(name="o", min_epochs=9.5, trigger=TriggerConfig(kind="train_acc", threshold=0.9)),

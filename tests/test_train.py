@@ -245,6 +245,12 @@ def test_a_warm_up_that_stays_trains_on_unfired_and_hands_over_when_its_trigger_
     once = train(load_config(None, [*TINY, "--train.batch_size=8", plain, f"--log.run_dir={tmp_path / 'once'}"]))
     assert once["stage_history"] == [] and "[pst] stage 0 ('a'): its trigger is never consulted (the checks run at " \
         "each epoch's end, every 32 steps; it may fire at one after the stage's first step" in capsys.readouterr().err
+    # a 2-epoch stage in a 1-epoch run: its only check is the run's last step; a longer stage would not help
+    short = plain.replace("epochs=1", "epochs=2")
+    train(load_config(None, [*TINY, "--train.batch_size=8", "--train.epochs=1", short,
+                             f"--log.run_dir={tmp_path / 'short'}"]))
+    assert "before its planned end, where it ends); the run ends inside the stage as planned, at step 32; lengthen " \
+           "the run (train.epochs) or check more often (schedule.check_every) to let it fire" in capsys.readouterr().err
     # a resume at the stage's only check past its planned length (step 32; stage b needs the other 32): none left
     part = [*base, stages(1.5, 0, 1), f"--log.run_dir={tmp_path / 'last'}", "--train.checkpoint_every=1"]
     train(load_config(None, part), stop_after_epochs=1)

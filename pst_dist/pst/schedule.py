@@ -95,6 +95,17 @@ class Schedule:
             start += length
         return out
 
+    def planned_end(self, i: int) -> int:
+        """The step stage ``i`` ends at as planned (the stages up to it at their planned lengths, none firing); one
+        without a length, or after one, ends with the run. May lie past the run's end."""
+        end = 0
+        for st in self.stages[:i + 1]:
+            length = self._length(st, self.steps_per_epoch)
+            if length is None:
+                return self.total_steps
+            end += length
+        return end
+
     def stay_window(self, i: int) -> tuple[int, int] | None:
         """For a stage that stays, the check steps (``check_every``) after which its trigger may fire past its
         planned length, first and last, or None when there are none (``min_epochs`` or :meth:`fire_deadline`).
