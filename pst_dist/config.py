@@ -112,6 +112,7 @@ SOURCES = {"synthetic", "fashion-mnist", "cifar10", "cifar100", "imagefolder", "
 POISONS = {"none", "file", *ATTACKS}  # attacks: pst_dist.registry.ATTACKS
 MODEL_POISONS = set(ATTACKS.names("model"))
 AUGMENTS = ("none", "crop", "crop_flip", "rrc_flip", "ueraser")
+MIXES = ("none", "mixup", "cutmix")
 
 
 @dataclass
@@ -379,8 +380,20 @@ class LossConfig:
     (``"randblur:1.5+quantize:3"``)."""
     view_strength: float = 1.0
     """blur: sigma in pixels; downup: factor; jpeg: quality = 10/strength; plasma: +-strength/10... see pst.views."""
+    mix: str = "none"
+    """Mix each training batch before the loss: none | mixup (each image blended with its neighbour in the batch, by
+    a weight drawn from Beta(mix_alpha, mix_alpha)) | cutmix (a box of its neighbour pasted in, its area drawn so);
+    torchvision's MixUp / CutMix, their random draws a function of (seed, epoch, step, rank). The cross-entropy
+    terms then train on the mixed labels, the view's on the view of the mixed batch; train accuracy is read against
+    each image's own label."""
+    mix_alpha: float = 1.0
+    """The Beta distribution's parameter for ``mix``."""
 
     def __post_init__(self) -> None:
+        _check(self.mix in MIXES, f"loss.mix={self.mix!r}: expected {' | '.join(MIXES)}")
+        _check(self.mix_alpha > 0, f"loss.mix_alpha={self.mix_alpha}: must be > 0")
+        _check(self.mix == "none" or self.cluster_penalty == 0, f"loss.mix={self.mix!r} with loss.cluster_penalty="
+               f"{self.cluster_penalty}: the penalty needs each image's own label, which mixing blends")
         for key in ("ce", "view_ce", "consistency", "cluster_penalty"):
             _check(getattr(self, key) >= 0, f"loss.{key}={getattr(self, key)}: must be >= 0")
         _check(self.ce + self.view_ce + self.consistency > 0, "loss: ce, view_ce and consistency are all 0")
@@ -882,6 +895,9 @@ class Config:
             _check(self.data.source != "beton", f"{key} with data.source='beton': the check reads every training "
                    f"image; train from the data set's own source")
         d = self.defense
+        mixed = [s.name or str(i) for i, s in enumerate(self.schedule.stages) if s.loss.mix != "none"]
+        _check(not (mixed and d.kind == "ueraser"), f"loss.mix in stage(s) {mixed} with defense.kind='ueraser': "
+               f"UEraser trains on its own views of the batch; mix in one or the other")
         if d.kind == "ueraser" and d.ueraser_repeats > 1:
             bad = [s.name or str(i) for i, s in enumerate(self.schedule.stages)
                    if s.loss.ce <= 0 or s.loss.view_ce or s.loss.consistency or s.loss.cluster_penalty]

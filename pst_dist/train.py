@@ -37,7 +37,7 @@ from .models import build_model
 from .pst.detectors import equalize_spectra, probe_metrics, spectral_filter_found, spectral_values, trigger_value
 from .pst.freeze import GroupedModel, param_groups, set_group_lrs, trace_units
 from .pst.groups import layer_groups
-from .pst.losses import stage_loss
+from .pst.losses import mix_batch, stage_loss
 from .pst.schedule import ActiveStage, Schedule, lr_factor
 from .pst.views import apply_view
 from .rundir import RunDirError, check_run_dir, keep_metrics_until, remove_run_files
@@ -227,7 +227,8 @@ def train_step(gm: GroupedModel, engine: TorchEngine | DeepSpeedEngine | torch.o
     """One optimizer step under ``stage``: frozen prefix under no_grad, frozen groups get no grad, lr or wd.
     ``engine`` is a TorchEngine / DeepSpeedEngine, or a bare torch optimizer (wrapped in a TorchEngine).
     ``defense`` (a DefenseConfig) with kind 'adv' trains on PGD adversarial examples of the batch; with kind
-    'ueraser' on UEraser's loss over random views of it, drawn from ``at`` = (run seed, epoch, step, rank).
+    'ueraser' on UEraser's loss over random views of it, drawn from ``at`` = (run seed, epoch, step, rank); a stage
+    with ``loss.mix`` trains on the batch mixed (:func:`pst_dist.pst.losses.mix_batch`), its draws from ``at`` too.
     Nothing here waits for the device: loss, logits and the loss parts come back as device tensors."""
     if isinstance(engine, torch.optim.Optimizer):
         engine = TorchEngine(gm.model, engine, world_size)
@@ -244,6 +245,11 @@ def train_step(gm: GroupedModel, engine: TorchEngine | DeepSpeedEngine | torch.o
             raise ValueError("train_step: defense.kind='ueraser' draws its views from at=(seed, epoch, step, rank)")
         loss, logits, parts = ueraser_loss(gm, xf, y, stage.loss, normalize, num_classes, autocast,
                                            ueraser_repeats(defense, at[1]), step_seed(*at))
+    elif stage.loss.mix != "none":  # the cross-entropy terms on the mixed labels; metrics on the images' own
+        if at is None:
+            raise ValueError("train_step: loss.mix draws its weights from at=(seed, epoch, step, rank)")
+        xf, target = mix_batch(xf, y, stage.loss.mix, stage.loss.mix_alpha, num_classes, step_seed(*at))
+        loss, logits, parts = stage_loss(gm, xf, target, stage.loss, normalize, num_classes, autocast)
     else:
         loss, logits, parts = stage_loss(gm, xf, y, stage.loss, normalize, num_classes, autocast)
     engine.backward(loss, stage.mults)

@@ -352,3 +352,57 @@ def test_a_trigger_fires_on_any_of_its_also_conditions_each_on_its_own_view(tmp_
         fired["detect/probe_acc"] - fired["detect/probe_view_acc/also_1"])
     assert "detect/shortcut_gap" in fired  # the trigger's own view (blur), as before
     assert "detect/shortcut_gap/also_0" not in fired  # a train_acc condition measures no view
+
+
+@pytest.mark.parametrize("kind", ["mixup", "cutmix"])
+def test_mix_batch_blends_images_and_labels_by_the_same_share_from_its_seed(kind):
+    """loss.mix: each image with its neighbour in the batch; the label weights are the images' shares (cutmix: the
+    box's pixels), the same for the same seed, and the global random state is left as it was."""
+    from pst_dist.pst.losses import mix_batch
+
+    x, y = torch.rand(8, 3, 16, 16), torch.tensor([0, 1, 2, 3, 4, 5, 6, 7])
+    state = torch.get_rng_state()
+    mixed, target = mix_batch(x, y, kind, 1.0, 10, seed=7)
+    assert torch.equal(torch.get_rng_state(), state)
+    again, same = mix_batch(x, y, kind, 1.0, 10, seed=7)
+    assert torch.equal(mixed, again) and torch.equal(target, same)
+    assert not torch.equal(mix_batch(x, y, kind, 1.0, 10, seed=8)[0], mixed)
+    own = target[torch.arange(8), y]  # image i's own label weight; its neighbour is image i - 1
+    assert torch.allclose(own + target[torch.arange(8), y.roll(1)], torch.ones(8))
+    if kind == "cutmix":  # the neighbour's share is the share of pixels taken from it
+        taken = (mixed != x).any(1).float().mean((1, 2))
+        assert torch.allclose(1 - own, taken, atol=1e-6), (own, taken)
+    else:
+        assert torch.allclose(mixed, own[:, None, None, None] * x + (1 - own[:, None, None, None]) * x.roll(1, 0))
+
+
+def test_a_stage_that_mixes_trains_on_mixed_batches_and_resumes_bit_identical(tmp_path):
+    """loss.mix = cutmix in the last stage: the run differs from one without from that stage on, not before, and
+    stopped and resumed inside it gives the same weights (the draws come from the step's seed); bad values are
+    refused, naming them."""
+    def stages(mix):
+        return (f'--schedule.stages=[{{name="a",epochs=1}},{{name="b",freeze=[0],loss={{ce=1.0,view_ce=0.5,'
+                f'mix="{mix}"}}}}]')
+
+    base = [*TINY, "--train.epochs=3", "--train.batch_size=16"]
+    plain = train(load_config(None, [*base, stages("none"), f"--log.run_dir={tmp_path / 'plain'}"]))
+    full = train(load_config(None, [*base, stages("cutmix"), f"--log.run_dir={tmp_path / 'full'}"]))
+    losses = [[json.loads(r)["train/loss"] for r in (tmp_path / d / "metrics.jsonl").read_text().splitlines()
+               if "epoch" in json.loads(r)] for d in ("plain", "full")]
+    assert losses[0][0] == losses[1][0] and losses[0][1] != losses[1][1], losses
+    part = [*base, stages("cutmix"), f"--log.run_dir={tmp_path / 'part'}", "--train.checkpoint_every=1"]
+    train(load_config(None, part), stop_after_epochs=2)
+    resumed = train(load_config(None, part), resume=True)
+    a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "part" / "checkpoint.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a) and full["test_curve"] == resumed["test_curve"]
+    assert plain["test_curve"] != full["test_curve"]
+    from pst_dist.config import ConfigError
+
+    for bad, named in ((stages("blend"), "loss.mix='blend'"),
+                       ('--schedule.stages=[{name="a",loss={mix="mixup",mix_alpha=0}}]', "loss.mix_alpha=0"),
+                       ('--schedule.stages=[{name="a",loss={mix="mixup",cluster_penalty=0.1}}]', "cluster_penalty"),
+                       ('--schedule.stages=[{name="a",loss={mix="cutmix"}}]', "defense.kind='ueraser'")):
+        extra = ["--defense.kind=ueraser", "--defense.ueraser_repeats=1"] if "ueraser" in named else []
+        with pytest.raises(ConfigError, match=named.replace("(", r"\(").replace("[", r"\[")):
+            load_config(None, [*base, bad, *extra])

@@ -12,6 +12,19 @@ from .freeze import GroupActivations, GroupedModel
 from .views import apply_view
 
 
+def mix_batch(x: torch.Tensor, y: torch.Tensor, kind: str, alpha: float, num_classes: int,
+              seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``loss.mix`` of a float batch: (mixed images, mixed one-hot labels) by torchvision's MixUp or CutMix, each
+    image with its neighbour in the batch; the draws (weight, box) from ``seed`` on the CPU, so a step's mix is a
+    function of its seed and nothing waits for the device."""
+    from torchvision.transforms import v2
+
+    op = {"mixup": v2.MixUp, "cutmix": v2.CutMix}[kind](alpha=alpha, num_classes=num_classes)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return op(x, y)
+
+
 def stage_loss(gm: GroupedModel, x: torch.Tensor, y: torch.Tensor, cfg: LossConfig, normalize, num_classes: int,
                autocast) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """Loss of one batch (``x`` float in [0, 1]). Returns (loss, logits of the raw batch, parts for logging: detached
