@@ -446,8 +446,8 @@ def build_run(cfg: Config, resume: bool, overwrite: bool, allow_changes: bool, d
                  if schedule.stays(i) else "before its planned end, where it ends")
         cadence = f"every {checks} steps" if cfg.schedule.check_every else f"at each epoch's end, every {checks} steps"
         if schedule.planned_end(i) >= total_steps:  # a longer stage would not help: the run ends inside it
-            fix = (f"the run ends inside the stage as planned, at step {total_steps}; lengthen the run (train.epochs)"
-                   f"{', lower min_epochs' if st_cfg.min_epochs else ''}")
+            fix = (f"as planned the stage lasts until the run's end (step {total_steps}), where a fire lets nothing "
+                   f"follow; lengthen the run (train.epochs){', lower min_epochs' if st_cfg.min_epochs else ''}")
         else:
             fix = "lower min_epochs, lengthen the stage"
         print(f"[pst] stage {i} ({st_cfg.name!r}): its trigger is never consulted (the checks run {cadence}; it "

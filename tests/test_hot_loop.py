@@ -139,9 +139,16 @@ class SyncDebugModes(StepWatch):
             torch.cuda.set_sync_debug_mode("default")
 
 
+MIXED = ('--schedule.stages=[{name="plain",epochs=0.5},{name="mixup",epochs=0.5,loss={mix="mixup"}},'
+         '{name="cutmix",loss={mix="cutmix"}}]')
+"""Stages that mix their batches (loss.mix): the draws are made on the CPU, so they must not wait for the GPU."""
+
+
 def cuda_check(tmp_path: Path) -> dict:
-    """On a GPU: any synchronising call inside a plain step raises (CUDA's sync debug mode)."""
-    cfg = load_config(None, [*SMALL, "--train.device=cuda", "--train.bf16=true", f"--log.run_dir={tmp_path / 'run'}"])
+    """On a GPU: any synchronising call inside a plain step raises (CUDA's sync debug mode), plain and mixing
+    stages alike."""
+    cfg = load_config(None, [*SMALL, MIXED, "--train.device=cuda", "--train.bf16=true",
+                             f"--log.run_dir={tmp_path / 'run'}"])
     data = build_data(cfg)
     loader = SyncDebugModes(build_loader(cfg, data, DistInfo(0, 1, 0), torch.device("cuda")))
     summary = train(cfg, data=data, loader=loader)

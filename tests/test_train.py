@@ -249,8 +249,9 @@ def test_a_warm_up_that_stays_trains_on_unfired_and_hands_over_when_its_trigger_
     short = plain.replace("epochs=1", "epochs=2")
     train(load_config(None, [*TINY, "--train.batch_size=8", "--train.epochs=1", short,
                              f"--log.run_dir={tmp_path / 'short'}"]))
-    assert "before its planned end, where it ends); the run ends inside the stage as planned, at step 32; lengthen " \
-           "the run (train.epochs) or check more often (schedule.check_every) to let it fire" in capsys.readouterr().err
+    assert "before its planned end, where it ends); as planned the stage lasts until the run's end (step 32), " \
+           "where a fire lets nothing follow; lengthen the run (train.epochs) or check more often " \
+           "(schedule.check_every) to let it fire" in capsys.readouterr().err
     # a resume at the stage's only check past its planned length (step 32; stage b needs the other 32): none left
     part = [*base, stages(1.5, 0, 1), f"--log.run_dir={tmp_path / 'last'}", "--train.checkpoint_every=1"]
     train(load_config(None, part), stop_after_epochs=1)
@@ -355,11 +356,17 @@ def test_a_trigger_fires_on_any_of_its_also_conditions_each_on_its_own_view(tmp_
 
 
 @pytest.mark.parametrize("kind", ["mixup", "cutmix"])
-def test_mix_batch_blends_images_and_labels_by_the_same_share_from_its_seed(kind):
+def test_mix_batch_blends_images_and_labels_by_the_same_share_from_its_seed(kind, monkeypatch):
     """loss.mix: each image with its neighbour in the batch; the label weights are the images' shares (cutmix: the
-    box's pixels), the same for the same seed, and the global random state is left as it was."""
+    box's pixels), the same for the same seed, and the global random state is left as it was (the GPUs' too: no
+    reseeding of them at all)."""
     from pst_dist.pst.losses import mix_batch
 
+    def reseed_gpus(*_):
+        raise AssertionError("mix_batch reseeded the GPUs' generators")
+
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", reseed_gpus)
+    monkeypatch.setattr(torch.cuda, "manual_seed", reseed_gpus)
     x, y = torch.rand(8, 3, 16, 16), torch.tensor([0, 1, 2, 3, 4, 5, 6, 7])
     state = torch.get_rng_state()
     mixed, target = mix_batch(x, y, kind, 1.0, 10, seed=7)

@@ -476,8 +476,7 @@ def _registered(train_run: Path) -> int:
         latest = json.loads((train_run / "checkpoint_manager_snapshot.json").read_text())["latest_checkpoint_result"]
     except (OSError, ValueError, KeyError):  # not written yet, or caught mid-write
         return 0
-    name = json.dumps(latest)  # the checkpoint's directory name, epoch_NNNN, is in it
-    found = re.search(r"epoch_(\d{4})", name) if latest else None
+    found = re.fullmatch(r"epoch_(\d{4})", str((latest or {}).get("checkpoint_dir_name")))
     return int(found.group(1)) if found else 0
 
 

@@ -15,13 +15,14 @@ from .views import apply_view
 def mix_batch(x: torch.Tensor, y: torch.Tensor, kind: str, alpha: float, num_classes: int,
               seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``loss.mix`` of a float batch: (mixed images, mixed one-hot labels) by torchvision's MixUp or CutMix, each
-    image with its neighbour in the batch; the draws (weight, box) from ``seed`` on the CPU, so a step's mix is a
-    function of its seed and nothing waits for the device."""
+    image with its neighbour in the batch; the draws (weight, box) from ``seed`` on the CPU's generator, so a step's
+    mix is a function of its seed and nothing waits for the device. Every global generator (the CPU's, the GPUs')
+    is as it was before."""
     from torchvision.transforms import v2
 
     op = {"mixup": v2.MixUp, "cutmix": v2.CutMix}[kind](alpha=alpha, num_classes=num_classes)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.random.default_generator.manual_seed(seed)  # not torch.manual_seed: that reseeds every GPU's too
         return op(x, y)
 
 
