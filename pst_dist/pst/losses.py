@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torchvision.transforms import v2
 
 from ..config import LossConfig
 from .detectors import scatter_ratio
@@ -18,8 +19,6 @@ def mix_batch(x: torch.Tensor, y: torch.Tensor, kind: str, alpha: float, num_cla
     image with its neighbour in the batch; the draws (weight, box) from ``seed`` on the CPU's generator, so a step's
     mix is a function of its seed and nothing waits for the device. Every global generator (the CPU's, the GPUs')
     is as it was before."""
-    from torchvision.transforms import v2
-
     op = {"mixup": v2.MixUp, "cutmix": v2.CutMix}[kind](alpha=alpha, num_classes=num_classes)
     with torch.random.fork_rng(devices=[]):
         torch.random.default_generator.manual_seed(seed)  # not torch.manual_seed: that reseeds every GPU's too
