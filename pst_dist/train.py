@@ -281,8 +281,13 @@ def _on_every_rank(fn):
 
 
 def all_finite(model: nn.Module) -> bool:
-    """Whether every parameter is finite, on every rank (a rank's ZeRO-3 partition included)."""
-    local = all(bool(torch.isfinite(p.detach()).all()) for p in model.parameters() if p.numel())
+    """Whether every parameter is finite, on every rank (a rank's ZeRO-3 partition included). The checks stay on
+    each parameter's device and are read back once per device, not once per parameter tensor."""
+    flags: dict[torch.device, list[torch.Tensor]] = {}
+    for p in model.parameters():
+        if p.numel():
+            flags.setdefault(p.device, []).append(torch.isfinite(p.detach()).all())
+    local = all(bool(torch.stack(fs).all()) for fs in flags.values())
     return mean_across_ranks(float(local)) == 1.0
 
 

@@ -7,7 +7,7 @@ import torch
 from pst_dist.checkpoint import CheckpointError, load_checkpoint
 from pst_dist.config import load_config
 from pst_dist.metrics import KERNEL_ENV, machine_facts
-from pst_dist.train import build_optimizer, train, write_run_header
+from pst_dist.train import all_finite, build_optimizer, train, write_run_header
 
 from .conftest import TINY, run_cli
 
@@ -413,3 +413,18 @@ def test_a_stage_that_mixes_trains_on_mixed_batches_and_resumes_bit_identical(tm
         extra = ["--defense.kind=ueraser", "--defense.ueraser_repeats=1"] if "ueraser" in named else []
         with pytest.raises(ConfigError, match=named.replace("(", r"\(").replace("[", r"\[")):
             load_config(None, [*base, bad, *extra])
+
+
+def test_all_finite_finds_one_non_finite_value_in_any_parameter():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    model.register_parameter("empty", torch.nn.Parameter(torch.empty(0)))  # skipped: nothing to check
+    assert all_finite(model)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        for p in (model[0].bias, model[1].weight):
+            with torch.no_grad():
+                old = p.view(-1)[1].item()
+                p.view(-1)[1] = bad
+            assert not all_finite(model), (bad, p.shape)
+            with torch.no_grad():
+                p.view(-1)[1] = old
+        assert all_finite(model)

@@ -3,6 +3,8 @@ between them, and a penalty on a group's activation clustering."""
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torchvision.transforms import v2
@@ -13,13 +15,19 @@ from .freeze import GroupActivations, GroupedModel
 from .views import apply_view
 
 
+@functools.lru_cache(maxsize=8)
+def _mixer(kind: str, alpha: float, num_classes: int) -> v2.Transform:
+    """torchvision's MixUp or CutMix, built once per (kind, alpha, classes): each draws only when called."""
+    return {"mixup": v2.MixUp, "cutmix": v2.CutMix}[kind](alpha=alpha, num_classes=num_classes)
+
+
 def mix_batch(x: torch.Tensor, y: torch.Tensor, kind: str, alpha: float, num_classes: int,
               seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``loss.mix`` of a float batch: (mixed images, mixed one-hot labels) by torchvision's MixUp or CutMix, each
     image with its neighbour in the batch; the draws (weight, box) from ``seed`` on the CPU's generator, so a step's
     mix is a function of its seed and nothing waits for the device. Every global generator (the CPU's, the GPUs')
     is as it was before."""
-    op = {"mixup": v2.MixUp, "cutmix": v2.CutMix}[kind](alpha=alpha, num_classes=num_classes)
+    op = _mixer(kind, alpha, num_classes)
     with torch.random.fork_rng(devices=[]):
         torch.random.default_generator.manual_seed(seed)  # not torch.manual_seed: that reseeds every GPU's too
         return op(x, y)
