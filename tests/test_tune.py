@@ -528,16 +528,16 @@ def test_a_dead_node_s_trial_is_restored_from_storage_on_the_other(own_ray, tmp_
     _, gcs, node_b, temp_b, ids = _two_nodes(own_ray)
     storage = tmp_path / "storage"
     proc = _cluster_tune(own_ray, gcs, storage, tmp_path / "driver", "--train.epochs=5")
-    killed = []
+    killed, on_b = [], {}
     try:
         deadline = time.time() + 500
         while not killed and time.time() < deadline and proc.poll() is None:
             on_b = _epochs_on(storage / "tiny", node_b)
-            if any(n >= 2 and _registered(storage / "tiny" / "train" / t) >= 1 for t, n in on_b.items()):
-                # node b's trial has trained two epochs and Ray Train has registered a checkpoint of it in storage:
-                # kill the whole node (raylet, workers) in the middle of the trial. (A checkpoint uploaded but not
-                # yet registered, the controller polls its workers every 2 s, is lost with its node: Ray starts the
-                # trial again from its last registered one, here none)
+            if any(2 <= n < 5 and _registered(storage / "tiny" / "train" / t) >= 1 for t, n in on_b.items()):
+                # node b's trial has trained two of its five epochs and Ray Train has registered a checkpoint of it
+                # in storage: kill the whole node (raylet, workers) in the middle of the trial. (A checkpoint uploaded
+                # but not yet registered, the controller polls its workers every 2 s, is lost with its node: Ray
+                # starts the trial again from its last registered one, here none)
                 for p in own_ray.node_processes(temp_b):
                     try:
                         p.kill()
@@ -550,7 +550,7 @@ def test_a_dead_node_s_trial_is_restored_from_storage_on_the_other(own_ray, tmp_
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    assert killed, "node b never reported a trial epoch"
+    assert killed, f"node b's trial was never between epochs 2 and 4 with a registered checkpoint: {on_b}"
     assert proc.returncode == 0, output[-5000:]
     rows = list(csv.DictReader(open(storage / "tiny" / "results.csv")))
     assert len(rows) == 2 and all(r["status"] == "completed" and r["epochs"] == "5" for r in rows), rows
