@@ -23,6 +23,7 @@ from .config import (
     device_type,
     flat_config,
     load_config,
+    tomllib,
 )
 from .io import blocking_ancestor, write_atomic
 from .tracking import tracker_dirs
@@ -53,6 +54,20 @@ def holds_run(run_dir: Path) -> list[str]:
     return [n for n in RUN_MARKERS if (run_dir / n).exists()]
 
 
+RUN_SECTIONS = ("data", "model", "train", "schedule", "log")
+"""Tables every config.toml a run records has (:func:`pst_dist.config.dump_toml` writes them all)."""
+
+
+def written_by_a_run(run_dir: Path) -> bool:
+    """Whether ``run_dir``'s run files are a pst-dist run's: its config.toml is TOML with a run's tables. (Not a
+    full :func:`load_config`: a run recorded by an older pst-dist stays one even where its keys no longer load.)"""
+    try:
+        raw = tomllib.loads((run_dir / "config.toml").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return False
+    return all(isinstance(raw.get(t), dict) for t in RUN_SECTIONS)
+
+
 def check_run_dir(cfg: Config, resume: bool, overwrite: bool, allow_changes: bool = False) -> dict[str, tuple]:
     """Validate ``cfg.log.run_dir`` for a new run, a resume or an overwrite before any work is done. Returns the
     config changes a resume accepts ({key: (recorded, now)}; empty otherwise). ``allow_changes``: accept any change
@@ -64,6 +79,10 @@ def check_run_dir(cfg: Config, resume: bool, overwrite: bool, allow_changes: boo
         raise RunDirError(f"log.run_dir={str(run_dir)!r}: exists and is not a directory")
     _writable_ancestor(run_dir)
     present = holds_run(run_dir) if run_dir.is_dir() else []
+    if present and not written_by_a_run(run_dir):
+        raise RunDirError(f"log.run_dir={str(run_dir)!r} holds {', '.join(present)}, which a run writes, but no "
+                          f"pst-dist run wrote them (no config.toml with a run's [{'], ['.join(RUN_SECTIONS)}] "
+                          f"tables): pst-dist neither overwrites nor resumes from them; choose another log.run_dir")
     if not resume:
         if present and not overwrite:
             raise RunDirError(f"log.run_dir={str(run_dir)!r} already holds a run ({', '.join(present)}): pass "
@@ -98,9 +117,10 @@ def _may_change(key: str) -> bool:
 
 def remove_run_files(run_dir: Path) -> list[str]:
     """``--overwrite``: remove the files and folders a run writes (:data:`RUN_FILES`), nothing else, and only when
-    the directory holds a run: a user's own ``tb/`` or ``meta.json`` in a directory without one is never touched."""
+    the directory holds a pst-dist run (:func:`written_by_a_run`): a user's own ``tb/``, ``meta.json`` or
+    ``config.toml`` in a directory without one is never touched."""
     removed: list[str] = []
-    if not run_dir.is_dir() or not holds_run(run_dir):
+    if not run_dir.is_dir() or not holds_run(run_dir) or not written_by_a_run(run_dir):
         return removed
     for name in (*tracker_dirs(run_dir), *RUN_FILES):  # the trackers' folders first: trackers.json names them
         p = run_dir / name

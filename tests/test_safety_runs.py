@@ -70,6 +70,24 @@ def test_overwrite_replaces_the_run_files_only(run_copy, tmp_path):
     assert not partial_files(tmp_path)
 
 
+@pytest.mark.parametrize("flag", [[], ["--overwrite"], ["--resume"]])
+def test_a_folder_whose_run_files_no_pst_dist_run_wrote_is_neither_replaced_nor_resumed(tmp_path, flag):
+    """A user's folder holding files named as a run's (their own config.toml, summary.json, tb/): --overwrite
+    would remove them, so every way in is refused, naming the files, and nothing in it changes."""
+    mine = tmp_path / "mine"
+    (mine / "tb").mkdir(parents=True)
+    (mine / "config.toml").write_text("[tool.black]\nline-length = 100\n")
+    (mine / "summary.json").write_text('{"mine": true}')
+    (mine / "tb" / "notes.txt").write_text("a user's own notes\n")
+    def files() -> dict:
+        return {p: p.read_bytes() for p in mine.rglob("*") if p.is_file()}
+
+    before = files()
+    out = run_cli_in_process("train", *FAST, f"--log.run_dir={mine}", *flag)
+    assert_refused(out, [str(mine), "config.toml, summary.json", "no pst-dist run wrote them"], [], tmp_path, code=2)
+    assert files() == before and len(before) == 3
+
+
 @pytest.mark.parametrize("value", ["", " "])
 def test_an_empty_run_dir_is_refused(tmp_path, value, monkeypatch):
     marker = place_marker(tmp_path)

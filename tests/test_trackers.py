@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from pst_dist import registry
-from pst_dist.config import ConfigError, load_config
+from pst_dist.config import ConfigError, dump_toml, load_config
 from pst_dist.registry import Entry
 from pst_dist.train import train
 
@@ -151,7 +151,7 @@ def test_overwrite_removes_a_trackers_folder_only_when_it_holds_the_recorded_run
         for f in ("wandb/offline-run-20250101_000000-abc123/run-abc123.wandb", "mlruns/0/f00d/meta.yaml"):
             (d / f).parent.mkdir(parents=True)
             (d / f).write_text("x")
-        (d / "config.toml").write_text("")
+        (d / "config.toml").write_text(dump_toml(load_config(None)))  # a pst-dist run's record
         if ids is not None:
             (d / "trackers.json").write_text(json.dumps(ids))
         return d
