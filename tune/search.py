@@ -10,8 +10,21 @@ import os
 import sys
 from pathlib import Path
 
-from pst_dist.config import Config, ConfigError, absolute_paths, to_dict
+from pst_dist.config import (
+    RESUME_MAY_CHANGE,
+    Config,
+    ConfigError,
+    absolute_paths,
+    auto_meaning,
+    config_changes,
+    device_type,
+    dump_toml,
+    flat_config,
+    load_config,
+    to_dict,
+)
 from pst_dist.distributed import init_ray
+from pst_dist.io import write_atomic
 from pst_dist.models import build_model
 from pst_dist.pst.groups import layer_groups
 from pst_dist.pst.schedule import Schedule
@@ -20,6 +33,38 @@ from .attacks import attack_config, poison_root, prepare_poisons, trial_runs
 from .report import write_reports
 from .space import extra_choices, grid_size, mult_keys, schedules_offered, skeletons, trial_config
 from .trial import run_trial
+
+SEARCH_RECORD = "search_config.toml"
+"""The config a search started with, in its directory: ``--resume`` is checked against it."""
+SEARCH_RESUME_MAY_CHANGE = tuple(k for k in RESUME_MAY_CHANGE if k not in ("train.epochs", "tune", "bench"))
+"""What ``pst-dist tune --resume`` accepts as changed: what a run's resume accepts but the length of training (the
+scheduler's rungs were set from it), the search's own [tune] section and the [bench] one its attack runs take their
+overrides from (Ray restores the search's space, scheduler and trials as they were; a trial trained under one base
+config and continued under another would be recorded as neither)."""
+
+
+def check_resumed_search(cfg: Config, search_dir: Path, log) -> None:
+    """``--resume``: refuse every difference from the config the search started with (:data:`SEARCH_RECORD`) but
+    :data:`SEARCH_RESUME_MAY_CHANGE`, naming each key. A search started before the record existed is said so."""
+    record = search_dir / SEARCH_RECORD
+    if not record.is_file():
+        log(f"[tune] {search_dir} has no {SEARCH_RECORD} (a search started before pst-dist recorded it): this "
+            f"resume's config is not checked against the one the search started with")
+        return
+    try:
+        recorded = load_config(record, recorded=True)
+    except ConfigError as e:
+        raise ConfigError(f"--resume: the search's recorded config cannot be read ({e})") from None
+    here = device_type(cfg)
+    changes = config_changes(auto_meaning(flat_config(recorded), here), auto_meaning(flat_config(cfg), here))
+    refused = {k: v for k, v in changes.items()
+               if not any(k == m or k.startswith(m + ".") for m in SEARCH_RESUME_MAY_CHANGE)}
+    if refused:
+        listed = "; ".join(f"{k}: {was!r} -> {now!r}" for k, (was, now) in refused.items())
+        raise ConfigError(f"--resume: the config differs from the one the search in {search_dir} started with "
+                          f"({listed}). A resumed search continues what it started; only "
+                          f"{', '.join(SEARCH_RESUME_MAY_CHANGE)} may change. Start a new search (another "
+                          f"tune.name) for other settings")
 
 
 def num_groups(cfg: Config) -> int:
@@ -147,8 +192,11 @@ def run_search(cfg: Config, resume: bool = False, log=lambda m: print(m, file=sy
 
         if not Tuner.can_restore(str(search_dir)):
             raise ConfigError(f"--resume: no search to continue at {search_dir} (tune.out / tune.name)")
-    if cfg.tune.attacks:  # before Ray starts: a poison takes minutes to make, a trial must not wait for it
+    if cfg.tune.attacks:
         cfg.tune.poisons = str(poison_root(cfg))  # the trials' configs (and the recorded ones) name the stores
+    if resume:
+        check_resumed_search(cfg, search_dir, log)
+    if cfg.tune.attacks:  # before Ray starts: a poison takes minutes to make, a trial must not wait for it
         made = prepare_poisons(cfg, log)
         seeds = f" x seeds {cfg.tune.seeds}" if cfg.tune.seeds else ""
         log(f"[tune] every trial trains {len(trial_runs(cfg))} runs ({', '.join(cfg.tune.attacks)}{seeds}) on the "
@@ -165,5 +213,8 @@ def run_search(cfg: Config, resume: bool = False, log=lambda m: print(m, file=sy
     log(f"[tune] Ray: {where}; search directory {search_dir}; {resources}; at most "
         f"{concurrent or 'any number of'} trials at once")
     tuner = build_tuner(cfg, search_dir, resume, groups, concurrent)
+    if not resume:
+        search_dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(search_dir / SEARCH_RECORD, dump_toml(cfg))
     results = tuner.fit()
     return write_reports(cfg, results, search_dir, log)
