@@ -251,7 +251,15 @@ def plan_bench(config: str, overrides: list[str]) -> Bench:
         raise ConfigError(f"bench.defenses has 'pst' but the recipe's [schedule] has {len(cfg.schedule.stages)} "
                           f"stage(s): give the PST schedule in the recipe")
     for a in b.attacks:  # each attack's own overrides must make a valid config
-        poison_cfg(base, a, 0)
+        made = asdict(poison_cfg(base, a, 0).poison)
+        for r in runs_needed(b.defenses):  # and a cell records the poison it trains on
+            cell = asdict(cell_cfg(base, a, r, 0, Path(b.out)).poison)
+            moved = [f"poison.{k}: {made[k]!r} -> {cell[k]!r}" for k in made if k != "ratio" and cell[k] != made[k]]
+            if moved:
+                raise ConfigError(f"bench.defense_overrides.{r}={b.defense_overrides.get(r, [])} changes the poison "
+                                  f"({'; '.join(moved)}): the {a} cells train on the poison made with the recipe's "
+                                  f"[poison] and bench.attack_overrides.{a}; a training run may change only "
+                                  f"poison.ratio")
     if b.runner == "ray":
         jobs = b.jobs  # the most tasks in flight; 0 = as many as the cluster's resources hold
         threads = cfg.train.threads or max(1, math.floor(b.cpus_per_cell))  # the CPUs each task asks for

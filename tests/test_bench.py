@@ -130,6 +130,11 @@ def test_bench_config_errors_name_the_bad_value(tmp_path):
     assert r.returncode == 2 and "magic" in r.stderr
     r = bench_refused(tmp_path / "b", '--schedule.stages=[{name="standard"}]')
     assert r.returncode == 2 and "give the PST schedule" in r.stderr
+    # a training run's overrides may not change the poison its cells record (they train on the one made once)
+    r = bench_refused(tmp_path / "b", '--bench.defense_overrides.standard=["poison.eps=0.1", "poison.ratio=0.5"]')
+    assert r.returncode == 2 and "bench.defense_overrides.standard=" in r.stderr and "poison.eps: " in r.stderr, \
+        r.stderr
+    assert "poison.ratio: " not in r.stderr  # the fraction poisoned is read when training reads the store
     assert not (tmp_path / "b").exists(), "nothing written for a bad config"
 
 
