@@ -68,7 +68,7 @@ def export_run(run_dir: Path, out: Path, checkpoint: str | Path | None = None, o
                      "eval_views": list(rm.cfg.schedule.eval_views),
                      "dtype": str(rm.dtype).removeprefix("torch.")},  # what the run evaluated in
     }
-    with atomic_dir(out, replace=replace) as tmp:
+    with atomic_dir(out, replace=replace, owned=FILES) as tmp:
         save_file({k: v.contiguous() for k, v in rm.model.state_dict().items()}, str(tmp / FILES[0]),
                   metadata={"format": "pt"})
         (tmp / FILES[1]).write_text(json.dumps(spec, indent=2), encoding="utf-8")

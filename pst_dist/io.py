@@ -155,11 +155,12 @@ def check_out_dir(out: Path, *, command: str, marker: str, owned: Iterable[str],
 
 
 @contextlib.contextmanager
-def atomic_dir(out: Path, *, replace: bool = False) -> Iterator[Path]:
+def atomic_dir(out: Path, *, replace: bool = False, owned: Iterable[str] | None = None) -> Iterator[Path]:
     """Yield a fresh hidden sibling directory of ``out`` to fill; on success it is renamed to ``out``. ``out`` must be
     absent or empty, or ``replace`` (checked by :func:`check_out_dir`) must be true: the earlier output is then
-    renamed aside and removed only after the new one is in place. On any failure the partial directory is removed
-    and ``out`` is as it was."""
+    renamed aside and removed only after the new one is in place; with ``owned`` (the names the command writes) only
+    if it still holds nothing else, for a file put there while the work ran is not the earlier output's. On any
+    failure the partial directory is removed and ``out`` is as it was."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
@@ -170,6 +171,9 @@ def atomic_dir(out: Path, *, replace: bool = False) -> Iterator[Path]:
         if out.exists() and any(out.iterdir()):
             if not replace:
                 raise OutputError(f"--out {out}: appeared while writing; left as it is")
+            if owned is not None and (added := sorted(p.name for p in out.iterdir() if p.name not in set(owned))):
+                raise OutputError(f"--out {out}: {added} appeared in it while writing, which pst-dist did not "
+                                  f"write; nothing replaced, the new output discarded: move them away and run again")
             old = out.parent / f".{out.name}.old-{os.getpid()}"
             os.replace(out, old)
             os.replace(tmp, out)
@@ -189,14 +193,14 @@ def blocking_ancestor(path: Path) -> Path | None:
     return None
 
 
-def enter_out_dir(stack: contextlib.ExitStack, out: Path, replace: bool) -> Path:
+def enter_out_dir(stack: contextlib.ExitStack, out: Path, replace: bool, owned: Iterable[str] | None = None) -> Path:
     """Enter :func:`pst_dist.io.atomic_dir` for ``out`` on ``stack`` and return the directory to fill. Done before
     the expensive work, so that an --out that cannot be created (a file in its path, no permission, a read-only
     disk) is an OutputError naming it at once, not after hours of generating."""
     if (blocker := blocking_ancestor(out)) is not None:
         raise OutputError(f"--out {out}: {blocker} is a file, not a directory; choose another --out")
     try:
-        return stack.enter_context(atomic_dir(out, replace=replace))
+        return stack.enter_context(atomic_dir(out, replace=replace, owned=owned))
     except OSError as e:
         raise OutputError(f"--out {out}: cannot be written there ({e.strerror or e}: {e.filename})") from None
 

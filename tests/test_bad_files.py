@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pst_dist.io import sha256
+from pst_dist.io import OutputError, atomic_dir, sha256
 
 from .conftest import MARKER_TEXT, TINY, assert_refused, partial_files, place_marker, run_cli, run_cli_in_process
 
@@ -153,6 +153,24 @@ def test_overwrite_refuses_an_earlier_output_holding_a_foreign_file(tmp_path, st
     run = run_cli_in_process("poison", "--out", out, *STORE_DATA, ATTACK, "--overwrite")
     assert_refused(run, names=[str(out), "USER_FILE.txt"], markers=[marker], root=tmp_path, code=2)
     assert tree(out) == before
+
+
+def test_a_file_put_into_the_earlier_output_while_writing_stops_the_replacement(tmp_path):
+    """--overwrite was checked before the work; a user's file that appears in --out during it is not the earlier
+    output's, so nothing is replaced: the earlier output and the file stay, the new output goes, no partial files."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "a.npy").write_text("earlier")
+    with pytest.raises(OutputError, match=r"\[.USER_FILE.txt.\] appeared in it while writing"):
+        with atomic_dir(out, replace=True, owned=("a.npy", "b.json")) as tmp:
+            (tmp / "a.npy").write_text("new")
+            place_marker(out)
+    assert (out / "a.npy").read_text() == "earlier" and (out / "USER_FILE.txt").read_text() == MARKER_TEXT
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and not partial_files(tmp_path)
+    with atomic_dir(out, replace=True, owned=("a.npy", "b.json", "USER_FILE.txt")) as tmp:  # all its own: replaced
+        (tmp / "b.json").write_text("{}")
+    assert sorted(p.name for p in out.iterdir()) == ["b.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
 def test_out_that_is_a_file(tmp_path):

@@ -394,7 +394,7 @@ def write_betons(cfg: Config, out: Path, *, overwrite: bool = False, write_mode:
     if write_mode == "jpg":
         log(beton.JPEG_WARNING.format(q=jpeg_quality))
     with contextlib.ExitStack() as stack:
-        tmp = enter_out_dir(stack, out, replace)  # first: an unwritable --out fails before any of the work
+        tmp = enter_out_dir(stack, out, replace, beton.OWNED)  # first: an unwritable --out fails before the work
         t0 = time.perf_counter()
         # validates every input before anything is written; a streamed folder is written as it is read, file by
         # file (the folder holds the data as trained on: nothing to poison, norms 0)
@@ -455,7 +455,7 @@ def write_poisoned(cfg: Config, out: Path, *, overwrite: bool = False, log: Call
     replace = check_out_dir(out, command="poison", marker=store.META, owned=store.OWNED, overwrite=overwrite,
                             is_ours=store.is_store)
     with contextlib.ExitStack() as stack:
-        tmp = enter_out_dir(stack, out, replace)  # first: an unwritable --out fails before hours of em/rem/tap
+        tmp = enter_out_dir(stack, out, replace, store.OWNED)  # first: an unwritable --out fails before hours of em
         data = copy.deepcopy(cfg.data)
         data.train_size = 0  # every image of the source's training split: the validation images carved from it too
         splits = load_splits(data)  # (as the recipe does: the synthetic source sizes its split by data.val_from)
