@@ -180,8 +180,10 @@ def cmd_demo(args: argparse.Namespace, rest: list[str]) -> int:
 def cmd_report(args: argparse.Namespace, rest: list[str]) -> int:
     """Aggregate summary.json files of runs named <label>_seed<k> into a mean +- std table."""
     from .io import read_json  # start-up time: each command imports only what it runs
-    from .report import format_table  # start-up time: each command imports only what it runs
+    from .report import check_plot_path, format_table, plot_curves  # start-up time: only what it runs
 
+    if args.plot:
+        check_plot_path(Path(args.plot))  # before anything is printed
     groups: dict[str, list[dict]] = {}
     failed: list[str] = []
     for path in sorted(Path(args.runs).glob("*/summary.json")):
@@ -198,8 +200,6 @@ def cmd_report(args: argparse.Namespace, rest: list[str]) -> int:
     for line in failed:  # never averaged in: a diverged run has no accuracy to report
         print(line)
     if args.plot and groups:
-        from .report import plot_curves  # start-up time: each command imports only what it runs
-
         plot_curves(groups, Path(args.plot))
     return 0
 

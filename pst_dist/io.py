@@ -96,10 +96,28 @@ def write_atomic(path: Path, text: str) -> None:
     save_atomic(Path(path), lambda p: p.write_text(text, encoding="utf-8"))
 
 
+PLOT_SOFTWARE = "pst-dist"
+"""The PNG ``Software`` text pst-dist's plots carry: a plot file it may replace (:func:`is_our_png`)."""
+
+
 def savefig_atomic(fig, path: Path, **kw) -> None:
-    """``fig.savefig`` through a temporary file (the format follows ``path``'s suffix)."""
+    """``fig.savefig`` through a temporary file (the format follows ``path``'s suffix); a PNG is marked as
+    pst-dist's (:data:`PLOT_SOFTWARE`)."""
     fmt = Path(path).suffix.lstrip(".") or "png"
+    if fmt == "png":
+        kw.setdefault("metadata", {"Software": PLOT_SOFTWARE})
     save_atomic(Path(path), lambda p: fig.savefig(p, format=fmt, **kw))
+
+
+def is_our_png(path: Path) -> bool:
+    """Whether ``path`` is a PNG that pst-dist wrote (its ``Software`` text is :data:`PLOT_SOFTWARE`)."""
+    from PIL import Image  # matplotlib's dependency; only where a plot file is in the way
+
+    try:
+        with Image.open(path) as im:
+            return im.format == "PNG" and im.text.get("Software") == PLOT_SOFTWARE
+    except (OSError, ValueError):
+        return False
 
 
 def read_json(path: Path, what: str, error: type[Exception] = OutputError) -> dict:

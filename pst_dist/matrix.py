@@ -60,7 +60,7 @@ from .data.pipeline import build_data, poison_meta
 from .data.sources import Split, load_splits
 from .distributed import init_ray
 from .engine import engine_class
-from .io import atomic_dir, savefig_atomic, write_atomic
+from .io import OutputError, atomic_dir, savefig_atomic, write_atomic
 from .metrics import computed_on, describe_machine, run_machines
 from .poison import PoisonFileError, make_poison, store
 from .registry import DEFENSES
@@ -494,6 +494,22 @@ def run_ray(bench: Bench, gen: dict, todo_p: list, done: dict, todo_c: list, say
     """:func:`run_tasks` as Ray tasks (:class:`RayRunner`)."""
     return run_tasks(bench, gen, todo_p, done, todo_c, say, RayRunner(bench, say))
 
+BENCH_WRITES = ("results.csv", "results.md", "heatmap.png", "cells", "poisons", "superseded")
+"""What a bench writes into ``bench.out`` beside its record ``bench.json``."""
+
+
+def check_bench_out(out: Path) -> None:
+    """``bench.out`` may be a folder the user already had, but one holding what a bench writes without a bench's
+    record (``bench.json``) is not a bench's: refused (OutputError) rather than written over."""
+    if out.is_symlink() and not out.is_dir() or out.exists() and not out.is_dir():
+        raise OutputError(f"bench.out={str(out)!r}: exists and is not a directory")
+    if not out.is_dir() or (out / "bench.json").is_file():
+        return
+    if clash := [n for n in BENCH_WRITES if (out / n).exists() or (out / n).is_symlink()]:
+        raise OutputError(f"bench.out={str(out)!r} holds {', '.join(clash)}, which a bench writes, but no bench.json: "
+                          f"no pst-dist bench wrote them; choose another bench.out")
+
+
 def run_bench(config: str, overrides: list[str]) -> dict:
     bench = plan_bench(config, overrides)
     b, out = bench.cfg.bench, bench.out
@@ -503,6 +519,7 @@ def run_bench(config: str, overrides: list[str]) -> dict:
     say(f"{len(b.attacks)} attacks x {len(b.defenses)} defenses ({len(bench.runs)} training runs each: "
         f"{', '.join(bench.runs)}) x {len(bench.seeds)} seeds; {where}; out {out}")
     t_start = time.time()
+    check_bench_out(out)
     gen, todo_p = cached_poisons(bench)  # may refuse: before bench.json records these overrides
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / "bench.json", json.dumps({"config": config, "overrides": overrides, "resolved": bench.base},

@@ -5,7 +5,7 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from .io import savefig_atomic
+from .io import OutputError, is_our_png, savefig_atomic
 
 
 def mean_std(xs: list[float]) -> str:
@@ -28,6 +28,15 @@ def format_table(results: dict[str, list[dict]]) -> str:
                     f"{mean_std([r['test_acc_at_best_val'] for r in runs])} | "
                     f"{mean_std([r['final_val_acc'] for r in runs])} |")
     return "\n".join(rows)
+
+
+def check_plot_path(path: Path) -> None:
+    """``report --plot``: a ``.png`` that is new or one pst-dist wrote (:func:`pst_dist.io.is_our_png`), which it
+    replaces; anything else is an OutputError naming it."""
+    if path.suffix.lower() != ".png":
+        raise OutputError(f"--plot {path}: name a .png file (the curves are written as a PNG)")
+    if path.is_symlink() or (path.exists() and not (path.is_file() and is_our_png(path))):
+        raise OutputError(f"--plot {path}: exists and is not a plot pst-dist wrote; choose another --plot")
 
 
 def plot_curves(results: dict[str, list[dict]], path: Path) -> None:

@@ -135,6 +135,12 @@ def test_bench_config_errors_name_the_bad_value(tmp_path):
     assert r.returncode == 2 and "bench.defense_overrides.standard=" in r.stderr and "poison.eps: " in r.stderr, \
         r.stderr
     assert "poison.ratio: " not in r.stderr  # the fraction poisoned is read when training reads the store
+    mine = tmp_path / "mine"  # a folder of the user's own results, no bench's record: not written over
+    mine.mkdir()
+    (mine / "results.md").write_text("my results\n")
+    r = bench_refused(mine)
+    assert r.returncode == 2 and "holds results.md, which a bench writes, but no bench.json" in r.stderr, r.stderr
+    assert sorted(p.name for p in mine.iterdir()) == ["results.md"]
     assert not (tmp_path / "b").exists(), "nothing written for a bad config"
 
 

@@ -2,10 +2,11 @@ import subprocess
 import sys
 
 import pytest
+from PIL import Image
 
 from pst_dist.metrics import describe_machine, machine_facts
 
-from .conftest import TINY, run_cli_in_process
+from .conftest import MARKER_TEXT, TINY, place_marker, run_cli_in_process
 
 
 def run_cli(*args, timeout=600):
@@ -23,6 +24,24 @@ def test_demo_prints_table_and_plot(tmp_path):
     assert (tmp_path / "results.md").is_file() and (tmp_path / "test_accuracy.png").stat().st_size > 1000
     again = run_cli("report", str(tmp_path), "--plot", str(tmp_path / "again.png"))
     assert again.returncode == 0 and "poisoned_pst" in again.stdout
+    plot = tmp_path / "again.png"
+    assert run_cli_in_process("report", str(tmp_path), "--plot", str(plot)).returncode == 0  # its own: replaced
+    other = tmp_path / "other.png"  # a PNG another program wrote
+    Image.new("L", (4, 4)).save(other)
+    theirs, other_bytes = place_marker(tmp_path / "mine"), other.read_bytes()
+    for bad, message in ((theirs, "name a .png file"), (other, "exists and is not a plot pst-dist wrote"),
+                         (tmp_path / "curves.txt", "name a .png file")):
+        r = run_cli_in_process("report", str(tmp_path), "--plot", str(bad))
+        assert r.returncode == 2 and message in r.stderr and not r.stdout, r.stderr[-2000:]
+    assert theirs.read_text() == MARKER_TEXT and other.read_bytes() == other_bytes
+    assert not (tmp_path / "curves.txt").exists()
+    # a demo into a folder holding the user's own results.md (no demo run beside it) is refused before training
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "results.md").write_text("my results\n")
+    r = run_cli_in_process("demo", "--out", str(user), *TINY, "--train.epochs=1", "--train.device=cpu")
+    assert r.returncode == 2 and "holds results.md, which the demo writes" in r.stderr, r.stderr[-2000:]
+    assert sorted(p.name for p in user.iterdir()) == ["results.md"]
 
 
 def test_train_bad_inputs_exit_nonzero(tmp_path):
