@@ -86,6 +86,19 @@ def test_a_trial_schedule_releases_groups_in_its_order_at_its_multipliers():
 # Ray state a test owns, and stopping only the Ray processes it started
 
 
+def test_a_trial_s_line_torn_by_a_kill_is_left_out_of_the_report(tmp_path):
+    """A trial killed mid-write and never restored leaves a torn last line in metrics.jsonl and nodes.jsonl: the
+    report reads the records before it (it raised JSONDecodeError and no report was written)."""
+    from tune.report import _curve, trial_nodes
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 10, "epoch": 1, "eval/val_acc": 0.5}\n{"step": 12, "loss": 1}\n'
+                                            '{"step": 20, "epoch": 2, "eval/val_acc": 0.6}\n{"step": 30, "eval/val')
+    (tmp_path / "nodes.jsonl").write_text('{"node_id": "a", "epoch": 1}\n{"node_id": "b", "epo')
+    curve, trained = _curve(tmp_path / "metrics.jsonl")
+    assert [r["eval/val_acc"] for r in curve] == [0.5, 0.6] and trained == 2
+    assert trial_nodes(tmp_path) == ["a"]
+
+
 def test_equal_objectives_go_to_the_first_trial_or_with_ties_clean_to_the_better_clean_run():
     from tune.report import best_row, results_md
 
