@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from torch.optim.swa_utils import update_bn  # noqa: E402
 
+from pst_dist.cli import run_script  # noqa: E402
 from pst_dist.data.pipeline import Normalize, build_data  # noqa: E402
 from pst_dist.evaluate import load_run_model, recorded_config  # noqa: E402
 from pst_dist.matrix import cell_data_cfg  # noqa: E402
@@ -85,4 +86,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_script("eval_probes.py", main))

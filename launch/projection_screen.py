@@ -29,8 +29,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from pst_dist.cli import run_script  # noqa: E402
 from pst_dist.data.pipeline import build_data, channel_stats  # noqa: E402
+from pst_dist.io import write_atomic  # noqa: E402
 from pst_dist.matrix import cell_cfg, cell_data_cfg, plan_bench  # noqa: E402
+from pst_dist.rundir import OUTSIDE_DATA  # noqa: E402
 from pst_dist.train import train  # noqa: E402
 
 
@@ -98,6 +101,11 @@ def screen(args: argparse.Namespace, attack: str) -> dict:
            "linear_val": lin_val,
            "linear_train_after": accuracy(flat(poisoned) - mu, sp.train.labels, w2, b2),
            "clamped": float(((xp < lo) | (xp > hi)).float().mean()), "projection_seconds": time.time() - t0}
+    run_dir = Path(cfg.log.run_dir)  # recorded first: the run's config does not rebuild the projected images
+    run_dir.mkdir(parents=True, exist_ok=True)
+    said = (f"launch/projection_screen.py: every split projected off the {q.shape[1]} directions of a linear "
+            f"classifier fitted on the training images, then mapped to uint8")
+    write_atomic(run_dir / OUTSIDE_DATA, json.dumps({"what": said}))
     summary = train(cfg, data=data)
     row.update({key: summary[key] for key in ("final_val_acc", "final_test_acc", "peak_test_acc")})
     return row
@@ -132,4 +140,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script("projection_screen.py", main))

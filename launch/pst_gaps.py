@@ -13,6 +13,11 @@ import csv
 import statistics
 import sys
 from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository, when run as a script
+
+from pst_dist.cli import run_script  # noqa: E402
 
 
 def load(path: str) -> dict[tuple[str, str], list[dict]]:
@@ -78,4 +83,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script("pst_gaps.py", main))

@@ -24,6 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from pst_dist.cli import run_script  # noqa: E402
 from pst_dist.config import ConfigError, ScheduleConfig  # noqa: E402
 from pst_dist.data.pipeline import build_data  # noqa: E402
 from pst_dist.evaluate import clean, load_run_model, recorded_config  # noqa: E402
@@ -99,4 +100,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_script("select_eval_views.py", main))

@@ -8,6 +8,7 @@ import dataclasses
 import json
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -53,6 +54,21 @@ def cmd_write_beton(args: argparse.Namespace, rest: list[str]) -> int:
           + f"; poison {meta['poison']['kind']} Linf {n['linf'] * 255:.0f}/255 L2 {n['l2_mean']:.3f}"
           + f"; {meta['seconds']} s")
     return 0
+
+
+def run_script(name: str, main: Callable[[], int | None]) -> int:
+    """A ``launch/`` script's ``main()`` under the command line's handling of a user's mistake (a bad config or
+    value, a missing or unreadable file, an output in the way): one line ``NAME: error: ...`` naming it and exit 2
+    (1 for another OS error: a full disk), not a traceback. Returns the exit status."""
+    try:
+        return main() or 0
+    except (ConfigError, DataError, CheckpointError, PoisonFileError, OutputError) as e:
+        print(f"{name}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"{name}: error: {where}{e.strerror or e} ({type(e).__name__})", file=sys.stderr)
+        return 2 if isinstance(e, (FileNotFoundError, IsADirectoryError, NotADirectoryError)) else 1
 
 
 def cmd_tune(args: argparse.Namespace, rest: list[str]) -> int:

@@ -23,6 +23,7 @@ from .data.sources import DataError, Split, list_folder, load_streamed_splits
 from .distributed import build_device
 from .engine.deepspeed import CHECKPOINT_DIR, DS_SAFE_GLOBALS, LATEST, MODEL_STATES, check_ds_checkpoint
 from .models import build_model
+from .rundir import check_own_data
 from .train import evaluate, model_inputs, recorded_inputs
 
 EVAL_OVERRIDES = ("data.", "train.device", "train.threads", "schedule.eval_views")
@@ -67,6 +68,7 @@ def load_run_model(run_dir: Path, checkpoint: str | Path | None = None, own_data
     (the model's inputs are read from it when meta.json does not record them); ``cfg``: the run's recorded config,
     already read."""
     run_dir = Path(run_dir)
+    check_own_data(run_dir, "its weights cannot be evaluated or exported as its config says")
     cfg = cfg or recorded_config(run_dir)
     path = find_checkpoint(run_dir, checkpoint)
     weights, epoch, model_name, dtype = read_checkpoint(path)

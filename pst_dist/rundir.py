@@ -30,7 +30,12 @@ from .tracking import tracker_dirs
 
 RUN_MARKERS = ("config.toml", "checkpoint.pt", "ds_checkpoint", "summary.json", "metrics.jsonl")
 """Any of these in a directory means it holds a run."""
-RUN_FILES = (*RUN_MARKERS, "meta.json", "tb", "restores.jsonl", "nodes.jsonl", "ray_upload", "trackers.json")
+OUTSIDE_DATA = "outside_data.json"
+"""Written into a run directory by a script that trains it on data its config does not describe (e.g.
+launch/projection_screen.py's projected images): ``--resume``, ``pst-dist eval`` and ``export`` refuse the run
+(:func:`check_own_data`), for its config would rebuild other data."""
+RUN_FILES = (*RUN_MARKERS, "meta.json", "tb", "restores.jsonl", "nodes.jsonl", "ray_upload", "trackers.json",
+             OUTSIDE_DATA)
 """Everything a run writes into its directory (what ``--overwrite`` removes, and nothing else), but the trackers'
 folders: ``wandb/`` and ``mlruns/`` are removed only when they hold the tracker runs ``trackers.json`` records
 (:func:`pst_dist.tracking.tracker_dirs`)."""
@@ -68,6 +73,19 @@ def written_by_a_run(run_dir: Path) -> bool:
     return all(isinstance(raw.get(t), dict) for t in RUN_SECTIONS)
 
 
+def check_own_data(run_dir: Path, what: str) -> None:
+    """Refuse (RunDirError, naming ``what``) a run trained on data its config does not describe (:data:`OUTSIDE_DATA`
+    in its directory)."""
+    f = Path(run_dir) / OUTSIDE_DATA
+    if f.exists() or f.is_symlink():
+        try:
+            said = json.loads(f.read_text(encoding="utf-8")).get("what", "")
+        except (OSError, ValueError, AttributeError):
+            said = ""
+        raise RunDirError(f"{what}: {run_dir} was trained on data its config does not describe ({f}"
+                          f"{': ' + str(said) if said else ''}); its config would rebuild other data")
+
+
 def check_run_dir(cfg: Config, resume: bool, overwrite: bool, allow_changes: bool = False) -> dict[str, tuple]:
     """Validate ``cfg.log.run_dir`` for a new run, a resume or an overwrite before any work is done. Returns the
     config changes a resume accepts ({key: (recorded, now)}; empty otherwise). ``allow_changes``: accept any change
@@ -89,6 +107,7 @@ def check_run_dir(cfg: Config, resume: bool, overwrite: bool, allow_changes: boo
                               f"--resume to continue it, --overwrite to replace it (only the run's own files are "
                               f"removed), or choose another log.run_dir")
         return {}
+    check_own_data(run_dir, "--resume")
     recorded_file = run_dir / "config.toml"
     if not recorded_file.is_file():
         what = "no checkpoint" if not {"checkpoint.pt", "ds_checkpoint"} & set(present) else "no config.toml"

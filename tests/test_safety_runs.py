@@ -70,6 +70,20 @@ def test_overwrite_replaces_the_run_files_only(run_copy, tmp_path):
     assert not partial_files(tmp_path)
 
 
+def test_a_run_trained_on_data_its_config_does_not_describe_is_not_resumed_evaluated_or_exported(run_copy, tmp_path):
+    """A script that trains a run on data of its own making (launch/projection_screen.py) marks the run: its config
+    would rebuild other data, so --resume, eval and export refuse it, naming the mark; --overwrite replaces it."""
+    (run_copy / "outside_data.json").write_text(json.dumps({"what": "projected images"}))
+    before = _bytes(run_copy)
+    for cmd in (["train", *FAST, "--train.epochs=3", f"--log.run_dir={run_copy}", "--resume"],
+                ["eval", "--run", str(run_copy)], ["export", "--run", str(run_copy), "--out", str(tmp_path / "x")]):
+        out = run_cli_in_process(*cmd)
+        assert_refused(out, [str(run_copy / "outside_data.json"), "projected images"], [], tmp_path, code=2)
+    assert _bytes(run_copy) == before and not (tmp_path / "x").exists()
+    out = run_cli("train", *FAST, "--train.epochs=1", f"--log.run_dir={run_copy}", "--overwrite")
+    assert out.returncode == 0 and not (run_copy / "outside_data.json").exists(), out.stderr[-2000:]
+
+
 @pytest.mark.parametrize("flag", [[], ["--overwrite"], ["--resume"]])
 def test_a_folder_whose_run_files_no_pst_dist_run_wrote_is_neither_replaced_nor_resumed(tmp_path, flag):
     """A user's folder holding files named as a run's (their own config.toml, summary.json, tb/): --overwrite
