@@ -128,8 +128,8 @@ def read_json(path: Path, what: str, error: type[Exception] = OutputError) -> di
         raise error(f"{path}: cannot read {what} ({type(e).__name__}: {e})") from None
     try:
         obj = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise error(f"{path}: {what} is not valid JSON ({e})") from None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, an integer past Python's digit limit, deep nesting
+        raise error(f"{path}: {what} is not valid JSON ({type(e).__name__}: {str(e)[:200]})") from None
     if not isinstance(obj, dict):
         raise error(f"{path}: {what} is not a JSON object (found {type(obj).__name__})")
     return obj

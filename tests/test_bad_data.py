@@ -285,6 +285,28 @@ def case_write_beton_cifar_int64(tmp: Path) -> Case:
     return Case(args, ["data_batch_2", "'labels' hold values -3..9"], markers, root, [out])
 
 
+def case_fmnist_images_too_small(tmp: Path) -> Case:
+    """IDX images of 3 x 300 pixels: below the 8-pixel side data.img_size has (the views' padding failed on them)."""
+    fm = tmp / "fm"
+    fm.mkdir()
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 80), ("t10k", 20)):
+        write_idx(fm / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 3, 300)))
+        write_idx(fm / f"{split}-labels-idx1-ubyte.gz", np.arange(n) % 10)
+    return train_case(tmp, "fashion-mnist", fm, ["1x3x300", "both sides must be >= 8"])
+
+
+def case_cifar_root_mistyped(tmp: Path) -> Case:
+    """A data.root that does not exist: refused as not found, nothing created there (no download into it)."""
+    case = train_case(tmp, "cifar10", tmp / "cifar10_typo" / "sub", ["data.root=", "cifar10_typo/sub", "not found"])
+    case.markers = case.markers[:1]  # train_case put a marker into the root: take it out again
+    (tmp / "cifar10_typo" / "sub" / "USER_FILE.txt").unlink()
+    for p in (tmp / "cifar10_typo" / "sub", tmp / "cifar10_typo"):
+        p.rmdir()
+    case.data, case.absent = tmp / "runs", [*case.absent, tmp / "cifar10_typo"]
+    return case
+
+
 CASES: dict[str, Callable[[Path], Case]] = {
     name.removeprefix("case_"): fn for name, fn in globals().items() if name.startswith("case_")}
 FAST: dict[str, Callable[[Path], Case]] = {
@@ -425,6 +447,34 @@ def test_cifar_odd_keys_and_list_items_named(tmp_path: Path) -> None:
     (d / "data_batch_1").write_bytes(pickle.dumps(b, protocol=2))
     with pytest.raises(DataError, match=r"data_batch_1: 'labels' holds a str 'cat' at \[5\]"):
         load_splits(DataConfig(source="cifar10", root=str(tmp_path), val_size=10))
+
+
+@pytest.mark.filterwarnings("ignore:Validating sparse tensor invariants")  # torch.load's, of the sparse file
+def test_odd_poison_files_are_refused_naming_them(tmp_path: Path) -> None:
+    """Imported poisons of a kind the checks did not expect: sparse or float8 tensors (weights_only loads them; the
+    NaN check could not run on them), APBench labels that are not numbers, file and folder names of non-ASCII
+    digits ('²': str.isdigit accepts it, int() does not)."""
+    from pst_dist.poison import PoisonFileError
+    from pst_dist.poison.folder import index_files
+    from pst_dist.poison.imported import APBENCH_DATA, APBENCH_LABELS, read_apbench_numpy, read_tensor
+
+    for name, t, want in (("sparse.pt", torch.zeros(4, 3, 8, 8).to_sparse(), "a torch.sparse_coo tensor of"),
+                          ("f8.pt", torch.zeros(4, 3, 8, 8).to(torch.float8_e4m3fn), "a torch.float8_e4m3fn")):
+        torch.save(t, tmp_path / name)
+        with pytest.raises(PoisonFileError, match=f"{name}: {want}.*expected a dense tensor of uint8 images"):
+            read_tensor(tmp_path / name)
+    images, labels, index = torch.zeros(4, 3, 8, 8, dtype=torch.uint8), torch.arange(4), torch.arange(4)
+    np.save(tmp_path / APBENCH_DATA, np.zeros((4, 8, 8, 3), np.uint8))
+    for bad in (np.array(list("abcd")), np.zeros(4, "datetime64[s]"), np.zeros(4, [("a", "<i4")])):
+        np.save(tmp_path / APBENCH_LABELS, bad)
+        with pytest.raises(PoisonFileError, match=f"{APBENCH_LABELS}: .* expected numeric class indices"):
+            read_apbench_numpy(tmp_path, images, labels, index, 4)
+    for rel in ("\u00b2.png", "\u00b3/1.png"):
+        folder = tmp_path / f"pngs{len(rel)}"
+        (folder / rel).parent.mkdir(parents=True)
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(folder / rel)
+        with pytest.raises(PoisonFileError, match="expected the (image's row|numeric label)"):
+            index_files(folder, 4)
 
 
 def test_val_size_zero_refused() -> None:

@@ -257,6 +257,19 @@ def test_beton_with_a_changed_label(tmp_path, beton_src):
                    code=2)
 
 
+@pytest.mark.parametrize("key,value,names", [("num_classes", 2, ["train.beton: labels span 0..", "2 classes"]),
+                                              ("shape", [3, 24, 24], ["train.beton: sample 0 is ", "says 24 x 24"])])
+def test_beton_whose_samples_differ_from_its_json(tmp_path, beton_src, key, value, names):
+    """beton.json's class count and image size checked against every sample's own metadata in the files (which its
+    hashes do not cover): labels past the classes failed in cross-entropy mid-run, other sizes in FFCV's decoder."""
+    root = copy_dir(beton_src, tmp_path / "b")
+    meta = json.loads((root / "beton.json").read_text())
+    meta[key] = value
+    (root / "beton.json").write_text(json.dumps(meta))
+    assert_refused(train_on_beton(root, tmp_path), names=names, root=tmp_path, code=2)
+    assert not (tmp_path / "run").exists()
+
+
 def test_broken_beton_json(tmp_path, beton_src):
     root = copy_dir(beton_src, tmp_path / "b")
     marker = place_marker(tmp_path)

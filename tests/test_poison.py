@@ -214,6 +214,9 @@ _GOOD = {"format": "pst-dist-poison/1", "attack": "classwise_noise", "shape": [4
     ({"parameters": {"eps": "8/255"}}, r"key 'parameters.eps' = '8/255': expected a finite number"),
     ({"norms": {"linf": float("nan"), "l2_max": 0.5}}, r"key 'norms.linf' = nan"),
     ({"attack": "lsp", "parameters": {}}, r"key 'parameters.l2' = None"),
+    ({"parameters": {"eps": 1e307}}, r"key 'parameters.eps' = 1e\+307: expected at most 1"),  # 255 eps overflowed
+    ('{"format": ' + "9" * 5000 + "}", r"not valid JSON \(ValueError: Exceeds the limit"),  # Python's digit limit
+    ("[" * 100_000 + "]" * 100_000, r"not valid JSON \(RecursionError"),
 ])
 def test_stored_poison_metadata_errors(tmp_path, text, match):
     import json

@@ -167,8 +167,10 @@ def is_beton_dir(out: Path) -> bool:
 # reading
 
 
-def check_beton(path: Path, expect_samples: int | None = None, expect_bytes: int | None = None) -> int:
-    """Validate a .beton before FFCV maps it: header, fields (image, label), allocation table inside the file.
+def check_beton(path: Path, expect_samples: int | None = None, expect_bytes: int | None = None,
+                expect_hw: tuple[int, int] | None = None, num_classes: int | None = None) -> int:
+    """Validate a .beton before FFCV maps it: header, fields (image, label), allocation table inside the file; with
+    ``expect_hw`` / ``num_classes``, every sample's image size and label as its per-sample metadata records them.
 
     Returns the number of samples. Raises DataError naming the file and what is wrong.
     """
@@ -200,6 +202,19 @@ def check_beton(path: Path, expect_samples: int | None = None, expect_bytes: int
     end = int((table["ptr"] + table["size"]).max()) if len(table) else 0
     if end > size:
         raise DataError(f"{path}: data runs to byte {end} but the file has {size}: truncated")
+    names = list(r.handlers)  # the metadata's fields f0, f1 are the handlers' in order
+    image, label = (r.metadata[f"f{names.index(k)}"] for k in ("image", "label"))
+    if expect_hw is not None and n:
+        odd = np.flatnonzero((image["height"] != expect_hw[0]) | (image["width"] != expect_hw[1]))
+        if len(odd):
+            i = int(odd[0])
+            raise DataError(f"{path}: sample {i} is {int(image['height'][i])} x {int(image['width'][i])} pixels, "
+                            f"{META} says {expect_hw[0]} x {expect_hw[1]} ({len(odd)} samples differ)")
+    if num_classes is not None and n:
+        lo, hi = int(label.min()), int(label.max())
+        if lo < 0 or hi >= num_classes:
+            raise DataError(f"{path}: labels span {lo}..{hi}, {META} says {num_classes} classes "
+                            f"(0..{num_classes - 1})")
     return n
 
 
@@ -281,7 +296,8 @@ class BetonDir:
         _need_ffcv()
         for name in SPLITS:
             info = self.meta["splits"][name]
-            check_beton(self.file(name), info["num_samples"], info["bytes"])
+            check_beton(self.file(name), info["num_samples"], info["bytes"], tuple(self.meta["shape"][1:]),
+                        self.meta["num_classes"])
         self.channels = int(self.meta["shape"][0])
 
     def file(self, split: str) -> Path:

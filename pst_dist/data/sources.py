@@ -125,6 +125,10 @@ def carve(cfg: DataConfig, n_train: int, n_test: int) -> Rows:
     return Rows(train, val, test, cfg.val_from)
 
 
+MIN_SIDE = 8
+"""The smallest image side pst-dist trains on (``data.img_size`` has the same floor)."""
+
+
 def _check_splits(cfg: DataConfig, train: Split, test: Split, num_classes: int) -> None:
     """The sources check their own files; this is the common backstop: both splits non-empty, labels in range,
     and test images of the training images' C x H x W (a model built for one cannot score the other)."""
@@ -138,6 +142,9 @@ def _check_splits(cfg: DataConfig, train: Split, test: Split, num_classes: int) 
     if train.images.shape[1:] != test.images.shape[1:]:
         raise DataError(f"{where}: test images are C x H x W = {_chw(test.images)} but training images are "
                         f"{_chw(train.images)}; both splits must have one shape")
+    if min(train.images.shape[2:]) < MIN_SIDE:
+        raise DataError(f"{where}: images are C x H x W = {_chw(train.images)}; both sides must be >= {MIN_SIDE} "
+                        f"pixels (as data.img_size), for the crops, views and models")
 
 
 def _chw(images: torch.Tensor) -> str:
@@ -486,6 +493,9 @@ def _cifar(cfg: DataConfig) -> tuple[Split, Split, int]:
     root = Path(cfg.root or f"data/{cfg.source}")
     base = root / sub if (root / sub).is_dir() else root
     if not base.is_dir():
+        if cfg.root:  # a root the user named holds their copy: a mistyped one must not fill with a download
+            raise DataError(f"data.root={cfg.root!r}: not found; expected {cfg.source}'s python batches there (or "
+                            f"in its {sub}/); leave data.root unset to download them into data/{cfg.source}")
         _try_download(cfg.source, root)
         base = root / sub
     n = 10 if ten else 100
@@ -503,11 +513,21 @@ def _try_download(source: str, root: Path) -> None:
     from torchvision.datasets import CIFAR10, CIFAR100  # start-up time: only when downloading
 
     cls = CIFAR10 if source == "cifar10" else CIFAR100
+    fresh = [p for p in (root, *root.absolute().parents) if not p.exists()]  # what the download creates, deepest first
+    archive = root / cls.filename
+    had_archive = archive.exists()
     try:
         from torchvision.datasets.utils import download_and_extract_archive  # start-up time: only when downloading
 
         download_and_extract_archive(cls.url, str(root), filename=cls.filename, md5=cls.tgz_md5)
     except Exception as e:  # noqa: BLE001 - any network failure means the same thing here
+        if not had_archive:  # a partial download of ours
+            archive.unlink(missing_ok=True)
+        for p in fresh:  # and the folders made for it, while empty
+            try:
+                p.rmdir()
+            except OSError:
+                break
         raise DataError(f"{source} not found under {root} and could not be downloaded ({type(e).__name__}: {e}); "
                         f"put the python batch directory there or set data.root") from None
 

@@ -32,10 +32,10 @@ def index_files(path: Path, source_size: int) -> dict[int, tuple[Path, int | Non
                                   f"{len(rel.parts)}")
         label = None
         if len(rel.parts) == 2:
-            if not rel.parts[0].isdigit():
+            if not (rel.parts[0].isascii() and rel.parts[0].isdigit()):
                 raise PoisonFileError(f"{f}: class folder {rel.parts[0]!r}: expected the numeric label")
             label = int(rel.parts[0])
-        if not f.stem.isdigit():
+        if not (f.stem.isascii() and f.stem.isdigit()):
             raise PoisonFileError(f"{f}: file name {f.stem!r}: expected the image's row in the training split "
                                   f"(digits, e.g. 00042{f.suffix})")
         row = int(f.stem)

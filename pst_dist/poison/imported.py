@@ -24,6 +24,8 @@ from .folder import read_folder
 from .store import read_stored
 
 APBENCH_DATA, APBENCH_LABELS = "poisoned_training_data.npy", "poisoned_training_labels.npy"
+READABLE_DTYPES = (torch.uint8, torch.float16, torch.bfloat16, torch.float32, torch.float64)
+"""What an imported tensor may hold: uint8 poisoned images, or float offsets."""
 CHUNK = 4096  # images per step of add_offsets: bounded memory on ImageNet-sized sets
 
 
@@ -43,6 +45,10 @@ def read_tensor(path: Path) -> torch.Tensor:
         raise PoisonFileError(f"{path}: cannot read a tensor from it ({type(e).__name__}: {e})") from e
     if not isinstance(obj, torch.Tensor):
         raise PoisonFileError(f"{path}: expected a tensor, found {type(obj).__name__}")
+    if obj.layout != torch.strided or obj.dtype not in READABLE_DTYPES:
+        kind = str(obj.dtype) if obj.layout == torch.strided else f"{obj.layout} tensor of {obj.dtype}"
+        raise PoisonFileError(f"{path}: a {kind}: expected a dense tensor of uint8 images or float offsets "
+                              f"({', '.join(str(d) for d in READABLE_DTYPES[1:])})")
     return obj
 
 
@@ -119,8 +125,9 @@ def read_apbench_numpy(directory: Path, images: torch.Tensor, labels: torch.Tens
     if data.shape != (source_size, h, w, c) or not np.issubdtype(data.dtype, np.number):
         raise PoisonFileError(f"{data_file}: {data.dtype} {list(data.shape)}: expected pixel values N x H x W x C = "
                               f"{[source_size, h, w, c]} (N = the source's training images)")
-    if file_labels.shape != (source_size,):
-        raise PoisonFileError(f"{label_file}: shape {list(file_labels.shape)}, expected [{source_size}]")
+    if file_labels.shape != (source_size,) or file_labels.dtype.kind not in "iuf":
+        raise PoisonFileError(f"{label_file}: {file_labels.dtype} {list(file_labels.shape)}, expected numeric class "
+                              f"indices of shape [{source_size}]")
     rows = index.numpy()
     bad = np.flatnonzero(np.asarray(file_labels[rows], dtype=np.float64) != labels.numpy())
     if len(bad):

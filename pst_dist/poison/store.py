@@ -144,8 +144,8 @@ def read_meta(path: Path) -> dict:
             raise _meta_error(meta_file, key, meta.get(key), "a JSON object")
     for key in ("linf", "l2_max"):
         _number(meta_file, meta["norms"], key, "norms.")
-    if attack in LINF_ATTACKS:
-        _number(meta_file, meta["parameters"], "eps", "parameters.")
+    if attack in LINF_ATTACKS and _number(meta_file, meta["parameters"], "eps", "parameters.") > 1:
+        raise _meta_error(meta_file, "parameters.eps", meta["parameters"]["eps"], "at most 1 (pixel units of [0, 1])")
     if attack in L2_ATTACKS:
         _number(meta_file, meta["parameters"], "l2", "parameters.")
     return meta
