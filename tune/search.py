@@ -196,6 +196,7 @@ def run_search(cfg: Config, resume: bool = False, log=lambda m: print(m, file=sy
         cfg.tune.poisons = str(poison_root(cfg))  # the trials' configs (and the recorded ones) name the stores
     if resume:
         check_resumed_search(cfg, search_dir, log)
+    record = dump_toml(cfg)  # as asked: before Ray resolves what "auto" means on this cluster (tune.use_gpu)
     if cfg.tune.attacks:  # before Ray starts: a poison takes minutes to make, a trial must not wait for it
         made = prepare_poisons(cfg, log)
         seeds = f" x seeds {cfg.tune.seeds}" if cfg.tune.seeds else ""
@@ -215,6 +216,6 @@ def run_search(cfg: Config, resume: bool = False, log=lambda m: print(m, file=sy
     tuner = build_tuner(cfg, search_dir, resume, groups, concurrent)
     if not resume:
         search_dir.mkdir(parents=True, exist_ok=True)
-        write_atomic(search_dir / SEARCH_RECORD, dump_toml(cfg))
+        write_atomic(search_dir / SEARCH_RECORD, record)
     results = tuner.fit()
     return write_reports(cfg, results, search_dir, log)
