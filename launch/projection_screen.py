@@ -33,7 +33,7 @@ from pst_dist.cli import run_script  # noqa: E402
 from pst_dist.data.pipeline import build_data, channel_stats  # noqa: E402
 from pst_dist.io import write_atomic  # noqa: E402
 from pst_dist.matrix import cell_cfg, cell_data_cfg, plan_bench  # noqa: E402
-from pst_dist.rundir import OUTSIDE_DATA  # noqa: E402
+from pst_dist.rundir import OUTSIDE_DATA, RunDirError, holds_run  # noqa: E402
 from pst_dist.train import train  # noqa: E402
 
 
@@ -102,6 +102,8 @@ def screen(args: argparse.Namespace, attack: str) -> dict:
            "linear_train_after": accuracy(flat(poisoned) - mu, sp.train.labels, w2, b2),
            "clamped": float(((xp < lo) | (xp > hi)).float().mean()), "projection_seconds": time.time() - t0}
     run_dir = Path(cfg.log.run_dir)  # recorded first: the run's config does not rebuild the projected images
+    if holds_run(run_dir):  # e.g. --out named the bench itself: its own cell is not marked
+        raise RunDirError(f"{run_dir}: already holds a run; give --out a new directory")
     run_dir.mkdir(parents=True, exist_ok=True)
     said = (f"launch/projection_screen.py: every split projected off the {q.shape[1]} directions of a linear "
             f"classifier fitted on the training images, then mapped to uint8")

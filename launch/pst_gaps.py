@@ -13,11 +13,6 @@ import csv
 import statistics
 import sys
 from collections import defaultdict
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository, when run as a script
-
-from pst_dist.cli import run_script  # noqa: E402
 
 
 def load(path: str) -> dict[tuple[str, str], list[dict]]:
@@ -83,4 +78,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_script("pst_gaps.py", main))
+    try:  # standard library only: a missing file is one line, not a traceback
+        sys.exit(main())
+    except OSError as e:
+        sys.exit(f"pst_gaps.py: error: {e.filename or ''}: {e.strerror or e}")

@@ -110,12 +110,14 @@ def savefig_atomic(fig, path: Path, **kw) -> None:
 
 
 def is_our_png(path: Path) -> bool:
-    """Whether ``path`` is a PNG that pst-dist wrote (its ``Software`` text is :data:`PLOT_SOFTWARE`)."""
+    """Whether ``path`` is a PNG that pst-dist wrote (its ``Software`` text is :data:`PLOT_SOFTWARE`) or, before it
+    marked them, a matplotlib plot (``Matplotlib version ...``): a photo or another program's image is neither."""
     from PIL import Image  # matplotlib's dependency; only where a plot file is in the way
 
     try:
         with Image.open(path) as im:
-            return im.format == "PNG" and im.text.get("Software") == PLOT_SOFTWARE
+            said = str(im.text.get("Software", "")) if im.format == "PNG" else ""
+            return said == PLOT_SOFTWARE or said.startswith("Matplotlib version")
     except (OSError, ValueError):
         return False
 

@@ -494,13 +494,14 @@ def run_ray(bench: Bench, gen: dict, todo_p: list, done: dict, todo_c: list, say
     """:func:`run_tasks` as Ray tasks (:class:`RayRunner`)."""
     return run_tasks(bench, gen, todo_p, done, todo_c, say, RayRunner(bench, say))
 
-BENCH_WRITES = ("results.csv", "results.md", "heatmap.png", "cells", "poisons", "superseded")
-"""What a bench writes into ``bench.out`` beside its record ``bench.json``."""
+BENCH_WRITES = ("results.csv", "results.md", "heatmap.png")
+"""The files a bench writes over in ``bench.out`` beside its record ``bench.json`` (its cells are run directories,
+checked as runs; its poisons/ stores, checked as stores, may be a search's cache shared with it)."""
 
 
 def check_bench_out(out: Path) -> None:
-    """``bench.out`` may be a folder the user already had, but one holding what a bench writes without a bench's
-    record (``bench.json``) is not a bench's: refused (OutputError) rather than written over."""
+    """``bench.out`` may be a folder the user already had (or a search's poison cache), but one holding the files a
+    bench writes over without a bench's record (``bench.json``) is not a bench's: refused (OutputError)."""
     if out.is_symlink() and not out.is_dir() or out.exists() and not out.is_dir():
         raise OutputError(f"bench.out={str(out)!r}: exists and is not a directory")
     if not out.is_dir() or (out / "bench.json").is_file():

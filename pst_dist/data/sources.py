@@ -493,7 +493,7 @@ def _cifar(cfg: DataConfig) -> tuple[Split, Split, int]:
     root = Path(cfg.root or f"data/{cfg.source}")
     base = root / sub if (root / sub).is_dir() else root
     if not base.is_dir():
-        if cfg.root:  # a root the user named holds their copy: a mistyped one must not fill with a download
+        if cfg.root and Path(cfg.root) != Path(f"data/{cfg.source}"):  # a root of the user's: no download into it
             raise DataError(f"data.root={cfg.root!r}: not found; expected {cfg.source}'s python batches there (or "
                             f"in its {sub}/); leave data.root unset to download them into data/{cfg.source}")
         _try_download(cfg.source, root)

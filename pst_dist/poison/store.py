@@ -108,6 +108,8 @@ def _meta_error(meta_file: Path, key: str, value: object, want: str) -> PoisonFi
 
 def _number(meta_file: Path, obj: dict, key: str, where: str) -> float:
     v = obj.get(key)
+    if isinstance(v, int) and not isinstance(v, bool) and v > 1e300:  # math.isfinite cannot take a 400-digit int
+        v = float("inf")
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
         raise _meta_error(meta_file, f"{where}{key}", v, "a finite number >= 0")
     return float(v)
