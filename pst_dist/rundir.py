@@ -116,11 +116,8 @@ def check_run_dir(cfg: Config, resume: bool, overwrite: bool, allow_changes: boo
         recorded = load_config(recorded_file, recorded=True)
     except ConfigError as e:
         raise RunDirError(f"--resume: the run's recorded config cannot be read ({e})") from None
-    here = device_type(cfg)  # "auto" compared by what it means here (the recorded run may predate a default)
-    changes = config_changes(auto_meaning(flat_config(recorded), here), auto_meaning(flat_config(cfg), here))
-    refused = {k: v for k, v in changes.items() if not _may_change(k)}
+    changes, refused, listed = resume_changes(recorded, cfg, RESUME_MAY_CHANGE)
     if refused and not allow_changes:
-        listed = "; ".join(f"{k}: {was!r} -> {now!r}" for k, (was, now) in refused.items())
         raise RunDirError(f"--resume: the config differs from the one {run_dir} was trained with ({listed}). A resumed "
                           f"run must train what its record says; only {', '.join(RESUME_MAY_CHANGE)} may change. "
                           f"Start a new run (another log.run_dir) for other settings")
@@ -130,8 +127,14 @@ def check_run_dir(cfg: Config, resume: bool, overwrite: bool, allow_changes: boo
     return changes
 
 
-def _may_change(key: str) -> bool:
-    return any(key == k or key.startswith(k + ".") for k in RESUME_MAY_CHANGE)
+def resume_changes(recorded: Config, cfg: Config, may_change: tuple[str, ...]) -> tuple[dict, dict, str]:
+    """What a resume under ``cfg`` changes against the ``recorded`` config ("auto" compared by what it means here: the
+    record may predate a default): (every change {key: (recorded, now)}, those outside ``may_change`` (keys or whole
+    sections), the refused ones listed for a message)."""
+    here = device_type(cfg)
+    changes = config_changes(auto_meaning(flat_config(recorded), here), auto_meaning(flat_config(cfg), here))
+    refused = {k: v for k, v in changes.items() if not any(k == m or k.startswith(m + ".") for m in may_change)}
+    return changes, refused, "; ".join(f"{k}: {was!r} -> {now!r}" for k, (was, now) in refused.items())
 
 
 def remove_run_files(run_dir: Path) -> list[str]:

@@ -15,11 +15,7 @@ from pst_dist.config import (
     Config,
     ConfigError,
     absolute_paths,
-    auto_meaning,
-    config_changes,
-    device_type,
     dump_toml,
-    flat_config,
     load_config,
     to_dict,
 )
@@ -28,6 +24,7 @@ from pst_dist.io import write_atomic
 from pst_dist.models import build_model
 from pst_dist.pst.groups import layer_groups
 from pst_dist.pst.schedule import Schedule
+from pst_dist.rundir import resume_changes
 
 from .attacks import attack_config, poison_root, prepare_poisons, trial_runs
 from .report import write_reports
@@ -55,12 +52,8 @@ def check_resumed_search(cfg: Config, search_dir: Path, log) -> None:
         recorded = load_config(record, recorded=True)
     except ConfigError as e:
         raise ConfigError(f"--resume: the search's recorded config cannot be read ({e})") from None
-    here = device_type(cfg)
-    changes = config_changes(auto_meaning(flat_config(recorded), here), auto_meaning(flat_config(cfg), here))
-    refused = {k: v for k, v in changes.items()
-               if not any(k == m or k.startswith(m + ".") for m in SEARCH_RESUME_MAY_CHANGE)}
+    _, refused, listed = resume_changes(recorded, cfg, SEARCH_RESUME_MAY_CHANGE)
     if refused:
-        listed = "; ".join(f"{k}: {was!r} -> {now!r}" for k, (was, now) in refused.items())
         raise ConfigError(f"--resume: the config differs from the one the search in {search_dir} started with "
                           f"({listed}). A resumed search continues what it started; only "
                           f"{', '.join(SEARCH_RESUME_MAY_CHANGE)} may change. Start a new search (another "
