@@ -9,7 +9,7 @@ from pathlib import Path
 from .config import ConfigError, config_changes, flat_config, load_config
 from .data.sources import FMNIST_DEFAULT
 from .engine import engine_class
-from .io import OutputError, read_json, write_atomic
+from .io import check_written_over, read_json, write_atomic
 from .metrics import computed_on, run_machines
 from .report import format_table, plot_curves
 from .rundir import RunDirError, written_by_a_run
@@ -38,10 +38,8 @@ def run_demo(config: str | None, overrides: list[str], out: Path, seeds: int = 1
               f"recipe's few epochs are tuned for Fashion-MNIST; on the synthetic set the models are still learning "
               f"when they stop, so the table shows the machinery, not the effect (raise --train.epochs for that)")
         overrides = [*overrides, "--data.source=synthetic"]
-    prior = [n for n in DEMO_WRITES if (out / n).exists() or (out / n).is_symlink()]
-    if prior and not any(written_by_a_run(out / f"{label}_seed0") for label in conditions()):
-        raise OutputError(f"--out {out}: holds {', '.join(prior)}, which the demo writes, but none of its runs: no "
-                          f"pst-dist demo wrote them; choose another --out")
+    check_written_over(out, DEMO_WRITES, any(written_by_a_run(out / f"{label}_seed0") for label in conditions()),
+                       option="--out", command="the demo", missing="none of its runs")
     results: dict[str, list[dict]] = {}
     machines: Counter = Counter()  # {machine: runs computed there (a resumed one under each it ran on)}
     for label, extra in conditions().items():

@@ -174,6 +174,17 @@ def check_out_dir(out: Path, *, command: str, marker: str, owned: Iterable[str],
     return True
 
 
+def check_written_over(out: Path, names: Iterable[str], ours: bool, *, option: str, command: str,
+                       missing: str) -> None:
+    """A folder a command reuses (bench.out, demo --out: it may hold anything else) and writes ``names`` into, over
+    what is there: refused (OutputError, naming them) when some are there and ``ours`` (an earlier run of ``command``
+    left its record beside them) is false, for then no pst-dist wrote them."""
+    present = [n for n in names if (Path(out) / n).exists() or (Path(out) / n).is_symlink()]
+    if present and not ours:
+        raise OutputError(f"{option}={str(out)!r} holds {', '.join(present)}, which {command} writes, but {missing}: "
+                          f"no pst-dist {command.split()[-1]} wrote them; choose another {option}")
+
+
 @contextlib.contextmanager
 def atomic_dir(out: Path, *, replace: bool = False, owned: Iterable[str] | None = None) -> Iterator[Path]:
     """Yield a fresh hidden sibling directory of ``out`` to fill; on success it is renamed to ``out``. ``out`` must be

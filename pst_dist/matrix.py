@@ -60,7 +60,7 @@ from .data.pipeline import build_data, poison_meta
 from .data.sources import Split, load_splits
 from .distributed import init_ray
 from .engine import engine_class
-from .io import OutputError, atomic_dir, savefig_atomic, write_atomic
+from .io import OutputError, atomic_dir, check_written_over, savefig_atomic, write_atomic
 from .metrics import computed_on, describe_machine, run_machines
 from .poison import PoisonFileError, make_poison, store
 from .registry import DEFENSES
@@ -504,11 +504,8 @@ def check_bench_out(out: Path) -> None:
     bench writes over without a bench's record (``bench.json``) is not a bench's: refused (OutputError)."""
     if out.is_symlink() and not out.is_dir() or out.exists() and not out.is_dir():
         raise OutputError(f"bench.out={str(out)!r}: exists and is not a directory")
-    if not out.is_dir() or (out / "bench.json").is_file():
-        return
-    if clash := [n for n in BENCH_WRITES if (out / n).exists() or (out / n).is_symlink()]:
-        raise OutputError(f"bench.out={str(out)!r} holds {', '.join(clash)}, which a bench writes, but no bench.json: "
-                          f"no pst-dist bench wrote them; choose another bench.out")
+    check_written_over(out, BENCH_WRITES, (out / "bench.json").is_file(), option="bench.out", command="a bench",
+                       missing="no bench.json")
 
 
 def run_bench(config: str, overrides: list[str]) -> dict:
