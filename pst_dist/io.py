@@ -122,6 +122,20 @@ def is_our_png(path: Path) -> bool:
         return False
 
 
+def json_lines(f: Path) -> list[tuple[str, dict]]:
+    """The (line, record) pairs of a JSON-lines file a run writes, but a line torn by a kill (bytes cut mid-character
+    included): it is not JSON, or not an object."""
+    pairs = []
+    for line in Path(f).read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict):
+            pairs.append((line, row))
+    return pairs
+
+
 def read_json(path: Path, what: str, error: type[Exception] = OutputError) -> dict:
     """A JSON object from ``path``, or ``error`` naming the file and what is wrong with it."""
     try:

@@ -25,7 +25,7 @@ from .config import (
     load_config,
     tomllib,
 )
-from .io import blocking_ancestor, write_atomic
+from .io import blocking_ancestor, json_lines, write_atomic
 from .tracking import tracker_dirs
 
 RUN_MARKERS = ("config.toml", "checkpoint.pt", "ds_checkpoint", "summary.json", "metrics.jsonl")
@@ -169,11 +169,7 @@ def keep_lines_until(f: Path, key: str, last: int) -> list[dict]:
     if not f.is_file():
         return []
     kept, rows = [], []
-    for line in f.read_text(encoding="utf-8").splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:  # a line torn by a kill: the run logs it again
-            continue
+    for line, row in json_lines(f):  # a line torn by a kill is dropped: the run logs it again
         if row.get(key, 0) <= last:
             kept.append(line + "\n")
             rows.append(row)

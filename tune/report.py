@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 
 from pst_dist.config import Config, dump_toml
-from pst_dist.io import savefig_atomic, write_atomic
+from pst_dist.io import json_lines, savefig_atomic, write_atomic
 
 from .attacks import extreme, trial_runs, worst_case
 from .space import EXTRA, describe, trial_config
@@ -24,26 +24,12 @@ COLUMNS = ["trial", "status", "epochs", "epochs_trained", "final_val_acc", "peak
            "peak_test_acc", "warm_epochs", "freeze_epochs", "release_epochs", "unfreeze_order", "threshold", "nodes"]
 
 
-def json_lines(f: Path) -> list[dict]:
-    """The records of a JSON-lines file a trial writes, but a line torn by a kill (a trial killed mid-write and never
-    restored leaves one; a restored trial drops it, :func:`pst_dist.rundir.keep_lines_until`)."""
-    rows = []
-    for line in f.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
-    return rows
-
-
 def _curve(metrics_file: Path) -> tuple[list[dict], int]:
     """Per epoch, the last evaluation record of a trial's run (an epoch redone after a restart or a PBT exploit
     counts once), and how many epochs were trained in all (redone ones too)."""
     if not metrics_file.is_file():
         return [], 0
-    records = json_lines(metrics_file)
+    records = [row for _, row in json_lines(metrics_file)]  # but lines torn by a kill
     evals = [r for r in records if "eval/val_acc" in r]
     last = {int(r["epoch"]): r for r in evals}
     return [last[e] for e in sorted(last)], len(evals)
@@ -73,7 +59,7 @@ def trial_nodes(run_dir: Path) -> list[str]:
     f = run_dir / "nodes.jsonl"
     if not f.is_file():
         return []
-    return list(dict.fromkeys(r["node_id"] for r in json_lines(f) if "node_id" in r))
+    return list(dict.fromkeys(r["node_id"] for _, r in json_lines(f) if "node_id" in r))
 
 
 def trial_rows(cfg: Config, results, search_dir: Path) -> list[dict]:
