@@ -56,18 +56,26 @@ def cmd_write_beton(args: argparse.Namespace, rest: list[str]) -> int:
     return 0
 
 
+USER_ERRORS = (ConfigError, DataError, CheckpointError, PoisonFileError, OutputError)
+"""A user's mistake (a bad config or value, bad data, an output in the way): one line and exit 2, not a traceback."""
+
+
+def os_error_text(e: OSError) -> str:
+    """An OSError in one line, naming its file: a full disk, a path that cannot be read or written."""
+    return f"{f'{e.filename}: ' if e.filename else ''}{e.strerror or e} ({type(e).__name__})"
+
+
 def run_script(name: str, main: Callable[[], int | None]) -> int:
     """A ``launch/`` script's ``main()`` under the command line's handling of a user's mistake (a bad config or
     value, a missing or unreadable file, an output in the way): one line ``NAME: error: ...`` naming it and exit 2
     (1 for another OS error: a full disk), not a traceback. Returns the exit status."""
     try:
         return main() or 0
-    except (ConfigError, DataError, CheckpointError, PoisonFileError, OutputError) as e:
+    except USER_ERRORS as e:
         print(f"{name}: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:
-        where = f"{e.filename}: " if e.filename else ""
-        print(f"{name}: error: {where}{e.strerror or e} ({type(e).__name__})", file=sys.stderr)
+        print(f"{name}: error: {os_error_text(e)}", file=sys.stderr)
         return 2 if isinstance(e, (FileNotFoundError, IsADirectoryError, NotADirectoryError)) else 1
 
 
@@ -329,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     args, rest = parser.parse_known_args(argv)
     try:
         return args.fn(args, rest)
-    except (ConfigError, DataError, CheckpointError, PoisonFileError, OutputError) as e:
+    except USER_ERRORS as e:
         print(f"pst-dist: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -337,9 +345,7 @@ def main(argv: list[str] | None = None) -> int:
               f"keeps its last checkpoint (continue it with --resume)", file=sys.stderr)
         return 130
     except OSError as e:  # a full disk, a path that cannot be written: one line, not a traceback
-        where = f"{e.filename}: " if e.filename else ""
-        print(f"pst-dist: error: {where}{e.strerror or e} ({type(e).__name__}); nothing half-written was left",
-              file=sys.stderr)
+        print(f"pst-dist: error: {os_error_text(e)}; nothing half-written was left", file=sys.stderr)
         return 1
     except Exception as e:  # noqa: BLE001 - user-facing failures of training itself
         from .train import TrainingDiverged  # start-up time: each command imports only what it runs
