@@ -63,14 +63,19 @@ RUN_SECTIONS = ("data", "model", "train", "schedule", "log")
 """Tables every config.toml a run records has (:func:`pst_dist.config.dump_toml` writes them all)."""
 
 
-def written_by_a_run(run_dir: Path) -> bool:
-    """Whether ``run_dir``'s run files are a pst-dist run's: its config.toml is TOML with a run's tables. (Not a
-    full :func:`load_config`: a run recorded by an older pst-dist stays one even where its keys no longer load.)"""
+def is_recorded_config(f: Path) -> bool:
+    """Whether ``f`` is a config pst-dist recorded: TOML with a run's tables. (Not a full :func:`load_config`: one
+    recorded by an older pst-dist stays one even where its keys no longer load.)"""
     try:
-        raw = tomllib.loads((run_dir / "config.toml").read_text(encoding="utf-8"))
+        raw = tomllib.loads(Path(f).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
         return False
     return all(isinstance(raw.get(t), dict) for t in RUN_SECTIONS)
+
+
+def written_by_a_run(run_dir: Path) -> bool:
+    """Whether ``run_dir``'s run files are a pst-dist run's: its config.toml is :func:`is_recorded_config`."""
+    return is_recorded_config(run_dir / "config.toml")
 
 
 def check_own_data(run_dir: Path, what: str) -> None:

@@ -409,6 +409,20 @@ def test_tune_cli_refuses_bad_input_before_starting_ray(own_ray, tmp_path, monke
     assert not own_ray.processes() and not list(own_ray.temp.iterdir())  # no Ray started
 
 
+def test_a_new_search_never_writes_over_a_user_s_file_named_as_its_record(tmp_path, monkeypatch, capsys):
+    mine = tmp_path / "out" / "tiny" / "search_config.toml"
+    mine.parent.mkdir(parents=True)
+    mine.write_text("my own notes\n")
+
+    def no_ray(*_a, **_kw):
+        raise AssertionError("Ray was started for a search that would write over a user's file")
+
+    monkeypatch.setattr("tune.search.init_ray", no_ray)
+    assert main(_tune(tmp_path / "out")[1:]) == 2
+    assert "is not a search's recorded config" in capsys.readouterr().err
+    assert mine.read_text() == "my own notes\n" and sorted(p.name for p in mine.parent.iterdir()) == [mine.name]
+
+
 @pytest.mark.slow
 @pytest.mark.multiproc
 def test_an_interrupted_search_resumes_without_retraining_finished_trials(own_ray, tmp_path):

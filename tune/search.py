@@ -24,7 +24,7 @@ from pst_dist.io import write_atomic
 from pst_dist.models import build_model
 from pst_dist.pst.groups import layer_groups
 from pst_dist.pst.schedule import Schedule
-from pst_dist.rundir import resume_changes
+from pst_dist.rundir import is_recorded_config, resume_changes
 
 from .attacks import attack_config, poison_root, prepare_poisons, trial_runs
 from .report import write_reports
@@ -189,6 +189,9 @@ def run_search(cfg: Config, resume: bool = False, log=lambda m: print(m, file=sy
         cfg.tune.poisons = str(poison_root(cfg))  # the trials' configs (and the recorded ones) name the stores
     if resume:
         check_resumed_search(cfg, search_dir, log)
+    elif (search_dir / SEARCH_RECORD).exists() and not is_recorded_config(search_dir / SEARCH_RECORD):
+        raise ConfigError(f"{search_dir / SEARCH_RECORD}: exists and is not a search's recorded config; pst-dist "
+                          f"will not write over it: choose another tune.out or tune.name")
     record = dump_toml(cfg)  # as asked: before Ray resolves what "auto" means on this cluster (tune.use_gpu)
     if cfg.tune.attacks:  # before Ray starts: a poison takes minutes to make, a trial must not wait for it
         made = prepare_poisons(cfg, log)
