@@ -29,6 +29,8 @@ class DistInfo:
 
 
 _OWN_GROUP = False  # whether this module created the process group (Ray Train creates and destroys its own)
+_LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE")
+_ENV_BEFORE: dict[str, str | None] = {}  # the launcher variables a one-process group set, and what they were before
 
 
 def build_device(cfg) -> torch.device:
@@ -55,7 +57,8 @@ def init_distributed(device: str, single_process_group: bool = False) -> DistInf
         backend = "nccl" if device == "cuda" else "gloo"
         if world > 1 or "MASTER_ADDR" in os.environ:
             dist.init_process_group(backend=backend, rank=rank, world_size=world)
-        else:  # DeepSpeed also reads these
+        else:  # DeepSpeed also reads these; teardown puts back what was there (a bench or search runs many in-process)
+            _ENV_BEFORE.update({k: os.environ.get(k) for k in _LAUNCHER_VARS})
             os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
             dist.init_process_group(backend=backend, rank=0, world_size=1, init_method=f"tcp://127.0.0.1:{_free_port()}")
         _OWN_GROUP = True
@@ -321,17 +324,29 @@ def summed(values: list, dtype: torch.dtype) -> list:
     return t.cpu().tolist()
 
 
-def teardown() -> None:
-    """Leave the process group this module created (one that Ray Train set up is Ray's to destroy)."""
+def teardown(failed: bool = False) -> None:
+    """Leave the process group this module created (one that Ray Train set up is Ray's to destroy), and put back the
+    launcher variables a one-process group set. ``failed``: a run stopped by an error on this rank alone, so no
+    barrier (the other ranks may never reach it), and only a one-process group is left (a launcher's process ends)."""
     global _OWN_GROUP
-    if dist.is_initialized():
+    if not dist.is_initialized():
+        return
+    if failed and not (_OWN_GROUP and dist.get_world_size() == 1):
+        return
+    if not failed:
         dist.barrier()
-        if _OWN_GROUP:
-            # DeepSpeed, when it ran here, keeps references to the group: its own destroy releases them, or the next
-            # engine in this process (the bench's next cell) would use the destroyed group
-            ds_comm = sys.modules.get("deepspeed.comm")
-            if ds_comm is not None and ds_comm.is_initialized():
-                ds_comm.destroy_process_group()
+    if _OWN_GROUP:
+        # DeepSpeed, when it ran here, keeps references to the group: its own destroy releases them, or the next
+        # engine in this process (the bench's next cell) would use the destroyed group
+        ds_comm = sys.modules.get("deepspeed.comm")
+        if ds_comm is not None and ds_comm.is_initialized():
+            ds_comm.destroy_process_group()
+        else:
+            dist.destroy_process_group()
+        _OWN_GROUP = False
+        for k, v in _ENV_BEFORE.items():
+            if v is None:
+                os.environ.pop(k, None)
             else:
-                dist.destroy_process_group()
-            _OWN_GROUP = False
+                os.environ[k] = v
+        _ENV_BEFORE.clear()

@@ -641,8 +641,19 @@ def train(cfg: Config, resume: bool = False, data: Data | None = None, loader=No
     for Ray Tune and for tests; under ZeRO-3 use ``engine.gathered()`` to see full parameters).
     A NaN / inf loss or weight raises :class:`TrainingDiverged` after writing a summary with ``status = "failed"``;
     the last good checkpoint stays.
+    An error leaves the one-process group this run made (a bench or a search trains many runs in one process).
     """
-    r = build_run(cfg, resume, overwrite, allow_changes, data, loader)
+    try:
+        return run_epochs(build_run(cfg, resume, overwrite, allow_changes, data, loader), stop_after_epochs, on_epoch)
+    except BaseException:
+        teardown(failed=True)
+        raise
+
+
+def run_epochs(r: Run, stop_after_epochs: int | None, on_epoch) -> dict:
+    """The epochs of :func:`train`: schedule -> freeze -> forward / backward -> step -> log, then the epoch's
+    evaluation and checkpoint; returns :func:`finish_run`'s summary."""
+    cfg = r.cfg
     st, s, schedule, model = r.state, r.data.splits, r.schedule, r.gm.model
     last_detect: dict[str, float] = {}
     run_steps = schedule.total_steps if cfg.train.lr_span == "run" else None  # the lr shape's span: the run's steps

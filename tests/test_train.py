@@ -428,3 +428,28 @@ def test_all_finite_finds_one_non_finite_value_in_any_parameter():
             with torch.no_grad():
                 p.view(-1)[1] = old
         assert all_finite(model)
+
+
+LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")
+
+
+def test_an_in_process_deepspeed_run_leaves_no_process_group_or_launcher_variables(tmp_path, monkeypatch):
+    """A bench or a search trains many runs in one process: the one-process group a DeepSpeed run makes, and the
+    launcher variables it sets for DeepSpeed, are gone after the run, and after a run refused once the group is up."""
+    import torch.distributed as dist
+
+    from pst_dist.rundir import RunDirError
+
+    for k in LAUNCHER_VARS:
+        monkeypatch.delenv(k, raising=False)  # monkeypatch puts back the test's own environment, whatever happens
+    ds = [*TINY, "--train.epochs=1", "--deepspeed.enabled=true", "--train.device=cpu"]
+    summary = train(load_config(None, [*ds, f"--log.run_dir={tmp_path / 'run'}"]))
+    assert summary["status"] == "finished"
+    assert not dist.is_initialized() and not [k for k in LAUNCHER_VARS if k in os.environ]
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "summary.json").write_text("{}")  # a user's own file: refused in check_run_dir, after the group is made
+    with pytest.raises(RunDirError, match="summary.json"):
+        train(load_config(None, [*ds, f"--log.run_dir={mine}"]))
+    assert not dist.is_initialized() and not [k for k in LAUNCHER_VARS if k in os.environ]
+    assert (mine / "summary.json").read_text() == "{}"
