@@ -192,6 +192,12 @@ def run_search(cfg: Config, resume: bool = False, log=lambda m: print(m, file=sy
     elif (search_dir / SEARCH_RECORD).exists() and not is_recorded_config(search_dir / SEARCH_RECORD):
         raise ConfigError(f"{search_dir / SEARCH_RECORD}: exists and is not a search's recorded config; pst-dist "
                           f"will not write over it: choose another tune.out or tune.name")
+    elif search_dir.is_dir():
+        from ray.tune import Tuner
+
+        if Tuner.can_restore(str(search_dir)):  # a second search's trials and reports would mix with the first's
+            raise ConfigError(f"{search_dir} already holds a search (tune.out / tune.name): pass --resume to "
+                              f"continue it, or choose another tune.name for a new one")
     record = dump_toml(cfg)  # as asked: before Ray resolves what "auto" means on this cluster (tune.use_gpu)
     if cfg.tune.attacks:  # before Ray starts: a poison takes minutes to make, a trial must not wait for it
         made = prepare_poisons(cfg, log)
