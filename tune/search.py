@@ -193,7 +193,7 @@ def run_search(cfg: Config, resume: bool = False, log=lambda m: print(m, file=sy
         raise ConfigError(f"{search_dir / SEARCH_RECORD}: exists and is not a search's recorded config; pst-dist "
                           f"will not write over it: choose another tune.out or tune.name")
     elif search_dir.is_dir():
-        from ray.tune import Tuner
+        from ray.tune import Tuner  # optional heavy dependency (Ray), imported only by tune
 
         if Tuner.can_restore(str(search_dir)):  # a second search's trials and reports would mix with the first's
             raise ConfigError(f"{search_dir} already holds a search (tune.out / tune.name): pass --resume to "
