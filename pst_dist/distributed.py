@@ -60,7 +60,12 @@ def init_distributed(device: str, single_process_group: bool = False) -> DistInf
         else:  # DeepSpeed also reads these; teardown puts back what was there (a bench or search runs many in-process)
             _ENV_BEFORE.update({k: os.environ.get(k) for k in _LAUNCHER_VARS})
             os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
-            dist.init_process_group(backend=backend, rank=0, world_size=1, init_method=f"tcp://127.0.0.1:{_free_port()}")
+            try:
+                dist.init_process_group(backend=backend, rank=0, world_size=1,
+                                        init_method=f"tcp://127.0.0.1:{_free_port()}")
+            except BaseException:
+                _restore_env()
+                raise
         _OWN_GROUP = True
     return DistInfo(rank, world, local)
 
@@ -344,9 +349,14 @@ def teardown(failed: bool = False) -> None:
         else:
             dist.destroy_process_group()
         _OWN_GROUP = False
-        for k, v in _ENV_BEFORE.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        _ENV_BEFORE.clear()
+        _restore_env()
+
+
+def _restore_env() -> None:
+    """Put back the launcher variables :func:`init_distributed` set for a one-process group."""
+    for k, v in _ENV_BEFORE.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    _ENV_BEFORE.clear()

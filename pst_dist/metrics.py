@@ -173,11 +173,15 @@ class Metrics:
         if self.enabled and self.tb is not None:
             self.tb.add_image(tag, grid, step)
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
+        """Close the files, TensorBoard's writer and the trackers' runs (``failed``: marked failed there); once."""
+        self.enabled = False
         if self._file:
             self._file.close()
+            self._file = None
         if self.tb is not None:
             self.tb.close()
+            self.tb = None
         for t in self.trackers:
-            t.close()
+            t.close(failed)
         self.trackers = []

@@ -70,14 +70,15 @@ class WandbTracker:
         self.run = wandb.init(project=cfg.log.project, name=run_dir.name, dir=str(run_dir), id=run_id,
                               resume="allow" if run_id else None, mode=os.environ.get("WANDB_MODE", "offline"),
                               config=None if run_id else to_dict(cfg),  # once per run: a resume keeps the first
-                              settings=wandb.Settings(console="off"))  # stdout stays ours (the summary JSON)
+                              settings=wandb.Settings(console="off"),  # stdout stays ours (the summary JSON)
+                              reinit="create_new")  # never a run already active in this process (an earlier run's)
         self.id = self.run.id
 
     def log(self, step: int, values: dict[str, float]) -> None:
         self.run.log(values, step=step)
 
-    def close(self) -> None:
-        self.run.finish()
+    def close(self, failed: bool = False) -> None:
+        self.run.finish(exit_code=1 if failed else 0)
 
 
 class MlflowTracker:
@@ -116,5 +117,5 @@ class MlflowTracker:
         if metrics:
             self.client.log_batch(self.id, metrics=metrics)
 
-    def close(self) -> None:
-        self.client.set_terminated(self.id)
+    def close(self, failed: bool = False) -> None:
+        self.client.set_terminated(self.id, status="FAILED" if failed else "FINISHED")

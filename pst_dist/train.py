@@ -166,12 +166,14 @@ def model_inputs(data: Data) -> dict:
 
 def resolve_auto(cfg: Config, device: torch.device) -> dict:
     """What the ``auto`` settings mean on ``device`` (recorded in meta.json next to the config that says auto):
-    deterministic algorithms on the CPU (bit-identical resume), channels-last on a GPU."""
+    deterministic algorithms on the CPU (bit-identical resume), channels-last on a GPU; and the thread count torch
+    computes with (``train.threads = 0``: whatever the process has)."""
     t = cfg.train
     meant = auto_meaning({"train.deterministic": t.deterministic, "train.channels_last": t.channels_last,
                           "deepspeed.enabled": cfg.deepspeed.enabled}, device.type)  # one rule with resume's check
     return {"device": str(device), "train.deterministic": meant["train.deterministic"],
-            "train.channels_last": meant["train.channels_last"], "train.compile": cfg.train.compile}
+            "train.channels_last": meant["train.channels_last"], "train.compile": cfg.train.compile,
+            "train.threads": t.threads or torch.get_num_threads()}  # 0: the process's count (setup_seed keeps it)
 
 
 def setup_seed(cfg: Config, resolved: dict) -> None:
@@ -575,7 +577,7 @@ def stop_if_diverged(r: Run, loss_sum: float, epoch: int, lr: float, weights: bo
     failed = {**summarize(st.to_dict()), "status": "failed", "error": msg, "world_size": r.dist.world_size}
     if r.dist.is_primary:
         write_atomic(r.run_dir / "summary.json", json.dumps(failed, indent=2))
-    r.metrics.close()
+    r.metrics.close(failed=True)
     teardown()
     raise TrainingDiverged(msg)
 
@@ -641,13 +643,20 @@ def train(cfg: Config, resume: bool = False, data: Data | None = None, loader=No
     for Ray Tune and for tests; under ZeRO-3 use ``engine.gathered()`` to see full parameters).
     A NaN / inf loss or weight raises :class:`TrainingDiverged` after writing a summary with ``status = "failed"``;
     the last good checkpoint stays.
-    An error leaves the one-process group this run made (a bench or a search trains many runs in one process).
+    A bench or a search trains many runs in one process: a run that fails closes its trackers' runs (marked failed)
+    and TensorBoard's writer and leaves the one-process group it made; torch's thread count is put back after a run.
     """
+    r, threads = None, torch.get_num_threads()
     try:
-        return run_epochs(build_run(cfg, resume, overwrite, allow_changes, data, loader), stop_after_epochs, on_epoch)
+        r = build_run(cfg, resume, overwrite, allow_changes, data, loader)
+        return run_epochs(r, stop_after_epochs, on_epoch)
     except BaseException:
+        if r is not None:
+            r.metrics.close(failed=True)
         teardown(failed=True)
         raise
+    finally:
+        torch.set_num_threads(threads)
 
 
 def run_epochs(r: Run, stop_after_epochs: int | None, on_epoch) -> dict:

@@ -122,8 +122,10 @@ def test_throughput_is_logged_per_epoch_and_summarised(tmp_path):
     per_epoch = [rec for rec in lines if "perf/img_per_s" in rec and "epoch" in rec]
     assert len(per_epoch) == 2 and all(rec["perf/data_wait"] >= 0 for rec in per_epoch)
     meta = json.loads((tmp_path / "run" / "meta.json").read_text())
-    assert meta["resolved"] == {"device": "cpu", "train.deterministic": True, "train.channels_last": False,
-                                "train.compile": False, "data.stream": False}
+    resolved = meta["resolved"]
+    assert resolved.pop("train.threads") == torch.get_num_threads()  # train.threads = 0: the process's count
+    assert resolved == {"device": "cpu", "train.deterministic": True, "train.channels_last": False,
+                        "train.compile": False, "data.stream": False}
 
 
 class SyncDebugModes(StepWatch):

@@ -197,3 +197,35 @@ def test_a_resume_from_an_earlier_checkpoint_logs_each_step_once(tmp_path, own_d
         got = [(e.step, e.value) for e in tb.Scalars(k)]
         assert sorted(s for s, _ in got) == [s for s, _ in expected[k]], k  # each step once
         assert all(abs(v - dict(expected[k])[s]) < 1e-6 for s, v in got), k  # float32 in the event files
+
+
+def test_a_run_that_fails_closes_its_tracker_runs_and_the_next_run_in_the_process_gets_its_own(tmp_path, own_dirs):
+    """A bench or a search trains run after run in one process: a run that fails (here in its epoch hook) ends its
+    W&B run with exit code 1 and its MLflow run FAILED, and puts back torch's thread count; the next run logs into
+    tracker runs of its own, not the failed run's."""
+    import torch
+    from mlflow.tracking import MlflowClient
+
+    def hook(*_args):
+        raise RuntimeError("the hook fails")
+
+    args = [*TINY, "--data.synthetic_train=128", "--train.epochs=1", "--log.tensorboard=false",
+            '--log.trackers=["wandb", "mlflow"]', "--log.project=pst-test"]
+    threads = torch.get_num_threads()
+    a, b = tmp_path / "a", tmp_path / "b"
+    with pytest.raises(RuntimeError, match="the hook fails"):
+        train(load_config(None, [*args, "--train.threads=1", f"--log.run_dir={a}"]), on_epoch=hook)
+    assert torch.get_num_threads() == threads
+    train(load_config(None, [*args, "--train.seed=7", f"--log.run_dir={b}"]))
+    ids = {d.name: json.loads((d / "trackers.json").read_text()) for d in (a, b)}
+    assert ids["a"]["wandb"] != ids["b"]["wandb"]
+    for d, status, code in ((a, "FAILED", 1), (b, "FINISHED", 0)):
+        run = MlflowClient(tracking_uri=(d / "mlruns").as_uri()).get_run(ids[d.name]["mlflow"])
+        assert run.info.status == status, d.name
+        (f,) = d.glob("wandb/offline-run-*/run-*.wandb")
+        exits = [r.exit.exit_code for r in wandb_records(f) if r.WhichOneof("record_type") == "exit"]
+        assert exits == [code], (d.name, exits)
+        history, config = wandb_history(d)
+        want = {s: v["eval/test_acc"] for s, v in jsonl(d).items() if "eval/test_acc" in v}
+        assert {s: h["eval/test_acc"] for s, h in history.items() if "eval/test_acc" in h} == want, d.name
+        assert config["train"]["seed"] == (7 if d == b else 0)

@@ -453,3 +453,13 @@ def test_an_in_process_deepspeed_run_leaves_no_process_group_or_launcher_variabl
         train(load_config(None, [*ds, f"--log.run_dir={mine}"]))
     assert not dist.is_initialized() and not [k for k in LAUNCHER_VARS if k in os.environ]
     assert (mine / "summary.json").read_text() == "{}"
+
+    def refused(**_kw):
+        raise RuntimeError("no group today")  # as a port taken between choosing and binding it
+
+    from pst_dist.distributed import init_distributed
+
+    monkeypatch.setattr(dist, "init_process_group", refused)
+    with pytest.raises(RuntimeError, match="no group today"):
+        init_distributed("cpu", single_process_group=True)
+    assert not [k for k in LAUNCHER_VARS if k in os.environ]
