@@ -100,8 +100,9 @@ def bare_throughput(model_cfg_overrides: list[str], size: int, n: int, batch: in
     fused kernel (default: on a GPU, as the trainer)."""
     cfg = load_config(None, model_cfg_overrides)
     torch.manual_seed(0)
-    # its own settings, as the trainer's on a GPU, not whatever the trainer's row before it left in this process
-    torch.use_deterministic_algorithms(False)
+    # its own settings, as the trainer's defaults on this device (deterministic: auto), not whatever the trainer's
+    # row before it left in this process
+    torch.use_deterministic_algorithms(device.type == "cpu", warn_only=True)
     torch.backends.cudnn.benchmark = device.type == "cuda"
     model = build_model(cfg.model, 10, 3, size).to(device)
     if channels_last:

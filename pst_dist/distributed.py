@@ -58,7 +58,8 @@ def init_distributed(device: str, single_process_group: bool = False) -> DistInf
         if world > 1 or "MASTER_ADDR" in os.environ:
             dist.init_process_group(backend=backend, rank=rank, world_size=world)
         else:  # DeepSpeed also reads these; teardown puts back what was there (a bench or search runs many in-process)
-            _ENV_BEFORE.update({k: os.environ.get(k) for k in _LAUNCHER_VARS})
+            for k in _LAUNCHER_VARS:  # the first value seen is the one to put back
+                _ENV_BEFORE.setdefault(k, os.environ.get(k))
             os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
             try:
                 dist.init_process_group(backend=backend, rank=0, world_size=1,

@@ -174,14 +174,20 @@ class Metrics:
             self.tb.add_image(tag, grid, step)
 
     def close(self, failed: bool = False) -> None:
-        """Close the files, TensorBoard's writer and the trackers' runs (``failed``: marked failed there); once."""
+        """Close the files, TensorBoard's writer and the trackers' runs (``failed``: marked failed there); once.
+        After an error (``failed``), one that cannot close (a tracker's server gone) is reported on stderr and the
+        rest still close, so that the run's own error is the one raised."""
         self.enabled = False
-        if self._file:
-            self._file.close()
-            self._file = None
-        if self.tb is not None:
-            self.tb.close()
-            self.tb = None
-        for t in self.trackers:
-            t.close(failed)
-        self.trackers = []
+        file, tb, trackers = self._file, self.tb, self.trackers
+        self._file, self.tb, self.trackers = None, None, []
+        closes = [*([file.close] if file else []), *([tb.close] if tb is not None else []),
+                  *(lambda t=t: t.close(failed) for t in trackers)]
+        for close in closes:
+            if not failed:
+                close()
+                continue
+            try:
+                close()
+            except Exception as e:  # noqa: BLE001 - the run's own error matters more; this one is reported
+                print(f"[pst] closing the run's metrics after its error failed too: {type(e).__name__}: {e}",
+                      file=sys.stderr)

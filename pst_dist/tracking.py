@@ -55,7 +55,14 @@ def open_trackers(run_dir: Path, cfg: Config) -> list:
     check_trackers(cfg.log.trackers)
     ids_file = run_dir / IDS_FILE
     ids = read_json(ids_file, "the run's tracker ids", ConfigError) if ids_file.is_file() else {}
-    trackers = {name: TRACKERS.load(name)(run_dir, cfg, ids.get(name)) for name in cfg.log.trackers}
+    trackers = {}
+    try:
+        for name in cfg.log.trackers:
+            trackers[name] = TRACKERS.load(name)(run_dir, cfg, ids.get(name))
+    except BaseException:  # the ones already open end failed (a W&B run left active would take the next run's logs)
+        for t in trackers.values():
+            t.close(failed=True)
+        raise
     write_atomic(ids_file, json.dumps({**ids, **{name: t.id for name, t in trackers.items()}}, indent=2))
     return list(trackers.values())
 

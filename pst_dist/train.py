@@ -515,10 +515,14 @@ def build_run(cfg: Config, resume: bool, overwrite: bool, allow_changes: bool, d
         write_run_header(run_dir, cfg, st.epoch if resume else None, changes, resolved, inputs, device)
     metrics = Metrics(run_dir, dist_info.is_primary, cfg.log.tensorboard, cfg, st.step if resume else None, logged)
     if not resume:  # a resume's run logged these at its start
-        metrics.image("data/poisoned_samples", make_grid(data.poisoned_train[:64], nrow=8))
-        if spectral:
-            repaired = {} if repair is None else {"pst/spectral_repair_changed": repair["changed"]}
-            metrics.log(0, {**spectral, "pst/spectral_check_fired": float(bool(no_stay)), **repaired})
+        try:
+            metrics.image("data/poisoned_samples", make_grid(data.poisoned_train[:64], nrow=8))
+            if spectral:
+                repaired = {} if repair is None else {"pst/spectral_repair_changed": repair["changed"]}
+                metrics.log(0, {**spectral, "pst/spectral_check_fired": float(bool(no_stay)), **repaired})
+        except BaseException:  # train() closes a Run's metrics; there is no Run yet
+            metrics.close(failed=True)
+            raise
     return Run(cfg, dist_info, device, data, loader, gm, schedule, engine, normalize, autocast, probe, metrics, st)
 
 
@@ -578,7 +582,10 @@ def stop_if_diverged(r: Run, loss_sum: float, epoch: int, lr: float, weights: bo
     if r.dist.is_primary:
         write_atomic(r.run_dir / "summary.json", json.dumps(failed, indent=2))
     r.metrics.close(failed=True)
-    teardown()
+    try:
+        teardown()  # every rank saw the same mean: all reach its barrier
+    except Exception as e:  # noqa: BLE001 - the divergence is the error to raise
+        print(f"[pst] leaving the process group after the divergence failed: {type(e).__name__}: {e}", file=sys.stderr)
     raise TrainingDiverged(msg)
 
 
@@ -587,8 +594,9 @@ class EpochMeter:
     what waits: :meth:`read`, at logging points only), and its clock: the epoch's wall time and the part of it the
     loop spent waiting for its next batch."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, graphs_before: int = 0):
         self.device = device
+        self.graphs_before = graphs_before  # the process's compiled graphs before the run: others' (a bench's cells)
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         self.correct = torch.zeros((), dtype=torch.long, device=device)
         self.seen = self.steps = 0
@@ -627,7 +635,8 @@ class EpochMeter:
         else:  # the process's peak resident memory (ru_maxrss is in KiB on Linux)
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         return {"perf/img_per_s": self.seen / elapsed, "perf/step_ms": 1000 * elapsed / max(self.steps, 1),
-                "perf/data_wait": self.wait / elapsed, "perf/peak_mem_gb": peak, "perf/compiles": compiled_graphs()}
+                "perf/data_wait": self.wait / elapsed, "perf/peak_mem_gb": peak,
+                "perf/compiles": compiled_graphs() - self.graphs_before}
 
 
 def train(cfg: Config, resume: bool = False, data: Data | None = None, loader=None,
@@ -646,22 +655,27 @@ def train(cfg: Config, resume: bool = False, data: Data | None = None, loader=No
     A bench or a search trains many runs in one process: a run that fails closes its trackers' runs (marked failed)
     and TensorBoard's writer and leaves the one-process group it made; torch's thread count is put back after a run.
     """
-    r, threads = None, torch.get_num_threads()
+    r, threads, graphs = None, torch.get_num_threads(), compiled_graphs()
     try:
         r = build_run(cfg, resume, overwrite, allow_changes, data, loader)
-        return run_epochs(r, stop_after_epochs, on_epoch)
+        return run_epochs(r, stop_after_epochs, on_epoch, graphs)
     except BaseException:
         if r is not None:
-            r.metrics.close(failed=True)
-        teardown(failed=True)
+            r.metrics.close(failed=True)  # reports, never raises, what it cannot close
+        try:
+            teardown(failed=True)
+        except Exception as e:  # noqa: BLE001 - the run's own error is the one to raise
+            print(f"[pst] leaving the process group after the run's error failed too: {type(e).__name__}: {e}",
+                  file=sys.stderr)
         raise
     finally:
         torch.set_num_threads(threads)
 
 
-def run_epochs(r: Run, stop_after_epochs: int | None, on_epoch) -> dict:
+def run_epochs(r: Run, stop_after_epochs: int | None, on_epoch, graphs_before: int = 0) -> dict:
     """The epochs of :func:`train`: schedule -> freeze -> forward / backward -> step -> log, then the epoch's
-    evaluation and checkpoint; returns :func:`finish_run`'s summary."""
+    evaluation and checkpoint; returns :func:`finish_run`'s summary. ``graphs_before``: the graphs dynamo had
+    compiled in this process before the run (perf/compiles counts the run's own)."""
     cfg = r.cfg
     st, s, schedule, model = r.state, r.data.splits, r.schedule, r.gm.model
     last_detect: dict[str, float] = {}
@@ -672,7 +686,7 @@ def run_epochs(r: Run, stop_after_epochs: int | None, on_epoch) -> dict:
         stage = schedule.stage_at(st.step, st.history)  # the stage of the epoch's last step (logged at its end)
         lr = cfg.train.lr * lr_factor(stage, st.step, cfg.train.lr_schedule, cfg.train.warmup_steps, run_steps)
         set_train_mode(r, stage)
-        meter = EpochMeter(r.device)
+        meter = EpochMeter(r.device, graphs_before)
         bar = tqdm(meter.batches(r.loader), total=len(r.loader), desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
                    leave=False, disable=not (cfg.log.progress and r.dist.is_primary))
         for x, y in bar:  # ---- schedule -> freeze -> forward / backward -> step -> log ----

@@ -214,7 +214,7 @@ def test_a_run_that_fails_closes_its_tracker_runs_and_the_next_run_in_the_proces
     threads = torch.get_num_threads()
     a, b = tmp_path / "a", tmp_path / "b"
     with pytest.raises(RuntimeError, match="the hook fails"):
-        train(load_config(None, [*args, "--train.threads=1", f"--log.run_dir={a}"]), on_epoch=hook)
+        train(load_config(None, [*args, f"--train.threads={threads + 1}", f"--log.run_dir={a}"]), on_epoch=hook)
     assert torch.get_num_threads() == threads
     train(load_config(None, [*args, "--train.seed=7", f"--log.run_dir={b}"]))
     ids = {d.name: json.loads((d / "trackers.json").read_text()) for d in (a, b)}
@@ -229,3 +229,34 @@ def test_a_run_that_fails_closes_its_tracker_runs_and_the_next_run_in_the_proces
         want = {s: v["eval/test_acc"] for s, v in jsonl(d).items() if "eval/test_acc" in v}
         assert {s: h["eval/test_acc"] for s, h in history.items() if "eval/test_acc" in h} == want, d.name
         assert config["train"]["seed"] == (7 if d == b else 0)
+
+
+def test_a_tracker_that_cannot_open_or_close_never_hides_the_runs_error_nor_leaves_a_run_open(
+        tmp_path, own_dirs, monkeypatch, capsys):
+    """A tracker that cannot open (an MLflow store URI it does not know) ends the W&B run opened before it, failed;
+    one that cannot close after the run's error (its server gone) is reported, the other trackers still close, and
+    the run's own error is the one raised."""
+    from pst_dist import tracking
+
+    args = [*TINY, "--data.synthetic_train=128", "--train.epochs=1", "--log.tensorboard=false",
+            "--log.project=pst-test"]
+    a = tmp_path / "a"
+    with pytest.raises(Exception, match="bogus"):
+        train(load_config(None, [*args, '--log.trackers=["wandb", "mlflow"]', "--log.mlflow_uri=bogus://nowhere",
+                                 f"--log.run_dir={a}"]))
+    (f,) = a.glob("wandb/offline-run-*/run-*.wandb")
+    assert [r.exit.exit_code for r in wandb_records(f) if r.WhichOneof("record_type") == "exit"] == [1]
+
+    def close(self, failed=False):
+        raise ConnectionError("the tracking server is gone")
+
+    def hook(*_args):
+        raise RuntimeError("the hook fails")
+
+    monkeypatch.setattr(tracking.MlflowTracker, "close", close)
+    b = tmp_path / "b"
+    with pytest.raises(RuntimeError, match="the hook fails"):
+        train(load_config(None, [*args, '--log.trackers=["mlflow", "wandb"]', f"--log.run_dir={b}"]), on_epoch=hook)
+    assert "the tracking server is gone" in capsys.readouterr().err
+    (f,) = b.glob("wandb/offline-run-*/run-*.wandb")
+    assert [r.exit.exit_code for r in wandb_records(f) if r.WhichOneof("record_type") == "exit"] == [1]
