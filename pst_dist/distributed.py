@@ -336,21 +336,25 @@ def teardown(failed: bool = False) -> None:
     barrier (the other ranks may never reach it), and only a one-process group is left (a launcher's process ends)."""
     global _OWN_GROUP
     if not dist.is_initialized():
+        _OWN_GROUP = False
+        _restore_env()  # a group that went before this (destroyed by someone else) leaves no variables of ours
         return
     if failed and not (_OWN_GROUP and dist.get_world_size() == 1):
         return
     if not failed:
         dist.barrier()
     if _OWN_GROUP:
-        # DeepSpeed, when it ran here, keeps references to the group: its own destroy releases them, or the next
-        # engine in this process (the bench's next cell) would use the destroyed group
-        ds_comm = sys.modules.get("deepspeed.comm")
-        if ds_comm is not None and ds_comm.is_initialized():
-            ds_comm.destroy_process_group()
-        else:
-            dist.destroy_process_group()
-        _OWN_GROUP = False
-        _restore_env()
+        try:
+            # DeepSpeed, when it ran here, keeps references to the group: its own destroy releases them, or the next
+            # engine in this process (the bench's next cell) would use the destroyed group
+            ds_comm = sys.modules.get("deepspeed.comm")
+            if ds_comm is not None and ds_comm.is_initialized():
+                ds_comm.destroy_process_group()
+            else:
+                dist.destroy_process_group()
+        finally:
+            _OWN_GROUP = False
+            _restore_env()
 
 
 def _restore_env() -> None:

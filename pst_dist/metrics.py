@@ -148,7 +148,11 @@ class Metrics:
             if cfg is not None and cfg.log.trackers:
                 from .tracking import open_trackers  # the trackers' packages: start-up time, only when named
 
-                self.trackers = open_trackers(run_dir, cfg)
+                try:
+                    self.trackers = open_trackers(run_dir, cfg)
+                except BaseException:  # no Metrics for the caller to close: the file and TensorBoard's writer here
+                    self.close(failed=True)
+                    raise
 
     def log(self, step: int, values: dict[str, float]) -> None:
         if not self.enabled:
@@ -175,19 +179,20 @@ class Metrics:
 
     def close(self, failed: bool = False) -> None:
         """Close the files, TensorBoard's writer and the trackers' runs (``failed``: marked failed there); once.
-        After an error (``failed``), one that cannot close (a tracker's server gone) is reported on stderr and the
-        rest still close, so that the run's own error is the one raised."""
+        Each is tried in turn even when one before it cannot close (a tracker's server gone): that one is reported
+        on stderr and, after a run that did not fail, its error raised once every other has closed."""
         self.enabled = False
         file, tb, trackers = self._file, self.tb, self.trackers
         self._file, self.tb, self.trackers = None, None, []
         closes = [*([file.close] if file else []), *([tb.close] if tb is not None else []),
                   *(lambda t=t: t.close(failed) for t in trackers)]
+        first: BaseException | None = None
         for close in closes:
-            if not failed:
-                close()
-                continue
             try:
                 close()
-            except Exception as e:  # noqa: BLE001 - the run's own error matters more; this one is reported
-                print(f"[pst] closing the run's metrics after its error failed too: {type(e).__name__}: {e}",
-                      file=sys.stderr)
+            except BaseException as e:  # noqa: BLE001 - the rest still close; reported here, raised below
+                print(f"[pst] closing the run's metrics{' after its error' * failed} failed: "
+                      f"{type(e).__name__}: {e}", file=sys.stderr)
+                first = first or e
+        if first is not None and (not failed or not isinstance(first, Exception)):  # a Ctrl-C is always raised
+            raise first

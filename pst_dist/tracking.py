@@ -6,10 +6,12 @@ MLflow parameters). Their files stay in the run directory (``wandb/``, ``mlruns/
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import importlib.util
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -60,8 +62,12 @@ def open_trackers(run_dir: Path, cfg: Config) -> list:
         for name in cfg.log.trackers:
             trackers[name] = TRACKERS.load(name)(run_dir, cfg, ids.get(name))
     except BaseException:  # the ones already open end failed (a W&B run left active would take the next run's logs)
-        for t in trackers.values():
-            t.close(failed=True)
+        for name, t in trackers.items():
+            try:
+                t.close(failed=True)
+            except Exception as e:  # noqa: BLE001 - the error that stopped the opening is the one to raise
+                print(f"[pst] closing the {name} run after another tracker failed to open failed: "
+                      f"{type(e).__name__}: {e}", file=sys.stderr)
         raise
     write_atomic(ids_file, json.dumps({**ids, **{name: t.id for name, t in trackers.items()}}, indent=2))
     return list(trackers.values())
@@ -105,17 +111,25 @@ class MlflowTracker:
         # per metric, the last step the run holds: a resume from an earlier checkpoint logs those steps again, and
         # MLflow would keep both (it appends, and cannot delete a point); they are skipped, as W&B drops them
         self.logged: dict[str, int] = {}
+        resumed = run_id
         if run_id is None:
             exp = self.client.get_experiment_by_name(cfg.log.project)
             exp_id = exp.experiment_id if exp else self.client.create_experiment(cfg.log.project)
             run_id = self.client.create_run(exp_id, run_name=run_dir.name).info.run_id
-            params = [Param(k, str(v)) for k, v in flat_config(cfg).items()]
-            for i in range(0, len(params), 100):  # MLflow takes at most 100 parameters per call
-                self.client.log_batch(run_id, params=params[i: i + 100])
         else:
             self.client.update_run(run_id, status="RUNNING")
-            for key in self.client.get_run(run_id).data.metrics:
-                self.logged[key] = max(m.step for m in self.client.get_metric_history(run_id, key))
+        try:
+            if resumed is None:
+                params = [Param(k, str(v)) for k, v in flat_config(cfg).items()]
+                for i in range(0, len(params), 100):  # MLflow takes at most 100 parameters per call
+                    self.client.log_batch(run_id, params=params[i: i + 100])
+            else:
+                for key in self.client.get_run(run_id).data.metrics:
+                    self.logged[key] = max(m.step for m in self.client.get_metric_history(run_id, key))
+        except BaseException:  # a run this opened never stays RUNNING (unless the store is gone: the error says so)
+            with contextlib.suppress(Exception):
+                self.client.set_terminated(run_id, status="FAILED")
+            raise
         self.id = run_id
 
     def log(self, step: int, values: dict[str, float]) -> None:

@@ -580,7 +580,10 @@ def stop_if_diverged(r: Run, loss_sum: float, epoch: int, lr: float, weights: bo
            f"training stopped; {kept} in {r.run_dir}")
     failed = {**summarize(st.to_dict()), "status": "failed", "error": msg, "world_size": r.dist.world_size}
     if r.dist.is_primary:
-        write_atomic(r.run_dir / "summary.json", json.dumps(failed, indent=2))
+        try:
+            write_atomic(r.run_dir / "summary.json", json.dumps(failed, indent=2))
+        except OSError as e:  # every rank still reaches teardown's barrier below
+            print(f"[pst] writing the failed run's summary.json failed: {e}", file=sys.stderr)
     r.metrics.close(failed=True)
     try:
         teardown()  # every rank saw the same mean: all reach its barrier
@@ -756,8 +759,10 @@ def finish_run(r: Run) -> dict:
     summary["world_size"] = r.dist.world_size
     if r.dist.is_primary:
         write_atomic(r.run_dir / "summary.json", json.dumps(summary, indent=2))
-    r.metrics.close()
-    teardown()
+    try:
+        r.metrics.close()
+    finally:  # every rank reaches teardown's barrier, also when rank 0 cannot close a tracker's run
+        teardown()
     return summary
 
 

@@ -3,6 +3,7 @@ keep their files in the run directory, and a --resume continues the same tracker
 test's HOME, W&B and MLflow directories are its own."""
 
 import json
+import os
 import struct
 from pathlib import Path
 
@@ -53,6 +54,25 @@ def wandb_records(run_file: Path) -> list:
             records.append(record)
             chunk = b""
     return records
+
+
+def wandb_exit_codes(run_dir: Path, wait_s: float = 20) -> list[int]:
+    """The exit codes the run directory's one W&B run recorded; W&B's service writes the record after finish()
+    returns, so this waits for it (up to ``wait_s``)."""
+    import time
+
+    (f,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            codes = [r.exit.exit_code for r in wandb_records(f) if r.WhichOneof("record_type") == "exit"]
+        except Exception:  # a record half written as it was read
+            if time.monotonic() > deadline:
+                raise
+            codes = []
+        if codes or time.monotonic() > deadline:
+            return codes
+        time.sleep(0.2)
 
 
 def wandb_history(run_dir: Path) -> tuple[dict[int, dict], dict]:
@@ -202,8 +222,9 @@ def test_a_resume_from_an_earlier_checkpoint_logs_each_step_once(tmp_path, own_d
 def test_a_run_that_fails_closes_its_tracker_runs_and_the_next_run_in_the_process_gets_its_own(tmp_path, own_dirs):
     """A bench or a search trains run after run in one process: a run that fails (here in its epoch hook) ends its
     W&B run with exit code 1 and its MLflow run FAILED, and puts back torch's thread count; the next run logs into
-    tracker runs of its own, not the failed run's."""
+    tracker runs of its own, not the failed run's, nor one the process had open before (``reinit="create_new"``)."""
     import torch
+    import wandb
     from mlflow.tracking import MlflowClient
 
     def hook(*_args):
@@ -216,15 +237,17 @@ def test_a_run_that_fails_closes_its_tracker_runs_and_the_next_run_in_the_proces
     with pytest.raises(RuntimeError, match="the hook fails"):
         train(load_config(None, [*args, f"--train.threads={threads + 1}", f"--log.run_dir={a}"]), on_epoch=hook)
     assert torch.get_num_threads() == threads
-    train(load_config(None, [*args, "--train.seed=7", f"--log.run_dir={b}"]))
+    outer = wandb.init(project="outer", dir=str(tmp_path), mode="offline")  # the caller's own, active
+    try:
+        train(load_config(None, [*args, "--train.seed=7", f"--log.run_dir={b}"]))
+    finally:
+        outer.finish()
     ids = {d.name: json.loads((d / "trackers.json").read_text()) for d in (a, b)}
-    assert ids["a"]["wandb"] != ids["b"]["wandb"]
+    assert len({ids["a"]["wandb"], ids["b"]["wandb"], outer.id}) == 3
     for d, status, code in ((a, "FAILED", 1), (b, "FINISHED", 0)):
         run = MlflowClient(tracking_uri=(d / "mlruns").as_uri()).get_run(ids[d.name]["mlflow"])
         assert run.info.status == status, d.name
-        (f,) = d.glob("wandb/offline-run-*/run-*.wandb")
-        exits = [r.exit.exit_code for r in wandb_records(f) if r.WhichOneof("record_type") == "exit"]
-        assert exits == [code], (d.name, exits)
+        assert wandb_exit_codes(d) == [code], d.name
         history, config = wandb_history(d)
         want = {s: v["eval/test_acc"] for s, v in jsonl(d).items() if "eval/test_acc" in v}
         assert {s: h["eval/test_acc"] for s, h in history.items() if "eval/test_acc" in h} == want, d.name
@@ -240,12 +263,16 @@ def test_a_tracker_that_cannot_open_or_close_never_hides_the_runs_error_nor_leav
 
     args = [*TINY, "--data.synthetic_train=128", "--train.epochs=1", "--log.tensorboard=false",
             "--log.project=pst-test"]
+    def open_files(under: Path) -> list[str]:  # this process's open files there
+        fds = (Path("/proc/self/fd") / n for n in os.listdir("/proc/self/fd"))
+        return [t for t in (os.path.realpath(fd) for fd in fds) if t.startswith(str(under.resolve()))]
+
     a = tmp_path / "a"
     with pytest.raises(Exception, match="bogus"):
         train(load_config(None, [*args, '--log.trackers=["wandb", "mlflow"]', "--log.mlflow_uri=bogus://nowhere",
-                                 f"--log.run_dir={a}"]))
-    (f,) = a.glob("wandb/offline-run-*/run-*.wandb")
-    assert [r.exit.exit_code for r in wandb_records(f) if r.WhichOneof("record_type") == "exit"] == [1]
+                                 "--log.tensorboard=true", f"--log.run_dir={a}"]))
+    assert wandb_exit_codes(a) == [1]
+    assert not open_files(a), "metrics.jsonl or TensorBoard's event file left open"
 
     def close(self, failed=False):
         raise ConnectionError("the tracking server is gone")
@@ -258,5 +285,11 @@ def test_a_tracker_that_cannot_open_or_close_never_hides_the_runs_error_nor_leav
     with pytest.raises(RuntimeError, match="the hook fails"):
         train(load_config(None, [*args, '--log.trackers=["mlflow", "wandb"]', f"--log.run_dir={b}"]), on_epoch=hook)
     assert "the tracking server is gone" in capsys.readouterr().err
-    (f,) = b.glob("wandb/offline-run-*/run-*.wandb")
-    assert [r.exit.exit_code for r in wandb_records(f) if r.WhichOneof("record_type") == "exit"] == [1]
+    assert wandb_exit_codes(b) == [1]
+    assert not open_files(b)
+
+    c = tmp_path / "c"  # a run that trains to the end but cannot close its MLflow run: W&B closes, then it raises
+    with pytest.raises(ConnectionError, match="the tracking server is gone"):
+        train(load_config(None, [*args, '--log.trackers=["mlflow", "wandb"]', f"--log.run_dir={c}"]))
+    assert json.loads((c / "summary.json").read_text())["status"] == "finished"
+    assert wandb_exit_codes(c) == [0]
