@@ -4,17 +4,19 @@ side by side in one run, same model, data, batch and augmentation. With ``--fold
 an image folder of JPEG files (at twice the side, resized when read), read into memory first against streamed from
 the files (``data.stream=true``: ``--workers`` DataLoader processes decoding each batch's files ahead of the step).
 
-    .venv/bin/python bench/data_wait.py [--epochs 3] [--augment crop_flip] [--folder] [--out results.jsonl]
+    .venv/bin/python bench/data_wait.py [--epochs 3] [--augment crop_flip] [--folder] [--repeats 3] [--out f.jsonl]
 
 Default: ResNet-18 x0.25 at 32 px, synthetic data, batch 128, on this machine's device. Printed per setting: img/s,
 step time, and the data-wait fraction (time blocked on the loader / wall time of the epoch), averaged over the epochs
-after the first; then the ratio of the two.
+after the first; then the ratio of the two (with ``--repeats``: the settings alternate, and the medians and the
+ratios' range are printed).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -61,7 +63,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--folder", action="store_true", help="an image folder read into memory against streamed")
     ap.add_argument("--workers", type=int, default=1, help="data.loader_workers (decoding processes) for --folder")
     ap.add_argument("--threads", type=int, default=0, help="train.threads (0: torch's default)")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="measure the two settings this many times, alternating (a b a b ...): the ratio's median and "
+                         "range (a 2-core machine moves single ratios by about 10 %%)")
     args = ap.parse_args(argv)
+    if args.repeats < 1:
+        ap.error(f"--repeats {args.repeats}: need >= 1")
     over = ["--model.name=resnet18", f"--model.width={args.width}", f"--data.img_size={args.size}",
             "--data.probe_size=128", f"--data.augment={args.augment}",
             f"--train.batch_size={args.batch}", f"--train.epochs={args.epochs}", f"--train.eval_every={args.epochs}",
@@ -79,22 +86,26 @@ def main(argv: list[str] | None = None) -> list[dict]:
             settings = (("synchronous", ["--data.prefetch=0"]), ("prefetching", ["--data.prefetch=2"]))
         rows = []
         shared = None if args.folder else build_data(load_config(None, over))  # prefetch does not change the data
-        for label, setting in settings:
+        for repeat, (label, setting) in ((k, st) for k in range(args.repeats) for st in settings):
             data = shared if shared is not None else build_data(load_config(None, [*over, *setting]))
             tp = measure([*over, *setting], data)
             row = {"loader": label, "setting": " ".join(setting), "augment": args.augment, "size": args.size,
                    "batch": args.batch, "width": args.width, "threads": args.threads,
                    **({"workers": args.workers} if args.folder else {}),
-                   **tp}
+                   "repeat": repeat, **tp}
             rows.append(row)
             print(f"{label:12s} ({' '.join(s.removeprefix('--') for s in setting)}): {tp['img_per_s']:,.0f} img/s, "
                   f"step {tp['step_ms']:.1f} ms, data wait {100 * tp['data_wait']:.1f}% of the epoch", flush=True)
             if args.out:
                 with open(args.out, "a") as f:
                     f.write(json.dumps(row) + "\n")
-    (a, ra), (b, rb) = ((label, r) for (label, _), r in zip(settings, rows, strict=True))
-    print(f"data-wait fraction: {100 * rb['data_wait']:.1f}% {b} vs {100 * ra['data_wait']:.1f}% {a}; "
-          f"throughput x{rb['img_per_s'] / ra['img_per_s']:.2f}")
+    (a, b) = (label for label, _ in settings)
+    pairs = [(ra, rb) for ra, rb in zip(rows[::2], rows[1::2], strict=True)]
+    waits_a, waits_b = (statistics.median(r[i]["data_wait"] for r in pairs) for i in (0, 1))
+    ratios = sorted(rb["img_per_s"] / ra["img_per_s"] for ra, rb in pairs)
+    spread = f" (median of {len(ratios)}; range x{ratios[0]:.2f}-x{ratios[-1]:.2f})" if len(ratios) > 1 else ""
+    print(f"data-wait fraction: {100 * waits_b:.1f}% {b} vs {100 * waits_a:.1f}% {a}; "
+          f"throughput x{statistics.median(ratios):.2f}{spread}")
     return rows
 
 

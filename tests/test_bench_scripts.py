@@ -38,8 +38,9 @@ def test_gpu_throughput_refuses_too_few_epochs():
 
 def test_data_wait_compares_the_two_loaders():
     rows = _load("data_wait").main(["--epochs", "2", "--images", "512", "--size", "16", "--batch", "64",
-                                    "--width", "0.125"])
-    assert [r["loader"] for r in rows] == ["synchronous", "prefetching"]
+                                    "--width", "0.125", "--repeats", "2"])
+    assert [(r["loader"], r["repeat"]) for r in rows] == [("synchronous", 0), ("prefetching", 0),
+                                                          ("synchronous", 1), ("prefetching", 1)]
     assert all(0 <= r["data_wait"] < 1 and r["img_per_s"] > 0 for r in rows)
 
 
