@@ -15,6 +15,7 @@ ratios' range are printed).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import sys
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             settings = (("synchronous", ["--data.prefetch=0"]), ("prefetching", ["--data.prefetch=2"]))
         rows = []
         shared = None if args.folder else build_data(load_config(None, over))  # prefetch does not change the data
-        for repeat, (label, setting) in ((k, st) for k in range(args.repeats) for st in settings):
+        for repeat, (label, setting) in itertools.product(range(args.repeats), settings):
             data = shared if shared is not None else build_data(load_config(None, [*over, *setting]))
             tp = measure([*over, *setting], data)
             row = {"loader": label, "setting": " ".join(setting), "augment": args.augment, "size": args.size,
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 with open(args.out, "a") as f:
                     f.write(json.dumps(row) + "\n")
     (a, b) = (label for label, _ in settings)
-    pairs = [(ra, rb) for ra, rb in zip(rows[::2], rows[1::2], strict=True)]
+    pairs = list(zip(rows[::2], rows[1::2], strict=True))
     waits_a, waits_b = (statistics.median(r[i]["data_wait"] for r in pairs) for i in (0, 1))
     ratios = sorted(rb["img_per_s"] / ra["img_per_s"] for ra, rb in pairs)
     spread = f" (median of {len(ratios)}; range x{ratios[0]:.2f}-x{ratios[-1]:.2f})" if len(ratios) > 1 else ""

@@ -65,7 +65,7 @@ def init_distributed(device: str, single_process_group: bool = False) -> DistInf
                 dist.init_process_group(backend=backend, rank=0, world_size=1,
                                         init_method=f"tcp://127.0.0.1:{_free_port()}")
             except BaseException:
-                _restore_env()
+                _forget_own_group()
                 raise
         _OWN_GROUP = True
     return DistInfo(rank, world, local)
@@ -334,10 +334,8 @@ def teardown(failed: bool = False) -> None:
     """Leave the process group this module created (one that Ray Train set up is Ray's to destroy), and put back the
     launcher variables a one-process group set. ``failed``: a run stopped by an error on this rank alone, so no
     barrier (the other ranks may never reach it), and only a one-process group is left (a launcher's process ends)."""
-    global _OWN_GROUP
     if not dist.is_initialized():
-        _OWN_GROUP = False
-        _restore_env()  # a group that went before this (destroyed by someone else) leaves no variables of ours
+        _forget_own_group()  # a group of ours that went before this (destroyed by someone else) leaves nothing
         return
     if failed and not (_OWN_GROUP and dist.get_world_size() == 1):
         return
@@ -353,12 +351,14 @@ def teardown(failed: bool = False) -> None:
             else:
                 dist.destroy_process_group()
         finally:
-            _OWN_GROUP = False
-            _restore_env()
+            _forget_own_group()
 
 
-def _restore_env() -> None:
-    """Put back the launcher variables :func:`init_distributed` set for a one-process group."""
+def _forget_own_group() -> None:
+    """No group of this module's any more: put back the launcher variables :func:`init_distributed` set for a
+    one-process group."""
+    global _OWN_GROUP
+    _OWN_GROUP = False
     for k, v in _ENV_BEFORE.items():
         if v is None:
             os.environ.pop(k, None)

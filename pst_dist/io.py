@@ -9,6 +9,8 @@ not write is ever deleted or overwritten:
   is built in a hidden sibling and renamed into place. An existing ``--out`` is accepted only when it is empty, or
   when it holds an earlier output of the same command and ``--overwrite`` was given; anything else in it is refused
   by name, never removed.
+- :func:`reported`: cleanup after an error (closing files and trackers, leaving a process group) whose own failure
+  is reported on stderr, so that the first error is the one raised.
 """
 
 from __future__ import annotations
@@ -19,12 +21,28 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 
 class OutputError(ValueError):
     """An output location cannot be used as asked; the message names it and what is in the way."""
+
+
+@contextlib.contextmanager
+def reported(what: str, errors: list[BaseException] | None = None) -> Iterator[None]:
+    """Run the block; an exception it raises is printed on stderr (``[pst] <what> failed: ...``), not raised. With
+    ``errors``, it is also appended there (a Ctrl-C too: the caller decides what to raise once the rest is done);
+    without, a Ctrl-C goes on up."""
+    try:
+        yield
+    except BaseException as e:  # noqa: BLE001 - reported here; the caller has an error of its own to raise
+        if errors is None and not isinstance(e, Exception):
+            raise
+        print(f"[pst] {what} failed: {type(e).__name__}: {e}", file=sys.stderr)
+        if errors is not None:
+            errors.append(e)
 
 
 def sha256(path: Path) -> str:

@@ -16,7 +16,7 @@ import timm
 import torch
 import torchvision
 
-from .io import OutputError, read_json
+from .io import OutputError, read_json, reported
 
 
 def git_sha() -> str:
@@ -186,13 +186,9 @@ class Metrics:
         self._file, self.tb, self.trackers = None, None, []
         closes = [*([file.close] if file else []), *([tb.close] if tb is not None else []),
                   *(lambda t=t: t.close(failed) for t in trackers)]
-        first: BaseException | None = None
-        for close in closes:
-            try:
+        errors: list[BaseException] = []
+        for close in closes:  # the rest still close
+            with reported(f"closing the run's metrics{' after its error' * failed}", errors):
                 close()
-            except BaseException as e:  # noqa: BLE001 - the rest still close; reported here, raised below
-                print(f"[pst] closing the run's metrics{' after its error' * failed} failed: "
-                      f"{type(e).__name__}: {e}", file=sys.stderr)
-                first = first or e
-        if first is not None and (not failed or not isinstance(first, Exception)):  # a Ctrl-C is always raised
-            raise first
+        if errors and (not failed or not isinstance(errors[0], Exception)):  # a Ctrl-C is always raised
+            raise errors[0]

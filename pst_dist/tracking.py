@@ -11,12 +11,11 @@ import glob
 import importlib.util
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
 from .config import Config, ConfigError, flat_config, to_dict
-from .io import read_json, write_atomic
+from .io import read_json, reported, write_atomic
 from .registry import TRACKERS
 
 IDS_FILE = "trackers.json"
@@ -63,11 +62,8 @@ def open_trackers(run_dir: Path, cfg: Config) -> list:
             trackers[name] = TRACKERS.load(name)(run_dir, cfg, ids.get(name))
     except BaseException:  # the ones already open end failed (a W&B run left active would take the next run's logs)
         for name, t in trackers.items():
-            try:
+            with reported(f"closing the {name} run after another tracker failed to open"):
                 t.close(failed=True)
-            except Exception as e:  # noqa: BLE001 - the error that stopped the opening is the one to raise
-                print(f"[pst] closing the {name} run after another tracker failed to open failed: "
-                      f"{type(e).__name__}: {e}", file=sys.stderr)
         raise
     write_atomic(ids_file, json.dumps({**ids, **{name: t.id for name, t in trackers.items()}}, indent=2))
     return list(trackers.values())
@@ -111,15 +107,15 @@ class MlflowTracker:
         # per metric, the last step the run holds: a resume from an earlier checkpoint logs those steps again, and
         # MLflow would keep both (it appends, and cannot delete a point); they are skipped, as W&B drops them
         self.logged: dict[str, int] = {}
-        resumed = run_id
-        if run_id is None:
+        new = run_id is None
+        if new:
             exp = self.client.get_experiment_by_name(cfg.log.project)
             exp_id = exp.experiment_id if exp else self.client.create_experiment(cfg.log.project)
             run_id = self.client.create_run(exp_id, run_name=run_dir.name).info.run_id
         else:
             self.client.update_run(run_id, status="RUNNING")
         try:
-            if resumed is None:
+            if new:
                 params = [Param(k, str(v)) for k, v in flat_config(cfg).items()]
                 for i in range(0, len(params), 100):  # MLflow takes at most 100 parameters per call
                     self.client.log_batch(run_id, params=params[i: i + 100])

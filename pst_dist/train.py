@@ -31,7 +31,7 @@ from .data.sources import Split, fingerprint
 from .defenses import pgd_examples, step_seed, ueraser_loss, ueraser_repeats
 from .distributed import DistInfo, broadcast_buffers, build_device, init_distributed, mean_across_ranks, teardown
 from .engine import DeepSpeedEngine, TorchEngine, build_engine
-from .io import read_json, write_atomic
+from .io import read_json, reported, write_atomic
 from .metrics import Metrics, git_sha, library_versions, machine_facts, meta_segments
 from .models import build_model
 from .pst.detectors import equalize_spectra, probe_metrics, spectral_filter_found, spectral_values, trigger_value
@@ -580,15 +580,10 @@ def stop_if_diverged(r: Run, loss_sum: float, epoch: int, lr: float, weights: bo
            f"training stopped; {kept} in {r.run_dir}")
     failed = {**summarize(st.to_dict()), "status": "failed", "error": msg, "world_size": r.dist.world_size}
     if r.dist.is_primary:
-        try:
+        with reported("writing the failed run's summary.json"):  # every rank still reaches teardown's barrier
             write_atomic(r.run_dir / "summary.json", json.dumps(failed, indent=2))
-        except OSError as e:  # every rank still reaches teardown's barrier below
-            print(f"[pst] writing the failed run's summary.json failed: {e}", file=sys.stderr)
-    r.metrics.close(failed=True)
-    try:
-        teardown()  # every rank saw the same mean: all reach its barrier
-    except Exception as e:  # noqa: BLE001 - the divergence is the error to raise
-        print(f"[pst] leaving the process group after the divergence failed: {type(e).__name__}: {e}", file=sys.stderr)
+    with reported("leaving the process group after the divergence"):
+        teardown()  # every rank saw the same mean: all reach its barrier (train() closes the metrics, failed)
     raise TrainingDiverged(msg)
 
 
@@ -597,7 +592,7 @@ class EpochMeter:
     what waits: :meth:`read`, at logging points only), and its clock: the epoch's wall time and the part of it the
     loop spent waiting for its next batch."""
 
-    def __init__(self, device: torch.device, graphs_before: int = 0):
+    def __init__(self, device: torch.device, graphs_before: int):
         self.device = device
         self.graphs_before = graphs_before  # the process's compiled graphs before the run: others' (a bench's cells)
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -665,17 +660,14 @@ def train(cfg: Config, resume: bool = False, data: Data | None = None, loader=No
     except BaseException:
         if r is not None:
             r.metrics.close(failed=True)  # reports, never raises, what it cannot close
-        try:
+        with reported("leaving the process group after the run's error"):
             teardown(failed=True)
-        except Exception as e:  # noqa: BLE001 - the run's own error is the one to raise
-            print(f"[pst] leaving the process group after the run's error failed too: {type(e).__name__}: {e}",
-                  file=sys.stderr)
         raise
     finally:
         torch.set_num_threads(threads)
 
 
-def run_epochs(r: Run, stop_after_epochs: int | None, on_epoch, graphs_before: int = 0) -> dict:
+def run_epochs(r: Run, stop_after_epochs: int | None, on_epoch, graphs_before: int) -> dict:
     """The epochs of :func:`train`: schedule -> freeze -> forward / backward -> step -> log, then the epoch's
     evaluation and checkpoint; returns :func:`finish_run`'s summary. ``graphs_before``: the graphs dynamo had
     compiled in this process before the run (perf/compiles counts the run's own)."""

@@ -5,6 +5,7 @@ test's HOME, W&B and MLflow directories are its own."""
 import json
 import os
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -59,8 +60,6 @@ def wandb_records(run_file: Path) -> list:
 def wandb_exit_codes(run_dir: Path, wait_s: float = 20) -> list[int]:
     """The exit codes the run directory's one W&B run recorded; W&B's service writes the record after finish()
     returns, so this waits for it (up to ``wait_s``)."""
-    import time
-
     (f,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
     deadline = time.monotonic() + wait_s
     while True:
@@ -263,6 +262,7 @@ def test_a_tracker_that_cannot_open_or_close_never_hides_the_runs_error_nor_leav
 
     args = [*TINY, "--data.synthetic_train=128", "--train.epochs=1", "--log.tensorboard=false",
             "--log.project=pst-test"]
+
     def open_files(under: Path) -> list[str]:  # this process's open files there
         fds = (Path("/proc/self/fd") / n for n in os.listdir("/proc/self/fd"))
         return [t for t in (os.path.realpath(fd) for fd in fds) if t.startswith(str(under.resolve()))]
