@@ -5,9 +5,9 @@
 
 Starts itself under torchrun (2 processes, gloo, ``--threads`` torch threads each). Every rank trains the same
 resnet18 x0.25 (32 px, AdamW, one param group per layer group, all groups trainable) once per variant, from the same
-weights on the same batch, timed in alternating blocks so that drift hits every variant; rank 0 prints ms/step and
-the ratio to the per-parameter path. A bucket as large as the whole model is one all-reduce after backward (nothing
-to overlap); smaller buckets start during backward.
+weights on the same batch, timed in 4 alternating blocks so that drift hits every variant; rank 0 prints ms/step,
+the ratio to the per-parameter path and the range of the blocks' ratios. A bucket as large as the whole model is
+one all-reduce after backward (nothing to overlap); smaller buckets start during backward.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from pst_dist.engine import TorchEngine  # noqa: E402
 from pst_dist.models import build_model  # noqa: E402
 from pst_dist.pst.freeze import drop_frozen_grads, param_groups, trace_units  # noqa: E402
 from pst_dist.pst.groups import layer_groups  # noqa: E402
+from pst_dist.report import ratio_summary  # noqa: E402
 
 
 class PerParameter:
@@ -78,31 +79,33 @@ def worker(args) -> None:
     x, y = torch.rand(args.batch, 3, 32, 32, generator=g), torch.randint(0, 10, (args.batch,), generator=g)
     for engine, mults in variants.values():  # warm-up
         run_steps(engine, mults, x, y, 3)
-    total = dict.fromkeys(variants, 0.0)
     block = max(1, args.steps // 4)
+    blocks = {name: [] for name in variants}  # seconds of each block, the mean over the ranks
     for _ in range(4):
         for name, (engine, mults) in variants.items():
-            total[name] += run_steps(engine, mults, x, y, block)
-    ms = {name: 1000 * mean_across_ranks(t) / (4 * block) for name, t in total.items()}
+            blocks[name].append(mean_across_ranks(run_steps(engine, mults, x, y, block)))
+    ms = {name: 1000 * sum(t) / (4 * block) for name, t in blocks.items()}
     megabytes = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
     if info.is_primary:
-        print(json.dumps({"ms_per_step": ms, "grad_mb": megabytes, "params": len(list(model.parameters()))}),
-              flush=True)
+        print(json.dumps({"ms_per_step": ms, "block_s": blocks, "grad_mb": megabytes,
+                          "params": len(list(model.parameters()))}), flush=True)
     teardown()
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=24, help="timed steps per variant")
     ap.add_argument("--bucket-mb", default="25,1,0.25", help="bucket sizes to time, comma-separated")
     ap.add_argument("--batch", type=int, default=64, help="images per rank per step")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per process")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    if args.steps < 4:
+        ap.error(f"--steps {args.steps}: need >= 4 (4 alternating blocks of steps // 4)")
     torch.set_num_threads(args.threads)
     if args.worker:
         worker(args)
-        return 0
+        return {}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", __file__,
            "--worker", f"--steps={args.steps}", f"--bucket-mb={args.bucket_mb}", f"--batch={args.batch}"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800,
@@ -113,10 +116,13 @@ def main() -> int:
     ms, base = res["ms_per_step"], res["ms_per_step"]["per-parameter"]
     print(f"2 gloo processes, resnet18 x0.25, 32 px, batch {args.batch}/rank, AdamW, {args.threads} thread(s) each; "
           f"{res['params']} parameters, {res['grad_mb']:.1f} MB of gradients:")
+    per_param = res["block_s"]["per-parameter"]
     for name, t in ms.items():
-        print(f"  {name:16s} {t:8.1f} ms/step   ratio to per-parameter {t / base:.3f}")
-    return 0
+        blocks = [b / p for b, p in zip(res["block_s"][name], per_param, strict=True)]
+        print(f"  {name:16s} {t:8.1f} ms/step   ratio to per-parameter {t / base:.3f}"
+              + ("" if name == "per-parameter" else f"   (per block {ratio_summary(blocks, 'blocks')})"))
+    return res
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

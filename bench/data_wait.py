@@ -28,6 +28,7 @@ from PIL import Image
 from pst_dist.config import load_config
 from pst_dist.data.pipeline import build_data
 from pst_dist.data.sources import synthetic_images
+from pst_dist.report import ratio_summary
 from pst_dist.train import train
 
 
@@ -103,10 +104,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     (a, b) = (label for label, _ in settings)
     pairs = list(zip(rows[::2], rows[1::2], strict=True))
     waits_a, waits_b = (statistics.median(r[i]["data_wait"] for r in pairs) for i in (0, 1))
-    ratios = sorted(rb["img_per_s"] / ra["img_per_s"] for ra, rb in pairs)
-    spread = f" (median of {len(ratios)}; range x{ratios[0]:.2f}-x{ratios[-1]:.2f})" if len(ratios) > 1 else ""
+    ratios = [rb["img_per_s"] / ra["img_per_s"] for ra, rb in pairs]
     print(f"data-wait fraction: {100 * waits_b:.1f}% {b} vs {100 * waits_a:.1f}% {a}; "
-          f"throughput x{statistics.median(ratios):.2f}{spread}")
+          f"throughput {ratio_summary(ratios)}")
     return rows
 
 

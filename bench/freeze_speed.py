@@ -19,6 +19,7 @@ from pst_dist.models import build_model
 from pst_dist.pst.freeze import trace_units
 from pst_dist.pst.groups import layer_groups
 from pst_dist.pst.schedule import Schedule
+from pst_dist.report import ratio_summary
 from pst_dist.train import build_optimizer, train_step
 
 
@@ -68,7 +69,8 @@ def main() -> None:
     print(f"frozen (no-grad prefix): {[names[i] for i in shallow]}; threads {torch.get_num_threads()}")
     print(f"step time all trainable : {1000 * mf:8.1f} ms (median of {args.steps})")
     print(f"step time shallow frozen: {1000 * mz:8.1f} ms (median of {args.steps})")
-    print(f"ratio frozen / full     : {mz / mf:.3f}")
+    pairs = ratio_summary([z / f for f, z in zip(t_full, t_frozen, strict=True)], "pairs")
+    print(f"ratio frozen / full     : {mz / mf:.3f}   (per pair {pairs})")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,17 @@ def mean_std(xs: list[float]) -> str:
     return f"{100 * statistics.mean(xs):.1f} ± {100 * statistics.stdev(xs):.1f}"
 
 
+def ratio_summary(ratios: list[float], of: str = "pairs") -> str:
+    """Speed ratios measured side by side (one per alternating pair or block), as the bench scripts print them: the
+    median, and with more than one its count and range, e.g. ``x1.01 (median of 3 pairs; range x0.96-x1.24)`` (one
+    pair alone moves by about 10 % on a 2-core machine, so one ratio is not a figure)."""
+    if not ratios:
+        raise ValueError("ratio_summary: no ratios")
+    r = sorted(ratios)
+    spread = f" (median of {len(r)} {of}; range x{r[0]:.2f}-x{r[-1]:.2f})" if len(r) > 1 else ""
+    return f"x{statistics.median(r):.2f}{spread}"
+
+
 def format_table(results: dict[str, list[dict]]) -> str:
     """Markdown table: one row per label, mean ± std over its runs' summaries (final, peak, at best val, val)."""
     rows = ["| condition | seeds | final-epoch test acc | peak test acc | test acc at best val epoch | final val acc |",

@@ -60,3 +60,33 @@ def test_host_launches_counts_the_trainer_against_the_compiled_bare_loop():
     # what the training thread adds per step (stage, lr, metrics on the device, one fused call per param group):
     # tens of calls, most of them views and no-op moves; a per-step host loop over parameters would add hundreds
     assert 0 < row["trainer_calls_per_step"] - row["bare_calls_per_step"] < 60, row["extra_calls"]
+
+
+def test_ratio_summary_prints_the_median_and_the_range():
+    from pst_dist.report import ratio_summary
+
+    assert ratio_summary([1.24, 0.96, 1.01]) == "x1.01 (median of 3 pairs; range x0.96-x1.24)"
+    assert ratio_summary([0.5], "blocks") == "x0.50"  # one ratio has no range to give
+    with pytest.raises(ValueError, match="no ratios"):
+        ratio_summary([])
+
+
+@pytest.mark.slow  # two minutes: DeepSpeed in this process, then torchrun with 1 and 2 processes, twice
+@pytest.mark.multiproc
+def test_engine_overhead_alternates_the_launches_and_gives_their_ratios():
+    res = _load("engine_overhead").main(["--steps", "4", "--repeats", "2"])
+    assert len(res["block_ratios"]) == 4 and all(r > 0 for r in res["block_ratios"])
+    assert len(res["images_per_s"]) == 2 and res["scaling"] == [b / a for a, b in res["images_per_s"]]
+
+
+@pytest.mark.slow  # a minute: torchrun with 2 gloo processes
+@pytest.mark.multiproc
+def test_allreduce_overlap_times_every_variant_in_four_blocks():
+    res = _load("allreduce_overlap").main(["--steps", "4", "--bucket-mb", "1"])
+    assert set(res["block_s"]) == {"per-parameter", "buckets 1 MB"}
+    assert all(len(b) == 4 and min(b) > 0 for b in res["block_s"].values())
+
+
+def test_engine_overhead_refuses_too_few_steps():
+    with pytest.raises(SystemExit):
+        _load("engine_overhead").main(["--steps", "3"])
