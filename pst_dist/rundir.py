@@ -1,7 +1,8 @@
 """Run directories: what a new run, ``--resume`` and ``--overwrite`` may do with ``log.run_dir``.
 
 - A new run goes into a directory that holds no run (absent, empty, or with none of the files a run writes).
-  A directory that holds a run is refused, naming ``--resume`` and ``--overwrite``.
+  A directory that holds a run is refused, naming ``--resume`` and ``--overwrite``; one that holds files named as a
+  run's (``meta.json``, ``tb/``, ``wandb/``...) but no config.toml a run recorded is refused whatever the flags.
 - ``--overwrite`` removes only the files and folders a run writes (:data:`RUN_FILES`); anything else stays.
 - ``--resume`` compares the config with the run's recorded ``config.toml`` and refuses every difference but the
   few that :data:`pst_dist.config.RESUME_MAY_CHANGE` lists; the accepted ones are recorded in ``meta.json``.
@@ -26,7 +27,7 @@ from .config import (
     tomllib,
 )
 from .io import blocking_ancestor, json_lines, write_atomic
-from .tracking import tracker_dirs
+from .tracking import LOCAL_DIRS, tracker_dirs
 
 RUN_MARKERS = ("config.toml", "checkpoint.pt", "ds_checkpoint", "summary.json", "metrics.jsonl")
 """Any of these in a directory means it holds a run."""
@@ -57,6 +58,14 @@ def _writable_ancestor(path: Path) -> None:
 def holds_run(run_dir: Path) -> list[str]:
     """The run files present in ``run_dir`` (empty when it holds no run)."""
     return [n for n in RUN_MARKERS if (run_dir / n).exists()]
+
+
+def run_names_present(run_dir: Path) -> list[str]:
+    """Every name in ``run_dir`` that a run writes (:data:`RUN_FILES` and the trackers' folders; not
+    :data:`OUTSIDE_DATA`, which a script writes before the run it describes): a directory holding any of them without
+    a recorded config is not a run's, and a run would write over them (and ``--overwrite`` later remove them)."""
+    names = (*RUN_FILES, *(folder for folder, _ in LOCAL_DIRS.values()))
+    return [n for n in names if n != OUTSIDE_DATA and ((run_dir / n).exists() or (run_dir / n).is_symlink())]
 
 
 RUN_SECTIONS = ("data", "model", "train", "schedule", "log")
@@ -102,8 +111,8 @@ def check_run_dir(cfg: Config, resume: bool, overwrite: bool, allow_changes: boo
         raise RunDirError(f"log.run_dir={str(run_dir)!r}: exists and is not a directory")
     _writable_ancestor(run_dir)
     present = holds_run(run_dir) if run_dir.is_dir() else []
-    if present and not written_by_a_run(run_dir):
-        raise RunDirError(f"log.run_dir={str(run_dir)!r} holds {', '.join(present)}, which a run writes, but no "
+    if (theirs := run_names_present(run_dir) if run_dir.is_dir() else []) and not written_by_a_run(run_dir):
+        raise RunDirError(f"log.run_dir={str(run_dir)!r} holds {', '.join(theirs)}, which a run writes, but no "
                           f"pst-dist run wrote them (no config.toml with a run's [{'], ['.join(RUN_SECTIONS)}] "
                           f"tables): pst-dist neither overwrites nor resumes from them; choose another log.run_dir")
     if not resume:

@@ -102,6 +102,22 @@ def test_a_folder_whose_run_files_no_pst_dist_run_wrote_is_neither_replaced_nor_
     assert files() == before and len(before) == 3
 
 
+@pytest.mark.parametrize("names", [["meta.json"], ["tb/events.mine"], ["nodes.jsonl", "trackers.json"],
+                                   ["wandb/my-run.txt"], ["mlruns/0/meta.yaml"]])
+@pytest.mark.parametrize("flag", [[], ["--overwrite"]])
+def test_a_folder_with_files_named_as_a_run_writes_them_but_no_run_is_refused(tmp_path, names, flag):
+    """Files a run writes besides its markers (meta.json, tb/, a tracker's folder...) in a folder no run wrote: a
+    new run would write over them and a later --overwrite remove them, so the folder is refused, naming them."""
+    mine = tmp_path / "mine"
+    for n in names:
+        (mine / n).parent.mkdir(parents=True, exist_ok=True)
+        (mine / n).write_text(f"a user's own {n}\n")
+    before = {p: p.read_bytes() for p in mine.rglob("*") if p.is_file()}
+    out = run_cli_in_process("train", *FAST, f"--log.run_dir={mine}", *flag)
+    assert_refused(out, [str(mine), names[0].split("/")[0], "no pst-dist run wrote them"], [], tmp_path, code=2)
+    assert {p: p.read_bytes() for p in mine.rglob("*") if p.is_file()} == before
+
+
 @pytest.mark.parametrize("value", ["", " "])
 def test_an_empty_run_dir_is_refused(tmp_path, value, monkeypatch):
     marker = place_marker(tmp_path)
