@@ -124,6 +124,20 @@ def test_write_beton_refuses_the_data_root_as_out(tmp_path):
     assert tree(root) == before, "the data set was changed"
 
 
+@pytest.mark.parametrize("bad,names", [
+    (["--defense.kind=jpeg"], ["defense.kind='jpeg'", "write-beton"]),  # beton.json would not record it
+    (["--mode=jpg", "--jpeg-quality=500"], ["--jpeg-quality 500", "[1, 100]"]),  # the beton would not open
+    (["--mode=jpg", "--jpeg-quality=0"], ["--jpeg-quality 0"]),
+    (["--workers=0"], ["--workers 0"]),
+])
+def test_write_beton_refuses_what_it_could_not_write_or_record_before_any_work(tmp_path, bad, names):
+    out = tmp_path / "b"
+    marker = place_marker(tmp_path)
+    run = run_cli_in_process("write-beton", "--out", out, *TINY, *bad)
+    assert_refused(run, names=names, markers=[marker], root=tmp_path, code=2)
+    assert not out.exists()
+
+
 def test_earlier_output_is_kept_without_overwrite(tmp_path, store_src):
     out = copy_dir(store_src, tmp_path / "p")
     marker = place_marker(tmp_path)

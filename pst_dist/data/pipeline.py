@@ -388,6 +388,15 @@ def write_betons(cfg: Config, out: Path, *, overwrite: bool = False, write_mode:
     """
     if cfg.data.source == "beton":
         raise DataError("data.source='beton': the input is already a beton directory; pick the original source")
+    if cfg.defense.kind != "none":  # beton.json records no defense, and a run on the beton refuses one: refused here
+        raise ConfigError(f"defense.kind={cfg.defense.kind!r}: write-beton writes the data set and its poison as "
+                          f"they are; train from the .beton with the defense there, or from the source")
+    if write_mode not in ("raw", "jpg"):
+        raise ConfigError(f"write mode {write_mode!r}: expected 'raw' or 'jpg'")
+    if isinstance(jpeg_quality, bool) or not isinstance(jpeg_quality, int) or not 1 <= jpeg_quality <= 100:
+        raise ConfigError(f"--jpeg-quality {jpeg_quality!r}: expected an integer in [1, 100]")
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
+        raise ConfigError(f"--workers {num_workers!r}: expected an integer >= 1")
     out = Path(out)
     replace = check_out_dir(out, command="write-beton", marker=beton.META, owned=beton.OWNED, overwrite=overwrite,
                             is_ours=beton.is_beton_dir)
