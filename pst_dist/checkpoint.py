@@ -21,9 +21,22 @@ def rng_state() -> dict:
     return {"rng_torch": torch.get_rng_state(), "rng_python": list(py[1]), "rng_python_pos": py[2]}
 
 
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["rng_torch"])
-    random.setstate((3, tuple(state["rng_python"]), state["rng_python_pos"]))
+RNG_KEYS = ("rng_torch", "rng_python", "rng_python_pos")
+"""What :func:`rng_state` saves."""
+PAYLOAD_KEYS = ("model_name", "model", "optimizer", "state", *RNG_KEYS)
+"""What :func:`save_checkpoint` writes (and ``rng_cuda`` on a GPU machine)."""
+
+
+def set_rng_state(state: dict, path: Path | str = "checkpoint") -> None:
+    """Put back what :func:`rng_state` saved, or a CheckpointError naming ``path`` (its file) and what is wrong."""
+    missing = [k for k in RNG_KEYS if k not in state] if isinstance(state, dict) else list(RNG_KEYS)
+    if missing:
+        raise CheckpointError(f"{path}: no random-number state to resume with (missing {', '.join(missing)})")
+    try:
+        torch.set_rng_state(state["rng_torch"])
+        random.setstate((3, tuple(state["rng_python"]), state["rng_python_pos"]))
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: its random-number state cannot be restored ({type(e).__name__}: {e})") from None
 
 
 def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict,
@@ -67,9 +80,17 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     if payload.get("model_name") != model_name:
         raise CheckpointError(f"{path}: checkpoint is of model {payload.get('model_name')!r}, config says "
                               f"{model_name!r}")
+    if missing := [k for k in PAYLOAD_KEYS if k not in payload]:
+        raise CheckpointError(f"{path}: not a complete pst-dist checkpoint (missing {', '.join(missing)})")
+    if not isinstance(payload["model"], dict) or not isinstance(payload["state"], dict):
+        raise CheckpointError(f"{path}: not a pst-dist checkpoint (its model or trainer state is not a mapping)")
     load_weights(path, model, payload["model"])
-    optimizer.load_state_dict(payload["optimizer"])
-    set_rng_state(payload)
+    try:
+        optimizer.load_state_dict(payload["optimizer"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: its optimizer state does not fit this run's optimizer "
+                              f"({type(e).__name__}: {e})") from None
+    set_rng_state(payload, path)
     if "rng_cuda" in payload and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(payload["rng_cuda"])
     return payload["state"]

@@ -313,9 +313,19 @@ class TrainState:
                 "records": self.records}
 
     @classmethod
-    def from_dict(cls, d: dict) -> TrainState:
-        return cls(step=d["step"], epoch=d["epoch"], history=[list(h) for h in d["history"]], entered=d["entered"],
-                   records=list(d["records"]), saved_epoch=d["epoch"])
+    def from_dict(cls, d: dict, where: Path | str = "checkpoint") -> TrainState:
+        """The state :meth:`to_dict` saved, or a CheckpointError naming ``where`` (the run directory)."""
+        try:
+            st = cls(step=d["step"], epoch=d["epoch"], history=[list(h) for h in d["history"]],
+                     entered=d["entered"], records=list(d["records"]), saved_epoch=d["epoch"])
+        except (KeyError, TypeError) as e:
+            raise CheckpointError(f"{where}: the checkpoint's trainer state is not pst-dist's "
+                                  f"({type(e).__name__}: {e})") from None
+        if not all(isinstance(getattr(st, k), int) and not isinstance(getattr(st, k), bool) and getattr(st, k) >= 0
+                   for k in ("step", "epoch")):
+            raise CheckpointError(f"{where}: the checkpoint's trainer state has step {st.step!r}, epoch {st.epoch!r}: "
+                                  f"expected integers >= 0")
+        return st
 
 
 @dataclass
@@ -489,7 +499,7 @@ def build_run(cfg: Config, resume: bool, overwrite: bool, allow_changes: bool, d
         autocast = contextlib.nullcontext
     st = TrainState()
     if resume:
-        st = TrainState.from_dict(engine.load(run_dir, cfg.model.name))
+        st = TrainState.from_dict(engine.load(run_dir, cfg.model.name), run_dir)
         if st.epoch > cfg.train.epochs:
             raise RunDirError(f"--resume: train.epochs={cfg.train.epochs} but {run_dir} already trained "
                               f"{st.epoch} epochs")

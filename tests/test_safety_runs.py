@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from pst_dist.config import ConfigError, dump_toml, load_config
 
@@ -188,6 +189,30 @@ def test_a_diverging_run_stops_keeps_its_last_checkpoint_and_report_marks_it_fai
     rep = run_cli("report", tmp_path / "runs")
     assert rep.returncode == 0 and "diverge_seed0: FAILED: non-finite" in rep.stdout, rep.stdout + rep.stderr
     assert "| diverge |" not in rep.stdout, "a failed run must not be averaged into the table"
+
+
+def _drop(key):
+    return lambda ck: {k: v for k, v in ck.items() if k != key}
+
+
+@pytest.mark.parametrize("change,names", [
+    (_drop("optimizer"), ["checkpoint.pt", "missing optimizer"]),
+    (_drop("rng_torch"), ["checkpoint.pt", "missing rng_torch"]),
+    (lambda ck: {**ck, "state": {**ck["state"], "step": "ten"}}, ["step 'ten'"]),
+    (lambda ck: {**ck, "state": {k: v for k, v in ck["state"].items() if k != "history"}}, ["trainer state",
+                                                                                            "history"]),
+    (lambda ck: {**ck, "optimizer": {"state": {}, "param_groups": []}}, ["optimizer state does not fit"]),
+    (lambda ck: {**ck, "rng_torch": torch.zeros(3)}, ["random-number state cannot be restored"]),
+])
+def test_resume_from_a_partial_or_foreign_checkpoint_is_one_clear_error(run_copy, tmp_path, change, names):
+    """A checkpoint.pt that is not all pst-dist writes (keys missing, another optimizer, a bad RNG state or trainer
+    state) is refused naming what is wrong, not a traceback; nothing in the run changes but the file itself."""
+    f = run_copy / "checkpoint.pt"
+    torch.save(change(torch.load(f, weights_only=True)), f)
+    before = _bytes(run_copy)
+    out = run_cli_in_process("train", *FAST, f"--log.run_dir={run_copy}", "--resume", "--train.epochs=3")
+    assert_refused(out, names, [], tmp_path, code=2)
+    assert _bytes(run_copy) == before
 
 
 def test_a_batch_larger_than_the_training_set_is_refused_before_anything_is_written(tmp_path):

@@ -109,7 +109,14 @@ class DeepSpeedEngine(Engine):
         if client.get("model_name") != model_name:
             raise CheckpointError(f"{ckpt / tag}: checkpoint is of model {client.get('model_name')!r}, config says "
                                   f"{model_name!r}")
-        set_rng_state(torch.load(ckpt / tag / f"rng_rank{self.info.rank}.pt", weights_only=True))
+        rng = ckpt / tag / f"rng_rank{self.info.rank}.pt"
+        try:
+            saved = torch.load(rng, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - a missing or unreadable file is a bad checkpoint
+            raise CheckpointError(f"{rng}: not a readable random-number state ({type(e).__name__}: {e})") from None
+        set_rng_state(saved, rng)
+        if not isinstance(client.get("pst_state"), dict):
+            raise CheckpointError(f"{ckpt / tag}: holds no pst-dist trainer state (client_state 'pst_state')")
         return client["pst_state"]
 
     # ---- the checkpoint layout
