@@ -102,6 +102,7 @@ class DataConfig:
                f"data.on_device={self.on_device!r}: expected true|false|auto")
         _check(isinstance(self.stream, bool) or self.stream == "auto",
                f"data.stream={self.stream!r}: expected true|false|auto")
+        _check(self.synthetic_train >= 1, f"data.synthetic_train={self.synthetic_train}: must be >= 1")
         for key in ("train_size", "val_size", "test_size", "probe_size"):
             _check(getattr(self, key) >= 0, f"data.{key}={getattr(self, key)}: must be >= 0")
         _check(self.num_classes >= 2, f"data.num_classes={self.num_classes}: must be >= 2")

@@ -32,6 +32,7 @@ def test_toml_roundtrip(tmp_path):
     (["--schedule.stages=[]"], "empty"),
     (['--schedule.stages=[{name="a",bogus=1}]'], "bogus"),
     (["--data.source=mnist"], "data.source"),
+    (["--data.synthetic_train=-2000"], r"data.synthetic_train=-2000: must be >= 1"),
     (['--schedule.eval_views=["randblur:1"]'], r"eval_views\[0\]='randblur:1': 'randblur' is random"),
     (['--schedule.eval_views=["blur:1", "smudge"]'], r"eval_views\[1\]='smudge': unknown view 'smudge'"),
     (['--schedule.stages=[{name="a",epochs=1,min_epochs=-1}]'], r"stage 'a': min_epochs=-1.0 must be >= 0"),
