@@ -138,6 +138,18 @@ def test_write_beton_refuses_what_it_could_not_write_or_record_before_any_work(t
     assert not out.exists()
 
 
+@pytest.mark.parametrize("out", [".", "..", "./"])
+def test_the_current_directory_as_out_is_refused_before_any_work(tmp_path, monkeypatch, out):
+    """``--out .`` (an empty current directory) was accepted, the poison made, then refused as 'appeared while
+    writing' (its partial folder was made inside it); renamed into place it would pull the shell's directory away."""
+    here = tmp_path / "a" / "empty"
+    here.mkdir(parents=True)
+    monkeypatch.chdir(here)
+    run = run_cli_in_process("poison", "--out", out, *STORE_DATA, ATTACK)
+    assert_refused(run, names=[f"--out {Path(out)}", "current directory"], root=tmp_path, code=2)
+    assert list(here.iterdir()) == [] and sorted(p.name for p in tmp_path.rglob("*")) == ["a", "empty"]
+
+
 def test_earlier_output_is_kept_without_overwrite(tmp_path, store_src):
     out = copy_dir(store_src, tmp_path / "p")
     marker = place_marker(tmp_path)
