@@ -134,6 +134,11 @@ def test_apbench_numpy_export(tmp_path):
     write_apbench_numpy(tmp_path / "bad_pixels", poisoned.double() / 255, labels)  # [0, 1] floats, not pixels
     with pytest.raises(PoisonFileError, match="whole pixel values in 0..255"):
         build_data(cfg_of("--poison.kind=file", f"--poison.path={tmp_path / 'bad_pixels'}"))
+    write_apbench_numpy(tmp_path / "complex", poisoned, labels)  # whole pixels, but complex (numpy drops the i part)
+    f = tmp_path / "complex" / "poisoned_training_data.npy"
+    np.save(f, np.load(f).astype(np.complex128) + 3j)
+    with pytest.raises(PoisonFileError, match="complex128"):
+        build_data(cfg_of("--poison.kind=file", f"--poison.path={tmp_path / 'complex'}"))
 
 
 # ---------------------------------------------------------------------------------------------------------------

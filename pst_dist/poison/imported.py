@@ -122,7 +122,7 @@ def read_apbench_numpy(directory: Path, images: torch.Tensor, labels: torch.Tens
             raise PoisonFileError(f"{f}: not a readable .npy array ({type(e).__name__}: {e})") from None
     data, file_labels = arrays
     c, h, w = images.shape[1:]
-    if data.shape != (source_size, h, w, c) or not np.issubdtype(data.dtype, np.number):
+    if data.shape != (source_size, h, w, c) or data.dtype.kind not in "iuf":  # not bool, complex or objects
         raise PoisonFileError(f"{data_file}: {data.dtype} {list(data.shape)}: expected pixel values N x H x W x C = "
                               f"{[source_size, h, w, c]} (N = the source's training images)")
     if file_labels.shape != (source_size,) or file_labels.dtype.kind not in "iuf":
