@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from .checkpoint import CheckpointError
 from .config import Config, ConfigError, auto_meaning, dump_toml
-from .data.pipeline import Data, Normalize, build_data, build_loader, check_same_folder
+from .data.pipeline import Data, Normalize, build_data, build_loader, check_same_folder, check_same_poison
 from .data.sources import Split, fingerprint
 from .defenses import pgd_examples, step_seed, ueraser_loss, ueraser_repeats
 from .distributed import DistInfo, broadcast_buffers, build_device, init_distributed, mean_across_ranks, teardown
@@ -157,10 +157,13 @@ def started_normalisation(inputs: dict, data: Data, is_primary: bool = True) -> 
 
 def model_inputs(data: Data) -> dict:
     """What the model is built for (meta.json's ``inputs``): classes, image shape [C, H, W], normalisation; and for
-    an image folder, its listing's fingerprint and file count (``folder``: a resume refuses a folder that changed)."""
+    an image folder, its listing's fingerprint and file count (``folder``: a resume refuses a folder that changed);
+    for a poison read from files, its fingerprint (``poison_sha256``: a resume refuses another poison)."""
     s = data.splits
     inputs = {"num_classes": s.num_classes, "shape": list(s.shape), "mean": data.mean.tolist(),
               "std": data.std.tolist()}
+    if data.poison_sha256 is not None:
+        inputs["poison_sha256"] = data.poison_sha256
     return {**inputs, "folder": data.folder} if data.folder is not None else inputs
 
 
@@ -434,6 +437,7 @@ def build_run(cfg: Config, resume: bool, overwrite: bool, allow_changes: bool, d
     else:  # built by the caller (tune's trials, the bench's cells), already decoded
         check_same_folder(recorded, data.folder, cfg.data)
     if resume:
+        check_same_poison(recorded, data, cfg)
         data = started_normalisation(recorded, data, dist_info.is_primary)
     resolved["data.stream"] = data.stream is not None
     # computed on rank 0, its values or its refusal on every rank: the ranks switch stages together

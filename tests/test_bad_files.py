@@ -150,6 +150,29 @@ def test_the_current_directory_as_out_is_refused_before_any_work(tmp_path, monke
     assert list(here.iterdir()) == [] and sorted(p.name for p in tmp_path.rglob("*")) == ["a", "empty"]
 
 
+def test_resume_refuses_a_poison_store_written_again_between_segments(tmp_path, store_src):
+    """A store replaced by `pst-dist poison --overwrite` (another seed) passes its own checks; the run's resume
+    would train on another poison under the same config: refused, naming poison.path. The same store resumes."""
+    import json
+
+    store = copy_dir(store_src, tmp_path / "p")
+    first = train_on_store(store, tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    run_dir = tmp_path / "run"
+    assert len(json.loads((run_dir / "meta.json").read_text())["inputs"]["poison_sha256"]) == 64
+    again = run_cli_in_process("poison", "--out", store, *STORE_DATA, ATTACK, "--poison.seed=1", "--overwrite")
+    assert again.returncode == 0, again.stderr[-3000:]
+    before = tree(run_dir)
+    out = train_on_store(store, tmp_path, "--resume", "--train.epochs=2")
+    assert_refused(out, names=[f"poison.path={str(store)!r}", "not the one this run started on"], root=tmp_path,
+                   code=2)
+    assert tree(run_dir) == before
+    shutil.rmtree(store)
+    copy_dir(store_src, store)  # the poison the run started on, back
+    out = train_on_store(store, tmp_path, "--resume", "--train.epochs=2")
+    assert out.returncode == 0, out.stderr[-3000:]
+
+
 def test_earlier_output_is_kept_without_overwrite(tmp_path, store_src):
     out = copy_dir(store_src, tmp_path / "p")
     marker = place_marker(tmp_path)

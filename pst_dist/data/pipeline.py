@@ -54,6 +54,7 @@ class Data:
     stream: FolderSplit | None = None  # when the training split stays in its image folder (data.stream)
     train_sha256: str | None = None  # a streamed training split's fingerprint, when build_data was asked (digest)
     folder: dict | None = None  # an image folder's listing: FolderListing.fingerprint() (sha256s, file count)
+    poison_sha256: str | None = None  # a poison read from files (poison.kind = "file"): its images' fingerprint
 
 
 class Normalize:
@@ -98,6 +99,8 @@ def build_data(cfg: Config, poisoned: torch.Tensor | None = None, digest: bool =
     elif poisoned.shape != tr.images.shape or poisoned.dtype != torch.uint8:
         raise DataError(f"poisoned training images: expected uint8 {tuple(tr.images.shape)}, found "
                          f"{poisoned.dtype} {tuple(poisoned.shape)}")
+    # files can change between a run's segments, a poison made from the config cannot: a resume compares this
+    poison_sha256 = fingerprint(Split(poisoned, tr.labels)) if cfg.poison.kind == "file" else None
     poisoned, k = mix_clean(poisoned, tr.images, tr.index, splits.source_train_size, cfg.poison)
     if k < len(tr):
         print(f"[poison] poison.ratio={cfg.poison.ratio}: {k} of {len(tr)} training images poisoned "
@@ -107,7 +110,7 @@ def build_data(cfg: Config, poisoned: torch.Tensor | None = None, digest: bool =
     # refuses a constant channel (std 0 would train to NaN); an image folder's figures are those a streamed read of
     # it gets (exact sums), other sources' those the trainer always had
     mean, std = (folder_stats if cfg.data.source == "imagefolder" else channel_stats)(tr.images)
-    return Data(splits, poisoned, mean, std.clamp_min(1e-3), folder=folder)
+    return Data(splits, poisoned, mean, std.clamp_min(1e-3), folder=folder, poison_sha256=poison_sha256)
 
 
 def folder_change(was: dict, now: dict) -> str | None:
@@ -152,6 +155,19 @@ def check_same_folder(recorded: dict | None, folder: dict | None, d: DataConfig)
     if problem:
         raise DataError(f"--resume: the image folder data.root={d.root!r} is not as this run started on it: {problem}")
     return same
+
+
+def check_same_poison(recorded: dict | None, data: Data, cfg: Config) -> None:
+    """On a resume (``recorded``: the run's recorded inputs): DataError unless a poison read from files
+    (``poison.path``) is the one the run started on (meta.json's ``inputs.poison_sha256``): a store written again
+    with ``pst-dist poison --overwrite`` between two segments passes its own checks, and the run would train
+    on another poison under the same config. Runs from before the fingerprint was recorded are not checked."""
+    was = (recorded or {}).get("poison_sha256")
+    if was is not None and data.poison_sha256 is not None and was != data.poison_sha256:
+        raise DataError(f"--resume: the poison at poison.path={cfg.poison.path!r} is not the one this run started "
+                        f"on (its training images' fingerprint {data.poison_sha256[:12]}... now, {was[:12]}... then). "
+                        f"A resumed run must train on what it started on: restore the poison, or start a new run "
+                        f"(another log.run_dir)")
 
 
 def streams(cfg: Config) -> bool:
