@@ -4,11 +4,14 @@ compare, write-beton."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
+import signal
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -18,6 +21,35 @@ from .data.sources import DataError
 from .io import OutputError, write_atomic
 from .poison import PoisonFileError
 from .registry import ATTACKS
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled as Ctrl-C is: torchrun ending the other ranks after one failed, a scheduler's preemption,
+    ``kill``. The run's own cleanup runs (trackers marked failed, temporary files and folders removed)."""
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """While a command runs (main thread only): the first SIGTERM raises :class:`Terminated` where the command is,
+    unless it is already handling an error (its cleanup then goes on undisturbed and that error is what is
+    reported); later ones are ignored, so cleanup is not cut short (the sender's SIGKILL still ends it). Without
+    this Python dies at once and leaves its tracker runs RUNNING and its temporary files behind."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    fired = False
+
+    def handler(signum, frame) -> None:
+        nonlocal fired
+        if not fired and sys.exc_info()[0] is None:
+            fired = True
+            raise Terminated()
+
+    before = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 def _split_overrides(rest: list[str]) -> list[str]:
@@ -336,14 +368,16 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(fn=cmd_compare)
     args, rest = parser.parse_known_args(argv)
     try:
-        return args.fn(args, rest)
+        with sigterm_as_interrupt():
+            return args.fn(args, rest)
     except USER_ERRORS as e:
         print(f"pst-dist: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"pst-dist: interrupted (Ctrl-C); {args.cmd} stopped. Files are complete or absent; a training run "
-              f"keeps its last checkpoint (continue it with --resume)", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        how = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted (Ctrl-C)"
+        print(f"pst-dist: {how}; {args.cmd} stopped. Files are complete or absent; a training run keeps its last "
+              f"checkpoint (continue it with --resume)", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
     except OSError as e:  # a full disk, a path that cannot be written: one line, not a traceback
         print(f"pst-dist: error: {os_error_text(e)}; nothing half-written was left", file=sys.stderr)
         return 1
