@@ -56,13 +56,14 @@ class DataConfig:
     img_size: int = 32
     """Synthetic image side; imagefolder images are resized to this side."""
     train_size: int = 0
-    """Use only the first N (shuffled) training images; 0 = all."""
+    """Use only the first N (shuffled) training images, at most (a recipe's cap: all of a smaller split); 0 = all.
+    meta.json's ``inputs.train_images`` records how many the run trained on."""
     val_size: int = 1000
     """Clean validation images, disjoint from test. Schedules are selected on it, never on test."""
     val_from: str = "train"
     """train: carve val from the training set (before poisoning); test: carve it from the test set."""
     test_size: int = 0
-    """Use only the first N test images; 0 = all."""
+    """Use only the first N test images, at most; 0 = all."""
     probe_size: int = 512
     """Images of the poisoned training set the detectors look at (a fixed slice)."""
     augment: str = "crop_flip"

@@ -161,7 +161,9 @@ def model_inputs(data: Data) -> dict:
     for a poison read from files, its fingerprint (``poison_sha256``: a resume refuses another poison)."""
     s = data.splits
     inputs = {"num_classes": s.num_classes, "shape": list(s.shape), "mean": data.mean.tolist(),
-              "std": data.std.tolist()}
+              "std": data.std.tolist(),
+              "train_images": len(data.beton if data.beton is not None else data.stream if data.stream is not None
+                                  else s.train)}  # data.train_size is a cap: how many it gave
     if data.poison_sha256 is not None:
         inputs["poison_sha256"] = data.poison_sha256
     return {**inputs, "folder": data.folder} if data.folder is not None else inputs

@@ -118,11 +118,6 @@ def carve(cfg: DataConfig, n_train: int, n_test: int) -> Rows:
         if cfg.val_size >= n_test:
             raise DataError(f"data.val_size={cfg.val_size} leaves no test images (test has {n_test})")
         val, test = test[:cfg.val_size], test[cfg.val_size:]
-    for key, rows, split in (("train_size", train, "training"), ("test_size", test, "test")):
-        if getattr(cfg, key) > len(rows):  # the run would train on fewer than its recorded config says
-            taken = f" after data.val_size={cfg.val_size} taken from it" if cfg.val_from == split[:5] else ""
-            raise DataError(f"data.{key}={getattr(cfg, key)}: the {split} split has {len(rows)} images{taken}; "
-                            f"ask for at most that many, or 0 for all")
     if cfg.train_size:
         train = train[:cfg.train_size]
     if cfg.test_size:
