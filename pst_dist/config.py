@@ -856,6 +856,9 @@ class BenchConfig:
         bad = [d for d in self.defenses if d not in BENCH_DEFENSES]
         _check(not bad and bool(self.defenses), f"bench.defenses={self.defenses}: {bad or 'empty'}; expected names "
                f"from {list(BENCH_DEFENSES)}")
+        for key in ("attacks", "defenses"):  # a cell twice: two processes would write one run directory at once
+            twice = sorted({x for x in getattr(self, key) if getattr(self, key).count(x) > 1})
+            _check(not twice, f"bench.{key}={getattr(self, key)}: {twice} named more than once")
         _check(self.seeds >= 1 and self.jobs >= 0, f"bench.seeds={self.seeds}, bench.jobs={self.jobs}: seeds must be "
                f">= 1, jobs >= 0")
         _check(self.runner in ("pool", "ray"), f"bench.runner={self.runner!r}: expected pool|ray")

@@ -57,7 +57,7 @@ from .config import (
     to_dict,
 )
 from .data.pipeline import build_data, poison_meta
-from .data.sources import Split, load_splits
+from .data.sources import Split, check_val_size, load_splits
 from .distributed import init_ray
 from .engine import engine_class
 from .io import OutputError, atomic_dir, check_written_over, savefig_atomic, write_atomic
@@ -247,6 +247,13 @@ def plan_bench(config: str, overrides: list[str]) -> Bench:
     if b.runner == "ray":  # Ray tasks run in a working directory of Ray's choosing (on other nodes of a cluster)
         absolute_paths(cfg, also=(("bench", "out"),))
     base = to_dict(cfg)
+    check_val_size(cfg.data)  # else every poison and cell would fail alone, after bench.json is written
+    for where, table in (("attack_overrides", b.attack_overrides), ("defense_overrides", b.defense_overrides)):
+        for name, overrides in table.items():
+            seeded = [o for o in overrides if o.removeprefix("--").split("=")[0] in ("poison.seed", "train.seed")]
+            if seeded:  # every seed of the bench would be the same run, reported as several draws
+                raise ConfigError(f"bench.{where}.{name}={seeded}: the bench's seeds set poison.seed and train.seed "
+                                  f"(bench.seeds: 0, 1, ...); set how many with bench.seeds")
     if "pst" in b.defenses and len(cfg.schedule.stages) < 2:
         raise ConfigError(f"bench.defenses has 'pst' but the recipe's [schedule] has {len(cfg.schedule.stages)} "
                           f"stage(s): give the PST schedule in the recipe")

@@ -135,6 +135,14 @@ def test_bench_config_errors_name_the_bad_value(tmp_path):
     assert r.returncode == 2 and "bench.defense_overrides.standard=" in r.stderr and "poison.eps: " in r.stderr, \
         r.stderr
     assert "poison.ratio: " not in r.stderr  # the fraction poisoned is read when training reads the store
+    for extra, needle in (('--bench.attacks=["ops", "em", "ops"]', "['ops'] named more than once"),  # one cell twice
+                          ('--bench.defenses=["pst", "pst"]', "['pst'] named more than once"),
+                          ('--bench.attack_overrides.ops=["train.seed=7"]',
+                           "bench.attack_overrides.ops=['train.seed=7']"),
+                          ('--bench.defense_overrides.pst=["poison.seed=7"]', "the bench's seeds set poison.seed"),
+                          ("--data.val_size=0", "data.val_size=0 leaves no validation images")):
+        r = bench_refused(tmp_path / "b", extra)
+        assert r.returncode == 2 and needle in r.stderr, (extra, r.stderr[-2000:])
     mine = tmp_path / "mine"  # a folder of the user's own results, no bench's record: not written over
     mine.mkdir()
     (mine / "results.md").write_text("my results\n")
