@@ -153,7 +153,11 @@ def compare(a: str | Path, b: str | Path, defense: str = "pst", margin: float = 
             + " (run it there, or leave it out with --attacks)")
     unpaired = [f"{x} seed {s} (only in {'A' if (x, s) in set(keys_a) else 'B'})"
                 for x, s in sorted(set(keys_a) ^ keys_b)]
-    paired = [k for k in keys_a if k in keys_b]  # not empty: both sides have cells of the same attacks
+    paired = [k for k in keys_a if k in keys_b]
+    if lone := sorted(attacks_a - {k[0] for k in paired}):  # both sides have it, but no seed in common
+        raise DataError("every attack compared needs a seed on both sides: " + "; ".join(
+            f"{x}: A has seed(s) {sorted(s for y, s in keys_a if y == x)}, B {sorted(s for y, s in keys_b if y == x)}"
+            for x in lone) + " (run the same seeds on both sides, or leave it out with --attacks)")
     rows = []
     for x in dict.fromkeys(k[0] for k in paired):
         seeds = sorted(s for k, s in paired if k == x)

@@ -121,6 +121,11 @@ def test_bad_input_is_named_and_exits_2(tmp_path):
     r = run_cli_in_process("compare", str(both), str(partial))
     assert r.returncode == 2 and f"em only in A ({both})" in r.stderr
     assert "**adopt B**" in run_cli_in_process("compare", str(both), str(partial), "--attacks", "lsp").stdout
+    # both have OPS, but no seed in common: its figures would be left out of the worst case, which OPS is in B
+    a_ops = results(tmp_path / "a_ops", [("em", "pst", 0, 0.8, 0.90), ("ops", "pst", 0, 0.8, 0.20)])
+    b_ops = results(tmp_path / "b_ops", [("em", "pst", 0, 0.8, 0.91), ("ops", "pst", 1, 0.8, 0.10)])
+    r = run_cli_in_process("compare", str(a_ops), str(b_ops))
+    assert r.returncode == 2 and "ops: A has seed(s) [0], B [1]" in r.stderr, r.stdout + r.stderr
     for bad, needle in (("nan", "final_val_acc='nan'"), ("95", "final_val_acc='95': an accuracy is a fraction")):
         (tmp_path / "c" / "results.csv").write_text(",".join(COLUMNS) + f"\nlsp,pst,0,0.8,0.8,{bad}\n")
         r = run_cli_in_process("compare", str(a), str(tmp_path / "c"))
