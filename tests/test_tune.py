@@ -384,6 +384,7 @@ def test_tune_cli_refuses_bad_input_before_starting_ray(own_ray, tmp_path, monke
               "the em run (bench.attack_overrides.em=['poison.steps=-1']): poison: steps=-1"),
              (['--tune.attacks=["em"]', "--tune.seeds=[0, 1]", '--bench.attack_overrides.em=["poison.seed=3"]'],
               "bench.attack_overrides.em=['poison.seed=3']: a search's runs take their seeds from tune.seeds"),
+             (["--data.val_size=0"], "data.val_size=0 leaves no validation images"),
              (["--resume"], "--resume: no search to continue")]
     # two through the installed command (--resume imports ray.tune, which changes sys.path for the process); the
     # others in this process, with the same environment (each would cost a Python and torch start-up in a
@@ -421,6 +422,11 @@ def test_a_new_search_never_writes_over_a_user_s_file_named_as_its_record(tmp_pa
     assert main(_tune(tmp_path / "out")[1:]) == 2
     assert "is not a search's recorded config" in capsys.readouterr().err
     assert mine.read_text() == "my own notes\n" and sorted(p.name for p in mine.parent.iterdir()) == [mine.name]
+    mine.unlink()  # a user's results.csv there instead: the reports would replace it at the search's end
+    (mine.parent / "results.csv").write_text("my own table\n")
+    assert main(_tune(tmp_path / "out")[1:]) == 2
+    assert "holds results.csv, which a search writes, but no search_config.toml" in capsys.readouterr().err
+    assert sorted(p.name for p in mine.parent.iterdir()) == ["results.csv"]
 
 
 @pytest.mark.slow

@@ -203,6 +203,10 @@ def best_schedule_toml(cfg: Config, best: dict) -> str:
     return header + dump_toml(out)
 
 
+REPORTS = ("results.csv", "results.md", "trials.png", "best_schedule.toml")
+"""What :func:`write_reports` writes into the search directory, over what is there."""
+
+
 def write_reports(cfg: Config, results, search_dir: Path, log) -> dict:
     rows = trial_rows(cfg, results, search_dir)
     best = best_row(rows, cfg.tune.ties)

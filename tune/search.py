@@ -19,15 +19,16 @@ from pst_dist.config import (
     load_config,
     to_dict,
 )
+from pst_dist.data.sources import check_val_size
 from pst_dist.distributed import init_ray
-from pst_dist.io import write_atomic
+from pst_dist.io import check_written_over, write_atomic
 from pst_dist.models import build_model
 from pst_dist.pst.groups import layer_groups
 from pst_dist.pst.schedule import Schedule
 from pst_dist.rundir import is_recorded_config, resume_changes
 
 from .attacks import attack_config, poison_root, prepare_poisons, trial_runs
-from .report import write_reports
+from .report import REPORTS, write_reports
 from .space import extra_choices, grid_size, mult_keys, schedules_offered, skeletons, trial_config
 from .trial import run_trial
 
@@ -179,6 +180,7 @@ def run_search(cfg: Config, resume: bool = False, log=lambda m: print(m, file=sy
     absolute_paths(cfg, also=(("tune", "out"), ("tune", "poisons")))
     groups = num_groups(cfg)
     check_space(cfg, groups)  # every error before Ray starts
+    check_val_size(cfg.data)  # trials are chosen on validation accuracy: none would fail every trial inside Ray
     search_dir = Path(cfg.tune.out) / cfg.tune.name
     if resume:
         from ray.tune import Tuner  # optional heavy dependency (Ray), imported only by tune
@@ -198,6 +200,9 @@ def run_search(cfg: Config, resume: bool = False, log=lambda m: print(m, file=sy
         if Tuner.can_restore(str(search_dir)):  # a second search's trials and reports would mix with the first's
             raise ConfigError(f"{search_dir} already holds a search (tune.out / tune.name): pass --resume to "
                               f"continue it, or choose another tune.name for a new one")
+        # the reports are written over what is there at the end: a user's own results.csv is not ours to replace
+        check_written_over(search_dir, REPORTS, (search_dir / SEARCH_RECORD).is_file(), option="tune.out/tune.name",
+                           command="a search", missing=f"no {SEARCH_RECORD}")
     record = dump_toml(cfg)  # as asked: before Ray resolves what "auto" means on this cluster (tune.use_gpu)
     if cfg.tune.attacks:  # before Ray starts: a poison takes minutes to make, a trial must not wait for it
         made = prepare_poisons(cfg, log)
