@@ -138,7 +138,7 @@ def test_write_beton_refuses_what_it_could_not_write_or_record_before_any_work(t
     assert not out.exists()
 
 
-@pytest.mark.parametrize("out", [".", "..", "./"])
+@pytest.mark.parametrize("out", [".", "..", "./", "nope/..", "nope/../.."])
 def test_the_current_directory_as_out_is_refused_before_any_work(tmp_path, monkeypatch, out):
     """``--out .`` (an empty current directory) was accepted, the poison made, then refused as 'appeared while
     writing' (its partial folder was made inside it); renamed into place it would pull the shell's directory away."""
