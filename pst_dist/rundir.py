@@ -60,11 +60,12 @@ def holds_run(run_dir: Path) -> list[str]:
     return [n for n in RUN_MARKERS if (run_dir / n).exists()]
 
 
-def run_names_present(run_dir: Path) -> list[str]:
-    """Every name in ``run_dir`` that a run writes (:data:`RUN_FILES` and the trackers' folders; not
-    :data:`OUTSIDE_DATA`, which a script writes before the run it describes): a directory holding any of them without
-    a recorded config is not a run's, and a run would write over them (and ``--overwrite`` later remove them)."""
-    names = (*RUN_FILES, *(folder for folder, _ in LOCAL_DIRS.values()))
+def run_names_present(run_dir: Path, trackers: list[str] = ()) -> list[str]:
+    """Every name in ``run_dir`` that a run with ``trackers`` writes (:data:`RUN_FILES` and those trackers' folders;
+    not :data:`OUTSIDE_DATA`, which a script writes before the run it describes): a directory holding any of them
+    without a recorded config is not a run's, and a run would write over them (and ``--overwrite`` later remove
+    them). A tracker's folder the run does not log to is left to its owner."""
+    names = (*RUN_FILES, *(LOCAL_DIRS[t][0] for t in trackers if t in LOCAL_DIRS))
     return [n for n in names if n != OUTSIDE_DATA and ((run_dir / n).exists() or (run_dir / n).is_symlink())]
 
 
@@ -111,7 +112,8 @@ def check_run_dir(cfg: Config, resume: bool, overwrite: bool, allow_changes: boo
         raise RunDirError(f"log.run_dir={str(run_dir)!r}: exists and is not a directory")
     _writable_ancestor(run_dir)
     present = holds_run(run_dir) if run_dir.is_dir() else []
-    if (theirs := run_names_present(run_dir) if run_dir.is_dir() else []) and not written_by_a_run(run_dir):
+    theirs = run_names_present(run_dir, cfg.log.trackers) if run_dir.is_dir() else []
+    if theirs and not written_by_a_run(run_dir):
         raise RunDirError(f"log.run_dir={str(run_dir)!r} holds {', '.join(theirs)}, which a run writes, but no "
                           f"pst-dist run wrote them (no config.toml with a run's [{'], ['.join(RUN_SECTIONS)}] "
                           f"tables): pst-dist neither overwrites nor resumes from them; choose another log.run_dir")
@@ -158,7 +160,9 @@ def remove_run_files(run_dir: Path) -> list[str]:
     removed: list[str] = []
     if not run_dir.is_dir() or not holds_run(run_dir) or not written_by_a_run(run_dir):
         return removed
-    for name in (*tracker_dirs(run_dir), *RUN_FILES):  # the trackers' folders first: trackers.json names them
+    last = ("trackers.json", "config.toml")  # what says whose the rest is goes last: a kill part-way leaves a run
+    names = (*tracker_dirs(run_dir), *(n for n in RUN_FILES if n not in last), *last)  # --overwrite can redo
+    for name in names:  # the trackers' folders first: trackers.json names them
         p = run_dir / name
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p)

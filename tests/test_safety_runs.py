@@ -103,20 +103,55 @@ def test_a_folder_whose_run_files_no_pst_dist_run_wrote_is_neither_replaced_nor_
     assert files() == before and len(before) == 3
 
 
-@pytest.mark.parametrize("names", [["meta.json"], ["tb/events.mine"], ["nodes.jsonl", "trackers.json"],
-                                   ["wandb/my-run.txt"], ["mlruns/0/meta.yaml"]])
+@pytest.mark.parametrize("names,trackers", [(["meta.json"], []), (["tb/events.mine"], []),
+                                            (["nodes.jsonl", "trackers.json"], []),
+                                            (["wandb/my-run.txt"], ['--log.trackers=["wandb"]']),
+                                            (["mlruns/0/meta.yaml"], ['--log.trackers=["mlflow"]'])])
 @pytest.mark.parametrize("flag", [[], ["--overwrite"]])
-def test_a_folder_with_files_named_as_a_run_writes_them_but_no_run_is_refused(tmp_path, names, flag):
-    """Files a run writes besides its markers (meta.json, tb/, a tracker's folder...) in a folder no run wrote: a
-    new run would write over them and a later --overwrite remove them, so the folder is refused, naming them."""
+def test_a_folder_with_files_named_as_a_run_writes_them_but_no_run_is_refused(tmp_path, names, trackers, flag):
+    """Files a run writes besides its markers (meta.json, tb/, the folder of a tracker it logs to) in a folder no run
+    wrote: a new run would write over them and a later --overwrite remove them, so the folder is refused, naming
+    them."""
     mine = tmp_path / "mine"
     for n in names:
         (mine / n).parent.mkdir(parents=True, exist_ok=True)
         (mine / n).write_text(f"a user's own {n}\n")
     before = {p: p.read_bytes() for p in mine.rglob("*") if p.is_file()}
-    out = run_cli_in_process("train", *FAST, f"--log.run_dir={mine}", *flag)
+    out = run_cli_in_process("train", *FAST, f"--log.run_dir={mine}", *trackers, *flag)
     assert_refused(out, [str(mine), names[0].split("/")[0], "no pst-dist run wrote them"], [], tmp_path, code=2)
     assert {p: p.read_bytes() for p in mine.rglob("*") if p.is_file()} == before
+
+
+def test_a_tracker_folder_the_run_does_not_log_to_is_left_to_its_owner(tmp_path):
+    """A wandb/ of the user's own where the run logs to no tracker: the run goes in beside it, and --overwrite later
+    leaves it (only a tracker run trackers.json records is the run's)."""
+    mine = tmp_path / "mine"
+    (mine / "wandb").mkdir(parents=True)
+    (mine / "wandb" / "my-run.txt").write_text("mine\n")
+    for flag in ([], ["--overwrite"]):
+        out = run_cli_in_process("train", *FAST, "--train.epochs=1", f"--log.run_dir={mine}", *flag)
+        assert out.returncode == 0, out.stderr[-2000:]
+    assert (mine / "wandb" / "my-run.txt").read_text() == "mine\n"
+
+
+def test_an_overwrite_killed_part_way_can_be_done_again(run_copy):
+    """--overwrite removes the run's files with config.toml (what says they are a run's) last: a kill part-way
+    leaves a directory the next --overwrite still knows as a run's."""
+    for name in ("checkpoint.pt", "summary.json", "metrics.jsonl"):  # as a kill after these, before config.toml
+        (run_copy / name).unlink()
+    out = run_cli_in_process("train", *FAST, "--train.epochs=1", f"--log.run_dir={run_copy}", "--overwrite")
+    assert out.returncode == 0, out.stderr[-2000:]
+    from pst_dist.rundir import RUN_FILES, remove_run_files
+
+    order = []
+    real_rmtree, real_unlink = shutil.rmtree, Path.unlink
+    try:
+        shutil.rmtree = lambda p, *a, **k: (order.append(Path(p).name), real_rmtree(p, *a, **k))[1]
+        Path.unlink = lambda p, *a, **k: (order.append(p.name), real_unlink(p, *a, **k))[1]
+        remove_run_files(run_copy)
+    finally:
+        shutil.rmtree, Path.unlink = real_rmtree, real_unlink
+    assert order[-1] == "config.toml" and set(order) <= set(RUN_FILES), order
 
 
 @pytest.mark.parametrize("value", ["", " "])
