@@ -96,6 +96,7 @@ def screen(args: argparse.Namespace, attack: str) -> dict:
     clean = split(sp.train)
     mean, std = channel_stats(clean.images)
     data = dataclasses.replace(data, poisoned_train=poisoned, mean=mean, std=std.clamp_min(1e-3),
+                               poison_sha256=None, poison_path=None,  # projected: not the store's images
                                splits=dataclasses.replace(sp, train=clean, val=split(sp.val), test=split(sp.test)))
     row = {"attack": attack, "seed": args.seed, "directions": q.shape[1], "linear_train": lin_train,
            "linear_val": lin_val,

@@ -87,6 +87,7 @@ def test_allreduce_overlap_times_every_variant_in_four_blocks():
     assert all(len(b) == 4 and min(b) > 0 for b in res["block_s"].values())
 
 
-def test_engine_overhead_refuses_too_few_steps():
+def test_engine_overhead_refuses_too_few_steps(capsys):
     with pytest.raises(SystemExit):
         _load("engine_overhead").main(["--steps", "3"])
+    assert "--steps 3: need >= 4" in capsys.readouterr().err

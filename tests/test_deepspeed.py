@@ -175,6 +175,14 @@ def test_deepspeed_in_a_plain_single_process(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     assert (tmp_path / "ds_checkpoint" / "latest").is_file() and (tmp_path / "summary.json").is_file()
     check_layout("true", tmp_path, epochs=2)
+    # a checkpoint without this rank's random-number state: one error naming the file, not a traceback
+    tag = (tmp_path / "ds_checkpoint" / "latest").read_text().strip()
+    (tmp_path / "ds_checkpoint" / tag / "rng_rank0.pt").unlink()
+    run = subprocess.run([sys.executable, "-m", "pst_dist.cli", "train", *TINY, "--deepspeed.enabled=true",
+                          "--deepspeed.zero_stage=1", f"--log.run_dir={tmp_path}", "--resume", "--train.epochs=3"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-3000:]
+    assert f"{tmp_path / 'ds_checkpoint' / tag / 'rng_rank0.pt'}: not a readable random-number state" in run.stderr
 
 
 def test_the_torch_engines_checkpoint_layout(tmp_path):

@@ -55,6 +55,7 @@ class Data:
     train_sha256: str | None = None  # a streamed training split's fingerprint, when build_data was asked (digest)
     folder: dict | None = None  # an image folder's listing: FolderListing.fingerprint() (sha256s, file count)
     poison_sha256: str | None = None  # a poison read from files (poison.kind = "file"): its images' fingerprint
+    poison_path: str | None = None  # ... and where it was read (a bench cell's config names its attack instead)
 
 
 class Normalize:
@@ -110,7 +111,8 @@ def build_data(cfg: Config, poisoned: torch.Tensor | None = None, digest: bool =
     # refuses a constant channel (std 0 would train to NaN); an image folder's figures are those a streamed read of
     # it gets (exact sums), other sources' those the trainer always had
     mean, std = (folder_stats if cfg.data.source == "imagefolder" else channel_stats)(tr.images)
-    return Data(splits, poisoned, mean, std.clamp_min(1e-3), folder=folder, poison_sha256=poison_sha256)
+    return Data(splits, poisoned, mean, std.clamp_min(1e-3), folder=folder, poison_sha256=poison_sha256,
+                poison_path=cfg.poison.path if poison_sha256 is not None else None)
 
 
 def folder_change(was: dict, now: dict) -> str | None:
@@ -159,15 +161,17 @@ def check_same_folder(recorded: dict | None, folder: dict | None, d: DataConfig)
 
 def check_same_poison(recorded: dict | None, data: Data, cfg: Config) -> None:
     """On a resume (``recorded``: the run's recorded inputs): DataError unless a poison read from files
-    (``poison.path``) is the one the run started on (meta.json's ``inputs.poison_sha256``): a store written again
-    with ``pst-dist poison --overwrite`` between two segments passes its own checks, and the run would train
-    on another poison under the same config. Runs from before the fingerprint was recorded are not checked."""
+    (``poison.path``; a bench's or search's cached store) is the one the run started on (meta.json's
+    ``inputs.poison_sha256``): a store written again with ``pst-dist poison --overwrite`` between two segments passes
+    its own checks, and the run would train on another poison under the same config. Runs from before the
+    fingerprint was recorded are not checked."""
     was = (recorded or {}).get("poison_sha256")
     if was is not None and data.poison_sha256 is not None and was != data.poison_sha256:
-        raise DataError(f"--resume: the poison at poison.path={cfg.poison.path!r} is not the one this run started "
-                        f"on (its training images' fingerprint {data.poison_sha256[:12]}... now, {was[:12]}... then). "
-                        f"A resumed run must train on what it started on: restore the poison, or start a new run "
-                        f"(another log.run_dir)")
+        raise DataError(f"--resume: the poison read from {data.poison_path} is not the one the run in "
+                        f"{cfg.log.run_dir} started on (its training images' fingerprint {data.poison_sha256[:12]}... "
+                        f"now, {was[:12]}... then). A resumed run must train on what it started on: restore the "
+                        f"poison, or train the run again from its start (--overwrite, or another log.run_dir; in a "
+                        f"bench, remove that cell's directory)")
 
 
 def streams(cfg: Config) -> bool:

@@ -123,8 +123,8 @@ def read_apbench_numpy(directory: Path, images: torch.Tensor, labels: torch.Tens
     data, file_labels = arrays
     c, h, w = images.shape[1:]
     if data.shape != (source_size, h, w, c) or data.dtype.kind not in "iuf":  # not bool, complex or objects
-        raise PoisonFileError(f"{data_file}: {data.dtype} {list(data.shape)}: expected pixel values N x H x W x C = "
-                              f"{[source_size, h, w, c]} (N = the source's training images)")
+        raise PoisonFileError(f"{data_file}: {data.dtype} {list(data.shape)}: expected integer or float pixel values "
+                              f"N x H x W x C = {[source_size, h, w, c]} (N = the source's training images)")
     if file_labels.shape != (source_size,) or file_labels.dtype.kind not in "iuf":
         raise PoisonFileError(f"{label_file}: {file_labels.dtype} {list(file_labels.shape)}, expected numeric class "
                               f"indices of shape [{source_size}]")
