@@ -202,6 +202,8 @@ def cmd_export(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def cmd_keys(args: argparse.Namespace, rest: list[str]) -> int:
+    if rest:
+        raise ConfigError(f"pst-dist keys: unexpected argument {rest[0]!r} (one SECTION or key at most)")
     want = args.section
     keys = [k for k in config_keys() if not want or k.key == want or k.key.startswith((f"{want}.", f"{want}[]."))]
     if not keys:
@@ -236,8 +238,10 @@ def cmd_demo(args: argparse.Namespace, rest: list[str]) -> int:
 def cmd_report(args: argparse.Namespace, rest: list[str]) -> int:
     """Aggregate summary.json files of runs named <label>_seed<k> into a mean +- std table."""
     from .io import read_json  # start-up time: each command imports only what it runs
-    from .report import check_plot_path, format_table, plot_curves  # start-up time: only what it runs
+    from .report import TABLE_KEYS, check_plot_path, format_table, plot_curves  # start-up time: what it runs
 
+    if rest:
+        raise ConfigError(f"pst-dist report: unexpected argument {rest[0]!r} (one runs directory; --plot FILE)")
     if args.plot:
         check_plot_path(Path(args.plot))  # before anything is printed
     groups: dict[str, list[dict]] = {}
@@ -248,6 +252,12 @@ def cmd_report(args: argparse.Namespace, rest: list[str]) -> int:
         if summary.get("status", "finished") != "finished":
             failed.append(f"{path.parent.name}: FAILED: {summary.get('error', summary.get('status'))}")
             continue
+        if missing := [k for k in TABLE_KEYS if k not in summary]:  # what the table averages
+            raise DataError(f"{path}: no {', '.join(missing)} (not a pst-dist run summary?)")
+        for key in ("final_test_acc", "peak_test_acc"):
+            v = summary[key]
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
+                raise DataError(f"{path}: {key}={v!r}: expected an accuracy in [0, 1] (not a pst-dist run summary?)")
         groups.setdefault(label, []).append(summary)
     if not groups and not failed:
         raise DataError(f"no */summary.json under {args.runs}")

@@ -29,6 +29,10 @@ def ratio_summary(ratios: list[float], of: str = "pairs") -> str:
     return f"x{statistics.median(r):.2f}{spread}"
 
 
+TABLE_KEYS = ("final_test_acc", "peak_test_acc", "test_acc_at_best_val", "final_val_acc")
+"""What :func:`format_table` reads from each run's summary."""
+
+
 def format_table(results: dict[str, list[dict]]) -> str:
     """Markdown table: one row per label, mean ± std over its runs' summaries (final, peak, at best val, val)."""
     rows = ["| condition | seeds | final-epoch test acc | peak test acc | test acc at best val epoch | final val acc |",

@@ -35,6 +35,17 @@ def test_demo_prints_table_and_plot(tmp_path):
         assert r.returncode == 2 and message in r.stderr and not r.stdout, r.stderr[-2000:]
     assert theirs.read_text() == MARKER_TEXT and other.read_bytes() == other_bytes
     assert not (tmp_path / "curves.txt").exists()
+    r = run_cli_in_process("report", str(tmp_path), "--plot", str(plot), "extra")  # was: exit 0, no plot made
+    assert r.returncode == 2 and "unexpected argument 'extra'" in r.stderr, r.stderr[-2000:]
+    runs = tmp_path / "foreign"  # a summary.json that is not a run's: one line naming the file and the key
+    (runs / "x_seed0").mkdir(parents=True)
+    (runs / "x_seed0" / "summary.json").write_text('{"final_test_acc": 0.5}')
+    r = run_cli_in_process("report", str(runs))
+    assert r.returncode == 2 and f"{runs / 'x_seed0' / 'summary.json'}: no peak_test_acc" in r.stderr, r.stderr
+    (runs / "x_seed0" / "summary.json").write_text(
+        '{"final_test_acc": "high", "peak_test_acc": 1, "test_acc_at_best_val": 1, "final_val_acc": 1}')
+    r = run_cli_in_process("report", str(runs))
+    assert r.returncode == 2 and "final_test_acc='high'" in r.stderr, r.stderr
     # a demo into a folder holding the user's own results.md (no demo run beside it) is refused before training
     user = tmp_path / "user"
     user.mkdir()
