@@ -369,7 +369,7 @@ def test_pbt_search_exploits_through_checkpoints(own_ray, tmp_path):
             if "/checkpoint_" in r["from"] and f"run_trial_{row['trial']}_" not in r["from"]:
                 cloned.append(r)
     assert cloned, "no trial resumed from another trial's checkpoint"
-    assert (out / "tiny" / "best_schedule.toml").is_file()
+    assert "# PBT: these are the trial's settings at its end" in (out / "tiny" / "best_schedule.toml").read_text()
 
 
 def test_tune_cli_refuses_bad_input_before_starting_ray(own_ray, tmp_path, monkeypatch, capsys):
@@ -789,3 +789,16 @@ def test_a_search_over_seeds_reports_the_worst_attack_s_mean_over_seeds(own_ray,
 def test_bad_release_loss_choices_are_refused_naming_the_value(over, msg):
     with pytest.raises(ConfigError, match=msg):
         load_config(TINY, [over] if isinstance(over, str) else over)
+
+
+def test_a_search_space_with_a_trial_that_cannot_train_is_refused_before_ray():
+    """Each loss choice may be valid alone and a combination not: release stages with view_ce 0 and a searched
+    consistency of [1, 0] offer a trial whose release has no loss at all (its worker refused it inside Ray)."""
+    from tune.search import check_space, num_groups
+
+    over = ["--schedule.stages.2.loss.view_ce=0", "--schedule.stages.2.loss.consistency=1"]
+    cfg = load_config(TINY, [*over, "--tune.consistency=[1.0, 0.5]"])
+    check_space(cfg, num_groups(cfg))  # every combination trains
+    cfg = load_config(TINY, [*over, "--tune.consistency=[1.0, 0.0]"])
+    with pytest.raises(ConfigError, match=r"offers a trial that cannot train \(tune.consistency=0.0\).*all 0"):
+        check_space(cfg, num_groups(cfg))

@@ -197,7 +197,11 @@ def best_schedule_toml(cfg: Config, best: dict) -> str:
               f"{objective(cfg)}: {100 * best['final_val_acc']:.2f} %.\n"
               f"# Ties: {tie_rule(cfg)} (tune.ties = {cfg.tune.ties!r}).\n"
               f"# Search parameters: {json.dumps(best['params'])}\n"
-              f"# Run it: pst-dist train --config best_schedule.toml"
+              + (f"# PBT: these are the trial's settings at its end. It trained under others before (each exploit "
+                 f"copied another trial's settings and weights: its run's meta.json 'resumes' lists them), so "
+                 f"training this schedule from the start is a new run, not a reproduction of the "
+                 f"{100 * best['final_val_acc']:.2f} %.\n" if cfg.tune.scheduler == "pbt" else "")
+              + "# Run it: pst-dist train --config best_schedule.toml"
               + ("; on every attack, a held-out one too: pst-dist bench --config best_schedule.toml"
                  if cfg.tune.attacks else "") + "\n\n")
     return header + dump_toml(out)

@@ -6,6 +6,7 @@ A local Ray is started when no cluster address is given (``RAY_ADDRESS`` unset; 
 
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ from pst_dist.config import (
     ConfigError,
     absolute_paths,
     dump_toml,
+    from_dict,
     load_config,
     to_dict,
 )
@@ -29,7 +31,7 @@ from pst_dist.rundir import is_recorded_config, resume_changes
 
 from .attacks import attack_config, poison_root, prepare_poisons, trial_runs
 from .report import REPORTS, write_reports
-from .space import extra_choices, grid_size, mult_keys, schedules_offered, skeletons, trial_config
+from .space import EXTRA, extra_choices, grid_size, mult_keys, schedules_offered, skeletons, trial_config
 from .trial import run_trial
 
 SEARCH_RECORD = "search_config.toml"
@@ -82,8 +84,17 @@ def param_space(cfg: Config, groups: int) -> dict:
 def check_space(cfg: Config, groups: int) -> None:
     """Every schedule the search may offer must be a valid schedule for the model (named groups exist), and every
     attack's run a valid config (its ``[bench.attack_overrides]``)."""
-    for params in schedules_offered(cfg, groups):
+    offered = schedules_offered(cfg, groups)
+    for params in offered:
         Schedule(trial_config(cfg, params).schedule.stages, groups, 1, cfg.train.epochs)
+    extra = extra_choices(cfg)  # each combination of the loss choices makes a config its stages accept
+    for values in itertools.product(*extra.values()):
+        params = {**offered[0], **dict(zip(extra, values, strict=True))}
+        try:
+            from_dict(Config, to_dict(trial_config(cfg, params)))  # the checks a trial's worker runs
+        except ConfigError as e:
+            chosen = ", ".join(f"tune.{EXTRA[k]}={v!r}" for k, v in zip(extra, values, strict=True))
+            raise ConfigError(f"the search space offers a trial that cannot train ({chosen}): {e}") from None
     for a in cfg.tune.attacks:
         seeded = [o for o in cfg.bench.attack_overrides.get(a, [])
                   if o.removeprefix("--").split("=")[0] in ("poison.seed", "train.seed")]
