@@ -29,6 +29,7 @@ pst_candidate() {
   for p in runs/bench_fmnist/poisons/*_seed0; do
     [ -d "$p" ] && [ ! -e "$out/poisons/$(basename "$p")" ] && ln -s "$(realpath "$p")" "$out/poisons/"
   done
-  .venv/bin/pst-dist bench --config "$config" --bench.defenses='["pst"]' --bench.seeds=1 --bench.jobs=2 \
-    --bench.out="$out" "$@" 2>&1 | grep -a "\[bench\] cell" || true
+  # the bench's exit status is the candidate's (a failed cell must not leave a candidate judged on fewer attacks)
+  (set -o pipefail; .venv/bin/pst-dist bench --config "$config" --bench.defenses='["pst"]' --bench.seeds=1 \
+    --bench.jobs=2 --bench.out="$out" "$@" 2>&1 | { grep -a "\[bench\] cell" || true; })
 }

@@ -18,7 +18,16 @@ from collections import defaultdict
 def load(path: str) -> dict[tuple[str, str], list[dict]]:
     cells: dict[tuple[str, str], list[dict]] = defaultdict(list)
     with open(path, newline="") as f:
-        for row in csv.DictReader(f):
+        reader = csv.DictReader(f)
+        if missing := {"attack", "defense", "final_test_acc", "peak_test_acc"} - set(reader.fieldnames or ()):
+            sys.exit(f"{path}: no column(s) {sorted(missing)}: not a bench results.csv")
+        for line, row in enumerate(reader, start=2):
+            for key in ("final_test_acc", "peak_test_acc", "final_val_acc"):
+                try:
+                    if row.get(key) not in (None, ""):
+                        float(row[key])
+                except ValueError:
+                    sys.exit(f"{path} line {line}: {key}={row[key]!r} is not a number")
             cells[(row["attack"], row["defense"])].append(row)
     return cells
 

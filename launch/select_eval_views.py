@@ -65,6 +65,8 @@ def main() -> None:
         candidates = [ScheduleConfig(eval_views=v).eval_views for v in json.loads(args.views)]
     except (ValueError, TypeError, ConfigError) as e:
         sys.exit(f"--views {args.views!r}: {e}")
+    if not candidates:
+        sys.exit(f"--views {args.views!r}: no candidate views to choose from")
     torch.set_num_threads(2)
     (trials, runs), cpu = search_trials(args.search), torch.device("cpu")
     attacks = list(dict.fromkeys(a for a, _ in runs.values()))

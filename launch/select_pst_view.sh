@@ -31,6 +31,8 @@ import csv, statistics, sys
 rows = {n: {r["attack"]: 100 * float(r["final_val_acc"])
             for r in csv.DictReader(open(f"runs/pst_view_select/{n}/results.csv"))} for n in sys.argv[1:]}
 attacks = list(next(iter(rows.values())))
+if uneven := {n: sorted(set(attacks) ^ set(r)) for n, r in rows.items() if set(r) != set(attacks)}:
+    sys.exit(f"select_pst_view: the candidates do not hold the same attacks ({uneven}): each is judged on its worst")
 print("| candidate | " + " | ".join(attacks) + " | min | mean |")
 print("|---|" + "---:|" * (len(attacks) + 2))
 for n, r in rows.items():

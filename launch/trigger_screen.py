@@ -110,6 +110,10 @@ def main() -> None:
     ap.add_argument("--config", default="launch/configs/fmnist_one_recipe.toml", help="spectral: the data's config")
     ap.add_argument("--threshold", type=float, default=4.0, help="spectral: trigger.spectral_check")
     args = ap.parse_args()
+    try:
+        ths, steps = [float(t) for t in args.thresholds.split(",")], [int(s) for s in args.steps.split(",")]
+    except ValueError as e:
+        ap.error(f"--thresholds {args.thresholds!r} / --steps {args.steps!r}: comma-separated numbers ({e})")
     torch.set_num_threads(2)
     if args.what == "spectral":
         cfg = load_config(args.config)
@@ -128,12 +132,11 @@ def main() -> None:
             r = final_gaps(cell, args.bench, attack, seed, views, args.probe)
             print(f"| {attack} | {seed} | " + " | ".join(f"{a:.3f}" for a in r) + " |", flush=True)
     else:
-        ths = [float(t) for t in args.thresholds.split(",")]
         near = args.steps.replace(",", " / ")
         print(f"| attack | seed | max {args.key} (step) | value@step nearest {near} | first step "
               f"above {' / '.join(map(str, ths))} |\n|---|---:|---|---|---|")
         for attack, seed, cell in todo:
-            print(f"| {attack} | {seed} | {trajectory(cell, args.key, [int(s) for s in args.steps.split(',')], ths)} |")
+            print(f"| {attack} | {seed} | {trajectory(cell, args.key, steps, ths)} |")
 
 
 if __name__ == "__main__":
