@@ -31,5 +31,5 @@ pst_candidate() {
   done
   # the bench's exit status is the candidate's (a failed cell must not leave a candidate judged on fewer attacks)
   (set -o pipefail; .venv/bin/pst-dist bench --config "$config" --bench.defenses='["pst"]' --bench.seeds=1 \
-    --bench.jobs=2 --bench.out="$out" "$@" 2>&1 | { grep -a "\[bench\] cell" || true; })
+    --bench.jobs=2 --bench.out="$out" "$@" 2>&1 | { grep -a -E "\[bench\] (cell|FAILED)|error" || true; })
 }

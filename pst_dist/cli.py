@@ -28,28 +28,67 @@ class Terminated(KeyboardInterrupt):
     ``kill``. The run's own cleanup runs (trackers marked failed, temporary files and folders removed)."""
 
 
+_HANDLERS: list = []
+"""The SIGTERM handler :func:`sigterm_as_interrupt` has set, while a command runs."""
+
+
+def _default_sigterm_in_child() -> None:
+    """A process forked while a command runs (a decoding or FFCV writer process) gets SIGTERM's default back at
+    once: its parent's terminate() must end it, and a child forked after a thread has run may not run a Python
+    handler in time."""
+    if _HANDLERS and signal.getsignal(signal.SIGTERM) is _HANDLERS[-1]:
+        with contextlib.suppress(ValueError):  # forked from another thread than the main one: nothing set here
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+os.register_at_fork(after_in_child=_default_sigterm_in_child)
+
+
 @contextlib.contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
-    """While a command runs (main thread only): the first SIGTERM raises :class:`Terminated` where the command is,
-    unless it is already handling an error (its cleanup then goes on undisturbed and that error is what is
-    reported); later ones are ignored, so cleanup is not cut short (the sender's SIGKILL still ends it). Without
-    this Python dies at once and leaves its tracker runs RUNNING and its temporary files behind."""
+    """While a command runs (main thread only): SIGTERM raises :class:`Terminated` where the command is. One that
+    arrives while an error is being handled is sent again half a second later, until it lands outside such a block,
+    so the cleanup of that error is not cut short and the signal is not lost; once raised, later ones are ignored
+    (the sender's SIGKILL still ends the process). A child process forked meanwhile (a decoding or writer process)
+    dies of it as before. Without this Python dies at once and leaves its tracker runs RUNNING and its temporary
+    files behind."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    fired = False
+    owner, state = os.getpid(), {"fired": False, "done": False}
+
+    def again() -> None:
+        if not state["done"]:
+            os.kill(owner, signal.SIGTERM)
 
     def handler(signum, frame) -> None:
-        nonlocal fired
-        if not fired and sys.exc_info()[0] is None:
-            fired = True
-            raise Terminated()
+        if os.getpid() != owner:  # a forked child inherited this: it ends as SIGTERM always ended it
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        if state["fired"]:
+            return
+        if sys.exc_info()[0] is not None:  # handling an error: not now, but not never
+            timer = threading.Timer(0.5, again)
+            timer.daemon = True
+            timer.start()
+            return
+        state["fired"] = True
+        raise Terminated()
 
     before = signal.signal(signal.SIGTERM, handler)
+    _HANDLERS.append(handler)
     try:
         yield
     finally:
+        state["done"] = True
+        _HANDLERS.remove(handler)
         signal.signal(signal.SIGTERM, before)
+
+
+OWN_SIGNALS = ("bench", "tune")
+"""Commands that leave SIGTERM as it is: Ray's driver installs its own handler (``ray.init``), and the bench's pool
+would wait for its running cells (hours) before the command could end."""
 
 
 def _split_overrides(rest: list[str]) -> list[str]:
@@ -254,10 +293,14 @@ def cmd_report(args: argparse.Namespace, rest: list[str]) -> int:
             continue
         if missing := [k for k in TABLE_KEYS if k not in summary]:  # what the table averages
             raise DataError(f"{path}: no {', '.join(missing)} (not a pst-dist run summary?)")
-        for key in ("final_test_acc", "peak_test_acc"):
+        for key in TABLE_KEYS:
             v = summary[key]
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
                 raise DataError(f"{path}: {key}={v!r}: expected an accuracy in [0, 1] (not a pst-dist run summary?)")
+        curve = summary.get("test_curve")
+        if args.plot and not (isinstance(curve, list) and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in curve)):
+            raise DataError(f"{path}: test_curve={curve!r}: --plot needs the run's test accuracy per epoch")
         groups.setdefault(label, []).append(summary)
     if not groups and not failed:
         raise DataError(f"no */summary.json under {args.runs}")
@@ -378,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(fn=cmd_compare)
     args, rest = parser.parse_known_args(argv)
     try:
-        with sigterm_as_interrupt():
+        with contextlib.nullcontext() if args.cmd in OWN_SIGNALS else sigterm_as_interrupt():
             return args.fn(args, rest)
     except USER_ERRORS as e:
         print(f"pst-dist: error: {e}", file=sys.stderr)

@@ -46,6 +46,15 @@ def test_demo_prints_table_and_plot(tmp_path):
         '{"final_test_acc": "high", "peak_test_acc": 1, "test_acc_at_best_val": 1, "final_val_acc": 1}')
     r = run_cli_in_process("report", str(runs))
     assert r.returncode == 2 and "final_test_acc='high'" in r.stderr, r.stderr
+    (runs / "x_seed0" / "summary.json").write_text(
+        '{"final_test_acc": 1, "peak_test_acc": 1, "test_acc_at_best_val": null, "final_val_acc": 1}')
+    r = run_cli_in_process("report", str(runs))
+    assert r.returncode == 2 and "test_acc_at_best_val=None" in r.stderr, r.stderr
+    (runs / "x_seed0" / "summary.json").write_text(
+        '{"final_test_acc": 1, "peak_test_acc": 1, "test_acc_at_best_val": 1, "final_val_acc": 1}')
+    assert run_cli_in_process("report", str(runs)).returncode == 0  # the table needs no curve
+    r = run_cli_in_process("report", str(runs), "--plot", str(tmp_path / "c.png"))
+    assert r.returncode == 2 and "test_curve=None: --plot needs" in r.stderr and not (tmp_path / "c.png").exists()
     # a demo into a folder holding the user's own results.md (no demo run beside it) is refused before training
     user = tmp_path / "user"
     user.mkdir()
@@ -134,3 +143,37 @@ def test_keys_lists_every_field_with_type_default_and_doc(capsys):
     assert main(["keys", "nope"]) == 2
     assert "nope" in capsys.readouterr().err
     assert "pst-dist keys" in run_cli("train", "--help").stdout
+
+
+def test_sigterm_during_a_handled_error_is_sent_again_not_lost_and_a_forked_child_still_dies_of_it():
+    """Inside an except block SIGTERM waits (the cleanup of an error is not cut short) and comes back half a
+    second later, once outside it; a process forked while the handler is set dies of SIGTERM as before (its
+    parent's terminate() would otherwise be an exception the child could ignore)."""
+    import multiprocessing
+    import os
+    import signal
+    import time
+
+    import pytest
+
+    from pst_dist.cli import Terminated, sigterm_as_interrupt
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Terminated), sigterm_as_interrupt():
+        try:
+            raise ValueError("an error being handled")
+        except ValueError:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.2)  # still here: held while the error is handled
+        held = time.monotonic()
+        while time.monotonic() - held < 5:
+            time.sleep(0.05)
+        raise AssertionError("the held SIGTERM never came back")
+    assert signal.getsignal(signal.SIGTERM) == before
+    with sigterm_as_interrupt():
+        child = multiprocessing.get_context("fork").Process(target=time.sleep, args=(60,))
+        child.start()
+        time.sleep(0.5)  # running (a signal in the microseconds before the fork hook ran would be lost)
+        child.terminate()
+        child.join(10)
+    assert child.exitcode == -signal.SIGTERM
