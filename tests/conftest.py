@@ -75,6 +75,23 @@ def run_cli(*args, timeout=600, env=None, cwd=None):
                           timeout=timeout, env=env, cwd=cwd)
 
 
+def signal_after_checkpoint(args, run_dir: Path, sig: int, **popen):
+    """``pst-dist train ARGS`` in a subprocess, sent ``sig`` once its first checkpoint is in ``run_dir``; the
+    CompletedProcess (the test asserts it checkpointed: a run that ends first has no checkpoint to keep)."""
+    import subprocess
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "pst_dist.cli", "train", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **popen)
+    deadline = time.time() + 240
+    while not (run_dir / "checkpoint.pt").is_file() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert (run_dir / "checkpoint.pt").is_file(), "training never checkpointed"
+    proc.send_signal(sig)
+    stdout, stderr = proc.communicate(timeout=120)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
 def run_cli_in_process(*args, timeout=300):
     """``pst_dist.cli.main(ARGS)`` in this process, for commands that refuse their input before any work: the CLI's
     own parsing, checks, messages and exit code without a Python and torch start-up (~4 s) per case. Returns a

@@ -14,7 +14,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -22,7 +21,15 @@ import torch
 
 from pst_dist.config import ConfigError, dump_toml, load_config
 
-from .conftest import TINY, assert_refused, partial_files, place_marker, run_cli, run_cli_in_process
+from .conftest import (
+    TINY,
+    assert_refused,
+    partial_files,
+    place_marker,
+    run_cli,
+    run_cli_in_process,
+    signal_after_checkpoint,
+)
 
 FAST = [*TINY, "--log.tensorboard=false"]
 
@@ -262,18 +269,10 @@ def test_ctrl_c_is_one_line_and_keeps_the_last_checkpoint(tmp_path):
     marker = place_marker(tmp_path)
     # SIGINT at its default in the child: a test run started in the background (nohup ... &) ignores it, and the
     # child would inherit that and train all 200 epochs
-    proc = subprocess.Popen([sys.executable, "-m", "pst_dist.cli", "train", *FAST, "--train.epochs=200",
-                             f"--log.run_dir={run_dir}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    deadline = time.time() + 240
-    while not (run_dir / "checkpoint.pt").is_file() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.2)
-    assert (run_dir / "checkpoint.pt").is_file(), "training never checkpointed"
-    proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=120)
-    out = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+    out = signal_after_checkpoint([*FAST, "--train.epochs=200", f"--log.run_dir={run_dir}"], run_dir, signal.SIGINT,
+                                  preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert_refused(out, ["interrupted", "--resume"], [marker], tmp_path, code=130)
-    assert len(stderr.strip().splitlines()) <= 2, stderr
+    assert len(out.stderr.strip().splitlines()) <= 2, out.stderr
     import torch
 
     assert torch.load(run_dir / "checkpoint.pt", weights_only=True)["state"]["epoch"] >= 1

@@ -15,7 +15,7 @@ from pst_dist.config import ConfigError, dump_toml, load_config
 from pst_dist.registry import Entry
 from pst_dist.train import train
 
-from .conftest import TINY
+from .conftest import TINY, signal_after_checkpoint
 
 
 @pytest.fixture
@@ -299,24 +299,16 @@ def test_sigterm_ends_the_run_as_ctrl_c_does_and_marks_its_tracker_run_failed(tm
     """SIGTERM (torchrun ending the other ranks after one failed, a preemption, kill): one line, exit 143, the last
     checkpoint kept and the MLflow run FAILED (before, Python died at once and left it RUNNING)."""
     import signal
-    import subprocess
-    import sys
 
     import torch
     from mlflow.tracking import MlflowClient
 
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # the run's own file store, read here as the run sets it
     run_dir = tmp_path / "r"
-    proc = subprocess.Popen([sys.executable, "-m", "pst_dist.cli", "train", *TINY, "--data.synthetic_train=128",
-                             "--train.epochs=200", "--log.tensorboard=false", '--log.trackers=["mlflow"]',
-                             f"--log.run_dir={run_dir}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 240
-    while not (run_dir / "checkpoint.pt").is_file() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.2)
-    assert (run_dir / "checkpoint.pt").is_file(), "training never checkpointed"
-    proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 143 and "terminated (SIGTERM)" in stderr and "Traceback" not in stderr, stderr[-2000:]
+    out = signal_after_checkpoint([*TINY, "--data.synthetic_train=128", "--train.epochs=200", "--log.tensorboard=false",
+                                   '--log.trackers=["mlflow"]', f"--log.run_dir={run_dir}"], run_dir, signal.SIGTERM)
+    stderr = out.stderr
+    assert out.returncode == 143 and "terminated (SIGTERM)" in stderr and "Traceback" not in stderr, stderr[-2000:]
     assert torch.load(run_dir / "checkpoint.pt", weights_only=True)["state"]["epoch"] >= 1
     run_id = json.loads((run_dir / "trackers.json").read_text())["mlflow"]
     assert MlflowClient(tracking_uri=(run_dir / "mlruns").as_uri()).get_run(run_id).info.status == "FAILED"
