@@ -23,8 +23,9 @@ def rng_state() -> dict:
 
 RNG_KEYS = ("rng_torch", "rng_python", "rng_python_pos")
 """What :func:`rng_state` saves."""
-PAYLOAD_KEYS = ("model_name", "model", "optimizer", "state", *RNG_KEYS)
-"""What :func:`save_checkpoint` writes (and ``rng_cuda`` on a GPU machine)."""
+PAYLOAD_KEYS = ("model_name", "model", "optimizer", "state")
+"""What :func:`save_checkpoint` writes besides :data:`RNG_KEYS` (checked by :func:`set_rng_state`) and, on a GPU
+machine, ``rng_cuda``."""
 
 
 def set_rng_state(state: dict, path: Path | str = "checkpoint") -> None:

@@ -37,8 +37,7 @@ def _default_sigterm_in_child() -> None:
     once: its parent's terminate() must end it, and a child forked after a thread has run may not run a Python
     handler in time."""
     if _HANDLERS and signal.getsignal(signal.SIGTERM) is _HANDLERS[-1]:
-        with contextlib.suppress(ValueError):  # forked from another thread than the main one: nothing set here
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 os.register_at_fork(after_in_child=_default_sigterm_in_child)
@@ -61,11 +60,7 @@ def sigterm_as_interrupt() -> Iterator[None]:
         if not state["done"]:
             os.kill(owner, signal.SIGTERM)
 
-    def handler(signum, frame) -> None:
-        if os.getpid() != owner:  # a forked child inherited this: it ends as SIGTERM always ended it
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            os.kill(os.getpid(), signal.SIGTERM)
-            return
+    def handler(signum, frame) -> None:  # never in a forked child: _default_sigterm_in_child took it away there
         if state["fired"]:
             return
         if sys.exc_info()[0] is not None:  # handling an error: not now, but not never

@@ -181,9 +181,7 @@ def check_out_dir(out: Path, *, command: str, marker: str, owned: Iterable[str],
     - it is an earlier output and ``overwrite`` is false.
     """
     out = Path(out)
-    here, where = Path.cwd().resolve(), Path(os.path.abspath(out)).resolve()  # "nope/.." is here too (atomic_dir)
-    if where == here or where in here.parents:  # it would be renamed into place under the shell
-        raise OutputError(f"--out {out}: is the current directory or one holding it; name a directory inside it")
+    _refuse_current_dir(out)
     if out.is_symlink() or (out.exists() and not out.is_dir()):
         raise OutputError(f"--out {out}: exists and is not a directory; choose another --out")
     if not out.exists():
@@ -209,6 +207,14 @@ def check_out_dir(out: Path, *, command: str, marker: str, owned: Iterable[str],
     return True
 
 
+def _refuse_current_dir(out: Path) -> None:
+    """OutputError for an ``out`` that is the current directory or one holding it (``.``, ``..``, ``nope/..``): the
+    output, renamed into place, would pull the shell's directory away."""
+    here = Path.cwd().resolve()
+    if (where := Path(os.path.abspath(out)).resolve()) == here or where in here.parents:
+        raise OutputError(f"--out {out}: is the current directory or one holding it; name a directory inside it")
+
+
 def check_written_over(out: Path, names: Iterable[str], ours: bool, *, option: str, command: str,
                        missing: str) -> None:
     """A folder a command reuses (bench.out, demo --out: it may hold anything else) and writes ``names`` into, over
@@ -227,10 +233,8 @@ def atomic_dir(out: Path, *, replace: bool = False, owned: Iterable[str] | None 
     renamed aside and removed only after the new one is in place; with ``owned`` (the names the command writes) only
     if it still holds nothing else, for a file put there while the work ran is not the earlier output's. On any
     failure the partial directory is removed and ``out`` is as it was."""
+    _refuse_current_dir(out)
     out = Path(os.path.abspath(out))  # "x/." or "x/..": a sibling of the directory itself, not one inside it
-    here = Path.cwd().resolve()
-    if out.resolve() == here or out.resolve() in here.parents:  # as check_out_dir: never renamed over the shell's
-        raise OutputError(f"--out {out}: is the current directory or one holding it; name a directory inside it")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)  # only our own name, from a crashed run of this very process id
