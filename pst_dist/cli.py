@@ -272,7 +272,7 @@ def cmd_demo(args: argparse.Namespace, rest: list[str]) -> int:
 def cmd_report(args: argparse.Namespace, rest: list[str]) -> int:
     """Aggregate summary.json files of runs named <label>_seed<k> into a mean +- std table."""
     from .io import read_json  # start-up time: each command imports only what it runs
-    from .report import TABLE_KEYS, check_plot_path, format_table, plot_curves  # start-up time: what it runs
+    from .report import check_plot_path, format_table, plot_curves, summary_problem  # start-up: what it runs
 
     if rest:
         raise ConfigError(f"pst-dist report: unexpected argument {rest[0]!r} (one runs directory; --plot FILE)")
@@ -286,16 +286,8 @@ def cmd_report(args: argparse.Namespace, rest: list[str]) -> int:
         if summary.get("status", "finished") != "finished":
             failed.append(f"{path.parent.name}: FAILED: {summary.get('error', summary.get('status'))}")
             continue
-        if missing := [k for k in TABLE_KEYS if k not in summary]:  # what the table averages
-            raise DataError(f"{path}: no {', '.join(missing)} (not a pst-dist run summary?)")
-        for key in TABLE_KEYS:
-            v = summary[key]
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
-                raise DataError(f"{path}: {key}={v!r}: expected an accuracy in [0, 1] (not a pst-dist run summary?)")
-        curve = summary.get("test_curve")
-        if args.plot and not (isinstance(curve, list) and all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) for v in curve)):
-            raise DataError(f"{path}: test_curve={curve!r}: --plot needs the run's test accuracy per epoch")
+        if problem := summary_problem(summary, curve=bool(args.plot)):
+            raise DataError(f"{path}: {problem}")
         groups.setdefault(label, []).append(summary)
     if not groups and not failed:
         raise DataError(f"no */summary.json under {args.runs}")

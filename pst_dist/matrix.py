@@ -240,6 +240,12 @@ class Bench:
         return self.out / "poisons" / f"{attack}_seed{seed}"
 
 
+def seed_overrides(overrides: list[str]) -> list[str]:
+    """Those of ``overrides`` (``key=value``) that set poison.seed or train.seed, which a bench or a search sets
+    itself per seed."""
+    return [o for o in overrides if o.removeprefix("--").split("=")[0] in ("poison.seed", "train.seed")]
+
+
 def plan_bench(config: str, overrides: list[str]) -> Bench:
     """Validate everything once, before any work (nothing is written for a bad config)."""
     cfg = load_config(config, overrides)
@@ -250,8 +256,7 @@ def plan_bench(config: str, overrides: list[str]) -> Bench:
     check_val_size(cfg.data)  # else every poison and cell would fail alone, after bench.json is written
     for where, table in (("attack_overrides", b.attack_overrides), ("defense_overrides", b.defense_overrides)):
         for name, overrides in table.items():
-            seeded = [o for o in overrides if o.removeprefix("--").split("=")[0] in ("poison.seed", "train.seed")]
-            if seeded:  # every seed of the bench would be the same run, reported as several draws
+            if seeded := seed_overrides(overrides):  # every seed of the bench: the same run, reported as several
                 raise ConfigError(f"bench.{where}.{name}={seeded}: the bench's seeds set poison.seed and train.seed "
                                   f"(bench.seeds: 0, 1, ...); set how many with bench.seeds")
     if "pst" in b.defenses and len(cfg.schedule.stages) < 2:

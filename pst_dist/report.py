@@ -33,6 +33,24 @@ TABLE_KEYS = ("final_test_acc", "peak_test_acc", "test_acc_at_best_val", "final_
 """What :func:`format_table` reads from each run's summary."""
 
 
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def summary_problem(summary: dict, curve: bool = False) -> str | None:
+    """What keeps a finished run's summary out of :func:`format_table` (and, with ``curve``, :func:`plot_curves`),
+    or None."""
+    for key in TABLE_KEYS:
+        if key not in summary:
+            return f"no {key} (not a pst-dist run summary?)"
+        if not _is_number(v := summary[key]) or not 0 <= v <= 1:
+            return f"{key}={v!r}: expected an accuracy in [0, 1] (not a pst-dist run summary?)"
+    c = summary.get("test_curve")
+    if curve and not (isinstance(c, list) and all(map(_is_number, c))):
+        return f"test_curve={c!r}: --plot needs the run's test accuracy per epoch"
+    return None
+
+
 def format_table(results: dict[str, list[dict]]) -> str:
     """Markdown table: one row per label, mean ± std over its runs' summaries (final, peak, at best val, val)."""
     rows = ["| condition | seeds | final-epoch test acc | peak test acc | test acc at best val epoch | final val acc |",

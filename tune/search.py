@@ -24,6 +24,7 @@ from pst_dist.config import (
 from pst_dist.data.sources import check_val_size
 from pst_dist.distributed import init_ray
 from pst_dist.io import check_written_over, write_atomic
+from pst_dist.matrix import seed_overrides
 from pst_dist.models import build_model
 from pst_dist.pst.groups import layer_groups
 from pst_dist.pst.schedule import Schedule
@@ -96,9 +97,8 @@ def check_space(cfg: Config, groups: int) -> None:
             chosen = ", ".join(f"tune.{EXTRA[k]}={v!r}" for k, v in zip(extra, values, strict=True))
             raise ConfigError(f"the search space offers a trial that cannot train ({chosen}): {e}") from None
     for a in cfg.tune.attacks:
-        seeded = [o for o in cfg.bench.attack_overrides.get(a, [])
-                  if o.removeprefix("--").split("=")[0] in ("poison.seed", "train.seed")]
-        if seeded:  # the run would train another seed than its directory says, on a store never made
+        # the run would train another seed than its directory says, on a store never made
+        if seeded := seed_overrides(cfg.bench.attack_overrides.get(a, [])):
             raise ConfigError(f"bench.attack_overrides.{a}={seeded}: a search's runs take their seeds from "
                               f"tune.seeds (or the config's own poison.seed and train.seed); set them there")
     for a, seed in trial_runs(cfg).values():
