@@ -111,8 +111,8 @@ def check_run_dir(cfg: Config, resume: bool, overwrite: bool, allow_changes: boo
     if run_dir.is_symlink() and not run_dir.is_dir() or run_dir.exists() and not run_dir.is_dir():
         raise RunDirError(f"log.run_dir={str(run_dir)!r}: exists and is not a directory")
     _writable_ancestor(run_dir)
-    present = holds_run(run_dir) if run_dir.is_dir() else []
     theirs = run_names_present(run_dir, cfg.log.trackers) if run_dir.is_dir() else []
+    present = [n for n in theirs if n in RUN_MARKERS]  # holds_run's answer, read once
     if theirs and not written_by_a_run(run_dir):
         raise RunDirError(f"log.run_dir={str(run_dir)!r} holds {', '.join(theirs)}, which a run writes, but no "
                           f"pst-dist run wrote them (no config.toml with a run's [{'], ['.join(RUN_SECTIONS)}] "
