@@ -64,7 +64,7 @@ from .io import OutputError, atomic_dir, check_written_over, savefig_atomic, wri
 from .metrics import computed_on, describe_machine, run_machines
 from .poison import PoisonFileError, make_poison, store
 from .registry import DEFENSES
-from .report import mean_std
+from .report import mean_std, summary_problem
 from .train import resumed_inputs, train
 
 STANDARD = [{"name": "standard"}]
@@ -194,10 +194,12 @@ def changes(was: dict, now: dict) -> dict[str, tuple]:
 
 
 def _failed(run_dir: Path) -> bool:
-    """Whether the run in ``run_dir`` ended as failed (diverged): it is run again, not reported."""
+    """Whether the run in ``run_dir`` ended as failed (diverged), or its summary cannot be read (cut short): it is
+    run again, not reported."""
     f = run_dir / "summary.json"
     try:
-        return f.is_file() and json.loads(f.read_text()).get("status", "finished") != "finished"
+        return f.is_file() and (not isinstance(sm := json.loads(f.read_text()), dict)
+                                or sm.get("status", "finished") != "finished")
     except (OSError, ValueError):
         return True
 
@@ -323,6 +325,15 @@ def cached_poison(base: dict, attack: str, seed: int, pdir: Path, where: str) ->
     return meta
 
 
+def _cell_summary(f: Path) -> dict:
+    """A finished cell's ``summary.json`` (one :func:`_failed` reads); one without the table's accuracies (edited by
+    hand?) is an OutputError naming it, not a traceback."""
+    sm = json.loads(f.read_text())
+    if problem := summary_problem(sm):
+        raise OutputError(f"{f}: {problem}; to run that cell again, move {f.parent} out of the bench's folder")
+    return sm
+
+
 def finished_cells(bench: Bench, say: Callable[[str], None]) -> tuple[dict[tuple[str, str, int], dict],
                                                                        list[tuple[str, str, int]]]:
     """({cell: result} of the cells already finished, [cells] to run). A cell run (or begun) with another recipe
@@ -341,7 +352,7 @@ def finished_cells(bench: Bench, say: Callable[[str], None]) -> tuple[dict[tuple
                 f"run moved to {old}")
         f = run_dir / "summary.json"
         if f.is_file() and not _failed(run_dir):
-            sm = json.loads(f.read_text())
+            sm = _cell_summary(f)
             done[(a, r, s)] = {"attack": a, "run": r, "seed": s, "seconds": None, "resumed": False,
                                **{k: sm[k] for k in ("final_test_acc", "peak_test_acc", "test_acc_at_best_val",
                                                      "final_val_acc")}}

@@ -163,6 +163,28 @@ def test_a_resumed_bench_refuses_a_cached_poison_made_with_other_settings(tmp_pa
     assert (out / "bench.json").read_bytes() == recorded, "a refused bench rewrote the bench's record"
 
 
+def test_a_resumed_bench_names_a_finished_cells_summary_without_its_accuracies(tmp_path):
+    out = tmp_path / "b"
+    one = ['--bench.attacks=["classwise_noise"]', '--bench.defenses=["standard"]', "--bench.seeds=1", "--bench.jobs=1",
+           "--train.epochs=1"]
+    assert bench(out, *one).returncode == 0
+    f = out / "cells" / "classwise_noise" / "standard" / "seed0" / "summary.json"
+    summary = json.loads(f.read_text())
+    results = (out / "results.csv").read_bytes()
+    for bad, says in (({k: v for k, v in summary.items() if k != "final_val_acc"}, "no final_val_acc"),
+                      (dict(summary, peak_test_acc="n/a"), "peak_test_acc='n/a'")):
+        f.write_text(json.dumps(bad))
+        r = bench_refused(out, *one)
+        assert r.returncode == 2 and f"{f}: " in r.stderr and says in r.stderr, r.stderr[-2000:]
+        assert "move " in r.stderr and "Traceback" not in r.stderr
+        assert (out / "results.csv").read_bytes() == results, "a refused bench rewrote its table"
+    # one that is not a summary at all (cut short) is run again, as a failed cell is
+    f.write_text("[1, 2]")
+    r = bench(out, *one)
+    assert r.returncode == 0 and "0 finished (skipped), 1 to run" in r.stderr, r.stderr[-2000:]
+    assert json.loads(f.read_text())["final_test_acc"] == summary["final_test_acc"]
+
+
 def test_a_directory_in_a_poisons_place_that_is_not_a_store_is_refused_and_left_alone(tmp_path):
     """bench.out may be a directory the user already had: what lies where a poison store would go is never replaced
     (the bench's own stores are renamed into place whole, with their poison.json)."""
