@@ -5,7 +5,7 @@
 #      torch, DeepSpeed ZeRO-0 and ZeRO-3),
 #   3. the paths CPU tests cannot reach: host values all-reduced under NCCL (one-process group), a streamed image
 #      folder's batches through the pinned side-stream copy (tests/test_distributed.py, tests/test_stream.py -k cuda),
-#   4. if time is left: the trainer's new run / resume / refusal / divergence on CUDA.
+#   4. if time is left: the trainer's new run / resume / refusal on CUDA.
 # Each step under its own timeout and a shared deadline (BUDGET seconds, default 500), its log and a JSON line with its
 # exit status under $OUT, so one failing step does not cost the others. DeepSpeed and pytest come as wheels in .whl/
 # (built on a machine with a registry: see ../shared/GPU.md), installed into a private target.

@@ -327,7 +327,8 @@ def main(argv: list[str] | None = None) -> int:
                        "description")
     p.add_argument("--config", help="TOML recipe, e.g. launch/configs/fmnist_pst.toml")
     p.add_argument("--resume", action="store_true", help="continue the run in log.run_dir from its last checkpoint "
-                   "(the config must be the recorded one; more train.epochs and [log] keys may change)")
+                   "(the config must be the recorded one but for more train.epochs, thread / loader / "
+                   "checkpoint settings and [log] [tune] [bench]: RESUME_MAY_CHANGE in pst_dist/config.py)")
     p.add_argument("--overwrite", action="store_true", help="replace the run in log.run_dir (its run files only)")
     p.set_defaults(fn=cmd_train)
     p = sub.add_parser("demo", help="poison, then train clean / poisoned / PST and print the table")

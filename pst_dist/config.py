@@ -378,8 +378,8 @@ class LossConfig:
     """Label smoothing of both cross-entropy terms."""
     view: str = "blur"
     """The perturbation-suppressing view used by view_ce and consistency: blur | randblur | downup | gray | jpeg |
-    median | plasma | quantize, or several joined by ``+`` (applied left to right), each optionally at its own strength
-    (``"randblur:1.5+quantize:3"``)."""
+    median | plasma | quantize | sharpen, or several joined by ``+`` (applied left to right), each optionally at its
+    own strength (``"randblur:1.5+quantize:3"``)."""
     view_strength: float = 1.0
     """blur: sigma in pixels; downup: factor; jpeg: quality = 10/strength; plasma: +-strength/10... see pst.views."""
     mix: str = "none"
