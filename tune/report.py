@@ -216,16 +216,17 @@ def write_reports(cfg: Config, results, search_dir: Path, log) -> dict:
     best = best_row(rows, cfg.tune.ties)
     total = sum(r["epochs_trained"] for r in rows)
     search_dir.mkdir(parents=True, exist_ok=True)
-    write_atomic(search_dir / "results.csv", results_csv(rows))
+    csv_name, md_name, png_name, best_name = REPORTS  # the names search.py checks before it writes over them
+    write_atomic(search_dir / csv_name, results_csv(rows))
     md = results_md(cfg, rows, best, total)
-    write_atomic(search_dir / "results.md", md)
-    plot_trials(rows, best, search_dir / "trials.png", multi=bool(cfg.tune.attacks))
+    write_atomic(search_dir / md_name, md)
+    plot_trials(rows, best, search_dir / png_name, multi=bool(cfg.tune.attacks))
     if best is not None:
-        write_atomic(search_dir / "best_schedule.toml", best_schedule_toml(cfg, best))
+        write_atomic(search_dir / best_name, best_schedule_toml(cfg, best))
     log(md)
     errors = [r["trial"] for r in rows if r["status"] == "error"]
-    log(f"[tune] wrote {search_dir}/results.csv, results.md, trials.png"
-        + (", best_schedule.toml" if best else " (no trial completed: no best schedule)")
+    log(f"[tune] wrote {search_dir}/{csv_name}, {md_name}, {png_name}"
+        + (f", {best_name}" if best else " (no trial completed: no best schedule)")
         + (f"; trials that failed: {errors}" if errors else ""))
     return {"trials": len(rows), "total_epochs": total, "errors": errors,
             "best": None if best is None else {k: best[k] for k in ("trial", "final_val_acc", "final_test_acc",
