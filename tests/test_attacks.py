@@ -119,6 +119,10 @@ def test_em_data_parallel_on_two_processes_gives_every_rank_the_same_poison(tmp_
                    capture_output=True)
     p0, p1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert torch.equal(p0["poisoned"], p1["poisoned"])
+    # the images' noise is merged across ranks whatever the surrogates did: their weights show the shared gradients
+    [s0], [s1] = p0["surrogate"], p1["surrogate"]
+    assert s0.keys() == s1.keys() and all(torch.equal(s0[k], s1[k]) for k in s0), "the ranks' surrogates differ"
+    assert any(not torch.equal(s0[k], v) for k, v in p0["initial"].items()), "the surrogate never trained"
     d = p0["poisoned"].to(torch.int16) - p0["clean"].to(torch.int16)
     assert 0 < int(d.abs().max()) <= 8
     assert p0["info"] == p1["info"] and p0["info"]["rounds"] >= 1
@@ -146,6 +150,8 @@ def test_em_under_the_trainers_bf16_autocast():
     p, info = gen(x, y, cfg)
     d = p.to(torch.int16) - x.to(torch.int16)
     assert 0 < int(d.abs().max()) <= 8 and info["rounds"] == 2
+    cfg.train.bf16 = False
+    assert not torch.equal(gen(x, y, cfg)[0], p), "train.bf16 did not reach the surrogate: the fp32 poison"
 
 
 @pytest.mark.parametrize("kind", ["rem", "tap"])

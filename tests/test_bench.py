@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from pst_dist.compare import compare, format_comparison
+from pst_dist.config import tomllib
 from pst_dist.metrics import describe_machine, machine_facts
 from tests.conftest import run_cli_in_process
 from tests.test_tune import OwnRay
@@ -54,6 +55,14 @@ def test_bench_matrix_tables_heatmap_and_resume(tiny_pool_bench):
     for x in rows:
         assert 0 <= float(x["final_test_acc"]) <= 1 and float(x["final_test_acc"]) <= float(x["peak_test_acc"])
     cells = sorted(p.parent for p in (out / "cells").glob("*/*/seed*/summary.json"))
+    # each cell trained with its defense: the recorded config (what trained it) carries it
+    expect = {"standard": ("none", 1), "jpeg10": ("jpeg", 1), "ueraser": ("ueraser", 1), "pst": ("none", 3)}
+    for c in cells:
+        rec = tomllib.loads((c / "config.toml").read_text())
+        kind, stages = expect[c.parent.name]
+        assert (rec["defense"]["kind"], len(rec["schedule"]["stages"])) == (kind, stages), c
+        assert rec["defense"]["jpeg_quality"] == 10 or kind != "jpeg"
+        assert rec["poison"]["kind"] == c.parent.parent.name
     assert len(cells) == 16 and all(list(c.glob("events.out.tfevents*")) or list((c / "tb").glob("*"))
                                     for c in cells), "a TensorBoard run per cell"
     md = (out / "results.md").read_text()

@@ -31,9 +31,10 @@ def test_gpu_throughput_vit_case_runs_zero0_and_zero3_on_the_cpu():
     assert vit["augment"] == "rrc_flip" and vit["trainer_zero0"] > 0 and vit["trainer_zero3"] > 0
 
 
-def test_gpu_throughput_refuses_too_few_epochs():
-    with pytest.raises(SystemExit):
+def test_gpu_throughput_refuses_too_few_epochs(capsys):
+    with pytest.raises(SystemExit) as e:
         _load("gpu_throughput").main(["--tiny", "--epochs", "2"])
+    assert e.value.code != 0 and "--epochs" in f"{e.value.code} {capsys.readouterr().err}"
 
 
 def test_data_wait_compares_the_two_loaders():

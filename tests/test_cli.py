@@ -159,16 +159,22 @@ def test_sigterm_during_a_handled_error_is_sent_again_not_lost_and_a_forked_chil
     from pst_dist.cli import Terminated, sigterm_as_interrupt
 
     before = signal.getsignal(signal.SIGTERM)
+    reached = []
     with pytest.raises(Terminated), sigterm_as_interrupt():
         try:
             raise ValueError("an error being handled")
         except ValueError:
+            sent = time.monotonic()
             os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(0.2)  # still here: held while the error is handled
+            time.sleep(0.2)
+            reached.append("the end of the except block")  # still here: held while the error is handled
         held = time.monotonic()
         while time.monotonic() - held < 5:
             time.sleep(0.05)
         raise AssertionError("the held SIGTERM never came back")
+    came_back = time.monotonic() - sent
+    assert reached == ["the end of the except block"], "SIGTERM cut the handling of the error short"
+    assert 0.4 < came_back < 4, f"the held SIGTERM came back {came_back:.2f} s after it was sent (0.5 s expected)"
     assert signal.getsignal(signal.SIGTERM) == before
     with sigterm_as_interrupt():
         child = multiprocessing.get_context("fork").Process(target=time.sleep, args=(60,))

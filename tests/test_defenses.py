@@ -79,14 +79,25 @@ def test_pgd_examples_stay_in_the_ball_raise_the_loss_and_leave_the_model_alone(
     assert all(torch.equal(v, bn[k]) for k, v in model.state_dict().items())  # BatchNorm statistics untouched
 
 
-def test_adversarial_training_runs_with_a_frozen_stage(tmp_path):
-    from pst_dist.train import train
+def test_adversarial_training_runs_with_a_frozen_stage(tmp_path, monkeypatch):
+    from pst_dist import train as train_module
 
     cfg = load_config(None, TINY + ["--defense.kind=adv", "--defense.adv_steps=2", f"--log.run_dir={tmp_path}",
                                     "--log.tensorboard=false",
                                     '--schedule.stages=[{epochs = 1.0}, {freeze = [0, 1]}]'])
-    s = train(cfg)
+    moved = []  # per step: how far the PGD examples it trained on are from its clean batch
+    pgd = train_module.pgd_examples
+
+    def spy(model, x, *args):
+        adv = pgd(model, x, *args)
+        moved.append(float((adv - x).abs().max()))
+        return adv
+
+    monkeypatch.setattr(train_module, "pgd_examples", spy)
+    s = train_module.train(cfg)
     assert s["steps"] > 0 and 0 <= s["final_test_acc"] <= 1
+    assert len(moved) == s["steps"], "every step, frozen stage included, trains on PGD examples"
+    assert all(0 < m <= cfg.defense.adv_eps + 1e-6 for m in moved), moved
 
 
 def test_jpeg_squeezing_is_pil_s_codec_as_in_iss():

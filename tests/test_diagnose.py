@@ -41,4 +41,8 @@ def test_diagnose_writes_per_group_curves_for_poisoned_and_clean(tmp_path):
         for which in ("poisoned", "clean"):
             for gname in groups:
                 assert 0 <= row[f"{which}/{gname}/probe_acc"] <= 1 and 0 < row[f"{which}/{gname}/kmeans_purity"] <= 1
+    # the poisoned probe is the poisoned images (not the clean ones twice): their features differ
+    last = rows[-1]
+    assert any(last[f"poisoned/{g}/{m}"] != last[f"clean/{g}/{m}"] for g in groups
+               for m in ("probe_acc", "kmeans_purity")), last
     assert (tmp_path / "diagnose.png").stat().st_size > 1000

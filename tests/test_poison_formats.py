@@ -76,7 +76,7 @@ def test_ue_perturbation_trains(tmp_path, classwise):
     torch.save(ue_perturbation(K if classwise else SOURCE), tmp_path / "perturbation.pt")
     s = train(cfg_of("--poison.kind=file", f"--poison.path={tmp_path / 'perturbation.pt'}", "--train.epochs=1",
                      f"--log.run_dir={tmp_path / 'run'}", "--log.tensorboard=false"))
-    assert s.get("status", "finished") == "finished" and 0 <= s["final_test_acc"] <= 1
+    assert s["status"] == "finished" and 0 <= s["final_test_acc"] <= 1
     assert "perturbation.pt" in (tmp_path / "run" / "config.toml").read_text()
 
 

@@ -22,6 +22,7 @@ import torch
 from pst_dist.config import ConfigError, dump_toml, load_config
 
 from .conftest import (
+    MARKER_TEXT,
     TINY,
     assert_refused,
     partial_files,
@@ -72,7 +73,7 @@ def test_overwrite_replaces_the_run_files_only(run_copy, tmp_path):
     (run_copy / "notes").mkdir()
     out = run_cli("train", *FAST, "--train.epochs=1", f"--log.run_dir={run_copy}", "--overwrite")
     assert out.returncode == 0, out.stderr[-3000:]
-    assert inside.read_text() and (run_copy / "notes").is_dir()
+    assert inside.read_text() == MARKER_TEXT and (run_copy / "notes").is_dir()
     assert _epochs(run_copy) == [1], "metrics.jsonl must hold the new run alone"
     assert load_config(run_copy / "config.toml").train.epochs == 1
     assert not partial_files(tmp_path)

@@ -144,13 +144,17 @@ def test_checkpoint_from_another_model(tmp_path):
         load_checkpoint(tmp_path / "junk.pt", m, opt, "resnet18")
 
 
-def test_bf16_autocast_and_vit(tmp_path):
+def test_bf16_autocast_and_vit(tmp_path, monkeypatch):
     cfg = load_config(None, [*TINY, "--train.epochs=1", "--train.bf16=true", "--train.optimizer=adamw",
                              "--train.lr=0.001", "--model.name=vit_tiny_patch16_224", "--model.patch_size=4",
                              '--schedule.stages=[{name="a",steps=2},{name="b",freeze=[0,1],loss={view_ce=1.0}}]',
                              f"--log.run_dir={tmp_path}", "--log.tensorboard=false"])
+    seen = set()  # the dtypes the ViT's linear layers computed in
+    forward = torch.nn.Linear.forward
+    monkeypatch.setattr(torch.nn.Linear, "forward", lambda self, x: seen.add((y := forward(self, x)).dtype) or y)
     s = train(cfg)
     assert s["steps"] == 8 and 0 <= s["final_test_acc"] <= 1
+    assert torch.bfloat16 in seen, f"train.bf16=true but the linear layers computed in {seen}"
 
 
 def test_lr_span_run_is_one_shape_across_stages_and_resumes_bit_identical(tmp_path):

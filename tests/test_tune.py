@@ -564,7 +564,10 @@ def test_job_submit_of_a_search_onto_two_nodes_then_train_its_best_schedule(own_
                          timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     summary = json.loads((tmp_path / "best" / "summary.json").read_text())
-    assert len(summary["val_curve"]) == 3 and summary["stage_history"] is not None
+    assert len(summary["val_curve"]) == 3 and isinstance(summary["stage_history"], list)
+    # it trained the schedule the search chose (the run records what trained it)
+    chosen = load_config(search / "best_schedule.toml").schedule
+    assert load_config(tmp_path / "best" / "config.toml").schedule == chosen and len(chosen.stages) > 1
 
 
 @pytest.mark.slow

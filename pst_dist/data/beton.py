@@ -38,7 +38,7 @@ JPEG_WARNING = ("WARNING: write_mode='jpg' stores JPEG-compressed images (qualit
 
 def _need_ffcv():
     try:
-        import ffcv  # noqa: F401
+        import ffcv  # noqa: F401 - ffcv: optional (its system libraries), imported only to say so when missing
     except ImportError as e:  # pragma: no cover - the Makefile installs it
         raise DataError(f".beton files need ffcv ({e}); `make` installs it with its system libraries") from e
 
