@@ -27,7 +27,7 @@ from .config import (
     tomllib,
 )
 from .io import blocking_ancestor, json_lines, write_atomic
-from .tracking import LOCAL_DIRS, tracker_dirs
+from .tracking import IDS_FILE, LOCAL_DIRS, tracker_dirs
 
 RUN_MARKERS = ("config.toml", "checkpoint.pt", "ds_checkpoint", "summary.json", "metrics.jsonl")
 """Any of these in a directory means it holds a run."""
@@ -117,6 +117,14 @@ def check_run_dir(cfg: Config, resume: bool, overwrite: bool, allow_changes: boo
         raise RunDirError(f"log.run_dir={str(run_dir)!r} holds {', '.join(theirs)}, which a run writes, but no "
                           f"pst-dist run wrote them (no config.toml with a run's [{'], ['.join(RUN_SECTIONS)}] "
                           f"tables): pst-dist neither overwrites nor resumes from them; choose another log.run_dir")
+    ours = tracker_dirs(run_dir) if theirs else []
+    for name in cfg.log.trackers:
+        folder = LOCAL_DIRS[name][0] if name in LOCAL_DIRS else None
+        if folder in theirs and folder not in ours:
+            raise RunDirError(f"log.run_dir={str(run_dir)!r} holds {folder}/, but no {name} run this run recorded "
+                              f"(its {IDS_FILE}): log.trackers={cfg.log.trackers} would log into a store pst-dist did "
+                              f"not make, and a later --overwrite remove it; move {folder}/ away or choose another "
+                              f"log.run_dir")
     if not resume:
         if present and not overwrite:
             raise RunDirError(f"log.run_dir={str(run_dir)!r} already holds a run ({', '.join(present)}): pass "

@@ -186,6 +186,29 @@ def test_overwrite_removes_a_trackers_folder_only_when_it_holds_the_recorded_run
     assert sorted(p.name for p in ours.iterdir()) == []
 
 
+def test_a_run_never_logs_into_a_trackers_folder_that_holds_no_run_it_recorded(tmp_path):
+    """A user's mlruns/ or wandb/ in a run directory is theirs: a run that would log into it (and so make it look
+    like its own to a later --overwrite, which would remove it) is refused; the run's own folders are reused."""
+    from pst_dist.rundir import RunDirError, check_run_dir
+
+    for tracker, folder, entry, run_id in (("mlflow", "mlruns", "1/c0ffee/meta.yaml", "c0ffee"),
+                                           ("wandb", "wandb", "offline-run-20250101_000000-myrun/x.wandb", "myrun")):
+        d = tmp_path / tracker
+        (d / folder / entry).parent.mkdir(parents=True)
+        (d / folder / entry).write_text("the user's")
+        cfg = load_config(None, [f"--log.run_dir={d}", f'--log.trackers=["{tracker}"]'])
+        (d / "config.toml").write_text(dump_toml(load_config(None, [f"--log.run_dir={d}"])))  # a run, no trackers
+        for resume, overwrite in ((False, True), (True, False)):
+            with pytest.raises(RunDirError, match=f"holds {folder}/, but no {tracker} run this run recorded"):
+                check_run_dir(cfg, resume=resume, overwrite=overwrite)
+        (d / "trackers.json").write_text(json.dumps({tracker: "someone-else"}))
+        with pytest.raises(RunDirError, match=f"holds {folder}/"):
+            check_run_dir(cfg, resume=False, overwrite=True)
+        (d / "trackers.json").write_text(json.dumps({tracker: run_id}))  # the run's own: --overwrite removes it
+        assert check_run_dir(cfg, resume=False, overwrite=True) == {}
+        assert (d / folder / entry).read_text() == "the user's"
+
+
 def test_a_resume_from_an_earlier_checkpoint_logs_each_step_once(tmp_path, own_dirs):
     """The run goes on past its last checkpoint, then resumes from it and logs those steps again: metrics.jsonl rolls
     back, TensorBoard purges the earlier files' later steps (purge_step), MLflow (which cannot delete a point) skips
