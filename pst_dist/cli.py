@@ -207,6 +207,8 @@ def cmd_eval(args: argparse.Namespace, rest: list[str]) -> int:
         if not args.overwrite or not _is_eval_output(out):
             raise OutputError(f"--out {out}: exists" + (" and is not an earlier `pst-dist eval` output; choose another "
                               "--out" if args.overwrite else "; pass --overwrite to replace an earlier eval output"))
+    if out is not None and not out.parent.is_dir():
+        raise OutputError(f"--out {out}: {out.parent} is not a directory; create it or choose another --out")
     result = evaluate_run(Path(args.run), args.checkpoint, _split_overrides(rest), args.split)
     text = json.dumps(result, indent=2)
     if out is not None:
@@ -314,8 +316,8 @@ def cmd_compare(args: argparse.Namespace, rest: list[str]) -> int:
 def _run_checkpoint_args(p: argparse.ArgumentParser) -> None:
     """eval's and export's --run and --checkpoint."""
     p.add_argument("--run", required=True, help="the run directory (its config.toml, meta.json and checkpoint)")
-    p.add_argument("--checkpoint", help="checkpoint.pt, a ds_checkpoint folder or one of its step<N> tags "
-                   "(default: the run's latest)")
+    p.add_argument("--checkpoint", help="the run's checkpoint.pt, ds_checkpoint folder or one of its "
+                   "step<N> tags (default: the run's latest)")
 
 
 def main(argv: list[str] | None = None) -> int:

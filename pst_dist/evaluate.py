@@ -88,6 +88,9 @@ def find_checkpoint(run_dir: Path, checkpoint: str | Path | None = None) -> Path
         p = Path(checkpoint)
         if not p.exists():
             raise CheckpointError(f"--checkpoint {p}: not found")
+        if not p.resolve().is_relative_to(Path(run_dir).resolve()):  # its weights under this run's data and views
+            raise CheckpointError(f"--checkpoint {p}: not in the run {run_dir}; a checkpoint is scored and exported "
+                                  f"with its own run's config (pass that run as --run)")
     else:
         p = next((q for q in (run_dir / "checkpoint.pt", run_dir / CHECKPOINT_DIR) if q.exists()), None)
         if p is None:

@@ -128,14 +128,14 @@ def savefig_atomic(fig, path: Path, **kw) -> None:
 
 
 def is_our_png(path: Path) -> bool:
-    """Whether ``path`` is a PNG that pst-dist wrote (its ``Software`` text is :data:`PLOT_SOFTWARE`) or, before it
-    marked them, a matplotlib plot (``Matplotlib version ...``): a photo or another program's image is neither."""
+    """Whether ``path`` is a PNG that pst-dist wrote: its ``Software`` text is :data:`PLOT_SOFTWARE`. A photo,
+    another program's image or a user's own matplotlib figure (``Matplotlib version ...``) is not."""
     from PIL import Image  # matplotlib's dependency; only where a plot file is in the way
 
     try:
         with Image.open(path) as im:
             said = str(im.text.get("Software", "")) if im.format == "PNG" else ""
-            return said == PLOT_SOFTWARE or said.startswith("Matplotlib version")
+            return said == PLOT_SOFTWARE
     except (OSError, ValueError):
         return False
 

@@ -69,7 +69,10 @@ def check_plot_path(path: Path) -> None:
     if path.suffix.lower() != ".png":
         raise OutputError(f"--plot {path}: name a .png file (the curves are written as a PNG)")
     if path.is_symlink() or (path.exists() and not (path.is_file() and is_our_png(path))):
-        raise OutputError(f"--plot {path}: exists and is not a plot pst-dist wrote; choose another --plot")
+        raise OutputError(f"--plot {path}: exists and is not a plot pst-dist wrote (plots from before pst-dist "
+                          f"marked its own carry no mark: remove such a one yourself); choose another --plot")
+    if not path.parent.is_dir():
+        raise OutputError(f"--plot {path}: {path.parent} is not a directory; create it or choose another --plot")
 
 
 def plot_curves(results: dict[str, list[dict]], path: Path) -> None:

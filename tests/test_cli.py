@@ -28,12 +28,19 @@ def test_demo_prints_table_and_plot(tmp_path):
     assert run_cli_in_process("report", str(tmp_path), "--plot", str(plot)).returncode == 0  # its own: replaced
     other = tmp_path / "other.png"  # a PNG another program wrote
     Image.new("L", (4, 4)).save(other)
-    theirs, other_bytes = place_marker(tmp_path / "mine"), other.read_bytes()
+    figure = tmp_path / "figure.png"  # the user's own matplotlib figure (was replaced: any matplotlib PNG passed)
+    import matplotlib.pyplot as plt  # the user's side of the test
+
+    plt.figure().savefig(figure)
+    plt.close("all")
+    theirs, other_bytes, figure_bytes = place_marker(tmp_path / "mine"), other.read_bytes(), figure.read_bytes()
     for bad, message in ((theirs, "name a .png file"), (other, "exists and is not a plot pst-dist wrote"),
-                         (tmp_path / "curves.txt", "name a .png file")):
+                         (figure, "exists and is not a plot pst-dist wrote"), (tmp_path / "curves.txt", "name a .png"),
+                         (tmp_path / "nodir" / "c.png", "nodir is not a directory")):
         r = run_cli_in_process("report", str(tmp_path), "--plot", str(bad))
         assert r.returncode == 2 and message in r.stderr and not r.stdout, r.stderr[-2000:]
     assert theirs.read_text() == MARKER_TEXT and other.read_bytes() == other_bytes
+    assert figure.read_bytes() == figure_bytes and not (tmp_path / "nodir").exists()
     assert not (tmp_path / "curves.txt").exists()
     r = run_cli_in_process("report", str(tmp_path), "--plot", str(plot), "extra")  # was: exit 0, no plot made
     assert r.returncode == 2 and "unexpected argument 'extra'" in r.stderr, r.stderr[-2000:]

@@ -152,6 +152,13 @@ def test_eval_refusals_name_the_problem(runs, capsys, tmp_path):
     assert "4 classes" in capsys.readouterr().err
     assert main(["eval", "--run", str(tmp_path)]) == 2
     assert "no config.toml" in capsys.readouterr().err
+    other = runs["timm_stem"]["dir"] / "checkpoint.pt"  # another run's weights under this run's data and views
+    for cmd in (["eval"], ["export", "--out", str(tmp_path / "mixed")]):
+        assert main([*cmd, "--run", str(run["dir"]), "--checkpoint", str(other)]) == 2
+        assert f"--checkpoint {other}: not in the run {run['dir']}" in capsys.readouterr().err
+    assert not (tmp_path / "mixed").exists()
+    assert main(["eval", "--run", str(run["dir"]), "--out", str(tmp_path / "nodir" / "e.json")]) == 2
+    assert "nodir is not a directory" in capsys.readouterr().err
 
 
 def test_export_small_stem_loads_through_pst_dist_with_the_runs_predictions(runs, tmp_path, capsys):
