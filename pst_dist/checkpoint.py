@@ -56,6 +56,9 @@ def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
 
 def load_weights(path: Path, model: torch.nn.Module, theirs: dict[str, torch.Tensor]) -> None:
     """``model.load_state_dict(theirs)``, or a CheckpointError naming ``path`` and a tensor that does not fit."""
+    if not isinstance(theirs, dict) or not all(isinstance(v, torch.Tensor) for v in theirs.values()):
+        raise CheckpointError(f"{path}: its model weights are a {type(theirs).__name__}, not a state dict of tensors "
+                              f"(not a pst-dist checkpoint?)")
     own = model.state_dict()
     bad = [k for k in own if k not in theirs or theirs[k].shape != own[k].shape]
     extra = [k for k in theirs if k not in own]

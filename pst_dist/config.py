@@ -36,6 +36,14 @@ def _check(cond: bool, msg: str) -> None:
         raise ConfigError(msg)
 
 
+SEED_MAX = 2**32 - 1
+"""The largest seed: numpy's and torch's generators take it, and a seed plus a small offset stays in range."""
+
+
+def _check_seed(key: str, seed: int) -> None:
+    _check(0 <= seed <= SEED_MAX, f"{key}={seed}: a seed must be in [0, {SEED_MAX}]")
+
+
 @dataclass
 class DataConfig:
     source: str = "synthetic"
@@ -94,6 +102,7 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _check(self.source in SOURCES, f"data.source={self.source!r}: expected one of {sorted(SOURCES)}")
+        _check_seed("data.seed", self.seed)
         _check(self.val_from in ("train", "test"), f"data.val_from={self.val_from!r}: expected 'train' or 'test'")
         _check(self.augment in AUGMENTS, f"data.augment={self.augment!r}: expected one of {'|'.join(AUGMENTS)}")
         _check(self.loader in ("auto", "ffcv", "torch"), f"data.loader={self.loader!r}: expected auto|ffcv|torch")
@@ -188,6 +197,7 @@ class PoisonConfig:
 
     def __post_init__(self) -> None:
         _check(self.eot >= 0, f"poison.eot={self.eot}: must be >= 0")
+        _check_seed("poison.seed", self.seed)
         _check(self.ensemble >= 1, f"poison.ensemble={self.ensemble}: must be >= 1 (the number of models TAP crafts "
                                    f"against)")
         _check(self.ensemble == 1 or self.kind in ("tap", "file"),  # file: a bench cell reading its cached TAP
@@ -546,6 +556,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, f"train.epochs={self.epochs}: must be >= 1")
+        _check_seed("train.seed", self.seed)
+        _check(self.threads >= 0, f"train.threads={self.threads}: must be >= 0 (0: torch's default)")
         _check(self.batch_size >= 1, f"train.batch_size={self.batch_size}: must be >= 1")
         _check(self.optimizer in ("sgd", "adamw"), f"train.optimizer={self.optimizer!r}: expected sgd|adamw")
         _check(self.lr > 0, f"train.lr={self.lr}: must be > 0")
@@ -763,6 +775,7 @@ class TuneConfig:
 
     def __post_init__(self) -> None:
         _check(self.num_samples >= 1, f"tune.num_samples={self.num_samples}: must be >= 1")
+        _check_seed("tune.seed", self.seed)
         _check(self.search in ("random", "grid"), f"tune.search={self.search!r}: expected random|grid")
         _check(self.scheduler in SCHEDULERS, f"tune.scheduler={self.scheduler!r}: expected {'|'.join(SCHEDULERS)}")
         _check(self.workers >= 1, f"tune.workers={self.workers}: must be >= 1")

@@ -24,6 +24,11 @@ def test_toml_roundtrip(tmp_path):
 
 @pytest.mark.parametrize("override,needle", [
     (["--train.lrr=0.1"], "train.lrr"),
+    (["--train.threads=-1"], "train.threads=-1"),  # was torch's RuntimeError at the run's start
+    (["--data.seed=123456789012345678901234567890"], "data.seed=123456789012345678901234567890"),  # an overflow
+    (["--train.seed=-3"], "a seed must be in"),
+    (["--poison.seed=4294967296"], "poison.seed=4294967296"),
+    (["--tune.seed=-1"], "tune.seed=-1"),
     (["--nosuch.key=1"], "nosuch"),
     (["--train.lr=fast"], "train.lr"),
     (["--train.epochs=1.5"], "train.epochs"),

@@ -129,6 +129,8 @@ def test_checkpoint_from_another_model(tmp_path):
     cfg = load_config(None, [*TINY, "--train.epochs=1", f"--log.run_dir={tmp_path}"])
     train(cfg)
     other = load_config(None, [*TINY, "--model.width=0.25"])
+    from pst_dist.checkpoint import load_weights
+    from pst_dist.evaluate import read_checkpoint
     from pst_dist.models import build_model
     from pst_dist.pst.freeze import trace_units
     from pst_dist.pst.groups import layer_groups
@@ -142,6 +144,13 @@ def test_checkpoint_from_another_model(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"junk")
     with pytest.raises(CheckpointError, match="not a readable"):
         load_checkpoint(tmp_path / "junk.pt", m, opt, "resnet18")
+    payload = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    for weights in (5, {"conv1.weight": "a string"}):  # was a TypeError / AttributeError traceback
+        torch.save({**payload, "model": weights}, tmp_path / "odd.pt")
+        with pytest.raises(CheckpointError, match="not a mapping|not a state dict of tensors"):
+            load_checkpoint(tmp_path / "odd.pt", m, opt, "resnet18")
+        with pytest.raises(CheckpointError, match="not a state dict of tensors"):  # eval's and export's way in
+            load_weights(tmp_path / "odd.pt", m, read_checkpoint(tmp_path / "odd.pt")[0])
 
 
 def test_bf16_autocast_and_vit(tmp_path, monkeypatch):
