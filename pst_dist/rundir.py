@@ -27,7 +27,7 @@ from .config import (
     tomllib,
 )
 from .io import blocking_ancestor, json_lines, write_atomic
-from .tracking import IDS_FILE, LOCAL_DIRS, tracker_dirs
+from .tracking import IDS_FILE, LOCAL_DIRS, recorded_ids, tracker_dirs
 
 RUN_MARKERS = ("config.toml", "checkpoint.pt", "ds_checkpoint", "summary.json", "metrics.jsonl")
 """Any of these in a directory means it holds a run."""
@@ -121,6 +121,10 @@ def check_run_dir(cfg: Config, resume: bool, overwrite: bool, allow_changes: boo
     for name in cfg.log.trackers:
         folder = LOCAL_DIRS[name][0] if name in LOCAL_DIRS else None
         if folder in theirs and folder not in ours:
+            if isinstance(run_id := recorded_ids(run_dir).get(name), str):
+                raise RunDirError(f"log.run_dir={str(run_dir)!r}: the {name} run {run_id!r} its {IDS_FILE} records "
+                                  f"is not in its {folder}/ (deleted from the store?); the run cannot continue it. "
+                                  f"Leave {name} out of log.trackers, or start a new run (another log.run_dir)")
             raise RunDirError(f"log.run_dir={str(run_dir)!r} holds {folder}/, but no {name} run this run recorded "
                               f"(its {IDS_FILE}): log.trackers={cfg.log.trackers} would log into a store pst-dist did "
                               f"not make, and a later --overwrite remove it; move {folder}/ away or choose another "

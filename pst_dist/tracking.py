@@ -18,6 +18,11 @@ from .config import Config, ConfigError, flat_config, to_dict
 from .io import read_json, reported, write_atomic
 from .registry import TRACKERS
 
+
+class TrackerError(ConfigError):
+    """A tracker's store or recorded run that cannot be opened: one line naming the tracker, not its traceback."""
+
+
 IDS_FILE = "trackers.json"
 """In the run directory: {tracker name: its run id}."""
 LOCAL_DIRS = {"wandb": ("wandb", "*-{}"), "mlflow": ("mlruns", "*/{}")}
@@ -25,16 +30,20 @@ LOCAL_DIRS = {"wandb": ("wandb", "*-{}"), "mlflow": ("mlruns", "*/{}")}
 the entry that holds the run of a given id (W&B's ``offline-run-<time>-<id>``, MLflow's ``<experiment>/<id>``)."""
 
 
+def recorded_ids(run_dir: Path) -> dict:
+    """``run_dir``'s ``trackers.json`` ({tracker: run id}); {} when there is none or it is not such a mapping."""
+    try:
+        ids = json.loads((run_dir / IDS_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return ids if isinstance(ids, dict) else {}
+
+
 def tracker_dirs(run_dir: Path) -> list[str]:
     """The folders of ``run_dir`` that hold a tracker run its ``trackers.json`` records (``wandb``, ``mlruns``):
     what ``--overwrite`` removes besides :data:`pst_dist.rundir.RUN_FILES`. A ``wandb/`` or ``mlruns/`` there that
     holds none of them (the user's own, or a run that logged to a server) is not ours and stays."""
-    try:
-        ids = json.loads((run_dir / IDS_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return []
-    if not isinstance(ids, dict):
-        return []
+    ids = recorded_ids(run_dir)
     return [folder for name, (folder, pattern) in LOCAL_DIRS.items() if isinstance(ids.get(name), str)
             and (run_dir / folder).is_dir() and any((run_dir / folder).glob(pattern.format(glob.escape(ids[name]))))]
 
@@ -59,7 +68,14 @@ def open_trackers(run_dir: Path, cfg: Config) -> list:
     trackers = {}
     try:
         for name in cfg.log.trackers:
-            trackers[name] = TRACKERS.load(name)(run_dir, cfg, ids.get(name))
+            try:
+                trackers[name] = TRACKERS.load(name)(run_dir, cfg, ids.get(name))
+            except ConfigError:
+                raise
+            except Exception as e:  # noqa: BLE001 - a store gone, unreadable, or without the recorded run
+                which = f"the run {ids[name]!r} recorded in {ids_file}" if ids.get(name) else "a new run"
+                raise TrackerError(f"log.trackers: {name} could not open {which} ({type(e).__name__}: "
+                                   f"{str(e).strip()[:300]})") from e
     except BaseException:  # the ones already open end failed (a W&B run left active would take the next run's logs)
         for name, t in trackers.items():
             with reported(f"closing the {name} run after another tracker failed to open"):

@@ -201,12 +201,31 @@ def test_a_run_never_logs_into_a_trackers_folder_that_holds_no_run_it_recorded(t
         for resume, overwrite in ((False, True), (True, False)):
             with pytest.raises(RunDirError, match=f"holds {folder}/, but no {tracker} run this run recorded"):
                 check_run_dir(cfg, resume=resume, overwrite=overwrite)
-        (d / "trackers.json").write_text(json.dumps({tracker: "someone-else"}))
-        with pytest.raises(RunDirError, match=f"holds {folder}/"):
+        (d / "trackers.json").write_text(json.dumps({tracker: "gone"}))  # a recorded run the store lost
+        with pytest.raises(RunDirError, match=f"the {tracker} run 'gone' its trackers.json records is not in"):
             check_run_dir(cfg, resume=False, overwrite=True)
         (d / "trackers.json").write_text(json.dumps({tracker: run_id}))  # the run's own: --overwrite removes it
         assert check_run_dir(cfg, resume=False, overwrite=True) == {}
         assert (d / folder / entry).read_text() == "the user's"
+
+
+def test_a_resume_whose_recorded_mlflow_run_is_gone_is_refused_naming_it(tmp_path, own_dirs, monkeypatch):
+    import shutil
+
+    from pst_dist.rundir import RunDirError
+    from pst_dist.tracking import TrackerError, open_trackers
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    args = [*TINY, "--data.synthetic_train=128", "--log.tensorboard=false", '--log.trackers=["mlflow"]',
+            f"--log.run_dir={tmp_path / 'r'}"]
+    train(load_config(None, [*args, "--train.epochs=1"]))
+    run_id = json.loads((tmp_path / "r" / "trackers.json").read_text())["mlflow"]
+    [gone] = (tmp_path / "r" / "mlruns").glob(f"*/{run_id}")
+    shutil.rmtree(gone)  # deleted from the store (the MLflow UI, a cleanup)
+    with pytest.raises(RunDirError, match=f"the mlflow run '{run_id}' its trackers.json records is not in its mlruns"):
+        train(load_config(None, [*args, "--train.epochs=2"]), resume=True)
+    with pytest.raises(TrackerError, match=f"mlflow could not open the run '{run_id}' recorded in"):  # a server's
+        open_trackers(tmp_path / "r", load_config(None, args))
 
 
 def test_a_resume_from_an_earlier_checkpoint_logs_each_step_once(tmp_path, own_dirs):
