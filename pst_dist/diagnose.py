@@ -30,6 +30,7 @@ from .models import build_model
 from .pst.detectors import scatter_ratio
 from .pst.freeze import GroupActivations, trace_units
 from .pst.groups import layer_groups
+from .rundir import written_by_a_run
 from .train import resolve_auto, setup_seed, train
 
 
@@ -98,6 +99,19 @@ def group_metrics(gm, x: torch.Tensor, y: torch.Tensor, normalize, num_classes: 
 DIAGNOSE_FILES = ("diagnose.png", "diagnose.jsonl", "tb", "run")
 
 
+def _is_diagnose_output(out: Path) -> bool:
+    """Whether ``out`` holds what diagnose wrote: each line of its diagnose.jsonl one of its rows (an epoch and the
+    probe's size), its run/ (if any) a pst-dist run. A user's own diagnose.jsonl or tb/ beside it is not."""
+    try:
+        lines = (out / "diagnose.jsonl").read_text(encoding="utf-8").splitlines()
+        rows = [json.loads(line) for line in lines]
+    except (OSError, ValueError):
+        return False
+    run = out / "run"
+    return (all(isinstance(r, dict) and {"epoch", "probe_images"} <= r.keys() for r in rows)
+            and (not run.exists() or run.is_dir() and (written_by_a_run(run) or not any(run.iterdir()))))
+
+
 def run_diagnose(cfg: Config, out: Path, probe_size: int = 2000, overwrite: bool = False) -> list[dict]:
     """Train ``cfg`` into ``out/run`` and measure every layer group after each epoch (see module docstring). ``out``
     must be new, empty, or an earlier diagnose output (replaced only with ``overwrite``)."""
@@ -105,7 +119,7 @@ def run_diagnose(cfg: Config, out: Path, probe_size: int = 2000, overwrite: bool
 
 
     earlier = check_out_dir(out, command="diagnose", marker="diagnose.jsonl", owned=DIAGNOSE_FILES,
-                            overwrite=overwrite)
+                            overwrite=overwrite, is_ours=_is_diagnose_output)
     cfg.log.run_dir = str(out / "run")
     data = build_data(cfg)
     s = data.splits
@@ -123,6 +137,7 @@ def run_diagnose(cfg: Config, out: Path, probe_size: int = 2000, overwrite: bool
     out.mkdir(parents=True, exist_ok=True)
     if earlier:  # --overwrite of an earlier diagnose output: its TensorBoard events go (run/ is train()'s to replace)
         shutil.rmtree(out / "tb", ignore_errors=True)
+    write_atomic(out / "diagnose.jsonl", "")  # first: a diagnose stopped at any point leaves an output it owns
     device = build_device(cfg)
     probe = {"poisoned": poisoned[:n].to(device).float() / 255, "clean": held.images[:n].to(device).float() / 255}
     labels = held.labels[:n]

@@ -46,3 +46,30 @@ def test_diagnose_writes_per_group_curves_for_poisoned_and_clean(tmp_path):
     assert any(last[f"poisoned/{g}/{m}"] != last[f"clean/{g}/{m}"] for g in groups
                for m in ("probe_acc", "kmeans_purity")), last
     assert (tmp_path / "diagnose.png").stat().st_size > 1000
+
+
+def test_diagnose_replaces_only_its_own_output_and_refuses_flags_it_would_ignore(tmp_path):
+    """--overwrite replaces a diagnose output (one stopped before its first epoch included: an empty diagnose.jsonl
+    and tb/), not a user's folder that merely holds a diagnose.jsonl and a tb/; --log.run_dir (it trains into
+    --out/run) and --standard with --schedule.stages are refused, not silently dropped."""
+    from .conftest import MARKER_TEXT, place_marker, run_cli_in_process
+
+    cfg = ["diagnose", "--config", str(ROOT / "tests" / "configs" / "tune_tiny.toml"), "--deepspeed.enabled=false"]
+    user = tmp_path / "user"
+    (user / "tb").mkdir(parents=True)
+    (user / "diagnose.jsonl").write_text("my notes\n")
+    mine = place_marker(user / "tb" / "my_experiment.tfevents")
+    r = run_cli_in_process(*cfg, "--out", str(user), "--overwrite")
+    assert r.returncode == 2 and "not an earlier `pst-dist diagnose` output" in r.stderr, r.stderr[-2000:]
+    assert mine.read_text() == MARKER_TEXT and (user / "diagnose.jsonl").read_text() == "my notes\n"
+    for flags, says in ((["--log.run_dir=elsewhere"], "--log.run_dir given, but it trains into --out/run"),
+                        (["--standard", '--schedule.stages=[{name="a"}]'], "--standard names the schedule")):
+        r = run_cli_in_process(*cfg, "--out", str(tmp_path / "new"), *flags)
+        assert r.returncode == 2 and says in r.stderr, r.stderr[-2000:]
+    assert not (tmp_path / "new").exists()
+    stopped = tmp_path / "stopped"  # what a diagnose killed during its first epoch leaves
+    (stopped / "tb").mkdir(parents=True)
+    (stopped / "diagnose.jsonl").write_text("")
+    (stopped / "tb" / "events.out.tfevents.1").write_bytes(b"")
+    r = run_cli_in_process(*cfg, "--out", str(stopped))
+    assert r.returncode == 2 and "pass --overwrite" in r.stderr, r.stderr[-2000:]
