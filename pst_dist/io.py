@@ -21,7 +21,9 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import sys
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
@@ -227,6 +229,24 @@ def check_written_over(out: Path, names: Iterable[str], ours: bool, *, option: s
 
 
 @contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """SIGINT and SIGTERM that arrive inside are raised again once it is left (on the main thread, where Python
+    runs its handlers; elsewhere nothing to do): for a few renames that must happen together."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    got: list[int] = []
+    before = {s: signal.signal(s, lambda signum, frame: got.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+        if got:
+            signal.raise_signal(got[0])  # the handler it had now: KeyboardInterrupt, Terminated, or the default
+
+
+@contextlib.contextmanager
 def atomic_dir(out: Path, *, replace: bool = False, owned: Iterable[str] | None = None) -> Iterator[Path]:
     """Yield a fresh hidden sibling directory of ``out`` to fill; on success it is renamed to ``out``. ``out`` must be
     absent or empty, or ``replace`` (checked by :func:`check_out_dir`) must be true: the earlier output is then
@@ -248,9 +268,19 @@ def atomic_dir(out: Path, *, replace: bool = False, owned: Iterable[str] | None 
                 raise OutputError(f"--out {out}: {added} appeared in it while writing, which pst-dist did not "
                                   f"write; nothing replaced, the new output discarded: move them away and run again")
             old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
+            swapped = False
+            try:
+                with signals_deferred():  # a Ctrl-C between the renames would leave no output, the old one hidden
+                    os.replace(out, old)
+                    try:
+                        os.replace(tmp, out)
+                    except BaseException:
+                        os.replace(old, out)
+                        raise
+                    swapped = True
+            finally:  # also when the deferred Ctrl-C is raised on leaving
+                if swapped:
+                    shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out)  # rename(2) replaces an empty directory
     finally:

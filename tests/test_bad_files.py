@@ -222,6 +222,35 @@ def test_a_file_put_into_the_earlier_output_while_writing_stops_the_replacement(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
+def test_ctrl_c_between_the_renames_of_a_replacement_leaves_one_output_in_place(tmp_path, monkeypatch):
+    """The earlier output is renamed aside, then the new one into place: a Ctrl-C between the two (injected here at
+    the first rename) waits for the second, so --out is never missing, nor the earlier output left hidden."""
+    import os
+    import signal
+
+    from pst_dist import io as pio
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "a.npy").write_text("earlier")
+    replace = os.replace
+    calls = []
+
+    def interrupted(src, dst):
+        replace(src, dst)
+        calls.append(dst)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGINT)  # Python runs its handler at the next bytecode: here
+
+    monkeypatch.setattr(pio.os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_dir(out, replace=True, owned=("a.npy",)) as tmp:
+            (tmp / "a.npy").write_text("new")
+    assert len(calls) == 2, "interrupted between the renames"
+    assert (out / "a.npy").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_out_that_is_a_file(tmp_path):
     out = tmp_path / "result"
     out.write_text(MARKER_TEXT)  # the user's file at the very path asked for
