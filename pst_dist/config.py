@@ -36,8 +36,9 @@ def _check(cond: bool, msg: str) -> None:
         raise ConfigError(msg)
 
 
-SEED_MAX = 2**32 - 1
-"""The largest seed: numpy's and torch's generators take it, and a seed plus a small offset stays in range."""
+SEED_MAX = 2**47 - 1
+"""The largest seed: the seeds pst-dist derives from one (up to ``seed * 100_003 + epoch``, a loader's per-epoch
+generator) stay within torch's 64-bit generator seed; a millisecond timestamp fits."""
 
 
 def _check_seed(key: str, seed: int) -> None:

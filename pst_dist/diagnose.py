@@ -101,14 +101,15 @@ DIAGNOSE_FILES = ("diagnose.png", "diagnose.jsonl", "tb", "run")
 
 def _is_diagnose_output(out: Path) -> bool:
     """Whether ``out`` holds what diagnose wrote: each line of its diagnose.jsonl one of its rows (an epoch and the
-    probe's size), its run/ (if any) a pst-dist run. A user's own diagnose.jsonl or tb/ beside it is not."""
+    probes' measures), its run/ (if any) a pst-dist run. A user's own diagnose.jsonl or tb/ beside it is not."""
     try:
         lines = (out / "diagnose.jsonl").read_text(encoding="utf-8").splitlines()
         rows = [json.loads(line) for line in lines]
     except (OSError, ValueError):
         return False
     run = out / "run"
-    return (all(isinstance(r, dict) and {"epoch", "probe_images"} <= r.keys() for r in rows)
+    return (all(isinstance(r, dict) and "epoch" in r and any(k.startswith(("poisoned/group_", "clean/group_"))
+                                                             for k in r) for r in rows)
             and (not run.exists() or run.is_dir() and (written_by_a_run(run) or not any(run.iterdir()))))
 
 

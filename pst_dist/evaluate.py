@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,7 +89,9 @@ def find_checkpoint(run_dir: Path, checkpoint: str | Path | None = None) -> Path
         p = Path(checkpoint)
         if not p.exists():
             raise CheckpointError(f"--checkpoint {p}: not found")
-        if not p.resolve().is_relative_to(Path(run_dir).resolve()):  # its weights under this run's data and views
+        inside = (Path(os.path.abspath(p)).is_relative_to(os.path.abspath(run_dir))  # a link in the run included
+                  or p.resolve().is_relative_to(Path(run_dir).resolve()))
+        if not inside:  # another run's weights would be scored with this run's data, normalisation and views
             raise CheckpointError(f"--checkpoint {p}: not in the run {run_dir}; a checkpoint is scored and exported "
                                   f"with its own run's config (pass that run as --run)")
     else:

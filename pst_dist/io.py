@@ -236,14 +236,17 @@ def signals_deferred() -> Iterator[None]:
         yield
         return
     got: list[int] = []
-    before = {s: signal.signal(s, lambda signum, frame: got.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+    before: dict[int, object] = {}
     try:
+        for s in (signal.SIGINT, signal.SIGTERM):
+            before[s] = signal.getsignal(s)
+            signal.signal(s, lambda signum, frame: got.append(signum))
         yield
     finally:
         for s, handler in before.items():
             signal.signal(s, handler if handler is not None else signal.SIG_DFL)
-        if got:
-            signal.raise_signal(got[0])  # the handler it had now: KeyboardInterrupt, Terminated, or the default
+        for s in dict.fromkeys(got):  # each one, in the order they came, to the handler it had: KeyboardInterrupt,
+            signal.raise_signal(s)  # Terminated, or the default
 
 
 @contextlib.contextmanager
@@ -268,19 +271,14 @@ def atomic_dir(out: Path, *, replace: bool = False, owned: Iterable[str] | None 
                 raise OutputError(f"--out {out}: {added} appeared in it while writing, which pst-dist did not "
                                   f"write; nothing replaced, the new output discarded: move them away and run again")
             old = out.parent / f".{out.name}.old-{os.getpid()}"
-            swapped = False
-            try:
-                with signals_deferred():  # a Ctrl-C between the renames would leave no output, the old one hidden
-                    os.replace(out, old)
-                    try:
-                        os.replace(tmp, out)
-                    except BaseException:
-                        os.replace(old, out)
-                        raise
-                    swapped = True
-            finally:  # also when the deferred Ctrl-C is raised on leaving
-                if swapped:
-                    shutil.rmtree(old, ignore_errors=True)
+            with signals_deferred():  # a Ctrl-C between the renames would leave no output, the old one hidden
+                os.replace(out, old)
+                try:
+                    os.replace(tmp, out)
+                except BaseException:
+                    os.replace(old, out)
+                    raise
+                shutil.rmtree(old, ignore_errors=True)  # before a deferred SIGTERM's default action ends the process
         else:
             os.replace(tmp, out)  # rename(2) replaces an empty directory
     finally:

@@ -27,7 +27,7 @@ from .config import (
     tomllib,
 )
 from .io import blocking_ancestor, json_lines, write_atomic
-from .tracking import IDS_FILE, LOCAL_DIRS, recorded_ids, tracker_dirs
+from .tracking import IDS_FILE, LOCAL_DIRS, holds_tracker_run, local_folder, recorded_ids, tracker_dirs
 
 RUN_MARKERS = ("config.toml", "checkpoint.pt", "ds_checkpoint", "summary.json", "metrics.jsonl")
 """Any of these in a directory means it holds a run."""
@@ -118,13 +118,18 @@ def check_run_dir(cfg: Config, resume: bool, overwrite: bool, allow_changes: boo
                           f"pst-dist run wrote them (no config.toml with a run's [{'], ['.join(RUN_SECTIONS)}] "
                           f"tables): pst-dist neither overwrites nor resumes from them; choose another log.run_dir")
     ours = tracker_dirs(run_dir) if theirs else []
+    ids = recorded_ids(run_dir) if theirs else {}
     for name in cfg.log.trackers:
-        folder = LOCAL_DIRS[name][0] if name in LOCAL_DIRS else None
-        if folder in theirs and folder not in ours:
-            if isinstance(run_id := recorded_ids(run_dir).get(name), str):
-                raise RunDirError(f"log.run_dir={str(run_dir)!r}: the {name} run {run_id!r} its {IDS_FILE} records "
-                                  f"is not in its {folder}/ (deleted from the store?); the run cannot continue it. "
-                                  f"Leave {name} out of log.trackers, or start a new run (another log.run_dir)")
+        if (folder := local_folder(name, cfg)) is None:
+            continue
+        run_id = ids.get(name)
+        if resume and name == "mlflow" and isinstance(run_id, str) and not holds_tracker_run(run_dir, name, run_id):
+            raise RunDirError(f"log.run_dir={str(run_dir)!r}: the mlflow run {run_id!r} its {IDS_FILE} records is "
+                              f"not in its {folder}/ (deleted from the store?), so the resume cannot continue it. "
+                              f"Leave mlflow out of log.trackers, or start a new run (another log.run_dir)")
+        # W&B starts a recorded id anew when its offline folder was cleaned; a folder no run of this tracker used is
+        # not pst-dist's
+        if folder in theirs and folder not in ours and not isinstance(run_id, str):
             raise RunDirError(f"log.run_dir={str(run_dir)!r} holds {folder}/, but no {name} run this run recorded "
                               f"(its {IDS_FILE}): log.trackers={cfg.log.trackers} would log into a store pst-dist did "
                               f"not make, and a later --overwrite remove it; move {folder}/ away or choose another "

@@ -30,6 +30,20 @@ LOCAL_DIRS = {"wandb": ("wandb", "*-{}"), "mlflow": ("mlruns", "*/{}")}
 the entry that holds the run of a given id (W&B's ``offline-run-<time>-<id>``, MLflow's ``<experiment>/<id>``)."""
 
 
+MADE = "made_here"
+"""In ``trackers.json``: the trackers' folders pst-dist made in the run directory (recorded before the tracker that
+makes one opens, so a tracker that fails to open leaves none unaccounted for): its own to log into and for
+``--overwrite`` to remove."""
+
+
+def local_folder(name: str, cfg: Config) -> str | None:
+    """The folder of the run directory tracker ``name`` writes under ``cfg``; None when it logs elsewhere (MLflow
+    with ``log.mlflow_uri``)."""
+    if name not in LOCAL_DIRS or (name == "mlflow" and cfg.log.mlflow_uri):
+        return None
+    return LOCAL_DIRS[name][0]
+
+
 def recorded_ids(run_dir: Path) -> dict:
     """``run_dir``'s ``trackers.json`` ({tracker: run id}); {} when there is none or it is not such a mapping."""
     try:
@@ -40,12 +54,21 @@ def recorded_ids(run_dir: Path) -> dict:
 
 
 def tracker_dirs(run_dir: Path) -> list[str]:
-    """The folders of ``run_dir`` that hold a tracker run its ``trackers.json`` records (``wandb``, ``mlruns``):
-    what ``--overwrite`` removes besides :data:`pst_dist.rundir.RUN_FILES`. A ``wandb/`` or ``mlruns/`` there that
-    holds none of them (the user's own, or a run that logged to a server) is not ours and stays."""
+    """The folders of ``run_dir`` that its ``trackers.json`` says pst-dist made (:data:`MADE`) or that hold a
+    tracker run it records (``wandb``, ``mlruns``): what ``--overwrite`` removes besides
+    :data:`pst_dist.rundir.RUN_FILES`. A ``wandb/`` or ``mlruns/`` there that is neither (the user's own, or one a run
+    found there and logged to a server from) is not ours and stays."""
     ids = recorded_ids(run_dir)
-    return [folder for name, (folder, pattern) in LOCAL_DIRS.items() if isinstance(ids.get(name), str)
-            and (run_dir / folder).is_dir() and any((run_dir / folder).glob(pattern.format(glob.escape(ids[name]))))]
+    made = ids.get(MADE) if isinstance(ids.get(MADE), list) else []
+    return [folder for name, (folder, _) in LOCAL_DIRS.items()
+            if (run_dir / folder).is_dir() and not (run_dir / folder).is_symlink()
+            and (folder in made or holds_tracker_run(run_dir, name, ids.get(name)))]
+
+
+def holds_tracker_run(run_dir: Path, name: str, run_id) -> bool:
+    """Whether ``run_dir``'s folder of tracker ``name`` holds its run ``run_id`` (a string, else False)."""
+    folder, pattern = LOCAL_DIRS[name]
+    return isinstance(run_id, str) and any((run_dir / folder).glob(pattern.format(glob.escape(run_id))))
 
 
 def check_trackers(names: list[str]) -> None:
@@ -65,9 +88,14 @@ def open_trackers(run_dir: Path, cfg: Config) -> list:
     check_trackers(cfg.log.trackers)
     ids_file = run_dir / IDS_FILE
     ids = read_json(ids_file, "the run's tracker ids", ConfigError) if ids_file.is_file() else {}
+    made = list(ids[MADE]) if isinstance(ids.get(MADE), list) else []
     trackers = {}
     try:
         for name in cfg.log.trackers:
+            if (folder := local_folder(name, cfg)) and folder not in made and not (run_dir / folder).exists():
+                made.append(folder)  # recorded before the tracker makes it
+                write_atomic(ids_file, json.dumps({**ids, **{n: t.id for n, t in trackers.items()}, MADE: made},
+                                                  indent=2))
             try:
                 trackers[name] = TRACKERS.load(name)(run_dir, cfg, ids.get(name))
             except ConfigError:
@@ -81,7 +109,8 @@ def open_trackers(run_dir: Path, cfg: Config) -> list:
             with reported(f"closing the {name} run after another tracker failed to open"):
                 t.close(failed=True)
         raise
-    write_atomic(ids_file, json.dumps({**ids, **{name: t.id for name, t in trackers.items()}}, indent=2))
+    write_atomic(ids_file, json.dumps({**ids, **{name: t.id for name, t in trackers.items()},
+                                       **({MADE: made} if made else {})}, indent=2))
     return list(trackers.values())
 
 

@@ -251,6 +251,28 @@ def test_ctrl_c_between_the_renames_of_a_replacement_leaves_one_output_in_place(
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+def test_signals_deferred_delivers_each_signal_once_left_to_the_handler_it_had():
+    import os
+    import signal
+    import time
+
+    from pst_dist.io import signals_deferred
+
+    seen = []
+    before = signal.signal(signal.SIGTERM, lambda signum, frame: seen.append("SIGTERM"))
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with signals_deferred():
+                os.kill(os.getpid(), signal.SIGTERM)
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.05)
+                assert seen == [], "a signal was handled inside"
+        assert seen == ["SIGTERM"], "the SIGTERM before the Ctrl-C was lost"
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 def test_out_that_is_a_file(tmp_path):
     out = tmp_path / "result"
     out.write_text(MARKER_TEXT)  # the user's file at the very path asked for

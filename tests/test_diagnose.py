@@ -67,9 +67,10 @@ def test_diagnose_replaces_only_its_own_output_and_refuses_flags_it_would_ignore
         r = run_cli_in_process(*cfg, "--out", str(tmp_path / "new"), *flags)
         assert r.returncode == 2 and says in r.stderr, r.stderr[-2000:]
     assert not (tmp_path / "new").exists()
-    stopped = tmp_path / "stopped"  # what a diagnose killed during its first epoch leaves
+    stopped = tmp_path / "stopped"  # what a diagnose killed during its first epoch leaves; then an older one's row
     (stopped / "tb").mkdir(parents=True)
-    (stopped / "diagnose.jsonl").write_text("")
     (stopped / "tb" / "events.out.tfevents.1").write_bytes(b"")
-    r = run_cli_in_process(*cfg, "--out", str(stopped))
-    assert r.returncode == 2 and "pass --overwrite" in r.stderr, r.stderr[-2000:]
+    for rows in ("", '{"epoch": 0, "stage": 0, "clean/group_0/probe_acc": 0.5}\n'):
+        (stopped / "diagnose.jsonl").write_text(rows)
+        r = run_cli_in_process(*cfg, "--out", str(stopped))
+        assert r.returncode == 2 and "pass --overwrite" in r.stderr, r.stderr[-2000:]

@@ -157,6 +157,13 @@ def test_eval_refusals_name_the_problem(runs, capsys, tmp_path):
         assert main([*cmd, "--run", str(run["dir"]), "--checkpoint", str(other)]) == 2
         assert f"--checkpoint {other}: not in the run {run['dir']}" in capsys.readouterr().err
     assert not (tmp_path / "mixed").exists()
+    kept = tmp_path / "kept"  # the run's checkpoint moved to other storage, linked from the run: its own
+    shutil.copytree(run["dir"], kept)
+    (tmp_path / "scratch").mkdir()
+    (kept / "checkpoint.pt").rename(tmp_path / "scratch" / "c.pt")
+    (kept / "checkpoint.pt").symlink_to(tmp_path / "scratch" / "c.pt")
+    assert main(["eval", "--run", str(kept), "--checkpoint", str(kept / "checkpoint.pt")]) == 0
+    capsys.readouterr()
     assert main(["eval", "--run", str(run["dir"]), "--out", str(tmp_path / "nodir" / "e.json")]) == 2
     assert "nodir is not a directory" in capsys.readouterr().err
 

@@ -15,7 +15,7 @@ from pst_dist.config import ConfigError, dump_toml, load_config
 from pst_dist.registry import Entry
 from pst_dist.train import train
 
-from .conftest import TINY, signal_after_checkpoint
+from .conftest import TINY, run_cli, signal_after_checkpoint
 
 
 @pytest.fixture
@@ -202,11 +202,40 @@ def test_a_run_never_logs_into_a_trackers_folder_that_holds_no_run_it_recorded(t
             with pytest.raises(RunDirError, match=f"holds {folder}/, but no {tracker} run this run recorded"):
                 check_run_dir(cfg, resume=resume, overwrite=overwrite)
         (d / "trackers.json").write_text(json.dumps({tracker: "gone"}))  # a recorded run the store lost
-        with pytest.raises(RunDirError, match=f"the {tracker} run 'gone' its trackers.json records is not in"):
-            check_run_dir(cfg, resume=False, overwrite=True)
+        if tracker == "mlflow":  # MLflow cannot continue a run its store lost
+            with pytest.raises(RunDirError, match="the mlflow run 'gone' its trackers.json records is not in"):
+                check_run_dir(cfg, resume=True, overwrite=False)
+        else:  # W&B starts the recorded id again (its offline folder cleaned by `wandb sync --clean`)
+            check_run_dir(cfg, resume=True, overwrite=False)
+        assert check_run_dir(cfg, resume=False, overwrite=True) == {}  # this tracker logged here before
         (d / "trackers.json").write_text(json.dumps({tracker: run_id}))  # the run's own: --overwrite removes it
         assert check_run_dir(cfg, resume=False, overwrite=True) == {}
         assert (d / folder / entry).read_text() == "the user's"
+
+
+def test_a_tracker_that_fails_to_open_leaves_no_folder_an_overwrite_cannot_replace(tmp_path, own_dirs, monkeypatch):
+    """MLflow opens (making mlruns/), then W&B fails: trackers.json already says mlruns/ is the run's, so the next
+    --overwrite replaces it (before, it was refused as a store pst-dist did not make)."""
+    from pst_dist import tracking
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    args = [*TINY, "--data.synthetic_train=128", "--train.epochs=1", "--log.tensorboard=false",
+            '--log.trackers=["mlflow", "wandb"]', f"--log.run_dir={tmp_path / 'r'}"]
+    init = tracking.WandbTracker.__init__
+
+    def no_key(self, *a):
+        raise RuntimeError("No API key configured")
+
+    monkeypatch.setattr(tracking.WandbTracker, "__init__", no_key)
+    with pytest.raises(tracking.TrackerError, match="wandb could not open a new run"):
+        train(load_config(None, args))
+    assert (tmp_path / "r" / "mlruns").is_dir()
+    assert json.loads((tmp_path / "r" / "trackers.json").read_text())[tracking.MADE] == ["mlruns", "wandb"]
+    monkeypatch.setattr(tracking.WandbTracker, "__init__", init)
+    r = run_cli("train", *args, "--overwrite")  # its own process: MLflow keeps one store per URI in a process
+    assert r.returncode == 0, r.stderr[-3000:]
+    ids = json.loads((tmp_path / "r" / "trackers.json").read_text())
+    assert [p.name for p in (tmp_path / "r" / "mlruns").glob("*/*") if p.is_dir()] == [ids["mlflow"]]
 
 
 def test_a_resume_whose_recorded_mlflow_run_is_gone_is_refused_naming_it(tmp_path, own_dirs, monkeypatch):
