@@ -64,7 +64,7 @@ from .io import OutputError, atomic_dir, check_written_over, savefig_atomic, wri
 from .metrics import computed_on, describe_machine, run_machines
 from .poison import PoisonFileError, make_poison, store
 from .registry import DEFENSES
-from .report import mean_std, summary_problem
+from .report import TABLE_KEYS, mean_std, summary_problem
 from .train import resumed_inputs, train
 
 STANDARD = [{"name": "standard"}]
@@ -193,15 +193,20 @@ def changes(was: dict, now: dict) -> dict[str, tuple]:
     return {k: (was.get(k), now.get(k)) for k in sorted(set(was) | set(now)) if was.get(k) != now.get(k)}
 
 
-def _failed(run_dir: Path) -> bool:
-    """Whether the run in ``run_dir`` ended as failed (diverged), or its summary cannot be read (cut short): it is
-    run again, not reported."""
-    f = run_dir / "summary.json"
+def _finished_summary(run_dir: Path) -> dict | None:
+    """The summary of the run in ``run_dir`` if it finished; None when it has none, ended as failed (diverged), or
+    its summary cannot be read (cut short)."""
     try:
-        return f.is_file() and (not isinstance(sm := json.loads(f.read_text()), dict)
-                                or sm.get("status", "finished") != "finished")
+        sm = json.loads((run_dir / "summary.json").read_text())
     except (OSError, ValueError):
-        return True
+        return None
+    return sm if isinstance(sm, dict) and sm.get("status", "finished") == "finished" else None
+
+
+def _failed(run_dir: Path) -> bool:
+    """Whether the run in ``run_dir`` has a summary but did not finish (:func:`_finished_summary`): it is run again,
+    not reported."""
+    return (run_dir / "summary.json").is_file() and _finished_summary(run_dir) is None
 
 
 def runs_needed(defenses: list[str]) -> list[str]:
@@ -325,15 +330,6 @@ def cached_poison(base: dict, attack: str, seed: int, pdir: Path, where: str) ->
     return meta
 
 
-def _cell_summary(f: Path) -> dict:
-    """A finished cell's ``summary.json`` (one :func:`_failed` reads); one without the table's accuracies (edited by
-    hand?) is an OutputError naming it, not a traceback."""
-    sm = json.loads(f.read_text())
-    if problem := summary_problem(sm):
-        raise OutputError(f"{f}: {problem}; to run that cell again, move {f.parent} out of the bench's folder")
-    return sm
-
-
 def finished_cells(bench: Bench, say: Callable[[str], None]) -> tuple[dict[tuple[str, str, int], dict],
                                                                        list[tuple[str, str, int]]]:
     """({cell: result} of the cells already finished, [cells] to run). A cell run (or begun) with another recipe
@@ -350,12 +346,12 @@ def finished_cells(bench: Bench, say: Callable[[str], None]) -> tuple[dict[tuple
             run_dir.rename(old)
             say(f"cell {a} / {r} / seed {s}: its recipe changed (was, now: {changed}); running it again, the old "
                 f"run moved to {old}")
-        f = run_dir / "summary.json"
-        if f.is_file() and not _failed(run_dir):
-            sm = _cell_summary(f)
+        if (sm := _finished_summary(run_dir)) is not None:
+            if problem := summary_problem(sm):  # edited by hand? one error naming it, not a traceback
+                raise OutputError(f"{run_dir / 'summary.json'}: {problem}; to run that cell again, move {run_dir} out "
+                                  f"of the bench's folder")
             done[(a, r, s)] = {"attack": a, "run": r, "seed": s, "seconds": None, "resumed": False,
-                               **{k: sm[k] for k in ("final_test_acc", "peak_test_acc", "test_acc_at_best_val",
-                                                     "final_val_acc")}}
+                               **{k: sm[k] for k in TABLE_KEYS}}
         else:
             todo.append((a, r, s))
     return done, todo
