@@ -117,8 +117,8 @@ def check_run_dir(cfg: Config, resume: bool, overwrite: bool, allow_changes: boo
         raise RunDirError(f"log.run_dir={str(run_dir)!r} holds {', '.join(theirs)}, which a run writes, but no "
                           f"pst-dist run wrote them (no config.toml with a run's [{'], ['.join(RUN_SECTIONS)}] "
                           f"tables): pst-dist neither overwrites nor resumes from them; choose another log.run_dir")
-    ours = tracker_dirs(run_dir) if theirs else []
     ids = recorded_ids(run_dir) if theirs else {}
+    ours = tracker_dirs(run_dir, ids) if theirs else []
     for name in cfg.log.trackers:
         if (folder := local_folder(name, cfg)) is None:
             continue

@@ -53,12 +53,12 @@ def recorded_ids(run_dir: Path) -> dict:
     return ids if isinstance(ids, dict) else {}
 
 
-def tracker_dirs(run_dir: Path) -> list[str]:
+def tracker_dirs(run_dir: Path, ids: dict | None = None) -> list[str]:
     """The folders of ``run_dir`` that its ``trackers.json`` says pst-dist made (:data:`MADE`) or that hold a
     tracker run it records (``wandb``, ``mlruns``): what ``--overwrite`` removes besides
     :data:`pst_dist.rundir.RUN_FILES`. A ``wandb/`` or ``mlruns/`` there that is neither (the user's own, or one a run
-    found there and logged to a server from) is not ours and stays."""
-    ids = recorded_ids(run_dir)
+    found there and logged to a server from) is not ours and stays. ``ids``: :func:`recorded_ids`, when read."""
+    ids = recorded_ids(run_dir) if ids is None else ids
     made = ids.get(MADE) if isinstance(ids.get(MADE), list) else []
     return [folder for name, (folder, _) in LOCAL_DIRS.items()
             if (run_dir / folder).is_dir() and not (run_dir / folder).is_symlink()
@@ -90,12 +90,16 @@ def open_trackers(run_dir: Path, cfg: Config) -> list:
     ids = read_json(ids_file, "the run's tracker ids", ConfigError) if ids_file.is_file() else {}
     made = list(ids[MADE]) if isinstance(ids.get(MADE), list) else []
     trackers = {}
+
+    def record() -> None:
+        write_atomic(ids_file, json.dumps({**ids, **{n: t.id for n, t in trackers.items()},
+                                           **({MADE: made} if made else {})}, indent=2))
+
     try:
         for name in cfg.log.trackers:
             if (folder := local_folder(name, cfg)) and folder not in made and not (run_dir / folder).exists():
                 made.append(folder)  # recorded before the tracker makes it
-                write_atomic(ids_file, json.dumps({**ids, **{n: t.id for n, t in trackers.items()}, MADE: made},
-                                                  indent=2))
+                record()
             try:
                 trackers[name] = TRACKERS.load(name)(run_dir, cfg, ids.get(name))
             except ConfigError:
@@ -109,8 +113,7 @@ def open_trackers(run_dir: Path, cfg: Config) -> list:
             with reported(f"closing the {name} run after another tracker failed to open"):
                 t.close(failed=True)
         raise
-    write_atomic(ids_file, json.dumps({**ids, **{name: t.id for name, t in trackers.items()},
-                                       **({MADE: made} if made else {})}, indent=2))
+    record()
     return list(trackers.values())
 
 
