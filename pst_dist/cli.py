@@ -188,10 +188,11 @@ def cmd_diagnose(args: argparse.Namespace, rest: list[str]) -> int:
     from .diagnose import run_diagnose  # start-up time: each command imports only what it runs
 
     over = _split_overrides(rest)
-    for key, why in (("--log.run_dir", "it trains into --out/run"),
-                     ("--schedule.stages", "--standard names the schedule") if args.standard else (None, None)):
-        if key and (given := [o for o in over if o.split("=", 1)[0] == key]):
-            raise ConfigError(f"diagnose: {given[0].split('=', 1)[0]} given, but {why}; leave it out")
+    given = {o.split("=", 1)[0] for o in over}
+    if "--log.run_dir" in given:
+        raise ConfigError("diagnose: --log.run_dir given, but it trains into --out/run; leave it out")
+    if args.standard and "--schedule.stages" in given:
+        raise ConfigError("diagnose: --schedule.stages given, but --standard names the schedule; leave it out")
     if args.standard:
         over = ['--schedule.stages=[{name="standard"}]', *over]
     cfg = load_config(args.config, over)
