@@ -18,7 +18,7 @@ from pathlib import Path
 from .checkpoint import CheckpointError
 from .config import Config, ConfigError, class_doc, config_keys, dump_toml, load_config, shown_default
 from .data.sources import DataError
-from .io import OutputError, write_atomic
+from .io import OutputError, check_parent_dir, write_atomic
 from .poison import PoisonFileError
 from .registry import ATTACKS
 
@@ -212,8 +212,8 @@ def cmd_eval(args: argparse.Namespace, rest: list[str]) -> int:
         if not args.overwrite or not _is_eval_output(out):
             raise OutputError(f"--out {out}: exists" + (" and is not an earlier `pst-dist eval` output; choose another "
                               "--out" if args.overwrite else "; pass --overwrite to replace an earlier eval output"))
-    if out is not None and not out.parent.is_dir():
-        raise OutputError(f"--out {out}: {out.parent} is not a directory; create it or choose another --out")
+    if out is not None:
+        check_parent_dir(out, "--out")
     result = evaluate_run(Path(args.run), args.checkpoint, _split_overrides(rest), args.split)
     text = json.dumps(result, indent=2)
     if out is not None:

@@ -209,6 +209,14 @@ def check_out_dir(out: Path, *, command: str, marker: str, owned: Iterable[str],
     return True
 
 
+def check_parent_dir(path: Path, option: str) -> None:
+    """OutputError unless the folder a file output ``path`` goes into exists: checked before the work, not found
+    when the temporary file cannot be written after it."""
+    if not Path(path).parent.is_dir():
+        raise OutputError(f"{option} {path}: {Path(path).parent} is not a directory; create it or choose another "
+                          f"{option}")
+
+
 def _refuse_current_dir(out: Path) -> None:
     """OutputError for an ``out`` that is the current directory or one holding it (``.``, ``..``, ``nope/..``): the
     output, renamed into place, would pull the shell's directory away."""

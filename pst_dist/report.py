@@ -5,7 +5,7 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from .io import OutputError, is_our_png, savefig_atomic
+from .io import OutputError, check_parent_dir, is_our_png, savefig_atomic
 
 
 def mean_std(xs: list[float]) -> str:
@@ -71,8 +71,7 @@ def check_plot_path(path: Path) -> None:
     if path.is_symlink() or (path.exists() and not (path.is_file() and is_our_png(path))):
         raise OutputError(f"--plot {path}: exists and is not a plot pst-dist wrote (plots from before pst-dist "
                           f"marked its own carry no mark: remove such a one yourself); choose another --plot")
-    if not path.parent.is_dir():
-        raise OutputError(f"--plot {path}: {path.parent} is not a directory; create it or choose another --plot")
+    check_parent_dir(path, "--plot")
 
 
 def plot_curves(results: dict[str, list[dict]], path: Path) -> None:
