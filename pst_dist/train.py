@@ -528,17 +528,20 @@ def build_run(cfg: Config, resume: bool, overwrite: bool, allow_changes: bool, d
                                         "noise": spectral["detect/spectral_noise"]}
         if repair is not None:  # ... and compares its repaired images with these (spectral_repair)
             inputs["spectral_repair"] = repair
-        write_run_header(run_dir, cfg, st.epoch if resume else None, changes, resolved, inputs, device)
+        if not resume:  # a fresh run's config.toml first: it says whose the files written after it are
+            write_run_header(run_dir, cfg, None, changes, resolved, inputs, device)
     metrics = Metrics(run_dir, dist_info.is_primary, cfg.log.tensorboard, cfg, st.step if resume else None, logged)
-    if not resume:  # a resume's run logged these at its start
-        try:
+    try:
+        if resume and dist_info.is_primary:  # once the trackers are open: a resume they refuse leaves the run's
+            write_run_header(run_dir, cfg, st.epoch, changes, resolved, inputs, device)  # record as it was
+        if not resume:  # a resume's run logged these at its start
             metrics.image("data/poisoned_samples", make_grid(data.poisoned_train[:64], nrow=8))
             if spectral:
                 repaired = {} if repair is None else {"pst/spectral_repair_changed": repair["changed"]}
                 metrics.log(0, {**spectral, "pst/spectral_check_fired": float(bool(no_stay)), **repaired})
-        except BaseException:  # train() closes a Run's metrics; there is no Run yet
-            metrics.close(failed=True)
-            raise
+    except BaseException:  # train() closes a Run's metrics; there is no Run yet
+        metrics.close(failed=True)
+        raise
     return Run(cfg, dist_info, device, data, loader, gm, schedule, engine, normalize, autocast, probe, metrics, st)
 
 

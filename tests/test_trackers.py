@@ -257,6 +257,25 @@ def test_a_resume_whose_recorded_mlflow_run_is_gone_is_refused_naming_it(tmp_pat
         open_trackers(tmp_path / "r", load_config(None, args))
 
 
+def test_a_resume_whose_tracker_fails_to_open_leaves_the_runs_record_as_it_was(tmp_path, own_dirs, monkeypatch):
+    """config.toml and meta.json are rewritten only once the trackers are open: a refused resume with a changed
+    train.epochs does not record a config that never trained."""
+    from pst_dist import tracking
+
+    run_dir = tmp_path / "r"
+    args = [*TINY, "--data.synthetic_train=128", "--log.tensorboard=false", f"--log.run_dir={run_dir}"]
+    train(load_config(None, [*args, "--train.epochs=1"]))
+    before = {f: (run_dir / f).read_bytes() for f in ("config.toml", "meta.json")}
+
+    def no_key(self, *a):
+        raise RuntimeError("No API key configured")
+
+    monkeypatch.setattr(tracking.WandbTracker, "__init__", no_key)
+    with pytest.raises(tracking.TrackerError, match="wandb could not open a new run"):
+        train(load_config(None, [*args, "--train.epochs=2", '--log.trackers=["wandb"]']), resume=True)
+    assert {f: (run_dir / f).read_bytes() for f in before} == before
+
+
 def test_a_resume_from_an_earlier_checkpoint_logs_each_step_once(tmp_path, own_dirs):
     """The run goes on past its last checkpoint, then resumes from it and logs those steps again: metrics.jsonl rolls
     back, TensorBoard purges the earlier files' later steps (purge_step), MLflow (which cannot delete a point) skips
