@@ -27,7 +27,8 @@ from .config import (
     tomllib,
 )
 from .io import blocking_ancestor, json_lines, write_atomic
-from .tracking import IDS_FILE, LOCAL_DIRS, holds_tracker_run, local_folder, recorded_ids, tracker_dirs
+from .tracking import (IDS_FILE, LOCAL_DIRS, holds_tracker_run, local_folder, recorded_ids, tracker_dirs,
+                       unrecorded_runs)
 
 RUN_MARKERS = ("config.toml", "checkpoint.pt", "ds_checkpoint", "summary.json", "metrics.jsonl")
 """Any of these in a directory means it holds a run."""
@@ -135,6 +136,13 @@ def check_run_dir(cfg: Config, resume: bool, overwrite: bool, allow_changes: boo
                               f"not make, and a later --overwrite remove it; move {folder}/ away or choose another "
                               f"log.run_dir")
     if not resume:
+        for name, (folder, _) in LOCAL_DIRS.items() if present and overwrite else ():
+            if folder in ours and (others := unrecorded_runs(run_dir, name, ids.get(name))):
+                raise RunDirError(f"--overwrite: log.run_dir={str(run_dir)!r}'s {folder}/ holds {name} runs its "
+                                  f"{IDS_FILE} does not record ({', '.join(others[:5])}"
+                                  f"{', ...' if len(others) > 5 else ''}: a user's, or a tracker's that failed to "
+                                  f"open), which replacing the run would remove with the folder; move them out of "
+                                  f"{folder}/ first, or choose another log.run_dir")
         if present and not overwrite:
             raise RunDirError(f"log.run_dir={str(run_dir)!r} already holds a run ({', '.join(present)}): pass "
                               f"--resume to continue it, --overwrite to replace it (only the run's own files are "

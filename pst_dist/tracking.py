@@ -71,6 +71,19 @@ def holds_tracker_run(run_dir: Path, name: str, run_id) -> bool:
     return isinstance(run_id, str) and any((run_dir / folder).glob(pattern.format(glob.escape(run_id))))
 
 
+def unrecorded_runs(run_dir: Path, name: str, run_id) -> list[str]:
+    """The runs in ``run_dir``'s folder of tracker ``name`` other than ``run_id``, the one ``trackers.json`` records
+    (a user's logged into it by hand, or a tracker's that failed to open): ``--overwrite`` would remove them with
+    the folder. W&B's ``*run-<time>-<id>`` folders (a resume of the same id adds one); MLflow's ``<experiment>/<id>``
+    runs, its trash aside."""
+    folder = run_dir / LOCAL_DIRS[name][0]
+    if name == "wandb":
+        found = [p.name for p in folder.glob("*run-*-*") if p.is_dir()]
+        return sorted(n for n in found if not (isinstance(run_id, str) and n.endswith(f"-{run_id}")))
+    found = [p.parent for p in folder.glob("*/*/meta.yaml") if p.parent.parent.name != ".trash"]
+    return sorted(f"{p.parent.name}/{p.name}" for p in found if p.name != run_id)
+
+
 def check_trackers(names: list[str]) -> None:
     """Refuse a tracker whose package is not installed, naming the extra that installs it."""
     for name in names:

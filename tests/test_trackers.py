@@ -213,6 +213,35 @@ def test_a_run_never_logs_into_a_trackers_folder_that_holds_no_run_it_recorded(t
         assert (d / folder / entry).read_text() == "the user's"
 
 
+def test_overwrite_refuses_a_trackers_folder_that_holds_runs_it_did_not_record(tmp_path):
+    """A user's run logged into the run's own mlruns/ or wandb/ is theirs: --overwrite (which removes the folder) is
+    refused naming it, and nothing is removed; the run's own entries (a W&B resume's second folder of the same id,
+    MLflow's trash) do not count."""
+    from pst_dist.rundir import RunDirError, check_run_dir
+
+    for tracker, folder, ours, theirs in (
+            ("mlflow", "mlruns", ["1/c0ffee/meta.yaml", "1/meta.yaml", ".trash/d1/meta.yaml"], "1/beef/meta.yaml"),
+            ("wandb", "wandb", ["offline-run-20250101_000000-myrun/x.wandb", "offline-run-20250102_000000-myrun/y",
+                                "debug.log"], "run-20250103_000000-other/z.wandb")):
+        d = tmp_path / tracker
+        for entry in ours:
+            (d / folder / entry).parent.mkdir(parents=True, exist_ok=True)
+            (d / folder / entry).write_text("the run's")
+        cfg = load_config(None, [f"--log.run_dir={d}", f'--log.trackers=["{tracker}"]'])
+        (d / "config.toml").write_text(dump_toml(cfg))
+        (d / "trackers.json").write_text(json.dumps({tracker: ours[0].split("/")[1 if tracker == "mlflow" else 0]
+                                                     .rsplit("-", 1)[-1], "made_here": [folder]}))
+        assert check_run_dir(cfg, resume=False, overwrite=True) == {}
+        (d / folder / theirs).parent.mkdir(parents=True)
+        (d / folder / theirs).write_text("the user's")
+        other = theirs.rsplit("/", 1)[0]
+        with pytest.raises(RunDirError, match=f"{folder}/ holds {tracker} runs its trackers.json does not record "
+                                               f"\\({other}: a user's"):
+            check_run_dir(cfg, resume=False, overwrite=True)
+        assert check_run_dir(cfg, resume=True, overwrite=False) == {}  # a resume removes nothing
+        assert (d / folder / theirs).read_text() == "the user's"
+
+
 def test_a_tracker_that_fails_to_open_leaves_no_folder_an_overwrite_cannot_replace(tmp_path, own_dirs, monkeypatch):
     """MLflow opens (making mlruns/), then W&B fails: trackers.json already says mlruns/ is the run's, so the next
     --overwrite replaces it (before, it was refused as a store pst-dist did not make)."""
