@@ -121,12 +121,12 @@ def open_trackers(run_dir: Path, cfg: Config) -> list:
                 which = f"the run {ids[name]!r} recorded in {ids_file}" if ids.get(name) else "a new run"
                 raise TrackerError(f"log.trackers: {name} could not open {which} ({type(e).__name__}: "
                                    f"{str(e).strip()[:300]})") from e
+            record()  # its id at once: a later tracker that fails to open leaves no run here unrecorded
     except BaseException:  # the ones already open end failed (a W&B run left active would take the next run's logs)
         for name, t in trackers.items():
             with reported(f"closing the {name} run after another tracker failed to open"):
                 t.close(failed=True)
         raise
-    record()
     return list(trackers.values())
 
 

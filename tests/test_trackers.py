@@ -219,18 +219,19 @@ def test_overwrite_refuses_a_trackers_folder_that_holds_runs_it_did_not_record(t
     MLflow's trash) do not count."""
     from pst_dist.rundir import RunDirError, check_run_dir
 
-    for tracker, folder, ours, theirs in (
-            ("mlflow", "mlruns", ["1/c0ffee/meta.yaml", "1/meta.yaml", ".trash/d1/meta.yaml"], "1/beef/meta.yaml"),
-            ("wandb", "wandb", ["offline-run-20250101_000000-myrun/x.wandb", "offline-run-20250102_000000-myrun/y",
-                                "debug.log"], "run-20250103_000000-other/z.wandb")):
+    for tracker, folder, run_id, ours, theirs in (
+            ("mlflow", "mlruns", "c0ffee", ["1/c0ffee/meta.yaml", "1/meta.yaml", ".trash/d1/meta.yaml"],
+             "1/beef/meta.yaml"),
+            ("wandb", "wandb", "myrun", ["offline-run-20250101_000000-myrun/x.wandb",
+                                         "offline-run-20250102_000000-myrun/y", "debug.log"],
+             "run-20250103_000000-other/z.wandb")):
         d = tmp_path / tracker
         for entry in ours:
             (d / folder / entry).parent.mkdir(parents=True, exist_ok=True)
             (d / folder / entry).write_text("the run's")
         cfg = load_config(None, [f"--log.run_dir={d}", f'--log.trackers=["{tracker}"]'])
         (d / "config.toml").write_text(dump_toml(cfg))
-        (d / "trackers.json").write_text(json.dumps({tracker: ours[0].split("/")[1 if tracker == "mlflow" else 0]
-                                                     .rsplit("-", 1)[-1], "made_here": [folder]}))
+        (d / "trackers.json").write_text(json.dumps({tracker: run_id, "made_here": [folder]}))
         assert check_run_dir(cfg, resume=False, overwrite=True) == {}
         (d / folder / theirs).parent.mkdir(parents=True)
         (d / folder / theirs).write_text("the user's")
@@ -265,6 +266,28 @@ def test_a_tracker_that_fails_to_open_leaves_no_folder_an_overwrite_cannot_repla
     assert r.returncode == 0, r.stderr[-3000:]
     ids = json.loads((tmp_path / "r" / "trackers.json").read_text())
     assert [p.name for p in (tmp_path / "r" / "mlruns").glob("*/*") if p.is_dir()] == [ids["mlflow"]]
+
+
+def test_a_tracker_that_opened_is_recorded_before_the_next_one_fails(tmp_path, own_dirs, monkeypatch):
+    """W&B opens, then MLflow (on a server: no folder of its own to record first) fails: trackers.json already holds
+    W&B's id, so its run in wandb/ is the run's and the next --overwrite replaces it."""
+    from pst_dist import tracking
+
+    args = [*TINY, "--data.synthetic_train=128", "--train.epochs=1", "--log.tensorboard=false",
+            '--log.trackers=["wandb", "mlflow"]', f"--log.mlflow_uri={(tmp_path / 'server').as_uri()}",
+            f"--log.run_dir={tmp_path / 'r'}"]
+
+    def unreachable(self, *a):
+        raise ConnectionError("the server does not answer")
+
+    monkeypatch.setattr(tracking.MlflowTracker, "__init__", unreachable)
+    with pytest.raises(tracking.TrackerError, match="mlflow could not open a new run"):
+        train(load_config(None, args))
+    ids = json.loads((tmp_path / "r" / "trackers.json").read_text())
+    assert tracking.unrecorded_runs(tmp_path / "r", "wandb", ids["wandb"]) == []
+    assert tracking.holds_tracker_run(tmp_path / "r", "wandb", ids["wandb"])
+    monkeypatch.undo()
+    train(load_config(None, [*args, '--log.trackers=["wandb"]']), overwrite=True)
 
 
 def test_a_resume_whose_recorded_mlflow_run_is_gone_is_refused_naming_it(tmp_path, own_dirs, monkeypatch):
