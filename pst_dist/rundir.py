@@ -27,8 +27,7 @@ from .config import (
     tomllib,
 )
 from .io import blocking_ancestor, json_lines, write_atomic
-from .tracking import (IDS_FILE, LOCAL_DIRS, holds_tracker_run, local_folder, recorded_ids, tracker_dirs,
-                       unrecorded_runs)
+from .tracking import IDS_FILE, LOCAL_DIRS, holds_tracker_run, local_folder, recorded_ids, tracker_dirs, unrecorded_runs
 
 RUN_MARKERS = ("config.toml", "checkpoint.pt", "ds_checkpoint", "summary.json", "metrics.jsonl")
 """Any of these in a directory means it holds a run."""
