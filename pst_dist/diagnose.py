@@ -25,7 +25,7 @@ import torch
 from .config import Config, ConfigError
 from .data.pipeline import Normalize, build_data
 from .distributed import build_device
-from .io import check_out_dir, savefig_atomic, write_atomic
+from .io import PLOT_SOFTWARE, OutputError, check_out_dir, is_our_png, savefig_atomic, write_atomic
 from .models import build_model
 from .pst.detectors import scatter_ratio
 from .pst.freeze import GroupActivations, trace_units
@@ -121,6 +121,10 @@ def run_diagnose(cfg: Config, out: Path, probe_size: int = 2000, overwrite: bool
 
     earlier = check_out_dir(out, command="diagnose", marker="diagnose.jsonl", owned=DIAGNOSE_FILES,
                             overwrite=overwrite, is_ours=_is_diagnose_output)
+    plot_file = out / "diagnose.png"
+    if earlier and plot_file.exists() and not is_our_png(plot_file):
+        raise OutputError(f"--out {out}: its diagnose.png is not a plot pst-dist wrote (no Software={PLOT_SOFTWARE!r} "
+                          f"in it); move it away or choose another --out")
     cfg.log.run_dir = str(out / "run")
     data = build_data(cfg)
     s = data.splits
@@ -136,8 +140,9 @@ def run_diagnose(cfg: Config, out: Path, probe_size: int = 2000, overwrite: bool
         raise ConfigError(f"--probe-size {probe_size}: a probe of {n} images is too small for {s.num_classes} "
                           f"classes (need >= {2 * s.num_classes})")
     out.mkdir(parents=True, exist_ok=True)
-    if earlier:  # --overwrite of an earlier diagnose output: its TensorBoard events go (run/ is train()'s to replace)
-        shutil.rmtree(out / "tb", ignore_errors=True)
+    if earlier:  # --overwrite of an earlier diagnose output: its TensorBoard events and plot go (run/ is train()'s
+        shutil.rmtree(out / "tb", ignore_errors=True)  # to replace): a diagnose stopped part-way leaves no old plot
+        plot_file.unlink(missing_ok=True)  # beside the new rows
     write_atomic(out / "diagnose.jsonl", "")  # first: a diagnose stopped at any point leaves an output it owns
     device = build_device(cfg)
     probe = {"poisoned": poisoned[:n].to(device).float() / 255, "clean": held.images[:n].to(device).float() / 255}

@@ -74,3 +74,10 @@ def test_diagnose_replaces_only_its_own_output_and_refuses_flags_it_would_ignore
         (stopped / "diagnose.jsonl").write_text(rows)
         r = run_cli_in_process(*cfg, "--out", str(stopped))
         assert r.returncode == 2 and "pass --overwrite" in r.stderr, r.stderr[-2000:]
+    from PIL import Image
+
+    Image.new("L", (4, 4)).save(stopped / "diagnose.png")  # a user's image under the plot's name
+    photo = (stopped / "diagnose.png").read_bytes()
+    r = run_cli_in_process(*cfg, "--out", str(stopped), "--overwrite")
+    assert r.returncode == 2 and "its diagnose.png is not a plot pst-dist wrote" in r.stderr, r.stderr[-2000:]
+    assert (stopped / "diagnose.png").read_bytes() == photo and (stopped / "tb" / "events.out.tfevents.1").exists()
