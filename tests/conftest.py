@@ -147,8 +147,9 @@ def assert_refused(out, names, markers=(), root=None, code=None) -> None:
         assert out.returncode == code, (out.returncode, out.stderr[-2000:])
     assert "Traceback" not in out.stderr, out.stderr[-3000:]
     assert "pst-dist: " in out.stderr, out.stderr[-2000:]
+    said = out.stderr[out.stderr.index("pst-dist: "):]  # the error itself, not what was printed before it
     for n in [names] if isinstance(names, str) else names:
-        assert n in out.stderr, f"{n!r} not named in: {out.stderr[-2000:]}"
+        assert n in said, f"{n!r} not named in the error: {said[-2000:]}"
     for m in markers:
         assert m.is_file() and m.read_text() == MARKER_TEXT, f"{m} was changed or removed"
     if root is not None:
