@@ -913,6 +913,9 @@ class Config:
                    f"image; data.stream=false (or auto) reads them into memory")
             _check(self.data.source != "beton", f"{key} with data.source='beton': the check reads every training "
                    f"image; train from the data set's own source")
+        _check(not self.poison.eot or self.data.augment in ("none", "crop", "crop_flip"),
+               f"poison.eot={self.poison.eot} differentiates through the training augmentation: "
+               f"data.augment={self.data.augment!r} is not supported (crop, crop_flip or none; or poison.eot=0)")
         d = self.defense
         mixed = [s.name or str(i) for i, s in enumerate(self.schedule.stages) if s.loss.mix != "none"]
         _check(not (mixed and d.kind == "ueraser"), f"loss.mix in stage(s) {mixed} with defense.kind='ueraser': "

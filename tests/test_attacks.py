@@ -166,9 +166,8 @@ def test_eot_changes_the_noise_deterministically(kind):
     assert torch.equal(p1, p2), "same seed must give the same poison"
     assert 0 < int((p1.to(torch.int16) - x.to(torch.int16)).abs().max()) <= 8
     assert not torch.equal(p1, gen(*tiny(kind, 1))[0]), "EOT changes the noise"
-    cfg.data.augment = "ueraser"
-    with pytest.raises(ValueError, match="poison.eot=2"):
-        gen(x, y, cfg)
+    with pytest.raises(ConfigError, match="poison.eot=2 differentiates .* data.augment='ueraser' is not supported"):
+        load_config(None, [f"--poison.kind={kind}", "--poison.eot=2", "--data.augment=ueraser"])
 
 
 @pytest.mark.parametrize("chans", [1, 3])

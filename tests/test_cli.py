@@ -83,6 +83,11 @@ def test_train_bad_inputs_exit_nonzero(tmp_path):
     assert not (tmp_path / "r").exists(), "a rejected run must leave nothing behind"
     out = run_cli_in_process("train", *TINY, "--resume", f"--log.run_dir={tmp_path / 'r2'}")
     assert out.returncode == 2 and "no checkpoint" in out.stderr
+    for kind in ("classwise_noise", "samplewise_noise"):  # found once the data is read: still one line, exit 2
+        out = run_cli_in_process("poison", *TINY, f"--poison.kind={kind}", "--poison.eps=0.001", "--out",
+                                 str(tmp_path / "p"))
+        assert out.returncode == 2 and "poison.eps=0.001 is below one pixel level" in out.stderr, out.stderr[-2000:]
+        assert "Traceback" not in out.stderr and not (tmp_path / "p").exists()
 
 
 @pytest.mark.slow

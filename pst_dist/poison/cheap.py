@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from ..config import PoisonConfig
+from ..config import ConfigError, PoisonConfig
 from ..registry import ATTACKS
 from .budget import check_linf
 
@@ -20,7 +20,8 @@ def class_patterns(cfg: PoisonConfig, num_classes: int, shape: tuple[int, int, i
     g = torch.Generator().manual_seed(cfg.seed)
     amp = int(round(cfg.eps * 255))
     if amp < 1:
-        raise ValueError(f"poison.eps={cfg.eps} is below one pixel level (1/255)")
+        raise ConfigError(f"poison.eps={cfg.eps} is below one pixel level (1/255): poison.kind={cfg.kind!r} "
+                          f"adds whole pixel levels")
     if cfg.kind == "classwise_noise":
         delta = torch.randint(-amp, amp + 1, (num_classes, c, h, w), generator=g)
     elif cfg.kind == "patch_noise":

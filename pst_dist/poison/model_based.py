@@ -173,11 +173,7 @@ def _log(msg: str) -> None:
 
 def _use_eot(a: _Attack, cfg: Config) -> None:
     """With poison.eot: the attack augments as the training does (``data.augment``), differentiably."""
-    if cfg.poison.eot:
-        if cfg.data.augment not in ("none", "crop", "crop_flip"):
-            raise ValueError(f"poison.eot={cfg.poison.eot} differentiates through the training augmentation: "
-                             f"data.augment={cfg.data.augment!r} is not supported (crop, crop_flip or none; or "
-                             f"poison.eot=0)")
+    if cfg.poison.eot:  # data.augment is one it supports (Config checks it)
         a.aug_mode = cfg.data.augment
 
 
