@@ -313,7 +313,9 @@ def cmd_compare(args: argparse.Namespace, rest: list[str]) -> int:
 
     if rest:
         raise ConfigError(f"unexpected argument {rest[0]!r}")
-    attacks = [x.strip() for x in args.attacks.split(",") if x.strip()] if args.attacks else None
+    attacks = [x.strip() for x in args.attacks.split(",") if x.strip()] if args.attacks is not None else None
+    if attacks == []:
+        raise ConfigError(f"--attacks {args.attacks!r}: names no attack (a comma-separated list, e.g. em,lsp)")
     print(format_comparison(compare(args.a, args.b, args.defense, args.margin, attacks, args.rule)))
     return 0
 

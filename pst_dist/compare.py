@@ -96,7 +96,7 @@ def read_results(path: Path) -> dict[tuple[str, str, int], Cell]:
     cells: dict[tuple[str, str, int], Cell] = {}
     lines: dict[tuple[str, str, int], int] = {}
     try:
-        with csv_path.open(newline="", encoding="utf-8") as f:
+        with csv_path.open(newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
             if missing := want - set(reader.fieldnames or []):
                 raise DataError(f"{csv_path}: not a bench results.csv (columns {sorted(missing)} missing)")

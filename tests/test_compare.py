@@ -104,6 +104,9 @@ def test_bad_input_is_named_and_exits_2(tmp_path):
     assert r.returncode == 2 and "compare chooses on validation only" in r.stderr
     r = run_cli_in_process("compare", str(a), str(a), "--attacks", "lsp,tap")
     assert r.returncode == 2 and "--attacks tap: no such attack" in r.stderr
+    for empty in (",", " "):
+        r = run_cli_in_process("compare", str(a), str(a), "--attacks", empty)
+        assert r.returncode == 2 and f"--attacks {empty!r}: names no attack" in r.stderr, r.stderr[-2000:]
     r = run_cli_in_process("compare", str(a), str(a), "--margin", "-1")
     assert r.returncode == 2 and "--margin -1.0" in r.stderr
     (tmp_path / "c").mkdir()
@@ -113,8 +116,12 @@ def test_bad_input_is_named_and_exits_2(tmp_path):
     (tmp_path / "c" / "results.csv").write_text(",".join(COLUMNS) + "\nlsp,pst,zero,0.8,0.8,0.8\n")
     r = run_cli_in_process("compare", str(a), str(tmp_path / "c" / "results.csv"))
     assert r.returncode == 2 and "results.csv line 2" in r.stderr and "'zero'" in r.stderr
-    r = run_cli_in_process("compare", str(a), str(a))
-    assert r.returncode == 0 and "**keep A**" in r.stdout and "B − A +0.00" in r.stdout
+    bom = tmp_path / "bom" / "results.csv"  # saved again by a spreadsheet, with a byte-order mark
+    bom.parent.mkdir()
+    bom.write_text("\ufeff" + (a / "results.csv").read_text(), encoding="utf-8")
+    for b_side in (a, bom):
+        r = run_cli_in_process("compare", str(a), str(b_side))
+        assert r.returncode == 0 and "**keep A**" in r.stdout and "B − A +0.00" in r.stdout, r.stderr[-2000:]
     # an attack B has not run: its worst case over the others would not be the worst case
     partial = results(tmp_path / "partial", [("lsp", "pst", 0, 0.8, 0.99)])
     both = results(tmp_path / "both", [("lsp", "pst", 0, 0.8, 0.82), ("em", "pst", 0, 0.8, 0.50)])
