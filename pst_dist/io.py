@@ -123,7 +123,7 @@ PLOT_SOFTWARE = "pst-dist"
 def savefig_atomic(fig, path: Path, **kw) -> None:
     """``fig.savefig`` through a temporary file (the format follows ``path``'s suffix); a PNG is marked as
     pst-dist's (:data:`PLOT_SOFTWARE`)."""
-    fmt = Path(path).suffix.lstrip(".") or "png"
+    fmt = Path(path).suffix.lstrip(".").lower() or "png"
     if fmt == "png":
         kw.setdefault("metadata", {"Software": PLOT_SOFTWARE})
     save_atomic(Path(path), lambda p: fig.savefig(p, format=fmt, **kw))

@@ -26,6 +26,10 @@ def test_demo_prints_table_and_plot(tmp_path):
     assert again.returncode == 0 and "poisoned_pst" in again.stdout
     plot = tmp_path / "again.png"
     assert run_cli_in_process("report", str(tmp_path), "--plot", str(plot)).returncode == 0  # its own: replaced
+    upper = tmp_path / "AGAIN.PNG"  # the suffix in capitals: marked as pst-dist's too, so replaced again
+    for _ in range(2):
+        r = run_cli_in_process("report", str(tmp_path), "--plot", str(upper))
+        assert r.returncode == 0, r.stderr[-2000:]
     other = tmp_path / "other.png"  # a PNG another program wrote
     Image.new("L", (4, 4)).save(other)
     figure = tmp_path / "figure.png"  # the user's own matplotlib figure (was replaced: any matplotlib PNG passed)
