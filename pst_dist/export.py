@@ -35,7 +35,8 @@ FILES = ("model.safetensors", "config.json")
 
 def _is_export(out: Path) -> bool:
     try:
-        return "pst_dist" in json.loads((out / "config.json").read_text(encoding="utf-8"))
+        spec = json.loads((out / "config.json").read_text(encoding="utf-8"))
+        return isinstance(spec, dict) and isinstance(spec.get("pst_dist"), dict)  # a user's null or string is not
     except (OSError, ValueError):
         return False
 

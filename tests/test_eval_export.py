@@ -190,6 +190,12 @@ def test_export_small_stem_loads_through_pst_dist_with_the_runs_predictions(runs
     assert main(["export", "--run", str(run["dir"]), "--out", str(marker.parent)]) == 2
     assert main(["export", "--run", str(run["dir"]), "--out", str(tmp_path / "m.safetensors")]) == 2
     assert marker.read_text() == MARKER_TEXT and not (tmp_path / "m.safetensors").exists()
+    for i, theirs in enumerate(("null", '"pst_dist"')):  # a user's config.json, not an export's
+        (tmp_path / f"user{i}").mkdir()
+        (tmp_path / f"user{i}" / "config.json").write_text(theirs)
+        assert main(["export", "--run", str(run["dir"]), "--out", str(tmp_path / f"user{i}"), "--overwrite"]) == 2
+        assert "not an earlier `pst-dist export` output" in capsys.readouterr().err
+        assert (tmp_path / f"user{i}" / "config.json").read_text() == theirs
 
 
 def test_export_without_hook_loads_into_plain_timm(runs, tmp_path):
