@@ -99,7 +99,13 @@ def find_checkpoint(run_dir: Path, checkpoint: str | Path | None = None) -> Path
         if p is None:
             raise CheckpointError(f"{run_dir}: no checkpoint (checkpoint.pt or {CHECKPOINT_DIR}/) in the run")
     if p.is_dir() and (p / LATEST).is_file():
-        p = p / (p / LATEST).read_text().strip()
+        try:
+            tag = (p / LATEST).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{p / LATEST}: cannot be read ({e})") from None
+        if tag in ("", ".", "..") or "/" in tag or "\\" in tag:  # a tag folder of p, never a path elsewhere
+            raise CheckpointError(f"{p / LATEST}: names {tag!r}, not a checkpoint tag (a folder's name) in {p}")
+        p = p / tag
     return p
 
 

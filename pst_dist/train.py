@@ -128,7 +128,30 @@ def recorded_inputs(run_dir: Path) -> dict | None:
     f = run_dir / "meta.json"
     meta = read_json(f, "the run's meta.json", CheckpointError) if f.is_file() else {}
     first, *resumes = meta_segments(meta)
-    return next((m["inputs"] for m in (first, *reversed(resumes)) if m.get("inputs")), None)
+    inputs = next((m["inputs"] for m in (first, *reversed(resumes)) if m.get("inputs")), None)
+    if inputs is not None:
+        _check_inputs(inputs, f)
+    return inputs
+
+
+def _check_inputs(inputs, f: Path) -> None:
+    """CheckpointError naming ``f`` unless ``inputs`` holds what the model is rebuilt from (:func:`model_inputs`):
+    num_classes >= 1, shape [C, H, W] of positive ints, and C finite means and positive stds."""
+    def count(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+    def numbers(v, positive: bool) -> bool:
+        return (isinstance(v, list) and len(v) == shape[0] and all(
+            isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) and (x > 0 or not positive)
+            for x in v))
+
+    shape = inputs.get("shape") if isinstance(inputs, dict) else None
+    ok = (isinstance(shape, list) and len(shape) == 3 and all(count(x) for x in shape)
+          and count(inputs.get("num_classes")) and numbers(inputs.get("mean"), False)
+          and numbers(inputs.get("std"), True))
+    if not ok:
+        raise CheckpointError(f"{f}: its inputs {inputs!r:.300} are not a run's (num_classes, shape [C, H, W], C "
+                              f"means and C positive stds)")
 
 
 def resumed_inputs(run_dir: Path) -> dict:

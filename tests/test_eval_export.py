@@ -166,6 +166,23 @@ def test_eval_refusals_name_the_problem(runs, capsys, tmp_path):
     capsys.readouterr()
     assert main(["eval", "--run", str(run["dir"]), "--out", str(tmp_path / "nodir" / "e.json")]) == 2
     assert "nodir is not a directory" in capsys.readouterr().err
+    odd = tmp_path / "odd"  # a run whose meta.json lost a key, or whose ds_checkpoint/latest points out of it
+    shutil.copytree(run["dir"], odd)
+    meta = json.loads((odd / "meta.json").read_text())
+    del meta["inputs"]["shape"]
+    (odd / "meta.json").write_text(json.dumps(meta))
+    for cmd in (["eval"], ["export", "--out", str(tmp_path / "odd_export")]):
+        assert main([*cmd, "--run", str(odd)]) == 2
+        assert f"{odd / 'meta.json'}: its inputs" in capsys.readouterr().err
+    shutil.copy(run["dir"] / "meta.json", odd / "meta.json")
+    (odd / "checkpoint.pt").unlink()
+    (odd / "ds_checkpoint").mkdir()
+    for latest, says in ((b"../../" + str(run["dir"] / "checkpoint.pt").encode(), "not a checkpoint tag"),
+                         (b"\xff\xfe", "cannot be read")):
+        (odd / "ds_checkpoint" / "latest").write_bytes(latest)
+        assert main(["eval", "--run", str(odd)]) == 2
+        assert f"{odd / 'ds_checkpoint' / 'latest'}: " in (err := capsys.readouterr().err) and says in err, err
+    assert not (tmp_path / "odd_export").exists()
 
 
 def test_export_small_stem_loads_through_pst_dist_with_the_runs_predictions(runs, tmp_path, capsys):
