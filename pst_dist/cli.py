@@ -155,6 +155,8 @@ def cmd_tune(args: argparse.Namespace, rest: list[str]) -> int:
     cfg = load_config(args.config, _split_overrides(rest))
     summary = run_search(cfg, resume=args.resume)
     print(json.dumps(summary, indent=2))
+    if summary["unfinished"]:  # stopped (Ctrl-C): not a search's result; a shell or scheduler sees the interrupt
+        return 130
     return 0 if not summary["errors"] and summary["best"] is not None else 1
 
 

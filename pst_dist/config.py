@@ -792,6 +792,9 @@ class TuneConfig:
             vals = getattr(self, key)
             _check(len(vals) > 0, f"tune.{key} is empty: give at least one choice")
             _check(all(v >= 0 for v in vals), f"tune.{key}={vals}: choices must be >= 0")
+        _check(all(v > 0 for v in self.release_epochs),
+               f"tune.release_epochs={self.release_epochs}: choices must be > 0 (a release stage of no length would "
+               f"run to the end of training: the groups after it would never be released)")
         _check(len(self.unfreeze_groups) > 0, "tune.unfreeze_groups is empty: name the groups to freeze and release")
         _check(len(set(self.unfreeze_groups)) == len(self.unfreeze_groups),
                f"tune.unfreeze_groups={self.unfreeze_groups}: a group appears twice")
@@ -800,7 +803,8 @@ class TuneConfig:
         _check(self.reduction_factor >= 2, f"tune.reduction_factor={self.reduction_factor}: must be >= 2")
         _check(self.pbt_interval >= 1, f"tune.pbt_interval={self.pbt_interval}: must be >= 1")
         _check(self.max_failures >= 0, f"tune.max_failures={self.max_failures}: must be >= 0")
-        _check(bool(self.name) and "/" not in self.name, f"tune.name={self.name!r}: a non-empty name without '/'")
+        _check(bool(self.name) and "/" not in self.name and self.name not in (".", ".."),
+               f"tune.name={self.name!r}: a folder name (not empty, '.' or '..', without '/')")
         bad = [a for a in self.attacks if a not in POISONS or a == "file"]
         _check(not bad, f"tune.attacks: unknown attack(s) {bad}; expected from {sorted(POISONS - {'file'})}")
         _check(len(set(self.attacks)) == len(self.attacks), f"tune.attacks={self.attacks}: an attack appears twice")

@@ -385,6 +385,10 @@ def test_tune_cli_refuses_bad_input_before_starting_ray(own_ray, tmp_path, monke
              (['--tune.attacks=["em"]', "--tune.seeds=[0, 1]", '--bench.attack_overrides.em=["poison.seed=3"]'],
               "bench.attack_overrides.em=['poison.seed=3']: a search's runs take their seeds from tune.seeds"),
              (["--data.val_size=0"], "data.val_size=0 leaves no validation images"),
+             (["--tune.release_epochs=[0.0, 1.0]"], "tune.release_epochs=[0.0, 1.0]: choices must be > 0"),
+             (["--tune.name=.."], "tune.name='..': a folder name"),
+             (["--data.source=fashion-mnist", f"--data.root={tmp_path / 'nowhere'}"],
+              f"Fashion-MNIST directory not found: {tmp_path / 'nowhere'}"),
              (["--resume"], "--resume: no search to continue")]
     # two through the installed command (--resume imports ray.tune, which changes sys.path for the process); the
     # others in this process, with the same environment (each would cost a Python and torch start-up in a
@@ -408,6 +412,19 @@ def test_tune_cli_refuses_bad_input_before_starting_ray(own_ray, tmp_path, monke
         assert code == 2 and message in err, (extra, err[-2000:])
     assert not list(out.iterdir())  # nothing written
     assert not own_ray.processes() and not list(own_ray.temp.iterdir())  # no Ray started
+
+
+@pytest.mark.multiproc
+def test_a_trial_this_machine_cannot_hold_is_refused_before_poisons_are_made_even_with_a_cap(own_ray, tmp_path):
+    """tune.max_concurrent set: a local Ray still checks that one trial fits (it would wait for ever), and refuses
+    before the search's poisons take their minutes."""
+    out = tmp_path / "out"
+    run = subprocess.run(_tune(out, "--tune.max_concurrent=1", "--tune.cpus_per_worker=512",
+                               '--tune.attacks=["classwise_noise"]', f"--tune.poisons={tmp_path / 'poisons'}"),
+                         env=own_ray.env(), capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2 and "one trial needs tune.workers x (tune.cpus_per_worker CPUs) = 1 x (512)" in \
+        run.stderr, run.stderr[-3000:]
+    assert not (tmp_path / "poisons").exists() and not out.exists()
 
 
 def test_a_new_search_never_writes_over_a_user_s_file_named_as_its_record(tmp_path, monkeypatch, capsys):
@@ -443,14 +460,20 @@ def test_an_interrupted_search_resumes_without_retraining_finished_trials(own_ra
             time.sleep(0.5)
         assert proc.poll() is None, "the search ended before it could be interrupted"
         os.kill(proc.pid, signal.SIGINT)  # Ctrl-C: Tune saves its state and stops
-        proc.communicate(timeout=300)
+        said = proc.communicate(timeout=300)[0]
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     finished = {p.parent.name for p in (out / "tiny").glob("trials/*/summary.json")}
     assert finished
+    # a stopped search is not a search's result: the shell sees the interrupt, and no best schedule is named
+    assert proc.returncode == 130 and "unfinished: no best schedule; continue it with --resume" in said, said[-3000:]
+    assert not (out / "tiny" / "best_schedule.toml").exists()
+    assert "Stopped before its end" in (out / "tiny" / "results.md").read_text()
     run = subprocess.run([*args, "--resume"], env=own_ray.env(), capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, (run.stdout + run.stderr)[-5000:]
+    assert (out / "tiny" / "best_schedule.toml").is_file()
+    assert "Stopped" not in (out / "tiny" / "results.md").read_text()
     rows = list(csv.DictReader(open(out / "tiny" / "results.csv")))
     assert len(rows) == 3 and all(r["status"] == "completed" and r["epochs"] == "4" for r in rows), rows
     for trial in finished:  # trained once: four epochs in its metrics, not eight

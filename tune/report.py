@@ -145,9 +145,11 @@ def results_csv(rows: list[dict]) -> str:
     return buf.getvalue()
 
 
-def results_md(cfg: Config, rows: list[dict], best: dict | None, total_epochs: int) -> str:
+def results_md(cfg: Config, rows: list[dict], best: dict | None, total_epochs: int, unfinished: int = 0) -> str:
     cols = _columns(rows)
-    lines = [f"# PST schedule search `{cfg.tune.name}`", "",
+    stopped = ([f"**Stopped before its end**: {unfinished} trial(s) unfinished, no best schedule chosen. Continue "
+                f"it: `pst-dist tune --config ... --resume` with the same config.", ""] if unfinished else [])
+    lines = [f"# PST schedule search `{cfg.tune.name}`", "", *stopped,
              f"search={cfg.tune.search}, scheduler={cfg.tune.scheduler}, {len(rows)} trials, "
              f"{total_epochs} training epochs in all (a full trial is {cfg.train.epochs}"
              f"{f' x {len(cfg.tune.attacks)} attacks' if cfg.tune.attacks else ''}"
@@ -211,24 +213,27 @@ REPORTS = ("results.csv", "results.md", "trials.png", "best_schedule.toml")
 """What :func:`write_reports` writes into the search directory, over what is there."""
 
 
-def write_reports(cfg: Config, results, search_dir: Path, log) -> dict:
+def write_reports(cfg: Config, results, search_dir: Path, log, unfinished: int = 0) -> dict:
+    """The reports of a search; ``unfinished``: its trials that neither ended nor failed (the search was stopped,
+    e.g. by Ctrl-C). A stopped search's tables say so and name no best schedule: a partial search chose none."""
     rows = trial_rows(cfg, results, search_dir)
-    best = best_row(rows, cfg.tune.ties)
+    best = None if unfinished else best_row(rows, cfg.tune.ties)
     total = sum(r["epochs_trained"] for r in rows)
     search_dir.mkdir(parents=True, exist_ok=True)
     csv_name, md_name, png_name, best_name = REPORTS  # the names search.py checks before it writes over them
     write_atomic(search_dir / csv_name, results_csv(rows))
-    md = results_md(cfg, rows, best, total)
+    md = results_md(cfg, rows, best, total, unfinished)
     write_atomic(search_dir / md_name, md)
     plot_trials(rows, best, search_dir / png_name, multi=bool(cfg.tune.attacks))
     if best is not None:
         write_atomic(search_dir / best_name, best_schedule_toml(cfg, best))
     log(md)
     errors = [r["trial"] for r in rows if r["status"] == "error"]
-    log(f"[tune] wrote {search_dir}/{csv_name}, {md_name}, {png_name}"
-        + (f", {best_name}" if best else " (no trial completed: no best schedule)")
+    none = (f" (stopped with {unfinished} trial(s) unfinished: no best schedule; continue it with --resume)"
+            if unfinished else " (no trial completed: no best schedule)")
+    log(f"[tune] wrote {search_dir}/{csv_name}, {md_name}, {png_name}" + (f", {best_name}" if best else none)
         + (f"; trials that failed: {errors}" if errors else ""))
-    return {"trials": len(rows), "total_epochs": total, "errors": errors,
+    return {"trials": len(rows), "unfinished": unfinished, "total_epochs": total, "errors": errors,
             "best": None if best is None else {k: best[k] for k in ("trial", "final_val_acc", "final_test_acc",
                                                                     "params")},
             "search_dir": str(search_dir)}

@@ -21,7 +21,7 @@ from pst_dist.config import (
     load_config,
     to_dict,
 )
-from pst_dist.data.sources import check_val_size
+from pst_dist.data.sources import check_present, check_val_size
 from pst_dist.distributed import init_ray
 from pst_dist.io import check_written_over, write_atomic
 from pst_dist.matrix import seed_overrides
@@ -139,9 +139,9 @@ def max_concurrent(cfg: Config) -> int:
     import ray  # optional heavy dependency (Ray), imported only by tune
 
     t = cfg.tune
-    if t.max_concurrent or on_cluster():
+    if on_cluster():
         return t.max_concurrent
-    res = ray.cluster_resources()
+    res = ray.cluster_resources()  # a local Ray: a trial it cannot hold would wait for ever
     fits = int(res.get("CPU", 1) // (t.workers * t.cpus_per_worker))
     if t.use_gpu == "yes":
         fits = min(fits, int(res.get("GPU", 0) // (t.workers * t.gpus_per_worker)))
@@ -150,7 +150,7 @@ def max_concurrent(cfg: Config) -> int:
                           f"{' + tune.gpus_per_worker GPUs' if t.use_gpu == 'yes' else ''}) = {t.workers} x "
                           f"({t.cpus_per_worker:g}{f' + {t.gpus_per_worker:g}' if t.use_gpu == 'yes' else ''}); "
                           f"this machine has {res.get('CPU', 0):g} CPUs, {res.get('GPU', 0):g} GPUs")
-    return fits
+    return t.max_concurrent or fits
 
 
 def build_tuner(cfg: Config, search_dir: Path, resume: bool, groups: int, concurrent: int):
@@ -192,6 +192,8 @@ def run_search(cfg: Config, resume: bool = False, log=lambda m: print(m, file=sy
     groups = num_groups(cfg)
     check_space(cfg, groups)  # every error before Ray starts
     check_val_size(cfg.data)  # trials are chosen on validation accuracy: none would fail every trial inside Ray
+    if not on_cluster():  # the trials read the data on this machine: a bad data.root would fail each inside Ray
+        check_present(cfg.data)
     search_dir = Path(cfg.tune.out) / cfg.tune.name
     if resume:
         from ray.tune import Tuner  # optional heavy dependency (Ray), imported only by tune
@@ -215,6 +217,9 @@ def run_search(cfg: Config, resume: bool = False, log=lambda m: print(m, file=sy
         check_written_over(search_dir, REPORTS, (search_dir / SEARCH_RECORD).is_file(), option="tune.out/tune.name",
                            command="a search", missing=f"no {SEARCH_RECORD}")
     record = dump_toml(cfg)  # as asked: before Ray resolves what "auto" means on this cluster (tune.use_gpu)
+    where = init_ray()
+    resources = declare_resources(cfg)  # before max_concurrent: it resolves tune.use_gpu
+    concurrent = max_concurrent(cfg)  # a trial this machine cannot hold is refused before poisons are made
     if cfg.tune.attacks:  # before Ray starts: a poison takes minutes to make, a trial must not wait for it
         made = prepare_poisons(cfg, log)
         seeds = f" x seeds {cfg.tune.seeds}" if cfg.tune.seeds else ""
@@ -226,14 +231,13 @@ def run_search(cfg: Config, resume: bool = False, log=lambda m: print(m, file=sy
     log(f"[tune] {len(skeletons(cfg, groups))} valid skeletons (lengths x unfreeze order), {n} schedules in the "
         f"grid; search={cfg.tune.search} scheduler={cfg.tune.scheduler}; each trial {cfg.tune.workers} Ray Train "
         f"workers ({engine})")
-    where = init_ray()
-    resources = declare_resources(cfg)  # before max_concurrent: it resolves tune.use_gpu
-    concurrent = max_concurrent(cfg)
     log(f"[tune] Ray: {where}; search directory {search_dir}; {resources}; at most "
         f"{concurrent or 'any number of'} trials at once")
     tuner = build_tuner(cfg, search_dir, resume, groups, concurrent)
     if not resume:
         search_dir.mkdir(parents=True, exist_ok=True)
         write_atomic(search_dir / SEARCH_RECORD, record)
-    results = tuner.fit()
-    return write_reports(cfg, results, search_dir, log)
+    results = tuner.fit()  # returns, not raises, when Ctrl-C (SIGINT) or SIGUSR1 stops the search
+    expected = grid_size(cfg, groups) if cfg.tune.search == "grid" else cfg.tune.num_samples
+    unfinished = max(expected, len(results)) - results.num_terminated - results.num_errors
+    return write_reports(cfg, results, search_dir, log, unfinished=max(unfinished, 0))

@@ -340,11 +340,16 @@ def _find(root: Path, stem: str) -> Path:
     raise DataError(f"missing data file {root / stem}[.gz]")
 
 
-def _fashion_mnist(cfg: DataConfig) -> tuple[Split, Split, int]:
+def _fmnist_root(cfg: DataConfig) -> Path:
     root = Path(cfg.root or FMNIST_DEFAULT)
     if not root.is_dir():
         raise DataError(f"Fashion-MNIST directory not found: {root} (apt-get install dataset-fashion-mnist, or set "
                         f"data.root)")
+    return root
+
+
+def _fashion_mnist(cfg: DataConfig) -> tuple[Split, Split, int]:
+    root = _fmnist_root(cfg)
     out = []
     for prefix in ("train", "t10k"):
         xp, yp = _find(root, f"{prefix}-images-idx3-ubyte"), _find(root, f"{prefix}-labels-idx1-ubyte")
@@ -487,15 +492,40 @@ def _cifar_batch_arrays(p: Path, label_key: str, num_classes: int) -> tuple[np.n
     return x.astype(np.uint8).reshape(-1, 3, 32, 32), y.astype(np.int64)
 
 
-def _cifar(cfg: DataConfig) -> tuple[Split, Split, int]:
-    ten = cfg.source == "cifar10"
-    sub = "cifar-10-batches-py" if ten else "cifar-100-python"
+def _cifar_base(cfg: DataConfig) -> tuple[Path, Path, str, bool]:
+    """The CIFAR root, the folder of its batches, that folder's name, and whether the batches are there (a user's
+    data.root without them: DataError; the default root: downloaded)."""
+    sub = "cifar-10-batches-py" if cfg.source == "cifar10" else "cifar-100-python"
     root = Path(cfg.root or f"data/{cfg.source}")
     base = root / sub if (root / sub).is_dir() else root
-    if not base.is_dir():
-        if cfg.root and Path(cfg.root) != Path(f"data/{cfg.source}"):  # a root of the user's: no download into it
-            raise DataError(f"data.root={cfg.root!r}: not found; expected {cfg.source}'s python batches there (or "
-                            f"in its {sub}/); leave data.root unset to download them into data/{cfg.source}")
+    if not base.is_dir() and cfg.root and Path(cfg.root) != Path(f"data/{cfg.source}"):  # no download into it
+        raise DataError(f"data.root={cfg.root!r}: not found; expected {cfg.source}'s python batches there (or "
+                        f"in its {sub}/); leave data.root unset to download them into data/{cfg.source}")
+    return root, base, sub, base.is_dir()
+
+
+def check_present(cfg: DataConfig) -> None:
+    """The source's folders and files are where ``cfg`` says, without reading an image: DataError naming what is
+    missing. For a driver that hands the data to workers on its own machine (a search on a local Ray) to refuse a bad
+    data.root before it starts them. CIFAR at its default root counts as present (a worker downloads it)."""
+    if cfg.source == "fashion-mnist":
+        root = _fmnist_root(cfg)
+        for stem in ("train-images-idx3", "train-labels-idx1", "t10k-images-idx3", "t10k-labels-idx1"):
+            _find(root, f"{stem}-ubyte")
+    elif cfg.source in ("cifar10", "cifar100"):
+        _cifar_base(cfg)
+    elif cfg.source == "imagefolder":
+        folder_layout(cfg)
+    elif cfg.source == "beton":
+        from .beton import BetonDir  # ffcv: imported only for the .beton path
+
+        BetonDir(cfg.root, verify=False)
+
+
+def _cifar(cfg: DataConfig) -> tuple[Split, Split, int]:
+    ten = cfg.source == "cifar10"
+    root, base, sub, present = _cifar_base(cfg)
+    if not present:
         _try_download(cfg.source, root)
         base = root / sub
     n = 10 if ten else 100
