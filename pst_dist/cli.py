@@ -210,16 +210,23 @@ def cmd_eval(args: argparse.Namespace, rest: list[str]) -> int:
     from .evaluate import evaluate_run  # start-up time: each command imports only what it runs
 
     out = Path(args.out) if args.out else None
-    if out is not None and (out.exists() or out.is_symlink()):  # checked before the work; replaced only if ours
-        if not args.overwrite or not _is_eval_output(out):
-            raise OutputError(f"--out {out}: exists" + (" and is not an earlier `pst-dist eval` output; choose another "
-                              "--out" if args.overwrite else "; pass --overwrite to replace an earlier eval output"))
+
+    def check_out() -> bool:  # before the work, and again before the write: replaced only if ours; True: absent
+        if out.exists() or out.is_symlink():
+            if not args.overwrite or not _is_eval_output(out):
+                raise OutputError(f"--out {out}: exists" + (
+                    " and is not an earlier `pst-dist eval` output; choose another --out" if args.overwrite
+                    else "; pass --overwrite to replace an earlier eval output"))
+            return False
+        return True
+
     if out is not None:
+        check_out()
         check_parent_dir(out, "--out")
     result = evaluate_run(Path(args.run), args.checkpoint, _split_overrides(rest), args.split)
     text = json.dumps(result, indent=2)
     if out is not None:
-        write_atomic(out, text + "\n")
+        write_atomic(out, text + "\n", new=check_out())  # a file put there while it evaluated is not replaced
     print(text)
     return 0
 

@@ -60,14 +60,36 @@ def _tmp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp{os.getpid()}")
 
 
-def save_atomic(path: Path, write: Callable[[Path], None]) -> None:
+def _publish_new(tmp: Path, path: Path) -> None:
+    """Move ``tmp`` to ``path`` only if nothing is at ``path`` (a hard link fails on an existing name: no window
+    between the check and the move); OutputError naming ``path`` otherwise. Where the file system has no hard links,
+    a check just before the rename."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise OutputError(f"{path}: appeared while pst-dist was writing it; left as it is (the new output is "
+                          f"discarded): move it away and run again") from None
+    except OSError:  # no hard links here (some network and FUSE file systems)
+        if path.exists() or path.is_symlink():
+            raise OutputError(f"{path}: appeared while pst-dist was writing it; left as it is (the new output is "
+                              f"discarded): move it away and run again") from None
+        os.replace(tmp, path)
+        return
+    tmp.unlink()
+
+
+def save_atomic(path: Path, write: Callable[[Path], None], *, new: bool = False) -> None:
     """``write(tmp)`` to a hidden temporary file beside ``path``, then rename it to ``path``. On any failure (an
-    exception, a full disk, Ctrl-C) the temporary file is removed and ``path`` is left as it was."""
+    exception, a full disk, Ctrl-C) the temporary file is removed and ``path`` is left as it was. ``new``: ``path``
+    was absent when the command checked it, and a file that appeared there since (a user's) is not replaced."""
     path = Path(path)
     tmp = _tmp_name(path)
     try:
         write(tmp)
-        os.replace(tmp, path)
+        if new:
+            _publish_new(tmp, path)
+        else:
+            os.replace(tmp, path)
     except BaseException as e:
         with contextlib.suppress(OSError):
             tmp.unlink()
@@ -111,22 +133,22 @@ def save_stream_atomic(path: Path, write: Callable[[object], None]) -> None:
     save_atomic(path, go)
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` (UTF-8) to ``path`` atomically (see :func:`save_atomic`)."""
-    save_atomic(Path(path), lambda p: p.write_text(text, encoding="utf-8"))
+def write_atomic(path: Path, text: str, *, new: bool = False) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically (see :func:`save_atomic`, and its ``new``)."""
+    save_atomic(Path(path), lambda p: p.write_text(text, encoding="utf-8"), new=new)
 
 
 PLOT_SOFTWARE = "pst-dist"
 """The PNG ``Software`` text pst-dist's plots carry: a plot file it may replace (:func:`is_our_png`)."""
 
 
-def savefig_atomic(fig, path: Path, **kw) -> None:
+def savefig_atomic(fig, path: Path, *, new: bool = False, **kw) -> None:
     """``fig.savefig`` through a temporary file (the format follows ``path``'s suffix); a PNG is marked as
-    pst-dist's (:data:`PLOT_SOFTWARE`)."""
+    pst-dist's (:data:`PLOT_SOFTWARE`). ``new``: see :func:`save_atomic`."""
     fmt = Path(path).suffix.lstrip(".").lower() or "png"
     if fmt == "png":
         kw.setdefault("metadata", {"Software": PLOT_SOFTWARE})
-    save_atomic(Path(path), lambda p: fig.savefig(p, format=fmt, **kw))
+    save_atomic(Path(path), lambda p: fig.savefig(p, format=fmt, **kw), new=new)
 
 
 def is_our_png(path: Path) -> bool:
@@ -266,12 +288,20 @@ def atomic_dir(out: Path, *, replace: bool = False, owned: Iterable[str] | None 
     failure the partial directory is removed and ``out`` is as it was."""
     _refuse_current_dir(out)
     out = Path(os.path.abspath(out))  # "x/." or "x/..": a sibling of the directory itself, not one inside it
+    made = [d for d in (out.parent, *out.parent.parents) if not d.exists()][::-1]  # the parents this call creates
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)  # only our own name, from a crashed run of this very process id
     tmp.mkdir()
     try:
-        yield tmp
+        try:
+            yield tmp
+        except BaseException:  # a refused or failed run leaves no folders behind it: only those it made, if empty
+            shutil.rmtree(tmp, ignore_errors=True)
+            for d in reversed(made):
+                with contextlib.suppress(OSError):
+                    d.rmdir()
+            raise
         if out.exists() and any(out.iterdir()):
             if not replace:
                 raise OutputError(f"--out {out}: appeared while writing; left as it is")

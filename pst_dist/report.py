@@ -94,5 +94,6 @@ def plot_curves(results: dict[str, list[dict]], path: Path) -> None:
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8)
     fig.tight_layout()
-    savefig_atomic(fig, path)
+    check_plot_path(path)  # again: a file put there while the report was read is not replaced
+    savefig_atomic(fig, path, new=not (path.exists() or path.is_symlink()))
     plt.close(fig)

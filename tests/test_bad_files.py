@@ -10,7 +10,9 @@ Real files throughout: .beton directories from `pst-dist write-beton` and poison
 tiny synthetic data set, made once per module and copied per test."""
 
 import copy
+import errno
 import json
+import os
 import resource
 import shutil
 import subprocess
@@ -138,6 +140,17 @@ def test_write_beton_refuses_what_it_could_not_write_or_record_before_any_work(t
     assert not out.exists()
 
 
+@pytest.mark.parametrize("cmd", ["poison", "write-beton"])
+def test_a_run_refused_after_it_made_its_out_s_parents_leaves_no_folders(tmp_path, cmd):
+    """The folders made for --out's parent are removed again (only if still empty) when the work is refused."""
+    out = tmp_path / "new" / "deeper" / "store"
+    (tmp_path / "mine").mkdir()
+    run = run_cli_in_process(cmd, "--out", out, *TINY, "--data.source=fashion-mnist",
+                             f"--data.root={tmp_path / 'nowhere'}", *([ATTACK] if cmd == "poison" else []))
+    assert_refused(run, names=[f"Fashion-MNIST directory not found: {tmp_path / 'nowhere'}"], root=tmp_path, code=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
+
+
 @pytest.mark.parametrize("out", [".", "..", "./", "nope/..", "nope/../.."])
 def test_the_current_directory_as_out_is_refused_before_any_work(tmp_path, monkeypatch, out):
     """``--out .`` (an empty current directory) was accepted, the poison made, then refused as 'appeared while
@@ -220,6 +233,31 @@ def test_a_file_put_into_the_earlier_output_while_writing_stops_the_replacement(
         (tmp / "b.json").write_text("{}")
     assert sorted(p.name for p in out.iterdir()) == ["b.json"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+@pytest.mark.parametrize("links", [True, False])
+def test_a_file_that_appears_where_a_new_file_is_written_is_left_as_it_is(tmp_path, monkeypatch, links):
+    """save_atomic(new=True): the name was free when the command checked it; a user's file put there meanwhile is
+    not replaced (a hard link refuses an existing name; without hard links, a check just before the rename)."""
+    from pst_dist.io import save_atomic
+
+    if not links:
+        def no_link(*_a):
+            raise OSError(errno.EPERM, "hard links not supported")
+
+        monkeypatch.setattr(os, "link", no_link)
+    out = tmp_path / "plot.png"
+
+    def meanwhile(tmp: Path) -> None:
+        tmp.write_text("ours")
+        out.write_text("theirs")
+
+    with pytest.raises(OutputError, match=f"{out}: appeared while pst-dist was writing it"):
+        save_atomic(out, meanwhile, new=True)
+    assert out.read_text() == "theirs" and sorted(p.name for p in tmp_path.iterdir()) == ["plot.png"]
+    out.unlink()
+    save_atomic(out, lambda tmp: tmp.write_text("ours"), new=True)  # free: written
+    assert out.read_text() == "ours" and sorted(p.name for p in tmp_path.iterdir()) == ["plot.png"]
 
 
 def test_ctrl_c_between_the_renames_of_a_replacement_leaves_one_output_in_place(tmp_path, monkeypatch):

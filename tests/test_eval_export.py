@@ -19,6 +19,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from torchvision.transforms.functional import gaussian_blur
 
+from pst_dist import evaluate
 from pst_dist.cli import main
 from pst_dist.config import ConfigError, load_config
 from pst_dist.data.pipeline import Normalize, build_data
@@ -141,7 +142,7 @@ def test_eval_on_other_data_scores_as_the_runs_model(runs, capsys):
     assert r["accuracy"] == want
 
 
-def test_eval_refusals_name_the_problem(runs, capsys, tmp_path):
+def test_eval_refusals_name_the_problem(runs, capsys, tmp_path, monkeypatch):
     run = runs["small_stem"]
     assert main(["eval", "--run", str(run["dir"]), "--model.width=1.0"]) == 2
     assert "model.width" in capsys.readouterr().err
@@ -166,6 +167,19 @@ def test_eval_refusals_name_the_problem(runs, capsys, tmp_path):
     capsys.readouterr()
     assert main(["eval", "--run", str(run["dir"]), "--out", str(tmp_path / "nodir" / "e.json")]) == 2
     assert "nodir is not a directory" in capsys.readouterr().err
+    late = tmp_path / "late.json"  # absent when eval checked it, a user's file by the time it writes
+    real = evaluate.evaluate_run
+
+    def user_writes_meanwhile(*a, **kw):
+        late.write_text("my notes\n")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(evaluate, "evaluate_run", user_writes_meanwhile)
+    for overwrite in ([], ["--overwrite"]):
+        late.unlink(missing_ok=True)
+        assert main(["eval", "--run", str(run["dir"]), "--out", str(late), *overwrite]) == 2
+        assert f"{late}: " in capsys.readouterr().err and late.read_text() == "my notes\n"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
     odd = tmp_path / "odd"  # a run whose meta.json lost a key, or whose ds_checkpoint/latest points out of it
     shutil.copytree(run["dir"], odd)
     meta = json.loads((odd / "meta.json").read_text())
