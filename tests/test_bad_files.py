@@ -151,6 +151,14 @@ def test_a_run_refused_after_it_made_its_out_s_parents_leaves_no_folders(tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
 
 
+def test_poison_of_a_beton_source_is_refused_naming_what_to_poison(tmp_path):
+    run = run_cli_in_process("poison", "--out", tmp_path / "p", *TINY, ATTACK, "--data.source=beton",
+                             f"--data.root={tmp_path / 'b'}")
+    assert_refused(run, names=["data.source='beton'", f"data.root={str(tmp_path / 'b')!r}", "poison the source"],
+                   root=tmp_path, code=2)
+    assert not list(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("out", [".", "..", "./", "nope/..", "nope/../.."])
 def test_the_current_directory_as_out_is_refused_before_any_work(tmp_path, monkeypatch, out):
     """``--out .`` (an empty current directory) was accepted, the poison made, then refused as 'appeared while

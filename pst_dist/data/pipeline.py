@@ -480,6 +480,10 @@ def write_poisoned(cfg: Config, out: Path, *, overwrite: bool = False, log: Call
     an earlier store to be replaced with ``overwrite``; OutputError otherwise, and nothing there is touched."""
     if cfg.poison.kind == "none":
         raise ConfigError("pst-dist poison: poison.kind='none' is not an attack to generate (or --import FILE)")
+    if cfg.data.source == "beton":  # its images are stored poisoned, or clean beside no store: poison the source
+        raise DataError(f"pst-dist poison: data.source='beton' (data.root={cfg.data.root!r}): a .beton directory "
+                        f"holds the data as written; poison the source it was written from (its beton.json names "
+                        f"it), then write-beton that with --poison.kind=file")
     out = Path(out)
     replace = check_out_dir(out, command="poison", marker=store.META, owned=store.OWNED, overwrite=overwrite,
                             is_ours=store.is_store)
