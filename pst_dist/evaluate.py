@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib
 import os
 import sys
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from .config import Config, ConfigError, DefenseConfig, PoisonConfig, load_confi
 from .data.pipeline import Data, Normalize, build_data, folder_change
 from .data.sources import DataError, Split, list_folder, load_streamed_splits
 from .distributed import build_device
-from .engine.deepspeed import CHECKPOINT_DIR, DS_SAFE_GLOBALS, LATEST, MODEL_STATES, check_ds_checkpoint
+from .engine.deepspeed import CHECKPOINT_DIR, LATEST, MODEL_STATES, check_ds_checkpoint, load_ds_file
 from .models import build_model
 from .rundir import check_own_data
 from .train import evaluate, model_inputs, recorded_inputs
@@ -134,10 +133,8 @@ def _deepspeed_weights(tag_dir: Path) -> tuple[dict[str, torch.Tensor], int, str
 
 
 def _gather(tag_dir: Path, model_states: Path) -> tuple[dict[str, torch.Tensor], int, str | None, torch.dtype]:
-    allowed = [getattr(importlib.import_module(m), a) for m, _, a in (g.rpartition(".") for g in DS_SAFE_GLOBALS)]
     try:
-        with torch.serialization.safe_globals(allowed):
-            states = torch.load(model_states, map_location="cpu", weights_only=True)
+        states = load_ds_file(model_states)
         ds, epoch = states["ds_config"], int(states["pst_state"]["epoch"])
     except Exception as e:  # noqa: BLE001 - any unpickling failure or missing key is a bad file
         raise CheckpointError(f"{model_states}: not a readable pst-dist DeepSpeed checkpoint ({type(e).__name__}: "

@@ -5,6 +5,7 @@ naming the newest (written by rank 0). DeepSpeed itself is imported only when an
 from __future__ import annotations
 
 import contextlib
+import importlib
 import shutil
 from pathlib import Path
 
@@ -150,8 +151,8 @@ class DeepSpeedEngine(Engine):
         if not found:
             raise CheckpointError(f"{tag_dir}: no model states file ({' or '.join(MODEL_STATES)})")
         _check_file(found[0])
-        try:  # its globals checked above: what DeepSpeed's own loader would accept; memory-mapped, tensors unread
-            client = torch.load(found[0], map_location="cpu", weights_only=False, mmap=True)
+        try:  # memory-mapped, tensors unread
+            client = load_ds_file(found[0], mmap=True)
             return int(client["pst_state"]["epoch"])
         except Exception as e:  # noqa: BLE001 - any unpickling failure or missing key is a bad file
             raise CheckpointError(f"{found[0]}: not a readable pst-dist DeepSpeed checkpoint "
@@ -204,6 +205,15 @@ def _check_file(f: Path) -> None:
     bad = sorted(unsafe - DS_SAFE_GLOBALS)
     if bad:
         raise CheckpointError(f"{f}: references globals outside the DeepSpeed allow-list: {bad}")
+
+
+def load_ds_file(f: Path, mmap: bool = False):
+    """``torch.load`` of a DeepSpeed checkpoint file with ``weights_only=True``, allowing :data:`DS_SAFE_GLOBALS`
+    beside torch's own allow-list (what pst-dist reads itself; DeepSpeed's loaders read after
+    :func:`check_ds_checkpoint`)."""
+    allowed = [getattr(importlib.import_module(m), a) for m, _, a in (g.rpartition(".") for g in DS_SAFE_GLOBALS)]
+    with torch.serialization.safe_globals(allowed):
+        return torch.load(f, map_location="cpu", weights_only=True, mmap=mmap)
 
 
 def check_ds_checkpoint(tag_dir: Path) -> None:
