@@ -701,7 +701,8 @@ class TuneConfig:
     Declare yes on an autoscaling cluster whose GPU workers are not up yet: the request makes the autoscaler
     launch them (the cluster recipes' searches do)."""
     gpus_per_worker: float = 1.0
-    """GPUs each worker asks for when use_gpu is yes (a fraction packs workers on a GPU)."""
+    """GPUs each worker asks for when use_gpu is yes (a fraction packs trials of one worker each on a GPU; with
+    workers > 1 refused: NCCL takes one rank per device)."""
     max_concurrent: int = 0
     """Trials at once; 0 = on a cluster no cap (every trial's workers are requested, an autoscaler adds nodes for
     them; set a cap to bound the cost), on a local Ray as many as this machine holds for one trial's request."""

@@ -828,3 +828,14 @@ def test_a_search_space_with_a_trial_that_cannot_train_is_refused_before_ray():
     cfg = load_config(TINY, [*over, "--tune.consistency=[1.0, 0.0]"])
     with pytest.raises(ConfigError, match=r"offers a trial that cannot train \(tune.consistency=0.0\).*all 0"):
         check_space(cfg, num_groups(cfg))
+
+
+def test_a_fraction_of_a_gpu_per_worker_is_refused_for_trials_of_several_workers():
+    """Two workers of one trial packed on one GPU: NCCL refuses two ranks on a device, inside every trial."""
+    from tune.search import declare_resources
+
+    cfg = load_config(str(TINY), ["--tune.use_gpu=yes", "--tune.workers=2", "--tune.gpus_per_worker=0.5"])
+    with pytest.raises(ConfigError, match=r"tune.gpus_per_worker=0.5 with tune.workers=2: .*NCCL"):
+        declare_resources(cfg)
+    cfg = load_config(str(TINY), ["--tune.use_gpu=yes", "--tune.workers=1", "--tune.gpus_per_worker=0.5"])
+    assert declare_resources(cfg) == "each trial asks for 1 worker(s) x (1 CPU + 0.5 GPU)"

@@ -129,6 +129,10 @@ def declare_resources(cfg: Config) -> str:
         if t.use_gpu == "no" and on_cluster():
             note = (" (tune.use_gpu=auto: no GPU on the cluster now, trials run on CPUs; on an autoscaling GPU "
                     "cluster declare --tune.use_gpu=yes so that the autoscaler launches GPU nodes)")
+    if t.use_gpu == "yes" and t.workers > 1 and t.gpus_per_worker < 1:
+        raise ConfigError(f"tune.gpus_per_worker={t.gpus_per_worker:g} with tune.workers={t.workers}: Ray may put "
+                          f"two workers of one trial on one GPU, and NCCL refuses two ranks on one device; a "
+                          f"fraction packs trials of one worker each (tune.workers=1), or give each worker a GPU")
     gpus = f" + {t.gpus_per_worker:g} GPU" if t.use_gpu == "yes" else ""
     return f"each trial asks for {t.workers} worker(s) x ({t.cpus_per_worker:g} CPU{gpus}){note}"
 
