@@ -3,7 +3,7 @@
 # which must reach the others by passwordless ssh, each with this repository at the same path and `make` done.
 #   HOSTFILE=hosts launch/deepspeed_multinode.sh --config launch/configs/vit_large_imagenet_mini.toml
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.."  # the launcher runs every node from this path: relative paths resolve against the repository
 BIN=${BIN:-.venv/bin}
 : "${HOSTFILE:?set HOSTFILE to a DeepSpeed hostfile (lines: <host> slots=<gpus>)}"
 [ -f "$HOSTFILE" ] || { echo "hostfile not found: $HOSTFILE" >&2; exit 2; }
