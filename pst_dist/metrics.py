@@ -121,38 +121,44 @@ def _row(values: dict) -> str:
 
 class Metrics:
     """Rank-0 writer; a no-op on other ranks. ``cfg``: the run's config, whose ``log.trackers`` are opened (and
-    given the config once per run). ``resumed_at``: the step a resume continues from, and ``logged``: the rows
-    metrics.jsonl holds there (:func:`pst_dist.rundir.keep_metrics_until`); TensorBoard then drops what
+    given the config once per run; opened first, so a resume they refuse changes no file). ``resumed_at``: the step a
+    resume continues from: metrics.jsonl drops its rows after it (:func:`pst_dist.rundir.keep_metrics_until`, keeping
+    those logged there); TensorBoard then drops what
     the run's earlier event files hold after it (``purge_step``), the steps this segment logs again. What the earlier
     segments logged at that step itself is kept, so a row this segment logs again there, the same values
     (``pst/stage`` when a stage begins at the checkpoint's epoch boundary), is written nowhere a second time
     (:meth:`flush` before each checkpoint keeps TensorBoard's files as complete as metrics.jsonl); the caller leaves
     out what only a fresh run logs (the sample grid at step 0)."""
 
-    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, cfg=None, resumed_at: int | None = None,
-                 logged: list[dict] = ()):
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, cfg=None, resumed_at: int | None = None):
         self.enabled = enabled
         self.tb = None
         self._file = None
         self.trackers: list = []
         self._resumed_at = resumed_at
-        self._logged_at_resume = {_row({k: v for k, v in r.items() if k != "step"}) for r in logged}
-        if enabled:
-            run_dir.mkdir(parents=True, exist_ok=True)
+        self._logged_at_resume: set = set()
+        if not enabled:
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if cfg is not None and cfg.log.trackers:  # first: a resume they refuse leaves metrics.jsonl and tb/ alone
+            from .tracking import open_trackers  # the trackers' packages: start-up time, only when named
+
+            self.trackers = open_trackers(run_dir, cfg)
+        try:
+            if resumed_at is not None:  # the rows logged after the checkpoint are logged again: dropped
+                from .rundir import keep_metrics_until  # rundir imports the trackers' module: only on resume
+
+                logged = keep_metrics_until(run_dir, resumed_at)
+                self._logged_at_resume = {_row({k: v for k, v in r.items() if k != "step"}) for r in logged}
             self._file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
             if tensorboard:
                 from torch.utils.tensorboard import SummaryWriter  # tensorboard: start-up time, only when enabled
 
                 purge = None if resumed_at is None else resumed_at + 1
                 self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=purge)
-            if cfg is not None and cfg.log.trackers:
-                from .tracking import open_trackers  # the trackers' packages: start-up time, only when named
-
-                try:
-                    self.trackers = open_trackers(run_dir, cfg)
-                except BaseException:  # no Metrics for the caller to close: the file and TensorBoard's writer here
-                    self.close(failed=True)
-                    raise
+        except BaseException:  # no Metrics for the caller to close: the trackers, the file and TensorBoard's here
+            self.close(failed=True)
+            raise
 
     def log(self, step: int, values: dict[str, float]) -> None:
         if not self.enabled:

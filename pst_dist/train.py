@@ -40,7 +40,7 @@ from .pst.groups import layer_groups
 from .pst.losses import mix_batch, stage_loss
 from .pst.schedule import ActiveStage, Schedule, lr_factor
 from .pst.views import apply_view
-from .rundir import RunDirError, check_run_dir, keep_metrics_until, remove_run_files
+from .rundir import RunDirError, check_run_dir, remove_run_files
 from .tracking import check_trackers
 
 
@@ -539,12 +539,9 @@ def build_run(cfg: Config, resume: bool, overwrite: bool, allow_changes: bool, d
                   f"{cfg.schedule.stages[stayed].min_epochs}, up to step {schedule.fire_deadline(stayed)}, its fire "
                   f"deadline), so it stays to the end without consulting it again (a run begun before the deadline "
                   f"existed could have fired later; meta.json's git_sha says which code began it)", file=sys.stderr)
-    logged: list[dict] = []  # the rows metrics.jsonl holds at the resumed step
     if dist_info.is_primary:  # only now that every input has been validated
         if overwrite:
             remove_run_files(run_dir)
-        if resume:
-            logged = keep_metrics_until(run_dir, st.step)
         inputs = model_inputs(data)
         if spectral:  # a resume takes the check's values from here (spectral_check)
             inputs["spectral_check"] = {"shift": spectral["detect/spectral_shift"],
@@ -553,7 +550,7 @@ def build_run(cfg: Config, resume: bool, overwrite: bool, allow_changes: bool, d
             inputs["spectral_repair"] = repair
         if not resume:  # a fresh run's config.toml first: it says whose the files written after it are
             write_run_header(run_dir, cfg, None, changes, resolved, inputs, device)
-    metrics = Metrics(run_dir, dist_info.is_primary, cfg.log.tensorboard, cfg, st.step if resume else None, logged)
+    metrics = Metrics(run_dir, dist_info.is_primary, cfg.log.tensorboard, cfg, st.step if resume else None)
     try:
         if resume and dist_info.is_primary:  # once the trackers are open: a resume they refuse leaves the run's
             write_run_header(run_dir, cfg, st.epoch, changes, resolved, inputs, device)  # record as it was

@@ -310,14 +310,18 @@ def test_a_resume_whose_recorded_mlflow_run_is_gone_is_refused_naming_it(tmp_pat
 
 
 def test_a_resume_whose_tracker_fails_to_open_leaves_the_runs_record_as_it_was(tmp_path, own_dirs, monkeypatch):
-    """config.toml and meta.json are rewritten only once the trackers are open: a refused resume with a changed
-    train.epochs does not record a config that never trained."""
+    """config.toml and meta.json are rewritten, metrics.jsonl rolled back and TensorBoard's purging writer opened only
+    once the trackers are open: a refused resume with a changed train.epochs does not record a config that never
+    trained, nor drop the rows logged after the checkpoint."""
     from pst_dist import tracking
 
     run_dir = tmp_path / "r"
-    args = [*TINY, "--data.synthetic_train=128", "--log.tensorboard=false", f"--log.run_dir={run_dir}"]
+    args = [*TINY, "--data.synthetic_train=128", f"--log.run_dir={run_dir}"]
     train(load_config(None, [*args, "--train.epochs=1"]))
-    before = {f: (run_dir / f).read_bytes() for f in ("config.toml", "meta.json")}
+    with open(run_dir / "metrics.jsonl", "a") as f:  # a row past the checkpoint: a resume drops it, a refused one not
+        f.write(json.dumps({"step": 10**6, "train/loss": 1.0}) + "\n")
+    before = {f: (run_dir / f).read_bytes() for f in ("config.toml", "meta.json", "metrics.jsonl")}
+    tb = sorted(p.name for p in (run_dir / "tb").iterdir())
 
     def no_key(self, *a):
         raise RuntimeError("No API key configured")
@@ -326,6 +330,7 @@ def test_a_resume_whose_tracker_fails_to_open_leaves_the_runs_record_as_it_was(t
     with pytest.raises(tracking.TrackerError, match="wandb could not open a new run"):
         train(load_config(None, [*args, "--train.epochs=2", '--log.trackers=["wandb"]']), resume=True)
     assert {f: (run_dir / f).read_bytes() for f in before} == before
+    assert sorted(p.name for p in (run_dir / "tb").iterdir()) == tb  # no event file opened with its purge_step
 
 
 def test_a_resume_from_an_earlier_checkpoint_logs_each_step_once(tmp_path, own_dirs):
