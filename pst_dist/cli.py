@@ -211,14 +211,15 @@ def cmd_eval(args: argparse.Namespace, rest: list[str]) -> int:
 
     out = Path(args.out) if args.out else None
 
-    def check_out() -> bool:  # before the work, and again before the write: replaced only if ours; True: absent
-        if out.exists() or out.is_symlink():
-            if not args.overwrite or not _is_eval_output(out):
-                raise OutputError(f"--out {out}: exists" + (
-                    " and is not an earlier `pst-dist eval` output; choose another --out" if args.overwrite
-                    else "; pass --overwrite to replace an earlier eval output"))
+    def check_out(meanwhile: bool = False) -> bool:  # before the work, and before the write: replaced only if ours
+        if not (out.exists() or out.is_symlink()):
+            return True
+        if args.overwrite and _is_eval_output(out):
             return False
-        return True
+        if meanwhile and not args.overwrite:
+            raise OutputError(f"--out {out}: appeared while evaluating; left as it is")
+        raise OutputError(f"--out {out}: exists" + (" and is not an earlier `pst-dist eval` output; choose another "
+                          "--out" if args.overwrite else "; pass --overwrite to replace an earlier eval output"))
 
     if out is not None:
         check_out()
@@ -226,7 +227,7 @@ def cmd_eval(args: argparse.Namespace, rest: list[str]) -> int:
     result = evaluate_run(Path(args.run), args.checkpoint, _split_overrides(rest), args.split)
     text = json.dumps(result, indent=2)
     if out is not None:
-        write_atomic(out, text + "\n", new=check_out())  # a file put there while it evaluated is not replaced
+        write_atomic(out, text + "\n", new=check_out(meanwhile=True))  # a file put there meanwhile is not replaced
     print(text)
     return 0
 
@@ -312,7 +313,7 @@ def cmd_report(args: argparse.Namespace, rest: list[str]) -> int:
     for line in failed:  # never averaged in: a diverged run has no accuracy to report
         print(line)
     if args.plot and groups:
-        plot_curves(groups, Path(args.plot))
+        plot_curves(groups, Path(args.plot), recheck=True)
     return 0
 
 

@@ -793,7 +793,7 @@ class TuneConfig:
             vals = getattr(self, key)
             _check(len(vals) > 0, f"tune.{key} is empty: give at least one choice")
             _check(all(v >= 0 for v in vals), f"tune.{key}={vals}: choices must be >= 0")
-        _check(all(v > 0 for v in self.release_epochs),
+        _check(len(self.unfreeze_groups) < 2 or all(v > 0 for v in self.release_epochs),
                f"tune.release_epochs={self.release_epochs}: choices must be > 0 (a release stage of no length would "
                f"run to the end of training: the groups after it would never be released)")
         _check(len(self.unfreeze_groups) > 0, "tune.unfreeze_groups is empty: name the groups to freeze and release")

@@ -74,7 +74,7 @@ def check_plot_path(path: Path) -> None:
     check_parent_dir(path, "--plot")
 
 
-def plot_curves(results: dict[str, list[dict]], path: Path) -> None:
+def plot_curves(results: dict[str, list[dict]], path: Path, *, recheck: bool = False) -> None:
     """Clean test accuracy per epoch, one colour per label (seeds fainter), written atomically to ``path``."""
     import matplotlib  # matplotlib: start-up time, only when plotting
 
@@ -94,6 +94,7 @@ def plot_curves(results: dict[str, list[dict]], path: Path) -> None:
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8)
     fig.tight_layout()
-    check_plot_path(path)  # again: a file put there while the report was read is not replaced
-    savefig_atomic(fig, path, new=not (path.exists() or path.is_symlink()))
+    if recheck:  # report --plot: again, for a file put there while the report was read is not replaced
+        check_plot_path(path)
+    savefig_atomic(fig, path, new=recheck and not (path.exists() or path.is_symlink()))
     plt.close(fig)

@@ -175,10 +175,11 @@ def test_eval_refusals_name_the_problem(runs, capsys, tmp_path, monkeypatch):
         return real(*a, **kw)
 
     monkeypatch.setattr(evaluate, "evaluate_run", user_writes_meanwhile)
-    for overwrite in ([], ["--overwrite"]):
+    for overwrite, says in (([], "appeared while evaluating"), (["--overwrite"], "is not an earlier")):
         late.unlink(missing_ok=True)
         assert main(["eval", "--run", str(run["dir"]), "--out", str(late), *overwrite]) == 2
-        assert f"{late}: " in capsys.readouterr().err and late.read_text() == "my notes\n"
+        assert f"--out {late}: " in (err := capsys.readouterr().err) and says in err and \
+            late.read_text() == "my notes\n", err
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
     odd = tmp_path / "odd"  # a run whose meta.json lost a key, or whose ds_checkpoint/latest points out of it
     shutil.copytree(run["dir"], odd)

@@ -486,6 +486,32 @@ def test_an_interrupted_search_resumes_without_retraining_finished_trials(own_ra
 # search's storage is a directory that is neither node's working directory nor the driver's
 
 
+@pytest.mark.slow
+@pytest.mark.multiproc
+def test_ctrl_c_while_every_trial_runs_is_a_stopped_search(own_ray, tmp_path):
+    """Ray's clean-up marks the trials it stops as terminated in the results fit returns: the search reads the state
+    Ray saved before it, where they are still running, so a stop with no trial left to start is still a stop."""
+    out = tmp_path / "search"
+    args = _tune(out, "--tune.scheduler=fifo", "--tune.num_samples=2", "--tune.max_concurrent=2")
+    proc = subprocess.Popen(args, env=own_ray.env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    own_ray.pgids.append(proc.pid)
+    try:
+        deadline = time.time() + 400
+        while time.time() < deadline and proc.poll() is None and not any(
+                "eval/val_acc" in f.read_text() for f in (out / "tiny").glob("trials/*/metrics.jsonl")):
+            time.sleep(0.2)
+        assert proc.poll() is None, "the search ended before it could be interrupted"
+        os.kill(proc.pid, signal.SIGINT)
+        said = proc.communicate(timeout=300)[0]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert not list((out / "tiny").glob("trials/*/summary.json")), "a trial finished before the interrupt"
+    assert proc.returncode == 130 and "stopped with 2 trial(s) unfinished" in said, said[-3000:]
+    assert not (out / "tiny" / "best_schedule.toml").exists()
+
+
 def _two_nodes(own_ray: OwnRay) -> tuple[str, str, str, Path, dict]:
     """Head (1 CPU) and worker node (1 CPU, resource ``node_b``); returns the dashboard URL, the GCS address, the
     worker node's id and temp dir, and the node ids by role."""
@@ -839,3 +865,23 @@ def test_a_fraction_of_a_gpu_per_worker_is_refused_for_trials_of_several_workers
         declare_resources(cfg)
     cfg = load_config(str(TINY), ["--tune.use_gpu=yes", "--tune.workers=1", "--tune.gpus_per_worker=0.5"])
     assert declare_resources(cfg) == "each trial asks for 1 worker(s) x (1 CPU + 0.5 GPU)"
+
+
+def test_a_stopped_search_names_no_best_schedule_and_drops_the_one_from_before_its_resume(tmp_path):
+    """A search resumed after it chose a best schedule, then stopped again: the earlier choice no longer stands with
+    this results table, so it goes; a file of that name pst-dist did not write stays."""
+    from tune.report import write_reports
+
+    cfg = load_config(str(TINY), [f"--tune.out={tmp_path}"])
+    search = tmp_path / "tiny"
+    search.mkdir()
+    best = search / "best_schedule.toml"
+    best.write_text("# Best schedule of the search 'tiny' (trial 0), chosen on ...\n")
+    said = []
+    summary = write_reports(cfg, [], search, said.append, unfinished=2)
+    assert summary["best"] is None and summary["unfinished"] == 2 and not best.exists()
+    assert "Stopped before its end**: 2 trial(s) unfinished" in (search / "results.md").read_text()
+    assert "stopped with 2 trial(s) unfinished" in said[-1]
+    best.write_text("my own notes\n")
+    write_reports(cfg, [], search, said.append, unfinished=1)
+    assert best.read_text() == "my own notes\n"

@@ -46,9 +46,9 @@ def trial_runs(cfg: Config) -> dict[str, tuple[str, int | None]]:
 
 
 def prepare_poisons(cfg: Config, log=lambda m: print(m, file=sys.stderr)) -> dict[str, float]:
-    """Make the poisons the search's attacks (and seeds) need and are not cached yet (in this process, before Ray
-    starts); refuse a cached one made with other settings, and a directory in its place that is not a store. Returns
-    {store name: seconds it took to make} for those made."""
+    """Make the poisons the search's attacks (and seeds) need and are not cached yet (in this process, the driver,
+    before any trial starts); refuse a cached one made with other settings, and a directory in its place that is not
+    a store. Returns {store name: seconds it took to make} for those made."""
     base = to_dict(cfg)
     made = {}
     for a, seed in trial_runs(cfg).values():

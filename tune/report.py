@@ -192,10 +192,22 @@ def plot_trials(rows: list[dict], best: dict | None, path: Path, multi: bool = F
     plt.close(fig)
 
 
+BEST_HEADER = "# Best schedule of the search "
+"""How :func:`best_schedule_toml` begins: a file that does is one a search wrote."""
+
+
+def is_best_schedule(path: Path) -> bool:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read(len(BEST_HEADER)) == BEST_HEADER
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
 def best_schedule_toml(cfg: Config, best: dict) -> str:
     out = trial_config(cfg, best["params"])  # a copy of the base config
     out.log.run_dir = f"runs/{cfg.tune.name}_best"
-    header = (f"# Best schedule of the search {cfg.tune.name!r} (trial {best['trial']}), chosen on "
+    header = (f"{BEST_HEADER}{cfg.tune.name!r} (trial {best['trial']}), chosen on "
               f"{objective(cfg)}: {100 * best['final_val_acc']:.2f} %.\n"
               f"# Ties: {tie_rule(cfg)} (tune.ties = {cfg.tune.ties!r}).\n"
               f"# Search parameters: {json.dumps(best['params'])}\n"
@@ -227,6 +239,8 @@ def write_reports(cfg: Config, results, search_dir: Path, log, unfinished: int =
     plot_trials(rows, best, search_dir / png_name, multi=bool(cfg.tune.attacks))
     if best is not None:
         write_atomic(search_dir / best_name, best_schedule_toml(cfg, best))
+    elif unfinished and is_best_schedule(search_dir / best_name):  # from the search before this resume: stale now
+        (search_dir / best_name).unlink()
     log(md)
     errors = [r["trial"] for r in rows if r["status"] == "error"]
     none = (f" (stopped with {unfinished} trial(s) unfinished: no best schedule; continue it with --resume)"

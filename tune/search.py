@@ -224,7 +224,7 @@ def run_search(cfg: Config, resume: bool = False, log=lambda m: print(m, file=sy
     where = init_ray()
     resources = declare_resources(cfg)  # before max_concurrent: it resolves tune.use_gpu
     concurrent = max_concurrent(cfg)  # a trial this machine cannot hold is refused before poisons are made
-    if cfg.tune.attacks:  # before Ray starts: a poison takes minutes to make, a trial must not wait for it
+    if cfg.tune.attacks:  # before any trial: a poison takes minutes to make, a trial must not wait for it
         made = prepare_poisons(cfg, log)
         seeds = f" x seeds {cfg.tune.seeds}" if cfg.tune.seeds else ""
         log(f"[tune] every trial trains {len(trial_runs(cfg))} runs ({', '.join(cfg.tune.attacks)}{seeds}) on the "
@@ -242,6 +242,16 @@ def run_search(cfg: Config, resume: bool = False, log=lambda m: print(m, file=sy
         search_dir.mkdir(parents=True, exist_ok=True)
         write_atomic(search_dir / SEARCH_RECORD, record)
     results = tuner.fit()  # returns, not raises, when Ctrl-C (SIGINT) or SIGUSR1 stops the search
+    return write_reports(cfg, results, search_dir, log, unfinished=unfinished_trials(cfg, groups, search_dir))
+
+
+def unfinished_trials(cfg: Config, groups: int, search_dir: Path) -> int:
+    """Trials of the search that neither ended nor failed: those not yet created, and those the experiment state
+    Ray saved at the end of ``fit`` holds as pending, running or paused (a stopped search; in the returned results
+    Ray's clean-up has marked the running ones terminated)."""
+    from ray.tune import ExperimentAnalysis  # optional heavy dependency (Ray), imported only by tune
+
+    saved = ExperimentAnalysis(str(search_dir)).trials
     expected = grid_size(cfg, groups) if cfg.tune.search == "grid" else cfg.tune.num_samples
-    unfinished = max(expected, len(results)) - results.num_terminated - results.num_errors
-    return write_reports(cfg, results, search_dir, log, unfinished=max(unfinished, 0))
+    ended = sum(t.status in ("TERMINATED", "ERROR") for t in saved)
+    return max(max(expected, len(saved)) - ended, 0)
