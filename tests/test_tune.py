@@ -446,28 +446,34 @@ def test_a_new_search_never_writes_over_a_user_s_file_named_as_its_record(tmp_pa
     assert sorted(p.name for p in mine.parent.iterdir()) == ["results.csv"]
 
 
-@pytest.mark.slow
-@pytest.mark.multiproc
-def test_an_interrupted_search_resumes_without_retraining_finished_trials(own_ray, tmp_path):
-    out = tmp_path / "search"
-    args = _tune(out, "--tune.scheduler=fifo", "--tune.num_samples=3", "--tune.max_concurrent=1")
+def _ctrl_c(own_ray: OwnRay, args: list[str], ready) -> tuple[int, str]:
+    """Start the search ``args``, press Ctrl-C (SIGINT) once ``ready()``, and return its exit code and output."""
     proc = subprocess.Popen(args, env=own_ray.env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     own_ray.pgids.append(proc.pid)
     try:
         deadline = time.time() + 400
-        while time.time() < deadline and proc.poll() is None and not list((out / "tiny").glob("trials/*/summary.json")):
-            time.sleep(0.5)
+        while time.time() < deadline and proc.poll() is None and not ready():
+            time.sleep(0.2)
         assert proc.poll() is None, "the search ended before it could be interrupted"
         os.kill(proc.pid, signal.SIGINT)  # Ctrl-C: Tune saves its state and stops
         said = proc.communicate(timeout=300)[0]
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+    return proc.returncode, said
+
+
+@pytest.mark.slow
+@pytest.mark.multiproc
+def test_an_interrupted_search_resumes_without_retraining_finished_trials(own_ray, tmp_path):
+    out = tmp_path / "search"
+    args = _tune(out, "--tune.scheduler=fifo", "--tune.num_samples=3", "--tune.max_concurrent=1")
+    code, said = _ctrl_c(own_ray, args, lambda: bool(list((out / "tiny").glob("trials/*/summary.json"))))
     finished = {p.parent.name for p in (out / "tiny").glob("trials/*/summary.json")}
     assert finished
     # a stopped search is not a search's result: the shell sees the interrupt, and no best schedule is named
-    assert proc.returncode == 130 and "unfinished: no best schedule; continue it with --resume" in said, said[-3000:]
+    assert code == 130 and "unfinished: no best schedule; continue it with --resume" in said, said[-3000:]
     assert not (out / "tiny" / "best_schedule.toml").exists()
     assert "Stopped before its end" in (out / "tiny" / "results.md").read_text()
     run = subprocess.run([*args, "--resume"], env=own_ray.env(), capture_output=True, text=True, timeout=900)
@@ -481,11 +487,6 @@ def test_an_interrupted_search_resumes_without_retraining_finished_trials(own_ra
         assert [int(x["epoch"]) for x in records if "eval/val_acc" in x] == [1, 2, 3, 4]
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# two Ray nodes on this machine: a head and a worker node, each with one CPU, their own temp dirs and ports; the
-# search's storage is a directory that is neither node's working directory nor the driver's
-
-
 @pytest.mark.slow
 @pytest.mark.multiproc
 def test_ctrl_c_while_every_trial_runs_is_a_stopped_search(own_ray, tmp_path):
@@ -493,23 +494,16 @@ def test_ctrl_c_while_every_trial_runs_is_a_stopped_search(own_ray, tmp_path):
     Ray saved before it, where they are still running, so a stop with no trial left to start is still a stop."""
     out = tmp_path / "search"
     args = _tune(out, "--tune.scheduler=fifo", "--tune.num_samples=2", "--tune.max_concurrent=2")
-    proc = subprocess.Popen(args, env=own_ray.env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    own_ray.pgids.append(proc.pid)
-    try:
-        deadline = time.time() + 400
-        while time.time() < deadline and proc.poll() is None and not any(
-                "eval/val_acc" in f.read_text() for f in (out / "tiny").glob("trials/*/metrics.jsonl")):
-            time.sleep(0.2)
-        assert proc.poll() is None, "the search ended before it could be interrupted"
-        os.kill(proc.pid, signal.SIGINT)
-        said = proc.communicate(timeout=300)[0]
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+    code, said = _ctrl_c(own_ray, args, lambda: any("eval/val_acc" in f.read_text()  # an epoch of one trial done
+                                                    for f in (out / "tiny").glob("trials/*/metrics.jsonl")))
     assert not list((out / "tiny").glob("trials/*/summary.json")), "a trial finished before the interrupt"
-    assert proc.returncode == 130 and "stopped with 2 trial(s) unfinished" in said, said[-3000:]
+    assert code == 130 and "stopped with 2 trial(s) unfinished" in said, said[-3000:]
     assert not (out / "tiny" / "best_schedule.toml").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# two Ray nodes on this machine: a head and a worker node, each with one CPU, their own temp dirs and ports; the
+# search's storage is a directory that is neither node's working directory nor the driver's
 
 
 def _two_nodes(own_ray: OwnRay) -> tuple[str, str, str, Path, dict]:
