@@ -422,13 +422,14 @@ class StageConfig:
     epochs: float = 0.0
     """Fixed length in epochs (fractions allowed); 0 = use steps, or run to the end if both are 0."""
     steps: int = 0
-    """Fixed length in optimizer steps (used when epochs is 0)."""
+    """Fixed length in optimizer steps, for a stage whose epochs is 0 (a stage gives one of them, not both)."""
     trigger: TriggerConfig | None = None
     """End the stage early when this detector fires; epochs/steps is then the maximum (unless the trigger's
     ``otherwise = "stay"``: then it is the length after which an unfired stage goes on to the run's end)."""
     min_epochs: float = 0.0
-    """The trigger is not consulted before this many epochs of the stage. A stage that ends at its planned length
-    with ``min_epochs`` at or past it never consults its trigger: training says so when it starts."""
+    """The trigger is not consulted before this many epochs of the stage (a stage with a trigger only). A stage that
+    ends at its planned length with ``min_epochs`` at or past it never consults its trigger: training says so when
+    it starts."""
     lr_mult: float = 1.0
     """Learning-rate multiplier of every group not listed in freeze / group_mults."""
     freeze: list[int] = field(default_factory=list)
@@ -445,12 +446,20 @@ class StageConfig:
         _check(self.steps >= 0, f"stage {self.name!r}: steps={self.steps} must be >= 0")
         _check(self.lr_mult >= 0, f"stage {self.name!r}: lr_mult={self.lr_mult} must be >= 0")
         _check(self.min_epochs >= 0, f"stage {self.name!r}: min_epochs={self.min_epochs} must be >= 0")
+        _check(not (self.epochs > 0 and self.steps > 0),
+               f"stage {self.name!r}: epochs={self.epochs} and steps={self.steps}: give one length (steps counts only "
+               f"when epochs is 0)")
+        _check(self.min_epochs == 0 or self.trigger is not None,
+               f"stage {self.name!r}: min_epochs={self.min_epochs} without a trigger: it delays the trigger's first "
+               f"check, and this stage has none")
         for g in self.freeze:
             _check(g >= 0, f"stage {self.name!r}: freeze names group {g}; indices are >= 0")
         for k, v in self.group_mults.items():
             _check(k.lstrip("-").isdigit() and int(k) >= 0,
                    f"stage {self.name!r}: group_mults key {k!r} is not a group index")
             _check(v >= 0, f"stage {self.name!r}: group_mults[{k}]={v} must be >= 0")
+            _check(int(k) not in self.freeze, f"stage {self.name!r}: group {int(k)} is in freeze={self.freeze} and "
+                   f"in group_mults ({{{k!r} = {v}}}): a frozen group has no multiplier; name it in one of them")
         if self.trigger is not None and self.trigger.stay_ce != 1:
             _check(self.epochs > 0 or self.steps > 0,
                    f"stage {self.name!r}: trigger.stay_ce={self.trigger.stay_ce} without a planned length (epochs "

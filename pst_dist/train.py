@@ -514,6 +514,18 @@ def build_run(cfg: Config, resume: bool, overwrite: bool, allow_changes: bool, d
                   f"consulting its trigger again: no check (every {checks} steps) falls past its planned end, after "
                   f"min_epochs={st_cfg.min_epochs} and up to step {schedule.fire_deadline(i)}, its fire deadline "
                   f"(the stages after it need {need} of the run's {total_steps} steps){planned}", file=sys.stderr)
+    last = len(cfg.schedule.stages) - 1
+    if dist_info.is_primary and cfg.schedule.stages[last].trigger is not None:
+        print(f"[pst] stage {last} ({cfg.schedule.stages[last].name!r}), the last, runs to the run's end: its trigger "
+              f"is never consulted (a fire would start no stage); add a stage after it, or drop the trigger",
+              file=sys.stderr)
+    for i in schedule.unreached_stages() if dist_info.is_primary else []:
+        fired = (" unless an earlier stage's trigger fires early enough" if any(
+            st.trigger is not None for st in cfg.schedule.stages[:i]) else "")
+        print(f"[pst] stage {i} ({cfg.schedule.stages[i].name!r}) starts as planned at step "
+              f"{schedule.planned_end(i - 1)}, at or past the run's end (step {total_steps}, train.epochs="
+              f"{cfg.train.epochs}): it does not run{fired}; lengthen the run or shorten the stages before it",
+              file=sys.stderr)
     engine = build_engine(cfg, model, build_optimizer(cfg, model, gm), dist_info)
     if cfg.train.compile:
         compile_model(model, len(cfg.schedule.stages))

@@ -41,6 +41,10 @@ def test_toml_roundtrip(tmp_path):
     (['--schedule.eval_views=["randblur:1"]'], r"eval_views\[0\]='randblur:1': 'randblur' is random"),
     (['--schedule.eval_views=["blur:1", "smudge"]'], r"eval_views\[1\]='smudge': unknown view 'smudge'"),
     (['--schedule.stages=[{name="a",epochs=1,min_epochs=-1}]'], r"stage 'a': min_epochs=-1.0 must be >= 0"),
+    (['--schedule.stages=[{name="a",epochs=1,steps=3}]'], r"stage 'a': epochs=1.0 and steps=3: give one length"),
+    (['--schedule.stages=[{name="a",epochs=1,min_epochs=0.5}]'], r"stage 'a': min_epochs=0.5 without a trigger"),
+    (['--schedule.stages=[{name="a",freeze=[0,1],group_mults={"1"=0.5}}]'],
+     r"stage 'a': group 1 is in freeze=\[0, 1\] and in group_mults \(\{'1' = 0.5\}\)"),
 ])
 def test_bad_config_names_the_key(override, needle):
     with pytest.raises(ConfigError, match=needle):

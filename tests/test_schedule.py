@@ -26,6 +26,15 @@ def test_trigger_history_is_pure():
     assert s.can_fire(s.stage_at(5), 5) and not s.can_fire(s.stage_at(30), 30)
 
 
+def test_stages_that_start_at_or_past_the_run_s_end_are_found():
+    stages = make().stages  # a: 20 steps (a trigger), b: 5 steps, c: to the end
+    assert Schedule(stages, 4, 10, 100).unreached_stages() == []
+    assert Schedule(stages, 4, 10, 25).unreached_stages() == [2]  # c would start at step 25, the run's end
+    assert Schedule(stages, 4, 10, 20).unreached_stages() == [1, 2]
+    opened = StageConfig(name="o", trigger=TriggerConfig(kind="train_acc", threshold=0.9))  # no length: ends on a fire
+    assert Schedule([opened, *stages], 4, 10, 20).unreached_stages() == []  # reached only by a fire: not judged
+
+
 def test_a_trigger_that_can_never_be_consulted_is_found():
     def sched(min_epochs, otherwise="next", no_stay=frozenset(), **length):
         a = StageConfig(name="a", min_epochs=min_epochs, **(length or {"epochs": 2}),

@@ -477,3 +477,15 @@ def test_an_in_process_deepspeed_run_leaves_no_process_group_or_launcher_variabl
     with pytest.raises(RuntimeError, match="no group today"):
         init_distributed("cpu", single_process_group=True)
     assert [k for k in LAUNCHER_VARS if k in os.environ] == ["LOCAL_RANK"] and os.environ["LOCAL_RANK"] == "1"
+
+
+def test_training_says_which_stages_do_not_run_and_that_a_last_stage_s_trigger_is_never_consulted(tmp_path, capsys):
+    stages = ('--schedule.stages=[{name="a",epochs=1},{name="b",epochs=1},'
+              '{name="c",trigger={kind="train_acc",threshold=0.5}}]')
+    train(load_config(None, [*TINY, "--data.synthetic_train=64", "--train.epochs=1", f"--log.run_dir={tmp_path}",
+                             stages]))
+    err = capsys.readouterr().err
+    assert "[pst] stage 2 ('c'), the last, runs to the run's end: its trigger is never consulted" in err
+    for i, name in ((1, "b"), (2, "c")):
+        assert f"[pst] stage {i} ({name!r}) starts as planned at step " in err, err
+    assert err.count("train.epochs=1): it does not run; lengthen the run or shorten the stages before it") == 2

@@ -95,6 +95,19 @@ class Schedule:
             start += length
         return out
 
+    def unreached_stages(self) -> list[int]:
+        """The stages that, as planned (no trigger firing), start at or past the run's end: after stages that all
+        have lengths (a stage after one without a length is reached only by a fire, and not judged)."""
+        out, start = [], 0
+        for i, st in enumerate(self.stages):
+            if i and start >= self.total_steps:
+                out.append(i)
+            length = self._length(st, self.steps_per_epoch)
+            if length is None:
+                break
+            start += length
+        return out
+
     def planned_end(self, i: int) -> int:
         """The step stage ``i`` ends at as planned (the stages up to it at their planned lengths, none firing); one
         without a length, or after one, ends with the run. May lie past the run's end."""
