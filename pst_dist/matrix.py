@@ -47,6 +47,7 @@ from tqdm import tqdm
 from .config import (
     Config,
     ConfigError,
+    ModelConfig,
     PoisonConfig,
     absolute_paths,
     apply_overrides,
@@ -63,7 +64,7 @@ from .engine import engine_class
 from .io import OutputError, atomic_dir, check_written_over, savefig_atomic, write_atomic
 from .metrics import computed_on, describe_machine, run_machines
 from .poison import PoisonFileError, make_poison, store
-from .registry import DEFENSES
+from .registry import ATTACKS, DEFENSES
 from .report import TABLE_KEYS, mean_std, summary_problem
 from .train import resumed_inputs, train
 
@@ -118,7 +119,8 @@ def generate_poison(base: dict, attack: str, seed: int, path: str, threads: int)
     seconds = time.time() - t0
     order = torch.argsort(tr.index)  # the store's order: the source's
     clean, poisoned = Split(tr.images[order], tr.labels[order], tr.index[order]), poisoned[order]
-    meta = {**poison_meta(cfg, clean, poisoned, info, seconds), "model": asdict(cfg.model)}
+    meta = {**poison_meta(cfg, clean, poisoned, info, seconds), "model": asdict(cfg.model),
+            "augment": cfg.data.augment}  # a model-based attack's surrogate, and what poison.eot augments as
     with atomic_dir(Path(path), replace=True) as tmp:  # the cache is the bench's own
         store.fill(tmp, poisoned, meta, rows=clean.index, source_size=splits.source_train_size)
     return meta
@@ -321,9 +323,16 @@ def cached_poison(base: dict, attack: str, seed: int, pdir: Path, where: str) ->
     except PoisonFileError as e:  # e.g. cached by an earlier version (its own format): not reused
         raise ConfigError(f"{pdir} is not a poison store this version reads ({e}); remove it or choose "
                           f"another {where}") from None
-    want = store.parameters(poison_cfg(base, attack, seed).poison)  # not poison.ratio: the cache holds every
+    cfg = poison_cfg(base, attack, seed)
+    want = store.parameters(cfg.poison)  # not poison.ratio: the cache holds every
     # image poisoned and each cell applies its ratio (a cell is keyed by its whole recipe, ratio included)
     was = {**store.parameters(PoisonConfig()), **meta["parameters"]}  # a key newer than the cache: default
+    if ATTACKS.entry(attack).kind == "model":  # crafted against the recipe's surrogate ([model]): its settings too
+        if isinstance(meta.get("model"), dict):
+            want.update({f"model.{k}": v for k, v in asdict(cfg.model).items()})
+            was.update({f"model.{k}": v for k, v in {**asdict(ModelConfig()), **meta["model"]}.items()})
+        if cfg.poison.eot and "augment" in meta:  # ... and, with poison.eot, through the training's augmentation
+            want["data.augment"], was["data.augment"] = cfg.data.augment, meta["augment"]
     if diff := changes(was, want):  # a resumed run must not reuse a poison made with other settings
         raise ConfigError(f"{pdir} was made with other poison settings (cached, now): {diff}; remove it "
                           f"or choose another {where}")

@@ -172,6 +172,17 @@ def test_a_resumed_bench_refuses_a_cached_poison_made_with_other_settings(tmp_pa
     assert (out / "bench.json").read_bytes() == recorded, "a refused bench rewrote the bench's record"
 
 
+def test_a_cached_model_based_poison_is_refused_for_another_surrogate(tmp_path):
+    """EM is crafted against the recipe's [model]: a cache made with another surrogate is not that recipe's attack."""
+    out = tmp_path / "b"
+    one = ['--bench.attacks=["em"]', '--bench.defenses=["standard"]', "--bench.seeds=1", "--bench.jobs=1",
+           "--train.epochs=1", "--poison.steps=2", "--poison.train_steps=2", "--poison.max_rounds=1"]
+    assert bench(out, *one).returncode == 0
+    r = bench_refused(out, *one, "--model.width=0.25")
+    assert r.returncode == 2 and "made with other poison settings" in r.stderr, r.stderr[-2000:]
+    assert "'model.width': (0.125, 0.25)" in r.stderr, r.stderr[-2000:]
+
+
 def test_a_resumed_bench_names_a_finished_cells_summary_without_its_accuracies(tmp_path):
     out = tmp_path / "b"
     one = ['--bench.attacks=["classwise_noise"]', '--bench.defenses=["standard"]', "--bench.seeds=1", "--bench.jobs=1",
