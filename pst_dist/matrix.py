@@ -63,7 +63,10 @@ from .distributed import init_ray
 from .engine import engine_class
 from .io import OutputError, atomic_dir, check_written_over, savefig_atomic, write_atomic
 from .metrics import computed_on, describe_machine, run_machines
+from .models import build_model
 from .poison import PoisonFileError, make_poison, store
+from .pst.groups import layer_groups
+from .pst.schedule import Schedule
 from .registry import ATTACKS, DEFENSES
 from .report import TABLE_KEYS, mean_std, summary_problem
 from .train import resumed_inputs, train
@@ -281,6 +284,18 @@ def plan_bench(config: str, overrides: list[str]) -> Bench:
                                   f"({'; '.join(moved)}): the {a} cells train on the poison made with the recipe's "
                                   f"[poison] and bench.attack_overrides.{a}; a training run may change only "
                                   f"poison.ratio")
+    groups: dict[str, int] = {}  # each cell's schedule names groups its model has: refused now, not after the poisons
+    for a in b.attacks:
+        for r in runs_needed(b.defenses):
+            ccfg = cell_cfg(base, a, r, 0, Path(b.out))
+            key = repr(ccfg.model)
+            if key not in groups:
+                groups[key] = len(layer_groups(build_model(ccfg.model, 10, 3, ccfg.data.img_size),
+                                               ccfg.model.block_groups))
+            try:
+                Schedule(ccfg.schedule.stages, groups[key], 1, max(1, math.ceil(ccfg.train.epochs)))
+            except ConfigError as e:
+                raise ConfigError(f"the {a} / {r} cells: {e}") from None
     if b.runner == "ray":
         jobs = b.jobs  # the most tasks in flight; 0 = as many as the cluster's resources hold
         threads = cfg.train.threads or max(1, math.floor(b.cpus_per_cell))  # the CPUs each task asks for

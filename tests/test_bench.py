@@ -149,7 +149,11 @@ def test_bench_config_errors_name_the_bad_value(tmp_path):
                           ('--bench.attack_overrides.ops=["train.seed=7"]',
                            "bench.attack_overrides.ops=['train.seed=7']"),
                           ('--bench.defense_overrides.pst=["poison.seed=7"]', "the bench's seeds set poison.seed"),
-                          ("--data.val_size=0", "data.val_size=0 leaves no validation images")):
+                          ("--data.val_size=0", "data.val_size=0 leaves no validation images"),
+                          ("--schedule.stages.1.freeze=[0, 6]", "the classwise_noise / pst cells: schedule.stages[1]"),
+                          ('--bench.defense_overrides.pst=["schedule.stages.2.group_mults={\\"7\\"=0.1}"]',
+                           "the classwise_noise / pst cells: schedule.stages[2] ('release') names group 7, but the "
+                           "model has 6 groups")):
         r = bench_refused(tmp_path / "b", extra)
         assert r.returncode == 2 and needle in r.stderr, (extra, r.stderr[-2000:])
     mine = tmp_path / "mine"  # a folder of the user's own results, no bench's record: not written over
