@@ -485,6 +485,7 @@ def build_run(cfg: Config, resume: bool, overwrite: bool, allow_changes: bool, d
     checks = cfg.schedule.check_every or len(loader)  # the steps after which detect() consults a trigger
     schedule = Schedule(cfg.schedule.stages, gm.num_groups, len(loader), total_steps,  # validates group indices
                         no_stay, checks)
+    check_views(cfg, data.poisoned_train[:2].float() / 255)
     unconsulted = schedule.unconsulted_triggers()
     for i in unconsulted if dist_info.is_primary else []:
         st_cfg = cfg.schedule.stages[i]
@@ -575,6 +576,30 @@ def build_run(cfg: Config, resume: bool, overwrite: bool, allow_changes: bool, d
         metrics.close(failed=True)
         raise
     return Run(cfg, dist_info, device, data, loader, gm, schedule, engine, normalize, autocast, probe, metrics, st)
+
+
+def check_views(cfg: Config, sample: torch.Tensor) -> None:
+    """Apply every view the run will apply (the stages' loss views, their triggers' views, schedule.eval_views) once
+    to ``sample``: one the images cannot take (a blur kernel wider than the image) is a ConfigError naming its key,
+    before anything is written, not a traceback mid-training. Torch's random state is left as it was."""
+    uses = []
+    for i, st in enumerate(cfg.schedule.stages):
+        if st.loss.view_ce > 0 or st.loss.consistency > 0:
+            uses.append((f"schedule.stages[{i}].loss.view", st.loss.view, st.loss.view_strength))
+        trig = st.trigger
+        uses.append((f"schedule.stages[{i}].trigger.view", trig.view if trig else "blur", 1.0))  # measured each epoch
+        for j, c in enumerate(trig.also if trig else []):
+            if c.kind == "shortcut_gap":
+                uses.append((f"schedule.stages[{i}].trigger.also[{j}].view", c.view, 1.0))
+    uses += [(f"schedule.eval_views[{j}]", v, 1.0) for j, v in enumerate(cfg.schedule.eval_views)]
+    with torch.random.fork_rng(devices=[]):  # random views draw from the global generator: training's is untouched
+        for key, view, strength in dict.fromkeys(uses):
+            try:
+                apply_view(sample, view, strength)
+            except (RuntimeError, ValueError) as e:
+                raise ConfigError(f"{key}={view!r} (strength {strength:g}) cannot be applied to these "
+                                  f"{'x'.join(map(str, sample.shape[1:]))} images (C x H x W): "
+                                  f"{str(e).splitlines()[0]}") from None
 
 
 def detect(r: Run, stage: ActiveStage) -> dict[str, float]:

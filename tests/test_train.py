@@ -489,3 +489,17 @@ def test_training_says_which_stages_do_not_run_and_that_a_last_stage_s_trigger_i
     for i, name in ((1, "b"), (2, "c")):
         assert f"[pst] stage {i} ({name!r}) starts as planned at step " in err, err
     assert err.count("train.epochs=1): it does not run; lengthen the run or shorten the stages before it") == 2
+
+
+def test_a_view_the_images_cannot_take_is_refused_naming_its_key_before_anything_is_written(tmp_path):
+    """A 6-pixel blur needs a 37-pixel kernel: on 16-pixel images it failed mid-training with a padding traceback."""
+    from pst_dist.config import ConfigError
+
+    run_dir = tmp_path / "r"
+    for stages, key in (('[{name="a",loss={ce=1.0,view_ce=1.0,view="blur:6"}}]', r"schedule.stages\[0\].loss.view"),
+                        ('[{name="a",epochs=1,trigger={kind="shortcut_gap",view="blur:6"}},{name="b"}]',
+                         r"schedule.stages\[0\].trigger.view")):
+        with pytest.raises(ConfigError, match=key + r"='blur:6' \(strength 1\) cannot be applied to these \dx16x16"):
+            train(load_config(None, [*TINY, "--data.synthetic_train=64", f"--log.run_dir={run_dir}",
+                                     f"--schedule.stages={stages}"]))
+        assert not run_dir.exists()
