@@ -1080,9 +1080,27 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
+def _drop_inert_stage_settings(st: dict) -> None:
+    """A recorded stage's settings that did nothing in its run and that a config now refuses (StageConfig): steps
+    beside epochs (epochs counted), min_epochs without a trigger, a frozen group's group_mults entry (freeze won).
+    Dropped, so a run recorded before the refusals still resumes, evaluates and exports as it trained."""
+    if _positive(st.get("epochs")) and _positive(st.get("steps")):
+        st.pop("steps")
+    if st.get("trigger") is None:
+        st.pop("min_epochs", None)
+    frozen, mults = st.get("freeze"), st.get("group_mults")
+    if isinstance(frozen, list) and isinstance(mults, dict):
+        st["group_mults"] = {k: v for k, v in mults.items() if not (str(k).isdigit() and int(k) in frozen)}
+
+
+def _positive(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and v > 0
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None, recorded: bool = False) -> Config:
     """Load a Config from a TOML file (or defaults) plus overrides. ``recorded``: the file is a run's own record
-    (its config.toml), whose :data:`RETIRED` keys are dropped at any value: they never did anything."""
+    (its config.toml), whose :data:`RETIRED` keys are dropped at any value (they never did anything), as are stage
+    settings that did nothing in it (:func:`_drop_inert_stage_settings`)."""
     raw: dict = {}
     if path is not None:
         path = Path(path).expanduser()  # a '~' quoted for a cluster's shell reaches us literally
@@ -1099,6 +1117,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             section, name = key.split(".")
             if isinstance(raw.get(section), dict):
                 raw[section].pop(name, None)
+        stages = raw.get("schedule", {}).get("stages") if isinstance(raw.get("schedule"), dict) else None
+        for st in stages if isinstance(stages, list) else []:
+            if isinstance(st, dict):
+                _drop_inert_stage_settings(st)
     raw = apply_overrides(raw, overrides or [])
     return from_dict(Config, raw)
 

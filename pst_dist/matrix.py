@@ -63,9 +63,8 @@ from .distributed import init_ray
 from .engine import engine_class
 from .io import OutputError, atomic_dir, check_written_over, savefig_atomic, write_atomic
 from .metrics import computed_on, describe_machine, run_machines
-from .models import build_model
+from .models import count_groups
 from .poison import PoisonFileError, make_poison, store
-from .pst.groups import layer_groups
 from .pst.schedule import Schedule
 from .registry import ATTACKS, DEFENSES
 from .report import TABLE_KEYS, mean_std, summary_problem
@@ -290,8 +289,7 @@ def plan_bench(config: str, overrides: list[str]) -> Bench:
             ccfg = cell_cfg(base, a, r, 0, Path(b.out))
             key = repr(ccfg.model)
             if key not in groups:
-                groups[key] = len(layer_groups(build_model(ccfg.model, 10, 3, ccfg.data.img_size),
-                                               ccfg.model.block_groups))
+                groups[key] = count_groups(ccfg.model)
             try:
                 Schedule(ccfg.schedule.stages, groups[key], 1, max(1, math.ceil(ccfg.train.epochs)))
             except ConfigError as e:
@@ -343,9 +341,10 @@ def cached_poison(base: dict, attack: str, seed: int, pdir: Path, where: str) ->
     # image poisoned and each cell applies its ratio (a cell is keyed by its whole recipe, ratio included)
     was = {**store.parameters(PoisonConfig()), **meta["parameters"]}  # a key newer than the cache: default
     if ATTACKS.entry(attack).kind == "model":  # crafted against the recipe's surrogate ([model]): its settings too
-        if isinstance(meta.get("model"), dict):
-            want.update({f"model.{k}": v for k, v in asdict(cfg.model).items()})
-            was.update({f"model.{k}": v for k, v in {**asdict(ModelConfig()), **meta["model"]}.items()})
+        if isinstance(meta.get("model"), dict):  # not block_groups: how PST groups the layers, not the model
+            want.update({f"model.{k}": v for k, v in asdict(cfg.model).items() if k != "block_groups"})
+            was.update({f"model.{k}": v for k, v in {**asdict(ModelConfig()), **meta["model"]}.items()
+                        if k != "block_groups"})
         if cfg.poison.eot and "augment" in meta:  # ... and, with poison.eot, through the training's augmentation
             want["data.augment"], was["data.augment"] = cfg.data.augment, meta["augment"]
     if diff := changes(was, want):  # a resumed run must not reuse a poison made with other settings

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import timm
+import torch
 import torch.nn as nn
 
 from .config import ConfigError, ModelConfig, from_dict
@@ -32,6 +33,16 @@ def build_model(cfg: ModelConfig, num_classes: int, in_chans: int, img_size: int
     if hook is not None:
         hook(model)
     return model
+
+
+def count_groups(cfg: ModelConfig) -> int:
+    """The layer groups of ``cfg``'s model (:func:`pst_dist.pst.groups.layer_groups`), from a build on the meta
+    device (no weights allocated: a ViT-L counts in a fraction of a second). The count depends on neither the image
+    size (built at 8 patches) nor the channels or classes."""
+    from .pst.groups import layer_groups  # pst.groups imports timm's grouping: only where groups are counted
+
+    with torch.device("meta"):
+        return len(layer_groups(build_model(cfg, 10, 3, 8 * cfg.patch_size), cfg.block_groups))
 
 
 def timm_args(cfg: ModelConfig, num_classes: int, in_chans: int, img_size: int) -> tuple[dict, Hook | None]:

@@ -518,7 +518,8 @@ def build_run(cfg: Config, resume: bool, overwrite: bool, allow_changes: bool, d
     last = len(cfg.schedule.stages) - 1
     if dist_info.is_primary and cfg.schedule.stages[last].trigger is not None:
         print(f"[pst] stage {last} ({cfg.schedule.stages[last].name!r}), the last, runs to the run's end: its trigger "
-              f"is never consulted (a fire would start no stage); add a stage after it, or drop the trigger",
+              f"is never consulted (a fire would start no stage; its view is still measured and logged); add a stage "
+              f"after it for the trigger to end",
               file=sys.stderr)
     for i in schedule.unreached_stages() if dist_info.is_primary else []:
         fired = (" unless an earlier stage's trigger fires early enough" if any(
@@ -587,7 +588,8 @@ def check_views(cfg: Config, sample: torch.Tensor) -> None:
         if st.loss.view_ce > 0 or st.loss.consistency > 0:
             uses.append((f"schedule.stages[{i}].loss.view", st.loss.view, st.loss.view_strength))
         trig = st.trigger
-        uses.append((f"schedule.stages[{i}].trigger.view", trig.view if trig else "blur", 1.0))  # measured each epoch
+        uses.append((f"schedule.stages[{i}].trigger.view" if trig else f"schedule.stages[{i}] (no trigger): the "
+                     f"detectors' default view", trig.view if trig else "blur", 1.0))  # measured each epoch
         for j, c in enumerate(trig.also if trig else []):
             if c.kind == "shortcut_gap":
                 uses.append((f"schedule.stages[{i}].trigger.also[{j}].view", c.view, 1.0))

@@ -101,3 +101,15 @@ def test_retired_key_loads_at_its_old_value_and_is_refused_otherwise(tmp_path):
     with pytest.raises(ConfigError, match=r"train\.num_workers=4: this key is retired"):
         load_config(p)
     assert load_config(p, recorded=True) == load_config(None, ["--train.lr=0.05"])
+
+
+def test_a_recorded_config_with_stage_settings_that_did_nothing_still_loads_as_it_trained(tmp_path):
+    """Refused in a config since stop 51, inert before: a run recorded with them resumes, evaluates and exports."""
+    f = tmp_path / "config.toml"
+    f.write_text('[[schedule.stages]]\nname = "a"\nepochs = 1.0\nsteps = 3\nmin_epochs = 0.5\nfreeze = [0, 1]\n'
+                 'group_mults = { "1" = 0.5, "2" = 0.1 }\n\n[[schedule.stages]]\nname = "b"\n')
+    with pytest.raises(ConfigError, match="stage 'a': epochs=1.0 and steps=3"):
+        load_config(f)
+    a = load_config(f, recorded=True).schedule.stages[0]
+    assert (a.epochs, a.steps, a.min_epochs, a.freeze, a.group_mults) == (1.0, 0, 0.0, [0, 1], {"2": 0.1})
+    assert a.mults(4) == [0.0, 0.0, 0.1, 1.0]  # what the run trained with: freeze won over group_mults

@@ -25,8 +25,7 @@ from pst_dist.data.sources import check_present, check_val_size
 from pst_dist.distributed import init_ray
 from pst_dist.io import check_written_over, write_atomic
 from pst_dist.matrix import seed_overrides
-from pst_dist.models import build_model
-from pst_dist.pst.groups import layer_groups
+from pst_dist.models import count_groups
 from pst_dist.pst.schedule import Schedule
 from pst_dist.rundir import is_recorded_config, resume_changes
 
@@ -65,10 +64,8 @@ def check_resumed_search(cfg: Config, search_dir: Path, log) -> None:
 
 
 def num_groups(cfg: Config) -> int:
-    """Layer groups of the configured model (built on the CPU with the configured image size; the group count does
-    not depend on channels or classes)."""
-
-    return len(layer_groups(build_model(cfg.model, 10, 3, cfg.data.img_size), cfg.model.block_groups))
+    """Layer groups of the configured model (:func:`pst_dist.models.count_groups`)."""
+    return count_groups(cfg.model)
 
 
 def param_space(cfg: Config, groups: int) -> dict:
