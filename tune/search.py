@@ -21,6 +21,7 @@ from pst_dist.config import (
     load_config,
     to_dict,
 )
+from pst_dist.data.beton import BetonDir
 from pst_dist.data.sources import check_present, check_val_size
 from pst_dist.distributed import init_ray
 from pst_dist.io import check_written_over, write_atomic
@@ -194,7 +195,10 @@ def run_search(cfg: Config, resume: bool = False, log=lambda m: print(m, file=sy
     check_space(cfg, groups)  # every error before Ray starts
     check_val_size(cfg.data)  # trials are chosen on validation accuracy: none would fail every trial inside Ray
     if not on_cluster():  # the trials read the data on this machine: a bad data.root would fail each inside Ray
-        check_present(cfg.data)
+        if cfg.data.source == "beton":
+            BetonDir(cfg.data.root, verify=False)  # its structure; the trials verify the hashes
+        else:
+            check_present(cfg.data)
     search_dir = Path(cfg.tune.out) / cfg.tune.name
     if resume:
         from ray.tune import Tuner  # optional heavy dependency (Ray), imported only by tune

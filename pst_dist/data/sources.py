@@ -507,7 +507,8 @@ def _cifar_base(cfg: DataConfig) -> tuple[Path, Path, str, bool]:
 def check_present(cfg: DataConfig) -> None:
     """The source's folders and files are where ``cfg`` says, without reading an image: DataError naming what is
     missing. For a driver that hands the data to workers on its own machine (a search on a local Ray) to refuse a bad
-    data.root before it starts them. CIFAR at its default root counts as present (a worker downloads it)."""
+    data.root before it starts them. CIFAR at its default root counts as present (a worker downloads it); a .beton
+    directory is :class:`pst_dist.data.beton.BetonDir`'s to check."""
     if cfg.source == "fashion-mnist":
         root = _fmnist_root(cfg)
         for stem in ("train-images-idx3", "train-labels-idx1", "t10k-images-idx3", "t10k-labels-idx1"):
@@ -516,10 +517,6 @@ def check_present(cfg: DataConfig) -> None:
         _cifar_base(cfg)
     elif cfg.source == "imagefolder":
         folder_layout(cfg)
-    elif cfg.source == "beton":
-        from .beton import BetonDir  # ffcv: imported only for the .beton path
-
-        BetonDir(cfg.root, verify=False)
 
 
 def _cifar(cfg: DataConfig) -> tuple[Split, Split, int]:
