@@ -64,15 +64,15 @@ def _publish_new(tmp: Path, path: Path) -> None:
     """Move ``tmp`` to ``path`` only if nothing is at ``path`` (a hard link fails on an existing name: no window
     between the check and the move); OutputError naming ``path`` otherwise. Where the file system has no hard links,
     a check just before the rename."""
+    appeared = OutputError(f"{path}: appeared while pst-dist was writing it; left as it is (the new output is "
+                           f"discarded): move it away and run again")
     try:
         os.link(tmp, path)
     except FileExistsError:
-        raise OutputError(f"{path}: appeared while pst-dist was writing it; left as it is (the new output is "
-                          f"discarded): move it away and run again") from None
+        raise appeared from None
     except OSError:  # no hard links here (some network and FUSE file systems)
         if path.exists() or path.is_symlink():
-            raise OutputError(f"{path}: appeared while pst-dist was writing it; left as it is (the new output is "
-                              f"discarded): move it away and run again") from None
+            raise appeared from None
         os.replace(tmp, path)
         return
     tmp.unlink()
@@ -288,20 +288,13 @@ def atomic_dir(out: Path, *, replace: bool = False, owned: Iterable[str] | None 
     failure the partial directory is removed and ``out`` is as it was."""
     _refuse_current_dir(out)
     out = Path(os.path.abspath(out))  # "x/." or "x/..": a sibling of the directory itself, not one inside it
-    made = [d for d in (out.parent, *out.parent.parents) if not d.exists()][::-1]  # the parents this call creates
+    made = [d for d in (out.parent, *out.parent.parents) if not d.exists()]  # what this call creates, deepest first
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)  # only our own name, from a crashed run of this very process id
     tmp.mkdir()
     try:
-        try:
-            yield tmp
-        except BaseException:  # a refused or failed run leaves no folders behind it: only those it made, if empty
-            shutil.rmtree(tmp, ignore_errors=True)
-            for d in reversed(made):
-                with contextlib.suppress(OSError):
-                    d.rmdir()
-            raise
+        yield tmp
         if out.exists() and any(out.iterdir()):
             if not replace:
                 raise OutputError(f"--out {out}: appeared while writing; left as it is")
@@ -319,6 +312,12 @@ def atomic_dir(out: Path, *, replace: bool = False, owned: Iterable[str] | None 
                 shutil.rmtree(old, ignore_errors=True)  # before a deferred SIGTERM's default action ends the process
         else:
             os.replace(tmp, out)  # rename(2) replaces an empty directory
+    except BaseException:  # a refused or failed run leaves no folders behind it: only those it made, if empty
+        shutil.rmtree(tmp, ignore_errors=True)
+        for d in made:
+            with contextlib.suppress(OSError):
+                d.rmdir()
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
