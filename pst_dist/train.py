@@ -25,7 +25,7 @@ from torchvision.utils import make_grid
 from tqdm import tqdm
 
 from .checkpoint import CheckpointError
-from .config import Config, ConfigError, auto_meaning, dump_toml
+from .config import Config, ConfigError, TriggerConfig, auto_meaning, dump_toml
 from .data.pipeline import Data, Normalize, build_data, build_loader, check_same_folder, check_same_poison
 from .data.sources import Split, fingerprint
 from .defenses import pgd_examples, step_seed, ueraser_loss, ueraser_repeats
@@ -587,21 +587,28 @@ def check_views(cfg: Config, sample: torch.Tensor) -> None:
     for i, st in enumerate(cfg.schedule.stages):
         if st.loss.view_ce > 0 or st.loss.consistency > 0:
             uses.append((f"schedule.stages[{i}].loss.view", st.loss.view, st.loss.view_strength))
-        trig = st.trigger
-        uses.append((f"schedule.stages[{i}].trigger.view" if trig else f"schedule.stages[{i}] (no trigger): the "
-                     f"detectors' default view", trig.view if trig else "blur", 1.0))  # measured each epoch
-        for j, c in enumerate(trig.also if trig else []):
-            if c.kind == "shortcut_gap":
-                uses.append((f"schedule.stages[{i}].trigger.also[{j}].view", c.view, 1.0))
+        view, more = detector_views(st.trigger)  # measured on the probe each epoch (detect)
+        uses.append((f"schedule.stages[{i}].trigger.view" if st.trigger else
+                     f"schedule.stages[{i}] (no trigger): the detectors' default view", view, 1.0))
+        uses += [(f"schedule.stages[{i}].trigger.also[{name.removeprefix('also_')}].view", v, 1.0)
+                 for name, v in more.items()]
     uses += [(f"schedule.eval_views[{j}]", v, 1.0) for j, v in enumerate(cfg.schedule.eval_views)]
     with torch.random.fork_rng(devices=[]):  # random views draw from the global generator: training's is untouched
-        for key, view, strength in dict.fromkeys(uses):
+        for key, view, strength in uses:
             try:
                 apply_view(sample, view, strength)
             except (RuntimeError, ValueError) as e:
                 raise ConfigError(f"{key}={view!r} (strength {strength:g}) cannot be applied to these "
                                   f"{'x'.join(map(str, sample.shape[1:]))} images (C x H x W): "
                                   f"{str(e).splitlines()[0]}") from None
+
+
+def detector_views(trig: TriggerConfig | None) -> tuple[str, dict[str, str]]:
+    """The view the detectors measure the probe on (the trigger's; blur for a stage without one), and the views of
+    the trigger's ``also`` shortcut gaps by condition name (``also_<i>``)."""
+    if trig is None:
+        return "blur", {}
+    return trig.view, {f"also_{i}": c.view for i, c in enumerate(trig.also) if c.kind == "shortcut_gap"}
 
 
 def detect(r: Run, stage: ActiveStage) -> dict[str, float]:
@@ -611,8 +618,8 @@ def detect(r: Run, stage: ActiveStage) -> dict[str, float]:
     # the trigger's own condition first, then its also[]: any fires it; an also gap is measured on its view as also_<i>
     conditions = [(trig, None), *((c, f"also_{i}" if c.kind == "shortcut_gap" else None)
                                   for i, c in enumerate(trig.also))] if trig else []
-    vals = probe_metrics(r.gm, *r.probe, r.normalize, trig.view if trig else "blur",
-                         more_views={name: c.view for c, name in conditions if name})
+    view, more = detector_views(trig)
+    vals = probe_metrics(r.gm, *r.probe, r.normalize, view, more_views=more)
     if trig is not None and r.schedule.can_fire(stage, st.step):
         values = [mean_across_ranks(trigger_value(c.kind, vals, c.group, name)) for c, name in conditions]
         vals["pst/trigger_value"] = values[0]
