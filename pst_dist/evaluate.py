@@ -199,10 +199,10 @@ def evaluate_run(run_dir: Path, checkpoint: str | Path | None = None, overrides:
     recorded = recorded_config(run_dir)
     cfg = recorded_config(run_dir, overrides) if overrides else recorded
     inputs = recorded_inputs(run_dir)
-    find_checkpoint(run_dir, checkpoint)  # a checkpoint missing or outside the run: refused before the data is read
+    path = find_checkpoint(run_dir, checkpoint)  # one missing or outside the run: refused before the data is read
     data = eval_data(cfg, inputs, split)
     own = cfg.data == recorded.data
-    rm = load_run_model(run_dir, checkpoint, own_data=data if own else None, cfg=recorded)
+    rm = load_run_model(run_dir, path, own_data=data if own else None, cfg=recorded)
     as_trained = folder_as_trained((inputs or {}).get("folder"), data.folder) if own else None
     part = getattr(data.splits, split)
     chans, num_classes = rm.inputs["shape"][0], rm.inputs["num_classes"]

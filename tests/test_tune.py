@@ -32,6 +32,7 @@ import torch
 
 from pst_dist.cli import main
 from pst_dist.config import ConfigError, load_config
+from pst_dist.models import count_groups
 from pst_dist.pst.schedule import Schedule
 from tune.space import grid_size, schedule_stages, skeletons, valid_orders
 
@@ -840,14 +841,14 @@ def test_bad_release_loss_choices_are_refused_naming_the_value(over, msg):
 def test_a_search_space_with_a_trial_that_cannot_train_is_refused_before_ray():
     """Each loss choice may be valid alone and a combination not: release stages with view_ce 0 and a searched
     consistency of [1, 0] offer a trial whose release has no loss at all (its worker refused it inside Ray)."""
-    from tune.search import check_space, num_groups
+    from tune.search import check_space
 
     over = ["--schedule.stages.2.loss.view_ce=0", "--schedule.stages.2.loss.consistency=1"]
     cfg = load_config(TINY, [*over, "--tune.consistency=[1.0, 0.5]"])
-    check_space(cfg, num_groups(cfg))  # every combination trains
+    check_space(cfg, count_groups(cfg.model))  # every combination trains
     cfg = load_config(TINY, [*over, "--tune.consistency=[1.0, 0.0]"])
     with pytest.raises(ConfigError, match=r"offers a trial that cannot train \(tune.consistency=0.0\).*all 0"):
-        check_space(cfg, num_groups(cfg))
+        check_space(cfg, count_groups(cfg.model))
 
 
 def test_a_fraction_of_a_gpu_per_worker_is_refused_for_trials_of_several_workers():

@@ -64,11 +64,6 @@ def check_resumed_search(cfg: Config, search_dir: Path, log) -> None:
                           f"tune.name) for other settings")
 
 
-def num_groups(cfg: Config) -> int:
-    """Layer groups of the configured model (:func:`pst_dist.models.count_groups`)."""
-    return count_groups(cfg.model)
-
-
 def param_space(cfg: Config, groups: int) -> dict:
     """Ray Tune's search space: valid skeletons (lengths + unfreeze order), warm-up thresholds, per-stage lr mults."""
     from ray import tune  # optional heavy dependency (Ray), imported only by tune
@@ -191,7 +186,7 @@ def run_search(cfg: Config, resume: bool = False, log=lambda m: print(m, file=sy
     """Run (or continue) the search; write results.csv / results.md / trials.png / best_schedule.toml into
     ``<tune.out>/<tune.name>/``. Returns the report summary."""
     absolute_paths(cfg, also=(("tune", "out"), ("tune", "poisons")))
-    groups = num_groups(cfg)
+    groups = count_groups(cfg.model)
     check_space(cfg, groups)  # every error before Ray starts
     check_val_size(cfg.data)  # trials are chosen on validation accuracy: none would fail every trial inside Ray
     if not on_cluster():  # the trials read the data on this machine: a bad data.root would fail each inside Ray
