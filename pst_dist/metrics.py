@@ -17,6 +17,7 @@ import torch
 import torchvision
 
 from .io import OutputError, read_json, reported
+from .rundir import keep_metrics_until
 
 
 def git_sha() -> str:
@@ -146,8 +147,6 @@ class Metrics:
             self.trackers = open_trackers(run_dir, cfg)
         try:
             if resumed_at is not None:  # the rows logged after the checkpoint are logged again: dropped
-                from .rundir import keep_metrics_until  # rundir imports the trackers' module: only on resume
-
                 logged = keep_metrics_until(run_dir, resumed_at)
                 self._logged_at_resume = {_row({k: v for k, v in r.items() if k != "step"}) for r in logged}
             self._file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
