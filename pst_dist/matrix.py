@@ -273,21 +273,19 @@ def plan_bench(config: str, overrides: list[str]) -> Bench:
     if "pst" in b.defenses and len(cfg.schedule.stages) < 2:
         raise ConfigError(f"bench.defenses has 'pst' but the recipe's [schedule] has {len(cfg.schedule.stages)} "
                           f"stage(s): give the PST schedule in the recipe")
+    groups: dict[str, int] = {}  # layer groups per model config
     for a in b.attacks:  # each attack's own overrides must make a valid config
         made = asdict(poison_cfg(base, a, 0).poison)
-        for r in runs_needed(b.defenses):  # and a cell records the poison it trains on
-            cell = asdict(cell_cfg(base, a, r, 0, Path(b.out)).poison)
+        for r in runs_needed(b.defenses):
+            ccfg = cell_cfg(base, a, r, 0, Path(b.out))
+            cell = asdict(ccfg.poison)  # a cell records the poison it trains on
             moved = [f"poison.{k}: {made[k]!r} -> {cell[k]!r}" for k in made if k != "ratio" and cell[k] != made[k]]
             if moved:
                 raise ConfigError(f"bench.defense_overrides.{r}={b.defense_overrides.get(r, [])} changes the poison "
                                   f"({'; '.join(moved)}): the {a} cells train on the poison made with the recipe's "
                                   f"[poison] and bench.attack_overrides.{a}; a training run may change only "
                                   f"poison.ratio")
-    groups: dict[str, int] = {}  # each cell's schedule names groups its model has: refused now, not after the poisons
-    for a in b.attacks:
-        for r in runs_needed(b.defenses):
-            ccfg = cell_cfg(base, a, r, 0, Path(b.out))
-            key = repr(ccfg.model)
+            key = repr(ccfg.model)  # its schedule names groups its model has: refused now, not after the poisons
             if key not in groups:
                 groups[key] = count_groups(ccfg.model)
             try:
