@@ -492,16 +492,16 @@ def _cifar_batch_arrays(p: Path, label_key: str, num_classes: int) -> tuple[np.n
     return x.astype(np.uint8).reshape(-1, 3, 32, 32), y.astype(np.int64)
 
 
-def _cifar_base(cfg: DataConfig) -> tuple[Path, Path, str, bool]:
-    """The CIFAR root, the folder of its batches, that folder's name, and whether the batches are there (a user's
-    data.root without them: DataError; the default root: downloaded)."""
+def _cifar_base(cfg: DataConfig) -> tuple[Path, Path, str]:
+    """The CIFAR root, the folder of its batches and that folder's name; when that folder is missing, a user's
+    data.root is a DataError (the default root is downloaded into)."""
     sub = "cifar-10-batches-py" if cfg.source == "cifar10" else "cifar-100-python"
     root = Path(cfg.root or f"data/{cfg.source}")
     base = root / sub if (root / sub).is_dir() else root
     if not base.is_dir() and cfg.root and Path(cfg.root) != Path(f"data/{cfg.source}"):  # no download into it
         raise DataError(f"data.root={cfg.root!r}: not found; expected {cfg.source}'s python batches there (or "
                         f"in its {sub}/); leave data.root unset to download them into data/{cfg.source}")
-    return root, base, sub, base.is_dir()
+    return root, base, sub
 
 
 def check_present(cfg: DataConfig) -> None:
@@ -521,8 +521,8 @@ def check_present(cfg: DataConfig) -> None:
 
 def _cifar(cfg: DataConfig) -> tuple[Split, Split, int]:
     ten = cfg.source == "cifar10"
-    root, base, sub, present = _cifar_base(cfg)
-    if not present:
+    root, base, sub = _cifar_base(cfg)
+    if not base.is_dir():
         _try_download(cfg.source, root)
         base = root / sub
     n = 10 if ten else 100
