@@ -340,19 +340,21 @@ def _find(root: Path, stem: str) -> Path:
     raise DataError(f"missing data file {root / stem}[.gz]")
 
 
-def _fmnist_root(cfg: DataConfig) -> Path:
+def _fmnist_files(cfg: DataConfig) -> tuple[Path, dict[str, tuple[Path, Path]]]:
+    """The Fashion-MNIST folder and, per split prefix (train, t10k), its image and label files; DataError naming
+    the missing one."""
     root = Path(cfg.root or FMNIST_DEFAULT)
     if not root.is_dir():
         raise DataError(f"Fashion-MNIST directory not found: {root} (apt-get install dataset-fashion-mnist, or set "
                         f"data.root)")
-    return root
+    return root, {p: (_find(root, f"{p}-images-idx3-ubyte"), _find(root, f"{p}-labels-idx1-ubyte"))
+                  for p in ("train", "t10k")}
 
 
 def _fashion_mnist(cfg: DataConfig) -> tuple[Split, Split, int]:
-    root = _fmnist_root(cfg)
+    root, files = _fmnist_files(cfg)
     out = []
-    for prefix in ("train", "t10k"):
-        xp, yp = _find(root, f"{prefix}-images-idx3-ubyte"), _find(root, f"{prefix}-labels-idx1-ubyte")
+    for prefix, (xp, yp) in files.items():
         x, y = read_idx(xp), read_idx(yp)
         if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
             raise DataError(f"{root}: {prefix} images {x.shape} ({xp.name}) and labels {y.shape} ({yp.name}) do not "
@@ -510,9 +512,7 @@ def check_present(cfg: DataConfig) -> None:
     data.root before it starts them. CIFAR at its default root counts as present (a worker downloads it); a .beton
     directory is :class:`pst_dist.data.beton.BetonDir`'s to check."""
     if cfg.source == "fashion-mnist":
-        root = _fmnist_root(cfg)
-        for stem in ("train-images-idx3", "train-labels-idx1", "t10k-images-idx3", "t10k-labels-idx1"):
-            _find(root, f"{stem}-ubyte")
+        _fmnist_files(cfg)
     elif cfg.source in ("cifar10", "cifar100"):
         _cifar_base(cfg)
     elif cfg.source == "imagefolder":
