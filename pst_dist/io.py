@@ -289,10 +289,16 @@ def atomic_dir(out: Path, *, replace: bool = False, owned: Iterable[str] | None 
     _refuse_current_dir(out)
     out = Path(os.path.abspath(out))  # "x/." or "x/..": a sibling of the directory itself, not one inside it
     made = [d for d in (out.parent, *out.parent.parents) if not d.exists()]  # what this call creates, deepest first
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)  # only our own name, from a crashed run of this very process id
-    tmp.mkdir()
+    for attempt in range(3):  # a parallel job that failed may remove a shared parent, left empty, between the mkdirs
+        out.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            tmp.mkdir()
+            break
+        except FileNotFoundError:
+            if attempt == 2:
+                raise
     try:
         yield tmp
         if out.exists() and any(out.iterdir()):

@@ -474,3 +474,24 @@ def test_broken_poison_json(tmp_path, store_src):
     run = train_on_store(store, tmp_path)
     assert_refused(run, names=[str(store / "poison.json"), "'shape'", "256x3x16x16"], markers=[marker],
                    root=tmp_path, code=2)
+
+
+def test_atomic_dir_survives_a_parallel_job_removing_the_shared_parent_between_its_mkdirs(tmp_path, monkeypatch):
+    # Parallel bench poison jobs share <bench.out>/poisons/; one that fails removes the parents it made if they are
+    # empty, which can fall between another job's mkdir of that parent and of its temporary folder.
+    import pathlib
+
+    parent = tmp_path / "poisons"
+    mkdir = pathlib.Path.mkdir
+    removed = []
+
+    def racing_mkdir(self, *args, **kwargs):
+        if self.name.startswith(".out.partial-") and not removed:
+            parent.rmdir()  # the other job's clean-up, just before ours
+            removed.append(True)
+        return mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "mkdir", racing_mkdir)
+    with atomic_dir(parent / "out") as tmp:
+        (tmp / "a.npy").write_text("x")
+    assert removed and (parent / "out" / "a.npy").read_text() == "x"
