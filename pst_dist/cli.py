@@ -171,7 +171,11 @@ def cmd_poison(args: argparse.Namespace, rest: list[str]) -> int:
     what = f"imported {args.import_file}" if args.import_file else meta["attack"]
     print(f"{args.out}: {what} on {meta['source']} {meta['shape']}; Linf {n['linf'] * 255:.0f}/255, "
           f"L2 mean {n['l2_mean']:.3f} max {n['l2_max']:.3f}, L0 mean {n['l0_mean']:.1f}; {meta['seconds']} s. "
-          f"Train on it: --poison.kind=file --poison.path={args.out}")
+          f"Train on it: --poison.kind=file --poison.path={args.out}"
+          + (f" --poison.ratio={cfg.poison.ratio:g}" if cfg.poison.ratio < 1 else ""))
+    if cfg.poison.ratio < 1:  # a store holds every image poisoned; the ratio is chosen when a run reads it
+        print(f"[poison] poison.ratio={cfg.poison.ratio:g}: stored every image poisoned; a run reading the store "
+              f"poisons that fraction when given --poison.ratio={cfg.poison.ratio:g}", file=sys.stderr)
     return 0
 
 

@@ -250,3 +250,14 @@ def test_bench_cache_is_reused_across_ratios_and_cells_are_not(tmp_path):
     run_dir.mkdir(parents=True)
     (run_dir / "config.toml").write_text(dump_toml(m.cell_cfg(b.base, "classwise_noise", "standard", 0, tmp_path)))
     assert m.recipe_change(run_dir, cell) == {"poison.ratio": (1.0, 0.5)}
+
+
+def test_poison_import_of_a_store_is_refused_naming_it_and_a_ratio_is_named_in_the_hint(tmp_path, capsys):
+    # a copy would be recorded as attack 'file' under poison.eps, which an L2 store (lsp) exceeds: unreadable after
+    from pst_dist.cli import main
+
+    assert main(["poison", "--out", str(tmp_path / "lsp"), *TINY, "--poison.kind=lsp", "--poison.ratio=0.5"]) == 0
+    out, err = capsys.readouterr()
+    assert f"--poison.path={tmp_path / 'lsp'} --poison.ratio=0.5" in out and "stored every image poisoned" in err
+    assert main(["poison", "--import", str(tmp_path / "lsp"), "--out", str(tmp_path / "copy"), *TINY]) == 2
+    assert "already a pst-dist poison store" in capsys.readouterr().err and not (tmp_path / "copy").exists()

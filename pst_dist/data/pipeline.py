@@ -484,6 +484,10 @@ def write_poisoned(cfg: Config, out: Path, *, overwrite: bool = False, log: Call
         raise DataError(f"pst-dist poison: data.source='beton' (data.root={cfg.data.root!r}): a .beton directory "
                         f"holds the data as written; poison the source it was written from (its beton.json names "
                         f"it), then write-beton that with --poison.kind=file")
+    if cfg.poison.kind == "file" and store.is_store(Path(cfg.poison.path)):  # its attack, parameters and budget
+        # would be lost: a copy is recorded as attack 'file' under poison.eps, which an L2 or L0 store exceeds
+        raise ConfigError(f"pst-dist poison: {cfg.poison.path} is already a pst-dist poison store; train on it as it "
+                          f"is (--poison.kind=file --poison.path={cfg.poison.path})")
     out = Path(out)
     replace = check_out_dir(out, command="poison", marker=store.META, owned=store.OWNED, overwrite=overwrite,
                             is_ours=store.is_store)
