@@ -220,8 +220,8 @@ class PoisonConfig:
         _check(self.offsets in ("signed", "ue"), f"poison.offsets={self.offsets!r}: expected signed|ue")
         _check(self.patch_size >= 1, f"poison.patch_size={self.patch_size}: must be >= 1")
         _check(self.l2 >= 0, f"poison.l2={self.l2}: must be >= 0 (0 = the default for the data size)")
-        _check(self.blur_kernel >= 1 and self.blur_kernel % 2 == 1,
-               f"poison.blur_kernel={self.blur_kernel}: must be an odd number >= 1")
+        _check(self.blur_kernel >= 3 and self.blur_kernel % 2 == 1,
+               f"poison.blur_kernel={self.blur_kernel}: must be an odd number >= 3 (1 is no blur)")
         _check((self.kind == "file") == bool(self.path),
                f"poison.path={self.path!r}: set it exactly when poison.kind='file' (kind={self.kind!r})")
 

@@ -186,3 +186,40 @@ def test_ar_noise_is_whitened_by_its_own_class_filter_only(chans):
     assert own.max() < 0.05, own.max()
     assert torch.equal(left.argmin(1), y), "every image is whitened most by its own class's filter"
     assert other.mean() > 5 * own.mean(), (other.mean(), own.mean())
+
+
+def test_a_model_based_attack_leaves_the_callers_rng_where_it_was():
+    # its surrogate seeds torch: without fork_rng a run's model init after an in-run em poison ignored train.seed
+    torch.set_num_threads(1)
+    x, y, cfg = tiny("em", 1)
+    torch.manual_seed(1)
+    before = torch.get_rng_state()
+    gen(x, y, cfg)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+@pytest.mark.parametrize("kind,over,msg", [
+    ("em", {"eps": 0.0015}, "poison.eps=0.0015 is below one pixel level"),
+    ("tap", {"eps": 0.003}, "poison.eps=0.003 is below one pixel level"),
+    ("lsp", {"l2": 0.001}, r"changed no pixel of the 40 training images: its budget \(poison.l2=0.001\)"),
+    ("ar", {"l2": 0.001}, r"changed no pixel .* \(poison.l2=0.001\)")])
+def test_an_attack_whose_budget_rounds_to_no_pixel_level_is_refused_naming_it(kind, over, msg):
+    # before: em / lsp / ar wrote the clean images as the poison, exit 0
+    x, y, cfg = tiny(kind, 1, **over)
+    with pytest.raises(ConfigError, match=msg):
+        gen(x, y, cfg)
+
+
+def test_conv_blur_needs_a_kernel_that_blurs():
+    with pytest.raises(ConfigError, match="poison.blur_kernel=1: must be an odd number >= 3"):
+        PoisonConfig(kind="conv_blur", blur_kernel=1)
+
+
+@pytest.mark.parametrize("eps,levels", [(0.0337, 8), (0.0627, 16), (8 / 255, 8), (0.03, 7)])
+def test_an_eps_between_pixel_levels_allows_the_level_below_it(eps, levels):
+    # the attacks rounded to the nearest level: eps 8.59/255 made 9/255 perturbations, above the recorded eps
+    from pst_dist.poison.budget import linf_levels
+
+    x, y, cfg = tiny("classwise_noise", 3, eps=eps)
+    assert linf_levels(eps) == levels
+    assert int((gen(x, y, cfg)[0].to(torch.int16) - x.to(torch.int16)).abs().max()) == levels

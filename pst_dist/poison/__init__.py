@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from ..config import Config, PoisonConfig
+from ..config import Config, ConfigError, PoisonConfig
 from ..registry import ATTACKS
-from .budget import PoisonFileError, norms
+from .budget import PoisonFileError, attack_levels, norms
 from .cheap import apply_poison, class_patterns
 from .imported import import_poison
 from .partial import mix_clean, poisoned_mask
@@ -25,11 +25,29 @@ def make_poison(images: torch.Tensor, labels: torch.Tensor, index: torch.Tensor,
     if cfg.kind == "none":
         return images.clone(), {}
     entry = ATTACKS.entry(cfg.kind)
+    if entry.data.get("budget") == "linf":
+        attack_levels(cfg)  # before a model-based attack's minutes
     if entry.kind == "model":
         if full is None:
             raise ValueError(f"poison.kind={cfg.kind!r} needs the whole config (its surrogate model and device)")
-        return ATTACKS.load(cfg.kind)(images, labels, full, num_classes)
-    return ATTACKS.load(cfg.kind)(images, labels, cfg, num_classes), {}
+        devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices):  # its surrogate seeds torch: the run's own draws (the model's
+            out, info = ATTACKS.load(cfg.kind)(images, labels, full, num_classes)  # init) stay train.seed's
+    else:
+        out, info = ATTACKS.load(cfg.kind)(images, labels, cfg, num_classes), {}
+    if len(images) and torch.equal(out, images):  # e.g. an L2 budget below half a pixel level in every pixel
+        raise ConfigError(f"poison.kind={cfg.kind!r} changed no pixel of the {len(images)} training images: its "
+                          f"budget ({_budget_of(cfg)}) rounds to nothing in whole pixel levels; raise it")
+    return out, info
+
+
+def _budget_of(cfg: PoisonConfig) -> str:
+    budget = ATTACKS.entry(cfg.kind).data.get("budget")
+    if budget == "linf":
+        return f"poison.eps={cfg.eps:g}"
+    if budget == "l2":
+        return f"poison.l2={cfg.l2:g}" if cfg.l2 > 0 else "poison.l2 for this image size"
+    return f"poison.blur_kernel={cfg.blur_kernel}" if cfg.kind == "conv_blur" else "its settings"
 
 
 def poison_train(images: torch.Tensor, labels: torch.Tensor, index: torch.Tensor, source_size: int,

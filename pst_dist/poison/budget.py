@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from ..config import PoisonConfig
+from ..config import ConfigError, PoisonConfig
 
 
 class PoisonFileError(ValueError):
@@ -34,8 +34,25 @@ def l2_budget(cfg: PoisonConfig, shape: tuple[int, int, int]) -> float:
     return 6 / 255 * math.sqrt(dims) if cfg.kind == "lsp" else math.sqrt(dims / 3072)
 
 
+def linf_levels(eps: float) -> int:
+    """The whole pixel levels an L-inf budget ``eps`` ([0, 1] units) allows: rounded down, so that no perturbation
+    exceeds poison.eps (8.59/255 allows 8), with a tolerance of 0.02 level for an eps written short (0.0627 is
+    15.99/255: 16). Every attack and every check of a stored or imported poison uses it."""
+    return math.floor(eps * 255 + 0.02)
+
+
+def attack_levels(cfg: PoisonConfig) -> int:
+    """:func:`linf_levels` of an L-inf attack's poison.eps; ConfigError when that is no whole pixel level (the attack
+    would write the clean images as its poison)."""
+    levels = linf_levels(cfg.eps)
+    if levels < 1:
+        raise ConfigError(f"poison.eps={cfg.eps} is below one pixel level (1/255): poison.kind={cfg.kind!r} "
+                          f"adds whole pixel levels")
+    return levels
+
+
 def check_linf(images: torch.Tensor, out: torch.Tensor, eps: float, name: str) -> None:
-    """Assert that ``out`` stays within L-inf ``eps`` (in [0, 1] units, rounded to pixel levels) of ``images``."""
-    budget = int(round(eps * 255))
+    """Assert that ``out`` stays within L-inf ``eps`` (in [0, 1] units, as :func:`linf_levels`) of ``images``."""
+    budget = linf_levels(eps)
     linf = int((out.to(torch.int16) - images.to(torch.int16)).abs().max()) if len(out) else 0
     assert linf <= budget, f"{name}: L-inf {linf}/255 exceeds its budget {budget}/255"

@@ -9,19 +9,16 @@ import math
 
 import torch
 
-from ..config import ConfigError, PoisonConfig
+from ..config import PoisonConfig
 from ..registry import ATTACKS
-from .budget import check_linf
+from .budget import attack_levels, check_linf
 
 
 def class_patterns(cfg: PoisonConfig, num_classes: int, shape: tuple[int, int, int]) -> torch.Tensor:
-    """One perturbation per class, int16 in pixel units, shape K x C x H x W, |delta| <= round(eps * 255)."""
+    """One perturbation per class, int16 in pixel units, shape K x C x H x W, |delta| <= attack_levels(cfg)."""
     c, h, w = shape
     g = torch.Generator().manual_seed(cfg.seed)
-    amp = int(round(cfg.eps * 255))
-    if amp < 1:
-        raise ConfigError(f"poison.eps={cfg.eps} is below one pixel level (1/255): poison.kind={cfg.kind!r} "
-                          f"adds whole pixel levels")
+    amp = attack_levels(cfg)
     if cfg.kind == "classwise_noise":
         delta = torch.randint(-amp, amp + 1, (num_classes, c, h, w), generator=g)
     elif cfg.kind == "patch_noise":

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ..config import PoisonConfig
-from .budget import PoisonFileError
+from .budget import PoisonFileError, linf_levels
 from .folder import read_folder
 from .store import read_stored
 
@@ -165,7 +165,7 @@ def import_poison(images: torch.Tensor, index: torch.Tensor, source_size: int, c
     else:
         out = read_tensor_poison(path, images, labels, index, source_size, num_classes, cfg.offsets)
     linf = int((out.to(torch.int16) - images.to(torch.int16)).abs().max()) if len(out) else 0
-    budget = int(round(cfg.eps * 255))
+    budget = linf_levels(cfg.eps)
     if linf > budget:
         raise PoisonFileError(f"{path}: L-inf {linf}/255 exceeds poison.eps = {budget}/255 (raise poison.eps to "
                               f"accept it)")

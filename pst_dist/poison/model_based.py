@@ -29,7 +29,7 @@ from ..data.loaders import apply_params, draw_params, to_device
 from ..defenses import pgd_examples
 from ..distributed import all_reduce_grads, broadcast_buffers, build_device
 from ..models import build_model
-from .budget import check_linf
+from .budget import check_linf, linf_levels
 
 
 class _Seams:
@@ -153,7 +153,7 @@ class _Attack:
     def finish(self, images: torch.Tensor, delta: torch.Tensor, name: str, info: dict
                ) -> tuple[torch.Tensor, dict]:
         """The poisoned uint8 images (budget asserted) and what the attack did (rounds, errors: for poison.json)."""
-        budget = int(round(self.p.eps * 255))
+        budget = linf_levels(self.p.eps)
         step = (delta.cpu() * 255).round().clamp(-budget, budget).to(torch.int16)
         out = (images.to(torch.int16) + step).clamp(0, 255).to(torch.uint8)
         check_linf(images, out, self.p.eps, name)

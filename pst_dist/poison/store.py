@@ -29,7 +29,7 @@ import torch
 from ..config import POISONS, PoisonConfig
 from ..io import OutputError, atomic_dir, read_json, sha256
 from ..registry import ATTACKS
-from .budget import PoisonFileError, l2_budget, norms
+from .budget import PoisonFileError, l2_budget, linf_levels, norms
 
 FORMAT = "pst-dist-poison/1"
 META = "poison.json"
@@ -161,7 +161,7 @@ def _check_budget(path: Path, meta: dict, clean: torch.Tensor, stored: torch.Ten
     d = stored.to(torch.int16) - clean.to(torch.int16)
     if attack in LINF_ATTACKS:
         linf = int(d.abs().max()) if d.numel() else 0
-        made, allowed = int(round(params["eps"] * 255)), int(round(eps * 255))  # the attacks' own rounding
+        made, allowed = linf_levels(params["eps"]), linf_levels(eps)  # the attacks' own rounding
         if linf > made:
             raise PoisonFileError(f"{path}: L-inf of the stored perturbation is {linf}/255, above the budget of the "
                                   f"{attack} attack recorded in {META} (parameters.eps = {made}/255): the array or "
