@@ -15,6 +15,7 @@ from PIL import Image
 from torchvision.transforms.functional import rgb_to_grayscale
 
 from .config import DefenseConfig, LossConfig
+from .pst.freeze import eval_mode
 from .pst.losses import stage_loss
 
 
@@ -54,18 +55,13 @@ def pgd_examples(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, norma
     """L-inf PGD examples of ``x`` (floats in [0, 1]) that raise the model's cross-entropy: a uniform random start in
     the ``eps``-ball, ``steps`` signed-gradient steps of ``step``. The model's modules are in eval mode during the
     attack (BatchNorm statistics untouched) and get their own modes back after; parameter gradients are not touched."""
-    modes = [m.training for m in model.modules()]
-    model.eval()
-    try:
+    with eval_mode(model):
         delta = (torch.rand_like(x) * 2 - 1) * eps
         for _ in range(steps):
             xa = (x + delta).clamp(0, 1).requires_grad_(True)
             loss = torch.nn.functional.cross_entropy(model(normalize(xa)).float(), y)
             (grad,) = torch.autograd.grad(loss, xa)
             delta = (delta + step * grad.sign()).clamp(-eps, eps)
-    finally:
-        for m, mode in zip(model.modules(), modes, strict=True):
-            m.training = mode
     return (x + delta).clamp(0, 1).detach()
 
 

@@ -28,7 +28,7 @@ from .distributed import build_device
 from .io import PLOT_SOFTWARE, OutputError, check_out_dir, is_our_png, savefig_atomic, write_atomic
 from .models import build_model
 from .pst.detectors import scatter_ratio
-from .pst.freeze import GroupActivations, trace_units
+from .pst.freeze import GroupActivations, eval_mode, trace_units
 from .pst.groups import layer_groups
 from .rundir import written_by_a_run
 from .train import resolve_auto, setup_seed, train
@@ -77,16 +77,13 @@ def kmeans_purity(feats: torch.Tensor, labels: torch.Tensor, k: int, seed: int =
 
 def group_metrics(gm, x: torch.Tensor, y: torch.Tensor, normalize, num_classes: int) -> dict[int, dict[str, float]]:
     model = gm.model
-    was = model.training
-    model.eval()
     feats: dict[int, list[torch.Tensor]] = {}
-    with torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         for i in range(0, len(x), 512):
             with GroupActivations(gm) as ga:
                 model(normalize(x[i: i + 512]))
             for g, f in ga.acts.items():
                 feats.setdefault(g, []).append(f.cpu())
-    model.train(was)
     out = {}
     for g, fs in sorted(feats.items()):
         f = torch.cat(fs)

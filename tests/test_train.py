@@ -503,3 +503,22 @@ def test_a_view_the_images_cannot_take_is_refused_naming_its_key_before_anything
             train(load_config(None, [*TINY, "--data.synthetic_train=64", f"--log.run_dir={run_dir}",
                                      f"--schedule.stages={stages}"]))
         assert not run_dir.exists()
+
+
+def test_a_detector_check_inside_a_frozen_stage_leaves_the_frozen_groups_batchnorm_statistics(tmp_path):
+    # the probe put the whole model back in train mode: the frozen groups' BatchNorm statistics moved on the rest of
+    # the epoch's batches after the first check (PST.md: frozen groups' statistics fixed)
+    from pst_dist.models import build_model
+    from pst_dist.pst.groups import layer_groups
+
+    cfg = load_config(None, [*TINY, "--train.epochs=1", "--schedule.check_every=2", f"--log.run_dir={tmp_path}",
+                             "--log.tensorboard=false", '--schedule.stages=[{name="frozen", freeze=[0, 1]}]'])
+    train(cfg)
+    model = build_model(cfg.model, 10, 3, 16)
+    frozen = {n.rsplit(".", 1)[0] for g in layer_groups(model)[:2] for n in g.param_names}
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["model"]
+    stats = {n: t for n, t in state.items() if n.rsplit(".", 1)[0] in frozen and "running_" in n}
+    assert stats, "expected BatchNorm statistics in groups 0 and 1"
+    initial = {n: torch.zeros_like(t) if "mean" in n else torch.ones_like(t) for n, t in stats.items()}
+    moved = [n for n, t in stats.items() if not torch.equal(t, initial[n])]
+    assert not moved, f"frozen BatchNorm statistics moved: {moved[:4]}"

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from ..registry import TRIGGERS
-from .freeze import GroupActivations, GroupedModel
+from .freeze import GroupActivations, GroupedModel, eval_mode
 from .views import apply_view
 
 
@@ -40,20 +40,18 @@ def probe_metrics(gm: GroupedModel, probe_x: torch.Tensor, probe_y: torch.Tensor
     ``probe_x`` is float in [0, 1]; ``normalize`` maps it to model input.
     """
     model: nn.Module = gm.model
-    was = model.training
-    model.eval()
-    with GroupActivations(gm) as ga:
-        raw_logits = model(normalize(probe_x))
     accuracy = lambda logits: float((logits.argmax(1) == probe_y).float().mean())  # noqa: E731
-    acc = accuracy(raw_logits)
-    vacc = accuracy(model(normalize(apply_view(probe_x, view, view_strength))))
-    out = {"probe_acc": acc, "probe_view_acc": vacc, "shortcut_gap": acc - vacc}
-    measured = {view: vacc} if view_strength == 1.0 else {}  # a view is measured once, the trigger's own included
-    for name, v in (more_views or {}).items():
-        if v not in measured:
-            measured[v] = accuracy(model(normalize(apply_view(probe_x, v))))
-        out[f"probe_view_acc/{name}"], out[f"shortcut_gap/{name}"] = measured[v], acc - measured[v]
-    model.train(was)
+    with eval_mode(model):  # mid-epoch: frozen groups' BatchNorm stays in eval mode after (fix_frozen_bn)
+        with GroupActivations(gm) as ga:
+            raw_logits = model(normalize(probe_x))
+        acc = accuracy(raw_logits)
+        vacc = accuracy(model(normalize(apply_view(probe_x, view, view_strength))))
+        out = {"probe_acc": acc, "probe_view_acc": vacc, "shortcut_gap": acc - vacc}
+        measured = {view: vacc} if view_strength == 1.0 else {}  # a view is measured once, the trigger's own too
+        for name, v in (more_views or {}).items():
+            if v not in measured:
+                measured[v] = accuracy(model(normalize(apply_view(probe_x, v))))
+            out[f"probe_view_acc/{name}"], out[f"shortcut_gap/{name}"] = measured[v], acc - measured[v]
     for g, feat in sorted(ga.acts.items()):
         out[f"cluster/group_{g}"] = float(scatter_ratio(feat.double(), probe_y))
     return out

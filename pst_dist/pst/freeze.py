@@ -5,6 +5,8 @@ frozen prefix (it is computed under no_grad); BatchNorm statistics of frozen gro
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -129,15 +131,26 @@ def trace_units(model: nn.Module, groups: list[LayerGroup], example: torch.Tenso
     order: list[int] = []
     handles = [u.module.register_forward_pre_hook(lambda _m, _i, i=i: order.append(i) if i not in order else None)
                for i, u in enumerate(units)]
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         model(example)
-    model.train(was_training)
     for h in handles:
         h.remove()
     executed = [units[i] for i in order]
     return GroupedModel(model, groups, executed)
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode, each module given back its own mode after: ``model.train(was)`` would put the
+    BatchNorm of frozen groups (:meth:`GroupedModel.fix_frozen_bn`) back in train mode, their statistics then moving
+    for the rest of the epoch."""
+    modes = [m.training for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, mode in zip(model.modules(), modes, strict=True):
+            m.training = mode
 
 
 class GroupActivations:
