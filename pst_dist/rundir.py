@@ -84,8 +84,15 @@ def is_recorded_config(f: Path) -> bool:
 
 
 def written_by_a_run(run_dir: Path) -> bool:
-    """Whether ``run_dir``'s run files are a pst-dist run's: its config.toml is :func:`is_recorded_config`."""
-    return is_recorded_config(run_dir / "config.toml")
+    """Whether ``run_dir``'s run files are a pst-dist run's: its config.toml is :func:`is_recorded_config` and the
+    meta.json a run writes beside it names the library versions (a user's own recipe kept as config.toml has every
+    table too, and ``--overwrite`` would have replaced it)."""
+    try:
+        meta = json.loads((run_dir / "meta.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(meta, dict) and isinstance(meta.get("versions"), dict) and is_recorded_config(
+        run_dir / "config.toml")
 
 
 def check_own_data(run_dir: Path, what: str) -> None:
@@ -116,7 +123,8 @@ def check_run_dir(cfg: Config, resume: bool, overwrite: bool, allow_changes: boo
     if theirs and not written_by_a_run(run_dir):
         raise RunDirError(f"log.run_dir={str(run_dir)!r} holds {', '.join(theirs)}, which a run writes, but no "
                           f"pst-dist run wrote them (no config.toml with a run's [{'], ['.join(RUN_SECTIONS)}] "
-                          f"tables): pst-dist neither overwrites nor resumes from them; choose another log.run_dir")
+                          f"tables beside the meta.json a run writes): pst-dist neither overwrites nor resumes from "
+                          f"them; choose another log.run_dir")
     ids = recorded_ids(run_dir) if theirs else {}
     ours = tracker_dirs(run_dir, ids) if theirs else []
     for name in cfg.log.trackers:

@@ -93,13 +93,17 @@ def test_a_run_trained_on_data_its_config_does_not_describe_is_not_resumed_evalu
     assert out.returncode == 0 and not (run_copy / "outside_data.json").exists(), out.stderr[-2000:]
 
 
+@pytest.mark.parametrize("recipe", [False, True], ids=["other-toml", "own-recipe"])
 @pytest.mark.parametrize("flag", [[], ["--overwrite"], ["--resume"]])
-def test_a_folder_whose_run_files_no_pst_dist_run_wrote_is_neither_replaced_nor_resumed(tmp_path, flag):
+def test_a_folder_whose_run_files_no_pst_dist_run_wrote_is_neither_replaced_nor_resumed(tmp_path, flag, recipe):
     """A user's folder holding files named as a run's (their own config.toml, summary.json, tb/): --overwrite
-    would remove them, so every way in is refused, naming the files, and nothing in it changes."""
+    would remove them, so every way in is refused, naming the files, and nothing in it changes. ``recipe``: their
+    config.toml is a pst-dist recipe with every table a run records (it was taken for a run's, and --overwrite
+    replaced it)."""
     mine = tmp_path / "mine"
     (mine / "tb").mkdir(parents=True)
-    (mine / "config.toml").write_text("[tool.black]\nline-length = 100\n")
+    text = dump_toml(load_config(None, FAST)) + "# my notes\n"
+    (mine / "config.toml").write_text(text if recipe else "[tool.black]\nline-length = 100\n")
     (mine / "summary.json").write_text('{"mine": true}')
     (mine / "tb" / "notes.txt").write_text("a user's own notes\n")
     def files() -> dict:
