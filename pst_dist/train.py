@@ -481,6 +481,11 @@ def build_run(cfg: Config, resume: bool, overwrite: bool, allow_changes: bool, d
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     gm = trace_units(model, layer_groups(model, cfg.model.block_groups), data.poisoned_train[:2].to(device).float())
+    accum = cfg.deepspeed.grad_accum if cfg.deepspeed.enabled else 1
+    if len(loader) % accum:  # the epoch's checkpoint would fall inside a window whose gradients DeepSpeed never saves
+        raise ConfigError(f"deepspeed.grad_accum={accum} does not divide the {len(loader)} batches of an epoch (per "
+                          f"rank): an epoch's checkpoint would fall inside an accumulation window, and a resume would "
+                          f"not continue the run; choose a divisor of {len(loader)}")
     total_steps = len(loader) * cfg.train.epochs
     checks = cfg.schedule.check_every or len(loader)  # the steps after which detect() consults a trigger
     schedule = Schedule(cfg.schedule.stages, gm.num_groups, len(loader), total_steps,  # validates group indices
