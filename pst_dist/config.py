@@ -114,8 +114,9 @@ class DataConfig:
         _check(isinstance(self.stream, bool) or self.stream == "auto",
                f"data.stream={self.stream!r}: expected true|false|auto")
         _check(self.synthetic_train >= 1, f"data.synthetic_train={self.synthetic_train}: must be >= 1")
-        for key in ("train_size", "val_size", "test_size", "probe_size"):
+        for key in ("train_size", "val_size", "test_size"):
             _check(getattr(self, key) >= 0, f"data.{key}={getattr(self, key)}: must be >= 0")
+        _check(self.probe_size >= 1, f"data.probe_size={self.probe_size}: must be >= 1 (the detectors' images)")
         _check(self.num_classes >= 2, f"data.num_classes={self.num_classes}: must be >= 2")
         _check(self.img_size >= 8, f"data.img_size={self.img_size}: must be >= 8")
 
@@ -247,6 +248,7 @@ class ModelConfig:
         _check(bool(self.name), "model.name is empty")
         _check(self.width > 0, f"model.width={self.width}: must be > 0")
         _check(self.block_groups >= 1, f"model.block_groups={self.block_groups}: must be >= 1")
+        _check(0 <= self.drop_rate < 1, f"model.drop_rate={self.drop_rate}: must lie in [0, 1)")
 
 
 TRIGGERS = set(TRIGGER_TABLE)  # pst_dist.registry.TRIGGERS
@@ -577,6 +579,9 @@ class TrainConfig:
         _check(self.lr_span in ("stage", "run"), f"train.lr_span={self.lr_span!r}: expected stage|run")
         _check(self.device in ("auto", "cpu", "cuda"), f"train.device={self.device!r}: expected auto|cpu|cuda")
         _check(self.eval_every >= 1, f"train.eval_every={self.eval_every}: must be >= 1")
+        _check(self.checkpoint_every >= 0, f"train.checkpoint_every={self.checkpoint_every}: must be >= 0 (0: only "
+               f"at the end)")
+        _check(self.warmup_steps >= 0, f"train.warmup_steps={self.warmup_steps}: must be >= 0")
         for key in ("deterministic", "channels_last"):
             v = getattr(self, key)
             _check(isinstance(v, bool) or v == "auto", f"train.{key}={v!r}: expected true|false|auto")

@@ -15,7 +15,7 @@ import resource
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -25,7 +25,7 @@ from torchvision.utils import make_grid
 from tqdm import tqdm
 
 from .checkpoint import CheckpointError
-from .config import Config, ConfigError, TriggerConfig, auto_meaning, dump_toml
+from .config import Config, ConfigError, DeepSpeedConfig, TriggerConfig, auto_meaning, dump_toml
 from .data.pipeline import Data, Normalize, build_data, build_loader, check_same_folder, check_same_poison
 from .data.sources import Split, fingerprint
 from .defenses import pgd_examples, step_seed, ueraser_loss, ueraser_repeats
@@ -491,6 +491,10 @@ def build_run(cfg: Config, resume: bool, overwrite: bool, allow_changes: bool, d
     schedule = Schedule(cfg.schedule.stages, gm.num_groups, len(loader), total_steps,  # validates group indices
                         no_stay, checks)
     check_views(cfg, data.poisoned_train[:2].float() / 255)
+    unused = {k: v for k, v in asdict(cfg.deepspeed).items() if k != "enabled" and v != getattr(DeepSpeedConfig(), k)}
+    if unused and not cfg.deepspeed.enabled and dist_info.is_primary:  # recorded as given, and inert
+        print(f"[deepspeed] deepspeed.enabled=false: {', '.join(f'deepspeed.{k}={v}' for k, v in unused.items())} "
+              f"do nothing in this run (the plain torch engine has no ZeRO, accumulation or clipping)", file=sys.stderr)
     unconsulted = schedule.unconsulted_triggers()
     for i in unconsulted if dist_info.is_primary else []:
         st_cfg = cfg.schedule.stages[i]

@@ -33,6 +33,12 @@ def test_toml_roundtrip(tmp_path):
     (["--train.lr=fast"], "train.lr"),
     (["--train.epochs=1.5"], "train.epochs"),
     (["--poison.eps=0"], "poison.eps"),
+    # each was accepted: a crash after an epoch (probe_size=0), timm's traceback (drop_rate), or a negative recorded
+    # that trained as 1 / 0 (checkpoint_every, warmup_steps)
+    (["--data.probe_size=0"], r"data.probe_size=0: must be >= 1"),
+    (["--model.drop_rate=1.5"], r"model.drop_rate=1.5: must lie in \[0, 1\)"),
+    (["--train.checkpoint_every=-1"], r"train.checkpoint_every=-1: must be >= 0"),
+    (["--train.warmup_steps=-5"], r"train.warmup_steps=-5: must be >= 0"),
     (["--poison.eps=1.5"], "poison.eps"),
     (["--schedule.stages=[]"], "empty"),
     (['--schedule.stages=[{name="a",bogus=1}]'], "bogus"),

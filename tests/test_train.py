@@ -483,8 +483,9 @@ def test_training_says_which_stages_do_not_run_and_that_a_last_stage_s_trigger_i
     stages = ('--schedule.stages=[{name="a",epochs=1},{name="b",epochs=1},'
               '{name="c",trigger={kind="train_acc",threshold=0.5}}]')
     train(load_config(None, [*TINY, "--data.synthetic_train=64", "--train.epochs=1", f"--log.run_dir={tmp_path}",
-                             stages]))
+                             stages, "--deepspeed.grad_clip=1.0"]))
     err = capsys.readouterr().err
+    assert "deepspeed.enabled=false: deepspeed.grad_clip=1.0 do nothing in this run" in err  # inert, said so
     assert "[pst] stage 2 ('c'), the last, runs to the run's end: its trigger is never consulted" in err
     for i, name in ((1, "b"), (2, "c")):
         assert f"[pst] stage {i} ({name!r}) starts as planned at step " in err, err
