@@ -121,8 +121,7 @@ def generate_poison(base: dict, attack: str, seed: int, path: str, threads: int)
     seconds = time.time() - t0
     order = torch.argsort(tr.index)  # the store's order: the source's
     clean, poisoned = Split(tr.images[order], tr.labels[order], tr.index[order]), poisoned[order]
-    meta = {**poison_meta(cfg, clean, poisoned, info, seconds), "model": asdict(cfg.model),
-            "augment": cfg.data.augment}  # a model-based attack's surrogate, and what poison.eot augments as
+    meta = poison_meta(cfg, clean, poisoned, info, seconds)
     with atomic_dir(Path(path), replace=True) as tmp:  # the cache is the bench's own
         store.fill(tmp, poisoned, meta, rows=clean.index, source_size=splits.source_train_size)
     return meta

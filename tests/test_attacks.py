@@ -141,6 +141,8 @@ def test_poison_json_records_the_model_based_run(tmp_path):
     meta = json.loads((out / "poison.json").read_text())
     assert meta["attack"] == "em" and meta["model_based"]["rounds"] == 1 and meta["norms"]["linf"] <= 8 / 255 + 1e-9
     assert meta["machine"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()  # the kernels it ran on
+    # the surrogate it was crafted against, and what poison.eot augments as (the bench recorded them; this did not)
+    assert meta["model"]["name"] == "resnet10t" and meta["model"]["width"] == 0.125 and meta["augment"] == "crop_flip"
 
 
 def test_em_under_the_trainers_bf16_autocast():

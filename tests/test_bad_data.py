@@ -459,7 +459,8 @@ def test_odd_poison_files_are_refused_naming_them(tmp_path: Path) -> None:
     from pst_dist.poison.imported import APBENCH_DATA, APBENCH_LABELS, read_apbench_numpy, read_tensor
 
     for name, t, want in (("sparse.pt", torch.zeros(4, 3, 8, 8).to_sparse(), "a torch.sparse_coo tensor of"),
-                          ("f8.pt", torch.zeros(4, 3, 8, 8).to(torch.float8_e4m3fn), "a torch.float8_e4m3fn")):
+                          ("f8.pt", torch.zeros(4, 3, 8, 8).to(torch.float8_e4m3fn), "a torch.float8_e4m3fn"),
+                          ("meta.pt", torch.empty(4, 3, 8, 8, device="meta"), r"a meta-device tensor \(no values\)")):
         torch.save(t, tmp_path / name)
         with pytest.raises(PoisonFileError, match=f"{name}: {want}.*expected a dense tensor of uint8 images"):
             read_tensor(tmp_path / name)

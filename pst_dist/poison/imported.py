@@ -45,8 +45,9 @@ def read_tensor(path: Path) -> torch.Tensor:
         raise PoisonFileError(f"{path}: cannot read a tensor from it ({type(e).__name__}: {e})") from e
     if not isinstance(obj, torch.Tensor):
         raise PoisonFileError(f"{path}: expected a tensor, found {type(obj).__name__}")
-    if obj.layout != torch.strided or obj.dtype not in READABLE_DTYPES:
-        kind = str(obj.dtype) if obj.layout == torch.strided else f"{obj.layout} tensor of {obj.dtype}"
+    if obj.layout != torch.strided or obj.dtype not in READABLE_DTYPES or obj.device.type != "cpu":
+        kind = (f"{obj.device.type}-device tensor (no values)" if obj.device.type != "cpu" else str(obj.dtype)
+                if obj.layout == torch.strided else f"{obj.layout} tensor of {obj.dtype}")
         raise PoisonFileError(f"{path}: a {kind}: expected a dense tensor of uint8 images or float offsets "
                               f"({', '.join(str(d) for d in READABLE_DTYPES[1:])})")
     return obj
