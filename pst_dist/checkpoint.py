@@ -16,16 +16,19 @@ class CheckpointError(ValueError):
 
 
 def rng_state() -> dict:
-    """This process's torch and Python RNG states as tensors and ints (loadable with ``weights_only=True``)."""
+    """This process's torch and Python RNG states as tensors and ints (loadable with ``weights_only=True``), and on a
+    GPU machine the CUDA generators' (``rng_cuda``: dropout, random views and crops drawn on the device)."""
     py = random.getstate()
-    return {"rng_torch": torch.get_rng_state(), "rng_python": list(py[1]), "rng_python_pos": py[2]}
+    state = {"rng_torch": torch.get_rng_state(), "rng_python": list(py[1]), "rng_python_pos": py[2]}
+    if torch.cuda.is_available():
+        state["rng_cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
 
 RNG_KEYS = ("rng_torch", "rng_python", "rng_python_pos")
-"""What :func:`rng_state` saves."""
+"""What :func:`rng_state` saves on every machine."""
 PAYLOAD_KEYS = ("model_name", "model", "optimizer", "state")
-"""What :func:`save_checkpoint` writes besides :data:`RNG_KEYS` (checked by :func:`set_rng_state`) and, on a GPU
-machine, ``rng_cuda``."""
+"""What :func:`save_checkpoint` writes besides :func:`rng_state` (checked by :func:`set_rng_state`)."""
 
 
 def set_rng_state(state: dict, path: Path | str = "checkpoint") -> None:
@@ -36,6 +39,9 @@ def set_rng_state(state: dict, path: Path | str = "checkpoint") -> None:
     try:
         torch.set_rng_state(state["rng_torch"])
         random.setstate((3, tuple(state["rng_python"]), state["rng_python_pos"]))
+        if "rng_cuda" in state and torch.cuda.is_available():  # the DeepSpeed engine's rng_rank<N>.pt lacked it;
+            for i, s in enumerate(state["rng_cuda"][: torch.cuda.device_count()]):  # a machine with fewer GPUs:
+                torch.cuda.set_rng_state(s, i)  # those it has
     except (TypeError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{path}: its random-number state cannot be restored ({type(e).__name__}: {e})") from None
 
@@ -49,8 +55,6 @@ def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
         "state": state,
         **rng_state(),
     }
-    if torch.cuda.is_available():
-        payload["rng_cuda"] = torch.cuda.get_rng_state_all()
     save_stream_atomic(path, lambda f: torch.save(payload, f))  # a full disk: the last checkpoint stays, no temp file
 
 
@@ -95,6 +99,4 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
         raise CheckpointError(f"{path}: its optimizer state does not fit this run's optimizer "
                               f"({type(e).__name__}: {e})") from None
     set_rng_state(payload, path)
-    if "rng_cuda" in payload and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(payload["rng_cuda"])
     return payload["state"]
