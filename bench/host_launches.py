@@ -10,7 +10,7 @@ a minute on a CPU) under the torch profiler over epochs 2 .. E-1. Counted per st
 ATen calls made outside them at the top level (an op called by another op is that op's work), i.e. what the host
 dispatches one by one; then the captured training graphs (forward, backward) compared node for node, and the calls
 the trainer makes that the bare loop does not. ``OVERRIDES`` (after ``--``) go to the trainer only, e.g.
-``-- --schedule.preset=...``. The trainer runs in its training thread only (``data.prefetch=0``: each batch gathered
+``-- --schedule.check_every=20``. The trainer runs in its training thread only (``data.prefetch=0``: each batch gathered
 and augmented when asked, as it is on a GPU that holds the training set, ``data.on_device``).
 """
 

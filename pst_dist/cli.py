@@ -84,6 +84,8 @@ def sigterm_as_interrupt() -> Iterator[None]:
 OWN_SIGNALS = ("bench", "tune")
 """Commands that leave SIGTERM as it is: Ray's driver installs its own handler (``ray.init``), and the bench's pool
 would wait for its running cells (hours) before the command could end."""
+PRINTING = ("keys", "show-config", "report", "compare")
+"""Commands whose work is printing: a reader closing stdout (`pst-dist keys | head`) ends them quietly."""
 
 
 def _split_overrides(rest: list[str]) -> list[str]:
@@ -443,6 +445,10 @@ def main(argv: list[str] | None = None) -> int:
               f"checkpoint (continue it with --resume)", file=sys.stderr)
         return 143 if isinstance(e, Terminated) else 130
     except OSError as e:  # a full disk, a path that cannot be written: one line, not a traceback
+        if isinstance(e, BrokenPipeError) and args.cmd in PRINTING:  # stdout closed by its reader (`keys | head`):
+            with contextlib.suppress(OSError):  # quiet, as any pipe's writer; the exit's flush writes nowhere
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 141  # 128 + SIGPIPE
         print(f"pst-dist: error: {os_error_text(e)}; nothing half-written was left", file=sys.stderr)
         return 1
     except Exception as e:  # noqa: BLE001 - user-facing failures of training itself

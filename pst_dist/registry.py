@@ -124,7 +124,7 @@ MODEL_FAMILIES = Registry("model family", {
 })
 
 TRACKERS = Registry("tracker", {
-    # class(run_dir, Config, run id to continue or None) with .id, .log(step, values), .close(); opened on rank 0
+    # class(run_dir, Config, run id to continue or None) with .id, .log(step, values), .close(failed); opened on rank 0
     # beside TensorBoard; "package" must be importable, "extra" is the pst-dist extra that installs it
     "wandb": Entry("pst_dist.tracking:WandbTracker", "Weights & Biases, offline unless WANDB_MODE says otherwise "
                    "(files in <run_dir>/wandb)", data={"package": "wandb", "extra": "wandb"}),

@@ -199,3 +199,17 @@ def test_sigterm_during_a_handled_error_is_sent_again_not_lost_and_a_forked_chil
         child.terminate()
         child.join(10)
     assert child.exitcode == -signal.SIGTERM
+
+
+def test_a_reader_closing_stdout_ends_a_printing_command_quietly():
+    # `pst-dist keys | head` printed "error: Broken pipe ... nothing half-written was left" and exited 1
+    import fcntl
+    import subprocess
+    import sys
+
+    p = subprocess.Popen([sys.executable, "-m", "pst_dist.cli", "keys"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    fcntl.fcntl(p.stdout.fileno(), 1031, 4096)  # F_SETPIPE_SZ: the 32 kB it prints cannot all wait in the pipe
+    p.stdout.readline()
+    p.stdout.close()  # as head does after its lines
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=60) == 141 and err == "", err
