@@ -1098,6 +1098,17 @@ def _drop_inert_stage_settings(st: dict) -> None:
         st["group_mults"] = {k: v for k, v in mults.items() if not (str(k).isdigit() and int(k) in frozen)}
 
 
+def _as_trained_negatives(train: Any) -> None:
+    """A recorded train.checkpoint_every or warmup_steps below 0, accepted before they were refused, as its run
+    trained with it: every |n| epochs (``epoch % n``), no warm-up."""
+    if not isinstance(train, dict):
+        return
+    for key, trained in (("checkpoint_every", abs), ("warmup_steps", lambda v: 0)):
+        v = train.get(key)
+        if isinstance(v, int) and not isinstance(v, bool) and v < 0:
+            train[key] = trained(v)
+
+
 def _positive(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool) and v > 0
 
@@ -1126,6 +1137,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         for st in stages if isinstance(stages, list) else []:
             if isinstance(st, dict):
                 _drop_inert_stage_settings(st)
+        _as_trained_negatives(raw.get("train"))
     raw = apply_overrides(raw, overrides or [])
     return from_dict(Config, raw)
 

@@ -11,6 +11,7 @@ from .data.sources import FMNIST_DEFAULT
 from .engine import engine_class
 from .io import check_written_over, read_json, write_atomic
 from .metrics import computed_on, run_machines
+from .poison.budget import linf_levels
 from .report import format_table, plot_curves
 from .rundir import RunDirError, written_by_a_run
 from .train import train
@@ -57,7 +58,7 @@ def run_demo(config: str | None, overrides: list[str], out: Path, seeds: int = 1
             machines.update(run_machines(run_dir))
     table = "\n\n".join([format_table(results), "\n".join(computed_on({d: {"run": n} for d, n in machines.items()}))])
     print("\nClean test accuracy (%), poison: "
-          f"{base.poison.kind} eps={base.poison.eps * 255:.0f}/255 patch={base.poison.patch_size}\n")
+          f"{base.poison.kind} eps={linf_levels(base.poison.eps)}/255 patch={base.poison.patch_size}\n")
     print(table)
     write_atomic(out / "results.md", table + "\n")
     plot_curves(results, out / "test_accuracy.png")

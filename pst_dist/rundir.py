@@ -84,15 +84,16 @@ def is_recorded_config(f: Path) -> bool:
 
 
 def written_by_a_run(run_dir: Path) -> bool:
-    """Whether ``run_dir``'s run files are a pst-dist run's: its config.toml is :func:`is_recorded_config` and the
-    meta.json a run writes beside it names the library versions (a user's own recipe kept as config.toml has every
-    table too, and ``--overwrite`` would have replaced it)."""
+    """Whether ``run_dir``'s run files are a pst-dist run's: the meta.json a run writes first names the library
+    versions, and its config.toml, unless the run was cut short before writing it, is :func:`is_recorded_config` (a
+    user's own recipe kept as config.toml has every table too, and ``--overwrite`` would have replaced it)."""
     try:
         meta = json.loads((run_dir / "meta.json").read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError):
         return False
-    return isinstance(meta, dict) and isinstance(meta.get("versions"), dict) and is_recorded_config(
-        run_dir / "config.toml")
+    config = run_dir / "config.toml"
+    return isinstance(meta, dict) and isinstance(meta.get("versions"), dict) and (
+        not (config.exists() or config.is_symlink()) or is_recorded_config(config))
 
 
 def check_own_data(run_dir: Path, what: str) -> None:

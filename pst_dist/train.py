@@ -101,8 +101,8 @@ def write_run_header(run_dir: Path, cfg: Config, resumed_at: int | None = None,
         note_other_kernels(meta_segments(first), resumed_at, meta["machine"])
         resumes.append({"epoch": resumed_at, "changes": {k: list(v) for k, v in (changes or {}).items()}, **meta})
         meta = {**first, "resumes": resumes}
-    write_atomic(run_dir / "config.toml", dump_toml(cfg))
-    write_atomic(run_dir / "meta.json", json.dumps(meta, indent=2))
+    write_atomic(run_dir / "meta.json", json.dumps(meta, indent=2))  # first: a run cut short after it is still one
+    write_atomic(run_dir / "config.toml", dump_toml(cfg))  # (rundir.written_by_a_run)
 
 
 def note_other_kernels(segments: list, resumed_at: int, now: dict) -> None:

@@ -204,7 +204,8 @@ def test_a_model_based_attack_leaves_the_callers_rng_where_it_was():
     ("em", {"eps": 0.0015}, "poison.eps=0.0015 is below one pixel level"),
     ("tap", {"eps": 0.003}, "poison.eps=0.003 is below one pixel level"),
     ("lsp", {"l2": 0.001}, r"changed no pixel of the 40 training images: its budget \(poison.l2=0.001\)"),
-    ("ar", {"l2": 0.001}, r"changed no pixel .* \(poison.l2=0.001\)")])
+    ("ar", {"l2": 0.001}, r"changed no pixel .* \(poison.l2=0.001\)"),
+    ("tap", {"step_size": 0.001, "steps": 1}, r"changed no pixel .* poison.step_size=0.001 x poison.steps=1")])
 def test_an_attack_whose_budget_rounds_to_no_pixel_level_is_refused_naming_it(kind, over, msg):
     # before: em / lsp / ar wrote the clean images as the poison, exit 0
     x, y, cfg = tiny(kind, 1, **over)

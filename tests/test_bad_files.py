@@ -451,8 +451,9 @@ def test_store_with_a_255_perturbation_and_matching_metadata(tmp_path, store_src
 def test_store_within_its_attack_but_above_the_configured_eps(tmp_path, store_src):
     store = copy_dir(store_src, tmp_path / "p")
     marker = place_marker(tmp_path)
-    run = train_on_store(store, tmp_path, "--poison.eps=0.01")  # 3/255 < the stored 8/255
-    assert_refused(run, names=[str(store), "8/255", "poison.eps = 3/255"], markers=[marker], root=tmp_path, code=2)
+    run = train_on_store(store, tmp_path, "--poison.eps=0.01")  # 2/255 in whole levels < the stored 8/255
+    assert_refused(run, names=[str(store), "8/255", "above poison.eps=0.01 (2/255 in whole pixel levels"],
+                   markers=[marker], root=tmp_path, code=2)
 
 
 def test_store_with_a_float32_array(tmp_path, store_src):

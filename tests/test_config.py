@@ -119,3 +119,14 @@ def test_a_recorded_config_with_stage_settings_that_did_nothing_still_loads_as_i
     a = load_config(f, recorded=True).schedule.stages[0]
     assert (a.epochs, a.steps, a.min_epochs, a.freeze, a.group_mults) == (1.0, 0, 0.0, [0, 1], {"2": 0.1})
     assert a.mults(4) == [0.0, 0.0, 0.1, 1.0]  # what the run trained with: freeze won over group_mults
+
+
+def test_a_recorded_negative_checkpoint_every_or_warmup_loads_as_it_trained(tmp_path):
+    # refused since, they trained as every |n| epochs and no warm-up: a run recorded with them still resumes / evals
+    f = tmp_path / "config.toml"
+    f.write_text(dump_toml(load_config(None)).replace("checkpoint_every = 1", "checkpoint_every = -2")
+                 .replace("warmup_steps = 0", "warmup_steps = -5"))
+    with pytest.raises(ConfigError, match="train.checkpoint_every=-2"):
+        load_config(f)
+    t = load_config(f, recorded=True).train
+    assert (t.checkpoint_every, t.warmup_steps) == (2, 0)

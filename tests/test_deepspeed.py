@@ -129,7 +129,7 @@ def test_offload_keeps_freezing_and_resumes(tmp_path, stage, offload_param):
 
 def test_deepspeed_config_from_the_section():
     cfg = load_config(None, ["--deepspeed.enabled=true", "--deepspeed.zero_stage=3", "--deepspeed.bf16=true",
-                             "--deepspeed.grad_accum=3", "--deepspeed.grad_clip=1.0", "--train.batch_size=16",
+                             "--deepspeed.grad_accum=4", "--deepspeed.grad_clip=1.0", "--train.batch_size=16",
                              "--deepspeed.offload_optimizer=true"])
     d = deepspeed_config(cfg, world_size=8)
     assert d["train_batch_size"] == 16 * 4 * 8 and d["train_micro_batch_size_per_gpu"] == 16

@@ -283,7 +283,7 @@ def test_imported_poison_errors(tmp_path):
         with pytest.raises(PoisonFileError, match=match):
             build_data(cfg_of(*over))
 
-    err(np.full((360, 3, 16, 16), 0.2, np.float32), match="L-inf 51/255 exceeds poison.eps = 8/255")
+    err(np.full((360, 3, 16, 16), 0.2, np.float32), match="L-inf 51/255 exceeds poison.eps=0.0313725 .8/255")
     err(np.full((360, 3, 16, 16), 3.0, np.float32), eps=1.0, match=r"\[-1, 1\].*255 units")
     err(np.zeros((360, 3, 16, 16), np.int32), match="dtype")
     err(np.full((360, 3, 16, 16), np.nan, np.float32), match="NaN")
@@ -350,7 +350,7 @@ def folder_case(tmp_path, case):
     ("channels", "3 channel.*expected 1"),
     ("label", "in class folder 1, but training row 0 has label 0"),
     ("name", "file name 'img_2': expected the image's row"),
-    ("budget", "L-inf 40/255 exceeds poison.eps = 8/255"),
+    ("budget", "L-inf 40/255 exceeds poison.eps=0.0313725 .8/255 in whole pixel levels"),
     ("range", "row 6 out of range: the training split has 6 images"),
 ])
 def test_folder_import_errors_name_expected_and_found(tmp_path, case, msg):
@@ -365,3 +365,16 @@ def test_folder_import_warns_on_jpeg(tmp_path, capsys):
     import_poison(x, torch.arange(4), 4, PoisonConfig(kind="file", path=str(tmp_path / "p"), eps=16 / 255),
                   torch.zeros(4, dtype=torch.long))
     assert "JPEG/WebP" in capsys.readouterr().err
+
+
+def test_a_store_made_when_eps_rounded_to_the_nearest_level_is_still_its_attack_s(tmp_path):
+    # before linf_levels an eps of 0.05 (12.75 levels) made 13-level perturbations: not a changed store, but above a
+    # reading poison.eps of 0.05 now, which says so with the value given
+    from pst_dist.poison.store import _check_budget
+
+    clean = torch.full((2, 1, 4, 4), 100, dtype=torch.uint8)
+    stored = clean + 13
+    meta = {"attack": "classwise_noise", "parameters": {"eps": 0.05}}
+    _check_budget(tmp_path, meta, clean, stored, eps=1.0)
+    with pytest.raises(PoisonFileError, match=r"13/255, above poison.eps=0.05 \(12/255 in whole pixel levels"):
+        _check_budget(tmp_path, meta, clean, stored, eps=0.05)

@@ -83,7 +83,7 @@ def test_ue_perturbation_trains(tmp_path, classwise):
 @pytest.mark.parametrize("tensor,msg", [
     (ue_perturbation(7), r"7 rows: expected N = 320 \(one per image .*\) or K = 10 \(class-wise"),
     (ue_perturbation(K)[:, :, :8], r"shape mismatch: expected .*\(rows, 3, 16, 16\).* found \(10, 3, 8, 16\)"),
-    (ue_perturbation(K, eps=16 / 255), "L-inf 16/255 exceeds poison.eps = 8/255"),
+    (ue_perturbation(K, eps=16 / 255), "L-inf 16/255 exceeds poison.eps=0.0313725 .8/255 in whole pixel levels"),
     (ue_perturbation(K, eps=2.0), r"must lie in \[-1, 1\].*found \|max\| 2 "),
     (ue_perturbation(K)[None].repeat(2, 1, 1, 1, 1), "5-D shape .*several perturbation sets"),
     (torch.zeros((K, 3, 16, 16), dtype=torch.uint8), "uint8 with 10 rows: .*class-wise files hold float offsets"),
@@ -156,7 +156,7 @@ def test_poison_import_stores_a_checked_poison(tmp_path, capsys):
     assert torch.equal(stored.poisoned_train, direct.poisoned_train)
     torch.save(ue_perturbation(K, eps=16 / 255), tmp_path / "big.pt")
     assert main(["poison", "--import", str(tmp_path / "big.pt"), "--out", str(tmp_path / "big"), *TINY]) == 2
-    assert "L-inf 16/255 exceeds poison.eps = 8/255" in capsys.readouterr().err
+    assert "L-inf 16/255 exceeds poison.eps=0.0313725 (8/255 in whole pixel levels" in capsys.readouterr().err
     assert not (tmp_path / "big").exists()
     # the store keeps the budget check: read under a smaller poison.eps it is refused
     with pytest.raises(PoisonFileError, match="poison.eps"):

@@ -337,3 +337,16 @@ def test_overwrite_touches_nothing_in_a_directory_without_a_run(tmp_path):
     (tmp_path / "meta.json").write_text("{}")
     assert remove_run_files(tmp_path) == []
     assert (tmp_path / "tb" / "events").is_file() and (tmp_path / "meta.json").read_text() == "{}"
+
+
+def test_a_run_cut_short_before_its_config_toml_is_still_a_run_to_overwrite(tmp_path):
+    # the header writes meta.json first: a disk full or a kill before config.toml leaves a run's meta.json alone,
+    # which --overwrite replaces (a user's own config.toml without a run's meta.json is refused: test above)
+    run = tmp_path / "run"
+    assert run_cli_in_process("train", *FAST, "--train.epochs=1", f"--log.run_dir={run}").returncode == 0
+    for name in os.listdir(run):
+        if name != "meta.json":
+            shutil.rmtree(run / name) if (run / name).is_dir() else (run / name).unlink()
+    out = run_cli_in_process("train", *FAST, "--train.epochs=1", f"--log.run_dir={run}", "--overwrite")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert (run / "config.toml").is_file() and (run / "checkpoint.pt").is_file()

@@ -42,7 +42,10 @@ def make_poison(images: torch.Tensor, labels: torch.Tensor, index: torch.Tensor,
 
 
 def _budget_of(cfg: PoisonConfig) -> str:
-    budget = ATTACKS.entry(cfg.kind).data.get("budget")
+    entry = ATTACKS.entry(cfg.kind)
+    budget = entry.data.get("budget")
+    if entry.kind == "model":  # its noise starts at 0 (TAP) and moves by step_size: both may be too small
+        return f"poison.eps={cfg.eps:g}, poison.step_size={cfg.step_size:g} x poison.steps={cfg.steps}"
     if budget == "linf":
         return f"poison.eps={cfg.eps:g}"
     if budget == "l2":

@@ -168,6 +168,6 @@ def import_poison(images: torch.Tensor, index: torch.Tensor, source_size: int, c
     linf = int((out.to(torch.int16) - images.to(torch.int16)).abs().max()) if len(out) else 0
     budget = linf_levels(cfg.eps)
     if linf > budget:
-        raise PoisonFileError(f"{path}: L-inf {linf}/255 exceeds poison.eps = {budget}/255 (raise poison.eps to "
-                              f"accept it)")
+        raise PoisonFileError(f"{path}: L-inf {linf}/255 exceeds poison.eps={cfg.eps:g} ({budget}/255 in whole pixel "
+                              f"levels; raise poison.eps to accept it)")
     return out

@@ -161,14 +161,15 @@ def _check_budget(path: Path, meta: dict, clean: torch.Tensor, stored: torch.Ten
     d = stored.to(torch.int16) - clean.to(torch.int16)
     if attack in LINF_ATTACKS:
         linf = int(d.abs().max()) if d.numel() else 0
-        made, allowed = linf_levels(params["eps"]), linf_levels(eps)  # the attacks' own rounding
+        # the attacks' own rounding; a store made before it rounded down had round(eps * 255)
+        made, allowed = max(linf_levels(params["eps"]), round(params["eps"] * 255)), linf_levels(eps)
         if linf > made:
             raise PoisonFileError(f"{path}: L-inf of the stored perturbation is {linf}/255, above the budget of the "
                                   f"{attack} attack recorded in {META} (parameters.eps = {made}/255): the array or "
                                   f"{META} was changed after it was written")
         if linf > allowed:
-            raise PoisonFileError(f"{path}: L-inf of the stored perturbation is {linf}/255, above poison.eps = "
-                                  f"{allowed}/255 (raise poison.eps to accept it)")
+            raise PoisonFileError(f"{path}: L-inf of the stored perturbation is {linf}/255, above poison.eps={eps:g} "
+                                  f"({allowed}/255 in whole pixel levels; raise poison.eps to accept it)")
     elif attack in L2_ATTACKS:
         budget = l2_budget(PoisonConfig(kind=attack, l2=params["l2"]), tuple(clean.shape[1:]))
         l2 = norms(clean, stored)["l2_max"]
