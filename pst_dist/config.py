@@ -271,8 +271,8 @@ def parse_view(view: str, strength: float = 1.0) -> list[tuple[str, float]]:
             s = float(st) if st else float(strength)
         except ValueError:
             raise ValueError(f"view {part!r}: strength {st!r} is not a number") from None
-        if not s > 0:
-            raise ValueError(f"view {part!r}: strength {s} must be > 0")
+        if not (s > 0 and math.isfinite(s)):
+            raise ValueError(f"view {part!r}: strength {s} must be a finite number > 0")
         out.append((name, s))
     return out
 
@@ -457,8 +457,8 @@ class StageConfig:
         for g in self.freeze:
             _check(g >= 0, f"stage {self.name!r}: freeze names group {g}; indices are >= 0")
         for k, v in self.group_mults.items():
-            _check(k.lstrip("-").isdigit() and int(k) >= 0,
-                   f"stage {self.name!r}: group_mults key {k!r} is not a group index")
+            _check(k.isascii() and k.isdigit() and str(int(k)) == k,  # one spelling per group: '03', '³' are not
+                   f"stage {self.name!r}: group_mults key {k!r} is not a group index (0, 1, ...)")
             _check(v >= 0, f"stage {self.name!r}: group_mults[{k}]={v} must be >= 0")
             _check(int(k) not in self.freeze, f"stage {self.name!r}: group {int(k)} is in freeze={self.freeze} and "
                    f"in group_mults ({{{k!r} = {v}}}): a frozen group has no multiplier; name it in one of them")
@@ -990,8 +990,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{key}: expected a number, got {type(value).__name__} {value!r}")
-        if not math.isfinite(value):
-            raise ConfigError(f"{key}={value}: expected a finite number")
+        try:
+            finite = math.isfinite(value)  # an int past a float's range overflows here
+        except OverflowError:
+            finite = False
+        if not finite:
+            shown = str(value) if len(str(value)) <= 40 else f"{str(value)[:37]}..."
+            raise ConfigError(f"{key}={shown}: expected a finite number")
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -1004,6 +1009,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string, got {type(value).__name__} {value!r}")
+        try:
+            value.encode("utf-8")  # a lone surrogate (a non-UTF-8 file name) could never be recorded in config.toml
+        except UnicodeEncodeError:
+            raise ConfigError(f"{key}={value!r}: holds bytes that are not UTF-8 (a lone surrogate); a run records "
+                              f"its config as UTF-8 TOML: rename the path or value") from None
         return value
     raise ConfigError(f"{key}: unsupported type {_type_name(tp)}")
 
@@ -1052,12 +1062,29 @@ def to_dict(cfg: Any) -> Any:
     return cfg
 
 
-def _parse_value(text: str) -> Any:
-    """Parse an override's value as a TOML value; bare words are strings."""
+def _parse_value(text: str, item: str) -> Any:
+    """Parse an override's value as a TOML value; bare words are strings. A value TOML reads only part of (a ``#``
+    starting a comment, a newline: ``5#0`` read as 5) is a ConfigError naming ``item``, the override."""
     try:
-        return tomllib.loads(f"v = {text}")["v"]
+        value = tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
         return text
+    try:
+        whole = tomllib.loads(f"v = [{text}]")["v"] == [value]  # a comment would swallow the bracket
+    except tomllib.TOMLDecodeError:
+        whole = False
+    if not whole:
+        raise ConfigError(f"override {item!r}: TOML reads only part of the value {text!r} (a '#' starts a comment); "
+                          f"quote it as a string, or remove what follows")
+    return value
+
+
+def _index(item: str, node: list, p: str) -> int:
+    if not (p.isascii() and p.isdigit()):
+        raise ConfigError(f"override {item!r}: {p!r} indexes a list: expected 0, 1, ...")
+    if int(p) >= len(node):
+        raise ConfigError(f"override {item!r}: index {int(p)} out of range (have {len(node)})")
+    return int(p)
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
@@ -1071,17 +1098,22 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         if len(parts) < 2:
             raise ConfigError(f"override {item!r}: expected --section.key=value")
         node = raw
-        for p in parts[:-1]:
-            if p.isdigit() and isinstance(node, list):
-                idx = int(p)
-                if idx >= len(node):
-                    raise ConfigError(f"override {item!r}: index {idx} out of range (have {len(node)})")
-                node = node[idx]
+        for i, p in enumerate(parts[:-1]):
+            if isinstance(node, list):
+                node = node[_index(item, node, p)]
+            elif p.isdigit() and p not in node:  # an index into a list the file does not give (a default's)
+                raise ConfigError(f"override {item!r}: {'.'.join(parts[:i])} is not a list in the config file, so "
+                                  f"its item {p} cannot be set alone; give the whole list "
+                                  f"(--{'.'.join(parts[:i])}=[...])")
             else:
                 node = node.setdefault(p, {})
             if not isinstance(node, dict | list):
                 raise ConfigError(f"override {item!r}: {p!r} is not a table")
-        node[parts[-1]] = _parse_value(text)
+        value = _parse_value(text, item)
+        if isinstance(node, list):
+            node[_index(item, node, parts[-1])] = value
+        else:
+            node[parts[-1]] = value
     return raw
 
 
@@ -1119,7 +1151,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     settings that did nothing in it (:func:`_drop_inert_stage_settings`)."""
     raw: dict = {}
     if path is not None:
-        path = Path(path).expanduser()  # a '~' quoted for a cluster's shell reaches us literally
+        path = _expand_user(Path(path), "--config")  # a '~' quoted for a cluster's shell reaches us literally
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
@@ -1240,7 +1272,14 @@ def absolute_paths(cfg: Config, also: tuple[tuple[str, str], ...] = ()) -> None:
     for section, key in (("data", "root"), ("poison", "path"), *also):
         part = getattr(cfg, section)
         if getattr(part, key):
-            setattr(part, key, str(Path(getattr(part, key)).expanduser().resolve()))
+            setattr(part, key, str(_expand_user(Path(getattr(part, key)), f"{section}.{key}").resolve()))
+
+
+def _expand_user(path: Path, key: str) -> Path:
+    try:
+        return path.expanduser()
+    except RuntimeError:  # '~nosuchuser/...'
+        raise ConfigError(f"{key}={str(path)!r}: no such user's home directory") from None
 
 
 def device_type(cfg: Config) -> str:

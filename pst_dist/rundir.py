@@ -165,7 +165,7 @@ def check_run_dir(cfg: Config, resume: bool, overwrite: bool, allow_changes: boo
         recorded = load_config(recorded_file, recorded=True)
     except ConfigError as e:
         raise RunDirError(f"--resume: the run's recorded config cannot be read ({e})") from None
-    changes, refused, listed = resume_changes(recorded, cfg, RESUME_MAY_CHANGE)
+    changes, refused, listed = resume_changes(recorded, cfg, RESUME_MAY_CHANGE, trained_on(run_dir))
     if refused and not allow_changes:
         raise RunDirError(f"--resume: the config differs from the one {run_dir} was trained with ({listed}). A resumed "
                           f"run must train what its record says; only {', '.join(RESUME_MAY_CHANGE)} may change. "
@@ -176,14 +176,32 @@ def check_run_dir(cfg: Config, resume: bool, overwrite: bool, allow_changes: boo
     return changes
 
 
-def resume_changes(recorded: Config, cfg: Config, may_change: tuple[str, ...]) -> tuple[dict, dict, str]:
-    """What a resume under ``cfg`` changes against the ``recorded`` config ("auto" compared by what it means here: the
-    record may predate a default): (every change {key: (recorded, now)}, those outside ``may_change`` (keys or whole
-    sections), the refused ones listed for a message)."""
+def resume_changes(recorded: Config, cfg: Config, may_change: tuple[str, ...],
+                   was: str | None = None) -> tuple[dict, dict, str]:
+    """What a resume under ``cfg`` changes against the ``recorded`` config ("auto" compared by what it means: here,
+    and for the record on ``was``, the device type it trained on, else here too; the record may predate a default):
+    (every change {key: (recorded, now)}, those outside ``may_change`` (keys or whole sections), the refused ones
+    listed for a message)."""
     here = device_type(cfg)
-    changes = config_changes(auto_meaning(flat_config(recorded), here), auto_meaning(flat_config(cfg), here))
+    changes = config_changes(auto_meaning(flat_config(recorded), was or here), auto_meaning(flat_config(cfg), here))
     refused = {k: v for k, v in changes.items() if not any(k == m or k.startswith(m + ".") for m in may_change)}
     return changes, refused, "; ".join(f"{k}: {was!r} -> {now!r}" for k, (was, now) in refused.items())
+
+
+def trained_on(run_dir: Path) -> str | None:
+    """The device type (cpu | cuda) the run in ``run_dir`` last trained on, as its meta.json's segments resolved it;
+    None when it does not say (a run from before meta.json recorded it)."""
+    try:
+        meta = json.loads((run_dir / "meta.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    resumes = meta.get("resumes") if isinstance(meta, dict) and isinstance(meta.get("resumes"), list) else []
+    for segment in reversed([meta, *resumes] if isinstance(meta, dict) else []):
+        device = segment.get("resolved", {}).get("device") if isinstance(segment, dict) and isinstance(
+            segment.get("resolved"), dict) else None
+        if isinstance(device, str) and device:
+            return "cuda" if device.startswith("cuda") else "cpu"
+    return None
 
 
 def remove_run_files(run_dir: Path) -> list[str]:

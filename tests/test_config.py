@@ -36,6 +36,15 @@ def test_toml_roundtrip(tmp_path):
     # each was accepted: a crash after an epoch (probe_size=0), timm's traceback (drop_rate), or a negative recorded
     # that trained as 1 / 0 (checkpoint_every, warmup_steps)
     (["--data.probe_size=0"], r"data.probe_size=0: must be >= 1"),
+    # tracebacks or silent misparses before (helper-60)
+    (["--poison.eps=1" + "0" * 400], r"poison.eps=1000.*: expected a finite number"),
+    (["--train.epochs=5#0"], r"TOML reads only part of the value '5#0'"),
+    (['--tune.attacks=["em"]#,"rem"]'], r"TOML reads only part of the value"),
+    (["--schedule.stages.0.loss.view_ce=1"], r"schedule.stages is not a list in the config file, so its item 0"),
+    (['--schedule.eval_views=["blur:inf"]'], r"strength inf must be a finite number > 0"),
+    (['--schedule.stages=[{name="a",group_mults={"03"=0.5}}]'], r"group_mults key '03' is not a group index"),
+    (['--schedule.stages=[{name="a",group_mults={"\u00b2"=0.5}}]'], r"group_mults key '\u00b2' is not a group"),
+    (["--data.root=/d/caf\udce9"], r"data.root='/d/caf\\udce9': holds bytes that are not UTF-8"),
     (["--model.drop_rate=1.5"], r"model.drop_rate=1.5: must lie in \[0, 1\)"),
     (["--train.checkpoint_every=-1"], r"train.checkpoint_every=-1: must be >= 0"),
     (["--train.warmup_steps=-5"], r"train.warmup_steps=-5: must be >= 0"),
@@ -130,3 +139,23 @@ def test_a_recorded_negative_checkpoint_every_or_warmup_loads_as_it_trained(tmp_
         load_config(f)
     t = load_config(f, recorded=True).train
     assert (t.checkpoint_every, t.warmup_steps) == (2, 0)
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("--schedule.stages.0.freeze.x=1", r"'x' indexes a list: expected 0, 1"),
+    ("--schedule.stages.-1.name=z", r"'-1' indexes a list"),
+    ("--schedule.stages.0=x", r"schedule.stages\[0\]: expected a table, got str 'x'"),
+    ("--schedule.stages.2.name=z", r"index 2 out of range \(have 2\)"),
+])
+def test_an_override_into_a_list_names_a_bad_index(tmp_path, override, needle):
+    # TypeError / AttributeError / ValueError tracebacks before
+    f = tmp_path / "two.toml"
+    f.write_text('[[schedule.stages]]\nname = "a"\nfreeze = [0]\nepochs = 1\n\n[[schedule.stages]]\nname = "b"\n')
+    with pytest.raises(ConfigError, match=needle):
+        load_config(f, [override])
+    assert load_config(f, ["--schedule.stages.0.freeze.0=1"]).schedule.stages[0].freeze == [1]
+
+
+def test_a_config_path_of_an_unknown_user_s_home_is_named():
+    with pytest.raises(ConfigError, match="--config='~nosuchuser_pst/x.toml': no such user's home directory"):
+        load_config("~nosuchuser_pst/x.toml")

@@ -350,3 +350,16 @@ def test_a_run_cut_short_before_its_config_toml_is_still_a_run_to_overwrite(tmp_
     out = run_cli_in_process("train", *FAST, "--train.epochs=1", f"--log.run_dir={run}", "--overwrite")
     assert out.returncode == 0, out.stderr[-2000:]
     assert (run / "config.toml").is_file() and (run / "checkpoint.pt").is_file()
+
+
+def test_a_resume_on_another_device_type_compares_auto_by_what_it_meant_where_the_run_trained(tmp_path):
+    # 'auto' was judged on this machine for both sides: a GPU run (not deterministic, channels-last) resumed on the
+    # CPU showed no change, and trained on deterministic and channels-first unrecorded
+    run = tmp_path / "run"
+    assert run_cli_in_process("train", *FAST, "--train.epochs=1", f"--log.run_dir={run}").returncode == 0
+    meta = json.loads((run / "meta.json").read_text())
+    meta["resolved"]["device"] = "cuda:0"  # as a GPU machine records it
+    (run / "meta.json").write_text(json.dumps(meta))
+    out = run_cli_in_process("train", *FAST, "--train.epochs=2", f"--log.run_dir={run}", "--resume")
+    assert out.returncode == 2 and "train.deterministic: False -> True" in out.stderr, out.stderr[-2000:]
+    assert "train.channels_last: True -> False" in out.stderr

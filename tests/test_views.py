@@ -70,7 +70,7 @@ def test_composed_views_apply_left_to_right_at_their_own_strength():
 
 @pytest.mark.parametrize("view, needle", [("emboss", "unknown view 'emboss'"), ("blur+", "unknown view ''"),
                                           ("randblur:x", "strength 'x' is not a number"),
-                                          ("blur:0", "strength 0.0 must be > 0")])
+                                          ("blur:0", "strength 0.0 must be a finite number > 0")])
 def test_bad_views_are_config_errors_naming_the_part(view, needle):
     with pytest.raises(ConfigError) as e:
         load_config(None, [f'schedule.stages=[{{name="warm", loss={{view="{view}", view_ce=1.0}}}}]'])
