@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from pst_dist import registry
-from pst_dist.config import ConfigError, dump_toml, load_config
+from pst_dist.config import ConfigError, load_config
 from pst_dist.registry import Entry
-from pst_dist.train import train
+from pst_dist.train import train, write_run_header
 
 from .conftest import TINY, run_cli, signal_after_checkpoint
 
@@ -170,19 +170,19 @@ def test_overwrite_removes_a_trackers_folder_only_when_it_holds_the_recorded_run
         for f in ("wandb/offline-run-20250101_000000-abc123/run-abc123.wandb", "mlruns/0/f00d/meta.yaml"):
             (d / f).parent.mkdir(parents=True)
             (d / f).write_text("x")
-        (d / "config.toml").write_text(dump_toml(load_config(None)))  # a pst-dist run's record
+        write_run_header(d, load_config(None))  # a pst-dist run's record: meta.json and config.toml
         if ids is not None:
             (d / "trackers.json").write_text(json.dumps(ids))
         return d
 
     theirs = run_dir("theirs", None)
-    assert remove_run_files(theirs) == ["config.toml"]
+    assert sorted(remove_run_files(theirs)) == ["config.toml", "meta.json"]
     assert (theirs / "wandb").is_dir() and (theirs / "mlruns").is_dir()
     server = run_dir("server", {"wandb": "zzz999", "mlflow": "beef"})  # ids of runs that are not in these folders
-    assert sorted(remove_run_files(server)) == ["config.toml", "trackers.json"]
+    assert sorted(remove_run_files(server)) == ["config.toml", "meta.json", "trackers.json"]
     assert (server / "wandb").is_dir() and (server / "mlruns").is_dir()
     ours = run_dir("ours", {"wandb": "abc123", "mlflow": "f00d"})
-    assert sorted(remove_run_files(ours)) == ["config.toml", "mlruns", "trackers.json", "wandb"]
+    assert sorted(remove_run_files(ours)) == ["config.toml", "meta.json", "mlruns", "trackers.json", "wandb"]
     assert sorted(p.name for p in ours.iterdir()) == []
 
 
@@ -197,7 +197,7 @@ def test_a_run_never_logs_into_a_trackers_folder_that_holds_no_run_it_recorded(t
         (d / folder / entry).parent.mkdir(parents=True)
         (d / folder / entry).write_text("the user's")
         cfg = load_config(None, [f"--log.run_dir={d}", f'--log.trackers=["{tracker}"]'])
-        (d / "config.toml").write_text(dump_toml(load_config(None, [f"--log.run_dir={d}"])))  # a run, no trackers
+        write_run_header(d, load_config(None, [f"--log.run_dir={d}"]))  # a run, no trackers
         for resume, overwrite in ((False, True), (True, False)):
             with pytest.raises(RunDirError, match=f"holds {folder}/, but no {tracker} run this run recorded"):
                 check_run_dir(cfg, resume=resume, overwrite=overwrite)
@@ -230,7 +230,7 @@ def test_overwrite_refuses_a_trackers_folder_that_holds_runs_it_did_not_record(t
             (d / folder / entry).parent.mkdir(parents=True, exist_ok=True)
             (d / folder / entry).write_text("the run's")
         cfg = load_config(None, [f"--log.run_dir={d}", f'--log.trackers=["{tracker}"]'])
-        (d / "config.toml").write_text(dump_toml(cfg))
+        write_run_header(d, cfg)
         (d / "trackers.json").write_text(json.dumps({tracker: run_id, "made_here": [folder]}))
         assert check_run_dir(cfg, resume=False, overwrite=True) == {}
         (d / folder / theirs).parent.mkdir(parents=True)
