@@ -17,7 +17,7 @@ import torch
 import torchvision
 
 from .io import OutputError, read_json, reported
-from .rundir import keep_metrics_until
+from .rundir import keep_metrics_until, meta_segments
 
 
 def git_sha() -> str:
@@ -67,13 +67,6 @@ def describe_machine(m: dict | None) -> str:
     parts = [str(m.get("cpu") or "unknown CPU"), str(m.get("cpu_capability") or "unknown capability"),
              *([str(m["gpu"])] if m.get("gpu") else []), *(f"{k}={v}" for k, v in sorted(env.items()))]
     return ", ".join(parts)
-
-
-def meta_segments(meta: dict) -> list[dict]:
-    """The segments of a run's meta.json: the first (the object itself) and each resume in its ``resumes`` list
-    (entries that are not objects passed over)."""
-    resumes = meta.get("resumes") if isinstance(meta.get("resumes"), list) else []
-    return [meta, *(m for m in resumes if isinstance(m, dict))]
 
 
 def run_machines(run_dir: Path) -> set[str]:

@@ -83,16 +83,28 @@ def is_recorded_config(f: Path) -> bool:
     return all(isinstance(raw.get(t), dict) for t in RUN_SECTIONS)
 
 
+def run_meta(run_dir: Path) -> dict | None:
+    """The run's meta.json as an object, or None (missing, unreadable, not an object)."""
+    try:
+        meta = json.loads((Path(run_dir) / "meta.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def meta_segments(meta: dict) -> list[dict]:
+    """The segments of a run's meta.json: the first (the object itself) and each resume in its ``resumes`` list
+    (entries that are not objects passed over)."""
+    resumes = meta.get("resumes") if isinstance(meta.get("resumes"), list) else []
+    return [meta, *(m for m in resumes if isinstance(m, dict))]
+
+
 def written_by_a_run(run_dir: Path) -> bool:
     """Whether ``run_dir``'s run files are a pst-dist run's: the meta.json a run writes first names the library
     versions, and its config.toml, unless the run was cut short before writing it, is :func:`is_recorded_config` (a
     user's own recipe kept as config.toml has every table too, and ``--overwrite`` would have replaced it)."""
-    try:
-        meta = json.loads((run_dir / "meta.json").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
-        return False
-    config = run_dir / "config.toml"
-    return isinstance(meta, dict) and isinstance(meta.get("versions"), dict) and (
+    meta, config = run_meta(run_dir), run_dir / "config.toml"
+    return meta is not None and isinstance(meta.get("versions"), dict) and (
         not (config.exists() or config.is_symlink()) or is_recorded_config(config))
 
 
@@ -191,14 +203,10 @@ def resume_changes(recorded: Config, cfg: Config, may_change: tuple[str, ...],
 def trained_on(run_dir: Path) -> str | None:
     """The device type (cpu | cuda) the run in ``run_dir`` last trained on, as its meta.json's segments resolved it;
     None when it does not say (a run from before meta.json recorded it)."""
-    try:
-        meta = json.loads((run_dir / "meta.json").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
-        return None
-    resumes = meta.get("resumes") if isinstance(meta, dict) and isinstance(meta.get("resumes"), list) else []
-    for segment in reversed([meta, *resumes] if isinstance(meta, dict) else []):
-        device = segment.get("resolved", {}).get("device") if isinstance(segment, dict) and isinstance(
-            segment.get("resolved"), dict) else None
+    meta = run_meta(run_dir)
+    for segment in reversed(meta_segments(meta) if meta is not None else []):
+        resolved = segment.get("resolved")
+        device = resolved.get("device") if isinstance(resolved, dict) else None
         if isinstance(device, str) and device:
             return "cuda" if device.startswith("cuda") else "cpu"
     return None

@@ -32,7 +32,7 @@ from .defenses import pgd_examples, step_seed, ueraser_loss, ueraser_repeats
 from .distributed import DistInfo, broadcast_buffers, build_device, init_distributed, mean_across_ranks, teardown
 from .engine import DeepSpeedEngine, TorchEngine, build_engine
 from .io import read_json, reported, write_atomic
-from .metrics import Metrics, git_sha, library_versions, machine_facts, meta_segments
+from .metrics import Metrics, git_sha, library_versions, machine_facts
 from .models import build_model
 from .pst.detectors import equalize_spectra, probe_metrics, spectral_filter_found, spectral_values, trigger_value
 from .pst.freeze import GroupedModel, param_groups, set_group_lrs, trace_units
@@ -40,7 +40,7 @@ from .pst.groups import layer_groups
 from .pst.losses import mix_batch, stage_loss
 from .pst.schedule import ActiveStage, Schedule, lr_factor
 from .pst.views import apply_view
-from .rundir import RunDirError, check_run_dir, remove_run_files
+from .rundir import RunDirError, check_run_dir, meta_segments, remove_run_files
 from .tracking import check_trackers
 
 
