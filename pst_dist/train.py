@@ -491,10 +491,12 @@ def build_run(cfg: Config, resume: bool, overwrite: bool, allow_changes: bool, d
     schedule = Schedule(cfg.schedule.stages, gm.num_groups, len(loader), total_steps,  # validates group indices
                         no_stay, checks)
     check_views(cfg, data.poisoned_train[:2].float() / 255)
-    unused = {k: v for k, v in asdict(cfg.deepspeed).items() if k != "enabled" and v != getattr(DeepSpeedConfig(), k)}
-    if unused and not cfg.deepspeed.enabled and dist_info.is_primary:  # recorded as given, and inert
-        print(f"[deepspeed] deepspeed.enabled=false: {', '.join(f'deepspeed.{k}={v}' for k, v in unused.items())} "
-              f"do nothing in this run (the plain torch engine has no ZeRO, accumulation or clipping)", file=sys.stderr)
+    if not cfg.deepspeed.enabled and dist_info.is_primary:  # [deepspeed] settings are recorded as given, and inert
+        default = asdict(DeepSpeedConfig())
+        if unused := {k: v for k, v in asdict(cfg.deepspeed).items() if v != default[k]}:
+            print(f"[deepspeed] deepspeed.enabled=false: {', '.join(f'deepspeed.{k}={v}' for k, v in unused.items())} "
+                  f"do nothing in this run (the plain torch engine has no ZeRO, accumulation or clipping)",
+                  file=sys.stderr)
     unconsulted = schedule.unconsulted_triggers()
     for i in unconsulted if dist_info.is_primary else []:
         st_cfg = cfg.schedule.stages[i]
