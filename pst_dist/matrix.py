@@ -342,6 +342,8 @@ def cached_poison(base: dict, attack: str, seed: int, pdir: Path, where: str) ->
             want.update({f"model.{k}": v for k, v in asdict(cfg.model).items() if k != "block_groups"})
             was.update({f"model.{k}": v for k, v in {**asdict(ModelConfig()), **meta["model"]}.items()
                         if k != "block_groups"})
+        if "bf16" in meta:  # the surrogate's autocast crafts another poison (recorded since stop 53)
+            want["train.bf16"], was["train.bf16"] = cfg.train.bf16, meta["bf16"]
         if cfg.poison.eot and "augment" in meta:  # ... and, with poison.eot, through the training's augmentation
             want["data.augment"], was["data.augment"] = cfg.data.augment, meta["augment"]
     if diff := changes(was, want):  # a resumed run must not reuse a poison made with other settings

@@ -143,6 +143,7 @@ def test_poison_json_records_the_model_based_run(tmp_path):
     assert meta["machine"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()  # the kernels it ran on
     # the surrogate it was crafted against, and what poison.eot augments as (the bench recorded them; this did not)
     assert meta["model"]["name"] == "resnet10t" and meta["model"]["width"] == 0.125 and meta["augment"] == "crop_flip"
+    assert meta["bf16"] is False  # the surrogate's autocast, which crafts another poison
 
 
 def test_em_under_the_trainers_bf16_autocast():

@@ -185,6 +185,8 @@ def test_a_cached_model_based_poison_is_refused_for_another_surrogate(tmp_path):
     r = bench_refused(out, *one, "--model.width=0.25")
     assert r.returncode == 2 and "made with other poison settings" in r.stderr, r.stderr[-2000:]
     assert "'model.width': (0.125, 0.25)" in r.stderr, r.stderr[-2000:]
+    r = bench_refused(out, *one, "--train.bf16=true")  # the surrogate's autocast crafts another poison
+    assert r.returncode == 2 and "'train.bf16': (False, True)" in r.stderr, r.stderr[-2000:]
     r = bench(out, *one, "--model.block_groups=2")  # how PST groups the layers: the same surrogate, the cache reused
     assert r.returncode == 0 and "poisons: 1 cached, 0 to make" in r.stderr, r.stderr[-2000:]
 

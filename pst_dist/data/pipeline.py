@@ -464,13 +464,13 @@ def poison_meta(cfg: Config, clean: Split, poisoned: torch.Tensor, info: dict, s
     """poison.json for ``poisoned``, made from ``clean`` (in the source's order) with ``cfg.poison`` in ``seconds``:
     the attack, its parameters and seed, the clean images' fingerprint, the measured norms, what a model-based attack
     did (``info``: rounds, errors) and the machine's kernel choice, which its result depends on too; the [model] a
-    model-based attack's surrogate is and the data.augment poison.eot augments as (:func:`pst_dist.poison.store.fill`
-    adds the shape and hashes)."""
+    model-based attack's surrogate is, the train.bf16 autocast it runs under and the data.augment poison.eot augments
+    as (:func:`pst_dist.poison.store.fill` adds the shape and hashes)."""
     return {"format": store.FORMAT, "attack": cfg.poison.kind, "parameters": store.parameters(cfg.poison),
             "seed": cfg.poison.seed, "source": cfg.data.source,
             "fingerprint": {"clean_train_sha256": fingerprint(clean)}, "norms": norms(clean.images, poisoned),
             "seconds": round(seconds, 2), "model_based": info, "machine": machine_facts(build_device(cfg)),
-            "model": asdict(cfg.model), "augment": cfg.data.augment}
+            "model": asdict(cfg.model), "bf16": cfg.train.bf16, "augment": cfg.data.augment}
 
 
 def write_poisoned(cfg: Config, out: Path, *, overwrite: bool = False, log: Callable[[str], None] = print) -> dict:
