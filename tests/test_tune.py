@@ -52,8 +52,10 @@ def test_orders_are_permutations_that_never_name_the_head_or_a_missing_group():
         valid_orders(load_config(TINY, ["--tune.unfreeze_groups=[0, 5]"]), 6)
     with pytest.raises(ConfigError, match="group 7: a group the model lacks"):
         valid_orders(load_config(TINY, ["--tune.unfreeze_groups=[0, 7]"]), 6)
-    with pytest.raises(ConfigError, match="'0-2' is not a permutation"):
-        valid_orders(load_config(TINY, ['--tune.unfreeze_orders=["0-2"]']), 6)
+    with pytest.raises(ConfigError, match="'0-2' is not a permutation"):  # when the config loads, not at the search
+        load_config(TINY, ['--tune.unfreeze_orders=["0-2"]'])
+    with pytest.raises(ConfigError, match="'1,0': expected group indices joined by '-'"):
+        load_config(TINY, ['--tune.unfreeze_orders=["1,0"]'])
     with pytest.raises(ConfigError, match="appears twice"):
         load_config(TINY, ["--tune.unfreeze_groups=[1, 1]"])
     only = load_config(TINY, ['--tune.unfreeze_orders=["1-0"]'])
