@@ -1008,6 +1008,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{key}: expected an integer, got {type(value).__name__} {value!r}")
+        if not -2 ** 63 <= value < 2 ** 63:  # TOML's integers are 64-bit: config.toml could not record it
+            shown = str(value) if len(str(value)) <= 40 else f"{str(value)[:37]}..."
+            raise ConfigError(f"{key}={shown}: out of range (a config holds 64-bit integers)")
         return value
     if tp is bool:
         if not isinstance(value, bool):

@@ -39,6 +39,7 @@ def test_toml_roundtrip(tmp_path):
     # tracebacks or silent misparses before (helper-60)
     (["--poison.eps=1" + "0" * 400], r"poison.eps=1000.*: expected a finite number"),
     (["--train.epochs=5#0"], r"TOML reads only part of the value '5#0'"),
+    (["--train.epochs=99999999999999999999"], r"train.epochs=99999999999999999999: out of range"),  # not TOML's
     (['--tune.attacks=["em"]#,"rem"]'], r"TOML reads only part of the value"),
     (["--schedule.stages.0.loss.view_ce=1"], r"schedule.stages is not a list in the config file, so its item 0"),
     (['--schedule.eval_views=["blur:inf"]'], r"strength inf must be a finite number > 0"),
