@@ -68,6 +68,7 @@ from .poison import PoisonFileError, make_poison, store
 from .pst.schedule import Schedule
 from .registry import ATTACKS, DEFENSES
 from .report import TABLE_KEYS, mean_std, summary_problem
+from .rundir import trained_on
 from .train import resumed_inputs, train
 
 STANDARD = [{"name": "standard"}]
@@ -155,9 +156,10 @@ def run_cell(base: dict, attack: str, run: str, seed: int, out: str, poison_dir:
 
 # ---------------------------------------------------------------- the driver
 
-def _recipe(cfg: Config) -> dict[str, object]:
+def _recipe(cfg: Config, device: str | None = None) -> dict[str, object]:
     """The settings a cell's result depends on, flattened to dotted keys, list items by index (not [bench], [log],
-    [tune] (a search's own settings, carried by its best_schedule.toml) or thread counts)."""
+    [tune] (a search's own settings, carried by its best_schedule.toml) or thread counts); "auto" by what it means
+    on ``device`` (a device type; default: where ``cfg`` trains)."""
     d = to_dict(cfg)
     for section in ("bench", "log", "tune"):
         d.pop(section, None)
@@ -175,17 +177,18 @@ def _recipe(cfg: Config) -> dict[str, object]:
             flat[prefix] = v
 
     walk("", d)
-    return auto_meaning(flat, device_type(cfg))
+    return auto_meaning(flat, device or device_type(cfg))
 
 
 def recipe_change(run_dir: Path, cfg: Config) -> dict[str, tuple]:
     """{key: (recorded, now)} where the cell already begun in ``run_dir`` ran another recipe than ``cfg``; empty
-    when there is no such cell or nothing that matters changed."""
+    when there is no such cell or nothing that matters changed. The recorded "auto" settings mean what they meant
+    on the device the cell trained on (a GPU cell's, not deterministic and channels-last, is not this CPU's)."""
     f = run_dir / "config.toml"
     if not f.is_file():
         return {}
     try:
-        was = _recipe(load_config(f, recorded=True))
+        was = _recipe(load_config(f, recorded=True), trained_on(run_dir))
     except ConfigError as e:  # a config this version cannot read counts as changed
         return {"config.toml": (str(e), "this version's")}
     return changes(was, _recipe(cfg))

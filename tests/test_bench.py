@@ -253,6 +253,24 @@ def test_a_resumed_bench_reruns_the_cells_whose_recipe_changed(tmp_path):
     assert '"randblur"' in new and '"blur:1"' in new
 
 
+def test_a_resumed_bench_compares_auto_by_the_device_a_cell_trained_on(tmp_path):
+    # 'auto' was judged on this machine for both sides: a cell a GPU trained (not deterministic, channels-last) was
+    # kept as this CPU's recipe
+    out = tmp_path / "b"
+    one = ['--bench.attacks=["classwise_noise"]', '--bench.defenses=["standard"]', "--bench.seeds=1",
+           "--bench.jobs=1", "--train.epochs=1"]
+    assert bench(out, *one).returncode == 0
+    cell = out / "cells" / "classwise_noise" / "standard" / "seed0"
+    meta = json.loads((cell / "meta.json").read_text())
+    meta["resolved"]["device"] = "cuda:0"  # as a GPU machine records it
+    (cell / "meta.json").write_text(json.dumps(meta))
+    r = bench(out, *one)
+    assert r.returncode == 0 and "cell classwise_noise / standard / seed 0: its recipe changed" in r.stderr, r.stderr
+    assert "'train.deterministic': (False, True)" in r.stderr and "'train.channels_last': (True, False)" in r.stderr
+    [old] = (out / "superseded" / "classwise_noise" / "standard").glob("seed0-*")
+    assert json.loads((old / "meta.json").read_text())["resolved"]["device"] == "cuda:0"  # kept, not removed
+
+
 # ---------------------------------------------------------------- a DeepSpeed cell resumes
 
 ONE = ['--bench.attacks=["classwise_noise"]', '--bench.defenses=["standard"]', "--bench.seeds=1", "--bench.jobs=1"]
