@@ -506,20 +506,34 @@ def test_a_view_the_images_cannot_take_is_refused_naming_its_key_before_anything
         assert not run_dir.exists()
 
 
-def test_a_detector_check_inside_a_frozen_stage_leaves_the_frozen_groups_batchnorm_statistics(tmp_path):
-    # the probe put the whole model back in train mode: the frozen groups' BatchNorm statistics moved on the rest of
-    # the epoch's batches after the first check (PST.md: frozen groups' statistics fixed)
+def frozen_bn_stats_moved(run_dir, *extra) -> tuple[list[str], int]:
+    """Train one epoch with groups 0 and 1 frozen from the start; (the BatchNorm statistics of theirs that left
+    their initial 0 / 1, how many there are)."""
     from pst_dist.models import build_model
     from pst_dist.pst.groups import layer_groups
 
-    cfg = load_config(None, [*TINY, "--train.epochs=1", "--schedule.check_every=2", f"--log.run_dir={tmp_path}",
-                             "--log.tensorboard=false", '--schedule.stages=[{name="frozen", freeze=[0, 1]}]'])
+    cfg = load_config(None, [*TINY, "--train.epochs=1", f"--log.run_dir={run_dir}", "--log.tensorboard=false",
+                             '--schedule.stages=[{name="frozen", freeze=[0, 1]}]', *extra])
     train(cfg)
     model = build_model(cfg.model, 10, 3, 16)
     frozen = {n.rsplit(".", 1)[0] for g in layer_groups(model)[:2] for n in g.param_names}
-    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["model"]
+    state = torch.load(run_dir / "checkpoint.pt", weights_only=True)["model"]
     stats = {n: t for n, t in state.items() if n.rsplit(".", 1)[0] in frozen and "running_" in n}
     assert stats, "expected BatchNorm statistics in groups 0 and 1"
     initial = {n: torch.zeros_like(t) if "mean" in n else torch.ones_like(t) for n, t in stats.items()}
-    moved = [n for n, t in stats.items() if not torch.equal(t, initial[n])]
+    return [n for n, t in stats.items() if not torch.equal(t, initial[n])], len(stats)
+
+
+def test_a_detector_check_inside_a_frozen_stage_leaves_the_frozen_groups_batchnorm_statistics(tmp_path):
+    # the probe put the whole model back in train mode: the frozen groups' BatchNorm statistics moved on the rest of
+    # the epoch's batches after the first check (PST.md: frozen groups' statistics fixed)
+    moved, _ = frozen_bn_stats_moved(tmp_path, "--schedule.check_every=2")
     assert not moved, f"frozen BatchNorm statistics moved: {moved[:4]}"
+
+
+def test_schedule_freeze_bn_stats_false_lets_the_frozen_groups_statistics_move(tmp_path):
+    # the setting itself, through train(): off, frozen groups' BatchNorm normalises with batch statistics and
+    # updates its running ones (the weights stay frozen either way); on (the default), they stay
+    moved, n = frozen_bn_stats_moved(tmp_path / "off", "--schedule.freeze_bn_stats=false")
+    assert len(moved) == n, f"with freeze_bn_stats=false only {len(moved)} of {n} statistics moved"
+    assert frozen_bn_stats_moved(tmp_path / "on", "--schedule.freeze_bn_stats=true")[0] == []
