@@ -81,3 +81,14 @@ def test_diagnose_replaces_only_its_own_output_and_refuses_flags_it_would_ignore
     r = run_cli_in_process(*cfg, "--out", str(stopped), "--overwrite")
     assert r.returncode == 2 and "its diagnose.png is not a plot pst-dist wrote" in r.stderr, r.stderr[-2000:]
     assert (stopped / "diagnose.png").read_bytes() == photo and (stopped / "tb" / "events.out.tfevents.1").exists()
+    # the user's image moved away, --overwrite replaces the stopped output: its old row, events and plot go
+    (stopped / "diagnose.png").unlink()
+    r = run_cli_in_process(*cfg, "--out", str(stopped), "--overwrite", "--standard", "--train.epochs=1",
+                           "--probe-size=40", "--log.tensorboard=false")
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [json.loads(line) for line in (stopped / "diagnose.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in rows] == [0, 1] and all(row["probe_images"] == 40 for row in rows), rows
+    assert not (stopped / "tb" / "events.out.tfevents.1").exists() and any((stopped / "tb").iterdir())
+    from pst_dist.io import is_our_png
+
+    assert is_our_png(stopped / "diagnose.png")
