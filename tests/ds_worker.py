@@ -79,7 +79,11 @@ def on_epoch(epoch, logs, gm, engine):
             for n in g.param_names:
                 h.update(params[n].detach().float().cpu().numpy().tobytes())
             hashes.append(h.hexdigest())
-    records.append({"epoch": epoch, "loss": logs["train/loss"], "groups": hashes})
+    ds = getattr(engine, "engine", None)  # DeepSpeed's own engine, when the DeepSpeed engine trains
+    records.append({"epoch": epoch, "loss": logs["train/loss"], "groups": hashes, "engine": type(engine).__name__,
+                    "zero_stage": ds.zero_optimization_stage() if ds is not None else None,
+                    "bf16": ds.bfloat16_enabled() if ds is not None else None,
+                    "dtype": str(next(gm.model.parameters()).dtype)})
     if recorder is not None:
         records[-1]["steps"] = recorder.pop()
         opt = engine.optimizer  # the ZeRO optimizer: where DeepSpeed put the fp32 master partitions

@@ -52,6 +52,10 @@ def test_freeze_train_unfreeze_under_zero(tmp_path, stage, bf16):
     losses = [r["loss"] for r in r0["records"]]
     assert all(v == v and abs(v) < 1e6 for v in losses) and losses[-1] < losses[0], losses
     assert r0["summary"]["world_size"] == 2
+    # DeepSpeed trained, at the stage and precision asked for (the torch engine would record the same hashes)
+    ran = {(r["engine"], r["zero_stage"], r["bf16"], r["dtype"]) for r in r0["records"] + r1["records"]}
+    assert ran == {("DeepSpeedEngine", stage, bf16, "torch.bfloat16" if bf16 else "torch.float32")}, ran
+    assert (tmp_path / "run" / "ds_checkpoint" / "latest").is_file()
 
 
 @pytest.mark.multiproc
