@@ -5,6 +5,7 @@ import csv
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -91,13 +92,30 @@ def test_bench_matrix_tables_heatmap_and_resume(tiny_pool_bench):
 
 
 @pytest.mark.multiproc
-def test_compare_reads_the_benchs_own_results(tiny_pool_bench):
-    """`pst-dist compare` on a real bench output (tests/test_compare.py has hand-written ones)."""
+def test_compare_reads_the_benchs_own_results(tiny_pool_bench, tmp_path):
+    """`pst-dist compare` on a real bench output (tests/test_compare.py has hand-written ones): the worst case is the
+    standard cells' lowest mean final validation accuracy, and a B 2 points better in every cell gains 2 points."""
     out = tiny_pool_bench[0]
     c = compare(out, out / "results.csv", defense="standard")
     assert [(r.attack, r.seeds) for r in c.rows] == [("classwise_noise", [0, 1]), ("em", [0, 1])]
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    means = {a: statistics.mean(float(r["final_val_acc"]) for r in rows if (r["attack"], r["defense"]) ==
+                                (a, "standard")) for a in ("classwise_noise", "em")}
+    worst = min(means, key=means.get)
+    assert c.worst("a") == pytest.approx((worst, means[worst]))
     assert not c.adopt_b and not compare(out, out, margin=0).adopt_b  # no gain: kept at any margin
     assert "B − A +0.00" in format_comparison(c)
+    for r in rows:  # B: every standard cell 2 points higher on validation (its test accuracy as it was)
+        if r["defense"] == "standard":
+            r["final_val_acc"] = repr(float(r["final_val_acc"]) + 0.02)
+    better = tmp_path / "results.csv"
+    with better.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    c = compare(out, better, defense="standard")
+    assert c.gain == pytest.approx(2.0) and c.adopt_b and not compare(out, better, defense="standard", margin=3).adopt_b
+    assert c.worst("b") == pytest.approx((worst, means[worst] + 0.02))
 
 
 def test_results_md_says_when_cells_were_computed_on_several_machines(tmp_path):
