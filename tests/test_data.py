@@ -142,6 +142,15 @@ def test_loader_deterministic_and_sharded():
     b = TensorBatches(x, y, 8, augment="crop_flip", seed=1)
     b.set_epoch(3)
     assert all(torch.equal(p[0], q[0]) and torch.equal(p[1], q[1]) for p, q in zip(a, b, strict=True))
+
+    def order(seed, epoch):
+        t = TensorBatches(x, y, 8, augment="crop_flip", seed=seed)
+        t.set_epoch(epoch)
+        return torch.cat([lab for _, lab in t]).tolist()
+
+    # a function of (seed, epoch): another epoch or seed shuffles otherwise, and every image once per epoch
+    assert order(1, 3) == order(1, 3) and order(1, 3) != order(1, 4) and order(1, 3) != order(2, 3)
+    assert order(1, 3) != list(range(40)) and sorted(order(1, 4)) == list(range(40))
     shards = [TensorBatches(x, y, 4, rank=r, world_size=2, seed=1) for r in range(2)]
     seen = [torch.cat([lab for _, lab in s]) for s in shards]
     assert set(seen[0].tolist()).isdisjoint(seen[1].tolist())
