@@ -72,9 +72,10 @@ def init_distributed(device: str, single_process_group: bool = False) -> DistInf
 
 
 def init_ray() -> str:
-    """Join the Ray cluster ``RAY_ADDRESS`` names (``ray job submit`` / ``ray submit`` set it), or else start a new
-    local Ray of this process's own (``address="local"``: never a cluster someone else started on this machine;
-    ``ray.shutdown()`` stops it); nothing when this process has joined a Ray already. Returns where, for the log."""
+    """Join the Ray cluster ``RAY_ADDRESS`` names (``ray job submit`` sets it; tune/run.py under ``ray submit``), or
+    else start a new local Ray of this process's own (``address="local"``: never a cluster someone else started on
+    this machine; ``ray.shutdown()`` stops it); nothing when this process has joined a Ray already. Returns where,
+    for the log."""
     import ray  # optional heavy dependency (Ray), imported only by the Ray paths (tune, bench.runner = "ray")
 
     if ray.is_initialized():

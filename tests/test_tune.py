@@ -162,15 +162,15 @@ class OwnRay:
                    RAY_USAGE_STATS_ENABLED="0")
         return env
 
-    def start_head(self, env: dict | None = None, num_cpus: int = 2) -> tuple[str, str]:
-        """``ray start --head`` on 127.0.0.1 with free ports and this test's temp dir, in a session of its own (so
-        every process it leaves running is in one process group that :meth:`stop` knows). Returns the dashboard
-        URL and the GCS address."""
+    def start_head(self, env: dict | None = None, num_cpus: int = 2, temp: Path | None = None) -> tuple[str, str]:
+        """``ray start --head`` on 127.0.0.1 with free ports and this test's temp dir (or ``temp``, inside it), in a
+        session of its own (so every process it leaves running is in one process group that :meth:`stop` knows).
+        Returns the dashboard URL and the GCS address."""
         ports = {"port": _free_port(), "dashboard-port": _free_port(), "ray-client-server-port": _free_port(),
                  "node-manager-port": _free_port(), "object-manager-port": _free_port(),
                  "dashboard-agent-listen-port": _free_port(), "metrics-export-port": _free_port()}
         cmd = [str(BIN / "ray"), "start", "--head", f"--num-cpus={num_cpus}", "--dashboard-host=127.0.0.1",
-               f"--temp-dir={self.temp}", "--disable-usage-stats", *[f"--{k}={v}" for k, v in ports.items()]]
+               f"--temp-dir={temp or self.temp}", "--disable-usage-stats", *[f"--{k}={v}" for k, v in ports.items()]]
         self._ray_start(cmd, env)
         return f"http://127.0.0.1:{ports['dashboard-port']}", f"127.0.0.1:{ports['port']}"
 
@@ -614,6 +614,29 @@ def test_job_submit_of_a_search_onto_two_nodes_then_train_its_best_schedule(own_
     # it trained the schedule the search chose (the run records what trained it)
     chosen = load_config(search / "best_schedule.toml").schedule
     assert load_config(tmp_path / "best" / "config.toml").schedule == chosen and len(chosen.stages) > 1
+
+
+@pytest.mark.multiproc
+def test_ray_submit_s_search_joins_the_cluster_started_on_its_node(own_ray, tmp_path):
+    """``ray submit`` runs tune/run.py on the head without RAY_ADDRESS (only ``ray job submit`` sets it): it joined
+    no cluster, and a private Ray ran the whole search on the head. It now joins the one ``ray start`` started
+    there (the address file under Ray's temp dir: this test's, RAY_TMPDIR), and is refused when none runs."""
+    env = own_ray.env()  # no RAY_* of the caller's: RAY_ADDRESS unset, as under ray submit
+    cmd = [sys.executable, str(ROOT / "tune" / "run.py"), "--config", str(TINY), f"--tune.out={tmp_path / 's'}",
+           "--tune.num_samples=1", "--tune.use_gpu=no", "--tune.unfreeze_groups=[0]", "--train.epochs=3",
+           "--tune.scheduler=fifo", "--data.synthetic_train=300"]
+    alone = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert alone.returncode == 2 and "no `ray start` ran on this machine" in alone.stderr, alone.stderr[-2000:]
+    assert not (tmp_path / "s").exists()
+    _, gcs = own_ray.start_head(num_cpus=1, temp=own_ray.temp / "ray")  # where Ray records it under RAY_TMPDIR
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-3000:]
+    port = gcs.rsplit(":", 1)[1]  # (Ray records the node's own IP)
+    joined = re.search(r"joining the Ray cluster started on this node, at (\S+:" + port + ")", out)
+    assert joined and f"Ray: cluster at {joined[1]}" in out, out[-3000:]
+    rows = list(csv.DictReader(open(tmp_path / "s" / "tiny" / "results.csv")))
+    assert len(rows) == 1 and rows[0]["status"] == "completed", rows
 
 
 @pytest.mark.slow

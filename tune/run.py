@@ -1,6 +1,10 @@
 """Entry point for ``ray submit cluster/<x>.yaml tune/run.py -- --config ...`` and ``ray job submit -- python
-tune/run.py --config ...``: the same as ``pst-dist tune``. Attaches to the cluster that RAY_ADDRESS names."""
+tune/run.py --config ...``: the same as ``pst-dist tune``, on the running Ray cluster. ``ray job submit`` names it
+in RAY_ADDRESS; ``ray submit`` runs this script on the head node without it, so the cluster ``ray start`` started
+there is joined (its address file, where ``ray status`` finds it). With neither, it is refused: ``pst-dist tune``
+searches on a local Ray of its own."""
 
+import os
 import sys
 from pathlib import Path
 
@@ -8,5 +12,27 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, 
 
 from pst_dist.cli import main  # noqa: E402
 
+
+def join_the_cluster_here() -> str | None:
+    """Set RAY_ADDRESS to the cluster ``ray start`` started on this node when it is unset (``ray submit``); returns
+    the message to print, or None when RAY_ADDRESS was set. Raises SystemExit(2) when no cluster runs here: a
+    private Ray would run the whole search on this one node (and find no GPU on a head without one)."""
+    if os.environ.get("RAY_ADDRESS"):
+        return None
+    from ray._private.utils import read_ray_address  # where `ray start` records it (RAY_TMPDIR, else /tmp/ray)
+
+    address = read_ray_address()
+    if not address:
+        print("error: tune/run.py searches on a running Ray cluster: RAY_ADDRESS is unset and no `ray start` ran on "
+              "this machine (no ray_current_cluster file in Ray's temp dir); use `ray submit` / `ray job submit` "
+              "onto a cluster, or `pst-dist tune` for a search on a local Ray of its own", file=sys.stderr)
+        raise SystemExit(2)
+    os.environ["RAY_ADDRESS"] = address
+    return f"[tune] RAY_ADDRESS unset (ray submit): joining the Ray cluster started on this node, at {address}"
+
+
 if __name__ == "__main__":
+    if "-h" not in sys.argv[1:] and "--help" not in sys.argv[1:]:
+        if joined := join_the_cluster_here():
+            print(joined, file=sys.stderr)
     sys.exit(main(["tune", *sys.argv[1:]]))

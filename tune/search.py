@@ -1,7 +1,8 @@
 """``pst-dist tune``: the Ray Tune search over PST schedules, and what it leaves behind.
 
 A local Ray is started when no cluster address is given (``RAY_ADDRESS`` unset; dashboard on 127.0.0.1); under
-``ray job submit`` or ``ray submit`` the address is set and the search attaches to that cluster.
+``ray job submit`` the address is set and the search attaches to that cluster (under ``ray submit`` tune/run.py sets
+it to the cluster ``ray start`` started on the head, where ``ray submit`` runs it).
 """
 
 from __future__ import annotations
@@ -103,8 +104,8 @@ def check_space(cfg: Config, groups: int) -> None:
 
 
 def on_cluster() -> bool:
-    """Whether the search runs on a cluster someone started (``RAY_ADDRESS`` set, as ``ray job submit`` and
-    ``ray submit`` do) rather than on a local Ray of its own."""
+    """Whether the search runs on a cluster someone started (``RAY_ADDRESS`` set, as ``ray job submit`` does and
+    tune/run.py under ``ray submit``) rather than on a local Ray of its own."""
     return bool(os.environ.get("RAY_ADDRESS"))
 
 
