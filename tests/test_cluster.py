@@ -28,6 +28,11 @@ def test_cluster_yaml_passes_ray_validation(name):
     starts = config["head_start_ray_commands"] + config["worker_start_ray_commands"]
     assert all("pst-dist/.venv/bin/ray" in c for c in starts)  # Ray runs from the project's venv
     assert config["file_mounts"] == {"~/pst-dist": "."} and ".gitignore" in config["rsync_filter"]
+    if "docker" in config:  # the nodes run in containers: the host's shared tune.out is bound into each
+        assert "-v /mnt/shared:/mnt/shared" in config["docker"]["run_options"]
+        assert "--tune.out=/mnt/shared/tune" in (CLUSTER / name).read_text()  # the search's storage, under it
+        # a GPU worker torch cannot use (its driver older than the CUDA build needs) fails at set-up
+        assert any("torch.cuda.is_available()" in c for c in config["worker_setup_commands"])
 
 
 @pytest.mark.parametrize("break_it", ["unknown_key", "bad_type", "bad_head_type"])
