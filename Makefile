@@ -11,25 +11,36 @@ TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
 $(STAMP): pyproject.toml Makefile
 	@$(MAKE) --no-print-directory system-deps
-	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip --version >/dev/null 2>&1 || { rm -rf $(VENV) && $(PY) -m venv $(VENV); }
 	$(BIN)/python -m pip install --upgrade --quiet pip
 	$(BIN)/python -m pip install --quiet $(TORCH_PINS)
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-# Debian packages: FFCV's build and runtime libraries (required: pip builds ffcv against them) and the
-# Fashion-MNIST IDX files (optional: the synthetic data set needs nothing).
-FFCV_APT := pkg-config libturbojpeg0-dev libopencv-dev
+# Debian packages: FFCV's build and runtime libraries (required: ffcv is a source package pip compiles, against
+# them, with a C++ compiler and the Python headers; python3-venv for the system Python's venv) and the Fashion-MNIST
+# IDX files (optional: the synthetic data set needs nothing; installed on their own, so a system without the package
+# still gets the required ones).
+FFCV_APT := build-essential python3-dev python3-venv pkg-config libturbojpeg0-dev libopencv-dev
 DATA_APT := dataset-fashion-mnist
 system-deps:
-	@missing=$$(for p in $(FFCV_APT) $(DATA_APT); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
-	if [ -z "$$missing" ]; then \
+	@missing=$$(for p in $(FFCV_APT); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	optional=$$(for p in $(DATA_APT); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -z "$$missing$$optional" ]; then \
 	  echo "system-deps: all present ($(FFCV_APT) $(DATA_APT))"; \
 	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
-	  echo "system-deps: apt-get install $$missing"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  apt-get update -qq; \
+	  if [ -n "$$missing" ]; then \
+	    echo "system-deps: apt-get install $$missing"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null || exit 1; \
+	  fi; \
+	  if [ -n "$$optional" ]; then \
+	    echo "system-deps: apt-get install $$optional (optional)"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$optional >/dev/null \
+	      || echo "system-deps: $$optional not installed (optional: the demo uses the synthetic data set)"; \
+	  fi; \
 	else \
-	  echo "system-deps: need root apt-get for: $$missing (FFCV needs $(FFCV_APT); Fashion-MNIST is optional)"; \
+	  echo "system-deps: need root apt-get for: $$missing $$optional (FFCV needs $(FFCV_APT); Fashion-MNIST is optional)"; \
 	fi
 
 # The whole install (apt prerequisites, venv, pinned torch, pst-dist with deepspeed / ffcv / ray[tune]); demo and
@@ -48,5 +59,7 @@ test-all: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check pst_dist tests bench tune launch
 
+# The venv and caches only: runs/ holds results (bench cells, poisons, searches) that took hours; remove what you
+# no longer want yourself.
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -86,6 +86,56 @@ def test_ci_runs_make_test_with_a_fresh_empty_home_and_removes_it(tmp_path):
     assert (home / ".ray" / "auth_token").is_file()  # the real HOME untouched
 
 
+def _fake_tools(tmp_path: Path, scripts: dict[str, str]) -> dict:
+    """An environment whose PATH finds these shell scripts first (each records its arguments in $RECORD)."""
+    fake = tmp_path / "bin"
+    fake.mkdir(exist_ok=True)
+    for name, body in scripts.items():
+        (fake / name).write_text(f'#!/bin/sh\necho "{name} $*" >> "$RECORD"\n{body}\n')
+        (fake / name).chmod(0o755)
+    return {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "RECORD": str(tmp_path / "record")}
+
+
+def test_system_deps_installs_the_required_packages_and_an_unavailable_optional_one_does_not_stop_it(tmp_path):
+    # one apt-get install of all of them: a system without dataset-fashion-mnist got none of FFCV's build needs
+    env = _fake_tools(tmp_path, {"dpkg": "exit 1", "id": "echo 0",
+                                 "apt-get": 'case "$*" in *dataset-fashion-mnist*) exit 100;; esac; exit 0'})
+    r = subprocess.run(["make", "-s", "-C", str(ROOT), "system-deps"], env=env, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    calls = (tmp_path / "record").read_text().splitlines()
+    required = next(c for c in calls if c.startswith("apt-get install") and "libturbojpeg0-dev" in c)
+    assert all(p in required for p in ("build-essential", "python3-dev", "python3-venv", "libopencv-dev"))
+    assert "dataset-fashion-mnist" not in required
+    assert "dataset-fashion-mnist not installed (optional" in r.stdout, r.stdout
+    env = _fake_tools(tmp_path, {"apt-get": 'case "$*" in *libopencv-dev*) exit 100;; esac; exit 0'})
+    r = subprocess.run(["make", "-s", "-C", str(ROOT), "system-deps"], env=env, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode != 0, "a required package that did not install must stop the install"
+
+
+def test_make_install_recreates_a_venv_left_without_pip(tmp_path):
+    # a `python -m venv` that failed for want of ensurepip leaves .venv/bin/python: the next make skipped the venv
+    # and died on "No module named pip"
+    for name in ("Makefile", "pyproject.toml"):
+        (tmp_path / name).write_bytes((ROOT / name).read_bytes())
+    broken = tmp_path / ".venv" / "bin" / "python"
+    broken.parent.mkdir(parents=True)
+    broken.write_text("#!/bin/sh\nexit 1\n")  # no pip
+    broken.chmod(0o755)
+    make_venv = ('[ "$1" = -m ] && [ "$2" = venv ] || exit 1\nmkdir -p "$3/bin"\n'
+                 'printf \'#!/bin/sh\\necho "venv-python $*" >> "$RECORD"\\n\' > "$3/bin/python"\n'
+                 'chmod +x "$3/bin/python"')
+    env = _fake_tools(tmp_path, {"dpkg": "exit 0", "python3": make_venv})
+    r = subprocess.run(["make", "-s", "-C", str(tmp_path), "install", "PY=python3"], env=env, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    calls = (tmp_path / "record").read_text().splitlines()
+    assert "python3 -m venv .venv" in calls, calls
+    assert any(c.startswith("venv-python -m pip install") and "torch==" in c for c in calls), calls
+    assert (tmp_path / ".venv" / ".installed").is_file()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Python 3.10: what pyproject's requires-python and the README promise
 
