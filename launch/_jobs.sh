@@ -1,5 +1,6 @@
 # Sourced by the result scripts: queue `pst-dist train` runs, then run them JOBS at a time, one thread each.
-#   queue_run RUN_DIR [train args...]   skips a run whose summary.json exists; logs to RUN_DIR.log
+#   queue_run RUN_DIR [train args...]   skips a run whose summary.json exists, resumes one cut short (its
+#                                       config.toml, no summary); logs to RUN_DIR.log
 #   run_queued                          runs the queue with JOBS (default 2) in parallel
 JOBS=${JOBS:-2}
 _queue=$(mktemp)
@@ -9,8 +10,11 @@ queue_run() {
   local run=$1
   shift
   [ -f "$run/summary.json" ] && return 0
+  local resume=()
+  [ -f "$run/config.toml" ] && resume=(--resume)  # cut short: train refuses to start it again without --resume
   mkdir -p "$(dirname "$run")"
-  printf '%q ' .venv/bin/pst-dist train "$@" --train.threads=1 --log.progress=false --log.run_dir="$run" >> "$_queue"
+  printf '%q ' .venv/bin/pst-dist train "$@" --train.threads=1 --log.progress=false --log.run_dir="$run" \
+    ${resume[@]+"${resume[@]}"} >> "$_queue"
   printf '> %q 2>&1\n' "$run.log" >> "$_queue"
 }
 

@@ -1,4 +1,5 @@
-"""The speed scripts in bench/ keep running where there is no GPU: each at toy sizes on the CPU."""
+"""The speed scripts in bench/ keep running where there is no GPU: each at toy sizes on the CPU; and the result
+scripts' run queue (launch/_jobs.sh)."""
 
 from __future__ import annotations
 
@@ -92,3 +93,30 @@ def test_engine_overhead_refuses_too_few_steps(capsys):
     with pytest.raises(SystemExit):
         _load("engine_overhead").main(["--steps", "3"])
     assert "--steps 3: need >= 4" in capsys.readouterr().err
+
+
+def test_the_result_scripts_queue_resumes_a_run_cut_short(tmp_path):
+    """launch/_jobs.sh (science_fmnist.sh, beton_equivalence.sh): a run with its config.toml but no summary.json was
+    queued again without --resume, which train refuses (exit 2): every rerun of the script stopped there."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from .conftest import TINY
+
+    run = tmp_path / "runs" / "a"
+    args = [*TINY, "--train.epochs=2", "--log.tensorboard=false"]
+    base = [sys.executable, "-m", "pst_dist.cli", "train", *args, f"--log.run_dir={run}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    assert subprocess.run(base, env=env, capture_output=True, timeout=300).returncode == 0
+    (run / "summary.json").unlink()  # as a run killed in its last epoch leaves it (checkpoints of epochs 1 and 2)
+    (tmp_path / ".venv" / "bin").mkdir(parents=True)  # the scripts call .venv/bin/pst-dist from the repository
+    (tmp_path / ".venv" / "bin" / "pst-dist").symlink_to(Path(sys.executable).parent / "pst-dist")
+    script = (f"source {ROOT / 'launch' / '_jobs.sh'}; queue_run {run} " + " ".join(args) + "; run_queued")
+    r = subprocess.run(["bash", "-c", f"set -euo pipefail; {script}"], cwd=tmp_path, env=env, capture_output=True,
+                       text=True, timeout=300)
+    log = (tmp_path / "runs" / "a.log").read_text()
+    assert r.returncode == 0, r.stderr + log[-2000:]
+    assert [r["epoch"] for r in json.loads((run / "meta.json").read_text())["resumes"]] == [2]  # resumed, not redone
+    assert json.loads((run / "summary.json").read_text())["status"] == "finished"
