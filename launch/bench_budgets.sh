@@ -5,6 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PST=.venv/bin/pst-dist
+failed=0
 for attack in "${@:-classwise_noise}"; do
   case "$attack" in
     classwise_noise|em|rem|tap) knob=eps; values="0.0627451 0.1254902" ;;   # 16/255, 32/255
@@ -18,6 +19,7 @@ for attack in "${@:-classwise_noise}"; do
     $PST bench --config launch/configs/bench_fmnist.toml --bench.attacks="[\"$attack\"]" \
       --bench.defenses='["standard"]' --bench.seeds=1 --bench.jobs=1 --train.threads=1 \
       --bench.out="runs/bench_budget/${attack}_${knob}_${v}" \
-      "${extra[@]}" 2>&1 | grep -a "^|\|\[bench\] cell" || true
+      "${extra[@]}" 2>&1 | { grep -a -E "^\||\[bench\] (cell|FAILED)|error" || true; } || failed=1
   done
 done
+exit "$failed"  # a refused config or a failed cell is this script's failure (pipefail: the bench's exit status)

@@ -15,12 +15,13 @@ export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/gpu_out}
 DEADLINE=$((SECONDS + ${BUDGET:-500}))
 mkdir -p "$OUT"
+SITE=$(mktemp -d "${TMPDIR:-/tmp}/pst-gpu-site.XXXXXX")  # this call's own: nothing another run left or uses
+R=$(mktemp -d "${TMPDIR:-/tmp}/pst-gpu-runs.XXXXXX")
+trap 'rm -rf "$SITE" "$R"' EXIT
 if compgen -G ".whl/*.whl" >/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl >"$OUT/pip.log" 2>&1 \
-    && export PYTHONPATH=$PWD:/tmp/site
+  python3 -m pip install -q --no-index --no-deps --target "$SITE" .whl/*.whl >"$OUT/pip.log" 2>&1 \
+    && export PYTHONPATH=$PWD:$SITE
 fi
-R=/tmp/pst_gpu_runs
-rm -rf "$R"
 step() {  # name, expected exit status, time limit, command...
   local name=$1 want=$2 limit=$3 t0=$SECONDS
   shift 3
