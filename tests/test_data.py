@@ -104,15 +104,25 @@ def test_cifar10_and_100(tmp_path):
 
 
 class Evil:
+    """Unpickled, it opens (creates) ``target`` for writing: code run by a plain pickle.load."""
+
+    def __init__(self, target):
+        self.target = str(target)
+
     def __reduce__(self):
-        return (open, ("/tmp/pst_dist_pwned", "w"))
+        return (open, (self.target, "w"))
 
 
 def test_cifar_restricted_unpickler_refuses_code(tmp_path):
     d = make_cifar10(tmp_path / "c10")
-    (d / "data_batch_1").write_bytes(pickle.dumps({b"data": Evil(), b"labels": []}))
+    pwned = tmp_path / "pwned"
+    evil = pickle.dumps({b"data": Evil(pwned), b"labels": []})
+    (d / "data_batch_1").write_bytes(evil)
     with pytest.raises(DataError, match="forbidden global"):
         load_splits(DataConfig(source="cifar10", root=str(tmp_path / "c10"), val_size=10))
+    assert not pwned.exists(), "the batch's code ran"
+    pickle.loads(evil)  # (what a plain unpickler does with it: the check above can fail)
+    assert pwned.exists()
     (d / "data_batch_1").write_bytes(b"\x80\x02corrupt")
     with pytest.raises(DataError, match="data_batch_1"):
         load_splits(DataConfig(source="cifar10", root=str(tmp_path / "c10"), val_size=10))

@@ -166,12 +166,28 @@ def test_view_keeps_shape_and_range(name, chans):
     assert torch.equal(x, clean), f"{name} changed its input"
 
 
+def _holds(got, want) -> bool:
+    """``got`` (a loaded config's value) is ``want`` (an override's), tables filled in with their defaults."""
+    if isinstance(want, dict):
+        return isinstance(got, dict) and all(k in got and _holds(got[k], v) for k, v in want.items())
+    if isinstance(want, list):
+        return isinstance(got, list) and len(got) == len(want) and all(map(_holds, got, want))
+    return got == want
+
+
 @pytest.mark.parametrize("name", list(DEFENSES))
 def test_defense_overrides_make_a_valid_config(name):
     overrides = DEFENSES.entry(name).data["overrides"]
     raw = C.apply_overrides(C.to_dict(C.load_config(None)), list(overrides))
     cfg = C.from_dict(C.Config, raw)
-    assert isinstance(cfg, C.Config)
+    # each override took effect: the dotted key holds the value the override gives
+    flat = C.to_dict(cfg)
+    for o in overrides:
+        key, value = o.removeprefix("--").split("=", 1)
+        got = flat
+        for part in key.split("."):
+            got = got[int(part)] if isinstance(got, list) else got[part]
+        assert _holds(got, C.tomllib.loads(f"x = {value}")["x"]), (o, got)
     assert C.to_dict(cfg) == C.to_dict(C.from_dict(C.Config, C.apply_overrides(C.to_dict(cfg), list(overrides))))
 
 

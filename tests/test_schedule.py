@@ -21,7 +21,8 @@ def test_trigger_history_is_pure():
     s = make()
     h = ((0, 7),)
     assert [s.stage_at(t, h).index for t in (6, 7, 11, 12)] == [0, 1, 1, 2]
-    assert s.stage_at(12, h) == s.stage_at(12, h)  # same inputs, same stage (no hidden state)
+    # same inputs, same stage (no hidden state): a call with another history between does not change the answer
+    assert [s.stage_at(12, h).index, s.stage_at(12).index, s.stage_at(12, h).index] == [2, 0, 2]
     assert s.stage_at(12, h).start == 12
     assert s.can_fire(s.stage_at(5), 5) and not s.can_fire(s.stage_at(30), 30)
 
