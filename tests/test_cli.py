@@ -4,6 +4,7 @@ import sys
 import pytest
 from PIL import Image
 
+from pst_dist.io import is_our_png
 from pst_dist.metrics import describe_machine, machine_facts
 
 from .conftest import MARKER_TEXT, TINY, place_marker, run_cli_in_process
@@ -25,11 +26,17 @@ def test_demo_prints_table_and_plot(tmp_path):
     again = run_cli("report", str(tmp_path), "--plot", str(tmp_path / "again.png"))
     assert again.returncode == 0 and "poisoned_pst" in again.stdout
     plot = tmp_path / "again.png"
+    first = plot.stat().st_ino
     assert run_cli_in_process("report", str(tmp_path), "--plot", str(plot)).returncode == 0  # its own: replaced
+    assert plot.stat().st_ino != first and is_our_png(plot)  # (atomically: a new file renamed over it)
     upper = tmp_path / "AGAIN.PNG"  # the suffix in capitals: marked as pst-dist's too, so replaced again
+    inodes = []
     for _ in range(2):
         r = run_cli_in_process("report", str(tmp_path), "--plot", str(upper))
         assert r.returncode == 0, r.stderr[-2000:]
+        assert is_our_png(upper)
+        inodes.append(upper.stat().st_ino)
+    assert inodes[0] != inodes[1], "the second report did not replace the first's plot"
     other = tmp_path / "other.png"  # a PNG another program wrote
     Image.new("L", (4, 4)).save(other)
     figure = tmp_path / "figure.png"  # the user's own matplotlib figure (was replaced: any matplotlib PNG passed)
