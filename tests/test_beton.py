@@ -274,9 +274,10 @@ def test_poison_shape_mismatch_writes_nothing(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.npy"]
 
 
-def test_cli_write_beton_errors_exit_2(tmp_path):
+def test_cli_write_beton_errors_exit_2(tmp_path, capsys):
     from pst_dist.cli import main
 
     assert main(["write-beton", "--out", str(tmp_path / "o"), *SMALL, "--poison.kind=file",
                  f"--poison.path={tmp_path / 'missing.npy'}"]) == 2
+    assert "missing.npy" in (err := capsys.readouterr().err), err  # the error names the file
     assert not (tmp_path / "o").exists()

@@ -111,10 +111,14 @@ def test_eval_reproduces_the_runs_accuracy_and_writes_nothing_into_it(runs, caps
     assert eval_cli(capsys, "--run", run["dir"], "--checkpoint", run["dir"] / "checkpoint.pt", "--out", out) == r
     assert json.loads(out.read_text()) == r
     assert snapshot(run["dir"]) == before, "eval changed the run directory"
+    capsys.readouterr()
     assert main(["eval", "--run", str(run["dir"]), "--out", str(out)]) == 2  # exists: --overwrite needed
+    assert f"--out {out}" in (err := capsys.readouterr().err) and "pass --overwrite" in err, err
     assert main(["eval", "--run", str(run["dir"]), "--out", str(out), "--overwrite"]) == 0
     marker = place_marker(tmp_path)
+    capsys.readouterr()
     assert main(["eval", "--run", str(run["dir"]), "--out", str(marker), "--overwrite"]) == 2
+    assert "is not an earlier `pst-dist eval` output" in (err := capsys.readouterr().err), err
     assert marker.read_text() == MARKER_TEXT, "eval replaced a file it did not write"
 
 
@@ -216,11 +220,16 @@ def test_export_small_stem_loads_through_pst_dist_with_the_runs_predictions(runs
     assert torch.equal(logits(model, runs["args"]), want)
     with pytest.raises(RuntimeError, match="conv1"):  # timm alone cannot build the 3x3 stem (as the docs say)
         timm.create_model(f"local-dir:{out}", pretrained=True)
+    capsys.readouterr()
     assert main(["export", "--run", str(run["dir"]), "--out", str(out)]) == 2  # an earlier export: --overwrite
+    assert "holds an earlier `pst-dist export` output; pass --overwrite" in (err := capsys.readouterr().err), err
     assert main(["export", "--run", str(run["dir"]), "--out", str(out), "--overwrite"]) == 0
     marker = place_marker(tmp_path / "theirs")
+    capsys.readouterr()
     assert main(["export", "--run", str(run["dir"]), "--out", str(marker.parent)]) == 2
+    assert "not empty and not an earlier `pst-dist export` output" in (err := capsys.readouterr().err), err
     assert main(["export", "--run", str(run["dir"]), "--out", str(tmp_path / "m.safetensors")]) == 2
+    assert "m.safetensors: name a folder" in (err := capsys.readouterr().err), err
     assert marker.read_text() == MARKER_TEXT and not (tmp_path / "m.safetensors").exists()
     for i, theirs in enumerate(("null", '"pst_dist"')):  # a user's config.json, not an export's
         (tmp_path / f"user{i}").mkdir()
