@@ -142,16 +142,22 @@ def test_detectors_fire_on_poisoned_probe_and_stay_quiet_on_clean(runs):
     assert set(pois["logs"][-1]) >= {"detect/shortcut_gap", f"detect/cluster/group_{CLUSTER_GROUP}"}
 
 
-def test_more_views_are_measured_once_each_and_read_by_the_condition_that_names_them(runs):
+def test_more_views_are_measured_once_each_and_read_by_the_condition_that_names_them(runs, monkeypatch):
     """probe_metrics' more_views (a trigger's also conditions on views of their own): each name gets its view's
     accuracy and gap, the same as the view measured as the trigger's own; two names on one view share one
     measurement; trigger_value reads a condition's view by its name, the trigger's own without one."""
     pois = runs["patch_noise"]
     data = pois["data"]
     x, y = data.poisoned_train[:PROBE].float() / 255, data.splits.train.labels[:PROBE]
+    import pst_dist.pst.detectors as detectors
+
+    applied: list[str] = []
+    real = detectors.apply_view
+    monkeypatch.setattr(detectors, "apply_view", lambda x, v, *a: applied.append(v) or real(x, v, *a))  # a spy
     with one_thread():
         m = probe_metrics(pois["gm"], x, y, pois["normalize"], "quantize:3",
                           more_views={"also_0": "blur", "also_2": "blur", "also_3": "downup:1"})
+        assert sorted(applied) == ["blur", "downup:1", "quantize:3"], applied  # blur once for its two names
         alone = {v: probe_metrics(pois["gm"], x, y, pois["normalize"], v) for v in ("blur", "downup:1")}
     for name, v in (("also_0", "blur"), ("also_2", "blur"), ("also_3", "downup:1")):
         assert m[f"probe_view_acc/{name}"] == alone[v]["probe_view_acc"], name
