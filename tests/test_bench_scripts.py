@@ -44,6 +44,11 @@ def test_data_wait_compares_the_two_loaders():
     assert [(r["loader"], r["repeat"]) for r in rows] == [("synchronous", 0), ("prefetching", 0),
                                                           ("synchronous", 1), ("prefetching", 1)]
     assert all(0 <= r["data_wait"] < 1 and r["img_per_s"] > 0 for r in rows)
+    # like with like: the two differ in data.prefetch alone (same data, model, batch, threads, epochs timed)
+    same = ("augment", "size", "batch", "width", "threads", "epochs_timed")
+    assert len({tuple(r[k] for k in same) for r in rows}) == 1, rows
+    assert {r["loader"]: r["setting"] for r in rows} == {"synchronous": "--data.prefetch=0",
+                                                         "prefetching": "--data.prefetch=2"}
 
 
 def test_data_wait_compares_an_image_folder_in_memory_and_streamed():

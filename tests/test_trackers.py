@@ -288,6 +288,9 @@ def test_a_tracker_that_opened_is_recorded_before_the_next_one_fails(tmp_path, o
     assert tracking.holds_tracker_run(tmp_path / "r", "wandb", ids["wandb"])
     monkeypatch.undo()
     train(load_config(None, [*args, '--log.trackers=["wandb"]']), overwrite=True)
+    new = json.loads((tmp_path / "r" / "trackers.json").read_text())
+    assert new["wandb"] != ids["wandb"] and not tracking.holds_tracker_run(tmp_path / "r", "wandb", ids["wandb"])
+    assert tracking.holds_tracker_run(tmp_path / "r", "wandb", new["wandb"])  # replaced by the new run's
 
 
 def test_a_resume_whose_recorded_mlflow_run_is_gone_is_refused_naming_it(tmp_path, own_dirs, monkeypatch):
