@@ -230,7 +230,9 @@ def test_compiled_run_keeps_frozen_groups_still_and_recompiles_per_stage_only(tm
     assert eager["throughput"]["compiles"] == 0  # the run's own graphs, not the process's (a bench's earlier cells)
     graphs = compiled["throughput"]["compiles"]
     assert 1 <= graphs <= 4 * 3 + 8, graphs  # one per stage's prefix / BatchNorm modes, detectors and eval
-    assert compiled["test_curve"] == pytest.approx(eager["test_curve"], abs=0.05)
+    # the same run: its weights to float rounding (aot_eager gave them to the bit here), its curve to an image or two
+    assert compiled["model_checksum"] == pytest.approx(eager["model_checksum"], rel=1e-5)
+    assert compiled["test_curve"] == pytest.approx(eager["test_curve"], abs=0.02)
 
 
 def test_fast_vit_recipe_trains_an_image_folder(tmp_path, monkeypatch):
