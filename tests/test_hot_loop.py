@@ -162,6 +162,33 @@ def test_cuda_steps_do_not_synchronise(tmp_path):
     cuda_check(tmp_path)
 
 
+def _reference_crop(x: torch.Tensor, mode: str, g: torch.Generator) -> torch.Tensor:
+    """crop / crop_flip as the code before the batched augmentation (4ea3e82~1) wrote it: zero pad h // 8, one
+    offset pair per image, then (crop_flip) one flip draw per image, in that order from ``g``; kept here so that the
+    batched code is checked against it, not only against pinned digests."""
+    n, c, h, w = x.shape
+    pad = max(1, h // 8)
+    xp = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    oy = torch.randint(0, 2 * pad + 1, (n,), generator=g)
+    ox = torch.randint(0, 2 * pad + 1, (n,), generator=g)
+    flip = torch.rand(n, generator=g) < 0.5 if mode == "crop_flip" else torch.zeros(n, dtype=torch.bool)
+    out = torch.empty_like(x)
+    for i in range(n):  # per image, by slicing
+        img = xp[i, :, oy[i]: oy[i] + h, ox[i]: ox[i] + w]
+        out[i] = img.flip(-1) if flip[i] else img
+    return out
+
+
+@pytest.mark.parametrize("mode", ["crop", "crop_flip"])
+@pytest.mark.parametrize("shape,seed", [((32, 3, 16, 16), 3), ((17, 1, 28, 28), 5), ((8, 3, 32, 24), 7)])
+def test_batched_crop_is_the_per_image_crop(mode, shape, seed):
+    from pst_dist.data.loaders import augment_batch
+
+    x = torch.randint(0, 256, shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(seed + 100))
+    got = augment_batch(x, mode, torch.Generator().manual_seed(seed))
+    assert torch.equal(got, _reference_crop(x, mode, torch.Generator().manual_seed(seed)))
+
+
 @pytest.mark.parametrize("mode,digest", [("crop", "577cc41521e712c1"), ("crop_flip", "32015149ed24e1e1"),
                                          ("ueraser", "85eb583b94cfead1")])
 def test_batched_augmentation_keeps_the_per_sample_code_s_output(mode, digest):
