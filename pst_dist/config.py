@@ -815,10 +815,13 @@ class TuneConfig:
                f"tune.unfreeze_groups={self.unfreeze_groups}: a group appears twice")
         _check(all(g >= 0 for g in self.unfreeze_groups), f"tune.unfreeze_groups={self.unfreeze_groups}: must be >= 0")
         for text in self.unfreeze_orders:  # (whether the groups are the model's is checked when the search starts)
-            parts = text.split("-")
-            _check(all(p.isdigit() for p in parts), f"tune.unfreeze_orders: {text!r}: expected group indices joined "
-                                                      f"by '-', e.g. '1-0'")
-            _check(sorted(int(p) for p in parts) == sorted(self.unfreeze_groups),
+            try:  # as tune.space.parse_order reads it
+                order = [int(p) for p in text.split("-")]
+            except ValueError:
+                order = None
+            _check(order is not None, f"tune.unfreeze_orders: {text!r}: expected group indices joined by '-', "
+                                      f"e.g. '1-0'")
+            _check(sorted(order) == sorted(self.unfreeze_groups),
                    f"tune.unfreeze_orders: {text!r} is not a permutation of tune.unfreeze_groups="
                    f"{self.unfreeze_groups}")
         _check(self.grace_period >= 1, f"tune.grace_period={self.grace_period}: must be >= 1")

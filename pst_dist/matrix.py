@@ -182,16 +182,20 @@ def _recipe(cfg: Config, device: str | None = None) -> dict[str, object]:
 
 def recipe_change(run_dir: Path, cfg: Config) -> dict[str, tuple]:
     """{key: (recorded, now)} where the cell already begun in ``run_dir`` ran another recipe than ``cfg``; empty
-    when there is no such cell or nothing that matters changed. The recorded "auto" settings mean what they meant
-    on the device the cell trained on (a GPU cell's, not deterministic and channels-last, is not this CPU's)."""
+    when there is no such cell or nothing that matters changed. "auto" settings, on both sides, mean what they
+    mean on the device the cell trained on (meta.json; else this machine's): a GPU cell recorded as not
+    deterministic is the recipe "auto" asks for there, though not on this CPU; and a bench driven from a machine
+    without a GPU (a cluster's head, a laptop rebuilding results.md) keeps the cells its GPU workers trained. (A cell
+    resumed on another kind of device is checked by the resume itself, where it runs.)"""
     f = run_dir / "config.toml"
     if not f.is_file():
         return {}
+    device = trained_on(run_dir)
     try:
-        was = _recipe(load_config(f, recorded=True), trained_on(run_dir))
+        was = _recipe(load_config(f, recorded=True), device)
     except ConfigError as e:  # a config this version cannot read counts as changed
         return {"config.toml": (str(e), "this version's")}
-    return changes(was, _recipe(cfg))
+    return changes(was, _recipe(cfg, device))
 
 
 def changes(was: dict, now: dict) -> dict[str, tuple]:

@@ -272,19 +272,21 @@ def test_a_resumed_bench_reruns_the_cells_whose_recipe_changed(tmp_path):
 
 
 def test_a_resumed_bench_compares_auto_by_the_device_a_cell_trained_on(tmp_path):
-    # 'auto' was judged on this machine for both sides: a cell a GPU trained (not deterministic, channels-last) was
-    # kept as this CPU's recipe
+    # 'auto' was judged on this machine: a GPU cell recorded deterministic=false (what auto means there) counted as
+    # another recipe than auto on this CPU; and the reverse check must not re-run GPU cells from a GPU-less driver
     out = tmp_path / "b"
     one = ['--bench.attacks=["classwise_noise"]', '--bench.defenses=["standard"]', "--bench.seeds=1",
            "--bench.jobs=1", "--train.epochs=1"]
-    assert bench(out, *one).returncode == 0
+    assert bench(out, *one, "--train.deterministic=false", "--train.channels_last=true").returncode == 0
     cell = out / "cells" / "classwise_noise" / "standard" / "seed0"
     meta = json.loads((cell / "meta.json").read_text())
     meta["resolved"]["device"] = "cuda:0"  # as a GPU machine records it
     (cell / "meta.json").write_text(json.dumps(meta))
-    r = bench(out, *one)
+    r = bench(out, *one)  # auto, from this CPU: on the cell's GPU the same settings
+    assert r.returncode == 0 and "cells: 1 finished (skipped), 0 to run" in r.stderr, r.stderr[-2000:]
+    r = bench(out, *one, "--train.deterministic=true")  # not what the cell trained with, on any device
     assert r.returncode == 0 and "cell classwise_noise / standard / seed 0: its recipe changed" in r.stderr, r.stderr
-    assert "'train.deterministic': (False, True)" in r.stderr and "'train.channels_last': (True, False)" in r.stderr
+    assert "'train.deterministic': (False, True)" in r.stderr and "channels_last" not in r.stderr
     [old] = (out / "superseded" / "classwise_noise" / "standard").glob("seed0-*")
     assert json.loads((old / "meta.json").read_text())["resolved"]["device"] == "cuda:0"  # kept, not removed
 

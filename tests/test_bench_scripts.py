@@ -105,6 +105,7 @@ def test_the_result_scripts_queue_resumes_a_run_cut_short(tmp_path):
     queued again without --resume, which train refuses (exit 2): every rerun of the script stopped there."""
     import json
     import os
+    import shlex
     import subprocess
     import sys
 
@@ -118,10 +119,19 @@ def test_the_result_scripts_queue_resumes_a_run_cut_short(tmp_path):
     (run / "summary.json").unlink()  # as a run killed in its last epoch leaves it (checkpoints of epochs 1 and 2)
     (tmp_path / ".venv" / "bin").mkdir(parents=True)  # the scripts call .venv/bin/pst-dist from the repository
     (tmp_path / ".venv" / "bin" / "pst-dist").symlink_to(Path(sys.executable).parent / "pst-dist")
-    script = (f"source {ROOT / 'launch' / '_jobs.sh'}; queue_run {run} " + " ".join(args) + "; run_queued")
+    jobs = shlex.quote(str(ROOT / "launch" / "_jobs.sh"))
+    script = f"source {jobs}; queue_run {shlex.join([str(run), *args])}; run_queued"
     r = subprocess.run(["bash", "-c", f"set -euo pipefail; {script}"], cwd=tmp_path, env=env, capture_output=True,
                        text=True, timeout=300)
     log = (tmp_path / "runs" / "a.log").read_text()
     assert r.returncode == 0, r.stderr + log[-2000:]
     assert [r["epoch"] for r in json.loads((run / "meta.json").read_text())["resumes"]] == [2]  # resumed, not redone
+    # cut short in its first epoch (its config.toml, no checkpoint yet): nothing to resume from, started again
+    (run / "summary.json").unlink()
+    (run / "checkpoint.pt").unlink()
+    r = subprocess.run(["bash", "-c", f"set -euo pipefail; {script}"], cwd=tmp_path, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr + (tmp_path / "runs" / "a.log").read_text()[-2000:]
+    assert json.loads((run / "summary.json").read_text())["status"] == "finished"
+    assert "resumes" not in json.loads((run / "meta.json").read_text())  # a new run
     assert json.loads((run / "summary.json").read_text())["status"] == "finished"

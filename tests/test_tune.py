@@ -54,8 +54,10 @@ def test_orders_are_permutations_that_never_name_the_head_or_a_missing_group():
         valid_orders(load_config(TINY, ["--tune.unfreeze_groups=[0, 7]"]), 6)
     with pytest.raises(ConfigError, match="'0-2' is not a permutation"):  # when the config loads, not at the search
         load_config(TINY, ['--tune.unfreeze_orders=["0-2"]'])
-    with pytest.raises(ConfigError, match="'1,0': expected group indices joined by '-'"):
-        load_config(TINY, ['--tune.unfreeze_orders=["1,0"]'])
+    for bad in ("1,0", "\u00b2-0"):  # (a superscript two is a digit to str.isdigit, not to int)
+        with pytest.raises(ConfigError, match=f"'{bad}': expected group indices joined by '-'"):
+            load_config(TINY, [f'--tune.unfreeze_orders=["{bad}"]'])
+    assert valid_orders(load_config(TINY, ['--tune.unfreeze_orders=["1 - 0"]']), 6) == [(1, 0)]  # as before
     with pytest.raises(ConfigError, match="appears twice"):
         load_config(TINY, ["--tune.unfreeze_groups=[1, 1]"])
     only = load_config(TINY, ['--tune.unfreeze_orders=["1-0"]'])
@@ -628,6 +630,12 @@ def test_ray_submit_s_search_joins_the_cluster_started_on_its_node(own_ray, tmp_
     alone = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert alone.returncode == 2 and "no `ray start` ran on this machine" in alone.stderr, alone.stderr[-2000:]
     assert not (tmp_path / "s").exists()
+    stale = own_ray.temp / "ray" / "ray_current_cluster"  # what a cluster stopped without `ray stop` leaves
+    stale.parent.mkdir()
+    stale.write_text(f"127.0.0.1:{_free_port()}")
+    gone = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert gone.returncode == 2 and "does not answer" in gone.stderr, gone.stderr[-2000:]
+    stale.unlink()
     _, gcs = own_ray.start_head(num_cpus=1, temp=own_ray.temp / "ray")  # where Ray records it under RAY_TMPDIR
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     out = r.stdout + r.stderr

@@ -5,6 +5,7 @@ there is joined (its address file, where ``ray status`` finds it). With neither,
 searches on a local Ray of its own."""
 
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -19,7 +20,8 @@ def join_the_cluster_here() -> str | None:
     private Ray would run the whole search on this one node (and find no GPU on a head without one)."""
     if os.environ.get("RAY_ADDRESS"):
         return None
-    from ray._private.utils import read_ray_address  # where `ray start` records it (RAY_TMPDIR, else /tmp/ray)
+    from ray._private.utils import read_ray_address  # where `ray start` records it (under RAY_TMPDIR, else TMPDIR,
+    # else /tmp: ray/ray_current_cluster); private, as ray 2.60.0 (pinned) has it
 
     address = read_ray_address()
     if not address:
@@ -27,6 +29,14 @@ def join_the_cluster_here() -> str | None:
               "this machine (no ray_current_cluster file in Ray's temp dir); use `ray submit` / `ray job submit` "
               "onto a cluster, or `pst-dist tune` for a search on a local Ray of its own", file=sys.stderr)
         raise SystemExit(2)
+    host, _, port = address.rpartition(":")
+    try:  # a cluster stopped without `ray stop` (a crash) leaves its file: say so, not a ConnectionError later
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except (OSError, ValueError):
+        print(f"error: the Ray cluster recorded on this machine, at {address} (ray_current_cluster in Ray's temp "
+              f"dir), does not answer: stopped without `ray stop`? Start it again (`ray start --head`, or `ray up`) "
+              f"or set RAY_ADDRESS", file=sys.stderr)
+        raise SystemExit(2) from None
     os.environ["RAY_ADDRESS"] = address
     return f"[tune] RAY_ADDRESS unset (ray submit): joining the Ray cluster started on this node, at {address}"
 
