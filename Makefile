@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # on GPU machines the same pins come from the registry.
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install demo test test-all lint system-deps clean
+.PHONY: install demo test test-all lint system-deps clean gpu-wheels
 
 $(STAMP): pyproject.toml Makefile
 	@$(MAKE) --no-print-directory system-deps
@@ -58,6 +58,21 @@ test-all: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check pst_dist tests bench tune launch
+
+# What a lent GPU machine without a package registry needs for launch/gpu_checks.sh (../shared/GPU.md: Python 3.12,
+# torch and timm there; no deepspeed or pytest): DeepSpeed built here (pure Python), its and pytest's dependencies
+# downloaded for CPython 3.12 on manylinux, into .whl/ (git-ignored: carry it to the machine). Made whole, then renamed.
+GPU_PY := 3.12
+GPU_WHEELS := hjson==3.1.0 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 \
+	typing-extensions==4.16.0 msgpack==1.2.4 py-cpuinfo==9.0.0 einops==0.8.2 psutil==7.2.2 \
+	pytest==9.2.0 pluggy==1.7.0 iniconfig==2.3.1 packaging==26.4 pygments
+gpu-wheels: $(STAMP)
+	rm -rf .whl.tmp && mkdir .whl.tmp
+	$(BIN)/python -m pip wheel --quiet --no-deps --no-build-isolation -w .whl.tmp deepspeed==0.19.8
+	$(BIN)/python -m pip download --quiet --no-deps --only-binary=:all: --python-version $(GPU_PY) --implementation cp \
+	  --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 \
+	  -d .whl.tmp $(GPU_WHEELS)
+	rm -rf .whl && mv .whl.tmp .whl && ls .whl
 
 # The venv and caches only: runs/ holds results (bench cells, poisons, searches) that took hours; remove what you
 # no longer want yourself.

@@ -8,7 +8,7 @@
 #   4. if time is left: the trainer's new run / resume / refusal on CUDA.
 # Each step under its own timeout and a shared deadline (BUDGET seconds, default 500), its log and a JSON line with its
 # exit status under $OUT, so one failing step does not cost the others. DeepSpeed and pytest come as wheels in .whl/
-# (built on a machine with a registry: see ../shared/GPU.md), installed into a private target.
+# (`make gpu-wheels` on a machine with a registry; ../shared/GPU.md), installed into a private target.
 #   OUT=/tmp/gpu_out bash launch/gpu_checks.sh
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
