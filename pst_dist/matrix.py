@@ -272,8 +272,8 @@ def plan_bench(config: str, overrides: list[str]) -> Bench:
     base = to_dict(cfg)
     check_val_size(cfg.data)  # else every poison and cell would fail alone, after bench.json is written
     for where, table in (("attack_overrides", b.attack_overrides), ("defense_overrides", b.defense_overrides)):
-        for name, overrides in table.items():
-            if seeded := seed_overrides(overrides):  # every seed of the bench: the same run, reported as several
+        for name, extra in table.items():  # (not `overrides`: the command line's, recorded below)
+            if seeded := seed_overrides(extra):  # every seed of the bench: the same run, reported as several
                 raise ConfigError(f"bench.{where}.{name}={seeded}: the bench's seeds set poison.seed and train.seed "
                                   f"(bench.seeds: 0, 1, ...); set how many with bench.seeds")
     if "pst" in b.defenses and len(cfg.schedule.stages) < 2:

@@ -67,7 +67,8 @@ def test_bench_matrix_tables_heatmap_and_resume(tiny_pool_bench):
     assert len(cells) == 16 and all(list(c.glob("events.out.tfevents*")) or list((c / "tb").glob("*"))
                                     for c in cells), "a TensorBoard run per cell"
     md = (out / "results.md").read_text()
-    assert md.startswith("Regenerate: `pst-dist bench --config")
+    # the command that made it: the command line's overrides (bench_tiny's [bench.attack_overrides] took their name)
+    assert md.splitlines()[0] == f"Regenerate: `pst-dist bench --config {TINY} --bench.out={out}`", md.splitlines()[0]
     assert "| classwise_noise |" in md and " ± " in md and "| em |" in md and "seconds" in md
     machine = f"Computed on: {describe_machine(machine_facts())} (16 cells, 4 poisons)."  # one made them all
     assert machine in md
