@@ -579,6 +579,10 @@ def build_run(cfg: Config, resume: bool, overwrite: bool, allow_changes: bool, d
     try:
         if resume and dist_info.is_primary:  # once the trackers are open: a resume they refuse leaves the run's
             write_run_header(run_dir, cfg, st.epoch, changes, resolved, inputs, device)  # record as it was
+            said = "; ".join(f"{k}: {was!r} -> {now!r}" for k, (was, now) in changes.items())
+            print(f"[resume] {run_dir} from epoch {st.epoch}, to train.epochs={cfg.train.epochs:g}; "
+                  + (f"changed since its record (meta.json keeps it): {said}" if said else "as recorded"),
+                  file=sys.stderr)
         if not resume:  # a resume's run logged these at its start
             metrics.image("data/poisoned_samples", make_grid(data.poisoned_train[:64], nrow=8))
             if spectral:

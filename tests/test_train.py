@@ -85,6 +85,19 @@ def test_a_resume_at_a_stage_boundary_logs_the_stage_and_the_sample_grid_once(tm
     assert tb("part") == tb("full") == ([(0, 0), (4, 0), (4, 1), (8, 1)], 1)  # entries and epoch ends, grid once
 
 
+def test_a_resume_says_where_it_starts_and_what_changed_since_the_record(tmp_path, capsys):
+    # a resume without the first run's --train.epochs=1 trained to the config's length and said nothing
+    base = [*TINY, f"--log.run_dir={tmp_path}"]
+    train(load_config(None, [*base, "--train.epochs=1"]))
+    capsys.readouterr()
+    train(load_config(None, [*base, "--train.epochs=1"]), resume=True)
+    assert f"[resume] {tmp_path} from epoch 1, to train.epochs=1; as recorded" in capsys.readouterr().err
+    train(load_config(None, [*base, "--train.epochs=2"]), resume=True)
+    err = capsys.readouterr().err
+    assert f"[resume] {tmp_path} from epoch 1, to train.epochs=2; changed since its record" in err, err
+    assert "(meta.json keeps it): train.epochs: 1 -> 2" in err, err
+
+
 def test_a_resume_on_other_kernels_says_so_and_meta_records_them(tmp_path, capsys):
     """meta.json records the vector instructions torch dispatched to; a resume with the same says nothing, one with
     others (the same machine told to use its plain C++ kernels: ATEN_CPU_CAPABILITY=default) trains on, says so on
