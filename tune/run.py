@@ -20,14 +20,17 @@ def join_the_cluster_here() -> str | None:
     private Ray would run the whole search on this one node (and find no GPU on a head without one)."""
     if os.environ.get("RAY_ADDRESS"):
         return None
-    from ray._private.utils import read_ray_address  # where `ray start` records it (under RAY_TMPDIR, else TMPDIR,
-    # else /tmp: ray/ray_current_cluster); private, as ray 2.60.0 (pinned) has it
+    # where `ray start` records it (under RAY_TMPDIR, else TMPDIR, else /tmp: ray/ray_current_cluster); private, as
+    # ray 2.60.0 (pinned) has them
+    from ray._common.utils import get_ray_address_file
+    from ray._private.utils import read_ray_address
 
     address = read_ray_address()
     if not address:
-        print("error: tune/run.py searches on a running Ray cluster: RAY_ADDRESS is unset and no `ray start` ran on "
-              "this machine (no ray_current_cluster file in Ray's temp dir); use `ray submit` / `ray job submit` "
-              "onto a cluster, or `pst-dist tune` for a search on a local Ray of its own", file=sys.stderr)
+        print(f"error: tune/run.py searches on a running Ray cluster: RAY_ADDRESS is unset and no `ray start` ran on "
+              f"this machine ({get_ray_address_file(None)} not found; a head started with --temp-dir=DIR records "
+              f"DIR/ray_current_cluster instead: set RAY_ADDRESS=<head>:<port>); use `ray submit` / `ray job submit` onto a cluster, or "
+              f"`pst-dist tune` for a search on a local Ray of its own", file=sys.stderr)
         raise SystemExit(2)
     host, _, port = address.rpartition(":")
     try:  # a cluster stopped without `ray stop` (a crash) leaves its file: say so, not a ConnectionError later
