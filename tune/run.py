@@ -29,8 +29,8 @@ def join_the_cluster_here() -> str | None:
     if not address:
         print(f"error: tune/run.py searches on a running Ray cluster: RAY_ADDRESS is unset and no `ray start` ran on "
               f"this machine ({get_ray_address_file(None)} not found; a head started with --temp-dir=DIR records "
-              f"DIR/ray_current_cluster instead: set RAY_ADDRESS=<head>:<port>); use `ray submit` / `ray job submit` onto a cluster, or "
-              f"`pst-dist tune` for a search on a local Ray of its own", file=sys.stderr)
+              f"DIR/ray_current_cluster instead: set RAY_ADDRESS=<head>:<port>); use `ray submit` / `ray job "
+              f"submit` onto a cluster, or `pst-dist tune` for a search on a local Ray of its own", file=sys.stderr)
         raise SystemExit(2)
     host, _, port = address.rpartition(":")
     try:  # a cluster stopped without `ray stop` (a crash) leaves its file: say so, not a ConnectionError later
