@@ -598,12 +598,13 @@ def test_job_submit_of_a_search_onto_two_nodes_then_train_its_best_schedule(own_
     # the search recorded what it started with; a resume that would train something else is refused before Ray
     assert load_config(search / "search_config.toml").train.lr == load_config(str(TINY)).train.lr
     best, record = (search / "best_schedule.toml").read_bytes(), (search / "search_config.toml").read_bytes()
-    changed = subprocess.run([*search_cmd, "--resume", "--train.lr=0.9", "--train.threads=1"], env=own_ray.env(),
+    on_head = {**own_ray.env(), "RAY_ADDRESS": gcs}  # the same command again on the cluster (tune/run.py needs one)
+    changed = subprocess.run([*search_cmd, "--resume", "--train.lr=0.9", "--train.threads=1"], env=on_head,
                              capture_output=True, text=True, timeout=120)
     assert changed.returncode == 2 and "train.lr: " in changed.stderr, changed.stderr[-2000:]
     assert "train.threads: " not in changed.stderr  # a resume may change it
     assert (search / "best_schedule.toml").read_bytes() == best
-    again = subprocess.run(search_cmd, env=own_ray.env(), capture_output=True, text=True, timeout=120)  # no --resume
+    again = subprocess.run(search_cmd, env=on_head, capture_output=True, text=True, timeout=120)  # no --resume
     assert again.returncode == 2 and f"{search} already holds a search" in again.stderr, again.stderr[-2000:]
     assert (search / "best_schedule.toml").read_bytes() == best
     assert (search / "search_config.toml").read_bytes() == record and len(list(search.glob("run_trial_*"))) == 2

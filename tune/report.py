@@ -12,6 +12,7 @@ import io
 import json
 import math
 import re
+import shlex
 from pathlib import Path
 
 from pst_dist.config import Config, dump_toml
@@ -145,7 +146,8 @@ def results_csv(rows: list[dict]) -> str:
     return buf.getvalue()
 
 
-def results_md(cfg: Config, rows: list[dict], best: dict | None, total_epochs: int, unfinished: int = 0) -> str:
+def results_md(cfg: Config, rows: list[dict], best: dict | None, total_epochs: int, unfinished: int = 0,
+               best_path: Path | str = "best_schedule.toml") -> str:
     cols = _columns(rows)
     stopped = ([f"**Stopped before its end**: {unfinished} trial(s) unfinished, no best schedule chosen. Continue "
                 f"it: `pst-dist tune --config ... --resume` with the same config.", ""] if unfinished else [])
@@ -160,7 +162,7 @@ def results_md(cfg: Config, rows: list[dict], best: dict | None, total_epochs: i
     if best is not None:
         lines += ["", f"Best (validation): trial {best['trial']}, final val {100 * best['final_val_acc']:.2f} %, "
                   f"its test accuracy {100 * best['final_test_acc']:.2f} % (reported, not used). "
-                  f"Run it again: `pst-dist train --config best_schedule.toml`."]
+                  f"Run it again: `pst-dist train --config {shlex.quote(str(best_path))}`."]
     return "\n".join(lines) + "\n"
 
 
@@ -204,8 +206,10 @@ def is_best_schedule(path: Path) -> bool:
         return False
 
 
-def best_schedule_toml(cfg: Config, best: dict) -> str:
+def best_schedule_toml(cfg: Config, best: dict, path: Path | str = "best_schedule.toml") -> str:
+    """The best trial's config, as a recipe to train (``path``: where it is written, for the commands it gives)."""
     out = trial_config(cfg, best["params"])  # a copy of the base config
+    here = shlex.quote(str(path))
     out.log.run_dir = f"runs/{cfg.tune.name}_best"
     header = (f"{BEST_HEADER}{cfg.tune.name!r} (trial {best['trial']}), chosen on "
               f"{objective(cfg)}: {100 * best['final_val_acc']:.2f} %.\n"
@@ -215,9 +219,10 @@ def best_schedule_toml(cfg: Config, best: dict) -> str:
                  f"copied another trial's settings and weights: its run's meta.json 'resumes' lists them), so "
                  f"training this schedule from the start is a new run, not a reproduction of the "
                  f"{100 * best['final_val_acc']:.2f} %.\n" if cfg.tune.scheduler == "pbt" else "")
-              + "# Run it: pst-dist train --config best_schedule.toml"
-              + ("; on every attack, a held-out one too: pst-dist bench --config best_schedule.toml"
-                 if cfg.tune.attacks else "") + "\n\n")
+              + f"# Run it: pst-dist train --config {here}"
+              + (f"; on every attack, a held-out one too: pst-dist bench --config {here}"
+                 if cfg.tune.attacks else "")
+              + f"\n# (its log.run_dir, {out.log.run_dir!r}, is relative to where you run it)\n\n")
     return header + dump_toml(out)
 
 
@@ -234,11 +239,11 @@ def write_reports(cfg: Config, results, search_dir: Path, log, unfinished: int =
     search_dir.mkdir(parents=True, exist_ok=True)
     csv_name, md_name, png_name, best_name = REPORTS  # the names search.py checks before it writes over them
     write_atomic(search_dir / csv_name, results_csv(rows))
-    md = results_md(cfg, rows, best, total, unfinished)
+    md = results_md(cfg, rows, best, total, unfinished, search_dir / best_name)
     write_atomic(search_dir / md_name, md)
     plot_trials(rows, best, search_dir / png_name, multi=bool(cfg.tune.attacks))
     if best is not None:
-        write_atomic(search_dir / best_name, best_schedule_toml(cfg, best))
+        write_atomic(search_dir / best_name, best_schedule_toml(cfg, best, search_dir / best_name))
     elif unfinished and is_best_schedule(search_dir / best_name):  # from the search before this resume: stale now
         (search_dir / best_name).unlink()
     log(md)
