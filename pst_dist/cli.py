@@ -313,6 +313,12 @@ def cmd_report(args: argparse.Namespace, rest: list[str]) -> int:
             raise DataError(f"{path}: {problem}")
         groups.setdefault(label, []).append(summary)
     if not groups and not failed:
+        runs = Path(args.runs)
+        if not runs.is_dir():
+            raise DataError(f"{args.runs}: no such directory (give the directory that holds the run directories)")
+        if (runs / "summary.json").is_file():
+            raise DataError(f"{args.runs} is itself a run (it holds summary.json): give the directory that holds it "
+                            f"({runs.resolve().parent}), or read its summary.json")
         raise DataError(f"no */summary.json under {args.runs}")
     if groups:
         print(format_table(groups))

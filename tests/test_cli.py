@@ -60,6 +60,11 @@ def test_demo_prints_table_and_plot(tmp_path):
     (runs / "x_seed0" / "summary.json").write_text('{"final_test_acc": 0.5}')
     r = run_cli_in_process("report", str(runs))
     assert r.returncode == 2 and f"{runs / 'x_seed0' / 'summary.json'}: no peak_test_acc" in r.stderr, r.stderr
+    one = tmp_path / "clean_standard_seed0"  # a run itself, and a path that is not there: each said as such
+    r = run_cli_in_process("report", str(one))
+    assert r.returncode == 2 and f"{one} is itself a run (it holds summary.json)" in r.stderr, r.stderr
+    r = run_cli_in_process("report", str(tmp_path / "nothere"))
+    assert r.returncode == 2 and "nothere: no such directory" in r.stderr, r.stderr
     (runs / "x_seed0" / "summary.json").write_text(
         '{"final_test_acc": "high", "peak_test_acc": 1, "test_acc_at_best_val": 1, "final_val_acc": 1}')
     r = run_cli_in_process("report", str(runs))
