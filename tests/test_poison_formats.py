@@ -184,8 +184,11 @@ def test_ratio_poisons_exactly_that_fraction_reproducibly(tmp_path, capsys, kind
 
         write_poisoned(cfg_of("--poison.kind=classwise_noise"), tmp_path / "store", log=lambda m: None)
         over = ["--poison.kind=file", f"--poison.path={tmp_path / 'store'}"]
+    capsys.readouterr()
     full = poisoned_rows(build_data(cfg_of(*over)))
     assert len(full) == 256
+    said = "on all 256 training images" + (f" from {tmp_path}" if "file" in over[0] else " (poison.seed=0)")
+    assert said in capsys.readouterr().err  # which poison the run reads, at every ratio
     half = build_data(cfg_of(*over, "--poison.ratio=0.5"))
     rows = poisoned_rows(half)
     assert len(rows) == 128, "exactly half of the 256 training images"

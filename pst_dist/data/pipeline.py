@@ -107,6 +107,9 @@ def build_data(cfg: Config, poisoned: torch.Tensor | None = None, digest: bool =
         print(f"[poison] poison.ratio={cfg.poison.ratio}: {k} of {len(tr)} training images poisoned "
               f"({cfg.poison.kind}), the other {len(tr) - k} clean; rows drawn from poison.seed={cfg.poison.seed}",
               file=sys.stderr)
+    elif cfg.poison.kind != "none":  # which poison the run reads, said once at its start (a typo'd path is refused)
+        source = f" from {cfg.poison.path}" if cfg.poison.kind == "file" else f" (poison.seed={cfg.poison.seed})"
+        print(f"[poison] {cfg.poison.kind} on all {len(tr)} training images{source}", file=sys.stderr)
     poisoned = squeeze_train(poisoned, cfg.defense)  # a baseline defense on the training images (none by default)
     # refuses a constant channel (std 0 would train to NaN); an image folder's figures are those a streamed read of
     # it gets (exact sums), other sources' those the trainer always had
