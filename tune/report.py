@@ -187,6 +187,7 @@ def plot_trials(rows: list[dict], best: dict | None, path: Path, multi: bool = F
         ax.set_xlabel("epoch")
         ax.set_ylabel("%")
         ax.grid(alpha=0.3)
+        ax.xaxis.get_major_locator().set_params(integer=True)  # epochs, as report's and diagnose's plots
     if best is not None:
         axes[0].legend(loc="lower right")
     fig.tight_layout()
