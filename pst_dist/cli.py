@@ -438,6 +438,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rule", default="worst", help="worst: the worst case over attacks alone (default); leximin: "
                    "each side's attacks sorted from its worst, the first rank that differs by the margin decides")
     p.set_defaults(fn=cmd_compare)
+    for command in (parser, *sub.choices.values()):  # `--resum` was taken for --resume: a typo is named instead
+        command.allow_abbrev = False
     args, rest = parser.parse_known_args(argv)
     try:
         with contextlib.nullcontext() if args.cmd in OWN_SIGNALS else sigterm_as_interrupt():

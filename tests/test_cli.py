@@ -55,6 +55,8 @@ def test_demo_prints_table_and_plot(tmp_path):
     assert not (tmp_path / "curves.txt").exists()
     r = run_cli_in_process("report", str(tmp_path), "--plot", str(plot), "extra")  # was: exit 0, no plot made
     assert r.returncode == 2 and "unexpected argument 'extra'" in r.stderr, r.stderr[-2000:]
+    r = run_cli_in_process("train", *TINY, f"--log.run_dir={tmp_path / 'typo'}", "--resum")  # was taken for --resume
+    assert r.returncode == 2 and "unexpected argument '--resum'" in r.stderr, r.stderr[-2000:]
     runs = tmp_path / "foreign"  # a summary.json that is not a run's: one line naming the file and the key
     (runs / "x_seed0").mkdir(parents=True)
     (runs / "x_seed0" / "summary.json").write_text('{"final_test_acc": 0.5}')
