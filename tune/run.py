@@ -22,8 +22,8 @@ def join_the_cluster_here() -> str | None:
         return None
     # where `ray start` records it (under RAY_TMPDIR, else TMPDIR, else /tmp: ray/ray_current_cluster); private, as
     # ray 2.60.0 (pinned) has them
-    from ray._common.utils import get_ray_address_file
-    from ray._private.utils import read_ray_address
+    from ray._common.utils import get_ray_address_file  # optional heavy dependency (Ray), only on this path
+    from ray._private.utils import read_ray_address  # optional heavy dependency (Ray), only on this path
 
     address = read_ray_address()
     if not address:
