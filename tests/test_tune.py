@@ -498,7 +498,9 @@ def test_ctrl_c_while_every_trial_runs_is_a_stopped_search(own_ray, tmp_path):
     """Ray's clean-up marks the trials it stops as terminated in the results fit returns: the search reads the state
     Ray saved before it, where they are still running, so a stop with no trial left to start is still a stop."""
     out = tmp_path / "search"
-    args = _tune(out, "--tune.scheduler=fifo", "--tune.num_samples=2", "--tune.max_concurrent=2")
+    # 12 epochs: the trial ahead must not finish its remaining epochs (about a second each) while Tune stops on the
+    # Ctrl-C sent after its first (with 4 epochs, one finished at this stop's slow run)
+    args = _tune(out, "--tune.scheduler=fifo", "--tune.num_samples=2", "--tune.max_concurrent=2", "--train.epochs=12")
     code, said = _ctrl_c(own_ray, args, lambda: any("eval/val_acc" in f.read_text()  # an epoch of one trial done
                                                     for f in (out / "tiny").glob("trials/*/metrics.jsonl")))
     assert not list((out / "tiny").glob("trials/*/summary.json")), "a trial finished before the interrupt"
