@@ -31,6 +31,15 @@ class ConfigError(ValueError):
     """A config key or value is wrong; the message names it."""
 
 
+def parse_order(text: str, what: str = "unfreeze order") -> tuple[int, ...]:
+    """An unfreeze order given as group indices joined by '-' ("1-0"): tune.unfreeze_orders, a search's skeleton
+    tags. ConfigError naming ``what`` and the text otherwise."""
+    try:
+        return tuple(int(g) for g in text.split("-"))
+    except ValueError:
+        raise ConfigError(f"{what} {text!r}: expected group indices joined by '-', e.g. '1-0'") from None
+
+
 def _check(cond: bool, msg: str) -> None:
     if not cond:
         raise ConfigError(msg)
@@ -815,12 +824,7 @@ class TuneConfig:
                f"tune.unfreeze_groups={self.unfreeze_groups}: a group appears twice")
         _check(all(g >= 0 for g in self.unfreeze_groups), f"tune.unfreeze_groups={self.unfreeze_groups}: must be >= 0")
         for text in self.unfreeze_orders:  # (whether the groups are the model's is checked when the search starts)
-            try:  # as tune.space.parse_order reads it
-                order = [int(p) for p in text.split("-")]
-            except ValueError:
-                order = None
-            _check(order is not None, f"tune.unfreeze_orders: {text!r}: expected group indices joined by '-', "
-                                      f"e.g. '1-0'")
+            order = parse_order(text, "tune.unfreeze_orders:")
             _check(sorted(order) == sorted(self.unfreeze_groups),
                    f"tune.unfreeze_orders: {text!r} is not a permutation of tune.unfreeze_groups="
                    f"{self.unfreeze_groups}")

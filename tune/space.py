@@ -21,7 +21,7 @@ import copy
 import itertools
 from dataclasses import dataclass
 
-from pst_dist.config import Config, ConfigError, StageConfig
+from pst_dist.config import Config, ConfigError, StageConfig, parse_order
 
 
 @dataclass(frozen=True)
@@ -50,13 +50,6 @@ class Skeleton:
 
 def order_str(order: tuple[int, ...]) -> str:
     return "-".join(str(g) for g in order)
-
-
-def parse_order(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(g) for g in text.split("-"))
-    except ValueError:
-        raise ConfigError(f"unfreeze order {text!r}: expected group indices joined by '-', e.g. '2-1-0'") from None
 
 
 def valid_orders(cfg: Config, num_groups: int) -> list[tuple[int, ...]]:
