@@ -970,6 +970,12 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+def _long_number(value: int | float) -> str:
+    """A number as an error message shows it: its first 37 digits and '...' past 40."""
+    text = str(value)
+    return text if len(text) <= 40 else f"{text[:37]}..."
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check ``value`` against the annotation ``tp`` (converting ints to floats); raise naming ``key``."""
     origin = typing.get_origin(tp)
@@ -1009,15 +1015,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         except OverflowError:
             finite = False
         if not finite:
-            shown = str(value) if len(str(value)) <= 40 else f"{str(value)[:37]}..."
-            raise ConfigError(f"{key}={shown}: expected a finite number")
+            raise ConfigError(f"{key}={_long_number(value)}: expected a finite number")
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{key}: expected an integer, got {type(value).__name__} {value!r}")
         if not -2 ** 63 <= value < 2 ** 63:  # TOML's integers are 64-bit: config.toml could not record it
-            shown = str(value) if len(str(value)) <= 40 else f"{str(value)[:37]}..."
-            raise ConfigError(f"{key}={shown}: out of range (a config holds 64-bit integers)")
+            raise ConfigError(f"{key}={_long_number(value)}: out of range (a config holds 64-bit integers)")
         return value
     if tp is bool:
         if not isinstance(value, bool):
