@@ -832,17 +832,20 @@ def run_epochs(r: Run, stop_after_epochs: int | None, on_epoch, graphs_before: i
         if on_epoch is not None:
             on_epoch(epoch + 1, logs, r.gm, r.engine)
         if r.dist.is_primary:
-            def shown(v, form: str) -> str:  # "-" where nothing was measured (no split, no detector check yet)
-                return format(v, form) if isinstance(v, int | float) and math.isfinite(v) else "-"
-
             tqdm.write(f"[{r.run_dir.name}] epoch {epoch + 1}: loss {logs['train/loss']:.3f} "
-                       f"train {logs['train/acc']:.3f} val {shown(logs.get('eval/val_acc'), '.3f')} "
-                       f"test {shown(logs.get('eval/test_acc'), '.3f')} stage {stage.index}"
-                       f"{' (stayed)' * stage.stayed} gap {shown(last_detect.get('detect/shortcut_gap'), '+.3f')} | "
+                       f"train {logs['train/acc']:.3f} val {_measured(logs.get('eval/val_acc'), '.3f')} "
+                       f"test {_measured(logs.get('eval/test_acc'), '.3f')} stage {stage.index}"
+                       f"{' (stayed)' * stage.stayed} "
+                       f"gap {_measured(last_detect.get('detect/shortcut_gap'), '+.3f')} | "
                        f"{perf['perf/img_per_s']:,.0f} img/s, data wait {100 * perf['perf/data_wait']:.0f}%")
         if stop_after_epochs is not None and epoch + 1 >= stop_after_epochs:
             break
     return finish_run(r)
+
+
+def _measured(v, form: str) -> str:
+    """A figure of the epoch line, or "-" where nothing was measured (no split, no detector check yet)."""
+    return format(v, form) if isinstance(v, int | float) and math.isfinite(v) else "-"
 
 
 def finish_run(r: Run) -> dict:
