@@ -279,6 +279,30 @@ def test_eval_and_export_of_a_zero3_run_gather_every_partition(tmp_path, capsys)
     assert checksum == s["model_checksum"], "the gathered weights are not the run's"
 
 
+def test_a_bf16_deepspeed_run_s_export_scores_what_eval_scores(tmp_path, capsys):
+    """A real 16-bit run (DeepSpeed bf16, one process): pst-dist eval reproduces its final test accuracy, its export
+    records bfloat16, and load_scored on the export predicts the test images as eval does, to the image."""
+    data = quadrant_folder(tmp_path / "data", 0)
+    run = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
+    p = subprocess.run([sys.executable, "-m", "pst_dist.cli", "train", *folder_args(data), "--deepspeed.enabled=true",
+                        "--deepspeed.bf16=true", f"--log.run_dir={run}"], capture_output=True, text=True,
+                       timeout=300, env={**env, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    assert p.returncode == 0, p.stderr[-3000:]
+    s = json.loads((run / "summary.json").read_text())
+    assert s["final_test_acc"] > 0.6, "the run should learn the quadrants (else the comparison is weak)"
+    r = eval_cli(capsys, "--run", run)
+    assert r["accuracy"] == s["final_test_acc"]
+    assert main(["export", "--run", str(run), "--out", str(tmp_path / "export")]) == 0
+    assert json.loads((tmp_path / "export" / "config.json").read_text())["pst_dist"]["dtype"] == "bfloat16"
+    scored = load_scored(tmp_path / "export")
+    assert next(scored.model.parameters()).dtype == torch.bfloat16
+    test = build_data(load_config(None, folder_args(data))).splits.test
+    with torch.no_grad():
+        got = scored(test.images.float() / 255).argmax(1)
+    assert int((got == test.labels).sum()) / len(test.labels) == r["accuracy"]
+
+
 def test_test_time_views_score_the_mean_softmax_and_leave_training_as_it_was(runs, capsys, tmp_path):
     """schedule.eval_views: training is unchanged (same weights), its logged accuracies are the mean softmax over the
     raw image and the views, and `pst-dist eval` reproduces them (and scores other views when told)."""
