@@ -189,11 +189,53 @@ def test_batched_crop_is_the_per_image_crop(mode, shape, seed):
     assert torch.equal(got, _reference_crop(x, mode, torch.Generator().manual_seed(seed)))
 
 
+def _reference_ueraser(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """ueraser as written before the batched code (4ea3e82~1: crop + flip, then brightness / contrast, channel
+    shuffle, posterise, erase), its draws in that code's order from ``g``, applied one image at a time by indexing."""
+    n, c, h, w = x.shape
+    base = _reference_crop(x, "crop_flip", g)
+    bright = torch.empty(n, 1, 1, 1).uniform_(0.4, 1.6, generator=g)
+    contrast = torch.empty(n, 1, 1, 1).uniform_(0.4, 1.6, generator=g)
+    if c == 3:
+        perm = torch.argsort(torch.rand(n, 3, generator=g), dim=1)
+        shuffle = torch.rand(n, generator=g) < 0.5
+    levels = 2 ** torch.randint(3, 7, (n, 1, 1, 1), generator=g).float()
+    eh = (torch.rand(n, generator=g) * h / 2).long() + 1
+    ew = (torch.rand(n, generator=g) * w / 2).long() + 1
+    top = (torch.rand(n, generator=g) * (h - eh + 1)).long()
+    left = (torch.rand(n, generator=g) * (w - ew + 1)).long()
+    erase = torch.rand(n, generator=g) < 0.5
+    fill = torch.randint(0, 256, (n, c, h, w), generator=g)
+    out = torch.empty_like(x)
+    for i in range(n):
+        f, b, k, q = base[i].float(), bright[i, 0, 0, 0], contrast[i, 0, 0, 0], levels[i, 0, 0, 0]
+        m = f.mean()
+        f = ((f * b - m * b) * k + m * b).clamp(0, 255)
+        if c == 3 and shuffle[i]:
+            f = f[perm[i]]
+        f = (f / 256 * q).floor() * (255 / (q - 1))
+        if erase[i]:
+            t, lf = int(top[i]), int(left[i])
+            f[:, t: t + int(eh[i]), lf: lf + int(ew[i])] = fill[i, :, t: t + int(eh[i]), lf: lf + int(ew[i])].float()
+        out[i] = f.round().clamp(0, 255).to(torch.uint8)
+    return out
+
+
+@pytest.mark.parametrize("shape,seed", [((32, 3, 16, 16), 3), ((17, 1, 28, 28), 5), ((8, 3, 32, 24), 7)])
+def test_batched_ueraser_is_the_per_image_ueraser(shape, seed):
+    from pst_dist.data.loaders import augment_batch
+
+    x = torch.randint(0, 256, shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(seed + 100))
+    got = augment_batch(x, "ueraser", torch.Generator().manual_seed(seed))
+    assert torch.equal(got, _reference_ueraser(x, torch.Generator().manual_seed(seed)))
+
+
 @pytest.mark.parametrize("mode,digest", [("crop", "577cc41521e712c1"), ("crop_flip", "32015149ed24e1e1"),
                                          ("ueraser", "85eb583b94cfead1")])
 def test_batched_augmentation_keeps_the_per_sample_code_s_output(mode, digest):
-    """Pinned: these are the outputs of the per-sample code the batched one replaced (checked against it), so runs
-    and cached bench cells from before keep their augmentation. (rrc_flip changed: vectorised draws, roi_align.)"""
+    """Pinned: these are the outputs of the per-sample code the batched one replaced (checked against it, and against
+    per-image references above), so runs and cached bench cells from before keep their augmentation. (rrc_flip
+    changed: vectorised draws, roi_align.)"""
     import hashlib
 
     from pst_dist.data.loaders import augment_batch
