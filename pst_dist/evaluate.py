@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from .checkpoint import CheckpointError, load_weights
 from .config import Config, ConfigError, DefenseConfig, PoisonConfig, load_config
-from .data.pipeline import Data, Normalize, build_data, folder_change
+from .data.pipeline import Data, Normalize, beton_change, beton_digests, build_data, folder_change
 from .data.sources import DataError, Split, list_folder, load_streamed_splits
 from .distributed import build_device
 from .engine.deepspeed import CHECKPOINT_DIR, LATEST, MODEL_STATES, check_ds_checkpoint, load_ds_file
@@ -185,6 +185,20 @@ def folder_as_trained(was: dict | None, now: dict | None) -> bool | None:
     return False
 
 
+def beton_as_trained(was: dict | None, data: Data) -> bool | None:
+    """Are the .beton files the run's data.root holds those it trained on (``was``: meta.json's ``inputs.beton``)?
+    None when there is nothing to compare (another source, or a run from before the digests were recorded).
+    Evaluation goes on either way, with a note on stderr when they are not, as for an image folder."""
+    now = beton_digests(data)
+    if not was or now is None:
+        return None
+    changed = beton_change(was, now)
+    if changed is not None:
+        print(f"[eval] note: the .beton data is not what the run trained on ({changed}: other SHA-256 than recorded, "
+              f"written again since); the accuracy is of the files as they are now", file=sys.stderr)
+    return changed is None
+
+
 def evaluate_run(run_dir: Path, checkpoint: str | Path | None = None, overrides: list[str] | tuple = (),
                  split: str = "test") -> dict:
     """Accuracy of the run's checkpoint on ``split`` (test | val) of the run's recorded data, or of the data
@@ -204,6 +218,7 @@ def evaluate_run(run_dir: Path, checkpoint: str | Path | None = None, overrides:
     own = cfg.data == recorded.data
     rm = load_run_model(run_dir, path, own_data=data if own else None, cfg=recorded)
     as_trained = folder_as_trained((inputs or {}).get("folder"), data.folder) if own else None
+    beton_same = beton_as_trained((inputs or {}).get("beton"), data) if own else None
     part = getattr(data.splits, split)
     chans, num_classes = rm.inputs["shape"][0], rm.inputs["num_classes"]
     if data.splits.shape[0] != chans:
@@ -224,4 +239,5 @@ def evaluate_run(run_dir: Path, checkpoint: str | Path | None = None, overrides:
     return {"run": str(run_dir), "checkpoint": str(rm.checkpoint), "epoch": rm.epoch, "split": split,
             "data.source": cfg.data.source, "data.root": cfg.data.root, "images": len(part),
             "eval_views": list(cfg.schedule.eval_views), "accuracy": acc,
-            **({} if as_trained is None else {"folder_as_trained": as_trained})}
+            **({} if as_trained is None else {"folder_as_trained": as_trained}),
+            **({} if beton_same is None else {"beton_as_trained": beton_same})}

@@ -26,7 +26,16 @@ from tqdm import tqdm
 
 from .checkpoint import CheckpointError
 from .config import Config, ConfigError, DeepSpeedConfig, TriggerConfig, auto_meaning, dump_toml
-from .data.pipeline import Data, Normalize, build_data, build_loader, check_same_folder, check_same_poison
+from .data.pipeline import (
+    Data,
+    Normalize,
+    beton_digests,
+    build_data,
+    build_loader,
+    check_same_beton,
+    check_same_folder,
+    check_same_poison,
+)
 from .data.sources import Split, fingerprint
 from .defenses import pgd_examples, step_seed, ueraser_loss, ueraser_repeats
 from .distributed import DistInfo, broadcast_buffers, build_device, init_distributed, mean_across_ranks, teardown
@@ -181,7 +190,8 @@ def started_normalisation(inputs: dict, data: Data, is_primary: bool = True) -> 
 def model_inputs(data: Data) -> dict:
     """What the model is built for (meta.json's ``inputs``): classes, image shape [C, H, W], normalisation; and for
     an image folder, its listing's fingerprint and file count (``folder``: a resume refuses a folder that changed);
-    for a poison read from files, its fingerprint (``poison_sha256``: a resume refuses another poison)."""
+    for a poison read from files, its fingerprint (``poison_sha256``: a resume refuses another poison); for .beton
+    data, each split's SHA-256 (``beton``: a resume refuses files written again)."""
     s = data.splits
     inputs = {"num_classes": s.num_classes, "shape": list(s.shape), "mean": data.mean.tolist(),
               "std": data.std.tolist(),
@@ -189,6 +199,8 @@ def model_inputs(data: Data) -> dict:
                                   else s.train)}  # data.train_size is a cap: how many it gave
     if data.poison_sha256 is not None:
         inputs["poison_sha256"] = data.poison_sha256
+    if (digests := beton_digests(data)) is not None:
+        inputs["beton"] = digests
     return {**inputs, "folder": data.folder} if data.folder is not None else inputs
 
 
@@ -463,6 +475,7 @@ def build_run(cfg: Config, resume: bool, overwrite: bool, allow_changes: bool, d
         check_same_folder(recorded, data.folder, cfg.data)
     if resume:
         check_same_poison(recorded, data, cfg)
+        check_same_beton(recorded, data, cfg)
         data = started_normalisation(recorded, data, dist_info.is_primary)
     resolved["data.stream"] = data.stream is not None
     # computed on rank 0, its values or its refusal on every rank: the ranks switch stages together

@@ -86,6 +86,31 @@ def test_trainer_consumes_beton_on_both_paths(tmp_path, synth_dir, capfd):
     assert "(the data is not a .beton)" in capfd.readouterr().err
 
 
+def test_a_resume_refuses_betons_written_again_and_eval_notes_them(tmp_path, capfd):
+    """The run records each .beton split's SHA-256 (meta.json's inputs.beton); betons written again in its data.root
+    (here with a poison the run never saw) pass every check of the files themselves, so the resume must refuse them,
+    naming data.root and the splits, and eval says its figure is of other data."""
+    from pst_dist.cli import main
+
+    root, run = tmp_path / "bt", tmp_path / "run"
+    write_betons(cfg_of(*SMALL), root, log=lambda m: None)
+    base = [*TINY, "--data.source=beton", f"--data.root={root}", f"--log.run_dir={run}"]
+    train(cfg_of(*base, "--train.epochs=1"))
+    recorded = json.loads((run / "meta.json").read_text())["inputs"]["beton"]
+    assert recorded == {k: sha256(root / f"{k}.beton") for k in B.SPLITS}
+    assert train(cfg_of(*base, "--train.epochs=2"), resume=True)["status"] == "finished"  # the same files: resumes
+    write_betons(cfg_of(*SMALL, "--poison.kind=patch_noise"), root, overwrite=True, log=lambda m: None)
+    before = (run / "config.toml").read_text(), sorted(p.name for p in run.iterdir())
+    with pytest.raises(DataError, match=rf"data.root='{root}' is not what the run .* \(train.beton: "):
+        train(cfg_of(*base, "--train.epochs=3"), resume=True)
+    assert ((run / "config.toml").read_text(), sorted(p.name for p in run.iterdir())) == before
+    capfd.readouterr()
+    assert main(["eval", "--run", str(run)]) == 0
+    out, err = capfd.readouterr()
+    assert "[eval] note: the .beton data is not what the run trained on (train.beton: " in err, err
+    assert json.loads(out)["beton_as_trained"] is False
+
+
 def test_beton_source_refuses_a_second_poison(synth_dir):
     with pytest.raises(DataError, match="already holds its poison"):
         build_data(cfg_of("--data.source=beton", f"--data.root={synth_dir}", "--poison.kind=patch_noise"))

@@ -177,6 +177,41 @@ def check_same_poison(recorded: dict | None, data: Data, cfg: Config) -> None:
                         f"bench, remove that cell's directory)")
 
 
+def beton_digests(data: Data) -> dict | None:
+    """The SHA-256 of each .beton split the data reads (beton.json's, checked against the files unless data.verify
+    is false): meta.json's ``inputs.beton``, what a resume and an evaluation compare. None for other sources."""
+    return None if data.beton is None else {n: data.beton.meta["splits"][n]["sha256"] for n in beton.SPLITS}
+
+
+def beton_change(was: dict | None, now: dict | None) -> str | None:
+    """Which .beton splits differ from those a run recorded (``was``: meta.json's ``inputs.beton``), e.g.
+    ``"train.beton, val.beton"``; None when none does, or when there is nothing to compare (another source, or a
+    run from before the digests were recorded)."""
+    if not was or not now:
+        return None
+    changed = [f"{n}.beton" for n in beton.SPLITS if was.get(n) != now.get(n)]
+    return ", ".join(changed) or None
+
+
+def check_same_beton(recorded: dict | None, data: Data, cfg: Config) -> None:
+    """On a resume (``recorded``: the run's recorded inputs): DataError, on every rank together, unless the .beton
+    files in data.root are the ones the run started on (meta.json's ``inputs.beton``): ``pst-dist write-beton
+    --overwrite`` between two segments (another poison, another data set), or a relative data.root that names
+    another directory from here, passes every check of the files themselves, and the run would go on training on
+    other data under the same config. Runs from before the digests were recorded are not checked."""
+    changed = beton_change((recorded or {}).get("beton"), beton_digests(data))
+    if rank_and_size()[1] > 1:  # one answer for every rank (each node may hold its own copy)
+        refusing = sum_across_ranks([int(changed is not None)])[0]
+        if refusing and changed is None:
+            raise DataError(f"--resume: {refusing} other rank(s) found the .beton data in data.root="
+                            f"{cfg.data.root!r} changed since the run started (each says how in its own output)")
+    if changed is not None:
+        raise DataError(f"--resume: the .beton data in data.root={cfg.data.root!r} is not what the run in "
+                        f"{cfg.log.run_dir} started on ({changed}: other SHA-256 than recorded, written again since). "
+                        f"A resumed run must train on what it started on: restore the files, or train the run "
+                        f"again from its start (--overwrite, or another log.run_dir)")
+
+
 def streams(cfg: Config) -> bool:
     """data.stream: is the training split read from its image folder batch by batch? (:func:`folder_plan`)"""
     return folder_plan(cfg)[1]
