@@ -16,7 +16,16 @@ from dataclasses import replace
 from pathlib import Path
 
 from .checkpoint import CheckpointError
-from .config import Config, ConfigError, class_doc, config_keys, dump_toml, load_config, shown_default
+from .config import (
+    Config,
+    ConfigError,
+    absolute_paths,
+    class_doc,
+    config_keys,
+    dump_toml,
+    load_config,
+    shown_default,
+)
 from .data.sources import DataError
 from .io import OutputError, check_parent_dir, write_atomic
 from .poison import PoisonFileError
@@ -99,6 +108,7 @@ def cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
     from .train import train  # start-up time: each command imports only what it runs
 
     cfg = load_config(args.config, _split_overrides(rest))
+    absolute_paths(cfg)  # the recorded config names the files it trained on, whatever directory reads it later
     summary = train(cfg, resume=args.resume, overwrite=args.overwrite)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({k: v for k, v in summary.items() if not k.endswith("_curve")}, indent=2))

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -19,6 +20,7 @@ from .config import (
     RESUME_MAY_CHANGE,
     Config,
     ConfigError,
+    absolute_paths,
     auto_meaning,
     config_changes,
     device_type,
@@ -193,8 +195,11 @@ def resume_changes(recorded: Config, cfg: Config, may_change: tuple[str, ...],
     """What a resume under ``cfg`` changes against the ``recorded`` config ("auto" compared by what it means: here,
     and for the record on ``was``, the device type it trained on, else here too; the record may predate a default):
     (every change {key: (recorded, now)}, those outside ``may_change`` (keys or whole sections), the refused ones
-    listed for a message)."""
+    listed for a message). data.root and poison.path are compared made absolute from this working directory."""
     here = device_type(cfg)
+    recorded, cfg = copy.deepcopy(recorded), copy.deepcopy(cfg)
+    for c in (recorded, cfg):  # paths compared by what they name from here (a record from before they were absolute)
+        absolute_paths(c)
     changes = config_changes(auto_meaning(flat_config(recorded), was or here), auto_meaning(flat_config(cfg), here))
     refused = {k: v for k, v in changes.items() if not any(k == m or k.startswith(m + ".") for m in may_change)}
     return changes, refused, "; ".join(f"{k}: {was!r} -> {now!r}" for k, (was, now) in refused.items())

@@ -363,3 +363,30 @@ def test_a_resume_on_another_device_type_compares_auto_by_what_it_meant_where_th
     out = run_cli_in_process("train", *FAST, "--train.epochs=2", f"--log.run_dir={run}", "--resume")
     assert out.returncode == 2 and "train.deterministic: False -> True" in out.stderr, out.stderr[-2000:]
     assert "train.channels_last: True -> False" in out.stderr
+
+
+def test_relative_paths_are_recorded_as_what_they_named_and_a_resume_elsewhere_is_refused(tmp_path):
+    """`pst-dist train` records poison.path (and data.root) absolute: the record names the files that trained the
+    run, whatever directory reads it. From another working directory the same relative path names another store:
+    the resume is refused, naming the key. A run recorded before (a relative path) resumes from where it ran."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    for where, seed in ((a, 0), (b, 1)):
+        where.mkdir()
+        made = run_cli("poison", "--out", "p", *TINY, "--data.val_from=test", "--poison.kind=classwise_noise",
+                       f"--poison.seed={seed}", cwd=where)
+        assert made.returncode == 0, made.stderr[-2000:]
+    run = tmp_path / "run"
+    args = [*FAST, "--data.val_from=test", "--poison.kind=file", "--poison.path=p", f"--log.run_dir={run}",
+            "--train.threads=1"]
+    out = run_cli("train", *args, "--train.epochs=1", cwd=a)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert load_config(run / "config.toml", recorded=True).poison.path == str(a / "p")
+    before = _bytes(run)
+    out = run_cli("train", *args, "--train.epochs=2", "--resume", cwd=b)
+    assert out.returncode == 2 and f"poison.path: '{a / 'p'}' -> '{b / 'p'}'" in out.stderr, out.stderr[-2000:]
+    assert _bytes(run) == before
+    text = (run / "config.toml").read_text()
+    (run / "config.toml").write_text(text.replace(f'path = "{a / "p"}"', 'path = "p"'))  # as recorded before
+    out = run_cli("train", *args, "--train.epochs=2", "--resume", cwd=a)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert load_config(run / "config.toml", recorded=True).poison.path == str(a / "p")
