@@ -378,3 +378,28 @@ def test_a_store_made_when_eps_rounded_to_the_nearest_level_is_still_its_attack_
     _check_budget(tmp_path, meta, clean, stored, eps=1.0)
     with pytest.raises(PoisonFileError, match=r"13/255, above poison.eps=0.05 \(12/255 in whole pixel levels"):
         _check_budget(tmp_path, meta, clean, stored, eps=0.05)
+
+
+def test_norms_and_budget_checks_measured_in_chunks_are_those_of_the_whole_split(monkeypatch):
+    """A whole training split is measured chunk by chunk (an ImageNet-sized split as float64 would take ~100 GB):
+    chunks of 64 rows over 300 images (the last one short) give the figures of one pass over all of them, to the
+    bit, and the L-inf and L0 checks find the largest change wherever it lies."""
+    from pst_dist.poison import budget
+
+    g = torch.Generator().manual_seed(0)
+    clean = torch.randint(0, 256, (300, 3, 8, 8), dtype=torch.uint8, generator=g)
+    delta = torch.randint(-6, 7, clean.shape, dtype=torch.int16, generator=g) * (torch.rand(clean.shape, generator=g)
+                                                                                < 0.3)
+    poisoned = (clean.to(torch.int16) + delta).clamp(0, 255).to(torch.uint8)
+    poisoned[257, 1, 2, 3] = 255 - clean[257, 1, 2, 3] // 2  # the largest change, in the last (short) chunk
+    d = poisoned.to(torch.int16) - clean.to(torch.int16)
+    l2 = (d.double() / 255).flatten(1).norm(dim=1)
+    l0 = (d != 0).any(dim=1).flatten(1).sum(1)
+    want = {"linf": float(d.abs().max()) / 255, "l2_mean": float(l2.mean()), "l2_max": float(l2.max()),
+            "l0_mean": float(l0.double().mean())}
+    monkeypatch.setattr(budget, "CHUNK_VALUES", 1)  # 64 rows a chunk: 5 chunks
+    assert len(budget.row_chunks(300, 192)) == 5
+    assert budget.norms(clean, poisoned) == want
+    assert budget.linf_of(clean, poisoned) == int(d.abs().max()) > 6
+    assert budget.l0_max(clean, poisoned) == int(l0.max())
+    assert budget.linf_of(clean[:0], poisoned[:0]) == budget.l0_max(clean[:0], poisoned[:0]) == 0

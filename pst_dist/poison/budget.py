@@ -14,15 +14,46 @@ class PoisonFileError(ValueError):
     """An imported poison does not fit the data set; the message names the expected and found values."""
 
 
+CHUNK_VALUES = 1 << 24
+"""Pixel values measured at a time (128 MiB as float64): the norms and L-inf checks of a whole training split (an
+ImageNet-sized one: 6 GB of uint8) work chunk by chunk, never on a float copy of all of it."""
+
+
+def row_chunks(n: int, per_row: int):
+    """Slices of ``n`` rows of ``per_row`` values each, :data:`CHUNK_VALUES` at a time (at least 64 rows: the
+    per-row reductions stay batched)."""
+    rows = max(64, CHUNK_VALUES // max(1, per_row))
+    return [slice(i, min(n, i + rows)) for i in range(0, n, rows)]
+
+
+def _diffs(clean: torch.Tensor, poisoned: torch.Tensor):
+    """(rows, poisoned - clean as int16) chunk by chunk."""
+    for rows in row_chunks(len(poisoned), poisoned[0].numel() if len(poisoned) else 1):
+        yield rows, poisoned[rows].to(torch.int16) - clean[rows].to(torch.int16)
+
+
+def linf_of(clean: torch.Tensor, poisoned: torch.Tensor) -> int:
+    """The largest change of a pixel value, in whole levels (0 for no images)."""
+    return max((int(d.abs().max()) for _, d in _diffs(clean, poisoned)), default=0)
+
+
+def l0_max(clean: torch.Tensor, poisoned: torch.Tensor) -> int:
+    """The most pixel positions (any channel) some image changes (0 for no images)."""
+    return max((int((d != 0).any(dim=1).flatten(1).sum(1).max()) for _, d in _diffs(clean, poisoned)), default=0)
+
+
 def norms(clean: torch.Tensor, poisoned: torch.Tensor) -> dict[str, float]:
-    """Measured perturbation norms, in [0, 1] pixel units (L0: changed pixel positions per image)."""
-    d = poisoned.to(torch.int16) - clean.to(torch.int16)
-    if not len(d):
+    """Measured perturbation norms, in [0, 1] pixel units (L0: changed pixel positions per image); per image in
+    chunks (:func:`row_chunks`), the means and maxima over all of them."""
+    n = len(poisoned)
+    if not n:
         return {"linf": 0.0, "l2_mean": 0.0, "l2_max": 0.0, "l0_mean": 0.0}
-    l2 = (d.double() / 255).flatten(1).norm(dim=1)
-    l0 = (d != 0).any(dim=1).flatten(1).sum(1).double()
-    return {"linf": float(d.abs().max()) / 255, "l2_mean": float(l2.mean()), "l2_max": float(l2.max()),
-            "l0_mean": float(l0.mean())}
+    l2, l0, linf = torch.empty(n, dtype=torch.float64), torch.empty(n, dtype=torch.float64), 0
+    for rows, d in _diffs(clean, poisoned):
+        linf = max(linf, int(d.abs().max()))
+        l2[rows] = (d.double() / 255).flatten(1).norm(dim=1)
+        l0[rows] = (d != 0).any(dim=1).flatten(1).sum(1).double()
+    return {"linf": linf / 255, "l2_mean": float(l2.mean()), "l2_max": float(l2.max()), "l0_mean": float(l0.mean())}
 
 
 def l2_budget(cfg: PoisonConfig, shape: tuple[int, int, int]) -> float:
@@ -54,5 +85,5 @@ def attack_levels(cfg: PoisonConfig) -> int:
 def check_linf(images: torch.Tensor, out: torch.Tensor, eps: float, name: str) -> None:
     """Assert that ``out`` stays within L-inf ``eps`` (in [0, 1] units, as :func:`linf_levels`) of ``images``."""
     budget = linf_levels(eps)
-    linf = int((out.to(torch.int16) - images.to(torch.int16)).abs().max()) if len(out) else 0
+    linf = linf_of(images, out)
     assert linf <= budget, f"{name}: L-inf {linf}/255 exceeds its budget {budget}/255"

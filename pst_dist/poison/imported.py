@@ -19,24 +19,23 @@ import numpy as np
 import torch
 
 from ..config import PoisonConfig
-from .budget import PoisonFileError, linf_levels
+from .budget import PoisonFileError, linf_levels, linf_of, row_chunks
 from .folder import read_folder
 from .store import read_stored
 
 APBENCH_DATA, APBENCH_LABELS = "poisoned_training_data.npy", "poisoned_training_labels.npy"
 READABLE_DTYPES = (torch.uint8, torch.float16, torch.bfloat16, torch.float32, torch.float64)
 """What an imported tensor may hold: uint8 poisoned images, or float offsets."""
-CHUNK = 4096  # images per step of add_offsets: bounded memory on ImageNet-sized sets
 
 
 def read_tensor(path: Path) -> torch.Tensor:
     if not path.is_file():
         raise PoisonFileError(f"poison file not found: {path}")
     try:
-        if path.suffix == ".npy":
-            return torch.from_numpy(np.load(path, allow_pickle=False))
+        if path.suffix == ".npy":  # memory-mapped (copy-on-write: torch takes only writable arrays); rows read as used
+            return torch.from_numpy(np.load(path, allow_pickle=False, mmap_mode="c"))
         if path.suffix == ".pt":
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            obj = _load_pt(path)
         else:
             raise PoisonFileError(f"{path}: expected a .pt or .npy file, found suffix {path.suffix!r}")
     except PoisonFileError:
@@ -51,6 +50,17 @@ def read_tensor(path: Path) -> torch.Tensor:
         raise PoisonFileError(f"{path}: a {kind}: expected a dense tensor of uint8 images or float offsets "
                               f"({', '.join(str(d) for d in READABLE_DTYPES[1:])})")
     return obj
+
+
+def _load_pt(path: Path):
+    """``torch.load``, weights only, memory-mapped where the file's format allows it (torch.save's zip format, the
+    default since torch 1.6; an older file is read whole)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as e:
+        if "mmap" not in str(e):
+            raise
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def to_nchw(t: torch.Tensor, n: int, k: int | None, chw: tuple[int, int, int], path: Path) -> torch.Tensor:
@@ -77,13 +87,13 @@ def add_offsets(images: torch.Tensor, offsets: torch.Tensor, rows: torch.Tensor,
     arithmetic: 255 d clamped to [0, 255] first (negative offsets dropped; their issue #13 calls it a slip), added,
     clipped, and truncated by the uint8 cast (x + 3.9 gives x + 3), so its training images come out exactly."""
     out = torch.empty_like(images)
-    for s in range(0, len(images), CHUNK):
-        x, d = images[s: s + CHUNK], offsets[rows[s: s + CHUNK]]
+    for part in row_chunks(len(images), images[0].numel() if len(images) else 1):
+        x, d = images[part], offsets[rows[part]]
         if how == "ue":
             y = (x.float() + d.float().mul(255).clamp(0, 255)).clamp(0, 255)
         else:
             y = (x.double() + d.double() * 255).round().clamp(0, 255)
-        out[s: s + CHUNK] = y.to(torch.uint8)
+        out[part] = y.to(torch.uint8)
     return out
 
 
@@ -100,9 +110,10 @@ def read_tensor_poison(path: Path, images: torch.Tensor, labels: torch.Tensor | 
         return t[index].contiguous()
     if not t.is_floating_point():
         raise PoisonFileError(f"{path}: dtype {t.dtype}: expected uint8 poisoned images or float offsets")
-    if not bool(torch.isfinite(t).all()):
+    parts = row_chunks(len(t), t[0].numel() if len(t) else 1)  # never a copy of the whole file
+    if not all(bool(torch.isfinite(t[part]).all()) for part in parts):
         raise PoisonFileError(f"{path}: float offsets contain NaN or inf")
-    amax = float(t.abs().max()) if t.numel() else 0.0
+    amax = max((float(t[part].abs().max()) for part in parts), default=0.0) if t.numel() else 0.0
     if amax > 1:
         raise PoisonFileError(f"{path}: float offsets must lie in [-1, 1] (pixel units of [0, 1]); found |max| "
                               f"{amax:.4g} (offsets in 0-255 units? divide by 255)")
@@ -137,12 +148,12 @@ def read_apbench_numpy(directory: Path, images: torch.Tensor, labels: torch.Tens
                               f"split's row {int(rows[i])} has label {int(labels[i])} ({len(bad)} rows differ: "
                               f"another data set or order?)")
     out = torch.empty_like(images)
-    for s in range(0, len(rows), CHUNK):  # float64 pixels: 1.2 GB for CIFAR-10 at once
-        x = np.asarray(data[rows[s: s + CHUNK]], dtype=np.float64)
+    for part in row_chunks(len(rows), int(np.prod(data.shape[1:]))):  # float64 pixels: 1.2 GB for CIFAR-10 at once
+        x = np.asarray(data[rows[part]], dtype=np.float64)
         if not (np.isfinite(x).all() and (x == np.round(x)).all() and x.min() >= 0 and x.max() <= 255):
             raise PoisonFileError(f"{data_file}: expected whole pixel values in 0..255, found values in "
                                   f"[{np.nanmin(x):.4g}, {np.nanmax(x):.4g}] or fractional ones")
-        out[s: s + CHUNK] = torch.from_numpy(x.astype(np.uint8).transpose(0, 3, 1, 2))
+        out[part] = torch.from_numpy(x.astype(np.uint8).transpose(0, 3, 1, 2))
     return out
 
 
@@ -165,7 +176,7 @@ def import_poison(images: torch.Tensor, index: torch.Tensor, source_size: int, c
         out = read_folder(path, images, labels, index, source_size)
     else:
         out = read_tensor_poison(path, images, labels, index, source_size, num_classes, cfg.offsets)
-    linf = int((out.to(torch.int16) - images.to(torch.int16)).abs().max()) if len(out) else 0
+    linf = linf_of(images, out)
     budget = linf_levels(cfg.eps)
     if linf > budget:
         raise PoisonFileError(f"{path}: L-inf {linf}/255 exceeds poison.eps={cfg.eps:g} ({budget}/255 in whole pixel "

@@ -29,7 +29,7 @@ import torch
 from ..config import POISONS, PoisonConfig
 from ..io import OutputError, atomic_dir, read_json, sha256
 from ..registry import ATTACKS
-from .budget import PoisonFileError, l2_budget, linf_levels, norms
+from .budget import PoisonFileError, l0_max, l2_budget, linf_levels, linf_of, norms
 
 FORMAT = "pst-dist-poison/1"
 META = "poison.json"
@@ -158,9 +158,8 @@ def _check_budget(path: Path, meta: dict, clean: torch.Tensor, stored: torch.Ten
     say (they could be rewritten along with the array); L-inf attacks also within the reading config's eps."""
 
     attack, params = meta["attack"], meta["parameters"]
-    d = stored.to(torch.int16) - clean.to(torch.int16)
     if attack in LINF_ATTACKS:
-        linf = int(d.abs().max()) if d.numel() else 0
+        linf = linf_of(clean, stored)
         # the attacks' own rounding; a store made before it rounded down had round(eps * 255)
         made, allowed = max(linf_levels(params["eps"]), round(params["eps"] * 255)), linf_levels(eps)
         if linf > made:
@@ -178,7 +177,7 @@ def _check_budget(path: Path, meta: dict, clean: torch.Tensor, stored: torch.Ten
                                   f"budget of the {attack} attack recorded in {META} ({budget:.4f}; parameters.l2 = "
                                   f"{params['l2']}): the array or {META} was changed after it was written")
     elif attack in L0_ATTACKS:
-        l0 = int((d != 0).any(dim=1).flatten(1).sum(1).max()) if len(d) else 0
+        l0 = l0_max(clean, stored)
         if l0 > 1:
             raise PoisonFileError(f"{path}: the stored perturbation changes {l0} pixels of some image; the {attack} "
                                   f"attack changes at most 1 (L0 = 1): the array or {META} was changed after it was "
