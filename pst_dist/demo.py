@@ -32,6 +32,8 @@ def conditions() -> dict[str, list[str]]:
 
 
 def run_demo(config: str | None, overrides: list[str], out: Path, seeds: int = 1) -> dict[str, list[dict]]:
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise ConfigError(f"--seeds {seeds!r}: expected an integer >= 1 (the seeds per condition)")
     recipe = config or str(DEMO_RECIPE)
     base = load_config(recipe, overrides)
     if base.data.source == "fashion-mnist" and not Path(base.data.root or FMNIST_DEFAULT).is_dir():

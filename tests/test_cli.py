@@ -227,3 +227,14 @@ def test_a_reader_closing_stdout_ends_a_printing_command_quietly():
     p.stdout.close()  # as head does after its lines
     err = p.stderr.read().decode()
     assert p.wait(timeout=60) == 141 and err == "", err
+
+
+@pytest.mark.parametrize("seeds", ["0", "-2"])
+def test_demo_refuses_fewer_than_one_seed_before_writing_anything(tmp_path, seeds):
+    """Was: exit 0 with an empty table and plot in an existing --out, or an error naming a hidden temp file."""
+    kept, new = tmp_path / "kept", tmp_path / "new"
+    kept.mkdir()
+    for out in (kept, new):
+        r = run_cli_in_process("demo", "--out", str(out), "--seeds", seeds, *TINY)
+        assert r.returncode == 2 and f"--seeds {seeds}: expected an integer >= 1" in r.stderr, r.stderr[-2000:]
+    assert not any(kept.iterdir()) and not new.exists()
