@@ -54,7 +54,7 @@ def test_diagnose_replaces_only_its_own_output_and_refuses_flags_it_would_ignore
     --out/run) and --standard with --schedule.stages are refused, not silently dropped."""
     from .conftest import MARKER_TEXT, place_marker, run_cli_in_process
 
-    cfg = ["diagnose", "--config", str(ROOT / "tests" / "configs" / "tune_tiny.toml"), "--deepspeed.enabled=false"]
+    cfg = ["diagnose", "--config", str(ROOT / "tests" / "configs" / "bench_tiny.toml"), "--poison.kind=patch_noise"]
     user = tmp_path / "user"
     (user / "tb").mkdir(parents=True)
     (user / "diagnose.jsonl").write_text("my notes\n")
@@ -65,6 +65,10 @@ def test_diagnose_replaces_only_its_own_output_and_refuses_flags_it_would_ignore
     for flags, says in ((["--log.run_dir=elsewhere"], "--log.run_dir given, but it trains into --out/run"),
                         (["--standard", '--schedule.stages=[{name="a"}]'], "--standard names the schedule")):
         r = run_cli_in_process(*cfg, "--out", str(tmp_path / "new"), *flags)
+        assert r.returncode == 2 and says in r.stderr, r.stderr[-2000:]
+    for flags, says in ((["--model.name=nomodel"], "model.name='nomodel': not a timm model"),  # (was: refused by
+                        (['--schedule.stages=[{name="a",freeze=[9]}]'], "names group 9")):  # train(), after --out's
+        r = run_cli_in_process(*cfg, "--out", str(tmp_path / "new"), *flags)           # first files)
         assert r.returncode == 2 and says in r.stderr, r.stderr[-2000:]
     assert not (tmp_path / "new").exists()
     stopped = tmp_path / "stopped"  # what a diagnose killed during its first epoch leaves; then an older one's row
