@@ -337,6 +337,15 @@ def blocking_ancestor(path: Path) -> Path | None:
     return None
 
 
+def uncreatable(path: Path) -> str | None:
+    """Why the directory ``path`` could not be created or written into (an ancestor that is a file, or the nearest
+    existing one not writable), or None."""
+    if (blocker := blocking_ancestor(path)) is not None:
+        return f"{blocker} is a file, not a directory"
+    p = next(a for a in (Path(path).absolute(), *Path(path).absolute().parents) if a.exists())
+    return None if os.access(p, os.W_OK | os.X_OK) else f"{p} is not writable"
+
+
 def enter_out_dir(stack: contextlib.ExitStack, out: Path, replace: bool, owned: Iterable[str] | None = None) -> Path:
     """Enter :func:`pst_dist.io.atomic_dir` for ``out`` on ``stack`` and return the directory to fill. Done before
     the expensive work, so that an --out that cannot be created (a file in its path, no permission, a read-only

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from .config import (
     load_config,
     tomllib,
 )
-from .io import blocking_ancestor, json_lines, write_atomic
+from .io import json_lines, uncreatable, write_atomic
 from .tracking import IDS_FILE, LOCAL_DIRS, holds_tracker_run, local_folder, recorded_ids, tracker_dirs, unrecorded_runs
 
 RUN_MARKERS = ("config.toml", "checkpoint.pt", "ds_checkpoint", "summary.json", "metrics.jsonl")
@@ -50,11 +49,8 @@ class RunDirError(ConfigError):
 
 def _writable_ancestor(path: Path) -> None:
     """Refuse a run directory that could not be created: an ancestor that is a file, or not writable."""
-    if (blocker := blocking_ancestor(path)) is not None:
-        raise RunDirError(f"log.run_dir={str(path)!r}: {blocker} is a file, not a directory")
-    p = next(a for a in (path.absolute(), *path.absolute().parents) if a.exists())
-    if not os.access(p, os.W_OK | os.X_OK):
-        raise RunDirError(f"log.run_dir={str(path)!r}: {p} is not writable")
+    if (problem := uncreatable(path)) is not None:
+        raise RunDirError(f"log.run_dir={str(path)!r}: {problem}")
 
 
 def holds_run(run_dir: Path) -> list[str]:

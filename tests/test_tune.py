@@ -36,6 +36,8 @@ from pst_dist.models import count_groups
 from pst_dist.pst.schedule import Schedule
 from tune.space import grid_size, schedule_stages, skeletons, valid_orders
 
+from .conftest import MARKER_TEXT, place_marker
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "tests" / "configs" / "tune_tiny.toml"
 BIN = Path(sys.executable).parent
@@ -380,7 +382,11 @@ def test_pbt_search_exploits_through_checkpoints(own_ray, tmp_path):
 def test_tune_cli_refuses_bad_input_before_starting_ray(own_ray, tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
     out.mkdir()
+    user = place_marker(tmp_path)  # a file where a search's directory would go: refused before Ray (was: after)
     cases = [(["--tune.unfreeze_groups=[0, 5]"], "group 5: the head"),
+             ([f"--tune.out={user}"], f"tune.name='tiny': {user / 'tiny'} cannot be created or written: {user} is a "
+                                      f"file, not a directory"),
+             (['--tune.attacks=["em"]', f"--tune.poisons={user / 'p'}"], f"tune.poisons='{user / 'p'}'"),
              (["--train.epochs=2"], "no schedule fits"),
              (["--tune.scheduler=hyperband"], "tune.scheduler='hyperband'"),
              (['--tune.attacks=["em", "nope"]'], "tune.attacks: unknown attack(s) ['nope']"),
@@ -415,7 +421,7 @@ def test_tune_cli_refuses_bad_input_before_starting_ray(own_ray, tmp_path, monke
         code = main(_tune(out, *extra)[1:])
         err = capsys.readouterr().err
         assert code == 2 and message in err, (extra, err[-2000:])
-    assert not list(out.iterdir())  # nothing written
+    assert not list(out.iterdir()) and user.read_text() == MARKER_TEXT  # nothing written
     assert not own_ray.processes() and not list(own_ray.temp.iterdir())  # no Ray started
 
 

@@ -25,7 +25,7 @@ from pst_dist.config import (
 from pst_dist.data.beton import BetonDir
 from pst_dist.data.sources import check_present, check_val_size
 from pst_dist.distributed import init_ray
-from pst_dist.io import check_written_over, write_atomic
+from pst_dist.io import check_written_over, uncreatable, write_atomic
 from pst_dist.matrix import seed_overrides
 from pst_dist.models import count_groups
 from pst_dist.pst.schedule import Schedule
@@ -203,6 +203,13 @@ def run_search(cfg: Config, resume: bool = False, log=lambda m: print(m, file=sy
             raise ConfigError(f"--resume: no search to continue at {search_dir} (tune.out / tune.name)")
     if cfg.tune.attacks:
         cfg.tune.poisons = str(poison_root(cfg))  # the trials' configs (and the recorded ones) name the stores
+    # before Ray starts and poisons are made: a file in the way, or no permission, is refused now
+    dirs = [(search_dir, f"tune.out={cfg.tune.out!r} / tune.name={cfg.tune.name!r}")]
+    if cfg.tune.attacks:
+        dirs.append((Path(cfg.tune.poisons), f"tune.poisons={cfg.tune.poisons!r}"))
+    for where, named in dirs:
+        if (problem := uncreatable(where)) is not None:
+            raise ConfigError(f"{named}: {where} cannot be created or written: {problem}")
     if resume:
         check_resumed_search(cfg, search_dir, log)
     elif (search_dir / SEARCH_RECORD).exists() and not is_recorded_config(search_dir / SEARCH_RECORD):
