@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from .io import save_stream_atomic
+from .io import load_failure, save_stream_atomic
 
 
 class CheckpointError(ValueError):
@@ -82,7 +82,7 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file
-        raise CheckpointError(f"{path}: not a readable pst-dist checkpoint ({type(e).__name__}: {e})") from None
+        raise CheckpointError(f"{path}: not a readable pst-dist checkpoint ({load_failure(e)})") from None
     if not isinstance(payload, dict) or "model" not in payload:
         raise CheckpointError(f"{path}: not a pst-dist checkpoint")
     if payload.get("model_name") != model_name:

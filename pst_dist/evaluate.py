@@ -22,6 +22,7 @@ from .data.pipeline import Data, Normalize, beton_change, beton_digests, build_d
 from .data.sources import DataError, Split, list_folder, load_streamed_splits
 from .distributed import build_device
 from .engine.deepspeed import CHECKPOINT_DIR, LATEST, MODEL_STATES, check_ds_checkpoint, load_ds_file
+from .io import load_failure
 from .models import build_model
 from .rundir import check_own_data
 from .train import evaluate, model_inputs, recorded_inputs
@@ -117,7 +118,7 @@ def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], int, str | Non
         payload = torch.load(path, map_location="cpu", weights_only=True)
         return payload["model"], int(payload["state"]["epoch"]), payload.get("model_name"), torch.float32
     except Exception as e:  # noqa: BLE001 - any unpickling failure or missing key is a bad file
-        raise CheckpointError(f"{path}: not a readable pst-dist checkpoint ({type(e).__name__}: {e})") from None
+        raise CheckpointError(f"{path}: not a readable pst-dist checkpoint ({load_failure(e)})") from None
 
 
 def _deepspeed_weights(tag_dir: Path) -> tuple[dict[str, torch.Tensor], int, str | None, torch.dtype]:

@@ -231,6 +231,19 @@ def check_out_dir(out: Path, *, command: str, marker: str, owned: Iterable[str],
     return True
 
 
+def load_failure(e: BaseException) -> str:
+    """Why ``torch.load`` (or another reader) failed, in one line for an error message: torch's weights-only refusal
+    as its reason alone, without its advice to load the file unrestricted (which runs whatever code it holds)."""
+    text = str(e)
+    if "Weights only load failed" in text:
+        lines = [ln.strip() for ln in text.splitlines()[1:]]
+        reason = next((ln for ln in lines if ln and not ln.startswith(("Please file an issue", "Check the "
+                                                                        "documentation"))), "")
+        return f"a weights-only load refuses it: {reason or 'content other than tensors and plain values'}"
+    text = " ".join(text.split())
+    return f"{type(e).__name__}: {text if len(text) <= 300 else text[:300] + '...'}"
+
+
 def check_parent_dir(path: Path, option: str) -> None:
     """OutputError unless the folder a file output ``path`` goes into exists: checked before the work, not found
     when the temporary file cannot be written after it."""

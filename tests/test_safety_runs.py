@@ -390,3 +390,23 @@ def test_relative_paths_are_recorded_as_what_they_named_and_a_resume_elsewhere_i
     out = run_cli("train", *args, "--train.epochs=2", "--resume", cwd=a)
     assert out.returncode == 0, out.stderr[-2000:]
     assert load_config(run / "config.toml", recorded=True).poison.path == str(a / "p")
+
+
+def test_a_checkpoint_a_weights_only_load_refuses_is_one_line_without_torch_s_advice_to_load_it_unrestricted(
+        run_copy, tmp_path):
+    """Text where checkpoint.pt should be, and a pickle that calls os.system: one line naming the file and torch's
+    reason, for resume, eval and export alike; never torch's advice to set weights_only=False (which would run the
+    file's code), nor its seven lines."""
+    f = run_copy / "checkpoint.pt"
+    for content, reason in ((b"not a checkpoint\n", "Unsupported operand"), (None, "posix.system")):
+        if content is None:
+            torch.save({"model": os.system}, f)
+        else:
+            f.write_bytes(content)
+        for cmd in (["train", *FAST, f"--log.run_dir={run_copy}", "--resume", "--train.epochs=3"],
+                    ["eval", "--run", str(run_copy)], ["export", "--run", str(run_copy), "--out", str(tmp_path / "x")]):
+            out = run_cli_in_process(*cmd)
+            assert_refused(out, [f"{f}: not a readable pst-dist checkpoint (a weights-only load refuses it: ",
+                                 reason], [], tmp_path, code=2)
+            said = out.stderr[out.stderr.index("pst-dist: "):]
+            assert "set to `False`" not in said and len(said.strip().splitlines()) == 1, said

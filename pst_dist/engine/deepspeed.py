@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from ..checkpoint import CheckpointError, rng_state, set_rng_state
 from ..distributed import DistInfo
-from ..io import save_stream_atomic
+from ..io import load_failure, save_stream_atomic
 from ..pst.freeze import drop_frozen_grads
 from .base import Engine
 
@@ -114,7 +114,7 @@ class DeepSpeedEngine(Engine):
         try:
             saved = torch.load(rng, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - a missing or unreadable file is a bad checkpoint
-            raise CheckpointError(f"{rng}: not a readable random-number state ({type(e).__name__}: {e})") from None
+            raise CheckpointError(f"{rng}: not a readable random-number state ({load_failure(e)})") from None
         set_rng_state(saved, rng)
         if not isinstance(client.get("pst_state"), dict):
             raise CheckpointError(f"{ckpt / tag}: holds no pst-dist trainer state (client_state 'pst_state')")
@@ -155,7 +155,7 @@ class DeepSpeedEngine(Engine):
             return int(client["pst_state"]["epoch"])
         except Exception as e:  # noqa: BLE001 - any unpickling failure or missing key is a bad file
             raise CheckpointError(f"{found[0]}: not a readable pst-dist DeepSpeed checkpoint "
-                                  f"({type(e).__name__}: {e})") from None
+                                  f"({load_failure(e)})") from None
 
     @classmethod
     def clear_checkpoint(cls, run_dir: Path) -> None:
@@ -200,7 +200,7 @@ def _check_file(f: Path) -> None:
     try:
         unsafe = set(torch.serialization.get_unsafe_globals_in_checkpoint(str(f)))
     except Exception as e:  # noqa: BLE001 - unreadable is refused
-        raise CheckpointError(f"{f}: not a readable checkpoint ({type(e).__name__}: {e})") from None
+        raise CheckpointError(f"{f}: not a readable checkpoint ({load_failure(e)})") from None
     bad = sorted(unsafe - DS_SAFE_GLOBALS)
     if bad:
         raise CheckpointError(f"{f}: references globals outside the DeepSpeed allow-list: {bad}")

@@ -11,6 +11,7 @@ import torch
 
 from ..checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from ..distributed import GradBuckets
+from ..io import load_failure
 from ..pst.freeze import drop_frozen_grads
 from .base import Engine
 
@@ -72,4 +73,4 @@ class TorchEngine(Engine):
             payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             return int(payload["state"]["epoch"])
         except Exception as e:  # noqa: BLE001 - any unpickling failure or missing key is a bad file
-            raise CheckpointError(f"{path}: not a readable pst-dist checkpoint ({type(e).__name__}: {e})") from None
+            raise CheckpointError(f"{path}: not a readable pst-dist checkpoint ({load_failure(e)})") from None

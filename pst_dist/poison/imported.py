@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from ..config import PoisonConfig
+from ..io import load_failure
 from .budget import PoisonFileError, linf_levels, linf_of, row_chunks
 from .folder import read_folder
 from .store import read_stored
@@ -41,7 +42,7 @@ def read_tensor(path: Path) -> torch.Tensor:
     except PoisonFileError:
         raise
     except Exception as e:  # noqa: BLE001 - any decoding failure is a bad file
-        raise PoisonFileError(f"{path}: cannot read a tensor from it ({type(e).__name__}: {e})") from e
+        raise PoisonFileError(f"{path}: cannot read a tensor from it ({load_failure(e)})") from e
     if not isinstance(obj, torch.Tensor):
         raise PoisonFileError(f"{path}: expected a tensor, found {type(obj).__name__}")
     if obj.layout != torch.strided or obj.dtype not in READABLE_DTYPES or obj.device.type != "cpu":
