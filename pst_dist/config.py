@@ -1029,7 +1029,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return value
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {type(value).__name__} {value!r}")
+            shown = str(value).lower() if isinstance(value, bool) else value
+            hint = (f" (TOML reads it as a number or true/false: quote it, e.g. --{key}='\"{shown}\"' on the command "
+                    f"line)" if isinstance(value, (int, float)) else "")
+            raise ConfigError(f"{key}: expected a string, got {type(value).__name__} {value!r}{hint}")
         try:
             value.encode("utf-8")  # a lone surrogate (a non-UTF-8 file name) could never be recorded in config.toml
         except UnicodeEncodeError:
@@ -1091,7 +1094,8 @@ def _parse_value(text: str, item: str) -> Any:
     except tomllib.TOMLDecodeError:
         return text
     try:
-        whole = tomllib.loads(f"v = [{text}]")["v"] == [value]  # a comment would swallow the bracket
+        # a comment would swallow the bracket; compared as text, so that nan (never equal to itself) is whole too
+        whole = repr(tomllib.loads(f"v = [{text}]")["v"]) == repr([value])
     except tomllib.TOMLDecodeError:
         whole = False
     if not whole:

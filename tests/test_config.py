@@ -160,3 +160,12 @@ def test_an_override_into_a_list_names_a_bad_index(tmp_path, override, needle):
 def test_a_config_path_of_an_unknown_user_s_home_is_named():
     with pytest.raises(ConfigError, match="--config='~nosuchuser_pst/x.toml': no such user's home directory"):
         load_config("~nosuchuser_pst/x.toml")
+
+
+def test_a_string_key_given_a_number_says_how_to_quote_it():
+    """A run directory named by a year (log.run_dir=2024) reads as an integer: the error shows the quoting that
+    works, and that quoting gives the string."""
+    with pytest.raises(ConfigError, match=r"log\.run_dir: expected a string, got int 2024 .*quote it, e\.g\. "
+                                          r"--log\.run_dir='\"2024\"'"):
+        load_config(None, ["--log.run_dir=2024"])
+    assert load_config(None, ['--log.run_dir="2024"']).log.run_dir == "2024"
