@@ -26,7 +26,7 @@ from torch import nn
 from .config import ConfigError, check_eval_views, to_dict
 from .data.pipeline import Normalize
 from .evaluate import load_run_model
-from .io import OutputError, atomic_dir, check_out_dir
+from .io import OutputError, atomic_dir, check_out_dir, uncreatable
 from .models import export_spec, load_exported, timm_args
 from .train import predict
 
@@ -52,6 +52,8 @@ def export_run(run_dir: Path, out: Path, checkpoint: str | Path | None = None, o
                           f"timm.create_model('local-dir:FOLDER') reads)")
     replace = check_out_dir(out, command="export", marker="config.json", owned=FILES, overwrite=overwrite,
                             is_ours=_is_export)
+    if (problem := uncreatable(out.parent)) is not None:  # before the checkpoint is read (it is written beside out)
+        raise OutputError(f"--out {out}: cannot be written there: {problem}")
     rm = load_run_model(Path(run_dir), checkpoint)
     chans, size, _ = rm.inputs["shape"]
     kwargs, hook = timm_args(rm.cfg.model, rm.inputs["num_classes"], chans, size)

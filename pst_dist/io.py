@@ -250,6 +250,8 @@ def check_parent_dir(path: Path, option: str) -> None:
     if not Path(path).parent.is_dir():
         raise OutputError(f"{option} {path}: {Path(path).parent} is not a directory; create it or choose another "
                           f"{option}")
+    if not os.access(Path(path).parent, os.W_OK | os.X_OK):
+        raise OutputError(f"{option} {path}: {Path(path).parent} is not writable; choose another {option}")
 
 
 def _refuse_current_dir(out: Path) -> None:

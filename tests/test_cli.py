@@ -1,5 +1,6 @@
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -238,3 +239,40 @@ def test_demo_refuses_fewer_than_one_seed_before_writing_anything(tmp_path, seed
         r = run_cli_in_process("demo", "--out", str(out), "--seeds", seeds, *TINY)
         assert r.returncode == 2 and f"--seeds {seeds}: expected an integer >= 1" in r.stderr, r.stderr[-2000:]
     assert not any(kept.iterdir()) and not new.exists()
+
+
+def test_outputs_into_a_directory_it_cannot_write_are_refused_before_the_work(tmp_path):
+    """export, eval --out and report --plot into a read-only directory: one line naming the option and the
+    directory, before the checkpoint is read (was: exit 1 after the work, naming a hidden temp file). Run as a user
+    without root's bypass of permissions (nobody, through setpriv, when the tests run as root)."""
+    import os
+    import shutil
+    import tempfile
+
+    if os.geteuid() == 0 and not shutil.which("setpriv"):
+        pytest.skip("needs setpriv to run as a user that file permissions apply to")
+    as_user = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] if os.geteuid() == 0 else []
+    base = Path(tempfile.mkdtemp(prefix="pst-readonly-"))  # tmp_path's parents are root's alone
+    try:
+        base.chmod(0o755)
+        run = base / "run"
+        made = run_cli("train", *TINY, "--train.epochs=1", "--train.threads=1", f"--log.run_dir={run}")
+        assert made.returncode == 0, made.stderr[-2000:]
+        (base / "home").mkdir()
+        ro = base / "ro"
+        ro.mkdir()
+        for p in [base, *base.rglob("*")]:
+            p.chmod(0o777 if p.name == "home" else 0o555 if p == ro else (0o755 if p.is_dir() else 0o644))
+        env = {"PATH": os.environ["PATH"], "HOME": str(base / "home"), "OMP_NUM_THREADS": "1"}
+        for cmd, named in ((["export", "--run", str(run), "--out", str(ro / "e")], f"--out {ro / 'e'}"),
+                           (["eval", "--run", str(run), "--out", str(ro / "e.json")], f"--out {ro / 'e.json'}"),
+                           (["report", str(base), "--plot", str(ro / "c.png")], f"--plot {ro / 'c.png'}")):
+            r = subprocess.run([*as_user, sys.executable, "-m", "pst_dist.cli", *cmd], capture_output=True, text=True,
+                               timeout=300, env=env, cwd=base)
+            assert r.returncode == 2 and named in r.stderr and "not writable" in r.stderr, (cmd, r.stderr[-2000:])
+            assert not r.stdout and len(r.stderr.strip().splitlines()) == 1, (cmd, r.stdout, r.stderr)
+        assert not any(ro.iterdir())
+    finally:
+        for p in [base, *base.rglob("*")]:
+            p.chmod(0o755)
+        shutil.rmtree(base)
