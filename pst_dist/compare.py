@@ -102,6 +102,10 @@ def read_results(path: Path) -> dict[tuple[str, str, int], Cell]:
                 raise DataError(f"{csv_path}: not a bench results.csv (columns {sorted(missing)} missing)")
             for row in reader:
                 where = f"{csv_path} line {reader.line_num}"
+                if short := sorted(k for k in want if row.get(k) is None):  # csv gives None past a short row's end
+                    given = sum(v is not None for k, v in row.items() if k is not None)
+                    raise DataError(f"{where}: {given} of the {len(reader.fieldnames)} columns given, no value for "
+                                    f"{short}")
                 try:
                     key = (row["attack"], row["defense"], int(row["seed"]))
                     acc = [_fraction(row[k], k) for k in ("final_test_acc", "peak_test_acc")]

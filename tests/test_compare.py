@@ -116,6 +116,10 @@ def test_bad_input_is_named_and_exits_2(tmp_path):
     (tmp_path / "c" / "results.csv").write_text(",".join(COLUMNS) + "\nlsp,pst,zero,0.8,0.8,0.8\n")
     r = run_cli_in_process("compare", str(a), str(tmp_path / "c" / "results.csv"))
     assert r.returncode == 2 and "results.csv line 2" in r.stderr and "'zero'" in r.stderr
+    (tmp_path / "c" / "results.csv").write_text(",".join(COLUMNS) + "\nlsp,pst,0\n")  # a row cut short (was: a
+    r = run_cli_in_process("compare", str(a), str(tmp_path / "c" / "results.csv"))  # NoneType error)
+    assert r.returncode == 2 and "results.csv line 2: 3 of the 6 columns given, no value for ['final_test_acc', " \
+        "'final_val_acc', 'peak_test_acc']" in r.stderr, r.stderr[-2000:]
     bom = tmp_path / "bom" / "results.csv"  # saved again by a spreadsheet, with a byte-order mark
     bom.parent.mkdir()
     bom.write_text("\ufeff" + (a / "results.csv").read_text(), encoding="utf-8")
