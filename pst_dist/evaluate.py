@@ -241,4 +241,5 @@ def evaluate_run(run_dir: Path, checkpoint: str | Path | None = None, overrides:
             "data.source": cfg.data.source, "data.root": cfg.data.root, "images": len(part),
             "eval_views": list(cfg.schedule.eval_views), "accuracy": acc,
             **({} if as_trained is None else {"folder_as_trained": as_trained}),
-            **({} if beton_same is None else {"beton_as_trained": beton_same})}
+            **({} if beton_same is None else {"beton_as_trained": beton_same}),
+            **({"overrides": [o if o.startswith("--") else f"--{o}" for o in overrides]} if overrides else {})}

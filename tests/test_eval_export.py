@@ -136,6 +136,8 @@ def test_eval_on_other_data_scores_as_the_runs_model(runs, capsys):
     run, other = runs["small_stem"], runs["other"]
     r = eval_cli(capsys, "--run", run["dir"], f"--data.root={other}")
     assert r["images"] == 64 and r["data.root"] == str(other)
+    assert r["overrides"] == [f"--data.root={other}"]  # what made it other data, as given (the record says how)
+    assert "overrides" not in eval_cli(capsys, "--run", run["dir"])
     # the other folder's test images through the run's in-memory model, normalised with the run's statistics
     data = build_data(load_config(None, runs["args"]))
     test = build_data(load_config(None, folder_args(other))).splits.test
