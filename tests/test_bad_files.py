@@ -477,6 +477,14 @@ def test_broken_poison_json(tmp_path, store_src):
                    root=tmp_path, code=2)
 
 
+def test_a_store_without_its_poison_json_is_named_as_one(tmp_path, store_src):
+    """Was: taken for a folder of image files ("no image files found")."""
+    store = copy_dir(store_src, tmp_path / "p")
+    (store / "poison.json").unlink()
+    run = train_on_store(store, tmp_path)
+    assert_refused(run, names=[f"{store}: holds train_images.npy but no poison.json"], root=tmp_path, code=2)
+
+
 def test_atomic_dir_survives_a_parallel_job_removing_the_shared_parent_between_its_mkdirs(tmp_path, monkeypatch):
     # Parallel bench poison jobs share <bench.out>/poisons/; one that fails removes the parents it made if they are
     # empty, which can fall between another job's mkdir of that parent and of its temporary folder.

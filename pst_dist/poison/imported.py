@@ -22,7 +22,7 @@ from ..config import PoisonConfig
 from ..io import load_failure
 from .budget import PoisonFileError, linf_levels, linf_of, row_chunks
 from .folder import read_folder
-from .store import read_stored
+from .store import ARRAY, read_stored
 
 APBENCH_DATA, APBENCH_LABELS = "poisoned_training_data.npy", "poisoned_training_labels.npy"
 READABLE_DTYPES = (torch.uint8, torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -168,6 +168,10 @@ def import_poison(images: torch.Tensor, index: torch.Tensor, source_size: int, c
     if path.is_dir() and (path / "poison.json").is_file():  # written by `pst-dist poison`: checked against its
         # metadata, its attack's budget and poison.eps
         return read_stored(path, images, index, source_size, eps=cfg.eps, verify=verify)
+    if path.is_dir() and (path / ARRAY).is_file():  # a store's array without the metadata it is checked against
+        raise PoisonFileError(f"{path}: holds {ARRAY} but no poison.json: a `pst-dist poison` store missing its "
+                              f"metadata (attack, budget, hashes) cannot be checked; restore poison.json, or make "
+                              f"the store again")
     apbench_numpy = (path / APBENCH_DATA).is_file() or path.name == APBENCH_DATA
     if (path.is_dir() or apbench_numpy) and labels is None:
         raise ValueError(f"importing {path} needs the training labels")
