@@ -106,6 +106,19 @@ def written_by_a_run(run_dir: Path) -> bool:
         not (config.exists() or config.is_symlink()) or is_recorded_config(config))
 
 
+def _damaged_record(run_dir: Path) -> str | None:
+    """Why the config.toml beside a run's meta.json (library versions and all) cannot be read, or None: a run's
+    record damaged since (a truncated copy, an editor), not a user's folder."""
+    meta, config = run_meta(run_dir), run_dir / "config.toml"
+    if meta is None or not isinstance(meta.get("versions"), dict) or not config.is_file():
+        return None
+    try:
+        tomllib.loads(config.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        return f"not valid TOML: {e}"
+    return None
+
+
 def check_own_data(run_dir: Path, what: str) -> None:
     """Refuse (RunDirError, naming ``what``) a run trained on data its config does not describe (:data:`OUTSIDE_DATA`
     in its directory)."""
@@ -131,6 +144,10 @@ def check_run_dir(cfg: Config, resume: bool, overwrite: bool, allow_changes: boo
     _writable_ancestor(run_dir)
     theirs = run_names_present(run_dir, cfg.log.trackers) if run_dir.is_dir() else []
     present = [n for n in theirs if n in RUN_MARKERS]  # holds_run's answer, read once
+    if theirs and not written_by_a_run(run_dir) and (problem := _damaged_record(run_dir)):
+        raise RunDirError(f"log.run_dir={str(run_dir)!r} holds a pst-dist run whose config.toml is damaged "
+                          f"({problem}): pst-dist neither resumes nor replaces a run whose record it cannot read; "
+                          f"restore config.toml, or choose another log.run_dir")
     if theirs and not written_by_a_run(run_dir):
         raise RunDirError(f"log.run_dir={str(run_dir)!r} holds {', '.join(theirs)}, which a run writes, but no "
                           f"pst-dist run wrote them (no config.toml with a run's [{'], ['.join(RUN_SECTIONS)}] "
