@@ -32,6 +32,16 @@ def _diffs(clean: torch.Tensor, poisoned: torch.Tensor):
         yield rows, poisoned[rows].to(torch.int16) - clean[rows].to(torch.int16)
 
 
+def add_levels(images: torch.Tensor, levels) -> torch.Tensor:
+    """uint8 ``images`` plus integer pixel levels, clipped to 0..255, chunk by chunk (:func:`row_chunks`):
+    ``levels(rows)`` gives the int16 levels of those rows (a class pattern indexed by their labels, or a slice of a
+    per-image tensor), so no int16 copy of the whole split is made."""
+    out = torch.empty_like(images)
+    for rows in row_chunks(len(images), images[0].numel() if len(images) else 1):
+        out[rows] = (images[rows].to(torch.int16) + levels(rows)).clamp(0, 255).to(torch.uint8)
+    return out
+
+
 def linf_of(clean: torch.Tensor, poisoned: torch.Tensor) -> int:
     """The largest change of a pixel value, in whole levels (0 for no images)."""
     return max((int(d.abs().max()) for _, d in _diffs(clean, poisoned)), default=0)

@@ -11,7 +11,7 @@ import torch
 
 from ..config import PoisonConfig
 from ..registry import ATTACKS
-from .budget import attack_levels, check_linf
+from .budget import add_levels, attack_levels, check_linf
 
 
 def class_patterns(cfg: PoisonConfig, num_classes: int, shape: tuple[int, int, int]) -> torch.Tensor:
@@ -34,7 +34,7 @@ def class_patterns(cfg: PoisonConfig, num_classes: int, shape: tuple[int, int, i
 def _class_pattern_poison(images: torch.Tensor, labels: torch.Tensor, cfg: PoisonConfig,
                           num_classes: int) -> torch.Tensor:
     delta = class_patterns(cfg, num_classes, tuple(images.shape[1:]))
-    out = (images.to(torch.int16) + delta[labels]).clamp(0, 255).to(torch.uint8)
+    out = add_levels(images, lambda rows: delta[labels[rows]])
     check_linf(images, out, cfg.eps, cfg.kind)
     return out
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from ..config import PoisonConfig
-from .budget import attack_levels, check_linf
+from .budget import add_levels, attack_levels, check_linf
 
 
 def samplewise_noise(images: torch.Tensor, labels: torch.Tensor, cfg: PoisonConfig, num_classes: int) -> torch.Tensor:
@@ -15,6 +15,6 @@ def samplewise_noise(images: torch.Tensor, labels: torch.Tensor, cfg: PoisonConf
     amp = attack_levels(cfg)
     g = torch.Generator().manual_seed(cfg.seed)
     delta = torch.randint(-amp, amp + 1, tuple(images.shape), generator=g, dtype=torch.int16)
-    out = (images.to(torch.int16) + delta).clamp(0, 255).to(torch.uint8)
+    out = add_levels(images, lambda rows: delta[rows])
     check_linf(images, out, cfg.eps, "samplewise_noise")
     return out

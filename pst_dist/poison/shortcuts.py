@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import PoisonConfig
-from .budget import l2_budget, norms
+from .budget import CHUNK_VALUES, add_levels, l2_budget, norms
 
 
 def _to_pixel_levels(delta: torch.Tensor, budget: float) -> torch.Tensor:
@@ -30,10 +30,6 @@ def _to_pixel_levels(delta: torch.Tensor, budget: float) -> torch.Tensor:
             return out.to(torch.int16).view_as(delta)
         flat[over] *= 0.99
     raise AssertionError("could not round the perturbation within its L2 budget")
-
-
-def _add(images: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-    return (images.to(torch.int16) + delta).clamp(0, 255).to(torch.uint8)
 
 
 def _check_l2(images: torch.Tensor, out: torch.Tensor, budget: float, name: str) -> None:
@@ -53,7 +49,8 @@ def lsp(images: torch.Tensor, labels: torch.Tensor, cfg: PoisonConfig, num_class
     grid = centres + 0.5 * torch.randn(num_classes, c, gh, gw, generator=g)
     pattern = grid.repeat_interleave(p, 2).repeat_interleave(p, 3)[:, :, :h, :w]
     budget = l2_budget(cfg, (c, h, w))
-    out = _add(images, _to_pixel_levels(pattern, budget)[labels])
+    levels = _to_pixel_levels(pattern, budget)  # one per class
+    out = add_levels(images, lambda rows: levels[labels[rows]])
     _check_l2(images, out, budget, "lsp")
     return out
 
@@ -137,13 +134,16 @@ def ar(images: torch.Tensor, labels: torch.Tensor, cfg: PoisonConfig, num_classe
     n, c, h, w = images.shape
     coef = ar_filters(cfg, num_classes, c)
     g = torch.Generator().manual_seed(cfg.seed)
-    delta = torch.empty(n, c, h, w)
-    for s in range(0, n, 4096):  # bounded memory
-        b = slice(s, s + 4096)
-        start = torch.randn(len(labels[b]), c, h + AR_CROP, w + AR_CROP, generator=g)
-        delta[b] = _ar_process(coef[labels[b]], start)[..., AR_CROP:, AR_CROP:]
     budget = l2_budget(cfg, (c, h, w))
-    out = _add(images, _to_pixel_levels(delta, budget))
+    levels = torch.empty(n, c, h, w, dtype=torch.int16)
+    # bounded memory: 4096 draws at a time (as the draws always came), fewer where those would pass CHUNK_VALUES
+    # (ImageNet-sized images); each image's draw scaled and rounded on its own
+    step = min(4096, max(64, CHUNK_VALUES // (c * (h + AR_CROP) * (w + AR_CROP))))
+    for s in range(0, n, step):
+        b = slice(s, s + step)
+        start = torch.randn(len(labels[b]), c, h + AR_CROP, w + AR_CROP, generator=g)
+        levels[b] = _to_pixel_levels(_ar_process(coef[labels[b]], start)[..., AR_CROP:, AR_CROP:], budget)
+    out = add_levels(images, lambda rows: levels[rows])
     _check_l2(images, out, budget, "ar")
     return out
 
