@@ -29,7 +29,7 @@ from ..data.loaders import apply_params, draw_params, to_device
 from ..defenses import pgd_examples
 from ..distributed import all_reduce_grads, broadcast_buffers, build_device
 from ..models import build_model
-from .budget import check_linf, linf_levels
+from .budget import add_levels, check_linf, linf_levels
 
 
 class _Seams:
@@ -69,17 +69,21 @@ def _batches(n: int, batch: int, g: torch.Generator) -> Iterator[torch.Tensor]:
 
 
 class _Attack:
-    """Shared state: images as floats in [0, 1] on the device, labels, normalisation, the surrogate and its steps."""
+    """Shared state: the images (uint8 on the device, as floats in [0, 1] a batch at a time: an ImageNet-sized
+    split held as floats would take 4x its bytes of device memory for the whole attack), labels, normalisation, the
+    surrogate and its steps."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, cfg: Config, num_classes: int):
         self.p = cfg.poison
         self.seams = _Seams(cfg)
         dev = self.seams.device
-        self.x = images.to(dev).float() / 255
+        self.u8 = images.to(dev)
         self.y = labels.to(dev)
         self.n = len(labels)
-        mean = self.x.mean(dim=(0, 2, 3)).view(1, -1, 1, 1)
-        std = self.x.std(dim=(0, 2, 3)).clamp_min(1e-3).view(1, -1, 1, 1)
+        x = self.u8.float().div_(255)  # the statistics over all of it, then freed
+        mean = x.mean(dim=(0, 2, 3)).view(1, -1, 1, 1)
+        std = x.std(dim=(0, 2, 3)).clamp_min(1e-3).view(1, -1, 1, 1)
+        del x
         self.normalize = lambda t: (t - mean) / std
         self.g = torch.Generator().manual_seed(self.p.seed)
         self.model, self.opt = _surrogate(cfg, num_classes, tuple(images.shape[1:]), self.seams, self.p.seed)
@@ -87,6 +91,10 @@ class _Attack:
         self.stream = _batches(self.n, self.bs, self.g)
         self.aug_mode = "none"  # em/rem with poison.eot: the training's augmentation
         self.aug_g = torch.Generator().manual_seed(self.p.seed + 1_000_003 * (self.seams.rank + 1))
+
+    def xs(self, rows) -> torch.Tensor:
+        """The images ``rows`` (indices or a slice) as floats in [0, 1]."""
+        return self.u8[rows].float() / 255
 
     def augment(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` (floats) augmented by ``aug_mode``, differentiably, with this rank's own random numbers."""
@@ -109,7 +117,7 @@ class _Attack:
         for _ in range(steps):
             idx = self.my_share(next(self.stream))
             idx_d = idx.to(self.seams.device)
-            xb = self.x[idx_d]
+            xb = self.xs(idx_d)
             xb = (inputs_of(idx_d, xb) if inputs_of else (xb + delta_of(idx_d, xb)).clamp(0, 1)).detach()
             loss = F.cross_entropy(self.logits(xb), self.y[idx_d])
             self.opt.zero_grad(set_to_none=True)
@@ -134,7 +142,8 @@ class _Attack:
         hits = torch.zeros(2, dtype=torch.float64)
         for i in range(0, len(idx), 1024):
             b = self.my_share(idx[i: i + 1024]).to(self.seams.device)
-            xb = (self.x[b] + delta_of(b, self.x[b])).clamp(0, 1)
+            xb = self.xs(b)
+            xb = (xb + delta_of(b, xb)).clamp(0, 1)
             hits += torch.tensor([float((self.logits(xb).argmax(1) == want[b]).sum()), float(len(b))],
                                  dtype=torch.float64)
         hits = self.seams.sum_(hits)
@@ -150,12 +159,13 @@ class _Attack:
             return delta
         return self.seams.sum_(delta * mine.view(-1, *([1] * (delta.ndim - 1))))
 
-    def finish(self, images: torch.Tensor, delta: torch.Tensor, name: str, info: dict
+    def finish(self, images: torch.Tensor, delta_of_rows, name: str, info: dict
                ) -> tuple[torch.Tensor, dict]:
-        """The poisoned uint8 images (budget asserted) and what the attack did (rounds, errors: for poison.json)."""
+        """The poisoned uint8 images (budget asserted) and what the attack did (rounds, errors: for poison.json);
+        ``delta_of_rows(rows)``: the final perturbation of a slice of rows, rounded and added a chunk at a time."""
         budget = linf_levels(self.p.eps)
-        step = (delta.cpu() * 255).round().clamp(-budget, budget).to(torch.int16)
-        out = (images.to(torch.int16) + step).clamp(0, 255).to(torch.uint8)
+        out = add_levels(images, lambda rows: (delta_of_rows(rows).cpu() * 255).round().clamp(-budget, budget)
+                         .to(torch.int16))
         check_linf(images, out, self.p.eps, name)
         return out, {"attack": name, **info}
 
@@ -201,7 +211,7 @@ def em(images: torch.Tensor, labels: torch.Tensor, cfg: Config, num_classes: int
     alpha = _step_size(p, 0.1)
     # uniform random start in the ball (as EM's reference does), drawn on the CPU from the poison's seed
     shape = (num_classes if classwise else a.n, *images.shape[1:])
-    delta = ((torch.rand(shape, generator=a.g) * 2 - 1) * p.eps).to(dev)
+    delta = torch.rand(shape, generator=a.g).mul_(2).sub_(1).mul_(p.eps).to(dev)  # in place: one copy of the split
     adv = (p.adv_eps, 2.5 * p.adv_eps / p.adv_steps, p.adv_steps)  # PGD radius, step, steps of the inner max
 
     def delta_of(idx: torch.Tensor, xb: torch.Tensor) -> torch.Tensor:
@@ -240,7 +250,7 @@ def em(images: torch.Tensor, labels: torch.Tensor, cfg: Config, num_classes: int
             idx = order[bi * a.bs: (bi + 1) * a.bs]
             b = a.my_share(idx).to(dev)
             mine[b] = True
-            xb, yb = a.x[b], a.y[b]
+            xb, yb = a.xs(b), a.y[b]
             d = (delta[yb] if classwise else delta[b]).clone()
             for _ in range(p.steps):
                 if p.eot:
@@ -271,10 +281,9 @@ def em(images: torch.Tensor, labels: torch.Tensor, cfg: Config, num_classes: int
     stopped = "reached" if err <= p.stop_error else "not reached (max_rounds)"
     _log(f"{name}: {rounds} rounds, surrogate {'robust ' if robust else ''}train error {err:.4f} "
          f"(stop_error {p.stop_error}: {stopped}), {time.time() - t0:.1f} s")
-    full = delta[a.y] if classwise else delta
-    full = _project(full, a.x, p.eps)
-    return a.finish(images, full, name, dict(rounds=rounds, train_error=err, stop_error_reached=err <= p.stop_error,
-                                             seconds=round(time.time() - t0, 2)))
+    return a.finish(images, lambda rows: _project(delta[a.y[rows]] if classwise else delta[rows], a.xs(rows), p.eps),
+                    name, dict(rounds=rounds, train_error=err, stop_error_reached=err <= p.stop_error,
+                               seconds=round(time.time() - t0, 2)))
 
 
 def _grad_through(a: _Attack, xb: torch.Tensor, d: torch.Tensor, adv_offset: torch.Tensor, yb: torch.Tensor
@@ -337,13 +346,14 @@ def tap(images: torch.Tensor, labels: torch.Tensor, cfg: Config, num_classes: in
     clean_err = a.error(zero)
     alpha = _step_size(p, 0.25)
     a.model.eval()
-    delta = torch.zeros_like(a.x)
+    delta = torch.zeros(a.u8.shape, device=dev)
     target = (a.y + 1) % num_classes
     mine = torch.zeros(a.n, dtype=torch.bool, device=dev)
     for i in range(0, a.n, a.bs):
         b = a.my_share(torch.arange(i, min(a.n, i + a.bs))).to(dev)
         mine[b] = True
-        xb, d = a.x[b], torch.zeros_like(a.x[b])
+        xb = a.xs(b)
+        d = torch.zeros_like(xb)
         for _ in range(p.steps):
             if p.eot:
                 g = sum(_eot_grad(a, xb, d, target[b], None) for _ in range(p.eot))
@@ -354,7 +364,7 @@ def tap(images: torch.Tensor, labels: torch.Tensor, cfg: Config, num_classes: in
     delta = a.merge_shares(delta, mine)
     hit = a.rate(lambda idx, xb: delta[idx], target)
     _log(f"tap: model clean train error {clean_err:.4f}; targeted success {hit:.4f}; {time.time() - t0:.1f} s")
-    return a.finish(images, delta, "tap", dict(model_train_error=clean_err, target_success=hit,
+    return a.finish(images, lambda rows: delta[rows], "tap", dict(model_train_error=clean_err, target_success=hit,
                                                 seconds=round(time.time() - t0, 2)))
 
 
