@@ -74,8 +74,17 @@ def reference_splits(root: Path, d: DataConfig) -> dict[str, tuple[torch.Tensor,
             "test": (cut(sx, d.test_size), cut(sy, d.test_size))}
 
 
+@pytest.mark.parametrize("batch", [256, 16], ids=["this-process", "decoding-processes"])
 @pytest.mark.parametrize("val_from, train_size", [("train", 0), ("test", 50)])
-def test_streamed_and_in_memory_splits_are_the_folder_as_always_read(tmp_path, val_from, train_size):
+def test_streamed_and_in_memory_splits_are_the_folder_as_always_read(tmp_path, val_from, train_size, batch,
+                                                                    monkeypatch):
+    """(batch: the in-memory read hands a split of more than ``batch`` images to data.loader_workers decoding
+    processes, which must give the same tensor)"""
+    from pst_dist.data import loaders, sources
+
+    monkeypatch.setattr(sources, "DECODE_BATCH", batch)
+    calls, decoded = [], loaders.decoded
+    monkeypatch.setattr(loaders, "decoded", lambda *a, **k: calls.append(a[2]) or decoded(*a, **k))
     root = write_folder(tmp_path / "folder")
     d = DataConfig(source="imagefolder", root=str(root), img_size=16, val_size=6, val_from=val_from,
                    train_size=train_size, test_size=20)
@@ -92,6 +101,7 @@ def test_streamed_and_in_memory_splits_are_the_folder_as_always_read(tmp_path, v
         a, b = getattr(head, part), getattr(whole, part)
         assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels) and torch.equal(a.index, b.index)
     assert head.source_train_size == whole.source_train_size == 72
+    assert (calls and set(calls) == {2}) if batch == 16 else not calls  # data.loader_workers processes, or none
 
 
 def test_pixel_sums_are_exact_in_any_batching():

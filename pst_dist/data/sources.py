@@ -708,11 +708,23 @@ class FolderSplit:
         r = rows.numpy()
         return FolderSplit(self.paths[r], self.labels[rows], self.index[rows], self.size, self.stamps[r])
 
-    def decode(self, n: int | None = None) -> Split:
-        """The first ``n`` images (all with None) decoded into memory."""
+    def decode(self, n: int | None = None, workers: int = 0) -> Split:
+        """The first ``n`` images (all with None) decoded into one tensor, by ``workers`` decoding processes
+        (data.loader_workers; 0: in this process) when there are more than a few hundred: an ImageNet-sized folder
+        takes minutes on one core."""
         k = len(self) if n is None else min(n, len(self))
-        return Split(torch.stack([self[i] for i in range(k)]) if k else torch.empty(0, *self.shape[1:],
-                     dtype=torch.uint8), self.labels[:k], self.index[:k])
+        out = torch.empty(k, *self.shape[1:], dtype=torch.uint8)
+        if workers and k > DECODE_BATCH:
+            from .loaders import decoded, raise_first  # loaders imports this module
+
+            batches = [list(range(i, min(k, i + DECODE_BATCH))) for i in range(0, k, DECODE_BATCH)]
+            for rows, (x, errors) in zip(batches, decoded(self, batches, workers), strict=True):
+                raise_first(errors)
+                out[rows[0]: rows[-1] + 1] = x
+        else:
+            for i in range(k):
+                out[i] = self[i]
+        return Split(out, self.labels[:k], self.index[:k])
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -760,6 +772,10 @@ def _stamp(path: Path, when: str = "") -> tuple[int, int]:
     return st.st_size, st.st_mtime_ns
 
 
+DECODE_BATCH = 256
+"""Images per batch a decoding process hands back when a folder is read into memory."""
+
+
 def list_folder(cfg: DataConfig) -> FolderListing:
     """List ``cfg``'s image folder (a stat per file: sizes and modification times are recorded) and carve it."""
     check_val_size(cfg)
@@ -782,6 +798,7 @@ def load_streamed_splits(cfg: DataConfig, head: int | None, listing: FolderListi
     the detectors' probe; None: all of them, the in-memory read)."""
     listing = listing or list_folder(cfg)
     stream = listing.part("train")
-    val, test = (listing.part(k).decode(None if k in decode else 0) for k in ("val", "test"))
-    splits = Splits(stream.decode(head), val, test, listing.num_classes, cfg.source, len(listing.train))
+    workers = cfg.loader_workers
+    val, test = (listing.part(k).decode(None if k in decode else 0, workers) for k in ("val", "test"))
+    splits = Splits(stream.decode(head, workers), val, test, listing.num_classes, cfg.source, len(listing.train))
     return splits, stream
