@@ -80,11 +80,11 @@ def test_streamed_and_in_memory_splits_are_the_folder_as_always_read(tmp_path, v
                                                                     monkeypatch):
     """(batch: the in-memory read hands a split of more than ``batch`` images to data.loader_workers decoding
     processes, which must give the same tensor)"""
-    from pst_dist.data import loaders, sources
+    from pst_dist.data import sources
 
     monkeypatch.setattr(sources, "DECODE_BATCH", batch)
-    calls, decoded = [], loaders.decoded
-    monkeypatch.setattr(loaders, "decoded", lambda *a, **k: calls.append(a[2]) or decoded(*a, **k))
+    calls, decoded = [], sources.decoded
+    monkeypatch.setattr(sources, "decoded", lambda *a, **k: calls.append(a[2]) or decoded(*a, **k))
     root = write_folder(tmp_path / "folder")
     d = DataConfig(source="imagefolder", root=str(root), img_size=16, val_size=6, val_from=val_from,
                    train_size=train_size, test_size=20)

@@ -17,7 +17,7 @@ import threading
 
 import torch
 
-from .sources import DataError
+from .sources import decoded, raise_first
 
 RRC_SCALE = (0.35, 1.0)
 RRC_RATIO = (3 / 4, 4 / 3)
@@ -266,49 +266,6 @@ class FolderBatches(TensorBatches):
                                                          self.ahead), strict=True):
             raise_first(errors)
             yield x, labels[sel]
-
-
-def decoded(files, batches: list[list[int]], workers: int, ahead: int = 2):
-    """(uint8 images, decode errors) of each list of rows in ``batches``, decoded by ``workers`` DataLoader
-    processes, in order. A file that cannot be read is an error message rather than an exception in a worker (the
-    batch's images then an empty tensor), so that it reaches the caller as the message alone."""
-    from torch.utils.data import DataLoader  # start-up time: only a streamed folder needs it
-
-    # its own generator: a DataLoader draws its workers' base seed from the global one, which training owns
-    return iter(DataLoader(_Decoding(files), batch_sampler=batches, num_workers=workers, collate_fn=_collate,
-                           prefetch_factor=ahead if workers else None,
-                           worker_init_fn=_one_thread, generator=torch.Generator()))
-
-
-class _Decoding:
-    def __init__(self, files) -> None:
-        self.files = files
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor | None, str]:
-        try:
-            return self.files[i], ""
-        except DataError as e:
-            return None, str(e)
-
-
-def _collate(items: list[tuple[torch.Tensor | None, str]]) -> tuple[torch.Tensor, list[str]]:
-    errors = [e for _, e in items if e]
-    if errors:
-        return torch.empty(0, dtype=torch.uint8), errors
-    return torch.stack([x for x, _ in items]), []
-
-
-def raise_first(errors: list[str]) -> None:
-    if errors:
-        more = f" (and {len(errors) - 1} more file(s) in this batch)" if len(errors) > 1 else ""
-        raise DataError(errors[0] + more)
-
-
-def _one_thread(_worker: int) -> None:
-    torch.set_num_threads(1)  # a decoding process: one intra-op thread each, the training process keeps the cores
 
 
 def prefetched(make, depth: int, device: torch.device):

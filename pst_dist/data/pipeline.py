@@ -26,7 +26,7 @@ from ..metrics import machine_facts
 from ..poison import make_poison, mix_clean, norms, poison_train, store
 from . import beton
 from .beton import BetonDir
-from .loaders import FolderBatches, TensorBatches, decoded, raise_first
+from .loaders import FolderBatches, TensorBatches
 from .sources import (
     DataError,
     Fingerprint,
@@ -36,11 +36,13 @@ from .sources import (
     Split,
     Splits,
     channel_stats,
+    decoded,
     fingerprint,
     folder_stats,
     list_folder,
     load_splits,
     load_streamed_splits,
+    raise_first,
 )
 
 

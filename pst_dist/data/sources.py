@@ -715,8 +715,6 @@ class FolderSplit:
         k = len(self) if n is None else min(n, len(self))
         out = torch.empty(k, *self.shape[1:], dtype=torch.uint8)
         if workers and k > DECODE_BATCH:
-            from .loaders import decoded, raise_first  # loaders imports this module
-
             batches = [list(range(i, min(k, i + DECODE_BATCH))) for i in range(0, k, DECODE_BATCH)]
             for rows, (x, errors) in zip(batches, decoded(self, batches, workers), strict=True):
                 raise_first(errors)
@@ -770,6 +768,49 @@ def _stamp(path: Path, when: str = "") -> tuple[int, int]:
     except OSError as e:
         raise DataError(f"{path}: cannot read it{when} ({type(e).__name__}: {_one_line(e)})") from None
     return st.st_size, st.st_mtime_ns
+
+
+def decoded(files, batches: list[list[int]], workers: int, ahead: int = 2):
+    """(uint8 images, decode errors) of each list of rows in ``batches``, decoded by ``workers`` DataLoader
+    processes, in order. A file that cannot be read is an error message rather than an exception in a worker (the
+    batch's images then an empty tensor), so that it reaches the caller as the message alone."""
+    from torch.utils.data import DataLoader  # start-up time: only a streamed folder needs it
+
+    # its own generator: a DataLoader draws its workers' base seed from the global one, which training owns
+    return iter(DataLoader(_Decoding(files), batch_sampler=batches, num_workers=workers, collate_fn=_collate,
+                           prefetch_factor=ahead if workers else None,
+                           worker_init_fn=_one_thread, generator=torch.Generator()))
+
+
+class _Decoding:
+    def __init__(self, files) -> None:
+        self.files = files
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor | None, str]:
+        try:
+            return self.files[i], ""
+        except DataError as e:
+            return None, str(e)
+
+
+def _collate(items: list[tuple[torch.Tensor | None, str]]) -> tuple[torch.Tensor, list[str]]:
+    errors = [e for _, e in items if e]
+    if errors:
+        return torch.empty(0, dtype=torch.uint8), errors
+    return torch.stack([x for x, _ in items]), []
+
+
+def raise_first(errors: list[str]) -> None:
+    if errors:
+        more = f" (and {len(errors) - 1} more file(s) in this batch)" if len(errors) > 1 else ""
+        raise DataError(errors[0] + more)
+
+
+def _one_thread(_worker: int) -> None:
+    torch.set_num_threads(1)  # a decoding process: one intra-op thread each, the training process keeps the cores
 
 
 DECODE_BATCH = 256
