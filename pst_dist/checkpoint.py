@@ -8,11 +8,7 @@ from pathlib import Path
 
 import torch
 
-from .io import load_failure, save_stream_atomic
-
-
-class CheckpointError(ValueError):
-    pass
+from .io import CheckpointError, load_failure, save_stream_atomic
 
 
 def rng_state() -> dict:

@@ -15,7 +15,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
-from .checkpoint import CheckpointError
 from .config import (
     Config,
     ConfigError,
@@ -26,9 +25,7 @@ from .config import (
     load_config,
     shown_default,
 )
-from .data.sources import DataError
-from .io import OutputError, check_parent_dir, write_atomic
-from .poison import PoisonFileError
+from .io import CheckpointError, DataError, OutputError, PoisonFileError, check_parent_dir, write_atomic
 from .registry import ATTACKS
 
 

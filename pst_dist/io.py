@@ -32,6 +32,20 @@ class OutputError(ValueError):
     """An output location cannot be used as asked; the message names it and what is in the way."""
 
 
+class DataError(ValueError):
+    """A data set is missing or malformed; the message names the file. (Defined here, torch-free, so that the CLI
+    can catch it before importing torch; :mod:`pst_dist.data.sources` re-exports it.)"""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be read or does not fit the run (re-exported by :mod:`pst_dist.checkpoint`)."""
+
+
+class PoisonFileError(ValueError):
+    """An imported poison does not fit the data set; the message names the expected and found values (re-exported by
+    :mod:`pst_dist.poison`)."""
+
+
 @contextlib.contextmanager
 def reported(what: str, errors: list[BaseException] | None = None) -> Iterator[None]:
     """Run the block; an exception it raises is printed on stderr (``[pst] <what> failed: ...``), not raised. With

@@ -111,3 +111,15 @@ def test_function_local_imports_say_why():
         if not said and not above.strip().startswith("#"):
             unexplained.append(f"{mod}:{line}: {text}")
     assert not unexplained, "function-local imports without a reason:\n" + "\n".join(unexplained)
+
+
+def test_the_cli_module_imports_no_torch():
+    """`pst-dist` catches a user's error classes and Ctrl-C from main(); torch (seconds to import) loads inside the
+    command, so Ctrl-C in the first second is the one-line interruption, not a traceback from an import (and `keys`
+    and `show-config` start without it)."""
+    import subprocess
+    import sys
+
+    code = "import sys, pst_dist.cli; sys.exit(int('torch' in sys.modules))"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 0, f"importing pst_dist.cli imports torch {r.stderr[-2000:]}"

@@ -27,13 +27,12 @@ import torch
 from PIL import Image
 
 from ..config import DataConfig
+from ..io import DataError  # noqa: F401 - defined torch-free in pst_dist.io, re-exported here
 
 if TYPE_CHECKING:
     from PIL import Image
 
 
-class DataError(ValueError):
-    """A data set is missing or malformed; the message names the file."""
 
 
 @dataclass

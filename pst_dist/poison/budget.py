@@ -8,11 +8,7 @@ import math
 import torch
 
 from ..config import ConfigError, PoisonConfig
-
-
-class PoisonFileError(ValueError):
-    """An imported poison does not fit the data set; the message names the expected and found values."""
-
+from ..io import PoisonFileError  # noqa: F401 - defined torch-free in io, re-exported here
 
 CHUNK_VALUES = 1 << 24
 """Pixel values measured at a time (128 MiB as float64): the norms and L-inf checks of a whole training split (an
