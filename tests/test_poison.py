@@ -403,3 +403,29 @@ def test_norms_and_budget_checks_measured_in_chunks_are_those_of_the_whole_split
     assert budget.linf_of(clean, poisoned) == int(d.abs().max()) > 6
     assert budget.l0_max(clean, poisoned) == int(l0.max())
     assert budget.linf_of(clean[:0], poisoned[:0]) == budget.l0_max(clean[:0], poisoned[:0]) == 0
+
+
+def test_ar_drawn_in_smaller_chunks_is_the_ar_drawn_4096_images_at_a_time(monkeypatch):
+    """AR's draws come in chunks of at most CHUNK_VALUES values (ImageNet-sized images) instead of 4096 images:
+    the same bytes as the 4096-image code (written out below), also where an image's values are not a multiple of
+    16 (torch's normals come in blocks of 16: 1 x 17 x 17 with the crop is 441 values)."""
+    from pst_dist.poison import budget, shortcuts
+
+    g = torch.Generator().manual_seed(0)
+    n, shape = 300, (1, 17, 17)
+    images = torch.randint(0, 256, (n, *shape), dtype=torch.uint8, generator=g)
+    labels = torch.arange(n) % 4
+    cfg = PoisonConfig(kind="ar")
+    c, h, w = shape
+    coef = shortcuts.ar_filters(cfg, 4, c)
+    draws = torch.Generator().manual_seed(cfg.seed)
+    delta = torch.empty(n, c, h, w)
+    for s in range(0, n, 4096):  # the code before the chunks (04ae6a5)
+        b = slice(s, s + 4096)
+        start = torch.randn(len(labels[b]), c, h + shortcuts.AR_CROP, w + shortcuts.AR_CROP, generator=draws)
+        delta[b] = shortcuts._ar_process(coef[labels[b]], start)[..., shortcuts.AR_CROP:, shortcuts.AR_CROP:]
+    want = (images.to(torch.int16) + shortcuts._to_pixel_levels(delta, budget.l2_budget(cfg, shape))
+            ).clamp(0, 255).to(torch.uint8)
+    monkeypatch.setattr(shortcuts, "CHUNK_VALUES", 100 * 441)  # 100 images a chunk -> 96: 4 chunks, a short last
+    monkeypatch.setattr(shortcuts, "ar_filters", lambda *a: coef)  # the same filters, not searched again
+    assert torch.equal(shortcuts.ar(images, labels, cfg, 4), want)

@@ -137,8 +137,10 @@ def ar(images: torch.Tensor, labels: torch.Tensor, cfg: PoisonConfig, num_classe
     budget = l2_budget(cfg, (c, h, w))
     levels = torch.empty(n, c, h, w, dtype=torch.int16)
     # bounded memory: 4096 draws at a time (as the draws always came), fewer where those would pass CHUNK_VALUES
-    # (ImageNet-sized images); each image's draw scaled and rounded on its own
+    # (ImageNet-sized images), a multiple of 16 images: torch draws normals in blocks of 16 values, so calls of
+    # 16k images continue the one stream 4096-image calls made; each image's draw scaled and rounded on its own
     step = min(4096, max(64, CHUNK_VALUES // (c * (h + AR_CROP) * (w + AR_CROP))))
+    step -= step % 16
     for s in range(0, n, step):
         b = slice(s, s + step)
         start = torch.randn(len(labels[b]), c, h + AR_CROP, w + AR_CROP, generator=g)
