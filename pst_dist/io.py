@@ -20,6 +20,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import sys
@@ -249,10 +250,10 @@ def load_failure(e: BaseException) -> str:
     """Why ``torch.load`` (or another reader) failed, in one line for an error message: torch's weights-only refusal
     as its reason alone, without its advice to load the file unrestricted (which runs whatever code it holds)."""
     text = str(e)
-    if "Weights only load failed" in text:
-        lines = [ln.strip() for ln in text.splitlines()[1:]]
-        reason = next((ln for ln in lines if ln and not ln.startswith(("Please file an issue", "Check the "
-                                                                        "documentation"))), "")
+    if "Weights only load failed" in text:  # torch's wording moves between versions: find the reason by content
+        after = text.split("WeightsUnpickler error:", 1)[1] if "WeightsUnpickler error:" in text else ""
+        found = re.search(r"(?:Unsupported|Trying to load unsupported)(?:[^\n.]|\.(?=\S))*", after or text)
+        reason = " ".join((found.group(0) if found else after).split()[:40])
         return f"a weights-only load refuses it: {reason or 'content other than tensors and plain values'}"
     text = " ".join(text.split())
     return f"{type(e).__name__}: {text if len(text) <= 300 else text[:300] + '...'}"

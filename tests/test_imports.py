@@ -7,6 +7,8 @@ import ast
 import re
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("pst_dist", "tune")
 
@@ -123,3 +125,33 @@ def test_the_cli_module_imports_no_torch():
     code = "import sys, pst_dist.cli; sys.exit(int('torch' in sys.modules))"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert r.returncode == 0, f"importing pst_dist.cli imports torch {r.stderr[-2000:]}"
+
+
+@pytest.mark.parametrize("text,reason", [
+    ("Weights only load failed. Re-running `torch.load` with `weights_only` set to `False` will likely succeed, but it "
+     "can result in arbitrary code execution.Do it only if you get the file from a trusted source. WeightsUnpickler "
+     "error: Unsupported class posix.system", "Unsupported class posix.system"),  # torch 2.3: one line
+    ("Weights only load failed. This file can still be loaded, to do so you have two options, \\x1b[1mdo those steps "
+     "only if you trust the source of the checkpoint\\x1b[0m. \n\t(1) In PyTorch 2.6, we changed the default value of "
+     "the `weights_only` argument in `torch.load` from `False` to `True`. Re-running `torch.load` with `weights_only` "
+     "set to `False` will likely succeed, but it can result in arbitrary code execution. Do it only if you got the "
+     "file from a trusted source.\n\t(2) Alternatively, to load with `weights_only=True` please check the recommended "
+     "steps in the following error message.\n\tWeightsUnpickler error: Unsupported global: GLOBAL posix.system was "
+     "not an allowed global by default. Please use `torch.serialization.add_safe_globals([system])` to allowlist.",
+     "Unsupported global: GLOBAL posix.system was not an allowed global by default"),  # torch 2.5 / 2.6
+    ("Weights only load failed. In PyTorch 2.6, we changed the default value of the `weights_only` argument in "
+     "`torch.load` from `False` to `True`. Re-running `torch.load` with `weights_only` set to `False` will likely "
+     "succeed, but it can result in arbitrary code execution. Do it only if you got the file from a trusted source."
+     "\n\n\nTrying to load unsupported GLOBAL posix.system whose module posix is blocked.\n\nCheck the documentation "
+     "of torch.load to learn more about types accepted by default with weights_only https://pytorch.org/docs/stable/"
+     "generated/torch.load.html.", "Trying to load unsupported GLOBAL posix.system whose module posix is blocked"),
+])
+def test_a_weights_only_refusal_is_its_reason_in_every_torch_wording(text, reason):
+    """torch's weights-only refusal as pst-dist reports it: the reason, found by content (its place in the text moved
+    between torch 2.3, 2.5 / 2.6 and later), never the advice to load with weights_only=False."""
+    import pickle
+
+    from pst_dist.io import load_failure
+
+    said = load_failure(pickle.UnpicklingError(text))
+    assert said == f"a weights-only load refuses it: {reason}" and "False" not in said, said
