@@ -548,3 +548,27 @@ def test_cgroup_room_reads_the_process_group_and_its_parents(tmp_path):
     assert _cgroup_room(root, proc) == [700]
     proc.write_text("4:memory:/\n")  # cgroup v1 only: no limit read
     assert _cgroup_room(root, proc) == []
+
+
+def test_an_in_memory_read_whose_decoding_processes_fail_decodes_in_this_process(tmp_path, monkeypatch, capsys):
+    """No processes or shared memory to be had (a container's 64 MB /dev/shm): the read goes on in this process, from
+    the first image not yet decoded, and says so; the same tensor."""
+    from pst_dist.data import sources
+
+    root = write_folder(tmp_path / "folder")
+    d = DataConfig(source="imagefolder", root=str(root), img_size=16, val_size=6)
+    want = load_splits(d).train.images
+    monkeypatch.setattr(sources, "DECODE_BATCH", 16)
+    real = sources.decoded
+
+    def failing(*a, **k):
+        for i, item in enumerate(real(*a, **k)):
+            if i == 2:
+                raise RuntimeError("DataLoader worker (pid 1) is killed by signal: Bus error.")
+            yield item
+
+    monkeypatch.setattr(sources, "decoded", failing)
+    capsys.readouterr()
+    assert torch.equal(load_splits(d).train.images, want)
+    assert "[data] decoding processes failed (DataLoader worker (pid 1) is killed by signal: Bus error.); decoding " \
+           "the other 34 images in this process" in capsys.readouterr().err

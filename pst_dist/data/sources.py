@@ -15,6 +15,7 @@ import os
 import pickle
 import re
 import struct
+import sys
 import warnings
 import zlib
 from dataclasses import dataclass
@@ -713,14 +714,19 @@ class FolderSplit:
         takes minutes on one core."""
         k = len(self) if n is None else min(n, len(self))
         out = torch.empty(k, *self.shape[1:], dtype=torch.uint8)
+        start = 0
         if workers and k > DECODE_BATCH:
             batches = [list(range(i, min(k, i + DECODE_BATCH))) for i in range(0, k, DECODE_BATCH)]
-            for rows, (x, errors) in zip(batches, decoded(self, batches, workers), strict=True):
-                raise_first(errors)
-                out[rows[0]: rows[-1] + 1] = x
-        else:
-            for i in range(k):
-                out[i] = self[i]
+            try:
+                for rows, (x, errors) in zip(batches, decoded(self, batches, workers), strict=True):
+                    raise_first(errors)
+                    out[rows[0]: rows[-1] + 1] = x
+                    start = rows[-1] + 1
+            except RuntimeError as e:  # no processes or shared memory to be had (a container's 64 MB /dev/shm)
+                print(f"[data] decoding processes failed ({' '.join(str(e).split())[:200]}); decoding the other "
+                      f"{k - start} images in this process", file=sys.stderr)
+        for i in range(start, k):
+            out[i] = self[i]
         return Split(out, self.labels[:k], self.index[:k])
 
     @property
