@@ -113,10 +113,11 @@ def _damaged_record(run_dir: Path) -> str | None:
     if meta is None or not isinstance(meta.get("versions"), dict) or not config.is_file():
         return None
     try:
-        tomllib.loads(config.read_text(encoding="utf-8"))
+        raw = tomllib.loads(config.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
         return f"not valid TOML: {e}"
-    return None
+    lost = [f"[{t}]" for t in RUN_SECTIONS if not isinstance(raw.get(t), dict)]
+    return f"no {' '.join(lost)} table: cut short?" if lost else None
 
 
 def check_own_data(run_dir: Path, what: str) -> None:

@@ -413,13 +413,16 @@ def test_a_checkpoint_a_weights_only_load_refuses_is_one_line_without_torch_s_ad
             assert "set to `False`" not in said and len(said.strip().splitlines()) == 1, said
 
 
+@pytest.mark.parametrize("cut", [False, True], ids=["garbled", "cut-at-a-line"])
 @pytest.mark.parametrize("flag", ["--resume", "--overwrite"])
-def test_a_run_whose_config_toml_was_damaged_is_named_as_such(run_copy, tmp_path, flag):
+def test_a_run_whose_config_toml_was_damaged_is_named_as_such(run_copy, tmp_path, flag, cut):
     """Was: "no pst-dist run wrote them". Still refused both ways (its record cannot be read), nothing changed."""
     f = run_copy / "config.toml"
-    f.write_text(f.read_text() + "garbage [\n")
+    text = f.read_text()
+    f.write_text(text[:text.index("[log]")] if cut else text + "garbage [\n")
     before = _bytes(run_copy)
     out = run_cli_in_process("train", *FAST, f"--log.run_dir={run_copy}", flag, "--train.epochs=3")
-    assert_refused(out, ["holds a pst-dist run whose config.toml is damaged (not valid TOML: ", "restore config.toml"],
+    how = "no [log] table: cut short?" if cut else "not valid TOML: "
+    assert_refused(out, [f"holds a pst-dist run whose config.toml is damaged ({how}", "restore config.toml"],
                    [], tmp_path, code=2)
     assert _bytes(run_copy) == before
