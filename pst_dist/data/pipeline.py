@@ -201,6 +201,8 @@ def check_same_beton(recorded: dict | None, data: Data, cfg: Config) -> None:
     --overwrite`` between two segments (another poison, another data set), or a relative data.root that names
     another directory from here, passes every check of the files themselves, and the run would go on training on
     other data under the same config. Runs from before the digests were recorded are not checked."""
+    if data.beton is None:  # data.source is the same on every rank: all return here together
+        return
     changed = beton_change((recorded or {}).get("beton"), beton_digests(data))
     if rank_and_size()[1] > 1:  # one answer for every rank (each node may hold its own copy)
         refusing = sum_across_ranks([int(changed is not None)])[0]
@@ -209,9 +211,10 @@ def check_same_beton(recorded: dict | None, data: Data, cfg: Config) -> None:
                             f"{cfg.data.root!r} changed since the run started (each says how in its own output)")
     if changed is not None:
         raise DataError(f"--resume: the .beton data in data.root={cfg.data.root!r} is not what the run in "
-                        f"{cfg.log.run_dir} started on ({changed}: other SHA-256 than recorded, written again since). "
-                        f"A resumed run must train on what it started on: restore the files, or train the run "
-                        f"again from its start (--overwrite, or another log.run_dir)")
+                        f"{cfg.log.run_dir} started on ({changed}: other SHA-256 than recorded, written again since; "
+                        f"a file written again holds its pages in another order even from the same images). A resumed "
+                        f"run must train on what it started on: restore the files, or train the run again from its "
+                        f"start (--overwrite, or another log.run_dir)")
 
 
 def streams(cfg: Config) -> bool:
