@@ -216,7 +216,9 @@ def evaluate_run(run_dir: Path, checkpoint: str | Path | None = None, overrides:
     inputs = recorded_inputs(run_dir)
     path = find_checkpoint(run_dir, checkpoint)  # one missing or outside the run: refused before the data is read
     data = eval_data(cfg, inputs, split)
-    own = cfg.data == recorded.data
+    # the run's own data, whatever the settings that only say how it is read (a .beton's hash skipped, workers)
+    how = ("verify", "loader_workers", "prefetch", "on_device", "stream", "loader")
+    own = dataclasses.replace(cfg.data, **{k: getattr(recorded.data, k) for k in how}) == recorded.data
     rm = load_run_model(run_dir, path, own_data=data if own else None, cfg=recorded)
     as_trained = folder_as_trained((inputs or {}).get("folder"), data.folder) if own else None
     beton_same = beton_as_trained((inputs or {}).get("beton"), data) if own else None
