@@ -65,8 +65,8 @@ class DataConfig:
     loader: str = "auto"
     """auto (FFCV for a .beton, else the in-memory torch path) | ffcv | torch (a .beton decoded into memory)."""
     loader_workers: int = 2
-    """Decoding workers per process: FFCV's threads for a .beton, DataLoader processes for a streamed image folder
-    (data.stream)."""
+    """Decoding workers per process: FFCV's threads for a .beton, DataLoader processes for an image folder (streamed,
+    data.stream, or read into memory when it holds over 256 images; in this process if they cannot start)."""
     num_classes: int = 10
     """Classes of the synthetic set (other sources know their own)."""
     synthetic_train: int = 5000
