@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import datetime
 import inspect
 import math
 import textwrap
@@ -1029,9 +1030,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return value
     if tp is str:
         if not isinstance(value, str):
-            shown = str(value).lower() if isinstance(value, bool) else value
-            hint = (f" (TOML reads it as a number or true/false: quote it, e.g. --{key}='\"{shown}\"' on the command "
-                    f"line)" if isinstance(value, (int, float)) else "")
+            shown = (str(value).lower() if isinstance(value, bool) else value.isoformat()
+                     if isinstance(value, (datetime.date, datetime.time)) else value)
+            hint = (f" (TOML reads it as a number, date or true/false: quote it, e.g. --{key}='\"{shown}\"' on the "
+                    f"command line)" if isinstance(value, (int, float, datetime.date, datetime.time)) else "")
             raise ConfigError(f"{key}: expected a string, got {type(value).__name__} {value!r}{hint}")
         try:
             value.encode("utf-8")  # a lone surrogate (a non-UTF-8 file name) could never be recorded in config.toml

@@ -169,3 +169,5 @@ def test_a_string_key_given_a_number_says_how_to_quote_it():
                                           r"--log\.run_dir='\"2024\"'"):
         load_config(None, ["--log.run_dir=2024"])
     assert load_config(None, ['--log.run_dir="2024"']).log.run_dir == "2024"
+    with pytest.raises(ConfigError, match=r"got date .*quote it, e\.g\. --log\.run_dir='\"2024-05-01\"'"):
+        load_config(None, ["--log.run_dir=2024-05-01"])  # a dated run directory: TOML reads a date
