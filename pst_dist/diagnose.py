@@ -16,7 +16,6 @@ Written to ``<out>/diagnose.jsonl`` and TensorBoard (``diagnose/...``), plotted 
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import sys
 from pathlib import Path
@@ -31,7 +30,7 @@ from .models import build_model, count_groups
 from .pst.detectors import scatter_ratio
 from .pst.freeze import GroupActivations, eval_mode, trace_units
 from .pst.groups import layer_groups
-from .pst.schedule import Schedule
+from .pst.schedule import check_stages
 from .rundir import written_by_a_run
 from .train import resolve_auto, setup_seed, train
 
@@ -118,7 +117,7 @@ def run_diagnose(cfg: Config, out: Path, probe_size: int = 2000, overwrite: bool
     from torch.utils.tensorboard import SummaryWriter  # tensorboard: start-up time, only when enabled
 
     # the model's name and the stages' groups, as train() checks them, before --out is touched
-    Schedule(cfg.schedule.stages, count_groups(cfg.model), 1, max(1, math.ceil(cfg.train.epochs)))
+    check_stages(cfg.schedule.stages, count_groups(cfg.model), cfg.train.epochs)
     earlier = check_out_dir(out, command="diagnose", marker="diagnose.jsonl", owned=DIAGNOSE_FILES,
                             overwrite=overwrite, is_ours=_is_diagnose_output)
     plot_file = out / "diagnose.png"

@@ -65,7 +65,7 @@ from .io import OutputError, atomic_dir, check_written_over, savefig_atomic, wri
 from .metrics import computed_on, describe_machine, run_machines
 from .models import count_groups
 from .poison import PoisonFileError, make_poison, store
-from .pst.schedule import Schedule
+from .pst.schedule import check_stages
 from .registry import ATTACKS, DEFENSES
 from .report import TABLE_KEYS, mean_std, summary_problem
 from .rundir import trained_on
@@ -295,7 +295,7 @@ def plan_bench(config: str, overrides: list[str]) -> Bench:
             if key not in groups:
                 groups[key] = count_groups(ccfg.model)
             try:
-                Schedule(ccfg.schedule.stages, groups[key], 1, max(1, math.ceil(ccfg.train.epochs)))
+                check_stages(ccfg.schedule.stages, groups[key], ccfg.train.epochs)
             except ConfigError as e:
                 raise ConfigError(f"the {a} / {r} cells: {e}") from None
     if b.runner == "ray":

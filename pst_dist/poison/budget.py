@@ -22,9 +22,14 @@ def row_chunks(n: int, per_row: int):
     return [slice(i, min(n, i + rows)) for i in range(0, n, rows)]
 
 
+def chunks_of(t) -> list[slice]:
+    """:func:`row_chunks` of the tensor or array ``t`` (rows x ...)."""
+    return row_chunks(len(t), math.prod(t.shape[1:]))
+
+
 def _diffs(clean: torch.Tensor, poisoned: torch.Tensor):
     """(rows, poisoned - clean as int16) chunk by chunk."""
-    for rows in row_chunks(len(poisoned), poisoned[0].numel() if len(poisoned) else 1):
+    for rows in chunks_of(poisoned):
         yield rows, poisoned[rows].to(torch.int16) - clean[rows].to(torch.int16)
 
 
@@ -33,7 +38,7 @@ def add_levels(images: torch.Tensor, levels) -> torch.Tensor:
     ``levels(rows)`` gives the int16 levels of those rows (a class pattern indexed by their labels, or a slice of a
     per-image tensor), so no int16 copy of the whole split is made."""
     out = torch.empty_like(images)
-    for rows in row_chunks(len(images), images[0].numel() if len(images) else 1):
+    for rows in chunks_of(images):
         out[rows] = (images[rows].to(torch.int16) + levels(rows)).clamp(0, 255).to(torch.uint8)
     return out
 

@@ -13,6 +13,7 @@ training order (``Split.index``). Accepted (``poison.path``):
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ import torch
 
 from ..config import PoisonConfig
 from ..io import load_failure
-from .budget import PoisonFileError, linf_levels, linf_of, row_chunks
+from .budget import PoisonFileError, chunks_of, linf_levels, linf_of, row_chunks
 from .folder import read_folder
 from .store import ARRAY, read_stored
 
@@ -88,7 +89,7 @@ def add_offsets(images: torch.Tensor, offsets: torch.Tensor, rows: torch.Tensor,
     arithmetic: 255 d clamped to [0, 255] first (negative offsets dropped; their issue #13 calls it a slip), added,
     clipped, and truncated by the uint8 cast (x + 3.9 gives x + 3), so its training images come out exactly."""
     out = torch.empty_like(images)
-    for part in row_chunks(len(images), images[0].numel() if len(images) else 1):
+    for part in chunks_of(images):
         x, d = images[part], offsets[rows[part]]
         if how == "ue":
             y = (x.float() + d.float().mul(255).clamp(0, 255)).clamp(0, 255)
@@ -111,7 +112,7 @@ def read_tensor_poison(path: Path, images: torch.Tensor, labels: torch.Tensor | 
         return t[index].contiguous()
     if not t.is_floating_point():
         raise PoisonFileError(f"{path}: dtype {t.dtype}: expected uint8 poisoned images or float offsets")
-    parts = row_chunks(len(t), t[0].numel() if len(t) else 1)  # never a copy of the whole file
+    parts = chunks_of(t)  # never a copy of the whole file
     if not all(bool(torch.isfinite(t[part]).all()) for part in parts):
         raise PoisonFileError(f"{path}: float offsets contain NaN or inf")
     amax = max((float(t[part].abs().max()) for part in parts), default=0.0) if t.numel() else 0.0
@@ -149,7 +150,7 @@ def read_apbench_numpy(directory: Path, images: torch.Tensor, labels: torch.Tens
                               f"split's row {int(rows[i])} has label {int(labels[i])} ({len(bad)} rows differ: "
                               f"another data set or order?)")
     out = torch.empty_like(images)
-    for part in row_chunks(len(rows), int(np.prod(data.shape[1:]))):  # float64 pixels: 1.2 GB for CIFAR-10 at once
+    for part in row_chunks(len(rows), math.prod(data.shape[1:])):  # float64 pixels: 1.2 GB for CIFAR-10 at once
         x = np.asarray(data[rows[part]], dtype=np.float64)
         if not (np.isfinite(x).all() and (x == np.round(x)).all() and x.min() >= 0 and x.max() <= 255):
             raise PoisonFileError(f"{data_file}: expected whole pixel values in 0..255, found values in "

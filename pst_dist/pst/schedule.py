@@ -202,3 +202,9 @@ def lr_factor(stage: ActiveStage, step: int, shape: str, warmup_steps: int, run_
     if shape == "step":
         return 1.0 if frac < 0.5 else 0.1 if frac < 0.75 else 0.01
     return 1.0
+
+
+def check_stages(stages, groups: int, epochs: float) -> None:
+    """ConfigError unless ``stages`` make a schedule for a model of ``groups`` layer groups trained ``epochs`` epochs
+    (group indices, lengths, triggers): what :class:`Schedule` checks, before any work (a bench's cells, diagnose)."""
+    Schedule(stages, groups, 1, max(1, math.ceil(epochs)))
