@@ -255,8 +255,13 @@ def load_failure(e: BaseException) -> str:
         found = re.search(r"(?:Unsupported|Trying to load unsupported)(?:[^\n.]|\.(?=\S))*", after or text)
         reason = " ".join((found.group(0) if found else after).split()[:40])
         return f"a weights-only load refuses it: {reason or 'content other than tensors and plain values'}"
-    text = " ".join(text.split())
-    return f"{type(e).__name__}: {text if len(text) <= 300 else text[:300] + '...'}"
+    return f"{type(e).__name__}: {one_line(e)}"
+
+
+def one_line(e: BaseException, limit: int = 300) -> str:
+    """An exception's text on one line, cut at ``limit`` characters: the part of an error message a library wrote."""
+    text = " ".join(str(e).split())
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def check_parent_dir(path: Path, option: str) -> None:

@@ -28,12 +28,10 @@ import torch
 from PIL import Image
 
 from ..config import DataConfig
-from ..io import DataError  # noqa: F401 - defined torch-free in pst_dist.io, re-exported here
+from ..io import DataError, one_line  # DataError: defined torch-free in pst_dist.io, re-exported here
 
 if TYPE_CHECKING:
     from PIL import Image
-
-
 
 
 @dataclass
@@ -398,15 +396,10 @@ def load_cifar_batch(path: Path) -> dict:
     try:
         d = _RestrictedUnpickler(io.BytesIO(raw), encoding="bytes").load()
     except Exception as e:  # noqa: BLE001 - a crafted pickle can fail in any way (RecursionError, MemoryError too)
-        raise DataError(f"{path}: not a valid CIFAR batch ({type(e).__name__}: {_one_line(e)})") from None
+        raise DataError(f"{path}: not a valid CIFAR batch ({type(e).__name__}: {one_line(e)})") from None
     if not isinstance(d, dict):
         raise DataError(f"{path}: not a valid CIFAR batch (top level is {type(d).__name__}, expected dict)")
     return {k.decode("utf-8", "replace") if isinstance(k, bytes) else k: v for k, v in d.items()}
-
-
-def _one_line(e: BaseException, limit: int = 300) -> str:
-    text = " ".join(str(e).split())
-    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _describe(v: object) -> str:
@@ -448,7 +441,7 @@ def _cifar_array(d: dict, key: str, path: Path, expect: str) -> np.ndarray:
     try:
         arr = np.asarray(v)
     except (ValueError, TypeError, OverflowError, RecursionError, MemoryError) as e:  # ragged or deeply nested lists
-        raise DataError(f"{path}: {key!r} is not an array of integers ({type(e).__name__}: {_one_line(e)}), expected "
+        raise DataError(f"{path}: {key!r} is not an array of integers ({type(e).__name__}: {one_line(e)}), expected "
                         f"{expect}") from None
     if arr.dtype.kind in "OUS":  # a list holding something else than plain integers (strings, dicts, ...)
         bad = _first_non_integer(v)
@@ -615,9 +608,9 @@ def decode_image(path: Path, error: type[Exception] = DataError, size: tuple[int
                     src = im.convert("RGBA") if im.mode in ("P", "PA") else im  # palette transparency: no warning
                     out = src.convert(target)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise error(f"{path}: image too large to decode ({_one_line(e)})") from None
+        raise error(f"{path}: image too large to decode ({one_line(e)})") from None
     except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, zlib.error... on bad files
-        raise error(f"{path}: cannot decode image ({type(e).__name__}: {_one_line(e)})") from None
+        raise error(f"{path}: cannot decode image ({type(e).__name__}: {one_line(e)})") from None
     if problem is not None:
         raise error(f"{path}: {problem}")
     return out
@@ -771,7 +764,7 @@ def _stamp(path: Path, when: str = "") -> tuple[int, int]:
     try:
         st = path.stat()
     except OSError as e:
-        raise DataError(f"{path}: cannot read it{when} ({type(e).__name__}: {_one_line(e)})") from None
+        raise DataError(f"{path}: cannot read it{when} ({type(e).__name__}: {one_line(e)})") from None
     return st.st_size, st.st_mtime_ns
 
 
@@ -779,7 +772,7 @@ def decoded(files, batches: list[list[int]], workers: int, ahead: int = 2):
     """(uint8 images, decode errors) of each list of rows in ``batches``, decoded by ``workers`` DataLoader
     processes, in order. A file that cannot be read is an error message rather than an exception in a worker (the
     batch's images then an empty tensor), so that it reaches the caller as the message alone."""
-    from torch.utils.data import DataLoader  # start-up time: only a streamed folder needs it
+    from torch.utils.data import DataLoader  # start-up time: only an image folder's decoding needs it
 
     # its own generator: a DataLoader draws its workers' base seed from the global one, which training owns
     return iter(DataLoader(_Decoding(files), batch_sampler=batches, num_workers=workers, collate_fn=_collate,
