@@ -112,10 +112,11 @@ def read_tensor_poison(path: Path, images: torch.Tensor, labels: torch.Tensor | 
         return t[index].contiguous()
     if not t.is_floating_point():
         raise PoisonFileError(f"{path}: dtype {t.dtype}: expected uint8 poisoned images or float offsets")
-    parts = chunks_of(t)  # never a copy of the whole file
-    if not all(bool(torch.isfinite(t[part]).all()) for part in parts):
-        raise PoisonFileError(f"{path}: float offsets contain NaN or inf")
-    amax = max((float(t[part].abs().max()) for part in parts), default=0.0) if t.numel() else 0.0
+    amax = 0.0
+    for part in chunks_of(t):  # one pass over the (memory-mapped) file, never a copy of all of it
+        if not bool(torch.isfinite(t[part]).all()):
+            raise PoisonFileError(f"{path}: float offsets contain NaN or inf")
+        amax = max(amax, float(t[part].abs().max()))
     if amax > 1:
         raise PoisonFileError(f"{path}: float offsets must lie in [-1, 1] (pixel units of [0, 1]); found |max| "
                               f"{amax:.4g} (offsets in 0-255 units? divide by 255)")
