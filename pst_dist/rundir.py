@@ -145,11 +145,11 @@ def check_run_dir(cfg: Config, resume: bool, overwrite: bool, allow_changes: boo
     _writable_ancestor(run_dir)
     theirs = run_names_present(run_dir, cfg.log.trackers) if run_dir.is_dir() else []
     present = [n for n in theirs if n in RUN_MARKERS]  # holds_run's answer, read once
-    if theirs and not written_by_a_run(run_dir) and (problem := _damaged_record(run_dir)):
-        raise RunDirError(f"log.run_dir={str(run_dir)!r} holds a pst-dist run whose config.toml is damaged "
-                          f"({problem}): pst-dist neither resumes nor replaces a run whose record it cannot read; "
-                          f"restore config.toml, or choose another log.run_dir")
     if theirs and not written_by_a_run(run_dir):
+        if problem := _damaged_record(run_dir):
+            raise RunDirError(f"log.run_dir={str(run_dir)!r} holds a pst-dist run whose config.toml is damaged "
+                              f"({problem}): pst-dist neither resumes nor replaces a run whose record it cannot "
+                              f"read; restore config.toml, or choose another log.run_dir")
         raise RunDirError(f"log.run_dir={str(run_dir)!r} holds {', '.join(theirs)}, which a run writes, but no "
                           f"pst-dist run wrote them (no config.toml with a run's [{'], ['.join(RUN_SECTIONS)}] "
                           f"tables beside the meta.json a run writes): pst-dist neither overwrites nor resumes from "
