@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from .checkpoint import CheckpointError, load_weights
-from .config import Config, ConfigError, DefenseConfig, PoisonConfig, load_config
+from .config import RESUME_MAY_CHANGE, Config, ConfigError, DefenseConfig, PoisonConfig, load_config
 from .data.pipeline import Data, Normalize, beton_change, beton_digests, build_data, folder_change
 from .data.sources import DataError, Split, list_folder, load_streamed_splits
 from .distributed import build_device
@@ -216,8 +216,8 @@ def evaluate_run(run_dir: Path, checkpoint: str | Path | None = None, overrides:
     inputs = recorded_inputs(run_dir)
     path = find_checkpoint(run_dir, checkpoint)  # one missing or outside the run: refused before the data is read
     data = eval_data(cfg, inputs, split)
-    # the run's own data, whatever the settings that only say how it is read (a .beton's hash skipped, workers)
-    how = ("verify", "loader_workers", "prefetch", "on_device", "stream", "loader")
+    # the run's own data, whatever the settings that only say how it is read (those a resume may change too)
+    how = [k.removeprefix("data.") for k in RESUME_MAY_CHANGE if k.startswith("data.")] + ["loader"]
     own = dataclasses.replace(cfg.data, **{k: getattr(recorded.data, k) for k in how}) == recorded.data
     rm = load_run_model(run_dir, path, own_data=data if own else None, cfg=recorded)
     as_trained = folder_as_trained((inputs or {}).get("folder"), data.folder) if own else None
