@@ -283,7 +283,7 @@ def test_eval_and_export_of_a_zero3_run_gather_every_partition(tmp_path, capsys)
 
 def test_a_bf16_deepspeed_run_s_export_scores_what_eval_scores(tmp_path, capsys):
     """A real 16-bit run (DeepSpeed bf16, one process): pst-dist eval reproduces its final test accuracy, its export
-    records bfloat16, and load_scored on the export predicts the test images as eval does, to the image."""
+    records bfloat16, and load_scored on the export scores the test split to eval's accuracy."""
     data = quadrant_folder(tmp_path / "data", 0)
     run = tmp_path / "run"
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
