@@ -281,9 +281,16 @@ def plan_bench(config: str, overrides: list[str]) -> Bench:
                           f"stage(s): give the PST schedule in the recipe")
     groups: dict[str, int] = {}  # layer groups per model config
     for a in b.attacks:  # each attack's own overrides must make a valid config
-        made = asdict(poison_cfg(base, a, 0).poison)
+        try:
+            made = asdict(poison_cfg(base, a, 0).poison)
+        except ConfigError as e:
+            raise ConfigError(f"bench.attack_overrides.{a}={b.attack_overrides.get(a, [])}: {e}") from None
         for r in runs_needed(b.defenses):
-            ccfg = cell_cfg(base, a, r, 0, Path(b.out))
+            try:
+                ccfg = cell_cfg(base, a, r, 0, Path(b.out))
+            except ConfigError as e:
+                raise ConfigError(f"the {a} / {r} cells (bench.defense_overrides.{r}={b.defense_overrides.get(r, [])}"
+                                  f"): {e}") from None
             cell = asdict(ccfg.poison)  # a cell records the poison it trains on
             moved = [f"poison.{k}: {made[k]!r} -> {cell[k]!r}" for k in made if k != "ratio" and cell[k] != made[k]]
             if moved:

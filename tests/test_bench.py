@@ -168,6 +168,10 @@ def test_bench_config_errors_name_the_bad_value(tmp_path):
                           ('--bench.attack_overrides.ops=["train.seed=7"]',
                            "bench.attack_overrides.ops=['train.seed=7']"),
                           ('--bench.defense_overrides.pst=["poison.seed=7"]', "the bench's seeds set poison.seed"),
+                          ('--bench.attack_overrides.em=["poison.epz=1"]',  # which entry: the attack's
+                           "bench.attack_overrides.em=['poison.epz=1']: unknown config key 'poison.epz'"),
+                          ('--bench.defense_overrides.pst=["train.epochs=0"]',  # which entry: the run's
+                           "(bench.defense_overrides.pst=['train.epochs=0']): train.epochs=0: must be >= 1"),
                           ("--data.val_size=0", "data.val_size=0 leaves no validation images"),
                           ("--schedule.stages.1.freeze=[0, 6]", "the classwise_noise / pst cells: schedule.stages[1]"),
                           ('--bench.defense_overrides.pst=["schedule.stages.2.group_mults={\\"7\\"=0.1}"]',
