@@ -215,7 +215,14 @@ def evaluate_run(run_dir: Path, checkpoint: str | Path | None = None, overrides:
     cfg = recorded_config(run_dir, overrides) if overrides else recorded
     inputs = recorded_inputs(run_dir)
     path = find_checkpoint(run_dir, checkpoint)  # one missing or outside the run: refused before the data is read
-    data = eval_data(cfg, inputs, split)
+    try:
+        data = eval_data(cfg, inputs, split)
+    except DataError as e:  # the run's validation carve, applied to other data, may not fit it
+        if not str(e).startswith("data.val_size=") or any(o.removeprefix("--").startswith("data.val_size=")
+                                                           for o in overrides):
+            raise
+        raise DataError(f"{e}: data.val_size is the run's recorded value; for this data give --data.val_size=N "
+                        f"(the images carved for validation before the {split} split is read)") from None
     # the run's own data, whatever the settings that only say how it is read (those a resume may change too)
     how = [k.removeprefix("data.") for k in RESUME_MAY_CHANGE if k.startswith("data.")] + ["loader"]
     own = dataclasses.replace(cfg.data, **{k: getattr(recorded.data, k) for k in how}) == recorded.data

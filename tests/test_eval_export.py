@@ -159,6 +159,12 @@ def test_eval_refusals_name_the_problem(runs, capsys, tmp_path, monkeypatch):
     assert "4 classes" in capsys.readouterr().err
     assert main(["eval", "--run", str(tmp_path)]) == 2
     assert "no config.toml" in capsys.readouterr().err
+    few = quadrant_folder(tmp_path / "few", 5, n_train=24, n_test=16)  # the run's validation carve (32) cannot fit
+    assert main(["eval", "--run", str(run["dir"]), f"--data.root={few}"]) == 2
+    assert ("data.val_size=32 leaves no training images (train has 24): data.val_size is the run's recorded value; "
+            "for this data give --data.val_size=N") in capsys.readouterr().err
+    assert main(["eval", "--run", str(run["dir"]), f"--data.root={few}", "--data.val_size=8"]) == 0
+    assert json.loads(capsys.readouterr().out)["images"] == 16
     other = runs["timm_stem"]["dir"] / "checkpoint.pt"  # another run's weights under this run's data and views
     for cmd in (["eval"], ["export", "--out", str(tmp_path / "mixed")]):
         assert main([*cmd, "--run", str(run["dir"]), "--checkpoint", str(other)]) == 2
