@@ -115,7 +115,7 @@ def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], int, str | Non
     if path.is_dir():
         return _deepspeed_weights(path)
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # the optimizer's state unread
         return payload["model"], int(payload["state"]["epoch"]), payload.get("model_name"), torch.float32
     except Exception as e:  # noqa: BLE001 - any unpickling failure or missing key is a bad file
         raise CheckpointError(f"{path}: not a readable pst-dist checkpoint ({load_failure(e)})") from None
@@ -135,7 +135,7 @@ def _deepspeed_weights(tag_dir: Path) -> tuple[dict[str, torch.Tensor], int, str
 
 def _gather(tag_dir: Path, model_states: Path) -> tuple[dict[str, torch.Tensor], int, str | None, torch.dtype]:
     try:
-        states = load_ds_file(model_states)
+        states = load_ds_file(model_states, mmap=True)  # ZeRO-0 keeps the optimizer's state here: left unread
         ds, epoch = states["ds_config"], int(states["pst_state"]["epoch"])
     except Exception as e:  # noqa: BLE001 - any unpickling failure or missing key is a bad file
         raise CheckpointError(f"{model_states}: not a readable pst-dist DeepSpeed checkpoint ({type(e).__name__}: "
