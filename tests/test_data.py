@@ -165,3 +165,17 @@ def test_loader_deterministic_and_sharded():
     seen = [torch.cat([lab for _, lab in s]) for s in shards]
     assert set(seen[0].tolist()).isdisjoint(seen[1].tolist())
     assert sorted(seen[0].tolist() + seen[1].tolist()) == list(range(40))
+
+
+def test_clean_training_images_are_held_once_and_a_defense_copies_them():
+    """poison.kind = "none": the training split's images are the clean ones, not a second copy (1 x the split less
+    for the whole run); a baseline defense makes its own tensor and leaves the clean images as they were."""
+    from pst_dist.config import load_config
+    from pst_dist.data.pipeline import build_data
+
+    tiny = ["--data.source=synthetic", "--data.synthetic_train=64", "--data.img_size=16", "--data.val_size=16"]
+    data = build_data(load_config(None, tiny))
+    assert data.poisoned_train.data_ptr() == data.splits.train.images.data_ptr()
+    jpeg = build_data(load_config(None, [*tiny, "--defense.kind=jpeg"]))
+    assert torch.equal(jpeg.splits.train.images, data.splits.train.images), "the defense wrote into the clean images"
+    assert not torch.equal(jpeg.poisoned_train, jpeg.splits.train.images)

@@ -22,8 +22,8 @@ def make_poison(images: torch.Tensor, labels: torch.Tensor, index: torch.Tensor,
     if cfg.kind == "file":
         return import_poison(images, index, source_size, cfg, labels, num_classes=num_classes,
                              verify=full is None or full.data.verify), {}
-    if cfg.kind == "none":
-        return images.clone(), {}
+    if cfg.kind == "none":  # the clean images themselves, not a second copy: nothing writes into a training split
+        return images, {}
     entry = ATTACKS.entry(cfg.kind)
     if entry.data.get("budget") == "linf":
         attack_levels(cfg)  # before a model-based attack's minutes
