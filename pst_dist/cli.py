@@ -98,14 +98,6 @@ def _split_overrides(rest: list[str]) -> list[str]:
     bad = [r for r in rest if not r.startswith("--") or "=" not in r]
     if bad:
         raise ConfigError(f"unexpected argument {bad[0]!r}: overrides look like --section.key=value")
-    given: dict[str, list[str]] = {}
-    for r in rest:
-        key, value = r[2:].split("=", 1)
-        given.setdefault(key, []).append(value)
-    for key, values in given.items():
-        if len(set(values)) > 1:  # as argparse does, the last is used; a script's fixed value may follow a user's
-            print(f"pst-dist: note: --{key} given {len(values)} times ({', '.join(values)}): the last is used",
-                  file=sys.stderr)
     return rest
 
 

@@ -56,9 +56,6 @@ def test_demo_prints_table_and_plot(tmp_path):
     assert not (tmp_path / "curves.txt").exists()
     r = run_cli_in_process("report", str(tmp_path), "--plot", str(plot), "extra")  # was: exit 0, no plot made
     assert r.returncode == 2 and "unexpected argument 'extra'" in r.stderr, r.stderr[-2000:]
-    r = run_cli_in_process("show-config", "--train.epochs=1", "--train.epochs=2", "--train.lr=0.1", "--train.lr=0.1")
-    assert r.returncode == 0 and "epochs = 2" in r.stdout, r.stderr[-2000:]  # the last, said (was: silently)
-    assert r.stderr == "pst-dist: note: --train.epochs given 2 times (1, 2): the last is used\n", r.stderr
     r = run_cli_in_process("train", *TINY, f"--log.run_dir={tmp_path / 'typo'}", "--resum")  # was taken for --resume
     assert r.returncode == 2 and "unexpected argument '--resum'" in r.stderr, r.stderr[-2000:]
     runs = tmp_path / "foreign"  # a summary.json that is not a run's: one line naming the file and the key
