@@ -27,6 +27,18 @@ PAYLOAD_KEYS = ("model_name", "model", "optimizer", "state")
 """What :func:`save_checkpoint` writes besides :func:`rng_state` (checked by :func:`set_rng_state`)."""
 
 
+def load_mapped(path: Path | str):
+    """``torch.load``, weights only, memory-mapped where the file's format allows it (torch.save's zip format, the
+    default since torch 1.6: what is not read stays on disk); a file in another format is read whole, so what is
+    wrong with it is said by the weights-only load itself, not by mmap."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as e:
+        if "mmap" not in str(e):
+            raise
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def set_rng_state(state: dict, path: Path | str = "checkpoint") -> None:
     """Put back what :func:`rng_state` saved, or a CheckpointError naming ``path`` (its file) and what is wrong."""
     missing = [k for k in RNG_KEYS if k not in state] if isinstance(state, dict) else list(RNG_KEYS)

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .checkpoint import CheckpointError, load_weights
+from .checkpoint import CheckpointError, load_mapped, load_weights
 from .config import RESUME_MAY_CHANGE, Config, ConfigError, DefenseConfig, PoisonConfig, load_config
 from .data.pipeline import Data, Normalize, beton_change, beton_digests, build_data, folder_change
 from .data.sources import DataError, Split, list_folder, load_streamed_splits
@@ -115,7 +115,7 @@ def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], int, str | Non
     if path.is_dir():
         return _deepspeed_weights(path)
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # the optimizer's state unread
+        payload = load_mapped(path)  # the optimizer's state left unread
         return payload["model"], int(payload["state"]["epoch"]), payload.get("model_name"), torch.float32
     except Exception as e:  # noqa: BLE001 - any unpickling failure or missing key is a bad file
         raise CheckpointError(f"{path}: not a readable pst-dist checkpoint ({load_failure(e)})") from None

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ..checkpoint import CheckpointError, rng_state, set_rng_state
+from ..checkpoint import CheckpointError, load_mapped, rng_state, set_rng_state
 from ..distributed import DistInfo
 from ..io import load_failure, save_stream_atomic
 from ..pst.freeze import drop_frozen_grads
@@ -212,7 +212,7 @@ def load_ds_file(f: Path, mmap: bool = False):
     :func:`check_ds_checkpoint`)."""
     allowed = [getattr(importlib.import_module(m), a) for m, _, a in (g.rpartition(".") for g in DS_SAFE_GLOBALS)]
     with torch.serialization.safe_globals(allowed):
-        return torch.load(f, map_location="cpu", weights_only=True, mmap=mmap)
+        return load_mapped(f) if mmap else torch.load(f, map_location="cpu", weights_only=True)
 
 
 def check_ds_checkpoint(tag_dir: Path) -> None:

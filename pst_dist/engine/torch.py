@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from ..checkpoint import CheckpointError, load_checkpoint, load_mapped, save_checkpoint
 from ..distributed import GradBuckets
 from ..io import load_failure
 from ..pst.freeze import drop_frozen_grads
@@ -70,7 +70,7 @@ class TorchEngine(Engine):
             return None
         path = Path(run_dir) / CHECKPOINT
         try:  # memory-mapped: only the trainer state is read
-            payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            payload = load_mapped(path)
             return int(payload["state"]["epoch"])
         except Exception as e:  # noqa: BLE001 - any unpickling failure or missing key is a bad file
             raise CheckpointError(f"{path}: not a readable pst-dist checkpoint ({load_failure(e)})") from None

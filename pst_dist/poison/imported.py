@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..checkpoint import load_mapped
 from ..config import PoisonConfig
 from ..io import load_failure
 from .budget import PoisonFileError, chunks_of, linf_levels, linf_of, row_chunks
@@ -37,7 +38,7 @@ def read_tensor(path: Path) -> torch.Tensor:
         if path.suffix == ".npy":  # memory-mapped (copy-on-write: torch takes only writable arrays); rows read as used
             return torch.from_numpy(np.load(path, allow_pickle=False, mmap_mode="c"))
         if path.suffix == ".pt":
-            obj = _load_pt(path)
+            obj = load_mapped(path)
         else:
             raise PoisonFileError(f"{path}: expected a .pt or .npy file, found suffix {path.suffix!r}")
     except PoisonFileError:
@@ -52,17 +53,6 @@ def read_tensor(path: Path) -> torch.Tensor:
         raise PoisonFileError(f"{path}: a {kind}: expected a dense tensor of uint8 images or float offsets "
                               f"({', '.join(str(d) for d in READABLE_DTYPES[1:])})")
     return obj
-
-
-def _load_pt(path: Path):
-    """``torch.load``, weights only, memory-mapped where the file's format allows it (torch.save's zip format, the
-    default since torch 1.6; an older file is read whole)."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError as e:
-        if "mmap" not in str(e):
-            raise
-        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def to_nchw(t: torch.Tensor, n: int, k: int | None, chw: tuple[int, int, int], path: Path) -> torch.Tensor:
