@@ -204,6 +204,24 @@ def check_run_dir(cfg: Config, resume: bool, overwrite: bool, allow_changes: boo
     return changes
 
 
+def resume_from_scratch(run_dir: Path, has_checkpoint: bool) -> bool:
+    """``--resume`` of a run with no checkpoint to load (``has_checkpoint``: its engine's answer): True when the run
+    was stopped before it wrote its first (preempted in its first epoch, or before checkpoint_every epochs), so it
+    starts again from epoch 0 and loses nothing it could have resumed; RunDirError when it had one (it finished, or
+    a segment resumed from one): removed since, and starting again would replace a run's results, which only
+    ``--overwrite`` does."""
+    if has_checkpoint:
+        return False
+    meta = run_meta(run_dir)
+    resumed = meta is not None and len(meta_segments(meta)) > 1
+    if (run_dir / "summary.json").exists() or resumed:
+        why = "it finished (summary.json)" if (run_dir / "summary.json").exists() else "a segment resumed from one"
+        raise RunDirError(f"--resume: {run_dir} holds no checkpoint, but had one ({why}): removed? Nothing to resume "
+                          f"from; --overwrite starts the run again (only its own files are removed), or choose "
+                          f"another log.run_dir")
+    return True
+
+
 def resume_changes(recorded: Config, cfg: Config, may_change: tuple[str, ...],
                    was: str | None = None) -> tuple[dict, dict, str]:
     """What a resume under ``cfg`` changes against the ``recorded`` config ("auto" compared by what it means: here,

@@ -39,7 +39,7 @@ from .data.pipeline import (
 from .data.sources import Split, fingerprint
 from .defenses import pgd_examples, step_seed, ueraser_loss, ueraser_repeats
 from .distributed import DistInfo, broadcast_buffers, build_device, init_distributed, mean_across_ranks, teardown
-from .engine import DeepSpeedEngine, TorchEngine, build_engine
+from .engine import DeepSpeedEngine, TorchEngine, build_engine, engine_class
 from .io import read_json, reported, write_atomic
 from .metrics import Metrics, git_sha, library_versions, machine_facts
 from .models import build_model
@@ -49,7 +49,7 @@ from .pst.groups import layer_groups
 from .pst.losses import mix_batch, stage_loss
 from .pst.schedule import ActiveStage, Schedule, lr_factor
 from .pst.views import apply_view
-from .rundir import RunDirError, check_run_dir, meta_segments, remove_run_files
+from .rundir import RunDirError, check_run_dir, meta_segments, remove_run_files, resume_from_scratch
 from .tracking import check_trackers
 
 
@@ -461,11 +461,21 @@ def build_run(cfg: Config, resume: bool, overwrite: bool, allow_changes: bool, d
     device = build_device(cfg)
     dist_info: DistInfo = init_distributed(device.type, single_process_group=cfg.deepspeed.enabled)
 
-    def check_inputs() -> dict[str, tuple]:  # before any work
+    def check_inputs() -> tuple[dict[str, tuple], bool]:  # before any work
         check_trackers(cfg.log.trackers)  # a tracker's package missing is refused before the run writes anything
-        return check_run_dir(cfg, resume, overwrite, allow_changes)
+        changes = check_run_dir(cfg, resume, overwrite, allow_changes)
+        run_dir = Path(cfg.log.run_dir)
+        if resume and resume_from_scratch(run_dir, engine_class(cfg).has_checkpoint(run_dir)):
+            check_run_dir(cfg, False, True)  # what --overwrite checks before it removes the run's own files
+            return {}, True
+        return changes, False
 
-    changes = _on_every_rank(check_inputs)
+    changes, again = _on_every_rank(check_inputs)
+    if again:  # the config matched the run's record: a preemption wrapper's --resume works from the first epoch on
+        resume, overwrite = False, True
+        if dist_info.is_primary:
+            print(f"[resume] {cfg.log.run_dir}: stopped before its first checkpoint, so nothing to resume from; "
+                  f"starting it again from epoch 0 (its own files replaced, as --overwrite does)", file=sys.stderr)
     resolved = resolve_auto(cfg, device)
     setup_seed(cfg, resolved)
     recorded = resumed_inputs(Path(cfg.log.run_dir)) if resume else None

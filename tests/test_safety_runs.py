@@ -426,3 +426,44 @@ def test_a_run_whose_config_toml_was_damaged_is_named_as_such(run_copy, tmp_path
     assert_refused(out, [f"holds a pst-dist run whose config.toml is damaged ({how}", "restore config.toml"],
                    [], tmp_path, code=2)
     assert _bytes(run_copy) == before
+
+
+def test_a_run_killed_before_its_first_checkpoint_resumes_from_scratch_as_an_uninterrupted_run(tmp_path):
+    """A preemption wrapper re-launches with --resume: a run killed (SIGKILL) before it wrote a checkpoint starts
+    again from epoch 0 (was: refused, "no checkpoint to resume from", while a plain rerun pointed at --resume) and
+    ends as the same run uninterrupted would; one that had a checkpoint, since removed, is not started again."""
+    args = [*FAST, "--train.epochs=3", "--train.checkpoint_every=3"]
+    run_dir = tmp_path / "r"
+    proc = subprocess.Popen([sys.executable, "-m", "pst_dist.cli", "train", *args, f"--log.run_dir={run_dir}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    import time
+
+    deadline = time.time() + 240
+    while proc.poll() is None and time.time() < deadline and not (
+            (run_dir / "metrics.jsonl").is_file() and '"epoch"' in (run_dir / "metrics.jsonl").read_text()):
+        time.sleep(0.05)
+    proc.kill()  # in its second epoch: its only checkpoint comes at the end of the third
+    proc.wait(timeout=60)
+    assert (run_dir / "config.toml").is_file() and not (run_dir / "checkpoint.pt").exists(), "killed too late"
+    out = run_cli("train", *args, f"--log.run_dir={run_dir}", "--resume")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "stopped before its first checkpoint, so nothing to resume from; starting it again from epoch 0" \
+        in out.stderr
+    assert _epochs(run_dir) == [1, 2, 3]  # the killed attempt's lines went with its other files
+    meta = json.loads((run_dir / "meta.json").read_text())
+    assert not meta.get("resumes"), "a run started again is one segment"
+    whole = tmp_path / "whole"
+    assert run_cli("train", *args, f"--log.run_dir={whole}").returncode == 0
+    for key in ("final_test_acc", "final_val_acc", "model_checksum"):
+        assert json.loads((run_dir / "summary.json").read_text())[key] == \
+            json.loads((whole / "summary.json").read_text())[key], key
+    (whole / "checkpoint.pt").unlink()  # a finished run whose checkpoint was removed: its results stay
+    before = _bytes_but(whole, "checkpoint.pt")
+    r = run_cli_in_process("train", *args, "--train.epochs=4", f"--log.run_dir={whole}", "--resume")
+    assert r.returncode == 2 and "holds no checkpoint, but had one (it finished (summary.json)): removed?" \
+        in r.stderr, r.stderr[-2000:]
+    assert _bytes_but(whole, "checkpoint.pt") == before
+
+
+def _bytes_but(run_dir: Path, gone: str) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file() and p.name != gone}
