@@ -400,3 +400,24 @@ def write_failed(out: Path, e: OSError) -> OSError:
     hint = " (a full disk or a file size limit?)" if full else ""
     return OSError(e.errno, f"writing it failed: {e.strerror or e}{hint}; an earlier output there is unchanged",
                    str(out))
+
+
+def die_with_parent(parent: int) -> None:
+    """Linux: end this process (SIGKILL) when ``parent``, the process that started it, ends, however it ends (a
+    SIGTERM from a scheduler, an OOM kill): a bench's pool worker or a .beton writer never outlives its command to
+    go on writing (a rerun would train the same cells beside it). Call first thing in the child; elsewhere it does
+    nothing. The kernel ties this to the thread that started the child: start children from the main thread."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        set_pdeathsig = 1  # PR_SET_PDEATHSIG
+        if libc.prctl(set_pdeathsig, int(signal.SIGKILL), 0, 0, 0) != 0:
+            return
+    except (OSError, AttributeError):  # no prctl: as on other systems
+        return
+    if os.getppid() != parent:  # it ended before the call: the signal will not come
+        os.kill(os.getpid(), signal.SIGKILL)
+

@@ -61,7 +61,7 @@ from .data.pipeline import build_data, poison_meta
 from .data.sources import Split, check_val_size, load_splits
 from .distributed import init_ray
 from .engine import engine_class
-from .io import OutputError, atomic_dir, check_written_over, savefig_atomic, write_atomic
+from .io import OutputError, atomic_dir, check_written_over, die_with_parent, savefig_atomic, write_atomic
 from .metrics import computed_on, describe_machine, run_machines
 from .models import count_groups
 from .poison import PoisonFileError, make_poison, store
@@ -397,7 +397,8 @@ class PoolRunner:
     """Tasks in ``jobs`` spawned processes on this machine; a task's exception comes back as raised there."""
 
     def __init__(self, jobs: int):
-        self.pool = ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn"))
+        self.pool = ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn"), initializer=die_with_parent,
+                                        initargs=(os.getpid(),))
 
     def submit(self, fn: Callable, *args):
         return self.pool.submit(fn, *args)

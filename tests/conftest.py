@@ -154,3 +154,25 @@ def assert_refused(out, names, markers=(), root=None, code=None) -> None:
         assert m.is_file() and m.read_text() == MARKER_TEXT, f"{m} was changed or removed"
     if root is not None:
         assert not partial_files(root), partial_files(root)
+
+
+def children_of(pid: int) -> list[int]:
+    """The live processes whose parent is ``pid`` (Linux /proc; [] elsewhere)."""
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` is a live process (not a zombie)."""
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+

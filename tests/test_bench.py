@@ -5,6 +5,7 @@ import csv
 import json
 import os
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import pytest
 from pst_dist.compare import compare, format_comparison
 from pst_dist.config import tomllib
 from pst_dist.metrics import describe_machine, machine_facts
-from tests.conftest import run_cli_in_process
+from tests.conftest import alive, children_of, run_cli_in_process
 from tests.test_tune import OwnRay
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -348,6 +349,38 @@ def test_an_interrupted_deepspeed_cell_resumes_to_the_uninterrupted_result(tmp_p
     for cell in (CELL, CELL.parent.parent / "jpeg10" / "seed0"):
         a, b = (json.loads((d / cell / "summary.json").read_text()) for d in (full, cut))
         assert a["test_curve"] == b["test_curve"] and a["model_checksum"] == b["model_checksum"], cell
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the kernel's parent-death signal is Linux's")
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_the_pool_s_workers_end_with_a_killed_bench(tmp_path, sig):
+    """A bench stopped by a scheduler (SIGTERM to its command) or killed (an OOM kill): its pool workers end with it
+    (were orphaned, went on training their cells and took more, and a rerun then trained the same cells beside
+    them, in the same run directories)."""
+    out = tmp_path / "b"
+    cmd = [sys.executable, "-m", "pst_dist.cli", "bench", "--config", str(TINY), f"--bench.out={out}",
+           '--bench.attacks=["classwise_noise"]', '--bench.defenses=["standard"]', "--bench.seeds=2", "--bench.jobs=2",
+           "--train.epochs=500"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=plain_env())
+    workers: list[int] = []
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None and not list(out.glob("cells/*/*/seed*/metrics.jsonl")):
+            time.sleep(0.2)  # a cell is training
+        workers = children_of(proc.pid)
+        assert proc.poll() is None and len(workers) >= 2, "the bench never trained a cell"
+        proc.send_signal(sig)
+        proc.wait(timeout=60)
+        deadline = time.time() + 30
+        while time.time() < deadline and any(alive(w) for w in workers):
+            time.sleep(0.2)
+        assert not [w for w in workers if alive(w)], "a pool worker outlived its bench"
+    finally:  # what this test started, and only that, ends with it
+        proc.kill()
+        proc.wait()
+        for w in workers:
+            if alive(w):
+                os.kill(w, signal.SIGKILL)
 
 
 # ---------------------------------------------------------------- the bench's poison cache is a poison store

@@ -307,3 +307,38 @@ def test_cli_write_beton_errors_exit_2(tmp_path, capsys):
                  f"--poison.path={tmp_path / 'missing.npy'}"]) == 2
     assert "missing.npy" in (err := capsys.readouterr().err), err  # the error names the file
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the kernel's parent-death signal is Linux's")
+def test_the_ffcv_writer_processes_end_with_a_killed_write_beton(tmp_path):
+    """`write-beton` killed (-9, as the OOM killer does, which picks the process holding the data) while FFCV's
+    writer processes write: they end with it (were left blocked forever on its queues, each holding memory)."""
+    import os
+    import signal
+    import time
+
+    from .conftest import alive, children_of
+
+    cmd = [sys.executable, "-m", "pst_dist.cli", "write-beton", "--data.source=synthetic",
+           "--data.synthetic_train=40000", "--data.val_size=60", "--data.img_size=32", "--out", str(tmp_path / "b")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    writers: list[int] = []
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None and len(writers) < 2:
+            writers = [k for k in children_of(proc.pid) if "resource_tracker" not in
+                       Path(f"/proc/{k}/cmdline").read_bytes().decode(errors="replace")]
+            time.sleep(0.02)
+        assert proc.poll() is None and len(writers) >= 2, "no FFCV writer processes seen while writing"
+        proc.kill()
+        proc.wait(timeout=60)
+        deadline = time.time() + 30
+        while time.time() < deadline and any(alive(w) for w in writers):
+            time.sleep(0.2)
+        assert not [w for w in writers if alive(w)], "an FFCV writer process outlived write-beton"
+    finally:  # what this test started, and only that, ends with it
+        proc.kill()
+        proc.wait()
+        for w in writers:
+            if alive(w):
+                os.kill(w, signal.SIGKILL)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ..config import ConfigError
-from ..io import OutputError, read_json, sha256
+from ..io import OutputError, die_with_parent, read_json, sha256
 from .loaders import RRC_RATIO, RRC_SCALE, shard_order
 from .sources import DataError, FolderSplit, Split
 
@@ -64,9 +64,11 @@ class _Rows:
         return np.ascontiguousarray(img), int(self.y[i])
 
 
-def _ffcv_worker(work_fn, failures, *args) -> None:
+def _ffcv_worker(work_fn, parent: int, failures, *args) -> None:
     """Run one FFCV writer worker; on any failure (a full disk: EFBIG, ENOSPC) report it to the parent and exit
-    quietly: the parent raises it as one error, instead of a worker traceback and a parent that waits forever."""
+    quietly: the parent raises it as one error, instead of a worker traceback and a parent that waits forever. It
+    ends with the parent (killed, say), instead of blocking forever on the parent's queues."""
+    die_with_parent(parent)
     try:
         work_fn(*args)
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises it
@@ -99,7 +101,8 @@ def _safe_writer_cls():
             allocator = MemoryAllocator(self.fname, self.data_region_start, self.page_size)
             args = (work, self.metadata_sm, self.metadata_type, self.fields, allocator, done, allocations,
                     *extra_worker_args)
-            procs = [Process(target=_ffcv_worker, args=(work_fn, failures, *args)) for _ in range(self.num_workers)]
+            procs = [Process(target=_ffcv_worker, args=(work_fn, os.getpid(), failures, *args))
+                     for _ in range(self.num_workers)]
             try:
                 for p in procs:
                     p.start()
