@@ -23,6 +23,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -71,8 +72,56 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _writer() -> str:
+    """This process as a temporary name says it: ``<host>-<pid>``, so a name left by a killed write can be told
+    from one still being written by a process on another machine (a shared file system)."""
+    return f"{re.sub(r'[^A-Za-z0-9._-]', '_', socket.gethostname()) or 'host'}-{os.getpid()}"
+
+
 def _tmp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+    return path.with_name(f".{path.name}.tmp-{_writer()}")
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process (EPERM): running
+        return True
+    return True
+
+
+def stale_leftovers(directory: Path, names: Iterable[str], kind: str) -> list[Path]:
+    """What writes of ``names`` into ``directory`` left when their process was killed (SIGKILL, the OOM killer,
+    a lost node): hidden temporary files (``kind`` "tmp", :func:`save_atomic`) or partial directories ("partial",
+    :func:`atomic_dir`) named with this machine and a process id that no longer runs here. A name from another
+    machine, or of a process still running, is never one."""
+    host, pid = _writer().rsplit("-", 1)
+    pattern = re.compile(rf"\.(.+)\.{re.escape(kind)}-{re.escape(host)}-(\d+)")
+    names = set(names)
+    found = []
+    for p in sorted(Path(directory).iterdir()) if Path(directory).is_dir() else []:
+        m = pattern.fullmatch(p.name)
+        if m and m.group(1) in names and not _running(int(m.group(2))):
+            found.append(p)
+    return found
+
+
+def remove_stale(directory: Path, names: Iterable[str], kind: str) -> list[str]:
+    """Remove :func:`stale_leftovers` (pst-dist's own names, of killed writes), saying so on stderr; their names."""
+    removed = []
+    for p in stale_leftovers(directory, names, kind):
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+        removed.append(p.name)
+    if removed:
+        print(f"[pst-dist] removed {', '.join(removed)} from {directory}: left by a write that was killed",
+              file=sys.stderr)
+    return removed
 
 
 def _publish_new(tmp: Path, path: Path) -> None:
@@ -324,8 +373,9 @@ def atomic_dir(out: Path, *, replace: bool = False, owned: Iterable[str] | None 
     _refuse_current_dir(out)
     out = Path(os.path.abspath(out))  # "x/." or "x/..": a sibling of the directory itself, not one inside it
     made = [d for d in (out.parent, *out.parent.parents) if not d.exists()]  # what this call creates, deepest first
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)  # only our own name, from a crashed run of this very process id
+    tmp = out.parent / f".{out.name}.partial-{_writer()}"
+    remove_stale(out.parent, [out.name], "partial")  # a killed run's partial output for this --out, not a live one's
+    shutil.rmtree(tmp, ignore_errors=True)  # our own name, from a killed run of this very process id
     for attempt in range(3):  # a parallel job that failed may remove a shared parent, left empty, between the mkdirs
         out.parent.mkdir(parents=True, exist_ok=True)
         try:

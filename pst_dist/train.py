@@ -40,7 +40,7 @@ from .data.sources import Split, fingerprint
 from .defenses import pgd_examples, step_seed, ueraser_loss, ueraser_repeats
 from .distributed import DistInfo, broadcast_buffers, build_device, init_distributed, mean_across_ranks, teardown
 from .engine import DeepSpeedEngine, TorchEngine, build_engine, engine_class
-from .io import read_json, reported, write_atomic
+from .io import read_json, remove_stale, reported, write_atomic
 from .metrics import Metrics, git_sha, library_versions, machine_facts
 from .models import build_model
 from .pst.detectors import equalize_spectra, probe_metrics, spectral_filter_found, spectral_values, trigger_value
@@ -49,7 +49,7 @@ from .pst.groups import layer_groups
 from .pst.losses import mix_batch, stage_loss
 from .pst.schedule import ActiveStage, Schedule, lr_factor
 from .pst.views import apply_view
-from .rundir import RunDirError, check_run_dir, meta_segments, remove_run_files, resume_from_scratch
+from .rundir import RUN_FILES, RunDirError, check_run_dir, meta_segments, remove_run_files, resume_from_scratch
 from .tracking import check_trackers
 
 
@@ -588,6 +588,8 @@ def build_run(cfg: Config, resume: bool, overwrite: bool, allow_changes: bool, d
                   f"deadline), so it stays to the end without consulting it again (a run begun before the deadline "
                   f"existed could have fired later; meta.json's git_sha says which code began it)", file=sys.stderr)
     if dist_info.is_primary:  # only now that every input has been validated
+        if resume or overwrite:  # a checkpoint-sized temporary of a segment killed while saving (GBs each)
+            remove_stale(run_dir, RUN_FILES, "tmp")
         if overwrite:
             remove_run_files(run_dir)
         inputs = model_inputs(data)

@@ -429,3 +429,30 @@ def test_ar_drawn_in_smaller_chunks_is_the_ar_drawn_4096_images_at_a_time(monkey
     monkeypatch.setattr(shortcuts, "CHUNK_VALUES", 100 * 441)  # 100 images a chunk -> 96: 4 chunks, a short last
     monkeypatch.setattr(shortcuts, "ar_filters", lambda *a: coef)  # the same filters, not searched again
     assert torch.equal(shortcuts.ar(images, labels, cfg, 4), want)
+
+
+def test_a_rerun_removes_the_partial_output_of_a_killed_write_and_only_that(tmp_path):
+    """`pst-dist poison --out X` killed part-way leaves a hidden ``.X.partial-<host>-<pid>/`` (up to the size of the
+    poison): a rerun to the same --out removes it when it is this machine's and its process is gone; another
+    machine's (a shared file system) or another --out's stays."""
+    import subprocess
+    import sys
+
+    from pst_dist.io import _writer
+
+    from .conftest import run_cli
+
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    host, dead = _writer().rsplit("-", 1)[0], p.pid  # this machine, as pst-dist names it
+    stale, kept = tmp_path / f".store.partial-{host}-{dead}", [tmp_path / f".store.partial-elsewhere-{dead}",
+                                                               tmp_path / f".other.partial-{host}-{dead}"]
+    for d in (stale, *kept):
+        d.mkdir()
+        (d / "train_images.npy").write_bytes(b"partial")
+    out = run_cli("poison", "--data.source=synthetic", "--data.synthetic_train=64", "--data.val_size=16",
+                  "--data.img_size=16", "--poison.kind=classwise_noise", "--out", tmp_path / "store")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"removed {stale.name} from {tmp_path}: left by a write that was killed" in out.stderr
+    assert not stale.exists() and all((d / "train_images.npy").read_bytes() == b"partial" for d in kept)
+    assert (tmp_path / "store" / "poison.json").is_file()

@@ -467,3 +467,29 @@ def test_a_run_killed_before_its_first_checkpoint_resumes_from_scratch_as_an_uni
 
 def _bytes_but(run_dir: Path, gone: str) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file() and p.name != gone}
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_a_resume_removes_the_temporary_files_of_a_killed_save_and_only_those(run_copy):
+    """A segment killed while it saved its checkpoint leaves a hidden checkpoint-sized temporary (GBs for a large
+    model): the next --resume removes it, named, when it is this machine's and its process is gone; one of another
+    machine (a shared file system), of a running process, or of a name a run does not write stays."""
+    from pst_dist.io import _writer, stale_leftovers
+
+    host, dead = _writer().rsplit("-", 1)[0], _dead_pid()  # this machine, as pst-dist names it
+    stale = [f".checkpoint.pt.tmp-{host}-{dead}", f".config.toml.tmp-{host}-{dead}"]
+    kept = [f".checkpoint.pt.tmp-elsewhere-{dead}", f".checkpoint.pt.tmp-{host}-{os.getpid()}",
+            f".notes.txt.tmp-{host}-{dead}", "notes.txt"]
+    for name in stale + kept:
+        (run_copy / name).write_text("partial\n")
+    assert [p.name for p in stale_leftovers(run_copy, ["checkpoint.pt", "config.toml"], "tmp")] == sorted(stale)
+    out = run_cli("train", *FAST, f"--log.run_dir={run_copy}", "--resume", "--train.epochs=3")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"removed {', '.join(sorted(stale))} from {run_copy}: left by a write that was killed" in out.stderr
+    assert not any((run_copy / n).exists() for n in stale)
+    assert all((run_copy / n).read_text() == "partial\n" for n in kept)
