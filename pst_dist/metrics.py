@@ -157,8 +157,11 @@ class Metrics:
             return
         if step == self._resumed_at and _row(values) in self._logged_at_resume:  # an earlier segment logged it
             return
-        self._file.write(json.dumps({"step": step, **values}) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps({"step": step, **values}) + "\n")
+            self._file.flush()
+        except OSError as e:  # a full disk: a write's error names no file
+            raise OSError(e.errno, e.strerror, self._file.name) from None
         scalars = {k: v for k, v in values.items() if isinstance(v, int | float)}
         if self.tb is not None:
             for k, v in scalars.items():
@@ -169,7 +172,10 @@ class Metrics:
     def flush(self) -> None:
         """Everything logged so far on disk (TensorBoard's writer otherwise flushes every 2 minutes)."""
         if self.tb is not None:
-            self.tb.flush()
+            try:
+                self.tb.flush()
+            except OSError as e:
+                raise OSError(e.errno, e.strerror, e.filename or self.tb.get_logdir()) from None
 
     def image(self, tag: str, grid: torch.Tensor, step: int = 0) -> None:
         if self.enabled and self.tb is not None:

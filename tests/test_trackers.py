@@ -462,3 +462,17 @@ def test_sigterm_ends_the_run_as_ctrl_c_does_and_marks_its_tracker_run_failed(tm
     assert torch.load(run_dir / "checkpoint.pt", weights_only=True)["state"]["epoch"] >= 1
     run_id = json.loads((run_dir / "trackers.json").read_text())["mlflow"]
     assert MlflowClient(tracking_uri=(run_dir / "mlruns").as_uri()).get_run(run_id).info.status == "FAILED"
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (a device that is always full)")
+def test_a_full_disk_under_metrics_jsonl_names_the_file(tmp_path):
+    """A write's ENOSPC carries no file name (was: "No space left on device (OSError)", naming nothing)."""
+    from pst_dist.metrics import Metrics
+
+    m = Metrics(tmp_path, enabled=True, tensorboard=False)
+    m._file.close()
+    m._file = open("/dev/full", "a", encoding="utf-8")  # noqa: SIM115 - closed by Metrics.close
+    with pytest.raises(OSError) as e:
+        m.log(1, {"loss": 0.5})
+    assert e.value.errno == 28 and e.value.filename == "/dev/full"
+    m.close(failed=True)
