@@ -80,11 +80,53 @@ def sigterm_as_interrupt() -> Iterator[None]:
     before = signal.signal(signal.SIGTERM, handler)
     _HANDLERS.append(handler)
     try:
-        yield
+        with _ends_when_stuck(TERM_GRACE_S):
+            yield
     finally:
         state["done"] = True
         _HANDLERS.remove(handler)
         signal.signal(signal.SIGTERM, before)
+
+
+TERM_GRACE_S = 20.0
+"""Seconds a command has, after a SIGTERM, to end by its own cleanup before :func:`_ends_when_stuck` ends it (a
+scheduler's SIGKILL follows its SIGTERM after 30 s by default: Slurm's KillWait, Kubernetes' grace period)."""
+
+
+@contextlib.contextmanager
+def _ends_when_stuck(grace: float) -> Iterator[None]:
+    """A SIGTERM whose Python handler cannot run, because the main thread is blocked inside a call that never
+    returns to the interpreter (a collective waiting for a rank that is frozen or cut off: gloo's default timeout is
+    30 minutes), still ends the process: a thread woken by the signal itself (:func:`signal.set_wakeup_fd`) exits
+    with 143, saying why, when the command has not ended ``grace`` seconds later. What is published stays complete
+    (every file is written to a temporary, then renamed); a resume removes the temporaries."""
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    ended = threading.Event()
+
+    def watch() -> None:
+        try:
+            while got := os.read(r, 512):
+                if signal.SIGTERM in got:
+                    if not ended.wait(grace):
+                        sys.stderr.write(f"pst-dist: terminated (SIGTERM), and {grace:g} s later still inside a call "
+                                         f"that does not return (a collective waiting for another rank, or a long "
+                                         f"write); exiting now. Published files are complete; a training run keeps "
+                                         f"its last checkpoint (continue it with --resume)\n")
+                        sys.stderr.flush()
+                        os._exit(143)
+                    return
+        finally:
+            os.close(r)
+
+    before = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+    threading.Thread(target=watch, name="pst-dist-sigterm-watch", daemon=True).start()
+    try:
+        yield
+    finally:
+        ended.set()
+        signal.set_wakeup_fd(before)
+        os.close(w)  # the watching thread's read ends
 
 
 OWN_SIGNALS = ("bench", "tune")

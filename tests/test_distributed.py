@@ -112,3 +112,53 @@ def test_cuda_host_values_cross_an_nccl_group():
                        timeout=120, cwd=Path(__file__).parent.parent)
     print(r.stdout, r.stderr[-2000:])
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
+
+
+@pytest.mark.multiproc
+def test_a_sigterm_ends_a_rank_blocked_on_a_frozen_rank(tmp_path):
+    """A rank whose peer is frozen (SIGSTOP: a node that hangs or is cut off without resetting its connections) waits
+    in gloo's all-reduce, a call that does not return to Python, so its SIGTERM handler never runs (was: alive 10
+    minutes after the SIGTERM, holding its GPU until torch's 30-minute timeout). It now exits 143 with one line
+    TERM_GRACE_S after the SIGTERM, its last checkpoint complete."""
+    import contextlib
+    import os
+    import signal
+    import socket
+    import time
+
+    from pst_dist.cli import TERM_GRACE_S
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run = tmp_path / "run"
+    ranks = []
+    for r in (0, 1):
+        env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(Path(__file__).parent.parent),
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2", "RANK": str(r),
+               "LOCAL_RANK": str(r), "LOCAL_WORLD_SIZE": "2"}
+        ranks.append(subprocess.Popen([sys.executable, "-m", "pst_dist.cli", "train", *TINY, "--train.epochs=500",
+                                       "--train.device=cpu", "--log.tensorboard=false", f"--log.run_dir={run}"],
+                                      env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and not (run / "checkpoint.pt").is_file() and ranks[0].poll() is None:
+            time.sleep(0.2)
+        assert (run / "checkpoint.pt").is_file(), "the run never checkpointed"
+        os.kill(ranks[1].pid, signal.SIGSTOP)
+        time.sleep(3)  # rank 0 now waits for rank 1 in the next all-reduce
+        t0 = time.time()
+        ranks[0].send_signal(signal.SIGTERM)
+        _, err = ranks[0].communicate(timeout=TERM_GRACE_S + 60)
+        took = time.time() - t0
+        assert ranks[0].returncode == 143, err[-3000:]
+        assert took < TERM_GRACE_S + 15, took
+        assert "pst-dist: terminated (SIGTERM)" in err and "Traceback" not in err, err[-3000:]
+        torch.load(run / "checkpoint.pt", weights_only=True)  # complete
+    finally:  # what this test started, and only that, ends with it
+        for p in ranks:
+            if p.poll() is None:
+                p.kill()
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(p.pid, signal.SIGCONT)
+                p.wait()
