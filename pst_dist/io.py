@@ -142,6 +142,22 @@ def _publish_new(tmp: Path, path: Path) -> None:
     tmp.unlink()
 
 
+def _fsync(path: Path) -> None:
+    """Flush ``path``'s data (a file) or its entries (a directory) to the disk; where the file system cannot
+    (some network and FUSE ones refuse a directory's fsync), nothing."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.EBADF, errno.ENOTSUP, errno.EROFS, errno.EACCES):
+            raise OSError(e.errno, e.strerror, str(path)) from None
+    finally:
+        os.close(fd)
+
+
 def save_atomic(path: Path, write: Callable[[Path], None], *, new: bool = False) -> None:
     """``write(tmp)`` to a hidden temporary file beside ``path``, then rename it to ``path``. On any failure (an
     exception, a full disk, Ctrl-C) the temporary file is removed and ``path`` is left as it was. ``new``: ``path``
@@ -150,10 +166,12 @@ def save_atomic(path: Path, write: Callable[[Path], None], *, new: bool = False)
     tmp = _tmp_name(path)
     try:
         write(tmp)
+        _fsync(tmp)  # on disk before its name is: a node that loses power never publishes an empty file
         if new:
             _publish_new(tmp, path)
         else:
             os.replace(tmp, path)
+        _fsync(path.parent)
     except BaseException as e:
         with contextlib.suppress(OSError):
             tmp.unlink()
@@ -386,6 +404,10 @@ def atomic_dir(out: Path, *, replace: bool = False, owned: Iterable[str] | None 
                 raise
     try:
         yield tmp
+        for f in sorted(tmp.rglob("*")):  # on disk before the output's name is (see save_atomic)
+            if f.is_file() and not f.is_symlink():
+                _fsync(f)
+        _fsync(tmp)
         if out.exists() and any(out.iterdir()):
             if not replace:
                 raise OutputError(f"--out {out}: appeared while writing; left as it is")
@@ -403,6 +425,7 @@ def atomic_dir(out: Path, *, replace: bool = False, owned: Iterable[str] | None 
                 shutil.rmtree(old, ignore_errors=True)  # before a deferred SIGTERM's default action ends the process
         else:
             os.replace(tmp, out)  # rename(2) replaces an empty directory
+        _fsync(out.parent)
     except BaseException:  # a refused or failed run leaves no folders behind it: only those it made, if empty
         shutil.rmtree(tmp, ignore_errors=True)
         for d in made:

@@ -504,3 +504,26 @@ def test_atomic_dir_survives_a_parallel_job_removing_the_shared_parent_between_i
     with atomic_dir(parent / "out") as tmp:
         (tmp / "a.npy").write_text("x")
     assert removed and (parent / "out" / "a.npy").read_text() == "x"
+
+
+def test_a_published_file_or_output_is_on_disk_before_its_name(tmp_path, monkeypatch):
+    """Power loss after a rename can publish an empty file where the data never reached the disk: each atomic
+    write fsyncs the temporary (every file of an output directory) before the rename, and the directory after."""
+    from pst_dist import io
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
+                                                  real_fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("rename", str(b))), real_replace(a, b))[1])
+    io.write_atomic(tmp_path / "a.json", "{}")
+    tmp = next(p for kind, p in events if kind == "fsync")
+    assert events == [("fsync", tmp), ("rename", str(tmp_path / "a.json")), ("fsync", str(tmp_path))], events
+    assert Path(tmp).name.startswith(".a.json.tmp-")
+    events.clear()
+    with io.atomic_dir(tmp_path / "out") as d:
+        (d / "sub").mkdir()
+        (d / "sub" / "x.npy").write_bytes(b"1")
+    synced = [p for kind, p in events if kind == "fsync"]
+    assert [k for k, _ in events] == ["fsync", "fsync", "rename", "fsync"], events
+    assert synced[0].endswith("/sub/x.npy") and events[-1] == ("fsync", str(tmp_path))
