@@ -482,7 +482,7 @@ def die_with_parent(parent: int) -> None:
     nothing. The kernel ties this to the thread that started the child: start children from the main thread."""
     if not sys.platform.startswith("linux"):
         return
-    import ctypes
+    import ctypes  # only where a pool or writer process starts (Linux)
 
     try:
         libc = ctypes.CDLL(None, use_errno=True)
