@@ -8,6 +8,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import signal
 import sys
 import threading
@@ -514,7 +515,24 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(e, TrainingDiverged):
             print(f"pst-dist: error: {e}", file=sys.stderr)
             return 3
+        if (lost := peer_lost(e)) is not None:
+            print(f"pst-dist: error: rank {os.environ.get('RANK', '0')}: another rank of the run is gone ({lost}); "
+                  f"the run keeps its last checkpoint: --resume it with every rank", file=sys.stderr)
+            return 1
         raise
+
+
+def peer_lost(e: BaseException) -> str | None:
+    """The one line that says so when ``e`` is a collective's failure because another rank went away (killed, its
+    node lost: gloo's "Connection reset by peer", NCCL's remote errors) in a run of several ranks; else None (a
+    bug's traceback stays whole)."""
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) < 2 or not isinstance(e, RuntimeError):
+        return None
+    text = str(e).strip()
+    if not re.search(r"gloo|nccl|connection (reset|closed|refused)|broken pipe|remote (process|peer)", text, re.I):
+        return None
+    text = re.sub(r"^\[[^\]]*\]\s*", "", text.splitlines()[0] if text else "")  # gloo's source-file prefix
+    return text.split(". ")[0].rstrip(".") or type(e).__name__
 
 
 if __name__ == "__main__":

@@ -114,24 +114,15 @@ def test_cuda_host_values_cross_an_nccl_group():
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
 
 
-@pytest.mark.multiproc
-def test_a_sigterm_ends_a_rank_blocked_on_a_frozen_rank(tmp_path):
-    """A rank whose peer is frozen (SIGSTOP: a node that hangs or is cut off without resetting its connections) waits
-    in gloo's all-reduce, a call that does not return to Python, so its SIGTERM handler never runs (was: alive 10
-    minutes after the SIGTERM, holding its GPU until torch's 30-minute timeout). It now exits 143 with one line
-    TERM_GRACE_S after the SIGTERM, its last checkpoint complete."""
-    import contextlib
-    import os
-    import signal
+def _two_ranks(run: Path) -> list[subprocess.Popen]:
+    """A long 2-rank gloo run launched as a cluster's job does (the variables, no torchrun agent), checkpointed
+    once; rank 0's stderr piped."""
     import socket
     import time
-
-    from pst_dist.cli import TERM_GRACE_S
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    run = tmp_path / "run"
     ranks = []
     for r in (0, 1):
         env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(Path(__file__).parent.parent),
@@ -140,10 +131,41 @@ def test_a_sigterm_ends_a_rank_blocked_on_a_frozen_rank(tmp_path):
         ranks.append(subprocess.Popen([sys.executable, "-m", "pst_dist.cli", "train", *TINY, "--train.epochs=500",
                                        "--train.device=cpu", "--log.tensorboard=false", f"--log.run_dir={run}"],
                                       env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+    deadline = time.time() + 240
+    while time.time() < deadline and not (run / "checkpoint.pt").is_file() and ranks[0].poll() is None:
+        time.sleep(0.2)
+    return ranks
+
+
+def _end(ranks: list[subprocess.Popen]) -> None:
+    """What a test started, and only that, ends with it."""
+    import contextlib
+    import os
+    import signal
+
+    for p in ranks:
+        if p.poll() is None:
+            p.kill()
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p.pid, signal.SIGCONT)
+            p.wait()
+
+
+@pytest.mark.multiproc
+def test_a_sigterm_ends_a_rank_blocked_on_a_frozen_rank(tmp_path):
+    """A rank whose peer is frozen (SIGSTOP: a node that hangs or is cut off without resetting its connections) waits
+    in gloo's all-reduce, a call that does not return to Python, so its SIGTERM handler never runs (was: alive 10
+    minutes after the SIGTERM, holding its GPU until torch's 30-minute timeout). It now exits 143 with one line
+    TERM_GRACE_S after the SIGTERM, its last checkpoint complete."""
+    import os
+    import signal
+    import time
+
+    from pst_dist.cli import TERM_GRACE_S
+
+    run = tmp_path / "run"
+    ranks = _two_ranks(run)
     try:
-        deadline = time.time() + 240
-        while time.time() < deadline and not (run / "checkpoint.pt").is_file() and ranks[0].poll() is None:
-            time.sleep(0.2)
         assert (run / "checkpoint.pt").is_file(), "the run never checkpointed"
         os.kill(ranks[1].pid, signal.SIGSTOP)
         time.sleep(3)  # rank 0 now waits for rank 1 in the next all-reduce
@@ -155,10 +177,24 @@ def test_a_sigterm_ends_a_rank_blocked_on_a_frozen_rank(tmp_path):
         assert took < TERM_GRACE_S + 15, took
         assert "pst-dist: terminated (SIGTERM)" in err and "Traceback" not in err, err[-3000:]
         torch.load(run / "checkpoint.pt", weights_only=True)  # complete
-    finally:  # what this test started, and only that, ends with it
-        for p in ranks:
-            if p.poll() is None:
-                p.kill()
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(p.pid, signal.SIGCONT)
-                p.wait()
+    finally:
+        _end(ranks)
+
+
+@pytest.mark.multiproc
+def test_a_rank_killed_outright_ends_the_other_with_one_line(tmp_path):
+    """Rank 1 killed (-9: the OOM killer, a lost node that resets its connections): rank 0's all-reduce fails at once
+    and it exits 1 saying so in one line (was: gloo's 25-line traceback), its last checkpoint complete."""
+    run = tmp_path / "run"
+    ranks = _two_ranks(run)
+    try:
+        assert (run / "checkpoint.pt").is_file(), "the run never checkpointed"
+        ranks[1].kill()
+        _, err = ranks[0].communicate(timeout=120)
+        assert ranks[0].returncode == 1, err[-3000:]
+        said = [line for line in err.splitlines() if not line.startswith("[")]
+        assert len(said) == 1 and said[0].startswith("pst-dist: error: rank 0: another rank of the run is gone ("), \
+            err[-3000:]
+        torch.load(run / "checkpoint.pt", weights_only=True)
+    finally:
+        _end(ranks)
