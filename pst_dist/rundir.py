@@ -212,6 +212,12 @@ def resume_from_scratch(run_dir: Path, has_checkpoint: bool) -> bool:
     ``--overwrite`` does."""
     if has_checkpoint:
         return False
+    tags = sorted((p.name for p in (run_dir / "ds_checkpoint").glob("step*") if p.is_dir()),
+                  key=lambda n: (len(n), n))  # step8 before step16
+    if len(tags) > 1:  # DeepSpeed names a tag in 'latest' once its save is complete: one of these once was
+        raise RunDirError(f"--resume: {run_dir / 'ds_checkpoint'} holds {', '.join(tags)} but its 'latest' names "
+                          f"none (lost or emptied, say by a power loss): write the newest complete tag's name into "
+                          f"ds_checkpoint/latest to resume from it, or --overwrite to start the run again")
     meta = run_meta(run_dir)
     resumed = meta is not None and len(meta_segments(meta)) > 1
     if (run_dir / "summary.json").exists() or resumed:

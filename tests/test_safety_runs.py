@@ -493,3 +493,18 @@ def test_a_resume_removes_the_temporary_files_of_a_killed_save_and_only_those(ru
     assert f"removed {', '.join(sorted(stale))} from {run_copy}: left by a write that was killed" in out.stderr
     assert not any((run_copy / n).exists() for n in stale)
     assert all((run_copy / n).read_text() == "partial\n" for n in kept)
+
+
+def test_a_deepspeed_run_whose_latest_was_lost_is_not_started_again(tmp_path):
+    """Two tag folders and no 'latest' (DeepSpeed writes it when a save completes, without an fsync): an earlier
+    save completed, so --resume does not start the run again over its checkpoints; one tag folder alone is a first
+    save cut short, and it does."""
+    from pst_dist.rundir import RunDirError, resume_from_scratch
+
+    run = tmp_path / "run"
+    (run / "ds_checkpoint" / "step8").mkdir(parents=True)
+    assert resume_from_scratch(run, has_checkpoint=False)
+    (run / "ds_checkpoint" / "step16").mkdir()
+    with pytest.raises(RunDirError, match=r"holds step8, step16 but its 'latest' names none"):
+        resume_from_scratch(run, has_checkpoint=False)
+    assert sorted(p.name for p in (run / "ds_checkpoint").iterdir()) == ["step16", "step8"]
