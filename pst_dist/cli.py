@@ -45,6 +45,8 @@ def _default_sigterm_in_child() -> None:
     handler in time."""
     if _HANDLERS and signal.getsignal(signal.SIGTERM) is _HANDLERS[-1]:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        with contextlib.suppress(ValueError):  # nor write its signals into the parent's watch (_ends_when_stuck)
+            signal.set_wakeup_fd(-1)
 
 
 os.register_at_fork(after_in_child=_default_sigterm_in_child)
@@ -81,7 +83,7 @@ def sigterm_as_interrupt() -> Iterator[None]:
     before = signal.signal(signal.SIGTERM, handler)
     _HANDLERS.append(handler)
     try:
-        with _ends_when_stuck(TERM_GRACE_S):
+        with _ends_when_stuck(TERM_GRACE_S, taken=lambda: state["fired"]):
             yield
     finally:
         state["done"] = True
@@ -95,12 +97,13 @@ scheduler's SIGKILL follows its SIGTERM after 30 s by default: Slurm's KillWait,
 
 
 @contextlib.contextmanager
-def _ends_when_stuck(grace: float) -> Iterator[None]:
+def _ends_when_stuck(grace: float, taken: Callable[[], bool]) -> Iterator[None]:
     """A SIGTERM whose Python handler cannot run, because the main thread is blocked inside a call that never
     returns to the interpreter (a collective waiting for a rank that is frozen or cut off: gloo's default timeout is
     30 minutes), still ends the process: a thread woken by the signal itself (:func:`signal.set_wakeup_fd`) exits
-    with 143, saying why, when the command has not ended ``grace`` seconds later. What is published stays complete
-    (every file is written to a temporary, then renamed); a resume removes the temporaries."""
+    with 143, saying why, when the handler has not run ``grace`` seconds later (``taken``: whether it has; then the
+    command's cleanup, a tracker's upload say, runs to its end). What is published stays complete (every file is
+    written to a temporary, then renamed); a resume removes the temporaries."""
     r, w = os.pipe()
     os.set_blocking(w, False)
     ended = threading.Event()
@@ -109,7 +112,7 @@ def _ends_when_stuck(grace: float) -> Iterator[None]:
         try:
             while got := os.read(r, 512):
                 if signal.SIGTERM in got:
-                    if not ended.wait(grace):
+                    if not ended.wait(grace) and not taken():
                         sys.stderr.write(f"pst-dist: terminated (SIGTERM), and {grace:g} s later still inside a call "
                                          f"that does not return (a collective waiting for another rank, or a long "
                                          f"write); exiting now. Published files are complete; a training run keeps "
@@ -524,13 +527,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def peer_lost(e: BaseException) -> str | None:
     """The one line that says so when ``e`` is a collective's failure because another rank went away (killed, its
-    node lost: gloo's "Connection reset by peer", NCCL's remote errors) in a run of several ranks; else None (a
-    bug's traceback stays whole)."""
+    node lost: gloo's "Connection reset by peer" or closed socket, NCCL's remote errors) in a run of several ranks;
+    else None (any other error's traceback stays whole)."""
     if int(os.environ.get("WORLD_SIZE", "1") or 1) < 2 or not isinstance(e, RuntimeError):
         return None
     text = str(e).strip()
-    if not re.search(r"gloo|nccl|connection (reset|closed|refused)|broken pipe|remote (process|peer)", text, re.I):
-        return None
+    if not re.search(r"connection (reset|closed|refused) by peer|connection refused|broken pipe|ncclRemoteError|"
+                     r"remote process exited|socket timeout|transport/tcp/pair\.cc.*(read|write) error", text, re.I):
+        return None  # a collective's other failures (out of memory, wrong devices, bad input) are bugs: traceback
     text = re.sub(r"^\[[^\]]*\]\s*", "", text.splitlines()[0] if text else "")  # gloo's source-file prefix
     return text.split(". ")[0].rstrip(".") or type(e).__name__
 

@@ -73,9 +73,14 @@ def sha256(path: Path) -> str:
 
 
 def _writer() -> str:
-    """This process as a temporary name says it: ``<host>-<pid>``, so a name left by a killed write can be told
-    from one still being written by a process on another machine (a shared file system)."""
-    return f"{re.sub(r'[^A-Za-z0-9._-]', '_', socket.gethostname()) or 'host'}-{os.getpid()}"
+    """This process as a temporary name says it: ``<host>+<pid namespace>-<pid>``, so a name left by a killed write
+    can be told from one still being written by a process on another machine (a shared file system) or in another
+    container of the same host name (its own process ids)."""
+    try:
+        ns = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        ns = 0
+    return f"{re.sub(r'[^A-Za-z0-9._-]', '_', socket.gethostname()) or 'host'}+{ns}-{os.getpid()}"
 
 
 def _tmp_name(path: Path) -> Path:
@@ -479,8 +484,9 @@ def die_with_parent(parent: int) -> None:
     """Linux: end this process (SIGKILL) when ``parent``, the process that started it, ends, however it ends (a
     SIGTERM from a scheduler, an OOM kill): a bench's pool worker or a .beton writer never outlives its command to
     go on writing (a rerun would train the same cells beside it). Call first thing in the child; elsewhere it does
-    nothing. The kernel ties this to the thread that started the child: start children from the main thread."""
-    if not sys.platform.startswith("linux"):
+    nothing. The kernel ties this to the thread that started the child: start children from the main thread. A
+    child started by another process (a forkserver) is not tied (the signal would come from that process)."""
+    if not sys.platform.startswith("linux") or os.getppid() != parent:  # not its child (a forkserver's): no tie
         return
     import ctypes  # only where a pool or writer process starts (Linux)
 

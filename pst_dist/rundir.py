@@ -220,12 +220,34 @@ def resume_from_scratch(run_dir: Path, has_checkpoint: bool) -> bool:
                           f"ds_checkpoint/latest to resume from it, or --overwrite to start the run again")
     meta = run_meta(run_dir)
     resumed = meta is not None and len(meta_segments(meta)) > 1
-    if (run_dir / "summary.json").exists() or resumed:
-        why = "it finished (summary.json)" if (run_dir / "summary.json").exists() else "a segment resumed from one"
+    logged, first = _epochs_logged(run_dir), _first_checkpoint_epoch(run_dir)
+    why = ("it ended (summary.json)" if (run_dir / "summary.json").exists() else "a segment resumed from one"
+           if resumed else f"its metrics.jsonl logs epoch {logged}, and it checkpoints at epoch {first}"
+           if logged >= first else None)
+    if why is not None:
         raise RunDirError(f"--resume: {run_dir} holds no checkpoint, but had one ({why}): removed? Nothing to resume "
                           f"from; --overwrite starts the run again (only its own files are removed), or choose "
                           f"another log.run_dir")
     return True
+
+
+def _epochs_logged(run_dir: Path) -> int:
+    """The last epoch metrics.jsonl logs as finished (0: none; a line torn by a kill is passed over)."""
+    f = run_dir / "metrics.jsonl"
+    if not f.is_file():
+        return 0
+    epochs = [row.get("epoch") for _, row in json_lines(f)]
+    return max((e for e in epochs if isinstance(e, int) and not isinstance(e, bool)), default=0)
+
+
+def _first_checkpoint_epoch(run_dir: Path) -> int:
+    """The epoch the run recorded in ``run_dir`` writes its first checkpoint after (train.checkpoint_every, or its
+    last epoch); 1 when its record cannot be read (any epoch logged then counts as checkpointed)."""
+    try:
+        t = load_config(run_dir / "config.toml", recorded=True).train
+    except (ConfigError, OSError):
+        return 1
+    return min(t.checkpoint_every, t.epochs) if t.checkpoint_every else t.epochs
 
 
 def resume_changes(recorded: Config, cfg: Config, may_change: tuple[str, ...],

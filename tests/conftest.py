@@ -176,3 +176,17 @@ def alive(pid: int) -> bool:
     except (OSError, IndexError):
         return False
 
+
+def kill_if_ours(pid: int, marker: str) -> None:
+    """SIGKILL ``pid`` when it is still the process a test started: alive, and ``marker`` in its command line (a pid
+    seen earlier may belong to another process by now)."""
+    import os
+    import signal
+
+    try:
+        cmdline = (Path("/proc") / str(pid) / "cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return
+    if alive(pid) and marker in cmdline:
+        os.kill(pid, signal.SIGKILL)
+

@@ -17,7 +17,7 @@ import pytest
 from pst_dist.compare import compare, format_comparison
 from pst_dist.config import tomllib
 from pst_dist.metrics import describe_machine, machine_facts
-from tests.conftest import alive, children_of, run_cli_in_process
+from tests.conftest import alive, children_of, kill_if_ours, run_cli_in_process
 from tests.test_tune import OwnRay
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -367,8 +367,9 @@ def test_the_pool_s_workers_end_with_a_killed_bench(tmp_path, sig):
         deadline = time.time() + 300
         while time.time() < deadline and proc.poll() is None and not list(out.glob("cells/*/*/seed*/metrics.jsonl")):
             time.sleep(0.2)  # a cell is training
-        workers = children_of(proc.pid)
-        assert proc.poll() is None and len(workers) >= 2, "the bench never trained a cell"
+        workers = [k for k in children_of(proc.pid) if "resource_tracker" not in
+                   Path(f"/proc/{k}/cmdline").read_bytes().decode(errors="replace")]
+        assert proc.poll() is None and len(workers) == 2, "the bench's two pool workers never trained a cell"
         proc.send_signal(sig)
         proc.wait(timeout=60)
         deadline = time.time() + 30
@@ -379,8 +380,7 @@ def test_the_pool_s_workers_end_with_a_killed_bench(tmp_path, sig):
         proc.kill()
         proc.wait()
         for w in workers:
-            if alive(w):
-                os.kill(w, signal.SIGKILL)
+            kill_if_ours(w, "multiprocessing")
 
 
 # ---------------------------------------------------------------- the bench's poison cache is a poison store

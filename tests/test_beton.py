@@ -313,11 +313,9 @@ def test_cli_write_beton_errors_exit_2(tmp_path, capsys):
 def test_the_ffcv_writer_processes_end_with_a_killed_write_beton(tmp_path):
     """`write-beton` killed (-9, as the OOM killer does, which picks the process holding the data) while FFCV's
     writer processes write: they end with it (were left blocked forever on its queues, each holding memory)."""
-    import os
-    import signal
     import time
 
-    from .conftest import alive, children_of
+    from .conftest import alive, children_of, kill_if_ours
 
     cmd = [sys.executable, "-m", "pst_dist.cli", "write-beton", "--data.source=synthetic",
            "--data.synthetic_train=40000", "--data.val_size=60", "--data.img_size=32", "--out", str(tmp_path / "b")]
@@ -340,5 +338,4 @@ def test_the_ffcv_writer_processes_end_with_a_killed_write_beton(tmp_path):
         proc.kill()
         proc.wait()
         for w in writers:
-            if alive(w):
-                os.kill(w, signal.SIGKILL)
+            kill_if_ours(w, "write-beton")

@@ -276,3 +276,45 @@ def test_outputs_into_a_directory_it_cannot_write_are_refused_before_the_work(tm
         for p in [base, *base.rglob("*")]:
             p.chmod(0o755)
         shutil.rmtree(base)
+
+
+@pytest.mark.parametrize("text,lost", [
+    ("[/x/gloo/transport/tcp/pair.cc:545] Read error [127.0.0.1]:61663: Connection reset by peer. This is typically",
+     "Read error [127.0.0.1]:61663: Connection reset by peer"),
+    ("[/x/gloo/transport/tcp/pair.cc:598] Connection closed by peer [10.0.0.2]:1234", "Connection closed by peer "
+     "[10.0.0.2]:1234"),
+    ("NCCL error in: x.cpp:1, remote process exited or there was a network error, NCCL version 2.21.5",
+     "NCCL error in: x.cpp:1, remote process exited or there was a network error, NCCL version 2.21.5"),
+    ("NCCL error in: x.cpp:1, unhandled cuda error: CUDA out of memory", None),  # a bug or a limit: traceback
+    ("Tensors must be CUDA and dense", None),
+    ("Gloo does not support this device", None),
+])
+def test_only_a_peer_that_went_away_is_said_as_such(monkeypatch, text, lost):
+    from pst_dist.cli import peer_lost
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert peer_lost(RuntimeError(text)) == lost
+    monkeypatch.setenv("WORLD_SIZE", "1")  # one rank: no peer to lose
+    assert peer_lost(RuntimeError(text)) is None
+
+
+WATCHED = """
+import os, signal, sys, time
+from pst_dist.cli import _ends_when_stuck
+signal.signal(signal.SIGTERM, lambda *_: None)  # a handler that returns: only the watch can end the process
+with _ends_when_stuck(0.5, taken=lambda: sys.argv[1] == "taken"):  # "stuck": as if the handler never ran
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(2)
+print("ended by itself")
+"""
+
+
+@pytest.mark.parametrize("case", ["stuck", "taken"])
+def test_the_sigterm_watch_ends_only_a_process_whose_handler_did_not_run(case):
+    """The watch exits 143 after its grace when the SIGTERM handler has not run (the main thread stuck in C); once
+    it has run, the command's own cleanup is not cut short."""
+    r = subprocess.run([sys.executable, "-c", WATCHED, case], capture_output=True, text=True, timeout=60)
+    if case == "stuck":
+        assert r.returncode == 143 and "still inside a call that does not return" in r.stderr, r.stderr
+    else:
+        assert r.returncode == 0 and r.stdout.strip() == "ended by itself", r.stderr

@@ -460,7 +460,13 @@ def test_a_run_killed_before_its_first_checkpoint_resumes_from_scratch_as_an_uni
     (whole / "checkpoint.pt").unlink()  # a finished run whose checkpoint was removed: its results stay
     before = _bytes_but(whole, "checkpoint.pt")
     r = run_cli_in_process("train", *args, "--train.epochs=4", f"--log.run_dir={whole}", "--resume")
-    assert r.returncode == 2 and "holds no checkpoint, but had one (it finished (summary.json)): removed?" \
+    assert r.returncode == 2 and "holds no checkpoint, but had one (it ended (summary.json)): removed?" \
+        in r.stderr, r.stderr[-2000:]
+    assert _bytes_but(whole, "checkpoint.pt") == before
+    (whole / "summary.json").unlink()  # and no summary: its metrics say a checkpoint was written
+    before = _bytes_but(whole, "checkpoint.pt")
+    r = run_cli_in_process("train", *args, "--train.epochs=4", f"--log.run_dir={whole}", "--resume")
+    assert r.returncode == 2 and "had one (its metrics.jsonl logs epoch 3, and it checkpoints at epoch 3)" \
         in r.stderr, r.stderr[-2000:]
     assert _bytes_but(whole, "checkpoint.pt") == before
 
