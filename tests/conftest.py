@@ -1,3 +1,4 @@
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -189,4 +190,45 @@ def kill_if_ours(pid: int, marker: str) -> None:
         return
     if alive(pid) and marker in cmdline:
         os.kill(pid, signal.SIGKILL)
+
+
+def workers_of(pid: int) -> list[int]:
+    """The live child processes of ``pid`` but multiprocessing's resource tracker (a pool's or writer's processes)."""
+    kids = []
+    for k in children_of(pid):
+        try:
+            cmdline = (Path("/proc") / str(k) / "cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if "resource_tracker" not in cmdline:
+            kids.append(k)
+    return kids
+
+
+def outliving(pids: list[int], seconds: float = 30) -> list[int]:
+    """Those of ``pids`` still alive ``seconds`` from now (returns as soon as none is)."""
+    import time
+
+    deadline = time.time() + seconds
+    while time.time() < deadline and any(alive(p) for p in pids):
+        time.sleep(0.2)
+    return [p for p in pids if alive(p)]
+
+
+@contextlib.contextmanager
+def started(cmd: list, marker: str, **popen):
+    """``cmd`` started (stdout and stderr to /dev/null); yields (the process, a list to put its children's pids
+    in). At the end the process and, of those pids, the ones still its own (``marker`` in their command line:
+    :func:`kill_if_ours`) are killed: what the test started, and only that, ends with it."""
+    import subprocess
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **popen)
+    kids: list[int] = []
+    try:
+        yield proc, kids
+    finally:
+        proc.kill()
+        proc.wait()
+        for k in kids:
+            kill_if_ours(k, marker)
 

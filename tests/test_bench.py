@@ -17,7 +17,7 @@ import pytest
 from pst_dist.compare import compare, format_comparison
 from pst_dist.config import tomllib
 from pst_dist.metrics import describe_machine, machine_facts
-from tests.conftest import alive, children_of, kill_if_ours, run_cli_in_process
+from tests.conftest import outliving, run_cli_in_process, started, workers_of
 from tests.test_tune import OwnRay
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -361,26 +361,15 @@ def test_the_pool_s_workers_end_with_a_killed_bench(tmp_path, sig):
     cmd = [sys.executable, "-m", "pst_dist.cli", "bench", "--config", str(TINY), f"--bench.out={out}",
            '--bench.attacks=["classwise_noise"]', '--bench.defenses=["standard"]', "--bench.seeds=2", "--bench.jobs=2",
            "--train.epochs=500"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=plain_env())
-    workers: list[int] = []
-    try:
+    with started(cmd, "multiprocessing", env=plain_env()) as (proc, workers):
         deadline = time.time() + 300
         while time.time() < deadline and proc.poll() is None and not list(out.glob("cells/*/*/seed*/metrics.jsonl")):
             time.sleep(0.2)  # a cell is training
-        workers = [k for k in children_of(proc.pid) if "resource_tracker" not in
-                   Path(f"/proc/{k}/cmdline").read_bytes().decode(errors="replace")]
+        workers += workers_of(proc.pid)
         assert proc.poll() is None and len(workers) == 2, "the bench's two pool workers never trained a cell"
         proc.send_signal(sig)
         proc.wait(timeout=60)
-        deadline = time.time() + 30
-        while time.time() < deadline and any(alive(w) for w in workers):
-            time.sleep(0.2)
-        assert not [w for w in workers if alive(w)], "a pool worker outlived its bench"
-    finally:  # what this test started, and only that, ends with it
-        proc.kill()
-        proc.wait()
-        for w in workers:
-            kill_if_ours(w, "multiprocessing")
+        assert not outliving(workers), "a pool worker outlived its bench"
 
 
 # ---------------------------------------------------------------- the bench's poison cache is a poison store

@@ -315,27 +315,16 @@ def test_the_ffcv_writer_processes_end_with_a_killed_write_beton(tmp_path):
     writer processes write: they end with it (were left blocked forever on its queues, each holding memory)."""
     import time
 
-    from .conftest import alive, children_of, kill_if_ours
+    from .conftest import outliving, started, workers_of
 
     cmd = [sys.executable, "-m", "pst_dist.cli", "write-beton", "--data.source=synthetic",
            "--data.synthetic_train=40000", "--data.val_size=60", "--data.img_size=32", "--out", str(tmp_path / "b")]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    writers: list[int] = []
-    try:
+    with started(cmd, "write-beton") as (proc, writers):
         deadline = time.time() + 300
         while time.time() < deadline and proc.poll() is None and len(writers) < 2:
-            writers = [k for k in children_of(proc.pid) if "resource_tracker" not in
-                       Path(f"/proc/{k}/cmdline").read_bytes().decode(errors="replace")]
+            writers[:] = workers_of(proc.pid)
             time.sleep(0.02)
         assert proc.poll() is None and len(writers) >= 2, "no FFCV writer processes seen while writing"
         proc.kill()
         proc.wait(timeout=60)
-        deadline = time.time() + 30
-        while time.time() < deadline and any(alive(w) for w in writers):
-            time.sleep(0.2)
-        assert not [w for w in writers if alive(w)], "an FFCV writer process outlived write-beton"
-    finally:  # what this test started, and only that, ends with it
-        proc.kill()
-        proc.wait()
-        for w in writers:
-            kill_if_ours(w, "write-beton")
+        assert not outliving(writers), "an FFCV writer process outlived write-beton"
