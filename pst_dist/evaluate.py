@@ -135,7 +135,7 @@ def _deepspeed_weights(tag_dir: Path) -> tuple[dict[str, torch.Tensor], int, str
 
 def _gather(tag_dir: Path, model_states: Path) -> tuple[dict[str, torch.Tensor], int, str | None, torch.dtype]:
     try:
-        states = load_ds_file(model_states, mmap=True)  # ZeRO-0 keeps the optimizer's state here: left unread
+        states = load_ds_file(model_states)  # ZeRO-0 keeps the optimizer's state here: left unread
         ds, epoch = states["ds_config"], int(states["pst_state"]["epoch"])
     except Exception as e:  # noqa: BLE001 - any unpickling failure or missing key is a bad file
         raise CheckpointError(f"{model_states}: not a readable pst-dist DeepSpeed checkpoint ({type(e).__name__}: "

@@ -151,7 +151,7 @@ class DeepSpeedEngine(Engine):
         if not found:
             raise CheckpointError(f"{tag_dir}: no model states file ({' or '.join(MODEL_STATES)})")
         try:  # restricted to the allow-list (no separate scan needed); memory-mapped, tensors unread
-            client = load_ds_file(found[0], mmap=True)
+            client = load_ds_file(found[0])
             return int(client["pst_state"]["epoch"])
         except Exception as e:  # noqa: BLE001 - any unpickling failure or missing key is a bad file
             raise CheckpointError(f"{found[0]}: not a readable pst-dist DeepSpeed checkpoint "
@@ -206,13 +206,13 @@ def _check_file(f: Path) -> None:
         raise CheckpointError(f"{f}: references globals outside the DeepSpeed allow-list: {bad}")
 
 
-def load_ds_file(f: Path, mmap: bool = False):
-    """``torch.load`` of a DeepSpeed checkpoint file with ``weights_only=True``, allowing :data:`DS_SAFE_GLOBALS`
-    beside torch's own allow-list (what pst-dist reads itself; DeepSpeed's loaders read after
-    :func:`check_ds_checkpoint`)."""
+def load_ds_file(f: Path):
+    """:func:`pst_dist.checkpoint.load_mapped` of a DeepSpeed checkpoint file (weights only, memory-mapped: what is
+    not read stays on disk), allowing :data:`DS_SAFE_GLOBALS` beside torch's own allow-list (what pst-dist reads
+    itself; DeepSpeed's loaders read after :func:`check_ds_checkpoint`)."""
     allowed = [getattr(importlib.import_module(m), a) for m, _, a in (g.rpartition(".") for g in DS_SAFE_GLOBALS)]
     with torch.serialization.safe_globals(allowed):
-        return load_mapped(f) if mmap else torch.load(f, map_location="cpu", weights_only=True)
+        return load_mapped(f)
 
 
 def check_ds_checkpoint(tag_dir: Path) -> None:
