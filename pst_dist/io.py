@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import hashlib
 import json
 import os
@@ -72,15 +73,21 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _writer() -> str:
-    """This process as a temporary name says it: ``<host>+<pid namespace>-<pid>``, so a name left by a killed write
-    can be told from one still being written by a process on another machine (a shared file system) or in another
-    container of the same host name (its own process ids)."""
+@functools.cache
+def _machine() -> str:
+    """This machine as a temporary name says it: ``<host>+<pid namespace>``, so a name left by a killed write can
+    be told from one still being written on another machine (a shared file system) or in another container of the
+    same host name (its own process ids)."""
     try:
         ns = os.stat("/proc/self/ns/pid").st_ino
     except OSError:
         ns = 0
-    return f"{re.sub(r'[^A-Za-z0-9._-]', '_', socket.gethostname()) or 'host'}+{ns}-{os.getpid()}"
+    return f"{re.sub(r'[^A-Za-z0-9._-]', '_', socket.gethostname()) or 'host'}+{ns}"
+
+
+def _writer() -> str:
+    """This process as a temporary name says it: ``<machine>-<pid>`` (:func:`_machine`)."""
+    return f"{_machine()}-{os.getpid()}"
 
 
 def _tmp_name(path: Path) -> Path:
@@ -102,8 +109,7 @@ def stale_leftovers(directory: Path, names: Iterable[str], kind: str) -> list[Pa
     a lost node): hidden temporary files (``kind`` "tmp", :func:`save_atomic`) or partial directories ("partial",
     :func:`atomic_dir`) named with this machine and a process id that no longer runs here. A name from another
     machine, or of a process still running, is never one."""
-    host, pid = _writer().rsplit("-", 1)
-    pattern = re.compile(rf"\.(.+)\.{re.escape(kind)}-{re.escape(host)}-(\d+)")
+    pattern = re.compile(rf"\.(.+)\.{re.escape(kind)}-{re.escape(_machine())}-(\d+)")
     names = set(names)
     found = []
     for p in sorted(Path(directory).iterdir()) if Path(directory).is_dir() else []:

@@ -232,3 +232,12 @@ def started(cmd: list, marker: str, **popen):
         for k in kids:
             kill_if_ours(k, marker)
 
+
+def dead_pid() -> int:
+    """The process id of a process that has ended (one started and waited for here)."""
+    import subprocess
+
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+

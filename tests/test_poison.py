@@ -435,16 +435,11 @@ def test_a_rerun_removes_the_partial_output_of_a_killed_write_and_only_that(tmp_
     """`pst-dist poison --out X` killed part-way leaves a hidden ``.X.partial-<host>-<pid>/`` (up to the size of the
     poison): a rerun to the same --out removes it when it is this machine's and its process is gone; another
     machine's (a shared file system) or another --out's stays."""
-    import subprocess
-    import sys
+    from pst_dist.io import _machine
 
-    from pst_dist.io import _writer
+    from .conftest import dead_pid, run_cli
 
-    from .conftest import run_cli
-
-    p = subprocess.Popen([sys.executable, "-c", "pass"])
-    p.wait()
-    host, dead = _writer().rsplit("-", 1)[0], p.pid  # this machine, as pst-dist names it
+    host, dead = _machine(), dead_pid()  # this machine, as pst-dist names it
     stale, kept = tmp_path / f".store.partial-{host}-{dead}", [tmp_path / f".store.partial-elsewhere-{dead}",
                                                                tmp_path / f".other.partial-{host}-{dead}"]
     for d in (stale, *kept):

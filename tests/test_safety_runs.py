@@ -25,6 +25,7 @@ from .conftest import (
     MARKER_TEXT,
     TINY,
     assert_refused,
+    dead_pid,
     partial_files,
     place_marker,
     run_cli,
@@ -475,19 +476,13 @@ def _bytes_but(run_dir: Path, gone: str) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file() and p.name != gone}
 
 
-def _dead_pid() -> int:
-    p = subprocess.Popen([sys.executable, "-c", "pass"])
-    p.wait()
-    return p.pid
-
-
 def test_a_resume_removes_the_temporary_files_of_a_killed_save_and_only_those(run_copy):
     """A segment killed while it saved its checkpoint leaves a hidden checkpoint-sized temporary (GBs for a large
     model): the next --resume removes it, named, when it is this machine's and its process is gone; one of another
     machine (a shared file system), of a running process, or of a name a run does not write stays."""
-    from pst_dist.io import _writer, stale_leftovers
+    from pst_dist.io import _machine, stale_leftovers
 
-    host, dead = _writer().rsplit("-", 1)[0], _dead_pid()  # this machine, as pst-dist names it
+    host, dead = _machine(), dead_pid()  # this machine, as pst-dist names it
     stale = [f".checkpoint.pt.tmp-{host}-{dead}", f".config.toml.tmp-{host}-{dead}"]
     kept = [f".checkpoint.pt.tmp-elsewhere-{dead}", f".checkpoint.pt.tmp-{host}-{os.getpid()}",
             f".notes.txt.tmp-{host}-{dead}", "notes.txt"]
