@@ -204,14 +204,12 @@ def check_run_dir(cfg: Config, resume: bool, overwrite: bool, allow_changes: boo
     return changes
 
 
-def resume_from_scratch(run_dir: Path, has_checkpoint: bool) -> bool:
-    """``--resume`` of a run with no checkpoint to load (``has_checkpoint``: its engine's answer): True when the run
-    was stopped before it wrote its first (preempted in its first epoch, or before checkpoint_every epochs), so it
-    starts again from epoch 0 and loses nothing it could have resumed; RunDirError when it had one (it finished, or
-    a segment resumed from one): removed since, and starting again would replace a run's results, which only
-    ``--overwrite`` does."""
-    if has_checkpoint:
-        return False
+def resume_from_scratch(run_dir: Path) -> bool:
+    """``--resume`` of a run with no checkpoint to load (its engine found none): True when the run was stopped
+    before it wrote its first (preempted in its first epoch, or before checkpoint_every epochs), so it starts again
+    from epoch 0 and loses nothing it could have resumed; RunDirError when it had one (it ended, a segment resumed
+    from one, or its metrics log the epoch of its first): removed since, and starting again would replace a run's
+    results, which only ``--overwrite`` does."""
     tags = sorted((p.name for p in (run_dir / "ds_checkpoint").glob("step*") if p.is_dir()),
                   key=lambda n: (len(n), n))  # step8 before step16
     if len(tags) > 1:  # DeepSpeed names a tag in 'latest' once its save is complete: one of these once was

@@ -465,7 +465,7 @@ def build_run(cfg: Config, resume: bool, overwrite: bool, allow_changes: bool, d
         check_trackers(cfg.log.trackers)  # a tracker's package missing is refused before the run writes anything
         changes = check_run_dir(cfg, resume, overwrite, allow_changes)
         run_dir = Path(cfg.log.run_dir)
-        if resume and resume_from_scratch(run_dir, engine_class(cfg).has_checkpoint(run_dir)):
+        if resume and not engine_class(cfg).has_checkpoint(run_dir) and resume_from_scratch(run_dir):
             check_run_dir(cfg, False, True)  # what --overwrite checks before it removes the run's own files
             return {}, True
         return changes, False

@@ -504,8 +504,8 @@ def test_a_deepspeed_run_whose_latest_was_lost_is_not_started_again(tmp_path):
 
     run = tmp_path / "run"
     (run / "ds_checkpoint" / "step8").mkdir(parents=True)
-    assert resume_from_scratch(run, has_checkpoint=False)
+    assert resume_from_scratch(run)
     (run / "ds_checkpoint" / "step16").mkdir()
     with pytest.raises(RunDirError, match=r"holds step8, step16 but its 'latest' names none"):
-        resume_from_scratch(run, has_checkpoint=False)
+        resume_from_scratch(run)
     assert sorted(p.name for p in (run / "ds_checkpoint").iterdir()) == ["step16", "step8"]
