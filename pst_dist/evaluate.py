@@ -19,7 +19,7 @@ import torch.nn as nn
 from .checkpoint import CheckpointError, load_mapped, load_weights
 from .config import RESUME_MAY_CHANGE, Config, ConfigError, DefenseConfig, PoisonConfig, load_config
 from .data.pipeline import Data, Normalize, beton_change, beton_digests, build_data, folder_change
-from .data.sources import DataError, Split, list_folder, load_streamed_splits
+from .data.sources import DataError, Split, ValSizeError, list_folder, load_streamed_splits
 from .distributed import build_device
 from .engine.deepspeed import CHECKPOINT_DIR, LATEST, MODEL_STATES, check_ds_checkpoint, load_ds_file
 from .io import load_failure
@@ -217,9 +217,8 @@ def evaluate_run(run_dir: Path, checkpoint: str | Path | None = None, overrides:
     path = find_checkpoint(run_dir, checkpoint)  # one missing or outside the run: refused before the data is read
     try:
         data = eval_data(cfg, inputs, split)
-    except DataError as e:  # the run's validation carve, applied to other data, may not fit it
-        if not str(e).startswith("data.val_size=") or any(o.removeprefix("--").startswith("data.val_size=")
-                                                           for o in overrides):
+    except ValSizeError as e:  # the run's validation carve, applied to other data, may not fit it
+        if any(o.removeprefix("--").startswith("data.val_size=") for o in overrides):
             raise
         raise DataError(f"{e}: data.val_size is the run's recorded value; for this data give --data.val_size=N "
                         f"(the images carved for validation before the {split} split is read)") from None

@@ -86,9 +86,13 @@ def load_splits(cfg: DataConfig, listing: FolderListing | None = None) -> Splits
     return Splits(train.subset(rows.train), val, test.subset(rows.test), num_classes, cfg.source, len(train))
 
 
+class ValSizeError(DataError):
+    """data.val_size does not fit the data: no validation images, or none left for the split it is carved from."""
+
+
 def check_val_size(cfg: DataConfig) -> None:
     if cfg.val_size < 1:  # schedules and triggers are selected on validation accuracy: none would read as 0 %
-        raise DataError(f"data.val_size={cfg.val_size} leaves no validation images; set it to at least 1")
+        raise ValSizeError(f"data.val_size={cfg.val_size} leaves no validation images; set it to at least 1")
 
 
 @dataclass
@@ -109,12 +113,12 @@ def carve(cfg: DataConfig, n_train: int, n_test: int) -> Rows:
     train, test = torch.randperm(n_train, generator=g), torch.arange(n_test)
     if cfg.val_from == "train":
         if cfg.val_size >= n_train:
-            raise DataError(f"data.val_size={cfg.val_size} leaves no training images (train has {n_train})")
+            raise ValSizeError(f"data.val_size={cfg.val_size} leaves no training images (train has {n_train})")
         val, train = train[:cfg.val_size], train[cfg.val_size:]
     else:
         test = torch.randperm(n_test, generator=g)
         if cfg.val_size >= n_test:
-            raise DataError(f"data.val_size={cfg.val_size} leaves no test images (test has {n_test})")
+            raise ValSizeError(f"data.val_size={cfg.val_size} leaves no test images (test has {n_test})")
         val, test = test[:cfg.val_size], test[cfg.val_size:]
     if cfg.train_size:
         train = train[:cfg.train_size]
