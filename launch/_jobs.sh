@@ -1,7 +1,7 @@
 # Sourced by the result scripts: queue `pst-dist train` runs, then run them JOBS at a time, one thread each.
-#   queue_run RUN_DIR [train args...]   skips a run whose summary.json exists, resumes one cut short (a
-#                                       checkpoint, no summary), starts one cut short before its first checkpoint
-#                                       again (--overwrite: the run's own files only); logs to RUN_DIR.log
+#   queue_run RUN_DIR [train args...]   skips a run whose summary.json exists; otherwise --resume=auto starts it,
+#                                       resumes one cut short, or starts one cut short before its first checkpoint
+#                                       again (its own files only); logs to RUN_DIR.log
 #   run_queued                          runs the queue with JOBS (default 2) in parallel
 JOBS=${JOBS:-2}
 _queue=$(mktemp)
@@ -11,15 +11,9 @@ queue_run() {
   local run=$1
   shift
   [ -f "$run/summary.json" ] && return 0
-  local resume=()
-  if [ -f "$run/checkpoint.pt" ] || [ -f "$run/ds_checkpoint/latest" ]; then
-    resume=(--resume)  # cut short: train refuses to start it again without --resume
-  elif [ -f "$run/config.toml" ]; then
-    resume=(--overwrite)  # cut short in its first epoch: nothing to resume from
-  fi
   mkdir -p "$(dirname "$run")"
   printf '%q ' .venv/bin/pst-dist train "$@" --train.threads=1 --log.progress=false --log.run_dir="$run" \
-    ${resume[@]+"${resume[@]}"} >> "$_queue"
+    --resume=auto >> "$_queue"
   printf '> %q 2>&1\n' "$run.log" >> "$_queue"
 }
 

@@ -27,9 +27,7 @@ for name in "${!RUNS[@]}"; do
   run="$OUT/${name}_seed0"
   [ -f "$run/summary.json" ] && continue
   read -ra extra <<< "${RUNS[$name]}"  # no override contains a space
-  if [ -f "$run/checkpoint.pt" ]; then extra+=(--resume)  # cut short: train refuses to start it again without it
-  elif [ -f "$run/config.toml" ]; then extra+=(--overwrite); fi  # cut short before its first checkpoint
-  printf '%q ' .venv/bin/pst-dist train "${BASE[@]}" "${extra[@]}" --log.run_dir="$run"
+  printf '%q ' .venv/bin/pst-dist train "${BASE[@]}" "${extra[@]}" --log.run_dir="$run" --resume=auto  # cut short?
   printf '> %q 2>&1\n' "$run.log"
 done | xargs -d '\n' -P "$JOBS" -I{} bash -c '{}'
 .venv/bin/pst-dist report "$OUT"

@@ -49,7 +49,15 @@ from .pst.groups import layer_groups
 from .pst.losses import mix_batch, stage_loss
 from .pst.schedule import ActiveStage, Schedule, lr_factor
 from .pst.views import apply_view
-from .rundir import RUN_FILES, RunDirError, check_run_dir, meta_segments, remove_run_files, resume_from_scratch
+from .rundir import (
+    RUN_FILES,
+    RunDirError,
+    check_run_dir,
+    holds_run,
+    meta_segments,
+    remove_run_files,
+    resume_from_scratch,
+)
 from .tracking import check_trackers
 
 
@@ -454,28 +462,34 @@ def spectral_repair(data: Data, recorded: dict | None = None, is_primary: bool =
     return dataclasses.replace(data, poisoned_train=repaired), info
 
 
-def build_run(cfg: Config, resume: bool, overwrite: bool, allow_changes: bool, data: Data | None,
+def build_run(cfg: Config, resume: bool | str, overwrite: bool, allow_changes: bool, data: Data | None,
               loader) -> Run:
     """Validate the run directory, build data, loader, model, groups, schedule and engine, restore a checkpoint,
     and write the run's header: nothing is written before every input has been checked."""
     device = build_device(cfg)
     dist_info: DistInfo = init_distributed(device.type, single_process_group=cfg.deepspeed.enabled)
 
-    def check_inputs() -> tuple[dict[str, tuple], bool]:  # before any work
+    def check_inputs() -> tuple[dict[str, tuple], bool, bool]:  # before any work
         check_trackers(cfg.log.trackers)  # a tracker's package missing is refused before the run writes anything
-        changes = check_run_dir(cfg, resume, overwrite, allow_changes)
         run_dir = Path(cfg.log.run_dir)
-        if resume and not engine_class(cfg).has_checkpoint(run_dir) and resume_from_scratch(run_dir):
+        if resume == "auto" and overwrite:
+            raise RunDirError("--resume=auto and --overwrite together: continue the run or replace it, not both")
+        wanted = bool(holds_run(run_dir)) if resume == "auto" else resume  # rank 0's view of the run directory
+        changes = check_run_dir(cfg, wanted, overwrite, allow_changes)
+        if wanted and not engine_class(cfg).has_checkpoint(run_dir) and resume_from_scratch(run_dir):
             check_run_dir(cfg, False, True)  # what --overwrite checks before it removes the run's own files
-            return {}, True
-        return changes, False
+            return {}, True, wanted
+        return changes, False, wanted
 
-    changes, again = _on_every_rank(check_inputs)
+    auto = resume == "auto"
+    changes, again, resume = _on_every_rank(check_inputs)
     if again:  # the config matched the run's record: a preemption wrapper's --resume works from the first epoch on
         resume, overwrite = False, True
         if dist_info.is_primary:
             print(f"[resume] {cfg.log.run_dir}: stopped before its first checkpoint, so nothing to resume from; "
                   f"starting it again from epoch 0 (its own files replaced, as --overwrite does)", file=sys.stderr)
+    elif auto and not resume and dist_info.is_primary:
+        print(f"[resume] --resume=auto: {cfg.log.run_dir} holds no run; starting it", file=sys.stderr)
     resolved = resolve_auto(cfg, device)
     setup_seed(cfg, resolved)
     recorded = resumed_inputs(Path(cfg.log.run_dir)) if resume else None
@@ -762,14 +776,15 @@ class EpochMeter:
                 "perf/compiles": compiled_graphs() - self.graphs_before}
 
 
-def train(cfg: Config, resume: bool = False, data: Data | None = None, loader=None,
+def train(cfg: Config, resume: bool | str = False, data: Data | None = None, loader=None,
           stop_after_epochs: int | None = None, on_epoch=None, overwrite: bool = False,
           allow_changes: bool = False) -> dict:
     """Train one configuration; returns the summary (final/peak accuracies). Writes everything to cfg.log.run_dir.
 
     A run directory that already holds a run needs ``resume`` (same config, but for what
     :data:`pst_dist.config.RESUME_MAY_CHANGE` lists; ``allow_changes`` lifts that, e.g. for a PBT trial that adopts
-    another trial's checkpoint) or ``overwrite`` (its run files are removed, nothing else).
+    another trial's checkpoint) or ``overwrite`` (its run files are removed, nothing else). ``resume="auto"``:
+    resume when the run directory holds a run, else start one (a job wrapper's one command for every launch).
     ``stop_after_epochs`` ends the run early as an interruption would (after that epoch's checkpoint).
     ``on_epoch(epoch, logs, gm, engine)`` is called on every rank after each epoch's checkpoint (a reporting hook
     for Ray Tune and for tests; under ZeRO-3 use ``engine.gathered()`` to see full parameters).

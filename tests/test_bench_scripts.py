@@ -102,7 +102,8 @@ def test_engine_overhead_refuses_too_few_steps(capsys):
 
 def test_the_result_scripts_queue_resumes_a_run_cut_short(tmp_path):
     """launch/_jobs.sh (science_fmnist.sh, beton_equivalence.sh): a run with its config.toml but no summary.json was
-    queued again without --resume, which train refuses (exit 2): every rerun of the script stopped there."""
+    queued again without --resume, which train refuses (exit 2): every rerun of the script stopped there. The queue
+    now launches every run with --resume=auto."""
     import json
     import os
     import shlex
@@ -126,12 +127,17 @@ def test_the_result_scripts_queue_resumes_a_run_cut_short(tmp_path):
     log = (tmp_path / "runs" / "a.log").read_text()
     assert r.returncode == 0, r.stderr + log[-2000:]
     assert [r["epoch"] for r in json.loads((run / "meta.json").read_text())["resumes"]] == [2]  # resumed, not redone
-    # cut short in its first epoch (its config.toml, no checkpoint yet): nothing to resume from, started again
-    (run / "summary.json").unlink()
-    (run / "checkpoint.pt").unlink()
+    # cut short in its first epoch (its config.toml and meta.json, no checkpoint or epoch logged yet): nothing to
+    # resume from, started again
+    first = tmp_path / "runs" / "b"
+    assert subprocess.run([*base[:-1], f"--log.run_dir={first}"], env=env, capture_output=True,
+                          timeout=300).returncode == 0
+    for name in ("summary.json", "checkpoint.pt", "metrics.jsonl"):
+        (first / name).unlink()
+    script = f"source {jobs}; queue_run {shlex.join([str(first), *args])}; run_queued"
     r = subprocess.run(["bash", "-c", f"set -euo pipefail; {script}"], cwd=tmp_path, env=env, capture_output=True,
                        text=True, timeout=300)
-    assert r.returncode == 0, r.stderr + (tmp_path / "runs" / "a.log").read_text()[-2000:]
-    assert json.loads((run / "summary.json").read_text())["status"] == "finished"
-    assert "resumes" not in json.loads((run / "meta.json").read_text())  # a new run
-    assert json.loads((run / "summary.json").read_text())["status"] == "finished"
+    assert r.returncode == 0, r.stderr + (tmp_path / "runs" / "b.log").read_text()[-2000:]
+    assert "starting it again from epoch 0" in (tmp_path / "runs" / "b.log").read_text()
+    assert "resumes" not in json.loads((first / "meta.json").read_text())  # a new run
+    assert json.loads((first / "summary.json").read_text())["status"] == "finished"

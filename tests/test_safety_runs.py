@@ -472,6 +472,30 @@ def test_a_run_killed_before_its_first_checkpoint_resumes_from_scratch_as_an_uni
     assert _bytes_but(whole, "checkpoint.pt") == before
 
 
+def test_resume_auto_starts_a_run_that_is_not_there_and_continues_one_that_is(tmp_path):
+    """A job that may be preempted is launched with one command, --resume=auto: it starts the run when log.run_dir
+    holds none, continues it when it does (under the same config check as --resume), and never replaces it."""
+    run_dir = tmp_path / "r"
+    first = run_cli_in_process("train", *FAST, "--train.epochs=2", f"--log.run_dir={run_dir}", "--resume=auto")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "--resume=auto: " in first.stderr and "holds no run; starting it" in first.stderr
+    assert _epochs(run_dir) == [1, 2] and not json.loads((run_dir / "meta.json").read_text()).get("resumes")
+    again = run_cli_in_process("train", *FAST, "--train.epochs=3", f"--log.run_dir={run_dir}", "--resume", "auto")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"[resume] {run_dir} from epoch 2, to train.epochs=3" in again.stderr
+    assert _epochs(run_dir) == [1, 2, 3]
+    assert [m["epoch"] for m in json.loads((run_dir / "meta.json").read_text())["resumes"]] == [2]
+    before = _bytes(run_dir)
+    other = run_cli_in_process("train", *FAST, "--train.epochs=3", "--train.lr=0.2", f"--log.run_dir={run_dir}",
+                               "--resume=auto")
+    assert other.returncode == 2 and "--resume: the config differs from the one" in other.stderr, other.stderr
+    both = run_cli_in_process("train", *FAST, f"--log.run_dir={tmp_path / 'new'}", "--resume=auto", "--overwrite")
+    assert both.returncode == 2 and "--resume=auto and --overwrite together" in both.stderr, both.stderr
+    bad = run_cli("train", *FAST, f"--log.run_dir={run_dir}", "--resume=yes")
+    assert bad.returncode == 2 and "'yes': --resume takes no value, or auto" in bad.stderr, bad.stderr
+    assert _bytes(run_dir) == before and not (tmp_path / "new").exists()
+
+
 def _bytes_but(run_dir: Path, gone: str) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file() and p.name != gone}
 
