@@ -169,6 +169,14 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def fsync_tree(folder: Path) -> None:
+    """Flush every file under ``folder`` and the folder's own entries to the disk (see :func:`_fsync`)."""
+    for f in sorted(Path(folder).rglob("*")):
+        if f.is_file() and not f.is_symlink():
+            _fsync(f)
+    _fsync(Path(folder))
+
+
 def save_atomic(path: Path, write: Callable[[Path], None], *, new: bool = False) -> None:
     """``write(tmp)`` to a hidden temporary file beside ``path``, then rename it to ``path``. On any failure (an
     exception, a full disk, Ctrl-C) the temporary file is removed and ``path`` is left as it was. ``new``: ``path``
@@ -415,10 +423,7 @@ def atomic_dir(out: Path, *, replace: bool = False, owned: Iterable[str] | None 
                 raise
     try:
         yield tmp
-        for f in sorted(tmp.rglob("*")):  # on disk before the output's name is (see save_atomic)
-            if f.is_file() and not f.is_symlink():
-                _fsync(f)
-        _fsync(tmp)
+        fsync_tree(tmp)  # on disk before the output's name is (see save_atomic)
         if out.exists() and any(out.iterdir()):
             if not replace:
                 raise OutputError(f"--out {out}: appeared while writing; left as it is")

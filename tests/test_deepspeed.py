@@ -231,3 +231,40 @@ def test_a_grad_accum_that_does_not_divide_an_epoch_is_refused_before_the_run_is
     with pytest.raises(ConfigError, match="deepspeed.grad_accum=3 does not divide the 8 batches of an epoch"):
         train(cfg)
     assert not (tmp_path / "run").exists()
+
+
+def test_latest_names_a_tag_only_once_every_file_of_it_is_on_disk(tmp_path, monkeypatch):
+    """DeepSpeed writes 'latest' in place and flushes nothing: a power loss could leave it empty, or naming a tag whose
+    files never reached the disk, with the tags before it removed. pst-dist writes it itself, atomically, after every
+    file of the new tag is flushed; older tags are removed only after that."""
+    from .conftest import run_cli_in_process
+
+    events: list[tuple] = []
+    real_fsync, real_replace, real_rmtree = os.fsync, os.replace, __import__("shutil").rmtree
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
+                                                  real_fsync(fd))[1])
+
+    def replace(a, b):
+        if str(b).endswith("/ds_checkpoint/latest"):
+            events.append(("latest", Path(a).read_text()))
+        return real_replace(a, b)
+
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr("shutil.rmtree", lambda p, *a, **k: (events.append(("rmtree", str(p))),
+                                                              real_rmtree(p, *a, **k))[1])
+    run = run_cli_in_process("train", *TINY, "--deepspeed.enabled=true", "--deepspeed.zero_stage=1",
+                             "--train.epochs=3", "--log.tensorboard=false", f"--log.run_dir={tmp_path}")
+    assert run.returncode == 0, run.stderr[-3000:]
+    ckpt = tmp_path / "ds_checkpoint"
+    published = [(i, tag) for i, (kind, tag) in enumerate(events) if kind == "latest"]
+    assert [tag for _, tag in published] == ["step8", "step16", "step24"], published
+    for i, tag in published:
+        synced = {p for kind, p in events[:i] if kind == "fsync"}
+        written = {str(f) for f in (ckpt / tag).rglob("*") if f.is_file()} if (ckpt / tag).is_dir() else set()
+        assert any(p.startswith(f"{ckpt / tag}/") for p in synced), tag
+        assert written <= synced, (tag, written - synced)
+        assert str(ckpt / tag) in synced  # the folder's entries too
+    removed = [i for i, (kind, p) in enumerate(events) if kind == "rmtree" and p == str(ckpt / "step8")]
+    assert removed and removed[0] > published[2][0]  # the oldest goes once the newest is named
+    assert (ckpt / "latest").read_text() == "step24"
+    assert sorted(p.name for p in ckpt.glob("step*")) == ["step16", "step24"]

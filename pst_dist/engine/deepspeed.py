@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from ..checkpoint import CheckpointError, load_mapped, rng_state, set_rng_state
 from ..distributed import DistInfo
-from ..io import load_failure, save_stream_atomic
+from ..io import fsync_tree, load_failure, remove_stale, save_stream_atomic, write_atomic
 from ..pst.freeze import drop_frozen_grads
 from .base import Engine
 
@@ -87,14 +87,22 @@ class DeepSpeedEngine(Engine):
     def save(self, run_dir: Path, state: dict, model_name: str, is_primary: bool) -> None:
         ckpt = run_dir / CHECKPOINT_DIR
         tag = f"step{state['step']}"
-        # this rank's RNG first: 'latest', which DeepSpeed writes last, then names a checkpoint a kill cannot leave
-        # without it
+        # this rank's RNG first: 'latest', written last, then names a checkpoint a kill cannot leave without it
         (ckpt / tag).mkdir(parents=True, exist_ok=True)
         save_stream_atomic(ckpt / tag / f"rng_rank{self.info.rank}.pt", lambda f: torch.save(rng_state(), f))
-        self.engine.save_checkpoint(str(ckpt), tag=tag, client_state={"pst_state": state, "model_name": model_name})
+        # 'latest' is ours to write: DeepSpeed writes it in place, unflushed, and a power loss could then leave it
+        # empty, or naming a tag whose files never reached the disk, after the tags before it were removed
+        self.engine.save_checkpoint(str(ckpt), tag=tag, client_state={"pst_state": state, "model_name": model_name},
+                                    save_latest=False)
+        fsync_tree(ckpt / tag)  # every rank: its own files (on a shared file system the others' are already clean)
         if dist.is_initialized():
             dist.barrier()
-        if is_primary:  # keep the newest two tags ('latest' names the newest)
+        if is_primary:  # 'latest' names the new tag once every rank's files are on disk
+            remove_stale(ckpt, [LATEST], "tmp")  # a 'latest' of a save that was killed
+            write_atomic(ckpt / LATEST, tag)
+        if dist.is_initialized():  # every rank finds the new 'latest' once the save returns
+            dist.barrier()
+        if is_primary:  # the newest two tags stay
             for old in _tags(ckpt)[:-2]:
                 shutil.rmtree(old, ignore_errors=True)
 
