@@ -58,6 +58,19 @@ def test_raw_round_trip_is_exact(tmp_path, over):
     assert m["fingerprint"]["clean_train_sha256"] == fingerprint(data.splits.train)
 
 
+def test_a_split_read_over_several_batches_and_its_head_are_the_source_s(tmp_path):
+    """read_split copies FFCV's batches (512 images each, buffers FFCV reuses) into one tensor of the split's size:
+    every batch in its place, and a ``limit`` that ends inside a batch (the probe's head) takes exactly that many."""
+    cfg = cfg_of(*SMALL, "--data.synthetic_train=1100", "--data.img_size=8", "--poison.kind=patch_noise")
+    write_betons(cfg, tmp_path / "d", log=lambda m: None)
+    data = build_data(cfg)
+    b = B.BetonDir(tmp_path / "d")
+    whole, head = b.read_split("train", num_workers=1), b.read_split("train", limit=600, num_workers=1)
+    assert whole.images.shape == data.poisoned_train.shape and torch.equal(whole.images, data.poisoned_train)
+    assert torch.equal(whole.labels, data.splits.train.labels)
+    assert torch.equal(head.images, data.poisoned_train[:600]) and torch.equal(head.labels, whole.labels[:600])
+
+
 def test_jpg_mode_warns_and_is_lossy(tmp_path):
     said = []
     write_betons(cfg_of(*SMALL, "--poison.kind=patch_noise"), tmp_path / "j", write_mode="jpg", jpeg_quality=50,

@@ -314,18 +314,27 @@ class BetonDir:
         return BetonBatches(self.file(split), self.meta["shape"], batch_size, **kw)
 
     def read_split(self, split: str, limit: int | None = None, num_workers: int = 2) -> Split:
-        """Decode (the first ``limit`` images of) a split into memory, in file order, without augmentation."""
-        images, labels = [], []
+        """Decode (the first ``limit`` images of) a split into memory, in file order, without augmentation: each
+        batch is copied into tensors of the split's size, made once (the split is held once, not twice)."""
+        total = self.meta["splits"][split]["num_samples"]
+        total = total if limit is None else min(limit, total)
+        images = labels = None
         n = 0
         for x, y in self.batches(split, 512, shuffle=False, augment="none", drop_last=False,
                                  num_workers=num_workers):
-            images.append(x.clone())  # FFCV reuses its output buffers
-            labels.append(y.clone())
-            n += len(y)
-            if limit is not None and n >= limit:
+            if images is None:
+                images = torch.empty((total, *x.shape[1:]), dtype=x.dtype)
+                labels = torch.empty((total, *y.shape[1:]), dtype=y.dtype)
+            take = min(len(y), total - n)
+            images[n:n + take] = x[:take]  # a copy: FFCV reuses its output buffers
+            labels[n:n + take] = y[:take]
+            n += take
+            if n >= total:
                 break
-        x, y = torch.cat(images), torch.cat(labels)
-        return Split(x[:limit].contiguous(), y[:limit].contiguous())
+        if images is None or n < total:
+            raise DataError(f"{self.file(split)}: gave {n} of the {total} images its {META} lists" if total else
+                            f"{self.file(split)}: holds no images")
+        return Split(images, labels)
 
 
 # ---------------------------------------------------------------------------------------------------------------
