@@ -26,7 +26,7 @@ from .config import (
     load_config,
     shown_default,
 )
-from .io import CheckpointError, DataError, OutputError, PoisonFileError, check_parent_dir, write_atomic
+from .io import CheckpointError, DataError, OutputError, PoisonFileError, check_parent_dir, exit_cleanups, write_atomic
 from .registry import ATTACKS
 
 
@@ -163,8 +163,9 @@ def cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({k: v for k, v in summary.items() if not k.endswith("_curve")}, indent=2))
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # the process group is gone; skip interpreter teardown, which
-        sys.stdout.flush()                           # now and then aborts with "terminate called without an active
-        sys.stderr.flush()                           # exception" after multi-process DeepSpeed runs
+        exit_cleanups()                              # now and then aborts with "terminate called without an active
+        sys.stdout.flush()                           # exception" after multi-process DeepSpeed runs; but not what
+        sys.stderr.flush()                           # Python's exit removes (wandb's temporary folders)
         os._exit(0)
     return 0
 

@@ -27,6 +27,7 @@ import signal
 import socket
 import sys
 import threading
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
@@ -62,6 +63,14 @@ def reported(what: str, errors: list[BaseException] | None = None) -> Iterator[N
         print(f"[pst] {what} failed: {type(e).__name__}: {e}", file=sys.stderr)
         if errors is not None:
             errors.append(e)
+
+
+def exit_cleanups() -> None:
+    """Run what the interpreter's exit runs for ``weakref.finalize`` objects, for a process about to end with
+    ``os._exit``: a ``tempfile.TemporaryDirectory`` is removed by one (wandb makes two when it is imported), and
+    would otherwise stay in the temp dir. Errors are reported, not raised."""
+    with reported("removing temporary folders before the exit"):
+        weakref.finalize._exitfunc()  # the atexit hook weakref registers; idempotent
 
 
 def sha256(path: Path) -> str:

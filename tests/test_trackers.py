@@ -476,3 +476,23 @@ def test_a_full_disk_under_metrics_jsonl_names_the_file(tmp_path):
         m.log(1, {"loss": 0.5})
     assert e.value.errno == 28 and e.value.filename == "/dev/full"
     m.close(failed=True)
+
+
+@pytest.mark.multiproc
+def test_a_multi_rank_run_leaves_no_wandb_temporary_folders(tmp_path, own_dirs):
+    """wandb makes two temporary folders when imported and removes them at the interpreter's exit; the ranks of a
+    multi-process run end with os._exit (skipping a teardown that can abort), which left them in the temp dir."""
+    import subprocess
+    import sys
+
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    env = {**os.environ, "TMPDIR": str(temp), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "pst_dist.cli",
+           "train", *TINY, "--train.epochs=1", "--log.tensorboard=false", '--log.trackers=["wandb"]',
+           f"--log.run_dir={tmp_path / 'run'}"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, start_new_session=True)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["world_size"] == 2
+    assert list((tmp_path / "run" / "wandb").glob("offline-run-*")), "wandb was not used"
+    assert not sorted(p.name for p in temp.glob("*wandb*")), "left in the temp dir"
