@@ -442,7 +442,9 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("tune", help="Ray Tune search over PST schedules ([tune] section); local Ray unless "
                        "RAY_ADDRESS names a cluster")
     p.add_argument("--config", help="TOML recipe with a [tune] section, e.g. launch/configs/tune_fmnist.toml")
-    p.add_argument("--resume", action="store_true", help="continue the interrupted search in tune.out/tune.name")
+    p.add_argument("--resume", nargs="?", const=True, default=False, type=_resume_mode, metavar="auto",
+                   help="continue the interrupted search in tune.out/tune.name; --resume=auto: continue it when "
+                   "there is one, begin it when not (one entrypoint for a job that is launched again)")
     p.set_defaults(fn=cmd_tune)
     p = sub.add_parser("poison", help="generate [poison] on the whole training split and store it losslessly")
     p.add_argument("--config", help="TOML recipe: its [data] and [poison] sections")

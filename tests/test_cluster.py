@@ -55,6 +55,7 @@ def test_kuberay_rayjob_runs_the_search_on_the_project_image():
     assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob"
     spec = job["spec"]
     assert "tune/run.py --config" in spec["entrypoint"]
+    assert spec["entrypoint"].endswith("--resume=auto")  # a retried job (backoffLimit) continues the search
     assert spec["rayClusterSpec"]["rayVersion"] == "2.60.0"
     pods = [spec["rayClusterSpec"]["headGroupSpec"]["template"]] + \
         [g["template"] for g in spec["rayClusterSpec"]["workerGroupSpecs"]]

@@ -487,8 +487,9 @@ def test_an_interrupted_search_resumes_without_retraining_finished_trials(own_ra
     assert code == 130 and "unfinished: no best schedule; continue it with --resume" in said, said[-3000:]
     assert not (out / "tiny" / "best_schedule.toml").exists()
     assert "Stopped before its end" in (out / "tiny" / "results.md").read_text()
-    run = subprocess.run([*args, "--resume"], env=own_ray.env(), capture_output=True, text=True, timeout=900)
+    run = subprocess.run([*args, "--resume=auto"], env=own_ray.env(), capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, (run.stdout + run.stderr)[-5000:]
+    assert f"[tune] --resume=auto: continuing the search in {out / 'tiny'}" in run.stderr
     assert (out / "tiny" / "best_schedule.toml").is_file()
     assert "Stopped" not in (out / "tiny" / "results.md").read_text()
     rows = list(csv.DictReader(open(out / "tiny" / "results.csv")))
@@ -585,11 +586,12 @@ def test_job_submit_of_a_search_onto_two_nodes_then_train_its_best_schedule(own_
     # (one release order, one threshold, the same seed; the warm-up trigger is read at epoch ends), so their epochs 1
     # and 2 are the same and they tie at its rungs 1 and 2
     job = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", dashboard, "--", "bash", "-c",
-                          f"cd {shlex.quote(str(driver))} && exec {shlex.join(search_cmd)}"],
+                          f"cd {shlex.quote(str(driver))} && exec {shlex.join([*search_cmd, '--resume=auto'])}"],
                          env=own_ray.env(), capture_output=True, text=True, timeout=600)
     output = job.stdout + job.stderr
     assert job.returncode == 0 and "succeeded" in output, output[-5000:]
     assert "each trial asks for 1 worker(s) x (1 CPU)" in output
+    assert f"[tune] --resume=auto: no search yet in {storage / 'tiny'}" in output  # the job's one entrypoint began it
     search = storage / "tiny"
     rows = list(csv.DictReader(open(search / "results.csv")))
     assert len(rows) == 2 and all(r["status"] == "completed" and r["epochs"] == "3" for r in rows), rows

@@ -183,9 +183,10 @@ def build_tuner(cfg: Config, search_dir: Path, resume: bool, groups: int, concur
                                   failure_config=tune.FailureConfig(max_failures=t.max_failures), verbose=1))
 
 
-def run_search(cfg: Config, resume: bool = False, log=lambda m: print(m, file=sys.stderr)) -> dict:
+def run_search(cfg: Config, resume: bool | str = False, log=lambda m: print(m, file=sys.stderr)) -> dict:
     """Run (or continue) the search; write results.csv / results.md / trials.png / best_schedule.toml into
-    ``<tune.out>/<tune.name>/``. Returns the report summary."""
+    ``<tune.out>/<tune.name>/``. Returns the report summary. ``resume="auto"``: continue the search when its
+    directory holds one, else begin it."""
     absolute_paths(cfg, also=(("tune", "out"), ("tune", "poisons")))
     groups = count_groups(cfg.model)
     check_space(cfg, groups)  # every error before Ray starts
@@ -199,7 +200,10 @@ def run_search(cfg: Config, resume: bool = False, log=lambda m: print(m, file=sy
     if resume:
         from ray.tune import Tuner  # optional heavy dependency (Ray), imported only by tune
 
-        if not Tuner.can_restore(str(search_dir)):
+        if resume == "auto":  # a job launched again after its head went away: continue the search, or begin it
+            resume = Tuner.can_restore(str(search_dir))
+            log(f"[tune] --resume=auto: {'continuing the search in' if resume else 'no search yet in'} {search_dir}")
+        elif not Tuner.can_restore(str(search_dir)):
             raise ConfigError(f"--resume: no search to continue at {search_dir} (tune.out / tune.name)")
     if cfg.tune.attacks:
         cfg.tune.poisons = str(poison_root(cfg))  # the trials' configs (and the recorded ones) name the stores
