@@ -1,6 +1,8 @@
 import contextlib
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -22,6 +24,41 @@ def _torch_extensions(tmp_path_factory):
                   or str(tmp_path_factory.getbasetemp() / "torch_extensions"))
         mp.setenv("PATH", str(Path(sys.executable).parent), prepend=os.pathsep)
         yield
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_temp(tmp_path_factory):
+    """One temp dir (TMPDIR) for everything the session and the processes it starts make there, removed at the
+    session's end: what a process a test kills cannot remove at its exit (multiprocessing's listener folders, wandb's
+    temporary folders) goes with it instead of staying in the machine's temp dir. pytest's own tmp_path folders stay
+    where pytest keeps them (its basetemp, fixed first). Short, as Ray's socket paths must be; readable by others (a
+    test runs commands as another user)."""
+    tmp_path_factory.getbasetemp()
+    temp = Path(tempfile.mkdtemp(prefix="pst-tests-"))
+    temp.chmod(0o755)
+    before = tempfile.tempdir
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TMPDIR", str(temp))
+        tempfile.tempdir = str(temp)
+        try:
+            yield temp
+        finally:
+            tempfile.tempdir = before
+            shutil.rmtree(temp, ignore_errors=True)
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """The small environment the tests' launchers and ranks run in: one thread, the system's PATH, this repository
+    on PYTHONPATH and the session's temp dir (:func:`_session_temp`); ``extra`` added or replacing."""
+    return {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(Path(__file__).parent.parent),
+            "TMPDIR": tempfile.gettempdir(), **extra}
+
+
+def deepspeed_env() -> dict[str, str]:
+    """:func:`child_env` for DeepSpeed's ranks: the session's PATH (the venv's ninja first) and JIT-build cache
+    (:func:`_torch_extensions`), and HOME."""
+    return child_env(PATH=os.environ.get("PATH", "/usr/bin:/bin"), HOME=os.environ.get("HOME", "/tmp"),
+                     TORCH_EXTENSIONS_DIR=os.environ["TORCH_EXTENSIONS_DIR"])
 
 
 @pytest.fixture(autouse=True)

@@ -19,7 +19,7 @@ from pst_dist.io import sha256
 from pst_dist.poison import PoisonFileError
 from pst_dist.train import train
 
-from .conftest import TINY
+from .conftest import TINY, child_env
 
 FMNIST = ["--data.source=fashion-mnist", "--data.train_size=300", "--data.val_size=100", "--data.test_size=200"]
 SMALL = ["--data.source=synthetic", "--data.synthetic_train=300", "--data.val_size=60", "--data.img_size=16"]
@@ -147,8 +147,7 @@ def test_two_ranks_shard_one_epoch_each_sample_once(tmp_path):
     (d / B.META).write_text(json.dumps(meta))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(Path(__file__).parent / "beton_shard_worker.py"), str(d), str(tmp_path)]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={"OMP_NUM_THREADS": "1",
-                         "PATH": "/usr/bin:/bin", "PYTHONPATH": str(Path(__file__).parent.parent)})
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=child_env())
     assert out.returncode == 0, out.stderr[-3000:]
     r = [json.loads((tmp_path / f"shard{k}.json").read_text()) for k in (0, 1)]
     full = r[0]["False"] + r[1]["False"]

@@ -12,7 +12,7 @@ import pytest
 from pst_dist.config import ConfigError, load_config
 from pst_dist.engine import deepspeed_config
 
-from .conftest import TINY
+from .conftest import TINY, deepspeed_env
 
 HERE = Path(__file__).parent
 BASE = [*TINY, "--train.optimizer=adamw", "--train.lr=0.003", "--train.weight_decay=0.05", "--deepspeed.enabled=true",
@@ -23,10 +23,8 @@ FREEZE = '--schedule.stages=[{name="a",epochs=1},{name="b",epochs=1,freeze=[0,1]
 def torchrun(out: Path, *args: str, timeout: int = 400) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(HERE / "ds_worker.py"), str(out), *args]
-    env = {"OMP_NUM_THREADS": "1", "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-           "PYTHONPATH": str(HERE.parent), "HOME": os.environ.get("HOME", "/tmp"),
-           "TORCH_EXTENSIONS_DIR": os.environ["TORCH_EXTENSIONS_DIR"]}  # the session's (conftest)
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, start_new_session=True)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=deepspeed_env(),
+                          start_new_session=True)
 
 
 def ranks(out: Path, suffix: str = "") -> list[dict]:

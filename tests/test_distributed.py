@@ -9,7 +9,7 @@ import torch
 from pst_dist.distributed import GradBuckets, plan_buckets
 from pst_dist.engine import TorchEngine
 
-from .conftest import TINY
+from .conftest import TINY, child_env
 
 
 @pytest.mark.multiproc
@@ -19,8 +19,7 @@ def test_two_process_gloo_training_stays_in_sync(tmp_path):
            str(Path(__file__).parent / "dist_worker.py"), str(tmp_path), *TINY, "--train.epochs=1",
            "--train.device=cpu", "--poison.kind=patch_noise", f"--log.run_dir={run}",
            '--schedule.stages=[{name="a",steps=2},{name="b",freeze=[0,1]}]']
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={"OMP_NUM_THREADS": "1",
-                         "PATH": "/usr/bin:/bin", "PYTHONPATH": str(Path(__file__).parent.parent)})
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=child_env())
     assert out.returncode == 0, out.stderr[-3000:]
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert r0["world_size"] == 2
@@ -36,8 +35,7 @@ def test_bucketed_overlapped_all_reduce_matches_per_parameter_reference(tmp_path
     fallback; the frozen group is untouched and has no optimizer state; a parameter without a gradient stays None."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(Path(__file__).parent / "grad_bucket_worker.py"), str(tmp_path)]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={"OMP_NUM_THREADS": "1",
-                         "PATH": "/usr/bin:/bin", "PYTHONPATH": str(Path(__file__).parent.parent)})
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=child_env())
     assert out.returncode == 0, out.stderr[-3000:]
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert r0["checksum"] == r1["checksum"], "ranks diverged"
@@ -125,9 +123,8 @@ def _two_ranks(run: Path) -> list[subprocess.Popen]:
         port = s.getsockname()[1]
     ranks = []
     for r in (0, 1):
-        env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(Path(__file__).parent.parent),
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2", "RANK": str(r),
-               "LOCAL_RANK": str(r), "LOCAL_WORLD_SIZE": "2"}
+        env = child_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(r),
+                        LOCAL_RANK=str(r), LOCAL_WORLD_SIZE="2")
         ranks.append(subprocess.Popen([sys.executable, "-m", "pst_dist.cli", "train", *TINY, "--train.epochs=500",
                                        "--train.device=cpu", "--log.tensorboard=false", f"--log.run_dir={run}"],
                                       env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))

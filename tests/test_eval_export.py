@@ -27,7 +27,7 @@ from pst_dist.export import load_scored
 from pst_dist.models import build_model, load_exported
 from pst_dist.train import predict, train
 
-from .conftest import MARKER_TEXT, place_marker, quadrant_images
+from .conftest import MARKER_TEXT, deepspeed_env, place_marker, quadrant_images
 
 HERE = Path(__file__).parent
 
@@ -270,12 +270,10 @@ def test_eval_and_export_of_a_zero3_run_gather_every_partition(tmp_path, capsys)
     own checksum of its gathered parameters."""
     data = quadrant_folder(tmp_path / "data", 0)
     run = tmp_path / "run"
-    env = {"OMP_NUM_THREADS": "1", "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": str(HERE.parent),
-           "HOME": os.environ.get("HOME", "/tmp"), "TORCH_EXTENSIONS_DIR": os.environ["TORCH_EXTENSIONS_DIR"]}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "pst_dist.cli",
            "train", *folder_args(data), "--train.batch_size=16",  # 2 ranks x 16: the steps of the 1-process runs
            "--deepspeed.enabled=true", "--deepspeed.zero_stage=3", f"--log.run_dir={run}"]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env, start_new_session=True)
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=deepspeed_env(), start_new_session=True)
     assert p.returncode == 0, p.stderr[-3000:]
     s = json.loads((run / "summary.json").read_text())
     assert s["world_size"] == 2 and s["final_test_acc"] > 0.6

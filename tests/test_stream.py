@@ -17,7 +17,7 @@ from pst_dist.data.loaders import FolderBatches, TensorBatches
 from pst_dist.data.pipeline import build_data, build_loader, streams
 from pst_dist.data.sources import DataError, PixelSums, channel_stats, folder_stats, load_splits, load_streamed_splits
 from pst_dist.distributed import DistInfo
-from tests.conftest import run_cli
+from tests.conftest import child_env, run_cli
 
 
 def write_folder(root: Path, n_train: int = 24, n_test: int = 8, classes: int = 3) -> Path:
@@ -502,8 +502,7 @@ def test_two_ranks_share_the_statistics_pass_and_train_as_in_memory(tmp_path):
                "--log.progress=false", "--log.tensorboard=false", f"--data.stream={stream}",
                f"--log.run_dir={out / 'run'}"]
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
-                           env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin",
-                                "PYTHONPATH": str(Path(__file__).parent.parent)})
+                           env=child_env())
         assert r.returncode == 0, r.stderr[-3000:]
         ranks = [json.loads((out / f"rank{k}.json").read_text()) for k in (0, 1)]
         assert ranks[0]["model_checksum"] == ranks[1]["model_checksum"] and ranks[0]["world_size"] == 2
