@@ -206,13 +206,14 @@ def check_run_dir(cfg: Config, resume: bool, overwrite: bool, allow_changes: boo
 
 def resume_from_scratch(run_dir: Path) -> bool:
     """``--resume`` of a run with no checkpoint to load (its engine found none): True when the run was stopped
-    before it wrote its first (preempted in its first epoch, or before checkpoint_every epochs), so it starts again
-    from epoch 0 and loses nothing it could have resumed; RunDirError when it had one (it ended, a segment resumed
-    from one, or its metrics log the epoch of its first): removed since, and starting again would replace a run's
-    results, which only ``--overwrite`` does."""
+    before its first was written (preempted in its first epoch, before checkpoint_every epochs, or while that
+    checkpoint was being saved: the epoch's metrics are logged just before), so it starts again from epoch 0 and
+    loses nothing it could have resumed; RunDirError when it had one (it ended, a segment resumed from one, or its
+    metrics log an epoch after the first checkpoint's, which only a completed save lets begin): removed since, and
+    starting again would replace a run's results, which only ``--overwrite`` does."""
     tags = sorted((p.name for p in (run_dir / "ds_checkpoint").glob("step*") if p.is_dir()),
                   key=lambda n: (len(n), n))  # step8 before step16
-    if len(tags) > 1:  # DeepSpeed names a tag in 'latest' once its save is complete: one of these once was
+    if len(tags) > 1:  # 'latest' names a tag once its save is complete and on disk: one of these once was
         raise RunDirError(f"--resume: {run_dir / 'ds_checkpoint'} holds {', '.join(tags)} but its 'latest' names "
                           f"none (lost or emptied, say by a power loss): write the newest complete tag's name into "
                           f"ds_checkpoint/latest to resume from it, or --overwrite to start the run again")
@@ -220,8 +221,8 @@ def resume_from_scratch(run_dir: Path) -> bool:
     resumed = meta is not None and len(meta_segments(meta)) > 1
     logged, first = _epochs_logged(run_dir), _first_checkpoint_epoch(run_dir)
     why = ("it ended (summary.json)" if (run_dir / "summary.json").exists() else "a segment resumed from one"
-           if resumed else f"its metrics.jsonl logs epoch {logged}, and it checkpoints at epoch {first}"
-           if logged >= first else None)
+           if resumed else f"its metrics.jsonl logs epoch {logged}, after its first checkpoint's (epoch {first})"
+           if logged > first else None)
     if why is not None:
         raise RunDirError(f"--resume: {run_dir} holds no checkpoint, but had one ({why}): removed? Nothing to resume "
                           f"from; --overwrite starts the run again (only its own files are removed), or choose "
@@ -240,7 +241,7 @@ def _epochs_logged(run_dir: Path) -> int:
 
 def _first_checkpoint_epoch(run_dir: Path) -> int:
     """The epoch the run recorded in ``run_dir`` writes its first checkpoint after (train.checkpoint_every, or its
-    last epoch); 1 when its record cannot be read (any epoch logged then counts as checkpointed)."""
+    last epoch); 1 when its record cannot be read (any epoch logged after the first then counts as checkpointed)."""
     try:
         t = load_config(run_dir / "config.toml", recorded=True).train
     except (ConfigError, OSError):

@@ -464,12 +464,25 @@ def test_a_run_killed_before_its_first_checkpoint_resumes_from_scratch_as_an_uni
     assert r.returncode == 2 and "holds no checkpoint, but had one (it ended (summary.json)): removed?" \
         in r.stderr, r.stderr[-2000:]
     assert _bytes_but(whole, "checkpoint.pt") == before
-    (whole / "summary.json").unlink()  # and no summary: its metrics say a checkpoint was written
-    before = _bytes_but(whole, "checkpoint.pt")
-    r = run_cli_in_process("train", *args, "--train.epochs=4", f"--log.run_dir={whole}", "--resume")
-    assert r.returncode == 2 and "had one (its metrics.jsonl logs epoch 3, and it checkpoints at epoch 3)" \
+    # and no summary: as a run killed while it saved its first checkpoint leaves it (the epoch's metrics are
+    # logged just before): nothing to resume from, started again
+    (whole / "summary.json").unlink()
+    r = run_cli_in_process("train", *args, f"--log.run_dir={whole}", "--resume")
+    assert r.returncode == 0 and "starting it again from epoch 0" in r.stderr, r.stderr[-2000:]
+    assert json.loads((whole / "summary.json").read_text())["model_checksum"] == \
+        json.loads((run_dir / "summary.json").read_text())["model_checksum"]
+    # an epoch logged after the first checkpoint's: that save completed, so the checkpoint was removed since
+    late = tmp_path / "late"
+    assert run_cli_in_process("train", *FAST, "--train.epochs=2", "--train.checkpoint_every=1",
+                              f"--log.run_dir={late}").returncode == 0
+    (late / "checkpoint.pt").unlink()
+    (late / "summary.json").unlink()
+    before = _bytes_but(late, "checkpoint.pt")
+    r = run_cli_in_process("train", *FAST, "--train.epochs=2", "--train.checkpoint_every=1",
+                           f"--log.run_dir={late}", "--resume=auto")
+    assert r.returncode == 2 and "had one (its metrics.jsonl logs epoch 2, after its first checkpoint's (epoch 1))" \
         in r.stderr, r.stderr[-2000:]
-    assert _bytes_but(whole, "checkpoint.pt") == before
+    assert _bytes_but(late, "checkpoint.pt") == before
 
 
 def test_resume_auto_starts_a_run_that_is_not_there_and_continues_one_that_is(tmp_path):
@@ -521,7 +534,7 @@ def test_a_resume_removes_the_temporary_files_of_a_killed_save_and_only_those(ru
 
 
 def test_a_deepspeed_run_whose_latest_was_lost_is_not_started_again(tmp_path):
-    """Two tag folders and no 'latest' (DeepSpeed writes it when a save completes, without an fsync): an earlier
+    """Two tag folders and no 'latest' (written once a save is complete and on disk; lost since): an earlier
     save completed, so --resume does not start the run again over its checkpoints; one tag folder alone is a first
     save cut short, and it does."""
     from pst_dist.rundir import RunDirError, resume_from_scratch

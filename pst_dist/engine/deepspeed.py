@@ -36,7 +36,7 @@ class DeepSpeedEngine(Engine):
     writes) are still the groups that step, so a frozen group keeps lr 0 and weight decay 0.
     """
 
-    REWRITTEN_IN_PLACE = (f"{CHECKPOINT_DIR}/{LATEST}",)  # DeepSpeed rewrites 'latest' at every save
+    REWRITTEN_IN_PLACE = (f"{CHECKPOINT_DIR}/{LATEST}",)  # replaced at every save (a few bytes: copied)
 
     def __init__(self, cfg, model: torch.nn.Module, optimizer: torch.optim.Optimizer, info: DistInfo):
         import deepspeed  # optional heavy dependency (DeepSpeed), imported only when enabled
@@ -94,7 +94,7 @@ class DeepSpeedEngine(Engine):
         # empty, or naming a tag whose files never reached the disk, after the tags before it were removed
         self.engine.save_checkpoint(str(ckpt), tag=tag, client_state={"pst_state": state, "model_name": model_name},
                                     save_latest=False)
-        fsync_tree(ckpt / tag)  # every rank: its own files (on a shared file system the others' are already clean)
+        fsync_tree(ckpt / tag)  # every rank, every file of the tag it sees (flushing one already clean costs little)
         if dist.is_initialized():
             dist.barrier()
         if is_primary:  # 'latest' names the new tag once every rank's files are on disk
