@@ -147,13 +147,6 @@ def _split_overrides(rest: list[str]) -> list[str]:
     return rest
 
 
-def _resume_mode(value: str) -> str:
-    """``--resume``'s optional value: ``auto`` (resume a run that is there, start one that is not)."""
-    if value != "auto":
-        raise argparse.ArgumentTypeError(f"{value!r}: --resume takes no value, or auto (--resume=auto)")
-    return value
-
-
 def cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
     from .train import train  # start-up time: each command imports only what it runs
 
@@ -418,11 +411,12 @@ def main(argv: list[str] | None = None) -> int:
                        "--section.key=value; `pst-dist keys [SECTION]` lists every key with its type, default and "
                        "description")
     p.add_argument("--config", help="TOML recipe, e.g. launch/configs/fmnist_pst.toml")
-    p.add_argument("--resume", nargs="?", const=True, default=False, type=_resume_mode, metavar="auto",
-                   help="continue the run in log.run_dir from its last checkpoint (the config must be the recorded "
-                   "one but for more train.epochs, thread / loader / checkpoint settings and [log] [tune] [bench]: "
-                   "RESUME_MAY_CHANGE in pst_dist/config.py); --resume=auto: continue it when log.run_dir holds a "
-                   "run, start it when not (one command for a job that may be preempted and launched again)")
+    p.add_argument("--resume", action="store_true", help="continue the run in log.run_dir from its last checkpoint "
+                   "(the config must be the recorded one but for more train.epochs, thread / loader / checkpoint "
+                   "settings and [log] [tune] [bench]: RESUME_MAY_CHANGE in pst_dist/config.py)")
+    p.add_argument("--resume=auto", dest="resume", action="store_const", const="auto", help="continue the run "
+                   "when log.run_dir holds one, start it when not (one command for a job that may be preempted and "
+                   "launched again)")
     p.add_argument("--overwrite", action="store_true", help="replace the run in log.run_dir (its run files only)")
     p.set_defaults(fn=cmd_train)
     p = sub.add_parser("demo", help="poison, then train clean / poisoned / PST and print the table")
@@ -442,9 +436,9 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("tune", help="Ray Tune search over PST schedules ([tune] section); local Ray unless "
                        "RAY_ADDRESS names a cluster")
     p.add_argument("--config", help="TOML recipe with a [tune] section, e.g. launch/configs/tune_fmnist.toml")
-    p.add_argument("--resume", nargs="?", const=True, default=False, type=_resume_mode, metavar="auto",
-                   help="continue the interrupted search in tune.out/tune.name; --resume=auto: continue it when "
-                   "there is one, begin it when not (one entrypoint for a job that is launched again)")
+    p.add_argument("--resume", action="store_true", help="continue the interrupted search in tune.out/tune.name")
+    p.add_argument("--resume=auto", dest="resume", action="store_const", const="auto", help="continue the search "
+                   "when there is one, begin it when not (one entrypoint for a job that is launched again)")
     p.set_defaults(fn=cmd_tune)
     p = sub.add_parser("poison", help="generate [poison] on the whole training split and store it losslessly")
     p.add_argument("--config", help="TOML recipe: its [data] and [poison] sections")

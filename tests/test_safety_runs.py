@@ -493,7 +493,7 @@ def test_resume_auto_starts_a_run_that_is_not_there_and_continues_one_that_is(tm
     assert first.returncode == 0, first.stderr[-3000:]
     assert "--resume=auto: " in first.stderr and "holds no run; starting it" in first.stderr
     assert _epochs(run_dir) == [1, 2] and not json.loads((run_dir / "meta.json").read_text()).get("resumes")
-    again = run_cli_in_process("train", *FAST, "--train.epochs=3", f"--log.run_dir={run_dir}", "--resume", "auto")
+    again = run_cli_in_process("train", *FAST, "--train.epochs=3", f"--log.run_dir={run_dir}", "--resume=auto")
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"[resume] {run_dir} from epoch 2, to train.epochs=3" in again.stderr
     assert _epochs(run_dir) == [1, 2, 3]
@@ -505,7 +505,11 @@ def test_resume_auto_starts_a_run_that_is_not_there_and_continues_one_that_is(tm
     both = run_cli_in_process("train", *FAST, f"--log.run_dir={tmp_path / 'new'}", "--resume=auto", "--overwrite")
     assert both.returncode == 2 and "--resume=auto and --overwrite together" in both.stderr, both.stderr
     bad = run_cli("train", *FAST, f"--log.run_dir={run_dir}", "--resume=yes")
-    assert bad.returncode == 2 and "'yes': --resume takes no value, or auto" in bad.stderr, bad.stderr
+    assert bad.returncode == 2 and "argument --resume: ignored explicit argument 'yes'" in bad.stderr, bad.stderr
+    # an override with a space right after --resume is an override, not a value of --resume
+    spaced = run_cli_in_process("train", *FAST, "--train.epochs=3", f"--log.run_dir={run_dir}", "--resume",
+                                '--log.trackers=["x", "y"]')
+    assert spaced.returncode == 2 and "log.trackers=['x', 'y']: expected" in spaced.stderr, spaced.stderr[-2000:]
     assert _bytes(run_dir) == before and not (tmp_path / "new").exists()
 
 
