@@ -155,10 +155,13 @@ def cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
     summary = train(cfg, resume=args.resume, overwrite=args.overwrite)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({k: v for k, v in summary.items() if not k.endswith("_curve")}, indent=2))
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # the process group is gone; skip interpreter teardown, which
-        exit_cleanups()                              # now and then aborts with "terminate called without an active
-        sys.stdout.flush()                           # exception" after multi-process DeepSpeed runs; but not what
-        sys.stderr.flush()                           # Python's exit removes (wandb's temporary folders)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # the process group is gone: skip the interpreter's teardown, which now and then aborts with "terminate
+        # called without an active exception" after multi-process DeepSpeed runs, but not what Python's exit removes
+        # (wandb's temporary folders)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        exit_cleanups()
         os._exit(0)
     return 0
 

@@ -68,9 +68,14 @@ def reported(what: str, errors: list[BaseException] | None = None) -> Iterator[N
 def exit_cleanups() -> None:
     """Run what the interpreter's exit runs for ``weakref.finalize`` objects, for a process about to end with
     ``os._exit``: a ``tempfile.TemporaryDirectory`` is removed by one (wandb makes two when it is imported), and
-    would otherwise stay in the temp dir. Errors are reported, not raised."""
-    with reported("removing temporary folders before the exit"):
-        weakref.finalize._exitfunc()  # the atexit hook weakref registers; idempotent
+    would otherwise stay in the temp dir. Call it once the process's output is flushed; nothing it meets (an error,
+    a signal) is raised: the process is ending."""
+    run = getattr(weakref.finalize, "_exitfunc", None)  # the hook weakref registers with atexit (CPython)
+    try:
+        if run is not None:
+            run()
+    except BaseException as e:  # noqa: BLE001 - a clean-up at the exit: said, never raised
+        print(f"[pst] removing temporary folders before the exit failed: {type(e).__name__}: {e}", file=sys.stderr)
 
 
 def sha256(path: Path) -> str:
