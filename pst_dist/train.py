@@ -40,7 +40,7 @@ from .data.sources import Split, fingerprint
 from .defenses import pgd_examples, step_seed, ueraser_loss, ueraser_repeats
 from .distributed import DistInfo, broadcast_buffers, build_device, init_distributed, mean_across_ranks, teardown
 from .engine import DeepSpeedEngine, TorchEngine, build_engine, engine_class
-from .io import read_json, remove_stale, reported, write_atomic
+from .io import OutputError, read_json, remove_stale, reported, write_atomic
 from .metrics import Metrics, git_sha, library_versions, machine_facts
 from .models import build_model
 from .pst.detectors import equalize_spectra, probe_metrics, spectral_filter_found, spectral_values, trigger_value
@@ -890,7 +890,8 @@ def _measured(v, form: str) -> str:
 
 def finish_run(r: Run) -> dict:
     """The summary (written by the primary rank), then close metrics and the process group."""
-    summary = {**summarize(r.state.to_dict()), "status": "finished", "throughput": throughput(r.perf)}
+    summary = {**summarize(r.state.to_dict()), "status": "finished",
+               "throughput": throughput(r.perf) or recorded_throughput(r.run_dir)}
     with r.engine.gathered():
         summary["model_checksum"] = float(sum(p.detach().double().abs().sum() for p in r.gm.model.parameters()))
     summary["world_size"] = r.dist.world_size
@@ -903,9 +904,19 @@ def finish_run(r: Run) -> dict:
     return summary
 
 
+def recorded_throughput(run_dir: Path) -> dict:
+    """The throughput the run's summary.json records ({} without one): what a resume at the run's end, which
+    trains no epoch to measure, keeps."""
+    try:
+        measured = read_json(run_dir / "summary.json", "the run's summary").get("throughput")
+    except OutputError:
+        return {}
+    return measured if isinstance(measured, dict) else {}
+
+
 def throughput(perf: list[dict]) -> dict:
     """This process's epochs' throughput, averaged over all but the first (warm-up, compiling) when there are more;
-    peak memory over all. Empty for a run resumed at its end."""
+    peak memory over all. Empty for a run resumed at its end (:func:`recorded_throughput` then)."""
     if not perf:
         return {}
     timed = perf[1:] or perf

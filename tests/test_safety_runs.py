@@ -498,6 +498,12 @@ def test_resume_auto_starts_a_run_that_is_not_there_and_continues_one_that_is(tm
     assert f"[resume] {run_dir} from epoch 2, to train.epochs=3" in again.stderr
     assert _epochs(run_dir) == [1, 2, 3]
     assert [m["epoch"] for m in json.loads((run_dir / "meta.json").read_text())["resumes"]] == [2]
+    # ended: launched again, it trains nothing, and its summary keeps the throughput it measured
+    measured = json.loads((run_dir / "summary.json").read_text())["throughput"]
+    assert measured["epochs_timed"] == 1 and measured["img_per_s"] > 0
+    ended = run_cli_in_process("train", *FAST, "--train.epochs=3", f"--log.run_dir={run_dir}", "--resume=auto")
+    assert ended.returncode == 0 and _epochs(run_dir) == [1, 2, 3], ended.stderr[-3000:]
+    assert json.loads((run_dir / "summary.json").read_text())["throughput"] == measured
     before = _bytes(run_dir)
     other = run_cli_in_process("train", *FAST, "--train.epochs=3", "--train.lr=0.2", f"--log.run_dir={run_dir}",
                                "--resume=auto")
