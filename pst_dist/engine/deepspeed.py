@@ -94,7 +94,8 @@ class DeepSpeedEngine(Engine):
         # empty, or naming a tag whose files never reached the disk, after the tags before it were removed
         self.engine.save_checkpoint(str(ckpt), tag=tag, client_state={"pst_state": state, "model_name": model_name},
                                     save_latest=False)
-        fsync_tree(ckpt / tag)  # every rank, every file of the tag it sees (flushing one already clean costs little)
+        if self.info.local_rank == 0:  # once per node: the node's page cache holds what each of its ranks wrote
+            fsync_tree(ckpt / tag)
         if dist.is_initialized():
             dist.barrier()
         if is_primary:  # 'latest' names the new tag once every rank's files are on disk
