@@ -467,7 +467,7 @@ def test_a_run_killed_before_its_first_checkpoint_resumes_from_scratch_as_an_uni
     # and no summary: as a run killed while it saved its first checkpoint leaves it (the epoch's metrics are
     # logged just before): nothing to resume from, started again
     (whole / "summary.json").unlink()
-    r = run_cli_in_process("train", *args, f"--log.run_dir={whole}", "--resume")
+    r = run_cli("train", *args, f"--log.run_dir={whole}", "--resume")  # its own process, as run_dir's ran
     assert r.returncode == 0 and "starting it again from epoch 0" in r.stderr, r.stderr[-2000:]
     assert json.loads((whole / "summary.json").read_text())["model_checksum"] == \
         json.loads((run_dir / "summary.json").read_text())["model_checksum"]
