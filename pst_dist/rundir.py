@@ -211,10 +211,11 @@ def resume_from_scratch(run_dir: Path) -> bool:
     loses nothing it could have resumed; RunDirError when it had one (it ended, a segment resumed from one, or its
     metrics log an epoch after the first checkpoint's, which only a completed save lets begin): removed since, and
     starting again would replace a run's results, which only ``--overwrite`` does."""
-    tags = sorted((p.name for p in (run_dir / "ds_checkpoint").glob("step*") if p.is_dir()),
-                  key=lambda n: (len(n), n))  # step8 before step16
+    from .engine.deepspeed import CHECKPOINT_DIR, checkpoint_tags  # start-up time: torch, only on this resume
+
+    tags = [p.name for p in checkpoint_tags(run_dir / CHECKPOINT_DIR)]
     if len(tags) > 1:  # 'latest' names a tag once its save is complete and on disk: one of these once was
-        raise RunDirError(f"--resume: {run_dir / 'ds_checkpoint'} holds {', '.join(tags)} but its 'latest' names "
+        raise RunDirError(f"--resume: {run_dir / CHECKPOINT_DIR} holds {', '.join(tags)} but its 'latest' names "
                           f"none (lost or emptied, say by a power loss): write the newest complete tag's name into "
                           f"ds_checkpoint/latest to resume from it, or --overwrite to start the run again")
     meta = run_meta(run_dir)

@@ -104,7 +104,7 @@ class DeepSpeedEngine(Engine):
         if dist.is_initialized():  # every rank finds the new 'latest' once the save returns
             dist.barrier()
         if is_primary:  # the newest two tags stay
-            for old in _tags(ckpt)[:-2]:
+            for old in checkpoint_tags(ckpt)[:-2]:
                 shutil.rmtree(old, ignore_errors=True)
 
     def load(self, run_dir: Path, model_name: str) -> dict:
@@ -140,7 +140,7 @@ class DeepSpeedEngine(Engine):
         run_dir = Path(run_dir)
         tag = _latest(run_dir)
         if tag is None and not primary:  # rank 0 writes 'latest': another node holds only its ranks' tag folders
-            tags = _tags(run_dir / CHECKPOINT_DIR)
+            tags = checkpoint_tags(run_dir / CHECKPOINT_DIR)
             tag = tags[-1].name if tags else None
         if tag is None:
             return []
@@ -192,7 +192,7 @@ def _latest(run_dir: Path) -> str | None:
     return (f.read_text().strip() or None) if f.is_file() else None
 
 
-def _tags(ckpt: Path) -> list[Path]:
+def checkpoint_tags(ckpt: Path) -> list[Path]:
     """The checkpoint tag folders under ``ckpt``, oldest first."""
     return sorted((p for p in ckpt.glob("step*") if p.is_dir() and p.name[4:].isdigit()), key=lambda p: int(p.name[4:]))
 
