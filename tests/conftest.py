@@ -215,31 +215,26 @@ def alive(pid: int) -> bool:
         return False
 
 
+def cmdline(pid: int) -> str | None:
+    """``pid``'s command line (its arguments joined by NULs), None when there is no such process."""
+    try:
+        return (Path("/proc") / str(pid) / "cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return None
+
+
 def kill_if_ours(pid: int, marker: str) -> None:
     """SIGKILL ``pid`` when it is still the process a test started: alive, and ``marker`` in its command line (a pid
     seen earlier may belong to another process by now)."""
-    import os
     import signal
 
-    try:
-        cmdline = (Path("/proc") / str(pid) / "cmdline").read_bytes().decode(errors="replace")
-    except OSError:
-        return
-    if alive(pid) and marker in cmdline:
+    if alive(pid) and marker in (cmdline(pid) or ""):
         os.kill(pid, signal.SIGKILL)
 
 
 def workers_of(pid: int) -> list[int]:
     """The live child processes of ``pid`` but multiprocessing's resource tracker (a pool's or writer's processes)."""
-    kids = []
-    for k in children_of(pid):
-        try:
-            cmdline = (Path("/proc") / str(k) / "cmdline").read_bytes().decode(errors="replace")
-        except OSError:
-            continue
-        if "resource_tracker" not in cmdline:
-            kids.append(k)
-    return kids
+    return [k for k in children_of(pid) if (line := cmdline(k)) is not None and "resource_tracker" not in line]
 
 
 def outliving(pids: list[int], seconds: float = 30) -> list[int]:
