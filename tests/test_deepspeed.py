@@ -3,6 +3,7 @@ kill -9 in the middle of a stage followed by --resume; the same with ZeRO offloa
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -238,7 +239,7 @@ def test_latest_names_a_tag_only_once_every_file_of_it_is_on_disk(tmp_path, monk
     from .conftest import run_cli_in_process
 
     events: list[tuple] = []
-    real_fsync, real_replace, real_rmtree = os.fsync, os.replace, __import__("shutil").rmtree
+    real_fsync, real_replace, real_rmtree = os.fsync, os.replace, shutil.rmtree
     monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
                                                   real_fsync(fd))[1])
 
@@ -248,7 +249,7 @@ def test_latest_names_a_tag_only_once_every_file_of_it_is_on_disk(tmp_path, monk
         return real_replace(a, b)
 
     monkeypatch.setattr(os, "replace", replace)
-    monkeypatch.setattr("shutil.rmtree", lambda p, *a, **k: (events.append(("rmtree", str(p))),
+    monkeypatch.setattr(shutil, "rmtree", lambda p, *a, **k: (events.append(("rmtree", str(p))),
                                                               real_rmtree(p, *a, **k))[1])
     run = run_cli_in_process("train", *TINY, "--deepspeed.enabled=true", "--deepspeed.zero_stage=1",
                              "--train.epochs=3", "--log.tensorboard=false", f"--log.run_dir={tmp_path}")
