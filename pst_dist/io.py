@@ -120,9 +120,10 @@ def _running(pid: int) -> bool:
 
 def stale_leftovers(directory: Path, names: Iterable[str], kind: str) -> list[Path]:
     """What writes of ``names`` into ``directory`` left when their process was killed (SIGKILL, the OOM killer,
-    a lost node): hidden temporary files (``kind`` "tmp", :func:`save_atomic`) or partial directories ("partial",
-    :func:`atomic_dir`) named with this machine and a process id that no longer runs here. A name from another
-    machine, or of a process still running, is never one."""
+    a lost node): hidden temporary files (``kind`` "tmp", :func:`save_atomic`), partial directories ("partial",
+    :func:`atomic_dir`) or earlier outputs moved aside by a replacement ("old", :func:`atomic_dir`), named with this
+    machine and a process id that no longer runs here. A name from another machine, or of a process still running,
+    is never one."""
     pattern = re.compile(rf"\.(.+)\.{re.escape(kind)}-{re.escape(_machine())}-(\d+)")
     names = set(names)
     found = []
@@ -324,6 +325,10 @@ def check_out_dir(out: Path, *, command: str, marker: str, owned: Iterable[str],
     if out.is_symlink() or (out.exists() and not out.is_dir()):
         raise OutputError(f"--out {out}: exists and is not a directory; choose another --out")
     if not out.exists():
+        if hidden := stale_leftovers(out.parent, [out.name], "old"):
+            raise OutputError(f"--out {out}: absent, but {hidden[0]} holds the earlier output, which a killed "
+                              f"replacement had moved aside: move it back (mv {hidden[0]} {out}) or remove it, then "
+                              f"run again")
         return False
     try:
         entries = sorted(p.name for p in out.iterdir())
@@ -426,6 +431,8 @@ def atomic_dir(out: Path, *, replace: bool = False, owned: Iterable[str] | None 
     made = [d for d in (out.parent, *out.parent.parents) if not d.exists()]  # what this call creates, deepest first
     tmp = out.parent / f".{out.name}.partial-{_writer()}"
     remove_stale(out.parent, [out.name], "partial")  # a killed run's partial output for this --out, not a live one's
+    if out.exists():  # the earlier output a killed replacement had moved aside, once the new one was in its place
+        remove_stale(out.parent, [out.name], "old")
     shutil.rmtree(tmp, ignore_errors=True)  # our own name, from a killed run of this very process id
     for attempt in range(3):  # a parallel job that failed may remove a shared parent, left empty, between the mkdirs
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -444,7 +451,7 @@ def atomic_dir(out: Path, *, replace: bool = False, owned: Iterable[str] | None 
             if owned is not None and (added := sorted(p.name for p in out.iterdir() if p.name not in set(owned))):
                 raise OutputError(f"--out {out}: {added} appeared in it while writing, which pst-dist did not "
                                   f"write; nothing replaced, the new output discarded: move them away and run again")
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            old = out.parent / f".{out.name}.old-{_writer()}"
             with signals_deferred():  # a Ctrl-C between the renames would leave no output, the old one hidden
                 os.replace(out, old)
                 try:

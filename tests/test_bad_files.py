@@ -297,6 +297,32 @@ def test_ctrl_c_between_the_renames_of_a_replacement_leaves_one_output_in_place(
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+def test_the_earlier_output_a_killed_replacement_moved_aside_is_removed_or_named_never_lost(tmp_path, store_src):
+    """A replacement killed (SIGKILL) after it moved the earlier output aside leaves ``.X.old-<host>-<pid>/``: the
+    next write to X removes it once the new output is in X's place; with X absent it is the only copy, so the
+    command is refused naming it and how to put it back. Another machine's, or a live process's, stays."""
+    from pst_dist.io import _machine
+
+    from .conftest import dead_pid
+
+    host, dead = _machine(), dead_pid()
+    out = copy_dir(store_src, tmp_path / "p")
+    stale, kept = tmp_path / f".p.old-{host}-{dead}", tmp_path / f".p.old-elsewhere-{dead}"
+    for d in (stale, kept):
+        copy_dir(store_src, d)
+    run = run_cli_in_process("poison", "--out", out, *STORE_DATA, ATTACK, "--poison.seed=1", "--overwrite")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert f"removed {stale.name} from {tmp_path}: left by a write that was killed" in run.stderr
+    assert not stale.exists() and tree(kept) == tree(store_src)
+    shutil.rmtree(kept)
+    shutil.rmtree(out)
+    hidden = copy_dir(store_src, tmp_path / f".p.old-{host}-{dead}")  # killed between the two renames: X is absent
+    run = run_cli_in_process("poison", "--out", out, *STORE_DATA, ATTACK)
+    assert_refused(run, names=[f"--out {out}: absent, but {hidden} holds the earlier output", f"mv {hidden} {out}"],
+                   code=2)
+    assert tree(hidden) == tree(store_src) and not out.exists()
+
+
 def test_signals_deferred_delivers_each_signal_once_left_to_the_handler_it_had():
     import os
     import signal
