@@ -143,7 +143,8 @@ PRINTING = ("keys", "show-config", "report", "compare")
 def _split_overrides(rest: list[str]) -> list[str]:
     bad = [r for r in rest if not r.startswith("--") or "=" not in r]
     if bad:
-        raise ConfigError(f"unexpected argument {bad[0]!r}: overrides look like --section.key=value")
+        hint = " (resume-or-start is --resume=auto, one word)" if bad[0] == "auto" else ""
+        raise ConfigError(f"unexpected argument {bad[0]!r}: overrides look like --section.key=value{hint}")
     return rest
 
 

@@ -512,6 +512,9 @@ def test_resume_auto_starts_a_run_that_is_not_there_and_continues_one_that_is(tm
     assert both.returncode == 2 and "--resume=auto and --overwrite together" in both.stderr, both.stderr
     bad = run_cli("train", *FAST, f"--log.run_dir={run_dir}", "--resume=yes")
     assert bad.returncode == 2 and "argument --resume: ignored explicit argument 'yes'" in bad.stderr, bad.stderr
+    spaced = run_cli_in_process("train", *FAST, f"--log.run_dir={run_dir}", "--resume", "auto")
+    assert spaced.returncode == 2 and "'auto': overrides look like --section.key=value (resume-or-start is " \
+        "--resume=auto, one word)" in spaced.stderr, spaced.stderr[-2000:]
     # an override with a space right after --resume is an override, not a value of --resume
     spaced = run_cli_in_process("train", *FAST, "--train.epochs=3", f"--log.run_dir={run_dir}", "--resume",
                                 '--log.trackers=["x", "y"]')
