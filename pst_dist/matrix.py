@@ -286,11 +286,16 @@ def plan_bench(config: str, overrides: list[str]) -> Bench:
         except ConfigError as e:
             raise ConfigError(f"bench.attack_overrides.{a}={b.attack_overrides.get(a, [])}: {e}") from None
         for r in runs_needed(b.defenses):
+            # the entries the cells' config is made of: an error may need both lists (e.g. the attack's poison.eot
+            # and the run's data.augment)
+            given = [f"bench.{where}.{name}={table[name]}" for where, table, name in
+                     (("attack_overrides", b.attack_overrides, a), ("defense_overrides", b.defense_overrides, r))
+                     if table.get(name)]
+            cells = f"the {a} / {r} cells" + (f" ({' with '.join(given)})" if given else "")
             try:
                 ccfg = cell_cfg(base, a, r, 0, Path(b.out))
             except ConfigError as e:
-                raise ConfigError(f"the {a} / {r} cells (bench.defense_overrides.{r}={b.defense_overrides.get(r, [])}"
-                                  f"): {e}") from None
+                raise ConfigError(f"{cells}: {e}") from None
             cell = asdict(ccfg.poison)  # a cell records the poison it trains on
             moved = [f"poison.{k}: {made[k]!r} -> {cell[k]!r}" for k in made if k != "ratio" and cell[k] != made[k]]
             if moved:
@@ -304,7 +309,7 @@ def plan_bench(config: str, overrides: list[str]) -> Bench:
             try:
                 check_stages(ccfg.schedule.stages, groups[key], ccfg.train.epochs)
             except ConfigError as e:
-                raise ConfigError(f"the {a} / {r} cells: {e}") from None
+                raise ConfigError(f"{cells}: {e}") from None
     if b.runner == "ray":
         jobs = b.jobs  # the most tasks in flight; 0 = as many as the cluster's resources hold
         threads = cfg.train.threads or max(1, math.floor(b.cpus_per_cell))  # the CPUs each task asks for

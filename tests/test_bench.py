@@ -173,12 +173,18 @@ def test_bench_config_errors_name_the_bad_value(tmp_path):
                            "bench.attack_overrides.em=['poison.epz=1']: unknown config key 'poison.epz'"),
                           ('--bench.defense_overrides.pst=["train.epochs=0"]',  # which entry: the run's
                            "(bench.defense_overrides.pst=['train.epochs=0']): train.epochs=0: must be >= 1"),
+                          (('--bench.attack_overrides.em=["poison.eot=1"]',  # an error of both entries: each named
+                            '--bench.defense_overrides.standard=["data.augment=\\"rrc_flip\\""]'),
+                           "the em / standard cells (bench.attack_overrides.em=['poison.eot=1'] with "
+                           "bench.defense_overrides.standard=['data.augment=\"rrc_flip\"']): poison.eot=1 "
+                           "differentiates"),
                           ("--data.val_size=0", "data.val_size=0 leaves no validation images"),
                           ("--schedule.stages.1.freeze=[0, 6]", "the classwise_noise / pst cells: schedule.stages[1]"),
                           ('--bench.defense_overrides.pst=["schedule.stages.2.group_mults={\\"7\\"=0.1}"]',
-                           "the classwise_noise / pst cells: schedule.stages[2] ('release') names group 7, but the "
-                           "model has 6 groups")):
-        r = bench_refused(tmp_path / "b", extra)
+                           "the classwise_noise / pst cells (bench.defense_overrides.pst=['schedule.stages.2.group_"
+                           "mults={\"7\"=0.1}']): schedule.stages[2] ('release') names group 7, but the model has 6 "
+                           "groups")):
+        r = bench_refused(tmp_path / "b", *([extra] if isinstance(extra, str) else extra))
         assert r.returncode == 2 and needle in r.stderr, (extra, r.stderr[-2000:])
     mine = tmp_path / "mine"  # a folder of the user's own results, no bench's record: not written over
     mine.mkdir()
