@@ -1,6 +1,7 @@
 import contextlib
 import os
 import shutil
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -45,6 +46,32 @@ def _session_temp(tmp_path_factory):
         finally:
             tempfile.tempdir = before
             shutil.rmtree(temp, ignore_errors=True)
+
+
+def _sigterm_as_ctrl_c(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # once: a second SIGTERM ends the session at once
+    raise KeyboardInterrupt(f"signal {signum} (SIGTERM)")
+
+
+def _default_sigterm_in_child() -> None:  # a forked child (a DataLoader worker) is ended by SIGTERM, as before
+    if signal.getsignal(signal.SIGTERM) is _sigterm_as_ctrl_c:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+os.register_at_fork(after_in_child=_default_sigterm_in_child)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _sigterm_runs_teardowns():
+    """A session ended by SIGTERM (a CI job's time limit, `kill`) stops as after Ctrl-C, running its fixtures'
+    teardowns: without it Python dies at once, and what the tests started (a test's own local Ray cluster, its
+    processes and temp dirs) outlives them."""
+    before = signal.signal(signal.SIGTERM, _sigterm_as_ctrl_c)
+    try:
+        yield
+    finally:
+        if signal.getsignal(signal.SIGTERM) is _sigterm_as_ctrl_c:
+            signal.signal(signal.SIGTERM, before)
 
 
 def child_env(**extra: str) -> dict[str, str]:

@@ -96,6 +96,43 @@ def _fake_tools(tmp_path: Path, scripts: dict[str, str]) -> dict:
     return {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "RECORD": str(tmp_path / "record")}
 
 
+def test_a_test_session_ended_by_sigterm_runs_its_teardowns(tmp_path):
+    """A CI job's time limit or `kill` ends pytest with SIGTERM: the session stops as after Ctrl-C (exit 2) and a
+    fixture's teardown runs (the tests' own Ray clusters are stopped by theirs), instead of Python dying at once."""
+    import signal
+    import textwrap
+    import time
+
+    started, torn = tmp_path / "started", tmp_path / "torn_down"
+    (tmp_path / "test_waits.py").write_text(textwrap.dedent(f"""
+        import pathlib, time, pytest
+
+        @pytest.fixture
+        def owned():
+            yield
+            pathlib.Path({str(torn)!r}).write_text("torn down")
+
+        def test_waits(owned):
+            pathlib.Path({str(started)!r}).write_text("")
+            time.sleep(120)
+    """))
+    p = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p", "tests.conftest", "-p", "no:cacheprovider",
+                          f"--basetemp={tmp_path / 'base'}", str(tmp_path / "test_waits.py")], cwd=ROOT,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 120
+        while not started.exists() and p.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        assert started.exists(), p.communicate(timeout=30)[0][-3000:] if p.poll() is not None else "never started"
+        p.send_signal(signal.SIGTERM)
+        out = p.communicate(timeout=60)[0]
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert torn.read_text() == "torn down", out[-3000:]
+    assert p.returncode == 2 and "KeyboardInterrupt" in out, (p.returncode, out[-3000:])
+
+
 def test_system_deps_installs_the_required_packages_and_an_unavailable_optional_one_does_not_stop_it(tmp_path):
     # one apt-get install of all of them: a system without dataset-fashion-mnist got none of FFCV's build needs
     env = _fake_tools(tmp_path, {"dpkg": "exit 1", "id": "echo 0",
