@@ -26,6 +26,7 @@ from .config import Config, ConfigError
 from .data.pipeline import Normalize, build_data
 from .distributed import build_device
 from .io import PLOT_SOFTWARE, OutputError, check_out_dir, is_our_png, savefig_atomic, write_atomic
+from .metrics import tensorboard_writer
 from .models import build_model, count_groups
 from .pst.detectors import scatter_ratio
 from .pst.freeze import GroupActivations, eval_mode, trace_units
@@ -114,8 +115,6 @@ def _is_diagnose_output(out: Path) -> bool:
 def run_diagnose(cfg: Config, out: Path, probe_size: int = 2000, overwrite: bool = False) -> list[dict]:
     """Train ``cfg`` into ``out/run`` and measure every layer group after each epoch (see module docstring). ``out``
     must be new, empty, or an earlier diagnose output (replaced only with ``overwrite``)."""
-    from torch.utils.tensorboard import SummaryWriter  # tensorboard: start-up time, only when enabled
-
     # the model's name and the stages' groups, as train() checks them, before --out is touched
     check_stages(cfg.schedule.stages, count_groups(cfg.model), cfg.train.epochs)
     earlier = check_out_dir(out, command="diagnose", marker="diagnose.jsonl", owned=DIAGNOSE_FILES,
@@ -148,7 +147,7 @@ def run_diagnose(cfg: Config, out: Path, probe_size: int = 2000, overwrite: bool
     labels = held.labels[:n]
     normalize = Normalize(data.mean, data.std, device)
     rows: list[dict] = []
-    tb = SummaryWriter(str(out / "tb"))
+    tb = tensorboard_writer(out / "tb")
 
     def on_epoch(epoch, logs, gm, engine=None):
         row = {"epoch": epoch, "stage": logs.get("pst/stage"), "test_acc": logs.get("eval/test_acc"), "probe_images": n}

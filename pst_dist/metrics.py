@@ -4,11 +4,14 @@ the resolved config, git SHA and library versions."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy
@@ -18,6 +21,24 @@ import torchvision
 
 from .io import OutputError, read_json, reported
 from .rundir import keep_metrics_until, meta_segments
+
+
+def tensorboard_writer(logdir: Path, **kwargs):
+    """torch's TensorBoard SummaryWriter for ``logdir``. Its writer thread's OSError (a full disk) is not printed as a
+    thread's traceback: TensorBoard raises it again in the caller's thread at the next write, flush or close, where
+    the command reports it."""
+    from torch.utils.tensorboard import SummaryWriter  # tensorboard: start-up time, only when enabled
+
+    if not getattr(threading.excepthook, "quiet_tensorboard", False):
+        before = threading.excepthook
+
+        def hook(args) -> None:
+            if not (issubclass(args.exc_type, OSError) and type(args.thread).__module__.startswith("tensorboard.")):
+                before(args)
+
+        hook.quiet_tensorboard = True
+        threading.excepthook = hook
+    return SummaryWriter(str(logdir), **kwargs)
 
 
 def git_sha() -> str:
@@ -144,10 +165,8 @@ class Metrics:
                 self._logged_at_resume = {_row({k: v for k, v in r.items() if k != "step"}) for r in logged}
             self._file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
             if tensorboard:
-                from torch.utils.tensorboard import SummaryWriter  # tensorboard: start-up time, only when enabled
-
                 purge = None if resumed_at is None else resumed_at + 1
-                self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=purge)
+                self.tb = tensorboard_writer(run_dir / "tb", purge_step=purge)
         except BaseException:  # no Metrics for the caller to close: the trackers, the file and TensorBoard's here
             self.close(failed=True)
             raise
@@ -164,22 +183,31 @@ class Metrics:
             raise OSError(e.errno, e.strerror, self._file.name) from None
         scalars = {k: v for k, v in values.items() if isinstance(v, int | float)}
         if self.tb is not None:
-            for k, v in scalars.items():
-                self.tb.add_scalar(k, v, step)
+            with self._tb_errors():
+                for k, v in scalars.items():
+                    self.tb.add_scalar(k, v, step)
         for t in self.trackers:
             t.log(step, scalars)
 
     def flush(self) -> None:
         """Everything logged so far on disk (TensorBoard's writer otherwise flushes every 2 minutes)."""
         if self.tb is not None:
-            try:
+            with self._tb_errors():
                 self.tb.flush()
-            except OSError as e:
-                raise OSError(e.errno, e.strerror, e.filename or self.tb.get_logdir()) from None
+
+    @contextlib.contextmanager
+    def _tb_errors(self) -> Iterator[None]:
+        """TensorBoard's OSError (from its writer thread: a full disk) names its folder (a write's error names no
+        file)."""
+        try:
+            yield
+        except OSError as e:
+            raise OSError(e.errno, e.strerror, e.filename or self.tb.get_logdir()) from None
 
     def image(self, tag: str, grid: torch.Tensor, step: int = 0) -> None:
         if self.enabled and self.tb is not None:
-            self.tb.add_image(tag, grid, step)
+            with self._tb_errors():
+                self.tb.add_image(tag, grid, step)
 
     def close(self, failed: bool = False) -> None:
         """Close the files, TensorBoard's writer and the trackers' runs (``failed``: marked failed there); once.

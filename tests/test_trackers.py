@@ -478,6 +478,36 @@ def test_a_full_disk_under_metrics_jsonl_names_the_file(tmp_path):
     m.close(failed=True)
 
 
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (a device that is always full)")
+def test_a_full_disk_under_tensorboard_is_one_error_naming_its_folder_not_a_thread_traceback(tmp_path):
+    """TensorBoard writes from a thread of its own: its ENOSPC was printed as that thread's traceback ("Exception in
+    thread ...") before the run's own thread raised it again, naming no file. (In a process of its own: pytest
+    catches threads' exceptions itself.)"""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        from pathlib import Path
+        from pst_dist.metrics import Metrics
+
+        run = Path({str(tmp_path)!r})
+        m = Metrics(run, enabled=True, tensorboard=True)
+        events = next((run / "tb").glob("events.out.tfevents.*"))
+        events.unlink()
+        events.symlink_to("/dev/full")  # TensorBoard opens its event file again for each write
+        try:
+            for step in range(20000):  # the thread fails at its first write; a later call raises it here
+                m.log(step, {{"loss": 0.5, "acc": 0.25}})
+        except OSError as e:
+            print("raised", e.errno, e.filename)
+        m.close(failed=True)
+    """)
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and p.stdout.splitlines() == [f"raised 28 {tmp_path / 'tb'}"], (p.stdout, p.stderr)
+    assert "Exception in thread" not in p.stderr and "Traceback" not in p.stderr, p.stderr[-3000:]
+
+
 @pytest.mark.multiproc
 def test_a_multi_rank_run_leaves_no_wandb_temporary_folders(tmp_path, own_dirs):
     """wandb makes two temporary folders when imported and removes them at the interpreter's exit; the ranks of a
