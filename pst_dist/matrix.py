@@ -147,7 +147,8 @@ def run_cell(base: dict, attack: str, run: str, seed: int, out: str, poison_dir:
     run_dir = Path(cfg.log.run_dir)
     resume = engine_class(cfg).has_checkpoint(run_dir) and not _failed(run_dir)
     t0 = time.time()
-    data = build_data(cell_data_cfg(cfg, poison_dir), recorded=resumed_inputs(run_dir) if resume else None)
+    data = build_data(cell_data_cfg(cfg, poison_dir), recorded=resumed_inputs(run_dir) if resume else None,
+                      keep_clean=False)
     # the cell's directory is the bench's own: an interrupted cell resumes, a failed or half-begun one starts over
     summary = train(cfg, resume=resume, data=data, overwrite=not resume)
     return {"attack": attack, "run": run, "seed": seed, "seconds": round(time.time() - t0, 1), "resumed": resume,

@@ -494,7 +494,7 @@ def build_run(cfg: Config, resume: bool | str, overwrite: bool, allow_changes: b
     setup_seed(cfg, resolved)
     recorded = resumed_inputs(Path(cfg.log.run_dir)) if resume else None
     if data is None:
-        data = build_data(cfg, recorded=recorded)  # checks the folder before decoding anything
+        data = build_data(cfg, recorded=recorded, keep_clean=False)  # checks the folder before decoding anything
     else:  # built by the caller (tune's trials, the bench's cells), already decoded
         check_same_folder(recorded, data.folder, cfg.data)
     if resume:

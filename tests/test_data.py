@@ -179,3 +179,32 @@ def test_clean_training_images_are_held_once_and_a_defense_copies_them():
     jpeg = build_data(load_config(None, [*tiny, "--defense.kind=jpeg"]))
     assert torch.equal(jpeg.splits.train.images, data.splits.train.images), "the defense wrote into the clean images"
     assert not torch.equal(jpeg.poisoned_train, jpeg.splits.train.images)
+
+
+def test_training_lets_the_clean_images_go_once_a_poisoned_copy_is_made_and_trains_the_same(tmp_path):
+    """keep_clean=False (train, the bench's cells, tune's attack runs): with a poison (or a squeezing defense) the
+    clean training images were held beside the poisoned copy for the whole run, 1 x the split (GBs at ImageNet size
+    in every process), though training reads only the copy. Now only their shape, labels and rows stay (a meta
+    tensor: a read of its values fails), and the run trains to the same model."""
+    from pst_dist.config import load_config
+    from pst_dist.data.pipeline import build_data
+    from pst_dist.train import train
+
+    tiny = ["--data.source=synthetic", "--data.synthetic_train=128", "--data.img_size=16", "--data.val_size=32",
+            "--poison.kind=classwise_noise", "--model.width=0.125", "--train.epochs=1", "--train.batch_size=32",
+            "--log.progress=false", "--log.tensorboard=false", "--train.device=cpu"]
+    kept = build_data(load_config(None, tiny))
+    let_go = build_data(load_config(None, tiny), keep_clean=False)
+    gone, there = let_go.splits.train, kept.splits.train
+    assert gone.images.is_meta and gone.images.shape == there.images.shape and not there.images.is_meta
+    assert torch.equal(gone.labels, there.labels) and let_go.splits.shape == kept.splits.shape
+    assert torch.equal(let_go.poisoned_train, kept.poisoned_train)
+    for read in (lambda t: t.numpy(), lambda t: t.cpu(), lambda t: t.float().mean().item()):
+        with pytest.raises((TypeError, NotImplementedError, RuntimeError)):
+            read(gone.images)
+    unpoisoned = [t for t in tiny if not t.startswith("--poison")]
+    clean = build_data(load_config(None, unpoisoned), keep_clean=False)  # no copy made: one tensor, kept
+    assert clean.poisoned_train is clean.splits.train.images and not clean.poisoned_train.is_meta
+    sums = [train(load_config(None, [*tiny, f"--log.run_dir={tmp_path / name}"]), data=d)["model_checksum"]
+            for name, d in (("kept", kept), ("let_go", let_go))]
+    assert sums[0] == sums[1]

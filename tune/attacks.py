@@ -77,7 +77,7 @@ def attack_data(run_cfg: Config, trial_cfg: Config, attack: str):
     """The data of ``run_cfg`` (one run of a trial), its poison read from the search's store of its
     ``poison.seed`` (checked against its hashes, as the bench's cells)."""
     pdir = store_dir(trial_cfg, attack, run_cfg.poison.seed)
-    return build_data(cell_data_cfg(run_cfg, None if pdir is None else str(pdir)))
+    return build_data(cell_data_cfg(run_cfg, None if pdir is None else str(pdir)), keep_clean=False)
 
 
 def attack_means(values: dict[str, float], runs: dict[str, tuple[str, int | None]]) -> dict[str, float]:

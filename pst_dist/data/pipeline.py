@@ -75,14 +75,17 @@ class Normalize:
 
 
 def build_data(cfg: Config, poisoned: torch.Tensor | None = None, digest: bool = False,
-               recorded: dict | None = None) -> Data:
+               recorded: dict | None = None, keep_clean: bool = True) -> Data:
     """The splits and the training images the model sees: ``cfg.poison`` applied (or ``poisoned``, the same
     training split already poisoned, every image), to the fraction ``poison.ratio`` of the images
     (:mod:`pst_dist.poison.partial`; the others clean), then ``cfg.defense``'s squeezing. ``digest``: a streamed
     image folder's statistics pass also computes its training split's fingerprint (``Data.train_sha256``).
     ``recorded``: a resumed run's recorded inputs (meta.json): an image folder is refused, before anything is
     decoded, unless it lists as when the run started (:func:`check_same_folder`), and then a streamed one skips its
-    statistics pass."""
+    statistics pass. ``keep_clean=False`` (training, which reads only the poisoned copy): once a poison or a
+    squeezing defense has made that copy, the clean training images are let go (an ImageNet-sized split is GBs in
+    every process) and ``splits.train.images`` is a meta tensor of their shape, which fails on any read of its
+    values."""
     listing, stream = folder_plan(cfg)  # first: refuses data.stream=true where nothing streams
     folder = listing.fingerprint() if listing is not None else None
     same = check_same_folder(recorded, folder, cfg.data)
@@ -116,6 +119,8 @@ def build_data(cfg: Config, poisoned: torch.Tensor | None = None, digest: bool =
     # refuses a constant channel (std 0 would train to NaN); an image folder's figures are those a streamed read of
     # it gets (exact sums), other sources' those the trainer always had
     mean, std = (folder_stats if cfg.data.source == "imagefolder" else channel_stats)(tr.images)
+    if not keep_clean and poisoned is not tr.images:
+        splits.train = Split(torch.empty(tr.images.shape, dtype=torch.uint8, device="meta"), tr.labels, tr.index)
     return Data(splits, poisoned, mean, std.clamp_min(1e-3), folder=folder, poison_sha256=poison_sha256,
                 poison_path=cfg.poison.path if poison_sha256 is not None else None)
 
