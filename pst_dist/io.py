@@ -324,17 +324,16 @@ def check_out_dir(out: Path, *, command: str, marker: str, owned: Iterable[str],
     _refuse_current_dir(out)
     if out.is_symlink() or (out.exists() and not out.is_dir()):
         raise OutputError(f"--out {out}: exists and is not a directory; choose another --out")
-    if not out.exists():
-        if hidden := stale_leftovers(out.parent, [out.name], "old"):
-            raise OutputError(f"--out {out}: absent, but {hidden[0]} holds the earlier output, which a killed "
-                              f"replacement had moved aside: move it back (mv {hidden[0]} {out}) or remove it, then "
-                              f"run again")
-        return False
     try:
-        entries = sorted(p.name for p in out.iterdir())
+        entries = sorted(p.name for p in out.iterdir()) if out.exists() else []
     except OSError as e:
         raise OutputError(f"--out {out}: cannot list it ({e.strerror or e})") from None
     if not entries:
+        if hidden := stale_leftovers(out.parent, [out.name], "old"):  # killed between a replacement's two renames
+            raise OutputError(f"--out {out}: {'empty' if out.exists() else 'absent'}, but {hidden[0]} holds the "
+                              f"earlier output, which a killed replacement had moved aside: move it back "
+                              f"({'rmdir ' + str(out) + ' && ' if out.exists() else ''}mv {hidden[0]} {out}) or "
+                              f"remove it, then run again")
         return False
     ours = (out / marker).is_file() and (is_ours is None or is_ours(out))
     if not ours:
@@ -431,8 +430,6 @@ def atomic_dir(out: Path, *, replace: bool = False, owned: Iterable[str] | None 
     made = [d for d in (out.parent, *out.parent.parents) if not d.exists()]  # what this call creates, deepest first
     tmp = out.parent / f".{out.name}.partial-{_writer()}"
     remove_stale(out.parent, [out.name], "partial")  # a killed run's partial output for this --out, not a live one's
-    if out.exists():  # the earlier output a killed replacement had moved aside, once the new one was in its place
-        remove_stale(out.parent, [out.name], "old")
     shutil.rmtree(tmp, ignore_errors=True)  # our own name, from a killed run of this very process id
     for attempt in range(3):  # a parallel job that failed may remove a shared parent, left empty, between the mkdirs
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -463,6 +460,9 @@ def atomic_dir(out: Path, *, replace: bool = False, owned: Iterable[str] | None 
         else:
             os.replace(tmp, out)  # rename(2) replaces an empty directory
         _fsync(out.parent)
+        # an earlier output a killed replacement had moved aside (check_out_dir refused while --out was absent or
+        # empty): superseded only now that this output is in its place
+        remove_stale(out.parent, [out.name], "old")
     except BaseException:  # a refused or failed run leaves no folders behind it: only those it made, if empty
         shutil.rmtree(tmp, ignore_errors=True)
         for d in made:

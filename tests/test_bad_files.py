@@ -321,6 +321,11 @@ def test_the_earlier_output_a_killed_replacement_moved_aside_is_removed_or_named
     assert_refused(run, names=[f"--out {out}: absent, but {hidden} holds the earlier output", f"mv {hidden} {out}"],
                    code=2)
     assert tree(hidden) == tree(store_src) and not out.exists()
+    out.mkdir()  # made again empty (a job script's mkdir -p): still the only copy, still refused
+    run = run_cli_in_process("poison", "--out", out, *STORE_DATA, ATTACK, "--poison.seed=1", "--overwrite")
+    assert_refused(run, names=[f"--out {out}: empty, but {hidden} holds the earlier output",
+                               f"rmdir {out} && mv {hidden} {out}"], code=2)
+    assert tree(hidden) == tree(store_src) and list(out.iterdir()) == []
 
 
 def test_signals_deferred_delivers_each_signal_once_left_to_the_handler_it_had():
