@@ -200,6 +200,8 @@ def run_cli_in_process(*args, timeout=300):
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(det, warn_only=warn_only)
         torch.backends.cudnn.benchmark = benchmark
+    if code == 143 and "terminated (SIGTERM)" in err.getvalue():  # the command's own handler took the session's:
+        raise KeyboardInterrupt("SIGTERM during an in-process command")  # the session stops (_sigterm_runs_teardowns)
     return subprocess.CompletedProcess(["pst-dist", *map(str, args)], code, out.getvalue(), err.getvalue())
 
 

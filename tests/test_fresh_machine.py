@@ -96,14 +96,16 @@ def _fake_tools(tmp_path: Path, scripts: dict[str, str]) -> dict:
     return {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "RECORD": str(tmp_path / "record")}
 
 
-def test_a_test_session_ended_by_sigterm_runs_its_teardowns(tmp_path):
-    """A CI job's time limit or `kill` ends pytest with SIGTERM: the session stops as after Ctrl-C (exit 2) and a
-    fixture's teardown runs (the tests' own Ray clusters are stopped by theirs), instead of Python dying at once."""
+@pytest.mark.parametrize("in_process", [False, True])
+def test_a_test_session_ended_by_sigterm_runs_its_teardowns(tmp_path, in_process):
+    """A CI job's time limit or `kill` ends pytest with SIGTERM: the session stops as after Ctrl-C (exit 2, no later
+    test runs) and a fixture's teardown runs (the tests' own Ray clusters are stopped by theirs), instead of Python
+    dying at once; also while a test runs a command in-process (whose own handler turns SIGTERM into exit 143)."""
     import signal
     import textwrap
     import time
 
-    started, torn = tmp_path / "started", tmp_path / "torn_down"
+    started, torn, after, run = (tmp_path / name for name in ("started", "torn_down", "after", "run"))
     (tmp_path / "test_waits.py").write_text(textwrap.dedent(f"""
         import pathlib, time, pytest
 
@@ -114,23 +116,30 @@ def test_a_test_session_ended_by_sigterm_runs_its_teardowns(tmp_path):
 
         def test_waits(owned):
             pathlib.Path({str(started)!r}).write_text("")
+            if {in_process!r}:
+                from tests.conftest import TINY, run_cli_in_process
+                run_cli_in_process("train", *TINY, "--train.epochs=500", "--log.run_dir={run}")
             time.sleep(120)
+
+        def test_after():
+            pathlib.Path({str(after)!r}).write_text("")
     """))
     p = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p", "tests.conftest", "-p", "no:cacheprovider",
                           f"--basetemp={tmp_path / 'base'}", str(tmp_path / "test_waits.py")], cwd=ROOT,
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.time() + 120
-        while not started.exists() and p.poll() is None and time.time() < deadline:
+        mark = run / "metrics.jsonl" if in_process else started  # in-process: once the command trains
+        while not mark.exists() and p.poll() is None and time.time() < deadline:
             time.sleep(0.2)
-        assert started.exists(), p.communicate(timeout=30)[0][-3000:] if p.poll() is not None else "never started"
+        assert mark.exists(), p.communicate(timeout=30)[0][-3000:] if p.poll() is not None else "never started"
         p.send_signal(signal.SIGTERM)
         out = p.communicate(timeout=60)[0]
     finally:
         if p.poll() is None:
             p.kill()
     assert torn.read_text() == "torn down", out[-3000:]
-    assert p.returncode == 2 and "KeyboardInterrupt" in out, (p.returncode, out[-3000:])
+    assert p.returncode == 2 and "KeyboardInterrupt" in out and not after.exists(), (p.returncode, out[-3000:])
 
 
 def test_system_deps_installs_the_required_packages_and_an_unavailable_optional_one_does_not_stop_it(tmp_path):
