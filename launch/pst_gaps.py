@@ -126,8 +126,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--plot", metavar="FILE", help="also draw the gaps to clean (a PNG)")
     args = ap.parse_args(argv)
     cells: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    read_from: dict[tuple[str, str, str], str] = {}  # (attack, defense, seed): the file it was read from
     for path in args.results:
         for key, rows in load(path).items():
+            for row in rows:  # a seed counted twice would shrink the spread and count as another seed
+                if (cell := (*key, row.get("seed", ""))) in read_from:
+                    print(f"{path}: attack {cell[0]}, defense {cell[1]}, seed {cell[2]} is also in "
+                          f"{read_from[cell]}: give each cell once", file=sys.stderr)
+                    return 2
+                read_from[cell] = path
             cells[key].extend(rows)
     where = " + ".join(args.results)
     if ("none", "standard") not in cells:

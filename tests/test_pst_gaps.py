@@ -50,6 +50,8 @@ def test_several_results_are_read_as_one_and_the_plot_is_drawn_but_never_over_a_
     std.write_text("\n".join([head, "none,standard,0,0.86,0.87,0.85", "none,standard,1,0.88,0.88,0.86"]) + "\n")
     assert _module().main([str(pst)]) == 2  # alone: no clean reference
     assert "no clean standard cell" in capsys.readouterr().err
+    assert _module().main([str(pst), str(std), str(pst)]) == 2  # a seed read twice would count as two
+    assert f"{pst}: attack none, defense pst, seed 0 is also in {pst}: give each cell once" in capsys.readouterr().err
     png = tmp_path / "gaps.png"
     assert _module().main([str(pst), str(std), "--held-out", "tap", "--plot", str(png)]) == 0
     out = capsys.readouterr().out
