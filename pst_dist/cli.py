@@ -140,10 +140,11 @@ PRINTING = ("keys", "show-config", "report", "compare")
 """Commands whose work is printing: a reader closing stdout (`pst-dist keys | head`) ends them quietly."""
 
 
-def _split_overrides(rest: list[str]) -> list[str]:
+def _split_overrides(rest: list[str], resumes: bool = False) -> list[str]:
+    """``rest`` when each is an override; ``resumes``: the command has --resume=auto (hinted at for `--resume auto`)."""
     bad = [r for r in rest if not r.startswith("--") or "=" not in r]
     if bad:
-        hint = " (resume-or-start is --resume=auto, one word)" if bad[0] == "auto" else ""
+        hint = " (resume-or-start is --resume=auto, one word)" if resumes and bad[0] == "auto" else ""
         raise ConfigError(f"unexpected argument {bad[0]!r}: overrides look like --section.key=value{hint}")
     return rest
 
@@ -151,7 +152,7 @@ def _split_overrides(rest: list[str]) -> list[str]:
 def cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
     from .train import train  # start-up time: each command imports only what it runs
 
-    cfg = load_config(args.config, _split_overrides(rest))
+    cfg = load_config(args.config, _split_overrides(rest, resumes=True))
     absolute_paths(cfg)  # the recorded config names the files it trained on, whatever directory reads it later
     summary = train(cfg, resume=args.resume, overwrite=args.overwrite)
     if int(os.environ.get("RANK", "0")) == 0:
@@ -212,7 +213,7 @@ def cmd_tune(args: argparse.Namespace, rest: list[str]) -> int:
         raise ConfigError(f"pst-dist tune needs Ray Tune and the repository's tune/ package ({e}); "
                           f"install with `make`") from None
 
-    cfg = load_config(args.config, _split_overrides(rest))
+    cfg = load_config(args.config, _split_overrides(rest, resumes=True))
     summary = run_search(cfg, resume=args.resume)
     print(json.dumps(summary, indent=2))
     if summary["unfinished"]:  # stopped (Ctrl-C): not a search's result; a shell or scheduler sees the interrupt

@@ -515,6 +515,9 @@ def test_resume_auto_starts_a_run_that_is_not_there_and_continues_one_that_is(tm
     spaced = run_cli_in_process("train", *FAST, f"--log.run_dir={run_dir}", "--resume", "auto")
     assert spaced.returncode == 2 and "'auto': overrides look like --section.key=value (resume-or-start is " \
         "--resume=auto, one word)" in spaced.stderr, spaced.stderr[-2000:]
+    other = run_cli_in_process("show-config", *FAST, "auto")  # a command without --resume=auto: no hint
+    assert other.returncode == 2 and "'auto': overrides look like --section.key=value" in other.stderr \
+        and "--resume=auto" not in other.stderr, other.stderr[-2000:]
     # an override with a space right after --resume is an override, not a value of --resume
     spaced = run_cli_in_process("train", *FAST, "--train.epochs=3", f"--log.run_dir={run_dir}", "--resume",
                                 '--log.trackers=["x", "y"]')
