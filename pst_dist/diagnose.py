@@ -15,6 +15,7 @@ Written to ``<out>/diagnose.jsonl`` and TensorBoard (``diagnose/...``), plotted 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import sys
@@ -26,7 +27,7 @@ from .config import Config, ConfigError
 from .data.pipeline import Normalize, build_data
 from .distributed import build_device
 from .io import PLOT_SOFTWARE, OutputError, check_out_dir, is_our_png, savefig_atomic, write_atomic
-from .metrics import tensorboard_writer
+from .metrics import tb_errors, tensorboard_writer
 from .models import build_model, count_groups
 from .pst.detectors import scatter_ratio
 from .pst.freeze import GroupActivations, eval_mode, trace_units
@@ -155,21 +156,28 @@ def run_diagnose(cfg: Config, out: Path, probe_size: int = 2000, overwrite: bool
             for g, m in group_metrics(gm, x, labels, normalize, s.num_classes).items():
                 for k, v in m.items():
                     row[f"{which}/group_{g}/{k}"] = v
-                    tb.add_scalar(f"diagnose/{which}/{k}/group_{g}", v, epoch)
+                    with tb_errors(tb):
+                        tb.add_scalar(f"diagnose/{which}/{k}/group_{g}", v, epoch)
         rows.append(row)
         print(f"[diagnose] epoch {epoch}: linear probe poisoned/clean per group " + ", ".join(
             f"g{g} {row[f'poisoned/group_{g}/probe_acc']:.2f}/{row[f'clean/group_{g}/probe_acc']:.2f}"
             for g in range(len(gm.groups)) if f"clean/group_{g}/probe_acc" in row), file=sys.stderr)
         write_atomic(out / "diagnose.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
 
-    # epoch 0: an untrained network from the same factory and seed: what random features already separate
-    setup_seed(cfg, resolve_auto(cfg, device))
-    model0 = build_model(cfg.model, s.num_classes, s.shape[0], s.shape[1]).to(device)
-    gm0 = trace_units(model0, layer_groups(model0, cfg.model.block_groups), probe["clean"][:2])
-    on_epoch(0, {"pst/stage": 0}, gm0)
-    del model0, gm0
-    train(cfg, data=data, on_epoch=on_epoch, overwrite=overwrite)
-    tb.close()
+    try:
+        # epoch 0: an untrained network from the same factory and seed: what random features already separate
+        setup_seed(cfg, resolve_auto(cfg, device))
+        model0 = build_model(cfg.model, s.num_classes, s.shape[0], s.shape[1]).to(device)
+        gm0 = trace_units(model0, layer_groups(model0, cfg.model.block_groups), probe["clean"][:2])
+        on_epoch(0, {"pst/stage": 0}, gm0)
+        del model0, gm0
+        train(cfg, data=data, on_epoch=on_epoch, overwrite=overwrite)
+    except BaseException:
+        with contextlib.suppress(OSError):  # the error that stopped it is the one to report
+            tb.close()
+        raise
+    with tb_errors(tb):
+        tb.close()
     plot(rows, out / "diagnose.png", title=f"{cfg.poison.kind} poison, {cfg.model.name}")
     return rows
 

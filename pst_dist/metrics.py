@@ -26,7 +26,8 @@ from .rundir import keep_metrics_until, meta_segments
 def tensorboard_writer(logdir: Path, **kwargs):
     """torch's TensorBoard SummaryWriter for ``logdir``. Its writer thread's OSError (a full disk) is not printed as a
     thread's traceback: TensorBoard raises it again in the caller's thread at the next write, flush or close, where
-    the command reports it."""
+    the command reports it (:func:`tb_errors`). The hook is the process's, installed once, for any TensorBoard
+    thread; every other thread's error goes to the hook that was there before."""
     from torch.utils.tensorboard import SummaryWriter  # tensorboard: start-up time, only when enabled
 
     if not getattr(threading.excepthook, "quiet_tensorboard", False):
@@ -39,6 +40,16 @@ def tensorboard_writer(logdir: Path, **kwargs):
         hook.quiet_tensorboard = True
         threading.excepthook = hook
     return SummaryWriter(str(logdir), **kwargs)
+
+
+@contextlib.contextmanager
+def tb_errors(tb) -> Iterator[None]:
+    """A TensorBoard writer ``tb``'s OSError (from its writer thread: a full disk) names the writer's folder (a
+    write's error names no file)."""
+    try:
+        yield
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, e.filename or tb.get_logdir()) from None
 
 
 def git_sha() -> str:
@@ -183,7 +194,7 @@ class Metrics:
             raise OSError(e.errno, e.strerror, self._file.name) from None
         scalars = {k: v for k, v in values.items() if isinstance(v, int | float)}
         if self.tb is not None:
-            with self._tb_errors():
+            with tb_errors(self.tb):
                 for k, v in scalars.items():
                     self.tb.add_scalar(k, v, step)
         for t in self.trackers:
@@ -192,21 +203,12 @@ class Metrics:
     def flush(self) -> None:
         """Everything logged so far on disk (TensorBoard's writer otherwise flushes every 2 minutes)."""
         if self.tb is not None:
-            with self._tb_errors():
+            with tb_errors(self.tb):
                 self.tb.flush()
-
-    @contextlib.contextmanager
-    def _tb_errors(self) -> Iterator[None]:
-        """TensorBoard's OSError (from its writer thread: a full disk) names its folder (a write's error names no
-        file)."""
-        try:
-            yield
-        except OSError as e:
-            raise OSError(e.errno, e.strerror, e.filename or self.tb.get_logdir()) from None
 
     def image(self, tag: str, grid: torch.Tensor, step: int = 0) -> None:
         if self.enabled and self.tb is not None:
-            with self._tb_errors():
+            with tb_errors(self.tb):
                 self.tb.add_image(tag, grid, step)
 
     def close(self, failed: bool = False) -> None:
@@ -216,7 +218,7 @@ class Metrics:
         self.enabled = False
         file, tb, trackers = self._file, self.tb, self.trackers
         self._file, self.tb, self.trackers = None, None, []
-        closes = [*([file.close] if file else []), *([tb.close] if tb is not None else []),
+        closes = [*([file.close] if file else []), *([lambda: _closed(tb)] if tb is not None else []),
                   *(lambda t=t: t.close(failed) for t in trackers)]
         errors: list[BaseException] = []
         for close in closes:  # the rest still close
@@ -224,3 +226,8 @@ class Metrics:
                 close()
         if errors and (not failed or not isinstance(errors[0], Exception)):  # a Ctrl-C is always raised
             raise errors[0]
+
+
+def _closed(tb) -> None:
+    with tb_errors(tb):
+        tb.close()

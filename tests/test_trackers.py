@@ -502,9 +502,21 @@ def test_a_full_disk_under_tensorboard_is_one_error_naming_its_folder_not_a_thre
         except OSError as e:
             print("raised", e.errno, e.filename)
         m.close(failed=True)
+        other = run / "other"  # one scalar, then the run's end: close raises the thread's error
+        m = Metrics(other, enabled=True, tensorboard=True)
+        events = next((other / "tb").glob("events.out.tfevents.*"))
+        events.unlink()
+        events.symlink_to("/dev/full")
+        m.log(0, {{"loss": 0.5}})
+        try:
+            m.close()
+        except OSError as e:
+            print("closing raised", e.errno, e.filename)
     """)
     p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
-    assert p.returncode == 0 and p.stdout.splitlines() == [f"raised 28 {tmp_path / 'tb'}"], (p.stdout, p.stderr)
+    assert p.returncode == 0 and p.stdout.splitlines() == [f"raised 28 {tmp_path / 'tb'}",
+                                                           f"closing raised 28 {tmp_path / 'other' / 'tb'}"], \
+        (p.stdout, p.stderr)
     assert "Exception in thread" not in p.stderr and "Traceback" not in p.stderr, p.stderr[-3000:]
 
 
