@@ -10,9 +10,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+import os
 import shutil
+import sys
+import time
 from pathlib import Path
 
 from .config import (
@@ -27,7 +31,7 @@ from .config import (
     load_config,
     tomllib,
 )
-from .io import json_lines, uncreatable, write_atomic
+from .io import _machine, json_lines, uncreatable, write_atomic
 from .tracking import IDS_FILE, LOCAL_DIRS, holds_tracker_run, local_folder, recorded_ids, tracker_dirs, unrecorded_runs
 
 RUN_MARKERS = ("config.toml", "checkpoint.pt", "ds_checkpoint", "summary.json", "metrics.jsonl")
@@ -317,3 +321,136 @@ def keep_lines_until(f: Path, key: str, last: int) -> list[dict]:
             rows.append(row)
     write_atomic(f, "".join(kept))
     return rows
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# one process trains into a run directory at a time
+
+LOCK = ".pst-dist.lock"
+"""The file a training process holds locked in its run directory while it trains (:class:`RunLock`); not a run
+file."""
+LOCK_WAIT_S = 30.0
+"""How long a training waits for another process's lock on its run directory before it is refused (a process
+being killed, or a Ray worker group being replaced, still holds it for a moment)."""
+
+
+class RunLock:
+    """``log.run_dir``'s lock while this process trains into it: two trainings of one run directory at once (a queue
+    script started twice, a job launched again while its first launch still runs) would write their checkpoints,
+    metrics and summary over each other's. The lock is the kernel's (``flock`` on :data:`LOCK`, a file that names its
+    holder: machine, process, since when), so a holder that is killed (SIGKILL, the OOM killer) lets it go with
+    its process, and on NFS the file server does for a lost node once its lease ends. A lock held elsewhere is waited
+    for up to :data:`LOCK_WAIT_S` seconds, then refused (RunDirError naming its holder). Where the file system has no
+    locks, the run goes on unlocked, said once. :meth:`release` removes the file while holding it: a process that
+    locks the removed file meanwhile sees it is no longer the one at its path and opens it again."""
+
+    def __init__(self, run_dir: Path, log=lambda m: print(m, file=sys.stderr)):
+        self.path = Path(run_dir) / LOCK
+        self.fd: int | None = None
+        self.made = [d for d in (Path(run_dir), *Path(run_dir).parents) if not d.exists()]  # deepest first
+        try:
+            self._take(log)
+        except BaseException:
+            self.release()
+            raise
+
+    def _take(self, log) -> None:
+        import fcntl  # POSIX only: pst-dist runs on Linux
+
+        deadline = None
+        for _ in range(10_000):  # ends by taking it, or by the deadline (the lock removed under it again and again)
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except FileNotFoundError:  # a parallel job removed an empty parent between the two
+                continue
+            except OSError as e:
+                raise RunDirError(f"log.run_dir={str(self.path.parent)!r}: cannot create its lock {self.path} "
+                                  f"({e.strerror or e})") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = self._said(fd)
+                os.close(fd)
+                if deadline is None:
+                    deadline = time.monotonic() + LOCK_WAIT_S
+                    log(f"[run] {self.path} is held by {_who(holder)}: waiting up to {LOCK_WAIT_S:.0f} s for it")
+                if time.monotonic() >= deadline:
+                    raise RunDirError(f"log.run_dir={str(self.path.parent)!r}: {_who(holder)} is training into it "
+                                      f"(since {holder.get('since', '?')}; its lock {self.path}). Two runs in one "
+                                      f"directory would write their checkpoints and metrics over each other's: wait "
+                                      f"for it to end, or choose another log.run_dir") from None
+                time.sleep(0.25)
+                continue
+            except OSError as e:  # no file locks on this file system (some FUSE ones, Lustre without -o flock)
+                os.close(fd)
+                with contextlib.suppress(OSError):
+                    self.path.unlink()
+                log(f"[run] {self.path.parent}: the file system has no file locks ({e.strerror or e}): a second "
+                    f"training of this run directory would not be stopped")
+                return
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:  # removed by the holder that released it while this one waited: open it again
+                os.close(fd)
+                continue
+            self.fd = fd
+            earlier = self._said(fd)
+            if earlier:
+                log(f"[run] {self.path}: {_who(earlier)} held it until it was killed (it no longer runs); taken over")
+            me = {"machine": _machine(), "pid": os.getpid(), "since": _now()}
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
+            return
+        raise RunDirError(f"log.run_dir={str(self.path.parent)!r}: its lock {self.path} keeps being replaced")
+
+    @staticmethod
+    def _said(fd: int) -> dict:
+        """What the lock file says of its holder ({} while it is being written, or when it is not ours)."""
+        try:
+            said = json.loads(os.pread(fd, 4096, 0) or b"{}")
+        except (OSError, ValueError):
+            return {}
+        return said if isinstance(said, dict) else {}
+
+    def release(self) -> None:
+        """Remove the lock file and let the lock go (once; never raises), and the folders taking it made if they are
+        still empty (a run refused or failed before writing anything leaves no folder)."""
+        if self.fd is not None:
+            with contextlib.suppress(OSError):
+                self.path.unlink()  # while holding it (see the class)
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+            self.fd = None
+        for d in self.made:
+            with contextlib.suppress(OSError):
+                d.rmdir()
+
+
+def _who(said: dict) -> str:
+    where = "this machine" if said.get("machine") == _machine() else said.get("machine") or "another machine"
+    return f"process {said['pid']} on {where}" if "pid" in said else "another process"
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S %Z")
+
+
+_HELD: dict[str, RunLock] = {}
+
+
+def lock_run_dir(run_dir: Path) -> None:
+    """Take ``run_dir``'s :class:`RunLock` for this process until :func:`unlock_run_dir` (RunDirError while another
+    process trains into it)."""
+    try:
+        _HELD[str(run_dir)] = RunLock(Path(run_dir))
+    except OSError as e:  # a ConfigError reaches every rank (train's _on_every_rank); an OSError would not
+        raise RunDirError(f"log.run_dir={str(run_dir)!r}: cannot take its lock ({e.strerror or e})") from None
+
+
+def unlock_run_dir(run_dir: Path) -> None:
+    """Release the lock :func:`lock_run_dir` took, if this process holds it."""
+    if (lock := _HELD.pop(str(run_dir), None)) is not None:
+        lock.release()

@@ -54,9 +54,11 @@ from .rundir import (
     RunDirError,
     check_run_dir,
     holds_run,
+    lock_run_dir,
     meta_segments,
     remove_run_files,
     resume_from_scratch,
+    unlock_run_dir,
 )
 from .tracking import check_trackers
 
@@ -469,8 +471,7 @@ def build_run(cfg: Config, resume: bool | str, overwrite: bool, allow_changes: b
     device = build_device(cfg)
     dist_info: DistInfo = init_distributed(device.type, single_process_group=cfg.deepspeed.enabled)
 
-    def check_inputs() -> tuple[dict[str, tuple], bool, bool]:  # before any work
-        check_trackers(cfg.log.trackers)  # a tracker's package missing is refused before the run writes anything
+    def decide() -> tuple[dict[str, tuple], bool, bool]:
         run_dir = Path(cfg.log.run_dir)
         if resume == "auto" and overwrite:
             raise RunDirError("--resume=auto and --overwrite together: continue the run or replace it, not both")
@@ -480,6 +481,12 @@ def build_run(cfg: Config, resume: bool | str, overwrite: bool, allow_changes: b
             check_run_dir(cfg, False, True)  # what --overwrite checks before it removes the run's own files
             return {}, True, wanted
         return changes, False, wanted
+
+    def check_inputs() -> tuple[dict[str, tuple], bool, bool]:  # before any work
+        check_trackers(cfg.log.trackers)  # a tracker's package missing is refused before the run writes anything
+        decide()  # refused before the lock makes the run directory (a refused run leaves no folder)
+        lock_run_dir(Path(cfg.log.run_dir))  # released by train(), whatever happens after
+        return decide()  # again, now that no other process trains into it: what it found may have changed
 
     auto = resume == "auto"
     changes, again, resume = _on_every_rank(check_inputs)
@@ -804,6 +811,7 @@ def train(cfg: Config, resume: bool | str = False, data: Data | None = None, loa
             teardown(failed=True)
         raise
     finally:
+        unlock_run_dir(Path(cfg.log.run_dir))  # rank 0's (build_run), after the summary and the trackers' close
         torch.set_num_threads(threads)
 
 

@@ -562,3 +562,111 @@ def test_a_deepspeed_run_whose_latest_was_lost_is_not_started_again(tmp_path):
     with pytest.raises(RunDirError, match=r"holds step8, step16 but its 'latest' names none"):
         resume_from_scratch(run)
     assert sorted(p.name for p in (run / "ds_checkpoint").iterdir()) == ["step16", "step8"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# one process trains into a run directory at a time
+
+
+def test_a_second_training_of_a_run_directory_is_refused_while_the_first_runs_and_goes_on_once_it_was_killed(
+        tmp_path, capfd, monkeypatch):
+    """A queue script started twice, or a job launched again while its first launch still runs: both trained into
+    one run directory, writing their checkpoints and metrics over each other's. The second waits LOCK_WAIT_S for the
+    first's lock, then is refused naming it; once the first is killed (SIGKILL: the kernel lets its lock go, its file
+    stays) the next launch says so and continues the run, and a run that ends removes its lock file."""
+    import time
+
+    from pst_dist import rundir
+    from pst_dist.rundir import LOCK
+    from pst_dist.train import train
+
+    from .conftest import started
+
+    monkeypatch.setattr(rundir, "LOCK_WAIT_S", 1.0)
+    run_dir, marker = tmp_path / "run", f"--log.run_dir={tmp_path / 'run'}"
+    args = [*FAST, "--train.epochs=400", marker]
+    with started([sys.executable, "-m", "pst_dist.cli", "train", *args], marker) as (first, _):
+        deadline = time.time() + 120
+        while not (run_dir / "checkpoint.pt").exists() and first.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        held = json.loads((run_dir / LOCK).read_text())
+        assert held["pid"] == first.pid and first.poll() is None
+        t0 = time.monotonic()
+        second = run_cli_in_process("train", *args, "--resume=auto")
+        assert time.monotonic() - t0 >= 1.0, "refused without waiting for the lock"
+        assert_refused(second, names=[f"log.run_dir={str(run_dir)!r}: process {first.pid} on this machine is "
+                                      f"training into it", "choose another log.run_dir"], code=2)
+        assert f"is held by process {first.pid} on this machine: waiting up to 1 s" in second.stderr
+        first.kill()
+        first.wait()
+    assert json.loads((run_dir / LOCK).read_text()) == held, "a killed holder's lock file stays"
+    logged = _epochs(run_dir)[-1]
+    capfd.readouterr()
+    summary = train(load_config(None, args), resume="auto", stop_after_epochs=logged + 1)
+    assert f"process {first.pid} on this machine held it until it was killed (it no longer runs); taken over" \
+        in capfd.readouterr().err
+    assert summary["status"] == "finished" and _epochs(run_dir)[-1] == logged + 1
+    assert not (run_dir / LOCK).exists()
+
+
+def test_a_lock_let_go_while_another_process_waits_is_taken_from_its_path_again_and_another_s_is_waited_for(
+        tmp_path, monkeypatch):
+    """The holder removes the lock file while it holds it, then lets it go: a process that was waiting on the
+    removed file must not take that one (a third may have made a new file at the path meanwhile), but open the path
+    again. Another process's lock (a child holding it, its file naming another machine) is waited for and refused,
+    and taken once its process has let it go."""
+    from pst_dist import rundir
+    from pst_dist.rundir import LOCK, RunDirError, RunLock
+
+    run_dir = tmp_path / "run"
+    first = RunLock(run_dir, log=lambda m: None)
+    said: list[str] = []
+    opened: list[int] = []
+    real_open = os.open
+
+    def let_go_meanwhile(path, *a):  # the holder removes its file and lets go between the second's open and lock
+        fd = real_open(path, *a)
+        opened.append(fd)
+        if len(opened) == 1:
+            first.release()
+        return fd
+
+    monkeypatch.setattr(rundir.os, "open", let_go_meanwhile)
+    second = RunLock(run_dir, log=said.append)
+    monkeypatch.undo()
+    assert len(opened) == 2, "took the removed file instead of opening the path again"
+    assert second.fd is not None and os.fstat(second.fd).st_ino == (run_dir / LOCK).stat().st_ino and said == []
+    assert json.loads((run_dir / LOCK).read_text())["pid"] == os.getpid()
+    second.release()
+    holder = subprocess.Popen([sys.executable, "-c", f"""
+import fcntl, json, os, sys
+fd = os.open({str(run_dir / LOCK)!r}, os.O_RDWR | os.O_CREAT)
+fcntl.flock(fd, fcntl.LOCK_EX)
+os.write(fd, json.dumps({{"machine": "elsewhere+1", "pid": 4242, "since": "then"}}).encode())
+print("held", flush=True)
+sys.stdin.read()
+"""], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        monkeypatch.setattr(rundir, "LOCK_WAIT_S", 0.5)
+        with pytest.raises(RunDirError, match="process 4242 on elsewhere\\+1 is training into it"):
+            RunLock(run_dir, log=lambda m: None)
+    finally:
+        holder.stdin.close()
+        holder.wait(30)
+    said.clear()
+    lock = RunLock(run_dir, log=said.append)  # let go with its process; its file stays
+    assert said == [f"[run] {run_dir / LOCK}: process 4242 on elsewhere+1 held it until it was killed (it no longer "
+                    f"runs); taken over"]
+    lock.release()
+    assert not (run_dir / LOCK).exists() and run_dir.is_dir()  # a folder this lock did not make stays
+
+
+def test_a_run_that_fails_after_taking_its_lock_leaves_neither_the_lock_nor_the_folders_it_made(tmp_path):
+    from pst_dist.rundir import LOCK
+
+    run_dir = tmp_path / "a" / "b" / "run"
+    out = run_cli_in_process("train", *FAST, f"--log.run_dir={run_dir}", "--data.source=imagefolder",
+                             f"--data.root={tmp_path / 'no_such_folder'}")
+    assert out.returncode != 0 and "no_such_folder" in out.stderr, out.stderr[-2000:]
+    assert not (tmp_path / "a").exists() and not list(tmp_path.rglob(LOCK))
