@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import errno
 import json
 import os
 import shutil
@@ -329,6 +330,9 @@ def keep_lines_until(f: Path, key: str, last: int) -> list[dict]:
 LOCK = ".pst-dist.lock"
 """The file a training process holds locked in its run directory while it trains (:class:`RunLock`); not a run
 file."""
+NO_LOCKS = (errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL, errno.ENOLCK)
+"""``flock``'s errors on a file system that gives no file locks (some FUSE ones, Lustre without ``-o flock``, NFS
+without its lock daemon)."""
 LOCK_WAIT_S = 30.0
 """How long a training waits for another process's lock on its run directory before it is refused (a process
 being killed, or a Ray worker group being replaced, still holds it for a moment)."""
@@ -369,6 +373,7 @@ class RunLock:
                                   f"({e.strerror or e})") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                self.fd = fd  # at once: what release() lets go of, whatever comes next
             except BlockingIOError:
                 holder = self._said(fd)
                 os.close(fd)
@@ -382,21 +387,21 @@ class RunLock:
                                       f"for it to end, or choose another log.run_dir") from None
                 time.sleep(0.25)
                 continue
-            except OSError as e:  # no file locks on this file system (some FUSE ones, Lustre without -o flock)
+            except OSError as e:
                 os.close(fd)
-                with contextlib.suppress(OSError):
-                    self.path.unlink()
-                log(f"[run] {self.path.parent}: the file system has no file locks ({e.strerror or e}): a second "
+                if e.errno in (errno.ESTALE, errno.ENOENT):  # removed (NFS) while this one opened it: again
+                    continue
+                if e.errno not in NO_LOCKS:
+                    raise RunDirError(f"log.run_dir={str(self.path.parent)!r}: cannot lock {self.path} "
+                                      f"({e.strerror or e})") from None
+                # the file may be another process's lock on a file system that has none to give: left as it is
+                log(f"[run] {self.path.parent}: the file system gives no file locks ({e.strerror or e}): a second "
                     f"training of this run directory would not be stopped")
                 return
-            try:
-                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
-            except FileNotFoundError:
-                same = False
-            if not same:  # removed by the holder that released it while this one waited: open it again
+            if not self._holds_path():  # removed by the holder that released it while this one waited: again
                 os.close(fd)
+                self.fd = None
                 continue
-            self.fd = fd
             earlier = self._said(fd)
             if earlier:
                 log(f"[run] {self.path}: {_who(earlier)} held it until it was killed (it no longer runs); taken over")
@@ -415,12 +420,23 @@ class RunLock:
             return {}
         return said if isinstance(said, dict) else {}
 
+    def _holds_path(self) -> bool:
+        """Whether the file this lock holds is still the one at its path (not removed or replaced, the run directory
+        not moved)."""
+        try:
+            held, there = os.fstat(self.fd), os.stat(self.path)
+        except (OSError, TypeError):
+            return False
+        return (held.st_dev, held.st_ino) == (there.st_dev, there.st_ino)
+
     def release(self) -> None:
-        """Remove the lock file and let the lock go (once; never raises), and the folders taking it made if they are
-        still empty (a run refused or failed before writing anything leaves no folder)."""
+        """Remove the lock file, if the path still names the one held, and let the lock go (once; never raises), and
+        the folders taking it made if they are still empty (a run refused or failed before writing anything leaves no
+        folder)."""
         if self.fd is not None:
-            with contextlib.suppress(OSError):
-                self.path.unlink()  # while holding it (see the class)
+            if self._holds_path():  # not another process's, made there after this run's directory was moved
+                with contextlib.suppress(OSError):
+                    self.path.unlink()  # while holding it (see the class)
             with contextlib.suppress(OSError):
                 os.close(self.fd)
             self.fd = None
@@ -443,7 +459,8 @@ _HELD: dict[str, RunLock] = {}
 
 def lock_run_dir(run_dir: Path) -> None:
     """Take ``run_dir``'s :class:`RunLock` for this process until :func:`unlock_run_dir` (RunDirError while another
-    process trains into it)."""
+    process trains into it). One this process still holds (a run interrupted before it let go) is let go first."""
+    unlock_run_dir(run_dir)
     try:
         _HELD[str(run_dir)] = RunLock(Path(run_dir))
     except OSError as e:  # a ConfigError reaches every rank (train's _on_every_rank); an OSError would not
@@ -452,5 +469,19 @@ def lock_run_dir(run_dir: Path) -> None:
 
 def unlock_run_dir(run_dir: Path) -> None:
     """Release the lock :func:`lock_run_dir` took, if this process holds it."""
-    if (lock := _HELD.pop(str(run_dir), None)) is not None:
+    if (lock := _HELD.get(str(run_dir))) is not None:
         lock.release()
+        _HELD.pop(str(run_dir), None)
+
+
+def _close_held_in_child() -> None:
+    """A process forked while a run holds its lock (a DataLoader worker) shares it: it lets go of its own copy, so
+    that the lock ends with the process that trains (a stuck worker would otherwise keep it)."""
+    for lock in _HELD.values():
+        if lock.fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(lock.fd)
+            lock.fd = None
+
+
+os.register_at_fork(after_in_child=_close_held_in_child)

@@ -589,6 +589,7 @@ def test_a_second_training_of_a_run_directory_is_refused_while_the_first_runs_an
         deadline = time.time() + 120
         while not (run_dir / "checkpoint.pt").exists() and first.poll() is None and time.time() < deadline:
             time.sleep(0.2)
+        assert (run_dir / "checkpoint.pt").exists(), "the first run saved no checkpoint in 120 s"
         held = json.loads((run_dir / LOCK).read_text())
         assert held["pid"] == first.pid and first.poll() is None
         t0 = time.monotonic()
@@ -660,6 +661,46 @@ sys.stdin.read()
                     f"runs); taken over"]
     lock.release()
     assert not (run_dir / LOCK).exists() and run_dir.is_dir()  # a folder this lock did not make stays
+
+
+def test_a_lock_lets_go_only_of_its_own_file_and_a_file_system_without_locks_leaves_another_s_file(
+        tmp_path, monkeypatch):
+    """A run directory moved while it trains (mv, the bench's rename of a finished cell): a new launch locks a new
+    file at the old path, which the first run's release must not remove. A file system that gives no locks
+    (ENOLCK) runs unlocked, saying so, and leaves the file there (another process's). A lock this process still
+    holds (an interrupted run's) is let go before the next run of that directory takes it."""
+    import errno
+    import fcntl
+
+    from pst_dist import rundir
+    from pst_dist.rundir import LOCK, RunLock
+
+    first = RunLock(tmp_path / "run", log=lambda m: None)
+    (tmp_path / "run").rename(tmp_path / "moved")
+    second = RunLock(tmp_path / "run", log=lambda m: None)
+    first.release()
+    assert (tmp_path / "run" / LOCK).exists() and (tmp_path / "moved" / LOCK).exists()  # each where it is
+    assert json.loads((tmp_path / "run" / LOCK).read_text())["pid"] == os.getpid()
+    said: list[str] = []
+
+    def no_locks(fd, how):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    third = RunLock(tmp_path / "run", log=said.append)
+    monkeypatch.undo()
+    assert third.fd is None and "the file system gives no file locks (No locks available)" in said[0]
+    assert (tmp_path / "run" / LOCK).exists(), "removed another process's lock file"
+    second.release()
+    assert not (tmp_path / "run" / LOCK).exists()
+    rundir.lock_run_dir(tmp_path / "again")  # held, never let go (an interrupted run) ...
+    rundir.lock_run_dir(tmp_path / "again")  # ... then taken again by the same process: no 30 s wait, no refusal
+    pid = os.fork()  # a DataLoader worker forked while the run holds its lock lets go of its copy of it
+    if pid == 0:
+        os._exit(0 if rundir._HELD[str(tmp_path / "again")].fd is None else 1)
+    assert os.waitpid(pid, 0)[1] == 0, "a forked child kept the run's lock"
+    rundir.unlock_run_dir(tmp_path / "again")
+    assert not (tmp_path / "again").exists() and not rundir._HELD
 
 
 def test_a_run_that_fails_after_taking_its_lock_leaves_neither_the_lock_nor_the_folders_it_made(tmp_path):
