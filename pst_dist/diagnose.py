@@ -27,7 +27,7 @@ from .config import Config, ConfigError
 from .data.pipeline import Normalize, build_data
 from .distributed import build_device
 from .io import PLOT_SOFTWARE, OutputError, check_out_dir, is_our_png, savefig_atomic, write_atomic
-from .metrics import tb_errors, tensorboard_writer
+from .metrics import close_tensorboard, tb_errors, tensorboard_writer
 from .models import build_model, count_groups
 from .pst.detectors import scatter_ratio
 from .pst.freeze import GroupActivations, eval_mode, trace_units
@@ -176,8 +176,7 @@ def run_diagnose(cfg: Config, out: Path, probe_size: int = 2000, overwrite: bool
         with contextlib.suppress(OSError):  # the error that stopped it is the one to report
             tb.close()
         raise
-    with tb_errors(tb):
-        tb.close()
+    close_tensorboard(tb)
     plot(rows, out / "diagnose.png", title=f"{cfg.poison.kind} poison, {cfg.model.name}")
     return rows
 

@@ -218,7 +218,7 @@ class Metrics:
         self.enabled = False
         file, tb, trackers = self._file, self.tb, self.trackers
         self._file, self.tb, self.trackers = None, None, []
-        closes = [*([file.close] if file else []), *([lambda: _closed(tb)] if tb is not None else []),
+        closes = [*([file.close] if file else []), *([lambda: close_tensorboard(tb)] if tb is not None else []),
                   *(lambda t=t: t.close(failed) for t in trackers)]
         errors: list[BaseException] = []
         for close in closes:  # the rest still close
@@ -228,6 +228,7 @@ class Metrics:
             raise errors[0]
 
 
-def _closed(tb) -> None:
+def close_tensorboard(tb) -> None:
+    """Close a TensorBoard writer; its error (a full disk) names its folder (:func:`tb_errors`)."""
     with tb_errors(tb):
         tb.close()
