@@ -343,9 +343,9 @@ class RunLock:
     script started twice, a job launched again while its first launch still runs) would write their checkpoints,
     metrics and summary over each other's. The lock is the kernel's (``flock`` on :data:`LOCK`, a file that names its
     holder: machine, process, since when), so a holder that is killed (SIGKILL, the OOM killer) lets it go with
-    its process, and on NFS the file server does for a lost node once its lease ends. A lock held elsewhere is waited
-    for up to :data:`LOCK_WAIT_S` seconds, then refused (RunDirError naming its holder). Where the file system has no
-    locks, the run goes on unlocked, said once. :meth:`release` removes the file while holding it: a process that
+    its process (on NFS, the server for a lost node, when it gives up that node's locks). A lock held elsewhere is
+    waited for up to :data:`LOCK_WAIT_S` seconds, then refused (RunDirError naming its holder). Where the file system
+    has no locks, the run goes on unlocked, said once. :meth:`release` removes the file while holding it: a process that
     locks the removed file meanwhile sees it is no longer the one at its path and opens it again."""
 
     def __init__(self, run_dir: Path, log=lambda m: print(m, file=sys.stderr)):
