@@ -484,9 +484,10 @@ def build_run(cfg: Config, resume: bool | str, overwrite: bool, allow_changes: b
 
     def check_inputs() -> tuple[dict[str, tuple], bool, bool]:  # before any work
         check_trackers(cfg.log.trackers)  # a tracker's package missing is refused before the run writes anything
-        decide()  # refused before the lock makes the run directory (a refused run leaves no folder)
+        if not Path(cfg.log.run_dir).is_dir():  # nothing there to read: refused before the lock makes the folder
+            decide()
         lock_run_dir(Path(cfg.log.run_dir))  # released by train(), whatever happens after
-        return decide()  # again, now that no other process trains into it: what it found may have changed
+        return decide()  # what the run directory holds, read once no other process trains into it
 
     auto = resume == "auto"
     changes, again, resume = _on_every_rank(check_inputs)
