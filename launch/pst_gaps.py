@@ -16,6 +16,7 @@ import csv
 import statistics
 import sys
 from collections import defaultdict
+from pathlib import Path
 
 
 def load(path: str) -> dict[tuple[str, str], list[dict]]:
@@ -64,12 +65,10 @@ def table(cells: dict, attacks: list[str], clean: float) -> list[str]:
     return lines
 
 
-def plot(cells: dict, attacks: list[str], held_out: list[str], clean: float, path: str) -> None:
+def plot(cells: dict, attacks: list[str], held_out: list[str], clean: float, path: Path) -> None:
     """PST's final (filled: mean ± std; dots: each seed) and peak (hollow) clean test accuracy minus clean standard
     training's, per attack, worst first; PST on clean data first, against its 1-point bar; the held-out attacks
     last, in their own colour. A file at ``path`` that pst-dist did not write is refused."""
-    from pathlib import Path
-
     import matplotlib  # only for --plot: the tables need the standard library alone
 
     matplotlib.use("Agg")
@@ -77,7 +76,7 @@ def plot(cells: dict, attacks: list[str], held_out: list[str], clean: float, pat
 
     from pst_dist.io import PLOT_SOFTWARE, is_our_png, savefig_atomic
 
-    if Path(path).exists() and not is_our_png(Path(path)):
+    if path.exists() and not is_our_png(path):
         raise SystemExit(f"pst_gaps.py: error: --plot {path}: exists and is not a plot pst-dist wrote (no "
                          f"Software={PLOT_SOFTWARE!r} in it); choose another file")
 
@@ -114,7 +113,7 @@ def plot(cells: dict, attacks: list[str], held_out: list[str], clean: float, pat
     ax.legend(fontsize=7, loc="lower left")
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    savefig_atomic(fig, Path(path), dpi=120)
+    savefig_atomic(fig, path, dpi=120)
     plt.close(fig)
 
 
@@ -154,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\nHeld out of the recipe search (never trained on while choosing):\n")
         print("\n".join(table(cells, [a for a in attacks if a in args.held_out], clean)))
     if args.plot:
-        plot(cells, attacks, args.held_out, clean, args.plot)
+        plot(cells, attacks, args.held_out, clean, Path(args.plot))
     return 0
 
 
