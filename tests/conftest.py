@@ -255,8 +255,6 @@ def cmdline(pid: int) -> str | None:
 def kill_if_ours(pid: int, marker: str) -> None:
     """SIGKILL ``pid`` when it is still the process a test started: alive, and ``marker`` in its command line (a pid
     seen earlier may belong to another process by now)."""
-    import signal
-
     if alive(pid) and marker in (cmdline(pid) or ""):
         os.kill(pid, signal.SIGKILL)
 
