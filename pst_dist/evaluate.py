@@ -24,8 +24,8 @@ from .distributed import build_device
 from .engine.deepspeed import CHECKPOINT_DIR, LATEST, MODEL_STATES, check_ds_checkpoint, load_ds_file
 from .io import load_failure
 from .models import build_model
-from .rundir import check_own_data
-from .train import evaluate, model_inputs, recorded_inputs
+from .rundir import check_own_data, recorded_inputs
+from .train import evaluate, model_inputs
 
 EVAL_OVERRIDES = ("data.", "train.device", "train.threads", "schedule.eval_views")
 """What ``pst-dist eval`` may override in the run's recorded config: the data, where it runs, and the test-time

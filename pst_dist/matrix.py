@@ -68,8 +68,8 @@ from .poison import PoisonFileError, make_poison, store
 from .pst.schedule import check_stages
 from .registry import ATTACKS, DEFENSES
 from .report import TABLE_KEYS, mean_std, summary_problem
-from .rundir import trained_on
-from .train import resumed_inputs, train
+from .rundir import resumed_inputs, trained_on
+from .train import train
 
 STANDARD = [{"name": "standard"}]
 

@@ -14,6 +14,7 @@ import contextlib
 import copy
 import errno
 import json
+import math
 import os
 import shutil
 import sys
@@ -32,7 +33,7 @@ from .config import (
     load_config,
     tomllib,
 )
-from .io import _machine, json_lines, uncreatable, write_atomic
+from .io import CheckpointError, _machine, json_lines, read_json, uncreatable, write_atomic
 from .tracking import IDS_FILE, LOCAL_DIRS, holds_tracker_run, local_folder, recorded_ids, tracker_dirs, unrecorded_runs
 
 RUN_MARKERS = ("config.toml", "checkpoint.pt", "ds_checkpoint", "summary.json", "metrics.jsonl")
@@ -100,6 +101,49 @@ def meta_segments(meta: dict) -> list[dict]:
     (entries that are not objects passed over)."""
     resumes = meta.get("resumes") if isinstance(meta.get("resumes"), list) else []
     return [meta, *(m for m in resumes if isinstance(m, dict))]
+
+
+def recorded_inputs(run_dir: Path) -> dict | None:
+    """The inputs meta.json records for the model (:func:`pst_dist.train.write_run_header`; the first segment's,
+    else the latest resume's; None for runs from before it did), with the data check's values when a stage asked
+    for it (``spectral_check``)."""
+    f = run_dir / "meta.json"
+    meta = read_json(f, "the run's meta.json", CheckpointError) if f.is_file() else {}
+    first, *resumes = meta_segments(meta)
+    inputs = next((m["inputs"] for m in (first, *reversed(resumes)) if m.get("inputs")), None)
+    if inputs is not None:
+        _check_inputs(inputs, f)
+    return inputs
+
+
+def _check_inputs(inputs, f: Path) -> None:
+    """CheckpointError naming ``f`` unless ``inputs`` holds what the model is rebuilt from
+    (:func:`pst_dist.train.model_inputs`): num_classes >= 1, shape [C, H, W] of positive ints, and C finite means
+    and positive stds."""
+    def count(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+    def numbers(v, positive: bool) -> bool:
+        return (isinstance(v, list) and len(v) == shape[0] and all(
+            isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) and (x > 0 or not positive)
+            for x in v))
+
+    shape = inputs.get("shape") if isinstance(inputs, dict) else None
+    ok = (isinstance(shape, list) and len(shape) == 3 and all(count(x) for x in shape)
+          and count(inputs.get("num_classes")) and numbers(inputs.get("mean"), False)
+          and numbers(inputs.get("std"), True))
+    if not ok:
+        raise CheckpointError(f"{f}: its inputs {inputs!r:.300} are not a run's (num_classes, shape [C, H, W], C "
+                              f"means and C positive stds)")
+
+
+def resumed_inputs(run_dir: Path) -> dict:
+    """:func:`recorded_inputs` for a resume: {} when there are none, or meta.json cannot be read (the resume's
+    header writes a new one)."""
+    try:
+        return recorded_inputs(run_dir) or {}
+    except CheckpointError:
+        return {}
 
 
 def written_by_a_run(run_dir: Path) -> bool:

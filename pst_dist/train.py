@@ -58,6 +58,7 @@ from .rundir import (
     meta_segments,
     remove_run_files,
     resume_from_scratch,
+    resumed_inputs,
     unlock_run_dir,
 )
 from .tracking import check_trackers
@@ -138,48 +139,6 @@ def note_other_kernels(segments: list, resumed_at: int, now: dict) -> None:
         print(f"[resume] this machine's kernels differ from those the run computed with until now ({then} then, "
               f"{here} now): it trains on correctly, but not bit for bit as an uninterrupted run would",
               file=sys.stderr)
-
-
-def recorded_inputs(run_dir: Path) -> dict | None:
-    """The inputs meta.json records for the model (:func:`write_run_header`; the first segment's, else the latest
-    resume's; None for runs from before it did), with the data check's values when a stage asked for it
-    (``spectral_check``)."""
-    f = run_dir / "meta.json"
-    meta = read_json(f, "the run's meta.json", CheckpointError) if f.is_file() else {}
-    first, *resumes = meta_segments(meta)
-    inputs = next((m["inputs"] for m in (first, *reversed(resumes)) if m.get("inputs")), None)
-    if inputs is not None:
-        _check_inputs(inputs, f)
-    return inputs
-
-
-def _check_inputs(inputs, f: Path) -> None:
-    """CheckpointError naming ``f`` unless ``inputs`` holds what the model is rebuilt from (:func:`model_inputs`):
-    num_classes >= 1, shape [C, H, W] of positive ints, and C finite means and positive stds."""
-    def count(v) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool) and v >= 1
-
-    def numbers(v, positive: bool) -> bool:
-        return (isinstance(v, list) and len(v) == shape[0] and all(
-            isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) and (x > 0 or not positive)
-            for x in v))
-
-    shape = inputs.get("shape") if isinstance(inputs, dict) else None
-    ok = (isinstance(shape, list) and len(shape) == 3 and all(count(x) for x in shape)
-          and count(inputs.get("num_classes")) and numbers(inputs.get("mean"), False)
-          and numbers(inputs.get("std"), True))
-    if not ok:
-        raise CheckpointError(f"{f}: its inputs {inputs!r:.300} are not a run's (num_classes, shape [C, H, W], C "
-                              f"means and C positive stds)")
-
-
-def resumed_inputs(run_dir: Path) -> dict:
-    """:func:`recorded_inputs` for a resume: {} when there are none, or meta.json cannot be read (the resume's
-    header writes a new one)."""
-    try:
-        return recorded_inputs(run_dir) or {}
-    except CheckpointError:
-        return {}
 
 
 def started_normalisation(inputs: dict, data: Data, is_primary: bool = True) -> Data:
