@@ -242,15 +242,53 @@ def check_run_dir(cfg: Config, resume: bool, overwrite: bool, allow_changes: boo
         recorded = load_config(recorded_file, recorded=True)
     except ConfigError as e:
         raise RunDirError(f"--resume: the run's recorded config cannot be read ({e})") from None
-    changes, refused, listed = resume_changes(recorded, cfg, RESUME_MAY_CHANGE, trained_on(run_dir))
+    changes, refused, _ = resume_changes(recorded, cfg, RESUME_MAY_CHANGE, trained_on(run_dir))
+    moved = relocations(run_dir, refused)
+    refused = {k: v for k, v in refused.items() if k not in moved}
     if refused and not allow_changes:
+        listed = "; ".join(f"{k}: {was!r} -> {now!r}" for k, (was, now) in refused.items())
+        stuck = [k for k in RELOCATABLE if k in refused]
+        why = (f" {' and '.join(stuck)} may change only where the run recorded what the path held (.beton files, an "
+               f"image folder, a poison read from files), so that the resume can check the data there is what it "
+               f"started on: this run's record does not; keep its data where it was" if stuck else "")
         raise RunDirError(f"--resume: the config differs from the one {run_dir} was trained with ({listed}). A resumed "
-                          f"run must train what its record says; only {', '.join(RESUME_MAY_CHANGE)} may change. "
-                          f"Start a new run (another log.run_dir) for other settings")
+                          f"run must train what its record says; only {', '.join(RESUME_MAY_CHANGE)} may change."
+                          f"{why}. Start a new run (another log.run_dir) for other settings")
     if recorded.train.epochs > cfg.train.epochs:
         raise RunDirError(f"--resume: train.epochs={cfg.train.epochs} is fewer than the run's recorded "
                           f"{recorded.train.epochs}: resume with at least as many epochs")
+    for key, check in moved.items():
+        print(f"[resume] {key} moved: {changes[key][0]!r} -> {changes[key][1]!r}; the run goes on only if the data "
+              f"there is what it started on (checked before it writes anything: {check})", file=sys.stderr)
     return changes
+
+
+RELOCATABLE = ("data.root", "poison.path")
+"""The paths a resume accepts as changed where the run recorded what they held (:func:`relocations`)."""
+
+
+def relocations(run_dir: Path, changes: dict) -> dict[str, str]:
+    """Which of the path ``changes`` ({key: (recorded, now)}) a resume of the run in ``run_dir`` accepts: those whose
+    content the run recorded (meta.json's ``inputs``), so that the data read from the new path is checked against
+    the record before the run writes anything (the same files copied to another disk or mount, say a node's local
+    SSD). ``data.root`` with .beton files (each split's SHA-256: :func:`pst_dist.data.pipeline.check_same_beton`) or
+    an image folder listed below its root (``inputs.folder.rel_sha256``:
+    :func:`pst_dist.data.pipeline.check_same_folder`); ``poison.path`` with the poisoned training images'
+    fingerprint (``inputs.poison_sha256``: :func:`pst_dist.data.pipeline.check_same_poison`). Returns {key: that
+    check, in words}; the other sources record nothing of their files, and their paths stay refused."""
+    try:
+        inputs = recorded_inputs(run_dir) or {}
+    except CheckpointError:  # unreadable: the resume reads no record either (resumed_inputs), so it checks nothing
+        return {}
+    folder, checks = inputs.get("folder"), {}
+    if "data.root" in changes:
+        if isinstance(inputs.get("beton"), dict) and inputs["beton"]:
+            checks["data.root"] = "each .beton split's SHA-256"
+        elif isinstance(folder, dict) and isinstance(folder.get("rel_sha256"), str):
+            checks["data.root"] = "the image folder's listing: each file's name below data.root, size and time"
+    if "poison.path" in changes and isinstance(inputs.get("poison_sha256"), str):
+        checks["poison.path"] = "the poisoned training images' fingerprint"
+    return checks
 
 
 def resume_from_scratch(run_dir: Path) -> bool:

@@ -125,6 +125,33 @@ def test_a_resume_refuses_betons_written_again_and_eval_notes_them(tmp_path, cap
         assert json.loads(out)["beton_as_trained"] is False
 
 
+def test_a_resume_follows_betons_copied_to_another_path_and_refuses_other_files_there(tmp_path, capfd):
+    """Betons copied to another path (a node's local SSD, another mount) are the run's data: its recorded SHA-256s
+    say so, so the resume goes on from there and trains as it would have at the first path (was: refused for the
+    changed data.root; read into memory here, data.loader=torch: FFCV's own augmentation is not bit-identical
+    across a resume). The change is recorded (meta.json), config.toml names the path that trains from now on, and
+    other files at a new path are refused before the run writes anything."""
+    first, copy, other, run, kept = (tmp_path / n for n in ("first", "copy", "other", "run", "kept"))
+    write_betons(cfg_of(*SMALL), first, log=lambda m: None)
+    base = [*TINY, "--data.source=beton", "--data.loader=torch", f"--log.run_dir={run}"]
+    train(cfg_of(*base, f"--data.root={first}", "--train.epochs=1"))
+    shutil.copytree(run, kept)  # the same run resumed where its data was, for the reference
+    shutil.copytree(first, copy)
+    capfd.readouterr()
+    moved = train(cfg_of(*base, f"--data.root={copy}", "--train.epochs=2"), resume=True)
+    assert moved["status"] == "finished"
+    assert f"[resume] data.root moved: '{first}' -> '{copy}'" in capfd.readouterr().err
+    assert json.loads((run / "meta.json").read_text())["resumes"][-1]["changes"]["data.root"] == [str(first), str(copy)]
+    assert load_config(run / "config.toml", recorded=True).data.root == str(copy)
+    stayed = train(cfg_of(*base, f"--log.run_dir={kept}", f"--data.root={first}", "--train.epochs=2"), resume=True)
+    assert moved["model_checksum"] == stayed["model_checksum"] and moved["test_curve"] == stayed["test_curve"]
+    write_betons(cfg_of(*SMALL, "--poison.kind=patch_noise"), other, log=lambda m: None)
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    with pytest.raises(DataError, match=rf"data.root='{other}' is not what the run .* \(train.beton: "):
+        train(cfg_of(*base, f"--data.root={other}", "--train.epochs=3"), resume=True)
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+
+
 def test_beton_source_refuses_a_second_poison(synth_dir):
     with pytest.raises(DataError, match="already holds its poison"):
         build_data(cfg_of("--data.source=beton", f"--data.root={synth_dir}", "--poison.kind=patch_noise"))

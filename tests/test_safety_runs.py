@@ -367,10 +367,12 @@ def test_a_resume_on_another_device_type_compares_auto_by_what_it_meant_where_th
     assert "train.channels_last: True -> False" in out.stderr
 
 
-def test_relative_paths_are_recorded_as_what_they_named_and_a_resume_elsewhere_is_refused(tmp_path):
+def test_relative_paths_are_recorded_as_what_they_named_and_a_resume_elsewhere_needs_the_same_poison(tmp_path):
     """`pst-dist train` records poison.path (and data.root) absolute: the record names the files that trained the
     run, whatever directory reads it. From another working directory the same relative path names another store:
-    the resume is refused, naming the key. A run recorded before (a relative path) resumes from where it ran."""
+    the resume is refused (the poison's recorded fingerprint differs), naming the path, before it writes anything.
+    The same poison copied there is the run's own: the resume goes on, config.toml naming the copy. A run recorded
+    before (a relative path) resumes from where it ran."""
     a, b = tmp_path / "a", tmp_path / "b"
     for where, seed in ((a, 0), (b, 1)):
         where.mkdir()
@@ -385,13 +387,42 @@ def test_relative_paths_are_recorded_as_what_they_named_and_a_resume_elsewhere_i
     assert load_config(run / "config.toml", recorded=True).poison.path == str(a / "p")
     before = _bytes(run)
     out = run_cli("train", *args, "--train.epochs=2", "--resume", cwd=b)
-    assert out.returncode == 2 and f"poison.path: '{a / 'p'}' -> '{b / 'p'}'" in out.stderr, out.stderr[-2000:]
+    assert out.returncode == 2 and f"[resume] poison.path moved: '{a / 'p'}' -> '{b / 'p'}'" in out.stderr
+    said = f"the poison read from {b / 'p'} is not the one the run in {run} started on"
+    assert said in out.stderr, out.stderr[-2000:]
     assert _bytes(run) == before
+    shutil.rmtree(b / "p")
+    shutil.copytree(a / "p", b / "p")
+    moved = run_cli("train", *args, "--train.epochs=2", "--resume", cwd=b)
+    assert moved.returncode == 0, moved.stderr[-2000:]
+    assert load_config(run / "config.toml", recorded=True).poison.path == str(b / "p")
+    shutil.rmtree(run)
+    assert run_cli("train", *args, "--train.epochs=1", cwd=a).returncode == 0
     text = (run / "config.toml").read_text()
     (run / "config.toml").write_text(text.replace(f'path = "{a / "p"}"', 'path = "p"'))  # as recorded before
     out = run_cli("train", *args, "--train.epochs=2", "--resume", cwd=a)
     assert out.returncode == 0, out.stderr[-2000:]
     assert load_config(run / "config.toml", recorded=True).poison.path == str(a / "p")
+
+
+def test_a_source_that_records_nothing_of_its_files_keeps_its_data_root(tmp_path):
+    """Fashion-MNIST's IDX files (like CIFAR's batches) leave no record of what they held, so nothing could check
+    that another data.root holds the same: that resume stays refused, saying which paths may move and why."""
+    first, other, run = tmp_path / "fm", tmp_path / "fm2", tmp_path / "run"
+    for d in (first, other):
+        d.mkdir()
+        for f in Path("/usr/share/datasets/fashion-mnist").iterdir():
+            (d / f.name).symlink_to(f)
+    args = ["--data.source=fashion-mnist", "--data.train_size=256", "--data.val_size=64", "--data.test_size=64",
+            "--data.probe_size=64", "--model.width=0.125", "--train.batch_size=32", "--log.progress=false",
+            "--log.tensorboard=false", f"--log.run_dir={run}"]
+    assert run_cli_in_process("train", *args, "--train.epochs=1", f"--data.root={first}").returncode == 0
+    before = _bytes(run)
+    out = run_cli_in_process("train", *args, "--train.epochs=2", f"--data.root={other}", "--resume")
+    assert_refused(out, [f"(data.root: '{first}' -> '{other}')", "data.root may change only where the run recorded "
+                         "what the path held (.beton files, an image folder, a poison read from files)",
+                         "this run's record does not"], [], tmp_path, code=2)
+    assert _bytes(run) == before
 
 
 def test_a_checkpoint_a_weights_only_load_refuses_is_one_line_without_torch_s_advice_to_load_it_unrestricted(

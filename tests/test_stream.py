@@ -410,6 +410,44 @@ def test_a_resume_refuses_a_folder_changed_since_the_run_started(tmp_path, strea
     assert summary["status"] == "finished"
 
 
+@pytest.mark.parametrize("stream", ["false", "true"])
+def test_a_resume_follows_an_image_folder_copied_to_another_path(tmp_path, stream):
+    """The same files below another data.root (a copy that kept their times: cp -a, rsync -a) are the run's data:
+    the listing recorded below its root says so, so the resume goes on from there as it would have at the first path
+    (was: refused for the changed data.root); config.toml names the new path and eval finds the folder as trained.
+    A copy with other times is refused unless data.verify=false; a run recorded before the listing below the root
+    was (meta.json without it) keeps its path, the refusal saying why."""
+    import shutil
+
+    from pst_dist.evaluate import evaluate_run
+    from pst_dist.train import train
+
+    first, run, kept = write_folder(tmp_path / "first"), tmp_path / "run", tmp_path / "kept"
+    over = [f"--data.stream={stream}", "--log.tensorboard=false"]
+    train(cfg_of(first, *over, f"--log.run_dir={run}"), stop_after_epochs=1)
+    shutil.copytree(run, kept)
+    copy = Path(shutil.copytree(first, tmp_path / "copy"))  # copy2: the files' modification times kept
+    moved = train(cfg_of(copy, *over, f"--log.run_dir={run}"), resume=True)
+    stayed = train(cfg_of(first, *over, f"--log.run_dir={kept}"), resume=True)
+    assert moved["status"] == "finished" and moved["model_checksum"] == stayed["model_checksum"]
+    assert load_config(run / "config.toml", recorded=True).data.root == str(copy)
+    assert evaluate_run(run)["folder_as_trained"] is True
+    touched = Path(shutil.copytree(first, tmp_path / "touched", copy_function=shutil.copyfile))  # new times
+    before = {f.name: f.read_bytes() for f in kept.iterdir() if f.is_file()}
+    more = [*over, f"--log.run_dir={kept}", "--train.epochs=3"]
+    with pytest.raises(DataError, match=rf"data.root='{touched}' is not as this run started on it: the same files"):
+        train(cfg_of(touched, *more), resume=True)
+    assert {f.name: f.read_bytes() for f in kept.iterdir() if f.is_file()} == before
+    meta = json.loads((kept / "meta.json").read_text())
+    for k in ("rel_sha256", "rel_sizes_sha256"):
+        del meta["inputs"]["folder"][k]  # as a run recorded before them
+    (kept / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ConfigError, match=r"data.root: .*data.root may change only where the run recorded what the "
+                                          r"path held.*this run's record does not"):
+        train(cfg_of(copy, *more), resume=True)
+    assert train(cfg_of(first, *more), resume=True)["status"] == "finished"  # where it started: as before
+
+
 def test_eval_says_whether_the_folder_is_as_the_run_trained_on_it(tmp_path, capfd):
     """pst-dist eval goes on when the folder changed (it may be re-copied on purpose) but says so: in its JSON and
     in a note on stderr; other data (a data.* override) is not compared."""

@@ -128,10 +128,14 @@ def build_data(cfg: Config, poisoned: torch.Tensor | None = None, digest: bool =
 def folder_change(was: dict, now: dict) -> str | None:
     """How an image folder's listing ``now`` differs from the one recorded, ``was`` (both
     :meth:`pst_dist.data.sources.FolderListing.fingerprint`): None, not at all; ``"times"``, the same files (names,
-    labels, sizes) with other modification times; ``"files"``, files added, removed, renamed or resized."""
-    if was.get("sha256") == now["sha256"]:
+    labels, sizes) with other modification times; ``"files"``, files added, removed, renamed or resized. Compared by
+    the paths below data.root when both record them (the same files at another path, a run's data moved, are the
+    same), else by the whole paths (a run from before they were recorded)."""
+    full, sizes = ("rel_sha256", "rel_sizes_sha256") if "rel_sha256" in was and "rel_sha256" in now else (
+        "sha256", "sizes_sha256")
+    if was.get(full) == now[full]:
         return None
-    return "times" if was.get("sizes_sha256") == now["sizes_sha256"] else "files"
+    return "times" if was.get(sizes) == now[sizes] else "files"
 
 
 def check_same_folder(recorded: dict | None, folder: dict | None, d: DataConfig) -> bool:
