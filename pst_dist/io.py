@@ -134,8 +134,26 @@ def stale_leftovers(directory: Path, names: Iterable[str], kind: str) -> list[Pa
     return found
 
 
+def unclaimed_leftovers(directory: Path, names: Iterable[str], kind: str) -> list[Path]:
+    """The names :func:`stale_leftovers` looks for, of ``names`` and ``kind``, that it can never take: written on
+    another machine (or in another container of this host), or named by an older pst-dist with a process id alone
+    (``.X.old-<pid>``). Whether their writer still runs cannot be known from here, so they are never removed; an
+    "old" one may hold the only copy of an earlier output."""
+    pattern = re.compile(rf"\.(.+)\.{re.escape(kind)}-(.+)")
+    ours = re.compile(rf"{re.escape(_machine())}-\d+")
+    names = set(names)
+    entries = sorted(Path(directory).iterdir()) if Path(directory).is_dir() else []
+    return [p for p in entries for m in [pattern.fullmatch(p.name)]
+            if m and m.group(1) in names and not ours.fullmatch(m.group(2))]
+
+
+_NAMED: set[Path] = set()
+"""The :func:`unclaimed_leftovers` :func:`remove_stale` has named in this process."""
+
+
 def remove_stale(directory: Path, names: Iterable[str], kind: str) -> list[str]:
-    """Remove :func:`stale_leftovers` (pst-dist's own names, of killed writes), saying so on stderr; their names."""
+    """Remove :func:`stale_leftovers` (pst-dist's own names, of killed writes), saying so on stderr; their names.
+    Those it cannot judge (:func:`unclaimed_leftovers`) are named on stderr and left."""
     removed = []
     for p in stale_leftovers(directory, names, kind):
         if p.is_dir() and not p.is_symlink():
@@ -147,6 +165,11 @@ def remove_stale(directory: Path, names: Iterable[str], kind: str) -> list[str]:
     if removed:
         print(f"[pst-dist] removed {', '.join(removed)} from {directory}: left by a write that was killed",
               file=sys.stderr)
+    if left := [p for p in unclaimed_leftovers(directory, names, kind) if p not in _NAMED]:  # said once a process
+        _NAMED.update(left)  # (a checkpoint's save looks at each epoch)
+        print(f"[pst-dist] left {', '.join(p.name for p in left)} in {directory}: written on another machine, or "
+              f"named by an older pst-dist (a process id alone), so pst-dist cannot tell whether that write still "
+              f"runs; remove {'it' if len(left) == 1 else 'them'} once none does", file=sys.stderr)
     return removed
 
 
@@ -329,7 +352,9 @@ def check_out_dir(out: Path, *, command: str, marker: str, owned: Iterable[str],
     except OSError as e:
         raise OutputError(f"--out {out}: cannot list it ({e.strerror or e})") from None
     if not entries:
-        if hidden := stale_leftovers(out.parent, [out.name], "old"):  # killed between a replacement's two renames
+        # killed between a replacement's two renames (here, on another machine, or under an older pst-dist's name)
+        hidden = [*stale_leftovers(out.parent, [out.name], "old"), *unclaimed_leftovers(out.parent, [out.name], "old")]
+        if hidden:
             raise OutputError(f"--out {out}: {'empty' if out.exists() else 'absent'}, but {hidden[0]} holds the "
                               f"earlier output, which a killed replacement had moved aside: move it back "
                               f"({'rmdir ' + str(out) + ' && ' if out.exists() else ''}mv {hidden[0]} {out}) or "

@@ -300,22 +300,29 @@ def test_ctrl_c_between_the_renames_of_a_replacement_leaves_one_output_in_place(
 def test_the_earlier_output_a_killed_replacement_moved_aside_is_removed_or_named_never_lost(tmp_path, store_src):
     """A replacement killed (SIGKILL) after it moved the earlier output aside leaves ``.X.old-<host>-<pid>/``: the
     next write to X removes it once the new output is in X's place; with X absent it is the only copy, so the
-    command is refused naming it and how to put it back. Another machine's, or a live process's, stays."""
+    command is refused naming it and how to put it back. Another machine's, or a live process's, stays; another
+    machine's, or one named by an older pst-dist (``.X.old-<pid>``), is named on stderr (was: reported nowhere) and
+    refused like this machine's while X is absent."""
     from pst_dist.io import _machine
 
     from .conftest import dead_pid
 
     host, dead = _machine(), dead_pid()
     out = copy_dir(store_src, tmp_path / "p")
-    stale, kept = tmp_path / f".p.old-{host}-{dead}", tmp_path / f".p.old-elsewhere-{dead}"
-    for d in (stale, kept):
+    stale, kept, older = (tmp_path / f".p.old-{w}" for w in (f"{host}-{dead}", f"elsewhere-{dead}", dead))
+    for d in (stale, kept, older):
         copy_dir(store_src, d)
     run = run_cli_in_process("poison", "--out", out, *STORE_DATA, ATTACK, "--poison.seed=1", "--overwrite")
     assert run.returncode == 0, run.stderr[-3000:]
     assert f"removed {stale.name} from {tmp_path}: left by a write that was killed" in run.stderr
-    assert not stale.exists() and tree(kept) == tree(store_src)
+    assert f"left {older.name}, {kept.name} in {tmp_path}: written on another machine, or named by an older " \
+           f"pst-dist" in run.stderr, run.stderr[-3000:]
+    assert not stale.exists() and tree(kept) == tree(store_src) == tree(older)
     shutil.rmtree(kept)
     shutil.rmtree(out)
+    run = run_cli_in_process("poison", "--out", out, *STORE_DATA, ATTACK)
+    assert_refused(run, names=[f"--out {out}: absent, but {older} holds the earlier output"], code=2)
+    shutil.rmtree(older)
     hidden = copy_dir(store_src, tmp_path / f".p.old-{host}-{dead}")  # killed between the two renames: X is absent
     run = run_cli_in_process("poison", "--out", out, *STORE_DATA, ATTACK)
     assert_refused(run, names=[f"--out {out}: absent, but {hidden} holds the earlier output", f"mv {hidden} {out}"],
