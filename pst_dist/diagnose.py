@@ -33,7 +33,7 @@ from .pst.detectors import scatter_ratio
 from .pst.freeze import GroupActivations, eval_mode, trace_units
 from .pst.groups import layer_groups
 from .pst.schedule import check_stages
-from .rundir import written_by_a_run
+from .rundir import LOCK, written_by_a_run
 from .train import resolve_auto, setup_seed, train
 
 
@@ -101,7 +101,8 @@ DIAGNOSE_FILES = ("diagnose.png", "diagnose.jsonl", "tb", "run")
 
 def _is_diagnose_output(out: Path) -> bool:
     """Whether ``out`` holds what diagnose wrote: each line of its diagnose.jsonl one of its rows (an epoch and the
-    probes' measures), its run/ (if any) a pst-dist run. A user's own diagnose.jsonl or tb/ beside it is not."""
+    probes' measures), its run/ (if any) a pst-dist run, or nothing but the lock a training takes there (a diagnose
+    killed before the run's first file). A user's own diagnose.jsonl or tb/ beside it is not."""
     try:
         lines = (out / "diagnose.jsonl").read_text(encoding="utf-8").splitlines()
         rows = [json.loads(line) for line in lines]
@@ -110,7 +111,8 @@ def _is_diagnose_output(out: Path) -> bool:
     run = out / "run"
     return (all(isinstance(r, dict) and "epoch" in r and any(k.startswith(("poisoned/group_", "clean/group_"))
                                                              for k in r) for r in rows)
-            and (not run.exists() or run.is_dir() and (written_by_a_run(run) or not any(run.iterdir()))))
+            and (not run.exists() or run.is_dir() and (written_by_a_run(run)
+                                                       or all(p.name == LOCK for p in run.iterdir()))))
 
 
 def run_diagnose(cfg: Config, out: Path, probe_size: int = 2000, overwrite: bool = False) -> list[dict]:

@@ -49,9 +49,10 @@ def test_diagnose_writes_per_group_curves_for_poisoned_and_clean(tmp_path):
 
 
 def test_diagnose_replaces_only_its_own_output_and_refuses_flags_it_would_ignore(tmp_path):
-    """--overwrite replaces a diagnose output (one stopped before its first epoch included: an empty diagnose.jsonl
-    and tb/), not a user's folder that merely holds a diagnose.jsonl and a tb/; --log.run_dir (it trains into
-    --out/run) and --standard with --schedule.stages are refused, not silently dropped."""
+    """--overwrite replaces a diagnose output (one stopped before its first epoch included: an empty diagnose.jsonl,
+    tb/, a run/ holding only its lock file), not a user's folder that merely holds a diagnose.jsonl and a tb/;
+    --log.run_dir (it trains into --out/run) and --standard with --schedule.stages are refused, not silently
+    dropped."""
     from .conftest import MARKER_TEXT, place_marker, run_cli_in_process
 
     cfg = ["diagnose", "--config", str(ROOT / "tests" / "configs" / "bench_tiny.toml"), "--poison.kind=patch_noise"]
@@ -85,8 +86,12 @@ def test_diagnose_replaces_only_its_own_output_and_refuses_flags_it_would_ignore
     r = run_cli_in_process(*cfg, "--out", str(stopped), "--overwrite")
     assert r.returncode == 2 and "its diagnose.png is not a plot pst-dist wrote" in r.stderr, r.stderr[-2000:]
     assert (stopped / "diagnose.png").read_bytes() == photo and (stopped / "tb" / "events.out.tfevents.1").exists()
-    # the user's image moved away, --overwrite replaces the stopped output: its old row, events and plot go
+    # the user's image moved away, --overwrite replaces the stopped output: its old row, events and plot go; its
+    # run/ holds only the lock of a diagnose killed (SIGKILL) before the run's first file (was: read as a folder
+    # pst-dist did not write, and refused)
     (stopped / "diagnose.png").unlink()
+    (stopped / "run").mkdir()
+    (stopped / "run" / ".pst-dist.lock").write_text('{"machine": "elsewhere", "pid": 1, "since": "then"}\n')
     r = run_cli_in_process(*cfg, "--out", str(stopped), "--overwrite", "--standard", "--train.epochs=1",
                            "--probe-size=40", "--log.tensorboard=false")
     assert r.returncode == 0, r.stderr[-2000:]
