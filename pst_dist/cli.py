@@ -538,6 +538,23 @@ def main(argv: list[str] | None = None) -> int:
         raise
 
 
+def cluster_main(command: str, script: str, argv: list[str], last: tuple[str, ...] = ()) -> int:
+    """``pst-dist <command> <argv> <last>`` on the running Ray cluster, for an entry point that ``ray submit`` or
+    ``ray job submit`` runs (``script``: tune/run.py, launch/bench_ray.py): with RAY_ADDRESS unset (``ray submit``),
+    the cluster ``ray start`` started on this node is joined, said in one line; exit 2 where none runs
+    (:func:`pst_dist.distributed.join_cluster_here`)."""
+    if "-h" not in argv and "--help" not in argv:
+        from .distributed import join_cluster_here  # start-up time: torch, only for these entry points
+
+        try:
+            if joined := join_cluster_here(script, command):
+                print(joined, file=sys.stderr)
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    return main([command, *argv, *last])
+
+
 def peer_lost(e: BaseException) -> str | None:
     """The one line that says so when ``e`` is a collective's failure because another rank went away (killed, its
     node lost: gloo's "Connection reset by peer" or closed socket, NCCL's remote errors) in a run of several ranks;

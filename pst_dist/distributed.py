@@ -87,6 +87,37 @@ def init_ray() -> str:
     return "a new local Ray (dashboard on 127.0.0.1)"
 
 
+def join_cluster_here(script: str, command: str) -> str | None:
+    """For an entry point ``ray submit`` runs on the head node (``tune/run.py``, ``launch/bench_ray.py``): set
+    RAY_ADDRESS to the cluster ``ray start`` started on this node when it is unset (only ``ray job submit`` sets it);
+    returns the line to print, or None when RAY_ADDRESS was set. ConfigError when no cluster runs here, or the one
+    recorded does not answer: :func:`init_ray` would start a private Ray, and ``pst-dist {command}`` would run all
+    its work on this one node (and find no GPU on a head without one)."""
+    if os.environ.get("RAY_ADDRESS"):
+        return None
+    # where `ray start` records it (under RAY_TMPDIR, else TMPDIR, else /tmp: ray/ray_current_cluster); private, as
+    # ray 2.60.0 (pinned) has them
+    from ray._common.utils import get_ray_address_file  # optional heavy dependency (Ray), only on this path
+    from ray._private.utils import read_ray_address  # optional heavy dependency (Ray), only on this path
+
+    address = read_ray_address()
+    if not address:
+        raise ConfigError(f"{script} runs on a running Ray cluster: RAY_ADDRESS is unset and no `ray start` ran on "
+                          f"this machine ({get_ray_address_file(None)} not found; a head started with "
+                          f"--temp-dir=DIR records DIR/ray_current_cluster instead: set RAY_ADDRESS=<head>:<port>); "
+                          f"use `ray submit` / `ray job submit` onto a cluster, or `pst-dist {command}` on a local "
+                          f"Ray of its own")
+    host, _, port = address.rpartition(":")
+    try:  # a cluster stopped without `ray stop` (a crash) leaves its file: say so, not a ConnectionError later
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except (OSError, ValueError):
+        raise ConfigError(f"the Ray cluster recorded on this machine, at {address} (ray_current_cluster in Ray's "
+                          f"temp dir), does not answer: stopped without `ray stop`? Start it again (`ray start "
+                          f"--head`, or `ray up`) or set RAY_ADDRESS") from None
+    os.environ["RAY_ADDRESS"] = address
+    return f"[{command}] RAY_ADDRESS unset (ray submit): joining the Ray cluster started on this node, at {address}"
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

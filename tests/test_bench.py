@@ -528,6 +528,33 @@ def test_on_a_cluster_the_ray_runner_records_a_failed_cell_as_the_pool_does(own_
     assert any("raylet" in " ".join(p.cmdline()) for p in own_ray.processes()), "the cluster was stopped"
 
 
+@pytest.mark.slow
+@pytest.mark.multiproc
+def test_ray_submit_s_bench_runs_its_cells_on_the_cluster_started_on_its_node(own_ray, tmp_path):
+    """``ray submit`` runs a script on the head without RAY_ADDRESS: `pst-dist bench --bench.runner=ray` there
+    started a private Ray (the whole matrix on the head). launch/bench_ray.py joins the cluster ``ray start``
+    started on its node (its address file under Ray's temp dir: this test's, RAY_TMPDIR), as tune/run.py does, and
+    is refused, writing nothing, where none runs."""
+    env = {**own_ray.env(), "OMP_NUM_THREADS": "1"}  # no RAY_ADDRESS, as under ray submit
+    out = tmp_path / "b"
+    cmd = [sys.executable, str(ROOT / "launch" / "bench_ray.py"), "--config", str(TINY), f"--bench.out={out}", *ONE,
+           "--train.epochs=1"]
+    alone = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert alone.returncode == 2 and "launch/bench_ray.py runs on a running Ray cluster: RAY_ADDRESS is unset and " \
+        "no `ray start` ran on this machine" in alone.stderr, alone.stderr[-2000:]
+    assert not out.exists()
+    _, gcs = own_ray.start_head(num_cpus=2, temp=own_ray.temp / "ray")  # where Ray records it under RAY_TMPDIR
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    port = gcs.rsplit(":", 1)[1]  # (Ray records the node's own IP)
+    joined = re.search(r"\[bench\] RAY_ADDRESS unset \(ray submit\): joining the Ray cluster started on this node, "
+                       r"at (\S+:" + port + ")", r.stderr)
+    assert joined and f"Ray: cluster at {joined[1]}" in r.stderr, r.stderr[-3000:]
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert [(row["attack"], row["defense"]) for row in rows] == [("classwise_noise", "standard")], rows
+    assert any("raylet" in " ".join(p.cmdline()) for p in own_ray.processes()), "the cluster was stopped"
+
+
 def test_verdicts_do_not_count_cells_that_have_not_run_as_below() -> None:
     from pst_dist.matrix import _verdicts
 
