@@ -246,20 +246,17 @@ def check_run_dir(cfg: Config, resume: bool, overwrite: bool, allow_changes: boo
     moved = relocations(run_dir, refused)
     refused = {k: v for k, v in refused.items() if k not in moved}
     if refused and not allow_changes:
-        listed = "; ".join(f"{k}: {was!r} -> {now!r}" for k, (was, now) in refused.items())
         stuck = [k for k in RELOCATABLE if k in refused]
-        why = (f" {' and '.join(stuck)} may change only where the run recorded what the path held (.beton files, an "
-               f"image folder, a poison read from files), so that the resume can check the data there is what it "
-               f"started on: this run's record does not; keep its data where it was" if stuck else "")
-        raise RunDirError(f"--resume: the config differs from the one {run_dir} was trained with ({listed}). A resumed "
-                          f"run must train what its record says; only {', '.join(RESUME_MAY_CHANGE)} may change."
-                          f"{why}. Start a new run (another log.run_dir) for other settings")
+        why = (f" ({' and '.join(stuck)} may name another path only where the run recorded what the path held: "
+               f".beton files, an image folder, a poison read from files, which the resume then checks; this run's "
+               f"record does not: keep its data where it was)" if stuck else "")
+        raise RunDirError(f"--resume: the config differs from the one {run_dir} was trained with "
+                          f"({listed_changes(refused)}). A resumed run must train what its record says; only "
+                          f"{', '.join(RESUME_MAY_CHANGE)} may change{why}. Start a new run (another log.run_dir) "
+                          f"for other settings")
     if recorded.train.epochs > cfg.train.epochs:
         raise RunDirError(f"--resume: train.epochs={cfg.train.epochs} is fewer than the run's recorded "
                           f"{recorded.train.epochs}: resume with at least as many epochs")
-    for key, check in moved.items():
-        print(f"[resume] {key} moved: {changes[key][0]!r} -> {changes[key][1]!r}; the run goes on only if the data "
-              f"there is what it started on (checked before it writes anything: {check})", file=sys.stderr)
     return changes
 
 
@@ -349,7 +346,12 @@ def resume_changes(recorded: Config, cfg: Config, may_change: tuple[str, ...],
         absolute_paths(c)
     changes = config_changes(auto_meaning(flat_config(recorded), was or here), auto_meaning(flat_config(cfg), here))
     refused = {k: v for k, v in changes.items() if not any(k == m or k.startswith(m + ".") for m in may_change)}
-    return changes, refused, "; ".join(f"{k}: {was!r} -> {now!r}" for k, (was, now) in refused.items())
+    return changes, refused, listed_changes(refused)
+
+
+def listed_changes(changes: dict) -> str:
+    """``{key: (recorded, now)}`` for a message: ``key: recorded -> now; ...``."""
+    return "; ".join(f"{k}: {was!r} -> {now!r}" for k, (was, now) in changes.items())
 
 
 def trained_on(run_dir: Path) -> str | None:

@@ -35,6 +35,7 @@ from .data.pipeline import (
     check_same_beton,
     check_same_folder,
     check_same_poison,
+    check_same_statistics,
 )
 from .data.sources import Split, fingerprint
 from .defenses import pgd_examples, step_seed, ueraser_loss, ueraser_repeats
@@ -56,6 +57,7 @@ from .rundir import (
     holds_run,
     lock_run_dir,
     meta_segments,
+    relocations,
     remove_run_files,
     resume_from_scratch,
     resumed_inputs,
@@ -465,8 +467,14 @@ def build_run(cfg: Config, resume: bool | str, overwrite: bool, allow_changes: b
     else:  # built by the caller (tune's trials, the bench's cells), already decoded
         check_same_folder(recorded, data.folder, cfg.data)
     if resume:
+        moved = relocations(Path(cfg.log.run_dir), changes) if dist_info.is_primary else {}
+        for key, check in moved.items():  # accepted by check_run_dir; what checks it is below
+            print(f"[resume] {key} moved: {changes[key][0]!r} -> {changes[key][1]!r}; the run goes on only if the "
+                  f"data there is what it started on (checked before it writes anything: {check})", file=sys.stderr)
         check_same_poison(recorded, data, cfg)
-        check_same_beton(recorded, data, cfg)
+        check_same_beton(recorded, data, cfg, moved="data.root" in changes)
+        if "data.root" in changes:  # another path: the pixels of an image folder read into memory too
+            check_same_statistics(recorded, data, cfg)
         data = started_normalisation(recorded, data, dist_info.is_primary)
     resolved["data.stream"] = data.stream is not None
     # computed on rank 0, its values or its refusal on every rank: the ranks switch stages together

@@ -129,7 +129,8 @@ def test_a_resume_follows_betons_copied_to_another_path_and_refuses_other_files_
     """Betons copied to another path (a node's local SSD, another mount) are the run's data: its recorded SHA-256s
     say so, so the resume goes on from there and trains as it would have at the first path (was: refused for the
     changed data.root; read into memory here, data.loader=torch: FFCV's own augmentation is not bit-identical
-    across a resume). The change is recorded (meta.json), config.toml names the path that trains from now on, and
+    across a resume). Other files at a new path are refused before the run writes anything, data.verify=false or
+    not. The change is recorded (meta.json), config.toml names the path that trains from now on, and
     other files at a new path are refused before the run writes anything."""
     first, copy, other, run, kept = (tmp_path / n for n in ("first", "copy", "other", "run", "kept"))
     write_betons(cfg_of(*SMALL), first, log=lambda m: None)
@@ -149,6 +150,12 @@ def test_a_resume_follows_betons_copied_to_another_path_and_refuses_other_files_
     before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
     with pytest.raises(DataError, match=rf"data.root='{other}' is not what the run .* \(train.beton: "):
         train(cfg_of(*base, f"--data.root={other}", "--train.epochs=3"), resume=True)
+    # the run's beton.json beside another poison's train.beton: at another path the files are hashed even with
+    # data.verify=false (beton.json's figures alone vouched for them)
+    swapped = Path(shutil.copytree(first, tmp_path / "swapped"))
+    shutil.copyfile(other / "train.beton", swapped / "train.beton")
+    with pytest.raises(DataError, match=rf"data.root='{swapped}' is not what the run .* \(train.beton: "):
+        train(cfg_of(*base, f"--data.root={swapped}", "--train.epochs=3", "--data.verify=false"), resume=True)
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
 
 

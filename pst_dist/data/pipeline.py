@@ -128,14 +128,33 @@ def build_data(cfg: Config, poisoned: torch.Tensor | None = None, digest: bool =
 def folder_change(was: dict, now: dict) -> str | None:
     """How an image folder's listing ``now`` differs from the one recorded, ``was`` (both
     :meth:`pst_dist.data.sources.FolderListing.fingerprint`): None, not at all; ``"times"``, the same files (names,
-    labels, sizes) with other modification times; ``"files"``, files added, removed, renamed or resized. Compared by
-    the paths below data.root when both record them (the same files at another path, a run's data moved, are the
-    same), else by the whole paths (a run from before they were recorded)."""
-    full, sizes = ("rel_sha256", "rel_sizes_sha256") if "rel_sha256" in was and "rel_sha256" in now else (
-        "sha256", "sizes_sha256")
-    if was.get(full) == now[full]:
+    labels, sizes) with other modification times; ``"moved-times"``, the same at another data.root; ``"files"``,
+    files added, removed, renamed or resized. Compared by the paths below data.root when both record them (the same
+    files at another path, a run's data moved, are the same), else by the whole paths (a run from before they were
+    recorded)."""
+    if "rel_sha256" not in was or "rel_sha256" not in now:
+        if was.get("sha256") == now["sha256"]:
+            return None
+        return "times" if was.get("sizes_sha256") == now["sizes_sha256"] else "files"
+    if was["rel_sha256"] == now["rel_sha256"]:
         return None
-    return "times" if was.get(sizes) == now[sizes] else "files"
+    if was.get("rel_sizes_sha256") != now["rel_sizes_sha256"]:
+        return "files"
+    return "times" if was.get("sizes_sha256") == now["sizes_sha256"] else "moved-times"
+
+
+def _one_answer(problem: str | None, others: str, flags: tuple[int, ...] = ()) -> list[int]:
+    """Every rank stops together: DataError(``problem``) on each rank that found one, and on the others a DataError
+    saying how many ranks found ``others`` (a rank that went on alone would wait for the rest forever in the next
+    collective). ``flags``: integers summed over the ranks on the way (returned; as given on one process)."""
+    sums = list(flags)
+    if rank_and_size()[1] > 1:  # every rank calls this, whatever it found
+        refusing, *sums = sum_across_ranks([int(problem is not None), *flags])
+        if refusing and problem is None:
+            raise DataError(f"--resume: {refusing} other rank(s) found {others} (each says how in its own output)")
+    if problem is not None:
+        raise DataError(problem)
+    return sums
 
 
 def check_same_folder(recorded: dict | None, folder: dict | None, d: DataConfig) -> bool:
@@ -143,55 +162,76 @@ def check_same_folder(recorded: dict | None, folder: dict | None, d: DataConfig)
     unless the image folder lists as it did when the run started (meta.json's ``inputs.folder``). Each segment lists
     the folder afresh, so a file changed, added or removed between two segments would otherwise go unnoticed. The
     same files with other modification times (a copy that did not keep them, or files rewritten at their size) are
-    refused too, unless ``data.verify`` is false. Returns whether the folder lists exactly as recorded on every rank
-    (a streamed resume then makes no statistics pass); runs from before the listing was recorded, and other sources,
-    are not checked."""
+    refused too, unless ``data.verify`` is false and the folder is where the run started: at another data.root the
+    names, sizes and times are what tells the run's data from other files. Returns whether the folder lists exactly
+    as recorded on every rank (a streamed resume then makes no statistics pass); runs from before the listing was
+    recorded, and other sources, are not checked."""
     if recorded is None:
         return False
     was = recorded.get("folder")
     checked = was is not None and folder is not None
     change = folder_change(was, folder) if checked else None
-    same, problem = checked and change is None, ""
+    same, problem = checked and change is None, None
     if change == "files":
         problem = (f"files added, removed, renamed or resized ({was.get('files')} files then, {folder['files']} "
                    f"now). A resumed run must train on what it started on: restore the folder, or start a new run "
                    f"(another log.run_dir)")
+    elif change == "moved-times":
+        problem = ("the same names and sizes below it as the run's folder, but not all with the modification times "
+                   "recorded: at another path these are what tell the run's files from others, so a copy must keep "
+                   "them (cp -a, rsync -a), whatever data.verify says; copy the folder again so, or resume where it "
+                   "was")
     elif change == "times" and d.verify:
         problem = ("the same files (names, sizes), but not all with the modification times recorded: rewritten in "
                    "place, or a copy that did not keep them (cp -p, rsync -t keep them). If the files are the same, "
                    "resume with data.verify=false (they are then decoded and checked again); otherwise restore the "
                    "folder, or start a new run (another log.run_dir)")
-    world = rank_and_size()[1]
-    if world > 1:  # one answer for every rank: one that went on alone would wait for the others forever
-        refusing, alike = sum_across_ranks([int(bool(problem)), int(same)])
-        if refusing and not problem:
-            raise DataError(f"--resume: {refusing} other rank(s) found the image folder data.root={d.root!r} changed "
-                            f"since the run started (each says how in its own output)")
-        same = alike == world
-    if problem:
-        raise DataError(f"--resume: the image folder data.root={d.root!r} is not as this run started on it: {problem}")
-    return same
+    said = None if problem is None else (f"--resume: the image folder data.root={d.root!r} is not as this run "
+                                         f"started on it: {problem}")
+    alike = _one_answer(said, f"the image folder data.root={d.root!r} changed since the run started", (int(same),))
+    return alike[0] == rank_and_size()[1]
+
+
+def check_same_statistics(recorded: dict | None, data: Data, cfg: Config) -> None:
+    """On a resume from another data.root (an image folder read into memory, its mean and std computed now from its
+    pixels): DataError, on every rank together, unless they are the run's recorded ones bit for bit, as the same
+    images give (exact sums). The listing says the files are named, sized and dated as the run's; this is what the
+    pixels say. A streamed folder whose listing matches takes the recorded figures (no pass over its images)."""
+    was = recorded or {}
+    differ = cfg.data.source == "imagefolder" and "mean" in was and "std" in was and not (
+        torch.equal(torch.tensor(was["mean"], dtype=torch.float32), data.mean)
+        and torch.equal(torch.tensor(was["std"], dtype=torch.float32), data.std))
+    _one_answer(f"--resume: the images in data.root={cfg.data.root!r} are not those the run in {cfg.log.run_dir} "
+                f"started on: their channel means / stds are {data.mean.tolist()} / {data.std.tolist()}, the run "
+                f"recorded {was.get('mean')} / {was.get('std')} (its files' names, sizes and times match). A resumed "
+                f"run must train on what it started on: resume where its data was, or start a new run (another "
+                f"log.run_dir)" if differ else None, f"the images in data.root={cfg.data.root!r} not the run's")
 
 
 def check_same_poison(recorded: dict | None, data: Data, cfg: Config) -> None:
-    """On a resume (``recorded``: the run's recorded inputs): DataError unless a poison read from files
-    (``poison.path``; a bench's or search's cached store) is the one the run started on (meta.json's
+    """On a resume (``recorded``: the run's recorded inputs): DataError, on every rank together, unless a poison read
+    from files (``poison.path``; a bench's or search's cached store) is the one the run started on (meta.json's
     ``inputs.poison_sha256``): a store written again with ``pst-dist poison --overwrite`` between two segments passes
     its own checks, and the run would train on another poison under the same config. Runs from before the
     fingerprint was recorded are not checked."""
     was = (recorded or {}).get("poison_sha256")
-    if was is not None and data.poison_sha256 is not None and was != data.poison_sha256:
-        raise DataError(f"--resume: the poison read from {data.poison_path} is not the one the run in "
-                        f"{cfg.log.run_dir} started on (its training images' fingerprint {data.poison_sha256[:12]}... "
-                        f"now, {was[:12]}... then). A resumed run must train on what it started on: restore the "
-                        f"poison, or train the run again from its start (--overwrite, or another log.run_dir; in a "
-                        f"bench, remove that cell's directory)")
+    differ = was is not None and data.poison_sha256 is not None and was != data.poison_sha256
+    _one_answer(f"--resume: the poison read from {data.poison_path} is not the one the run in {cfg.log.run_dir} "
+                f"started on (its training images' fingerprint {data.poison_sha256[:12]}... now, {was[:12]}... "
+                f"then). A resumed run must train on what it started on: restore the poison, or train the run again "
+                f"from its start (--overwrite, or another log.run_dir; in a bench, remove that cell's directory)"
+                if differ else None, f"the poison read from {data.poison_path} not the run's")
 
 
-def beton_digests(data: Data) -> dict | None:
+def beton_digests(data: Data, hashed: bool = False) -> dict | None:
     """The SHA-256 of each .beton split the data reads (beton.json's, checked against the files unless data.verify
-    is false): meta.json's ``inputs.beton``, what a resume and an evaluation compare. None for other sources."""
-    return None if data.beton is None else {n: data.beton.meta["splits"][n]["sha256"] for n in beton.SPLITS}
+    is false; ``hashed``: the files' own, read now): meta.json's ``inputs.beton``, what a resume and an evaluation
+    compare. None for other sources."""
+    if data.beton is None:
+        return None
+    if hashed:
+        return {n: sha256(data.beton.root / f"{n}.beton") for n in beton.SPLITS}
+    return {n: data.beton.meta["splits"][n]["sha256"] for n in beton.SPLITS}
 
 
 def beton_change(was: dict | None, now: dict | None) -> str | None:
@@ -204,26 +244,23 @@ def beton_change(was: dict | None, now: dict | None) -> str | None:
     return ", ".join(changed) or None
 
 
-def check_same_beton(recorded: dict | None, data: Data, cfg: Config) -> None:
+def check_same_beton(recorded: dict | None, data: Data, cfg: Config, moved: bool = False) -> None:
     """On a resume (``recorded``: the run's recorded inputs): DataError, on every rank together, unless the .beton
     files in data.root are the ones the run started on (meta.json's ``inputs.beton``): ``pst-dist write-beton
     --overwrite`` between two segments (another poison, another data set), or a relative data.root that names
     another directory from here, passes every check of the files themselves, and the run would go on training on
-    other data under the same config. Runs from before the digests were recorded are not checked."""
+    other data under the same config. ``moved``: data.root is not where the run started, so the files are hashed
+    now even with data.verify false (beton.json's figures alone would vouch for the files beside it). Runs from
+    before the digests were recorded are not checked."""
     if data.beton is None:  # data.source is the same on every rank: all return here together
         return
-    changed = beton_change((recorded or {}).get("beton"), beton_digests(data))
-    if rank_and_size()[1] > 1:  # one answer for every rank (each node may hold its own copy)
-        refusing = sum_across_ranks([int(changed is not None)])[0]
-        if refusing and changed is None:
-            raise DataError(f"--resume: {refusing} other rank(s) found the .beton data in data.root="
-                            f"{cfg.data.root!r} changed since the run started (each says how in its own output)")
-    if changed is not None:
-        raise DataError(f"--resume: the .beton data in data.root={cfg.data.root!r} is not what the run in "
-                        f"{cfg.log.run_dir} started on ({changed}: other SHA-256 than recorded, written again since; "
-                        f"a file written again holds its pages in another order even from the same images). A resumed "
-                        f"run must train on what it started on: restore the files, or train the run again from its "
-                        f"start (--overwrite, or another log.run_dir)")
+    changed = beton_change((recorded or {}).get("beton"), beton_digests(data, hashed=moved and not cfg.data.verify))
+    _one_answer(f"--resume: the .beton data in data.root={cfg.data.root!r} is not what the run in {cfg.log.run_dir} "
+                f"started on ({changed}: other SHA-256 than recorded, written again since; a file written again "
+                f"holds its pages in another order even from the same images). A resumed run must train on what it "
+                f"started on: restore the files, or train the run again from its start (--overwrite, or another "
+                f"log.run_dir)" if changed is not None else None,
+                f"the .beton data in data.root={cfg.data.root!r} changed since the run started")
 
 
 def streams(cfg: Config) -> bool:
