@@ -139,7 +139,8 @@ def unclaimed_leftovers(directory: Path, names: Iterable[str], kind: str) -> lis
     another machine (or in another container of this host), or named by an older pst-dist with a process id alone
     (``.X.old-<pid>``). Whether their writer still runs cannot be known from here, so they are never removed; an
     "old" one may hold the only copy of an earlier output."""
-    pattern = re.compile(rf"\.(.+)\.{re.escape(kind)}-(.+)")
+    # the writer as pst-dist names it: <host>+<pid namespace>-<pid> (:func:`_writer`), or <pid> before it named a host
+    pattern = re.compile(rf"\.(.+)\.{re.escape(kind)}-([A-Za-z0-9._-]+\+\d+-\d+|\d+)")
     ours = re.compile(rf"{re.escape(_machine())}-\d+")
     names = set(names)
     entries = sorted(Path(directory).iterdir()) if Path(directory).is_dir() else []

@@ -309,15 +309,17 @@ def test_the_earlier_output_a_killed_replacement_moved_aside_is_removed_or_named
 
     host, dead = _machine(), dead_pid()
     out = copy_dir(store_src, tmp_path / "p")
-    stale, kept, older = (tmp_path / f".p.old-{w}" for w in (f"{host}-{dead}", f"elsewhere-{dead}", dead))
-    for d in (stale, kept, older):
+    stale, kept, older, users = (tmp_path / f".p.old-{w}" for w in (f"{host}-{dead}", f"elsewhere+1-{dead}", dead,
+                                                                      "backup"))
+    for d in (stale, kept, older, users):
         copy_dir(store_src, d)
     run = run_cli_in_process("poison", "--out", out, *STORE_DATA, ATTACK, "--poison.seed=1", "--overwrite")
     assert run.returncode == 0, run.stderr[-3000:]
     assert f"removed {stale.name} from {tmp_path}: left by a write that was killed" in run.stderr
     assert f"left {older.name}, {kept.name} in {tmp_path}: written on another machine, or named by an older " \
            f"pst-dist" in run.stderr, run.stderr[-3000:]
-    assert not stale.exists() and tree(kept) == tree(store_src) == tree(older)
+    assert not stale.exists() and tree(kept) == tree(store_src) == tree(older) == tree(users)
+    assert users.name not in run.stderr  # a user's own name: not one pst-dist gives its temporaries
     shutil.rmtree(kept)
     shutil.rmtree(out)
     run = run_cli_in_process("poison", "--out", out, *STORE_DATA, ATTACK)
