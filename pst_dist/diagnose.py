@@ -33,7 +33,7 @@ from .pst.detectors import scatter_ratio
 from .pst.freeze import GroupActivations, eval_mode, trace_units
 from .pst.groups import layer_groups
 from .pst.schedule import check_stages
-from .rundir import LOCK, written_by_a_run
+from .rundir import LOCK, run_dir_held, written_by_a_run
 from .train import resolve_auto, setup_seed, train
 
 
@@ -140,6 +140,21 @@ def run_diagnose(cfg: Config, out: Path, probe_size: int = 2000, overwrite: bool
     if n < 2 * s.num_classes:
         raise ConfigError(f"--probe-size {probe_size}: a probe of {n} images is too small for {s.num_classes} "
                           f"classes (need >= {2 * s.num_classes})")
+    # the run directory's lock from here on: a second diagnose into the same --out (a queue script started twice)
+    # is refused before it replaces this one's rows, events or plot, not only once it comes to train
+    with run_dir_held(out / "run"):
+        return _measure_and_train(cfg, out, data, held, poisoned, n, earlier, overwrite)
+
+
+def _measure_and_train(cfg: Config, out: Path, data, held, poisoned: torch.Tensor, n: int, earlier: bool,
+                       overwrite: bool) -> list[dict]:
+    """:func:`run_diagnose` once its inputs are checked, under the run directory's lock: the rows of epoch 0 (an
+    untrained network), then training with a row per epoch, then the plot."""
+    s = data.splits
+    plot_file = out / "diagnose.png"
+    if not earlier and (out / "diagnose.jsonl").exists():  # written while this one waited for the lock
+        raise OutputError(f"--out {out}: another diagnose wrote its output there while this one waited for its run "
+                          f"directory's lock; left as it is: pass --overwrite to replace it, or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     if earlier:  # --overwrite of an earlier diagnose output: its TensorBoard events and plot go (run/ is train()'s
         shutil.rmtree(out / "tb", ignore_errors=True)  # to replace): a diagnose stopped part-way leaves no old plot

@@ -539,11 +539,30 @@ def _now() -> str:
 
 
 _HELD: dict[str, RunLock] = {}
+_KEPT: set[str] = set()
+"""Run directories whose lock :func:`run_dir_held` keeps across the trainings inside it."""
+
+
+@contextlib.contextmanager
+def run_dir_held(run_dir: Path):
+    """Hold ``run_dir``'s lock for a command that writes files of its own beside a training into it (``diagnose``
+    replaces its plot, rows and TensorBoard events before it trains into ``--out/run``): the lock is taken before
+    the first of them, and :func:`lock_run_dir` / :func:`unlock_run_dir` inside keep it."""
+    lock_run_dir(run_dir)
+    _KEPT.add(str(run_dir))
+    try:
+        yield
+    finally:
+        _KEPT.discard(str(run_dir))
+        unlock_run_dir(run_dir)
 
 
 def lock_run_dir(run_dir: Path) -> None:
     """Take ``run_dir``'s :class:`RunLock` for this process until :func:`unlock_run_dir` (RunDirError while another
-    process trains into it). One this process still holds (a run interrupted before it let go) is let go first."""
+    process trains into it). One this process still holds (a run interrupted before it let go) is let go first,
+    unless :func:`run_dir_held` keeps it."""
+    if str(run_dir) in _KEPT and str(run_dir) in _HELD:
+        return
     unlock_run_dir(run_dir)
     try:
         _HELD[str(run_dir)] = RunLock(Path(run_dir))
@@ -552,8 +571,8 @@ def lock_run_dir(run_dir: Path) -> None:
 
 
 def unlock_run_dir(run_dir: Path) -> None:
-    """Release the lock :func:`lock_run_dir` took, if this process holds it."""
-    if (lock := _HELD.get(str(run_dir))) is not None:
+    """Release the lock :func:`lock_run_dir` took, if this process holds it (and :func:`run_dir_held` does not)."""
+    if str(run_dir) not in _KEPT and (lock := _HELD.get(str(run_dir))) is not None:
         lock.release()
         _HELD.pop(str(run_dir), None)
 
