@@ -300,3 +300,24 @@ def dead_pid() -> int:
     p.wait()
     return p.pid
 
+
+@contextlib.contextmanager
+def lock_held_elsewhere(lock: Path):
+    """Another process holds ``lock`` (a run directory's :data:`pst_dist.rundir.LOCK`) under flock, its file naming
+    process 4242 on machine elsewhere+1, until the block ends (then it exits and the kernel lets the lock go)."""
+    import subprocess
+
+    holder = subprocess.Popen([sys.executable, "-c", f"""
+import fcntl, json, os, sys
+fd = os.open({str(lock)!r}, os.O_RDWR | os.O_CREAT)
+fcntl.flock(fd, fcntl.LOCK_EX)
+os.write(fd, json.dumps({{"machine": "elsewhere+1", "pid": 4242, "since": "then"}}).encode())
+print("held", flush=True)
+sys.stdin.read()
+"""], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        yield
+    finally:
+        holder.stdin.close()
+        holder.wait(30)

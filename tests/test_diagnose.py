@@ -109,28 +109,16 @@ def test_a_diagnose_into_an_output_another_is_writing_is_refused_before_it_touch
     its rows, TensorBoard events and plot left as they were (was: removed and replaced, then refused at training)."""
     from pst_dist import rundir
 
-    from .conftest import run_cli_in_process
+    from .conftest import lock_held_elsewhere, run_cli_in_process
 
     out = tmp_path / "d"
     cfg = ["diagnose", "--config", str(ROOT / "tests" / "configs" / "bench_tiny.toml"), "--poison.kind=patch_noise",
            "--standard", "--train.epochs=1", "--probe-size=40", "--out", str(out)]
     assert run_cli_in_process(*cfg).returncode == 0
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and "run" not in p.relative_to(out).parts}
-    holder = subprocess.Popen([sys.executable, "-c", f"""
-import fcntl, json, os, sys
-fd = os.open({str(out / "run" / rundir.LOCK)!r}, os.O_RDWR | os.O_CREAT)
-fcntl.flock(fd, fcntl.LOCK_EX)
-os.write(fd, json.dumps({{"machine": "elsewhere+1", "pid": 4242, "since": "then"}}).encode())
-print("held", flush=True)
-sys.stdin.read()
-"""], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline() == "held\n"
+    with lock_held_elsewhere(out / "run" / rundir.LOCK):
         monkeypatch.setattr(rundir, "LOCK_WAIT_S", 0.5)
         r = run_cli_in_process(*cfg, "--overwrite")
         assert r.returncode == 2 and "process 4242 on elsewhere+1 is training into it" in r.stderr, r.stderr[-2000:]
-    finally:
-        holder.stdin.close()
-        holder.wait(30)
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and "run" not in p.relative_to(out).parts} \
         == before and len(before) >= 3

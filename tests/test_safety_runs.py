@@ -26,6 +26,7 @@ from .conftest import (
     TINY,
     assert_refused,
     dead_pid,
+    lock_held_elsewhere,
     partial_files,
     place_marker,
     run_cli,
@@ -673,22 +674,10 @@ def test_a_lock_let_go_while_another_process_waits_is_taken_from_its_path_again_
     assert second.fd is not None and os.fstat(second.fd).st_ino == (run_dir / LOCK).stat().st_ino and said == []
     assert json.loads((run_dir / LOCK).read_text())["pid"] == os.getpid()
     second.release()
-    holder = subprocess.Popen([sys.executable, "-c", f"""
-import fcntl, json, os, sys
-fd = os.open({str(run_dir / LOCK)!r}, os.O_RDWR | os.O_CREAT)
-fcntl.flock(fd, fcntl.LOCK_EX)
-os.write(fd, json.dumps({{"machine": "elsewhere+1", "pid": 4242, "since": "then"}}).encode())
-print("held", flush=True)
-sys.stdin.read()
-"""], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline() == "held\n"
+    with lock_held_elsewhere(run_dir / LOCK):
         monkeypatch.setattr(rundir, "LOCK_WAIT_S", 0.5)
         with pytest.raises(RunDirError, match="process 4242 on elsewhere\\+1 is training into it"):
             RunLock(run_dir, log=lambda m: None)
-    finally:
-        holder.stdin.close()
-        holder.wait(30)
     said.clear()
     lock = RunLock(run_dir, log=said.append)  # let go with its process; its file stays
     assert said == [f"[run] {run_dir / LOCK}: process 4242 on elsewhere+1 held it until it was killed (it no longer "
