@@ -419,8 +419,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resume", action="store_true", help="continue the run in log.run_dir from its last checkpoint "
                    "(the config must be the recorded one but for more train.epochs, thread / loader / checkpoint "
                    "settings and [log] [tune] [bench]: RESUME_MAY_CHANGE in pst_dist/config.py; data.root and "
-                   "poison.path may name a copy of .beton files, an image folder or a poison, checked against the "
-                   "run's record)")
+                   "poison.path may name a copy of the run's .beton files or poison, checked against its record)")
     p.add_argument("--resume=auto", dest="resume", action="store_const", const="auto", help="continue the run "
                    "when log.run_dir holds one, start it when not (one command for a job that may be preempted and "
                    "launched again)")

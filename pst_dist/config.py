@@ -1325,9 +1325,9 @@ RESUME_MAY_CHANGE = ("train.epochs", "train.threads", "train.checkpoint_every",
 than already trained; the cosine base lr then stretches over the new length, and meta.json records the change),
 thread / worker counts, checkpoint frequency, whether batches are held on the device or streamed from an image
 folder (the same batches either way), hash verification, and the [log], [tune] and [bench] sections, which
-do not change what is trained. ``data.root`` and ``poison.path`` may name another path where the run recorded
-what its files held (:func:`pst_dist.rundir.relocations`: the data there is checked against the record). Everything
-else is refused, naming each differing key."""
+do not change what is trained. ``data.root`` (.beton data) and ``poison.path`` may name another path, where the
+run recorded what its files hold (:func:`pst_dist.rundir.relocations`: the files there are checked against the
+record). Everything else is refused, naming each differing key."""
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -179,7 +179,7 @@ def folder_as_trained(was: dict | None, now: dict | None) -> bool | None:
     change = folder_change(was, now)
     if change is None:
         return True
-    how = ("the same files with other modification times" if change in ("times", "moved-times")
+    how = ("the same files with other modification times" if change == "times"
            else f"files added, removed, renamed or resized: {was.get('files')} files then, {now['files']} now")
     print(f"[eval] note: the image folder is not as the run trained on it ({how}); the accuracy is of the folder as "
           f"it is now", file=sys.stderr)

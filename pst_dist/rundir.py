@@ -248,8 +248,8 @@ def check_run_dir(cfg: Config, resume: bool, overwrite: bool, allow_changes: boo
     if refused and not allow_changes:
         stuck = [k for k in RELOCATABLE if k in refused]
         why = (f" ({' and '.join(stuck)} may name another path only where the run recorded what the path held: "
-               f".beton files, an image folder, a poison read from files, which the resume then checks; this run's "
-               f"record does not: keep its data where it was)" if stuck else "")
+               f".beton files, a poison read from files, which the resume then checks; this run's record does not: "
+               f"keep its data where it was)" if stuck else "")
         raise RunDirError(f"--resume: the config differs from the one {run_dir} was trained with "
                           f"({listed_changes(refused)}). A resumed run must train what its record says; only "
                           f"{', '.join(RESUME_MAY_CHANGE)} may change{why}. Start a new run (another log.run_dir) "
@@ -268,21 +268,18 @@ def relocations(run_dir: Path, changes: dict) -> dict[str, str]:
     """Which of the path ``changes`` ({key: (recorded, now)}) a resume of the run in ``run_dir`` accepts: those whose
     content the run recorded (meta.json's ``inputs``), so that the data read from the new path is checked against
     the record before the run writes anything (the same files copied to another disk or mount, say a node's local
-    SSD). ``data.root`` with .beton files (each split's SHA-256: :func:`pst_dist.data.pipeline.check_same_beton`) or
-    an image folder listed below its root (``inputs.folder.rel_sha256``:
-    :func:`pst_dist.data.pipeline.check_same_folder`); ``poison.path`` with the poisoned training images'
+    SSD). ``data.root`` with .beton files (each split's SHA-256, hashed again on a move:
+    :func:`pst_dist.data.pipeline.check_same_beton`); ``poison.path`` with the poisoned training images'
     fingerprint (``inputs.poison_sha256``: :func:`pst_dist.data.pipeline.check_same_poison`). Returns {key: that
-    check, in words}; the other sources record nothing of their files, and their paths stay refused."""
+    check, in words}. Other sources keep their path: an image folder's record is its listing (names, sizes, times),
+    not its content, and the in-memory ones (IDX, CIFAR batches) record nothing of their files."""
     try:
         inputs = recorded_inputs(run_dir) or {}
     except CheckpointError:  # unreadable: the resume reads no record either (resumed_inputs), so it checks nothing
         return {}
-    folder, checks = inputs.get("folder"), {}
-    if "data.root" in changes:
-        if isinstance(inputs.get("beton"), dict) and inputs["beton"]:
-            checks["data.root"] = "each .beton split's SHA-256"
-        elif isinstance(folder, dict) and isinstance(folder.get("rel_sha256"), str):
-            checks["data.root"] = "the image folder's listing: each file's name below data.root, size and time"
+    checks = {}
+    if "data.root" in changes and isinstance(inputs.get("beton"), dict) and inputs["beton"]:
+        checks["data.root"] = "each .beton split's SHA-256, the files hashed now"
     if "poison.path" in changes and isinstance(inputs.get("poison_sha256"), str):
         checks["poison.path"] = "the poisoned training images' fingerprint"
     return checks

@@ -35,7 +35,6 @@ from .data.pipeline import (
     check_same_beton,
     check_same_folder,
     check_same_poison,
-    check_same_statistics,
 )
 from .data.sources import Split, fingerprint
 from .defenses import pgd_examples, step_seed, ueraser_loss, ueraser_repeats
@@ -473,8 +472,6 @@ def build_run(cfg: Config, resume: bool | str, overwrite: bool, allow_changes: b
                   f"data there is what it started on (checked before it writes anything: {check})", file=sys.stderr)
         check_same_poison(recorded, data, cfg)
         check_same_beton(recorded, data, cfg, moved="data.root" in changes)
-        if "data.root" in changes:  # another path: the pixels of an image folder read into memory too
-            check_same_statistics(recorded, data, cfg)
         data = started_normalisation(recorded, data, dist_info.is_primary)
     resolved["data.stream"] = data.stream is not None
     # computed on rank 0, its values or its refusal on every rank: the ranks switch stages together

@@ -150,10 +150,10 @@ def test_a_resume_follows_betons_copied_to_another_path_and_refuses_other_files_
     before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
     with pytest.raises(DataError, match=rf"data.root='{other}' is not what the run .* \(train.beton: "):
         train(cfg_of(*base, f"--data.root={other}", "--train.epochs=3"), resume=True)
-    # the run's beton.json beside another poison's train.beton: at another path the files are hashed even with
-    # data.verify=false (beton.json's figures alone vouched for them)
+    # the run's beton.json beside a train.beton of the same size with other pixels: at another path the files are
+    # hashed even with data.verify=false (beton.json's figures alone vouched for them)
     swapped = Path(shutil.copytree(first, tmp_path / "swapped"))
-    shutil.copyfile(other / "train.beton", swapped / "train.beton")
+    _flip_pixel_bytes(swapped / "train.beton")
     with pytest.raises(DataError, match=rf"data.root='{swapped}' is not what the run .* \(train.beton: "):
         train(cfg_of(*base, f"--data.root={swapped}", "--train.epochs=3", "--data.verify=false"), resume=True)
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before

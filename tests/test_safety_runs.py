@@ -424,7 +424,7 @@ def test_a_source_that_records_nothing_of_its_files_keeps_its_data_root(tmp_path
     before = _bytes(run)
     out = run_cli_in_process("train", *args, "--train.epochs=2", f"--data.root={other}", "--resume")
     assert_refused(out, [f"(data.root: '{first}' -> '{other}')", "data.root may name another path only where the "
-                         "run recorded what the path held: .beton files, an image folder, a poison read from files",
+                         "run recorded what the path held: .beton files, a poison read from files",
                          "this run's record does not"], [], tmp_path, code=2)
     assert _bytes(run) == before
 

@@ -128,19 +128,10 @@ def build_data(cfg: Config, poisoned: torch.Tensor | None = None, digest: bool =
 def folder_change(was: dict, now: dict) -> str | None:
     """How an image folder's listing ``now`` differs from the one recorded, ``was`` (both
     :meth:`pst_dist.data.sources.FolderListing.fingerprint`): None, not at all; ``"times"``, the same files (names,
-    labels, sizes) with other modification times; ``"moved-times"``, the same at another data.root; ``"files"``,
-    files added, removed, renamed or resized. Compared by the paths below data.root when both record them (the same
-    files at another path, a run's data moved, are the same), else by the whole paths (a run from before they were
-    recorded)."""
-    if "rel_sha256" not in was or "rel_sha256" not in now:
-        if was.get("sha256") == now["sha256"]:
-            return None
-        return "times" if was.get("sizes_sha256") == now["sizes_sha256"] else "files"
-    if was["rel_sha256"] == now["rel_sha256"]:
+    labels, sizes) with other modification times; ``"files"``, files added, removed, renamed or resized."""
+    if was.get("sha256") == now["sha256"]:
         return None
-    if was.get("rel_sizes_sha256") != now["rel_sizes_sha256"]:
-        return "files"
-    return "times" if was.get("sizes_sha256") == now["sizes_sha256"] else "moved-times"
+    return "times" if was.get("sizes_sha256") == now["sizes_sha256"] else "files"
 
 
 def _one_answer(problem: str | None, others: str, flags: tuple[int, ...] = ()) -> list[int]:
@@ -162,10 +153,9 @@ def check_same_folder(recorded: dict | None, folder: dict | None, d: DataConfig)
     unless the image folder lists as it did when the run started (meta.json's ``inputs.folder``). Each segment lists
     the folder afresh, so a file changed, added or removed between two segments would otherwise go unnoticed. The
     same files with other modification times (a copy that did not keep them, or files rewritten at their size) are
-    refused too, unless ``data.verify`` is false and the folder is where the run started: at another data.root the
-    names, sizes and times are what tells the run's data from other files. Returns whether the folder lists exactly
-    as recorded on every rank (a streamed resume then makes no statistics pass); runs from before the listing was
-    recorded, and other sources, are not checked."""
+    refused too, unless ``data.verify`` is false. Returns whether the folder lists exactly as recorded on every rank
+    (a streamed resume then makes no statistics pass); runs from before the listing was recorded, and other sources,
+    are not checked."""
     if recorded is None:
         return False
     was = recorded.get("folder")
@@ -176,11 +166,6 @@ def check_same_folder(recorded: dict | None, folder: dict | None, d: DataConfig)
         problem = (f"files added, removed, renamed or resized ({was.get('files')} files then, {folder['files']} "
                    f"now). A resumed run must train on what it started on: restore the folder, or start a new run "
                    f"(another log.run_dir)")
-    elif change == "moved-times":
-        problem = ("the same names and sizes below it as the run's folder, but not all with the modification times "
-                   "recorded: at another path these are what tell the run's files from others, so a copy must keep "
-                   "them (cp -a, rsync -a), whatever data.verify says; copy the folder again so, or resume where it "
-                   "was")
     elif change == "times" and d.verify:
         problem = ("the same files (names, sizes), but not all with the modification times recorded: rewritten in "
                    "place, or a copy that did not keep them (cp -p, rsync -t keep them). If the files are the same, "
@@ -190,22 +175,6 @@ def check_same_folder(recorded: dict | None, folder: dict | None, d: DataConfig)
                                          f"started on it: {problem}")
     alike = _one_answer(said, f"the image folder data.root={d.root!r} changed since the run started", (int(same),))
     return alike[0] == rank_and_size()[1]
-
-
-def check_same_statistics(recorded: dict | None, data: Data, cfg: Config) -> None:
-    """On a resume from another data.root (an image folder read into memory, its mean and std computed now from its
-    pixels): DataError, on every rank together, unless they are the run's recorded ones bit for bit, as the same
-    images give (exact sums). The listing says the files are named, sized and dated as the run's; this is what the
-    pixels say. A streamed folder whose listing matches takes the recorded figures (no pass over its images)."""
-    was = recorded or {}
-    differ = cfg.data.source == "imagefolder" and "mean" in was and "std" in was and not (
-        torch.equal(torch.tensor(was["mean"], dtype=torch.float32), data.mean)
-        and torch.equal(torch.tensor(was["std"], dtype=torch.float32), data.std))
-    _one_answer(f"--resume: the images in data.root={cfg.data.root!r} are not those the run in {cfg.log.run_dir} "
-                f"started on: their channel means / stds are {data.mean.tolist()} / {data.std.tolist()}, the run "
-                f"recorded {was.get('mean')} / {was.get('std')} (its files' names, sizes and times match). A resumed "
-                f"run must train on what it started on: resume where its data was, or start a new run (another "
-                f"log.run_dir)" if differ else None, f"the images in data.root={cfg.data.root!r} not the run's")
 
 
 def check_same_poison(recorded: dict | None, data: Data, cfg: Config) -> None:

@@ -742,8 +742,6 @@ class FolderListing:
     test: FolderSplit
     num_classes: int
     rows: Rows
-    root: bytes = b""
-    """``data.root`` as the files' paths begin (``os.fsencode``): :meth:`fingerprint` hashes them without it too."""
 
     def part(self, name: str) -> FolderSplit:
         """The ``train``, ``val`` or ``test`` split's files, carved."""
@@ -753,26 +751,16 @@ class FolderListing:
     def fingerprint(self) -> dict:
         """What a resume compares to know the folder is the one its run started on (meta.json's ``inputs.folder``):
         ``sha256`` of every file's path, label, size and modification time, both splits in the source's order;
-        ``sizes_sha256`` of the same without the modification times (a copy that did not keep them); ``rel_sha256``
-        and ``rel_sizes_sha256``, the same two with each path taken below ``data.root`` (the same files at another
-        path: a run whose data moved); ``files``."""
-        full, sizes, rel, rel_sizes = (hashlib.sha256() for _ in range(4))
-        cut = len(self.root) + 1 if self.root else 0  # the root and the separator after it
+        ``sizes_sha256`` of the same without the modification times (a copy that did not keep them); ``files``."""
+        full, sizes = hashlib.sha256(), hashlib.sha256()
         for split in (self.train, self.test):
-            below = b"\0".join(p[cut:] if cut and p.startswith(self.root + b"/") else p for p in split.paths)
-            common = (split.labels.numpy().astype("<i8").tobytes(), split.stamps[:, 0].astype("<i8").tobytes())
-            count = len(split).to_bytes(8, "little")
-            for h in (full, sizes):
-                for part in (count, split.paths.dtype.str.encode(), split.paths.tobytes(), *common):
-                    h.update(part)
-            for h in (rel, rel_sizes):
-                for part in (count, below, *common):
-                    h.update(part)
-            for h in (full, rel):
-                h.update(split.stamps[:, 1].astype("<i8").tobytes())
+            for part in (len(split).to_bytes(8, "little"), split.paths.dtype.str.encode(), split.paths.tobytes(),
+                         split.labels.numpy().astype("<i8").tobytes(), split.stamps[:, 0].astype("<i8").tobytes()):
+                full.update(part)
+                sizes.update(part)
+            full.update(split.stamps[:, 1].astype("<i8").tobytes())
         files = len(self.train) + len(self.test)
-        return {"sha256": full.hexdigest(), "sizes_sha256": sizes.hexdigest(), "rel_sha256": rel.hexdigest(),
-                "rel_sizes_sha256": rel_sizes.hexdigest(), "files": files}
+        return {"sha256": full.hexdigest(), "sizes_sha256": sizes.hexdigest(), "files": files}
 
 
 def _stamp(path: Path, when: str = "") -> tuple[int, int]:
@@ -842,7 +830,7 @@ def list_folder(cfg: DataConfig) -> FolderListing:
         names = np.array([os.fsencode(p) for p in paths])
         splits.append(FolderSplit(names, labels, torch.arange(len(paths)), cfg.img_size, stamps.reshape(-1, 2)))
     rows = carve(cfg, len(splits[0]), len(splits[1]))
-    return FolderListing(splits[0], splits[1], len(classes), rows, os.fsencode(str(Path(cfg.root))))
+    return FolderListing(splits[0], splits[1], len(classes), rows)
 
 
 def load_streamed_splits(cfg: DataConfig, head: int | None, listing: FolderListing | None = None,
