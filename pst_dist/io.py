@@ -118,20 +118,29 @@ def _running(pid: int) -> bool:
     return True
 
 
+def _leftovers(directory: Path, names: Iterable[str], kind: str) -> list[tuple[Path, str]]:
+    """The entries of ``directory`` named as pst-dist names a temporary of one of ``names`` (``.X.<kind>-<writer>``),
+    with their writer: ``<host>+<pid namespace>-<pid>`` (:func:`_writer`), or ``<pid>`` before it named a host."""
+    pattern = re.compile(rf"\.(.+)\.{re.escape(kind)}-([A-Za-z0-9._-]+\+\d+-\d+|\d+)")
+    names = set(names)
+    entries = sorted(Path(directory).iterdir()) if Path(directory).is_dir() else []
+    return [(p, m.group(2)) for p in entries for m in [pattern.fullmatch(p.name)] if m and m.group(1) in names]
+
+
+def _this_machines(writer: str) -> int | None:
+    """The process id of a temporary's writer on this machine (:func:`_machine`); None for another's."""
+    m = re.fullmatch(rf"{re.escape(_machine())}-(\d+)", writer)
+    return int(m.group(1)) if m else None
+
+
 def stale_leftovers(directory: Path, names: Iterable[str], kind: str) -> list[Path]:
     """What writes of ``names`` into ``directory`` left when their process was killed (SIGKILL, the OOM killer,
     a lost node): hidden temporary files (``kind`` "tmp", :func:`save_atomic`), partial directories ("partial",
     :func:`atomic_dir`) or earlier outputs moved aside by a replacement ("old", :func:`atomic_dir`), named with this
     machine and a process id that no longer runs here. A name from another machine, or of a process still running,
     is never one."""
-    pattern = re.compile(rf"\.(.+)\.{re.escape(kind)}-{re.escape(_machine())}-(\d+)")
-    names = set(names)
-    found = []
-    for p in sorted(Path(directory).iterdir()) if Path(directory).is_dir() else []:
-        m = pattern.fullmatch(p.name)
-        if m and m.group(1) in names and not _running(int(m.group(2))):
-            found.append(p)
-    return found
+    return [p for p, writer in _leftovers(directory, names, kind)
+            if (pid := _this_machines(writer)) is not None and not _running(pid)]
 
 
 def unclaimed_leftovers(directory: Path, names: Iterable[str], kind: str) -> list[Path]:
@@ -139,13 +148,7 @@ def unclaimed_leftovers(directory: Path, names: Iterable[str], kind: str) -> lis
     another machine (or in another container of this host), or named by an older pst-dist with a process id alone
     (``.X.old-<pid>``). Whether their writer still runs cannot be known from here, so they are never removed; an
     "old" one may hold the only copy of an earlier output."""
-    # the writer as pst-dist names it: <host>+<pid namespace>-<pid> (:func:`_writer`), or <pid> before it named a host
-    pattern = re.compile(rf"\.(.+)\.{re.escape(kind)}-([A-Za-z0-9._-]+\+\d+-\d+|\d+)")
-    ours = re.compile(rf"{re.escape(_machine())}-\d+")
-    names = set(names)
-    entries = sorted(Path(directory).iterdir()) if Path(directory).is_dir() else []
-    return [p for p in entries for m in [pattern.fullmatch(p.name)]
-            if m and m.group(1) in names and not ours.fullmatch(m.group(2))]
+    return [p for p, writer in _leftovers(directory, names, kind) if _this_machines(writer) is None]
 
 
 _NAMED: set[Path] = set()
