@@ -242,7 +242,7 @@ def check_run_dir(cfg: Config, resume: bool, overwrite: bool, allow_changes: boo
         recorded = load_config(recorded_file, recorded=True)
     except ConfigError as e:
         raise RunDirError(f"--resume: the run's recorded config cannot be read ({e})") from None
-    changes, refused, _ = resume_changes(recorded, cfg, RESUME_MAY_CHANGE, trained_on(run_dir))
+    changes, refused = resume_changes(recorded, cfg, RESUME_MAY_CHANGE, trained_on(run_dir))
     moved = relocations(run_dir, refused)
     refused = {k: v for k, v in refused.items() if k not in moved}
     if refused and not allow_changes:
@@ -332,18 +332,19 @@ def _first_checkpoint_epoch(run_dir: Path) -> int:
 
 
 def resume_changes(recorded: Config, cfg: Config, may_change: tuple[str, ...],
-                   was: str | None = None) -> tuple[dict, dict, str]:
+                   was: str | None = None) -> tuple[dict, dict]:
     """What a resume under ``cfg`` changes against the ``recorded`` config ("auto" compared by what it means: here,
     and for the record on ``was``, the device type it trained on, else here too; the record may predate a default):
-    (every change {key: (recorded, now)}, those outside ``may_change`` (keys or whole sections), the refused ones
-    listed for a message). data.root and poison.path are compared made absolute from this working directory."""
+    (every change {key: (recorded, now)}, those outside ``may_change`` (keys or whole sections); a message lists
+    them with :func:`listed_changes`). data.root and poison.path are compared made absolute from this working
+    directory."""
     here = device_type(cfg)
     recorded, cfg = copy.deepcopy(recorded), copy.deepcopy(cfg)
     for c in (recorded, cfg):  # paths compared by what they name from here (a record from before they were absolute)
         absolute_paths(c)
     changes = config_changes(auto_meaning(flat_config(recorded), was or here), auto_meaning(flat_config(cfg), here))
     refused = {k: v for k, v in changes.items() if not any(k == m or k.startswith(m + ".") for m in may_change)}
-    return changes, refused, listed_changes(refused)
+    return changes, refused
 
 
 def listed_changes(changes: dict) -> str:

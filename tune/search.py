@@ -29,7 +29,7 @@ from pst_dist.io import check_written_over, uncreatable, write_atomic
 from pst_dist.matrix import seed_overrides
 from pst_dist.models import count_groups
 from pst_dist.pst.schedule import Schedule
-from pst_dist.rundir import is_recorded_config, resume_changes
+from pst_dist.rundir import is_recorded_config, listed_changes, resume_changes
 
 from .attacks import attack_config, poison_root, prepare_poisons, trial_runs
 from .report import REPORTS, write_reports
@@ -57,10 +57,10 @@ def check_resumed_search(cfg: Config, search_dir: Path, log) -> None:
         recorded = load_config(record, recorded=True)
     except ConfigError as e:
         raise ConfigError(f"--resume: the search's recorded config cannot be read ({e})") from None
-    _, refused, listed = resume_changes(recorded, cfg, SEARCH_RESUME_MAY_CHANGE)
+    _, refused = resume_changes(recorded, cfg, SEARCH_RESUME_MAY_CHANGE)
     if refused:
         raise ConfigError(f"--resume: the config differs from the one the search in {search_dir} started with "
-                          f"({listed}). A resumed search continues what it started; only "
+                          f"({listed_changes(refused)}). A resumed search continues what it started; only "
                           f"{', '.join(SEARCH_RESUME_MAY_CHANGE)} may change. Start a new search (another "
                           f"tune.name) for other settings")
 
