@@ -260,8 +260,10 @@ def check_run_dir(cfg: Config, resume: bool, overwrite: bool, allow_changes: boo
     return changes
 
 
-RELOCATABLE = ("data.root", "poison.path")
-"""The paths a resume accepts as changed where the run recorded what they held (:func:`relocations`)."""
+RELOCATABLE = {"data.root": "each .beton split's SHA-256, the files hashed now",
+               "poison.path": "the poisoned training images' fingerprint"}
+"""The paths a resume accepts as changed where the run recorded what they held (:func:`relocations`), and the check
+that then decides, in words."""
 
 
 def relocations(run_dir: Path, changes: dict) -> dict[str, str]:
@@ -271,18 +273,16 @@ def relocations(run_dir: Path, changes: dict) -> dict[str, str]:
     SSD). ``data.root`` with .beton files (each split's SHA-256, hashed again on a move:
     :func:`pst_dist.data.pipeline.check_same_beton`); ``poison.path`` with the poisoned training images'
     fingerprint (``inputs.poison_sha256``: :func:`pst_dist.data.pipeline.check_same_poison`). Returns {key: that
-    check, in words}. Other sources keep their path: an image folder's record is its listing (names, sizes, times),
-    not its content, and the in-memory ones (IDX, CIFAR batches) record nothing of their files."""
+    check, in words: :data:`RELOCATABLE`}. Other sources keep their path: an image folder's record is its listing
+    (names, sizes, times), not its content, and the in-memory ones (IDX, CIFAR batches) record nothing of their
+    files."""
     try:
         inputs = recorded_inputs(run_dir) or {}
     except CheckpointError:  # unreadable: the resume reads no record either (resumed_inputs), so it checks nothing
         return {}
-    checks = {}
-    if "data.root" in changes and isinstance(inputs.get("beton"), dict) and inputs["beton"]:
-        checks["data.root"] = "each .beton split's SHA-256, the files hashed now"
-    if "poison.path" in changes and isinstance(inputs.get("poison_sha256"), str):
-        checks["poison.path"] = "the poisoned training images' fingerprint"
-    return checks
+    recorded = {"data.root": isinstance(inputs.get("beton"), dict) and bool(inputs["beton"]),
+                "poison.path": isinstance(inputs.get("poison_sha256"), str)}
+    return {k: RELOCATABLE[k] for k in RELOCATABLE if k in changes and recorded[k]}
 
 
 def resume_from_scratch(run_dir: Path) -> bool:

@@ -50,13 +50,13 @@ from .pst.losses import mix_batch, stage_loss
 from .pst.schedule import ActiveStage, Schedule, lr_factor
 from .pst.views import apply_view
 from .rundir import (
+    RELOCATABLE,
     RUN_FILES,
     RunDirError,
     check_run_dir,
     holds_run,
     lock_run_dir,
     meta_segments,
-    relocations,
     remove_run_files,
     resume_from_scratch,
     resumed_inputs,
@@ -466,10 +466,12 @@ def build_run(cfg: Config, resume: bool | str, overwrite: bool, allow_changes: b
     else:  # built by the caller (tune's trials, the bench's cells), already decoded
         check_same_folder(recorded, data.folder, cfg.data)
     if resume:
-        moved = relocations(Path(cfg.log.run_dir), changes) if dist_info.is_primary else {}
-        for key, check in moved.items():  # accepted by check_run_dir; what checks it is below
-            print(f"[resume] {key} moved: {changes[key][0]!r} -> {changes[key][1]!r}; the run goes on only if the "
-                  f"data there is what it started on (checked before it writes anything: {check})", file=sys.stderr)
+        if dist_info.is_primary:  # the moves check_run_dir accepted (rundir.relocations): the checks below decide
+            checked = {"data.root": data.beton is not None, "poison.path": data.poison_sha256 is not None}
+            for key in (k for k in RELOCATABLE if k in changes and checked[k]):
+                print(f"[resume] {key} moved: {changes[key][0]!r} -> {changes[key][1]!r}; the run goes on only if "
+                      f"the data there is what it started on (checked before it writes anything: "
+                      f"{RELOCATABLE[key]})", file=sys.stderr)
         check_same_poison(recorded, data, cfg)
         check_same_beton(recorded, data, cfg, moved="data.root" in changes)
         data = started_normalisation(recorded, data, dist_info.is_primary)
