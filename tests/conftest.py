@@ -18,11 +18,15 @@ def _torch_extensions(tmp_path_factory):
     ~45 s): in the session's temp dir (or the ``TORCH_EXTENSIONS_DIR`` the caller set), not under anybody's HOME, and
     handed to every process the tests start, so a test with a HOME of its own (a Ray test's) reuses the build instead
     of redoing it. The venv's bin comes first on PATH, as the Ray tests' processes have it: torch builds with the first
-    ``ninja`` on PATH, and a build recorded by another ninja (the venv's 1.13 against Debian's 1.11) is redone."""
+    ``ninja`` on PATH, and a build recorded by another ninja (the venv's 1.13 against Debian's 1.11) is redone. Under
+    pytest-xdist (``make test``: ``-n``) the workers share one cache, in the run's base temp dir above their own:
+    torch builds under a lock file there, so one worker builds and the others wait for it and load the build."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # a worker's base temp dir is <the run's>/popen-gwN
+        base = base.parent
     with pytest.MonkeyPatch.context() as mp:
         # a cache the caller names explicitly is theirs to share; otherwise the session's own
-        mp.setenv("TORCH_EXTENSIONS_DIR", os.environ.get("TORCH_EXTENSIONS_DIR")
-                  or str(tmp_path_factory.getbasetemp() / "torch_extensions"))
+        mp.setenv("TORCH_EXTENSIONS_DIR", os.environ.get("TORCH_EXTENSIONS_DIR") or str(base / "torch_extensions"))
         mp.setenv("PATH", str(Path(sys.executable).parent), prepend=os.pathsep)
         yield
 
