@@ -1,3 +1,4 @@
+import atexit
 import contextlib
 import os
 import shutil
@@ -10,6 +11,12 @@ import pytest
 import torch
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+# torch makes its compile cache folder, <temp dir>/torchinductor_<user>, as soon as a test module imports timm (at
+# collection, before _session_temp sets TMPDIR): one of this process's own instead, removed at its exit, not one left
+# in the machine's temp dir (a cache the caller names is theirs)
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="pst-inductor-")
+    atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], True)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -263,7 +263,9 @@ def test_outputs_into_a_directory_it_cannot_write_are_refused_before_the_work(tm
         ro.mkdir()
         for p in [base, *base.rglob("*")]:
             p.chmod(0o777 if p.name == "home" else 0o555 if p == ro else (0o755 if p.is_dir() else 0o644))
-        env = {"PATH": os.environ["PATH"], "HOME": str(base / "home"), "OMP_NUM_THREADS": "1"}
+        # its own temp dir too: torch makes a cache folder in it at import, and /tmp's would be nobody's, left there
+        env = {"PATH": os.environ["PATH"], "HOME": str(base / "home"), "TMPDIR": str(base / "home"),
+               "OMP_NUM_THREADS": "1"}
         for cmd, named in ((["export", "--run", str(run), "--out", str(ro / "e")], f"--out {ro / 'e'}"),
                            (["eval", "--run", str(run), "--out", str(ro / "e.json")], f"--out {ro / 'e.json'}"),
                            (["report", str(base), "--plot", str(ro / "c.png")], f"--plot {ro / 'c.png'}")):

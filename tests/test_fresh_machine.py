@@ -100,7 +100,9 @@ def _fake_tools(tmp_path: Path, scripts: dict[str, str]) -> dict:
 def test_a_test_session_ended_by_sigterm_runs_its_teardowns(tmp_path, in_process):
     """A CI job's time limit or `kill` ends pytest with SIGTERM: the session stops as after Ctrl-C (exit 2, no later
     test runs) and a fixture's teardown runs (the tests' own Ray clusters are stopped by theirs), instead of Python
-    dying at once; also while a test runs a command in-process (whose own handler turns SIGTERM into exit 143)."""
+    dying at once; also while a test runs a command in-process (whose own handler turns SIGTERM into exit 143). The
+    session leaves nothing in the machine's temp dir (TMPDIR), not even the cache folder torch makes there when a test
+    module imports timm at collection."""
     import signal
     import textwrap
     import time
@@ -108,6 +110,7 @@ def test_a_test_session_ended_by_sigterm_runs_its_teardowns(tmp_path, in_process
     started, torn, after, run = (tmp_path / name for name in ("started", "torn_down", "after", "run"))
     (tmp_path / "test_waits.py").write_text(textwrap.dedent(f"""
         import pathlib, time, pytest
+        import pst_dist.train  # as the test modules do: timm, and torch's cache folder in the temp dir
 
         @pytest.fixture
         def owned():
@@ -124,9 +127,12 @@ def test_a_test_session_ended_by_sigterm_runs_its_teardowns(tmp_path, in_process
         def test_after():
             pathlib.Path({str(after)!r}).write_text("")
     """))
+    machine_tmp = tmp_path / "tmp"  # the session's TMPDIR, as /tmp is a CI machine's; no cache folder named for it
+    machine_tmp.mkdir()
+    env = {**{k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}, "TMPDIR": str(machine_tmp)}
     p = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p", "tests.conftest", "-p", "no:cacheprovider",
                           f"--basetemp={tmp_path / 'base'}", str(tmp_path / "test_waits.py")], cwd=ROOT,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
         deadline = time.time() + 120
         mark = run / "metrics.jsonl" if in_process else started  # in-process: once the command trains
@@ -140,6 +146,7 @@ def test_a_test_session_ended_by_sigterm_runs_its_teardowns(tmp_path, in_process
             p.kill()
     assert torn.read_text() == "torn down", out[-3000:]
     assert p.returncode == 2 and "KeyboardInterrupt" in out and not after.exists(), (p.returncode, out[-3000:])
+    assert not list(machine_tmp.iterdir()), list(machine_tmp.iterdir())
 
 
 def test_system_deps_installs_the_required_packages_and_an_unavailable_optional_one_does_not_stop_it(tmp_path):
