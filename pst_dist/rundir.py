@@ -266,23 +266,23 @@ RELOCATABLE = {"data.root": "each .beton split's SHA-256, the files hashed now",
 that then decides, in words."""
 
 
-def relocations(run_dir: Path, changes: dict) -> dict[str, str]:
+def relocations(run_dir: Path, changes: dict) -> set[str]:
     """Which of the path ``changes`` ({key: (recorded, now)}) a resume of the run in ``run_dir`` accepts: those whose
     content the run recorded (meta.json's ``inputs``), so that the data read from the new path is checked against
     the record before the run writes anything (the same files copied to another disk or mount, say a node's local
     SSD). ``data.root`` with .beton files (each split's SHA-256, hashed again on a move:
     :func:`pst_dist.data.pipeline.check_same_beton`); ``poison.path`` with the poisoned training images'
-    fingerprint (``inputs.poison_sha256``: :func:`pst_dist.data.pipeline.check_same_poison`). Returns {key: that
-    check, in words: :data:`RELOCATABLE`}. Other sources keep their path: an image folder's record is its listing
+    fingerprint (``inputs.poison_sha256``: :func:`pst_dist.data.pipeline.check_same_poison`). Returns those keys
+    (the checks in words: :data:`RELOCATABLE`). Other sources keep their path: an image folder's record is its listing
     (names, sizes, times), not its content, and the in-memory ones (IDX, CIFAR batches) record nothing of their
     files."""
     try:
         inputs = recorded_inputs(run_dir) or {}
     except CheckpointError:  # unreadable: the resume reads no record either (resumed_inputs), so it checks nothing
-        return {}
+        return set()
     recorded = {"data.root": isinstance(inputs.get("beton"), dict) and bool(inputs["beton"]),
                 "poison.path": isinstance(inputs.get("poison_sha256"), str)}
-    return {k: RELOCATABLE[k] for k in RELOCATABLE if k in changes and recorded[k]}
+    return {k for k in RELOCATABLE if k in changes and recorded[k]}
 
 
 def resume_from_scratch(run_dir: Path) -> bool:
