@@ -130,9 +130,12 @@ def run_diagnose(cfg: Config, out: Path, probe_size: int = 2000, overwrite: bool
     data = build_data(cfg)
     s = data.splits
     held, poisoned = s.train, data.poisoned_train
-    if any(st.trigger is not None and st.trigger.spectral_repair for st in cfg.schedule.stages):
-        print("[diagnose] the poisoned probe holds the training images before trigger.spectral_repair (the run "
-              "repairs them if its check finds a class-wise filter)", file=sys.stderr)
+    repairs = [*(["trigger.spectral_repair"] if any(st.trigger is not None and st.trigger.spectral_repair
+                                                    for st in cfg.schedule.stages) else []),
+               *(["schedule.mean_repair"] if cfg.schedule.mean_repair else [])]
+    if repairs:
+        print(f"[diagnose] the poisoned probe holds the training images before {' and '.join(repairs)} (the run "
+              f"repairs them if its check finds a shortcut there)", file=sys.stderr)
     if data.stream is not None:  # only its first images are in memory (and, unpoisoned, it trains on them as they are)
         held = data.stream.decode(probe_size)
         poisoned = held.images

@@ -96,7 +96,8 @@ VIEWS = Registry("view", {
     "sharpen": Entry("pst_dist.pst.views:sharpen", "unsharp mask: x + strength (x - blur(x, 1 px)), clipped"),
 })
 
-_STD = ['schedule.stages=[{name="standard"}]', "schedule.eval_views=[]"]  # the recipe's test-time views are PST's
+_STD = ['schedule.stages=[{name="standard"}]', "schedule.eval_views=[]",  # the recipe's test-time views and
+        "schedule.mean_repair=0"]  # data repair are PST's
 DEFENSES = Registry("defense", {
     # pure data: the training run a bench defense is read from, and that run's config overrides
     "standard": Entry("", "plain training on the poisoned data", data={"run": "standard", "overrides": _STD}),

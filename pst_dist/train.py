@@ -43,7 +43,15 @@ from .engine import DeepSpeedEngine, TorchEngine, build_engine, engine_class
 from .io import OutputError, read_json, remove_stale, reported, write_atomic
 from .metrics import Metrics, git_sha, library_versions, machine_facts
 from .models import build_model
-from .pst.detectors import equalize_spectra, probe_metrics, spectral_filter_found, spectral_values, trigger_value
+from .pst.detectors import (
+    equalize_spectra,
+    mean_shift_values,
+    probe_metrics,
+    spectral_filter_found,
+    spectral_values,
+    subtract_mean_shift,
+    trigger_value,
+)
 from .pst.freeze import GroupedModel, param_groups, set_group_lrs, trace_units
 from .pst.groups import layer_groups
 from .pst.losses import mix_batch, stage_loss
@@ -424,6 +432,55 @@ def spectral_repair(data: Data, recorded: dict | None = None, is_primary: bool =
     return dataclasses.replace(data, poisoned_train=repaired), info
 
 
+def mean_check(cfg: Config, data: Data, recorded: dict | None = None) -> dict[str, float]:
+    """``schedule.mean_repair``'s check of the training images the run would train on: {"detect/mean_shift": the
+    class-wise significant mean shift against the validation split, "detect/mean_noise": its sampling noise}, or {}
+    when the recipe has no check (:func:`pst_dist.pst.detectors.mean_shift_values`). A resume takes the values the
+    run started with (meta.json's inputs, ``recorded``), as :func:`spectral_check` does. Run on the primary rank
+    only (``_on_every_rank``)."""
+    threshold = cfg.schedule.mean_repair
+    if not threshold:
+        return {}
+    key = f"schedule.mean_repair={threshold}"
+    then = (recorded or {}).get("mean_repair")
+    if then is not None:
+        shift, noise = then["shift"], then["noise"]
+    else:
+        refuse_unless_in_memory(data, f"{key}: the check reads every training image")
+        val = data.splits.val
+        try:
+            shift, noise = mean_shift_values(data.poisoned_train, data.splits.train.labels, val.images, val.labels)
+        except ValueError as e:
+            raise ConfigError(f"{key}: {e} (the validation split has {len(val)} image{'s' * (len(val) != 1)}; "
+                              f"data.val_size sets it)") from None
+    verdict = ("a class-wise additive shortcut: its significant shifts are subtracted" if shift > threshold * noise
+               else "no class-wise additive shortcut: the images stay as they are")
+    print(f"[pst] mean check{' (recorded at the run start)' * (then is not None)}, training vs validation images: "
+          f"shift {shift:.3f} levels, {shift / noise if noise else math.inf:.1f} times its sampling noise "
+          f"{noise:.3f} (threshold {threshold:g}): {verdict}", flush=True)
+    return {"detect/mean_shift": shift, "detect/mean_noise": noise}
+
+
+def mean_repair(data: Data, recorded: dict | None = None, is_primary: bool = True) -> tuple[Data, dict]:
+    """(``data`` whose training images have each class's significant mean shift against the validation split
+    subtracted, what meta.json's inputs record of it) for ``schedule.mean_repair`` once its check has fired. Each
+    rank computes it from the same images; a resume whose repaired images differ from those the run started with
+    (``recorded``: another machine's rounding) says so on stderr and trains on, as :func:`spectral_repair` does."""
+    val, labels = data.splits.val, data.splits.train.labels
+    repaired = subtract_mean_shift(data.poisoned_train, labels, val.images, val.labels)
+    changed = int(torch.count_nonzero(repaired != data.poisoned_train)) / repaired.numel()
+    info = {"changed": changed, "sha256": fingerprint(Split(repaired, labels))}
+    then = (recorded or {}).get("mean_repair") or {}
+    if is_primary:
+        print(f"[pst] mean repair: each class's significant shift against the validation split subtracted "
+              f"({changed:.1%} of the training pixels changed)", flush=True)
+        if "sha256" in then and then["sha256"] != info["sha256"]:
+            print(f"[resume] the mean-repaired training images differ from those the run started with (sha256 "
+                  f"{info['sha256'][:12]} now, {then['sha256'][:12]} then: this machine rounds the repair "
+                  f"otherwise); training on", file=sys.stderr)
+    return dataclasses.replace(data, poisoned_train=repaired), info
+
+
 def build_run(cfg: Config, resume: bool | str, overwrite: bool, allow_changes: bool, data: Data | None,
               loader) -> Run:
     """Validate the run directory, build data, loader, model, groups, schedule and engine, restore a checkpoint,
@@ -484,6 +541,15 @@ def build_run(cfg: Config, resume: bool | str, overwrite: bool, allow_changes: b
             raise ConfigError("trigger.spectral_repair: the check found a class-wise filter, but the caller built "
                               "the loader; let train() build it from the repaired images")
         data, repair = spectral_repair(data, recorded, dist_info.is_primary)
+    mean = _on_every_rank(lambda: mean_check(cfg, data, recorded))  # on the images the run would train on
+    if mean:  # what meta.json records of the check, and of the repair when it fired
+        mean_record: dict = {"shift": mean["detect/mean_shift"], "noise": mean["detect/mean_noise"]}
+        if mean_record["shift"] > cfg.schedule.mean_repair * mean_record["noise"]:
+            if loader is not None:
+                raise ConfigError("schedule.mean_repair: the check found a class-wise additive shortcut, but the "
+                                  "caller built the loader; let train() build it from the repaired images")
+            data, info = mean_repair(data, recorded, dist_info.is_primary)
+            mean_record.update(info)
     s = data.splits
     run_dir = Path(cfg.log.run_dir)
     loader = loader or build_loader(cfg, data, dist_info, device)
@@ -586,6 +652,8 @@ def build_run(cfg: Config, resume: bool | str, overwrite: bool, allow_changes: b
                                         "noise": spectral["detect/spectral_noise"]}
         if repair is not None:  # ... and compares its repaired images with these (spectral_repair)
             inputs["spectral_repair"] = repair
+        if mean:  # the same for schedule.mean_repair (mean_check, mean_repair)
+            inputs["mean_repair"] = mean_record
         if not resume:  # a fresh run's config.toml first: it says whose the files written after it are
             write_run_header(run_dir, cfg, None, changes, resolved, inputs, device)
     metrics = Metrics(run_dir, dist_info.is_primary, cfg.log.tensorboard, cfg, st.step if resume else None)
@@ -601,6 +669,9 @@ def build_run(cfg: Config, resume: bool | str, overwrite: bool, allow_changes: b
             if spectral:
                 repaired = {} if repair is None else {"pst/spectral_repair_changed": repair["changed"]}
                 metrics.log(0, {**spectral, "pst/spectral_check_fired": float(bool(no_stay)), **repaired})
+            if mean:
+                metrics.log(0, {**mean, "pst/mean_repair_fired": float("changed" in mean_record),
+                                "pst/mean_repair_changed": mean_record.get("changed", 0.0)})
     except BaseException:  # train() closes a Run's metrics; there is no Run yet
         metrics.close(failed=True)
         raise

@@ -361,6 +361,68 @@ def test_a_spectral_check_over_its_threshold_ends_a_stage_that_would_stay_at_its
         cfg("refused", 0, repair=True)
 
 
+def test_a_mean_check_over_its_threshold_trains_on_the_repaired_images_and_a_resume_takes_its_record(tmp_path, capsys):
+    """schedule.mean_repair on OPS: the check runs before training and is logged at step 0; over the threshold (1e-9
+    times the noise) the run trains on the repaired images (other weights; meta.json records the check and the
+    repair), under it (1e9) on the images as they are (the very weights of a run without the check); a run stopped
+    after epoch 1 and resumed takes the check's values from meta.json, repairs again (saying so when the images
+    differ from the recorded ones) and ends as the uninterrupted run; the bench's standard defense trains without
+    it; without a validation split of 2 classes the run is refused naming the key, before anything is written."""
+    from pst_dist.config import ConfigError
+    from pst_dist.matrix import run_of
+
+    def cfg(name, threshold, *more):
+        return load_config(None, [*TINY, "--data.synthetic_train=512", "--data.val_size=200", "--poison.kind=ops",
+                                  f"--schedule.mean_repair={threshold}", *more, f"--log.run_dir={tmp_path / name}"])
+
+    def rows(name):
+        return [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+
+    def weights(name):
+        return torch.load(tmp_path / name / "checkpoint.pt", weights_only=True)["model"]
+
+    for name, threshold in (("over", 1e-9), ("under", 1e9), ("off", 0)):
+        train(cfg(name, threshold))
+        assert ("mean repair:" in capsys.readouterr().out) == (threshold == 1e-9)
+    for name, fired in (("over", 1.0), ("under", 0.0)):
+        first = next(r for r in rows(name) if "detect/mean_shift" in r)
+        assert first["step"] == 0 and first["pst/mean_repair_fired"] == fired
+        assert first["detect/mean_shift"] > 0 and (first["pst/mean_repair_changed"] > 0) == bool(fired)
+    a, b = weights("under"), weights("off")
+    assert all(torch.equal(a[k], b[k]) for k in a) and not any("detect/mean_shift" in r for r in rows("off"))
+    a = weights("over")
+    assert not all(torch.equal(a[k], b[k]) for k in a)
+    recorded = json.loads((tmp_path / "over" / "meta.json").read_text())["inputs"]["mean_repair"]
+    assert recorded["shift"] > 0 and 0 < recorded["changed"] < 0.01 and len(recorded["sha256"]) == 64
+    unfired = json.loads((tmp_path / "under" / "meta.json").read_text())["inputs"]["mean_repair"]
+    assert set(unfired) == {"shift", "noise"}
+
+    part = cfg("part", 1e-9, "--train.checkpoint_every=1")
+    train(part, stop_after_epochs=1)
+    meta = json.loads((tmp_path / "part" / "meta.json").read_text())
+    assert meta["inputs"]["mean_repair"] == recorded
+    meta["inputs"]["mean_repair"]["sha256"] = "0" * 64  # as if another machine had rounded the repair otherwise
+    (tmp_path / "part" / "meta.json").write_text(json.dumps(meta))
+    capsys.readouterr()
+    train(part, resume=True)
+    out, err = capsys.readouterr()
+    assert "mean check (recorded at the run start)" in out and "mean repair:" in out
+    assert "mean-repaired training images differ from those the run started with" in err and "000000000000 then" in err
+    assert len([r for r in rows("part") if "detect/mean_shift" in r]) == 1
+    b = weights("part")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    assert "schedule.mean_repair=0" in run_of("standard")[1]
+    with pytest.raises(ConfigError, match=r"schedule.mean_repair=4.0: mean_shift: 0 classes .*\(the validation "
+                                          r"split has 1 image;"):
+        train(cfg("refused", 4.0, "--data.val_size=1"))
+    assert not (tmp_path / "refused").exists()
+    with pytest.raises(ConfigError, match=r"schedule.mean_repair=4.0 with data.val_size=0"):
+        cfg("refused", 4.0, "--data.val_size=0")
+    with pytest.raises(ConfigError, match=r"schedule.mean_repair=-1.0: must be >= 0"):
+        cfg("refused", -1)
+
+
 def test_a_trigger_fires_on_any_of_its_also_conditions_each_on_its_own_view(tmp_path):
     """trigger.also: the trigger's own condition cannot fire (train_acc > 1.5); its second also condition (a gap
     on the sharpen view, > -1.5: always) fires it at the first consult, and the run logs which condition fired and

@@ -94,16 +94,16 @@ def _log_power(images: torch.Tensor) -> torch.Tensor:
 
 
 def _classes(images: torch.Tensor, labels: torch.Tensor, ref_images: torch.Tensor,
-             ref_labels: torch.Tensor) -> list[int]:
-    """The classes with at least 2 images in both sets; ValueError when the images differ in shape or fewer than 2
-    such classes."""
+             ref_labels: torch.Tensor, name: str = "spectral_shift") -> list[int]:
+    """The classes with at least 2 images in both sets; ValueError (its message begins with ``name``, the measure
+    that asked) when the images differ in shape or fewer than 2 such classes."""
     if images.shape[1:] != ref_images.shape[1:]:
-        raise ValueError(f"spectral_shift: training images {tuple(images.shape[1:])} and reference images "
+        raise ValueError(f"{name}: training images {tuple(images.shape[1:])} and reference images "
                          f"{tuple(ref_images.shape[1:])} differ in shape")
     classes = [c for c in labels.unique().tolist()
                if int((labels == c).sum()) >= 2 and int((ref_labels == c).sum()) >= 2]
     if len(classes) < 2:
-        raise ValueError(f"spectral_shift: {len(classes)} classes with at least 2 images in both sets; needs 2")
+        raise ValueError(f"{name}: {len(classes)} classes with at least 2 images in both sets; needs 2")
     return classes
 
 
@@ -190,4 +190,85 @@ def equalize_spectra(images: torch.Tensor, labels: torch.Tensor, ref_images: tor
             r = rows[i:i + chunk]
             x = torch.fft.irfft2(torch.fft.rfft2(images[r].double() / 255) * gain, s=size)
             out[r] = (x * 255).round().clamp(0, 255).to(torch.uint8)
+    return out
+
+
+MEAN_Z = 4.0
+"""How many of its standard errors a class's mean shift at one pixel must exceed to count (:func:`mean_shift`) and
+to be repaired (:func:`subtract_mean_shift`)."""
+
+
+@torch.no_grad()
+def _moments(images: torch.Tensor, labels: torch.Tensor, classes: list[int]) -> tuple[torch.Tensor, ...]:
+    """(mean, variance, count) per class of ``classes`` and per channel and pixel of uint8 images, in pixel levels
+    (float64: classes x C x H x W, and classes x 1 x 1 x 1), summed in chunks."""
+    chunk, means, variances, counts = _chunk(images), [], [], []
+    for c in classes:
+        rows = (labels == c).nonzero().flatten()
+        total = torch.zeros(images.shape[1:], dtype=torch.float64)
+        square = torch.zeros_like(total)
+        for i in range(0, len(rows), chunk):
+            x = images[rows[i:i + chunk]].double()
+            total += x.sum(0)
+            square += x.square().sum(0)
+        n = len(rows)
+        means.append(total / n)
+        variances.append(((square - total.square() / n) / (n - 1)).clamp_min(0))
+        counts.append(n)
+    return (torch.stack(means), torch.stack(variances),
+            torch.tensor(counts, dtype=torch.float64).view(-1, *[1] * (images.dim() - 1)))
+
+
+def _significant(own: tuple[torch.Tensor, ...], ref: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """Each class's mean shift (own less ref, less its mean over the classes: a shift shared by every class is no
+    class-wise shortcut), in pixel levels, where it exceeds :data:`MEAN_Z` standard errors of the difference of the
+    two means (at least half a level, so that a pixel nearly constant in both sets does not count a rounding);
+    0 elsewhere."""
+    (m, v, n), (mr, vr, nr) = own, ref
+    shift = m - mr
+    shift = shift - shift.mean(0)
+    error = (v / n + vr / nr).sqrt().clamp_min(0.5)
+    return shift * (shift.abs() > MEAN_Z * error)
+
+
+@torch.no_grad()
+def mean_shift_values(images: torch.Tensor, labels: torch.Tensor, ref_images: torch.Tensor,
+                      ref_labels: torch.Tensor, seed: int = 0) -> tuple[float, float]:
+    """(shift, noise) of ``schedule.mean_repair``'s check, in pixel levels. shift: how far each class of ``images``
+    (uint8 N x C x H x W) lies from the same class of ``ref_images`` where it does so unmistakably: the class-wise
+    mean shift per channel and pixel that exceeds :data:`MEAN_Z` standard errors (:func:`_significant`), absolute,
+    averaged over classes, channels and pixels. A class-wise additive poison (class-wise noise, LSP) or one pixel set
+    per class (OPS) moves it; a sample-wise poison of zero class mean barely does. noise: the same between
+    ``images`` and a random subset of them with as many images of each class as ``ref_labels`` has (a fixed
+    generator: the same subset on every rank and resume; torch's global one untouched), which no poison can move.
+    Fashion-MNIST, 200 validation images per class: clean data 1.3 times the noise, AR 2.0-2.2, OPS 20, LSP 20,
+    class-wise noise 15-16, conv-blur 96-115 (docs/results/pst_one_recipe.md, section 42). The classes with at
+    least 2 images in both sets count; fewer than 2 such classes: ValueError."""
+    classes = _classes(images, labels, ref_images, ref_labels, "mean_shift")
+    own = _moments(images, labels, classes)
+    sub = _subset(labels, ref_labels, seed)
+    shift = _significant(own, _moments(ref_images, ref_labels, classes)).abs().mean()
+    noise = _significant(own, _moments(images[sub], labels[sub], classes)).abs().mean()
+    return float(shift), float(noise)
+
+
+@torch.no_grad()
+def subtract_mean_shift(images: torch.Tensor, labels: torch.Tensor, ref_images: torch.Tensor,
+                        ref_labels: torch.Tensor) -> torch.Tensor:
+    """``images`` (uint8 N x C x H x W) with each class's unmistakable mean shift against the same class of
+    ``ref_images`` (:func:`_significant`) subtracted from every image of that class, rounded and clipped back to
+    uint8; every other pixel as it was. What a class-wise additive poison or a one-pixel shortcut adds where it
+    stands out of the images' own spread is taken away; where it hides in that spread (a class's garment pixels
+    against 200 reference images) it stays. Classes with fewer than 2 images in either set are left as they are;
+    fewer than 2 such classes: ValueError."""
+    classes = _classes(images, labels, ref_images, ref_labels, "mean_shift")
+    shift = _significant(_moments(images, labels, classes), _moments(ref_images, ref_labels, classes))
+    out, chunk = images.clone(), _chunk(images)
+    for k, c in enumerate(classes):
+        if not bool(shift[k].any()):
+            continue
+        rows = (labels == c).nonzero().flatten()
+        for i in range(0, len(rows), chunk):
+            r = rows[i:i + chunk]
+            out[r] = (images[r].double() - shift[k]).round().clamp(0, 255).to(torch.uint8)
     return out
