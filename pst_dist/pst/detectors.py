@@ -194,8 +194,11 @@ def equalize_spectra(images: torch.Tensor, labels: torch.Tensor, ref_images: tor
 
 
 MEAN_Z = 4.0
-"""How many of its standard errors a class's mean shift at one pixel must exceed to count (:func:`mean_shift`) and
-to be repaired (:func:`subtract_mean_shift`)."""
+"""How many of its standard errors a class's mean shift at one pixel must exceed to count (:func:`mean_shift_values`)
+and to be repaired (:func:`subtract_mean_shift`)."""
+MEAN_ERROR_FLOOR = 0.5
+"""The least standard error of a mean shift, in pixel levels: a pixel nearly constant in both sets (a black
+background) does not count a rounding."""
 
 
 @torch.no_grad()
@@ -220,15 +223,29 @@ def _moments(images: torch.Tensor, labels: torch.Tensor, classes: list[int]) -> 
 
 
 def _significant(own: tuple[torch.Tensor, ...], ref: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """Each class's mean shift (own less ref, less its mean over the classes: a shift shared by every class is no
-    class-wise shortcut), in pixel levels, where it exceeds :data:`MEAN_Z` standard errors of the difference of the
-    two means (at least half a level, so that a pixel nearly constant in both sets does not count a rounding);
-    0 elsewhere."""
+    """Each class's mean shift (own less ref, less its median over the classes: a shift shared by the classes is no
+    class-wise shortcut, and one class's own shift does not move the others', as it would move their mean), in
+    pixel levels, where it exceeds :data:`MEAN_Z` standard errors of the difference of the two means (at least
+    :data:`MEAN_ERROR_FLOOR`); 0 elsewhere."""
     (m, v, n), (mr, vr, nr) = own, ref
     shift = m - mr
-    shift = shift - shift.mean(0)
-    error = (v / n + vr / nr).sqrt().clamp_min(0.5)
+    shift = shift - shift.median(0).values
+    error = (v / n + vr / nr).sqrt().clamp_min(MEAN_ERROR_FLOOR)
     return shift * (shift.abs() > MEAN_Z * error)
+
+
+def _halves(labels: torch.Tensor, ref_labels: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of two disjoint random parts of ``labels`` (its own generator): per class, as many as ``ref_labels`` has
+    of it (at most half the class), and the rest."""
+    g = torch.Generator().manual_seed(seed)
+    part, rest = [], []
+    for c in labels.unique().tolist():
+        idx = (labels == c).nonzero().flatten()
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        k = min(int((ref_labels == c).sum()), len(idx) // 2)
+        part.append(idx[:k])
+        rest.append(idx[k:])
+    return torch.cat(part), torch.cat(rest)
 
 
 @torch.no_grad()
@@ -238,18 +255,22 @@ def mean_shift_values(images: torch.Tensor, labels: torch.Tensor, ref_images: to
     (uint8 N x C x H x W) lies from the same class of ``ref_images`` where it does so unmistakably: the class-wise
     mean shift per channel and pixel that exceeds :data:`MEAN_Z` standard errors (:func:`_significant`), absolute,
     averaged over classes, channels and pixels. A class-wise additive poison (class-wise noise, LSP) or one pixel set
-    per class (OPS) moves it; a sample-wise poison of zero class mean barely does. noise: the same between
-    ``images`` and a random subset of them with as many images of each class as ``ref_labels`` has (a fixed
-    generator: the same subset on every rank and resume; torch's global one untouched), which no poison can move.
-    Fashion-MNIST, 200 validation images per class: clean data 1.3 times the noise, AR 2.0-2.2, OPS 20, LSP 20,
-    class-wise noise 15-16, conv-blur 96-115 (docs/results/pst_one_recipe.md, section 42). The classes with at
-    least 2 images in both sets count; fewer than 2 such classes: ValueError."""
+    per class (OPS) moves it; a sample-wise poison of zero class mean barely does. noise: the same between two
+    disjoint random parts of ``images``, one with as many images of each class as ``ref_labels`` has (at most half
+    the class) and the rest (a fixed generator: the same parts on every rank and resume; torch's global one
+    untouched): two independent samples of the same poisoned data, which no poison can set apart; at least one
+    least-significant pixel's worth (:data:`MEAN_Z` times :data:`MEAN_ERROR_FLOOR` over the classes x channels x
+    pixels), so that a check whose noise finds nothing still needs a few pixels to fire. Fashion-MNIST, 200
+    validation images per class: clean data 0.8 times the noise, AR 1.4, OPS 8.5, class-wise noise 12-13, EM 12,
+    LSP 15-17, conv-blur 47-53 (docs/results/pst_one_recipe.md, section 42). The classes with at least 2 images in
+    both sets count; fewer than 2 such classes: ValueError."""
     classes = _classes(images, labels, ref_images, ref_labels, "mean_shift")
-    own = _moments(images, labels, classes)
-    sub = _subset(labels, ref_labels, seed)
-    shift = _significant(own, _moments(ref_images, ref_labels, classes)).abs().mean()
-    noise = _significant(own, _moments(images[sub], labels[sub], classes)).abs().mean()
-    return float(shift), float(noise)
+    part, rest = _halves(labels, ref_labels, seed)
+    shift = _significant(_moments(images, labels, classes), _moments(ref_images, ref_labels, classes))
+    noise = _significant(_moments(images[rest], labels[rest], classes),
+                         _moments(images[part], labels[part], classes)).abs().mean()
+    floor = MEAN_Z * MEAN_ERROR_FLOOR / shift.numel()
+    return float(shift.abs().mean()), max(float(noise), floor)
 
 
 @torch.no_grad()
