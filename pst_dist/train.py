@@ -411,36 +411,48 @@ def spectral_check(cfg: Config, data: Data, recorded: dict | None = None) -> tup
     return {"detect/spectral_shift": shift, "detect/spectral_noise": noise}, no_stay
 
 
-def spectral_repair(data: Data, recorded: dict | None = None, is_primary: bool = True) -> tuple[Data, dict]:
-    """(``data`` whose training images have each class's mean power spectrum made the validation split's, what
-    meta.json's inputs record of it) for ``trigger.spectral_repair``. Each rank computes it from the same images; a
-    resume whose repaired images differ from those the run started with (``recorded``: another machine's rounding)
-    says so on stderr, as for other kernels, and trains on."""
-    refuse_unless_in_memory(data, "trigger.spectral_repair: the repair rewrites every training image")
+def _repaired(data: Data, what: str, repair, recorded: dict | None, is_primary: bool) -> tuple[Data, dict]:
+    """(``data`` with its training images replaced by ``repair(images, labels, validation images, validation
+    labels)``, what meta.json's inputs record of it under ``what``: the fraction of pixels changed and the repaired
+    set's fingerprint). Each rank computes it from the same images; a resume whose repaired images differ from those
+    the run started with (``recorded``: another machine's rounding) says so on stderr, as for other kernels, and
+    trains on."""
+    refuse_unless_in_memory(data, f"{what}: the repair rewrites every training image")
     val, labels = data.splits.val, data.splits.train.labels
-    repaired = equalize_spectra(data.poisoned_train, labels, val.images, val.labels)
+    repaired = repair(data.poisoned_train, labels, val.images, val.labels)
     changed = int(torch.count_nonzero(repaired != data.poisoned_train)) / repaired.numel()
     info = {"changed": changed, "sha256": fingerprint(Split(repaired, labels))}
-    then = (recorded or {}).get("spectral_repair")
+    then = (recorded or {}).get(what.rsplit(".", 1)[-1]) or {}
     if is_primary:
-        print(f"[pst] spectral repair: each class's training spectrum made the validation split's ({changed:.0%} of "
-              f"the training pixels changed)", flush=True)
-        if then is not None and then.get("sha256") != info["sha256"]:
-            print(f"[resume] the repaired training images differ from those the run started with (sha256 "
-                  f"{info['sha256'][:12]} now, {then.get('sha256', '?')[:12]} then: this machine rounds the "
-                  f"repair otherwise); training on", file=sys.stderr)
+        print(f"[pst] {REPAIRS[what]} ({changed:.1%} of the training pixels changed)", flush=True)
+        if "sha256" in then and then["sha256"] != info["sha256"]:
+            print(f"[resume] the training images repaired by {what} differ from those the run started with (sha256 "
+                  f"{info['sha256'][:12]} now, {then['sha256'][:12]} then: this machine rounds the repair "
+                  f"otherwise); training on", file=sys.stderr)
     return dataclasses.replace(data, poisoned_train=repaired), info
 
 
-def mean_check(cfg: Config, data: Data, recorded: dict | None = None) -> dict[str, float]:
-    """``schedule.mean_repair``'s check of the training images the run would train on: {"detect/mean_shift": the
+REPAIRS = {"trigger.spectral_repair": "spectral repair: each class's training spectrum made the validation split's",
+           "schedule.mean_repair": "mean repair: each class's significant shift against the validation split "
+                                   "subtracted"}
+"""What each repair of the training images says it did (:func:`_repaired`), by its config key."""
+
+
+def spectral_repair(data: Data, recorded: dict | None = None, is_primary: bool = True) -> tuple[Data, dict]:
+    """(``data`` whose training images have each class's mean power spectrum made the validation split's, what
+    meta.json's inputs record of it) for ``trigger.spectral_repair`` (:func:`_repaired`)."""
+    return _repaired(data, "trigger.spectral_repair", equalize_spectra, recorded, is_primary)
+
+
+def mean_check(cfg: Config, data: Data, recorded: dict | None = None) -> tuple[dict[str, float], bool]:
+    """``schedule.mean_repair``'s check of the training images the run would train on: ({"detect/mean_shift": the
     class-wise significant mean shift against the validation split, "detect/mean_noise": its sampling noise}, or {}
-    when the recipe has no check (:func:`pst_dist.pst.detectors.mean_shift_values`). A resume takes the values the
-    run started with (meta.json's inputs, ``recorded``), as :func:`spectral_check` does. Run on the primary rank
-    only (``_on_every_rank``)."""
+    when the recipe has no check; whether the shift exceeds ``mean_repair`` times the noise)
+    (:func:`pst_dist.pst.detectors.mean_shift_values`). A resume takes the values the run started with (meta.json's
+    inputs, ``recorded``), as :func:`spectral_check` does. Run on the primary rank only (``_on_every_rank``)."""
     threshold = cfg.schedule.mean_repair
     if not threshold:
-        return {}
+        return {}, False
     key = f"schedule.mean_repair={threshold}"
     then = (recorded or {}).get("mean_repair")
     if then is not None:
@@ -453,32 +465,20 @@ def mean_check(cfg: Config, data: Data, recorded: dict | None = None) -> dict[st
         except ValueError as e:
             raise ConfigError(f"{key}: {e} (the validation split has {len(val)} image{'s' * (len(val) != 1)}; "
                               f"data.val_size sets it)") from None
-    verdict = ("a class-wise additive shortcut: its significant shifts are subtracted" if shift > threshold * noise
+    fired = shift > threshold * noise  # the noise is floored above 0 (mean_shift_values)
+    verdict = ("a class-wise additive shortcut: its significant shifts are subtracted" if fired
                else "no class-wise additive shortcut: the images stay as they are")
     print(f"[pst] mean check{' (recorded at the run start)' * (then is not None)}, training vs validation images: "
-          f"shift {shift:.3f} levels, {shift / noise if noise else math.inf:.1f} times its sampling noise "
-          f"{noise:.3f} (threshold {threshold:g}): {verdict}", flush=True)
-    return {"detect/mean_shift": shift, "detect/mean_noise": noise}
+          f"shift {shift:.3f} levels, {shift / noise:.1f} times its sampling noise {noise:.3f} (threshold "
+          f"{threshold:g}): {verdict}", flush=True)
+    return {"detect/mean_shift": shift, "detect/mean_noise": noise}, fired
 
 
 def mean_repair(data: Data, recorded: dict | None = None, is_primary: bool = True) -> tuple[Data, dict]:
     """(``data`` whose training images have each class's significant mean shift against the validation split
-    subtracted, what meta.json's inputs record of it) for ``schedule.mean_repair`` once its check has fired. Each
-    rank computes it from the same images; a resume whose repaired images differ from those the run started with
-    (``recorded``: another machine's rounding) says so on stderr and trains on, as :func:`spectral_repair` does."""
-    val, labels = data.splits.val, data.splits.train.labels
-    repaired = subtract_mean_shift(data.poisoned_train, labels, val.images, val.labels)
-    changed = int(torch.count_nonzero(repaired != data.poisoned_train)) / repaired.numel()
-    info = {"changed": changed, "sha256": fingerprint(Split(repaired, labels))}
-    then = (recorded or {}).get("mean_repair") or {}
-    if is_primary:
-        print(f"[pst] mean repair: each class's significant shift against the validation split subtracted "
-              f"({changed:.1%} of the training pixels changed)", flush=True)
-        if "sha256" in then and then["sha256"] != info["sha256"]:
-            print(f"[resume] the mean-repaired training images differ from those the run started with (sha256 "
-                  f"{info['sha256'][:12]} now, {then['sha256'][:12]} then: this machine rounds the repair "
-                  f"otherwise); training on", file=sys.stderr)
-    return dataclasses.replace(data, poisoned_train=repaired), info
+    subtracted, what meta.json's inputs record of it) for ``schedule.mean_repair`` once its check has fired
+    (:func:`_repaired`)."""
+    return _repaired(data, "schedule.mean_repair", subtract_mean_shift, recorded, is_primary)
 
 
 def build_run(cfg: Config, resume: bool | str, overwrite: bool, allow_changes: bool, data: Data | None,
@@ -541,10 +541,11 @@ def build_run(cfg: Config, resume: bool | str, overwrite: bool, allow_changes: b
             raise ConfigError("trigger.spectral_repair: the check found a class-wise filter, but the caller built "
                               "the loader; let train() build it from the repaired images")
         data, repair = spectral_repair(data, recorded, dist_info.is_primary)
-    mean = _on_every_rank(lambda: mean_check(cfg, data, recorded))  # on the images the run would train on
-    if mean:  # what meta.json records of the check, and of the repair when it fired
-        mean_record: dict = {"shift": mean["detect/mean_shift"], "noise": mean["detect/mean_noise"]}
-        if mean_record["shift"] > cfg.schedule.mean_repair * mean_record["noise"]:
+    mean, fired = _on_every_rank(lambda: mean_check(cfg, data, recorded))  # on the images it would train on
+    mean_record: dict = {}  # what meta.json records of the check, and of the repair when it fired
+    if mean:
+        mean_record = {"shift": mean["detect/mean_shift"], "noise": mean["detect/mean_noise"]}
+        if fired:
             if loader is not None:
                 raise ConfigError("schedule.mean_repair: the check found a class-wise additive shortcut, but the "
                                   "caller built the loader; let train() build it from the repaired images")

@@ -346,7 +346,8 @@ def test_a_spectral_check_over_its_threshold_ends_a_stage_that_would_stay_at_its
     train(part, resume=True)
     out, err = capsys.readouterr()
     assert "spectral check (recorded at the run start)" in out and "spectral repair" in out
-    assert "repaired training images differ from those the run started with" in err and "000000000000 then" in err
+    assert "training images repaired by trigger.spectral_repair differ from those the run started with" in err
+    assert "000000000000 then" in err
     assert len([r for r in rows("part") if "detect/spectral_shift" in r]) == 1
     a, b = weights("over_repaired"), weights("part")
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -366,7 +367,8 @@ def test_a_mean_check_over_its_threshold_trains_on_the_repaired_images_and_a_res
     times the noise) the run trains on the repaired images (other weights; meta.json records the check and the
     repair), under it (1e9) on the images as they are (the very weights of a run without the check); a run stopped
     after epoch 1 and resumed takes the check's values from meta.json, repairs again (saying so when the images
-    differ from the recorded ones) and ends as the uninterrupted run; the bench's standard defense trains without
+    differ from the recorded ones) and ends as the uninterrupted run, and one whose record says the check found
+    nothing does not repair; the bench's standard defense trains without
     it; without a validation split of 2 classes the run is refused naming the key, before anything is written."""
     from pst_dist.config import ConfigError
     from pst_dist.matrix import run_of
@@ -407,10 +409,20 @@ def test_a_mean_check_over_its_threshold_trains_on_the_repaired_images_and_a_res
     train(part, resume=True)
     out, err = capsys.readouterr()
     assert "mean check (recorded at the run start)" in out and "mean repair:" in out
-    assert "mean-repaired training images differ from those the run started with" in err and "000000000000 then" in err
+    assert "training images repaired by schedule.mean_repair differ from those the run started with" in err
+    assert "000000000000 then" in err
     assert len([r for r in rows("part") if "detect/mean_shift" in r]) == 1
     b = weights("part")
     assert all(torch.equal(a[k], b[k]) for k in a)
+    part = cfg("zero", 1e-9, "--train.checkpoint_every=1")  # a record whose check found nothing: not repaired
+    train(part, stop_after_epochs=1)
+    meta = json.loads((tmp_path / "zero" / "meta.json").read_text())
+    meta["inputs"]["mean_repair"] = {"shift": 0.0, "noise": meta["inputs"]["mean_repair"]["noise"]}
+    (tmp_path / "zero" / "meta.json").write_text(json.dumps(meta))
+    capsys.readouterr()
+    train(part, resume=True)
+    out = capsys.readouterr().out
+    assert "shift 0.000 levels" in out and "no class-wise additive shortcut" in out and "mean repair:" not in out
 
     assert "schedule.mean_repair=0" in run_of("standard")[1]
     with pytest.raises(ConfigError, match=r"schedule.mean_repair=4.0: mean_shift: 0 classes .*\(the validation "
