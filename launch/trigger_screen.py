@@ -3,6 +3,7 @@
     python launch/trigger_screen.py final runs/probe_stay0 --views "randblur:2+quantize:3,blur:1,sharpen:2"
     python launch/trigger_screen.py trajectory runs/probe_sharpen --key detect/shortcut_gap
     python launch/trigger_screen.py spectral runs/bench_fmnist --config launch/configs/fmnist_one_recipe.toml
+    python launch/trigger_screen.py mean runs/bench_fmnist --config launch/configs/fmnist_one_recipe.toml
 
 ``final``: each cell's last checkpoint on the first ``--probe`` images of its own (cached) poisoned training set: the
 accuracy on them, on their clean copies (for reference: a detector does not have them), and the shortcut gap
@@ -13,7 +14,9 @@ exceeds each of ``--thresholds``; meant for runs whose trigger never fired (afte
 the next stage's). ``spectral``: the data check of ``trigger.spectral_check`` (before any training) on the clean
 training split and on every cached poison of the bench (``poisons/<attack>_seed<k>``), with ``--config``'s data:
 the class-wise spectral shift against the validation split, its sampling noise, their ratio and whether it exceeds
-``--threshold``. Nothing is written."""
+``--threshold``. ``mean``: the same for ``schedule.mean_repair``'s check (the class-wise significant mean shift,
+in pixel levels), on the images as cached (a run whose spectral repair fires checks the repaired images: its own
+``[pst] mean check`` line says). Nothing is written."""
 
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ from pst_dist.config import Config, load_config  # noqa: E402
 from pst_dist.data.pipeline import Normalize, build_data  # noqa: E402
 from pst_dist.evaluate import load_run_model, recorded_config  # noqa: E402
 from pst_dist.matrix import cell_data_cfg  # noqa: E402
-from pst_dist.pst.detectors import spectral_filter_found, spectral_values  # noqa: E402
+from pst_dist.pst.detectors import mean_shift_values, spectral_filter_found, spectral_values  # noqa: E402
 from pst_dist.pst.views import apply_view  # noqa: E402
 
 
@@ -87,16 +90,17 @@ def poisons(bench: Path, attacks: list[str]) -> list[tuple[str, int | None, Path
     return out
 
 
-def spectral(cfg: Config, poison: Path | None) -> tuple[float, float]:
-    """(shift, noise) of the check on ``cfg``'s training split, poisoned with the cached ``poison`` (None: clean)."""
+def data_check(cfg: Config, poison: Path | None, values) -> tuple[float, float]:
+    """(shift, noise) of a data check (``values``: spectral_values or mean_shift_values) on ``cfg``'s training split,
+    poisoned with the cached ``poison`` (None: clean)."""
     data = build_data(cell_data_cfg(cfg, None if poison is None else str(poison)))
     val = data.splits.val
-    return spectral_values(data.poisoned_train, data.splits.train.labels, val.images, val.labels)
+    return values(data.poisoned_train, data.splits.train.labels, val.images, val.labels)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("what", choices=["final", "trajectory", "spectral"])
+    ap.add_argument("what", choices=["final", "trajectory", "spectral", "mean"])
     ap.add_argument("bench", type=Path, help="a bench's output directory (bench.out)")
     ap.add_argument("--attacks", default="none,classwise_noise,lsp,ar,ops,conv_blur,em,rem")
     ap.add_argument("--run", default="pst", help="the cells' run directory (cells/<attack>/<run>/seed<k>): a "
@@ -107,19 +111,22 @@ def main() -> None:
     ap.add_argument("--key", default="detect/shortcut_gap", help="trajectory: the metrics.jsonl key")
     ap.add_argument("--steps", default="160,320,480,620", help="trajectory: the value nearest each of these steps")
     ap.add_argument("--thresholds", default="0.04,0.06,0.08,0.1,0.15")
-    ap.add_argument("--config", default="launch/configs/fmnist_one_recipe.toml", help="spectral: the data's config")
-    ap.add_argument("--threshold", type=float, default=4.0, help="spectral: trigger.spectral_check")
+    ap.add_argument("--config", default="launch/configs/fmnist_one_recipe.toml",
+                    help="spectral, mean: the data's config")
+    ap.add_argument("--threshold", type=float, default=4.0, help="spectral, mean: trigger.spectral_check, "
+                    "schedule.mean_repair")
     args = ap.parse_args()
     try:
         ths, steps = [float(t) for t in args.thresholds.split(",")], [int(s) for s in args.steps.split(",")]
     except ValueError as e:
         ap.error(f"--thresholds {args.thresholds!r} / --steps {args.steps!r}: comma-separated numbers ({e})")
     torch.set_num_threads(2)
-    if args.what == "spectral":
+    if args.what in ("spectral", "mean"):
         cfg = load_config(args.config)
+        values = spectral_values if args.what == "spectral" else mean_shift_values
         print("| attack | seed | shift | noise | shift / noise | over the threshold |\n|---|---:|---:|---:|---:|---|")
         for attack, seed, poison in poisons(args.bench, args.attacks.split(",")):
-            shift, noise = spectral(cfg, poison)
+            shift, noise = data_check(cfg, poison, values)
             print(f"| {attack} | {'—' if seed is None else seed} | {shift:.3f} | {noise:.3f} | {shift / noise:.1f} | "
                   f"{'yes' if spectral_filter_found(shift, noise, args.threshold) else 'no'} |", flush=True)
         return

@@ -34,7 +34,7 @@ def test_spectral_lists_each_attacks_cached_poisons_and_measures_each_on_its_poi
     from pst_dist.config import dump_toml, load_config
     from pst_dist.data.pipeline import build_data
     from pst_dist.matrix import cell_data_cfg
-    from pst_dist.pst.detectors import spectral_values
+    from pst_dist.pst.detectors import mean_shift_values, spectral_values
 
     from .conftest import TINY, run_cli
 
@@ -54,10 +54,12 @@ def test_spectral_lists_each_attacks_cached_poisons_and_measures_each_on_its_poi
     assert found[1][2] == store
     cfg = load_config(None, args)
     s = build_data(cfg).splits
-    clean = mod.spectral(cfg, None)
+    clean = mod.data_check(cfg, None, spectral_values)
     assert clean == spectral_values(s.train.images, s.train.labels, s.val.images, s.val.labels)
-    poisoned = mod.spectral(cfg, store)
+    poisoned = mod.data_check(cfg, store, spectral_values)
     images = build_data(cell_data_cfg(cfg, str(store))).poisoned_train
     assert not torch.equal(images, s.train.images)
     assert poisoned == spectral_values(images, s.train.labels, s.val.images, s.val.labels)
     assert poisoned[0] / poisoned[1] > 2 * clean[0] / clean[1]
+    assert mod.data_check(cfg, store, mean_shift_values) == mean_shift_values(images, s.train.labels, s.val.images,
+                                                                              s.val.labels)
