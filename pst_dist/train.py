@@ -445,7 +445,10 @@ def spectral_repair(data: Data, recorded: dict | None = None, is_primary: bool =
 
 
 def mean_check(cfg: Config, data: Data, recorded: dict | None = None) -> tuple[dict[str, float], bool]:
-    """``schedule.mean_repair``'s check of the training images the run would train on: ({"detect/mean_shift": the
+    """``schedule.mean_repair``'s check of the training images, unless the spectral repair rewrote them (a filter
+    found, whose repair leaves a class-mean residue that the mean repair would take for a shortcut and subtract: on
+    Fashion-MNIST conv-blur that cost 1.1 points of validation accuracy over 3 seeds, docs/results/pst_one_recipe.md
+    section 42): ({"detect/mean_shift": the
     class-wise significant mean shift against the validation split, "detect/mean_noise": its sampling noise}, or {}
     when the recipe has no check; whether the shift exceeds ``mean_repair`` times the noise)
     (:func:`pst_dist.pst.detectors.mean_shift_values`). A resume takes the values the run started with (meta.json's
@@ -541,7 +544,12 @@ def build_run(cfg: Config, resume: bool | str, overwrite: bool, allow_changes: b
             raise ConfigError("trigger.spectral_repair: the check found a class-wise filter, but the caller built "
                               "the loader; let train() build it from the repaired images")
         data, repair = spectral_repair(data, recorded, dist_info.is_primary)
-    mean, fired = _on_every_rank(lambda: mean_check(cfg, data, recorded))  # on the images it would train on
+    mean, fired = {}, False  # the spectral repair takes the place of the mean repair (mean_check)
+    if repair is None:
+        mean, fired = _on_every_rank(lambda: mean_check(cfg, data, recorded))
+    elif cfg.schedule.mean_repair and dist_info.is_primary:
+        print("[pst] mean check skipped: the spectral repair rewrote the training images (a class-wise filter, not an "
+              "additive shortcut; schedule.mean_repair)", flush=True)
     mean_record: dict = {}  # what meta.json records of the check, and of the repair when it fired
     if mean:
         mean_record = {"shift": mean["detect/mean_shift"], "noise": mean["detect/mean_noise"]}

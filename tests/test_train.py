@@ -368,7 +368,8 @@ def test_a_mean_check_over_its_threshold_trains_on_the_repaired_images_and_a_res
     repair), under it (1e9) on the images as they are (the very weights of a run without the check); a run stopped
     after epoch 1 and resumed takes the check's values from meta.json, repairs again (saying so when the images
     differ from the recorded ones) and ends as the uninterrupted run, and one whose record says the check found
-    nothing does not repair; the bench's standard defense trains without
+    nothing does not repair; a run whose spectral repair rewrote the images skips the check (the weights of a run
+    without it); the bench's standard defense trains without
     it; without a validation split of 2 classes the run is refused naming the key, before anything is written."""
     from pst_dist.config import ConfigError
     from pst_dist.matrix import run_of
@@ -423,6 +424,15 @@ def test_a_mean_check_over_its_threshold_trains_on_the_repaired_images_and_a_res
     train(part, resume=True)
     out = capsys.readouterr().out
     assert "shift 0.000 levels" in out and "no class-wise additive shortcut" in out and "mean repair:" not in out
+
+    stages = ('--schedule.stages=[{name="a",epochs=1,trigger={kind="train_acc",threshold=1.5,otherwise="stay",'
+              'spectral_check=1e-9,spectral_repair=true}},{name="b",freeze=[0]}]')
+    for name, threshold in (("filtered", 1e-9), ("filtered_off", 0)):  # the spectral repair fires: no mean repair
+        train(cfg(name, threshold, stages))
+        assert ("mean check skipped: the spectral repair rewrote" in capsys.readouterr().out) == bool(threshold)
+    a, b = weights("filtered"), weights("filtered_off")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert "mean_repair" not in json.loads((tmp_path / "filtered" / "meta.json").read_text())["inputs"]
 
     assert "schedule.mean_repair=0" in run_of("standard")[1]
     with pytest.raises(ConfigError, match=r"schedule.mean_repair=4.0: mean_shift: 0 classes .*\(the validation "
