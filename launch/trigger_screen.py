@@ -15,8 +15,8 @@ the next stage's). ``spectral``: the data check of ``trigger.spectral_check`` (b
 training split and on every cached poison of the bench (``poisons/<attack>_seed<k>``), with ``--config``'s data:
 the class-wise spectral shift against the validation split, its sampling noise, their ratio and whether it exceeds
 ``--threshold``. ``mean``: the same for ``schedule.mean_repair``'s check (the class-wise significant mean shift,
-in pixel levels), on the images as cached (a run whose spectral repair fires checks the repaired images: its own
-``[pst] mean check`` line says). Nothing is written."""
+in pixel levels), on the images as cached (a recipe whose spectral repair fires skips the check: its run says
+``[pst] mean check skipped``). Nothing is written."""
 
 from __future__ import annotations
 

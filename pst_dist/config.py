@@ -521,19 +521,18 @@ class ScheduleConfig:
     mean_repair: float = 0.0
     """A check and repair of the data before training (0: none). The check measures how far each class of the
     training images lies from the same class of the validation split where it does so unmistakably
-    (``detect/mean_shift``: the class-wise mean shift per channel and pixel beyond 4 standard errors, less its mean
-    over the classes, averaged; :func:`pst_dist.pst.detectors.mean_shift_values`) and that measure's sampling noise
-    at the validation split's size (``detect/mean_noise``). When the shift exceeds ``mean_repair`` times the noise,
-    the training set carries a class-wise additive shortcut (class-wise noise, LSP, a one-pixel shortcut), and the
-    run trains on images with those significant shifts subtracted, class by class (``pst/mean_repair_changed``: the
-    fraction of training pixels changed), from the first step to the last, probe and logged sample grid included.
-    A run whose ``trigger.spectral_repair`` rewrote the images (a class-wise filter found) skips it: a filter's
-    repair leaves a class-mean residue that is no additive shortcut (conv-blur: -1.1 points when both applied). A
-    resume takes the check's values from meta.json's inputs.
-    Needs the training images in memory and a validation split (data.val_size). The bench's other defenses train
-    without it. Fashion-MNIST, 200 validation images per class, seeds 0-2: clean data 0.8 times the noise, AR 1.4,
-    OPS 8.5, class-wise noise 12-13, EM 12, LSP 15-17, conv-blur 47-53 (docs/results/pst_one_recipe.md, section
-    42)."""
+    (``detect/mean_shift``: the class-wise mean shift per channel and pixel less its median over the classes,
+    where it exceeds 4 standard errors, averaged; :func:`pst_dist.pst.detectors.mean_shift_values`) and that
+    measure's sampling noise at the validation split's size (``detect/mean_noise``). When the shift exceeds
+    ``mean_repair`` times the noise, the training set carries a class-wise additive shortcut (class-wise noise, LSP,
+    a one-pixel shortcut), and the run trains on images with those significant shifts subtracted, class by class
+    (``pst/mean_repair_changed``: the fraction of training pixels changed), from the first step to the last, probe
+    and logged sample grid included. A run whose ``trigger.spectral_repair`` rewrote the images (a class-wise
+    filter found) skips it: a filter's repair leaves a class-mean residue that is no additive shortcut (conv-blur:
+    -1.1 points when both applied). A resume takes the check's values from meta.json's inputs. Needs the training
+    images in memory and a validation split (data.val_size). The bench's other defenses train without it.
+    Fashion-MNIST, 200 validation images per class, seeds 0-2: clean data 0.8 times the noise, AR 1.4, REM 2.3-3.4,
+    OPS 8.5, EM 9-12, class-wise noise 12-13, LSP 15-17 (docs/results/pst_one_recipe.md, section 42)."""
 
     def __post_init__(self) -> None:
         _check(len(self.stages) > 0, "schedule.stages is empty: a schedule needs at least one stage")

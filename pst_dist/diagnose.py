@@ -135,7 +135,8 @@ def run_diagnose(cfg: Config, out: Path, probe_size: int = 2000, overwrite: bool
                *(["schedule.mean_repair"] if cfg.schedule.mean_repair else [])]
     if repairs:
         print(f"[diagnose] the poisoned probe holds the training images before {' and '.join(repairs)} (the run "
-              f"repairs them if its check finds a shortcut there)", file=sys.stderr)
+              f"repairs them if its check finds a shortcut there; the mean repair only where the spectral one did "
+              f"not fire)", file=sys.stderr)
     if data.stream is not None:  # only its first images are in memory (and, unpoisoned, it trains on them as they are)
         held = data.stream.decode(probe_size)
         poisoned = held.images

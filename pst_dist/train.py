@@ -445,12 +445,9 @@ def spectral_repair(data: Data, recorded: dict | None = None, is_primary: bool =
 
 
 def mean_check(cfg: Config, data: Data, recorded: dict | None = None) -> tuple[dict[str, float], bool]:
-    """``schedule.mean_repair``'s check of the training images, unless the spectral repair rewrote them (a filter
-    found, whose repair leaves a class-mean residue that the mean repair would take for a shortcut and subtract: on
-    Fashion-MNIST conv-blur that cost 1.1 points of validation accuracy over 3 seeds, docs/results/pst_one_recipe.md
-    section 42): ({"detect/mean_shift": the
-    class-wise significant mean shift against the validation split, "detect/mean_noise": its sampling noise}, or {}
-    when the recipe has no check; whether the shift exceeds ``mean_repair`` times the noise)
+    """``schedule.mean_repair``'s check of the training images: ({"detect/mean_shift": the class-wise significant
+    mean shift against the validation split, "detect/mean_noise": its sampling noise}, or {} when the recipe has no
+    check; whether the shift exceeds ``mean_repair`` times the noise)
     (:func:`pst_dist.pst.detectors.mean_shift_values`). A resume takes the values the run started with (meta.json's
     inputs, ``recorded``), as :func:`spectral_check` does. Run on the primary rank only (``_on_every_rank``)."""
     threshold = cfg.schedule.mean_repair
@@ -468,12 +465,13 @@ def mean_check(cfg: Config, data: Data, recorded: dict | None = None) -> tuple[d
         except ValueError as e:
             raise ConfigError(f"{key}: {e} (the validation split has {len(val)} image{'s' * (len(val) != 1)}; "
                               f"data.val_size sets it)") from None
-    fired = shift > threshold * noise  # the noise is floored above 0 (mean_shift_values)
+    fired = shift > threshold * noise  # a computed noise is floored above 0 (mean_shift_values)
     verdict = ("a class-wise additive shortcut: its significant shifts are subtracted" if fired
                else "no class-wise additive shortcut: the images stay as they are")
+    times = shift / noise if noise else math.inf  # a recorded noise of 0 (hand-edited) still prints
     print(f"[pst] mean check{' (recorded at the run start)' * (then is not None)}, training vs validation images: "
-          f"shift {shift:.3f} levels, {shift / noise:.1f} times its sampling noise {noise:.3f} (threshold "
-          f"{threshold:g}): {verdict}", flush=True)
+          f"shift {shift:.3f} levels, {times:.1f} times its sampling noise {noise:.3f} (threshold {threshold:g}): "
+          f"{verdict}", flush=True)
     return {"detect/mean_shift": shift, "detect/mean_noise": noise}, fired
 
 
@@ -544,7 +542,13 @@ def build_run(cfg: Config, resume: bool | str, overwrite: bool, allow_changes: b
             raise ConfigError("trigger.spectral_repair: the check found a class-wise filter, but the caller built "
                               "the loader; let train() build it from the repaired images")
         data, repair = spectral_repair(data, recorded, dist_info.is_primary)
-    mean, fired = {}, False  # the spectral repair takes the place of the mean repair (mean_check)
+    # the spectral repair takes the place of the mean repair: a filter's repair leaves a class-mean residue that the
+    # mean repair would take for a shortcut (with both, Fashion-MNIST conv-blur lost 1.1 points: section 42)
+    mean, fired = {}, False
+    if repair is not None and (recorded or {}).get("mean_repair") is not None:
+        raise ConfigError(f"{cfg.log.run_dir}: the run started with schedule.mean_repair applied after the spectral "
+                          f"repair (an earlier pst-dist, meta.json's git_sha); this version skips it there, so the "
+                          f"resume would train on other images; start the run again (--overwrite)")
     if repair is None:
         mean, fired = _on_every_rank(lambda: mean_check(cfg, data, recorded))
     elif cfg.schedule.mean_repair and dist_info.is_primary:

@@ -369,7 +369,8 @@ def test_a_mean_check_over_its_threshold_trains_on_the_repaired_images_and_a_res
     after epoch 1 and resumed takes the check's values from meta.json, repairs again (saying so when the images
     differ from the recorded ones) and ends as the uninterrupted run, and one whose record says the check found
     nothing does not repair; a run whose spectral repair rewrote the images skips the check (the weights of a run
-    without it); the bench's standard defense trains without
+    without it), and a resume of one begun with both repairs is refused, its record kept; the bench's standard
+    defense trains without
     it; without a validation split of 2 classes the run is refused naming the key, before anything is written."""
     from pst_dist.config import ConfigError
     from pst_dist.matrix import run_of
@@ -433,6 +434,15 @@ def test_a_mean_check_over_its_threshold_trains_on_the_repaired_images_and_a_res
     a, b = weights("filtered"), weights("filtered_off")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert "mean_repair" not in json.loads((tmp_path / "filtered" / "meta.json").read_text())["inputs"]
+    old = cfg("old", 1e-9, stages, "--train.checkpoint_every=1")  # begun by a version that applied both repairs
+    train(old, stop_after_epochs=1)
+    meta = json.loads((tmp_path / "old" / "meta.json").read_text())
+    meta["inputs"]["mean_repair"] = {"shift": 1.0, "noise": 0.1, "changed": 0.01, "sha256": "0" * 64}
+    (tmp_path / "old" / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ConfigError, match=r"the run started with schedule.mean_repair applied after the spectral "
+                                          r"repair .* start the run again \(--overwrite\)"):
+        train(old, resume=True)
+    assert json.loads((tmp_path / "old" / "meta.json").read_text()) == meta
 
     assert "schedule.mean_repair=0" in run_of("standard")[1]
     with pytest.raises(ConfigError, match=r"schedule.mean_repair=4.0: mean_shift: 0 classes .*\(the validation "
