@@ -110,7 +110,7 @@ def plot(cells: dict, attacks: list[str], held_out: list[str], clean: float, pat
     ax.set_xticks(range(len(order)), ["clean data" if a == "none" else a for a in order], rotation=20)
     ax.set_ylabel("clean test accuracy − clean standard (points)")
     ax.set_title(f"PST against clean standard training ({clean:.1f} %), each seed and mean ± std", fontsize=10)
-    ax.legend(fontsize=7, loc="lower left")
+    ax.legend(fontsize=7, loc="lower right")
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     savefig_atomic(fig, path, dpi=120)
