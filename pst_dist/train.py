@@ -379,6 +379,23 @@ def refuse_unless_in_memory(data: Data, what: str) -> None:
         raise ConfigError(f"{what}, but this run's training split is {where}")
 
 
+def _check_values(data: Data, key: str, then: dict | None, values) -> tuple[float, float]:
+    """(shift, noise) of a data check before training: the values the run started with (``then``, meta.json's
+    inputs record of it) on a resume, so that it decides as the run did (another machine's float rounding could move
+    a value near the threshold); otherwise ``values(training images, labels, validation images, labels)``, refused
+    (ConfigError naming ``key``, the check's setting) when the training split is not in memory or the validation
+    split has too few classes."""
+    if then is not None:
+        return then["shift"], then["noise"]
+    refuse_unless_in_memory(data, f"{key}: the check reads every training image")
+    val = data.splits.val
+    try:
+        return values(data.poisoned_train, data.splits.train.labels, val.images, val.labels)
+    except ValueError as e:
+        raise ConfigError(f"{key}: {e} (the validation split has {len(val)} image{'s' * (len(val) != 1)}; "
+                          f"data.val_size sets it)") from None
+
+
 def spectral_check(cfg: Config, data: Data, recorded: dict | None = None) -> tuple[dict[str, float], frozenset[int]]:
     """The data check of the stages (all but the last, which never stays) whose ``trigger.spectral_check`` is set:
     ({"detect/spectral_shift": the training set's class-wise spectral shift against the validation split,
@@ -389,18 +406,9 @@ def spectral_check(cfg: Config, data: Data, recorded: dict | None = None) -> tup
     checks = cfg.schedule.spectral_checks()
     if not checks:
         return {}, frozenset()
-    key = f"schedule.stages[{min(checks)}].trigger.spectral_check"
     then = (recorded or {}).get("spectral_check")
-    if then is not None:
-        shift, noise = then["shift"], then["noise"]
-    else:
-        refuse_unless_in_memory(data, f"{key}={checks[min(checks)]}: the check reads every training image")
-        val = data.splits.val
-        try:
-            shift, noise = spectral_values(data.poisoned_train, data.splits.train.labels, val.images, val.labels)
-        except ValueError as e:
-            raise ConfigError(f"{key}={checks[min(checks)]}: {e} (the validation split has {len(val)} "
-                              f"image{'s' * (len(val) != 1)}; data.val_size sets it)") from None
+    key = f"schedule.stages[{min(checks)}].trigger.spectral_check={checks[min(checks)]}"
+    shift, noise = _check_values(data, key, then, spectral_values)
     no_stay = frozenset(i for i, t in checks.items() if spectral_filter_found(shift, noise, t))
     verdict = (f"a class-wise filter: stages {sorted(no_stay)} do not stay (unfired, they end at their planned "
                f"length)" if no_stay else "no class-wise filter: unfired stages stay")
@@ -453,18 +461,8 @@ def mean_check(cfg: Config, data: Data, recorded: dict | None = None) -> tuple[d
     threshold = cfg.schedule.mean_repair
     if not threshold:
         return {}, False
-    key = f"schedule.mean_repair={threshold}"
     then = (recorded or {}).get("mean_repair")
-    if then is not None:
-        shift, noise = then["shift"], then["noise"]
-    else:
-        refuse_unless_in_memory(data, f"{key}: the check reads every training image")
-        val = data.splits.val
-        try:
-            shift, noise = mean_shift_values(data.poisoned_train, data.splits.train.labels, val.images, val.labels)
-        except ValueError as e:
-            raise ConfigError(f"{key}: {e} (the validation split has {len(val)} image{'s' * (len(val) != 1)}; "
-                              f"data.val_size sets it)") from None
+    shift, noise = _check_values(data, f"schedule.mean_repair={threshold}", then, mean_shift_values)
     fired = shift > threshold * noise  # a computed noise is floored above 0 (mean_shift_values)
     verdict = ("a class-wise additive shortcut: its significant shifts are subtracted" if fired
                else "no class-wise additive shortcut: the images stay as they are")
@@ -545,15 +543,16 @@ def build_run(cfg: Config, resume: bool | str, overwrite: bool, allow_changes: b
     # the spectral repair takes the place of the mean repair: a filter's repair leaves a class-mean residue that the
     # mean repair would take for a shortcut (with both, Fashion-MNIST conv-blur lost 1.1 points: section 42)
     mean, fired = {}, False
-    if repair is not None and (recorded or {}).get("mean_repair") is not None:
-        raise ConfigError(f"{cfg.log.run_dir}: the run started with schedule.mean_repair applied after the spectral "
-                          f"repair (an earlier pst-dist, meta.json's git_sha); this version skips it there, so the "
-                          f"resume would train on other images; start the run again (--overwrite)")
-    if repair is None:
+    if cfg.schedule.mean_repair and repair is None:
         mean, fired = _on_every_rank(lambda: mean_check(cfg, data, recorded))
-    elif cfg.schedule.mean_repair and dist_info.is_primary:
-        print("[pst] mean check skipped: the spectral repair rewrote the training images (a class-wise filter, not an "
-              "additive shortcut; schedule.mean_repair)", flush=True)
+    elif cfg.schedule.mean_repair:
+        if (recorded or {}).get("mean_repair") is not None:
+            raise ConfigError(f"{cfg.log.run_dir}: the run started with schedule.mean_repair applied after the "
+                              f"spectral repair (an earlier pst-dist, meta.json's git_sha); this version skips it "
+                              f"there, so the resume would train on other images; start the run again (--overwrite)")
+        if dist_info.is_primary:
+            print("[pst] mean check skipped: the spectral repair rewrote the training images (a class-wise filter, "
+                  "not an additive shortcut; schedule.mean_repair)", flush=True)
     mean_record: dict = {}  # what meta.json records of the check, and of the repair when it fired
     if mean:
         mean_record = {"shift": mean["detect/mean_shift"], "noise": mean["detect/mean_noise"]}
