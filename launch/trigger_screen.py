@@ -34,7 +34,7 @@ from pst_dist.config import Config, load_config  # noqa: E402
 from pst_dist.data.pipeline import Normalize, build_data  # noqa: E402
 from pst_dist.evaluate import load_run_model, recorded_config  # noqa: E402
 from pst_dist.matrix import cell_data_cfg  # noqa: E402
-from pst_dist.pst.detectors import mean_shift_values, spectral_filter_found, spectral_values  # noqa: E402
+from pst_dist.pst.detectors import mean_shift_values, over_noise, spectral_values  # noqa: E402
 from pst_dist.pst.views import apply_view  # noqa: E402
 
 
@@ -128,7 +128,7 @@ def main() -> None:
         for attack, seed, poison in poisons(args.bench, args.attacks.split(",")):
             shift, noise = data_check(cfg, poison, values)
             print(f"| {attack} | {'—' if seed is None else seed} | {shift:.3f} | {noise:.3f} | {shift / noise:.1f} | "
-                  f"{'yes' if spectral_filter_found(shift, noise, args.threshold) else 'no'} |", flush=True)
+                  f"{'yes' if over_noise(shift, noise, args.threshold) else 'no'} |", flush=True)
         return
     todo = cells(args.bench, args.attacks.split(","), args.run)
     if args.what == "final":

@@ -130,9 +130,9 @@ def run_diagnose(cfg: Config, out: Path, probe_size: int = 2000, overwrite: bool
     data = build_data(cfg)
     s = data.splits
     held, poisoned = s.train, data.poisoned_train
-    repairs = [*(["trigger.spectral_repair"] if any(st.trigger is not None and st.trigger.spectral_repair
-                                                    for st in cfg.schedule.stages) else []),
-               *(["schedule.mean_repair"] if cfg.schedule.mean_repair else [])]
+    spectral = any(st.trigger is not None and st.trigger.spectral_repair for st in cfg.schedule.stages)
+    repairs = [k for k, on in (("trigger.spectral_repair", spectral),
+                               ("schedule.mean_repair", cfg.schedule.mean_repair)) if on]
     if repairs:
         print(f"[diagnose] the poisoned probe holds the training images before {' and '.join(repairs)} (the run "
               f"repairs them if its check finds a shortcut there; the mean repair only where the spectral one did "

@@ -46,8 +46,8 @@ from .models import build_model
 from .pst.detectors import (
     equalize_spectra,
     mean_shift_values,
+    over_noise,
     probe_metrics,
-    spectral_filter_found,
     spectral_values,
     subtract_mean_shift,
     trigger_value,
@@ -409,7 +409,7 @@ def spectral_check(cfg: Config, data: Data, recorded: dict | None = None) -> tup
     then = (recorded or {}).get("spectral_check")
     key = f"schedule.stages[{min(checks)}].trigger.spectral_check={checks[min(checks)]}"
     shift, noise = _check_values(data, key, then, spectral_values)
-    no_stay = frozenset(i for i, t in checks.items() if spectral_filter_found(shift, noise, t))
+    no_stay = frozenset(i for i, t in checks.items() if over_noise(shift, noise, t))
     verdict = (f"a class-wise filter: stages {sorted(no_stay)} do not stay (unfired, they end at their planned "
                f"length)" if no_stay else "no class-wise filter: unfired stages stay")
     times = shift / noise if noise else math.inf
@@ -419,20 +419,21 @@ def spectral_check(cfg: Config, data: Data, recorded: dict | None = None) -> tup
     return {"detect/spectral_shift": shift, "detect/spectral_noise": noise}, no_stay
 
 
-def _repaired(data: Data, what: str, repair, recorded: dict | None, is_primary: bool) -> tuple[Data, dict]:
+def _repaired(data: Data, what: str, record: str, says: str, repair, recorded: dict | None,
+              is_primary: bool) -> tuple[Data, dict]:
     """(``data`` with its training images replaced by ``repair(images, labels, validation images, validation
-    labels)``, what meta.json's inputs record of it under ``what``: the fraction of pixels changed and the repaired
-    set's fingerprint). Each rank computes it from the same images; a resume whose repaired images differ from those
-    the run started with (``recorded``: another machine's rounding) says so on stderr, as for other kernels, and
-    trains on."""
+    labels)``, what meta.json's inputs record of it under ``record``: the fraction of pixels changed and the repaired
+    set's fingerprint), for the setting ``what``, printing ``says``. Each rank computes it from the same images; a
+    resume whose repaired images differ from those the run started with (``recorded``: another machine's rounding)
+    says so on stderr, as for other kernels, and trains on."""
     refuse_unless_in_memory(data, f"{what}: the repair rewrites every training image")
     val, labels = data.splits.val, data.splits.train.labels
     repaired = repair(data.poisoned_train, labels, val.images, val.labels)
     changed = int(torch.count_nonzero(repaired != data.poisoned_train)) / repaired.numel()
     info = {"changed": changed, "sha256": fingerprint(Split(repaired, labels))}
-    then = (recorded or {}).get(what.rsplit(".", 1)[-1]) or {}
+    then = (recorded or {}).get(record) or {}
     if is_primary:
-        print(f"[pst] {REPAIRS[what]} ({changed:.1%} of the training pixels changed)", flush=True)
+        print(f"[pst] {says} ({changed:.1%} of the training pixels changed)", flush=True)
         if "sha256" in then and then["sha256"] != info["sha256"]:
             print(f"[resume] the training images repaired by {what} differ from those the run started with (sha256 "
                   f"{info['sha256'][:12]} now, {then['sha256'][:12]} then: this machine rounds the repair "
@@ -440,16 +441,11 @@ def _repaired(data: Data, what: str, repair, recorded: dict | None, is_primary: 
     return dataclasses.replace(data, poisoned_train=repaired), info
 
 
-REPAIRS = {"trigger.spectral_repair": "spectral repair: each class's training spectrum made the validation split's",
-           "schedule.mean_repair": "mean repair: each class's significant shift against the validation split "
-                                   "subtracted"}
-"""What each repair of the training images says it did (:func:`_repaired`), by its config key."""
-
-
 def spectral_repair(data: Data, recorded: dict | None = None, is_primary: bool = True) -> tuple[Data, dict]:
     """(``data`` whose training images have each class's mean power spectrum made the validation split's, what
     meta.json's inputs record of it) for ``trigger.spectral_repair`` (:func:`_repaired`)."""
-    return _repaired(data, "trigger.spectral_repair", equalize_spectra, recorded, is_primary)
+    return _repaired(data, "trigger.spectral_repair", "spectral_repair", "spectral repair: each class's training "
+                     "spectrum made the validation split's", equalize_spectra, recorded, is_primary)
 
 
 def mean_check(cfg: Config, data: Data, recorded: dict | None = None) -> tuple[dict[str, float], bool]:
@@ -463,7 +459,7 @@ def mean_check(cfg: Config, data: Data, recorded: dict | None = None) -> tuple[d
         return {}, False
     then = (recorded or {}).get("mean_repair")
     shift, noise = _check_values(data, f"schedule.mean_repair={threshold}", then, mean_shift_values)
-    fired = shift > threshold * noise  # a computed noise is floored above 0 (mean_shift_values)
+    fired = over_noise(shift, noise, threshold)  # a computed noise is floored above 0 (mean_shift_values)
     verdict = ("a class-wise additive shortcut: its significant shifts are subtracted" if fired
                else "no class-wise additive shortcut: the images stay as they are")
     times = shift / noise if noise else math.inf  # a recorded noise of 0 (hand-edited) still prints
@@ -477,7 +473,8 @@ def mean_repair(data: Data, recorded: dict | None = None, is_primary: bool = Tru
     """(``data`` whose training images have each class's significant mean shift against the validation split
     subtracted, what meta.json's inputs record of it) for ``schedule.mean_repair`` once its check has fired
     (:func:`_repaired`)."""
-    return _repaired(data, "schedule.mean_repair", subtract_mean_shift, recorded, is_primary)
+    return _repaired(data, "schedule.mean_repair", "mean_repair", "mean repair: each class's significant shift "
+                     "against the validation split subtracted", subtract_mean_shift, recorded, is_primary)
 
 
 def build_run(cfg: Config, resume: bool | str, overwrite: bool, allow_changes: bool, data: Data | None,

@@ -166,8 +166,9 @@ def spectral_values(images: torch.Tensor, labels: torch.Tensor, ref_images: torc
             _deviation(own, _spectra(images[sub], labels[sub], classes)))
 
 
-def spectral_filter_found(shift: float, noise: float, threshold: float) -> bool:
-    """``trigger.spectral_check``'s rule: the shift exceeds ``threshold`` times its sampling noise."""
+def over_noise(shift: float, noise: float, threshold: float) -> bool:
+    """A data check's rule (``trigger.spectral_check``, ``schedule.mean_repair``): the shift exceeds ``threshold``
+    times its sampling noise."""
     return shift > threshold * noise
 
 
@@ -202,33 +203,34 @@ background) does not count a rounding."""
 
 
 @torch.no_grad()
-def _moments(images: torch.Tensor, labels: torch.Tensor, classes: list[int]) -> tuple[torch.Tensor, ...]:
-    """(mean, variance, count) per class of ``classes`` and per channel and pixel of uint8 images, in pixel levels
-    (float64: classes x C x H x W, and classes x 1 x 1 x 1), summed in chunks."""
-    chunk, means, variances, counts = _chunk(images), [], [], []
-    for c in classes:
+def _sums(images: torch.Tensor, labels: torch.Tensor, classes: list[int]) -> torch.Tensor:
+    """(sum, sum of squares, count) per class of ``classes`` and per channel and pixel of uint8 images, stacked
+    (float64: 3 x classes x C x H x W; exact, so the sums of two disjoint parts are the whole's), in chunks."""
+    out = torch.zeros(3, len(classes), *images.shape[1:], dtype=torch.float64)
+    chunk = _chunk(images)
+    for k, c in enumerate(classes):
         rows = (labels == c).nonzero().flatten()
-        total = torch.zeros(images.shape[1:], dtype=torch.float64)
-        square = torch.zeros_like(total)
         for i in range(0, len(rows), chunk):
             x = images[rows[i:i + chunk]].double()
-            total += x.sum(0)
-            square += x.square().sum(0)
-        n = len(rows)
-        means.append(total / n)
-        variances.append(((square - total.square() / n) / (n - 1)).clamp_min(0))
-        counts.append(n)
-    return (torch.stack(means), torch.stack(variances),
-            torch.tensor(counts, dtype=torch.float64).view(-1, *[1] * (images.dim() - 1)))
+            out[0, k] += x.sum(0)
+            out[1, k] += x.square().sum(0)
+        out[2, k] = len(rows)
+    return out
 
 
-def _significant(own: tuple[torch.Tensor, ...], ref: tuple[torch.Tensor, ...]) -> torch.Tensor:
+def _moments(sums: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(mean, variance, count) of :func:`_sums`, in pixel levels."""
+    total, square, n = sums
+    return total / n, ((square - total.square() / n) / (n - 1)).clamp_min(0), n
+
+
+def _significant(own: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     """Each class's mean shift (own less ref, less its median over the classes, the lower middle value of an even
     count: a shift shared by the classes is no class-wise shortcut, and one class's own shift does not move the
     others', as it would move their mean; with 2 or 3 classes the median is one class's own shift), in
     pixel levels, where it exceeds :data:`MEAN_Z` standard errors of the difference of the two means (at least
-    :data:`MEAN_ERROR_FLOOR`); 0 elsewhere."""
-    (m, v, n), (mr, vr, nr) = own, ref
+    :data:`MEAN_ERROR_FLOOR`); 0 elsewhere. ``own``, ``ref``: :func:`_sums`."""
+    (m, v, n), (mr, vr, nr) = _moments(own), _moments(ref)
     shift = m - mr
     shift = shift - shift.median(0).values
     error = (v / n + vr / nr).sqrt().clamp_min(MEAN_ERROR_FLOOR)
@@ -267,8 +269,9 @@ def mean_shift_values(images: torch.Tensor, labels: torch.Tensor, ref_images: to
     both sets count; fewer than 2 such classes: ValueError."""
     classes = _classes(images, labels, ref_images, ref_labels, "mean_shift")
     part, rest = _halves(labels, ref_labels, seed)
-    shift = _significant(_moments(images, labels, classes), _moments(ref_images, ref_labels, classes))
-    noise = _significant(_moments(images, rest, classes), _moments(images, part, classes)).abs().mean()
+    part, rest = _sums(images, part, classes), _sums(images, rest, classes)
+    shift = _significant(part + rest, _sums(ref_images, ref_labels, classes))
+    noise = _significant(rest, part).abs().mean()
     floor = MEAN_Z * MEAN_ERROR_FLOOR / shift.numel()
     return float(shift.abs().mean()), max(float(noise), floor)
 
@@ -283,7 +286,7 @@ def subtract_mean_shift(images: torch.Tensor, labels: torch.Tensor, ref_images: 
     against 200 reference images) it stays. Classes with fewer than 2 images in either set are left as they are;
     fewer than 2 such classes: ValueError."""
     classes = _classes(images, labels, ref_images, ref_labels, "mean_shift")
-    shift = _significant(_moments(images, labels, classes), _moments(ref_images, ref_labels, classes))
+    shift = _significant(_sums(images, labels, classes), _sums(ref_images, ref_labels, classes))
     out, chunk = images.clone(), _chunk(images)
     for k, c in enumerate(classes):
         if not bool(shift[k].any()):
