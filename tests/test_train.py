@@ -1,5 +1,7 @@
+import copy
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -287,6 +289,22 @@ def test_a_warm_up_that_stays_trains_on_unfired_and_hands_over_when_its_trigger_
            "min_epochs=0.0, up to step 32, its fire deadline)" in capsys.readouterr().err
 
 
+def _resumed_as_rounded_otherwise(cfg, key: str, capsys) -> tuple[dict, str, str]:
+    """Train ``cfg`` one epoch, make meta.json's record of its repair ``key`` say other images (as if another machine
+    had rounded the repair otherwise), resume it to the end: (the record as the run wrote it, the resume's stdout,
+    its stderr)."""
+    train(cfg, stop_after_epochs=1)
+    path = Path(cfg.log.run_dir) / "meta.json"
+    meta = json.loads(path.read_text())
+    record = copy.deepcopy(meta["inputs"][key])
+    meta["inputs"][key]["sha256"] = "0" * 64
+    path.write_text(json.dumps(meta))
+    capsys.readouterr()
+    train(cfg, resume=True)
+    out, err = capsys.readouterr()
+    return record, out, err
+
+
 def test_a_spectral_check_over_its_threshold_ends_a_stage_that_would_stay_at_its_planned_length(tmp_path, capsys):
     """trigger.spectral_check: the data check runs before training and is logged at step 0; over the threshold
     (1e-9 times the noise: any shift) the unfired warm-up ends at its planned length (step 32) as with otherwise =
@@ -337,14 +355,8 @@ def test_a_spectral_check_over_its_threshold_ends_a_stage_that_would_stay_at_its
     assert next(r for r in rows("over_repaired") if "detect/spectral_shift" in r)["pst/spectral_repair_changed"] \
         == repaired["changed"]
     part = cfg("part", 1e-9, "--train.checkpoint_every=1", repair=True)
-    train(part, stop_after_epochs=1)
-    meta = json.loads((tmp_path / "part" / "meta.json").read_text())
-    assert meta["inputs"]["spectral_repair"] == repaired  # the same images as the uninterrupted run's
-    meta["inputs"]["spectral_repair"]["sha256"] = "0" * 64  # as if another machine had rounded the repair otherwise
-    (tmp_path / "part" / "meta.json").write_text(json.dumps(meta))
-    capsys.readouterr()
-    train(part, resume=True)
-    out, err = capsys.readouterr()
+    record, out, err = _resumed_as_rounded_otherwise(part, "spectral_repair", capsys)
+    assert record == repaired  # the same images as the uninterrupted run's
     assert "spectral check (recorded at the run start)" in out and "spectral repair" in out
     assert "training images repaired by trigger.spectral_repair differ from those the run started with" in err
     assert "000000000000 then" in err
@@ -402,14 +414,8 @@ def test_a_mean_check_over_its_threshold_trains_on_the_repaired_images_and_a_res
     assert set(unfired) == {"shift", "noise"}
 
     part = cfg("part", 1e-9, "--train.checkpoint_every=1")
-    train(part, stop_after_epochs=1)
-    meta = json.loads((tmp_path / "part" / "meta.json").read_text())
-    assert meta["inputs"]["mean_repair"] == recorded
-    meta["inputs"]["mean_repair"]["sha256"] = "0" * 64  # as if another machine had rounded the repair otherwise
-    (tmp_path / "part" / "meta.json").write_text(json.dumps(meta))
-    capsys.readouterr()
-    train(part, resume=True)
-    out, err = capsys.readouterr()
+    record, out, err = _resumed_as_rounded_otherwise(part, "mean_repair", capsys)
+    assert record == recorded
     assert "mean check (recorded at the run start)" in out and "mean repair:" in out
     assert "training images repaired by schedule.mean_repair differ from those the run started with" in err
     assert "000000000000 then" in err
